@@ -1,0 +1,123 @@
+"""The enforcer's configuration file: the policy plus where and how to enforce it.
+
+A bad file fails with ``ConfigError`` naming the file, the line and the reason.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from enforcer.core.policy import KeyPath, Policy, PolicyInvalid, Reader, policy_from_dict
+
+DEFAULT_SOCKET = "/run/pinhole/enforcer.sock"
+
+
+class ConfigError(Exception):
+    def __init__(self, path: Path | str, line: int | None, reason: str) -> None:
+        where = f"{path}:{line}" if line else str(path)
+        super().__init__(f"{where}: {reason}")
+
+
+@dataclass(frozen=True)
+class NetworkSettings:
+    internal_interfaces: tuple[str, ...]
+    external_interfaces: tuple[str, ...]
+    nat: bool = False
+
+
+@dataclass(frozen=True)
+class DataplaneSettings:
+    queue: int = 0
+    fail_open: bool = False
+
+
+@dataclass(frozen=True)
+class Config:
+    policy: Policy
+    network: NetworkSettings
+    dataplane: DataplaneSettings
+    control_socket: str = DEFAULT_SOCKET
+
+
+def load(path: Path | str) -> Config:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(path, None, f"cannot read: {exc.strerror}") from None
+    return parse(text, path)
+
+
+def parse(text: str, path: Path | str = "<config>") -> Config:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        match = re.search(r"\(at line (\d+), column \d+\)", str(exc))
+        line = int(match.group(1)) if match else None
+        reason = str(exc)[: match.start()].strip() if match else str(exc)
+        raise ConfigError(path, line, f"not valid TOML: {reason}") from None
+    try:
+        policy = policy_from_dict(data, extra_sections=("network", "dataplane", "control"))
+        root = Reader(data)
+        net = root.table("network")
+        net.check_keys({"internal_interfaces", "external_interfaces", "nat"})
+        internal = tuple(net.strings("internal_interfaces"))
+        external = tuple(net.strings("external_interfaces"))
+        if not internal or not external:
+            raise net.fail(None, "needs internal_interfaces and external_interfaces")
+        if set(internal) & set(external):
+            raise net.fail("external_interfaces", "an interface cannot be both internal and external")
+        network = NetworkSettings(internal, external, net.get("nat", bool, False))
+        dp = root.table("dataplane")
+        dp.check_keys({"queue", "fail_open"})
+        queue = dp.get("queue", int, 0)
+        if not 0 <= queue <= 65535:
+            raise dp.fail("queue", "must be a queue number 0-65535")
+        dataplane = DataplaneSettings(queue, dp.get("fail_open", bool, False))
+        control = root.table("control")
+        control.check_keys({"socket"})
+        socket_path = control.get("socket", str, DEFAULT_SOCKET)
+    except PolicyInvalid as exc:
+        raise ConfigError(path, locate(text, exc.path), str(exc)) from None
+    return Config(policy, network, dataplane, socket_path)
+
+
+def locate(text: str, path: KeyPath) -> int | None:
+    """The line a key path refers to, found by walking table headers and keys in order."""
+    lines = text.splitlines()
+    start, found = 0, None
+    for i, part in enumerate(path):
+        if isinstance(part, int):
+            continue
+        index = path[i + 1] if i + 1 < len(path) else None
+        hit = _header(lines, part, index) if i == 0 else None
+        if hit is None:
+            hit = _key(lines, part, start)
+        if hit is None:
+            break
+        start = found = hit
+    return None if found is None else found + 1
+
+
+def _header(lines: list[str], name: str, index: str | int | None) -> int | None:
+    seen = -1
+    pattern = re.compile(rf"^\s*\[\[?\s*{re.escape(name)}\s*\]\]?\s*(#.*)?$")
+    for n, line in enumerate(lines):
+        if pattern.match(line):
+            seen += 1
+            if index is None or seen == index:
+                return n
+    return None
+
+
+def _key(lines: list[str], name: str, start: int) -> int | None:
+    pattern = re.compile(rf"^\s*{re.escape(name)}\s*=")
+    for n in range(start, len(lines)):
+        if n > start and lines[n].lstrip().startswith("["):
+            return None
+        if pattern.match(lines[n]):
+            return n
+    return None

@@ -1,0 +1,145 @@
+"""The control socket: a UNIX stream socket, root only, serving the session API.
+
+Non-blocking and driven by the daemon's one event loop. A bad request gets an
+error reply naming the problem; the connection (and the daemon) go on serving.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import selectors
+import socket
+import struct
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from enforcer.core.results import InvalidArgument, SessionApiError
+from enforcer.protocol import MAX_REQUEST, encode
+
+Handler = Callable[[dict[str, Any]], Any]
+
+
+class ControlServer:
+    def __init__(self, path: str, handlers: dict[str, Handler],
+                 selector: selectors.BaseSelector) -> None:
+        self.path = Path(path)
+        self.handlers = handlers
+        self.selector = selector
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.is_socket():
+            self._refuse_if_live()
+            self.path.unlink()
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)  # the socket is created 0600: root only
+        try:
+            self.sock.bind(str(self.path))
+        finally:
+            os.umask(old)
+        self.sock.listen(16)
+        self.sock.setblocking(False)
+        self._buffers: dict[socket.socket, bytearray] = {}
+        selector.register(self.sock, selectors.EVENT_READ, self._accept)
+
+    def _refuse_if_live(self) -> None:
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(str(self.path))
+        except OSError:
+            return  # a stale socket file from a run that died
+        finally:
+            probe.close()
+        raise RuntimeError(f"another enforcer is serving {self.path}")
+
+    def _accept(self) -> None:
+        try:
+            conn, _ = self.sock.accept()
+        except BlockingIOError:
+            return
+        creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        _pid, uid, _gid = struct.unpack("3i", creds)
+        if uid != 0:
+            conn.sendall(encode({"id": None, "error": InvalidArgument(
+                "the control socket is for root only").to_dict()}))
+            conn.close()
+            return
+        conn.setblocking(False)
+        self._buffers[conn] = bytearray()
+        self.selector.register(conn, selectors.EVENT_READ, lambda: self._read(conn))
+
+    def _read(self, conn: socket.socket) -> None:
+        try:
+            data = conn.recv(65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._drop(conn)
+            return
+        buf = self._buffers[conn]
+        buf += data
+        while (end := buf.find(b"\n")) >= 0:
+            line = bytes(buf[:end])
+            del buf[: end + 1]
+            self._reply(conn, self.handle_line(line))
+        if len(buf) > MAX_REQUEST:
+            # No newline within the limit: answer, then close, since the rest of
+            # this line cannot be told apart from the next request.
+            self._reply(conn, _error(None, InvalidArgument(
+                f"request too large: more than {MAX_REQUEST} bytes without a newline")))
+            self._drop(conn)
+
+    def handle_line(self, line: bytes) -> dict[str, Any]:
+        """Answer one request line (public for tests)."""
+        if len(line) > MAX_REQUEST:
+            return _error(None, InvalidArgument(f"request too large: {len(line)} bytes > {MAX_REQUEST}"))
+        try:
+            request = json.loads(line)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            return _error(None, InvalidArgument(f"request is not valid JSON: {exc}"))
+        if not isinstance(request, dict):
+            return _error(None, InvalidArgument("request must be a JSON object"))
+        rid = request.get("id")
+        method = request.get("method")
+        params = request.get("params", {})
+        if not isinstance(method, str):
+            return _error(rid, InvalidArgument("request needs a string 'method'"))
+        if not isinstance(params, dict):
+            return _error(rid, InvalidArgument("'params' must be a JSON object"))
+        handler = self.handlers.get(method)
+        if handler is None:
+            known = ", ".join(sorted(self.handlers))
+            return _error(rid, InvalidArgument(f"unknown method '{method}' (known: {known})"))
+        try:
+            return {"id": rid, "result": handler(params)}
+        except SessionApiError as exc:
+            return _error(rid, exc)
+
+    def _reply(self, conn: socket.socket, message: dict[str, Any]) -> None:
+        try:
+            # Replies are small; a peer that does not read them is dropped.
+            conn.setblocking(True)
+            conn.settimeout(2.0)
+            conn.sendall(encode(message))
+            conn.setblocking(False)
+        except OSError:
+            self._drop(conn)
+
+    def _drop(self, conn: socket.socket) -> None:
+        if conn in self._buffers:
+            del self._buffers[conn]
+            self.selector.unregister(conn)
+            conn.close()
+
+    def close(self) -> None:
+        for conn in list(self._buffers):
+            self._drop(conn)
+        self.selector.unregister(self.sock)
+        self.sock.close()
+        self.path.unlink(missing_ok=True)
+
+
+def _error(rid: Any, exc: SessionApiError) -> dict[str, Any]:
+    return {"id": rid, "error": exc.to_dict()}

@@ -1,0 +1,178 @@
+"""The enforcer daemon: one event loop owning the queue, the control socket and signals.
+
+Start-up order matters for failing closed: stale state from a crashed run is
+removed, the queue is bound, then the rules that feed it are installed; the
+control socket appears last, so a client that can connect knows the enforcer
+is enforcing. A clean exit removes all of it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import selectors
+import signal
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+from enforcer import dataplane
+from enforcer.config import Config
+from enforcer.control import ControlServer
+from enforcer.core.engine import Engine, Verdict
+from enforcer.core.packet import Ingress, Malformed, parse
+from enforcer.core.results import InvalidArgument
+
+log = logging.getLogger("pinhole.enforcer")
+
+
+class StartupError(Exception):
+    """The enforcer cannot start; the message says why and what to do."""
+
+
+def discover(config: Config) -> dataplane.Interfaces:
+    """Read the configured interfaces and their addresses from the kernel."""
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        def index(name: str, key: str) -> int:
+            found = ipr.link_lookup(ifname=name)
+            if not found:
+                raise StartupError(f"interface '{name}' (network.{key}) does not exist "
+                                   "in this network namespace")
+            return int(found[0])
+
+        def addresses(idx: int) -> list[tuple[str, int]]:
+            return [(a.get("IFA_ADDRESS"), int(a["prefixlen"])) for a in ipr.get_addr(index=idx)]
+
+        internal = {n: index(n, "internal_interfaces") for n in config.network.internal_interfaces}
+        external = {n: index(n, "external_interfaces") for n in config.network.external_interfaces}
+        internal_nets = dataplane.networks_of(a for i in internal.values() for a in addresses(i))
+        external_addrs = tuple(ipaddress.ip_address(addr) for i in external.values()
+                               for addr, _ in addresses(i)
+                               if not ipaddress.ip_address(addr).is_link_local)
+    return dataplane.Interfaces(internal, external, internal_nets, external_addrs)
+
+
+class Daemon:
+    def __init__(self, config: Config, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = config
+        self.clock = clock
+        self.started = clock()
+        self.selector = selectors.DefaultSelector()
+        self.interfaces = discover(config)
+        self.engine = Engine(config.policy, self.interfaces.internal_networks)
+        self._ingress = {i: Ingress.INTERNAL for i in self.interfaces.internal.values()}
+        self._stop = False
+
+    # --- the packet path ------------------------------------------------------------
+    def on_packet(self, pkt: Any) -> None:
+        ingress = self._ingress.get(pkt.indev, Ingress.EXTERNAL)
+        try:
+            meta = parse(pkt.get_payload(), ingress)
+        except Malformed as exc:
+            self.engine.counters["malformed"] += 1
+            log.debug("drop malformed packet: %s", exc)
+            pkt.drop()
+            return
+        decision = self.engine.decide(meta, self.clock())
+        log.debug("%s %s: %s", decision.verdict.value, meta.key, decision.reason)
+        if decision.verdict is Verdict.ADMIT_KERNEL:
+            pkt.set_mark((pkt.get_mark() & ~dataplane.MARK_MASK) | dataplane.MARK_KERNEL)
+            pkt.accept()
+        else:
+            pkt.drop()
+
+    # --- control API ----------------------------------------------------------------
+    def handlers(self) -> dict[str, Callable[[dict[str, Any]], Any]]:
+        return {
+            "ping": self._ping,
+            "status": self._status,
+            "sessions": self._sessions,
+            "flows": lambda p: [f.to_dict() for f in self.engine.flows.newest(_limit(p))],
+            "decisions": lambda p: [d.to_dict() for d in list(self.engine.recent)[-_limit(p):]],
+        }
+
+    def _ping(self, params: dict[str, Any]) -> dict[str, Any]:
+        _no_params(params)
+        return {"pong": True}
+
+    def _sessions(self, params: dict[str, Any]) -> list[dict[str, Any]]:
+        _no_params(params)
+        return [s.to_dict() for s in self.engine.sessions]
+
+    def _status(self, params: dict[str, Any]) -> dict[str, Any]:
+        _no_params(params)
+        return {
+            "pid": os.getpid(),
+            "uptime_s": round(self.clock() - self.started, 3),
+            "queue": self.config.dataplane.queue,
+            "fail_open": self.config.dataplane.fail_open,
+            "nat": self.config.network.nat,
+            "internal_networks": [str(n) for n in self.interfaces.internal_networks],
+            "external_addresses": [str(a) for a in self.interfaces.external_addresses],
+            "counters": dict(self.engine.counters),
+            "sessions": len(self.engine.sessions),
+            "flows": len(self.engine.flows),
+        }
+
+    # --- lifecycle ------------------------------------------------------------------
+    def run(self) -> None:
+        from netfilterqueue import NetfilterQueue
+
+        stale = dataplane.remove()
+        if stale:
+            log.warning("removed stale state of an earlier run: %s", "; ".join(stale))
+        nfq = NetfilterQueue()
+        try:
+            nfq.bind(self.config.dataplane.queue, self.on_packet, max_len=8192)
+        except OSError as exc:
+            raise StartupError(f"cannot bind NFQUEUE {self.config.dataplane.queue}: {exc} "
+                               "(is another enforcer running in this namespace?)") from None
+        wake_r, wake_w = socket.socketpair()
+        control: ControlServer | None = None
+        try:
+            dataplane.install(self.config.dataplane, self.interfaces, self.config.network.nat)
+            wake_w.setblocking(False)
+            signal.set_wakeup_fd(wake_w.fileno())
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, self._on_signal)
+            queue_fd = socket.socket(fileno=os.dup(nfq.get_fd()))
+            self.selector.register(queue_fd, selectors.EVENT_READ, lambda: nfq.run(block=False))
+            self.selector.register(wake_r, selectors.EVENT_READ, lambda: wake_r.recv(512))
+            control = ControlServer(self.config.control_socket, self.handlers(), self.selector)
+            log.info("enforcing: queue %d, %s, control socket %s", self.config.dataplane.queue,
+                     "fail-open" if self.config.dataplane.fail_open else "fail-closed",
+                     self.config.control_socket)
+            while not self._stop:
+                for key, _ in self.selector.select(timeout=1.0):
+                    key.data()
+        finally:
+            signal.set_wakeup_fd(-1)
+            if control is not None:
+                control.close()
+            dataplane.remove()
+            nfq.unbind()
+            wake_r.close()
+            wake_w.close()
+            log.info("stopped; kernel state removed")
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        self._stop = True
+
+
+def _no_params(params: dict[str, Any]) -> None:
+    if params:
+        raise InvalidArgument(f"unexpected parameters: {', '.join(sorted(params))}")
+
+
+def _limit(params: dict[str, Any]) -> int:
+    unknown = set(params) - {"limit"}
+    if unknown:
+        raise InvalidArgument(f"unexpected parameters: {', '.join(sorted(unknown))}")
+    limit = params.get("limit", 100)
+    if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= 10000:
+        raise InvalidArgument("'limit' must be an integer from 1 to 10000")
+    return limit

@@ -1,0 +1,153 @@
+"""Kernel state: the netfilter rules that send new flows to the queue, and their removal.
+
+Every rule lives in chains named ``PINHOLE-*`` and the only marks used are the
+bits of ``MARK_MASK``, so that removing stale state on start or exit never
+touches anything else. iptables/ip6tables (the nf_tables backend) carry the
+NFQUEUE target; the kernels these run on lack nft's native ``queue``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import itertools
+import shlex
+import subprocess
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from enforcer.config import DataplaneSettings
+from enforcer.core.packet import IPAddress
+from enforcer.core.policy import IPNetwork
+
+CHAIN_PREFIX = "PINHOLE-"
+# Connmark bits: a flow admitted in kernel mode carries MARK_KERNEL.
+MARK_MASK = 0x30000000
+MARK_KERNEL = 0x10000000
+
+FAMILIES = {"ipv4": "iptables", "ipv6": "ip6tables"}
+TABLES = ("filter", "mangle", "nat")
+
+
+class DataplaneError(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class Interfaces:
+    """What the enforcer learned about the host's interfaces at start."""
+
+    internal: dict[str, int]  # name -> ifindex
+    external: dict[str, int]
+    internal_networks: tuple[IPNetwork, ...]
+    external_addresses: tuple[IPAddress, ...]
+
+    def external_address(self, family: str) -> IPAddress | None:
+        version = 4 if family == "ipv4" else 6
+        return next((a for a in self.external_addresses if a.version == version), None)
+
+
+def render_rules(family: str, settings: DataplaneSettings, interfaces: Interfaces,
+                 nat: bool) -> str:
+    """iptables-restore input for one family (pure: unit-tested without root)."""
+    version = 4 if family == "ipv4" else 6
+    mark = f"0x{MARK_KERNEL:08x}/0x{MARK_MASK:08x}"
+    bypass = " --queue-bypass" if settings.fail_open else ""
+    queue = f"-j NFQUEUE --queue-num {settings.queue}{bypass}"
+    # Unmarked packets of flows that are not new: dropped when failing closed; when
+    # failing open they go to the queue too, so that a live enforcer still judges
+    # them and a dead one lets them pass.
+    not_new = f"-A PINHOLE-FORWARD {queue}" if settings.fail_open else "-A PINHOLE-FORWARD -j DROP"
+    lines = [
+        "*filter",
+        ":PINHOLE-FORWARD - [0:0]",
+        f"-A PINHOLE-FORWARD -m connmark --mark {mark} -j ACCEPT",
+        f"-A PINHOLE-FORWARD -m conntrack --ctstate NEW {queue}",
+        not_new,
+        "-I FORWARD 1 -j PINHOLE-FORWARD",
+        "COMMIT",
+        # The verdict sets the packet mark; copying it to the connmark after the
+        # filter hook is what offloads the rest of the flow to the kernel.
+        "*mangle",
+        ":PINHOLE-POSTROUTING - [0:0]",
+        f"-A PINHOLE-POSTROUTING -m mark --mark {mark} "
+        f"-j CONNMARK --save-mark --nfmask 0x{MARK_MASK:08x} --ctmask 0x{MARK_MASK:08x}",
+        "-I POSTROUTING 1 -j PINHOLE-POSTROUTING",
+        "COMMIT",
+    ]
+    snat = interfaces.external_address(family)
+    if nat and snat is not None:
+        lines += ["*nat", ":PINHOLE-POSTROUTING - [0:0]"]
+        for net in interfaces.internal_networks:
+            if net.version != version:
+                continue
+            for ext in interfaces.external:
+                lines.append(f"-A PINHOLE-POSTROUTING -s {net} -o {ext} -j SNAT --to-source {snat}")
+        lines += ["-I POSTROUTING 1 -j PINHOLE-POSTROUTING", "COMMIT"]
+    return "\n".join(lines) + "\n"
+
+
+def _run(argv: Sequence[str], *, input: str | None = None, check: bool = True) -> str:
+    try:
+        proc = subprocess.run(argv, input=input, capture_output=True, text=True, timeout=30)
+    except FileNotFoundError:
+        raise DataplaneError(f"{argv[0]} is not installed (apt-get install iptables conntrack)") from None
+    if check and proc.returncode != 0:
+        raise DataplaneError(f"{shlex.join(argv)} failed: {proc.stderr.strip()}")
+    return proc.stdout
+
+
+def install(settings: DataplaneSettings, interfaces: Interfaces, nat: bool) -> None:
+    for family, tool in FAMILIES.items():
+        _run([f"{tool}-restore", "--noflush"],
+             input=render_rules(family, settings, interfaces, nat))
+
+
+def remove() -> list[str]:
+    """Remove every PINHOLE rule and chain, and forget every flow offloaded with our mark.
+
+    Returns what was removed. Safe to call when nothing is installed.
+    """
+    removed: list[str] = []
+    for tool in FAMILIES.values():
+        for table in TABLES:
+            removed += _remove_table(tool, table)
+    for family in ("ipv4", "ipv6"):
+        out = subprocess.run(
+            ["conntrack", "-D", "-f", family, "--mark", f"0x{MARK_KERNEL:x}/0x{MARK_MASK:x}"],
+            capture_output=True, text=True, timeout=30, check=False)
+        count = next((w for w in out.stderr.split() if w.isdigit()), "0")
+        if count != "0":
+            removed.append(f"{count} offloaded {family} conntrack entries")
+    return removed
+
+
+def _remove_table(tool: str, table: str) -> list[str]:
+    rules = _run([tool, "-w", "-t", table, "-S"]).splitlines()
+    removed = []
+    for rule in rules:
+        words = shlex.split(rule)
+        if words[:1] == ["-A"] and not words[1].startswith(CHAIN_PREFIX) and \
+                _jumps_to_ours(words):
+            _run([tool, "-w", "-t", table, "-D", *words[1:]])
+            removed.append(f"{tool} -t {table} {rule}")
+    for rule in rules:
+        words = shlex.split(rule)
+        if words[:1] == ["-N"] and words[1].startswith(CHAIN_PREFIX):
+            _run([tool, "-w", "-t", table, "-F", words[1]])
+            _run([tool, "-w", "-t", table, "-X", words[1]])
+            removed.append(f"{tool} -t {table} chain {words[1]}")
+    return removed
+
+
+def _jumps_to_ours(words: list[str]) -> bool:
+    return any(a in ("-j", "-g") and b.startswith(CHAIN_PREFIX) for a, b in itertools.pairwise(words))
+
+
+def networks_of(addresses: Iterable[tuple[str, int]]) -> tuple[IPNetwork, ...]:
+    """The global networks of (address, prefix length) pairs; link-local ones are skipped."""
+    out = []
+    for addr, plen in addresses:
+        net = ipaddress.ip_network(f"{addr}/{plen}", strict=False)
+        if not net.is_link_local:
+            out.append(net)
+    return tuple(dict.fromkeys(out))

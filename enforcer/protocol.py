@@ -1,0 +1,17 @@
+"""The control protocol's framing, shared by the server and the client.
+
+One JSON object per line. A request is ``{"id": N, "method": "name", "params": {...}}``;
+the reply is ``{"id": N, "result": ...}`` or ``{"id": N, "error": {"name", "hresult",
+"message"}}``. Lines longer than MAX_REQUEST bytes are refused.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+MAX_REQUEST = 64 * 1024
+
+
+def encode(message: dict[str, Any]) -> bytes:
+    return json.dumps(message, separators=(",", ":")).encode() + b"\n"

@@ -1,0 +1,1104 @@
+"""One long-lived helper process per network namespace.
+
+Scapy caches interfaces and routes when it is imported, so everything that works
+at packet level runs in a process started *inside* the namespace:
+``ip netns exec <netns> python -m testbed.agent``. The caller talks to it over
+the process's stdin/stdout, one JSON object per line:
+
+- request:  ``{"id": 7, "method": "send", "params": {...}}``
+- response: ``{"id": 7, "result": ...}`` or ``{"id": 7, "error": "message"}``
+- the agent's first line is ``{"event": "ready", "pid": ...}``.
+
+Every request is served in its own thread, so a sniffer and a sender (or a
+server and a client) in the same agent work together. Packets travel as
+base64-encoded raw bytes plus the name of their outermost Scapy layer, and are
+rebuilt on the caller's side.
+
+Caller side: :class:`Agent`, :class:`Sniffer`, :class:`ServerHandle`,
+:class:`AgentError`. Agent side: :func:`serve` (run by ``python -m testbed.agent``).
+"""
+
+from __future__ import annotations
+
+import atexit
+import base64
+import collections
+import contextlib
+import ipaddress
+import itertools
+import json
+import os
+import pickle
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Any, Self
+
+from testbed import timeouts
+
+__all__ = ["Agent", "AgentError", "ServerHandle", "Sniffer"]
+
+# How long the caller waits for the agent to import Scapy and report ready.
+START_TIMEOUT = 30.0
+# Default time limit for calls that do not carry their own timeout.
+CALL_TIMEOUT = 15.0
+# Margin added to calls that carry their own timeout (socket operations).
+CALL_MARGIN = 10.0
+# How long close() waits for each step (EOF, SIGTERM) before escalating.
+CLOSE_STEP = 3.0
+
+
+class AgentError(RuntimeError):
+    """An agent reported an error, died, or did not answer in time."""
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _unb64(text: str) -> bytes:
+    return base64.b64decode(text.encode("ascii"))
+
+
+def _family(addr: str) -> socket.AddressFamily:
+    try:
+        version = ipaddress.ip_address(addr).version
+    except ValueError:
+        raise ValueError(f"not an IPv4 or IPv6 address: {addr!r}") from None
+    return socket.AF_INET6 if version == 6 else socket.AF_INET
+
+
+def _fmt_addr(addr: str, port: int) -> str:
+    return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
+
+
+# ---------------------------------------------------------------------------
+# Caller side
+# ---------------------------------------------------------------------------
+
+_LAYER_CACHE: dict[str, Any] = {}
+
+
+def _layer_class(name: str) -> Any:
+    """The Scapy packet class called ``name`` (falls back to Raw)."""
+    if not _LAYER_CACHE:
+        import scapy.all  # noqa: F401  (registers every layer)
+        from scapy.config import conf
+
+        for cls in conf.layers:
+            _LAYER_CACHE.setdefault(cls.__name__, cls)
+    from scapy.packet import Raw
+
+    return _LAYER_CACHE.get(name, Raw)
+
+
+def _rebuild(cls_name: str, data: bytes, ts: float) -> Any:
+    pkt = _layer_class(cls_name)(data)
+    pkt.time = ts
+    return pkt
+
+
+def _encode_packets(pkts: Any) -> list[str]:
+    """Encode packets layer by layer (class and explicitly set fields), unbuilt.
+
+    Building happens in the agent, so defaults that depend on the namespace
+    (source addresses, routes) are filled in there, not in the caller's namespace.
+    """
+    from scapy.packet import NoPayload, Packet
+
+    items: Iterable[Any] = [pkts] if isinstance(pkts, Packet) else pkts
+    out = []
+    for p in items:
+        if not isinstance(p, Packet):
+            raise TypeError(f"send() wants Scapy packets, got {type(p).__name__}")
+        layers = []
+        layer = p
+        while not isinstance(layer, NoPayload):
+            layers.append((type(layer), dict(layer.fields)))
+            layer = layer.payload
+        out.append(_b64(pickle.dumps(layers)))
+    return out
+
+
+def _decode_packet(data: str) -> Any:
+    pkt = None
+    for cls, fields in pickle.loads(_unb64(data)):
+        layer = cls()
+        layer.fields.update(fields)
+        pkt = layer if pkt is None else pkt / layer
+    return pkt
+
+
+class _Pending:
+    __slots__ = ("done", "error", "result")
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.result: Any = None
+        self.error: str | None = None
+
+
+_LIVE_AGENTS: weakref.WeakSet[Agent] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_live_agents() -> None:
+    for agent in list(_LIVE_AGENTS):
+        with contextlib.suppress(Exception):
+            agent.close()
+
+
+class Agent:
+    """A helper process inside network namespace ``netns``, called ``name`` in messages."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], netns: str, name: str) -> None:
+        self._proc = proc
+        self.netns = netns
+        self.name = name
+        self.pid: int = proc.pid
+        self._ids = itertools.count(1)
+        self._pending: dict[int, _Pending] = {}
+        self._lock = threading.Lock()
+        self._wlock = threading.Lock()
+        self._ready = threading.Event()
+        self._dead = False
+        self._closed = False
+        self._stderr_tail: collections.deque[str] = collections.deque(maxlen=40)
+        self._reader = threading.Thread(
+            target=self._read_stdout, name=f"agent-{name}-out", daemon=True
+        )
+        self._errreader = threading.Thread(
+            target=self._read_stderr, name=f"agent-{name}-err", daemon=True
+        )
+        self._reader.start()
+        self._errreader.start()
+        _LIVE_AGENTS.add(self)
+
+    # -- life cycle ---------------------------------------------------------
+
+    @classmethod
+    def start(cls, netns: str, name: str, *, start_timeout: float = START_TIMEOUT) -> Agent:
+        """Start an agent in ``netns`` and wait until it has imported Scapy."""
+        pkg_root = str(Path(__file__).resolve().parent.parent)
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (pkg_root, env.get("PYTHONPATH", "")) if p
+        )
+        env["PYTHONUNBUFFERED"] = "1"
+        cmd = ["ip", "netns", "exec", netns, sys.executable, "-m", "testbed.agent"]
+        try:
+            proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=env,
+                close_fds=True,
+            )
+        except FileNotFoundError as exc:
+            raise AgentError(
+                f"agent {name} (netns {netns}): cannot run 'ip' ({exc}); install iproute2"
+            ) from None
+        agent = cls(proc, netns, name)
+        deadline = time.monotonic() + start_timeout
+        while not agent._ready.wait(0.05):
+            if agent._dead:
+                agent.close()
+                raise AgentError(agent._describe_death("exited while starting"))
+            if time.monotonic() > deadline:
+                agent.close()
+                raise AgentError(
+                    f"agent {name} (netns {netns}): not ready after {start_timeout:.0f} s"
+                    f"{agent._stderr_text()}"
+                )
+        return agent
+
+    def close(self) -> None:
+        """Stop the agent process and reap it. Safe to call more than once."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        proc = self._proc
+        if proc.poll() is None:
+            with contextlib.suppress(OSError), self._wlock:
+                if proc.stdin:
+                    proc.stdin.close()
+            try:
+                proc.wait(CLOSE_STEP)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(OSError):
+                    proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(CLOSE_STEP)
+                except subprocess.TimeoutExpired:
+                    with contextlib.suppress(OSError):
+                        proc.kill()
+                    proc.wait()
+        else:
+            with contextlib.suppress(OSError):
+                if proc.stdin:
+                    proc.stdin.close()
+        self._reader.join(CLOSE_STEP)
+        self._errreader.join(CLOSE_STEP)
+        for stream in (proc.stdout, proc.stderr):
+            with contextlib.suppress(OSError):
+                if stream:
+                    stream.close()
+        self._fail_pending(f"agent {self.name} (netns {self.netns}) was closed")
+        _LIVE_AGENTS.discard(self)
+
+    @property
+    def alive(self) -> bool:
+        return not self._dead and self._proc.poll() is None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<Agent {self.name} netns={self.netns} pid={self.pid}>"
+
+    # -- plumbing -----------------------------------------------------------
+
+    def _read_stdout(self) -> None:
+        stream = self._proc.stdout
+        assert stream is not None
+        try:
+            for raw in stream:
+                try:
+                    msg = json.loads(raw)
+                except ValueError:
+                    self._stderr_tail.append("stdout (not JSON): " + raw.decode(errors="replace"))
+                    continue
+                if msg.get("event") == "ready":
+                    self._ready.set()
+                    continue
+                with self._lock:
+                    pending = self._pending.pop(msg.get("id"), None)
+                if pending is None:
+                    continue
+                pending.result = msg.get("result")
+                pending.error = msg.get("error")
+                pending.done.set()
+        except (OSError, ValueError):
+            pass
+        finally:
+            self._dead = True
+            # Give the process a moment to exit so the message can carry its status.
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._proc.wait(1.0)
+            self._fail_pending(self._describe_death("died"))
+
+    def _read_stderr(self) -> None:
+        stream = self._proc.stderr
+        assert stream is not None
+        with contextlib.suppress(OSError, ValueError):
+            for raw in stream:
+                self._stderr_tail.append(raw.decode(errors="replace").rstrip("\n"))
+
+    def _stderr_text(self) -> str:
+        lines = [ln for ln in list(self._stderr_tail) if ln.strip()]
+        if not lines:
+            return ""
+        return "\n  agent stderr (last lines):\n    " + "\n    ".join(lines[-15:])
+
+    def _describe_death(self, what: str) -> str:
+        rc = self._proc.poll()
+        status = "still running" if rc is None else f"exit status {rc}"
+        return f"agent {self.name} (netns {self.netns}, pid {self.pid}) {what} ({status})" + (
+            self._stderr_text()
+        )
+
+    def _fail_pending(self, message: str) -> None:
+        with self._lock:
+            pending = list(self._pending.values())
+            self._pending.clear()
+        for p in pending:
+            p.error = message
+            p.done.set()
+
+    def call(self, method: str, params: dict[str, Any] | None = None, *,
+             timeout: float | None = None) -> Any:
+        """Call ``method`` in the agent; raise :class:`AgentError` on error/death/timeout."""
+        limit = CALL_TIMEOUT if timeout is None else timeout
+        if self._closed:
+            raise AgentError(f"agent {self.name} (netns {self.netns}) is closed")
+        if self._dead or self._proc.poll() is not None:
+            raise AgentError(self._describe_death("is dead"))
+        req_id = next(self._ids)
+        pending = _Pending()
+        with self._lock:
+            self._pending[req_id] = pending
+        line = json.dumps({"id": req_id, "method": method, "params": params or {}}) + "\n"
+        try:
+            with self._wlock:
+                stdin = self._proc.stdin
+                assert stdin is not None
+                stdin.write(line.encode())
+                stdin.flush()
+        except (OSError, ValueError):
+            with self._lock:
+                self._pending.pop(req_id, None)
+            raise AgentError(self._describe_death("cannot be written to")) from None
+        if not pending.done.wait(limit):
+            with self._lock:
+                self._pending.pop(req_id, None)
+            raise AgentError(
+                f"agent {self.name} (netns {self.netns}): {method} got no answer "
+                f"within {limit:.1f} s" + self._stderr_text()
+            )
+        if pending.error is not None:
+            if pending.error.startswith(f"agent {self.name} "):
+                raise AgentError(pending.error)
+            raise AgentError(f"agent {self.name} (netns {self.netns}): {method}: {pending.error}")
+        return pending.result
+
+    # -- packets --------------------------------------------------------------
+
+    def send(self, pkts: Any, *, iface: str | None = None) -> None:
+        """Send a packet or list of packets.
+
+        Without ``iface``: layer 3 through a raw socket (the kernel routes and
+        resolves neighbours; spoofed sources are fine). With ``iface``: layer 2
+        on that interface, adding an Ether header (next-hop MAC resolved) if missing.
+        """
+        self.call("send", {"pkts": _encode_packets(pkts), "iface": iface},
+                  timeout=CALL_TIMEOUT + timeouts.POSITIVE)
+
+    def sniff(self, iface: str, *, bpf: str | None = None) -> Sniffer:
+        """Start capturing on ``iface``; returns once the capture is really running."""
+        res = self.call("sniff_start", {"iface": iface, "bpf": bpf})
+        return Sniffer(self, int(res["sid"]), iface, bpf)
+
+    # -- real sockets -----------------------------------------------------------
+
+    def tcp_server(self, addr: str, port: int) -> ServerHandle:
+        """Listen on addr:port (port 0 picks one); echo every byte back."""
+        res = self.call("tcp_server", {"addr": addr, "port": port})
+        return ServerHandle(self, int(res["hid"]), "tcp", res["addr"], int(res["port"]))
+
+    def udp_server(self, addr: str, port: int, *, echo: bool = True) -> ServerHandle:
+        """Bind a UDP socket on addr:port; echo each datagram back if ``echo``."""
+        res = self.call("udp_server", {"addr": addr, "port": port, "echo": echo})
+        return ServerHandle(self, int(res["hid"]), "udp", res["addr"], int(res["port"]))
+
+    def tcp_connect(self, addr: str, port: int, *, send_bytes: int = 0,
+                    timeout: float | None = None, bind: str | None = None) -> dict[str, Any]:
+        """Connect, send ``send_bytes`` bytes, read the echo back.
+
+        Returns ``{"connected", "sent", "received", "error", "local"}``; a refused or
+        timed-out connection gives ``connected: False`` and an explanatory error.
+        """
+        t = timeouts.POSITIVE if timeout is None else timeout
+        res = self.call(
+            "tcp_connect",
+            {"addr": addr, "port": port, "send_bytes": send_bytes, "timeout": t, "bind": bind},
+            timeout=2 * t + CALL_MARGIN,
+        )
+        res["local"] = tuple(res["local"]) if res.get("local") else None
+        return dict(res)
+
+    def udp_send(self, addr: str, port: int, payload: bytes, *, expect_reply: bool,
+                 timeout: float | None = None, bind: str | None = None) -> dict[str, Any]:
+        """Send one datagram; if ``expect_reply``, wait up to ``timeout`` for an answer.
+
+        Returns ``{"sent", "reply", "local", "error"}``; ``reply`` is bytes or None.
+        """
+        t = timeouts.POSITIVE if timeout is None else timeout
+        res = self.call(
+            "udp_send",
+            {"addr": addr, "port": port, "payload": _b64(payload),
+             "expect_reply": expect_reply, "timeout": t, "bind": bind},
+            timeout=t + CALL_MARGIN,
+        )
+        res["reply"] = None if res.get("reply") is None else _unb64(res["reply"])
+        res["local"] = tuple(res["local"]) if res.get("local") else None
+        return dict(res)
+
+    def ping(self) -> dict[str, Any]:
+        return dict(self.call("ping"))
+
+
+class Sniffer:
+    """A capture running in an agent. ``packets()`` returns what arrived so far."""
+
+    def __init__(self, agent: Agent, sid: int, iface: str, bpf: str | None) -> None:
+        self.agent = agent
+        self.sid = sid
+        self.iface = iface
+        self.bpf = bpf
+        self._packets: list[Any] = []
+        self._stopped = False
+        self._lock = threading.Lock()
+
+    @property
+    def label(self) -> str:
+        """Where this sniffer listens, for messages: node, namespace and interface."""
+        return f"node {self.agent.name} (netns {self.agent.netns}), interface {self.iface}"
+
+    def _fetch(self) -> None:
+        res = self.agent.call("sniff_packets", {"sid": self.sid, "since": len(self._packets)})
+        for cls_name, data, ts in res["packets"]:
+            self._packets.append(_rebuild(cls_name, _unb64(data), float(ts)))
+        if res.get("error"):
+            raise AgentError(
+                f"agent {self.agent.name} (netns {self.agent.netns}): sniffer on "
+                f"{self.iface} failed: {res['error']}"
+            )
+
+    def packets(self) -> list[Any]:
+        """Every packet captured so far (Scapy packets with ``.time`` set)."""
+        with self._lock:
+            if not self._stopped:
+                self._fetch()
+            return list(self._packets)
+
+    def stop(self) -> None:
+        """Stop capturing (idempotent); ``packets()`` still returns what was captured."""
+        with self._lock:
+            if self._stopped:
+                return
+            self._stopped = True
+            if not self.agent.alive:
+                return
+            self.agent.call("sniff_stop", {"sid": self.sid})
+            self._fetch()
+            with contextlib.suppress(AgentError):
+                self.agent.call("sniff_forget", {"sid": self.sid})
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        return f"<Sniffer {self.label} bpf={self.bpf!r}>"
+
+
+class ServerHandle:
+    """A TCP or UDP echo server running in an agent."""
+
+    def __init__(self, agent: Agent, hid: int, proto: str, addr: str, port: int) -> None:
+        self.agent = agent
+        self.hid = hid
+        self.proto = proto
+        self.addr = addr
+        self.port = port
+        self._closed = False
+
+    def stats(self) -> dict[str, Any]:
+        """``accepted`` (connections, or datagrams for UDP), ``bytes_in``, ``bytes_out``, ``peers``."""
+        res = dict(self.agent.call("server_stats", {"hid": self.hid}))
+        res["peers"] = [tuple(p) for p in res["peers"]]
+        return res
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self.agent.alive:
+            self.agent.call("server_close", {"hid": self.hid})
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<ServerHandle {self.proto} {_fmt_addr(self.addr, self.port)} in {self.agent.name}>"
+
+
+# ---------------------------------------------------------------------------
+# Agent side (runs inside the namespace)
+# ---------------------------------------------------------------------------
+
+
+class _SniffState:
+    def __init__(self) -> None:
+        self.packets: list[list[Any]] = []
+        self.lock = threading.Lock()
+        self.started = threading.Event()
+        self.sniffer: Any = None
+
+    def add(self, pkt: Any) -> None:
+        item = [type(pkt).__name__, _b64(bytes(pkt)), float(pkt.time)]
+        with self.lock:
+            self.packets.append(item)
+
+
+class _EchoServer:
+    def __init__(self, proto: str, sock: socket.socket, echo: bool) -> None:
+        self.proto = proto
+        self.sock = sock
+        self.echo = echo
+        self.lock = threading.Lock()
+        self.accepted = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.peers: list[tuple[str, int]] = []
+        self.conns: set[socket.socket] = set()
+        self.closed = False
+
+    def stats(self) -> dict[str, Any]:
+        with self.lock:
+            return {
+                "accepted": self.accepted,
+                "bytes_in": self.bytes_in,
+                "bytes_out": self.bytes_out,
+                "peers": [list(p) for p in self.peers],
+            }
+
+    def close(self) -> None:
+        with self.lock:
+            self.closed = True
+            conns = list(self.conns)
+        for s in [self.sock, *conns]:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            with contextlib.suppress(OSError):
+                s.close()
+
+    # TCP
+    def accept_loop(self) -> None:
+        while True:
+            try:
+                conn, peer = self.sock.accept()
+            except OSError:
+                return
+            with self.lock:
+                if self.closed:
+                    conn.close()
+                    return
+                self.accepted += 1
+                self.peers.append((peer[0], peer[1]))
+                self.conns.add(conn)
+            threading.Thread(target=self._echo_conn, args=(conn,), daemon=True).start()
+
+    def _echo_conn(self, conn: socket.socket) -> None:
+        try:
+            while True:
+                data = conn.recv(65536)
+                if not data:
+                    break
+                with self.lock:
+                    self.bytes_in += len(data)
+                conn.sendall(data)
+                with self.lock:
+                    self.bytes_out += len(data)
+        except OSError:
+            pass
+        finally:
+            with self.lock:
+                self.conns.discard(conn)
+            with contextlib.suppress(OSError):
+                conn.close()
+
+    # UDP
+    def udp_loop(self) -> None:
+        while True:
+            try:
+                data, peer = self.sock.recvfrom(65535)
+            except OSError:
+                return
+            with self.lock:
+                if self.closed:
+                    return
+                self.accepted += 1
+                self.bytes_in += len(data)
+                if (peer[0], peer[1]) not in self.peers:
+                    self.peers.append((peer[0], peer[1]))
+            if self.echo:
+                try:
+                    self.sock.sendto(data, peer)
+                except OSError:
+                    continue
+                with self.lock:
+                    self.bytes_out += len(data)
+
+
+_PATTERN = bytes(range(256)) * 256  # 64 KiB repeating pattern for tcp_connect
+_PATTERN2 = _PATTERN * 2  # so any slice of up to 64 KiB can start anywhere in the pattern
+
+
+def _needs_routes(pkt: Any) -> bool:
+    from scapy.layers.inet import IP
+    from scapy.layers.inet6 import IPv6
+
+    for cls in (IP, IPv6):
+        layer = pkt.getlayer(cls)
+        if layer is not None and "src" not in layer.fields:
+            return True
+    return False
+
+
+class _AgentServer:
+    def __init__(self, out: IO[bytes]) -> None:
+        self._out = out
+        self._wlock = threading.Lock()
+        self._ids = itertools.count(1)
+        self._sniffers: dict[int, _SniffState] = {}
+        self._servers: dict[int, _EchoServer] = {}
+        self._lock = threading.Lock()
+        self._raw: dict[int, socket.socket] = {}
+
+    def write(self, msg: dict[str, Any]) -> None:
+        data = (json.dumps(msg) + "\n").encode()
+        with self._wlock:
+            self._out.write(data)
+            self._out.flush()
+
+    def run(self, inp: IO[bytes]) -> None:
+        self.write({"event": "ready", "pid": os.getpid()})
+        for raw in inp:
+            try:
+                req = json.loads(raw)
+            except ValueError:
+                continue
+            threading.Thread(target=self._handle, args=(req,), daemon=True).start()
+        self.shutdown()
+
+    def _handle(self, req: dict[str, Any]) -> None:
+        req_id = req.get("id")
+        method = str(req.get("method"))
+        fn: Callable[..., Any] | None = getattr(self, "m_" + method, None)
+        try:
+            if fn is None:
+                raise ValueError(f"unknown method {method!r}")
+            result = fn(**(req.get("params") or {}))
+            msg: dict[str, Any] = {"id": req_id, "result": result}
+        except Exception as exc:  # report every failure to the caller
+            text = str(exc) or repr(exc)
+            msg = {"id": req_id, "error": f"{type(exc).__name__}: {text}"}
+        try:
+            self.write(msg)
+        except (OSError, ValueError):
+            pass
+
+    def shutdown(self) -> None:
+        with self._lock:
+            sniffers = list(self._sniffers.values())
+            servers = list(self._servers.values())
+        for st in sniffers:
+            with contextlib.suppress(Exception):
+                if st.sniffer is not None and st.sniffer.running:
+                    st.sniffer.stop(join=False)
+        for srv in servers:
+            srv.close()
+
+    # -- methods ----------------------------------------------------------------
+
+    def m_ping(self) -> dict[str, Any]:
+        return {"pid": os.getpid(), "netns_inode": os.stat("/proc/self/ns/net").st_ino}
+
+    def _raw_socket(self, family: int) -> socket.socket:
+        with self._lock:
+            sock = self._raw.get(family)
+            if sock is None:
+                sock = socket.socket(family, socket.SOCK_RAW, socket.IPPROTO_RAW)
+                if family == socket.AF_INET:
+                    sock.setsockopt(socket.SOL_IP, socket.IP_HDRINCL, 1)
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+                self._raw[family] = sock
+            return sock
+
+    def m_send(self, pkts: list[str], iface: str | None = None) -> None:
+        from scapy.layers.inet import IP
+        from scapy.layers.inet6 import IPv6
+        from scapy.layers.l2 import Ether
+        from scapy.sendrecv import sendp
+
+        built = [_decode_packet(data) for data in pkts]
+        if any(_needs_routes(p) for p in built):
+            # Scapy picks default source addresses from routes cached at import;
+            # the topology may have changed since then.
+            from scapy.config import conf
+
+            conf.route.resync()
+            conf.route6.resync()
+        if iface is None:
+            for p in built:
+                if isinstance(p, IP):
+                    self._raw_socket(socket.AF_INET).sendto(bytes(p), (p.dst, 0))
+                elif isinstance(p, IPv6):
+                    self._raw_socket(socket.AF_INET6).sendto(
+                        bytes(p), (p.dst, 0, 0, self._scope_id(p.dst))
+                    )
+                else:
+                    raise ValueError(
+                        f"layer-3 send needs an IP or IPv6 packet, got {p.summary()}; "
+                        "pass iface= to send at layer 2"
+                    )
+            return
+        frames = []
+        for p in built:
+            if isinstance(p, Ether):
+                frames.append(p)
+                continue
+            if isinstance(p, IP | IPv6):
+                src_mac, dst_mac = self._macs_for(iface, p.dst, 6 if isinstance(p, IPv6) else 4)
+                frames.append(Ether(src=src_mac, dst=dst_mac) / p)
+            else:
+                raise ValueError(
+                    f"cannot add an Ether header to {p.summary()}: give a full Ether frame"
+                )
+        sendp(frames, iface=iface, verbose=False)
+
+    @staticmethod
+    def _scope_id(dst: str) -> int:
+        addr = ipaddress.IPv6Address(dst)
+        if not (addr.is_link_local or addr.is_multicast):
+            return 0
+        out = subprocess.run(["ip", "-6", "-j", "route", "get", dst], capture_output=True,
+                             text=True, timeout=5)
+        try:
+            dev = json.loads(out.stdout)[0]["dev"]
+            return socket.if_nametoindex(dev)
+        except (ValueError, LookupError, OSError):
+            return 0
+
+    @staticmethod
+    def _ip_json(args: list[str]) -> Any:
+        out = subprocess.run(["ip", "-j", *args], capture_output=True, text=True, timeout=5)
+        if out.returncode != 0:
+            raise RuntimeError(f"ip {' '.join(args)}: {out.stderr.strip()}")
+        return json.loads(out.stdout or "[]")
+
+    def _macs_for(self, iface: str, dst: str, version: int) -> tuple[str, str]:
+        """Source MAC of ``iface`` and the MAC of the next hop towards ``dst``."""
+        from scapy.arch import get_if_hwaddr
+
+        src_mac = get_if_hwaddr(iface)
+        addr = ipaddress.ip_address(dst)
+        if addr.is_multicast:
+            if version == 4:
+                b = addr.packed
+                return src_mac, "01:00:5e:%02x:%02x:%02x" % (b[1] & 0x7F, b[2], b[3])
+            b = addr.packed
+            return src_mac, "33:33:%02x:%02x:%02x:%02x" % tuple(b[-4:])
+        if version == 4 and dst == "255.255.255.255":
+            return src_mac, "ff:ff:ff:ff:ff:ff"
+        fam = "-4" if version == 4 else "-6"
+        nexthop = dst
+        try:
+            routes = self._ip_json([fam, "route", "get", dst, "oif", iface])
+            if routes and routes[0].get("gateway"):
+                nexthop = routes[0]["gateway"]
+        except (RuntimeError, ValueError):
+            pass
+        deadline = time.monotonic() + timeouts.POSITIVE
+        probed = False
+        while True:
+            neigh = self._ip_json([fam, "neigh", "show", nexthop, "dev", iface])
+            for n in neigh:
+                states = n.get("state", [])
+                if n.get("lladdr") and "FAILED" not in states and "INCOMPLETE" not in states:
+                    return src_mac, str(n["lladdr"])
+            if not probed:
+                mac = self._probe_neighbour(iface, nexthop, version)
+                if mac:
+                    return src_mac, mac
+                probed = True
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"cannot resolve the MAC address of next hop {nexthop} on {iface} "
+                    f"(no ARP/neighbour-discovery answer within {timeouts.POSITIVE} s)"
+                )
+            time.sleep(0.05)
+
+    @staticmethod
+    def _probe_neighbour(iface: str, nexthop: str, version: int) -> str | None:
+        from scapy.arch import get_if_addr, get_if_hwaddr
+        from scapy.layers.inet6 import ICMPv6ND_NA, neighsol
+        from scapy.layers.l2 import ARP, Ether
+        from scapy.sendrecv import srp1
+
+        if version == 4:
+            ans = srp1(
+                Ether(dst="ff:ff:ff:ff:ff:ff", src=get_if_hwaddr(iface))
+                / ARP(op=1, pdst=nexthop, psrc=get_if_addr(iface), hwsrc=get_if_hwaddr(iface)),
+                iface=iface, timeout=timeouts.POSITIVE, verbose=False,
+            )
+            return None if ans is None else str(ans[ARP].hwsrc)
+        from scapy.interfaces import resolve_iface
+
+        src = None
+        for a in _AgentServer._ip_json(["-6", "addr", "show", "dev", iface]):
+            for info in a.get("addr_info", []):
+                if info.get("scope") == "link":
+                    src = info["local"]
+        if src is None:
+            return None
+        ans = neighsol(nexthop, src, resolve_iface(iface), timeout=timeouts.POSITIVE)
+        if ans is not None and ICMPv6ND_NA in ans:
+            return str(ans[Ether].src)
+        return None
+
+    def m_sniff_start(self, iface: str, bpf: str | None = None) -> dict[str, Any]:
+        from scapy.sendrecv import AsyncSniffer
+
+        st = _SniffState()
+        kwargs: dict[str, Any] = {
+            "iface": iface,
+            "prn": st.add,
+            "store": False,
+            "started_callback": st.started.set,
+        }
+        if bpf:
+            kwargs["filter"] = bpf
+        st.sniffer = AsyncSniffer(**kwargs)
+        st.sniffer.start()
+        deadline = time.monotonic() + 10.0
+        while not st.started.wait(0.01):
+            thread = st.sniffer.thread
+            if st.sniffer.exception is not None or (thread is not None and not thread.is_alive()):
+                exc = st.sniffer.exception
+                raise RuntimeError(f"sniffer on {iface} (bpf {bpf!r}) did not start: {exc!r}")
+            if time.monotonic() > deadline:
+                with contextlib.suppress(Exception):
+                    st.sniffer.stop(join=False)
+                raise RuntimeError(f"sniffer on {iface} did not start within 10 s")
+        sid = next(self._ids)
+        with self._lock:
+            self._sniffers[sid] = st
+        return {"sid": sid}
+
+    def _sniffer(self, sid: int) -> _SniffState:
+        with self._lock:
+            st = self._sniffers.get(sid)
+        if st is None:
+            raise KeyError(f"no sniffer {sid}")
+        return st
+
+    def m_sniff_packets(self, sid: int, since: int = 0) -> dict[str, Any]:
+        st = self._sniffer(sid)
+        with st.lock:
+            pkts = st.packets[since:]
+        exc = st.sniffer.exception
+        return {
+            "packets": pkts,
+            "running": bool(st.sniffer.running),
+            "error": None if exc is None else repr(exc),
+        }
+
+    def m_sniff_stop(self, sid: int) -> None:
+        st = self._sniffer(sid)
+        if st.sniffer.running:
+            st.sniffer.stop(join=True)
+
+    def m_sniff_forget(self, sid: int) -> None:
+        with self._lock:
+            self._sniffers.pop(sid, None)
+
+    def _server(self, hid: int) -> _EchoServer:
+        with self._lock:
+            srv = self._servers.get(hid)
+        if srv is None:
+            raise KeyError(f"no server {hid}")
+        return srv
+
+    def _register(self, srv: _EchoServer) -> dict[str, Any]:
+        hid = next(self._ids)
+        with self._lock:
+            self._servers[hid] = srv
+        name = srv.sock.getsockname()
+        return {"hid": hid, "addr": name[0], "port": name[1]}
+
+    def m_tcp_server(self, addr: str, port: int) -> dict[str, Any]:
+        fam = _family(addr)
+        sock = socket.socket(fam, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if fam == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind((addr, port))
+            sock.listen(128)
+        except OSError as exc:
+            sock.close()
+            raise OSError(f"cannot listen on TCP {_fmt_addr(addr, port)}: {exc.strerror}") from None
+        srv = _EchoServer("tcp", sock, echo=True)
+        res = self._register(srv)
+        threading.Thread(target=srv.accept_loop, daemon=True).start()
+        return res
+
+    def m_udp_server(self, addr: str, port: int, echo: bool = True) -> dict[str, Any]:
+        fam = _family(addr)
+        sock = socket.socket(fam, socket.SOCK_DGRAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if fam == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind((addr, port))
+        except OSError as exc:
+            sock.close()
+            raise OSError(f"cannot bind UDP {_fmt_addr(addr, port)}: {exc.strerror}") from None
+        srv = _EchoServer("udp", sock, echo=echo)
+        res = self._register(srv)
+        threading.Thread(target=srv.udp_loop, daemon=True).start()
+        return res
+
+    def m_server_stats(self, hid: int) -> dict[str, Any]:
+        return self._server(hid).stats()
+
+    def m_server_close(self, hid: int) -> None:
+        with self._lock:
+            srv = self._servers.pop(hid, None)
+        if srv is not None:
+            srv.close()
+
+    def m_tcp_connect(self, addr: str, port: int, send_bytes: int = 0,
+                      timeout: float = 3.0, bind: str | None = None) -> dict[str, Any]:
+        import selectors
+
+        where = _fmt_addr(addr, port)
+        res: dict[str, Any] = {"connected": False, "sent": 0, "received": 0,
+                               "error": None, "local": None}
+        sock = socket.socket(_family(addr), socket.SOCK_STREAM)
+        try:
+            if bind:
+                sock.bind((bind, 0))
+            sock.settimeout(timeout)
+            try:
+                sock.connect((addr, port))
+            except TimeoutError:
+                res["local"] = list(sock.getsockname()[:2])
+                res["error"] = (f"connect to {where} timed out after {timeout:g} s "
+                                "(no answer to the SYN: dropped or filtered?)")
+                return res
+            except OSError as exc:
+                with contextlib.suppress(OSError):
+                    res["local"] = list(sock.getsockname()[:2])
+                res["error"] = f"connect to {where} failed: {exc.strerror or exc}"
+                return res
+            res["connected"] = True
+            res["local"] = list(sock.getsockname()[:2])
+            if send_bytes <= 0:
+                return res
+            sock.setblocking(False)
+            sel = selectors.DefaultSelector()
+            sel.register(sock, selectors.EVENT_READ | selectors.EVENT_WRITE)
+            deadline = time.monotonic() + timeout
+            sent = received = 0
+            mismatch = False
+            eof = False
+            try:
+                while received < send_bytes:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        res["error"] = (f"echo from {where} timed out after {timeout:g} s: "
+                                        f"sent {sent} of {send_bytes} bytes, got {received} back")
+                        break
+                    events = sel.select(min(left, 0.5))
+                    for _key, mask in events:
+                        if mask & selectors.EVENT_WRITE and sent < send_bytes:
+                            off = sent % len(_PATTERN)
+                            chunk = _PATTERN[off:off + min(send_bytes - sent, 65536)]
+                            with contextlib.suppress(BlockingIOError):
+                                sent += sock.send(chunk)
+                            if sent >= send_bytes:
+                                sel.modify(sock, selectors.EVENT_READ)
+                        if mask & selectors.EVENT_READ:
+                            try:
+                                data = sock.recv(65536)
+                            except BlockingIOError:
+                                continue
+                            if not data:
+                                eof = True
+                                break
+                            off = received % len(_PATTERN)
+                            if data != _PATTERN2[off:off + len(data)]:
+                                mismatch = True
+                            received += len(data)
+                    if eof:
+                        res["error"] = (f"{where} closed the connection after {received} of "
+                                        f"{send_bytes} bytes came back")
+                        break
+            except OSError as exc:
+                res["error"] = f"transfer with {where} failed: {exc.strerror or exc}"
+            finally:
+                sel.close()
+            res["sent"] = sent
+            res["received"] = received
+            if mismatch and res["error"] is None:
+                res["error"] = "echoed bytes differ from the bytes sent"
+            return res
+        finally:
+            sock.close()
+
+    def m_udp_send(self, addr: str, port: int, payload: str, expect_reply: bool,
+                   timeout: float = 3.0, bind: str | None = None) -> dict[str, Any]:
+        data = _unb64(payload)
+        where = _fmt_addr(addr, port)
+        res: dict[str, Any] = {"sent": 0, "reply": None, "local": None, "error": None}
+        sock = socket.socket(_family(addr), socket.SOCK_DGRAM)
+        try:
+            if bind:
+                sock.bind((bind, 0))
+            sock.connect((addr, port))
+            res["local"] = list(sock.getsockname()[:2])
+            res["sent"] = sock.send(data)
+            if expect_reply:
+                sock.settimeout(timeout)
+                try:
+                    res["reply"] = _b64(sock.recv(65535))
+                except TimeoutError:
+                    res["error"] = f"no reply from {where} within {timeout:g} s"
+                except ConnectionRefusedError:
+                    res["error"] = f"{where} refused (ICMP port unreachable)"
+        except OSError as exc:
+            res["error"] = f"UDP to {where} failed: {exc.strerror or exc}"
+        finally:
+            sock.close()
+        return res
+
+
+def serve() -> None:
+    """Agent main loop: JSON requests on stdin, JSON responses on the original stdout."""
+    # Keep the protocol channel private: anything printed (Scapy included) goes to stderr.
+    out_fd = os.dup(1)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    out = os.fdopen(out_fd, "wb", buffering=0)
+    # The agent exits when the caller goes away (stdin EOF); SIGTERM too, quietly.
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    import scapy.all  # noqa: F401  (import once, register every layer)
+    from scapy.config import conf
+
+    conf.verb = 0
+    _layer_class("Ether")
+    server = _AgentServer(out)
+    server.run(sys.stdin.buffer)
+    # Daemon threads (sniffers, servers) end with the process.
+    with contextlib.suppress(OSError):
+        out.close()
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    serve()

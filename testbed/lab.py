@@ -1,0 +1,155 @@
+"""The enforcer as the harness runs it: the lab policy and a handle on the daemon process.
+
+The lab policy is written for the standard topology: every clause's traffic is
+chosen against it (FTP, TFTP and DNS for every client; HTTP for c1 only; SSH
+defined but allowed to nobody; the topology's "denied" network blocked by a
+site rule).
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from enforcer.client import Client, ControlError
+from testbed.build import Testbed
+from testbed.topology import FAMILIES
+
+GUIDS = {
+    "FTP": "5c3c2a3e-8f1b-4c1e-9a57-1f0d3a6b2101",
+    "HTTP": "5c3c2a3e-8f1b-4c1e-9a57-1f0d3a6b2102",
+    "SSH": "5c3c2a3e-8f1b-4c1e-9a57-1f0d3a6b2103",
+    "DNS": "5c3c2a3e-8f1b-4c1e-9a57-1f0d3a6b2104",
+    "TFTP": "5c3c2a3e-8f1b-4c1e-9a57-1f0d3a6b2105",
+}
+PORTS = {"FTP": ("tcp", 21), "HTTP": ("tcp", 80), "SSH": ("tcp", 22), "DNS": ("udp", 53),
+         "TFTP": ("udp", 69)}
+
+
+def _toml_list(items: list[str]) -> str:
+    return "[" + ", ".join(f'"{i}"' for i in items) + "]"
+
+
+def lab_config(tb: Testbed, *, socket: Path, fail_open: bool = False, queue: int = 0) -> str:
+    """The enforcer config for a testbed: its interfaces, NAT per variant, the lab policy."""
+    topo = tb.topology
+    internal = [topo.internal_network(f) for f in FAMILIES]
+    c1 = [f"{topo.address('c1', f)}/{32 if f == 'ipv4' else 128}" for f in FAMILIES]
+    out = [
+        "[network]",
+        f'internal_interfaces = ["{topo.fw_internal_iface}"]',
+        f'external_interfaces = ["{topo.fw_external_iface}"]',
+        f"nat = {'true' if topo.variant == 'nat' else 'false'}",
+        "",
+        "[dataplane]",
+        f"queue = {queue}",
+        f"fail_open = {'true' if fail_open else 'false'}",
+        "",
+        "[control]",
+        f'socket = "{socket}"',
+        "",
+        "[defaults]",
+        "permission_timeout = 60",
+        "max_pending_per_session = 1024",
+    ]
+    for name, (proto, port) in PORTS.items():
+        out += ["", "[[protocol]]", f'name = "{name}"', f'guid = "{GUIDS[name]}"',
+                f'ip_protocol = "{proto}"', f"ports = [{port}]"]
+    out += ["", "[[protocol_rule]]", 'name = "clients may use FTP, TFTP and DNS"',
+            'action = "allow"', 'protocols = ["FTP", "TFTP", "DNS"]',
+            f"clients = {_toml_list(internal)}",
+            "", "[[protocol_rule]]", 'name = "only c1 may use HTTP"', 'action = "allow"',
+            'protocols = ["HTTP"]', f"clients = {_toml_list(c1)}",
+            "", "[[site_rule]]", 'name = "the denied lab network"', 'action = "deny"',
+            f"destinations = {_toml_list([topo.denied_network(f) for f in FAMILIES])}",
+            "", "[[site_rule]]", 'name = "the external lab network"', 'action = "allow"',
+            f"destinations = {_toml_list([topo.external_network(f) for f in FAMILIES])}"]
+    return "\n".join(out) + "\n"
+
+
+class EnforcerProcess:
+    """``pinhole enforcer`` running in the testbed's firewall namespace."""
+
+    def __init__(self, tb: Testbed, workdir: Path) -> None:
+        self.tb = tb
+        self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.socket = workdir / "enforcer.sock"
+        self.config_path = workdir / "enforcer.toml"
+        self.log_path = workdir / "enforcer.log"
+        self.proc: subprocess.Popen[Any] | None = None
+        self.fail_open = False
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def start(self, *, fail_open: bool = False, timeout: float = 15.0) -> None:
+        """Start the daemon and return once it answers on its control socket."""
+        if self.running:
+            raise RuntimeError("the enforcer is already running")
+        self.fail_open = fail_open
+        self.config_path.write_text(lab_config(self.tb, socket=self.socket, fail_open=fail_open))
+        with self.log_path.open("a") as log:
+            self.proc = self.tb.popen(
+                "fw", [sys.executable, "-m", "testbed.cli", "enforcer", "--verbose",
+                       "--config", str(self.config_path)],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                self._reap()
+                raise RuntimeError(f"the enforcer exited during start-up:\n{self.log_tail()}")
+            try:
+                with Client(str(self.socket), timeout=1.0) as c:
+                    c.call("ping")
+                return
+            except ControlError:
+                if time.monotonic() > deadline:
+                    self.kill()
+                    raise RuntimeError(f"the enforcer did not answer within {timeout:.0f} s:\n"
+                                       f"{self.log_tail()}") from None
+                time.sleep(0.05)
+
+    def client(self) -> Client:
+        return Client(str(self.socket))
+
+    def call(self, method: str, **params: Any) -> Any:
+        with self.client() as c:
+            return c.call(method, **params)
+
+    def stop(self, timeout: float = 10.0) -> int:
+        """SIGTERM and wait: a clean exit, which removes the kernel state."""
+        return self._signal(signal.SIGTERM, timeout)
+
+    def kill(self) -> int:
+        """SIGKILL: the enforcer dies with its rules still installed."""
+        return self._signal(signal.SIGKILL, 10.0)
+
+    def _signal(self, sig: signal.Signals, timeout: float) -> int:
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            code = self.proc.wait()
+        self._reap()
+        return code
+
+    def _reap(self) -> None:
+        if self.proc is not None:
+            self.tb.forget(self.proc.pid)
+            self.proc = None
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text().splitlines()[-lines:])
+        except OSError:
+            return "(no log)"

@@ -50,9 +50,11 @@ def discover(config: Config) -> dataplane.Interfaces:
         internal = {n: index(n, "internal_interfaces") for n in config.network.internal_interfaces}
         external = {n: index(n, "external_interfaces") for n in config.network.external_interfaces}
         internal_nets = dataplane.networks_of(a for i in internal.values() for a in addresses(i))
-        external_addrs = tuple(ipaddress.ip_address(addr) for i in external.values()
-                               for addr, _ in addresses(i)
-                               if not ipaddress.ip_address(addr).is_link_local)
+        # Sorted, so that "the first external address of a family" (the NAT
+        # address) does not depend on the order the kernel lists them in.
+        found = [ipaddress.ip_address(addr) for i in external.values() for addr, _ in addresses(i)]
+        external_addrs = tuple(sorted((a for a in found if not a.is_link_local),
+                                      key=lambda a: (a.version, int(a))))
     return dataplane.Interfaces(internal, external, internal_nets, external_addrs)
 
 

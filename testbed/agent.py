@@ -696,10 +696,8 @@ class _AgentServer:
         except Exception as exc:  # report every failure to the caller
             text = str(exc) or repr(exc)
             msg = {"id": req_id, "error": f"{type(exc).__name__}: {text}"}
-        try:
+        with contextlib.suppress(OSError, ValueError):
             self.write(msg)
-        except (OSError, ValueError):
-            pass
 
     def shutdown(self) -> None:
         with self._lock:
@@ -799,9 +797,9 @@ class _AgentServer:
         if addr.is_multicast:
             if version == 4:
                 b = addr.packed
-                return src_mac, "01:00:5e:%02x:%02x:%02x" % (b[1] & 0x7F, b[2], b[3])
+                return src_mac, f"01:00:5e:{b[1] & 0x7F:02x}:{b[2]:02x}:{b[3]:02x}"
             b = addr.packed
-            return src_mac, "33:33:%02x:%02x:%02x:%02x" % tuple(b[-4:])
+            return src_mac, "33:33:" + ":".join(f"{x:02x}" for x in b[-4:])
         if version == 4 and dst == "255.255.255.255":
             return src_mac, "ff:ff:ff:ff:ff:ff"
         fam = "-4" if version == 4 else "-6"
@@ -855,7 +853,9 @@ class _AgentServer:
                     src = info["local"]
         if src is None:
             return None
-        ans = neighsol(nexthop, src, resolve_iface(iface), timeout=timeouts.POSITIVE)
+        ans = neighsol(  # type: ignore[no-untyped-call]
+            nexthop, src, resolve_iface(iface), timeout=timeouts.POSITIVE
+        )
         if ans is not None and ICMPv6ND_NA in ans:
             return str(ans[Ether].src)
         return None

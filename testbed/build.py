@@ -117,7 +117,7 @@ def _down_at_exit() -> None:
 def _checksum(data: bytes) -> int:
     if len(data) % 2:
         data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    total: int = sum(struct.unpack(f"!{len(data) // 2}H", data))
     while total >> 16:
         total = (total & 0xFFFF) + (total >> 16)
     return ~total & 0xFFFF
@@ -241,9 +241,14 @@ class Testbed:
             led = Ledger.load(tb_id)
         except FileNotFoundError:
             raise UnknownTestbed(f"no testbed with id {tb_id!r}") from None
-        topo = (
-            Topology.from_dict(led.topology) if led.topology else standard(led.variant)
-        )
+        try:
+            topo = (
+                Topology.from_dict(led.topology) if led.topology else standard(led.variant)
+            )
+        except (ValueError, KeyError, TypeError) as e:
+            raise TestbedError(
+                f"the ledger of testbed {tb_id!r} records no usable topology ({e})"
+            ) from None
         return cls(topo, tb_id, led)
 
     def down(self) -> None:

@@ -70,7 +70,8 @@ def _ctl(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from enforcer.config import DEFAULT_SOCKET
-    from testbed import conformance, testbed_cmd
+    from testbed.conformance import add_parser as add_conformance
+    from testbed.testbed_cmd import add_parser as add_testbed
 
     parser = argparse.ArgumentParser(prog="pinhole", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -88,8 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--socket", default=DEFAULT_SOCKET)
     p.set_defaults(func=_ctl)
 
-    testbed_cmd.add_parser(sub)
-    conformance.add_parser(sub)
+    add_testbed(sub)
+    add_conformance(sub)
     return parser
 
 

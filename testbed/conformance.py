@@ -1,15 +1,191 @@
-"""`pinhole conformance`: build the testbed, run the clause suite, print the matrix."""
+"""`pinhole conformance`: build the testbed, start the enforcer, run the clause suite, print the matrix.
+
+The clause suite is ordinary pytest tests (``testbed/clauses``) run in-process with
+this module's collector attached. Every clause of the catalog appears in the
+results: clauses with no test yet as ``not-implemented``, never as passed.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import sys
+import time
+from collections import Counter
+from pathlib import Path
 from typing import Any
+
+import pytest
+
+from testbed.catalog import CLAUSES
+from testbed.plugin import RESULTS, Result
+from testbed.topology import FAMILIES, VARIANTS
+
+CLAUSE_DIR = Path(__file__).parent / "clauses"
+OUTCOMES = ("passed", "failed", "skipped", "not-implemented")
+SYMBOLS = {"passed": "pass", "failed": "FAIL", "skipped": "skip", "not-implemented": "n/i"}
+
+
+class Collector:
+    """A pytest plugin object: shows progress and keeps the results when the run ends."""
+
+    def __init__(self) -> None:
+        self.results: list[Result] = []
+        self.total = 0
+        self.done = 0
+        self.started = time.monotonic()
+
+    def pytest_collection_finish(self, session: pytest.Session) -> None:
+        self.total = len(session.items)
+        print(f"pinhole conformance: {self.total} checks", flush=True)
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_runtest_logfinish(self, nodeid: str, location: Any) -> None:
+        self.done += 1
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        if report.when != "teardown":
+            return
+        name = report.nodeid.split("::", 1)[-1]
+        elapsed = time.monotonic() - self.started
+        outcome = "failed" if report.failed else ("skipped" if report.skipped else "passed")
+        print(f"[{self.done + 1:3d}/{self.total}] {elapsed:6.1f}s {outcome:<7} {name}", flush=True)
+
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        found: list[Result] = session.config.stash[RESULTS]
+        self.results = list(found)
+
+
+def selected_clauses(expr: str | None) -> list[str]:
+    """The catalog clauses that ``-k EXPR`` selects, by clause ID."""
+    if not expr:
+        return list(CLAUSES)
+    from _pytest.mark.expression import Expression
+
+    compiled = Expression.compile(expr)
+    return [c for c in CLAUSES if compiled.evaluate(_Substring(c))]
+
+
+class _Substring:
+    """Matches an identifier of ``-k`` against a clause ID as pytest does against test names."""
+
+    def __init__(self, clause: str) -> None:
+        self.clause = clause
+
+    def __call__(self, name: str, /, **kwargs: object) -> bool:
+        return name in self.clause
+
+
+def complete(results: list[Result], clauses: list[str], families: list[str]) -> list[Result]:
+    """Add a not-implemented row per family for every selected clause that no test checked."""
+    seen = {r.clause for r in results}
+    out = list(results)
+    for clause in clauses:
+        if clause not in seen:
+            out += [Result(clause, fam, None, None, "not-implemented", 0.0, None,
+                           "no test checks this clause yet") for fam in families]
+    order = {c: i for i, c in enumerate(CLAUSES)}
+    return sorted(out, key=lambda r: (order[r.clause], r.topology or "", r.family or "",
+                                      r.mode or ""))
+
+
+def _merge(outcomes: list[str]) -> str:
+    for o in ("failed", "skipped", "passed"):
+        if o in outcomes:
+            return o
+    return "not-implemented"
+
+
+def matrix(results: list[Result], families: list[str], topologies: list[str]) -> str:
+    """Rows: clause and mode; columns: topology/family. A cell shows the worst outcome in it."""
+    columns = [(t, f) for t in topologies for f in families]
+    cells: dict[tuple[str, str], dict[tuple[str, str], list[str]]] = {}
+    for r in results:
+        row = cells.setdefault((r.clause, r.mode or "-"), {})
+        for col in columns:
+            if col == (r.topology, r.family) or (r.topology is None and col[1] == r.family):
+                row.setdefault(col, []).append(r.outcome)
+    heads = [f"{t}/{f}" for t, f in columns]
+    width = max(len(h) for h in heads)
+    lines = [f"{'clause':<12}{'mode':<8}" + " ".join(h.ljust(width) for h in heads)]
+    for (clause, mode), row in cells.items():
+        marks = [SYMBOLS[_merge(row[c])] if c in row else "-" for c in columns]
+        lines.append(f"{clause:<12}{mode:<8}" + " ".join(m.ljust(width) for m in marks))
+    return "\n".join(lines)
+
+
+def summary(results: list[Result]) -> dict[str, Any]:
+    counts = Counter(r.outcome for r in results)
+    by_clause: dict[str, list[str]] = {}
+    for r in results:
+        by_clause.setdefault(r.clause, []).append(r.outcome)
+    clause_counts = Counter(_merge(v) if "not-implemented" not in v else "not-implemented"
+                            for v in by_clause.values())
+    return {"checks": {o: counts.get(o, 0) for o in OUTCOMES},
+            "clauses": {o: clause_counts.get(o, 0) for o in OUTCOMES},
+            "ok": counts.get("failed", 0) == 0}
 
 
 def add_parser(sub: Any) -> None:
-    p = sub.add_parser("conformance", help="run the clause suite and print the result matrix")
+    p = sub.add_parser("conformance", help="run the clause suite and print the result matrix",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--json", metavar="FILE", help="write results and summary as JSON")
+    p.add_argument("--junit", metavar="FILE", help="write a JUnit XML report")
+    p.add_argument("-k", metavar="EXPR", dest="expr", help="select clauses, e.g. 'GEN-01 or GEN-02'")
+    p.add_argument("--topology", default=",".join(VARIANTS), help="routed,nat (default both)")
+    p.add_argument("--family", default=",".join(FAMILIES), help="ipv4,ipv6 (default both)")
+    p.add_argument("--artifacts", default="artifacts", help="pcaps and logs (default ./artifacts)")
+    p.add_argument("-v", "--verbose", action="store_true", help="pytest's own output too")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    raise NotImplementedError
+    from testbed.cli import UsageError, require_root, require_tools
+    from testbed.plugin import E2E_TOOLS
+
+    require_root("pinhole conformance")
+    require_tools(E2E_TOOLS)
+    families = [f for f in args.family.split(",") if f]
+    topologies = [t for t in args.topology.split(",") if t]
+    for value, allowed, what in ((families, FAMILIES, "--family"), (topologies, VARIANTS, "--topology")):
+        bad = [v for v in value if v not in allowed]
+        if bad or not value:
+            raise UsageError(f"{what}: {', '.join(bad) or 'nothing'} is not one of {', '.join(allowed)}")
+    try:
+        clauses = selected_clauses(args.expr)
+    except Exception as exc:  # pytest's expression parser raises its own error types
+        raise UsageError(f"-k {args.expr!r}: {exc}") from None
+
+    pytest_args = [str(CLAUSE_DIR), "-p", "no:cacheprovider", "-c", os.devnull,
+                   "--rootdir", str(CLAUSE_DIR),
+                   "--pinhole-topology", ",".join(topologies), "--pinhole-family", ",".join(families),
+                   "--pinhole-artifacts", args.artifacts]
+    pytest_args += ["-v", "-rfE"] if args.verbose else ["-p", "no:terminal"]
+    if args.expr:
+        pytest_args += ["-k", args.expr]
+    if args.junit:
+        pytest_args += ["--junitxml", args.junit]
+    collector = Collector()
+    code = pytest.main(pytest_args, plugins=[collector])
+    if code not in (pytest.ExitCode.OK, pytest.ExitCode.TESTS_FAILED, pytest.ExitCode.NO_TESTS_COLLECTED):
+        print(f"pinhole: the clause suite could not run (pytest exit code {int(code)})", file=sys.stderr)
+        return 2
+
+    results = complete(collector.results, clauses, families)
+    print()
+    print(matrix(results, families, topologies))
+    for r in results:
+        if r.outcome == "failed":
+            print(f"\nFAILED {r.clause} {r.topology}/{r.family}" + (f"/{r.mode}" if r.mode else "")
+                  + f" ({r.nodeid})\n  {r.detail.strip()}" + (f"\n  pcap: {r.pcap}" if r.pcap else ""))
+    totals = summary(results)
+    c = totals["clauses"]
+    print(f"\nclauses: {c['passed']} passed, {c['failed']} failed, {c['skipped']} skipped, "
+          f"{c['not-implemented']} not implemented (of {len(clauses)} selected)")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(
+            {"results": [r.to_dict() for r in results], "summary": totals}, indent=2) + "\n")
+        print(f"results: {args.json}")
+    return 0 if totals["ok"] and code != pytest.ExitCode.TESTS_FAILED else 1

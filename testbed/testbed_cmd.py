@@ -67,7 +67,7 @@ def _only_testbed() -> str:
 
 
 def _attach(tb_id: str) -> Any:
-    from testbed.build import Testbed, UnknownTestbed
+    from testbed.build import Testbed, TestbedError, UnknownTestbed
 
     try:
         return Testbed.attach(tb_id)
@@ -75,6 +75,8 @@ def _attach(tb_id: str) -> Any:
         raise _Fail(
             f"no testbed with id {tb_id!r}: see 'pinhole testbed list'"
         ) from None
+    except TestbedError as e:
+        raise _Fail(f"{e}: remove it with 'pinhole testbed sweep --all'") from None
 
 
 def _up(args: argparse.Namespace) -> int:
@@ -100,8 +102,12 @@ def _down(args: argparse.Namespace) -> int:
         return 0
     if not args.id:
         raise _Fail("name the testbed to remove ('pinhole testbed down ID') or use --all")
-    tb = _attach(args.id)
-    tb.down()
+    try:
+        led = ledger.Ledger.load(args.id)
+    except FileNotFoundError:
+        raise _Fail(f"no testbed with id {args.id!r}: see 'pinhole testbed list'") from None
+    # The ledger says everything there is to remove, whoever built the testbed.
+    ledger.teardown(led)
     print(f"removed testbed {args.id}")
     return 0
 

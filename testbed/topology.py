@@ -239,9 +239,9 @@ class Topology:
         not the external network itself (203.0.113.0/24, 2001:db8:3::/64)."""
         ext = ipaddress.ip_network(self.external_network(family))
         for route in self.firewall.routes:
-            if route.family == family and route.via is None and route.dst != "default":
-                if ipaddress.ip_network(route.dst) != ext:
-                    return route.dst
+            if (route.family == family and route.via is None and route.dst != "default"
+                    and ipaddress.ip_network(route.dst) != ext):
+                return route.dst
         raise KeyError(f"no {family} denied network in topology")
 
     def links(self) -> tuple[tuple[str, str, str], ...]:

@@ -1,0 +1,150 @@
+"""Per-test packet capture on the firewall namespace.
+
+``FwCapture(netns, path)`` runs
+``tcpdump -i any -U --immediate-mode -y LINUX_SLL2 -w path`` inside
+``netns`` (Linux cooked capture v2 records the interface of every packet), waits
+until tcpdump reports that it is listening, and ``stop()`` ends it with SIGINT
+so the pcap is complete.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+__all__ = ["CaptureError", "FwCapture"]
+
+# How long to wait for tcpdump to say it is listening.
+START_TIMEOUT = 10.0
+# How long to wait for tcpdump to exit after SIGINT before killing it.
+STOP_TIMEOUT = 5.0
+
+
+class CaptureError(RuntimeError):
+    """tcpdump is missing, failed to start, or did not stop."""
+
+
+class FwCapture:
+    """tcpdump on every interface of ``netns``, written to ``path``; a context manager."""
+
+    def __init__(self, netns: str, path: Path | str, *, snaplen: int = 0) -> None:
+        self.netns = netns
+        self.path = Path(path)
+        self._stderr: collections.deque[str] = collections.deque(maxlen=50)
+        self._listening = threading.Event()
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._reader: threading.Thread | None = None
+        self.returncode: int | None = None
+        self._start(snaplen)
+
+    def _start(self, snaplen: int) -> None:
+        tcpdump = shutil.which("tcpdump") or next(
+            (p for p in ("/usr/sbin/tcpdump", "/usr/bin/tcpdump", "/sbin/tcpdump")
+             if os.access(p, os.X_OK)),
+            None,
+        )
+        if tcpdump is None:
+            raise CaptureError(
+                "tcpdump not found: install the 'tcpdump' package "
+                "(Debian/Ubuntu: apt-get install -y tcpdump)"
+            )
+        if shutil.which("ip") is None:
+            raise CaptureError("'ip' not found: install the 'iproute2' package")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        cmd = [
+            "ip", "netns", "exec", self.netns,
+            tcpdump, "-i", "any", "-U", "--immediate-mode", "-n", "-y", "LINUX_SLL2",
+            "-s", str(snaplen), "-Z", "root", "-w", str(self.path),
+        ]
+        self._proc = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        self._reader = threading.Thread(target=self._read_stderr, daemon=True,
+                                        name=f"tcpdump-{self.netns}")
+        self._reader.start()
+        deadline = time.monotonic() + START_TIMEOUT
+        while not self._listening.wait(0.02):
+            if self._proc.poll() is not None:
+                self._reader.join(1.0)
+                self.returncode = self._proc.returncode
+                raise CaptureError(
+                    f"tcpdump in netns {self.netns} exited with status {self.returncode} "
+                    f"before listening:{self._stderr_text()}"
+                )
+            if time.monotonic() > deadline:
+                self._terminate()
+                raise CaptureError(
+                    f"tcpdump in netns {self.netns} did not report listening within "
+                    f"{START_TIMEOUT:g} s:{self._stderr_text()}"
+                )
+
+    def _read_stderr(self) -> None:
+        assert self._proc is not None and self._proc.stderr is not None
+        with contextlib.suppress(OSError, ValueError):
+            for raw in self._proc.stderr:
+                line = raw.decode(errors="replace").rstrip("\n")
+                self._stderr.append(line)
+                if "listening on" in line:
+                    self._listening.set()
+
+    def _stderr_text(self) -> str:
+        lines = list(self._stderr)
+        return ("\n  " + "\n  ".join(lines)) if lines else " (no output)"
+
+    @property
+    def output(self) -> list[str]:
+        """tcpdump's stderr lines so far (start banner, and packet counts after stop)."""
+        return list(self._stderr)
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def _terminate(self) -> None:
+        proc = self._proc
+        if proc is None:
+            return
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                proc.wait()
+        if self._reader is not None:
+            self._reader.join(2.0)
+        if proc.stderr is not None:
+            with contextlib.suppress(OSError):
+                proc.stderr.close()
+        self.returncode = proc.returncode
+
+    def stop(self) -> Path:
+        """Stop tcpdump (SIGINT, then kill after a bounded wait); return the pcap path."""
+        self._terminate()
+        return self.path
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        state = "running" if self.running else "stopped"
+        return f"<FwCapture netns={self.netns} path={self.path} {state}>"

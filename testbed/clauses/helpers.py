@@ -1,0 +1,54 @@
+"""Small shared pieces of the clause suite: crafted packets and enforcer lookups."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from scapy.layers.inet import ICMP, IP, TCP, UDP
+from scapy.layers.inet6 import IPv6, _ICMPv6Error
+from scapy.packet import Packet
+
+from testbed import timeouts
+from testbed.plugin import Net
+
+
+def ip(net: Net, src: str, dst: str) -> Packet:
+    return IP(src=src, dst=dst) if net.family == "ipv4" else IPv6(src=src, dst=dst)
+
+
+def syn(net: Net, src: str, dst: str, sport: int, dport: int) -> Packet:
+    return ip(net, src, dst) / TCP(sport=sport, dport=dport, flags="S", seq=1000)
+
+
+def datagram(net: Net, src: str, dst: str, sport: int, dport: int, payload: bytes) -> Packet:
+    return ip(net, src, dst) / UDP(sport=sport, dport=dport) / payload
+
+
+def is_rejection(pkt: Packet) -> bool:
+    """A TCP reset or an ICMP error: what a *silent* drop must never produce."""
+    if TCP in pkt and bool(pkt[TCP].flags.R):
+        return True
+    if ICMP in pkt and pkt[ICMP].type in (3, 11, 12):
+        return True
+    return bool(pkt.haslayer(_ICMPv6Error))
+
+
+def decisions_for(net: Net, dport: int, src: str | None = None) -> list[dict[str, Any]]:
+    """The enforcer's recent decisions about flows to ``dport`` (optionally from ``src``)."""
+    out = []
+    for d in net.call("decisions", limit=10000):
+        flow = d["flow"]
+        if flow.endswith(f":{dport}") and (src is None or f" {src}:" in flow or f"[{src}]:" in flow):
+            out.append(d)
+    return out
+
+
+def assert_not_connected(result: dict[str, Any], what: str) -> None:
+    """A connection attempt that must have been dropped silently: no connect, no refusal."""
+    assert not result["connected"], f"{what}: connected, but the firewall should have dropped it"
+    error = str(result["error"])
+    assert "refused" not in error.lower(), \
+        f"{what}: refused (a RST came back), but a drop must be silent: {error}"
+
+
+NEGATIVE = timeouts.NEGATIVE

@@ -1,0 +1,270 @@
+"""The pytest plugin (entry point ``pytest11``): fixtures for the lab, clause markers, results.
+
+- ``variant`` (routed, nat) and ``family`` (ipv4, ipv6) parametrise every test that
+  asks for them; ``--pinhole-topology`` and ``--pinhole-family`` narrow them.
+- ``lab``: a built testbed of that variant with the enforcer in its firewall
+  namespace, shared by the session; ``net``: the lab seen in one address family,
+  with the enforcer running in its default (fail-closed) configuration.
+- Every test that uses the lab gets a pcap of the firewall's interfaces, named in
+  failure messages and in the results.
+- ``@pytest.mark.clause("GEN-01")`` keys a test's result for the conformance matrix.
+- A test that needs root, namespaces or tools skips with the reason; with
+  ``PINHOLE_REQUIRE_E2E=1`` such a skip is a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from testbed.catalog import CLAUSES
+from testbed.topology import FAMILIES, VARIANTS
+
+REQUIRE_E2E = "PINHOLE_REQUIRE_E2E"
+E2E_TOOLS = ("ip", "iptables-restore", "ip6tables-restore", "conntrack", "tcpdump")
+
+@dataclass
+class Result:
+    """One row of the conformance results (the JSON report's ``results``)."""
+
+    clause: str
+    family: str | None
+    topology: str | None
+    mode: str | None
+    outcome: str  # passed, failed, skipped, not-implemented
+    duration_s: float
+    pcap: str | None
+    detail: str
+    nodeid: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"clause": self.clause, "family": self.family, "topology": self.topology,
+                "mode": self.mode, "outcome": self.outcome, "duration_s": round(self.duration_s, 3),
+                "pcap": self.pcap, "detail": self.detail}
+
+
+RESULTS = pytest.StashKey[list[Result]]()
+_ARTIFACTS = pytest.StashKey[Path]()
+
+
+def e2e_unavailable() -> str | None:
+    """Why end-to-end tests cannot run here, or None."""
+    if os.geteuid() != 0:
+        return "end-to-end tests need root (network namespaces, netfilter)"
+    missing = [t for t in E2E_TOOLS if shutil.which(t) is None]
+    if missing:
+        return f"missing tools: {', '.join(missing)} (run 'make setup')"
+    return None
+
+
+def require_e2e() -> None:
+    """Skip (or, under PINHOLE_REQUIRE_E2E=1, fail) when end-to-end tests cannot run."""
+    reason = e2e_unavailable()
+    if reason is not None:
+        pytest.skip(reason)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("pinhole")
+    group.addoption("--pinhole-topology", default=",".join(VARIANTS),
+                    help="comma-separated topology variants to run (routed,nat)")
+    group.addoption("--pinhole-family", default=",".join(FAMILIES),
+                    help="comma-separated address families to run (ipv4,ipv6)")
+    group.addoption("--pinhole-artifacts", default="artifacts",
+                    help="where pcaps and enforcer logs go (default: ./artifacts)")
+
+
+def _choices(config: pytest.Config, option: str, allowed: tuple[str, ...]) -> list[str]:
+    values = [v.strip() for v in str(config.getoption(option)).split(",") if v.strip()]
+    bad = [v for v in values if v not in allowed]
+    if bad or not values:
+        raise pytest.UsageError(f"--{option.replace('_', '-')}: {', '.join(bad) or 'nothing'} "
+                                f"is not one of {', '.join(allowed)}")
+    return values
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "clause(id): the SPEC.md clause this test checks")
+    config.addinivalue_line("markers", "e2e: needs root and network namespaces")
+    config.stash[RESULTS] = []
+    config.stash[_ARTIFACTS] = Path(config.getoption("pinhole_artifacts")).resolve()
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "variant" in metafunc.fixturenames:
+        metafunc.parametrize("variant", _choices(metafunc.config, "pinhole_topology", VARIANTS),
+                             scope="session")
+    if "family" in metafunc.fixturenames:
+        metafunc.parametrize("family", _choices(metafunc.config, "pinhole_family", FAMILIES))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        for mark in item.iter_markers("clause"):
+            if not mark.args or mark.args[0] not in CLAUSES:
+                raise pytest.UsageError(f"{item.nodeid}: clause marker {mark.args!r} "
+                                        "names no clause of SPEC.md's catalog")
+            # so that `-k GEN-01` selects the clause
+            item.extra_keyword_matches.add(mark.args[0])
+        if "lab" in getattr(item, "fixturenames", ()) or "e2e" in Path(str(item.path)).parts:
+            item.add_marker(pytest.mark.e2e)
+
+
+# --- the lab ------------------------------------------------------------------------------
+
+class Lab:
+    """A testbed of one variant with the enforcer in its firewall namespace."""
+
+    def __init__(self, variant: str, artifacts: Path) -> None:
+        from testbed.build import Testbed
+        from testbed.lab import EnforcerProcess
+        from testbed.topology import standard
+
+        self.variant = variant
+        self.tb = Testbed.up(standard(variant), tag="pytest")
+        self.topology = self.tb.topology
+        self.enforcer = EnforcerProcess(self.tb, artifacts / f"enforcer-{variant}-{self.tb.id}")
+
+    def close(self) -> None:
+        try:
+            if self.enforcer.running:
+                self.enforcer.stop()
+        finally:
+            self.tb.down()
+
+
+@pytest.fixture(scope="session")
+def lab(request: pytest.FixtureRequest, variant: str) -> Iterator[Lab]:
+    require_e2e()
+    built = Lab(variant, request.config.stash[_ARTIFACTS])
+    try:
+        yield built
+    finally:
+        built.close()
+
+
+class Net:
+    """The lab in one address family: addresses, agents and the enforcer's API."""
+
+    def __init__(self, lab: Lab, family: str) -> None:
+        self.lab = lab
+        self.family = family
+        self.topology = lab.topology
+        self.enforcer = lab.enforcer
+
+    @property
+    def nat(self) -> bool:
+        return self.lab.variant == "nat"
+
+    def addr(self, node: str, index: int = 0) -> str:
+        return self.topology.address(node, self.family, index)  # type: ignore[arg-type]
+
+    def fw_external(self, index: int = 0) -> str:
+        return self.topology.fw_external_addresses(self.family)[index]  # type: ignore[arg-type]
+
+    def iface(self, node: str) -> str:
+        return self.topology.iface_of(node)
+
+    def mac(self, node: str, iface: str | None = None) -> str:
+        path = f"/sys/class/net/{iface or self.iface(node)}/address"
+        return str(self.lab.tb.run(node, ["cat", path]).stdout.strip())
+
+    def agent(self, node: str) -> Any:
+        return self.lab.tb.agent(node)
+
+    def call(self, method: str, **params: Any) -> Any:
+        return self.enforcer.call(method, **params)
+
+    def source_seen_by_server(self, client: str) -> str:
+        """The address a server sees for a client's primary connection."""
+        return self.fw_external(0) if self.nat else self.addr(client)
+
+
+@pytest.fixture
+def net(lab: Lab, family: str) -> Net:
+    """The lab in one family, with the enforcer running in its default configuration."""
+    if lab.enforcer.running and lab.enforcer.fail_open:
+        lab.enforcer.stop()
+    if not lab.enforcer.running:
+        lab.enforcer.start()
+    return Net(lab, family)
+
+
+@pytest.fixture(autouse=True)
+def _pinhole_fw_pcap(request: pytest.FixtureRequest) -> Iterator[None]:
+    if "lab" not in request.fixturenames:
+        yield
+        return
+    from testbed.capture import FwCapture
+    from testbed.checks import set_current_pcap
+
+    the_lab: Lab = request.getfixturevalue("lab")
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", request.node.nodeid.split("::", 1)[-1])
+    path = request.config.stash[_ARTIFACTS] / "pcap" / f"{name}.pcap"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    request.node.user_properties.append(("pcap", str(path)))
+    with FwCapture(the_lab.tb.netns("fw"), path):
+        set_current_pcap(str(path))
+        try:
+            yield
+        finally:
+            set_current_pcap(None)
+
+
+# --- results ------------------------------------------------------------------------------
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    report = yield
+    if report.skipped and os.environ.get(REQUIRE_E2E) == "1" and \
+            item.get_closest_marker("e2e") is not None:
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = (f"end-to-end test skipped under {REQUIRE_E2E}=1, "
+                           f"which makes skips failures: {reason}")
+    _record(item, report)
+    return report
+
+
+def _record(item: pytest.Item, report: pytest.TestReport) -> None:
+    mark = item.get_closest_marker("clause")
+    if mark is None:
+        return
+    durations: dict[str, float] = item.stash.setdefault(_DURATIONS, {})
+    durations[report.when] = report.duration
+    outcome = item.stash.get(_OUTCOME, "passed")
+    if report.outcome == "failed" or (report.outcome == "skipped" and outcome == "passed"):
+        item.stash[_OUTCOME] = outcome = report.outcome
+        item.stash[_DETAIL] = _detail(report)
+    if report.when != "teardown":
+        return
+    params = getattr(item, "callspec", None)
+    p = params.params if params is not None else {}
+    pcap = dict(item.user_properties).get("pcap")
+    detail = item.stash.get(_DETAIL, "") if outcome != "passed" else \
+        (item.obj.__doc__ or "").strip().split("\n")[0] if hasattr(item, "obj") else ""
+    item.config.stash[RESULTS].append(Result(
+        clause=mark.args[0], family=p.get("family"), topology=p.get("variant"),
+        mode=p.get("mode"), outcome=outcome, duration_s=sum(durations.values()),
+        pcap=str(pcap) if pcap else None, detail=detail, nodeid=item.nodeid))
+
+
+_DURATIONS = pytest.StashKey[dict[str, float]]()
+_OUTCOME = pytest.StashKey[str]()
+_DETAIL = pytest.StashKey[str]()
+
+
+def _detail(report: pytest.TestReport) -> str:
+    longrepr = report.longrepr
+    if isinstance(longrepr, tuple):
+        return str(longrepr[2])
+    crash = getattr(longrepr, "reprcrash", None)
+    text = crash.message if crash is not None else str(longrepr)
+    return text[:4000]

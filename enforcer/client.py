@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import socket
+import time
 from typing import Any
 
 from enforcer.core.results import ERRORS, SessionApiError
@@ -25,13 +26,24 @@ class Client:
 
     def _connect(self) -> socket.socket:
         if self._sock is None:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            sock.settimeout(self.timeout)
-            try:
-                sock.connect(self.path)
-            except OSError as exc:
-                sock.close()
-                raise ControlError(f"cannot reach the enforcer at {self.path}: {exc.strerror}") from None
+            deadline = time.monotonic() + self.timeout
+            while True:
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                sock.settimeout(self.timeout)
+                try:
+                    sock.connect(self.path)
+                    break
+                except BlockingIOError:
+                    # a full listen backlog: the daemon is busy, not gone
+                    sock.close()
+                    if time.monotonic() > deadline:
+                        raise ControlError(f"the enforcer at {self.path} is not accepting "
+                                           "connections") from None
+                    time.sleep(0.01)
+                except OSError as exc:
+                    sock.close()
+                    raise ControlError(f"cannot reach the enforcer at {self.path}: "
+                                       f"{exc.strerror}") from None
             self._sock = sock
         return self._sock
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from enforcer.core.policy import KeyPath, Policy, PolicyInvalid, Reader, policy_from_dict
 
 DEFAULT_SOCKET = "/run/pinhole/enforcer.sock"
+MAX_SOCKET_PATH = 107  # sun_path holds 108 bytes with the terminating NUL
 
 
 class ConfigError(Exception):
@@ -80,6 +81,8 @@ def parse(text: str, path: Path | str = "<config>") -> Config:
         control = root.table("control")
         control.check_keys({"socket"})
         socket_path = control.get("socket", str, DEFAULT_SOCKET)
+        if len(socket_path.encode()) > MAX_SOCKET_PATH:
+            raise control.fail("socket", f"a UNIX socket path has at most {MAX_SOCKET_PATH} bytes")
     except PolicyInvalid as exc:
         raise ConfigError(path, locate(text, exc.path), str(exc)) from None
     return Config(policy, network, dataplane, socket_path)

@@ -28,35 +28,28 @@ class ControlServer:
         self.handlers = handlers
         self.selector = selector
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self.path.is_socket():
-            self._refuse_if_live()
-            self.path.unlink()
+        refuse_if_served(self.path)
+        self.path.unlink(missing_ok=True)
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old = os.umask(0o177)  # the socket is created 0600: root only
         try:
             self.sock.bind(str(self.path))
         finally:
             os.umask(old)
-        self.sock.listen(16)
+        self.sock.listen(128)
         self.sock.setblocking(False)
         self._buffers: dict[socket.socket, bytearray] = {}
         selector.register(self.sock, selectors.EVENT_READ, self._accept)
 
-    def _refuse_if_live(self) -> None:
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(str(self.path))
-        except OSError:
-            return  # a stale socket file from a run that died
-        finally:
-            probe.close()
-        raise RuntimeError(f"another enforcer is serving {self.path}")
-
     def _accept(self) -> None:
-        try:
-            conn, _ = self.sock.accept()
-        except BlockingIOError:
-            return
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except BlockingIOError:
+                return
+            self._admit(conn)
+
+    def _admit(self, conn: socket.socket) -> None:
         creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
         _pid, uid, _gid = struct.unpack("3i", creds)
         if uid != 0:
@@ -139,6 +132,24 @@ class ControlServer:
         self.selector.unregister(self.sock)
         self.sock.close()
         self.path.unlink(missing_ok=True)
+
+
+def refuse_if_served(path: Path) -> None:
+    """Raise if a live daemon answers on ``path`` (a leftover socket file is fine)."""
+    if not path.is_socket():
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except OSError:
+        return
+    finally:
+        probe.close()
+    raise AlreadyRunning(f"another enforcer is serving {path}")
+
+
+class AlreadyRunning(Exception):
+    pass
 
 
 def _error(rid: Any, exc: SessionApiError) -> dict[str, Any]:

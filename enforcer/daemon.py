@@ -16,11 +16,12 @@ import signal
 import socket
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from enforcer import dataplane
 from enforcer.config import Config
-from enforcer.control import ControlServer
+from enforcer.control import AlreadyRunning, ControlServer, refuse_if_served
 from enforcer.core.engine import Engine, Verdict
 from enforcer.core.packet import Ingress, Malformed, parse
 from enforcer.core.results import InvalidArgument
@@ -124,9 +125,11 @@ class Daemon:
     def run(self) -> None:
         from netfilterqueue import NetfilterQueue
 
-        stale = dataplane.remove()
-        if stale:
-            log.warning("removed stale state of an earlier run: %s", "; ".join(stale))
+        # Refuse to start beside a live enforcer before touching anything of its.
+        try:
+            refuse_if_served(Path(self.config.control_socket))
+        except AlreadyRunning as exc:
+            raise StartupError(str(exc)) from None
         nfq = NetfilterQueue()
         try:
             nfq.bind(self.config.dataplane.queue, self.on_packet, max_len=8192)
@@ -136,6 +139,9 @@ class Daemon:
         wake_r, wake_w = socket.socketpair()
         control: ControlServer | None = None
         try:
+            stale = dataplane.remove()
+            if stale:
+                log.warning("removed stale state of an earlier run: %s", "; ".join(stale))
             dataplane.install(self.config.dataplane, self.interfaces, self.config.network.nat)
             wake_w.setblocking(False)
             signal.set_wakeup_fd(wake_w.fileno())
@@ -144,7 +150,11 @@ class Daemon:
             queue_fd = socket.socket(fileno=os.dup(nfq.get_fd()))
             self.selector.register(queue_fd, selectors.EVENT_READ, lambda: nfq.run(block=False))
             self.selector.register(wake_r, selectors.EVENT_READ, lambda: wake_r.recv(512))
-            control = ControlServer(self.config.control_socket, self.handlers(), self.selector)
+            try:
+                control = ControlServer(self.config.control_socket, self.handlers(), self.selector)
+            except OSError as exc:
+                raise StartupError(f"cannot serve the control socket {self.config.control_socket}: "
+                                   f"{exc.strerror or exc}") from None
             log.info("enforcing: queue %d, %s, control socket %s", self.config.dataplane.queue,
                      "fail-open" if self.config.dataplane.fail_open else "fail-closed",
                      self.config.control_socket)

@@ -35,8 +35,10 @@ def _enforcer(args: argparse.Namespace) -> int:
 
     require_root("pinhole enforcer")
     require_tools()
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+    logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s pinhole-enforcer %(levelname)s %(message)s")
+    if args.verbose:
+        logging.getLogger("pinhole").setLevel(logging.DEBUG)
     config = config_mod.load(args.config)
     if args.socket:
         from dataclasses import replace
@@ -44,7 +46,7 @@ def _enforcer(args: argparse.Namespace) -> int:
     if args.netns:
         from pyroute2 import netns as pyroute2_netns
         try:
-            pyroute2_netns.setns(args.netns)
+            pyroute2_netns.setns(args.netns, flags=0)  # never create one
         except OSError as exc:
             raise UsageError(f"cannot enter network namespace '{args.netns}': {exc.strerror}") from None
     Daemon(config).run()
@@ -112,7 +114,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -71,6 +71,9 @@ def lab_config(tb: Testbed, *, socket: Path, fail_open: bool = False, queue: int
     return "\n".join(out) + "\n"
 
 
+SOCKET_DIR = Path("/run/pinhole")
+
+
 class EnforcerProcess:
     """``pinhole enforcer`` running in the testbed's firewall namespace."""
 
@@ -78,7 +81,9 @@ class EnforcerProcess:
         self.tb = tb
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
-        self.socket = workdir / "enforcer.sock"
+        SOCKET_DIR.mkdir(parents=True, exist_ok=True)
+        # Not under workdir: a UNIX socket path must stay within 107 bytes.
+        self.socket = SOCKET_DIR / f"enforcer-{tb.id}.sock"
         self.config_path = workdir / "enforcer.toml"
         self.log_path = workdir / "enforcer.log"
         self.proc: subprocess.Popen[Any] | None = None
@@ -96,7 +101,7 @@ class EnforcerProcess:
         self.config_path.write_text(lab_config(self.tb, socket=self.socket, fail_open=fail_open))
         with self.log_path.open("a") as log:
             self.proc = self.tb.popen(
-                "fw", [sys.executable, "-m", "testbed.cli", "enforcer", "--verbose",
+                "fw", [sys.executable, "-m", "testbed", "enforcer", "--verbose",
                        "--config", str(self.config_path)],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout

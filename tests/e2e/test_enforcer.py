@@ -1,0 +1,199 @@
+"""The enforcer daemon end to end: kernel state on exit and restart, the control socket, start-up errors."""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from enforcer.client import Client, ControlError
+from enforcer.protocol import MAX_REQUEST
+from testbed.build import Testbed
+from testbed.lab import EnforcerProcess
+from testbed.plugin import require_e2e
+from testbed.topology import standard
+
+
+@pytest.fixture(scope="module")
+def tb() -> Iterator[Testbed]:
+    require_e2e()
+    with Testbed.up(standard("routed"), tag="test-enforcer") as built:
+        yield built
+
+
+@pytest.fixture
+def enforcer(tb: Testbed, tmp_path: Path) -> Iterator[EnforcerProcess]:
+    proc = EnforcerProcess(tb, tmp_path)
+    proc.start()
+    yield proc
+    if proc.running:
+        proc.stop()
+
+
+def kernel_state(tb: Testbed) -> str:
+    """Everything of ours in the fw's netfilter tables and conntrack."""
+    out = ""
+    for tool in ("iptables-save", "ip6tables-save"):
+        out += "".join(line + "\n" for line in tb.run("fw", [tool]).stdout.splitlines()
+                       if "PINHOLE" in line)
+    for family in ("ipv4", "ipv6"):
+        marked = tb.run("fw", ["conntrack", "-L", "-f", family, "--mark", "0x10000000/0x30000000"],
+                        check=False).stdout
+        out += marked
+    return out
+
+
+def admit_a_primary(tb: Testbed) -> None:
+    s1 = tb.agent("s1")
+    with s1.tcp_server("198.51.100.21", 21):
+        result = tb.agent("c1").tcp_connect("198.51.100.21", 21, send_bytes=1000)
+    assert result["connected"], result
+
+
+def test_clean_exit_removes_all_kernel_state(tb: Testbed, enforcer: EnforcerProcess) -> None:
+    admit_a_primary(tb)
+    assert "PINHOLE-FORWARD" in kernel_state(tb)
+    assert "198.51.100.21" in kernel_state(tb), "the admitted flow should carry our connmark"
+    assert enforcer.stop() == 0, enforcer.log_tail()
+    assert kernel_state(tb) == ""
+    assert not enforcer.socket.exists()
+
+
+def test_restart_after_sigkill_removes_stale_state(tb: Testbed, enforcer: EnforcerProcess) -> None:
+    admit_a_primary(tb)
+    enforcer.kill()
+    stale = kernel_state(tb)
+    assert "PINHOLE-FORWARD" in stale and "198.51.100.21" in stale
+    enforcer.start()
+    assert "removed stale state" in enforcer.log_tail()
+    # one set of rules, and the offloaded flow of the dead run is forgotten
+    state = kernel_state(tb)
+    assert state.count("-A FORWARD -j PINHOLE-FORWARD") == 2, state  # one per family
+    assert "198.51.100.21" not in state
+
+
+def test_control_socket_is_root_only(enforcer: EnforcerProcess) -> None:
+    mode = enforcer.socket.stat().st_mode
+    assert stat.S_ISSOCK(mode) and stat.S_IMODE(mode) == 0o600
+    child = subprocess.run(
+        [sys.executable, "-c",
+         "import os, socket, sys\n"
+         "os.setgid(65534); os.setuid(65534)\n"
+         "s = socket.socket(socket.AF_UNIX)\n"
+         "try:\n    s.connect(sys.argv[1])\nexcept PermissionError:\n    sys.exit(13)\n",
+         str(enforcer.socket)], check=False)
+    assert child.returncode == 13, "a non-root user could connect to the control socket"
+
+
+BAD_REQUESTS = [
+    (b"this is not json\n", "not valid JSON"),
+    (b'{"id": 1, "meth\n', "not valid JSON"),
+    (b"\xff\xfe\n", "not valid JSON"),
+    (b"[1, 2, 3]\n", "must be a JSON object"),
+    (b'{"id": 2, "method": 5}\n', "string 'method'"),
+    (b'{"id": 3, "method": "status", "params": [1]}\n', "'params' must be a JSON object"),
+    (b'{"id": 4, "method": "no_such_method"}\n', "unknown method 'no_such_method'"),
+    (b'{"id": 5, "method": "flows", "params": {"limit": "many"}}\n', "'limit' must be"),
+    (b'{"id": 6, "method": "flows", "params": {"limit": 1e9}}\n', "'limit' must be"),
+    (b'{"id": 7, "method": "ping", "params": {"x": 1}}\n', "unexpected parameters: x"),
+]
+
+
+@pytest.mark.parametrize(("request_bytes", "expected"), BAD_REQUESTS,
+                         ids=[e for _, e in BAD_REQUESTS])
+def test_bad_request_gets_an_error_reply_and_the_daemon_keeps_serving(
+        enforcer: EnforcerProcess, request_bytes: bytes, expected: str) -> None:
+    with enforcer.client() as c:
+        reply = c.raw(request_bytes)
+        assert reply["error"]["name"] == "E_INVALIDARG"
+        assert reply["error"]["hresult"] == "0x80070057"
+        assert expected in reply["error"]["message"], reply
+        # the same connection still answers
+        assert c.call("ping") == {"pong": True}
+    assert enforcer.running
+
+
+def test_oversized_request_is_refused_and_the_daemon_keeps_serving(enforcer: EnforcerProcess) -> None:
+    with enforcer.client() as c:
+        reply = c.raw(b'{"id": 1, "method": "ping", "pad": "' + b"x" * (MAX_REQUEST + 10))
+        assert "request too large" in reply["error"]["message"]
+        with pytest.raises(ControlError):
+            c.call("ping")  # that connection was closed: the rest of the line is unreadable
+    with enforcer.client() as c:
+        assert c.call("ping") == {"pong": True}
+    # many connections that vanish mid-request do no harm either
+    for _ in range(50):
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(str(enforcer.socket))
+        s.sendall(b'{"id": 1, "method": "st')
+        s.close()
+    assert enforcer.call("status")["pid"] > 0
+
+
+def test_status_sessions_and_flows_report_admissions(tb: Testbed, enforcer: EnforcerProcess) -> None:
+    admit_a_primary(tb)
+    status = enforcer.call("status")
+    assert status["counters"]["admit-kernel"] >= 1 and status["sessions"] == 1
+    assert status["fail_open"] is False
+    (session,) = enforcer.call("sessions")
+    assert session["client"] == "192.0.2.11" and session["kind"] == "securenat"
+    (flow,) = enforcer.call("flows")
+    assert flow["protocol"] == "FTP" and flow["mode"] == "kernel" and flow["session"] == session["id"]
+
+
+def run_enforcer_cli(tb: Testbed, config: Path) -> subprocess.CompletedProcess[str]:
+    return tb.run("fw", [sys.executable, "-m", "testbed", "enforcer", "--config", str(config)],
+                  check=False, timeout=30)
+
+
+def test_bad_policy_file_fails_with_file_line_and_reason(tb: Testbed, tmp_path: Path) -> None:
+    config = tmp_path / "bad.toml"
+    config.write_text('[network]\ninternal_interfaces = ["int0"]\nexternal_interfaces = ["ext0"]\n\n'
+                      '[[protocol]]\nname = "FTP"\nguid = "not-a-guid"\nip_protocol = "tcp"\nports = [21]\n')
+    result = run_enforcer_cli(tb, config)
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"pinhole: {config}:7: protocol[0].guid: not a GUID like " \
+        "'xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx'", result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_interface_fails_clearly_and_leaves_nothing(tb: Testbed, tmp_path: Path) -> None:
+    config = tmp_path / "noiface.toml"
+    config.write_text('[network]\ninternal_interfaces = ["nope0"]\nexternal_interfaces = ["ext0"]\n')
+    result = run_enforcer_cli(tb, config)
+    assert result.returncode == 2
+    assert "interface 'nope0' (network.internal_interfaces) does not exist" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert kernel_state(tb) == ""
+
+
+def test_second_enforcer_on_the_same_socket_is_refused(tb: Testbed, enforcer: EnforcerProcess,
+                                                       tmp_path: Path) -> None:
+    config = tmp_path / "second.toml"
+    config.write_text(enforcer.config_path.read_text())
+    result = run_enforcer_cli(tb, config)
+    assert result.returncode == 2, result.stderr
+    assert "NFQUEUE 0" in result.stderr or "another enforcer" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+    # and the first one is unharmed
+    assert enforcer.call("ping") == {"pong": True}
+    with Client(str(enforcer.socket)) as c:
+        assert "PINHOLE-FORWARD" in kernel_state(tb) and c.call("status")["pid"] > 0
+
+
+def test_enforcer_needs_a_namespace_that_exists(tmp_path: Path) -> None:
+    require_e2e()
+    config = tmp_path / "c.toml"
+    config.write_text('[network]\ninternal_interfaces = ["int0"]\nexternal_interfaces = ["ext0"]\n')
+    result = subprocess.run([sys.executable, "-m", "testbed", "enforcer", "--config", str(config),
+                             "--netns", "ph-no-such-namespace"], capture_output=True, text=True,
+                            check=False, timeout=30)
+    assert result.returncode == 2
+    assert "cannot enter network namespace 'ph-no-such-namespace'" in result.stderr
+    assert os.path.exists("/proc/self/ns/net")

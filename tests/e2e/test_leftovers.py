@@ -1,0 +1,120 @@
+"""The runner end to end: its JSON report, and nothing left behind, even after a crash."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from testbed.catalog import CLAUSES
+from testbed.ledger import NS_PREFIX, all_ledgers, list_namespaces
+from testbed.plugin import require_e2e
+
+OURS = ("testbed.agent", "-m testbed enforcer", "tcpdump")
+
+
+def our_processes() -> set[tuple[int, str]]:
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if any(marker in cmdline for marker in OURS):
+            found.add((int(entry.name), cmdline.strip()))
+    return found
+
+
+def snapshot() -> dict[str, set[object]]:
+    return {
+        "namespaces": {n for n in list_namespaces() if n.startswith(NS_PREFIX)},
+        "ledgers": {led.id for led in all_ledgers()},
+        "processes": set(our_processes()),
+    }
+
+
+def root_rules() -> str:
+    return "".join(subprocess.run([tool], capture_output=True, text=True, check=True).stdout
+                   for tool in ("iptables-save", "ip6tables-save"))
+
+
+def pinhole(*args: str) -> list[str]:
+    return [sys.executable, "-m", "testbed", *args]
+
+
+def test_conformance_json_covers_the_catalog_and_leaves_nothing_behind(tmp_path: Path) -> None:
+    require_e2e()
+    before = snapshot()
+    report = tmp_path / "report.json"
+    junit = tmp_path / "report.xml"
+    run = subprocess.run(
+        pinhole("conformance", "-k", "GEN-01 or AFC", "--family", "ipv4", "--json", str(report),
+                "--junit", str(junit), "--artifacts", str(tmp_path / "artifacts")),
+        capture_output=True, text=True, timeout=600, check=False)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "GEN-01" in run.stdout and "clauses: 1 passed" in run.stdout, run.stdout[-2000:]
+
+    data = json.loads(report.read_text())
+    rows = data["results"]
+    for row in rows:
+        assert set(row) >= {"clause", "family", "mode", "outcome", "duration_s", "pcap", "detail"}
+        assert row["outcome"] in ("passed", "failed", "skipped", "not-implemented")
+    gen01 = [r for r in rows if r["clause"] == "GEN-01"]
+    assert {(r["topology"], r["family"]) for r in gen01} == {("routed", "ipv4"), ("nat", "ipv4")}
+    assert all(r["outcome"] == "passed" and Path(r["pcap"]).stat().st_size > 0 for r in gen01)
+    afc = {r["clause"] for r in rows if r["clause"].startswith("AFC")}
+    assert afc == {c for c in CLAUSES if c.startswith("AFC")}
+    assert all(r["outcome"] == "not-implemented" for r in rows if r["clause"].startswith("AFC"))
+    assert data["summary"]["ok"] is True and data["summary"]["checks"]["failed"] == 0
+    assert "<testsuite" in junit.read_text()
+
+    after = snapshot()
+    assert after == before, f"left behind: { {k: after[k] - before[k] for k in after} }"
+    assert "PINHOLE" not in root_rules()
+
+
+def test_a_crashed_run_is_swept_away(tmp_path: Path) -> None:
+    require_e2e()
+    before = snapshot()
+    runner = subprocess.Popen(
+        pinhole("conformance", "-k", "GEN-03", "--family", "ipv4", "--topology", "routed",
+                "--artifacts", str(tmp_path)),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not any("-m testbed enforcer" in cmd for _, cmd in our_processes() - before["processes"]):
+            assert runner.poll() is None, "the runner ended before its enforcer started"
+            assert time.monotonic() < deadline, "the runner's enforcer never started"
+            time.sleep(0.1)
+    finally:
+        # only the runner dies: its enforcer, agents and namespaces are orphaned
+        os.kill(runner.pid, signal.SIGKILL)
+        runner.wait()
+    orphaned = snapshot()
+    assert orphaned["namespaces"] - before["namespaces"], "the crash left nothing to sweep?"
+
+    swept = subprocess.run(pinhole("testbed", "sweep"), capture_output=True, text=True, timeout=60,
+                           check=False)
+    assert swept.returncode == 0, swept.stderr
+    deadline = time.monotonic() + 10
+    while snapshot() != before and time.monotonic() < deadline:
+        time.sleep(0.1)  # processes killed by the sweep are reaped by init
+    after = snapshot()
+    assert after == before, f"the sweep left: { {k: after[k] - before[k] for k in after} }"
+
+
+@pytest.mark.parametrize("args", [["--family", "ipv5"], ["--topology", "mesh"], ["-k", "GEN-01 and ("]])
+def test_conformance_rejects_bad_arguments_in_one_line(args: list[str]) -> None:
+    require_e2e()
+    result = subprocess.run(pinhole("conformance", *args), capture_output=True, text=True,
+                            timeout=60, check=False)
+    assert result.returncode == 2
+    assert result.stderr.startswith("pinhole: ") and result.stderr.count("\n") == 1, result.stderr

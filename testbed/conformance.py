@@ -109,7 +109,9 @@ def matrix(results: list[Result], families: list[str], topologies: list[str]) ->
     heads = [f"{t}/{f}" for t, f in columns]
     width = max(len(h) for h in heads)
     lines = [f"{'clause':<12}{'mode':<8}" + " ".join(h.ljust(width) for h in heads)]
-    for (clause, mode), row in cells.items():
+    order = list(CLAUSES)
+    for (clause, mode), row in sorted(cells.items(), key=lambda kv: (order.index(kv[0][0]),
+                                                                   kv[0][1] != "-", kv[0][1])):
         marks = [SYMBOLS[_merge(row[c])] if c in row else "-" for c in columns]
         lines.append(f"{clause:<12}{mode:<8}" + " ".join(m.ljust(width) for m in marks))
     return "\n".join(lines)

@@ -1,0 +1,54 @@
+"""The pinhole command's handling of users' mistakes: one line, exit 2, never a traceback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from testbed import cli
+
+
+def test_enforcer_without_root_says_what_to_do(monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr(cli.os, "geteuid", lambda: 1000)
+    assert cli.main(["enforcer", "--config", "/nonexistent.toml"]) == 2
+    err = capsys.readouterr().err
+    assert err == ("pinhole: pinhole enforcer needs root (network namespaces and netfilter): "
+                   "run it with sudo\n")
+
+
+def test_conformance_without_root_says_what_to_do(monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr(cli.os, "geteuid", lambda: 1000)
+    assert cli.main(["conformance"]) == 2
+    assert "needs root" in capsys.readouterr().err
+
+
+def test_missing_tools_are_named(monkeypatch: pytest.MonkeyPatch,
+                                 capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr(cli.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(cli.shutil, "which", lambda tool: None if tool == "conntrack" else "/bin/x")
+    assert cli.main(["enforcer", "--config", "/nonexistent.toml"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pinhole: missing tools: conntrack (run 'make setup'")
+
+
+def test_unreadable_config_is_one_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr(cli.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(cli.shutil, "which", lambda tool: "/bin/x")
+    missing = tmp_path / "nope.toml"
+    assert cli.main(["enforcer", "--config", str(missing)]) == 2
+    assert capsys.readouterr().err == f"pinhole: {missing}: cannot read: No such file or directory\n"
+
+
+def test_ctl_rejects_a_parameter_that_is_not_key_value(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["ctl", "flows", "limit"]) == 2
+    assert capsys.readouterr().err == "pinhole: parameter 'limit' is not KEY=VALUE\n"
+
+
+def test_ctl_without_an_enforcer_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["ctl", "status", "--socket", str(tmp_path / "none.sock")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pinhole: cannot reach the enforcer at") and err.count("\n") == 1

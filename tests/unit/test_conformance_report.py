@@ -1,0 +1,60 @@
+"""The conformance report: every catalog clause appears, never passed unless a check passed."""
+
+from __future__ import annotations
+
+import pytest
+
+from testbed.catalog import CLAUSES
+from testbed.conformance import complete, matrix, selected_clauses, summary
+from testbed.plugin import Result
+
+
+def result(clause: str, outcome: str, family: str = "ipv4", topology: str = "routed",
+           mode: str | None = None) -> Result:
+    return Result(clause, family, topology, mode, outcome, 0.5, None, "")
+
+
+def test_unchecked_clauses_are_not_implemented_per_family() -> None:
+    rows = complete([result("GEN-01", "passed")], list(CLAUSES), ["ipv4", "ipv6"])
+    assert {r.clause for r in rows} == set(CLAUSES)
+    afc = [r for r in rows if r.clause == "AFC-01"]
+    assert [(r.family, r.outcome) for r in afc] == [("ipv4", "not-implemented"),
+                                                     ("ipv6", "not-implemented")]
+    assert [r.clause for r in rows][:1] == ["GEN-01"]  # catalog order
+
+
+def test_summary_counts_clauses_by_their_worst_outcome() -> None:
+    rows = complete([result("GEN-01", "passed"), result("GEN-01", "failed", family="ipv6"),
+                     result("GEN-02", "passed"), result("GEN-03", "skipped")],
+                    ["GEN-01", "GEN-02", "GEN-03", "AFC-01"], ["ipv4"])
+    s = summary(rows)
+    assert s["clauses"] == {"passed": 1, "failed": 1, "skipped": 1, "not-implemented": 1}
+    assert s["checks"]["failed"] == 1 and s["ok"] is False
+    assert summary(complete([result("GEN-01", "passed")], ["GEN-01"], ["ipv4"]))["ok"] is True
+
+
+def test_matrix_has_a_row_per_clause_and_mode_and_a_column_per_topology_and_family() -> None:
+    rows = complete([result("GEN-02", "passed"), result("GEN-02", "passed", mode="kernel"),
+                     result("GEN-02", "failed", topology="nat", mode="kernel")],
+                    ["GEN-02", "AFC-01"], ["ipv4"])
+    text = matrix(rows, ["ipv4"], ["routed", "nat"]).splitlines()
+    assert text[0].split() == ["clause", "mode", "routed/ipv4", "nat/ipv4"]
+    assert text[1].split() == ["GEN-02", "-", "pass", "-"]
+    assert text[2].split() == ["GEN-02", "kernel", "pass", "FAIL"]
+    assert text[3].split() == ["AFC-01", "-", "n/i", "n/i"]
+
+
+@pytest.mark.parametrize(("expr", "expected"), [
+    (None, list(CLAUSES)),
+    ("GEN-01", ["GEN-01"]),
+    ("GEN-01 or RDC-10", ["GEN-01", "RDC-10"]),
+    ("APP and not APP-FTP", ["APP-TFTP-01"]),
+])
+def test_k_selects_clauses_by_id(expr: str | None, expected: list[str]) -> None:
+    assert selected_clauses(expr) == expected
+
+
+def test_json_rows_have_the_documented_keys() -> None:
+    row = result("GEN-01", "passed").to_dict()
+    assert set(row) == {"clause", "family", "topology", "mode", "outcome", "duration_s", "pcap",
+                        "detail"}

@@ -13,6 +13,7 @@ from pathlib import Path
 from enforcer.core.policy import KeyPath, Policy, PolicyInvalid, Reader, policy_from_dict
 
 DEFAULT_SOCKET = "/run/pinhole/enforcer.sock"
+BACKENDS = ("auto", "iptables", "nft")
 MAX_SOCKET_PATH = 107  # sun_path holds 108 bytes with the terminating NUL
 
 
@@ -33,6 +34,7 @@ class NetworkSettings:
 class DataplaneSettings:
     queue: int = 0
     fail_open: bool = False
+    backend: str = "auto"  # "iptables", "nft", or "auto": nft where the kernel has its queue
 
 
 @dataclass(frozen=True)
@@ -73,11 +75,14 @@ def parse(text: str, path: Path | str = "<config>") -> Config:
             raise net.fail("external_interfaces", "an interface cannot be both internal and external")
         network = NetworkSettings(internal, external, net.get("nat", bool, False))
         dp = root.table("dataplane")
-        dp.check_keys({"queue", "fail_open"})
+        dp.check_keys({"queue", "fail_open", "backend"})
         queue = dp.get("queue", int, 0)
         if not 0 <= queue <= 65535:
             raise dp.fail("queue", "must be a queue number 0-65535")
-        dataplane = DataplaneSettings(queue, dp.get("fail_open", bool, False))
+        backend = dp.get("backend", str, "auto")
+        if backend not in BACKENDS:
+            raise dp.fail("backend", f"must be one of {', '.join(BACKENDS)}, not '{backend}'")
+        dataplane = DataplaneSettings(queue, dp.get("fail_open", bool, False), backend)
         control = root.table("control")
         control.check_keys({"socket"})
         socket_path = control.get("socket", str, DEFAULT_SOCKET)

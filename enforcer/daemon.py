@@ -69,6 +69,7 @@ class Daemon:
         self.engine = Engine(config.policy, self.interfaces.internal_networks)
         self._ingress = {i: Ingress.INTERNAL for i in self.interfaces.internal.values()}
         self._stop = False
+        self.backend = "none"
 
     # --- the packet path ------------------------------------------------------------
     def on_packet(self, pkt: Any) -> None:
@@ -111,6 +112,7 @@ class Daemon:
         return {
             "pid": os.getpid(),
             "uptime_s": round(self.clock() - self.started, 3),
+            "backend": self.backend,
             "queue": self.config.dataplane.queue,
             "fail_open": self.config.dataplane.fail_open,
             "nat": self.config.network.nat,
@@ -142,7 +144,9 @@ class Daemon:
             stale = dataplane.remove()
             if stale:
                 log.warning("removed stale state of an earlier run: %s", "; ".join(stale))
-            dataplane.install(self.config.dataplane, self.interfaces, self.config.network.nat)
+            self.backend = dataplane.choose_backend(self.config.dataplane)
+            dataplane.install(self.backend, self.config.dataplane, self.interfaces,
+                              self.config.network.nat)
             wake_w.setblocking(False)
             signal.set_wakeup_fd(wake_w.fileno())
             for sig in (signal.SIGTERM, signal.SIGINT):
@@ -155,7 +159,8 @@ class Daemon:
             except OSError as exc:
                 raise StartupError(f"cannot serve the control socket {self.config.control_socket}: "
                                    f"{exc.strerror or exc}") from None
-            log.info("enforcing: queue %d, %s, control socket %s", self.config.dataplane.queue,
+            log.info("enforcing with %s: queue %d, %s, control socket %s", self.backend,
+                     self.config.dataplane.queue,
                      "fail-open" if self.config.dataplane.fail_open else "fail-closed",
                      self.config.control_socket)
             while not self._stop:

@@ -1,9 +1,11 @@
 """Kernel state: the netfilter rules that send new flows to the queue, and their removal.
 
-Every rule lives in chains named ``PINHOLE-*`` and the only marks used are the
-bits of ``MARK_MASK``, so that removing stale state on start or exit never
-touches anything else. iptables/ip6tables (the nf_tables backend) carry the
-NFQUEUE target; the kernels these run on lack nft's native ``queue``.
+Two backends render the same rules. Native nft (one ``inet pinhole`` table) is
+used where the kernel has nft's ``queue`` statement; where it lacks it
+(CONFIG_NFT_QUEUE off, as on the machines this was built on), iptables and
+ip6tables carry the NFQUEUE target, in chains named ``PINHOLE-*``. Either way
+the only marks used are the bits of ``MARK_MASK``, so removing stale state on
+start or exit never touches anything else.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from enforcer.core.packet import IPAddress
 from enforcer.core.policy import IPNetwork
 
 CHAIN_PREFIX = "PINHOLE-"
+NFT_TABLE = "pinhole"
 # Connmark bits: a flow admitted in kernel mode carries MARK_KERNEL.
 MARK_MASK = 0x30000000
 MARK_KERNEL = 0x10000000
@@ -86,6 +89,58 @@ def render_rules(family: str, settings: DataplaneSettings, interfaces: Interface
     return "\n".join(lines) + "\n"
 
 
+def render_nft(settings: DataplaneSettings, interfaces: Interfaces, nat: bool) -> str:
+    """The same rules as render_rules, as one nft table for both families (pure)."""
+    mark = f"0x{MARK_MASK:08x} == 0x{MARK_KERNEL:08x}"
+    queue = f"queue num {settings.queue}" + (" bypass" if settings.fail_open else "")
+    lines = [
+        f"table inet {NFT_TABLE} {{",
+        "  chain filter_forward {",
+        "    type filter hook forward priority filter; policy accept;",
+        f"    ct mark and {mark} accept",
+        f"    ct state new {queue}",
+        f"    {queue}" if settings.fail_open else "    drop",
+        "  }",
+        "  chain save_mark {",
+        "    type filter hook postrouting priority mangle; policy accept;",
+        f"    meta mark and {mark} ct mark set ct mark and 0x{~MARK_MASK & 0xFFFFFFFF:08x} "
+        f"or 0x{MARK_KERNEL:08x}",
+        "  }",
+    ]
+    if nat:
+        lines += ["  chain source_nat {", "    type nat hook postrouting priority srcnat; policy accept;"]
+        for net in interfaces.internal_networks:
+            family = "ip" if net.version == 4 else "ip6"
+            snat = interfaces.external_address("ipv4" if net.version == 4 else "ipv6")
+            if snat is None:
+                continue
+            for ext in interfaces.external:
+                lines.append(f'    {family} saddr {net} oifname "{ext}" snat {family} to {snat}')
+        lines.append("  }")
+    return "\n".join([*lines, "}"]) + "\n"
+
+
+def nft_queue_supported() -> bool:
+    """Whether this kernel has nft's queue statement (checked, not applied, with nft -c)."""
+    probe = (f"table inet {NFT_TABLE}_probe {{\n chain c {{\n"
+             "  type filter hook forward priority filter;\n  queue num 0\n }\n}\n")
+    try:
+        return subprocess.run(["nft", "-c", "-f", "-"], input=probe, capture_output=True,
+                              text=True, timeout=30, check=False).returncode == 0
+    except FileNotFoundError:
+        return False
+
+
+def choose_backend(settings: DataplaneSettings) -> str:
+    if settings.backend == "iptables":
+        return "iptables"
+    supported = nft_queue_supported()
+    if settings.backend == "nft" and not supported:
+        raise DataplaneError("this kernel lacks nft's queue statement (CONFIG_NFT_QUEUE); "
+                             'set dataplane.backend = "iptables" or "auto"')
+    return "nft" if supported else "iptables"
+
+
 def _run(argv: Sequence[str], *, input: str | None = None, check: bool = True) -> str:
     try:
         proc = subprocess.run(argv, input=input, capture_output=True, text=True, timeout=30)
@@ -96,7 +151,10 @@ def _run(argv: Sequence[str], *, input: str | None = None, check: bool = True) -
     return proc.stdout
 
 
-def install(settings: DataplaneSettings, interfaces: Interfaces, nat: bool) -> None:
+def install(backend: str, settings: DataplaneSettings, interfaces: Interfaces, nat: bool) -> None:
+    if backend == "nft":
+        _run(["nft", "-f", "-"], input=render_nft(settings, interfaces, nat))
+        return
     for family, tool in FAMILIES.items():
         _run([f"{tool}-restore", "--noflush"],
              input=render_rules(family, settings, interfaces, nat))
@@ -111,6 +169,10 @@ def remove() -> list[str]:
     for tool in FAMILIES.values():
         for table in TABLES:
             removed += _remove_table(tool, table)
+    nft = subprocess.run(["nft", "delete", "table", "inet", NFT_TABLE], capture_output=True,
+                         text=True, timeout=30, check=False)
+    if nft.returncode == 0:
+        removed.append(f"nft table inet {NFT_TABLE}")
     for family in ("ipv4", "ipv6"):
         out = subprocess.run(
             ["conntrack", "-D", "-f", family, "--mark", f"0x{MARK_KERNEL:x}/0x{MARK_MASK:x}"],

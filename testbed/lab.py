@@ -34,7 +34,8 @@ def _toml_list(items: list[str]) -> str:
     return "[" + ", ".join(f'"{i}"' for i in items) + "]"
 
 
-def lab_config(tb: Testbed, *, socket: Path, fail_open: bool = False, queue: int = 0) -> str:
+def lab_config(tb: Testbed, *, socket: Path, fail_open: bool = False, queue: int = 0,
+               backend: str = "auto") -> str:
     """The enforcer config for a testbed: its interfaces, NAT per variant, the lab policy."""
     topo = tb.topology
     internal = [topo.internal_network(f) for f in FAMILIES]
@@ -48,6 +49,7 @@ def lab_config(tb: Testbed, *, socket: Path, fail_open: bool = False, queue: int
         "[dataplane]",
         f"queue = {queue}",
         f"fail_open = {'true' if fail_open else 'false'}",
+        f'backend = "{backend}"',
         "",
         "[control]",
         f'socket = "{socket}"',
@@ -93,12 +95,13 @@ class EnforcerProcess:
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def start(self, *, fail_open: bool = False, timeout: float = 15.0) -> None:
+    def start(self, *, fail_open: bool = False, backend: str = "auto", timeout: float = 15.0) -> None:
         """Start the daemon and return once it answers on its control socket."""
         if self.running:
             raise RuntimeError("the enforcer is already running")
         self.fail_open = fail_open
-        self.config_path.write_text(lab_config(self.tb, socket=self.socket, fail_open=fail_open))
+        self.config_path.write_text(lab_config(self.tb, socket=self.socket, fail_open=fail_open,
+                                               backend=backend))
         with self.log_path.open("a") as log:
             self.proc = self.tb.popen(
                 "fw", [sys.executable, "-m", "testbed", "enforcer", "--verbose",

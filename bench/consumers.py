@@ -1,0 +1,190 @@
+"""Accept-all NFQUEUE consumers, one per Python binding, for ``bench.bindings``.
+
+Run inside the firewall namespace::
+
+    python -m bench.consumers --binding netfilterqueue|fnfqueue [--queue 5] [--gso]
+
+The consumer binds the queue, prints ``ready`` on stdout, then accepts every
+packet and counts it. On SIGTERM (or SIGINT) it prints one JSON line with its
+counters and exits. If the binding cannot be imported or bound, it prints one
+JSON line ``{"error": ...}`` instead of ``ready`` and exits with status 2.
+
+The NetfilterQueue consumer is shaped like the enforcer's data plane
+(``enforcer/daemon.py``): ``max_len=8192``, a selector on the queue descriptor
+and ``run(block=False)``. The fnfqueue consumer follows the fnfqueue traps in
+FIELD_NOTES.md: a large netlink receive buffer, batched receive, and
+``BufferOverflowException`` caught and cleared with ``reset()``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import selectors
+import signal
+import socket
+import sys
+import time
+from typing import Any
+
+SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
+QUEUE_MAXLEN = 8192  # as the enforcer binds its queue
+FNFQUEUE_RCVBUF = 64 * 1024 * 1024
+FNFQUEUE_BATCH = 64
+
+
+def _emit(obj: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+def _ready() -> None:
+    sys.stdout.write("ready\n")
+    sys.stdout.flush()
+
+
+def run_netfilterqueue(queue: int, gso: bool) -> int:
+    if gso:
+        _emit({"error": "NetfilterQueue 1.1.0 cannot set NFQA_CFG_F_GSO"})
+        return 2
+    try:
+        from netfilterqueue import NetfilterQueue
+    except ImportError as exc:
+        _emit({"error": f"netfilterqueue not installed: {exc}"})
+        return 2
+
+    counters = {"packets": 0}
+
+    def on_packet(pkt: Any) -> None:
+        counters["packets"] += 1
+        pkt.accept()
+
+    nfq = NetfilterQueue()
+    try:
+        nfq.bind(queue, on_packet, max_len=QUEUE_MAXLEN)
+    except OSError as exc:
+        _emit({"error": f"cannot bind queue {queue}: {exc}"})
+        return 2
+
+    stop = False
+
+    def on_signal(_signum: int, _frame: object) -> None:
+        nonlocal stop
+        stop = True
+
+    wake_r, wake_w = socket.socketpair()
+    wake_w.setblocking(False)
+    signal.set_wakeup_fd(wake_w.fileno())
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    sel = selectors.DefaultSelector()
+    queue_sock = socket.socket(fileno=os.dup(nfq.get_fd()))
+    sel.register(queue_sock, selectors.EVENT_READ, "queue")
+    sel.register(wake_r, selectors.EVENT_READ, "wake")
+    started = time.monotonic()
+    _ready()
+    try:
+        while not stop:
+            for key, _ in sel.select(timeout=1.0):
+                if key.data == "queue":
+                    nfq.run(block=False)
+                else:
+                    wake_r.recv(512)
+    finally:
+        signal.set_wakeup_fd(-1)
+        _emit({
+            "binding": "netfilterqueue",
+            "packets": counters["packets"],
+            "overflows": None,  # NetfilterQueue swallows ENOBUFS silently
+            "seconds": round(time.monotonic() - started, 3),
+        })
+        nfq.unbind()
+        queue_sock.close()
+    return 0
+
+
+class _Stop(Exception):
+    pass
+
+
+def run_fnfqueue(queue: int, gso: bool) -> int:
+    try:
+        import fnfqueue
+    except ImportError as exc:
+        _emit({"error": f"fnfqueue not installed: {exc}"})
+        return 2
+
+    def on_signal(_signum: int, _frame: object) -> None:
+        # The main thread blocks in a Condition wait inside fnfqueue's
+        # iterator; lock waits are interruptible, so raising here ends it.
+        raise _Stop
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    packets = 0
+    overflows = 0
+    conn = fnfqueue.Connection(chunk_size=FNFQUEUE_BATCH)
+    try:
+        # fnfqueue leaves the netlink socket at the system default receive
+        # buffer, which overflows at once under load: force a large one.
+        s = socket.socket(fileno=os.dup(conn._conn.fd))
+        try:
+            s.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, FNFQUEUE_RCVBUF)
+            rcvbuf = s.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+        finally:
+            s.close()
+        q = conn.bind(queue)
+        q.set_mode(fnfqueue.MAX_PAYLOAD, fnfqueue.COPY_PACKET)
+        q.set_maxlen(QUEUE_MAXLEN)
+        if gso:
+            q.gso = True  # only ever set: clearing a flag in 1.1.2 sets it
+    except OSError as exc:
+        _emit({"error": f"cannot bind queue {queue}: {exc}"})
+        conn.close()
+        return 2
+
+    started = time.monotonic()
+    _ready()
+    try:
+        while True:
+            try:
+                for pkt in conn:
+                    pkt.accept()
+                    packets += 1
+                break  # the iterator ends only when the connection is closed
+            except fnfqueue.BufferOverflowException:
+                overflows += 1
+                conn.reset()
+    except _Stop:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        _emit({
+            "binding": "fnfqueue",
+            "packets": packets,
+            "overflows": overflows,
+            "rcvbuf": rcvbuf,
+            "gso": gso,
+            "seconds": round(time.monotonic() - started, 3),
+        })
+        conn.close()
+    return 0
+
+
+RUNNERS = {"netfilterqueue": run_netfilterqueue, "fnfqueue": run_fnfqueue}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--binding", required=True, choices=sorted(RUNNERS))
+    ap.add_argument("--queue", type=int, default=5)
+    ap.add_argument("--gso", action="store_true", help="ask the kernel for GSO super-packets")
+    args = ap.parse_args(argv)
+    return RUNNERS[args.binding](args.queue, args.gso)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

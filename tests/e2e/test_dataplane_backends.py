@@ -1,0 +1,74 @@
+"""Both dataplane backends: nft where the kernel has its queue statement, iptables elsewhere."""
+
+from __future__ import annotations
+
+import ipaddress
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from enforcer import dataplane
+from enforcer.config import DataplaneSettings
+from testbed.build import Testbed
+from testbed.lab import EnforcerProcess
+from testbed.plugin import require_e2e
+from testbed.topology import standard
+
+
+@pytest.fixture(scope="module")
+def tb() -> Iterator[Testbed]:
+    require_e2e()
+    with Testbed.up(standard("nat"), tag="test-backends") as built:
+        yield built
+
+
+def queue_supported(tb: Testbed) -> bool:
+    probe = ("import sys; from enforcer import dataplane; "
+             "sys.exit(0 if dataplane.nft_queue_supported() else 1)")
+    return tb.run("fw", [sys.executable, "-c", probe], check=False).returncode == 0
+
+
+INTERFACES = dataplane.Interfaces(
+    {"int0": 2}, {"ext0": 3},
+    (ipaddress.ip_network("192.0.2.0/24"), ipaddress.ip_network("2001:db8:1::/64")),
+    (ipaddress.ip_address("198.51.100.1"), ipaddress.ip_address("2001:db8:2::1")))
+
+
+@pytest.mark.parametrize("fail_open", [False, True], ids=["fail-closed", "fail-open"])
+def test_nft_ruleset_is_accepted_by_the_kernel(tb: Testbed, fail_open: bool) -> None:
+    """nft -c checks against the kernel; where it lacks queue, only that statement is swapped."""
+    text = dataplane.render_nft(DataplaneSettings(0, fail_open), INTERFACES, nat=True)
+    if not queue_supported(tb):
+        text = text.replace("queue num 0 bypass", "accept").replace("queue num 0", "accept")
+    result = tb.run("fw", ["nft", "-c", "-f", "-"], input=text, check=False)
+    assert result.returncode == 0, result.stderr
+
+
+def test_the_nft_backend_runs_where_the_kernel_allows_and_refuses_clearly_elsewhere(
+        tb: Testbed, tmp_path: Path) -> None:
+    enforcer = EnforcerProcess(tb, tmp_path)
+    if queue_supported(tb):
+        enforcer.start(backend="nft")
+        try:
+            assert enforcer.call("status")["backend"] == "nft"
+            assert "table inet pinhole" in tb.run("fw", ["nft", "list", "ruleset"]).stdout
+            with tb.agent("s1").tcp_server("198.51.100.21", 21):
+                assert tb.agent("c1").tcp_connect("198.51.100.21", 21, send_bytes=1000)["connected"]
+        finally:
+            assert enforcer.stop() == 0
+    else:
+        with pytest.raises(RuntimeError, match="lacks nft's queue statement"):
+            enforcer.start(backend="nft")
+    assert "pinhole" not in tb.run("fw", ["nft", "list", "ruleset"]).stdout
+
+
+def test_auto_picks_the_backend_the_kernel_supports(tb: Testbed, tmp_path: Path) -> None:
+    enforcer = EnforcerProcess(tb, tmp_path)
+    enforcer.start()
+    try:
+        expected = "nft" if queue_supported(tb) else "iptables"
+        assert enforcer.call("status")["backend"] == expected
+    finally:
+        assert enforcer.stop() == 0

@@ -125,7 +125,9 @@ def run_fnfqueue(queue: int, gso: bool) -> int:
 
     packets = 0
     overflows = 0
-    conn = fnfqueue.Connection(chunk_size=FNFQUEUE_BATCH)
+    # alloc_size must be >= chunk_size: the reader thread tops its buffer pool
+    # up by alloc_size and dies (ValueError) if that is less than one chunk.
+    conn = fnfqueue.Connection(alloc_size=2 * FNFQUEUE_BATCH, chunk_size=FNFQUEUE_BATCH)
     try:
         # fnfqueue leaves the netlink socket at the system default receive
         # buffer, which overflows at once under load: force a large one.

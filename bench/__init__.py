@@ -1,0 +1,1 @@
+"""Benchmarks for pinhole (see bench/README.md)."""

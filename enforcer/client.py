@@ -6,8 +6,10 @@ import itertools
 import json
 import socket
 import time
+from collections import deque
 from typing import Any
 
+from enforcer.core.flags import Flags, flag_names
 from enforcer.core.results import ERRORS, SessionApiError
 from enforcer.protocol import encode
 
@@ -23,6 +25,7 @@ class Client:
         self._ids = itertools.count(1)
         self._sock: socket.socket | None = None
         self._buf = b""
+        self.events: deque[dict[str, Any]] = deque()
 
     def _connect(self) -> socket.socket:
         if self._sock is None:
@@ -57,23 +60,77 @@ class Client:
         return reply.get("result")
 
     def raw(self, data: bytes) -> dict[str, Any]:
-        """Send bytes as they are and read one reply line (for tests of bad input)."""
+        """Send bytes as they are and read the reply line (for tests of bad input).
+
+        Events that arrive meanwhile are kept for next_event().
+        """
         sock = self._connect()
         try:
             sock.sendall(data)
+        except OSError as exc:
+            self.close()
+            raise ControlError(f"control socket {self.path}: {exc}") from None
+        while True:
+            message = self._read_message(self.timeout)
+            if message is None:
+                raise ControlError(f"the enforcer at {self.path} did not answer "
+                                   f"within {self.timeout} s")
+            if "event" in message and "id" not in message:
+                self.events.append(message)
+                continue
+            return message
+
+    def next_event(self, timeout: float) -> dict[str, Any] | None:
+        """The next event pushed to this connection (for a registered filter), or None."""
+        if self.events:
+            return self.events.popleft()
+        self._connect()
+        return self._read_message(timeout)
+
+    def _read_message(self, timeout: float) -> dict[str, Any] | None:
+        sock = self._connect()
+        deadline = time.monotonic() + timeout
+        try:
             while b"\n" not in self._buf:
-                chunk = sock.recv(65536)
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return None
+                sock.settimeout(remaining)
+                try:
+                    chunk = sock.recv(65536)
+                except TimeoutError:
+                    return None
                 if not chunk:
                     raise ControlError("the enforcer closed the control connection")
                 self._buf += chunk
         except OSError as exc:
             self.close()
             raise ControlError(f"control socket {self.path}: {exc}") from None
+        finally:
+            if self._sock is not None:
+                self._sock.settimeout(self.timeout)
         line, self._buf = self._buf.split(b"\n", 1)
-        reply = json.loads(line)
-        if not isinstance(reply, dict):
-            raise ControlError(f"unexpected reply {reply!r}")
-        return reply
+        message = json.loads(line)
+        if not isinstance(message, dict):
+            raise ControlError(f"unexpected message {message!r}")
+        return message
+
+    # --- the session API ----------------------------------------------------------------
+    def allow_future_connect(self, session: int, target: tuple[str, int], *,
+                             protocol_guid: str, protocol: str = "tcp", flags: Flags | None = None,
+                             proxy_external_address: str | None = None,
+                             session_filter: int | None = None, context: Any = None) -> Action:
+        """Grant the session's client one (or, with ALLOW_MULTIPLE, more) secondary flows."""
+        result = self.call("allow_future_connect", session=session, address=target[0],
+                           port=target[1], protocol=protocol, flags=flag_names(flags or Flags(0)),
+                           protocol_guid=protocol_guid,
+                           proxy_external_address=proxy_external_address,
+                           filter=session_filter, context=context)
+        return Action(self, int(result["action"]))
+
+    def register_filter(self, name: str) -> int:
+        """Register a session filter; its events arrive on this client (next_event)."""
+        return int(self.call("register_filter", name=name)["filter"])
 
     def close(self) -> None:
         if self._sock is not None:
@@ -88,4 +145,24 @@ class Client:
         self.close()
 
 
-__all__ = ["Client", "ControlError", "SessionApiError"]
+class Action:
+    """A FirewallAction held by a client."""
+
+    def __init__(self, client: Client, action_id: int) -> None:
+        self.client = client
+        self.id = action_id
+
+    @property
+    def state(self) -> str:
+        """pending, consumed, expired or cancelled."""
+        return str(self.client.call("action", action=self.id)["state"])
+
+    def info(self) -> dict[str, Any]:
+        return dict(self.client.call("action", action=self.id))
+
+    def cancel(self) -> None:
+        """Stop new matches; raises Terminating if the action is no longer pending."""
+        self.client.call("cancel", action=self.id)
+
+
+__all__ = ["Action", "Client", "ControlError", "Flags", "SessionApiError"]

@@ -18,12 +18,26 @@ from typing import Any
 from enforcer.core.results import InvalidArgument, SessionApiError
 from enforcer.protocol import MAX_REQUEST, encode
 
-Handler = Callable[[dict[str, Any]], Any]
+
+class Caller:
+    """One client connection, as a handler sees it: it can be pushed events."""
+
+    def __init__(self, server: ControlServer, conn: socket.socket) -> None:
+        self.server = server
+        self.conn = conn
+
+    def push(self, message: dict[str, Any]) -> None:
+        """Send an unsolicited message (an event: it has no "id")."""
+        self.server.send(self.conn, message)
+
+
+Handler = Callable[[dict[str, Any], Caller], Any]
 
 
 class ControlServer:
     def __init__(self, path: str, handlers: dict[str, Handler],
-                 selector: selectors.BaseSelector) -> None:
+                 selector: selectors.BaseSelector,
+                 on_disconnect: Callable[[Caller], None] = lambda caller: None) -> None:
         self.path = Path(path)
         self.handlers = handlers
         self.selector = selector
@@ -38,7 +52,9 @@ class ControlServer:
             os.umask(old)
         self.sock.listen(128)
         self.sock.setblocking(False)
+        self.on_disconnect = on_disconnect
         self._buffers: dict[socket.socket, bytearray] = {}
+        self._callers: dict[socket.socket, Caller] = {}
         selector.register(self.sock, selectors.EVENT_READ, self._accept)
 
     def _accept(self) -> None:
@@ -59,6 +75,7 @@ class ControlServer:
             return
         conn.setblocking(False)
         self._buffers[conn] = bytearray()
+        self._callers[conn] = Caller(self, conn)
         self.selector.register(conn, selectors.EVENT_READ, lambda: self._read(conn))
 
     def _read(self, conn: socket.socket) -> None:
@@ -76,15 +93,15 @@ class ControlServer:
         while (end := buf.find(b"\n")) >= 0:
             line = bytes(buf[:end])
             del buf[: end + 1]
-            self._reply(conn, self.handle_line(line))
+            self.send(conn, self.handle_line(line, self._callers[conn]))
         if len(buf) > MAX_REQUEST:
             # No newline within the limit: answer, then close, since the rest of
             # this line cannot be told apart from the next request.
-            self._reply(conn, _error(None, InvalidArgument(
+            self.send(conn, _error(None, InvalidArgument(
                 f"request too large: more than {MAX_REQUEST} bytes without a newline")))
             self._drop(conn)
 
-    def handle_line(self, line: bytes) -> dict[str, Any]:
+    def handle_line(self, line: bytes, caller: Caller) -> dict[str, Any]:
         """Answer one request line (public for tests)."""
         if len(line) > MAX_REQUEST:
             return _error(None, InvalidArgument(f"request too large: {len(line)} bytes > {MAX_REQUEST}"))
@@ -106,11 +123,13 @@ class ControlServer:
             known = ", ".join(sorted(self.handlers))
             return _error(rid, InvalidArgument(f"unknown method '{method}' (known: {known})"))
         try:
-            return {"id": rid, "result": handler(params)}
+            return {"id": rid, "result": handler(params, caller)}
         except SessionApiError as exc:
             return _error(rid, exc)
 
-    def _reply(self, conn: socket.socket, message: dict[str, Any]) -> None:
+    def send(self, conn: socket.socket, message: dict[str, Any]) -> None:
+        if conn not in self._buffers:
+            return
         try:
             # Replies are small; a peer that does not read them is dropped.
             conn.setblocking(True)
@@ -123,6 +142,7 @@ class ControlServer:
     def _drop(self, conn: socket.socket) -> None:
         if conn in self._buffers:
             del self._buffers[conn]
+            self.on_disconnect(self._callers.pop(conn))
             self.selector.unregister(conn)
             conn.close()
 

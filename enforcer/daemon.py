@@ -20,11 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from enforcer import dataplane
+from enforcer.api import Params, SessionApi
 from enforcer.config import Config
-from enforcer.control import AlreadyRunning, ControlServer, refuse_if_served
+from enforcer.control import AlreadyRunning, Caller, ControlServer, refuse_if_served
 from enforcer.core.engine import Engine, Verdict
 from enforcer.core.packet import Ingress, Malformed, parse
-from enforcer.core.results import InvalidArgument
 
 log = logging.getLogger("pinhole.enforcer")
 
@@ -66,7 +66,9 @@ class Daemon:
         self.started = clock()
         self.selector = selectors.DefaultSelector()
         self.interfaces = discover(config)
-        self.engine = Engine(config.policy, self.interfaces.internal_networks)
+        self.engine = Engine(config.policy, self.interfaces.internal_networks,
+                             self.interfaces.external_addresses, nat=config.network.nat)
+        self.api = SessionApi(self.engine, clock)
         self._ingress = {i: Ingress.INTERNAL for i in self.interfaces.internal.values()}
         self._stop = False
         self.backend = "none"
@@ -84,31 +86,16 @@ class Daemon:
         decision = self.engine.decide(meta, self.clock())
         log.debug("%s %s: %s", decision.verdict.value, meta.key, decision.reason)
         if decision.verdict is Verdict.ADMIT_KERNEL:
-            pkt.set_mark((pkt.get_mark() & ~dataplane.MARK_MASK) | dataplane.MARK_KERNEL)
+            mark = dataplane.mark_for(decision.one_way, decision.external_index)
+            pkt.set_mark((pkt.get_mark() & ~dataplane.MARK_MASK) | mark)
             pkt.accept()
+            self.api.dispatch_events()
         else:
             pkt.drop()
 
     # --- control API ----------------------------------------------------------------
-    def handlers(self) -> dict[str, Callable[[dict[str, Any]], Any]]:
-        return {
-            "ping": self._ping,
-            "status": self._status,
-            "sessions": self._sessions,
-            "flows": lambda p: [f.to_dict() for f in self.engine.flows.newest(_limit(p))],
-            "decisions": lambda p: [d.to_dict() for d in list(self.engine.recent)[-_limit(p):]],
-        }
-
-    def _ping(self, params: dict[str, Any]) -> dict[str, Any]:
-        _no_params(params)
-        return {"pong": True}
-
-    def _sessions(self, params: dict[str, Any]) -> list[dict[str, Any]]:
-        _no_params(params)
-        return [s.to_dict() for s in self.engine.sessions]
-
-    def _status(self, params: dict[str, Any]) -> dict[str, Any]:
-        _no_params(params)
+    def _status(self, params: dict[str, Any], caller: Caller) -> dict[str, Any]:
+        Params(params, set())
         return {
             "pid": os.getpid(),
             "uptime_s": round(self.clock() - self.started, 3),
@@ -121,6 +108,7 @@ class Daemon:
             "counters": dict(self.engine.counters),
             "sessions": len(self.engine.sessions),
             "flows": len(self.engine.flows),
+            "pending_actions": len(self.engine.permissions),
         }
 
     # --- lifecycle ------------------------------------------------------------------
@@ -155,7 +143,9 @@ class Daemon:
             self.selector.register(queue_fd, selectors.EVENT_READ, lambda: nfq.run(block=False))
             self.selector.register(wake_r, selectors.EVENT_READ, lambda: wake_r.recv(512))
             try:
-                control = ControlServer(self.config.control_socket, self.handlers(), self.selector)
+                control = ControlServer(self.config.control_socket,
+                                        {**self.api.handlers(), "status": self._status},
+                                        self.selector, self.api.disconnected)
             except OSError as exc:
                 raise StartupError(f"cannot serve the control socket {self.config.control_socket}: "
                                    f"{exc.strerror or exc}") from None
@@ -164,8 +154,9 @@ class Daemon:
                      "fail-open" if self.config.dataplane.fail_open else "fail-closed",
                      self.config.control_socket)
             while not self._stop:
-                for key, _ in self.selector.select(timeout=1.0):
+                for key, _ in self.selector.select(timeout=self._until_next_expiry()):
                     key.data()
+                self.engine.permissions.expire(self.clock())
         finally:
             signal.set_wakeup_fd(-1)
             if control is not None:
@@ -176,20 +167,9 @@ class Daemon:
             wake_w.close()
             log.info("stopped; kernel state removed")
 
+    def _until_next_expiry(self) -> float:
+        due = self.engine.permissions.next_expiry()
+        return 1.0 if due is None else min(1.0, max(0.0, due - self.clock()))
+
     def _on_signal(self, signum: int, _frame: object) -> None:
         self._stop = True
-
-
-def _no_params(params: dict[str, Any]) -> None:
-    if params:
-        raise InvalidArgument(f"unexpected parameters: {', '.join(sorted(params))}")
-
-
-def _limit(params: dict[str, Any]) -> int:
-    unknown = set(params) - {"limit"}
-    if unknown:
-        raise InvalidArgument(f"unexpected parameters: {', '.join(sorted(unknown))}")
-    limit = params.get("limit", 100)
-    if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= 10000:
-        raise InvalidArgument("'limit' must be an integer from 1 to 10000")
-    return limit

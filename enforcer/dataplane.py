@@ -23,9 +23,26 @@ from enforcer.core.policy import IPNetwork
 
 CHAIN_PREFIX = "PINHOLE-"
 NFT_TABLE = "pinhole"
-# Connmark bits: a flow admitted in kernel mode carries MARK_KERNEL.
-MARK_MASK = 0x30000000
-MARK_KERNEL = 0x10000000
+
+# The mark bits this enforcer owns, on packets (verdict) and on conntrack entries:
+MARK_MODE = 0x30000000     # how an admitted flow runs
+MARK_KERNEL = 0x10000000   #   in kernel mode: the kernel forwards the rest of it
+MARK_ONE_WAY = 0x40000000  # replies (target -> client) are not admitted
+MARK_SNAT = 0x0F000000     # 1 + index of the external address a NATed flow leaves from
+MARK_SNAT_SHIFT = 24
+MARK_MASK = MARK_MODE | MARK_ONE_WAY | MARK_SNAT
+MAX_EXTERNAL_ADDRESSES = MARK_SNAT >> MARK_SNAT_SHIFT
+
+
+def mark_for(one_way: bool, external_index: int) -> int:
+    """The mark an admitting verdict sets (pure)."""
+    return (MARK_KERNEL | (MARK_ONE_WAY if one_way else 0)
+            | ((external_index + 1) << MARK_SNAT_SHIFT) & MARK_SNAT)
+
+
+def _hex(value: int) -> str:
+    return f"0x{value:08x}"
+
 
 FAMILIES = {"ipv4": "iptables", "ipv6": "ip6tables"}
 TABLES = ("filter", "mangle", "nat")
@@ -44,16 +61,15 @@ class Interfaces:
     internal_networks: tuple[IPNetwork, ...]
     external_addresses: tuple[IPAddress, ...]
 
-    def external_address(self, family: str) -> IPAddress | None:
+    def external_of(self, family: str) -> list[IPAddress]:
         version = 4 if family == "ipv4" else 6
-        return next((a for a in self.external_addresses if a.version == version), None)
+        return [a for a in self.external_addresses if a.version == version]
 
 
 def render_rules(family: str, settings: DataplaneSettings, interfaces: Interfaces,
                  nat: bool) -> str:
     """iptables-restore input for one family (pure: unit-tested without root)."""
-    version = 4 if family == "ipv4" else 6
-    mark = f"0x{MARK_KERNEL:08x}/0x{MARK_MASK:08x}"
+    kernel = f"{_hex(MARK_KERNEL)}/{_hex(MARK_MODE)}"
     bypass = " --queue-bypass" if settings.fail_open else ""
     queue = f"-j NFQUEUE --queue-num {settings.queue}{bypass}"
     # Unmarked packets of flows that are not new: dropped when failing closed; when
@@ -63,7 +79,9 @@ def render_rules(family: str, settings: DataplaneSettings, interfaces: Interface
     lines = [
         "*filter",
         ":PINHOLE-FORWARD - [0:0]",
-        f"-A PINHOLE-FORWARD -m connmark --mark {mark} -j ACCEPT",
+        f"-A PINHOLE-FORWARD -m connmark --mark {_hex(MARK_ONE_WAY)}/{_hex(MARK_ONE_WAY)} "
+        "-m conntrack --ctdir REPLY -j DROP",
+        f"-A PINHOLE-FORWARD -m connmark --mark {kernel} -j ACCEPT",
         f"-A PINHOLE-FORWARD -m conntrack --ctstate NEW {queue}",
         not_new,
         "-I FORWARD 1 -j PINHOLE-FORWARD",
@@ -72,50 +90,61 @@ def render_rules(family: str, settings: DataplaneSettings, interfaces: Interface
         # filter hook is what offloads the rest of the flow to the kernel.
         "*mangle",
         ":PINHOLE-POSTROUTING - [0:0]",
-        f"-A PINHOLE-POSTROUTING -m mark --mark {mark} "
-        f"-j CONNMARK --save-mark --nfmask 0x{MARK_MASK:08x} --ctmask 0x{MARK_MASK:08x}",
+        f"-A PINHOLE-POSTROUTING -m mark --mark {kernel} "
+        f"-j CONNMARK --save-mark --nfmask {_hex(MARK_MASK)} --ctmask {_hex(MARK_MASK)}",
         "-I POSTROUTING 1 -j PINHOLE-POSTROUTING",
         "COMMIT",
     ]
-    snat = interfaces.external_address(family)
-    if nat and snat is not None:
+    if nat:
         lines += ["*nat", ":PINHOLE-POSTROUTING - [0:0]"]
-        for net in interfaces.internal_networks:
-            if net.version != version:
-                continue
-            for ext in interfaces.external:
-                lines.append(f"-A PINHOLE-POSTROUTING -s {net} -o {ext} -j SNAT --to-source {snat}")
+        for ext, net, mark, address in _snat_rules(family, interfaces):
+            match = f"-m mark --mark {_hex(mark)}/{_hex(MARK_SNAT)}" if mark else f"-s {net}"
+            lines.append(f"-A PINHOLE-POSTROUTING {match} -o {ext} -j SNAT --to-source {address}")
         lines += ["-I POSTROUTING 1 -j PINHOLE-POSTROUTING", "COMMIT"]
     return "\n".join(lines) + "\n"
 
 
+def _snat_rules(family: str, interfaces: Interfaces) -> list[tuple[str, IPNetwork | None, int, IPAddress]]:
+    """(out interface, source network, mark, address): flows marked for an external
+    address leave from it; other flows from the internal networks leave from the first."""
+    version = 4 if family == "ipv4" else 6
+    ours = interfaces.external_of(family)[:MAX_EXTERNAL_ADDRESSES]
+    out: list[tuple[str, IPNetwork | None, int, IPAddress]] = []
+    for ext in interfaces.external:
+        out += [(ext, None, (i + 1) << MARK_SNAT_SHIFT, a) for i, a in enumerate(ours)]
+        if ours:
+            out += [(ext, net, 0, ours[0]) for net in interfaces.internal_networks
+                    if net.version == version]
+    return out
+
+
 def render_nft(settings: DataplaneSettings, interfaces: Interfaces, nat: bool) -> str:
     """The same rules as render_rules, as one nft table for both families (pure)."""
-    mark = f"0x{MARK_MASK:08x} == 0x{MARK_KERNEL:08x}"
+    kernel = f"{_hex(MARK_MODE)} == {_hex(MARK_KERNEL)}"
     queue = f"queue num {settings.queue}" + (" bypass" if settings.fail_open else "")
     lines = [
         f"table inet {NFT_TABLE} {{",
         "  chain filter_forward {",
         "    type filter hook forward priority filter; policy accept;",
-        f"    ct mark and {mark} accept",
+        f"    ct mark and {_hex(MARK_ONE_WAY)} == {_hex(MARK_ONE_WAY)} ct direction reply drop",
+        f"    ct mark and {kernel} accept",
         f"    ct state new {queue}",
         f"    {queue}" if settings.fail_open else "    drop",
         "  }",
         "  chain save_mark {",
         "    type filter hook postrouting priority mangle; policy accept;",
-        f"    meta mark and {mark} ct mark set ct mark and 0x{~MARK_MASK & 0xFFFFFFFF:08x} "
-        f"or 0x{MARK_KERNEL:08x}",
+        # nft cannot merge two registers here: the ct mark is set whole, our bits only.
+        f"    meta mark and {kernel} ct mark set meta mark and {_hex(MARK_MASK)}",
         "  }",
     ]
     if nat:
         lines += ["  chain source_nat {", "    type nat hook postrouting priority srcnat; policy accept;"]
-        for net in interfaces.internal_networks:
-            family = "ip" if net.version == 4 else "ip6"
-            snat = interfaces.external_address("ipv4" if net.version == 4 else "ipv6")
-            if snat is None:
-                continue
-            for ext in interfaces.external:
-                lines.append(f'    {family} saddr {net} oifname "{ext}" snat {family} to {snat}')
+        for family in ("ipv4", "ipv6"):
+            proto = "ip" if family == "ipv4" else "ip6"
+            for ext, net, mark, address in _snat_rules(family, interfaces):
+                match = (f"meta mark and {_hex(MARK_SNAT)} == {_hex(mark)}" if mark
+                         else f"{proto} saddr {net}")
+                lines.append(f'    {match} oifname "{ext}" snat {proto} to {address}')
         lines.append("  }")
     return "\n".join([*lines, "}"]) + "\n"
 
@@ -175,7 +204,7 @@ def remove() -> list[str]:
         removed.append(f"nft table inet {NFT_TABLE}")
     for family in ("ipv4", "ipv6"):
         out = subprocess.run(
-            ["conntrack", "-D", "-f", family, "--mark", f"0x{MARK_KERNEL:x}/0x{MARK_MASK:x}"],
+            ["conntrack", "-D", "-f", family, "--mark", f"0x{MARK_KERNEL:x}/0x{MARK_MODE:x}"],
             capture_output=True, text=True, timeout=30, check=False)
         count = next((w for w in out.stderr.split() if w.isdigit()), "0")
         if count != "0":

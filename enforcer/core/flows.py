@@ -23,10 +23,11 @@ class FlowRecord:
     protocol: str
     mode: Mode
     admitted_at: float
+    action_id: int | None = None  # the permission that admitted a secondary flow
 
     def to_dict(self) -> dict[str, object]:
         return {"flow": str(self.key), "session": self.session_id, "protocol": self.protocol,
-                "mode": self.mode.value, "admitted_at": self.admitted_at}
+                "mode": self.mode.value, "admitted_at": self.admitted_at, "action": self.action_id}
 
 
 class FlowTable:

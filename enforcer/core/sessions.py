@@ -32,6 +32,7 @@ class Session:
 @dataclass
 class SessionTable:
     _by_client: dict[IPAddress, Session] = field(default_factory=dict)
+    _by_id: dict[int, Session] = field(default_factory=dict)
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
 
     def securenat(self, client: IPAddress, now: float) -> Session:
@@ -40,10 +41,18 @@ class SessionTable:
         if session is None:
             session = Session(next(self._ids), client, created=now, last_activity=now)
             self._by_client[client] = session
+            self._by_id[session.id] = session
         return session
 
     def find(self, client: IPAddress) -> Session | None:
         return self._by_client.get(client)
+
+    def get(self, session_id: int) -> Session | None:
+        return self._by_id.get(session_id)
+
+    def remove(self, session: Session) -> None:
+        del self._by_client[session.client]
+        del self._by_id[session.id]
 
     def __iter__(self) -> Iterator[Session]:
         return iter(self._by_client.values())

@@ -1,0 +1,167 @@
+"""The session API as the control socket serves it: typed checks of JSON parameters,
+then calls into the core. Filters register here and receive their events.
+
+Every parameter problem is E_INVALIDARG with a message naming the parameter.
+"""
+
+from __future__ import annotations
+
+import itertools
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from enforcer.control import Caller
+from enforcer.core.engine import Engine, parse_address
+from enforcer.core.flags import parse_flags
+from enforcer.core.packet import TCP, UDP
+from enforcer.core.results import InvalidArgument
+
+MAX_CONTEXT_BYTES = 4096
+_PROTOCOLS = {"tcp": TCP, "udp": UDP, TCP: TCP, UDP: UDP}
+
+
+class Params:
+    """The parameters of one request, read with checks."""
+
+    def __init__(self, params: dict[str, Any], allowed: set[str]) -> None:
+        unknown = set(params) - allowed
+        if unknown:
+            raise InvalidArgument(f"unexpected parameters: {', '.join(sorted(unknown))}")
+        self.params = params
+
+    def has(self, name: str) -> bool:
+        return self.params.get(name) is not None
+
+    def integer(self, name: str, *, default: int | None = None, low: int = 0,
+            high: int = 2**63 - 1) -> int:
+        value = self.params.get(name, default)
+        if value is None:
+            raise InvalidArgument(f"'{name}' is required")
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise InvalidArgument(f"'{name}' must be an integer, not {type(value).__name__}")
+        if not low <= value <= high:
+            raise InvalidArgument(f"'{name}' must be from {low} to {high}")
+        return value
+
+    def string(self, name: str, *, required: bool = True, max_len: int = 256) -> str | None:
+        value = self.params.get(name)
+        if value is None:
+            if required:
+                raise InvalidArgument(f"'{name}' is required")
+            return None
+        if not isinstance(value, str) or len(value) > max_len:
+            raise InvalidArgument(f"'{name}' must be a string of at most {max_len} characters")
+        return value
+
+
+class SessionApi:
+    """Control-socket handlers for sessions, permissions and filters."""
+
+    def __init__(self, engine: Engine, clock: Callable[[], float]) -> None:
+        self.engine = engine
+        self.clock = clock
+        self._filters: dict[int, tuple[str, Caller]] = {}
+        self._filter_ids = itertools.count(1)
+
+    def handlers(self) -> dict[str, Callable[[dict[str, Any], Caller], Any]]:
+        return {
+            "ping": self.ping,
+            "sessions": self.sessions,
+            "flows": self.flows,
+            "decisions": self.decisions,
+            "allow_future_connect": self.allow_future_connect,
+            "cancel": self.cancel,
+            "action": self.action,
+            "actions": self.actions,
+            "end_session": self.end_session,
+            "register_filter": self.register_filter,
+        }
+
+    # --- introspection ------------------------------------------------------------------
+    def ping(self, params: dict[str, Any], caller: Caller) -> dict[str, Any]:
+        Params(params, set())
+        return {"pong": True}
+
+    def sessions(self, params: dict[str, Any], caller: Caller) -> list[dict[str, Any]]:
+        Params(params, set())
+        return [s.to_dict() for s in self.engine.sessions]
+
+    def flows(self, params: dict[str, Any], caller: Caller) -> list[dict[str, Any]]:
+        limit = Params(params, {"limit"}).integer("limit", default=100, low=1, high=10000)
+        return [f.to_dict() for f in self.engine.flows.newest(limit)]
+
+    def decisions(self, params: dict[str, Any], caller: Caller) -> list[dict[str, Any]]:
+        limit = Params(params, {"limit"}).integer("limit", default=100, low=1, high=10000)
+        return [d.to_dict() for d in list(self.engine.recent)[-limit:]]
+
+    # --- permissions --------------------------------------------------------------------
+    def allow_future_connect(self, params: dict[str, Any], caller: Caller) -> dict[str, Any]:
+        p = Params(params, {"session", "address", "port", "protocol", "flags", "protocol_guid",
+                            "proxy_external_address", "filter", "context"})
+        session = p.integer("session", low=1)
+        target = parse_address(params.get("address"), "'address'")
+        port = p.integer("port", low=0, high=2**31)
+        protocol = params.get("protocol", "tcp")
+        if isinstance(protocol, bool) or protocol not in _PROTOCOLS:
+            raise InvalidArgument("'protocol' must be \"tcp\", \"udp\", 6 or 17")
+        flags_value = params.get("flags")
+        if flags_value is not None and not isinstance(flags_value, int | list):
+            raise InvalidArgument("'flags' must be an integer or a list of flag names")
+        flags = parse_flags(flags_value)
+        guid_text = p.string("protocol_guid")
+        try:
+            guid = uuid.UUID(str(guid_text))
+        except ValueError:
+            raise InvalidArgument(f"'protocol_guid' {guid_text!r} is not a GUID") from None
+        proxy = (parse_address(params["proxy_external_address"], "'proxy_external_address'")
+                 if p.has("proxy_external_address") else None)
+        filter_id = None
+        if p.has("filter"):
+            filter_id = p.integer("filter", low=1)
+            if filter_id not in self._filters:
+                raise InvalidArgument(f"no filter {filter_id} is registered")
+        context = params.get("context")
+        if len(repr(context)) > MAX_CONTEXT_BYTES:
+            raise InvalidArgument(f"'context' is larger than {MAX_CONTEXT_BYTES} bytes")
+        perm = self.engine.allow_future_connect(
+            session, target, port, _PROTOCOLS[protocol], flags, guid, self.clock(),
+            proxy_external_address=proxy, filter_id=filter_id, context=context)
+        return perm.to_dict()
+
+    def cancel(self, params: dict[str, Any], caller: Caller) -> dict[str, Any]:
+        action = Params(params, {"action"}).integer("action", low=1)
+        return self.engine.cancel(action, self.clock()).to_dict()
+
+    def action(self, params: dict[str, Any], caller: Caller) -> dict[str, Any]:
+        action = Params(params, {"action"}).integer("action", low=1)
+        return self.engine.action(action, self.clock()).to_dict()
+
+    def actions(self, params: dict[str, Any], caller: Caller) -> list[dict[str, Any]]:
+        p = Params(params, {"session"})
+        session = p.integer("session", low=1) if p.has("session") else None
+        self.engine.permissions.expire(self.clock())
+        return [a.to_dict() for a in self.engine.permissions.pending(session)]
+
+    def end_session(self, params: dict[str, Any], caller: Caller) -> dict[str, Any]:
+        session = Params(params, {"session"}).integer("session", low=1)
+        cancelled = self.engine.end_session(session, self.clock())
+        return {"session": session, "cancelled": [a.id for a in cancelled]}
+
+    # --- filters and their events -------------------------------------------------------
+    def register_filter(self, params: dict[str, Any], caller: Caller) -> dict[str, Any]:
+        """Register a session filter; its events are pushed on this connection."""
+        name = Params(params, {"name"}).string("name", max_len=64)
+        filter_id = next(self._filter_ids)
+        self._filters[filter_id] = (str(name), caller)
+        return {"filter": filter_id, "name": name}
+
+    def disconnected(self, caller: Caller) -> None:
+        for fid in [f for f, (_, c) in self._filters.items() if c is caller]:
+            del self._filters[fid]
+
+    def dispatch_events(self) -> None:
+        for event in self.engine.drain_events():
+            registered = self._filters.get(event.filter_id)
+            if registered is not None:
+                registered[1].push(event.to_dict())

@@ -1,0 +1,158 @@
+"""The permission table: what AllowFutureConnect creates, and the FirewallAction handles.
+
+Lookups are O(1) whatever the table's size: permissions are indexed by the
+exact key a new flow presents (IP protocol, client address, target address,
+target port; any client port). Addresses are kept as integers to keep each
+entry small. Expiry is driven by the ``now`` the caller passes in.
+"""
+
+from __future__ import annotations
+
+import enum
+import heapq
+import itertools
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+from enforcer.core.flags import Flags
+from enforcer.core.results import InvalidArgument, Terminating
+
+# (IP protocol, IP version, client, target, target port)
+PermissionKey = tuple[int, int, int, int, int]
+
+
+class ActionState(enum.Enum):
+    PENDING = "pending"
+    CONSUMED = "consumed"
+    EXPIRED = "expired"
+    CANCELLED = "cancelled"
+
+
+@dataclass(slots=True, eq=False)
+class Permission:
+    """A FirewallAction: one grant of AllowFutureConnect."""
+
+    id: int
+    session_id: int
+    key: PermissionKey
+    flags: Flags
+    protocol_name: str
+    created: float
+    expires: float | None
+    external_index: int  # which of the fw's external addresses a NATed flow leaves from
+    filter_id: int | None = None
+    context: Any = None
+    state: ActionState = ActionState.PENDING
+    admitted: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        from enforcer.core.flags import flag_names
+        return {"action": self.id, "session": self.session_id, "state": self.state.value,
+                "flags": flag_names(self.flags), "protocol": self.protocol_name,
+                "created": self.created, "expires": self.expires, "admitted": self.admitted,
+                "filter": self.filter_id}
+
+
+@dataclass
+class PermissionTable:
+    finished_capacity: int = 100_000
+    _by_key: dict[PermissionKey, list[Permission]] = field(default_factory=dict)
+    _pending: dict[int, Permission] = field(default_factory=dict)
+    _by_session: dict[int, dict[int, Permission]] = field(default_factory=dict)
+    _finished: OrderedDict[int, Permission] = field(default_factory=OrderedDict)
+    _expiry: list[tuple[float, int]] = field(default_factory=list)
+    _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+
+    def add(self, session_id: int, key: PermissionKey, flags: Flags, protocol_name: str,
+            now: float, timeout: float | None, external_index: int,
+            filter_id: int | None = None, context: Any = None) -> Permission:
+        expires = None if timeout is None else now + timeout
+        perm = Permission(next(self._ids), session_id, key, flags, protocol_name, now, expires,
+                          external_index, filter_id, context)
+        self._by_key.setdefault(key, []).append(perm)
+        self._pending[perm.id] = perm
+        self._by_session.setdefault(session_id, {})[perm.id] = perm
+        if expires is not None:
+            heapq.heappush(self._expiry, (expires, perm.id))
+        return perm
+
+    def pending_count(self, session_id: int) -> int:
+        return len(self._by_session.get(session_id, ()))
+
+    def match(self, key: PermissionKey, session_id: int | None, now: float) -> Permission | None:
+        """The oldest pending permission a new flow with this key may use, consumed if single use."""
+        candidates = self._by_key.get(key)
+        if not candidates:
+            return None
+        for perm in candidates:
+            if perm.expires is not None and perm.expires <= now:
+                continue  # expired but not yet swept: never used
+            if perm.session_id != session_id and Flags.ADDRESS_BASED not in perm.flags:
+                continue
+            perm.admitted += 1
+            if Flags.ALLOW_MULTIPLE not in perm.flags:
+                self._finish(perm, ActionState.CONSUMED)
+            return perm
+        return None
+
+    def expire(self, now: float) -> list[Permission]:
+        """Finish every pending permission whose time is up; return them."""
+        out = []
+        while self._expiry and self._expiry[0][0] <= now:
+            _, pid = heapq.heappop(self._expiry)
+            perm = self._pending.get(pid)
+            if perm is not None:
+                self._finish(perm, ActionState.EXPIRED)
+                out.append(perm)
+        return out
+
+    def next_expiry(self) -> float | None:
+        while self._expiry and self._expiry[0][1] not in self._pending:
+            heapq.heappop(self._expiry)
+        return self._expiry[0][0] if self._expiry else None
+
+    def get(self, action_id: int) -> Permission:
+        perm = self._pending.get(action_id) or self._finished.get(action_id)
+        if perm is None:
+            raise InvalidArgument(f"no action {action_id}")
+        return perm
+
+    def cancel(self, action_id: int, now: float) -> Permission:
+        """Stop new matches. Flows already admitted are not touched."""
+        self.expire(now)
+        perm = self.get(action_id)
+        if perm.state is not ActionState.PENDING:
+            raise Terminating(f"action {action_id} is {perm.state.value}, not pending")
+        self._finish(perm, ActionState.CANCELLED)
+        return perm
+
+    def end_session(self, session_id: int) -> list[Permission]:
+        """Cancel every pending permission of a session."""
+        perms = list(self._by_session.get(session_id, {}).values())
+        for perm in perms:
+            self._finish(perm, ActionState.CANCELLED)
+        return perms
+
+    def pending(self, session_id: int | None = None) -> list[Permission]:
+        if session_id is None:
+            return list(self._pending.values())
+        return list(self._by_session.get(session_id, {}).values())
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def _finish(self, perm: Permission, state: ActionState) -> None:
+        perm.state = state
+        del self._pending[perm.id]
+        siblings = self._by_key[perm.key]
+        siblings.remove(perm)
+        if not siblings:
+            del self._by_key[perm.key]
+        session = self._by_session[perm.session_id]
+        del session[perm.id]
+        if not session:
+            del self._by_session[perm.session_id]
+        self._finished[perm.id] = perm
+        while len(self._finished) > self.finished_capacity:
+            self._finished.popitem(last=False)

@@ -413,6 +413,14 @@ class Agent:
         res["local"] = tuple(res["local"]) if res.get("local") else None
         return dict(res)
 
+    def tcp_open(self, addr: str, port: int, *, timeout: float | None = None,
+                 bind: str | None = None) -> TcpConnection:
+        """Connect and keep the connection open: ``.connected``, ``.exchange(n)``, ``.close()``."""
+        t = timeouts.POSITIVE if timeout is None else timeout
+        res = self.call("tcp_open", {"addr": addr, "port": port, "timeout": t, "bind": bind},
+                        timeout=t + CALL_MARGIN)
+        return TcpConnection(self, res)
+
     def udp_send(self, addr: str, port: int, payload: bytes, *, expect_reply: bool,
                  timeout: float | None = None, bind: str | None = None) -> dict[str, Any]:
         """Send one datagram; if ``expect_reply``, wait up to ``timeout`` for an answer.
@@ -432,6 +440,36 @@ class Agent:
 
     def ping(self) -> dict[str, Any]:
         return dict(self.call("ping"))
+
+
+class TcpConnection:
+    """A TCP connection held open in an agent (see Agent.tcp_open)."""
+
+    def __init__(self, agent: Agent, opened: dict[str, Any]) -> None:
+        self.agent = agent
+        self.connected = bool(opened["connected"])
+        self.error: str | None = opened.get("error")
+        self.local = tuple(opened["local"]) if opened.get("local") else None
+        self._cid: int | None = opened.get("cid")
+
+    def exchange(self, send_bytes: int, *, timeout: float | None = None) -> dict[str, Any]:
+        """Send bytes and read their echo: ``{"sent", "received", "error"}``."""
+        if self._cid is None:
+            raise AgentError(f"agent {self.agent.name}: the connection is not open ({self.error})")
+        t = timeouts.POSITIVE if timeout is None else timeout
+        return dict(self.agent.call("tcp_exchange", {"cid": self._cid, "send_bytes": send_bytes,
+                                                     "timeout": t}, timeout=2 * t + CALL_MARGIN))
+
+    def close(self) -> None:
+        if self._cid is not None and self.agent.alive:
+            self.agent.call("tcp_close", {"cid": self._cid})
+        self._cid = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 class Sniffer:
@@ -658,6 +696,61 @@ def _needs_routes(pkt: Any) -> bool:
     return False
 
 
+def _echo(sock: socket.socket, where: str, send_bytes: int, timeout: float) -> dict[str, Any]:
+    """Send send_bytes of the pattern and read the echo back; the socket stays open."""
+    import selectors
+
+    res: dict[str, Any] = {"sent": 0, "received": 0, "error": None}
+    sock.setblocking(False)
+    sel = selectors.DefaultSelector()
+    sel.register(sock, selectors.EVENT_READ | selectors.EVENT_WRITE)
+    deadline = time.monotonic() + timeout
+    sent = received = 0
+    mismatch = False
+    eof = False
+    try:
+        while received < send_bytes:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                res["error"] = (f"echo from {where} timed out after {timeout:g} s: "
+                                f"sent {sent} of {send_bytes} bytes, got {received} back")
+                break
+            for _key, mask in sel.select(min(left, 0.5)):
+                if mask & selectors.EVENT_WRITE and sent < send_bytes:
+                    off = sent % len(_PATTERN)
+                    chunk = _PATTERN[off:off + min(send_bytes - sent, 65536)]
+                    with contextlib.suppress(BlockingIOError):
+                        sent += sock.send(chunk)
+                    if sent >= send_bytes:
+                        sel.modify(sock, selectors.EVENT_READ)
+                if mask & selectors.EVENT_READ:
+                    try:
+                        data = sock.recv(65536)
+                    except BlockingIOError:
+                        continue
+                    if not data:
+                        eof = True
+                        break
+                    off = received % len(_PATTERN)
+                    if data != _PATTERN2[off:off + len(data)]:
+                        mismatch = True
+                    received += len(data)
+            if eof:
+                res["error"] = (f"{where} closed the connection after {received} of "
+                                f"{send_bytes} bytes came back")
+                break
+    except OSError as exc:
+        res["error"] = f"transfer with {where} failed: {exc.strerror or exc}"
+    finally:
+        sel.close()
+        sock.setblocking(True)
+    res["sent"] = sent
+    res["received"] = received
+    if mismatch and res["error"] is None:
+        res["error"] = "echoed bytes differ from the bytes sent"
+    return res
+
+
 class _AgentServer:
     def __init__(self, out: IO[bytes]) -> None:
         self._out = out
@@ -667,6 +760,7 @@ class _AgentServer:
         self._servers: dict[int, _EchoServer] = {}
         self._lock = threading.Lock()
         self._raw: dict[int, socket.socket] = {}
+        self._conns: dict[int, tuple[socket.socket, str]] = {}
 
     def write(self, msg: dict[str, Any]) -> None:
         data = (json.dumps(msg) + "\n").encode()
@@ -709,6 +803,11 @@ class _AgentServer:
                     st.sniffer.stop(join=False)
         for srv in servers:
             srv.close()
+        with self._lock:
+            conns = list(self._conns.values())
+            self._conns.clear()
+        for sock, _ in conns:
+            sock.close()
 
     # -- methods ----------------------------------------------------------------
 
@@ -974,8 +1073,45 @@ class _AgentServer:
 
     def m_tcp_connect(self, addr: str, port: int, send_bytes: int = 0,
                       timeout: float = 3.0, bind: str | None = None) -> dict[str, Any]:
-        import selectors
+        sock, res = self._tcp_connect(addr, port, timeout, bind)
+        try:
+            if sock is not None and send_bytes > 0:
+                res.update(_echo(sock, _fmt_addr(addr, port), send_bytes, timeout))
+            return res
+        finally:
+            if sock is not None:
+                sock.close()
 
+    def m_tcp_open(self, addr: str, port: int, timeout: float = 3.0,
+                   bind: str | None = None) -> dict[str, Any]:
+        """Connect and keep the connection open for tcp_exchange/tcp_close."""
+        sock, res = self._tcp_connect(addr, port, timeout, bind)
+        if sock is not None:
+            with self._lock:
+                cid = next(self._ids)
+                self._conns[cid] = (sock, _fmt_addr(addr, port))
+            res["cid"] = cid
+        return res
+
+    def m_tcp_exchange(self, cid: int, send_bytes: int, timeout: float = 3.0) -> dict[str, Any]:
+        sock, where = self._conn(cid)
+        return _echo(sock, where, send_bytes, timeout)
+
+    def m_tcp_close(self, cid: int) -> None:
+        sock, _ = self._conn(cid)
+        with self._lock:
+            del self._conns[cid]
+        sock.close()
+
+    def _conn(self, cid: int) -> tuple[socket.socket, str]:
+        with self._lock:
+            found = self._conns.get(cid)
+        if found is None:
+            raise ValueError(f"no open connection {cid}")
+        return found
+
+    def _tcp_connect(self, addr: str, port: int, timeout: float,
+                     bind: str | None) -> tuple[socket.socket | None, dict[str, Any]]:
         where = _fmt_addr(addr, port)
         res: dict[str, Any] = {"connected": False, "sent": 0, "received": 0,
                                "error": None, "local": None}
@@ -984,72 +1120,22 @@ class _AgentServer:
             if bind:
                 sock.bind((bind, 0))
             sock.settimeout(timeout)
-            try:
-                sock.connect((addr, port))
-            except TimeoutError:
-                res["local"] = list(sock.getsockname()[:2])
-                res["error"] = (f"connect to {where} timed out after {timeout:g} s "
-                                "(no answer to the SYN: dropped or filtered?)")
-                return res
-            except OSError as exc:
-                with contextlib.suppress(OSError):
-                    res["local"] = list(sock.getsockname()[:2])
-                res["error"] = f"connect to {where} failed: {exc.strerror or exc}"
-                return res
-            res["connected"] = True
+            sock.connect((addr, port))
+        except TimeoutError:
             res["local"] = list(sock.getsockname()[:2])
-            if send_bytes <= 0:
-                return res
-            sock.setblocking(False)
-            sel = selectors.DefaultSelector()
-            sel.register(sock, selectors.EVENT_READ | selectors.EVENT_WRITE)
-            deadline = time.monotonic() + timeout
-            sent = received = 0
-            mismatch = False
-            eof = False
-            try:
-                while received < send_bytes:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        res["error"] = (f"echo from {where} timed out after {timeout:g} s: "
-                                        f"sent {sent} of {send_bytes} bytes, got {received} back")
-                        break
-                    events = sel.select(min(left, 0.5))
-                    for _key, mask in events:
-                        if mask & selectors.EVENT_WRITE and sent < send_bytes:
-                            off = sent % len(_PATTERN)
-                            chunk = _PATTERN[off:off + min(send_bytes - sent, 65536)]
-                            with contextlib.suppress(BlockingIOError):
-                                sent += sock.send(chunk)
-                            if sent >= send_bytes:
-                                sel.modify(sock, selectors.EVENT_READ)
-                        if mask & selectors.EVENT_READ:
-                            try:
-                                data = sock.recv(65536)
-                            except BlockingIOError:
-                                continue
-                            if not data:
-                                eof = True
-                                break
-                            off = received % len(_PATTERN)
-                            if data != _PATTERN2[off:off + len(data)]:
-                                mismatch = True
-                            received += len(data)
-                    if eof:
-                        res["error"] = (f"{where} closed the connection after {received} of "
-                                        f"{send_bytes} bytes came back")
-                        break
-            except OSError as exc:
-                res["error"] = f"transfer with {where} failed: {exc.strerror or exc}"
-            finally:
-                sel.close()
-            res["sent"] = sent
-            res["received"] = received
-            if mismatch and res["error"] is None:
-                res["error"] = "echoed bytes differ from the bytes sent"
-            return res
-        finally:
+            res["error"] = (f"connect to {where} timed out after {timeout:g} s "
+                            "(no answer to the SYN: dropped or filtered?)")
             sock.close()
+            return None, res
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                res["local"] = list(sock.getsockname()[:2])
+            res["error"] = f"connect to {where} failed: {exc.strerror or exc}"
+            sock.close()
+            return None, res
+        res["connected"] = True
+        res["local"] = list(sock.getsockname()[:2])
+        return sock, res
 
     def m_udp_send(self, addr: str, port: int, payload: str, expect_reply: bool,
                    timeout: float = 3.0, bind: str | None = None) -> dict[str, Any]:

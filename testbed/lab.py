@@ -55,7 +55,7 @@ def lab_config(tb: Testbed, *, socket: Path, fail_open: bool = False, queue: int
         f'socket = "{socket}"',
         "",
         "[defaults]",
-        "permission_timeout = 60",
+        "permission_timeout = 2  # short, so that TIMEOUT (AFC-04) is checked in seconds",
         "max_pending_per_session = 1024",
     ]
     for name, (proto, port) in PORTS.items():

@@ -24,10 +24,13 @@ from typing import Any
 
 import pytest
 
+from enforcer.client import Client
 from testbed.catalog import CLAUSES
 from testbed.topology import FAMILIES, VARIANTS
 
 REQUIRE_E2E = "PINHOLE_REQUIRE_E2E"
+# How an admitted flow runs; a test that asks for ``mode`` runs once per mode.
+MODES = ("kernel",)
 E2E_TOOLS = ("ip", "iptables-restore", "ip6tables-restore", "conntrack", "tcpdump")
 
 @dataclass
@@ -103,6 +106,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
                              scope="session")
     if "family" in metafunc.fixturenames:
         metafunc.parametrize("family", _choices(metafunc.config, "pinhole_family", FAMILIES))
+    if "mode" in metafunc.fixturenames:
+        metafunc.parametrize("mode", MODES)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -182,19 +187,47 @@ class Net:
     def call(self, method: str, **params: Any) -> Any:
         return self.enforcer.call(method, **params)
 
+    def client(self) -> Client:
+        """A new control-socket client (close it, or use it in a with block)."""
+        return self.enforcer.client()
+
+    def session(self, client: str) -> int:
+        """The client's SecureNAT session, made by a primary (FTP) connection if needed."""
+        def find() -> int | None:
+            return next((s["id"] for s in self.call("sessions") if s["client"] == self.addr(client)),
+                        None)
+
+        found = find()
+        if found is None:
+            server = self.addr("s1")
+            with self.agent("s1").tcp_server(server, 21):
+                result = self.agent(client).tcp_connect(server, 21, send_bytes=16)
+            assert result["connected"], f"{client}'s primary FTP connection failed: {result['error']}"
+            found = find()
+            assert found is not None, f"no session for {client} after its primary connection"
+        return found
+
     def source_seen_by_server(self, client: str) -> str:
         """The address a server sees for a client's primary connection."""
         return self.fw_external(0) if self.nat else self.addr(client)
 
 
 @pytest.fixture
-def net(lab: Lab, family: str) -> Net:
-    """The lab in one family, with the enforcer running in its default configuration."""
+def net(lab: Lab, family: str) -> Iterator[Net]:
+    """The lab in one family, with the enforcer running in its default configuration.
+
+    Permissions a test leaves pending are cancelled afterwards, so that none admits
+    a later test's traffic.
+    """
     if lab.enforcer.running and lab.enforcer.fail_open:
         lab.enforcer.stop()
     if not lab.enforcer.running:
         lab.enforcer.start()
-    return Net(lab, family)
+    yield Net(lab, family)
+    if lab.enforcer.running:
+        with lab.enforcer.client() as client:
+            for action in client.call("actions"):
+                client.call("cancel", action=action["action"])
 
 
 @pytest.fixture(autouse=True)

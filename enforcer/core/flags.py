@@ -17,7 +17,8 @@ class Flags(enum.IntFlag):
     INCREASE_RECEIVE_BUFFER = 0x20
 
 
-ALL_FLAGS = Flags(sum(f.value for f in Flags))
+# A plain int: the complement of an IntFlag stays inside the flag's own bits.
+ALL_FLAGS = sum(f.value for f in Flags)
 MAX_FLAG_NAMES = len(Flags)
 
 
@@ -28,8 +29,10 @@ def parse_flags(value: int | Iterable[str] | None) -> Flags:
     if isinstance(value, bool):
         raise InvalidArgument("flags must be an integer or a list of flag names")
     if isinstance(value, int):
-        if value < 0 or value & ~ALL_FLAGS:
-            raise InvalidArgument(f"unknown flag bits 0x{value & ~ALL_FLAGS & 0xFFFFFFFF:x}")
+        if value < 0:
+            raise InvalidArgument("flags must not be negative")
+        if value & ~ALL_FLAGS:
+            raise InvalidArgument(f"unknown flag bits 0x{value & ~ALL_FLAGS:x}")
         return Flags(value)
     names = list(value)
     if len(names) > MAX_FLAG_NAMES:

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.inet6 import IPv6, _ICMPv6Error
 from scapy.packet import Packet
 
+from enforcer.client import Action, Client
+from enforcer.core.flags import Flags
 from testbed import timeouts
+from testbed.lab import GUIDS
 from testbed.plugin import Net
 
 
@@ -52,3 +56,24 @@ def assert_not_connected(result: dict[str, Any], what: str) -> None:
 
 
 NEGATIVE = timeouts.NEGATIVE
+
+
+FTP_GUID = GUIDS["FTP"]
+
+
+def grant(net: Net, client: Client, target: tuple[str, int], *, session_of: str = "c1",
+          protocol: str = "tcp", flags: Flags | None = None, **kwargs: Any) -> Action:
+    """AllowFutureConnect for ``session_of``'s SecureNAT session, on behalf of FTP."""
+    return client.allow_future_connect(net.session(session_of), target, protocol_guid=FTP_GUID,
+                                       protocol=protocol, flags=flags, **kwargs)
+
+
+def pending_actions(net: Net, session_of: str = "c1") -> list[dict[str, Any]]:
+    return list(net.call("actions", session=net.session(session_of)))
+
+
+def wait_for_state(action: Action, state: str, within: float) -> None:
+    deadline = time.monotonic() + within
+    while action.state != state:
+        assert time.monotonic() < deadline, f"action {action.id} is {action.state}, not {state}"
+        time.sleep(0.1)

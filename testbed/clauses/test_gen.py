@@ -67,7 +67,6 @@ def test_unsolicited_inbound_connection_is_dropped(net: Net) -> None:
 
 
 @pytest.mark.clause("GEN-02")
-@pytest.mark.parametrize("mode", ["kernel"])
 def test_allowed_primary_passes_and_is_offloaded(net: Net, mode: str) -> None:
     """c1's FTP (TCP) and DNS (UDP) primaries pass both ways; the kernel carries them after admission."""
     c1, s1 = net.agent("c1"), net.agent("s1")

@@ -1,0 +1,384 @@
+"""AFC: AllowFutureConnect, FirewallAction and session events, end to end."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from scapy.layers.inet import TCP, UDP
+from scapy.layers.l2 import Ether
+
+from enforcer.client import ControlError
+from enforcer.core.flags import Flags
+from enforcer.core.results import InvalidArgument, NetworkRulesDenied, PolicyRulesDenied, Terminating
+from testbed import timeouts
+from testbed.checks import expect_no_packet, expect_packet
+from testbed.clauses.helpers import (
+    NEGATIVE,
+    assert_not_connected,
+    datagram,
+    grant,
+    ip,
+    pending_actions,
+    syn,
+    wait_for_state,
+)
+from testbed.lab import GUIDS
+from testbed.plugin import Net
+
+
+@pytest.mark.clause("AFC-01")
+def test_one_admitted_tcp_connection_carries_data_both_ways(net: Net, mode: str) -> None:
+    """A granted connection passes 200 kB each way; the server sees the session's address."""
+    c1, s1 = net.agent("c1"), net.agent("s1")
+    dst = net.addr("s1")
+    with net.client() as api, s1.tcp_server(dst, 30001) as server:
+        action = grant(net, api, (dst, 30001))
+        result = c1.tcp_connect(dst, 30001, send_bytes=200_000)
+        assert result["connected"], f"the granted connection was not admitted: {result['error']}"
+        assert result["sent"] == result["received"] == 200_000, result
+        assert [p[0] for p in server.stats()["peers"]] == [net.source_seen_by_server("c1")]
+        assert action.state == "consumed"
+        # a crafted SYN under a second grant is seen at the server, rewritten in NAT
+        grant(net, api, (dst, 30002))
+        with s1.sniff(net.iface("s1")) as at_server:
+            c1.send(syn(net, net.addr("c1"), dst, 41001, 30002))
+            expect_packet(at_server, ip(net, net.source_seen_by_server("c1"), dst)
+                          / TCP(dport=30002, flags="S"))
+
+
+@pytest.mark.clause("AFC-02")
+def test_single_use_admits_one_connection_only(net: Net, mode: str) -> None:
+    """The second connection to a single-use grant, and other ports and servers, are dropped."""
+    c1, s1, s2 = net.agent("c1"), net.agent("s1"), net.agent("s2")
+    dst = net.addr("s1")
+    with net.client() as api, s1.tcp_server(dst, 30011) as server, \
+            s1.tcp_server(dst, 30012) as other_port, s2.tcp_server(net.addr("s2"), 30011) as other_host:
+        action = grant(net, api, (dst, 30011))
+        assert c1.tcp_connect(dst, 30011, send_bytes=1000)["connected"]
+        assert action.state == "consumed"
+        assert_not_connected(c1.tcp_connect(dst, 30011, timeout=NEGATIVE), "second connection")
+        assert_not_connected(c1.tcp_connect(dst, 30012, timeout=NEGATIVE), "another port")
+        assert_not_connected(c1.tcp_connect(net.addr("s2"), 30011, timeout=NEGATIVE), "another server")
+        assert server.stats()["accepted"] == 1
+        assert other_port.stats()["accepted"] == other_host.stats()["accepted"] == 0
+    with s1.sniff(net.iface("s1")) as at_server:
+        c1.send(syn(net, net.addr("c1"), dst, 41002, 30011))
+        expect_no_packet(at_server, TCP(dport=30011))
+
+
+@pytest.mark.clause("AFC-03")
+def test_allow_multiple_admits_until_cancel(net: Net, mode: str) -> None:
+    """Sequential and concurrent connections pass until Cancel; open ones survive the Cancel."""
+    c1, s1 = net.agent("c1"), net.agent("s1")
+    dst = net.addr("s1")
+    with net.client() as api, s1.tcp_server(dst, 30021) as server:
+        action = grant(net, api, (dst, 30021), flags=Flags.ALLOW_MULTIPLE)
+        for _ in range(3):
+            assert c1.tcp_connect(dst, 30021, send_bytes=1000)["connected"]
+        held = [c1.tcp_open(dst, 30021) for _ in range(3)]
+        try:
+            assert all(c.connected for c in held), [c.error for c in held]
+            for c in held:
+                assert c.exchange(20_000)["received"] == 20_000
+            assert action.state == "pending" and action.info()["admitted"] == 6
+            action.cancel()
+            assert_not_connected(c1.tcp_connect(dst, 30021, timeout=NEGATIVE), "after Cancel")
+            for c in held:
+                assert c.exchange(20_000)["received"] == 20_000, "Cancel cut an admitted flow"
+        finally:
+            for c in held:
+                c.close()
+        assert server.stats()["accepted"] == 6
+
+
+@pytest.mark.clause("AFC-04")
+def test_timeout_expires_an_unused_permission(net: Net, mode: str) -> None:
+    """With TIMEOUT (the lab's timeout is 2 s) an unused grant expires and then admits nothing."""
+    c1, s1 = net.agent("c1"), net.agent("s1")
+    dst = net.addr("s1")
+    with net.client() as api, s1.tcp_server(dst, 30031) as server:
+        action = grant(net, api, (dst, 30031), flags=Flags.TIMEOUT)
+        assert action.info()["expires"] is not None
+        wait_for_state(action, "expired", within=4.0)
+        assert_not_connected(c1.tcp_connect(dst, 30031, timeout=NEGATIVE), "after expiry")
+        assert server.stats()["accepted"] == 0
+
+
+@pytest.mark.clause("AFC-04")
+def test_admitted_flow_outlives_the_timeout(net: Net, mode: str) -> None:
+    c1, s1 = net.agent("c1"), net.agent("s1")
+    dst = net.addr("s1")
+    with net.client() as api, s1.tcp_server(dst, 30032):
+        grant(net, api, (dst, 30032), flags=Flags.TIMEOUT)
+        with c1.tcp_open(dst, 30032) as conn:
+            assert conn.connected, conn.error
+            time.sleep(2.5)  # past the permission's timeout: the flow is not the permission
+            assert conn.exchange(50_000)["received"] == 50_000
+
+
+@pytest.mark.clause("AFC-05")
+@pytest.mark.parametrize(("params", "message"), [
+    ({"flags": ["TIMEOUT", "ALLOW_MULTIPLE"]}, "cannot be combined"),
+    ({"flags": ["BIDIRECTIONAL"]}, "UDP only"),
+    ({"flags": ["NO_SUCH_FLAG"]}, "unknown flag"),
+    ({"flags": 0x400}, "unknown flag bits"),
+    ({"flags": "TIMEOUT"}, "'flags' must be"),
+    ({"address": "198.51.100.300"}, "not an IP address"),
+    ({"address": ""}, "not an IP address"),
+    ({"address": 7}, "must be an IP address string"),
+    ({"port": 0}, "outside 1-65535"),
+    ({"port": 65536}, "outside 1-65535"),
+    ({"port": -1}, "'port' must be"),
+    ({"port": "21"}, "'port' must be an integer"),
+    ({"protocol": "sctp"}, "'protocol' must be"),
+    ({"protocol_guid": "ftp"}, "is not a GUID"),
+    ({"protocol_guid": "00000000-0000-0000-0000-000000000000"}, "no protocol is defined"),
+    ({"proxy_external_address": "OTHER"}, "not one of the firewall's external addresses"),
+    ({"address": "WRONG-FAMILY"}, "not of the client's address family"),
+    ({"filter": 999}, "no filter 999"),
+    ({"session": 0}, "'session' must be"),
+    ({"unexpected": 1}, "unexpected parameters: unexpected"),
+], ids=lambda v: v if isinstance(v, str) else "-".join(f"{k}={v[k]}" for k in v))
+def test_invalid_arguments_create_nothing(net: Net, params: dict[str, object], message: str) -> None:
+    """E_INVALIDARG names the problem and no permission is created."""
+    request: dict[str, object] = {
+        "session": net.session("c1"), "address": net.addr("s1"), "port": 30041, "protocol": "tcp",
+        "protocol_guid": GUIDS["FTP"]}
+    request.update(params)
+    if request["address"] == "WRONG-FAMILY":
+        request["address"] = "198.51.100.21" if net.family == "ipv6" else "2001:db8:2::21"
+    if request.get("proxy_external_address") == "OTHER":
+        request["proxy_external_address"] = net.addr("c1")  # an address, but not an external one of ours
+    before = pending_actions(net)
+    with net.client() as api, pytest.raises(InvalidArgument, match=message):
+        api.call("allow_future_connect", **request)
+    assert pending_actions(net) == before
+
+
+@pytest.mark.clause("AFC-06")
+def test_another_client_cannot_use_the_permission(net: Net, mode: str) -> None:
+    """c1's grant admits nothing from c2; it stays pending and then admits c1."""
+    c1, c2, s1 = net.agent("c1"), net.agent("c2"), net.agent("s1")
+    dst = net.addr("s1")
+    with net.client() as api, s1.tcp_server(dst, 30051) as server:
+        action = grant(net, api, (dst, 30051))
+        assert_not_connected(c2.tcp_connect(dst, 30051, timeout=NEGATIVE), "c2 on c1's grant")
+        assert action.state == "pending" and server.stats()["accepted"] == 0
+        assert c1.tcp_connect(dst, 30051, send_bytes=100)["connected"]
+
+
+@pytest.mark.clause("AFC-06")
+def test_spoofed_client_source_on_the_external_side_is_dropped(net: Net) -> None:
+    """A SYN claiming c1's address but arriving from the outside never passes the fw."""
+    s1, s2 = net.agent("s1"), net.agent("s2")
+    target = net.addr("s2")
+    fw_mac = net.mac("fw", net.topology.fw_external_iface)
+    with net.client() as api:
+        action = grant(net, api, (target, 30052))
+        frame = Ether(src=net.mac("s1"), dst=fw_mac) / syn(net, net.addr("c1"), target, 41003, 30052)
+        with s2.sniff(net.iface("s2")) as at_s2:
+            s1.send(frame, iface=net.iface("s1"))
+            # only a copy forwarded by the fw would carry the fw's MAC as its source
+            expect_no_packet(at_s2, Ether(src=fw_mac) / TCP(dport=30052))
+        assert action.state == "pending"
+
+
+@pytest.mark.clause("AFC-08")
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["one-way", "bidirectional"])
+def test_udp_is_one_way_unless_bidirectional(net: Net, mode: str, bidirectional: bool) -> None:
+    """Without BIDIRECTIONAL the server's reply never reaches the client; with it, it does."""
+    c1, s1 = net.agent("c1"), net.agent("s1")
+    dst, port = net.addr("s1"), 30061 + bidirectional
+    flags = Flags.BIDIRECTIONAL if bidirectional else Flags(0)
+    with net.client() as api, s1.udp_server(dst, port) as server:
+        grant(net, api, (dst, port), protocol="udp", flags=flags)
+        with c1.sniff(net.iface("c1")) as at_client:
+            answer = c1.udp_send(dst, port, b"datagram", expect_reply=True)
+            assert server.stats()["bytes_in"] == len(b"datagram"), "the datagram did not arrive"
+            if bidirectional:
+                assert answer["reply"] == b"datagram", answer
+                expect_packet(at_client, UDP(sport=port))
+            else:
+                assert answer["reply"] is None, "a reply passed without BIDIRECTIONAL"
+                expect_no_packet(at_client, UDP(sport=port))
+
+
+@pytest.mark.clause("AFC-08")
+def test_crafted_udp_reply_without_bidirectional_is_dropped(net: Net) -> None:
+    c1, s1 = net.agent("c1"), net.agent("s1")
+    src, dst = net.addr("c1"), net.addr("s1")
+    with net.client() as api:
+        grant(net, api, (dst, 30063), protocol="udp")
+        with s1.sniff(net.iface("s1")) as at_server, c1.sniff(net.iface("c1")) as at_client:
+            c1.send(datagram(net, src, dst, 41004, 30063, b"request"))
+            expect_packet(at_server, UDP(dport=30063))
+            s1.send(datagram(net, dst, net.source_seen_by_server("c1"), 30063, 41004, b"reply"))
+            expect_no_packet(at_client, UDP(sport=30063))
+
+
+@pytest.mark.clause("AFC-09")
+def test_protocol_rules_deny_creates_nothing(net: Net) -> None:
+    """c2 may not use HTTP: a grant on HTTP's behalf is FWX_E_POLICY_RULES_DENIED."""
+    with net.client() as api:
+        before = pending_actions(net, "c2")
+        with pytest.raises(PolicyRulesDenied, match="do not let"):
+            api.allow_future_connect(net.session("c2"), (net.addr("s1"), 30071),
+                                     protocol_guid=GUIDS["HTTP"])
+        with pytest.raises(PolicyRulesDenied):
+            api.allow_future_connect(net.session("c2"), (net.addr("s1"), 30071),
+                                     protocol_guid=GUIDS["SSH"])
+        assert pending_actions(net, "c2") == before
+        assert_not_connected(net.agent("c2").tcp_connect(net.addr("s1"), 30071, timeout=NEGATIVE),
+                             "after a denied grant")
+
+
+@pytest.mark.clause("AFC-10")
+def test_site_rules_deny_creates_nothing(net: Net) -> None:
+    """The denied network: FWX_E_NETWORK_RULES_DENIED, and no flow passes."""
+    denied = net.addr("s2", 1)
+    with net.client() as api, net.agent("s2").tcp_server(denied, 30081) as server:
+        before = pending_actions(net)
+        with pytest.raises(NetworkRulesDenied, match="deny"):
+            grant(net, api, (denied, 30081))
+        assert pending_actions(net) == before
+        assert_not_connected(net.agent("c1").tcp_connect(denied, 30081, timeout=NEGATIVE), "denied")
+        assert server.stats()["accepted"] == 0
+
+
+@pytest.mark.clause("AFC-11")
+def test_cancel_semantics(net: Net, mode: str) -> None:
+    """Cancel stops new matches only; cancelling what is not pending is FWX_E_TERMINATING."""
+    c1, s1 = net.agent("c1"), net.agent("s1")
+    dst = net.addr("s1")
+    with net.client() as api, s1.tcp_server(dst, 30091), s1.tcp_server(dst, 30092), \
+            s1.tcp_server(dst, 30093):
+        multiple = grant(net, api, (dst, 30091), flags=Flags.ALLOW_MULTIPLE)
+        with c1.tcp_open(dst, 30091) as admitted:
+            assert admitted.connected, admitted.error
+            multiple.cancel()
+            assert multiple.state == "cancelled"
+            assert_not_connected(c1.tcp_connect(dst, 30091, timeout=NEGATIVE), "after Cancel")
+            assert admitted.exchange(10_000)["received"] == 10_000
+        with pytest.raises(Terminating, match="cancelled"):
+            multiple.cancel()
+
+        consumed = grant(net, api, (dst, 30092))
+        assert c1.tcp_connect(dst, 30092, send_bytes=10)["connected"]
+        with pytest.raises(Terminating, match="consumed"):
+            consumed.cancel()
+
+        expired = grant(net, api, (dst, 30093), flags=Flags.TIMEOUT)
+        wait_for_state(expired, "expired", within=4.0)
+        with pytest.raises(Terminating, match="expired"):
+            expired.cancel()
+        with pytest.raises(InvalidArgument, match="no action"):
+            api.call("cancel", action=10**9)
+
+
+@pytest.mark.clause("AFC-12")
+def test_identical_grants_are_independent(net: Net, mode: str) -> None:
+    """Two identical grants admit two flows; cancelling one leaves the other."""
+    c1, s1 = net.agent("c1"), net.agent("s1")
+    dst = net.addr("s1")
+    with net.client() as api, s1.tcp_server(dst, 30101) as server:
+        first, second = grant(net, api, (dst, 30101)), grant(net, api, (dst, 30101))
+        assert first.id != second.id
+        assert c1.tcp_connect(dst, 30101, send_bytes=10)["connected"]
+        assert c1.tcp_connect(dst, 30101, send_bytes=10)["connected"]
+        assert_not_connected(c1.tcp_connect(dst, 30101, timeout=NEGATIVE), "a third connection")
+        assert (first.state, second.state) == ("consumed", "consumed")
+        assert server.stats()["accepted"] == 2
+
+        kept, cancelled = grant(net, api, (dst, 30101)), grant(net, api, (dst, 30101))
+        cancelled.cancel()
+        assert c1.tcp_connect(dst, 30101, send_bytes=10)["connected"]
+        assert kept.state == "consumed" and cancelled.state == "cancelled"
+        assert_not_connected(c1.tcp_connect(dst, 30101, timeout=NEGATIVE), "the cancelled twin")
+
+
+@pytest.mark.clause("AFC-13")
+def test_established_connection_event_goes_to_its_filter_only(net: Net, mode: str) -> None:
+    """Exactly one event per admitted flow, with the caller's context, to the caller's filter."""
+    c1, s1 = net.agent("c1"), net.agent("s1")
+    dst = net.addr("s1")
+    with net.client() as mine, net.client() as other, s1.tcp_server(dst, 30111):
+        my_filter = mine.register_filter("ftp-test")
+        other.register_filter("bystander")
+        context = {"token": "afc-13", "n": [1, 2]}
+        grant(net, mine, (dst, 30111), flags=Flags.ALLOW_MULTIPLE, session_filter=my_filter,
+              context=context)
+        grant(net, mine, (dst, 30112))  # no filter: no event for anyone
+        locals_ = [c1.tcp_connect(dst, 30111, send_bytes=10)["local"] for _ in range(2)]
+        with s1.tcp_server(dst, 30112):
+            assert c1.tcp_connect(dst, 30112, send_bytes=10)["connected"]
+        events = [mine.next_event(timeouts.POSITIVE) for _ in range(2)]
+        assert all(e is not None for e in events), events
+        for event, local in zip(events, locals_, strict=True):
+            assert event is not None
+            assert event["event"] == "established_connection" and event["filter"] == my_filter
+            assert event["context"] == context
+            assert event["client"] == [net.addr("c1"), local[1]]
+            assert event["target"] == [dst, 30111] and event["protocol"] == "tcp"
+            assert event["external"] == (net.fw_external(0) if net.nat else None)
+        assert mine.next_event(NEGATIVE) is None, "more events than admitted flows"
+        assert other.next_event(NEGATIVE) is None, "another filter got the event"
+
+
+@pytest.mark.clause("AFC-14")
+@pytest.mark.parametrize("requested", [None, 0, 1], ids=["default", "first", "second"])
+def test_proxy_external_address(net: Net, mode: str, requested: int | None) -> None:
+    """In NAT the flow leaves from the requested external address (default: the primary's)."""
+    c1, s1 = net.agent("c1"), net.agent("s1")
+    dst, port = net.addr("s1"), 30121 + (requested if requested is not None else 2)
+    proxy = None if requested is None else net.fw_external(requested)
+    with net.client() as api, s1.tcp_server(dst, port) as server:
+        grant(net, api, (dst, port), proxy_external_address=proxy)
+        assert c1.tcp_connect(dst, port, send_bytes=1000)["connected"]
+        seen = server.stats()["peers"][0][0]
+    if net.nat:
+        assert seen == (proxy or net.fw_external(0)), f"left from {seen}"
+    else:
+        assert seen == net.addr("c1"), "routed: no translation"
+
+
+@pytest.mark.clause("AFC-16")
+def test_session_end_cancels_pending_permissions(net: Net, mode: str) -> None:
+    """Ending the session cancels its pending grants; flows it admitted keep working."""
+    c1, s1 = net.agent("c1"), net.agent("s1")
+    dst = net.addr("s1")
+    with net.client() as api, s1.tcp_server(dst, 30131), s1.tcp_server(dst, 30132):
+        admitting = grant(net, api, (dst, 30131))
+        pending = grant(net, api, (dst, 30132), flags=Flags.ALLOW_MULTIPLE)
+        with c1.tcp_open(dst, 30131) as admitted:
+            assert admitted.connected, admitted.error
+            session = net.session("c1")
+            ended = api.call("end_session", session=session)
+            assert ended["cancelled"] == [pending.id]
+            assert pending.state == "cancelled" and admitting.state == "consumed"
+            assert_not_connected(c1.tcp_connect(dst, 30132, timeout=NEGATIVE), "after session end")
+            assert admitted.exchange(10_000)["received"] == 10_000
+        with pytest.raises(InvalidArgument, match="no session"):
+            api.call("end_session", session=session)
+        assert session not in [s["id"] for s in net.call("sessions")]
+
+
+@pytest.mark.clause("AFC-05")
+def test_the_daemon_keeps_serving_after_bad_session_api_input(net: Net) -> None:
+    """Wrong types, huge arrays and truncated JSON get error replies; the daemon goes on."""
+    with net.client() as api:
+        for raw in (b'{"id": 1, "method": "allow_future_connect", "params": {"flags": ['
+                    + b'"TIMEOUT", ' * 2000 + b'"TIMEOUT"]}}\n',
+                    b'{"id": 2, "method": "allow_future_connect", "params": {"session": "one"}}\n',
+                    b'{"id": 3, "method": "cancel", "params": {"action": [1]}}\n',
+                    b'{"id": 4, "method": "allow_future_connect", "params": {"sess\n'):
+            reply = api.raw(raw)
+            assert reply["error"]["name"] == "E_INVALIDARG", reply
+        assert api.call("ping") == {"pong": True}
+    with net.client() as api:
+        try:
+            reply = api.raw(b'{"id": 5, "method": "actions", "params": {"x": "' + b"y" * 70_000 + b'"}}\n')
+            assert "request too large" in reply["error"]["message"], reply
+        except ControlError:
+            pass  # the daemon may close the connection before the sender is done
+    assert net.call("ping") == {"pong": True}

@@ -100,7 +100,8 @@ def locate(text: str, path: KeyPath) -> int | None:
     for i, part in enumerate(path):
         if isinstance(part, int):
             continue
-        index = path[i + 1] if i + 1 < len(path) else None
+        following = path[i + 1] if i + 1 < len(path) else None
+        index = following if isinstance(following, int) else None  # [[array]] tables only
         hit = _header(lines, part, index) if i == 0 else None
         if hit is None:
             hit = _key(lines, part, start)
@@ -110,7 +111,7 @@ def locate(text: str, path: KeyPath) -> int | None:
     return None if found is None else found + 1
 
 
-def _header(lines: list[str], name: str, index: str | int | None) -> int | None:
+def _header(lines: list[str], name: str, index: int | None) -> int | None:
     seen = -1
     pattern = re.compile(rf"^\s*\[\[?\s*{re.escape(name)}\s*\]\]?\s*(#.*)?$")
     for n, line in enumerate(lines):

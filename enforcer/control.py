@@ -7,6 +7,7 @@ error reply naming the problem; the connection (and the daemon) go on serving.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import selectors
 import socket
@@ -31,6 +32,7 @@ class Caller:
         self.server.send(self.conn, message)
 
 
+log = logging.getLogger("pinhole.enforcer.control")
 Handler = Callable[[dict[str, Any], Caller], Any]
 
 
@@ -106,9 +108,14 @@ class ControlServer:
         if len(line) > MAX_REQUEST:
             return _error(None, InvalidArgument(f"request too large: {len(line)} bytes > {MAX_REQUEST}"))
         try:
-            request = json.loads(line)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            # Decoded here: json.loads(bytes) would also accept UTF-16 and UTF-32.
+            request = json.loads(line.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            return _error(None, InvalidArgument(f"request is not valid JSON: not UTF-8 ({exc.reason})"))
+        except json.JSONDecodeError as exc:
             return _error(None, InvalidArgument(f"request is not valid JSON: {exc}"))
+        except RecursionError:
+            return _error(None, InvalidArgument("request is not valid JSON: nested too deeply"))
         if not isinstance(request, dict):
             return _error(None, InvalidArgument("request must be a JSON object"))
         rid = request.get("id")
@@ -126,6 +133,9 @@ class ControlServer:
             return {"id": rid, "result": handler(params, caller)}
         except SessionApiError as exc:
             return _error(rid, exc)
+        except Exception as exc:  # a bug in a handler must not take the firewall down
+            log.exception("control method %s failed", method)
+            return _error(rid, SessionApiError(f"internal error in '{method}': {exc!r}"))
 
     def send(self, conn: socket.socket, message: dict[str, Any]) -> None:
         if conn not in self._buffers:

@@ -75,6 +75,14 @@ class Daemon:
 
     # --- the packet path ------------------------------------------------------------
     def on_packet(self, pkt: Any) -> None:
+        try:
+            self._on_packet(pkt)
+        except Exception:  # fail closed on a bug, and keep enforcing
+            log.exception("dropping a packet the enforcer failed to decide")
+            self.engine.counters["errors"] += 1
+            pkt.drop()
+
+    def _on_packet(self, pkt: Any) -> None:
         ingress = self._ingress.get(pkt.indev, Ingress.EXTERNAL)
         try:
             meta = parse(pkt.get_payload(), ingress)

@@ -226,8 +226,9 @@ def policy_from_dict(data: Mapping[str, Any], extra_sections: Iterable[str] = ()
         name = r.get("name", str)
         if any(p.name == name for p in protocols):
             raise r.fail("name", f"protocol '{name}' is defined twice")
+        guid_text = r.get("guid", str)
         try:
-            guid = uuid.UUID(r.get("guid", str))
+            guid = uuid.UUID(guid_text)
         except ValueError:
             raise r.fail("guid", "not a GUID like 'xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx'") from None
         ip_proto_name = r.get("ip_protocol", str)

@@ -1,0 +1,81 @@
+"""testbed.catalog.CLAUSES against SPEC.md's clause catalog, and the result codes against its table.
+
+SPEC.md lives beside the checkout (``../shared/spec/SPEC.md``); without it these skip.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from enforcer.core.results import ERRORS
+from testbed.catalog import CLAUSES
+
+REPO = Path(__file__).resolve().parents[2]
+SPEC = REPO.parent / "shared" / "spec" / "SPEC.md"
+CLAUSE_ID = re.compile(r"^[A-Z]+(?:-[A-Z]+)*-\d{2}$")
+
+
+@pytest.fixture(scope="module")
+def spec() -> str:
+    if not SPEC.is_file():
+        pytest.skip(f"{SPEC} is absent (the spec is not beside this checkout)")
+    return SPEC.read_text()
+
+
+def section(text: str, title: str) -> list[str]:
+    lines = text.splitlines()
+    start = next((i for i, line in enumerate(lines) if re.match(rf"^#+\s+{re.escape(title)}\s*$", line)),
+                 None)
+    assert start is not None, f"no '{title}' section in SPEC.md"
+    level = len(lines[start]) - len(lines[start].lstrip("#"))
+    out = []
+    for line in lines[start + 1:]:
+        m = re.match(r"^(#+)\s", line)
+        if m and len(m.group(1)) <= level:
+            break
+        out.append(line)
+    return out
+
+
+def spec_clauses(text: str) -> list[tuple[str, str]]:
+    out = []
+    for line in section(text, "Clause catalog"):
+        m = re.match(r"^[-*]\s+(\S+)\s+(.*)$", line)
+        if m:
+            out.append((m.group(1), m.group(2).strip()))
+    return out
+
+
+def test_clause_ids_match_the_spec_in_order(spec: str) -> None:
+    ids = [cid for cid, _ in spec_clauses(spec)]
+    assert ids, "the Clause catalog section lists no clauses"
+    assert ids == list(CLAUSES)
+
+
+def test_clause_texts_match_the_spec(spec: str) -> None:
+    assert dict(spec_clauses(spec)) == CLAUSES
+
+
+def test_result_codes_match_the_spec_table(spec: str) -> None:
+    rows = {}
+    for line in spec.splitlines():
+        m = re.match(r"^\|\s*([A-Z_]+)\b[^|]*\|\s*(0x[0-9A-Fa-f]{8})\s*\|", line)
+        if m:
+            rows[m.group(1)] = int(m.group(2), 16)
+    assert len(rows) >= 6, rows
+    for name, value in rows.items():
+        if name in ("S_OK", "S_FALSE"):
+            continue
+        assert name in ERRORS, f"{name} is in SPEC.md but not in ERRORS"
+        assert ERRORS[name].hresult == value, name
+
+
+def test_clause_ids_are_well_formed_and_unique() -> None:
+    assert CLAUSES
+    for cid, text in CLAUSES.items():
+        assert CLAUSE_ID.match(cid), cid
+        assert text and text == text.strip(), cid
+    assert len({cid.upper() for cid in CLAUSES}) == len(CLAUSES)

@@ -1,0 +1,335 @@
+"""enforcer.control (handle_line, the socket's life) and enforcer.core.results (HRESULTs)."""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import selectors
+import socket
+import stat
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from enforcer.control import AlreadyRunning, Caller, ControlServer
+from enforcer.core import results
+from enforcer.core.results import (
+    ERRORS,
+    InvalidArgument,
+    IsBusy,
+    NetworkRulesDenied,
+    NotFound,
+    PolicyRulesDenied,
+    SessionApiError,
+    Terminating,
+)
+from enforcer.protocol import MAX_REQUEST, encode
+
+SPEC_HRESULTS = {
+    "E_INVALIDARG": 0x80070057,
+    "NOT_FOUND": 0x80070490,
+    "FWX_E_TERMINATING": 0xC0040001,
+    "FWX_E_POLICY_RULES_DENIED": 0xC004000D,
+    "FWX_E_NETWORK_RULES_DENIED": 0xC0040012,
+    "FWX_E_IS_BUSY": 0xC0040011,
+}
+
+
+def _raise(exc: SessionApiError) -> Any:
+    raise exc
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[ControlServer]:
+    calls: list[dict[str, Any]] = []
+    handlers = {
+        "ping": lambda p, c: {"pong": True},
+        "echo": lambda p, c: (calls.append(p), p)[1],
+        **{f"raise_{name}": (lambda p, c, cls=cls: _raise(cls(f"{cls.name} happened")))
+           for name, cls in ERRORS.items()},
+    }
+    sel = selectors.DefaultSelector()
+    srv = ControlServer(str(tmp_path / "c.sock"), handlers, sel)
+    srv.calls = calls  # type: ignore[attr-defined]
+    yield srv
+    srv.close()
+    sel.close()
+
+
+def handle(server: ControlServer, line: bytes) -> dict[str, Any]:
+    a, b = socket.socketpair()
+    try:
+        return server.handle_line(line, Caller(server, a))
+    finally:
+        a.close()
+        b.close()
+
+
+def call(server: ControlServer, line: bytes | str) -> dict[str, Any]:
+    reply = handle(server, line.encode() if isinstance(line, str) else line)
+    json.dumps(reply)  # every reply can be sent
+    return reply
+
+
+def assert_invalid(reply: dict[str, Any], rid: Any, *fragments: str) -> None:
+    assert set(reply) == {"id", "error"}, reply
+    assert reply["id"] == rid
+    err = reply["error"]
+    assert err["name"] == "E_INVALIDARG"
+    assert err["hresult"] == "0x80070057"
+    for f in fragments:
+        assert f in err["message"], err["message"]
+
+
+# --- handle_line ----------------------------------------------------------------------------
+
+def test_ping(server: ControlServer) -> None:
+    assert call(server, '{"id": 1, "method": "ping"}') == {"id": 1, "result": {"pong": True}}
+
+
+def test_params_are_passed_and_default_to_empty(server: ControlServer) -> None:
+    assert call(server, '{"id": "a", "method": "echo", "params": {"x": [1, 2]}}') == \
+        {"id": "a", "result": {"x": [1, 2]}}
+    assert call(server, '{"id": 2, "method": "echo"}') == {"id": 2, "result": {}}
+    assert server.calls == [{"x": [1, 2]}, {}]  # type: ignore[attr-defined]
+
+
+def test_missing_id_is_null(server: ControlServer) -> None:
+    assert call(server, '{"method": "ping"}') == {"id": None, "result": {"pong": True}}
+
+
+def test_unknown_method(server: ControlServer) -> None:
+    reply = call(server, '{"id": 3, "method": "reboot"}')
+    assert_invalid(reply, 3, "unknown method 'reboot'", "ping", "echo")
+
+
+@pytest.mark.parametrize("line", [
+    b"hello",
+    b"",
+    b"{",
+    b'{"id": 1, "method": "pi',
+    b'{"id": 1, "method": "ping"',
+    b'{"id": 1 "method": "ping"}',
+    b"{'id': 1, 'method': 'ping'}",
+    b'{"id": 1, "method": "ping"} x',
+], ids=repr)
+def test_not_json(server: ControlServer, line: bytes) -> None:
+    assert_invalid(call(server, line), None, "not valid JSON")
+
+
+@pytest.mark.parametrize("line", [b"[1, 2]", b'"ping"', b"42", b"null", b"true",
+                                  b'[{"method": "ping"}]'], ids=repr)
+def test_json_that_is_not_an_object(server: ControlServer, line: bytes) -> None:
+    assert_invalid(call(server, line), None, "must be a JSON object")
+
+
+@pytest.mark.parametrize("method", ["5", "null", "true", '["ping"]', '{"m": "ping"}'])
+def test_method_must_be_a_string(server: ControlServer, method: str) -> None:
+    reply = call(server, f'{{"id": 9, "method": {method}}}')
+    assert_invalid(reply, 9, "string 'method'")
+
+
+def test_method_missing(server: ControlServer) -> None:
+    assert_invalid(call(server, '{"id": 9, "params": {}}'), 9, "string 'method'")
+
+
+@pytest.mark.parametrize("params", ["[1]", '"x"', "3", "null", "true"])
+def test_params_must_be_an_object(server: ControlServer, params: str) -> None:
+    reply = call(server, f'{{"id": 4, "method": "echo", "params": {params}}}')
+    assert_invalid(reply, 4, "'params' must be a JSON object")
+    assert server.calls == []  # type: ignore[attr-defined]
+
+
+def _padded(size: int) -> bytes:
+    head = b'{"id": 5, "method": "ping", "pad": "'
+    tail = b'"}'
+    return head + b"x" * (size - len(head) - len(tail)) + tail
+
+
+def test_oversized_line(server: ControlServer) -> None:
+    line = _padded(MAX_REQUEST + 1)
+    assert len(line) == MAX_REQUEST + 1
+    assert_invalid(call(server, line), None, "request too large")
+
+
+def test_line_at_the_limit_is_served(server: ControlServer) -> None:
+    line = _padded(MAX_REQUEST)
+    assert call(server, line) == {"id": 5, "result": {"pong": True}}
+
+
+@pytest.mark.parametrize("line", [
+    b'{"id": 1, "method": "\xff"}',
+    b'{"id": 1, "method": "ping", "x": "\xc3\x28"}',
+    b"\xff\xff\xff",
+], ids=repr)
+def test_invalid_utf8(server: ControlServer, line: bytes) -> None:
+    reply = call(server, line)
+    assert_invalid(reply, None, "not valid JSON")
+
+
+@pytest.mark.parametrize("line", [
+    '{"id": 1, "method": "ping"}'.encode("utf-16"),
+    '{"id": 1, "method": "ping"}'.encode("utf-32-be"),
+    b'{"id": 1, "method": "ping", "x": "\xed\xa0\x80"}',  # an encoded lone surrogate
+], ids=["utf-16", "utf-32", "surrogate"])
+def test_not_utf8_at_all(server: ControlServer, line: bytes) -> None:
+    reply = call(server, line)
+    assert "error" in reply
+
+
+@pytest.mark.parametrize("line", [b"[" * 1000, b"[" * 50_000, b'{"a":' * 10_000],
+                         ids=["1000-arrays", "arrays", "objects"])
+def test_deeply_nested_json_is_an_error_reply(server: ControlServer, line: bytes) -> None:
+    assert len(line) <= MAX_REQUEST
+    reply = handle(server, line)
+    assert_invalid(reply, None)
+
+
+@pytest.mark.parametrize("name", sorted(ERRORS))
+def test_handler_error_is_reported(server: ControlServer, name: str) -> None:
+    reply = call(server, f'{{"id": 11, "method": "raise_{name}", "params": {{}}}}')
+    assert reply == {"id": 11, "error": {"name": name, "hresult": f"0x{ERRORS[name].hresult:08X}",
+                                         "message": f"{name} happened"}}
+
+
+@pytest.mark.parametrize(("cls", "hresult"), [
+    (InvalidArgument, "0x80070057"),
+    (NotFound, "0x80070490"),
+    (Terminating, "0xC0040001"),
+    (PolicyRulesDenied, "0xC004000D"),
+    (NetworkRulesDenied, "0xC0040012"),
+    (IsBusy, "0xC0040011"),
+])
+def test_documented_hresult_on_the_wire(tmp_path: Path, cls: type[SessionApiError], hresult: str) -> None:
+    sel = selectors.DefaultSelector()
+    srv = ControlServer(str(tmp_path / "h.sock"), {"m": lambda p, c: _raise(cls("why"))}, sel)
+    try:
+        reply = handle(srv, b'{"id": 0, "method": "m"}')
+    finally:
+        srv.close()
+    assert reply == {"id": 0, "error": {"name": cls.name, "hresult": hresult, "message": "why"}}
+
+
+# --- results ------------------------------------------------------------------------------
+
+def test_errors_have_unique_names_and_spec_values() -> None:
+    classes = list(ERRORS.values())
+    assert len({c.name for c in classes}) == len(classes)
+    assert len({c.hresult for c in classes}) == len(classes)
+    for name, cls in ERRORS.items():
+        assert cls.name == name
+        assert issubclass(cls, SessionApiError)
+    for name, value in SPEC_HRESULTS.items():
+        assert ERRORS[name].hresult == value, name
+    assert set(SPEC_HRESULTS) <= set(ERRORS)
+
+
+def test_every_session_api_error_class_is_in_errors() -> None:
+    defined = {obj for obj in vars(results).values()
+               if isinstance(obj, type) and issubclass(obj, SessionApiError)}
+    assert defined == set(ERRORS.values())
+
+
+def test_error_to_dict() -> None:
+    assert InvalidArgument("bad port").to_dict() == \
+        {"name": "E_INVALIDARG", "hresult": "0x80070057", "message": "bad port"}
+    assert Terminating("gone").to_dict()["hresult"] == "0xC0040001"
+    assert str(IsBusy("full")) == "full"
+    assert (results.S_OK, results.S_FALSE) == (0, 1)
+
+
+# --- the socket ---------------------------------------------------------------------------
+
+def test_socket_is_created_owner_only_and_removed_on_close(tmp_path: Path) -> None:
+    path = tmp_path / "c.sock"
+    sel = selectors.DefaultSelector()
+    srv = ControlServer(str(path), {}, sel)
+    mode = path.stat().st_mode
+    assert stat.S_ISSOCK(mode)
+    assert stat.S_IMODE(mode) & 0o077 == 0
+    srv.close()
+    assert not path.exists()
+
+
+def test_refuses_a_served_path_but_replaces_a_stale_one(tmp_path: Path) -> None:
+    path = tmp_path / "c.sock"
+    sel = selectors.DefaultSelector()
+    first = ControlServer(str(path), {}, sel)
+    try:
+        with pytest.raises(AlreadyRunning):
+            ControlServer(str(path), {}, selectors.DefaultSelector())
+    finally:
+        first.close()
+    # A socket file nobody serves is a leftover: it is replaced.
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(path))
+    stale.close()
+    assert path.is_socket()
+    again = ControlServer(str(path), {}, sel)
+    again.close()
+
+
+def test_creates_the_socket_directory(tmp_path: Path) -> None:
+    path = tmp_path / "d" / "c.sock"
+    srv = ControlServer(str(path), {}, selectors.DefaultSelector())
+    try:
+        assert path.is_socket()
+    finally:
+        srv.close()
+
+
+def _pump(server: ControlServer, client: socket.socket) -> None:
+    """Run the server's callbacks until the client has something to read."""
+    deadline = time.monotonic() + 5
+    while not select.select([client], [], [], 0)[0] and time.monotonic() < deadline:
+        for key, _ in server.selector.select(timeout=0.05):
+            key.data()
+
+
+def test_over_the_socket(server: ControlServer) -> None:
+    """Root is served line by line; anyone else gets one refusal and is disconnected."""
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    client.settimeout(5)
+    try:
+        client.connect(str(server.path))
+        reader = client.makefile("rb")
+        if os.geteuid() == 0:
+            client.sendall(b'{"id": 1, "method": "ping"}\n{"id": 2, "meth')
+            _pump(server, client)
+            assert json.loads(reader.readline()) == {"id": 1, "result": {"pong": True}}
+            client.sendall(b'od": "nope"}\nnot json\n')
+            _pump(server, client)
+            assert_invalid(json.loads(reader.readline()), 2, "unknown method 'nope'")
+            assert_invalid(json.loads(reader.readline()), None, "not valid JSON")
+        else:
+            client.sendall(b'{"id": 1, "method": "ping"}\n')
+            _pump(server, client)
+            assert_invalid(json.loads(reader.readline()), None, "root only")
+            assert reader.readline() == b""
+    finally:
+        client.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a non-root peer is refused before it can send")
+def test_over_the_socket_no_newline_within_the_limit(server: ControlServer) -> None:
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    client.settimeout(5)
+    try:
+        client.connect(str(server.path))
+        reader = client.makefile("rb")
+        client.sendall(b"x" * (MAX_REQUEST + 10))
+        _pump(server, client)
+        assert_invalid(json.loads(reader.readline()), None, "request too large")
+        assert reader.readline() == b""  # and the connection is closed
+    finally:
+        client.close()
+
+
+def test_encode_is_one_line() -> None:
+    out = encode({"id": 1, "result": {"text": "a\nb"}})
+    assert out.endswith(b"\n") and out.count(b"\n") == 1
+    assert json.loads(out) == {"id": 1, "result": {"text": "a\nb"}}

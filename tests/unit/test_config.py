@@ -137,10 +137,6 @@ def test_load_error_names_the_file(tmp_path: Path) -> None:
 # --- errors: file:LINE: reason ------------------------------------------------------------
 # Each case marks the line the error must point at with "# <-".
 
-LOCATE_BUG = ("bug: config.py:103 locate() passes the key after a plain table's name (e.g. "
-              "'permission_timeout' in ('defaults', 'permission_timeout')) to _header() as an "
-              "[[array]] index, so no header matches and the error has no line")
-
 CASES = [
     pytest.param(MINIMAL + "nat = tru  # <-\n", "not valid TOML", id="bad-toml"),
     pytest.param("[network]\ninternal_interfaces = [\"int0\"\n[dataplane]  # <-\n", "not valid TOML",

@@ -91,10 +91,16 @@ class Daemon:
             log.debug("drop malformed packet: %s", exc)
             pkt.drop()
             return
-        decision = self.engine.decide(meta, self.clock())
+        length = pkt.get_payload_len()
+        if dataplane.is_user_mode(pkt.get_mark()):
+            self.engine.user_packet(meta, length, self.clock())
+            pkt.accept()
+            return
+        decision = self.engine.decide(meta, self.clock(), length)
         log.debug("%s %s: %s", decision.verdict.value, meta.key, decision.reason)
-        if decision.verdict is Verdict.ADMIT_KERNEL:
-            mark = dataplane.mark_for(decision.one_way, decision.external_index)
+        if decision.verdict is not Verdict.DROP:
+            mark = dataplane.mark_for(decision.verdict is Verdict.ADMIT_USER, decision.one_way,
+                                      decision.external_index)
             pkt.set_mark((pkt.get_mark() & ~dataplane.MARK_MASK) | mark)
             pkt.accept()
             self.api.dispatch_events()

@@ -27,6 +27,7 @@ NFT_TABLE = "pinhole"
 # The mark bits this enforcer owns, on packets (verdict) and on conntrack entries:
 MARK_MODE = 0x30000000     # how an admitted flow runs
 MARK_KERNEL = 0x10000000   #   in kernel mode: the kernel forwards the rest of it
+MARK_USER = 0x20000000     #   in user mode: every packet is queued to the enforcer
 MARK_ONE_WAY = 0x40000000  # replies (target -> client) are not admitted
 MARK_SNAT = 0x0F000000     # 1 + index of the external address a NATed flow leaves from
 MARK_SNAT_SHIFT = 24
@@ -34,10 +35,15 @@ MARK_MASK = MARK_MODE | MARK_ONE_WAY | MARK_SNAT
 MAX_EXTERNAL_ADDRESSES = MARK_SNAT >> MARK_SNAT_SHIFT
 
 
-def mark_for(one_way: bool, external_index: int) -> int:
+def mark_for(user_mode: bool, one_way: bool, external_index: int) -> int:
     """The mark an admitting verdict sets (pure)."""
-    return (MARK_KERNEL | (MARK_ONE_WAY if one_way else 0)
+    return ((MARK_USER if user_mode else MARK_KERNEL) | (MARK_ONE_WAY if one_way else 0)
             | ((external_index + 1) << MARK_SNAT_SHIFT) & MARK_SNAT)
+
+
+def is_user_mode(mark: int) -> bool:
+    """Whether a queued packet's mark (restored from its flow) says user mode."""
+    return mark & MARK_MODE == MARK_USER
 
 
 def _hex(value: int) -> str:
@@ -70,6 +76,9 @@ def render_rules(family: str, settings: DataplaneSettings, interfaces: Interface
                  nat: bool) -> str:
     """iptables-restore input for one family (pure: unit-tested without root)."""
     kernel = f"{_hex(MARK_KERNEL)}/{_hex(MARK_MODE)}"
+    user = f"{_hex(MARK_USER)}/{_hex(MARK_MODE)}"
+    admitted = f"! --mark 0x0/{_hex(MARK_MODE)}"
+    ours = f"--nfmask {_hex(MARK_MASK)} --ctmask {_hex(MARK_MASK)}"
     bypass = " --queue-bypass" if settings.fail_open else ""
     queue = f"-j NFQUEUE --queue-num {settings.queue}{bypass}"
     # Unmarked packets of flows that are not new: dropped when failing closed; when
@@ -82,16 +91,20 @@ def render_rules(family: str, settings: DataplaneSettings, interfaces: Interface
         f"-A PINHOLE-FORWARD -m connmark --mark {_hex(MARK_ONE_WAY)}/{_hex(MARK_ONE_WAY)} "
         "-m conntrack --ctdir REPLY -j DROP",
         f"-A PINHOLE-FORWARD -m connmark --mark {kernel} -j ACCEPT",
+        f"-A PINHOLE-FORWARD -m connmark --mark {user} {queue}",
         f"-A PINHOLE-FORWARD -m conntrack --ctstate NEW {queue}",
         not_new,
         "-I FORWARD 1 -j PINHOLE-FORWARD",
         "COMMIT",
         # The verdict sets the packet mark; copying it to the connmark after the
         # filter hook is what offloads the rest of the flow to the kernel.
+        # Restoring it on the way in tells the enforcer a queued packet's mode.
         "*mangle",
+        ":PINHOLE-PREROUTING - [0:0]",
         ":PINHOLE-POSTROUTING - [0:0]",
-        f"-A PINHOLE-POSTROUTING -m mark --mark {kernel} "
-        f"-j CONNMARK --save-mark --nfmask {_hex(MARK_MASK)} --ctmask {_hex(MARK_MASK)}",
+        f"-A PINHOLE-PREROUTING -m connmark {admitted} -j CONNMARK --restore-mark {ours}",
+        f"-A PINHOLE-POSTROUTING -m mark {admitted} -j CONNMARK --save-mark {ours}",
+        "-I PREROUTING 1 -j PINHOLE-PREROUTING",
         "-I POSTROUTING 1 -j PINHOLE-POSTROUTING",
         "COMMIT",
     ]
@@ -121,6 +134,8 @@ def _snat_rules(family: str, interfaces: Interfaces) -> list[tuple[str, IPNetwor
 def render_nft(settings: DataplaneSettings, interfaces: Interfaces, nat: bool) -> str:
     """The same rules as render_rules, as one nft table for both families (pure)."""
     kernel = f"{_hex(MARK_MODE)} == {_hex(MARK_KERNEL)}"
+    user = f"{_hex(MARK_MODE)} == {_hex(MARK_USER)}"
+    admitted = f"{_hex(MARK_MODE)} != 0x00000000"
     queue = f"queue num {settings.queue}" + (" bypass" if settings.fail_open else "")
     lines = [
         f"table inet {NFT_TABLE} {{",
@@ -128,13 +143,18 @@ def render_nft(settings: DataplaneSettings, interfaces: Interfaces, nat: bool) -
         "    type filter hook forward priority filter; policy accept;",
         f"    ct mark and {_hex(MARK_ONE_WAY)} == {_hex(MARK_ONE_WAY)} ct direction reply drop",
         f"    ct mark and {kernel} accept",
+        f"    ct mark and {user} {queue}",
         f"    ct state new {queue}",
         f"    {queue}" if settings.fail_open else "    drop",
+        "  }",
+        "  chain restore_mark {",
+        "    type filter hook prerouting priority mangle; policy accept;",
+        f"    ct mark and {admitted} meta mark set ct mark and {_hex(MARK_MASK)}",
         "  }",
         "  chain save_mark {",
         "    type filter hook postrouting priority mangle; policy accept;",
         # nft cannot merge two registers here: the ct mark is set whole, our bits only.
-        f"    meta mark and {kernel} ct mark set meta mark and {_hex(MARK_MASK)}",
+        f"    meta mark and {admitted} ct mark set meta mark and {_hex(MARK_MASK)}",
         "  }",
     ]
     if nat:
@@ -202,13 +222,14 @@ def remove() -> list[str]:
                          text=True, timeout=30, check=False)
     if nft.returncode == 0:
         removed.append(f"nft table inet {NFT_TABLE}")
-    for family in ("ipv4", "ipv6"):
+    for family, (mode, mark) in itertools.product(("ipv4", "ipv6"),
+                                                  (("kernel", MARK_KERNEL), ("user", MARK_USER))):
         out = subprocess.run(
-            ["conntrack", "-D", "-f", family, "--mark", f"0x{MARK_KERNEL:x}/0x{MARK_MODE:x}"],
+            ["conntrack", "-D", "-f", family, "--mark", f"0x{mark:x}/0x{MARK_MODE:x}"],
             capture_output=True, text=True, timeout=30, check=False)
         count = next((w for w in out.stderr.split() if w.isdigit()), "0")
         if count != "0":
-            removed.append(f"{count} offloaded {family} conntrack entries")
+            removed.append(f"{count} {family} conntrack entries of {mode}-mode flows")
     return removed
 
 

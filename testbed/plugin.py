@@ -30,7 +30,7 @@ from testbed.topology import FAMILIES, VARIANTS
 
 REQUIRE_E2E = "PINHOLE_REQUIRE_E2E"
 # How an admitted flow runs; a test that asks for ``mode`` runs once per mode.
-MODES = ("kernel",)
+MODES = ("kernel", "user")
 E2E_TOOLS = ("ip", "iptables-restore", "ip6tables-restore", "conntrack", "tcpdump")
 
 @dataclass
@@ -158,9 +158,10 @@ def lab(request: pytest.FixtureRequest, variant: str) -> Iterator[Lab]:
 class Net:
     """The lab in one address family: addresses, agents and the enforcer's API."""
 
-    def __init__(self, lab: Lab, family: str) -> None:
+    def __init__(self, lab: Lab, family: str, mode: str | None = None) -> None:
         self.lab = lab
         self.family = family
+        self.mode = mode  # for tests that admit flows: "kernel" or "user"
         self.topology = lab.topology
         self.enforcer = lab.enforcer
 
@@ -213,7 +214,7 @@ class Net:
 
 
 @pytest.fixture
-def net(lab: Lab, family: str) -> Iterator[Net]:
+def net(request: pytest.FixtureRequest, lab: Lab, family: str) -> Iterator[Net]:
     """The lab in one family, with the enforcer running in its default configuration.
 
     Permissions a test leaves pending are cancelled afterwards, so that none admits
@@ -223,7 +224,8 @@ def net(lab: Lab, family: str) -> Iterator[Net]:
         lab.enforcer.stop()
     if not lab.enforcer.running:
         lab.enforcer.start()
-    yield Net(lab, family)
+    mode = request.getfixturevalue("mode") if "mode" in request.fixturenames else None
+    yield Net(lab, family, mode)
     if lab.enforcer.running:
         with lab.enforcer.client() as client:
             for action in client.call("actions"):

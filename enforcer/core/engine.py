@@ -26,6 +26,7 @@ from enforcer.core.sessions import Session, SessionTable
 
 class Verdict(enum.Enum):
     ADMIT_KERNEL = "admit-kernel"
+    ADMIT_USER = "admit-user"
     DROP = "drop"
 
 
@@ -90,15 +91,29 @@ class Engine:
         self.events: list[EstablishedConnection] = []
 
     # --- packets ------------------------------------------------------------------------
-    def decide(self, meta: PacketMeta, now: float) -> Decision:
+    def decide(self, meta: PacketMeta, now: float, length: int = 0) -> Decision:
         """Decide the first packet of a flow the kernel has not seen before."""
         self.permissions.expire(now)
-        decision = self._decide(meta, now)
+        decision = self._decide(meta, now, length)
         self.counters[decision.verdict.value] += 1
         self.recent.append(decision)
         return decision
 
-    def _decide(self, meta: PacketMeta, now: float) -> Decision:
+    def user_packet(self, meta: PacketMeta, length: int, now: float) -> FlowRecord | None:
+        """A packet of a flow the kernel says runs in user mode: count it.
+
+        The flow's conntrack mark is the authority; a flow the table has forgotten
+        still passes (None is returned), it just has no counters any more.
+        """
+        found = self.flows.find(meta.key)
+        self.counters["user-mode packets"] += 1
+        if found is None:
+            return None
+        record, forward = found
+        record.saw(forward, length, now)
+        return record
+
+    def _decide(self, meta: PacketMeta, now: float, length: int) -> Decision:
         key = meta.key
 
         def drop(reason: str) -> Decision:
@@ -115,7 +130,7 @@ class Engine:
         perm = self.permissions.match(permission_key(key.protocol, key.src, key.dst, key.dport),
                                       None if session is None else session.id, now)
         if perm is not None:
-            return self._admit_permitted(meta, perm, now)
+            return self._admit_permitted(meta, perm, now, length)
 
         protocol = self.policy.primary_protocol(key.protocol, key.dport)
         if protocol is None:
@@ -135,22 +150,29 @@ class Engine:
         session = self.sessions.securenat(key.src, now)
         session.primaries += 1
         session.last_activity = now
-        self.flows.add(FlowRecord(key, session.id, protocol.name, Mode.KERNEL, now))
+        record = FlowRecord(key, session.id, protocol.name, Mode.KERNEL, now)
+        record.saw(True, length, now)
+        self.flows.add(record)
         return Decision(Verdict.ADMIT_KERNEL, key,
                         f"primary {protocol.name} connection allowed by rule '{rule.name}'",
                         now, session.id, protocol.name)
 
-    def _admit_permitted(self, meta: PacketMeta, perm: Permission, now: float) -> Decision:
+    def _admit_permitted(self, meta: PacketMeta, perm: Permission, now: float,
+                         length: int) -> Decision:
         key = meta.key
-        self.flows.add(FlowRecord(key, perm.session_id, perm.protocol_name, Mode.KERNEL, now,
-                                  perm.id))
+        mode = Mode.USER if Flags.NO_KERNEL_MODE in perm.flags else Mode.KERNEL
+        record = FlowRecord(key, perm.session_id, perm.protocol_name, mode, now, perm.id)
+        record.saw(True, length, now)
+        self.flows.add(record)
         external = self._external(key.dst.version, perm.external_index) if self.nat else None
         if perm.filter_id is not None:
             self.events.append(EstablishedConnection(perm.filter_id, perm.context, perm.id,
                                                      perm.session_id, key, external, now))
         one_way = key.protocol == UDP and Flags.BIDIRECTIONAL not in perm.flags
-        return Decision(Verdict.ADMIT_KERNEL, key,
-                        f"secondary {perm.protocol_name} flow admitted by action {perm.id}",
+        verdict = Verdict.ADMIT_USER if mode is Mode.USER else Verdict.ADMIT_KERNEL
+        return Decision(verdict, key,
+                        f"secondary {perm.protocol_name} flow admitted by action {perm.id} "
+                        f"in {mode.value} mode",
                         now, perm.session_id, perm.protocol_name, perm.id, one_way,
                         perm.external_index)
 
@@ -210,6 +232,7 @@ class Engine:
 
     def end_session(self, session_id: int, now: float) -> list[Permission]:
         """The session ends: its pending permissions are cancelled; admitted flows live on."""
+        self.permissions.expire(now)  # what has already expired is expired, not cancelled
         session = self.session(session_id)
         self.sessions.remove(session)
         return self.permissions.end_session(session.id)

@@ -1,4 +1,4 @@
-"""The flow table: flows the core has admitted, and how."""
+"""The flow table: flows the core has admitted, how, and what the enforcer saw of them."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ class Mode(enum.Enum):
     USER = "user"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, eq=False)
 class FlowRecord:
     key: FlowKey
     session_id: int
@@ -24,18 +24,38 @@ class FlowRecord:
     mode: Mode
     admitted_at: float
     action_id: int | None = None  # the permission that admitted a secondary flow
+    # What the enforcer saw, per direction: the admitting packet, then in user
+    # mode every packet of the flow.
+    packets_out: int = 0
+    bytes_out: int = 0
+    packets_back: int = 0
+    bytes_back: int = 0
+    last_seen: float = 0.0
+
+    def saw(self, forward: bool, length: int, now: float) -> None:
+        if forward:
+            self.packets_out += 1
+            self.bytes_out += length
+        else:
+            self.packets_back += 1
+            self.bytes_back += length
+        self.last_seen = now
 
     def to_dict(self) -> dict[str, object]:
         return {"flow": str(self.key), "session": self.session_id, "protocol": self.protocol,
-                "mode": self.mode.value, "admitted_at": self.admitted_at, "action": self.action_id}
+                "mode": self.mode.value, "admitted_at": self.admitted_at, "action": self.action_id,
+                "packets_out": self.packets_out, "bytes_out": self.bytes_out,
+                "packets_back": self.packets_back, "bytes_back": self.bytes_back,
+                "last_seen": self.last_seen}
+
+
+def reverse(key: FlowKey) -> FlowKey:
+    return FlowKey(key.protocol, key.dst, key.dport, key.src, key.sport)
 
 
 class FlowTable:
-    """Admitted flows, newest last; bounded so that a long run cannot grow it without end.
-
-    Kernel-mode flows are forgotten by the kernel on their own schedule; the table
-    is a record of admissions, and the oldest records make room for new ones.
-    """
+    """Admitted flows, least recently seen first; bounded so that a long run cannot grow
+    it without end (the kernel keeps the authoritative state: a flow's conntrack mark)."""
 
     def __init__(self, capacity: int = 65536) -> None:
         self.capacity = capacity
@@ -43,12 +63,27 @@ class FlowTable:
 
     def add(self, record: FlowRecord) -> None:
         self._flows[record.key] = record
-        self._flows.move_to_end(record.key)
-        while len(self._flows) > self.capacity:
-            self._flows.popitem(last=False)
+        self._touch(record.key)
+
+    def find(self, key: FlowKey) -> tuple[FlowRecord, bool] | None:
+        """The record of a packet's flow and whether the packet goes the flow's way."""
+        record = self._flows.get(key)
+        if record is not None:
+            self._touch(key)
+            return record, True
+        record = self._flows.get(reverse(key))
+        if record is not None:
+            self._touch(record.key)
+            return record, False
+        return None
 
     def get(self, key: FlowKey) -> FlowRecord | None:
         return self._flows.get(key)
+
+    def _touch(self, key: FlowKey) -> None:
+        self._flows.move_to_end(key)
+        while len(self._flows) > self.capacity:
+            self._flows.popitem(last=False)
 
     def newest(self, limit: int) -> list[FlowRecord]:
         out: list[FlowRecord] = []

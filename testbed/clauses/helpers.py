@@ -63,7 +63,13 @@ FTP_GUID = GUIDS["FTP"]
 
 def grant(net: Net, client: Client, target: tuple[str, int], *, session_of: str = "c1",
           protocol: str = "tcp", flags: Flags | None = None, **kwargs: Any) -> Action:
-    """AllowFutureConnect for ``session_of``'s SecureNAT session, on behalf of FTP."""
+    """AllowFutureConnect for ``session_of``'s SecureNAT session, on behalf of FTP.
+
+    In a test run in user mode the grant carries NO_KERNEL_MODE.
+    """
+    flags = flags or Flags(0)
+    if net.mode == "user":
+        flags |= Flags.NO_KERNEL_MODE
     return client.allow_future_connect(net.session(session_of), target, protocol_guid=FTP_GUID,
                                        protocol=protocol, flags=flags, **kwargs)
 

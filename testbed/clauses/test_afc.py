@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 
 import pytest
@@ -382,3 +383,40 @@ def test_the_daemon_keeps_serving_after_bad_session_api_input(net: Net) -> None:
         except ControlError:
             pass  # the daemon may close the connection before the sender is done
     assert net.call("ping") == {"pong": True}
+
+
+def conntrack_packets(net: Net, port: int) -> tuple[int, int]:
+    """(original, reply) packets the kernel counted for the flow to ``port``."""
+    listing = net.lab.tb.run("fw", ["conntrack", "-L", "-f", net.family, "-p", "tcp",
+                                    "--orig-port-dst", str(port)], check=False).stdout
+    counts = [int(n) for n in re.findall(r"packets=(\d+)", listing)]
+    assert len(counts) == 2, f"expected one conntrack entry with accounting:\n{listing}"
+    return counts[0], counts[1]
+
+
+@pytest.mark.clause("AFC-15")
+def test_user_mode_sees_every_packet_and_kernel_mode_only_the_first(net: Net, mode: str) -> None:
+    """A 1 MB echo: in user mode the enforcer sees every packet (all the bytes, each way);
+    in kernel mode only the admitting SYN, while the kernel carries the rest."""
+    c1, s1 = net.agent("c1"), net.agent("s1")
+    dst, port = net.addr("s1"), 30141 if net.family == "ipv4" else 30142
+    net.lab.tb.run("fw", ["sysctl", "-qw", "net.netfilter.nf_conntrack_acct=1"])
+    net.lab.tb.run("fw", ["conntrack", "-D", "-p", "tcp", "--orig-port-dst", str(port)], check=False)
+    with net.client() as api, s1.tcp_server(dst, port):
+        action = grant(net, api, (dst, port))
+        result = c1.tcp_connect(dst, port, send_bytes=1_000_000, timeout=10)
+        assert result["received"] == 1_000_000, result
+    (flow,) = [f for f in net.call("flows", limit=10000) if f["action"] == action.id]
+    assert flow["mode"] == mode
+    original, reply = conntrack_packets(net, port)
+    # even as 64 KiB GSO/GRO super-packets, 1 MB takes at least 16 each way
+    assert original >= 16 and reply >= 16, (original, reply)
+    seen = (flow["packets_out"], flow["packets_back"])
+    if mode == "user":
+        # The kernel counts GRO'd super-packets as one, the enforcer the segments it
+        # was queued: it sees at least as many, and every byte each way.
+        assert seen[0] >= original and seen[1] >= reply, \
+            f"the enforcer saw {seen} packets, the kernel counted {(original, reply)}"
+        assert flow["bytes_out"] > 1_000_000 and flow["bytes_back"] > 1_000_000, flow
+    else:
+        assert seen == (1, 0), f"kernel mode: the enforcer should see the SYN only, saw {seen}"

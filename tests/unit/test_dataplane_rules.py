@@ -9,7 +9,16 @@ import pytest
 
 from enforcer import dataplane
 from enforcer.config import DataplaneSettings
-from enforcer.dataplane import CHAIN_PREFIX, MARK_KERNEL, MARK_MASK, Interfaces, render_nft, render_rules
+from enforcer.dataplane import (
+    CHAIN_PREFIX,
+    MARK_KERNEL,
+    MARK_MASK,
+    MARK_MODE,
+    MARK_USER,
+    Interfaces,
+    render_nft,
+    render_rules,
+)
 
 IFACES = Interfaces(
     internal={"int0": 2, "int1": 3},
@@ -64,8 +73,10 @@ def test_fail_closed(fam: str) -> None:
     assert queue, rules
     assert all("--queue-num 3" in r for r in queue)
     assert not any("--queue-bypass" in r for r in queue)
-    # Only new flows go to the queue; everything else that is not admitted ends in DROP.
-    assert all("--ctstate NEW" in r for r in queue)
+    # Only new flows and user-mode flows go to the queue; everything else that is not
+    # admitted ends in DROP.
+    assert [("--ctstate NEW" in r, f"{MARK_USER:#010x}/{MARK_MODE:#010x}" in r) for r in queue] \
+        == [(False, True), (True, False)]
     assert rules[-1] == "-A PINHOLE-FORWARD -j DROP"
     assert "-I FORWARD 1 -j PINHOLE-FORWARD" in f
 
@@ -75,7 +86,7 @@ def test_fail_open(fam: str) -> None:
     f = tables(render_rules(fam, OPEN, IFACES, nat=False))["filter"]
     rules = appended(f, "PINHOLE-FORWARD")
     queue = [r for r in rules if "NFQUEUE" in r]
-    assert len(queue) == 2, rules
+    assert len(queue) == 3, rules  # user-mode flows, new flows, and what is left
     assert all(r.endswith("-j NFQUEUE --queue-num 3 --queue-bypass") for r in queue)
     assert any("--ctstate NEW" in r for r in queue)
     assert rules[-1] == "-A PINHOLE-FORWARD -j NFQUEUE --queue-num 3 --queue-bypass"
@@ -116,14 +127,16 @@ def test_connmark_save_rule(fam: str) -> None:
     saves = [r for r in appended(mangle, "PINHOLE-POSTROUTING") if "-j CONNMARK --save-mark" in r]
     assert len(saves) == 1
     save = saves[0]
-    value, mask = _mark(save, "-m mark --mark")
-    assert value & mask == MARK_KERNEL and mask & MARK_KERNEL
+    # every admitted flow, kernel or user mode: any mode bit set
+    assert f"-m mark ! --mark 0x0/{MARK_MODE:#010x}" in save
     nfmask = int(re.search(r"--nfmask (0x[0-9a-f]+)", save).group(1), 16)  # type: ignore[union-attr]
     ctmask = int(re.search(r"--ctmask (0x[0-9a-f]+)", save).group(1), 16)  # type: ignore[union-attr]
     # Our bits are copied, and only ours: other users of the connmark keep theirs.
     assert nfmask == ctmask == MARK_MASK
     assert MARK_KERNEL & MARK_MASK == MARK_KERNEL
     assert "-I POSTROUTING 1 -j PINHOLE-POSTROUTING" in mangle
+    (restore,) = appended(mangle, "PINHOLE-PREROUTING")
+    assert f"--restore-mark --nfmask {MARK_MASK:#010x} --ctmask {MARK_MASK:#010x}" in restore
 
 
 # --- NAT -------------------------------------------------------------------------------------
@@ -212,7 +225,7 @@ def test_nft_fail_closed_and_open() -> None:
     opened = render_nft(OPEN, IFACES, nat=False)
     assert "queue num 3" in closed and "bypass" not in closed
     assert "\n    drop\n" in closed
-    assert opened.count("queue num 3 bypass") == 2
+    assert opened.count("queue num 3 bypass") == 3  # user-mode flows, new flows, the rest
     assert "\n    drop\n" not in opened
     assert closed.startswith(f"table inet {dataplane.NFT_TABLE} {{")
     assert closed.count("{") == closed.count("}")

@@ -100,13 +100,20 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[_ARTIFACTS] = Path(config.getoption("pinhole_artifacts")).resolve()
 
 
+def _wants(metafunc: pytest.Metafunc, name: str) -> bool:
+    """The test takes ``name`` and does not parametrize it itself."""
+    own = {n.strip() for m in metafunc.definition.iter_markers("parametrize")
+           for n in (m.args[0].split(",") if isinstance(m.args[0], str) else m.args[0])}
+    return name in metafunc.fixturenames and name not in own
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    if "variant" in metafunc.fixturenames:
+    if _wants(metafunc, "variant"):
         metafunc.parametrize("variant", _choices(metafunc.config, "pinhole_topology", VARIANTS),
                              scope="session")
-    if "family" in metafunc.fixturenames:
+    if _wants(metafunc, "family"):
         metafunc.parametrize("family", _choices(metafunc.config, "pinhole_family", FAMILIES))
-    if "mode" in metafunc.fixturenames:
+    if _wants(metafunc, "mode"):
         metafunc.parametrize("mode", MODES)
 
 

@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from enforcer.client import Client, ControlError
+from enforcer.client import Client, ControlError, Flags
+from enforcer.dataplane import MARK_KERNEL, MARK_MODE, MARK_USER
 from enforcer.protocol import MAX_REQUEST
 from testbed.build import Testbed
-from testbed.lab import EnforcerProcess
+from testbed.lab import GUIDS, EnforcerProcess
 from testbed.plugin import require_e2e
 from testbed.topology import standard
 
@@ -197,3 +198,46 @@ def test_enforcer_needs_a_namespace_that_exists(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "cannot enter network namespace 'ph-no-such-namespace'" in result.stderr
     assert os.path.exists("/proc/self/ns/net")
+
+
+@pytest.mark.parametrize("mode", ["kernel", "user"])
+def test_sigkill_during_a_transfer_fails_closed_and_restart_cleans_up(
+        tb: Testbed, enforcer: EnforcerProcess, mode: str) -> None:
+    c1, s1 = tb.agent("c1"), tb.agent("s1")
+    server = "198.51.100.21"
+    admit_a_primary(tb)  # c1's SecureNAT session
+    flags = Flags.ALLOW_MULTIPLE | (Flags.NO_KERNEL_MODE if mode == "user" else Flags(0))
+    with s1.tcp_server(server, 31001), s1.tcp_server(server, 21), enforcer.client() as api:
+        session = api.call("sessions")[0]["id"]
+        api.allow_future_connect(session, (server, 31001), protocol_guid=GUIDS["FTP"], flags=flags)
+        with c1.tcp_open(server, 31001) as transfer:
+            assert transfer.connected, transfer.error
+            assert transfer.exchange(100_000)["received"] == 100_000
+            enforcer.kill()
+            # fail-closed: nothing new passes, not even what the grant or the policy allowed
+            assert not c1.tcp_connect(server, 31001, timeout=1.0)["connected"]
+            assert not c1.tcp_connect(server, 21, timeout=1.0)["connected"]
+            during = transfer.exchange(100_000, timeout=2.0)
+            if mode == "kernel":
+                assert during["received"] == 100_000, "the kernel should carry an offloaded flow"
+            else:
+                assert during["received"] < 100_000, "a user-mode flow cannot pass without its enforcer"
+            mark = MARK_USER if mode == "user" else MARK_KERNEL
+            assert "dport=31001" in marked_entries(tb, (mark,)), f"no {mode}-mode conntrack entry"
+
+            enforcer.start()
+            assert "removed stale state" in enforcer.log_tail()
+            assert marked_entries(tb) == "", "stale offloaded flows survived the restart"
+            assert not transfer.exchange(10_000, timeout=1.0)["received"], \
+                "a flow of the dead enforcer was carried on without being admitted again"
+        assert c1.tcp_connect(server, 21, send_bytes=100)["connected"], "no primary after restart"
+
+
+def marked_entries(tb: Testbed, marks: tuple[int, ...] = (MARK_KERNEL, MARK_USER)) -> str:
+    """conntrack entries carrying one of these modes."""
+    out = ""
+    for family in ("ipv4", "ipv6"):
+        for mark in marks:
+            out += tb.run("fw", ["conntrack", "-L", "-f", family, "--mark", f"0x{mark:x}/0x{MARK_MODE:x}"],
+                          check=False).stdout
+    return out

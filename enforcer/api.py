@@ -98,7 +98,7 @@ class SessionApi:
     # --- permissions --------------------------------------------------------------------
     def allow_future_connect(self, params: dict[str, Any], caller: Caller) -> dict[str, Any]:
         p = Params(params, {"session", "address", "port", "protocol", "flags", "protocol_guid",
-                            "proxy_external_address", "filter", "context"})
+                            "proxy_external_address", "filter", "context", "data_filter"})
         session = p.integer("session", low=1)
         target = parse_address(params.get("address"), "'address'")
         port = p.integer("port", low=0, high=2**31)
@@ -124,9 +124,11 @@ class SessionApi:
         context = params.get("context")
         if len(repr(context)) > MAX_CONTEXT_BYTES:
             raise InvalidArgument(f"'context' is larger than {MAX_CONTEXT_BYTES} bytes")
+        data_filter = p.string("data_filter", required=False, max_len=64)
         perm = self.engine.allow_future_connect(
             session, target, port, _PROTOCOLS[protocol], flags, guid, self.clock(),
-            proxy_external_address=proxy, filter_id=filter_id, context=context)
+            proxy_external_address=proxy, filter_id=filter_id, context=context,
+            data_filter=data_filter)
         return perm.to_dict()
 
     def cancel(self, params: dict[str, Any], caller: Caller) -> dict[str, Any]:

@@ -119,13 +119,14 @@ class Client:
     def allow_future_connect(self, session: int, target: tuple[str, int], *,
                              protocol_guid: str, protocol: str = "tcp", flags: Flags | None = None,
                              proxy_external_address: str | None = None,
-                             session_filter: int | None = None, context: Any = None) -> Action:
+                             session_filter: int | None = None, context: Any = None,
+                             data_filter: str | None = None) -> Action:
         """Grant the session's client one (or, with ALLOW_MULTIPLE, more) secondary flows."""
         result = self.call("allow_future_connect", session=session, address=target[0],
                            port=target[1], protocol=protocol, flags=flag_names(flags or Flags(0)),
                            protocol_guid=protocol_guid,
                            proxy_external_address=proxy_external_address,
-                           filter=session_filter, context=context)
+                           filter=session_filter, context=context, data_filter=data_filter)
         return Action(self, int(result["action"]))
 
     def register_filter(self, name: str) -> int:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from enforcer.core.policy import KeyPath, Policy, PolicyInvalid, Reader, policy_from_dict
@@ -43,6 +43,8 @@ class Config:
     network: NetworkSettings
     dataplane: DataplaneSettings
     control_socket: str = DEFAULT_SOCKET
+    # name -> "module:attribute" of a factory that makes a DataFilter for a flow
+    data_filters: dict[str, str] = field(default_factory=dict)
 
 
 def load(path: Path | str) -> Config:
@@ -63,7 +65,8 @@ def parse(text: str, path: Path | str = "<config>") -> Config:
         reason = str(exc)[: match.start()].strip() if match else str(exc)
         raise ConfigError(path, line, f"not valid TOML: {reason}") from None
     try:
-        policy = policy_from_dict(data, extra_sections=("network", "dataplane", "control"))
+        policy = policy_from_dict(data, extra_sections=("network", "dataplane", "control",
+                                                        "data_filters"))
         root = Reader(data)
         net = root.table("network")
         net.check_keys({"internal_interfaces", "external_interfaces", "nat"})
@@ -88,9 +91,16 @@ def parse(text: str, path: Path | str = "<config>") -> Config:
         socket_path = control.get("socket", str, DEFAULT_SOCKET)
         if len(socket_path.encode()) > MAX_SOCKET_PATH:
             raise control.fail("socket", f"a UNIX socket path has at most {MAX_SOCKET_PATH} bytes")
+        filters = root.table("data_filters")
+        data_filters = {}
+        for name in filters.data:
+            target = filters.get(name, str)
+            if ":" not in target:
+                raise filters.fail(name, f"'{target}' is not 'module:attribute'")
+            data_filters[name] = target
     except PolicyInvalid as exc:
         raise ConfigError(path, locate(text, exc.path), str(exc)) from None
-    return Config(policy, network, dataplane, socket_path)
+    return Config(policy, network, dataplane, socket_path, data_filters)
 
 
 def locate(text: str, path: KeyPath) -> int | None:

@@ -8,6 +8,7 @@ is enforcing. A clean exit removes all of it.
 
 from __future__ import annotations
 
+import importlib
 import ipaddress
 import logging
 import os
@@ -19,12 +20,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from enforcer import dataplane
+from enforcer import dataplane, rewrite
 from enforcer.api import Params, SessionApi
 from enforcer.config import Config
 from enforcer.control import AlreadyRunning, Caller, ControlServer, refuse_if_served
+from enforcer.core.datafilter import DataFilterFactory, Direction, TcpStreamEditor
 from enforcer.core.engine import Engine, Verdict
-from enforcer.core.packet import Ingress, Malformed, parse
+from enforcer.core.flows import FlowRecord
+from enforcer.core.packet import TCP, Ingress, Malformed, parse
 
 log = logging.getLogger("pinhole.enforcer")
 
@@ -59,6 +62,18 @@ def discover(config: Config) -> dataplane.Interfaces:
     return dataplane.Interfaces(internal, external, internal_nets, external_addrs)
 
 
+def load_data_filters(targets: dict[str, str]) -> dict[str, DataFilterFactory]:
+    """Import each configured "module:attribute" data filter factory."""
+    factories: dict[str, DataFilterFactory] = {}
+    for name, target in targets.items():
+        module_name, _, attribute = target.partition(":")
+        try:
+            factories[name] = getattr(importlib.import_module(module_name), attribute)
+        except (ImportError, AttributeError) as exc:
+            raise StartupError(f"data filter '{name}': cannot load {target}: {exc}") from None
+    return factories
+
+
 class Daemon:
     def __init__(self, config: Config, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
@@ -66,8 +81,10 @@ class Daemon:
         self.started = clock()
         self.selector = selectors.DefaultSelector()
         self.interfaces = discover(config)
+        self.filter_factories = load_data_filters(config.data_filters)
         self.engine = Engine(config.policy, self.interfaces.internal_networks,
-                             self.interfaces.external_addresses, nat=config.network.nat)
+                             self.interfaces.external_addresses, nat=config.network.nat,
+                             data_filters=self.filter_factories)
         self.api = SessionApi(self.engine, clock)
         self._ingress = {i: Ingress.INTERNAL for i in self.interfaces.internal.values()}
         self._stop = False
@@ -93,7 +110,9 @@ class Daemon:
             return
         length = pkt.get_payload_len()
         if dataplane.is_user_mode(pkt.get_mark()):
-            self.engine.user_packet(meta, length, self.clock())
+            found = self.engine.user_packet(meta, length, self.clock())
+            if found is not None and found[0].data_filter is not None and meta.key.protocol == TCP:
+                self._run_data_filter(pkt, *found)
             pkt.accept()
             return
         decision = self.engine.decide(meta, self.clock(), length)
@@ -106,6 +125,16 @@ class Daemon:
             self.api.dispatch_events()
         else:
             pkt.drop()
+
+    def _run_data_filter(self, pkt: Any, record: FlowRecord, forward: bool) -> None:
+        if record.editor is None:
+            factory = self.filter_factories[str(record.data_filter)]
+            record.editor = TcpStreamEditor(factory(record.key))
+        packet, segment = rewrite.parse_segment(pkt.get_payload())
+        edited = record.editor.edit(Direction.OUT if forward else Direction.BACK,
+                                    segment.seq, segment.ack, segment.payload)
+        if edited != (segment.seq, segment.ack, segment.payload):
+            pkt.set_payload(rewrite.rebuild(packet, *edited))
 
     # --- control API ----------------------------------------------------------------
     def _status(self, params: dict[str, Any], caller: Caller) -> dict[str, Any]:
@@ -142,6 +171,7 @@ class Daemon:
                                "(is another enforcer running in this namespace?)") from None
         wake_r, wake_w = socket.socketpair()
         control: ControlServer | None = None
+        liberal_before: bool | None = None
         try:
             stale = dataplane.remove()
             if stale:
@@ -149,6 +179,8 @@ class Daemon:
             self.backend = dataplane.choose_backend(self.config.dataplane)
             dataplane.install(self.backend, self.config.dataplane, self.interfaces,
                               self.config.network.nat)
+            if self.filter_factories:
+                liberal_before = dataplane.liberal_tcp_tracking(True)
             wake_w.setblocking(False)
             signal.set_wakeup_fd(wake_w.fileno())
             for sig in (signal.SIGTERM, signal.SIGINT):
@@ -172,6 +204,8 @@ class Daemon:
                     key.data()
                 self.engine.permissions.expire(self.clock())
         finally:
+            if liberal_before is not None:
+                dataplane.liberal_tcp_tracking(liberal_before)
             signal.set_wakeup_fd(-1)
             if control is not None:
                 control.close()

@@ -16,6 +16,7 @@ import shlex
 import subprocess
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from enforcer.config import DataplaneSettings
 from enforcer.core.packet import IPAddress
@@ -188,6 +189,21 @@ def choose_backend(settings: DataplaneSettings) -> str:
         raise DataplaneError("this kernel lacks nft's queue statement (CONFIG_NFT_QUEUE); "
                              'set dataplane.backend = "iptables" or "auto"')
     return "nft" if supported else "iptables"
+
+
+LIBERAL_TCP = Path("/proc/sys/net/netfilter/nf_conntrack_tcp_be_liberal")
+
+
+def liberal_tcp_tracking(on: bool) -> bool:
+    """Set conntrack's liberal TCP window tracking; return the previous setting.
+
+    Needed while data filters change segment lengths: conntrack sees a filtered
+    flow's sequence numbers before the enforcer shifts them, and would otherwise
+    call the peer's acknowledgements out of window.
+    """
+    previous = LIBERAL_TCP.read_text().strip() == "1"
+    LIBERAL_TCP.write_text("1\n" if on else "0\n")
+    return previous
 
 
 def _run(argv: Sequence[str], *, input: str | None = None, check: bool = True) -> str:

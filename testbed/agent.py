@@ -460,6 +460,15 @@ class TcpConnection:
         return dict(self.agent.call("tcp_exchange", {"cid": self._cid, "send_bytes": send_bytes,
                                                      "timeout": t}, timeout=2 * t + CALL_MARGIN))
 
+    def talk(self, data: bytes, expect: int, *, timeout: float | None = None) -> bytes:
+        """Send ``data`` and return up to ``expect`` bytes read back (fewer on timeout)."""
+        if self._cid is None:
+            raise AgentError(f"agent {self.agent.name}: the connection is not open ({self.error})")
+        t = timeouts.POSITIVE if timeout is None else timeout
+        return _unb64(self.agent.call("tcp_talk", {"cid": self._cid, "payload": _b64(data),
+                                                   "expect": expect, "timeout": t},
+                                      timeout=t + CALL_MARGIN))
+
     def close(self) -> None:
         if self._cid is not None and self.agent.alive:
             self.agent.call("tcp_close", {"cid": self._cid})
@@ -1096,6 +1105,22 @@ class _AgentServer:
     def m_tcp_exchange(self, cid: int, send_bytes: int, timeout: float = 3.0) -> dict[str, Any]:
         sock, where = self._conn(cid)
         return _echo(sock, where, send_bytes, timeout)
+
+    def m_tcp_talk(self, cid: int, payload: str, expect: int, timeout: float = 3.0) -> str:
+        """Send these bytes and return the next ``expect`` bytes that come back."""
+        sock, _ = self._conn(cid)
+        sock.settimeout(timeout)
+        sock.sendall(_unb64(payload))
+        received = b""
+        try:
+            while len(received) < expect:
+                chunk = sock.recv(expect - len(received))
+                if not chunk:
+                    break
+                received += chunk
+        except TimeoutError:
+            pass
+        return _b64(received)
 
     def m_tcp_close(self, cid: int) -> None:
         sock, _ = self._conn(cid)

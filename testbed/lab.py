@@ -35,7 +35,7 @@ def _toml_list(items: list[str]) -> str:
 
 
 def lab_config(tb: Testbed, *, socket: Path, fail_open: bool = False, queue: int = 0,
-               backend: str = "auto") -> str:
+               backend: str = "auto", data_filters: dict[str, str] | None = None) -> str:
     """The enforcer config for a testbed: its interfaces, NAT per variant, the lab policy."""
     topo = tb.topology
     internal = [topo.internal_network(f) for f in FAMILIES]
@@ -70,6 +70,8 @@ def lab_config(tb: Testbed, *, socket: Path, fail_open: bool = False, queue: int
             f"destinations = {_toml_list([topo.denied_network(f) for f in FAMILIES])}",
             "", "[[site_rule]]", 'name = "the external lab network"', 'action = "allow"',
             f"destinations = {_toml_list([topo.external_network(f) for f in FAMILIES])}"]
+    if data_filters:
+        out += ["", "[data_filters]", *(f'{name} = "{target}"' for name, target in data_filters.items())]
     return "\n".join(out) + "\n"
 
 
@@ -79,8 +81,10 @@ SOCKET_DIR = Path("/run/pinhole")
 class EnforcerProcess:
     """``pinhole enforcer`` running in the testbed's firewall namespace."""
 
-    def __init__(self, tb: Testbed, workdir: Path) -> None:
+    def __init__(self, tb: Testbed, workdir: Path,
+                 data_filters: dict[str, str] | None = None) -> None:
         self.tb = tb
+        self.data_filters = data_filters
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         SOCKET_DIR.mkdir(parents=True, exist_ok=True)
@@ -101,7 +105,7 @@ class EnforcerProcess:
             raise RuntimeError("the enforcer is already running")
         self.fail_open = fail_open
         self.config_path.write_text(lab_config(self.tb, socket=self.socket, fail_open=fail_open,
-                                               backend=backend))
+                                               backend=backend, data_filters=self.data_filters))
         with self.log_path.open("a") as log:
             self.proc = self.tb.popen(
                 "fw", [sys.executable, "-m", "testbed", "enforcer", "--verbose",

@@ -78,11 +78,12 @@ class Engine:
 
     def __init__(self, policy: Policy, internal_networks: Iterable[IPNetwork],
                  external_addresses: Iterable[IPAddress] = (), *, nat: bool = False,
-                 history: int = 512) -> None:
+                 data_filters: Iterable[str] = (), history: int = 512) -> None:
         self.policy = policy
         self.internal_networks = tuple(internal_networks)
         self.external_addresses = tuple(external_addresses)
         self.nat = nat
+        self.data_filters = frozenset(data_filters)
         self.sessions = SessionTable()
         self.flows = FlowTable()
         self.permissions = PermissionTable()
@@ -99,11 +100,13 @@ class Engine:
         self.recent.append(decision)
         return decision
 
-    def user_packet(self, meta: PacketMeta, length: int, now: float) -> FlowRecord | None:
+    def user_packet(self, meta: PacketMeta, length: int,
+                    now: float) -> tuple[FlowRecord, bool] | None:
         """A packet of a flow the kernel says runs in user mode: count it.
 
-        The flow's conntrack mark is the authority; a flow the table has forgotten
-        still passes (None is returned), it just has no counters any more.
+        Returns the flow's record and whether the packet goes the flow's way. The
+        flow's conntrack mark is the authority; a flow the table has forgotten still
+        passes (None is returned), it just has no counters any more.
         """
         found = self.flows.find(meta.key)
         self.counters["user-mode packets"] += 1
@@ -111,7 +114,7 @@ class Engine:
             return None
         record, forward = found
         record.saw(forward, length, now)
-        return record
+        return found
 
     def _decide(self, meta: PacketMeta, now: float, length: int) -> Decision:
         key = meta.key
@@ -160,8 +163,10 @@ class Engine:
     def _admit_permitted(self, meta: PacketMeta, perm: Permission, now: float,
                          length: int) -> Decision:
         key = meta.key
-        mode = Mode.USER if Flags.NO_KERNEL_MODE in perm.flags else Mode.KERNEL
-        record = FlowRecord(key, perm.session_id, perm.protocol_name, mode, now, perm.id)
+        user = Flags.NO_KERNEL_MODE in perm.flags or perm.data_filter is not None
+        mode = Mode.USER if user else Mode.KERNEL
+        record = FlowRecord(key, perm.session_id, perm.protocol_name, mode, now, perm.id,
+                            data_filter=perm.data_filter)
         record.saw(True, length, now)
         self.flows.add(record)
         external = self._external(key.dst.version, perm.external_index) if self.nat else None
@@ -184,7 +189,8 @@ class Engine:
     def allow_future_connect(self, session_id: int, target: IPAddress, port: int, protocol: int,
                              flags: Flags, protocol_guid: uuid.UUID, now: float, *,
                              proxy_external_address: IPAddress | None = None,
-                             filter_id: int | None = None, context: Any = None) -> Permission:
+                             filter_id: int | None = None, context: Any = None,
+                             data_filter: str | None = None) -> Permission:
         """Grant a secondary connection from the session's client to target:port.
 
         Raises InvalidArgument, PolicyRulesDenied, NetworkRulesDenied or IsBusy, and
@@ -199,6 +205,12 @@ class Engine:
             raise InvalidArgument("BIDIRECTIONAL is for UDP only")
         if not 1 <= port <= 65535:
             raise InvalidArgument(f"port {port} is outside 1-65535")
+        if data_filter is not None:
+            if data_filter not in self.data_filters:
+                known = ", ".join(sorted(self.data_filters)) or "none are configured"
+                raise InvalidArgument(f"no data filter '{data_filter}' ({known})")
+            if protocol != TCP:
+                raise InvalidArgument("data filters are for TCP flows")
         session = self.session(session_id)
         if target.version != session.client.version:
             raise InvalidArgument(f"target {target} is not of the client's address family")
@@ -221,7 +233,7 @@ class Engine:
         timeout = self.policy.defaults.permission_timeout if Flags.TIMEOUT in flags else None
         return self.permissions.add(session.id, permission_key(protocol, session.client, target, port),
                                     flags, protocol_def.name, now, timeout, external_index,
-                                    filter_id, context)
+                                    filter_id, context, data_filter)
 
     def cancel(self, action_id: int, now: float) -> Permission:
         return self.permissions.cancel(action_id, now)

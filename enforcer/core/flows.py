@@ -6,6 +6,7 @@ import enum
 from collections import OrderedDict
 from dataclasses import dataclass
 
+from enforcer.core.datafilter import TcpStreamEditor
 from enforcer.core.packet import FlowKey
 
 
@@ -31,6 +32,8 @@ class FlowRecord:
     packets_back: int = 0
     bytes_back: int = 0
     last_seen: float = 0.0
+    data_filter: str | None = None  # the name of the filter on a user-mode flow
+    editor: TcpStreamEditor | None = None  # made by the shell on the flow's first packet
 
     def saw(self, forward: bool, length: int, now: float) -> None:
         if forward:
@@ -46,7 +49,7 @@ class FlowRecord:
                 "mode": self.mode.value, "admitted_at": self.admitted_at, "action": self.action_id,
                 "packets_out": self.packets_out, "bytes_out": self.bytes_out,
                 "packets_back": self.packets_back, "bytes_back": self.bytes_back,
-                "last_seen": self.last_seen}
+                "last_seen": self.last_seen, "data_filter": self.data_filter}
 
 
 def reverse(key: FlowKey) -> FlowKey:

@@ -43,6 +43,7 @@ class Permission:
     external_index: int  # which of the fw's external addresses a NATed flow leaves from
     filter_id: int | None = None
     context: Any = None
+    data_filter: str | None = None
     state: ActionState = ActionState.PENDING
     admitted: int = 0
 
@@ -51,7 +52,7 @@ class Permission:
         return {"action": self.id, "session": self.session_id, "state": self.state.value,
                 "flags": flag_names(self.flags), "protocol": self.protocol_name,
                 "created": self.created, "expires": self.expires, "admitted": self.admitted,
-                "filter": self.filter_id}
+                "filter": self.filter_id, "data_filter": self.data_filter}
 
 
 @dataclass
@@ -66,10 +67,11 @@ class PermissionTable:
 
     def add(self, session_id: int, key: PermissionKey, flags: Flags, protocol_name: str,
             now: float, timeout: float | None, external_index: int,
-            filter_id: int | None = None, context: Any = None) -> Permission:
+            filter_id: int | None = None, context: Any = None,
+            data_filter: str | None = None) -> Permission:
         expires = None if timeout is None else now + timeout
         perm = Permission(next(self._ids), session_id, key, flags, protocol_name, now, expires,
-                          external_index, filter_id, context)
+                          external_index, filter_id, context, data_filter)
         self._by_key.setdefault(key, []).append(perm)
         self._pending[perm.id] = perm
         self._by_session.setdefault(session_id, {})[perm.id] = perm

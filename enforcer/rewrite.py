@@ -1,0 +1,44 @@
+"""Rebuilding a TCP segment after a data filter: new sequence numbers, payload, lengths and
+checksums. Scapy does the rebuilding; it runs only for flows that carry a data filter."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from scapy.layers.inet import IP, TCP
+from scapy.layers.inet6 import IPv6
+from scapy.packet import Packet, Raw
+
+from enforcer.core.packet import TCP_ACK
+
+
+@dataclass(frozen=True)
+class Segment:
+    seq: int
+    ack: int | None  # None when the ACK flag is off
+    payload: bytes
+
+
+def parse_segment(data: bytes) -> tuple[Packet, Segment]:
+    packet: Packet = IP(data) if data[0] >> 4 == 4 else IPv6(data)
+    tcp = packet[TCP]
+    ack = tcp.ack if int(tcp.flags) & TCP_ACK else None
+    return packet, Segment(tcp.seq, ack, bytes(tcp.payload))
+
+
+def rebuild(packet: Packet, seq: int, ack: int | None, payload: bytes) -> bytes:
+    """The packet with this seq/ack and payload; lengths and checksums recomputed."""
+    tcp = packet[TCP]
+    tcp.seq = seq
+    if ack is not None:
+        tcp.ack = ack
+    tcp.remove_payload()
+    if payload:
+        tcp.add_payload(Raw(payload))
+    del tcp.chksum
+    if isinstance(packet, IP):
+        del packet.len
+        del packet.chksum
+    else:
+        del packet.plen
+    return bytes(packet)

@@ -1,0 +1,79 @@
+"""A data filter on a user-mode flow changes the byte stream both ways; TCP keeps working."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from enforcer.client import Flags
+from enforcer.core.results import InvalidArgument
+from testbed.build import Testbed
+from testbed.lab import GUIDS, EnforcerProcess
+from testbed.plugin import require_e2e
+from testbed.topology import standard
+
+
+@pytest.fixture(scope="module", params=["routed", "nat"])
+def filtering(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+              ) -> Iterator[tuple[Testbed, EnforcerProcess]]:
+    require_e2e()
+    with Testbed.up(standard(request.param), tag="test-data-filter") as tb:
+        enforcer = EnforcerProcess(tb, tmp_path_factory.mktemp("filter"),
+                                   data_filters={"shout": "tests.e2e.shout_filter:Shout"})
+        enforcer.start()
+        try:
+            yield tb, enforcer
+        finally:
+            enforcer.stop()
+
+
+def test_filtered_flow_carries_changed_bytes_both_ways(filtering: tuple[Testbed, EnforcerProcess]
+                                                       ) -> None:
+    tb, enforcer = filtering
+    c1, s1 = tb.agent("c1"), tb.agent("s1")
+    server = "198.51.100.21"
+    with s1.tcp_server(server, 21):
+        assert c1.tcp_connect(server, 21, send_bytes=10)["connected"]  # c1's session
+    with enforcer.client() as api, s1.tcp_server(server, 32001) as echo:
+        session = api.call("sessions")[0]["id"]
+        action = api.allow_future_connect(session, (server, 32001), protocol_guid=GUIDS["FTP"],
+                                          data_filter="shout")
+        with c1.tcp_open(server, 32001) as conn:
+            assert conn.connected, conn.error
+            # several rounds: every one shifts sequence numbers further, both ways
+            for n in (10, 125, 60, 125):
+                sent = b"ping----" * n
+                back = conn.talk(sent, expect=len(b"PONG?----") * n)
+                assert back == b"PONG?----" * n, back[:80]
+            # the data after the filter's last change still flows in order
+            assert conn.exchange(100_000)["received"] == 100_000
+        stats = echo.stats()
+        assert stats["bytes_in"] == len(b"PONG!!----") * 320 + 100_000
+    (flow,) = [f for f in enforcer.call("flows") if f["action"] == action.id]
+    assert flow["mode"] == "user" and flow["data_filter"] == "shout"
+
+
+def test_unknown_or_udp_data_filter_is_an_invalid_argument(filtering: tuple[Testbed, EnforcerProcess]
+                                                           ) -> None:
+    _, enforcer = filtering
+    with enforcer.client() as api:
+        session = api.call("sessions")[0]["id"]
+        with pytest.raises(InvalidArgument, match="no data filter 'nope'"):
+            api.allow_future_connect(session, ("198.51.100.21", 32002), protocol_guid=GUIDS["FTP"],
+                                     data_filter="nope")
+        with pytest.raises(InvalidArgument, match="for TCP flows"):
+            api.allow_future_connect(session, ("198.51.100.21", 32002), protocol_guid=GUIDS["FTP"],
+                                     protocol="udp", data_filter="shout", flags=Flags(0))
+
+
+def test_liberal_tcp_tracking_is_restored_on_exit(tmp_path: Path) -> None:
+    require_e2e()
+    with Testbed.up(standard("routed"), tag="test-data-filter") as tb:
+        knob = "/proc/sys/net/netfilter/nf_conntrack_tcp_be_liberal"
+        enforcer = EnforcerProcess(tb, tmp_path, data_filters={"shout": "tests.e2e.shout_filter:Shout"})
+        enforcer.start()
+        assert tb.run("fw", ["cat", knob]).stdout.strip() == "1"
+        enforcer.stop()
+        assert tb.run("fw", ["cat", knob]).stdout.strip() == "0"

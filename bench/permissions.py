@@ -291,15 +291,12 @@ def breakdown(table: PermissionTable) -> dict[str, float]:
     size = sys.getsizeof
     n = len(table)
     perm = next(iter(table.pending()))
-    assert all(len(v) == 1 for v in table._by_key.values())  # distinct keys: one list each
-    big = [v for v in (perm.key[3], perm.key[4]) if not -5 <= v <= 256]  # the client's is shared
+    assert not any(isinstance(v, list) for v in table._by_key.values())  # distinct keys
     return {
         "Permission object (slots dataclass, 12 fields)": size(perm),
         "Permission.id and .session_id ints": size(perm.id) + size(perm.session_id),
         "Permission.created float": size(perm.created),
-        "key tuple (5 items)": size(perm.key),
-        "key ints (target, port)": sum(size(v) for v in big),
-        "list per key in _by_key (1 entry, capacity 4)": size(table._by_key[perm.key]),
+        "key (one packed int)": size(perm.key),
         "_by_key dict slots": size(table._by_key) / n,
         "_pending dict slots": size(table._pending) / n,
         "_by_session dicts (one per session)":

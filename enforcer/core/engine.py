@@ -18,8 +18,8 @@ from typing import Any
 from enforcer.core.flags import Flags
 from enforcer.core.flows import FlowRecord, FlowTable, Mode
 from enforcer.core.packet import PROTOCOL_NAMES, TCP, UDP, FlowKey, Ingress, IPAddress, PacketMeta
-from enforcer.core.permissions import Permission, PermissionKey, PermissionTable
-from enforcer.core.policy import IPNetwork, Policy
+from enforcer.core.permissions import Permission, PermissionKey, PermissionTable, pack_key
+from enforcer.core.policy import IPNetwork, NetworkSet, Policy
 from enforcer.core.results import InvalidArgument, IsBusy, NetworkRulesDenied, PolicyRulesDenied
 from enforcer.core.sessions import Session, SessionTable
 
@@ -70,7 +70,7 @@ class EstablishedConnection:
 
 
 def permission_key(protocol: int, client: IPAddress, target: IPAddress, port: int) -> PermissionKey:
-    return (protocol, client.version, int(client), int(target), port)
+    return pack_key(protocol, client.version, int(client), int(target), port)
 
 
 class Engine:
@@ -80,7 +80,7 @@ class Engine:
                  external_addresses: Iterable[IPAddress] = (), *, nat: bool = False,
                  data_filters: Iterable[str] = (), history: int = 512) -> None:
         self.policy = policy
-        self.internal_networks = tuple(internal_networks)
+        self.internal_networks = NetworkSet(internal_networks)
         self.external_addresses = tuple(external_addresses)
         self.nat = nat
         self.data_filters = frozenset(data_filters)
@@ -269,8 +269,7 @@ class Engine:
         return ours.index(requested)
 
     def _is_internal(self, address: IPAddress) -> bool:
-        return any(address.version == n.version and address in n
-                   for n in self.internal_networks)
+        return address in self.internal_networks
 
 
 def parse_address(text: object, what: str) -> IPAddress:

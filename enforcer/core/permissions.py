@@ -2,8 +2,9 @@
 
 Lookups are O(1) whatever the table's size: permissions are indexed by the
 exact key a new flow presents (IP protocol, client address, target address,
-target port; any client port). Addresses are kept as integers to keep each
-entry small. Expiry is driven by the ``now`` the caller passes in.
+target port; any client port), packed into one integer to keep each entry
+small; a key holds one permission, or a list when identical grants share it.
+Expiry is driven by the ``now`` the caller passes in.
 """
 
 from __future__ import annotations
@@ -18,8 +19,12 @@ from typing import Any
 from enforcer.core.flags import Flags
 from enforcer.core.results import InvalidArgument, Terminating
 
-# (IP protocol, IP version, client, target, target port)
-PermissionKey = tuple[int, int, int, int, int]
+# IP protocol, IP version, client, target and target port packed into one int
+PermissionKey = int
+
+
+def pack_key(protocol: int, version: int, client: int, target: int, port: int) -> PermissionKey:
+    return ((((client << 128) | target) << 16 | port) << 8 | protocol) << 1 | (version == 6)
 
 
 class ActionState(enum.Enum):
@@ -58,7 +63,7 @@ class Permission:
 @dataclass
 class PermissionTable:
     finished_capacity: int = 100_000
-    _by_key: dict[PermissionKey, list[Permission]] = field(default_factory=dict)
+    _by_key: dict[PermissionKey, Permission | list[Permission]] = field(default_factory=dict)
     _pending: dict[int, Permission] = field(default_factory=dict)
     _by_session: dict[int, dict[int, Permission]] = field(default_factory=dict)
     _finished: OrderedDict[int, Permission] = field(default_factory=OrderedDict)
@@ -72,7 +77,13 @@ class PermissionTable:
         expires = None if timeout is None else now + timeout
         perm = Permission(next(self._ids), session_id, key, flags, protocol_name, now, expires,
                           external_index, filter_id, context, data_filter)
-        self._by_key.setdefault(key, []).append(perm)
+        present = self._by_key.get(key)
+        if present is None:
+            self._by_key[key] = perm
+        elif isinstance(present, list):
+            present.append(perm)
+        else:
+            self._by_key[key] = [present, perm]
         self._pending[perm.id] = perm
         self._by_session.setdefault(session_id, {})[perm.id] = perm
         if expires is not None:
@@ -84,10 +95,10 @@ class PermissionTable:
 
     def match(self, key: PermissionKey, session_id: int | None, now: float) -> Permission | None:
         """The oldest pending permission a new flow with this key may use, consumed if single use."""
-        candidates = self._by_key.get(key)
-        if not candidates:
+        found = self._by_key.get(key)
+        if found is None:
             return None
-        for perm in candidates:
+        for perm in found if isinstance(found, list) else (found,):
             if perm.expires is not None and perm.expires <= now:
                 continue  # expired but not yet swept: never used
             if perm.session_id != session_id and Flags.ADDRESS_BASED not in perm.flags:
@@ -147,9 +158,12 @@ class PermissionTable:
     def _finish(self, perm: Permission, state: ActionState) -> None:
         perm.state = state
         del self._pending[perm.id]
-        siblings = self._by_key[perm.key]
-        siblings.remove(perm)
-        if not siblings:
+        present = self._by_key[perm.key]
+        if isinstance(present, list):
+            present.remove(perm)
+            if len(present) == 1:
+                self._by_key[perm.key] = present[0]
+        else:
             del self._by_key[perm.key]
         session = self._by_session[perm.session_id]
         del session[perm.id]

@@ -35,6 +35,30 @@ def format_path(path: KeyPath) -> str:
     return out
 
 
+class NetworkSet:
+    """Networks, tested by integer arithmetic: `address in networks` is on every decision."""
+
+    def __init__(self, networks: Iterable[IPNetwork]) -> None:
+        self.networks = tuple(networks)
+        self._masks = tuple((n.version, int(n.netmask), int(n.network_address))
+                            for n in self.networks)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, NetworkSet) and self.networks == other.networks
+
+    def __hash__(self) -> int:
+        return hash(self.networks)
+
+    def __repr__(self) -> str:
+        return f"NetworkSet({', '.join(map(str, self.networks))})"
+
+    def __contains__(self, address: object) -> bool:
+        if not isinstance(address, ipaddress.IPv4Address | ipaddress.IPv6Address):
+            return False
+        version, value = address.version, int(address)
+        return any(v == version and value & mask == net for v, mask, net in self._masks)
+
+
 @dataclass(frozen=True)
 class PortRange:
     low: int
@@ -67,11 +91,15 @@ class ProtocolRule:
     name: str
     allow: bool
     protocols: frozenset[str]
-    clients: tuple[IPNetwork, ...]
+    clients: NetworkSet
     users: frozenset[str] | None  # None: any user, including unauthenticated SecureNAT
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.clients, NetworkSet):
+            object.__setattr__(self, "clients", NetworkSet(self.clients))
+
     def applies(self, protocol: str, client: IPAddress, user: str | None) -> bool:
-        if protocol not in self.protocols or not _in_any(client, self.clients):
+        if protocol not in self.protocols or client not in self.clients:
             return False
         return self.users is None or (user is not None and user in self.users)
 
@@ -82,7 +110,11 @@ class SiteRule:
 
     name: str
     allow: bool
-    destinations: tuple[IPNetwork, ...]
+    destinations: NetworkSet
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.destinations, NetworkSet):
+            object.__setattr__(self, "destinations", NetworkSet(self.destinations))
 
 
 @dataclass(frozen=True)
@@ -109,11 +141,7 @@ class Policy:
 
     def site_rule(self, destination: IPAddress) -> SiteRule | None:
         """The first site rule that covers the destination; no rule means deny."""
-        return next((r for r in self.site_rules if _in_any(destination, r.destinations)), None)
-
-
-def _in_any(address: IPAddress, networks: Iterable[IPNetwork]) -> bool:
-    return any(address.version == n.version and address in n for n in networks)
+        return next((r for r in self.site_rules if destination in r.destinations), None)
 
 
 # --- building a Policy from parsed TOML -------------------------------------------------
@@ -247,13 +275,14 @@ def policy_from_dict(data: Mapping[str, Any], extra_sections: Iterable[str] = ()
         users = r.strings("users", None) if "users" in r.data else None
         protocol_rules.append(ProtocolRule(
             name=r.get("name", str), allow=r.action(), protocols=frozenset(names),
-            clients=r.networks("clients"),
+            clients=NetworkSet(r.networks("clients")),
             users=None if users is None else frozenset(users)))
 
     site_rules = []
     for r in root.tables("site_rule"):
         r.check_keys({"name", "action", "destinations"})
-        site_rules.append(SiteRule(r.get("name", str), r.action(), r.networks("destinations")))
+        site_rules.append(SiteRule(r.get("name", str), r.action(),
+                                   NetworkSet(r.networks("destinations"))))
 
     d = root.table("defaults")
     d.check_keys({"permission_timeout", "max_pending_per_session"})

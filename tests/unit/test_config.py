@@ -97,11 +97,11 @@ def test_full_config() -> None:
     ]
     assert p.protocols[1].guid == uuid.UUID("5c3c2a3e-8f1b-4c1e-9a57-1f0d3a6b2102")
     assert [r.name for r in p.protocol_rules] == ["clients", "admins"]
-    assert p.protocol_rules[0].clients == (ipaddress.ip_network("192.0.2.0/24"),
+    assert p.protocol_rules[0].clients.networks == (ipaddress.ip_network("192.0.2.0/24"),
                                            ipaddress.ip_network("2001:db8:1::/64"))
     assert p.protocol_rules[1].users == frozenset({"root"})
     assert p.protocol_rules[1].allow is False
-    assert p.site_rules[0].destinations[1] == ipaddress.ip_network("2001:db8:2::/64")
+    assert p.site_rules[0].destinations.networks[1] == ipaddress.ip_network("2001:db8:2::/64")
 
 
 def test_minimal_config_defaults() -> None:

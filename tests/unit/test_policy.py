@@ -98,7 +98,7 @@ def test_empty_policy_uses_defaults() -> None:
 def test_host_bits_in_a_network_are_accepted() -> None:
     p = policy_from_dict(data(site_rule=[{"name": "s", "action": "allow",
                                           "destinations": ["198.51.100.7/24"]}]))
-    assert p.site_rules[0].destinations == (net("198.51.100.0/24"),)
+    assert p.site_rules[0].destinations.networks == (net("198.51.100.0/24"),)
 
 
 def test_users_empty_list_admits_no_user() -> None:

@@ -19,9 +19,6 @@ import importlib.util
 import json
 import os
 import platform
-import select
-import signal
-import statistics
 import subprocess
 import sys
 import time
@@ -29,16 +26,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench.common import (
+    FW,
+    READY_TIMEOUT,
+    ROOT,
+    IperfServer,
+    format_table,
+    iperf_version,
+    last_json,
+    median,
+    queue_stats,
+    read_line,
+    run_iperf,
+    stop_proc,
+)
 from testbed.build import Testbed
 from testbed.topology import standard
 
-ROOT = Path(__file__).resolve().parent.parent
 OUT = Path(__file__).resolve().parent / "bindings.json"
 QUEUE = 5
-CLIENT, SERVER, FW = "c1", "s1", "fw"
-SERVER_ADDR = "198.51.100.21"
-PORT = 5201
-READY_TIMEOUT = 10.0
 
 
 @dataclass(frozen=True)
@@ -105,106 +111,6 @@ def binding_missing(binding: str | None) -> str | None:
     return None
 
 
-def _read_line(proc: subprocess.Popen[bytes], timeout: float) -> str | None:
-    """One line from ``proc``'s unbuffered stdout, or None on EOF/timeout."""
-    assert proc.stdout is not None
-    fd = proc.stdout.fileno()
-    buf = b""
-    deadline = time.monotonic() + timeout
-    while b"\n" not in buf:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            return None
-        ready, _, _ = select.select([fd], [], [], left)
-        if not ready:
-            return None
-        chunk = os.read(fd, 4096)
-        if not chunk:
-            break
-        buf += chunk
-    return buf.decode(errors="replace").strip() or None
-
-
-def _stop(tb: Testbed, proc: subprocess.Popen[bytes], timeout: float = 5.0) -> tuple[str, str]:
-    """SIGTERM ``proc``, reap it, forget it; return (stdout, stderr)."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, err = proc.communicate()
-    tb.forget(proc.pid)
-    return (out or b"").decode(errors="replace"), (err or b"").decode(errors="replace")
-
-
-def _last_json(text: str) -> dict[str, Any] | None:
-    for line in reversed(text.splitlines()):
-        line = line.strip()
-        if line.startswith("{"):
-            with contextlib.suppress(json.JSONDecodeError):
-                obj: dict[str, Any] = json.loads(line)
-                return obj
-    return None
-
-
-def queue_stats(tb: Testbed) -> dict[str, int] | None:
-    """Kernel counters of our queue in fw (/proc/net/netfilter/nfnetlink_queue)."""
-    r = tb.run(FW, ["cat", "/proc/net/netfilter/nfnetlink_queue"], check=False)
-    for line in r.stdout.splitlines():
-        f = line.split()
-        if len(f) >= 7 and f[0] == str(QUEUE):
-            return {"queue_total": int(f[2]), "queue_dropped": int(f[5]), "user_dropped": int(f[6])}
-    return None
-
-
-# -- iperf3 ----------------------------------------------------------------------------
-
-class IperfServer:
-    def __init__(self, tb: Testbed) -> None:
-        self.tb = tb
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.proc = self.tb.popen(SERVER, ["iperf3", "-s", "-B", SERVER_ADDR, "-p", str(PORT)],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + READY_TIMEOUT
-        while time.monotonic() < deadline:
-            r = self.tb.run(SERVER, ["ss", "-Hltn", f"sport = :{PORT}"], check=False)
-            if r.stdout.strip():
-                return
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.05)
-        raise RuntimeError("iperf3 server on s1 did not start listening")
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            _stop(self.tb, self.proc)
-            self.proc = None
-
-    def restart(self) -> None:
-        self.stop()
-        self.start()
-
-
-def run_iperf(tb: Testbed, seconds: int) -> tuple[float, float, int | None]:
-    """(bits/s received, seconds, retransmits) of one iperf3 TCP test c1 -> s1."""
-    r = tb.run(CLIENT, ["iperf3", "-c", SERVER_ADDR, "-p", str(PORT), "-t", str(seconds), "-J",
-                        "--connect-timeout", "3000"],
-               check=False, timeout=seconds + 20)
-    try:
-        data = json.loads(r.stdout)
-    except json.JSONDecodeError:
-        raise RuntimeError(f"iperf3 gave no JSON (exit {r.returncode}): {r.stderr.strip()}") from None
-    if "error" in data:
-        raise RuntimeError(f"iperf3: {data['error']}")
-    end = data["end"]
-    recv = end["sum_received"]
-    return float(recv["bits_per_second"]), float(recv["seconds"]), end.get("sum_sent", {}).get(
-        "retransmits")
-
-
 # -- one measurement -------------------------------------------------------------------
 
 def measure(tb: Testbed, server: IperfServer, cfg: Config, seconds: int) -> Sample:
@@ -220,10 +126,10 @@ def measure(tb: Testbed, server: IperfServer, cfg: Config, seconds: int) -> Samp
                 argv.append("--gso")
             consumer = tb.popen(FW, argv, cwd=ROOT, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, bufsize=0)
-            line = _read_line(consumer, READY_TIMEOUT)
+            line = read_line(consumer, READY_TIMEOUT)
             if line != "ready":
-                info = _last_json(line or "") or {}
-                _out, err = _stop(tb, consumer)
+                info = last_json(line or "") or {}
+                _out, err = stop_proc(tb, consumer)
                 consumer = None
                 raise RuntimeError(info.get("error") or f"consumer not ready: {line!r} {err.strip()}")
             # Insert in reverse so the chain reads in the order of cfg.rules().
@@ -234,7 +140,7 @@ def measure(tb: Testbed, server: IperfServer, cfg: Config, seconds: int) -> Samp
         bps, secs, retr = run_iperf(tb, seconds)
         sample.bps, sample.seconds, sample.retransmits = bps, secs, retr
         if consumer is not None:
-            ks = queue_stats(tb)
+            ks = queue_stats(tb, QUEUE)
             if ks:
                 sample.queue_dropped, sample.user_dropped = ks["queue_dropped"], ks["user_dropped"]
     except Exception as exc:
@@ -245,8 +151,8 @@ def measure(tb: Testbed, server: IperfServer, cfg: Config, seconds: int) -> Samp
         for spec in inserted:
             tb.run(FW, ["iptables", "-D", "FORWARD", *spec], check=False)
         if consumer is not None:
-            out, _err = _stop(tb, consumer)
-            stats = _last_json(out)
+            out, _err = stop_proc(tb, consumer)
+            stats = last_json(out)
             if stats:
                 sample.packets = stats.get("packets")
                 sample.overflows = stats.get("overflows")
@@ -255,19 +161,15 @@ def measure(tb: Testbed, server: IperfServer, cfg: Config, seconds: int) -> Samp
 
 # -- reporting -------------------------------------------------------------------------
 
-def _median(xs: list[float]) -> float | None:
-    return statistics.median(xs) if xs else None
-
-
 def summarize(rows: list[Row]) -> list[dict[str, Any]]:
     base = next((r for r in rows if r.config.binding is None), None)
-    base_bps = _median([s.bps for s in base.samples if s.bps]) if base else None
+    base_bps = median([s.bps for s in base.samples if s.bps]) if base else None
     out = []
     for row in rows:
         ok = [s for s in row.samples if s.error is None and s.bps]
-        bps = _median([s.bps for s in ok if s.bps])
-        pps = _median([p for s in ok if (p := s.pps) is not None])
-        pkts = _median([float(s.packets) for s in ok if s.packets is not None])
+        bps = median([s.bps for s in ok if s.bps])
+        pps = median([p for s in ok if (p := s.pps) is not None])
+        pkts = median([float(s.packets) for s in ok if s.packets is not None])
         entry: dict[str, Any] = {
             "name": row.config.name,
             "label": row.config.label,
@@ -302,7 +204,7 @@ def summarize(rows: list[Row]) -> list[dict[str, Any]]:
 
 def table(summary: list[dict[str, Any]]) -> str:
     head = ("configuration", "Gbit/s", "queued pkt/s", "queued/run", "x plain", "runs", "note")
-    lines = [head]
+    lines = []
     for e in summary:
         errs = sorted({s["error"] for s in e["samples"] if s["error"]})
         drops = sum((s["kernel_user_dropped"] or 0) + (s["kernel_queue_dropped"] or 0)
@@ -319,12 +221,7 @@ def table(summary: list[dict[str, Any]]) -> str:
             f"{e['runs_ok']}/{len(e['samples'])}" if not e["skipped"] else "0/0",
             note,
         ))
-    widths = [max(len(r[i]) for r in lines) for i in range(len(head) - 1)]
-    fmt = []
-    for r in lines:
-        cells = [r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:-1], widths[1:], strict=True)]
-        fmt.append("  ".join(cells) + ("  " + r[-1] if r[-1] else ""))
-    return "\n".join(fmt)
+    return format_table(head, lines)
 
 
 # -- main ------------------------------------------------------------------------------
@@ -338,8 +235,7 @@ def _versions() -> dict[str, str | None]:
             v[dist] = version(dist)
         except PackageNotFoundError:
             v[dist] = None
-    r = subprocess.run(["iperf3", "--version"], capture_output=True, text=True, check=False)
-    v["iperf3"] = r.stdout.split("\n", 1)[0].strip() or None
+    v["iperf3"] = iperf_version()
     return v
 
 

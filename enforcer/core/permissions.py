@@ -16,7 +16,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
-from enforcer.core.flags import Flags
+from enforcer.core.flags import Flags, flag_names
 from enforcer.core.results import InvalidArgument, Terminating
 
 # IP protocol, IP version, client, target and target port packed into one int
@@ -53,7 +53,6 @@ class Permission:
     admitted: int = 0
 
     def to_dict(self) -> dict[str, Any]:
-        from enforcer.core.flags import flag_names
         return {"action": self.id, "session": self.session_id, "state": self.state.value,
                 "flags": flag_names(self.flags), "protocol": self.protocol_name,
                 "created": self.created, "expires": self.expires, "admitted": self.admitted,

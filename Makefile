@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 ARTIFACTS ?= artifacts
 
-.PHONY: setup conformance test unit lint clean
+.PHONY: setup conformance test unit lint clean bench
 
 setup:
 	@scripts/bootstrap
@@ -21,6 +21,10 @@ unit: setup
 # Every test: lint, unit tests (no root), end-to-end tests and the clause suite (root).
 test: lint
 	$(BIN)/pytest -p no:cacheprovider -rfEs --pinhole-artifacts $(ARTIFACTS) tests testbed/clauses
+
+# The performance goals (P1-P4) as ratios measured in one run; writes bench/results.json (root).
+bench: setup
+	$(BIN)/python -m bench
 
 clean:
 	rm -rf $(ARTIFACTS) .mypy_cache .ruff_cache

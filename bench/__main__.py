@@ -1,0 +1,523 @@
+"""`make bench`: the four performance goals, each as a ratio measured in the same run.
+
+Run from the repository root, as root::
+
+    .venv/bin/python -m bench [--seconds 3] [--reps 5] [--skip p3 ...]
+
+- P1 kernel-mode admitted TCP flow throughput / plain forwarding (goal >= 0.95)
+- P2 user-mode TCP flow throughput / a null accept-all NFQUEUE consumer (goal >= 1.0)
+- P3 grant and match time and bytes per permission with 1M pending (<= 5 us, <= 400 B)
+- P4 new secondary flows admitted per second, and first-SYN latency of a data
+  connection / the Linux conntrack FTP helper doing the same job (goal <= 2)
+
+P3 runs first, in this process, on the decision core alone (``bench.permissions``).
+Then one routed testbed carries P1, P2 and P4: each repetition measures every
+configuration once, round-robin (plain forwarding, the null consumer, the
+conntrack FTP helper ruleset, then the enforcer for the kernel-mode, user-mode
+and new-flow rows), and the table shows medians over the repetitions. Prints
+one table and writes ``bench/results.json`` (every sample included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from bench import bindings, permissions
+from bench.common import (
+    CLIENT,
+    CLIENT_ADDR,
+    FW,
+    IPERF_PORT,
+    READY_TIMEOUT,
+    ROOT,
+    SERVER,
+    SERVER_ADDR,
+    IperfServer,
+    format_table,
+    iperf_version,
+    last_json,
+    median,
+    queue_stats,
+    ratio,
+    read_line,
+    run_iperf,
+    stop_proc,
+)
+from enforcer.client import Flags
+from testbed.build import Testbed
+from testbed.lab import GUIDS, EnforcerProcess
+from testbed.topology import standard
+
+OUT = Path(__file__).resolve().parent / "results.json"
+SINK_PORT = 6000
+ENFORCER_QUEUE = 0  # the lab config's queue
+PLAIN = next(c for c in bindings.CONFIGS if c.name == "plain")
+NULL_CONSUMER = next(c for c in bindings.CONFIGS if c.name == "nfq-all")
+
+# The Linux path the enforcer's secondary flows are compared with: the FTP helper
+# makes a RELATED expectation out of each 227 reply; a stateful ruleset admits it.
+HELPER_RULES: list[tuple[str, list[str]]] = [
+    ("raw", ["-A", "PREROUTING", "-p", "tcp", "--dport", "21", "-j", "CT", "--helper", "ftp"]),
+    ("filter", ["-A", "FORWARD", "-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT"]),
+    ("filter", ["-A", "FORWARD", "-p", "tcp", "--dport", "21", "-m", "conntrack", "--ctstate", "NEW",
+                "-j", "ACCEPT"]),
+    # for the admission-rate baseline: new flows to the sink port, accepted by a rule
+    ("filter", ["-A", "FORWARD", "-p", "tcp", "--dport", str(SINK_PORT), "-m", "conntrack",
+                "--ctstate", "NEW", "-j", "ACCEPT"]),
+    ("filter", ["-A", "FORWARD", "-j", "DROP"]),
+]
+
+
+@dataclass
+class Iperf:
+    bps: float | None = None
+    seconds: float | None = None
+    packets: int | None = None
+    retransmits: int | None = None
+    error: str | None = None
+
+    @property
+    def pps(self) -> float | None:
+        return self.packets / self.seconds if self.packets is not None and self.seconds else None
+
+
+def _err(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+# -- P3: the decision core ----------------------------------------------------------------
+
+def run_p3(rounds: int, seed: int) -> dict[str, Any]:
+    """bench.permissions at 1k (the baseline) and 1M pending permissions."""
+    rng = random.Random(seed)
+    out = {}
+    for n in (1000, 1_000_000):
+        t0 = time.perf_counter()
+        out[n] = permissions.measure(n, rounds, rng, memory=True)
+        print(f"P3 {n:>9,} pending: grant {out[n]['grant_engine_us']:.2f} µs, match "
+              f"{out[n]['match_hit_us']:.2f} µs, {out[n]['bytes_per_perm']:.0f} B/permission "
+              f"({time.perf_counter() - t0:.0f} s)", flush=True)
+    return {"1k": out[1000], "1M": out[1_000_000]}
+
+
+# -- the testbed side ---------------------------------------------------------------------
+
+class FlowServer:
+    """``bench.flows server`` on s1: port 21 (enough FTP for PASV) and the sink port."""
+
+    def __init__(self, tb: Testbed) -> None:
+        self.tb = tb
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.proc = self.tb.popen(SERVER, [sys.executable, "-m", "bench.flows", "server", "--addr",
+                                           SERVER_ADDR, "--sink-port", str(SINK_PORT)],
+                                  cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0)
+        if read_line(self.proc, READY_TIMEOUT) != "ready":
+            _out, err = stop_proc(self.tb, self.proc)
+            self.proc = None
+            raise RuntimeError(f"bench.flows server did not start: {err.strip()}")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_proc(self.tb, self.proc)
+            self.proc = None
+
+
+def flows_client(tb: Testbed, *args: str, timeout: float = 60) -> dict[str, Any]:
+    r = tb.run(CLIENT, [sys.executable, "-m", "bench.flows", *args], check=False, timeout=timeout)
+    result = last_json(r.stdout)
+    if result is None:
+        tail = r.stderr.strip().splitlines()[-1:] or [f"exit {r.returncode}"]
+        raise RuntimeError(f"bench.flows {args[0]}: {tail[0]}")
+    return result
+
+
+def iperf(tb: Testbed, server: IperfServer, seconds: int,
+          packets: Callable[[], int | None] | None = None) -> Iperf:
+    """One iperf3 run c1 -> s1; ``packets`` reads a packet counter (before and after)."""
+    sample = Iperf()
+    before = packets() if packets else None
+    try:
+        sample.bps, sample.seconds, sample.retransmits = run_iperf(tb, seconds)
+        after = packets() if packets else None
+        if before is not None and after is not None:
+            sample.packets = after - before
+    except Exception as exc:
+        sample.error = _err(exc)
+        server.restart()  # a run that failed half-way can leave the server busy
+    return sample
+
+
+def from_bindings(s: bindings.Sample) -> Iperf:
+    return Iperf(bps=s.bps, seconds=s.seconds, packets=s.packets, retransmits=s.retransmits,
+                 error=s.error)
+
+
+def connects_summary(r: dict[str, Any]) -> dict[str, Any]:
+    ok = len(r["latencies_us"])
+    return {"flows_per_s": ok / r["elapsed"] if r["elapsed"] else None,
+            "median_connect_us": median(r["latencies_us"]), "ok": ok, "failed": r["failed"],
+            "concurrency": r["concurrency"]}
+
+
+def pasv_summary(r: dict[str, Any]) -> dict[str, Any]:
+    return {"median_connect_us": median(r["connect_us"]), "median_grant_us": median(r["grant_us"]),
+            "ok": len(r["connect_us"]), "failed": r["failed"]}
+
+
+def helper_block(tb: Testbed, args: argparse.Namespace) -> dict[str, Any]:
+    """No enforcer: the conntrack FTP helper ruleset in fw; PASV data connects, new-flow rate."""
+    added: list[tuple[str, list[str]]] = []
+    out: dict[str, Any] = {}
+    try:
+        for table, spec in HELPER_RULES:
+            tb.run(FW, ["iptables", "-t", table, *spec])
+            added.append((table, spec))
+        out["pasv"] = pasv_summary(flows_client(tb, "pasv", "--addr", SERVER_ADDR,
+                                                "--count", str(args.pasv)))
+        out["rate"] = connects_summary(flows_client(
+            tb, "connects", "--addr", SERVER_ADDR, "--port", str(SINK_PORT),
+            "--count", str(args.flows), "--concurrency", str(args.concurrency)))
+    except Exception as exc:
+        out["error"] = _err(exc)
+    finally:
+        for table, spec in reversed(added):
+            tb.run(FW, ["iptables", "-t", table, "-D", *spec[1:]], check=False)
+        tb.run(FW, ["conntrack", "-F"], check=False)
+    return out
+
+
+def c1_session(tb: Testbed, enforcer: EnforcerProcess) -> int:
+    """Make c1's SecureNAT session with a primary FTP connection; its id."""
+    flows_client(tb, "connects", "--addr", SERVER_ADDR, "--port", "21", "--count", "1")
+    for s in enforcer.call("sessions"):
+        if s["client"] == CLIENT_ADDR:
+            return int(s["id"])
+    raise RuntimeError("no SecureNAT session for c1 after a primary FTP connection")
+
+
+def enforcer_block(tb: Testbed, server: IperfServer, workdir: Path,
+                   args: argparse.Namespace) -> dict[str, Any]:
+    """The enforcer running: kernel-mode and user-mode iperf3, new-flow rate, PASV data connects."""
+    out: dict[str, Any] = {}
+    enforcer = EnforcerProcess(tb, workdir)
+    enforcer.start()
+    try:
+        session = c1_session(tb, enforcer)
+        target = (SERVER_ADDR, IPERF_PORT)
+        with enforcer.client() as api:
+            # P1: admitted in kernel mode (iperf3 opens a control and a data connection)
+            action = api.allow_future_connect(session, target, protocol_guid=GUIDS["FTP"],
+                                              flags=Flags.ALLOW_MULTIPLE)
+            out["kernel"] = iperf(tb, server, args.seconds)
+            action.cancel()
+
+            # P2: user mode, every packet through the enforcer
+            def queued() -> int | None:
+                ks = queue_stats(tb, ENFORCER_QUEUE)
+                return ks["id_sequence"] if ks else None
+
+            action = api.allow_future_connect(session, target, protocol_guid=GUIDS["FTP"],
+                                              flags=Flags.ALLOW_MULTIPLE | Flags.NO_KERNEL_MODE)
+            out["user"] = iperf(tb, server, args.seconds, packets=queued)
+            action.cancel()
+
+            # P4a: new flows admitted per second under one ALLOW_MULTIPLE grant
+            action = api.allow_future_connect(session, (SERVER_ADDR, SINK_PORT),
+                                              protocol_guid=GUIDS["FTP"], flags=Flags.ALLOW_MULTIPLE)
+            try:
+                out["rate"] = connects_summary(flows_client(
+                    tb, "connects", "--addr", SERVER_ADDR, "--port", str(SINK_PORT),
+                    "--count", str(args.flows), "--concurrency", str(args.concurrency)))
+            except Exception as exc:
+                out["rate"] = {"error": _err(exc)}
+            action.cancel()
+        # P4b: per PASV, a single-use grant, then the timed data connect()
+        try:
+            out["pasv"] = pasv_summary(flows_client(
+                tb, "pasv", "--addr", SERVER_ADDR, "--count", str(args.pasv),
+                "--grant", str(enforcer.socket), "--session", str(session)))
+        except Exception as exc:
+            out["pasv"] = {"error": _err(exc)}
+    except Exception as exc:
+        out["error"] = _err(exc)
+    finally:
+        enforcer.stop()
+        tb.run(FW, ["conntrack", "-F"], check=False)
+    return out
+
+
+def run_network(args: argparse.Namespace) -> dict[str, list[Any]]:
+    samples: dict[str, list[Any]] = {k: [] for k in (
+        "plain", "null", "kernel", "user", "helper", "enforcer")}
+    tb = Testbed.up(standard("routed"), tag="bench")
+    server = IperfServer(tb)
+    flow_server = FlowServer(tb)
+    try:
+        server.start()
+        flow_server.start()
+        with tempfile.TemporaryDirectory(prefix="pinhole-bench-") as tmp:
+            for rep in range(args.reps):
+                samples["plain"].append(from_bindings(bindings.measure(tb, server, PLAIN, args.seconds)))
+                samples["null"].append(from_bindings(
+                    bindings.measure(tb, server, NULL_CONSUMER, args.seconds)))
+                samples["helper"].append(helper_block(tb, args))
+                e = enforcer_block(tb, server, Path(tmp) / f"enforcer-{rep}", args)
+                samples["kernel"].append(e.pop("kernel", Iperf(error=e.get("error"))))
+                samples["user"].append(e.pop("user", Iperf(error=e.get("error"))))
+                samples["enforcer"].append(e)
+                _progress(rep, args.reps, samples)
+    finally:
+        with contextlib.suppress(Exception):
+            flow_server.stop()
+        with contextlib.suppress(Exception):
+            server.stop()
+        tb.down()
+    return samples
+
+
+def _gbps(s: Iperf) -> str:
+    return f"{s.bps / 1e9:.2f}" if s.bps else f"error ({s.error})"
+
+
+def _progress(rep: int, reps: int, samples: dict[str, list[Any]]) -> None:
+    h, e = samples["helper"][-1], samples["enforcer"][-1]
+    print(f"[{rep + 1}/{reps}] Gbit/s plain {_gbps(samples['plain'][-1])}, kernel "
+          f"{_gbps(samples['kernel'][-1])}, null consumer {_gbps(samples['null'][-1])}, user "
+          f"{_gbps(samples['user'][-1])}; connect µs helper "
+          f"{_fmt(h.get('pasv', {}).get('median_connect_us'), '.0f')}, enforcer "
+          f"{_fmt(e.get('pasv', {}).get('median_connect_us'), '.0f')}; flows/s kernel rule "
+          f"{_fmt(h.get('rate', {}).get('flows_per_s'), '.0f')}, enforcer "
+          f"{_fmt(e.get('rate', {}).get('flows_per_s'), '.0f')}"
+          + "".join(f"; {k} error: {v['error'] if isinstance(v, dict) else v}"
+                    for blk in (h, e) for k, v in blk.items()
+                    if k == "error" or (isinstance(v, dict) and "error" in v)),
+          flush=True)
+
+
+# -- the table ------------------------------------------------------------------------------
+
+@dataclass
+class Row:
+    name: str
+    unit: str
+    measured: float | None
+    baseline: float | None
+    baseline_label: str
+    ratio: float | None
+    goal: str  # e.g. "ratio >= 0.95"; "" for a figure without a goal
+    met: bool | None
+    note: str = ""
+
+
+def _fmt(v: float | None, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def _met(v: float | None, op: str, goal: float) -> bool | None:
+    if v is None:
+        return None
+    return v >= goal if op == ">=" else v <= goal
+
+
+def _errors(samples: list[Any]) -> str:
+    errs = sorted({s.error for s in samples if isinstance(s, Iperf) and s.error})
+    return "; ".join(errs)
+
+
+def build_rows(net: dict[str, list[Any]] | None, p3: dict[str, Any] | None) -> list[Row]:
+    rows: list[Row] = []
+    if net is not None:
+        def bps(key: str) -> float | None:
+            return median(s.bps for s in net[key])
+
+        def paired(key: str, base: str) -> str:
+            return _spread([ratio(a.bps, b.bps) for a, b in zip(net[key], net[base], strict=True)])
+
+        plain, kernel, null, user = bps("plain"), bps("kernel"), bps("null"), bps("user")
+        r1 = ratio(kernel, plain)
+        rows.append(Row("P1 kernel-mode flow throughput", "Gbit/s", _g(kernel), _g(plain),
+                        "plain forwarding", r1, "ratio >= 0.95", _met(r1, ">=", 0.95),
+                        "; ".join(x for x in (paired("kernel", "plain"),
+                                              _errors(net["kernel"] + net["plain"])) if x)))
+        r2 = ratio(user, null)
+        rows.append(Row("P2 user-mode flow throughput", "Gbit/s", _g(user), _g(null),
+                        "null NFQUEUE consumer", r2, "ratio >= 1.0", _met(r2, ">=", 1.0),
+                        "; ".join(x for x in (paired("user", "null"),
+                                              _errors(net["user"] + net["null"])) if x)))
+        upps = median(s.pps for s in net["user"])
+        npps = median(s.pps for s in net["null"])
+        rows.append(Row("P2 user-mode packets through the queue", "pkt/s", upps, npps,
+                        "null NFQUEUE consumer", ratio(upps, npps), "", None))
+
+        def blk(key: str, part: str, field: str) -> float | None:
+            return median(b.get(part, {}).get(field) for b in net[key])
+
+        e_rate, h_rate = blk("enforcer", "rate", "flows_per_s"), blk("helper", "rate", "flows_per_s")
+        rows.append(Row("P4 new secondary flows admitted", "flows/s", e_rate, h_rate,
+                        "kernel rule, NEW accept", ratio(e_rate, h_rate), "", None,
+                        f"{_conc(net)} connects in flight, ALLOW_MULTIPLE grant, kernel mode"))
+        e_lat, h_lat = blk("enforcer", "pasv", "median_connect_us"), blk("helper", "pasv",
+                                                                           "median_connect_us")
+        r4 = ratio(e_lat, h_lat)
+        per_rep = _spread([ratio(e.get("pasv", {}).get("median_connect_us"),
+                                 h.get("pasv", {}).get("median_connect_us"))
+                           for e, h in zip(net["enforcer"], net["helper"], strict=True)])
+        rows.append(Row("P4 first-SYN latency of a data connection", "µs", e_lat, h_lat,
+                        "conntrack FTP helper", r4, "ratio <= 2", _met(r4, "<=", 2.0),
+                        f"{per_rep}; connect() after PASV/227, enforcer: a single-use grant per PASV"))
+        g = blk("enforcer", "pasv", "median_grant_us")
+        rows.append(Row("P4 grant call (control socket round trip)", "µs", g, None, "", None, "", None,
+                        "precedes each enforcer connect(); the helper's expectation is made in-kernel"))
+        failed = sum(b.get(p, {}).get("failed", 0) for k in ("enforcer", "helper") for b in net[k]
+                     for p in ("rate", "pasv"))
+        errs = sorted({f"{k}: {v['error'] if isinstance(v, dict) else v}" for k2 in ("enforcer", "helper")
+                       for b in net[k2] for k, v in b.items()
+                       if k == "error" or (isinstance(v, dict) and "error" in v)})
+        if failed or errs:
+            rows[-1].note += f"; P4 failed connects: {failed}" + (f"; {'; '.join(errs)}" if errs else "")
+    if p3 is not None:
+        big, small = p3["1M"], p3["1k"]
+        for key, label, unit, goal in (
+                ("grant_engine_us", "P3 grant (Engine.allow_future_connect), 1M pending", "µs", 5.0),
+                ("match_hit_us", "P3 match (Engine.decide, admitted SYN), 1M pending", "µs", 5.0),
+                ("match_miss_us", "P3 no match (Engine.decide, dropped), 1M pending", "µs", 5.0),
+                ("bytes_per_perm", "P3 memory per pending permission, 1M", "B", 400.0)):
+            m, b = big.get(key), small.get(key)
+            rows.append(Row(label, unit, m, b, "same at 1k pending", ratio(m, b),
+                            f"<= {goal:g} {unit}", _met(m, "<=", goal)))
+    return rows
+
+
+def _spread(ratios: list[float | None]) -> str:
+    """The per-repetition (paired) ratios: range and median."""
+    vals = [r for r in ratios if r is not None]
+    if not vals:
+        return ""
+    return f"per-rep ratios {min(vals):.2f}-{max(vals):.2f} (median {median(vals):.2f})"
+
+
+def _g(bps: float | None) -> float | None:
+    return bps / 1e9 if bps is not None else None
+
+
+def _conc(net: dict[str, list[Any]]) -> int:
+    for b in net["enforcer"]:
+        c = b.get("rate", {}).get("concurrency")
+        if c:
+            return int(c)
+    return 0
+
+
+def render(rows: list[Row]) -> str:
+    def num(v: float | None, unit: str) -> str:
+        if v is None:
+            return "-"
+        spec = ".2f" if unit == "Gbit/s" else ".1f" if unit == "µs" and v < 1000 else ",.0f"
+        return f"{format(v, spec)} {unit}"
+
+    head = ("name", "measured", "baseline", "ratio", "goal", "met?", "baseline is / note")
+    body = []
+    for r in rows:
+        note = "; ".join(x for x in (r.baseline_label, r.note) if x)
+        body.append((r.name, num(r.measured, r.unit), num(r.baseline, r.unit), _fmt(r.ratio, ".3f"),
+                     r.goal or "-", {True: "yes", False: "NO", None: "-"}[r.met], note))
+    return format_table(head, body)
+
+
+# -- main ----------------------------------------------------------------------------------
+
+def _versions() -> dict[str, str | None]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    v: dict[str, str | None] = {"python": platform.python_version(), "iperf3": iperf_version()}
+    for dist in ("NetfilterQueue",):
+        try:
+            v[dist] = version(dist)
+        except PackageNotFoundError:
+            v[dist] = None
+    return v
+
+
+def _jsonable(net: dict[str, list[Any]]) -> dict[str, list[Any]]:
+    return {k: [asdict(s) | {"pps": s.pps} if isinstance(s, Iperf) else s for s in v]
+            for k, v in net.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    ap.add_argument("--seconds", type=int, default=3, help="iperf3 duration per run (default 3)")
+    ap.add_argument("--reps", type=int, default=5, help="repetitions of the network rows (default 5)")
+    ap.add_argument("--flows", type=int, default=1000, help="connections per admission-rate run")
+    ap.add_argument("--concurrency", type=int, default=16, help="connects in flight for the rate")
+    ap.add_argument("--pasv", type=int, default=100, help="PASV + data connects per latency run")
+    ap.add_argument("--rounds", type=int, default=15, help="P3 match rounds of 250 flows")
+    ap.add_argument("--skip", nargs="+", choices=["net", "p3"], default=[],
+                    help="leave out the testbed rows (P1, P2, P4) or P3")
+    ap.add_argument("--out", type=Path, default=OUT, help=f"JSON output (default {OUT})")
+    args = ap.parse_args(argv)
+    if "net" not in args.skip and os.geteuid() != 0:
+        print("bench needs root for P1, P2 and P4 (network namespaces, iptables); "
+              "--skip net runs P3 alone", file=sys.stderr)
+        return 2
+
+    t0 = time.monotonic()
+    p3 = None if "p3" in args.skip else run_p3(args.rounds, seed=1)
+    net = None if "net" in args.skip else run_network(args)
+    rows = build_rows(net, p3)
+    text = render(rows)
+    wall = round(time.monotonic() - t0, 1)
+    result = {
+        "bench": "pinhole goals",
+        "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "host": {"kernel": platform.release(), "cpus": os.cpu_count(), "machine": platform.machine()},
+        "versions": _versions(),
+        "method": {
+            "testbed": "standard('routed'); c1 (192.0.2.11) -> fw -> s1 (198.51.100.21)",
+            "reps": args.reps, "iperf3_seconds": args.seconds, "order": "round-robin per repetition",
+            "P1": "iperf3 TCP; enforcer with an ALLOW_MULTIPLE kernel-mode grant for s1:5201 vs no rules",
+            "P2": "iperf3 TCP; ALLOW_MULTIPLE|NO_KERNEL_MODE grant vs bench.consumers netfilterqueue "
+                  "on `iptables -I FORWARD -j NFQUEUE --queue-num 5`; pkt/s from the queue's "
+                  "id_sequence (enforcer) or the consumer's count, over iperf3's receive seconds",
+            "P3": "bench.permissions.measure at 1k and 1M pending (decision core, in process)",
+            "P4 rate": f"{args.flows} TCP connects c1 -> s1:{SINK_PORT}, {args.concurrency} in flight; "
+                       "enforcer: one ALLOW_MULTIPLE kernel-mode grant; baseline: the helper ruleset's "
+                       "`--ctstate NEW --dport 6000 -j ACCEPT` rule, no enforcer",
+            "P4 latency": f"{args.pasv} x (PASV on an FTP control connection to s1:21, 227 reply, timed "
+                          "data connect()) per run; baseline: `-t raw ... -j CT --helper ftp` and "
+                          "ESTABLISHED,RELATED accept / NEW tcp dport 21 accept / drop, no enforcer; "
+                          "enforcer: a single-use AllowFutureConnect per 227 from the client's side, "
+                          "then the connect()",
+            "medians": "per run the median over its connections; the table: median over runs",
+        },
+        "wall_seconds": wall,
+        "rows": [asdict(r) for r in rows],
+        "table": text.splitlines(),
+        "p3": p3,
+        "network": _jsonable(net) if net is not None else None,
+    }
+    args.out.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    print()
+    print(text)
+    out = args.out.relative_to(Path.cwd()) if args.out.is_relative_to(Path.cwd()) else args.out
+    print(f"\n{wall} s; written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -6,9 +6,9 @@ Run from the repository root (no root, no testbed; pure Python, about 90 s and
     .venv/bin/python -m bench.permissions [--sizes 1000 100000 1000000] [--rounds 15]
 
 For each size N the decision core is filled with N pending permissions with
-distinct keys (IPv4, single use, no flags): N/250 SecureNAT clients in
-10.0.0.0/8, each with 250 grants to random targets in 198.18.0.0/15 on random
-ports 1024-65535, 80 % TCP and 20 % UDP. Then it measures
+distinct keys (IPv4, single use, no flags): N/4000 SecureNAT clients in
+192.0.2.0/24, each with 4000 grants to random targets in 198.51.100.0/24 on
+random ports 1024-65535, 80 % TCP and 20 % UDP. Then it measures
 
 - **grant**: ``Engine.allow_future_connect`` (the whole API call: checks, policy
   lookups, the table insert), averaged over filling the table from empty, and
@@ -55,22 +55,31 @@ from enforcer.core.engine import Engine, Verdict, permission_key
 from enforcer.core.flags import Flags
 from enforcer.core.packet import TCP, TCP_SYN, UDP, FlowKey, Ingress, PacketMeta
 from enforcer.core.permissions import PermissionKey, PermissionTable
-from enforcer.core.policy import Defaults, Policy, PortRange, ProtocolDef, ProtocolRule, SiteRule
+from enforcer.core.policy import (
+    Defaults,
+    NetworkSet,
+    Policy,
+    PortRange,
+    ProtocolDef,
+    ProtocolRule,
+    SiteRule,
+)
 
 OUT = Path(__file__).resolve().parent / "permissions.json"
 GOAL_US = 5.0
 GOAL_BYTES = 400
-PER_CLIENT = 250
+PER_CLIENT = 4000  # 1M grants from 250 clients: they fit a /24
 ROUND = 250
 FTP_GUID = uuid.UUID("5c3c2a3e-8f1b-4c1e-9a57-1f0d3a6b2101")
-INTERNAL = ipaddress.ip_network("10.0.0.0/8")
-TARGETS = ipaddress.ip_network("198.18.0.0/15")
+# Documentation ranges, as everywhere in the project: 250 clients, 256 targets, any port.
+INTERNAL = ipaddress.ip_network("192.0.2.0/24")
+TARGETS = ipaddress.ip_network("198.51.100.0/24")
 MISS_PORT = 1000  # never granted (grants use 1024-65535) and no protocol's primary port
 POLICY = Policy(
     protocols=(ProtocolDef("FTP", FTP_GUID, TCP, (PortRange(21, 21),)),),
-    protocol_rules=(ProtocolRule("clients", True, frozenset({"FTP"}), (INTERNAL,), None),),
-    site_rules=(SiteRule("targets", True, (TARGETS,)),),
-    defaults=Defaults(permission_timeout=60.0, max_pending_per_session=1024),
+    protocol_rules=(ProtocolRule("clients", True, frozenset({"FTP"}), NetworkSet((INTERNAL,)), None),),
+    site_rules=(SiteRule("targets", True, NetworkSet((TARGETS,))),),
+    defaults=Defaults(permission_timeout=60.0, max_pending_per_session=PER_CLIENT),
 )
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -90,7 +99,7 @@ class Workload:
     def make(cls, n: int, rng: random.Random) -> Workload:
         n_clients = max(1, -(-n // PER_CLIENT))
         base = int(INTERNAL.network_address)
-        clients = [ipaddress.IPv4Address(base + 1 + i * 7) for i in range(n_clients)]
+        clients = [ipaddress.IPv4Address(base + 1 + i) for i in range(n_clients)]
         t_base, t_size = int(TARGETS.network_address), TARGETS.num_addresses
         seen: set[tuple[int, int, int, int]] = set()
         sessions, targets, ports, protocols = (array.array("I") for _ in range(4))
@@ -112,7 +121,7 @@ class Workload:
 
 def new_engine(w: Workload) -> tuple[Engine, list[int]]:
     """An engine with one SecureNAT session per client (made by a primary FTP SYN)."""
-    engine = Engine(POLICY, (INTERNAL,), (ipaddress.IPv4Address("192.0.2.1"),))
+    engine = Engine(POLICY, (INTERNAL,), (ipaddress.IPv4Address("203.0.113.1"),))
     server = TARGETS.network_address + 1
     ids = []
     for client in w.clients:

@@ -24,13 +24,13 @@ IFACES = Interfaces(
     internal={"int0": 2, "int1": 3},
     external={"ext0": 4},
     internal_networks=(ipaddress.ip_network("192.0.2.0/24"), ipaddress.ip_network("2001:db8:1::/64"),
-                       ipaddress.ip_network("10.20.0.0/16")),
+                       ipaddress.ip_network("203.0.113.0/24")),
     external_addresses=(ipaddress.ip_address("198.51.100.1"), ipaddress.ip_address("2001:db8:2::1"),
                         ipaddress.ip_address("198.51.100.2"), ipaddress.ip_address("2001:db8:2::2")),
 )
 FIRST_EXTERNAL = {"ipv4": "198.51.100.1", "ipv6": "2001:db8:2::1"}
 OTHER_EXTERNAL = {"ipv4": "198.51.100.2", "ipv6": "2001:db8:2::2"}
-NETWORKS = {"ipv4": ["192.0.2.0/24", "10.20.0.0/16"], "ipv6": ["2001:db8:1::/64"]}
+NETWORKS = {"ipv4": ["192.0.2.0/24", "203.0.113.0/24"], "ipv6": ["2001:db8:1::/64"]}
 
 CLOSED = DataplaneSettings(queue=3, fail_open=False)
 OPEN = DataplaneSettings(queue=3, fail_open=True)

@@ -134,7 +134,7 @@ def test_parsed_packet_is_decided() -> None:
     (pkt(S1, C1, 21, ingress=Ingress.EXTERNAL), "arrived on the external side"),
     (pkt(C1, S1, 21, ingress=Ingress.EXTERNAL), "arrived on the external side"),
     (pkt(S1, C1, 53, proto=UDP, ingress=Ingress.EXTERNAL), "arrived on the external side"),
-    (pkt("10.9.9.9", S1, 21), "source 10.9.9.9 is not on an internal network"),
+    (pkt("203.0.113.9", S1, 21), "source 203.0.113.9 is not on an internal network"),
     (pkt("2001:db8:9::1", S6, 21), "is not on an internal network"),
     (pkt("::ffff:192.0.2.11", S6, 21), "is not on an internal network"),
     (pkt(C1, S1, 23), "no permission admits it and tcp/23 is no protocol's primary port"),

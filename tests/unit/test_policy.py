@@ -154,7 +154,7 @@ def test_protocol_rule_families_do_not_mix(policy: Policy) -> None:
     rule = policy.protocol_rule("FTP", ip("2001:db8:1::5"), None)
     assert rule is not None and rule.name == "clients may use everything"
     assert policy.protocol_rule("FTP", ip("2001:db8:9::5"), None) is None
-    assert policy.protocol_rule("FTP", ip("10.0.0.1"), None) is None
+    assert policy.protocol_rule("FTP", ip("203.0.113.1"), None) is None
     # ::ffff:192.0.2.1 is an IPv6 address, not a member of 192.0.2.0/24.
     assert policy.protocol_rule("FTP", ip("::ffff:192.0.2.1"), None) is None
 

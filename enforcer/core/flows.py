@@ -58,27 +58,29 @@ def reverse(key: FlowKey) -> FlowKey:
 
 class FlowTable:
     """Admitted flows, least recently seen first; bounded so that a long run cannot grow
-    it without end (the kernel keeps the authoritative state: a flow's conntrack mark)."""
+    it without end (the kernel keeps the authoritative state: a flow's conntrack mark).
+
+    Each flow is indexed under its key and its reverse, so that a packet of either
+    direction finds it with one lookup.
+    """
 
     def __init__(self, capacity: int = 65536) -> None:
         self.capacity = capacity
         self._flows: OrderedDict[FlowKey, FlowRecord] = OrderedDict()
+        self._index: dict[FlowKey, tuple[FlowRecord, bool]] = {}
 
     def add(self, record: FlowRecord) -> None:
         self._flows[record.key] = record
+        self._index[record.key] = (record, True)
+        self._index[reverse(record.key)] = (record, False)
         self._touch(record.key)
 
     def find(self, key: FlowKey) -> tuple[FlowRecord, bool] | None:
         """The record of a packet's flow and whether the packet goes the flow's way."""
-        record = self._flows.get(key)
-        if record is not None:
-            self._touch(key)
-            return record, True
-        record = self._flows.get(reverse(key))
-        if record is not None:
-            self._touch(record.key)
-            return record, False
-        return None
+        found = self._index.get(key)
+        if found is not None:
+            self._flows.move_to_end(found[0].key)
+        return found
 
     def get(self, key: FlowKey) -> FlowRecord | None:
         return self._flows.get(key)
@@ -86,7 +88,10 @@ class FlowTable:
     def _touch(self, key: FlowKey) -> None:
         self._flows.move_to_end(key)
         while len(self._flows) > self.capacity:
-            self._flows.popitem(last=False)
+            _, old = self._flows.popitem(last=False)
+            for k in (old.key, reverse(old.key)):
+                if self._index.get(k, (None,))[0] is old:
+                    del self._index[k]
 
     def newest(self, limit: int) -> list[FlowRecord]:
         out: list[FlowRecord] = []

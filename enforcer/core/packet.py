@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 import ipaddress
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -36,9 +36,11 @@ class Ingress(enum.Enum):
     EXTERNAL = "external"
 
 
-@dataclass(frozen=True, slots=True)
-class FlowKey:
-    """A flow in the direction of its first packet (ports are 0 for portless protocols)."""
+class FlowKey(NamedTuple):
+    """A flow in the direction of its first packet (ports are 0 for portless protocols).
+
+    A named tuple rather than a dataclass: one is built for every queued packet.
+    """
 
     protocol: int
     src: IPAddress
@@ -55,8 +57,7 @@ def _ep(addr: IPAddress, port: int) -> str:
     return f"[{addr}]:{port}" if addr.version == 6 else f"{addr}:{port}"
 
 
-@dataclass(frozen=True, slots=True)
-class PacketMeta:
+class PacketMeta(NamedTuple):
     key: FlowKey
     ingress: Ingress
     tcp_flags: int = 0
@@ -75,6 +76,22 @@ class Malformed(ValueError):
     """The bytes are not an IP packet this enforcer can classify."""
 
 
+_ADDRESS_CACHE_SIZE = 65536
+_addresses: dict[bytes, IPAddress] = {}
+
+
+def _address(raw: bytes) -> IPAddress:
+    """The address object for 4 or 16 raw bytes; the same few addresses recur in every
+    packet of a flow, and building ipaddress objects is most of what parsing costs."""
+    found = _addresses.get(raw)
+    if found is None:
+        if len(_addresses) >= _ADDRESS_CACHE_SIZE:
+            _addresses.clear()
+        found = _addresses[raw] = (ipaddress.IPv4Address(raw) if len(raw) == 4
+                                   else ipaddress.IPv6Address(raw))
+    return found
+
+
 def parse(data: bytes, ingress: Ingress) -> PacketMeta:
     """Read the flow key of an IPv4 or IPv6 packet; raise Malformed otherwise."""
     if not data:
@@ -87,16 +104,16 @@ def parse(data: bytes, ingress: Ingress) -> PacketMeta:
         if ihl < 20 or len(data) < ihl:
             raise Malformed("bad IPv4 header length")
         protocol = data[9]
-        src: IPAddress = ipaddress.IPv4Address(data[12:16])
-        dst: IPAddress = ipaddress.IPv4Address(data[16:20])
+        src = _address(data[12:16])
+        dst = _address(data[16:20])
         fragment_offset = struct.unpack_from("!H", data, 6)[0] & 0x1FFF
         offset = ihl if fragment_offset == 0 else -1
     elif version == 6:
         if len(data) < 40:
             raise Malformed("truncated IPv6 header")
         protocol = data[6]
-        src = ipaddress.IPv6Address(data[8:24])
-        dst = ipaddress.IPv6Address(data[24:40])
+        src = _address(data[8:24])
+        dst = _address(data[24:40])
         offset = 40
         while protocol in _IPV6_EXTENSIONS:
             if len(data) < offset + 8:

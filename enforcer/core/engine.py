@@ -12,8 +12,7 @@ import ipaddress
 import uuid
 from collections import Counter, deque
 from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from enforcer.core.flags import Flags
 from enforcer.core.flows import FlowRecord, FlowTable, Mode
@@ -30,8 +29,7 @@ class Verdict(enum.Enum):
     DROP = "drop"
 
 
-@dataclass(frozen=True, slots=True)
-class Decision:
+class Decision(NamedTuple):
     verdict: Verdict
     key: FlowKey
     reason: str
@@ -48,8 +46,7 @@ class Decision:
                 "action": self.action_id}
 
 
-@dataclass(frozen=True, slots=True)
-class EstablishedConnection:
+class EstablishedConnection(NamedTuple):
     """Event: a flow was admitted under a permission whose caller passed a session filter."""
 
     filter_id: int

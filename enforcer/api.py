@@ -142,8 +142,7 @@ class SessionApi:
     def actions(self, params: dict[str, Any], caller: Caller) -> list[dict[str, Any]]:
         p = Params(params, {"session"})
         session = p.integer("session", low=1) if p.has("session") else None
-        self.engine.permissions.expire(self.clock())
-        return [a.to_dict() for a in self.engine.permissions.pending(session)]
+        return [a.to_dict() for a in self.engine.pending(session, self.clock())]
 
     def end_session(self, params: dict[str, Any], caller: Caller) -> dict[str, Any]:
         session = Params(params, {"session"}).integer("session", low=1)

@@ -202,7 +202,7 @@ class Daemon:
             while not self._stop:
                 for key, _ in self.selector.select(timeout=self._until_next_expiry()):
                     key.data()
-                self.engine.permissions.expire(self.clock())
+                self.engine.expire(self.clock())
         finally:
             if liberal_before is not None:
                 dataplane.liberal_tcp_tracking(liberal_before)

@@ -137,15 +137,12 @@ class Engine:
             name = PROTOCOL_NAMES.get(key.protocol, str(key.protocol))
             return drop(f"no permission admits it and {name}/{key.dport} "
                         "is no protocol's primary port")
-        rule = self.policy.protocol_rule(protocol.name, key.src, None)
-        if rule is None:
-            return drop(f"no protocol rule lets {key.src} use {protocol.name}")
-        if not rule.allow:
-            return drop(f"protocol rule '{rule.name}' denies {protocol.name} to {key.src}")
-        site = self.policy.site_rule(key.dst)
-        if site is None or not site.allow:
-            why = f"site rule '{site.name}'" if site else "no site rule allows it"
-            return drop(f"destination {key.dst} denied: {why}")
+        allowed, why = self.policy.protocol_verdict(protocol.name, key.src, None)
+        if not allowed:
+            return drop(why)
+        denial = self.policy.destination_denial(key.dst)
+        if denial is not None:
+            return drop(denial)
 
         session = self.sessions.securenat(key.src, now)
         session.primaries += 1
@@ -154,7 +151,7 @@ class Engine:
         record.saw(True, length, now)
         self.flows.add(record)
         return Decision(Verdict.ADMIT_KERNEL, key,
-                        f"primary {protocol.name} connection allowed by rule '{rule.name}'",
+                        f"primary connection: {why}",
                         now, session.id, protocol.name)
 
     def _admit_permitted(self, meta: PacketMeta, perm: Permission, now: float,
@@ -217,13 +214,12 @@ class Engine:
         protocol_def = next((p for p in self.policy.protocols if p.guid == protocol_guid), None)
         if protocol_def is None:
             raise InvalidArgument(f"no protocol is defined with GUID {protocol_guid}")
-        rule = self.policy.protocol_rule(protocol_def.name, session.client, session.user)
-        if rule is None or not rule.allow:
-            raise PolicyRulesDenied(f"protocol rules do not let {session.client} use "
-                                    f"{protocol_def.name}")
-        site = self.policy.site_rule(target)
-        if site is None or not site.allow:
-            raise NetworkRulesDenied(f"site and content rules deny {target}")
+        allowed, why = self.policy.protocol_verdict(protocol_def.name, session.client, session.user)
+        if not allowed:
+            raise PolicyRulesDenied(why)
+        denial = self.policy.destination_denial(target)
+        if denial is not None:
+            raise NetworkRulesDenied(denial)
         cap = self.policy.defaults.max_pending_per_session
         if self.permissions.pending_count(session.id) >= cap:
             raise IsBusy(f"session {session.id} already has {cap} pending permissions")
@@ -231,6 +227,14 @@ class Engine:
         return self.permissions.add(session.id, permission_key(protocol, session.client, target, port),
                                     flags, protocol_def.name, now, timeout, external_index,
                                     filter_id, context, data_filter)
+
+    def expire(self, now: float) -> None:
+        """Finish the permissions whose time is up (the shell calls this on a timer)."""
+        self.permissions.expire(now)
+
+    def pending(self, session_id: int | None, now: float) -> list[Permission]:
+        self.permissions.expire(now)
+        return self.permissions.pending(session_id)
 
     def cancel(self, action_id: int, now: float) -> Permission:
         return self.permissions.cancel(action_id, now)

@@ -143,6 +143,25 @@ class Policy:
         """The first site rule that covers the destination; no rule means deny."""
         return next((r for r in self.site_rules if destination in r.destinations), None)
 
+    def protocol_verdict(self, protocol: str, client: IPAddress,
+                         user: str | None) -> tuple[bool, str]:
+        """Whether protocol rules let the client use the protocol, and the reason."""
+        rule = self.protocol_rule(protocol, client, user)
+        if rule is None:
+            return False, f"no protocol rule lets {client} use {protocol}"
+        if not rule.allow:
+            return False, f"protocol rule '{rule.name}' denies {protocol} to {client}"
+        return True, f"{protocol} allowed to {client} by rule '{rule.name}'"
+
+    def destination_denial(self, destination: IPAddress) -> str | None:
+        """Why site and content rules deny the destination, or None if they allow it."""
+        site = self.site_rule(destination)
+        if site is None:
+            return f"destination {destination} denied: no site rule allows it"
+        if not site.allow:
+            return f"destination {destination} denied: site rule '{site.name}'"
+        return None
+
 
 # --- building a Policy from parsed TOML -------------------------------------------------
 

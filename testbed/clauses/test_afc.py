@@ -223,7 +223,7 @@ def test_protocol_rules_deny_creates_nothing(net: Net) -> None:
     """c2 may not use HTTP: a grant on HTTP's behalf is FWX_E_POLICY_RULES_DENIED."""
     with net.client() as api:
         before = pending_actions(net, "c2")
-        with pytest.raises(PolicyRulesDenied, match="do not let"):
+        with pytest.raises(PolicyRulesDenied, match=r"no protocol rule lets .* use HTTP"):
             api.allow_future_connect(net.session("c2"), (net.addr("s1"), 30071),
                                      protocol_guid=GUIDS["HTTP"])
         with pytest.raises(PolicyRulesDenied):
@@ -240,7 +240,7 @@ def test_site_rules_deny_creates_nothing(net: Net) -> None:
     denied = net.addr("s2", 1)
     with net.client() as api, net.agent("s2").tcp_server(denied, 30081) as server:
         before = pending_actions(net)
-        with pytest.raises(NetworkRulesDenied, match="deny"):
+        with pytest.raises(NetworkRulesDenied, match="site rule 'the denied lab network'"):
             grant(net, api, (denied, 30081))
         assert pending_actions(net) == before
         assert_not_connected(net.agent("c1").tcp_connect(denied, 30081, timeout=NEGATIVE), "denied")

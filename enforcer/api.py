@@ -13,8 +13,11 @@ from typing import Any
 
 from enforcer.control import Caller
 from enforcer.core.engine import Engine, parse_address
-from enforcer.core.flags import parse_flags
+from enforcer.core.flags import Flags, parse_flags
 from enforcer.core.packet import TCP, UDP
+from enforcer.core.permissions import Permission
+from enforcer.core.policy import PortRange
+from enforcer.core.redirects import MAX_ADDRESSES, Endpoint
 from enforcer.core.results import InvalidArgument
 
 MAX_CONTEXT_BYTES = 4096
@@ -44,6 +47,36 @@ class Params:
             raise InvalidArgument(f"'{name}' must be from {low} to {high}")
         return value
 
+    def protocol(self) -> int:
+        protocol = self.params.get("protocol", "tcp")
+        if isinstance(protocol, bool) or protocol not in _PROTOCOLS:
+            raise InvalidArgument("'protocol' must be \"tcp\", \"udp\", 6 or 17")
+        return _PROTOCOLS[protocol]
+
+    def flags(self) -> Flags:
+        value = self.params.get("flags")
+        if value is not None and not isinstance(value, int | list):
+            raise InvalidArgument("'flags' must be an integer or a list of flag names")
+        return parse_flags(value)
+
+    def guid(self, name: str) -> uuid.UUID:
+        text = self.string(name)
+        try:
+            return uuid.UUID(str(text))
+        except ValueError:
+            raise InvalidArgument(f"'{name}' {text!r} is not a GUID") from None
+
+    def address(self, name: str) -> Any:
+        return parse_address(self.params.get(name), f"'{name}'")
+
+    def endpoint(self, value: object, what: str) -> Endpoint:
+        if not isinstance(value, list) or len(value) != 2:
+            raise InvalidArgument(f"{what} must be [address, port]")
+        port = value[1]
+        if not isinstance(port, int) or isinstance(port, bool):
+            raise InvalidArgument(f"{what}: the port must be an integer")
+        return parse_address(value[0], what), port
+
     def string(self, name: str, *, required: bool = True, max_len: int = 256) -> str | None:
         value = self.params.get(name)
         if value is None:
@@ -58,9 +91,13 @@ class Params:
 class SessionApi:
     """Control-socket handlers for sessions, permissions and filters."""
 
-    def __init__(self, engine: Engine, clock: Callable[[], float]) -> None:
+    def __init__(self, engine: Engine, clock: Callable[[], float],
+                 on_grant: Callable[[list[Permission]], None] = lambda perms: None) -> None:
+        """``on_grant`` is the shell's part of a grant (kernel state for a redirect, a
+        larger receive buffer); if it raises, the grant is withdrawn and the call fails."""
         self.engine = engine
         self.clock = clock
+        self.on_grant = on_grant
         self._filters: dict[int, tuple[str, Caller]] = {}
         self._filter_ids = itertools.count(1)
 
@@ -71,6 +108,8 @@ class SessionApi:
             "flows": self.flows,
             "decisions": self.decisions,
             "allow_future_connect": self.allow_future_connect,
+            "redirect_connections": self.redirect_connections,
+            "register_connect_events": self.register_connect_events,
             "cancel": self.cancel,
             "action": self.action,
             "actions": self.actions,
@@ -96,40 +135,53 @@ class SessionApi:
         return [d.to_dict() for d in list(self.engine.recent)[-limit:]]
 
     # --- permissions --------------------------------------------------------------------
-    def allow_future_connect(self, params: dict[str, Any], caller: Caller) -> dict[str, Any]:
-        p = Params(params, {"session", "address", "port", "protocol", "flags", "protocol_guid",
-                            "proxy_external_address", "filter", "context", "data_filter"})
-        session = p.integer("session", low=1)
-        target = parse_address(params.get("address"), "'address'")
-        port = p.integer("port", low=0, high=2**31)
-        protocol = params.get("protocol", "tcp")
-        if isinstance(protocol, bool) or protocol not in _PROTOCOLS:
-            raise InvalidArgument("'protocol' must be \"tcp\", \"udp\", 6 or 17")
-        flags_value = params.get("flags")
-        if flags_value is not None and not isinstance(flags_value, int | list):
-            raise InvalidArgument("'flags' must be an integer or a list of flag names")
-        flags = parse_flags(flags_value)
-        guid_text = p.string("protocol_guid")
-        try:
-            guid = uuid.UUID(str(guid_text))
-        except ValueError:
-            raise InvalidArgument(f"'protocol_guid' {guid_text!r} is not a GUID") from None
-        proxy = (parse_address(params["proxy_external_address"], "'proxy_external_address'")
-                 if p.has("proxy_external_address") else None)
+    def _grant_params(self, p: Params) -> dict[str, Any]:
+        """The parameters AllowFutureConnect and RedirectConnections share, checked."""
         filter_id = None
         if p.has("filter"):
             filter_id = p.integer("filter", low=1)
             if filter_id not in self._filters:
                 raise InvalidArgument(f"no filter {filter_id} is registered")
-        context = params.get("context")
+        context = p.params.get("context")
         if len(repr(context)) > MAX_CONTEXT_BYTES:
             raise InvalidArgument(f"'context' is larger than {MAX_CONTEXT_BYTES} bytes")
-        data_filter = p.string("data_filter", required=False, max_len=64)
-        perm = self.engine.allow_future_connect(
-            session, target, port, _PROTOCOLS[protocol], flags, guid, self.clock(),
-            proxy_external_address=proxy, filter_id=filter_id, context=context,
-            data_filter=data_filter)
+        return {"proxy_external_address": p.address("proxy_external_address")
+                if p.has("proxy_external_address") else None,
+                "filter_id": filter_id, "context": context,
+                "data_filter": p.string("data_filter", required=False, max_len=64)}
+
+    def allow_future_connect(self, params: dict[str, Any], caller: Caller) -> dict[str, Any]:
+        p = Params(params, {"session", "address", "port", "protocol", "flags", "protocol_guid",
+                            "proxy_external_address", "filter", "context", "data_filter"})
+        session = p.integer("session", low=1)
+        target = p.address("address")
+        port = p.integer("port", low=0, high=2**31)
+        protocol, flags, guid = p.protocol(), p.flags(), p.guid("protocol_guid")
+        perm = self.engine.allow_future_connect(session, target, port, protocol, flags, guid,
+                                                self.clock(), **self._grant_params(p))
+        self.on_grant([perm])
         return perm.to_dict()
+
+    def redirect_connections(self, params: dict[str, Any], caller: Caller) -> dict[str, Any]:
+        """RedirectConnections: ``addresses`` is the list of [address, port] to redirect to."""
+        p = Params(params, {"session", "addresses", "protocol", "flags", "protocol_guid",
+                            "proxy_external_address", "filter", "context", "data_filter"})
+        session = p.integer("session", low=1)
+        addresses = params.get("addresses")
+        if not isinstance(addresses, list) or not 1 <= len(addresses) <= MAX_ADDRESSES:
+            raise InvalidArgument(f"'addresses' must be a list of 1 to {MAX_ADDRESSES} "
+                                  "[address, port] pairs")
+        targets = [p.endpoint(a, f"'addresses[{i}]'") for i, a in enumerate(addresses)]
+        protocol, flags, guid = p.protocol(), p.flags(), p.guid("protocol_guid")
+        (internal, base), perms = self.engine.redirect_connections(
+            session, targets, protocol, flags, guid, self.clock(), **self._grant_params(p))
+        try:
+            self.on_grant(perms)
+        except Exception:
+            for perm in perms:
+                self.engine.cancel(perm.id, self.clock())
+            raise
+        return {"internal_address": [str(internal), base], "actions": [a.to_dict() for a in perms]}
 
     def cancel(self, params: dict[str, Any], caller: Caller) -> dict[str, Any]:
         action = Params(params, {"action"}).integer("action", low=1)
@@ -157,9 +209,26 @@ class SessionApi:
         self._filters[filter_id] = (str(name), caller)
         return {"filter": filter_id, "name": name}
 
+    def register_connect_events(self, params: dict[str, Any], caller: Caller) -> dict[str, Any]:
+        """Ask for a ``connect`` event for every connection admitted to these ports."""
+        p = Params(params, {"filter", "protocol", "ports"})
+        filter_id = p.integer("filter", low=1)
+        registered = self._filters.get(filter_id)
+        if registered is None or registered[1] is not caller:
+            raise InvalidArgument(f"no filter {filter_id} is registered on this connection")
+        ports = params.get("ports")
+        if not isinstance(ports, list) or len(ports) != 2 or \
+                not all(isinstance(v, int) and not isinstance(v, bool) for v in ports) or \
+                not 1 <= ports[0] <= ports[1] <= 65535:
+            raise InvalidArgument("'ports' must be [low, high] with 1 <= low <= high <= 65535")
+        protocol = p.protocol()
+        self.engine.register_connect_events(filter_id, protocol, PortRange(ports[0], ports[1]))
+        return {"filter": filter_id, "protocol": protocol, "ports": ports}
+
     def disconnected(self, caller: Caller) -> None:
         for fid in [f for f, (_, c) in self._filters.items() if c is caller]:
             del self._filters[fid]
+            self.engine.forget_filter(fid)
 
     def dispatch_events(self) -> None:
         for event in self.engine.drain_events():

@@ -129,9 +129,28 @@ class Client:
                            filter=session_filter, context=context, data_filter=data_filter)
         return Action(self, int(result["action"]))
 
+    def redirect_connections(self, session: int, targets: list[tuple[str, int]], *,
+                             protocol_guid: str, protocol: str = "tcp", flags: Flags | None = None,
+                             proxy_external_address: str | None = None,
+                             session_filter: int | None = None, context: Any = None,
+                             data_filter: str | None = None) -> tuple[tuple[str, int], list[Action]]:
+        """Redirect the session's client's connections to consecutive ports on the fw:
+        (InternalAddress, one action per target); port InternalAddress+i leads to targets[i]."""
+        result = self.call("redirect_connections", session=session,
+                           addresses=[[a, p] for a, p in targets], protocol=protocol,
+                           flags=flag_names(flags or Flags(0)), protocol_guid=protocol_guid,
+                           proxy_external_address=proxy_external_address,
+                           filter=session_filter, context=context, data_filter=data_filter)
+        address, port = result["internal_address"]
+        return (str(address), int(port)), [Action(self, int(a["action"])) for a in result["actions"]]
+
     def register_filter(self, name: str) -> int:
         """Register a session filter; its events arrive on this client (next_event)."""
         return int(self.call("register_filter", name=name)["filter"])
+
+    def register_connect_events(self, filter_id: int, protocol: str, ports: tuple[int, int]) -> None:
+        """Have ``connect`` events sent to the filter for connections admitted to these ports."""
+        self.call("register_connect_events", filter=filter_id, protocol=protocol, ports=list(ports))
 
     def close(self) -> None:
         if self._sock is not None:

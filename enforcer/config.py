@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from enforcer.core.policy import KeyPath, Policy, PolicyInvalid, Reader, policy_from_dict
+from enforcer.core.redirects import DEFAULT_KERNEL_REDIRECT_PORTS, DEFAULT_USER_REDIRECT_PORTS
 
 DEFAULT_SOCKET = "/run/pinhole/enforcer.sock"
 BACKENDS = ("auto", "iptables", "nft")
@@ -35,6 +36,11 @@ class DataplaneSettings:
     queue: int = 0
     fail_open: bool = False
     backend: str = "auto"  # "iptables", "nft", or "auto": nft where the kernel has its queue
+    # RedirectConnections' ports on the internal addresses, one range per mode
+    kernel_redirect_ports: tuple[int, int] = DEFAULT_KERNEL_REDIRECT_PORTS
+    user_redirect_ports: tuple[int, int] = DEFAULT_USER_REDIRECT_PORTS
+    # the queue socket's receive buffer in bytes (None: the binding's default)
+    receive_buffer: int | None = None
 
 
 @dataclass(frozen=True)
@@ -78,14 +84,23 @@ def parse(text: str, path: Path | str = "<config>") -> Config:
             raise net.fail("external_interfaces", "an interface cannot be both internal and external")
         network = NetworkSettings(internal, external, net.get("nat", bool, False))
         dp = root.table("dataplane")
-        dp.check_keys({"queue", "fail_open", "backend"})
+        dp.check_keys({"queue", "fail_open", "backend", "kernel_redirect_ports",
+                       "user_redirect_ports", "receive_buffer"})
         queue = dp.get("queue", int, 0)
         if not 0 <= queue <= 65535:
             raise dp.fail("queue", "must be a queue number 0-65535")
         backend = dp.get("backend", str, "auto")
         if backend not in BACKENDS:
             raise dp.fail("backend", f"must be one of {', '.join(BACKENDS)}, not '{backend}'")
-        dataplane = DataplaneSettings(queue, dp.get("fail_open", bool, False), backend)
+        kernel_ports = _port_range(dp, "kernel_redirect_ports", DEFAULT_KERNEL_REDIRECT_PORTS)
+        user_ports = _port_range(dp, "user_redirect_ports", DEFAULT_USER_REDIRECT_PORTS)
+        if kernel_ports[0] <= user_ports[1] and user_ports[0] <= kernel_ports[1]:
+            raise dp.fail("user_redirect_ports", "must not overlap kernel_redirect_ports")
+        receive_buffer = dp.get("receive_buffer", int, None)
+        if receive_buffer is not None and not 4096 <= receive_buffer <= 2**30:
+            raise dp.fail("receive_buffer", "must be from 4096 to 1073741824 bytes")
+        dataplane = DataplaneSettings(queue, dp.get("fail_open", bool, False), backend,
+                                      kernel_ports, user_ports, receive_buffer)
         control = root.table("control")
         control.check_keys({"socket"})
         socket_path = control.get("socket", str, DEFAULT_SOCKET)
@@ -101,6 +116,14 @@ def parse(text: str, path: Path | str = "<config>") -> Config:
     except PolicyInvalid as exc:
         raise ConfigError(path, locate(text, exc.path), str(exc)) from None
     return Config(policy, network, dataplane, socket_path, data_filters)
+
+
+def _port_range(reader: Reader, key: str, default: tuple[int, int]) -> tuple[int, int]:
+    value = reader.get(key, list, list(default))
+    if len(value) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in value) \
+            or not 1024 <= value[0] <= value[1] <= 65535:
+        raise reader.fail(key, "must be [low, high], ports from 1024 to 65535 with low <= high")
+    return value[0], value[1]
 
 
 def locate(text: str, path: KeyPath) -> int | None:

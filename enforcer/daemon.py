@@ -24,12 +24,19 @@ from enforcer import dataplane, rewrite
 from enforcer.api import Params, SessionApi
 from enforcer.config import Config
 from enforcer.control import AlreadyRunning, Caller, ControlServer, refuse_if_served
+from enforcer.core import nat
 from enforcer.core.datafilter import DataFilterFactory, Direction, TcpStreamEditor
 from enforcer.core.engine import Engine, Verdict
+from enforcer.core.flags import Flags
 from enforcer.core.flows import FlowRecord
-from enforcer.core.packet import TCP, Ingress, Malformed, parse
+from enforcer.core.packet import TCP, Ingress, Malformed, PacketMeta, parse
+from enforcer.core.permissions import Permission
 
 log = logging.getLogger("pinhole.enforcer")
+
+HOOK_PREROUTING = 0  # NF_INET_PRE_ROUTING: a user-mode redirect port's packet, before conntrack
+INCREASED_RECEIVE_BUFFER = 64 * 1024  # INCREASE_RECEIVE_BUFFER: at least this
+SO_RCVBUFFORCE = 33  # Linux; as root, past net.core.rmem_max (Python's socket module lacks it)
 
 
 class StartupError(Exception):
@@ -54,12 +61,15 @@ def discover(config: Config) -> dataplane.Interfaces:
         internal = {n: index(n, "internal_interfaces") for n in config.network.internal_interfaces}
         external = {n: index(n, "external_interfaces") for n in config.network.external_interfaces}
         internal_nets = dataplane.networks_of(a for i in internal.values() for a in addresses(i))
+        internal_addrs = tuple(
+            (name, ipaddress.ip_interface(f"{addr}/{plen}")) for name, i in internal.items()
+            for addr, plen in addresses(i) if not ipaddress.ip_address(addr).is_link_local)
         # Sorted, so that "the first external address of a family" (the NAT
         # address) does not depend on the order the kernel lists them in.
         found = [ipaddress.ip_address(addr) for i in external.values() for addr, _ in addresses(i)]
         external_addrs = tuple(sorted((a for a in found if not a.is_link_local),
                                       key=lambda a: (a.version, int(a))))
-    return dataplane.Interfaces(internal, external, internal_nets, external_addrs)
+    return dataplane.Interfaces(internal, external, internal_nets, external_addrs, internal_addrs)
 
 
 def load_data_filters(targets: dict[str, str]) -> dict[str, DataFilterFactory]:
@@ -84,11 +94,15 @@ class Daemon:
         self.filter_factories = load_data_filters(config.data_filters)
         self.engine = Engine(config.policy, self.interfaces.internal_networks,
                              self.interfaces.external_addresses, nat=config.network.nat,
-                             data_filters=self.filter_factories)
-        self.api = SessionApi(self.engine, clock)
+                             data_filters=self.filter_factories,
+                             internal_addresses=[a for _, a in self.interfaces.internal_addresses],
+                             kernel_redirect_ports=config.dataplane.kernel_redirect_ports,
+                             user_redirect_ports=config.dataplane.user_redirect_ports)
+        self.api = SessionApi(self.engine, clock, self._on_grant)
         self._ingress = {i: Ingress.INTERNAL for i in self.interfaces.internal.values()}
         self._stop = False
         self.backend = "none"
+        self.queue_socket: socket.socket | None = None
 
     # --- the packet path ------------------------------------------------------------
     def on_packet(self, pkt: Any) -> None:
@@ -101,40 +115,133 @@ class Daemon:
 
     def _on_packet(self, pkt: Any) -> None:
         ingress = self._ingress.get(pkt.indev, Ingress.EXTERNAL)
+        data = pkt.get_payload()
         try:
-            meta = parse(pkt.get_payload(), ingress)
+            meta = parse(data, ingress)
         except Malformed as exc:
             self.engine.counters["malformed"] += 1
             log.debug("drop malformed packet: %s", exc)
             pkt.drop()
             return
         length = pkt.get_payload_len()
-        if dataplane.is_user_mode(pkt.get_mark()):
-            found = self.engine.user_packet(meta, length, self.clock())
-            if found is not None and found[0].data_filter is not None and meta.key.protocol == TCP:
-                self._run_data_filter(pkt, *found)
+        mark = pkt.get_mark()
+        if pkt.hook == HOOK_PREROUTING:
+            self._redirect_inbound(pkt, meta, data, length)
+        elif dataplane.is_user_mode(mark):
+            self._user_packet(pkt, meta, data, length)
+        else:
+            self._decide(pkt, meta, length, mark)
+
+    def _decide(self, pkt: Any, meta: PacketMeta, length: int, mark: int) -> None:
+        """The first packet of a flow, after routing: admit it (and say how) or drop it."""
+        decision = self.engine.decide(meta, self.clock(), length, dataplane.redirect_port(mark))
+        log.debug("%s %s: %s", decision.verdict.value, meta.key, decision.reason)
+        if decision.verdict is Verdict.DROP:
+            pkt.drop()
+            return
+        verdict_mark = dataplane.mark_for(decision.verdict is Verdict.ADMIT_USER, decision.one_way,
+                                          decision.snat)
+        pkt.set_mark((mark & ~dataplane.MARK_OWNED) | verdict_mark)
+        pkt.accept()
+        self.api.dispatch_events()
+
+    def _redirect_inbound(self, pkt: Any, meta: PacketMeta, data: bytes, length: int) -> None:
+        """A client's packet to a user-mode redirect port, before conntrack: rewritten to
+        its target here, so that the kernel tracks (and source-translates) the flow as it
+        leaves the fw."""
+        record = self.engine.redirect_packet(meta, length, self.clock())
+        if record is None:
+            pkt.drop()
+            return
+        out = nat.rewrite(data, dst=(record.key.dst, record.key.dport))
+        if record.data_filter is not None:
+            out = self._filtered(out, record, forward=True)
+        pkt.set_payload(out)
+        pkt.set_mark((pkt.get_mark() & ~dataplane.MARK_OWNED) | dataplane.MARK_REWRITTEN
+                     | dataplane.mark_for(True, False, record.snat))
+        pkt.accept()
+        self.api.dispatch_events()
+
+    def _user_packet(self, pkt: Any, meta: PacketMeta, data: bytes, length: int) -> None:
+        """A packet of a user-mode flow (or an ICMP error about one), after routing."""
+        found = self.engine.user_packet(meta, length, self.clock())
+        if found is None:
+            related = self.engine.related(nat.icmp_error_inner(data))
+            if related is not None and related[0].redirect is not None and related[1]:
+                # An error about a packet the client sent by a redirect: it comes back
+                # from the redirect's address, quoting what the client sent.
+                address, port = related[0].redirect
+                data = nat.rewrite_icmp_error(data, outer_src=address, inner_dst=(address, port))
+                pkt.set_payload(data)
             pkt.accept()
             return
-        decision = self.engine.decide(meta, self.clock(), length)
-        log.debug("%s %s: %s", decision.verdict.value, meta.key, decision.reason)
-        if decision.verdict is not Verdict.DROP:
-            mark = dataplane.mark_for(decision.verdict is Verdict.ADMIT_USER, decision.one_way,
-                                      decision.external_index)
-            pkt.set_mark((pkt.get_mark() & ~dataplane.MARK_MASK) | mark)
-            pkt.accept()
-            self.api.dispatch_events()
-        else:
-            pkt.drop()
+        record, forward = found
+        out = data
+        if record.redirect is not None:
+            if forward:  # the client's packets of a redirected flow all come by the redirect
+                self.engine.counters["dropped: not by the redirect"] += 1
+                pkt.drop()
+                return
+            out = nat.rewrite(out, src=record.redirect)
+        if record.data_filter is not None and meta.key.protocol == TCP:
+            out = self._filtered(out, record, forward)
+        if out is not data:
+            pkt.set_payload(out)
+        pkt.accept()
 
-    def _run_data_filter(self, pkt: Any, record: FlowRecord, forward: bool) -> None:
+    def _filtered(self, data: bytes, record: FlowRecord, forward: bool) -> bytes:
+        """The segment after the flow's data filter (sequence numbers shifted to match)."""
         if record.editor is None:
             factory = self.filter_factories[str(record.data_filter)]
             record.editor = TcpStreamEditor(factory(record.key))
-        packet, segment = rewrite.parse_segment(pkt.get_payload())
+        packet, segment = rewrite.parse_segment(data)
         edited = record.editor.edit(Direction.OUT if forward else Direction.BACK,
                                     segment.seq, segment.ack, segment.payload)
-        if edited != (segment.seq, segment.ack, segment.payload):
-            pkt.set_payload(rewrite.rebuild(packet, *edited))
+        if edited == (segment.seq, segment.ack, segment.payload):
+            return data
+        return rewrite.rebuild(packet, *edited)
+
+    # --- the shell's part of grants -------------------------------------------------
+    def _on_grant(self, perms: list[Permission]) -> None:
+        """Kernel NAT for kernel-mode redirects; a larger queue buffer when asked for."""
+        rules = [self._redirect_rule(p) for p in perms
+                 if p.redirect is not None and not p.redirect.user_mode]
+        try:
+            dataplane.program_redirects(self.backend, rules, add=True)
+        except dataplane.DataplaneError as exc:
+            log.error("cannot install a redirect: %s", exc)
+            raise
+        if any(Flags.INCREASE_RECEIVE_BUFFER in p.flags for p in perms):
+            size = self._ensure_receive_buffer(INCREASED_RECEIVE_BUFFER)
+            for perm in perms:
+                perm.receive_buffer = size
+
+    def _redirect_rule(self, perm: Permission) -> dataplane.RedirectRule:
+        r = perm.redirect
+        assert r is not None
+        return dataplane.RedirectRule(self.interfaces.internal_interface_of(r.internal), r.protocol,
+                                      r.client, r.internal, r.internal_port, r.target, r.target_port)
+
+    def _retire_redirects(self) -> None:
+        """Remove the kernel state of kernel-mode redirects that admit nothing more."""
+        retired = self.engine.drain_retired()
+        if not retired:
+            return
+        try:
+            dataplane.program_redirects(self.backend, [self._redirect_rule(p) for p in retired],
+                                        add=False)
+        except dataplane.DataplaneError as exc:
+            # the enforcer still refuses what they would admit: their actions are done
+            log.error("cannot remove finished redirects: %s", exc)
+
+    def _ensure_receive_buffer(self, size: int) -> int:
+        """Make the queue socket's receive buffer at least ``size``; return what it is."""
+        assert self.queue_socket is not None
+        current = self.queue_socket.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+        if current < size:
+            self.queue_socket.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, size)
+            current = self.queue_socket.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+        return int(current)
 
     # --- control API ----------------------------------------------------------------
     def _status(self, params: dict[str, Any], caller: Caller) -> dict[str, Any]:
@@ -152,6 +259,10 @@ class Daemon:
             "sessions": len(self.engine.sessions),
             "flows": len(self.engine.flows),
             "pending_actions": len(self.engine.permissions),
+            "redirect_ports": {("user" if user else "kernel"): pool.to_dict()
+                               for user, pool in self.engine.pools.items()},
+            "receive_buffer": None if self.queue_socket is None else
+            self.queue_socket.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF),
         }
 
     # --- lifecycle ------------------------------------------------------------------
@@ -185,7 +296,10 @@ class Daemon:
             signal.set_wakeup_fd(wake_w.fileno())
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, self._on_signal)
-            queue_fd = socket.socket(fileno=os.dup(nfq.get_fd()))
+            self.queue_socket = queue_fd = socket.socket(fileno=os.dup(nfq.get_fd()))
+            if self.config.dataplane.receive_buffer is not None:
+                queue_fd.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE,
+                                    self.config.dataplane.receive_buffer)
             self.selector.register(queue_fd, selectors.EVENT_READ, lambda: nfq.run(block=False))
             self.selector.register(wake_r, selectors.EVENT_READ, lambda: wake_r.recv(512))
             try:
@@ -203,6 +317,7 @@ class Daemon:
                 for key, _ in self.selector.select(timeout=self._until_next_expiry()):
                     key.data()
                 self.engine.expire(self.clock())
+                self._retire_redirects()
         finally:
             if liberal_before is not None:
                 dataplane.liberal_tcp_tracking(liberal_before)

@@ -19,8 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from enforcer.config import DataplaneSettings
-from enforcer.core.packet import IPAddress
+from enforcer.core.packet import PROTOCOL_NAMES, IPAddress
 from enforcer.core.policy import IPNetwork
+from enforcer.core.redirects import IPInterface
 
 CHAIN_PREFIX = "PINHOLE-"
 NFT_TABLE = "pinhole"
@@ -30,16 +31,25 @@ MARK_MODE = 0x30000000     # how an admitted flow runs
 MARK_KERNEL = 0x10000000   #   in kernel mode: the kernel forwards the rest of it
 MARK_USER = 0x20000000     #   in user mode: every packet is queued to the enforcer
 MARK_ONE_WAY = 0x40000000  # replies (target -> client) are not admitted
-MARK_SNAT = 0x0F000000     # 1 + index of the external address a NATed flow leaves from
+MARK_SNAT = 0x0F000000     # 1 + index of the external address a flow leaves from (0: none)
 MARK_SNAT_SHIFT = 24
-MARK_MASK = MARK_MODE | MARK_ONE_WAY | MARK_SNAT
+MARK_MASK = MARK_MODE | MARK_ONE_WAY | MARK_SNAT  # what the connmark keeps
+# Packet-only bits:
+MARK_REWRITTEN = 0x80000000  # the enforcer redirected this packet before routing: let it pass
+MARK_PORT = 0x0000FFFF       # a kernel-mode redirect rule's port, on a flow's first packet
+MARK_OWNED = MARK_MASK | MARK_REWRITTEN | MARK_PORT
 MAX_EXTERNAL_ADDRESSES = MARK_SNAT >> MARK_SNAT_SHIFT
 
 
-def mark_for(user_mode: bool, one_way: bool, external_index: int) -> int:
+def mark_for(user_mode: bool, one_way: bool, snat: int | None) -> int:
     """The mark an admitting verdict sets (pure)."""
     return ((MARK_USER if user_mode else MARK_KERNEL) | (MARK_ONE_WAY if one_way else 0)
-            | ((external_index + 1) << MARK_SNAT_SHIFT) & MARK_SNAT)
+            | (0 if snat is None else ((snat + 1) << MARK_SNAT_SHIFT) & MARK_SNAT))
+
+
+def redirect_port(mark: int) -> int | None:
+    """The redirect port a kernel-mode redirect rule marked a flow's first packet with."""
+    return (mark & MARK_PORT) or None
 
 
 def is_user_mode(mark: int) -> bool:
@@ -52,7 +62,7 @@ def _hex(value: int) -> str:
 
 
 FAMILIES = {"ipv4": "iptables", "ipv6": "ip6tables"}
-TABLES = ("filter", "mangle", "nat")
+TABLES = ("raw", "filter", "mangle", "nat")
 
 
 class DataplaneError(Exception):
@@ -67,10 +77,24 @@ class Interfaces:
     external: dict[str, int]
     internal_networks: tuple[IPNetwork, ...]
     external_addresses: tuple[IPAddress, ...]
+    # (interface name, address with prefix) of the fw's own global internal addresses
+    internal_addresses: tuple[tuple[str, IPInterface], ...] = ()
 
     def external_of(self, family: str) -> list[IPAddress]:
         version = 4 if family == "ipv4" else 6
         return [a for a in self.external_addresses if a.version == version]
+
+    def internal_of(self, family: str) -> list[tuple[str, IPInterface]]:
+        version = 4 if family == "ipv4" else 6
+        return [(n, a) for n, a in self.internal_addresses if a.version == version]
+
+    def internal_interface_of(self, address: IPAddress) -> str:
+        """The internal interface that carries one of the fw's internal addresses."""
+        return next(n for n, a in self.internal_addresses if a.ip == address)
+
+
+def _ports(ports: tuple[int, int]) -> str:
+    return f"{ports[0]}:{ports[1]}"
 
 
 def render_rules(family: str, settings: DataplaneSettings, interfaces: Interfaces,
@@ -86,16 +110,34 @@ def render_rules(family: str, settings: DataplaneSettings, interfaces: Interface
     # failing open they go to the queue too, so that a live enforcer still judges
     # them and a dead one lets them pass.
     not_new = f"-A PINHOLE-FORWARD {queue}" if settings.fail_open else "-A PINHOLE-FORWARD -j DROP"
+    internal = interfaces.internal_of(family)
     lines = [
+        # A user-mode redirect port's packets reach the enforcer before connection
+        # tracking, which then tracks them as the enforcer rewrote them.
+        "*raw",
+        ":PINHOLE-PREROUTING - [0:0]",
+        *(f"-A PINHOLE-PREROUTING -i {name} -d {a.ip} -p {proto} --dport "
+          f"{_ports(settings.user_redirect_ports)} {queue}"
+          for name, a in internal for proto in ("tcp", "udp")),
+        "-I PREROUTING 1 -j PINHOLE-PREROUTING",
+        "COMMIT",
         "*filter",
         ":PINHOLE-FORWARD - [0:0]",
+        ":PINHOLE-INPUT - [0:0]",
         f"-A PINHOLE-FORWARD -m connmark --mark {_hex(MARK_ONE_WAY)}/{_hex(MARK_ONE_WAY)} "
         "-m conntrack --ctdir REPLY -j DROP",
+        f"-A PINHOLE-FORWARD -m mark --mark {_hex(MARK_REWRITTEN)}/{_hex(MARK_REWRITTEN)} -j ACCEPT",
         f"-A PINHOLE-FORWARD -m connmark --mark {kernel} -j ACCEPT",
         f"-A PINHOLE-FORWARD -m connmark --mark {user} {queue}",
         f"-A PINHOLE-FORWARD -m conntrack --ctstate NEW {queue}",
         not_new,
         "-I FORWARD 1 -j PINHOLE-FORWARD",
+        # A redirect port that leads nowhere (yet, or any more) drops silently: the
+        # fw's own stack would answer with a reset or a port unreachable.
+        *(f"-A PINHOLE-INPUT -d {a.ip} -p {proto} --dport {_ports(ports)} -j DROP"
+          for _, a in internal for proto in ("tcp", "udp")
+          for ports in (settings.kernel_redirect_ports, settings.user_redirect_ports)),
+        "-I INPUT 1 -j PINHOLE-INPUT",
         "COMMIT",
         # The verdict sets the packet mark; copying it to the connmark after the
         # filter hook is what offloads the rest of the flow to the kernel.
@@ -108,66 +150,173 @@ def render_rules(family: str, settings: DataplaneSettings, interfaces: Interface
         "-I PREROUTING 1 -j PINHOLE-PREROUTING",
         "-I POSTROUTING 1 -j PINHOLE-POSTROUTING",
         "COMMIT",
+        # Kernel-mode redirects add their rules to PINHOLE-PREROUTING while they last.
+        "*nat",
+        ":PINHOLE-PREROUTING - [0:0]",
+        ":PINHOLE-POSTROUTING - [0:0]",
     ]
-    if nat:
-        lines += ["*nat", ":PINHOLE-POSTROUTING - [0:0]"]
-        for ext, net, mark, address in _snat_rules(family, interfaces):
-            match = f"-m mark --mark {_hex(mark)}/{_hex(MARK_SNAT)}" if mark else f"-s {net}"
-            lines.append(f"-A PINHOLE-POSTROUTING {match} -o {ext} -j SNAT --to-source {address}")
-        lines += ["-I POSTROUTING 1 -j PINHOLE-POSTROUTING", "COMMIT"]
+    for ext, net, mark, address in _snat_rules(family, interfaces, nat):
+        match = f"-m mark --mark {_hex(mark)}/{_hex(MARK_SNAT)}" if mark else f"-s {net}"
+        lines.append(f"-A PINHOLE-POSTROUTING {match} -o {ext} -j SNAT --to-source {address}")
+    lines += ["-I PREROUTING 1 -j PINHOLE-PREROUTING", "-I POSTROUTING 1 -j PINHOLE-POSTROUTING",
+              "COMMIT"]
     return "\n".join(lines) + "\n"
 
 
-def _snat_rules(family: str, interfaces: Interfaces) -> list[tuple[str, IPNetwork | None, int, IPAddress]]:
+def _snat_rules(family: str, interfaces: Interfaces,
+                nat: bool) -> list[tuple[str, IPNetwork | None, int, IPAddress]]:
     """(out interface, source network, mark, address): flows marked for an external
-    address leave from it; other flows from the internal networks leave from the first."""
+    address leave from it (redirected flows always are); in NAT, other flows from the
+    internal networks leave from the first."""
     version = 4 if family == "ipv4" else 6
     ours = interfaces.external_of(family)[:MAX_EXTERNAL_ADDRESSES]
     out: list[tuple[str, IPNetwork | None, int, IPAddress]] = []
     for ext in interfaces.external:
         out += [(ext, None, (i + 1) << MARK_SNAT_SHIFT, a) for i, a in enumerate(ours)]
-        if ours:
+        if ours and nat:
             out += [(ext, net, 0, ours[0]) for net in interfaces.internal_networks
                     if net.version == version]
     return out
 
 
+_NFT_FAMILY = {"ipv4": "ip", "ipv6": "ip6"}
+_NFT_ADDR = {"ipv4": "ipv4_addr", "ipv6": "ipv6_addr"}
+
+
+def _nft_ports(ports: tuple[int, int]) -> str:
+    return f"{ports[0]}-{ports[1]}"
+
+
 def render_nft(settings: DataplaneSettings, interfaces: Interfaces, nat: bool) -> str:
-    """The same rules as render_rules, as one nft table for both families (pure)."""
+    """The same rules as render_rules, as one nft table for both families (pure).
+
+    Kernel-mode redirects are elements of two maps per family (the port mark and the
+    DNAT target, keyed by client, internal address, protocol and port) rather than rules.
+    """
     kernel = f"{_hex(MARK_MODE)} == {_hex(MARK_KERNEL)}"
     user = f"{_hex(MARK_MODE)} == {_hex(MARK_USER)}"
     admitted = f"{_hex(MARK_MODE)} != 0x00000000"
     queue = f"queue num {settings.queue}" + (" bypass" if settings.fail_open else "")
-    lines = [
-        f"table inet {NFT_TABLE} {{",
+    user_ports = _nft_ports(settings.user_redirect_ports)
+    lines = [f"table inet {NFT_TABLE} {{"]
+    for family, proto in _NFT_FAMILY.items():
+        addr = _NFT_ADDR[family]
+        key = f"{addr} . {addr} . inet_proto . inet_service"
+        lines += [f"  map redirect_mark_{proto} {{ type {key} : mark; }}",
+                  f"  map redirect_to_{proto} {{ type {key} : {addr} . inet_service; }}"]
+    lines += ["  chain raw_prerouting {", "    type filter hook prerouting priority raw; policy accept;"]
+    for family, proto in _NFT_FAMILY.items():
+        for name, a in interfaces.internal_of(family):
+            lines.append(f'    iifname "{name}" {proto} daddr {a.ip} meta l4proto {{ tcp, udp }} '
+                         f"th dport {user_ports} {queue}")
+    lines += [
+        "  }",
         "  chain filter_forward {",
         "    type filter hook forward priority filter; policy accept;",
         f"    ct mark and {_hex(MARK_ONE_WAY)} == {_hex(MARK_ONE_WAY)} ct direction reply drop",
+        f"    meta mark and {_hex(MARK_REWRITTEN)} == {_hex(MARK_REWRITTEN)} accept",
         f"    ct mark and {kernel} accept",
         f"    ct mark and {user} {queue}",
         f"    ct state new {queue}",
         f"    {queue}" if settings.fail_open else "    drop",
         "  }",
+        "  chain filter_input {",
+        "    type filter hook input priority filter; policy accept;",
+    ]
+    for family, proto in _NFT_FAMILY.items():
+        for _, a in interfaces.internal_of(family):
+            for ports in (settings.kernel_redirect_ports, settings.user_redirect_ports):
+                lines.append(f"    {proto} daddr {a.ip} meta l4proto {{ tcp, udp }} "
+                             f"th dport {_nft_ports(ports)} drop")
+    lines += [
+        "  }",
         "  chain restore_mark {",
         "    type filter hook prerouting priority mangle; policy accept;",
-        f"    ct mark and {admitted} meta mark set ct mark and {_hex(MARK_MASK)}",
+        # A packet the enforcer rewrote carries its flow's whole mark already.
+        f"    meta mark and {_hex(MARK_REWRITTEN)} == 0 ct mark and {admitted} "
+        f"meta mark set ct mark and {_hex(MARK_MASK)}",
         "  }",
         "  chain save_mark {",
         "    type filter hook postrouting priority mangle; policy accept;",
         # nft cannot merge two registers here: the ct mark is set whole, our bits only.
         f"    meta mark and {admitted} ct mark set meta mark and {_hex(MARK_MASK)}",
         "  }",
+        "  chain redirect_dnat {",
+        "    type nat hook prerouting priority dstnat; policy accept;",
     ]
-    if nat:
-        lines += ["  chain source_nat {", "    type nat hook postrouting priority srcnat; policy accept;"]
-        for family in ("ipv4", "ipv6"):
-            proto = "ip" if family == "ipv4" else "ip6"
-            for ext, net, mark, address in _snat_rules(family, interfaces):
-                match = (f"meta mark and {_hex(MARK_SNAT)} == {_hex(mark)}" if mark
-                         else f"{proto} saddr {net}")
-                lines.append(f'    {match} oifname "{ext}" snat {proto} to {address}')
-        lines.append("  }")
+    for proto in _NFT_FAMILY.values():
+        key = f"{proto} saddr . {proto} daddr . meta l4proto . th dport"
+        lines += [f"    ct state new meta mark set {key} map @redirect_mark_{proto} "
+                  f"dnat {proto} to {key} map @redirect_to_{proto}"]
+    lines += ["  }", "  chain source_nat {", "    type nat hook postrouting priority srcnat; policy accept;"]
+    for family, proto in _NFT_FAMILY.items():
+        for ext, net, mark, address in _snat_rules(family, interfaces, nat):
+            match = (f"meta mark and {_hex(MARK_SNAT)} == {_hex(mark)} meta nfproto {family}"
+                     if mark else f"{proto} saddr {net}")
+            lines.append(f'    {match} oifname "{ext}" snat {proto} to {address}')
+    lines.append("  }")
     return "\n".join([*lines, "}"]) + "\n"
+
+
+@dataclass(frozen=True)
+class RedirectRule:
+    """A kernel-mode redirect port's kernel state: the client's connections to it are
+    marked with the port (so the enforcer knows which redirect they came by) and
+    sent on to the target by kernel NAT."""
+
+    iface: str  # the internal interface the client is on
+    protocol: int
+    client: IPAddress
+    internal: IPAddress
+    port: int
+    target: IPAddress
+    target_port: int
+
+    @property
+    def family(self) -> str:
+        return "ipv4" if self.client.version == 4 else "ipv6"
+
+    def _target(self) -> str:
+        return f"{self.target}:{self.target_port}" if self.target.version == 4 \
+            else f"[{self.target}]:{self.target_port}"
+
+    def iptables(self, op: str) -> list[str]:
+        match = (f"{op} PINHOLE-PREROUTING -i {self.iface} -s {self.client} -d {self.internal} "
+                 f"-p {PROTOCOL_NAMES[self.protocol]} --dport {self.port}")
+        return [f"{match} -j MARK --set-xmark {_hex(self.port)}/{_hex(MARK_PORT)}",
+                f"{match} -j DNAT --to-destination {self._target()}"]
+
+    def nft(self, op: str) -> list[str]:
+        proto = _NFT_FAMILY[self.family]
+        key = f"{self.client} . {self.internal} . {PROTOCOL_NAMES[self.protocol]} . {self.port}"
+        mark, to = (f" : {_hex(self.port)}", f" : {self.target} . {self.target_port}") \
+            if op == "add" else ("", "")
+        return [f"{op} element inet {NFT_TABLE} redirect_mark_{proto} {{ {key}{mark} }}",
+                f"{op} element inet {NFT_TABLE} redirect_to_{proto} {{ {key}{to} }}"]
+
+
+def render_redirects(rules: Iterable[RedirectRule], add: bool) -> dict[str, str]:
+    """iptables-restore input per family that adds or deletes these redirects (pure)."""
+    out: dict[str, list[str]] = {}
+    for rule in rules:
+        out.setdefault(rule.family, []).extend(rule.iptables("-A" if add else "-D"))
+    return {family: "\n".join(["*nat", *lines, "COMMIT"]) + "\n" for family, lines in out.items()}
+
+
+def render_nft_redirects(rules: Iterable[RedirectRule], add: bool) -> str:
+    """nft input that adds or deletes these redirects' map elements (pure)."""
+    return "".join(f"{line}\n" for rule in rules for line in rule.nft("add" if add else "delete"))
+
+
+def program_redirects(backend: str, rules: Sequence[RedirectRule], add: bool) -> None:
+    """Install (add) or remove kernel-mode redirects, all in one transaction per family."""
+    if not rules:
+        return
+    if backend == "nft":
+        _run(["nft", "-f", "-"], input=render_nft_redirects(rules, add))
+        return
+    for family, text in render_redirects(rules, add).items():
+        _run([f"{FAMILIES[family]}-restore", "--noflush"], input=text)
 
 
 def nft_queue_supported() -> bool:

@@ -24,6 +24,7 @@ import atexit
 import base64
 import collections
 import contextlib
+import hashlib
 import ipaddress
 import itertools
 import json
@@ -438,6 +439,21 @@ class Agent:
         res["local"] = tuple(res["local"]) if res.get("local") else None
         return dict(res)
 
+    def udp_burst(self, addr: str, port: int, count: int, size: int, *, expect_replies: bool,
+                  timeout: float | None = None) -> dict[str, Any]:
+        """Send ``count`` datagrams of ``size`` bytes back to back from one socket; if
+        ``expect_replies``, collect answers until ``timeout`` passes without one.
+
+        Returns ``{"sent", "local", "digest", "replies", "reply_digest", "error"}``:
+        order-independent digests of the datagrams sent and received.
+        """
+        t = timeouts.POSITIVE if timeout is None else timeout
+        res = self.call("udp_burst", {"addr": addr, "port": port, "count": count, "size": size,
+                                      "expect_replies": expect_replies, "timeout": t},
+                        timeout=t + 30 + CALL_MARGIN)
+        res["local"] = tuple(res["local"]) if res.get("local") else None
+        return dict(res)
+
     def ping(self) -> dict[str, Any]:
         return dict(self.call("ping"))
 
@@ -612,6 +628,7 @@ class _EchoServer:
         self.peers: list[tuple[str, int]] = []
         self.conns: set[socket.socket] = set()
         self.closed = False
+        self.digest = 0  # UDP: of the datagrams received, in any order (see _multiset_digest)
 
     def stats(self) -> dict[str, Any]:
         with self.lock:
@@ -620,6 +637,7 @@ class _EchoServer:
                 "bytes_in": self.bytes_in,
                 "bytes_out": self.bytes_out,
                 "peers": [list(p) for p in self.peers],
+                "digest": f"{self.digest:064x}",
             }
 
     def close(self) -> None:
@@ -679,6 +697,7 @@ class _EchoServer:
                     return
                 self.accepted += 1
                 self.bytes_in += len(data)
+                self.digest = _multiset_digest(self.digest, data)
                 if (peer[0], peer[1]) not in self.peers:
                     self.peers.append((peer[0], peer[1]))
             if self.echo:
@@ -1060,6 +1079,7 @@ class _AgentServer:
         sock = socket.socket(fam, socket.SOCK_DGRAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)  # for bursts
             if fam == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             sock.bind((addr, port))
@@ -1162,6 +1182,37 @@ class _AgentServer:
         res["local"] = list(sock.getsockname()[:2])
         return sock, res
 
+    def m_udp_burst(self, addr: str, port: int, count: int, size: int, expect_replies: bool,
+                    timeout: float = 3.0) -> dict[str, Any]:
+        where = _fmt_addr(addr, port)
+        res: dict[str, Any] = {"sent": 0, "local": None, "digest": None, "replies": 0,
+                               "reply_digest": None, "error": None}
+        sent = replies = 0
+        sock = socket.socket(_family(addr), socket.SOCK_DGRAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+            sock.connect((addr, port))
+            res["local"] = list(sock.getsockname()[:2])
+            for i in range(count):
+                data = _burst_payload(i, size)
+                sock.send(data)
+                sent = _multiset_digest(sent, data)
+                res["sent"] += 1
+            sock.settimeout(timeout)
+            while expect_replies and res["replies"] < count:
+                try:
+                    replies = _multiset_digest(replies, sock.recv(65535))
+                except TimeoutError:
+                    break
+                res["replies"] += 1
+        except OSError as exc:
+            res["error"] = f"UDP burst to {where} failed: {exc.strerror or exc}"
+        finally:
+            sock.close()
+        res["digest"] = f"{sent:064x}"
+        res["reply_digest"] = f"{replies:064x}"
+        return res
+
     def m_udp_send(self, addr: str, port: int, payload: str, expect_reply: bool,
                    timeout: float = 3.0, bind: str | None = None) -> dict[str, Any]:
         data = _unb64(payload)
@@ -1187,6 +1238,17 @@ class _AgentServer:
         finally:
             sock.close()
         return res
+
+
+def _multiset_digest(digest: int, data: bytes) -> int:
+    """Add a datagram to an order-independent digest: the sum of SHA-256 values. Datagrams
+    may be reordered on the way (a flow's first ones wait in the enforcer's queue while
+    later ones pass), so what is compared is which datagrams arrived, not their order."""
+    return (digest + int.from_bytes(hashlib.sha256(data).digest(), "big")) % (1 << 256)
+
+
+def _burst_payload(i: int, size: int) -> bytes:
+    return (i.to_bytes(4, "big") + _PATTERN[i % 256:])[:size]
 
 
 def serve() -> None:

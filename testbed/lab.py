@@ -35,7 +35,9 @@ def _toml_list(items: list[str]) -> str:
 
 
 def lab_config(tb: Testbed, *, socket: Path, fail_open: bool = False, queue: int = 0,
-               backend: str = "auto", data_filters: dict[str, str] | None = None) -> str:
+               backend: str = "auto", data_filters: dict[str, str] | None = None,
+               dataplane: dict[str, object] | None = None) -> str:
+    """``dataplane``: further [dataplane] settings (receive_buffer, *_redirect_ports)."""
     """The enforcer config for a testbed: its interfaces, NAT per variant, the lab policy."""
     topo = tb.topology
     internal = [topo.internal_network(f) for f in FAMILIES]
@@ -50,6 +52,7 @@ def lab_config(tb: Testbed, *, socket: Path, fail_open: bool = False, queue: int
         f"queue = {queue}",
         f"fail_open = {'true' if fail_open else 'false'}",
         f'backend = "{backend}"',
+        *(f"{key} = {value}" for key, value in (dataplane or {}).items()),
         "",
         "[control]",
         f'socket = "{socket}"',
@@ -94,18 +97,22 @@ class EnforcerProcess:
         self.log_path = workdir / "enforcer.log"
         self.proc: subprocess.Popen[Any] | None = None
         self.fail_open = False
+        self.customised = False  # started with anything but the default configuration
 
     @property
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def start(self, *, fail_open: bool = False, backend: str = "auto", timeout: float = 15.0) -> None:
+    def start(self, *, fail_open: bool = False, backend: str = "auto",
+              dataplane: dict[str, object] | None = None, timeout: float = 15.0) -> None:
         """Start the daemon and return once it answers on its control socket."""
         if self.running:
             raise RuntimeError("the enforcer is already running")
         self.fail_open = fail_open
+        self.customised = fail_open or backend != "auto" or bool(dataplane)
         self.config_path.write_text(lab_config(self.tb, socket=self.socket, fail_open=fail_open,
-                                               backend=backend, data_filters=self.data_filters))
+                                               backend=backend, data_filters=self.data_filters,
+                                               dataplane=dataplane))
         with self.log_path.open("a") as log:
             self.proc = self.tb.popen(
                 "fw", [sys.executable, "-m", "testbed", "enforcer", "--verbose",

@@ -227,7 +227,7 @@ def net(request: pytest.FixtureRequest, lab: Lab, family: str) -> Iterator[Net]:
     Permissions a test leaves pending are cancelled afterwards, so that none admits
     a later test's traffic.
     """
-    if lab.enforcer.running and lab.enforcer.fail_open:
+    if lab.enforcer.running and lab.enforcer.customised:
         lab.enforcer.stop()
     if not lab.enforcer.running:
         lab.enforcer.start()

@@ -11,16 +11,30 @@ import enum
 import ipaddress
 import uuid
 from collections import Counter, deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
 from enforcer.core.flags import Flags
 from enforcer.core.flows import FlowRecord, FlowTable, Mode
 from enforcer.core.packet import PROTOCOL_NAMES, TCP, UDP, FlowKey, Ingress, IPAddress, PacketMeta
 from enforcer.core.permissions import Permission, PermissionKey, PermissionTable, pack_key
-from enforcer.core.policy import IPNetwork, NetworkSet, Policy
+from enforcer.core.policy import IPNetwork, NetworkSet, Policy, PortRange, ProtocolDef
+from enforcer.core.redirects import (
+    DEFAULT_KERNEL_REDIRECT_PORTS,
+    DEFAULT_USER_REDIRECT_PORTS,
+    MAX_ADDRESSES,
+    Endpoint,
+    IPInterface,
+    PortPool,
+    Redirect,
+)
 from enforcer.core.results import InvalidArgument, IsBusy, NetworkRulesDenied, PolicyRulesDenied
 from enforcer.core.sessions import Session, SessionTable
+
+# How long after a UDP flow's admission its further "new" datagrams are taken as its own
+SAME_FLOW_WINDOW = 1.0
+# The flags RedirectConnections takes (its page lists no others)
+REDIRECT_FLAGS = Flags.ALLOW_MULTIPLE | Flags.TIMEOUT | Flags.NO_KERNEL_MODE | Flags.INCREASE_RECEIVE_BUFFER
 
 
 class Verdict(enum.Enum):
@@ -38,12 +52,16 @@ class Decision(NamedTuple):
     protocol: str | None = None
     action_id: int | None = None
     one_way: bool = False  # replies (target -> client) are not admitted
-    external_index: int = 0  # which external address a NATed flow leaves from
+    snat: int | None = None  # which external address the flow leaves from, if translated
 
     def to_dict(self) -> dict[str, object]:
         return {"verdict": self.verdict.value, "flow": str(self.key), "reason": self.reason,
                 "at": self.at, "session": self.session_id, "protocol": self.protocol,
                 "action": self.action_id}
+
+
+def _endpoint(endpoint: Endpoint | None) -> list[object] | None:
+    return None if endpoint is None else [str(endpoint[0]), endpoint[1]]
 
 
 class EstablishedConnection(NamedTuple):
@@ -53,9 +71,10 @@ class EstablishedConnection(NamedTuple):
     context: Any
     action_id: int
     session_id: int
-    key: FlowKey
+    key: FlowKey  # as it leaves the fw: client -> target
     external: IPAddress | None
     at: float
+    internal: Endpoint | None = None  # the redirect port the client connected to
 
     def to_dict(self) -> dict[str, Any]:
         k = self.key
@@ -63,11 +82,45 @@ class EstablishedConnection(NamedTuple):
                 "context": self.context, "action": self.action_id, "session": self.session_id,
                 "protocol": PROTOCOL_NAMES.get(k.protocol, str(k.protocol)),
                 "client": [str(k.src), k.sport], "target": [str(k.dst), k.dport],
+                "internal": _endpoint(self.internal),
                 "external": None if self.external is None else str(self.external), "at": self.at}
+
+
+class ConnectEvent(NamedTuple):
+    """Event: a connection was admitted to a port a filter registered for connect events on."""
+
+    filter_id: int
+    secondary: bool  # opened under a permission (False: a primary connection)
+    protocol_name: str
+    action_id: int | None
+    session_id: int
+    key: FlowKey  # as it leaves the fw: client -> target
+    external: IPAddress | None
+    at: float
+    internal: Endpoint | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        k = self.key
+        return {"event": "connect", "filter": self.filter_id, "secondary": self.secondary,
+                "protocol": PROTOCOL_NAMES.get(k.protocol, str(k.protocol)),
+                "protocol_name": self.protocol_name, "action": self.action_id,
+                "session": self.session_id, "client": [str(k.src), k.sport],
+                "target": [str(k.dst), k.dport], "internal": _endpoint(self.internal),
+                "external": None if self.external is None else str(self.external), "at": self.at}
+
+
+Event = EstablishedConnection | ConnectEvent
 
 
 def permission_key(protocol: int, client: IPAddress, target: IPAddress, port: int) -> PermissionKey:
     return pack_key(protocol, client.version, int(client), int(target), port)
+
+
+def redirect_key(protocol: int, client: IPAddress, internal_port: int) -> PermissionKey:
+    """A redirect's key: its port alone names it (ports are unique across internal
+    addresses), and target 0 keeps it apart from every AllowFutureConnect key (no
+    grant targets the unspecified address)."""
+    return pack_key(protocol, client.version, int(client), 0, internal_port)
 
 
 class Engine:
@@ -75,27 +128,102 @@ class Engine:
 
     def __init__(self, policy: Policy, internal_networks: Iterable[IPNetwork],
                  external_addresses: Iterable[IPAddress] = (), *, nat: bool = False,
-                 data_filters: Iterable[str] = (), history: int = 512) -> None:
+                 data_filters: Iterable[str] = (), history: int = 512,
+                 internal_addresses: Iterable[IPInterface] = (),
+                 kernel_redirect_ports: tuple[int, int] = DEFAULT_KERNEL_REDIRECT_PORTS,
+                 user_redirect_ports: tuple[int, int] = DEFAULT_USER_REDIRECT_PORTS) -> None:
         self.policy = policy
         self.internal_networks = NetworkSet(internal_networks)
         self.external_addresses = tuple(external_addresses)
+        self.internal_addresses = tuple(internal_addresses)
         self.nat = nat
         self.data_filters = frozenset(data_filters)
         self.sessions = SessionTable()
         self.flows = FlowTable()
-        self.permissions = PermissionTable()
+        self.permissions = PermissionTable(on_finish=self._finished)
         self.counters: Counter[str] = Counter()
         self.recent: deque[Decision] = deque(maxlen=history)
-        self.events: list[EstablishedConnection] = []
+        self.events: list[Event] = []
+        self.pools = {False: PortPool(*kernel_redirect_ports, name="kernel-mode"),
+                      True: PortPool(*user_redirect_ports, name="user-mode")}
+        self._block_pending: dict[tuple[bool, int], int] = {}  # (user mode, base) -> pending
+        self.retired: list[Permission] = []  # finished redirects whose kernel rules must go
+        # filter -> the (IP protocol, ports) it registered for connect events on
+        self.connect_registrations: dict[int, list[tuple[int, PortRange]]] = {}
 
     # --- packets ------------------------------------------------------------------------
-    def decide(self, meta: PacketMeta, now: float, length: int = 0) -> Decision:
-        """Decide the first packet of a flow the kernel has not seen before."""
+    def decide(self, meta: PacketMeta, now: float, length: int = 0,
+               redirect_port: int | None = None) -> Decision:
+        """Decide the first packet of a flow the kernel has not seen before.
+
+        ``redirect_port`` is the internal port a kernel-mode redirect rule sent the
+        packet on from (its destination is then already the redirect's target).
+        """
         self.permissions.expire(now)
-        decision = self._decide(meta, now, length)
+        decision = self._same_datagram_flow(meta, now, length)
+        if decision is None:
+            if redirect_port is None:
+                decision = self._decide(meta, now, length)
+            else:
+                decision = self._decide_kernel_redirect(meta, redirect_port, now, length)
+        return self._record(decision)
+
+    def _record(self, decision: Decision) -> Decision:
         self.counters[decision.verdict.value] += 1
         self.recent.append(decision)
         return decision
+
+    def redirect_packet(self, meta: PacketMeta, length: int, now: float) -> FlowRecord | None:
+        """A client's packet to a user-mode redirect port: the flow it belongs to (a new
+        one if a pending permission admits it), or None when it is to be dropped.
+
+        The enforcer rewrites every such packet itself, before the kernel tracks it.
+        """
+        found = self.flows.find(meta.key)
+        if found is not None and found[1] and found[0].redirect is not None:
+            record = found[0]
+            record.saw(True, length, now)
+            self.counters["user-mode packets"] += 1
+            return record
+        self.permissions.expire(now)
+        key = meta.key
+
+        reason = None
+        perm = None
+        if key.protocol == TCP and not meta.starts_tcp_connection:
+            reason = (f"TCP packet with flags 0x{meta.tcp_flags:02x} to a redirect port "
+                      "belongs to no redirected connection")
+        elif meta.ingress is not Ingress.INTERNAL or not self._is_internal(key.src):
+            reason = f"{key.src} is not an internal client on the internal side"
+        else:
+            perm = self._match_redirect(key, key.dport, now,
+                                        lambda r: r.user_mode and r.internal == key.dst)
+            reason = f"no user-mode redirect of this client's is pending on port {key.dport}"
+        if perm is None or perm.redirect is None:
+            self._record(Decision(Verdict.DROP, key, reason, now))
+            return None
+        outbound = FlowKey(key.protocol, key.src, key.sport, *perm.redirect.target_endpoint)
+        self._record(self._admit_permitted(outbound, perm, now, length))
+        return self.flows.get(outbound)
+
+    def _decide_kernel_redirect(self, meta: PacketMeta, port: int, now: float,
+                                length: int) -> Decision:
+        key = meta.key
+        perm = None
+        if meta.ingress is Ingress.INTERNAL and (key.protocol != TCP or meta.starts_tcp_connection):
+            perm = self._match_redirect(key, port, now, lambda r: not r.user_mode and
+                                        r.target_endpoint == (key.dst, key.dport))
+        if perm is None:
+            return Decision(Verdict.DROP, key, f"no kernel-mode redirect of this client's to "
+                            f"{key.dst}:{key.dport} is pending on port {port}", now)
+        return self._admit_permitted(key, perm, now, length)
+
+    def _match_redirect(self, key: FlowKey, port: int, now: float,
+                        where: Callable[[Redirect], bool]) -> Permission | None:
+        session = self.sessions.find(key.src)
+        return self.permissions.match(redirect_key(key.protocol, key.src, port),
+                                      None if session is None else session.id, now,
+                                      lambda p: p.redirect is not None and where(p.redirect))
 
     def user_packet(self, meta: PacketMeta, length: int,
                     now: float) -> tuple[FlowRecord, bool] | None:
@@ -112,6 +240,27 @@ class Engine:
         record, forward = found
         record.saw(forward, length, now)
         return found
+
+    def related(self, inner: FlowKey | None) -> tuple[FlowRecord, bool] | None:
+        """The flow an ICMP error is about (``inner``: the key of the packet it quotes),
+        and whether that packet went the flow's way."""
+        return None if inner is None else self.flows.find(inner)
+
+    def _same_datagram_flow(self, meta: PacketMeta, now: float, length: int) -> Decision | None:
+        """A UDP flow's later datagrams that were queued before the kernel had recorded
+        the first one's verdict arrive as new: they get that verdict again, and neither
+        use a permission nor make events a second time."""
+        if meta.key.protocol != UDP:
+            return None
+        found = self.flows.find(meta.key)
+        if found is None or not found[1] or now - found[0].admitted_at > SAME_FLOW_WINDOW:
+            return None
+        record = found[0]
+        record.saw(True, length, now)
+        verdict = Verdict.ADMIT_USER if record.mode is Mode.USER else Verdict.ADMIT_KERNEL
+        return Decision(verdict, meta.key, "a later datagram of a flow just admitted", now,
+                        record.session_id, record.protocol, record.action_id, record.one_way,
+                        record.snat)
 
     def _decide(self, meta: PacketMeta, now: float, length: int) -> Decision:
         key = meta.key
@@ -130,7 +279,7 @@ class Engine:
         perm = self.permissions.match(permission_key(key.protocol, key.src, key.dst, key.dport),
                                       None if session is None else session.id, now)
         if perm is not None:
-            return self._admit_permitted(meta, perm, now, length)
+            return self._admit_permitted(key, perm, now, length)
 
         protocol = self.policy.primary_protocol(key.protocol, key.dport)
         if protocol is None:
@@ -147,37 +296,62 @@ class Engine:
         session = self.sessions.securenat(key.src, now)
         session.primaries += 1
         session.last_activity = now
-        record = FlowRecord(key, session.id, protocol.name, Mode.KERNEL, now)
+        snat = 0 if self.nat else None
+        record = FlowRecord(key, session.id, protocol.name, Mode.KERNEL, now, snat=snat)
         record.saw(True, length, now)
         self.flows.add(record)
+        self._connect_events(record, secondary=False, now=now)
         return Decision(Verdict.ADMIT_KERNEL, key,
                         f"primary connection: {why}",
-                        now, session.id, protocol.name)
+                        now, session.id, protocol.name, snat=snat)
 
-    def _admit_permitted(self, meta: PacketMeta, perm: Permission, now: float,
+    def _admit_permitted(self, key: FlowKey, perm: Permission, now: float,
                          length: int) -> Decision:
-        key = meta.key
+        """Admit the flow ``key`` (as it leaves the fw) under a permission that matched."""
         user = Flags.NO_KERNEL_MODE in perm.flags or perm.data_filter is not None
         mode = Mode.USER if user else Mode.KERNEL
+        redirect = perm.redirect
+        # Redirected flows always leave from an external address: the client spoke to the fw.
+        snat = perm.external_index if self.nat or redirect is not None else None
+        one_way = key.protocol == UDP and Flags.BIDIRECTIONAL not in perm.flags and redirect is None
         record = FlowRecord(key, perm.session_id, perm.protocol_name, mode, now, perm.id,
-                            data_filter=perm.data_filter)
+                            data_filter=perm.data_filter, snat=snat, one_way=one_way,
+                            redirect=None if redirect is None else redirect.internal_endpoint)
         record.saw(True, length, now)
         self.flows.add(record)
-        external = self._external(key.dst.version, perm.external_index) if self.nat else None
+        external = None if snat is None else self._external(key.dst.version, snat)
         if perm.filter_id is not None:
             self.events.append(EstablishedConnection(perm.filter_id, perm.context, perm.id,
-                                                     perm.session_id, key, external, now))
-        one_way = key.protocol == UDP and Flags.BIDIRECTIONAL not in perm.flags
+                                                     perm.session_id, key, external, now,
+                                                     record.redirect))
+        self._connect_events(record, secondary=True, now=now)
         verdict = Verdict.ADMIT_USER if mode is Mode.USER else Verdict.ADMIT_KERNEL
-        return Decision(verdict, key,
-                        f"secondary {perm.protocol_name} flow admitted by action {perm.id} "
-                        f"in {mode.value} mode",
-                        now, perm.session_id, perm.protocol_name, perm.id, one_way,
-                        perm.external_index)
+        what = "redirected" if redirect is not None else "secondary"
+        return Decision(verdict, key, f"{what} {perm.protocol_name} flow admitted by action "
+                        f"{perm.id} in {mode.value} mode", now, perm.session_id,
+                        perm.protocol_name, perm.id, one_way, snat)
 
-    def drain_events(self) -> list[EstablishedConnection]:
+    def _connect_events(self, record: FlowRecord, *, secondary: bool, now: float) -> None:
+        key = record.key
+        external = None if record.snat is None else self._external(key.dst.version, record.snat)
+        for filter_id, registered in self.connect_registrations.items():
+            if any(proto == key.protocol and key.dport in ports for proto, ports in registered):
+                self.events.append(ConnectEvent(filter_id, secondary, record.protocol,
+                                                record.action_id, record.session_id, key,
+                                                external, now, record.redirect))
+
+    def drain_events(self) -> list[Event]:
         events, self.events = self.events, []
         return events
+
+    def register_connect_events(self, filter_id: int, protocol: int, ports: PortRange) -> None:
+        """Notify ``filter_id`` of every connection admitted to these ports."""
+        if protocol not in (TCP, UDP):
+            raise InvalidArgument(f"protocol must be TCP (6) or UDP (17), not {protocol}")
+        self.connect_registrations.setdefault(filter_id, []).append((protocol, ports))
+
+    def forget_filter(self, filter_id: int) -> None:
+        self.connect_registrations.pop(filter_id, None)
 
     # --- the session API ----------------------------------------------------------------
     def allow_future_connect(self, session_id: int, target: IPAddress, port: int, protocol: int,
@@ -191,14 +365,62 @@ class Engine:
         then creates nothing.
         """
         self.permissions.expire(now)
+        if Flags.BIDIRECTIONAL in flags and protocol == TCP:
+            raise InvalidArgument("BIDIRECTIONAL is for UDP only")
+        session, protocol_def, external_index = self._check_grant(
+            session_id, [(target, port)], protocol, flags, protocol_guid, proxy_external_address,
+            data_filter)
+        timeout = self.policy.defaults.permission_timeout if Flags.TIMEOUT in flags else None
+        return self.permissions.add(session.id, permission_key(protocol, session.client, target, port),
+                                    flags, protocol_def.name, now, timeout, external_index,
+                                    filter_id, context, data_filter)
+
+    def redirect_connections(self, session_id: int, targets: list[Endpoint], protocol: int,
+                             flags: Flags, protocol_guid: uuid.UUID, now: float, *,
+                             proxy_external_address: IPAddress | None = None,
+                             filter_id: int | None = None, context: Any = None,
+                             data_filter: str | None = None) -> tuple[Endpoint, list[Permission]]:
+        """Redirect connections to N consecutive ports on the fw's internal address that
+        faces the session's client, port base+i to targets[i]: (InternalAddress, actions).
+
+        Raises as allow_future_connect does (IsBusy also when no block of N ports is
+        free), and then creates nothing.
+        """
+        self.permissions.expire(now)
+        if not 1 <= len(targets) <= MAX_ADDRESSES:
+            raise InvalidArgument(f"give 1 to {MAX_ADDRESSES} connect addresses, not {len(targets)}")
+        if flags & ~REDIRECT_FLAGS:
+            names = ", ".join(f.name or "" for f in Flags if f in flags & ~REDIRECT_FLAGS)
+            raise InvalidArgument(f"RedirectConnections does not take {names}")
+        session, protocol_def, external_index = self._check_grant(
+            session_id, targets, protocol, flags, protocol_guid, proxy_external_address, data_filter)
+        internal = self._internal_address_for(session.client)
+        user_mode = Flags.NO_KERNEL_MODE in flags or data_filter is not None
+        base = self.pools[user_mode].allocate(len(targets))  # the last check: nothing to undo
+        self._block_pending[(user_mode, base)] = len(targets)
+        timeout = self.policy.defaults.permission_timeout if Flags.TIMEOUT in flags else None
+        actions = []
+        for i, (target, port) in enumerate(targets):
+            redirect = Redirect(protocol, session.client, internal, base + i, target, port, base,
+                                user_mode)
+            actions.append(self.permissions.add(
+                session.id, redirect_key(protocol, session.client, base + i), flags,
+                protocol_def.name, now, timeout, external_index, filter_id, context, data_filter,
+                redirect))
+        return (internal, base), actions
+
+    def _check_grant(self, session_id: int, targets: list[Endpoint], protocol: int, flags: Flags,
+                     protocol_guid: uuid.UUID, proxy_external_address: IPAddress | None,
+                     data_filter: str | None) -> tuple[Session, ProtocolDef, int]:
+        """What every grant checks, in this order; returns the session, the protocol and
+        the index of the external address the flows leave from."""
         if Flags.TIMEOUT in flags and Flags.ALLOW_MULTIPLE in flags:
             raise InvalidArgument("TIMEOUT and ALLOW_MULTIPLE cannot be combined")
         if protocol not in (TCP, UDP):
             raise InvalidArgument(f"protocol must be TCP (6) or UDP (17), not {protocol}")
-        if Flags.BIDIRECTIONAL in flags and protocol == TCP:
-            raise InvalidArgument("BIDIRECTIONAL is for UDP only")
-        if not 1 <= port <= 65535:
-            raise InvalidArgument(f"port {port} is outside 1-65535")
+        for _, port in targets:
+            if not 1 <= port <= 65535:
+                raise InvalidArgument(f"port {port} is outside 1-65535")
         if data_filter is not None:
             if data_filter not in self.data_filters:
                 known = ", ".join(sorted(self.data_filters)) or "none are configured"
@@ -206,27 +428,50 @@ class Engine:
             if protocol != TCP:
                 raise InvalidArgument("data filters are for TCP flows")
         session = self.session(session_id)
-        if target.version != session.client.version:
-            raise InvalidArgument(f"target {target} is not of the client's address family")
-        if target.is_unspecified or target.is_multicast or target.is_loopback:
-            raise InvalidArgument(f"target {target} is not a unicast host address")
-        external_index = self._external_index(target.version, proxy_external_address)
+        for target, _ in targets:
+            if target.version != session.client.version:
+                raise InvalidArgument(f"target {target} is not of the client's address family")
+            if target.is_unspecified or target.is_multicast or target.is_loopback:
+                raise InvalidArgument(f"target {target} is not a unicast host address")
+        external_index = self._external_index(session.client.version, proxy_external_address)
         protocol_def = next((p for p in self.policy.protocols if p.guid == protocol_guid), None)
         if protocol_def is None:
             raise InvalidArgument(f"no protocol is defined with GUID {protocol_guid}")
         allowed, why = self.policy.protocol_verdict(protocol_def.name, session.client, session.user)
         if not allowed:
             raise PolicyRulesDenied(why)
-        denial = self.policy.destination_denial(target)
-        if denial is not None:
-            raise NetworkRulesDenied(denial)
+        for target, _ in targets:
+            denial = self.policy.destination_denial(target)
+            if denial is not None:
+                raise NetworkRulesDenied(denial)
         cap = self.policy.defaults.max_pending_per_session
-        if self.permissions.pending_count(session.id) >= cap:
-            raise IsBusy(f"session {session.id} already has {cap} pending permissions")
-        timeout = self.policy.defaults.permission_timeout if Flags.TIMEOUT in flags else None
-        return self.permissions.add(session.id, permission_key(protocol, session.client, target, port),
-                                    flags, protocol_def.name, now, timeout, external_index,
-                                    filter_id, context, data_filter)
+        if self.permissions.pending_count(session.id) + len(targets) > cap:
+            raise IsBusy(f"session {session.id} would have more than {cap} pending permissions")
+        return session, protocol_def, external_index
+
+    def _internal_address_for(self, client: IPAddress) -> IPAddress:
+        for interface in self.internal_addresses:
+            if client in interface.network:
+                return interface.ip
+        raise InvalidArgument(f"the firewall has no address on {client}'s network to redirect from")
+
+    def _finished(self, perm: Permission) -> None:
+        """A permission stopped being pending: a redirect's block may go back to its pool,
+        and a kernel-mode redirect's rules are due for removal."""
+        redirect = perm.redirect
+        if redirect is None:
+            return
+        block = (redirect.user_mode, redirect.block)
+        self._block_pending[block] -= 1
+        if not self._block_pending[block]:
+            del self._block_pending[block]
+            self.pools[redirect.user_mode].release(redirect.block)
+        if not redirect.user_mode:
+            self.retired.append(perm)
+
+    def drain_retired(self) -> list[Permission]:
+        retired, self.retired = self.retired, []
+        return retired
 
     def expire(self, now: float) -> None:
         """Finish the permissions whose time is up (the shell calls this on a timer)."""

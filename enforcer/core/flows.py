@@ -7,7 +7,9 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from enforcer.core.datafilter import TcpStreamEditor
-from enforcer.core.packet import FlowKey
+from enforcer.core.packet import FlowKey, IPAddress
+
+Endpoint = tuple[IPAddress, int]
 
 
 class Mode(enum.Enum):
@@ -34,6 +36,18 @@ class FlowRecord:
     last_seen: float = 0.0
     data_filter: str | None = None  # the name of the filter on a user-mode flow
     editor: TcpStreamEditor | None = None  # made by the shell on the flow's first packet
+    # A redirected flow: the fw's internal address and port the client connected to.
+    # ``key`` is then the flow as it leaves the fw (client -> ConnectAddress).
+    redirect: Endpoint | None = None
+    snat: int | None = None  # the external address it leaves from, if translated
+    one_way: bool = False  # replies are not admitted
+
+    @property
+    def client_side_key(self) -> FlowKey:
+        """The flow as the client sees it: to the redirect port, for a redirected flow."""
+        if self.redirect is None:
+            return self.key
+        return FlowKey(self.key.protocol, self.key.src, self.key.sport, *self.redirect)
 
     def saw(self, forward: bool, length: int, now: float) -> None:
         if forward:
@@ -49,7 +63,8 @@ class FlowRecord:
                 "mode": self.mode.value, "admitted_at": self.admitted_at, "action": self.action_id,
                 "packets_out": self.packets_out, "bytes_out": self.bytes_out,
                 "packets_back": self.packets_back, "bytes_back": self.bytes_back,
-                "last_seen": self.last_seen, "data_filter": self.data_filter}
+                "last_seen": self.last_seen, "data_filter": self.data_filter,
+                "redirect": None if self.redirect is None else [str(self.redirect[0]), self.redirect[1]]}
 
 
 def reverse(key: FlowKey) -> FlowKey:
@@ -61,7 +76,8 @@ class FlowTable:
     it without end (the kernel keeps the authoritative state: a flow's conntrack mark).
 
     Each flow is indexed under its key and its reverse, so that a packet of either
-    direction finds it with one lookup.
+    direction finds it with one lookup; a redirected flow also under the key its
+    client's packets carry before the enforcer redirects them.
     """
 
     def __init__(self, capacity: int = 65536) -> None:
@@ -73,6 +89,8 @@ class FlowTable:
         self._flows[record.key] = record
         self._index[record.key] = (record, True)
         self._index[reverse(record.key)] = (record, False)
+        if record.redirect is not None:
+            self._index[record.client_side_key] = (record, True)
         self._touch(record.key)
 
     def find(self, key: FlowKey) -> tuple[FlowRecord, bool] | None:
@@ -89,7 +107,7 @@ class FlowTable:
         self._flows.move_to_end(key)
         while len(self._flows) > self.capacity:
             _, old = self._flows.popitem(last=False)
-            for k in (old.key, reverse(old.key)):
+            for k in (old.key, reverse(old.key), old.client_side_key):
                 if self._index.get(k, (None,))[0] is old:
                     del self._index[k]
 

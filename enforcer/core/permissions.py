@@ -13,10 +13,12 @@ import enum
 import heapq
 import itertools
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from enforcer.core.flags import Flags, flag_names
+from enforcer.core.redirects import Redirect
 from enforcer.core.results import InvalidArgument, Terminating
 
 # IP protocol, IP version, client, target and target port packed into one int
@@ -36,7 +38,7 @@ class ActionState(enum.Enum):
 
 @dataclass(slots=True, eq=False)
 class Permission:
-    """A FirewallAction: one grant of AllowFutureConnect."""
+    """A FirewallAction: one grant of AllowFutureConnect, or one address of RedirectConnections."""
 
     id: int
     session_id: int
@@ -49,14 +51,25 @@ class Permission:
     filter_id: int | None = None
     context: Any = None
     data_filter: str | None = None
+    redirect: Redirect | None = None
     state: ActionState = ActionState.PENDING
     admitted: int = 0
+    # Set by the shell: the receive buffer (bytes) of what the enforcer holds for the flow
+    receive_buffer: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"action": self.id, "session": self.session_id, "state": self.state.value,
-                "flags": flag_names(self.flags), "protocol": self.protocol_name,
-                "created": self.created, "expires": self.expires, "admitted": self.admitted,
-                "filter": self.filter_id, "data_filter": self.data_filter}
+        out: dict[str, Any] = {"action": self.id, "session": self.session_id,
+                               "state": self.state.value, "flags": flag_names(self.flags),
+                               "protocol": self.protocol_name,
+                               "created": self.created, "expires": self.expires,
+                               "admitted": self.admitted, "filter": self.filter_id,
+                               "data_filter": self.data_filter, "receive_buffer": self.receive_buffer}
+        r = self.redirect
+        if r is not None:
+            out["redirect"] = {"internal": [str(r.internal), r.internal_port],
+                               "target": [str(r.target), r.target_port],
+                               "mode": "user" if r.user_mode else "kernel"}
+        return out
 
 
 @dataclass
@@ -68,14 +81,16 @@ class PermissionTable:
     _finished: OrderedDict[int, Permission] = field(default_factory=OrderedDict)
     _expiry: list[tuple[float, int]] = field(default_factory=list)
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+    # called once for each permission that stops being pending, however it stops
+    on_finish: Callable[[Permission], None] | None = None
 
     def add(self, session_id: int, key: PermissionKey, flags: Flags, protocol_name: str,
             now: float, timeout: float | None, external_index: int,
             filter_id: int | None = None, context: Any = None,
-            data_filter: str | None = None) -> Permission:
+            data_filter: str | None = None, redirect: Redirect | None = None) -> Permission:
         expires = None if timeout is None else now + timeout
         perm = Permission(next(self._ids), session_id, key, flags, protocol_name, now, expires,
-                          external_index, filter_id, context, data_filter)
+                          external_index, filter_id, context, data_filter, redirect)
         present = self._by_key.get(key)
         if present is None:
             self._by_key[key] = perm
@@ -92,8 +107,10 @@ class PermissionTable:
     def pending_count(self, session_id: int) -> int:
         return len(self._by_session.get(session_id, ()))
 
-    def match(self, key: PermissionKey, session_id: int | None, now: float) -> Permission | None:
-        """The oldest pending permission a new flow with this key may use, consumed if single use."""
+    def match(self, key: PermissionKey, session_id: int | None, now: float,
+              where: Callable[[Permission], bool] | None = None) -> Permission | None:
+        """The oldest pending permission a new flow with this key may use (and that
+        ``where`` accepts), consumed if single use."""
         found = self._by_key.get(key)
         if found is None:
             return None
@@ -101,6 +118,8 @@ class PermissionTable:
             if perm.expires is not None and perm.expires <= now:
                 continue  # expired but not yet swept: never used
             if perm.session_id != session_id and Flags.ADDRESS_BASED not in perm.flags:
+                continue
+            if where is not None and not where(perm):
                 continue
             perm.admitted += 1
             if Flags.ALLOW_MULTIPLE not in perm.flags:
@@ -171,3 +190,5 @@ class PermissionTable:
         self._finished[perm.id] = perm
         while len(self._finished) > self.finished_capacity:
             self._finished.popitem(last=False)
+        if self.on_finish is not None:
+            self.on_finish(perm)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import socket
+import struct
 import time
 from typing import Any
 
-from scapy.layers.inet import ICMP, IP, TCP, UDP
+from scapy.layers.inet import ICMP, IP, TCP, UDP, TCPerror, UDPerror
 from scapy.layers.inet6 import IPv6, _ICMPv6Error
 from scapy.packet import Packet
 
@@ -26,6 +28,56 @@ def syn(net: Net, src: str, dst: str, sport: int, dport: int) -> Packet:
 
 def datagram(net: Net, src: str, dst: str, sport: int, dport: int, payload: bytes) -> Packet:
     return ip(net, src, dst) / UDP(sport=sport, dport=dport) / payload
+
+
+def checksums_ok(pkt: Packet) -> bool:
+    """Whether every checksum in a captured packet is right (IPv4 header, TCP, UDP, ICMP,
+    ICMPv6, and a quoted IPv4 header), as Scapy computes them from the packet's bytes.
+
+    A TCP or UDP checksum may also be a *partial* one that matches the addresses: a
+    local socket's packets cross veth links with checksum offload pending (the
+    receiving stack trusts them), so a capture shows only the pseudo-header sum; the
+    kernel's NAT keeps that sum right as it changes addresses. The TCP or UDP checksum
+    of a quoted packet is left alone: a quote is usually cut short.
+    """
+    clean = pkt.copy()
+    layer: Packet = clean
+    partial_ok = True
+    while layer:
+        if isinstance(layer, TCP | UDP) and not isinstance(layer, TCPerror | UDPerror):
+            partial_ok = _is_partial_checksum(layer)
+        if not isinstance(layer, TCPerror | UDPerror):
+            for name in ("chksum", "cksum"):
+                if name in layer.fields:
+                    delattr(layer, name)
+        layer = layer.payload
+    if bytes(clean) == bytes(pkt):
+        return True
+    if not partial_ok:
+        return False
+    # only the transport checksum may differ: every other one must still be right
+    for transport in (clean.getlayer(TCP), clean.getlayer(UDP)):
+        if transport is not None and not isinstance(transport, TCPerror | UDPerror):
+            transport.chksum = pkt[transport.__class__].chksum
+    return bytes(clean) == bytes(pkt)
+
+
+def _is_partial_checksum(layer: Packet) -> bool:
+    """Whether a TCP/UDP header's checksum is the folded sum of its pseudo-header alone."""
+    under = layer.underlayer
+    length = len(bytes(layer))
+    if isinstance(under, IP):
+        words = (socket.inet_pton(socket.AF_INET, under.src) + socket.inet_pton(socket.AF_INET, under.dst)
+                 + struct.pack("!BBH", 0, under.proto, length))
+    elif isinstance(under, IPv6):
+        words = (socket.inet_pton(socket.AF_INET6, under.src)
+                 + socket.inet_pton(socket.AF_INET6, under.dst) + struct.pack("!IxxxB", length, under.nh))
+    else:
+        return False
+    total = sum(struct.unpack(f"!{len(words) // 2}H", words))
+    while total > 0xFFFF:
+        total = (total & 0xFFFF) + (total >> 16)
+    return int(layer.chksum) in ({total} if total not in (0, 0xFFFF) else {0, 0xFFFF})
 
 
 def is_rejection(pkt: Packet) -> bool:

@@ -1,0 +1,463 @@
+"""RDC: RedirectConnections, end to end: kernel NAT in kernel mode, the enforcer's own
+rewriting in user mode, and the same result from both."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+from scapy.layers.inet import ICMP, IP, TCP, UDP, IPerror, UDPerror
+from scapy.layers.inet6 import ICMPv6DestUnreach, ICMPv6PacketTooBig, IPerror6, IPv6
+from scapy.packet import Packet
+
+from enforcer.client import Action, Client
+from enforcer.core.flags import Flags
+from enforcer.core.results import InvalidArgument, IsBusy, NetworkRulesDenied, PolicyRulesDenied, Terminating
+from testbed import timeouts
+from testbed.checks import expect_packet
+from testbed.clauses.helpers import (
+    FTP_GUID,
+    NEGATIVE,
+    assert_not_connected,
+    checksums_ok,
+    datagram,
+    ip,
+    pending_actions,
+    syn,
+    wait_for_state,
+)
+from testbed.lab import GUIDS
+from testbed.plugin import MODES, Net
+
+
+def redirect(net: Net, api: Client, targets: list[tuple[str, int]], *, session_of: str = "c1",
+             protocol: str = "tcp", flags: Flags | None = None, mode: str | None = None,
+             **kwargs: Any) -> tuple[tuple[str, int], list[Action]]:
+    """RedirectConnections for ``session_of``'s session on behalf of FTP; in user mode
+    (the test's, or ``mode``) with NO_KERNEL_MODE."""
+    flags = flags or Flags(0)
+    if (mode or net.mode) == "user":
+        flags |= Flags.NO_KERNEL_MODE
+    return api.redirect_connections(net.session(session_of), targets, protocol_guid=FTP_GUID,
+                                    protocol=protocol, flags=flags, **kwargs)
+
+
+def redirect_ports_in_use(net: Net) -> dict[str, int]:
+    return {mode: pool["in_use"] for mode, pool in net.call("status")["redirect_ports"].items()}
+
+
+def kernel_redirect_rules(net: Net) -> str:
+    tool = "iptables" if net.family == "ipv4" else "ip6tables"
+    listing = net.lab.tb.run("fw", [tool, "-w", "-t", "nat", "-S", "PINHOLE-PREROUTING"]).stdout
+    return "\n".join(line for line in listing.splitlines() if line.startswith("-A"))
+
+
+@pytest.mark.clause("RDC-01")
+def test_internal_address_leads_to_the_first_connect_address(net: Net, mode: str) -> None:
+    """InternalAddress is the fw's address facing the client; a connection to it reaches
+    ConnectAddresses[0] and carries 200 kB each way; a direct connection to the target
+    cannot use the redirect."""
+    c1, s1 = net.agent("c1"), net.agent("s1")
+    dst = net.addr("s1")
+    with net.client() as api, s1.tcp_server(dst, 31001) as server:
+        (internal, port), (action,) = redirect(net, api, [(dst, 31001)])
+        assert internal == net.topology.fw_internal_address(net.family)  # type: ignore[arg-type]
+        ranges = net.call("status")["redirect_ports"]
+        low, high = ranges[mode]["range"]
+        assert low <= port <= high, f"{mode}-mode redirect port {port} is outside {low}-{high}"
+        assert_not_connected(c1.tcp_connect(dst, 31001, timeout=NEGATIVE), "direct to the target")
+        assert action.state == "pending"
+        result = c1.tcp_connect(internal, port, send_bytes=200_000)
+        assert result["connected"], f"the redirected connection failed: {result['error']}"
+        assert result["sent"] == result["received"] == 200_000, result
+        assert [p[0] for p in server.stats()["peers"]] == [net.fw_external(0)]
+        assert action.state == "consumed"
+        (flow,) = [f for f in net.call("flows", limit=10000) if f["action"] == action.id]
+        assert flow["mode"] == mode and flow["redirect"] == [internal, port], flow
+    # a crafted SYN arrives at the target from the fw, its checksum valid
+    with net.client() as api:
+        (internal, port), _ = redirect(net, api, [(dst, 31002)])
+        with s1.sniff(net.iface("s1")) as at_server:
+            c1.send(syn(net, net.addr("c1"), internal, 41101, port))
+            got = expect_packet(at_server, ip(net, net.fw_external(0), dst) / TCP(dport=31002, flags="S"))
+        assert checksums_ok(got), got.show(dump=True)
+
+
+@pytest.mark.clause("RDC-02")
+def test_n_addresses_get_consecutive_ports_each_cancellable_alone(net: Net, mode: str) -> None:
+    """Three addresses: ports base..base+2, action i leads to address i; cancelling one
+    leaves the others; the block returns to the pool when all three are done."""
+    c1, s1, s2 = net.agent("c1"), net.agent("s1"), net.agent("s2")
+    targets = [(net.addr("s1"), 31021), (net.addr("s1"), 31022), (net.addr("s2"), 31023)]
+    before = redirect_ports_in_use(net)
+    with net.client() as api, s1.tcp_server(*targets[0]) as first, \
+            s1.tcp_server(*targets[1]) as second, s2.tcp_server(*targets[2]) as third:
+        (internal, base), actions = redirect(net, api, targets)
+        assert len(actions) == 3 and len({a.id for a in actions}) == 3
+        for i, (action, target) in enumerate(zip(actions, targets, strict=True)):
+            info = action.info()["redirect"]
+            assert info["internal"] == [internal, base + i] and info["target"] == list(target), info
+        assert redirect_ports_in_use(net)[mode] == before[mode] + 3
+        actions[0].cancel()
+        assert_not_connected(c1.tcp_connect(internal, base, timeout=NEGATIVE), "the cancelled port")
+        assert c1.tcp_connect(internal, base + 2, send_bytes=1000)["connected"]
+        assert c1.tcp_connect(internal, base + 1, send_bytes=1000)["connected"]
+        assert [s.stats()["accepted"] for s in (first, second, third)] == [0, 1, 1]
+        assert [a.state for a in actions] == ["cancelled", "consumed", "consumed"]
+    assert redirect_ports_in_use(net) == before, "the block did not return to its pool"
+    if mode == "kernel":
+        assert f"--dport {base}" not in kernel_redirect_rules(net), "a finished redirect's rules stayed"
+
+
+@pytest.mark.clause("RDC-03")
+@pytest.mark.parametrize("requested", [None, 0, 1], ids=["default", "first", "second"])
+def test_proxy_external_address(net: Net, mode: str, requested: int | None) -> None:
+    """The redirected flow leaves from the requested external address (default: the one
+    the session's primary connections leave from)."""
+    c1, s1 = net.agent("c1"), net.agent("s1")
+    dst, port = net.addr("s1"), 31031 + (2 if requested is None else requested)
+    proxy = None if requested is None else net.fw_external(requested)
+    with net.client() as api, s1.tcp_server(dst, port) as server:
+        (internal, base), _ = redirect(net, api, [(dst, port)], proxy_external_address=proxy)
+        assert c1.tcp_connect(internal, base, send_bytes=1000)["connected"]
+        seen = server.stats()["peers"][0][0]
+    assert seen == (proxy or net.fw_external(0)), f"left from {seen}"
+
+
+@pytest.mark.clause("RDC-04")
+def test_single_use_and_allow_multiple(net: Net, mode: str) -> None:
+    c1, s1 = net.agent("c1"), net.agent("s1")
+    dst = net.addr("s1")
+    with net.client() as api, s1.tcp_server(dst, 31041) as server:
+        (internal, base), (single,) = redirect(net, api, [(dst, 31041)])
+        assert c1.tcp_connect(internal, base, send_bytes=100)["connected"]
+        assert single.state == "consumed"
+        assert_not_connected(c1.tcp_connect(internal, base, timeout=NEGATIVE), "second connection")
+        (internal, base), (multiple,) = redirect(net, api, [(dst, 31041)], flags=Flags.ALLOW_MULTIPLE)
+        held = c1.tcp_open(internal, base)
+        try:
+            assert held.connected, held.error
+            for _ in range(2):
+                assert c1.tcp_connect(internal, base, send_bytes=100)["connected"]
+            assert multiple.info()["admitted"] == 3
+            multiple.cancel()
+            assert_not_connected(c1.tcp_connect(internal, base, timeout=NEGATIVE), "after Cancel")
+            assert held.exchange(20_000)["received"] == 20_000, "Cancel cut an admitted flow"
+        finally:
+            held.close()
+        with pytest.raises(Terminating, match="cancelled"):
+            multiple.cancel()
+        assert server.stats()["accepted"] == 4
+
+
+@pytest.mark.clause("RDC-04")
+def test_timeout_and_the_invalid_combination(net: Net, mode: str) -> None:
+    c1, s1 = net.agent("c1"), net.agent("s1")
+    dst = net.addr("s1")
+    with net.client() as api, s1.tcp_server(dst, 31042) as server:
+        (internal, base), (action,) = redirect(net, api, [(dst, 31042)], flags=Flags.TIMEOUT)
+        wait_for_state(action, "expired", within=4.0)
+        assert_not_connected(c1.tcp_connect(internal, base, timeout=NEGATIVE), "after expiry")
+        (internal, base), _ = redirect(net, api, [(dst, 31042)], flags=Flags.TIMEOUT)
+        with c1.tcp_open(internal, base) as admitted:
+            assert admitted.connected, admitted.error
+            time.sleep(2.2)  # past the grant's timeout: the flow is not the grant
+            assert admitted.exchange(20_000)["received"] == 20_000
+        before, pools = pending_actions(net), redirect_ports_in_use(net)
+        with pytest.raises(InvalidArgument, match="cannot be combined"):
+            redirect(net, api, [(dst, 31042)], flags=Flags.TIMEOUT | Flags.ALLOW_MULTIPLE)
+        assert pending_actions(net) == before and redirect_ports_in_use(net) == pools
+        assert server.stats()["accepted"] == 1
+
+
+@pytest.mark.clause("RDC-05")
+def test_udp_redirect_replies_come_from_the_internal_address(net: Net, mode: str) -> None:
+    """Datagrams reach the target; its replies reach the client from InternalAddress
+    (the client's connected socket accepts nothing else), checksums valid."""
+    c1, s1 = net.agent("c1"), net.agent("s1")
+    dst = net.addr("s1")
+    with net.client() as api, s1.udp_server(dst, 31051) as server:
+        (internal, base), (action,) = redirect(net, api, [(dst, 31051)], protocol="udp")
+        with c1.sniff(net.iface("c1")) as at_client:
+            answer = c1.udp_send(internal, base, b"redirected datagram", expect_reply=True)
+            assert answer["reply"] == b"redirected datagram", answer
+            reply = expect_packet(at_client, UDP(sport=base, dport=answer["local"][1]))
+        assert reply[UDP].underlayer.src == internal, reply.summary()
+        assert checksums_ok(reply), reply.show(dump=True)
+        assert server.stats()["peers"][0][0] == net.fw_external(0)
+        assert action.state == "consumed"
+        # the flow's later datagrams (both ways) pass; a new flow to the consumed port does not
+        burst = c1.udp_burst(internal, base, 20, 500, expect_replies=True)
+        assert burst["replies"] == 0 or burst["local"] != answer["local"]
+        assert server.stats()["accepted"] == 1, "a second flow used a single-use redirect"
+
+
+def _burst(net: Net, mode: str, flags: Flags) -> tuple[dict[str, Any], dict[str, Any], Action]:
+    c1, s1 = net.agent("c1"), net.agent("s1")
+    dst, port = net.addr("s1"), 31061 + (flags != Flags(0))
+    with net.client() as api, s1.udp_server(dst, port, echo=False) as server:
+        (internal, base), (action,) = redirect(net, api, [(dst, port)], protocol="udp", flags=flags,
+                                               mode=mode)
+        sent = c1.udp_burst(internal, base, BURST, 1000, expect_replies=False)
+        assert sent["sent"] == BURST, sent
+        end = time.monotonic() + timeouts.POSITIVE
+        while server.stats()["accepted"] < BURST and time.monotonic() < end:
+            time.sleep(0.1)
+        return sent, server.stats(), action
+
+
+BURST = 40  # datagrams of 1000 bytes: ~100 KB of queue buffer, under 2 x 64 KiB
+
+
+@pytest.mark.clause("RDC-06")
+def test_increase_receive_buffer(net: Net, mode: str) -> None:
+    """With the queue socket's buffer cut to 4 KiB, a burst of 40 datagrams loses some;
+    with INCREASE_RECEIVE_BUFFER the buffer is at least 64 KiB (the action says so) and
+    the same burst arrives whole."""
+    net.enforcer.stop()
+    net.enforcer.start(dataplane={"receive_buffer": 4096})
+    _, small, plain = _burst(net, mode, Flags(0))
+    assert plain.info()["receive_buffer"] is None
+    assert small["accepted"] < BURST, \
+        f"all {BURST} datagrams passed a 4 KiB queue buffer: this test cannot tell"
+    _, large, increased = _burst(net, mode, Flags.INCREASE_RECEIVE_BUFFER)
+    assert increased.info()["receive_buffer"] >= 65536, increased.info()
+    assert large["accepted"] == BURST, f"{BURST - large['accepted']} of {BURST} datagrams were lost"
+    assert net.call("status")["receive_buffer"] >= 65536
+
+
+@pytest.mark.clause("RDC-07")
+def test_connect_events_go_to_filters_registered_on_the_port(net: Net, mode: str) -> None:
+    c1, s1 = net.agent("c1"), net.agent("s1")
+    dst = net.addr("s1")
+    with net.client() as granting, net.client() as watching, net.client() as elsewhere, \
+            s1.tcp_server(dst, 31071):
+        watcher = watching.register_filter("watches 31070-31079")
+        watching.register_connect_events(watcher, "tcp", (31070, 31079))
+        other = elsewhere.register_filter("watches 40000-40010")
+        elsewhere.register_connect_events(other, "tcp", (40000, 40010))
+        (internal, base), (action,) = redirect(net, granting, [(dst, 31071)])
+        local = c1.tcp_connect(internal, base, send_bytes=10)["local"]
+        event = watching.next_event(timeouts.POSITIVE)
+        assert event is not None, "no connect event"
+        assert event["event"] == "connect" and event["filter"] == watcher and event["secondary"] is True
+        assert event["action"] == action.id and event["protocol"] == "tcp"
+        assert event["client"] == [net.addr("c1"), local[1]]
+        assert event["target"] == [dst, 31071] and event["internal"] == [internal, base]
+        assert event["external"] == net.fw_external(0)
+        assert watching.next_event(NEGATIVE) is None, "more than one event for one connection"
+        assert elsewhere.next_event(NEGATIVE) is None, "a filter registered elsewhere was told"
+        assert granting.next_event(NEGATIVE) is None, "the granting connection registered nothing"
+        # a primary connection to a registered port is an event too, not secondary
+        primaries = watching.register_filter("watches FTP")
+        watching.register_connect_events(primaries, "tcp", (21, 21))
+        with s1.tcp_server(dst, 21):
+            assert c1.tcp_connect(dst, 21, send_bytes=10)["connected"]
+        event = watching.next_event(timeouts.POSITIVE)
+        assert event is not None and event["filter"] == primaries and event["secondary"] is False
+        assert event["action"] is None and event["internal"] is None
+
+
+def _transfer(net: Net, mode: str, tcp_port: int, udp_port: int) -> dict[str, Any]:
+    """What each mode's redirect makes of the same TCP transfer and UDP burst."""
+    c1, s1 = net.agent("c1"), net.agent("s1")
+    dst = net.addr("s1")
+    out: dict[str, Any] = {}
+    with net.client() as api, s1.tcp_server(dst, tcp_port) as tcp_server, \
+            s1.udp_server(dst, udp_port) as udp_server:
+        (internal, base), _ = redirect(net, api, [(dst, tcp_port)], mode=mode)
+        with s1.sniff(net.iface("s1")) as at_server, c1.sniff(net.iface("c1")) as at_client:
+            tcp = c1.tcp_connect(internal, base, send_bytes=1_000_000, timeout=20)
+            (internal, ubase), _ = redirect(net, api, [(dst, udp_port)], protocol="udp", mode=mode)
+            udp = c1.udp_burst(internal, ubase, 100, 1200, expect_replies=True)
+            expect_packet(at_server, UDP(dport=udp_port))
+            expect_packet(at_client, UDP(sport=ubase))
+        client_side = [p for p in at_client.packets() if (TCP in p and p[TCP].sport == base)
+                       or (UDP in p and p[UDP].sport == ubase)]
+        server_side = [p for p in at_server.packets() if (TCP in p and p[TCP].dport == tcp_port)
+                       or (UDP in p and p[UDP].dport == udp_port)]
+        bad = [p.summary() for p in client_side + server_side if not checksums_ok(p)]
+        assert not bad, f"{mode} mode: {len(bad)} packets with bad checksums, e.g. {bad[:3]}"
+        assert client_side and server_side
+        sources = {p[TCP if TCP in p else UDP].underlayer.src for p in client_side}
+        out["client sees"] = sorted(sources)
+        out["server sees"] = sorted({p[TCP if TCP in p else UDP].underlayer.src for p in server_side})
+        out["tcp"] = {k: tcp[k] for k in ("connected", "sent", "received", "error")}
+        out["udp"] = {k: udp[k] for k in ("sent", "digest", "replies", "reply_digest", "error")}
+        out["udp server"] = {k: udp_server.stats()[k] for k in ("accepted", "bytes_in", "digest")}
+        out["tcp server"] = {k: tcp_server.stats()[k] for k in ("accepted", "bytes_in")}
+        out["internal"] = internal
+    return out
+
+
+@pytest.mark.clause("RDC-08")
+def test_kernel_and_user_mode_give_identical_transfers(net: Net) -> None:
+    """1 MB each way over TCP and 100 echoed datagrams over UDP, through a kernel-mode and
+    a user-mode redirect: the same bytes, the same addresses on both sides, valid checksums."""
+    results = {mode: _transfer(net, mode, 31081 + i, 31083 + i) for i, mode in enumerate(MODES)}
+    kernel, user = results["kernel"], results["user"]
+    assert kernel["tcp"] == {"connected": True, "sent": 1_000_000, "received": 1_000_000, "error": None}
+    assert kernel["udp"]["replies"] == 100 and kernel["udp"]["reply_digest"] == kernel["udp"]["digest"]
+    assert kernel["udp server"]["digest"] == kernel["udp"]["digest"]
+    assert kernel["client sees"] == [kernel["internal"]] and kernel["server sees"] == [net.fw_external(0)]
+    assert kernel == user, f"kernel mode: {kernel}\nuser mode: {user}"
+
+
+def _first_peer(server: Any) -> list[Any]:
+    end = time.monotonic() + timeouts.POSITIVE
+    while not server.stats()["peers"]:
+        assert time.monotonic() < end, "the datagram did not reach the server"
+        time.sleep(0.05)
+    return list(server.stats()["peers"][0])
+
+
+def _icmp_error(net: Net, mode: str, port: int, *, crafted: bool) -> dict[str, Any]:
+    """An ICMP error about a redirected UDP flow, as the client sees it: port unreachable
+    from the target's own stack, or (``crafted``) packet too big sent by Scapy."""
+    c1, s1 = net.agent("c1"), net.agent("s1")
+    dst = net.addr("s1")
+    v4 = net.family == "ipv4"
+    with net.client() as api:
+        if crafted:
+            server = s1.udp_server(dst, port, echo=False)
+        (internal, base), _ = redirect(net, api, [(dst, port)], protocol="udp", mode=mode)
+        with c1.sniff(net.iface("c1")) as at_client:
+            kind: Packet
+            if not crafted:  # nothing listens on the port: the target's stack answers
+                answer = c1.udp_send(internal, base, b"anyone there?", expect_reply=True)
+                assert "refused" in str(answer["error"]), \
+                    f"the client's socket did not take the translated error as its own: {answer}"
+                kind = ICMP(type=3, code=3) if v4 else ICMPv6DestUnreach(code=4)
+            else:
+                with server:
+                    sent = c1.udp_send(internal, base, b"x" * 200, expect_reply=False)
+                    peer = _first_peer(server)
+                quoted = datagram(net, peer[0], dst, peer[1], port, b"x" * 200)
+                error = (IP(src=dst, dst=peer[0]) / ICMP(type=3, code=4, nexthopmtu=1280) / bytes(quoted)
+                         if v4 else IPv6(src=dst, dst=peer[0]) / ICMPv6PacketTooBig(mtu=1280) / bytes(quoted))
+                s1.send(error)
+                kind = ICMP(type=3, code=4) if v4 else ICMPv6PacketTooBig()
+                answer = sent
+            got = expect_packet(at_client, kind)
+    assert checksums_ok(got), got.show(dump=True)
+    inner, outer = got[IPerror if v4 else IPerror6], got[IP if v4 else IPv6]
+    return {"outer": (outer.src, outer.dst), "inner": (inner.src, inner.dst),
+            "ports": (got[UDPerror].sport, got[UDPerror].dport), "internal": (internal, base),
+            "client": tuple(answer["local"])}
+
+
+@pytest.mark.clause("RDC-08")
+@pytest.mark.parametrize("crafted", [False, True], ids=["port-unreachable", "packet-too-big"])
+def test_icmp_errors_about_the_flow_are_translated(net: Net, crafted: bool) -> None:
+    """The client gets the error from InternalAddress, quoting the datagram it sent (to
+    InternalAddress), checksums valid; kernel NAT and the enforcer agree."""
+    seen = {mode: _icmp_error(net, mode, 31091 + i + 2 * crafted, crafted=crafted)
+            for i, mode in enumerate(MODES)}
+    for mode, s in seen.items():
+        internal, base = s["internal"]
+        client, cport = s["client"]
+        assert s["outer"] == (internal, client), f"{mode} mode: outer {s['outer']}"
+        assert s["inner"] == (client, internal), f"{mode} mode: quoted {s['inner']}"
+        assert s["ports"] == (cport, base), f"{mode} mode: quoted ports {s['ports']}"
+
+
+@pytest.mark.clause("RDC-09")
+def test_established_connection_event(net: Net, mode: str) -> None:
+    """Exactly one event per admitted flow, the caller's context, to the caller's filter."""
+    c1, s1 = net.agent("c1"), net.agent("s1")
+    dst = net.addr("s1")
+    with net.client() as mine, net.client() as other, s1.tcp_server(dst, 31101):
+        my_filter = mine.register_filter("ftp-nat")
+        other.register_filter("bystander")
+        context = {"token": "rdc-09"}
+        (internal, base), (action,) = redirect(net, mine, [(dst, 31101)], flags=Flags.ALLOW_MULTIPLE,
+                                               session_filter=my_filter, context=context)
+        locals_ = [c1.tcp_connect(internal, base, send_bytes=10)["local"] for _ in range(2)]
+        for local in locals_:
+            event = mine.next_event(timeouts.POSITIVE)
+            assert event is not None, "missing established_connection event"
+            assert event["event"] == "established_connection" and event["filter"] == my_filter
+            assert event["context"] == context and event["action"] == action.id
+            assert event["client"] == [net.addr("c1"), local[1]]
+            assert event["target"] == [dst, 31101] and event["internal"] == [internal, base]
+            assert event["external"] == net.fw_external(0)
+        assert mine.next_event(NEGATIVE) is None, "more events than admitted flows"
+        assert other.next_event(NEGATIVE) is None, "another filter got the event"
+
+
+@pytest.mark.clause("RDC-10")
+def test_policy_denials_create_nothing(net: Net) -> None:
+    before, pools, rules = pending_actions(net, "c2"), redirect_ports_in_use(net), kernel_redirect_rules(net)
+    with net.client() as api:
+        with pytest.raises(PolicyRulesDenied, match="HTTP"):
+            api.redirect_connections(net.session("c2"), [(net.addr("s1"), 31111)],
+                                     protocol_guid=GUIDS["HTTP"])
+        with pytest.raises(NetworkRulesDenied, match="the denied lab network"):
+            api.redirect_connections(net.session("c2"), [(net.addr("s1"), 31111),
+                                                          (net.addr("s2", 1), 31111)],
+                                     protocol_guid=FTP_GUID)
+    assert pending_actions(net, "c2") == before
+    assert redirect_ports_in_use(net) == pools and kernel_redirect_rules(net) == rules
+
+
+def _other_family(net: Net) -> str:
+    return "198.51.100.21" if net.family == "ipv6" else "2001:db8:2::21"
+
+
+@pytest.mark.clause("RDC-10")
+@pytest.mark.parametrize(("params", "message"), [
+    ({"addresses": []}, "'addresses' must be a list of 1 to 64"),
+    ({"addresses": [["S1", 31112]] * 65}, "'addresses' must be a list of 1 to 64"),
+    ({"addresses": "S1"}, "'addresses' must be a list"),
+    ({"addresses": [["S1"]]}, r"'addresses\[0\]' must be \[address, port\]"),
+    ({"addresses": [["S1", 31112], ["nowhere", 1]]}, "not an IP address"),
+    ({"addresses": [["S1", 0]]}, "outside 1-65535"),
+    ({"addresses": [["S1", "21"]]}, "the port must be an integer"),
+    ({"addresses": [["OTHER", 31112]]}, "not of the client's address family"),
+    ({"flags": ["TIMEOUT", "ALLOW_MULTIPLE"]}, "cannot be combined"),
+    ({"flags": ["BIDIRECTIONAL"]}, "does not take BIDIRECTIONAL"),
+    ({"flags": ["ADDRESS_BASED"]}, "does not take ADDRESS_BASED"),
+    ({"flags": 0x400}, "unknown flag bits"),
+    ({"protocol": "icmp"}, "'protocol' must be"),
+    ({"protocol_guid": "00000000-0000-0000-0000-000000000000"}, "no protocol is defined"),
+    ({"proxy_external_address": "C1"}, "not one of the firewall's external addresses"),
+    ({"data_filter": "nope"}, "no data filter 'nope'"),
+    ({"session": 10**6}, "no session"),
+], ids=lambda v: v if isinstance(v, str) else "-".join(f"{k}={str(v[k])[:20]}" for k in v))
+def test_invalid_arguments_create_nothing(net: Net, params: dict[str, Any], message: str) -> None:
+    names = {"S1": net.addr("s1"), "OTHER": _other_family(net), "C1": net.addr("c1")}
+    request: dict[str, Any] = {"session": net.session("c1"), "addresses": [["S1", 31112]],
+                               "protocol": "tcp", "protocol_guid": GUIDS["FTP"]}
+    request.update(params)
+    if isinstance(request["addresses"], list):
+        request["addresses"] = [[names.get(a[0], a[0]), *a[1:]] if isinstance(a, list) and a else a
+                                for a in request["addresses"]]
+    if "proxy_external_address" in request:
+        request["proxy_external_address"] = names[request["proxy_external_address"]]
+    before, pools, rules = pending_actions(net), redirect_ports_in_use(net), kernel_redirect_rules(net)
+    with net.client() as api, pytest.raises(InvalidArgument, match=message):
+        api.call("redirect_connections", **request)
+    assert pending_actions(net) == before
+    assert redirect_ports_in_use(net) == pools and kernel_redirect_rules(net) == rules
+
+
+@pytest.mark.clause("RDC-10")
+def test_exhausted_ports_are_a_clear_error(net: Net, mode: str) -> None:
+    """With four ports per mode, a block of three fits once; the next is FWX_E_IS_BUSY and
+    creates nothing; when the first block is done its ports serve again."""
+    net.enforcer.stop()
+    net.enforcer.start(dataplane={"kernel_redirect_ports": [61000, 61003],
+                                  "user_redirect_ports": [63000, 63003]})
+    targets = [(net.addr("s1"), 31113 + i) for i in range(3)]
+    with net.client() as api:
+        _, actions = redirect(net, api, targets)
+        before = pending_actions(net)
+        with pytest.raises(IsBusy, match="no 3 consecutive free ports"):
+            redirect(net, api, targets)
+        assert pending_actions(net) == before
+        for action in actions:
+            action.cancel()
+        (_, base), _ = redirect(net, api, targets)
+        assert base in (61000, 61001, 63000, 63001)
+

@@ -7,7 +7,8 @@
   with the enforcer running in its default (fail-closed) configuration.
 - Every test that uses the lab gets a pcap of the firewall's interfaces, named in
   failure messages and in the results.
-- ``@pytest.mark.clause("GEN-01")`` keys a test's result for the conformance matrix.
+- ``@pytest.mark.clause("GEN-01")`` keys a test's result for the conformance matrix;
+  ``@pytest.mark.topologies("nat")`` runs a test in those topology variants only.
 - A test that needs root, namespaces or tools skips with the reason; with
   ``PINHOLE_REQUIRE_E2E=1`` such a skip is a failure.
 """
@@ -96,6 +97,7 @@ def _choices(config: pytest.Config, option: str, allowed: tuple[str, ...]) -> li
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "clause(id): the SPEC.md clause this test checks")
     config.addinivalue_line("markers", "e2e: needs root and network namespaces")
+    config.addinivalue_line("markers", "topologies(*variants): run only in these topology variants")
     config.stash[RESULTS] = []
     config.stash[_ARTIFACTS] = Path(config.getoption("pinhole_artifacts")).resolve()
 
@@ -118,6 +120,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    _deselect_other_topologies(config, items)
     for item in items:
         for mark in item.iter_markers("clause"):
             if not mark.args or mark.args[0] not in CLAUSES:
@@ -127,6 +130,25 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.extra_keyword_matches.add(mark.args[0])
         if "lab" in getattr(item, "fixturenames", ()) or "e2e" in Path(str(item.path)).parts:
             item.add_marker(pytest.mark.e2e)
+
+
+def _deselect_other_topologies(config: pytest.Config, items: list[pytest.Item]) -> None:
+    keep: list[pytest.Item] = []
+    drop: list[pytest.Item] = []
+    for item in items:
+        mark = item.get_closest_marker("topologies")
+        params = getattr(item, "callspec", None)
+        variant = params.params.get("variant") if params is not None else None
+        if mark is not None:
+            unknown = set(mark.args) - set(VARIANTS)
+            if unknown or not mark.args:
+                raise pytest.UsageError(f"{item.nodeid}: topologies marker {mark.args!r} names "
+                                        f"no variant of {', '.join(VARIANTS)}")
+        (drop if mark is not None and variant is not None and variant not in mark.args
+         else keep).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
 
 
 # --- the lab ------------------------------------------------------------------------------

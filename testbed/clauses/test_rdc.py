@@ -30,6 +30,10 @@ from testbed.clauses.helpers import (
 from testbed.lab import GUIDS
 from testbed.plugin import MODES, Net
 
+# The NAT topology, with its multihomed fw, is where redirects matter (a redirected
+# flow is source-translated in both); RDC-01 and RDC-03 run in the routed one too.
+NAT_ONLY = pytest.mark.topologies("nat")
+
 
 def redirect(net: Net, api: Client, targets: list[tuple[str, int]], *, session_of: str = "c1",
              protocol: str = "tcp", flags: Flags | None = None, mode: str | None = None,
@@ -85,6 +89,7 @@ def test_internal_address_leads_to_the_first_connect_address(net: Net, mode: str
 
 
 @pytest.mark.clause("RDC-02")
+@NAT_ONLY
 def test_n_addresses_get_consecutive_ports_each_cancellable_alone(net: Net, mode: str) -> None:
     """Three addresses: ports base..base+2, action i leads to address i; cancelling one
     leaves the others; the block returns to the pool when all three are done."""
@@ -126,6 +131,7 @@ def test_proxy_external_address(net: Net, mode: str, requested: int | None) -> N
 
 
 @pytest.mark.clause("RDC-04")
+@NAT_ONLY
 def test_single_use_and_allow_multiple(net: Net, mode: str) -> None:
     c1, s1 = net.agent("c1"), net.agent("s1")
     dst = net.addr("s1")
@@ -152,18 +158,21 @@ def test_single_use_and_allow_multiple(net: Net, mode: str) -> None:
 
 
 @pytest.mark.clause("RDC-04")
+@NAT_ONLY
 def test_timeout_and_the_invalid_combination(net: Net, mode: str) -> None:
+    """Two TIMEOUT redirects made together: the unused one expires and then admits
+    nothing; the flow the other admitted outlives the timeout. TIMEOUT|ALLOW_MULTIPLE
+    is E_INVALIDARG and creates nothing."""
     c1, s1 = net.agent("c1"), net.agent("s1")
     dst = net.addr("s1")
     with net.client() as api, s1.tcp_server(dst, 31042) as server:
-        (internal, base), (action,) = redirect(net, api, [(dst, 31042)], flags=Flags.TIMEOUT)
-        wait_for_state(action, "expired", within=4.0)
-        assert_not_connected(c1.tcp_connect(internal, base, timeout=NEGATIVE), "after expiry")
-        (internal, base), _ = redirect(net, api, [(dst, 31042)], flags=Flags.TIMEOUT)
-        with c1.tcp_open(internal, base) as admitted:
+        (internal, unused_port), (unused,) = redirect(net, api, [(dst, 31042)], flags=Flags.TIMEOUT)
+        (internal, used_port), _ = redirect(net, api, [(dst, 31042)], flags=Flags.TIMEOUT)
+        with c1.tcp_open(internal, used_port) as admitted:
             assert admitted.connected, admitted.error
-            time.sleep(2.2)  # past the grant's timeout: the flow is not the grant
-            assert admitted.exchange(20_000)["received"] == 20_000
+            wait_for_state(unused, "expired", within=4.0)
+            assert_not_connected(c1.tcp_connect(internal, unused_port, timeout=NEGATIVE), "after expiry")
+            assert admitted.exchange(20_000)["received"] == 20_000, "the expiry cut an admitted flow"
         before, pools = pending_actions(net), redirect_ports_in_use(net)
         with pytest.raises(InvalidArgument, match="cannot be combined"):
             redirect(net, api, [(dst, 31042)], flags=Flags.TIMEOUT | Flags.ALLOW_MULTIPLE)
@@ -172,6 +181,7 @@ def test_timeout_and_the_invalid_combination(net: Net, mode: str) -> None:
 
 
 @pytest.mark.clause("RDC-05")
+@NAT_ONLY
 def test_udp_redirect_replies_come_from_the_internal_address(net: Net, mode: str) -> None:
     """Datagrams reach the target; its replies reach the client from InternalAddress
     (the client's connected socket accepts nothing else), checksums valid."""
@@ -187,10 +197,10 @@ def test_udp_redirect_replies_come_from_the_internal_address(net: Net, mode: str
         assert checksums_ok(reply), reply.show(dump=True)
         assert server.stats()["peers"][0][0] == net.fw_external(0)
         assert action.state == "consumed"
-        # the flow's later datagrams (both ways) pass; a new flow to the consumed port does not
-        burst = c1.udp_burst(internal, base, 20, 500, expect_replies=True)
-        assert burst["replies"] == 0 or burst["local"] != answer["local"]
-        assert server.stats()["accepted"] == 1, "a second flow used a single-use redirect"
+        # a new flow (another client port) to the consumed single-use port gets nowhere
+        again = c1.udp_send(internal, base, b"again", expect_reply=True, timeout=NEGATIVE)
+        assert again["reply"] is None and server.stats()["accepted"] == 1, \
+            "a second flow used a single-use redirect"
 
 
 def _burst(net: Net, mode: str, flags: Flags) -> tuple[dict[str, Any], dict[str, Any], Action]:
@@ -211,16 +221,20 @@ BURST = 40  # datagrams of 1000 bytes: ~100 KB of queue buffer, under 2 x 64 KiB
 
 
 @pytest.mark.clause("RDC-06")
+@NAT_ONLY
 def test_increase_receive_buffer(net: Net, mode: str) -> None:
-    """With the queue socket's buffer cut to 4 KiB, a burst of 40 datagrams loses some;
-    with INCREASE_RECEIVE_BUFFER the buffer is at least 64 KiB (the action says so) and
-    the same burst arrives whole."""
+    """With the queue socket's buffer cut to 4 KiB, a burst of 40 datagrams through a
+    user-mode redirect loses some; with INCREASE_RECEIVE_BUFFER the buffer is at least
+    64 KiB (the action says so) and the same burst arrives whole. (A kernel-mode flow
+    has only its first datagrams queued, so there the burst checks the flag's effect
+    but cannot show a loss without it.)"""
     net.enforcer.stop()
     net.enforcer.start(dataplane={"receive_buffer": 4096})
-    _, small, plain = _burst(net, mode, Flags(0))
-    assert plain.info()["receive_buffer"] is None
-    assert small["accepted"] < BURST, \
-        f"all {BURST} datagrams passed a 4 KiB queue buffer: this test cannot tell"
+    if mode == "user":
+        _, small, plain = _burst(net, mode, Flags(0))
+        assert plain.info()["receive_buffer"] is None
+        assert small["accepted"] < BURST, \
+            f"all {BURST} datagrams passed a 4 KiB queue buffer: this test cannot tell"
     _, large, increased = _burst(net, mode, Flags.INCREASE_RECEIVE_BUFFER)
     assert increased.info()["receive_buffer"] >= 65536, increased.info()
     assert large["accepted"] == BURST, f"{BURST - large['accepted']} of {BURST} datagrams were lost"
@@ -228,6 +242,7 @@ def test_increase_receive_buffer(net: Net, mode: str) -> None:
 
 
 @pytest.mark.clause("RDC-07")
+@NAT_ONLY
 def test_connect_events_go_to_filters_registered_on_the_port(net: Net, mode: str) -> None:
     c1, s1 = net.agent("c1"), net.agent("s1")
     dst = net.addr("s1")
@@ -246,9 +261,10 @@ def test_connect_events_go_to_filters_registered_on_the_port(net: Net, mode: str
         assert event["client"] == [net.addr("c1"), local[1]]
         assert event["target"] == [dst, 31071] and event["internal"] == [internal, base]
         assert event["external"] == net.fw_external(0)
+        # events are pushed as the flow is admitted: after one wait, none may be on the way
         assert watching.next_event(NEGATIVE) is None, "more than one event for one connection"
-        assert elsewhere.next_event(NEGATIVE) is None, "a filter registered elsewhere was told"
-        assert granting.next_event(NEGATIVE) is None, "the granting connection registered nothing"
+        assert elsewhere.next_event(0.05) is None, "a filter registered elsewhere was told"
+        assert granting.next_event(0.05) is None, "the granting connection registered nothing"
         # a primary connection to a registered port is an event too, not secondary
         primaries = watching.register_filter("watches FTP")
         watching.register_connect_events(primaries, "tcp", (21, 21))
@@ -292,6 +308,7 @@ def _transfer(net: Net, mode: str, tcp_port: int, udp_port: int) -> dict[str, An
 
 
 @pytest.mark.clause("RDC-08")
+@NAT_ONLY
 def test_kernel_and_user_mode_give_identical_transfers(net: Net) -> None:
     """1 MB each way over TCP and 100 echoed datagrams over UDP, through a kernel-mode and
     a user-mode redirect: the same bytes, the same addresses on both sides, valid checksums."""
@@ -348,6 +365,7 @@ def _icmp_error(net: Net, mode: str, port: int, *, crafted: bool) -> dict[str, A
 
 
 @pytest.mark.clause("RDC-08")
+@NAT_ONLY
 @pytest.mark.parametrize("crafted", [False, True], ids=["port-unreachable", "packet-too-big"])
 def test_icmp_errors_about_the_flow_are_translated(net: Net, crafted: bool) -> None:
     """The client gets the error from InternalAddress, quoting the datagram it sent (to
@@ -363,6 +381,7 @@ def test_icmp_errors_about_the_flow_are_translated(net: Net, crafted: bool) -> N
 
 
 @pytest.mark.clause("RDC-09")
+@NAT_ONLY
 def test_established_connection_event(net: Net, mode: str) -> None:
     """Exactly one event per admitted flow, the caller's context, to the caller's filter."""
     c1, s1 = net.agent("c1"), net.agent("s1")
@@ -383,10 +402,11 @@ def test_established_connection_event(net: Net, mode: str) -> None:
             assert event["target"] == [dst, 31101] and event["internal"] == [internal, base]
             assert event["external"] == net.fw_external(0)
         assert mine.next_event(NEGATIVE) is None, "more events than admitted flows"
-        assert other.next_event(NEGATIVE) is None, "another filter got the event"
+        assert other.next_event(0.05) is None, "another filter got the event"
 
 
 @pytest.mark.clause("RDC-10")
+@NAT_ONLY
 def test_policy_denials_create_nothing(net: Net) -> None:
     before, pools, rules = pending_actions(net, "c2"), redirect_ports_in_use(net), kernel_redirect_rules(net)
     with net.client() as api:
@@ -406,6 +426,7 @@ def _other_family(net: Net) -> str:
 
 
 @pytest.mark.clause("RDC-10")
+@NAT_ONLY
 @pytest.mark.parametrize(("params", "message"), [
     ({"addresses": []}, "'addresses' must be a list of 1 to 64"),
     ({"addresses": [["S1", 31112]] * 65}, "'addresses' must be a list of 1 to 64"),
@@ -443,6 +464,7 @@ def test_invalid_arguments_create_nothing(net: Net, params: dict[str, Any], mess
 
 
 @pytest.mark.clause("RDC-10")
+@NAT_ONLY
 def test_exhausted_ports_are_a_clear_error(net: Net, mode: str) -> None:
     """With four ports per mode, a block of three fits once; the next is FWX_E_IS_BUSY and
     creates nothing; when the first block is done its ports serve again."""

@@ -29,8 +29,11 @@ def filtering(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
             enforcer.stop()
 
 
-def test_filtered_flow_carries_changed_bytes_both_ways(filtering: tuple[Testbed, EnforcerProcess]
-                                                       ) -> None:
+@pytest.mark.parametrize("how", ["allow-future-connect", "redirect"])
+def test_filtered_flow_carries_changed_bytes_both_ways(filtering: tuple[Testbed, EnforcerProcess],
+                                                       how: str) -> None:
+    """Through a grant, or through a redirect (the data filter makes it a user-mode one:
+    the enforcer both rewrites the addresses and edits the stream)."""
     tb, enforcer = filtering
     c1, s1 = tb.agent("c1"), tb.agent("s1")
     server = "198.51.100.21"
@@ -38,9 +41,15 @@ def test_filtered_flow_carries_changed_bytes_both_ways(filtering: tuple[Testbed,
         assert c1.tcp_connect(server, 21, send_bytes=10)["connected"]  # c1's session
     with enforcer.client() as api, s1.tcp_server(server, 32001) as echo:
         session = api.call("sessions")[0]["id"]
-        action = api.allow_future_connect(session, (server, 32001), protocol_guid=GUIDS["FTP"],
-                                          data_filter="shout")
-        with c1.tcp_open(server, 32001) as conn:
+        if how == "redirect":
+            (address, port), (action,) = api.redirect_connections(
+                session, [(server, 32001)], protocol_guid=GUIDS["FTP"], data_filter="shout")
+            assert action.info()["redirect"]["mode"] == "user"
+        else:
+            address, port = server, 32001
+            action = api.allow_future_connect(session, (server, 32001), protocol_guid=GUIDS["FTP"],
+                                              data_filter="shout")
+        with c1.tcp_open(address, port) as conn:
             assert conn.connected, conn.error
             # several rounds: every one shifts sequence numbers further, both ways
             for n in (10, 125, 60, 125):
@@ -53,6 +62,7 @@ def test_filtered_flow_carries_changed_bytes_both_ways(filtering: tuple[Testbed,
         assert stats["bytes_in"] == len(b"PONG!!----") * 320 + 100_000
     (flow,) = [f for f in enforcer.call("flows") if f["action"] == action.id]
     assert flow["mode"] == "user" and flow["data_filter"] == "shout"
+    assert flow["redirect"] == (None if how != "redirect" else [address, port])
 
 
 def test_unknown_or_udp_data_filter_is_an_invalid_argument(filtering: tuple[Testbed, EnforcerProcess]

@@ -33,13 +33,24 @@ def queue_supported(tb: Testbed) -> bool:
 INTERFACES = dataplane.Interfaces(
     {"int0": 2}, {"ext0": 3},
     (ipaddress.ip_network("192.0.2.0/24"), ipaddress.ip_network("2001:db8:1::/64")),
-    (ipaddress.ip_address("198.51.100.1"), ipaddress.ip_address("2001:db8:2::1")))
+    (ipaddress.ip_address("198.51.100.1"), ipaddress.ip_address("2001:db8:2::1")),
+    (("int0", ipaddress.ip_interface("192.0.2.1/24")), ("int0", ipaddress.ip_interface("2001:db8:1::1/64"))))
+REDIRECTS = [
+    dataplane.RedirectRule("int0", 6, ipaddress.ip_address("192.0.2.11"), ipaddress.ip_address("192.0.2.1"),
+                           61000, ipaddress.ip_address("198.51.100.21"), 30001),
+    dataplane.RedirectRule("int0", 17, ipaddress.ip_address("2001:db8:1::11"),
+                           ipaddress.ip_address("2001:db8:1::1"), 61001,
+                           ipaddress.ip_address("2001:db8:2::21"), 30001),
+]
 
 
 @pytest.mark.parametrize("fail_open", [False, True], ids=["fail-closed", "fail-open"])
 def test_nft_ruleset_is_accepted_by_the_kernel(tb: Testbed, fail_open: bool) -> None:
-    """nft -c checks against the kernel; where it lacks queue, only that statement is swapped."""
-    text = dataplane.render_nft(DataplaneSettings(0, fail_open), INTERFACES, nat=True)
+    """nft -c checks against the kernel; where it lacks queue, only that statement is swapped.
+    Kernel-mode redirects' map elements are added and deleted in the same transaction."""
+    text = (dataplane.render_nft(DataplaneSettings(0, fail_open), INTERFACES, nat=True)
+            + dataplane.render_nft_redirects(REDIRECTS, add=True)
+            + dataplane.render_nft_redirects(REDIRECTS, add=False))
     if not queue_supported(tb):
         text = text.replace("queue num 0 bypass", "accept").replace("queue num 0", "accept")
     result = tb.run("fw", ["nft", "-c", "-f", "-"], input=text, check=False)

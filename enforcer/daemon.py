@@ -28,13 +28,14 @@ from enforcer.core import nat
 from enforcer.core.datafilter import DataFilterFactory, Direction, TcpStreamEditor
 from enforcer.core.engine import Engine, Verdict
 from enforcer.core.flags import Flags
-from enforcer.core.flows import FlowRecord
+from enforcer.core.flows import FlowRecord, Mode
 from enforcer.core.packet import TCP, Ingress, Malformed, PacketMeta, parse
 from enforcer.core.permissions import Permission
 
 log = logging.getLogger("pinhole.enforcer")
 
 HOOK_PREROUTING = 0  # NF_INET_PRE_ROUTING: a user-mode redirect port's packet, before conntrack
+HOOK_OUTPUT = 3  # NF_INET_LOCAL_OUT: an ICMP error the fw sends about a user-mode flow
 INCREASED_RECEIVE_BUFFER = 64 * 1024  # INCREASE_RECEIVE_BUFFER: at least this
 SO_RCVBUFFORCE = 33  # Linux; as root, past net.core.rmem_max (Python's socket module lacks it)
 
@@ -127,7 +128,7 @@ class Daemon:
         mark = pkt.get_mark()
         if pkt.hook == HOOK_PREROUTING:
             self._redirect_inbound(pkt, meta, data, length)
-        elif dataplane.is_user_mode(mark):
+        elif pkt.hook == HOOK_OUTPUT or dataplane.is_user_mode(mark):
             self._user_packet(pkt, meta, data, length)
         else:
             self._decide(pkt, meta, length, mark)
@@ -167,7 +168,8 @@ class Daemon:
         found = self.engine.user_packet(meta, length, self.clock())
         if found is None:
             related = self.engine.related(nat.icmp_error_inner(data))
-            if related is not None and related[0].redirect is not None and related[1]:
+            if related is not None and related[0].redirect is not None and related[1] \
+                    and related[0].mode is Mode.USER:
                 # An error about a packet the client sent by a redirect: it comes back
                 # from the redirect's address, quoting what the client sent.
                 address, port = related[0].redirect

@@ -124,6 +124,7 @@ def render_rules(family: str, settings: DataplaneSettings, interfaces: Interface
         "*filter",
         ":PINHOLE-FORWARD - [0:0]",
         ":PINHOLE-INPUT - [0:0]",
+        ":PINHOLE-OUTPUT - [0:0]",
         f"-A PINHOLE-FORWARD -m connmark --mark {_hex(MARK_ONE_WAY)}/{_hex(MARK_ONE_WAY)} "
         "-m conntrack --ctdir REPLY -j DROP",
         f"-A PINHOLE-FORWARD -m mark --mark {_hex(MARK_REWRITTEN)}/{_hex(MARK_REWRITTEN)} -j ACCEPT",
@@ -138,6 +139,13 @@ def render_rules(family: str, settings: DataplaneSettings, interfaces: Interface
           for _, a in internal for proto in ("tcp", "udp")
           for ports in (settings.kernel_redirect_ports, settings.user_redirect_ports)),
         "-I INPUT 1 -j PINHOLE-INPUT",
+        # ICMP errors the fw itself sends about a flow (fragmentation needed, say): the
+        # enforcer translates those about user-mode redirects, as kernel NAT would. Only
+        # about confirmed flows: the kernel will not queue a packet that shares the
+        # unconfirmed conntrack entry of a flow's first packet (it drops it).
+        f"-A PINHOLE-OUTPUT -p {'icmp' if family == 'ipv4' else 'ipv6-icmp'} -m conntrack "
+        f"--ctstate RELATED --ctstatus CONFIRMED -m connmark --mark {user} {queue}",
+        "-I OUTPUT 1 -j PINHOLE-OUTPUT",
         "COMMIT",
         # The verdict sets the packet mark; copying it to the connmark after the
         # filter hook is what offloads the rest of the flow to the kernel.
@@ -229,6 +237,11 @@ def render_nft(settings: DataplaneSettings, interfaces: Interfaces, nat: bool) -
                 lines.append(f"    {proto} daddr {a.ip} meta l4proto {{ tcp, udp }} "
                              f"th dport {_nft_ports(ports)} drop")
     lines += [
+        "  }",
+        "  chain filter_output {",
+        "    type filter hook output priority filter; policy accept;",
+        f"    meta l4proto {{ icmp, ipv6-icmp }} ct state related ct status confirmed "
+        f"ct mark and {user} {queue}",
         "  }",
         "  chain restore_mark {",
         "    type filter hook prerouting priority mangle; policy accept;",

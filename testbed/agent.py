@@ -439,18 +439,19 @@ class Agent:
         res["local"] = tuple(res["local"]) if res.get("local") else None
         return dict(res)
 
-    def udp_burst(self, addr: str, port: int, count: int, size: int, *, expect_replies: bool,
-                  timeout: float | None = None) -> dict[str, Any]:
-        """Send ``count`` datagrams of ``size`` bytes back to back from one socket; if
-        ``expect_replies``, collect answers until ``timeout`` passes without one.
+    def udp_burst(self, addr: str, port: int, count: int, size: int | list[int], *,
+                  expect_replies: bool, timeout: float | None = None, gap: float = 0.0) -> dict[str, Any]:
+        """Send ``count`` datagrams of ``size`` bytes (or of the sizes listed, one each)
+        from one socket, ``gap`` seconds apart; if ``expect_replies``, collect answers
+        until ``timeout`` passes without one.
 
         Returns ``{"sent", "local", "digest", "replies", "reply_digest", "error"}``:
         order-independent digests of the datagrams sent and received.
         """
         t = timeouts.POSITIVE if timeout is None else timeout
         res = self.call("udp_burst", {"addr": addr, "port": port, "count": count, "size": size,
-                                      "expect_replies": expect_replies, "timeout": t},
-                        timeout=t + 30 + CALL_MARGIN)
+                                      "expect_replies": expect_replies, "timeout": t, "gap": gap},
+                        timeout=t + 30 + count * gap + CALL_MARGIN)
         res["local"] = tuple(res["local"]) if res.get("local") else None
         return dict(res)
 
@@ -1182,8 +1183,8 @@ class _AgentServer:
         res["local"] = list(sock.getsockname()[:2])
         return sock, res
 
-    def m_udp_burst(self, addr: str, port: int, count: int, size: int, expect_replies: bool,
-                    timeout: float = 3.0) -> dict[str, Any]:
+    def m_udp_burst(self, addr: str, port: int, count: int, size: int | list[int],
+                    expect_replies: bool, timeout: float = 3.0, gap: float = 0.0) -> dict[str, Any]:
         where = _fmt_addr(addr, port)
         res: dict[str, Any] = {"sent": 0, "local": None, "digest": None, "replies": 0,
                                "reply_digest": None, "error": None}
@@ -1193,8 +1194,11 @@ class _AgentServer:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
             sock.connect((addr, port))
             res["local"] = list(sock.getsockname()[:2])
+            sizes = size if isinstance(size, list) else [size] * count
             for i in range(count):
-                data = _burst_payload(i, size)
+                if gap and i:
+                    time.sleep(gap)
+                data = _burst_payload(i, sizes[i])
                 sock.send(data)
                 sent = _multiset_digest(sent, data)
                 res["sent"] += 1
@@ -1248,7 +1252,7 @@ def _multiset_digest(digest: int, data: bytes) -> int:
 
 
 def _burst_payload(i: int, size: int) -> bytes:
-    return (i.to_bytes(4, "big") + _PATTERN[i % 256:])[:size]
+    return (i.to_bytes(4, "big") + _PATTERN[i % 256:] * (1 + size // 65536))[:size]
 
 
 def serve() -> None:

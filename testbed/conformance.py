@@ -114,6 +114,8 @@ def matrix(results: list[Result], families: list[str], topologies: list[str]) ->
                                                                    kv[0][1] != "-", kv[0][1])):
         marks = [SYMBOLS[_merge(row[c])] if c in row else "-" for c in columns]
         lines.append(f"{clause:<12}{mode:<8}" + " ".join(m.ljust(width) for m in marks))
+    if any(c not in row for row in cells.values() for c in columns):
+        lines.append("(-: the clause's checks do not run in that topology/family)")
     return "\n".join(lines)
 
 

@@ -42,6 +42,10 @@ def test_matrix_has_a_row_per_clause_and_mode_and_a_column_per_topology_and_fami
     assert text[1].split() == ["GEN-02", "-", "pass", "-"]
     assert text[2].split() == ["GEN-02", "kernel", "pass", "FAIL"]
     assert text[3].split() == ["AFC-01", "-", "n/i", "n/i"]
+    assert text[4] == "(-: the clause's checks do not run in that topology/family)"
+    full = complete([result("GEN-02", "passed"), result("GEN-02", "passed", topology="nat")],
+                    ["GEN-02"], ["ipv4"])
+    assert "(-:" not in matrix(full, ["ipv4"], ["routed", "nat"]), "a legend for no '-' cell"
 
 
 @pytest.mark.parametrize(("expr", "expected"), [

@@ -6,6 +6,7 @@ Every parameter problem is E_INVALIDARG with a message naming the parameter.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import uuid
 from collections.abc import Callable
@@ -18,7 +19,7 @@ from enforcer.core.packet import TCP, UDP
 from enforcer.core.permissions import Permission
 from enforcer.core.policy import PortRange
 from enforcer.core.redirects import MAX_ADDRESSES, Endpoint
-from enforcer.core.results import InvalidArgument
+from enforcer.core.results import InvalidArgument, Terminating
 
 MAX_CONTEXT_BYTES = 4096
 _PROTOCOLS = {"tcp": TCP, "udp": UDP, TCP: TCP, UDP: UDP}
@@ -159,7 +160,7 @@ class SessionApi:
         protocol, flags, guid = p.protocol(), p.flags(), p.guid("protocol_guid")
         perm = self.engine.allow_future_connect(session, target, port, protocol, flags, guid,
                                                 self.clock(), **self._grant_params(p))
-        self.on_grant([perm])
+        self._granted([perm])
         return perm.to_dict()
 
     def redirect_connections(self, params: dict[str, Any], caller: Caller) -> dict[str, Any]:
@@ -175,13 +176,18 @@ class SessionApi:
         protocol, flags, guid = p.protocol(), p.flags(), p.guid("protocol_guid")
         (internal, base), perms = self.engine.redirect_connections(
             session, targets, protocol, flags, guid, self.clock(), **self._grant_params(p))
+        self._granted(perms)
+        return {"internal_address": [str(internal), base], "actions": [a.to_dict() for a in perms]}
+
+    def _granted(self, perms: list[Permission]) -> None:
+        """The shell's part of a grant; if it fails, the grant is withdrawn."""
         try:
             self.on_grant(perms)
         except Exception:
             for perm in perms:
-                self.engine.cancel(perm.id, self.clock())
+                with contextlib.suppress(Terminating):  # it may have expired meanwhile
+                    self.engine.cancel(perm.id, self.clock())
             raise
-        return {"internal_address": [str(internal), base], "actions": [a.to_dict() for a in perms]}
 
     def cancel(self, params: dict[str, Any], caller: Caller) -> dict[str, Any]:
         action = Params(params, {"action"}).integer("action", low=1)

@@ -95,7 +95,10 @@ def parse(text: str, path: Path | str = "<config>") -> Config:
         kernel_ports = _port_range(dp, "kernel_redirect_ports", DEFAULT_KERNEL_REDIRECT_PORTS)
         user_ports = _port_range(dp, "user_redirect_ports", DEFAULT_USER_REDIRECT_PORTS)
         if kernel_ports[0] <= user_ports[1] and user_ports[0] <= kernel_ports[1]:
-            raise dp.fail("user_redirect_ports", "must not overlap kernel_redirect_ports")
+            written, other = (("user_redirect_ports", "kernel_redirect_ports")
+                              if "user_redirect_ports" in dp.data else
+                              ("kernel_redirect_ports", "user_redirect_ports"))
+            raise dp.fail(written, f"must not overlap {other}")
         receive_buffer = dp.get("receive_buffer", int, None)
         if receive_buffer is not None and not 4096 <= receive_buffer <= 2**30:
             raise dp.fail("receive_buffer", "must be from 4096 to 1073741824 bytes")

@@ -1,9 +1,10 @@
 """The enforcer daemon: one event loop owning the queue, the control socket and signals.
 
-Start-up order matters for failing closed: stale state from a crashed run is
-removed, the queue is bound, then the rules that feed it are installed; the
-control socket appears last, so a client that can connect knows the enforcer
-is enforcing. A clean exit removes all of it.
+Start-up order matters for failing closed: the queue is bound, then the rules
+that feed it are installed, replacing a crashed run's rules in the same
+transaction (there is no moment without rules), and that run's offloaded flows
+are forgotten; the control socket appears last, so a client that can connect
+knows the enforcer is enforcing. A clean exit removes all of it.
 """
 
 from __future__ import annotations
@@ -286,12 +287,11 @@ class Daemon:
         control: ControlServer | None = None
         liberal_before: bool | None = None
         try:
-            stale = dataplane.remove()
+            self.backend = dataplane.choose_backend(self.config.dataplane)
+            stale = dataplane.install(self.backend, self.config.dataplane, self.interfaces,
+                                      self.config.network.nat)
             if stale:
                 log.warning("removed stale state of an earlier run: %s", "; ".join(stale))
-            self.backend = dataplane.choose_backend(self.config.dataplane)
-            dataplane.install(self.backend, self.config.dataplane, self.interfaces,
-                              self.config.network.nat)
             if self.filter_factories:
                 liberal_before = dataplane.liberal_tcp_tracking(True)
             wake_w.setblocking(False)

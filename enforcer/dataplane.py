@@ -378,13 +378,35 @@ def _run(argv: Sequence[str], *, input: str | None = None, check: bool = True) -
     return proc.stdout
 
 
-def install(backend: str, settings: DataplaneSettings, interfaces: Interfaces, nat: bool) -> None:
+def install(backend: str, settings: DataplaneSettings, interfaces: Interfaces, nat: bool) -> list[str]:
+    """Install the rules, replacing whatever an earlier run left in the same transaction,
+    so that there is no moment without rules (a crashed run's rules stay in force until
+    the new ones are in); then forget the flows that run offloaded. Returns what was
+    replaced or removed."""
+    replaced: list[str] = []
     if backend == "nft":
-        _run(["nft", "-f", "-"], input=render_nft(settings, interfaces, nat))
-        return
-    for family, tool in FAMILIES.items():
-        _run([f"{tool}-restore", "--noflush"],
-             input=render_rules(family, settings, interfaces, nat))
+        if _nft_table_exists():
+            replaced.append(f"nft table inet {NFT_TABLE}")
+        _run(["nft", "-f", "-"], input=f"table inet {NFT_TABLE} {{}}\ndelete table inet {NFT_TABLE}\n"
+             + render_nft(settings, interfaces, nat))
+        for tool in FAMILIES.values():
+            for table in TABLES:
+                replaced += _remove_table(tool, table)
+    else:
+        for family, tool in FAMILIES.items():
+            text = render_rules(family, settings, interfaces, nat)
+            stale = {table: _ours(tool, table) for table in TABLES}
+            _run([f"{tool}-restore", "--noflush"], input=_replacing(text, stale))
+            for table, (jumps, chains) in stale.items():
+                replaced += [f"{tool} -t {table} {' '.join(j)}" for j in jumps]
+                for chain in chains - _declared(text, table):  # unreferenced now
+                    _run([tool, "-w", "-t", table, "-F", chain])
+                    _run([tool, "-w", "-t", table, "-X", chain])
+                    replaced.append(f"{tool} -t {table} chain {chain}")
+        if _nft_table_exists():
+            _run(["nft", "delete", "table", "inet", NFT_TABLE])
+            replaced.append(f"nft table inet {NFT_TABLE}")
+    return replaced + _forget_offloaded_flows()
 
 
 def remove() -> list[str]:
@@ -396,10 +418,22 @@ def remove() -> list[str]:
     for tool in FAMILIES.values():
         for table in TABLES:
             removed += _remove_table(tool, table)
-    nft = subprocess.run(["nft", "delete", "table", "inet", NFT_TABLE], capture_output=True,
-                         text=True, timeout=30, check=False)
-    if nft.returncode == 0:
+    if _nft_table_exists():
+        _run(["nft", "delete", "table", "inet", NFT_TABLE])
         removed.append(f"nft table inet {NFT_TABLE}")
+    return removed + _forget_offloaded_flows()
+
+
+def _nft_table_exists() -> bool:
+    try:
+        return subprocess.run(["nft", "list", "table", "inet", NFT_TABLE], capture_output=True,
+                              text=True, timeout=30, check=False).returncode == 0
+    except FileNotFoundError:
+        return False
+
+
+def _forget_offloaded_flows() -> list[str]:
+    forgotten = []
     for family, (mode, mark) in itertools.product(("ipv4", "ipv6"),
                                                   (("kernel", MARK_KERNEL), ("user", MARK_USER))):
         out = subprocess.run(
@@ -407,25 +441,61 @@ def remove() -> list[str]:
             capture_output=True, text=True, timeout=30, check=False)
         count = next((w for w in out.stderr.split() if w.isdigit()), "0")
         if count != "0":
-            removed.append(f"{count} {family} conntrack entries of {mode}-mode flows")
-    return removed
+            forgotten.append(f"{count} {family} conntrack entries of {mode}-mode flows")
+    return forgotten
+
+
+def _ours(tool: str, table: str) -> tuple[list[list[str]], set[str]]:
+    """(jumps from built-in chains to PINHOLE chains, the PINHOLE chains) in a table."""
+    jumps, chains = [], set()
+    for rule in _run([tool, "-w", "-t", table, "-S"]).splitlines():
+        words = shlex.split(rule)
+        if words[:1] == ["-A"] and not words[1].startswith(CHAIN_PREFIX) and _jumps_to_ours(words):
+            jumps.append(words[1:])
+        elif words[:1] == ["-N"] and words[1].startswith(CHAIN_PREFIX):
+            chains.add(words[1])
+    return jumps, chains
+
+
+def _declared(text: str, table: str) -> set[str]:
+    """The chains an iptables-restore input declares in a table."""
+    out, current = set(), None
+    for line in text.splitlines():
+        if line.startswith("*"):
+            current = line[1:]
+        elif line.startswith(":") and current == table:
+            out.add(line[1:].split()[0])
+    return out
+
+
+def _replacing(text: str, stale: dict[str, tuple[list[list[str]], set[str]]]) -> str:
+    """iptables-restore input that also deletes stale jumps to our chains, and declares
+    (which flushes) every stale chain, in the same transaction as the new rules."""
+    out, table = [], None
+    for line in text.splitlines():
+        if line.startswith("*"):
+            table = line[1:]
+            out.append(line)
+            out += [f":{chain} - [0:0]" for chain in sorted(stale.get(table, ([], set()))[1])
+                    if chain not in _declared(text, table)]
+            continue
+        if table is not None and not line.startswith(":") and \
+                (not out or out[-1].startswith((":", "*"))):
+            out += [f"-D {shlex.join(j)}" for j in stale.get(table, ([], set()))[0]]
+        out.append(line)
+    return "\n".join(out) + "\n"
 
 
 def _remove_table(tool: str, table: str) -> list[str]:
-    rules = _run([tool, "-w", "-t", table, "-S"]).splitlines()
+    jumps, chains = _ours(tool, table)
     removed = []
-    for rule in rules:
-        words = shlex.split(rule)
-        if words[:1] == ["-A"] and not words[1].startswith(CHAIN_PREFIX) and \
-                _jumps_to_ours(words):
-            _run([tool, "-w", "-t", table, "-D", *words[1:]])
-            removed.append(f"{tool} -t {table} {rule}")
-    for rule in rules:
-        words = shlex.split(rule)
-        if words[:1] == ["-N"] and words[1].startswith(CHAIN_PREFIX):
-            _run([tool, "-w", "-t", table, "-F", words[1]])
-            _run([tool, "-w", "-t", table, "-X", words[1]])
-            removed.append(f"{tool} -t {table} chain {words[1]}")
+    for jump in jumps:
+        _run([tool, "-w", "-t", table, "-D", *jump])
+        removed.append(f"{tool} -t {table} -A {' '.join(jump)}")
+    for chain in sorted(chains):
+        _run([tool, "-w", "-t", table, "-F", chain])
+        _run([tool, "-w", "-t", table, "-X", chain])
+        removed.append(f"{tool} -t {table} chain {chain}")
     return removed
 
 

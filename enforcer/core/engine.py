@@ -250,7 +250,7 @@ class Engine:
         """A UDP flow's later datagrams that were queued before the kernel had recorded
         the first one's verdict arrive as new: they get that verdict again, and neither
         use a permission nor make events a second time."""
-        if meta.key.protocol != UDP:
+        if meta.key.protocol != UDP or meta.ingress is not Ingress.INTERNAL:
             return None
         found = self.flows.find(meta.key)
         if found is None or not found[1] or now - found[0].admitted_at > SAME_FLOW_WINDOW:
@@ -296,7 +296,8 @@ class Engine:
         session = self.sessions.securenat(key.src, now)
         session.primaries += 1
         session.last_activity = now
-        snat = 0 if self.nat else None
+        # the kernel translates a primary only where the family has an external address
+        snat = 0 if self.nat and self._has_external(key.dst.version) else None
         record = FlowRecord(key, session.id, protocol.name, Mode.KERNEL, now, snat=snat)
         record.saw(True, length, now)
         self.flows.add(record)
@@ -369,7 +370,7 @@ class Engine:
             raise InvalidArgument("BIDIRECTIONAL is for UDP only")
         session, protocol_def, external_index = self._check_grant(
             session_id, [(target, port)], protocol, flags, protocol_guid, proxy_external_address,
-            data_filter)
+            data_filter, redirect=False)
         timeout = self.policy.defaults.permission_timeout if Flags.TIMEOUT in flags else None
         return self.permissions.add(session.id, permission_key(protocol, session.client, target, port),
                                     flags, protocol_def.name, now, timeout, external_index,
@@ -393,7 +394,8 @@ class Engine:
             names = ", ".join(f.name or "" for f in Flags if f in flags & ~REDIRECT_FLAGS)
             raise InvalidArgument(f"RedirectConnections does not take {names}")
         session, protocol_def, external_index = self._check_grant(
-            session_id, targets, protocol, flags, protocol_guid, proxy_external_address, data_filter)
+            session_id, targets, protocol, flags, protocol_guid, proxy_external_address, data_filter,
+            redirect=True)
         internal = self._internal_address_for(session.client)
         user_mode = Flags.NO_KERNEL_MODE in flags or data_filter is not None
         base = self.pools[user_mode].allocate(len(targets))  # the last check: nothing to undo
@@ -411,7 +413,7 @@ class Engine:
 
     def _check_grant(self, session_id: int, targets: list[Endpoint], protocol: int, flags: Flags,
                      protocol_guid: uuid.UUID, proxy_external_address: IPAddress | None,
-                     data_filter: str | None) -> tuple[Session, ProtocolDef, int]:
+                     data_filter: str | None, *, redirect: bool) -> tuple[Session, ProtocolDef, int]:
         """What every grant checks, in this order; returns the session, the protocol and
         the index of the external address the flows leave from."""
         if Flags.TIMEOUT in flags and Flags.ALLOW_MULTIPLE in flags:
@@ -433,7 +435,8 @@ class Engine:
                 raise InvalidArgument(f"target {target} is not of the client's address family")
             if target.is_unspecified or target.is_multicast or target.is_loopback:
                 raise InvalidArgument(f"target {target} is not a unicast host address")
-        external_index = self._external_index(session.client.version, proxy_external_address)
+        external_index = self._external_index(session.client.version, proxy_external_address,
+                                              translated=self.nat or redirect)
         protocol_def = next((p for p in self.policy.protocols if p.guid == protocol_guid), None)
         if protocol_def is None:
             raise InvalidArgument(f"no protocol is defined with GUID {protocol_guid}")
@@ -505,10 +508,18 @@ class Engine:
     def _external(self, version: int, index: int) -> IPAddress:
         return [a for a in self.external_addresses if a.version == version][index]
 
-    def _external_index(self, version: int, requested: IPAddress | None) -> int:
+    def _has_external(self, version: int) -> bool:
+        return any(a.version == version for a in self.external_addresses)
+
+    def _external_index(self, version: int, requested: IPAddress | None, translated: bool) -> int:
+        """The index of the external address a grant's flows leave from. ``translated``:
+        they will be source-translated, so the family needs an external address."""
+        ours = [a for a in self.external_addresses if a.version == version]
+        if translated and not ours:
+            raise InvalidArgument(f"the firewall has no external IPv{version} address for the "
+                                  "flow to leave from")
         if requested is None:
             return 0  # the address the session's primaries leave from
-        ours = [a for a in self.external_addresses if a.version == version]
         if requested not in ours:
             raise InvalidArgument(f"{requested} is not one of the firewall's external "
                                   f"addresses ({', '.join(map(str, ours)) or 'none'})")

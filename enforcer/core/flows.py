@@ -86,6 +86,9 @@ class FlowTable:
         self._index: dict[FlowKey, tuple[FlowRecord, bool]] = {}
 
     def add(self, record: FlowRecord) -> None:
+        replaced = self._flows.get(record.key)
+        if replaced is not None:
+            self._unindex(replaced)
         self._flows[record.key] = record
         self._index[record.key] = (record, True)
         self._index[reverse(record.key)] = (record, False)
@@ -107,9 +110,12 @@ class FlowTable:
         self._flows.move_to_end(key)
         while len(self._flows) > self.capacity:
             _, old = self._flows.popitem(last=False)
-            for k in (old.key, reverse(old.key), old.client_side_key):
-                if self._index.get(k, (None,))[0] is old:
-                    del self._index[k]
+            self._unindex(old)
+
+    def _unindex(self, record: FlowRecord) -> None:
+        for k in (record.key, reverse(record.key), record.client_side_key):
+            if self._index.get(k, (None,))[0] is record:
+                del self._index[k]
 
     def newest(self, limit: int) -> list[FlowRecord]:
         out: list[FlowRecord] = []

@@ -293,6 +293,12 @@ def _transfer(net: Net, mode: str, tcp_port: int, udp_port: int) -> dict[str, An
                        or (UDP in p and p[UDP].sport == ubase)]
         server_side = [p for p in at_server.packets() if (TCP in p and p[TCP].dport == tcp_port)
                        or (UDP in p and p[UDP].dport == udp_port)]
+        # the client's SYN reaches the server with its TCP options as they were
+        (client_syn,) = [p for p in at_client.packets() if TCP in p and p[TCP].dport == base
+                         and p[TCP].flags == "S"]
+        (server_syn,) = [p for p in server_side if TCP in p and p[TCP].flags == "S"]
+        assert client_syn[TCP].options and server_syn[TCP].options == client_syn[TCP].options, \
+            f"{mode} mode: options {client_syn[TCP].options} became {server_syn[TCP].options}"
         bad = [p.summary() for p in client_side + server_side if not checksums_ok(p)]
         assert not bad, f"{mode} mode: {len(bad)} packets with bad checksums, e.g. {bad[:3]}"
         assert client_side and server_side
@@ -311,7 +317,8 @@ def _transfer(net: Net, mode: str, tcp_port: int, udp_port: int) -> dict[str, An
 @NAT_ONLY
 def test_kernel_and_user_mode_give_identical_transfers(net: Net) -> None:
     """1 MB each way over TCP and 100 echoed datagrams over UDP, through a kernel-mode and
-    a user-mode redirect: the same bytes, the same addresses on both sides, valid checksums."""
+    a user-mode redirect: the same bytes, the same addresses on both sides, valid checksums,
+    the SYN's TCP options intact."""
     results = {mode: _transfer(net, mode, 31081 + i, 31083 + i) for i, mode in enumerate(MODES)}
     kernel, user = results["kernel"], results["user"]
     assert kernel["tcp"] == {"connected": True, "sent": 1_000_000, "received": 1_000_000, "error": None}

@@ -25,6 +25,7 @@ from testbed import topology
 from testbed.lab import GUIDS, lab_config
 
 FILE = "pinhole.toml"
+PORT_RANGE = "must be [low, high], ports from 1024 to 65535 with low <= high"
 
 FULL = """\
 # The whole thing.
@@ -113,6 +114,64 @@ def test_minimal_config_defaults() -> None:
     assert cfg.policy.defaults.permission_timeout == 60.0
 
 
+def test_redirect_and_buffer_defaults() -> None:
+    dp = parse(MINIMAL).dataplane
+    assert dp.kernel_redirect_ports == (61000, 62999)
+    assert dp.user_redirect_ports == (63000, 64999)
+    assert dp.receive_buffer is None
+    assert DataplaneSettings() == dp
+    # the defaults stay clear of Linux's ephemeral ports (32768-60999) and of each other
+    assert 60999 < dp.kernel_redirect_ports[0] <= dp.kernel_redirect_ports[1] < dp.user_redirect_ports[0]
+
+
+def test_redirect_ports_and_receive_buffer() -> None:
+    cfg = parse(MINIMAL + "\n[dataplane]\nkernel_redirect_ports = [40000, 40009]\n"
+                "user_redirect_ports = [40010, 40019]\nreceive_buffer = 1048576\n", FILE)
+    assert cfg.dataplane == DataplaneSettings(0, False, "auto", (40000, 40009), (40010, 40019), 1048576)
+    assert isinstance(cfg.dataplane.kernel_redirect_ports, tuple)
+
+
+@pytest.mark.parametrize(("kernel", "user", "buffer"), [
+    ((1024, 1024), (65535, 65535), 4096),          # the bounds, one port each
+    ((50010, 50019), (50000, 50009), 2**30),       # user below kernel, adjacent
+    ((50000, 50000), (50001, 50001), 1 << 20),
+])
+def test_redirect_ports_at_the_bounds(kernel: tuple[int, int], user: tuple[int, int], buffer: int) -> None:
+    text = (MINIMAL + f"\n[dataplane]\nkernel_redirect_ports = [{kernel[0]}, {kernel[1]}]\n"
+            f"user_redirect_ports = [{user[0]}, {user[1]}]\nreceive_buffer = {buffer}\n")
+    dp = parse(text, FILE).dataplane
+    assert (dp.kernel_redirect_ports, dp.user_redirect_ports, dp.receive_buffer) == (kernel, user, buffer)
+
+
+def test_one_redirect_range_given_keeps_the_other_default() -> None:
+    dp = parse(MINIMAL + "\n[dataplane]\nuser_redirect_ports = [40000, 40099]\n", FILE).dataplane
+    assert dp.user_redirect_ports == (40000, 40099)
+    assert dp.kernel_redirect_ports == (61000, 62999)
+
+
+def test_redirect_range_error_names_the_key() -> None:
+    message = config_error(MINIMAL + "\n[dataplane]\nuser_redirect_ports = [2000, 1500]\n")
+    assert f"dataplane.user_redirect_ports: {PORT_RANGE}" in message
+    message = config_error(MINIMAL + "\n[dataplane]\nkernel_redirect_ports = [50000, 50100]\n"
+                           "user_redirect_ports = [50050, 50200]\n")
+    assert "dataplane.user_redirect_ports: must not overlap kernel_redirect_ports" in message
+    message = config_error(MINIMAL + "\n[dataplane]\nreceive_buffer = 1\n")
+    assert "dataplane.receive_buffer: must be from 4096" in message
+
+
+def test_overlap_with_a_default_range_points_at_the_key_written() -> None:
+    text = MINIMAL + "\n[dataplane]\nqueue = 1\nkernel_redirect_ports = [63500, 63600]  # <-\n"
+    message = config_error(text)
+    assert "overlap" in message
+    assert message.startswith(f"{FILE}:{marked_line(text)}: "), message
+
+
+def test_unknown_dataplane_key_lists_the_new_ones() -> None:
+    message = config_error(MINIMAL + "\n[dataplane]\nredirect_ports = [50000, 50010]\n")
+    for key in ("kernel_redirect_ports", "user_redirect_ports", "receive_buffer"):
+        assert key in message
+
+
 def test_load_reads_a_file(tmp_path: Path) -> None:
     path = tmp_path / "enforcer.toml"
     path.write_text(FULL)
@@ -195,6 +254,47 @@ CASES = [
     pytest.param(MINIMAL + f"\n[control]\nsocket = \"/{'s' * MAX_SOCKET_PATH}\"  # <-\n",
                  f"at most {MAX_SOCKET_PATH} bytes", id="socket-path-too-long"),
     pytest.param(MINIMAL + "\n[control]\npath = \"/x\"  # <-\n", "unknown key", id="unknown-control-key"),
+    *[pytest.param(MINIMAL + f"\n[dataplane]\nqueue = 1\n{key} = {value}  # <-\n", reason,
+                   id=f"{key}={value}")
+      for key in ("kernel_redirect_ports", "user_redirect_ports")
+      for value, reason in (
+          ("50000", "expected an array, got int"),
+          ('"50000-50010"', "expected an array, got str"),
+          ("[]", PORT_RANGE),
+          ("[50000]", PORT_RANGE),
+          ("[50000, 50010, 50020]", PORT_RANGE),
+          ('[50000, "50010"]', PORT_RANGE),
+          ("[true, 50010]", PORT_RANGE),
+          ("[50000, false]", PORT_RANGE),
+          ("[50000.0, 50010]", PORT_RANGE),
+          ("[50010, 50000]", PORT_RANGE),
+          ("[1023, 2000]", PORT_RANGE),
+          ("[80, 90]", PORT_RANGE),
+          ("[65000, 65536]", PORT_RANGE),
+          ("[-1, 2000]", PORT_RANGE),
+      )],
+    pytest.param(MINIMAL + "\n[dataplane]\nkernel_redirect_ports = [50000, 50100]\n"
+                 "user_redirect_ports = [50100, 50200]  # <-\n", "must not overlap kernel_redirect_ports",
+                 id="redirect-ranges-share-a-port"),
+    pytest.param(MINIMAL + "\n[dataplane]\nkernel_redirect_ports = [50000, 50100]\n"
+                 "user_redirect_ports = [49000, 60000]  # <-\n", "must not overlap kernel_redirect_ports",
+                 id="user-range-contains-kernel-range"),
+    pytest.param(MINIMAL + "\n[dataplane]\nkernel_redirect_ports = [50000, 50100]\n"
+                 "user_redirect_ports = [50000, 50100]  # <-\n", "must not overlap kernel_redirect_ports",
+                 id="redirect-ranges-equal"),
+    pytest.param(MINIMAL + "\n[dataplane]\nuser_redirect_ports = [61500, 61600]  # <-\n",
+                 "must not overlap kernel_redirect_ports", id="user-range-inside-default-kernel-range"),
+    *[pytest.param(MINIMAL + f"\n[dataplane]\nreceive_buffer = {value}  # <-\n", reason,
+                   id=f"receive_buffer={value}")
+      for value, reason in (
+          ("4095", "must be from 4096 to 1073741824 bytes"),
+          ("0", "must be from 4096 to 1073741824 bytes"),
+          ("-4096", "must be from 4096 to 1073741824 bytes"),
+          ("1073741825", "must be from 4096 to 1073741824 bytes"),
+          ("true", "expected an integer, got bool"),
+          ("65536.0", "expected an integer, got float"),
+          ('"64k"', "expected an integer, got str"),
+      )],
 ]
 
 

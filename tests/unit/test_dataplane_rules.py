@@ -558,3 +558,28 @@ def test_render_nft_redirects() -> None:
     declared = set(re.findall(r"^  map (\S+) ", render_nft(CLOSED, IFACES, nat=False), re.M))
     used = set(re.findall(r"element inet pinhole (\S+) ", render_nft_redirects([RULE4, RULE6], True)))
     assert used == declared
+
+
+# --- replacing an earlier run's rules in one transaction --------------------------------------
+
+def test_stale_rules_are_replaced_in_the_same_transaction() -> None:
+    """A crashed run's jumps are deleted, and its chains declared (which flushes them), in
+    the restore input that installs the new rules: there is no moment without rules."""
+    text = render_rules("ipv4", CLOSED, IFACES, nat=False)
+    stale = {"filter": ([["FORWARD", "-j", "PINHOLE-FORWARD"]], {"PINHOLE-FORWARD", "PINHOLE-OLD"}),
+             "raw": ([], set())}
+    replacing = dataplane._replacing(text, stale)
+    lines = replacing.splitlines()
+    f = tables(replacing)["filter"]
+    # the stale jump goes before the new one is inserted, after every chain declaration
+    delete = f.index("-D FORWARD -j PINHOLE-FORWARD")
+    assert delete < f.index("-I FORWARD 1 -j PINHOLE-FORWARD")
+    assert all(not line.startswith(":") for line in f[delete:])
+    # a stale chain the new rules do not have is declared (flushed) too; once its jump
+    # is gone it is unreferenced, and the installer deletes it afterwards
+    assert ":PINHOLE-OLD - [0:0]" in f
+    assert dataplane._declared(replacing, "filter") - dataplane._declared(text, "filter") == {"PINHOLE-OLD"}
+    # nothing else changed: the new rules are all there, in order
+    assert [line for line in lines if not line.startswith("-D") and line != ":PINHOLE-OLD - [0:0]"] \
+        == text.splitlines()
+    assert dataplane._replacing(text, {}) == text

@@ -4,45 +4,65 @@ from __future__ import annotations
 
 import ipaddress
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 
 from enforcer.api import SessionApi
+from enforcer.control import Caller
 from enforcer.core.engine import Engine
 from enforcer.core.flags import Flags, flag_names, parse_flags
 from enforcer.core.packet import FlowKey, Ingress, PacketMeta
-from enforcer.core.policy import Defaults, Policy, PortRange, ProtocolDef, ProtocolRule, SiteRule
-from enforcer.core.results import InvalidArgument
+from enforcer.core.permissions import ActionState, Permission
+from enforcer.core.policy import (
+    Defaults,
+    NetworkSet,
+    Policy,
+    PortRange,
+    ProtocolDef,
+    ProtocolRule,
+    SiteRule,
+)
+from enforcer.core.results import InvalidArgument, IsBusy
 
 FTP = uuid.UUID("5c3c2a3e-8f1b-4c1e-9a57-1f0d3a6b2101")
 CLIENT = ipaddress.ip_address("192.0.2.11")
 SERVER = ipaddress.ip_address("198.51.100.21")
 
 
-class FakeCaller:
-    def __init__(self) -> None:
+class FakeCaller(Caller):
+    """A control connection without a socket: what is pushed to it is kept."""
+
+    def __init__(self) -> None:  # no server, no socket
         self.pushed: list[dict[str, Any]] = []
 
     def push(self, message: dict[str, Any]) -> None:
         self.pushed.append(message)
 
 
-@pytest.fixture
-def api() -> SessionApi:
+def build_api(on_grant: Callable[[list[Permission]], None] | None = None,
+              clock: Callable[[], float] | None = None) -> SessionApi:
     policy = Policy(
         protocols=(ProtocolDef("FTP", FTP, 6, (PortRange(21, 21),)),),
         protocol_rules=(ProtocolRule("ftp", True, frozenset({"FTP"}),
-                                     (ipaddress.ip_network("192.0.2.0/24"),), None),),
-        site_rules=(SiteRule("out", True, (ipaddress.ip_network("198.51.100.0/24"),)),),
+                                     NetworkSet((ipaddress.ip_network("192.0.2.0/24"),)), None),),
+        site_rules=(SiteRule("out", True, NetworkSet((ipaddress.ip_network("198.51.100.0/24"),))),),
         defaults=Defaults(permission_timeout=5, max_pending_per_session=4))
     engine = Engine(policy, [ipaddress.ip_network("192.0.2.0/24")],
                     [ipaddress.ip_address("198.51.100.1"), ipaddress.ip_address("198.51.100.2")],
-                    nat=True)
-    clock = iter(float(t) for t in range(10**6))
-    the_api = SessionApi(engine, lambda: next(clock))
+                    nat=True, internal_addresses=[ipaddress.ip_interface("192.0.2.1/24")])
+    if clock is None:
+        ticks = iter(float(t) for t in range(10**6))
+        clock = lambda: next(ticks)  # noqa: E731
+    the_api = SessionApi(engine, clock) if on_grant is None else SessionApi(engine, clock, on_grant)
     engine.decide(PacketMeta(FlowKey(6, CLIENT, 40000, SERVER, 21), Ingress.INTERNAL, 0x02), 0.0)
     return the_api
+
+
+@pytest.fixture
+def api() -> SessionApi:
+    return build_api()
 
 
 def afc(api: SessionApi, caller: Any = None, **params: Any) -> dict[str, Any]:
@@ -58,7 +78,7 @@ def test_flags_parse_from_names_or_bits_and_reject_the_unknown() -> None:
     for bad, message in ((0x40, "unknown flag bits 0x40"), (-1, "negative"), (True, "integer"),
                          (["timeout"], "unknown flag 'timeout'"), (["TIMEOUT"] * 7, "too many")):
         with pytest.raises(InvalidArgument, match=message):
-            parse_flags(bad)  # type: ignore[arg-type]
+            parse_flags(bad)
 
 
 def test_a_grant_returns_the_action(api: SessionApi) -> None:
@@ -89,8 +109,8 @@ def test_bad_parameters_are_invalid_arguments_that_name_the_problem(
 
 def test_events_go_to_the_filter_named_in_the_grant_only(api: SessionApi) -> None:
     mine, other = FakeCaller(), FakeCaller()
-    my_filter = api.register_filter({"name": "mine"}, mine)["filter"]  # type: ignore[arg-type]
-    api.register_filter({"name": "other"}, other)  # type: ignore[arg-type]
+    my_filter = api.register_filter({"name": "mine"}, mine)["filter"]
+    api.register_filter({"name": "other"}, other)
     afc(api, filter=my_filter, context={"k": 1}, flags=["ALLOW_MULTIPLE"])
     for sport in (41000, 41001):
         api.engine.decide(PacketMeta(FlowKey(6, CLIENT, sport, SERVER, 20021), Ingress.INTERNAL, 0x02),
@@ -103,7 +123,257 @@ def test_events_go_to_the_filter_named_in_the_grant_only(api: SessionApi) -> Non
 
 def test_a_filter_goes_away_with_its_connection(api: SessionApi) -> None:
     caller = FakeCaller()
-    fid = api.register_filter({"name": "brief"}, caller)["filter"]  # type: ignore[arg-type]
-    api.disconnected(caller)  # type: ignore[arg-type]
+    fid = api.register_filter({"name": "brief"}, caller)["filter"]
+    api.disconnected(caller)
     with pytest.raises(InvalidArgument, match=f"no filter {fid}"):
         afc(api, filter=fid)
+
+
+# --- RedirectConnections ------------------------------------------------------------------------
+
+OTHER = "198.51.100.22"
+TARGETS = [[str(SERVER), 2121], [OTHER, 2122]]
+
+
+class GrantHook:
+    """An on_grant that records what it was given, and raises when told to."""
+
+    def __init__(self, error: Exception | None = None) -> None:
+        self.calls: list[list[Permission]] = []
+        self.error = error
+
+    def __call__(self, perms: list[Permission]) -> None:
+        self.calls.append(list(perms))
+        if self.error is not None:
+            raise self.error
+
+
+def rdc(api: SessionApi, caller: Any = None, **params: Any) -> dict[str, Any]:
+    request = {"session": 1, "addresses": TARGETS, "protocol_guid": str(FTP)}
+    request.update(params)
+    return api.redirect_connections(request, caller or FakeCaller())
+
+
+def test_redirect_connections_reply(api: SessionApi) -> None:
+    result = rdc(api, context=[1, 2])
+    assert set(result) == {"internal_address", "actions"}
+    assert result["internal_address"] == ["192.0.2.1", 61000]
+    actions = result["actions"]
+    assert [a["redirect"] for a in actions] == [
+        {"internal": ["192.0.2.1", 61000], "target": [str(SERVER), 2121], "mode": "kernel"},
+        {"internal": ["192.0.2.1", 61001], "target": [OTHER, 2122], "mode": "kernel"},
+    ]
+    assert all(a["state"] == "pending" and a["protocol"] == "FTP" and a["session"] == 1
+               and a["flags"] == [] and a["expires"] is None for a in actions)
+    assert [a["action"] for a in api.actions({"session": 1}, FakeCaller())] == \
+        [a["action"] for a in actions]
+    # the next block follows; user mode has its own
+    assert rdc(api, addresses=[[OTHER, 21]])["internal_address"] == ["192.0.2.1", 61002]
+    user = rdc(api, addresses=[[OTHER, 21]], flags=["NO_KERNEL_MODE", "TIMEOUT"])
+    assert user["internal_address"] == ["192.0.2.1", 63000]
+    assert user["actions"][0]["redirect"]["mode"] == "user"
+    assert user["actions"][0]["flags"] == ["TIMEOUT", "NO_KERNEL_MODE"]
+    assert user["actions"][0]["expires"] is not None
+
+
+def test_redirect_connections_takes_a_filter_and_a_protocol_by_number(api: SessionApi) -> None:
+    caller = FakeCaller()
+    fid = api.register_filter({"name": "f"}, caller)["filter"]
+    result = rdc(api, addresses=[[str(SERVER), 2121]], filter=fid, protocol=17)
+    (perm,) = api.engine.pending(1, 0.0)
+    assert perm.filter_id == fid and perm.redirect is not None and perm.redirect.protocol == 17
+    assert result["actions"][0]["filter"] == fid
+
+
+@pytest.mark.parametrize(("params", "message"), [
+    ({"addresses": None}, "'addresses' must be a list of 1 to 64 [address, port] pairs"),
+    ({"addresses": str(SERVER)}, "'addresses' must be a list of 1 to 64"),
+    ({"addresses": {"a": 1}}, "'addresses' must be a list of 1 to 64"),
+    ({"addresses": []}, "'addresses' must be a list of 1 to 64"),
+    ({"addresses": [[str(SERVER), 2121]] * 65}, "'addresses' must be a list of 1 to 64"),
+    ({"addresses": [[str(SERVER)]]}, "'addresses[0]' must be [address, port]"),
+    ({"addresses": [[str(SERVER), 2121], [OTHER, 2122, 3]]}, "'addresses[1]' must be [address, port]"),
+    ({"addresses": [{"address": OTHER, "port": 21}]}, "'addresses[0]' must be [address, port]"),
+    ({"addresses": [str(SERVER)]}, "'addresses[0]' must be [address, port]"),
+    ({"addresses": [[str(SERVER), "2121"]]}, "'addresses[0]': the port must be an integer"),
+    ({"addresses": [[str(SERVER), True]]}, "'addresses[0]': the port must be an integer"),
+    ({"addresses": [[str(SERVER), 21.0]]}, "'addresses[0]': the port must be an integer"),
+    ({"addresses": [[str(SERVER), 21], ["nope", 21]]}, "'addresses[1]' 'nope' is not an IP address"),
+    ({"addresses": [[21, 21]]}, "'addresses[0]' must be an IP address string"),
+    ({"addresses": [[str(SERVER), 0]]}, "port 0 is outside 1-65535"),
+    ({"addresses": [[str(SERVER), 70000]]}, "port 70000 is outside 1-65535"),
+    ({"addresses": [["224.0.0.1", 21]]}, "not a unicast host address"),
+    ({"addresses": [["2001:db8:2::1", 21]]}, "not of the client's address family"),
+    ({"address": str(SERVER)}, "unexpected parameters: address"),
+    ({"port": 21, "colour": "red"}, "unexpected parameters: colour, port"),
+    ({"session": "1"}, "'session' must be an integer"),
+    ({"session": 9}, "no session 9"),
+    ({"protocol": "icmp"}, "'protocol' must be"),
+    ({"protocol_guid": "nope"}, "'protocol_guid' 'nope' is not a GUID"),
+    ({"flags": ["BIDIRECTIONAL"]}, "RedirectConnections does not take BIDIRECTIONAL"),
+    ({"flags": ["ADDRESS_BASED"]}, "RedirectConnections does not take ADDRESS_BASED"),
+    ({"flags": ["TIMEOUT", "ALLOW_MULTIPLE"]}, "TIMEOUT and ALLOW_MULTIPLE cannot be combined"),
+    ({"filter": 99}, "no filter 99 is registered"),
+    ({"data_filter": "x" * 65}, "'data_filter' must be a string of at most 64 characters"),
+    ({"data_filter": "upper"}, "no data filter 'upper'"),
+    ({"proxy_external_address": "198.51.100.9"}, "not one of the firewall's external addresses"),
+    ({"context": "x" * 5000}, "'context' is larger than"),
+])
+def test_redirect_connections_bad_parameters(params: dict[str, Any], message: str) -> None:
+    hook = GrantHook()
+    api = build_api(hook)
+    with pytest.raises(InvalidArgument) as info:
+        rdc(api, **params)
+    assert message in str(info.value)
+    assert api.actions({}, FakeCaller()) == []
+    assert hook.calls == []
+    assert [pool.in_use for pool in api.engine.pools.values()] == [0, 0]
+
+
+def test_redirect_connections_needs_addresses(api: SessionApi) -> None:
+    with pytest.raises(InvalidArgument, match=r"'addresses' must be a list"):
+        api.redirect_connections({"session": 1, "protocol_guid": str(FTP)}, FakeCaller())
+
+
+def test_on_grant_gets_the_permissions_of_each_grant() -> None:
+    hook = GrantHook()
+    api = build_api(hook)
+    result = rdc(api)
+    assert len(hook.calls) == 1
+    assert [p.id for p in hook.calls[0]] == [a["action"] for a in result["actions"]]
+    assert all(p.redirect is not None and p.state is ActionState.PENDING for p in hook.calls[0])
+    afc_result = afc(api)
+    assert [p.id for p in hook.calls[1]] == [afc_result["action"]]
+    assert hook.calls[1][0].redirect is None
+
+
+@pytest.mark.parametrize("error", [RuntimeError("iptables-restore failed"), IsBusy("no rules now")])
+def test_a_failing_on_grant_withdraws_the_whole_redirect(error: Exception) -> None:
+    hook = GrantHook()
+    api = build_api(hook)
+    kept = rdc(api, addresses=[[OTHER, 21]])  # an earlier grant stays
+    hook.error = error
+    with pytest.raises(type(error), match=str(error)):
+        rdc(api, flags=["TIMEOUT"])
+    withdrawn = hook.calls[-1]
+    assert len(withdrawn) == 2
+    assert all(p.state is ActionState.CANCELLED for p in withdrawn)
+    assert [a["action"] for a in api.actions({}, FakeCaller())] == [kept["actions"][0]["action"]]
+    assert api.action({"action": withdrawn[0].id}, FakeCaller())["state"] == "cancelled"
+    assert api.engine.pools[False].in_use == 1  # the withdrawn block went back
+    # the shell is told to remove whatever kernel state it may have made
+    assert [p.id for p in api.engine.drain_retired()] == [p.id for p in withdrawn]
+
+
+def test_a_failing_on_grant_of_a_user_mode_redirect() -> None:
+    api = build_api(GrantHook(RuntimeError("no buffer")))
+    with pytest.raises(RuntimeError, match="no buffer"):
+        rdc(api, flags=["NO_KERNEL_MODE", "INCREASE_RECEIVE_BUFFER"])
+    assert api.actions({}, FakeCaller()) == []
+    assert api.engine.pools[True].in_use == 0
+    assert api.engine.drain_retired() == []
+
+
+def test_a_failing_on_grant_withdraws_an_allow_future_connect() -> None:
+    hook = GrantHook(RuntimeError("no buffer"))
+    api = build_api(hook)
+    with pytest.raises(RuntimeError, match="no buffer"):
+        afc(api, flags=["INCREASE_RECEIVE_BUFFER"])
+    assert api.actions({}, FakeCaller()) == []
+    ((perm,),) = hook.calls
+    assert perm.state is ActionState.CANCELLED
+
+
+def test_a_slow_failing_on_grant_reports_its_own_error() -> None:
+    now = [10.0]
+
+    def slow(perms: list[Permission]) -> None:
+        now[0] += 100.0  # past the 5 s permission timeout
+        raise RuntimeError("iptables-restore timed out")
+
+    api = build_api(slow, clock=lambda: now[0])
+    with pytest.raises(RuntimeError, match="timed out"):
+        rdc(api, flags=["TIMEOUT"])
+
+
+# --- connect events -----------------------------------------------------------------------------
+
+def register(api: SessionApi, caller: Any, **params: Any) -> dict[str, Any]:
+    request: dict[str, Any] = {"protocol": "tcp", "ports": [21, 21]}
+    request.update(params)
+    return api.register_connect_events(request, caller)
+
+
+def test_register_connect_events(api: SessionApi) -> None:
+    caller = FakeCaller()
+    fid = api.register_filter({"name": "watch"}, caller)["filter"]
+    assert register(api, caller, filter=fid) == {"filter": fid, "protocol": 6, "ports": [21, 21]}
+    assert register(api, caller, filter=fid, protocol="udp", ports=[5000, 5010]) == \
+        {"filter": fid, "protocol": 17, "ports": [5000, 5010]}
+    assert api.engine.connect_registrations == {fid: [(6, PortRange(21, 21)), (17, PortRange(5000, 5010))]}
+    api.engine.decide(PacketMeta(FlowKey(6, CLIENT, 41000, SERVER, 21), Ingress.INTERNAL, 0x02), 1.0)
+    api.dispatch_events()
+    (event,) = caller.pushed
+    assert (event["event"], event["filter"], event["secondary"], event["client"], event["target"]) == \
+        ("connect", fid, False, [str(CLIENT), 41000], [str(SERVER), 21])
+    assert event["external"] == "198.51.100.1"  # NAT
+
+
+def test_register_connect_events_for_the_caller_s_own_filter_only(api: SessionApi) -> None:
+    mine, other = FakeCaller(), FakeCaller()
+    fid = api.register_filter({"name": "mine"}, mine)["filter"]
+    for caller, filter_id in ((other, fid), (mine, fid + 1), (mine, 99)):
+        with pytest.raises(InvalidArgument, match=f"no filter {filter_id} is registered on this connection"):
+            register(api, caller, filter=filter_id)
+    with pytest.raises(InvalidArgument, match="'filter' is required"):
+        register(api, mine)
+    assert api.engine.connect_registrations == {}
+
+
+@pytest.mark.parametrize(("params", "message"), [
+    ({"ports": None}, "'ports' must be [low, high] with 1 <= low <= high <= 65535"),
+    ({"ports": "21"}, "'ports' must be [low, high]"),
+    ({"ports": [21]}, "'ports' must be [low, high]"),
+    ({"ports": [21, 22, 23]}, "'ports' must be [low, high]"),
+    ({"ports": [21, "22"]}, "'ports' must be [low, high]"),
+    ({"ports": [True, 22]}, "'ports' must be [low, high]"),
+    ({"ports": [21.0, 22]}, "'ports' must be [low, high]"),
+    ({"ports": [22, 21]}, "'ports' must be [low, high]"),
+    ({"ports": [0, 21]}, "'ports' must be [low, high]"),
+    ({"ports": [1, 65536]}, "'ports' must be [low, high]"),
+    ({"protocol": "icmp"}, "'protocol' must be \"tcp\", \"udp\", 6 or 17"),
+    ({"protocol": 1}, "'protocol' must be"),
+    ({"protocol": True}, "'protocol' must be"),
+    ({"port": 21}, "unexpected parameters: port"),
+])
+def test_register_connect_events_bad_parameters(api: SessionApi, params: dict[str, Any],
+                                                message: str) -> None:
+    caller = FakeCaller()
+    fid = api.register_filter({"name": "watch"}, caller)["filter"]
+    with pytest.raises(InvalidArgument) as info:
+        register(api, caller, filter=fid, **params)
+    assert message in str(info.value)
+    assert api.engine.connect_registrations == {}
+
+
+def test_register_connect_events_whole_port_range(api: SessionApi) -> None:
+    caller = FakeCaller()
+    fid = api.register_filter({"name": "all"}, caller)["filter"]
+    assert register(api, caller, filter=fid, ports=[1, 65535])["ports"] == [1, 65535]
+    assert api.engine.connect_registrations[fid] == [(6, PortRange(1, 65535))]
+
+
+def test_disconnecting_forgets_connect_registrations(api: SessionApi) -> None:
+    gone, stays = FakeCaller(), FakeCaller()
+    gone_id = api.register_filter({"name": "gone"}, gone)["filter"]
+    stays_id = api.register_filter({"name": "stays"}, stays)["filter"]
+    register(api, gone, filter=gone_id)
+    register(api, stays, filter=stays_id)
+    api.disconnected(gone)
+    assert set(api.engine.connect_registrations) == {stays_id}
+    api.engine.decide(PacketMeta(FlowKey(6, CLIENT, 41000, SERVER, 21), Ingress.INTERNAL, 0x02), 1.0)
+    api.dispatch_events()
+    assert gone.pushed == []
+    assert [e["filter"] for e in stays.pushed] == [stays_id]
+    with pytest.raises(InvalidArgument, match=f"no filter {gone_id} is registered on this connection"):
+        register(api, gone, filter=gone_id)

@@ -257,6 +257,8 @@ def render_nft(settings: DataplaneSettings, interfaces: Interfaces, nat: bool) -
         "  chain redirect_dnat {",
         "    type nat hook prerouting priority dstnat; policy accept;",
     ]
+    # Unlike iptables' --set-xmark, this sets the first packet's whole mark (nft cannot
+    # merge the map's value into the mark it had); the packet is addressed to us.
     for proto in _NFT_FAMILY.values():
         key = f"{proto} saddr . {proto} daddr . meta l4proto . th dport"
         lines += [f"    ct state new meta mark set {key} map @redirect_mark_{proto} "

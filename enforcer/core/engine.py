@@ -180,7 +180,11 @@ class Engine:
         The enforcer rewrites every such packet itself, before the kernel tracks it.
         """
         found = self.flows.find(meta.key)
-        if found is not None and found[1] and found[0].redirect is not None:
+        # A SYN on a flow that has had replies is a new connection from the same client
+        # port (kernel mode refuses one too): it needs a permission of its own. Before
+        # any reply, a SYN is the first one sent again.
+        if found is not None and found[1] and found[0].redirect is not None and \
+                not (meta.starts_tcp_connection and found[0].packets_back):
             record = found[0]
             record.saw(True, length, now)
             self.counters["user-mode packets"] += 1

@@ -517,6 +517,21 @@ def test_later_packets_of_the_client_port_belong_to_the_same_flow(engine: Engine
     assert engine.redirect_packet(pkt(C1, str(FW4), 63000, sport=40002), 60, 9.0) is None
 
 
+def test_a_syn_after_replies_is_a_new_connection_that_needs_a_permission(engine: Engine) -> None:
+    """A SYN before any reply is the first one sent again; after replies, the client port
+    is being used for a new connection, which the used-up single-use redirect refuses."""
+    rdc(engine, [(S1, 2121)], flags=Flags.NO_KERNEL_MODE)
+    record = engine.redirect_packet(pkt(C1, str(FW4), 63000, sport=40001), 60, 2.0)
+    assert record is not None
+    assert engine.redirect_packet(pkt(C1, str(FW4), 63000, sport=40001), 60, 3.0) is record
+    engine.user_packet(pkt(S1, C1, 40001, sport=2121, flags=packet.TCP_SYN | ACK,
+                           ingress=Ingress.EXTERNAL), 60, 3.1)
+    assert record.packets_back == 1
+    assert engine.redirect_packet(pkt(C1, str(FW4), 63000, sport=40001, flags=ACK), 40, 3.2) is record
+    assert engine.redirect_packet(pkt(C1, str(FW4), 63000, sport=40001), 60, 130.0) is None
+    assert engine.recent[-1].verdict is Verdict.DROP
+
+
 @pytest.mark.parametrize(("meta", "reason"), [
     (pkt(C1, str(FW4), 63000, flags=ACK), "TCP packet with flags 0x10 to a redirect port belongs to no "
                                           "redirected connection"),

@@ -9,12 +9,13 @@ Run from the repository root, as root::
 - P3 grant and match time and bytes per permission with 1M pending (<= 5 us, <= 400 B)
 - P4 new secondary flows admitted per second, and first-SYN latency of a data
   connection / the Linux conntrack FTP helper doing the same job (goal <= 2)
+- RDC (no goal): a redirected flow's throughput / the same mode's AllowFutureConnect flow
 
 P3 runs first, in this process, on the decision core alone (``bench.permissions``).
 Then one routed testbed carries P1, P2 and P4: each repetition measures every
 configuration once, round-robin (plain forwarding, the null consumer, the
-conntrack FTP helper ruleset, then the enforcer for the kernel-mode, user-mode
-and new-flow rows), and the table shows medians over the repetitions. Prints
+conntrack FTP helper ruleset, then the enforcer for the kernel-mode, user-mode,
+redirect and new-flow rows), and the table shows medians over the repetitions. Prints
 one table and writes ``bench/results.json`` (every sample included).
 """
 
@@ -148,12 +149,15 @@ def flows_client(tb: Testbed, *args: str, timeout: float = 60) -> dict[str, Any]
 
 
 def iperf(tb: Testbed, server: IperfServer, seconds: int,
-          packets: Callable[[], int | None] | None = None) -> Iperf:
-    """One iperf3 run c1 -> s1; ``packets`` reads a packet counter (before and after)."""
+          packets: Callable[[], int | None] | None = None,
+          via: tuple[str, int] | None = None) -> Iperf:
+    """One iperf3 run c1 -> s1; ``packets`` reads a packet counter (before and after);
+    ``via``: the redirect port c1 connects to instead of s1."""
     sample = Iperf()
     before = packets() if packets else None
     try:
-        sample.bps, sample.seconds, sample.retransmits = run_iperf(tb, seconds)
+        addr, port = via or (SERVER_ADDR, IPERF_PORT)
+        sample.bps, sample.seconds, sample.retransmits = run_iperf(tb, seconds, port, addr)
         after = packets() if packets else None
         if before is not None and after is not None:
             sample.packets = after - before
@@ -237,6 +241,14 @@ def enforcer_block(tb: Testbed, server: IperfServer, workdir: Path,
             out["user"] = iperf(tb, server, args.seconds, packets=queued)
             action.cancel()
 
+            # the same through RedirectConnections: kernel NAT, then the enforcer's rewriting
+            for key, flags in (("redirect-kernel", Flags.ALLOW_MULTIPLE),
+                               ("redirect-user", Flags.ALLOW_MULTIPLE | Flags.NO_KERNEL_MODE)):
+                via, (action,) = api.redirect_connections(session, [target], flags=flags,
+                                                          protocol_guid=GUIDS["FTP"])
+                out[key] = iperf(tb, server, args.seconds, via=via)
+                action.cancel()
+
             # P4a: new flows admitted per second under one ALLOW_MULTIPLE grant
             action = api.allow_future_connect(session, (SERVER_ADDR, SINK_PORT),
                                               protocol_guid=GUIDS["FTP"], flags=Flags.ALLOW_MULTIPLE)
@@ -264,7 +276,7 @@ def enforcer_block(tb: Testbed, server: IperfServer, workdir: Path,
 
 def run_network(args: argparse.Namespace) -> dict[str, list[Any]]:
     samples: dict[str, list[Any]] = {k: [] for k in (
-        "plain", "null", "kernel", "user", "helper", "enforcer")}
+        "plain", "null", "kernel", "user", "redirect-kernel", "redirect-user", "helper", "enforcer")}
     tb = Testbed.up(standard("routed"), tag="bench")
     server = IperfServer(tb)
     flow_server = FlowServer(tb)
@@ -279,7 +291,8 @@ def run_network(args: argparse.Namespace) -> dict[str, list[Any]]:
                 samples["helper"].append(helper_block(tb, args))
                 e = enforcer_block(tb, server, Path(tmp) / f"enforcer-{rep}", args)
                 samples["kernel"].append(e.pop("kernel", Iperf(error=e.get("error"))))
-                samples["user"].append(e.pop("user", Iperf(error=e.get("error"))))
+                for key in ("user", "redirect-kernel", "redirect-user"):
+                    samples[key].append(e.pop(key, Iperf(error=e.get("error"))))
                 samples["enforcer"].append(e)
                 _progress(rep, args.reps, samples)
     finally:
@@ -364,6 +377,11 @@ def build_rows(net: dict[str, list[Any]] | None, p3: dict[str, Any] | None) -> l
         npps = median(s.pps for s in net["null"])
         rows.append(Row("P2 user-mode packets through the queue", "pkt/s", upps, npps,
                         "null NFQUEUE consumer", ratio(upps, npps), "", None))
+        for key, base, label in (("redirect-kernel", "kernel", "kernel-mode AllowFutureConnect flow"),
+                                 ("redirect-user", "user", "user-mode AllowFutureConnect flow")):
+            rows.append(Row(f"RDC {key.split('-')[1]}-mode redirect throughput", "Gbit/s",
+                            _g(bps(key)), _g(bps(base)), label, ratio(bps(key), bps(base)), "", None,
+                            "; ".join(x for x in (paired(key, base), _errors(net[key])) if x)))
 
         def blk(key: str, part: str, field: str) -> float | None:
             return median(b.get(part, {}).get(field) for b in net[key])

@@ -141,9 +141,11 @@ class IperfServer:
         self.start()
 
 
-def run_iperf(tb: Testbed, seconds: int, port: int = IPERF_PORT) -> tuple[float, float, int | None]:
-    """(bits/s received, seconds, retransmits) of one iperf3 TCP test c1 -> s1."""
-    r = tb.run(CLIENT, ["iperf3", "-c", SERVER_ADDR, "-p", str(port), "-t", str(seconds), "-J",
+def run_iperf(tb: Testbed, seconds: int, port: int = IPERF_PORT,
+              addr: str = SERVER_ADDR) -> tuple[float, float, int | None]:
+    """(bits/s received, seconds, retransmits) of one iperf3 TCP test c1 -> s1 (``addr``:
+    where c1 connects, the server's address unless a redirect leads there)."""
+    r = tb.run(CLIENT, ["iperf3", "-c", addr, "-p", str(port), "-t", str(seconds), "-J",
                         "--connect-timeout", "3000"],
                check=False, timeout=seconds + 20)
     try:

@@ -13,8 +13,10 @@ from collections.abc import Callable
 from typing import Any
 
 from enforcer.control import Caller
+from enforcer.core.binds import Bind
 from enforcer.core.engine import Engine, parse_address
 from enforcer.core.flags import Flags, parse_flags
+from enforcer.core.ipfilter import IpFilter
 from enforcer.core.packet import TCP, UDP
 from enforcer.core.permissions import Permission
 from enforcer.core.policy import PortRange
@@ -93,12 +95,15 @@ class SessionApi:
     """Control-socket handlers for sessions, permissions and filters."""
 
     def __init__(self, engine: Engine, clock: Callable[[], float],
-                 on_grant: Callable[[list[Permission]], None] = lambda perms: None) -> None:
+                 on_grant: Callable[[list[Permission]], None] = lambda perms: None,
+                 on_bind: Callable[[Bind], None] = lambda bind: None) -> None:
         """``on_grant`` is the shell's part of a grant (kernel state for a redirect, a
-        larger receive buffer); if it raises, the grant is withdrawn and the call fails."""
+        larger receive buffer); if it raises, the grant is withdrawn and the call fails.
+        ``on_bind`` is its part of an approved bind (a larger receive buffer)."""
         self.engine = engine
         self.clock = clock
         self.on_grant = on_grant
+        self.on_bind = on_bind
         self._filters: dict[int, tuple[str, Caller]] = {}
         self._filter_ids = itertools.count(1)
 
@@ -111,6 +116,8 @@ class SessionApi:
             "allow_future_connect": self.allow_future_connect,
             "redirect_connections": self.redirect_connections,
             "register_connect_events": self.register_connect_events,
+            "retroactive_allow_bind": self.retroactive_allow_bind,
+            "binds": self.binds,
             "cancel": self.cancel,
             "action": self.action,
             "actions": self.actions,
@@ -188,6 +195,29 @@ class SessionApi:
                 with contextlib.suppress(Terminating):  # it may have expired meanwhile
                     self.engine.cancel(perm.id, self.clock())
             raise
+
+    def retroactive_allow_bind(self, params: dict[str, Any], caller: Caller) -> dict[str, Any]:
+        """RetroactiveAllowBind: ``address`` may be the any-address ("0.0.0.0", "::");
+        ``ipfilter`` absent or null: any peer; {"ranges": []}: none."""
+        p = Params(params, {"session", "protocol", "address", "port", "protocol_guid", "flags",
+                            "ipfilter"})
+        session = p.integer("session", low=1)
+        address = p.address("address")
+        port = p.integer("port", low=0, high=2**31)
+        protocol, flags, guid = p.protocol(), p.flags(), p.guid("protocol_guid")
+        ipfilter = IpFilter.from_dict(params["ipfilter"]) if p.has("ipfilter") else None
+        bind, approved_now = self.engine.retroactive_allow_bind(
+            session, protocol, None if address.is_unspecified else address, port, guid, flags,
+            ipfilter, self.clock())
+        if approved_now:
+            self.on_bind(bind)
+        return {"result": "S_OK" if approved_now else "S_FALSE", "hresult": 0 if approved_now else 1,
+                "bind": bind.to_dict()}
+
+    def binds(self, params: dict[str, Any], caller: Caller) -> list[dict[str, Any]]:
+        p = Params(params, {"session"})
+        session = p.integer("session", low=1) if p.has("session") else None
+        return [b.to_dict() for b in self.engine.binds.of(session)]
 
     def cancel(self, params: dict[str, Any], caller: Caller) -> dict[str, Any]:
         action = Params(params, {"action"}).integer("action", low=1)

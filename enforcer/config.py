@@ -10,6 +10,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from enforcer.core.binds import DEFAULT_BIND_PORTS
 from enforcer.core.policy import KeyPath, Policy, PolicyInvalid, Reader, policy_from_dict
 from enforcer.core.redirects import DEFAULT_KERNEL_REDIRECT_PORTS, DEFAULT_USER_REDIRECT_PORTS
 
@@ -44,6 +45,16 @@ class DataplaneSettings:
 
 
 @dataclass(frozen=True)
+class SocksSettings:
+    """The SOCKS5 service Firewall clients use (RFC 1928, RFC 1929 user/password)."""
+
+    port: int = 1080  # on each internal address
+    bind_ports: tuple[int, int] = DEFAULT_BIND_PORTS  # BIND and UDP ASSOCIATE, on external addresses
+    require_auth: bool = True
+    users: dict[str, str] = field(default_factory=dict)  # user -> password
+
+
+@dataclass(frozen=True)
 class Config:
     policy: Policy
     network: NetworkSettings
@@ -51,6 +62,7 @@ class Config:
     control_socket: str = DEFAULT_SOCKET
     # name -> "module:attribute" of a factory that makes a DataFilter for a flow
     data_filters: dict[str, str] = field(default_factory=dict)
+    socks: SocksSettings | None = None  # None: no SOCKS service
 
 
 def load(path: Path | str) -> Config:
@@ -72,7 +84,7 @@ def parse(text: str, path: Path | str = "<config>") -> Config:
         raise ConfigError(path, line, f"not valid TOML: {reason}") from None
     try:
         policy = policy_from_dict(data, extra_sections=("network", "dataplane", "control",
-                                                        "data_filters"))
+                                                        "data_filters", "socks"))
         root = Reader(data)
         net = root.table("network")
         net.check_keys({"internal_interfaces", "external_interfaces", "nat"})
@@ -116,9 +128,28 @@ def parse(text: str, path: Path | str = "<config>") -> Config:
             if ":" not in target:
                 raise filters.fail(name, f"'{target}' is not 'module:attribute'")
             data_filters[name] = target
+        socks = _socks(root) if "socks" in data else None
     except PolicyInvalid as exc:
         raise ConfigError(path, locate(text, exc.path), str(exc)) from None
-    return Config(policy, network, dataplane, socket_path, data_filters)
+    return Config(policy, network, dataplane, socket_path, data_filters, socks)
+
+
+def _socks(root: Reader) -> SocksSettings:
+    section = root.table("socks")
+    section.check_keys({"port", "bind_ports", "require_auth", "users"})
+    port = section.get("port", int, 1080)
+    if not 1 <= port <= 65535:
+        raise section.fail("port", "must be a port 1-65535")
+    bind_ports = _port_range(section, "bind_ports", SocksSettings.bind_ports)
+    users_table = section.table("users")
+    users = {name: users_table.get(name, str) for name in users_table.data}
+    for name, password in users.items():
+        if not 1 <= len(name.encode()) <= 255 or not 1 <= len(password.encode()) <= 255:
+            raise users_table.fail(name, "user names and passwords are 1 to 255 bytes (RFC 1929)")
+    require_auth = section.get("require_auth", bool, True)
+    if require_auth and not users:
+        raise section.fail("users", "require_auth needs at least one user")
+    return SocksSettings(port, bind_ports, require_auth, users)
 
 
 def _port_range(reader: Reader, key: str, default: tuple[int, int]) -> tuple[int, int]:

@@ -23,19 +23,22 @@ from typing import Any
 
 from enforcer import dataplane, rewrite
 from enforcer.api import Params, SessionApi
-from enforcer.config import Config
+from enforcer.config import Config, SocksSettings
 from enforcer.control import AlreadyRunning, Caller, ControlServer, refuse_if_served
 from enforcer.core import nat
+from enforcer.core.binds import Bind
 from enforcer.core.datafilter import DataFilterFactory, Direction, TcpStreamEditor
 from enforcer.core.engine import Engine, Verdict
 from enforcer.core.flags import Flags
 from enforcer.core.flows import FlowRecord, Mode
-from enforcer.core.packet import TCP, Ingress, Malformed, PacketMeta, parse
+from enforcer.core.packet import TCP, UDP, Ingress, Malformed, PacketMeta, parse
 from enforcer.core.permissions import Permission
+from enforcer.socks_service import SocksService
 
 log = logging.getLogger("pinhole.enforcer")
 
 HOOK_PREROUTING = 0  # NF_INET_PRE_ROUTING: a user-mode redirect port's packet, before conntrack
+HOOK_INPUT = 1  # NF_INET_LOCAL_IN: a new flow to a Firewall client's bind
 HOOK_OUTPUT = 3  # NF_INET_LOCAL_OUT: an ICMP error the fw sends about a user-mode flow
 INCREASED_RECEIVE_BUFFER = 64 * 1024  # INCREASE_RECEIVE_BUFFER: at least this
 SO_RCVBUFFORCE = 33  # Linux; as root, past net.core.rmem_max (Python's socket module lacks it)
@@ -99,8 +102,10 @@ class Daemon:
                              data_filters=self.filter_factories,
                              internal_addresses=[a for _, a in self.interfaces.internal_addresses],
                              kernel_redirect_ports=config.dataplane.kernel_redirect_ports,
-                             user_redirect_ports=config.dataplane.user_redirect_ports)
-        self.api = SessionApi(self.engine, clock, self._on_grant)
+                             user_redirect_ports=config.dataplane.user_redirect_ports,
+                             bind_ports=(config.socks or SocksSettings()).bind_ports)
+        self.api = SessionApi(self.engine, clock, self._on_grant, self._on_bind)
+        self.socks: SocksService | None = None
         self._ingress = {i: Ingress.INTERNAL for i in self.interfaces.internal.values()}
         self._stop = False
         self.backend = "none"
@@ -129,6 +134,13 @@ class Daemon:
         mark = pkt.get_mark()
         if pkt.hook == HOOK_PREROUTING:
             self._redirect_inbound(pkt, meta, data, length)
+        elif pkt.hook == HOOK_INPUT:
+            decision = self.engine.inbound(meta, self.clock(), length)
+            log.debug("%s %s: %s", decision.verdict.value, meta.key, decision.reason)
+            if decision.verdict is Verdict.DROP:
+                pkt.drop()
+            else:
+                pkt.accept()
         elif pkt.hook == HOOK_OUTPUT or dataplane.is_user_mode(mark):
             self._user_packet(pkt, meta, data, length)
         else:
@@ -219,6 +231,15 @@ class Daemon:
             for perm in perms:
                 perm.receive_buffer = size
 
+    def _on_bind(self, bind: Bind) -> None:
+        """An approved UDP bind with INCREASE_RECEIVE_BUFFER: its socket's buffer grows."""
+        held = None if self.socks is None else self.socks.socket_of(bind)
+        if held is None or Flags.INCREASE_RECEIVE_BUFFER not in bind.flags or bind.protocol != UDP:
+            return
+        if held.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) < INCREASED_RECEIVE_BUFFER:
+            held.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, INCREASED_RECEIVE_BUFFER)
+        bind.receive_buffer = held.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+
     def _redirect_rule(self, perm: Permission) -> dataplane.RedirectRule:
         r = perm.redirect
         assert r is not None
@@ -289,7 +310,8 @@ class Daemon:
         try:
             self.backend = dataplane.choose_backend(self.config.dataplane)
             stale = dataplane.install(self.backend, self.config.dataplane, self.interfaces,
-                                      self.config.network.nat)
+                                      self.config.network.nat,
+                                      self.config.socks.bind_ports if self.config.socks else None)
             if stale:
                 log.warning("removed stale state of an earlier run: %s", "; ".join(stale))
             if self.filter_factories:
@@ -311,6 +333,14 @@ class Daemon:
             except OSError as exc:
                 raise StartupError(f"cannot serve the control socket {self.config.control_socket}: "
                                    f"{exc.strerror or exc}") from None
+            if self.config.socks is not None:
+                try:
+                    self.socks = SocksService(
+                        self.engine, self.selector, self.clock, self.config.socks,
+                        [a.ip for _, a in self.interfaces.internal_addresses], self.api.dispatch_events)
+                except OSError as exc:
+                    raise StartupError(f"cannot serve SOCKS on port {self.config.socks.port}: "
+                                       f"{exc.strerror or exc}") from None
             log.info("enforcing with %s: queue %d, %s, control socket %s", self.backend,
                      self.config.dataplane.queue,
                      "fail-open" if self.config.dataplane.fail_open else "fail-closed",
@@ -320,10 +350,14 @@ class Daemon:
                     key.data()
                 self.engine.expire(self.clock())
                 self._retire_redirects()
+                if self.socks is not None:
+                    self.socks.tick(self.clock())
         finally:
             if liberal_before is not None:
                 dataplane.liberal_tcp_tracking(liberal_before)
             signal.set_wakeup_fd(-1)
+            if self.socks is not None:
+                self.socks.close()
             if control is not None:
                 control.close()
             dataplane.remove()

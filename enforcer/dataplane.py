@@ -98,8 +98,12 @@ def _ports(ports: tuple[int, int]) -> str:
 
 
 def render_rules(family: str, settings: DataplaneSettings, interfaces: Interfaces,
-                 nat: bool) -> str:
-    """iptables-restore input for one family (pure: unit-tested without root)."""
+                 nat: bool, bind_ports: tuple[int, int] | None = None) -> str:
+    """iptables-restore input for one family (pure: unit-tested without root).
+
+    ``bind_ports``: the external ports Firewall clients' binds get (None: no SOCKS
+    service); a new flow to one of them is the enforcer's to judge.
+    """
     kernel = f"{_hex(MARK_KERNEL)}/{_hex(MARK_MODE)}"
     user = f"{_hex(MARK_USER)}/{_hex(MARK_MODE)}"
     admitted = f"! --mark 0x0/{_hex(MARK_MODE)}"
@@ -138,6 +142,7 @@ def render_rules(family: str, settings: DataplaneSettings, interfaces: Interface
         *(f"-A PINHOLE-INPUT -d {a.ip} -p {proto} --dport {_ports(ports)} -j DROP"
           for _, a in internal for proto in ("tcp", "udp")
           for ports in (settings.kernel_redirect_ports, settings.user_redirect_ports)),
+        *_bind_rules(family, interfaces, bind_ports, queue),
         "-I INPUT 1 -j PINHOLE-INPUT",
         # ICMP errors the fw itself sends about a flow (fragmentation needed, say): the
         # enforcer translates those about user-mode redirects, as kernel NAT would. Only
@@ -171,6 +176,20 @@ def render_rules(family: str, settings: DataplaneSettings, interfaces: Interface
     return "\n".join(lines) + "\n"
 
 
+def _bind_rules(family: str, interfaces: Interfaces, bind_ports: tuple[int, int] | None,
+                queue: str) -> list[str]:
+    """A new flow to a bind port on an external address goes to the enforcer (a bind
+    not approved, or a peer its IpFilter leaves out, is dropped before the bound socket
+    sees anything); what belongs to no flow is dropped."""
+    if bind_ports is None:
+        return []
+    return [line for a in interfaces.external_of(family) for proto in ("tcp", "udp")
+            for line in (f"-A PINHOLE-INPUT -d {a} -p {proto} --dport {_ports(bind_ports)} "
+                         f"-m conntrack --ctstate NEW {queue}",
+                         f"-A PINHOLE-INPUT -d {a} -p {proto} --dport {_ports(bind_ports)} "
+                         "-m conntrack --ctstate INVALID,UNTRACKED -j DROP")]
+
+
 def _snat_rules(family: str, interfaces: Interfaces,
                 nat: bool) -> list[tuple[str, IPNetwork | None, int, IPAddress]]:
     """(out interface, source network, mark, address): flows marked for an external
@@ -195,7 +214,8 @@ def _nft_ports(ports: tuple[int, int]) -> str:
     return f"{ports[0]}-{ports[1]}"
 
 
-def render_nft(settings: DataplaneSettings, interfaces: Interfaces, nat: bool) -> str:
+def render_nft(settings: DataplaneSettings, interfaces: Interfaces, nat: bool,
+               bind_ports: tuple[int, int] | None = None) -> str:
     """The same rules as render_rules, as one nft table for both families (pure).
 
     Kernel-mode redirects are elements of two maps per family (the port mark and the
@@ -236,6 +256,10 @@ def render_nft(settings: DataplaneSettings, interfaces: Interfaces, nat: bool) -
             for ports in (settings.kernel_redirect_ports, settings.user_redirect_ports):
                 lines.append(f"    {proto} daddr {a.ip} meta l4proto {{ tcp, udp }} "
                              f"th dport {_nft_ports(ports)} drop")
+        for address in interfaces.external_of(family) if bind_ports is not None else ():
+            match = (f"{proto} daddr {address} meta l4proto {{ tcp, udp }} "
+                     f"th dport {_nft_ports(bind_ports or (0, 0))}")
+            lines += [f"    {match} ct state new {queue}", f"    {match} ct state invalid,untracked drop"]
     lines += [
         "  }",
         "  chain filter_output {",
@@ -380,7 +404,8 @@ def _run(argv: Sequence[str], *, input: str | None = None, check: bool = True) -
     return proc.stdout
 
 
-def install(backend: str, settings: DataplaneSettings, interfaces: Interfaces, nat: bool) -> list[str]:
+def install(backend: str, settings: DataplaneSettings, interfaces: Interfaces, nat: bool,
+            bind_ports: tuple[int, int] | None = None) -> list[str]:
     """Install the rules, replacing whatever an earlier run left in the same transaction,
     so that there is no moment without rules (a crashed run's rules stay in force until
     the new ones are in); then forget the flows that run offloaded. Returns what was
@@ -390,13 +415,13 @@ def install(backend: str, settings: DataplaneSettings, interfaces: Interfaces, n
         if _nft_table_exists():
             replaced.append(f"nft table inet {NFT_TABLE}")
         _run(["nft", "-f", "-"], input=f"table inet {NFT_TABLE} {{}}\ndelete table inet {NFT_TABLE}\n"
-             + render_nft(settings, interfaces, nat))
+             + render_nft(settings, interfaces, nat, bind_ports))
         for tool in FAMILIES.values():
             for table in TABLES:
                 replaced += _remove_table(tool, table)
     else:
         for family, tool in FAMILIES.items():
-            text = render_rules(family, settings, interfaces, nat)
+            text = render_rules(family, settings, interfaces, nat, bind_ports)
             stale = {table: _ours(tool, table) for table in TABLES}
             _run([f"{tool}-restore", "--noflush"], input=_replacing(text, stale))
             for table, (jumps, chains) in stale.items():

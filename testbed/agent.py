@@ -455,6 +455,16 @@ class Agent:
         res["local"] = tuple(res["local"]) if res.get("local") else None
         return dict(res)
 
+    def socks(self, proxy: tuple[str, int], user: str | None, password: str | None, command: str,
+              host: str, port: int, *, timeout: float | None = None) -> SocksConnection:
+        """A SOCKS5 request through ``proxy`` (command: connect, bind or udp): the
+        connection stays open; ``.reply`` is the server's (first) reply."""
+        t = timeouts.POSITIVE if timeout is None else timeout
+        res = self.call("socks_open", {"proxy": list(proxy), "user": user, "password": password,
+                                       "command": command, "host": host, "port": port, "timeout": t},
+                        timeout=t + CALL_MARGIN)
+        return SocksConnection(self, res)
+
     def ping(self) -> dict[str, Any]:
         return dict(self.call("ping"))
 
@@ -496,6 +506,33 @@ class TcpConnection:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class SocksConnection(TcpConnection):
+    """A SOCKS5 control connection: after CONNECT or BIND's second reply it carries the
+    relayed stream (``exchange``, ``talk``); after UDP ASSOCIATE, ``udp`` relays datagrams."""
+
+    def __init__(self, agent: Agent, opened: dict[str, Any]) -> None:
+        super().__init__(agent, opened)
+        self.reply: dict[str, Any] | None = opened.get("reply")
+
+    def accept(self, timeout: float | None = None) -> dict[str, Any] | None:
+        """BIND: wait for the second reply (a peer connected through the bind); None if none came."""
+        t = timeouts.POSITIVE if timeout is None else timeout
+        res = self.agent.call("socks_second_reply", {"cid": self._cid, "timeout": t},
+                              timeout=t + CALL_MARGIN)
+        return None if res is None else dict(res)
+
+    def udp(self, host: str | None, port: int, payload: bytes, *, expect_reply: bool,
+            timeout: float | None = None) -> dict[str, Any]:
+        """UDP ASSOCIATE: send a datagram to host:port through the relay (host None: send
+        nothing); with ``expect_reply``, wait for one to arrive: ``{"reply", "from"}``."""
+        t = timeouts.POSITIVE if timeout is None else timeout
+        res = self.agent.call("socks_udp", {"cid": self._cid, "host": host, "port": port,
+                                            "payload": _b64(payload), "expect_reply": expect_reply,
+                                            "timeout": t}, timeout=t + CALL_MARGIN)
+        res["reply"] = None if res.get("reply") is None else _unb64(res["reply"])
+        return dict(res)
 
 
 class Sniffer:
@@ -790,6 +827,8 @@ class _AgentServer:
         self._lock = threading.Lock()
         self._raw: dict[int, socket.socket] = {}
         self._conns: dict[int, tuple[socket.socket, str]] = {}
+        # SOCKS UDP ASSOCIATE: connection id -> (our UDP socket, the relay's address)
+        self._udp: dict[int, tuple[socket.socket, tuple[str, int]]] = {}
 
     def write(self, msg: dict[str, Any]) -> None:
         data = (json.dumps(msg) + "\n").encode()
@@ -1147,7 +1186,10 @@ class _AgentServer:
         sock, _ = self._conn(cid)
         with self._lock:
             del self._conns[cid]
+            udp = self._udp.pop(cid, None)
         sock.close()
+        if udp is not None:
+            udp[0].close()
 
     def _conn(self, cid: int) -> tuple[socket.socket, str]:
         with self._lock:
@@ -1182,6 +1224,67 @@ class _AgentServer:
         res["connected"] = True
         res["local"] = list(sock.getsockname()[:2])
         return sock, res
+
+    def m_socks_open(self, proxy: list[Any], user: str | None, password: str | None, command: str,
+                     host: str, port: int, timeout: float = 3.0) -> dict[str, Any]:
+        from enforcer.core import socks
+
+        commands = {"connect": socks.CONNECT, "bind": socks.BIND, "udp": socks.UDP_ASSOCIATE}
+        sock, res = self._tcp_connect(proxy[0], int(proxy[1]), timeout, None)
+        if sock is None:
+            return res
+        try:
+            sock.settimeout(timeout)
+            sock.sendall(socks.client_greeting(user))
+            method = _recv_exactly(sock, 2)
+            if method[1] == socks.USERPASS:
+                sock.sendall(socks.client_auth(str(user), str(password)))
+                if _recv_exactly(sock, 2)[1] != 0:
+                    raise OSError("SOCKS authentication failed")
+            elif method[1] != socks.NO_AUTH:
+                raise OSError(f"SOCKS server accepts none of our methods ({method[1]:#x})")
+            sock.sendall(socks.client_request(commands[command], host, port))
+            res["reply"] = _read_socks_reply(sock)
+        except OSError as exc:
+            sock.close()
+            res.update(connected=False, error=f"SOCKS: {exc.strerror or exc}")
+            return res
+        udp = None
+        if command == "udp" and res["reply"]["code"] == 0:
+            udp = socket.socket(_family(res["reply"]["address"]), socket.SOCK_DGRAM)
+        with self._lock:
+            cid = next(self._ids)
+            self._conns[cid] = (sock, _fmt_addr(host, port))
+            if udp is not None:
+                self._udp[cid] = (udp, (res["reply"]["address"], res["reply"]["port"]))
+        res["cid"] = cid
+        return res
+
+    def m_socks_second_reply(self, cid: int, timeout: float = 3.0) -> dict[str, Any] | None:
+        sock, _ = self._conn(cid)
+        sock.settimeout(timeout)
+        try:
+            return _read_socks_reply(sock)
+        except TimeoutError:
+            return None
+
+    def m_socks_udp(self, cid: int, host: str | None, port: int, payload: str, expect_reply: bool,
+                    timeout: float = 3.0) -> dict[str, Any]:
+        from enforcer.core import socks
+
+        udp, relay = self._udp[cid]
+        if host is not None:
+            udp.sendto(socks.build_udp(host, port, _unb64(payload)), relay)
+        res: dict[str, Any] = {"reply": None, "from": None}
+        if expect_reply:
+            udp.settimeout(timeout)
+            try:
+                data = udp.recv(65535)
+            except TimeoutError:
+                return res
+            peer_host, peer_port, body = socks.parse_udp(data)
+            res.update(reply=_b64(body), **{"from": [peer_host, peer_port]})
+        return res
 
     def m_udp_burst(self, addr: str, port: int, count: int, size: int | list[int],
                     expect_replies: bool, timeout: float = 3.0, gap: float = 0.0) -> dict[str, Any]:
@@ -1242,6 +1345,32 @@ class _AgentServer:
         finally:
             sock.close()
         return res
+
+
+def _recv_exactly(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise OSError("the SOCKS server closed the connection")
+        data += chunk
+    return data
+
+
+def _read_socks_reply(sock: socket.socket) -> dict[str, Any]:
+    """One SOCKS5 reply, read without taking a byte of what follows it."""
+    from enforcer.core import socks
+
+    data = _recv_exactly(sock, 4)
+    data += _recv_exactly(sock, {1: 4, 4: 16}.get(data[3], 0) + 2 if data[3] != 3 else 0)
+    if data[3] == 3:
+        data += _recv_exactly(sock, 1)
+        data += _recv_exactly(sock, data[-1] + 2)
+    parsed = socks.parse_reply(data)
+    if parsed is None:
+        raise OSError("a malformed SOCKS reply")
+    code, address, port, _ = parsed
+    return {"code": int(code), "name": code.name, "address": address, "port": port}
 
 
 def _multiset_digest(digest: int, data: bytes) -> int:

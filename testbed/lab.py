@@ -26,6 +26,9 @@ GUIDS = {
     "DNS": "5c3c2a3e-8f1b-4c1e-9a57-1f0d3a6b2104",
     "TFTP": "5c3c2a3e-8f1b-4c1e-9a57-1f0d3a6b2105",
 }
+# Firewall clients' SOCKS5 users (user -> password)
+SOCKS_USERS = {"alice": "alice-secret", "bob": "bob-secret"}
+SOCKS_PORT = 1080
 PORTS = {"FTP": ("tcp", 21), "HTTP": ("tcp", 80), "SSH": ("tcp", 22), "DNS": ("udp", 53),
          "TFTP": ("udp", 69)}
 
@@ -73,6 +76,8 @@ def lab_config(tb: Testbed, *, socket: Path, fail_open: bool = False, queue: int
             f"destinations = {_toml_list([topo.denied_network(f) for f in FAMILIES])}",
             "", "[[site_rule]]", 'name = "the external lab network"', 'action = "allow"',
             f"destinations = {_toml_list([topo.external_network(f) for f in FAMILIES])}"]
+    out += ["", "[socks]", f"port = {SOCKS_PORT}", "require_auth = true", "", "[socks.users]",
+            *(f'{user} = "{password}"' for user, password in SOCKS_USERS.items())]
     if data_filters:
         out += ["", "[data_filters]", *(f'{name} = "{target}"' for name, target in data_filters.items())]
     return "\n".join(out) + "\n"

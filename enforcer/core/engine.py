@@ -14,8 +14,10 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
+from enforcer.core.binds import DEFAULT_BIND_PORTS, Bind, BindState, BindTable
 from enforcer.core.flags import Flags
 from enforcer.core.flows import FlowRecord, FlowTable, Mode
+from enforcer.core.ipfilter import IpFilter
 from enforcer.core.packet import PROTOCOL_NAMES, TCP, UDP, FlowKey, Ingress, IPAddress, PacketMeta
 from enforcer.core.permissions import Permission, PermissionKey, PermissionTable, pack_key
 from enforcer.core.policy import IPNetwork, NetworkSet, Policy, PortRange, ProtocolDef
@@ -28,11 +30,20 @@ from enforcer.core.redirects import (
     PortPool,
     Redirect,
 )
-from enforcer.core.results import InvalidArgument, IsBusy, NetworkRulesDenied, PolicyRulesDenied
+from enforcer.core.results import (
+    InvalidArgument,
+    IsBusy,
+    NetworkRulesDenied,
+    NotFound,
+    PolicyRulesDenied,
+    Terminating,
+)
 from enforcer.core.sessions import Session, SessionTable
 
 # How long after a UDP flow's admission its further "new" datagrams are taken as its own
 SAME_FLOW_WINDOW = 1.0
+# The flags RetroactiveAllowBind takes
+BIND_FLAGS = Flags.BIDIRECTIONAL | Flags.INCREASE_RECEIVE_BUFFER
 # The flags RedirectConnections takes (its page lists no others)
 REDIRECT_FLAGS = Flags.ALLOW_MULTIPLE | Flags.TIMEOUT | Flags.NO_KERNEL_MODE | Flags.INCREASE_RECEIVE_BUFFER
 
@@ -131,7 +142,8 @@ class Engine:
                  data_filters: Iterable[str] = (), history: int = 512,
                  internal_addresses: Iterable[IPInterface] = (),
                  kernel_redirect_ports: tuple[int, int] = DEFAULT_KERNEL_REDIRECT_PORTS,
-                 user_redirect_ports: tuple[int, int] = DEFAULT_USER_REDIRECT_PORTS) -> None:
+                 user_redirect_ports: tuple[int, int] = DEFAULT_USER_REDIRECT_PORTS,
+                 bind_ports: tuple[int, int] = DEFAULT_BIND_PORTS) -> None:
         self.policy = policy
         self.internal_networks = NetworkSet(internal_networks)
         self.external_addresses = tuple(external_addresses)
@@ -148,6 +160,8 @@ class Engine:
                       True: PortPool(*user_redirect_ports, name="user-mode")}
         self._block_pending: dict[tuple[bool, int], int] = {}  # (user mode, base) -> pending
         self.retired: list[Permission] = []  # finished redirects whose kernel rules must go
+        self.binds = BindTable()
+        self.bind_ports = PortPool(*bind_ports, name="bind")
         # filter -> the (IP protocol, ports) it registered for connect events on
         self.connect_registrations: dict[int, list[tuple[int, PortRange]]] = {}
 
@@ -284,31 +298,167 @@ class Engine:
                                       None if session is None else session.id, now)
         if perm is not None:
             return self._admit_permitted(key, perm, now, length)
+        protocol, why = self._judge_primary(key, None)
+        if protocol is None:
+            return drop(why)
+        session = self.sessions.securenat(key.src, now)
+        # the kernel translates a primary only where the family has an external address
+        snat = 0 if self.nat and self._has_external(key.dst.version) else None
+        return self._admit_primary(key, session, protocol, Mode.KERNEL, snat, why, now, length)
 
+    def _judge_primary(self, key: FlowKey, user: str | None) -> tuple[ProtocolDef | None, str]:
+        """Whether policy allows ``key`` as a primary connection: (the protocol, why) or
+        (None, why not)."""
         protocol = self.policy.primary_protocol(key.protocol, key.dport)
         if protocol is None:
             name = PROTOCOL_NAMES.get(key.protocol, str(key.protocol))
-            return drop(f"no permission admits it and {name}/{key.dport} "
-                        "is no protocol's primary port")
-        allowed, why = self.policy.protocol_verdict(protocol.name, key.src, None)
+            return None, f"no permission admits it and {name}/{key.dport} is no protocol's primary port"
+        allowed, why = self.policy.protocol_verdict(protocol.name, key.src, user)
         if not allowed:
-            return drop(why)
+            return None, why
         denial = self.policy.destination_denial(key.dst)
         if denial is not None:
-            return drop(denial)
+            return None, denial
+        return protocol, why
 
-        session = self.sessions.securenat(key.src, now)
+    def _admit_primary(self, key: FlowKey, session: Session, protocol: ProtocolDef, mode: Mode,
+                       snat: int | None, why: str, now: float, length: int) -> Decision:
         session.primaries += 1
         session.last_activity = now
-        # the kernel translates a primary only where the family has an external address
-        snat = 0 if self.nat and self._has_external(key.dst.version) else None
-        record = FlowRecord(key, session.id, protocol.name, Mode.KERNEL, now, snat=snat)
+        record = FlowRecord(key, session.id, protocol.name, mode, now, snat=snat)
         record.saw(True, length, now)
         self.flows.add(record)
         self._connect_events(record, secondary=False, now=now)
-        return Decision(Verdict.ADMIT_KERNEL, key,
-                        f"primary connection: {why}",
-                        now, session.id, protocol.name, snat=snat)
+        verdict = Verdict.ADMIT_USER if mode is Mode.USER else Verdict.ADMIT_KERNEL
+        return Decision(verdict, key, f"primary connection: {why}", now, session.id, protocol.name,
+                        snat=snat)
+
+    # --- Firewall clients ---------------------------------------------------------------
+    def open_firewall_session(self, client: IPAddress, user: str | None, now: float) -> Session:
+        """A Firewall client's control connection opened: the session of its IP and user."""
+        if not self._is_internal(client):
+            raise InvalidArgument(f"{client} is not on an internal network")
+        session = self.sessions.firewall_client(client, user, now)
+        session.connections += 1
+        session.last_activity = now
+        return session
+
+    def close_firewall_connection(self, session_id: int, now: float) -> None:
+        """A control connection closed; with the session's last one, the session ends."""
+        session = self.sessions.get(session_id)
+        if session is None:
+            return  # ended already (end_session)
+        session.connections -= 1
+        if session.connections <= 0:
+            self.end_session(session_id, now)
+
+    def client_connect(self, session_id: int, protocol: int, target: IPAddress, port: int,
+                       client_port: int, now: float) -> Decision:
+        """A Firewall client asks the fw to connect (or send a datagram) for it: a
+        permission of its session (or an ADDRESS_BASED one of its IP) or policy decides.
+        The fw relays the flow in user space, leaving from an external address."""
+        self.permissions.expire(now)
+        session = self.session(session_id)
+        session.last_activity = now
+        key = FlowKey(protocol, session.client, client_port, target, port)
+        perm = self.permissions.match(permission_key(protocol, session.client, target, port),
+                                      session.id, now)
+        if perm is not None:
+            decision = self._admit_permitted(key, perm, now, 0)
+            return self._record(decision._replace(verdict=Verdict.ADMIT_USER))
+        protocol_def, why = self._judge_primary(key, session.user)
+        if protocol_def is None:
+            return self._record(Decision(Verdict.DROP, key, why, now, session.id))
+        snat = 0 if self._has_external(target.version) else None
+        return self._record(self._admit_primary(key, session, protocol_def, Mode.USER, snat, why, now, 0))
+
+    def bind_for_client(self, session_id: int, protocol: int, address: IPAddress, now: float) -> Bind:
+        """BindForClient: a port on the fw's external ``address`` for the session's client
+        (the shell then binds it). Granted at once; what arrives for it is discarded
+        until RetroactiveAllowBind. Raises IsBusy when no bind port is free."""
+        session = self.session(session_id)
+        port = self.bind_ports.allocate(1)
+        return self.binds.add(session.id, protocol, address, port, now)
+
+    def heard(self, bind: Bind, peer: IPAddress, port: int, now: float) -> None:
+        """A datagram from ``peer`` reached a UDP bind: the client may answer it (with
+        BIDIRECTIONAL) for a while."""
+        bind.recent[(peer, port)] = now
+
+    def external_address(self, version: int, index: int = 0) -> IPAddress | None:
+        """The fw's ``index``-th external address of an IP version, if it has one."""
+        ours = [a for a in self.external_addresses if a.version == version]
+        return ours[index] if index < len(ours) else None
+
+    def retroactive_allow_bind(self, session_id: int, protocol: int, address: IPAddress | None,
+                               port: int, protocol_guid: uuid.UUID, flags: Flags,
+                               ipfilter: IpFilter | None, now: float) -> tuple[Bind, bool]:
+        """Approve a bind of the session (``address`` None: the any-address): (the bind,
+        True for S_OK) or (the bind, False for S_FALSE: it was approved already).
+
+        Raises InvalidArgument, NotFound, Terminating or PolicyRulesDenied.
+        """
+        if protocol not in (TCP, UDP):
+            raise InvalidArgument(f"protocol must be TCP (6) or UDP (17), not {protocol}")
+        if not 1 <= port <= 65535:
+            raise InvalidArgument(f"the port must be nonzero (1-65535), not {port}")
+        if flags & ~BIND_FLAGS:
+            names = ", ".join(f.name or "" for f in Flags if f in flags & ~BIND_FLAGS)
+            raise InvalidArgument(f"RetroactiveAllowBind does not take {names}")
+        if Flags.BIDIRECTIONAL in flags and protocol == TCP:
+            raise InvalidArgument("BIDIRECTIONAL is for UDP only")
+        session = self.session(session_id)
+        protocol_def = next((p for p in self.policy.protocols if p.guid == protocol_guid), None)
+        if protocol_def is None:
+            raise InvalidArgument(f"no protocol is defined with GUID {protocol_guid}")
+        bind = self.binds.of_session(session.id, protocol, address, port)
+        if bind is None:
+            where = "any address" if address is None else str(address)
+            raise NotFound(f"session {session.id} has no {PROTOCOL_NAMES[protocol]} bind on "
+                           f"{where} port {port}")
+        if bind.state is BindState.CLOSED:
+            raise Terminating(f"bind {bind.id} is closed")
+        allowed, why = self.policy.protocol_verdict(protocol_def.name, session.client, session.user)
+        if not allowed:
+            raise PolicyRulesDenied(why)
+        if bind.state is BindState.ALLOWED:
+            return bind, False
+        bind.state = BindState.ALLOWED
+        bind.flags = flags
+        bind.ipfilter = None if ipfilter is None else ipfilter.clone()
+        bind.protocol_name = protocol_def.name
+        return bind, True
+
+    def inbound(self, meta: PacketMeta, now: float, length: int = 0) -> Decision:
+        """The first packet of a flow to one of the fw's own addresses on a bind port."""
+        key = meta.key
+        bind = self.binds.at(key.protocol, key.dst, key.dport)
+
+        def drop(reason: str) -> Decision:
+            if bind is not None:
+                bind.discarded += 1
+            return self._record(Decision(Verdict.DROP, key, reason, now))
+
+        if bind is None:
+            return drop(f"nothing is bound on {key.dst} port {key.dport}")
+        if key.protocol == TCP and not meta.starts_tcp_connection:
+            return drop(f"TCP packet with flags 0x{meta.tcp_flags:02x} cannot open a connection")
+        if bind.state is not BindState.ALLOWED:
+            return drop(f"bind {bind.id} is {bind.state.value}, not approved by RetroactiveAllowBind")
+        if not bind.admits(key.src):
+            return drop(f"{key.src} is not in bind {bind.id}'s IpFilter")
+        bind.admitted += 1
+        if key.protocol == UDP:
+            bind.recent[(key.src, key.sport)] = now
+        record = FlowRecord(key, bind.session_id, str(bind.protocol_name), Mode.KERNEL, now)
+        record.saw(True, length, now)
+        self.flows.add(record)
+        return self._record(Decision(Verdict.ADMIT_KERNEL, key, f"inbound to bind {bind.id}", now,
+                                     bind.session_id, bind.protocol_name))
+
+    def bind_done(self, bind: Bind) -> None:
+        """The bind took its connection (TCP), or its association ended: it is closed."""
+        self.binds.close(bind)
 
     def _admit_permitted(self, key: FlowKey, perm: Permission, now: float,
                          length: int) -> Decision:
@@ -500,6 +650,8 @@ class Engine:
         self.permissions.expire(now)  # what has already expired is expired, not cancelled
         session = self.session(session_id)
         self.sessions.remove(session)
+        for bind in self.binds.end_session(session.id):
+            self.bind_ports.release(bind.port)
         return self.permissions.end_session(session.id)
 
     def session(self, session_id: int) -> Session:

@@ -14,7 +14,7 @@ from scapy.packet import Packet
 from enforcer.client import Action, Client
 from enforcer.core.flags import Flags
 from testbed import timeouts
-from testbed.lab import GUIDS
+from testbed.lab import GUIDS, SOCKS_PORT, SOCKS_USERS
 from testbed.plugin import Net
 
 
@@ -135,3 +135,19 @@ def wait_for_state(action: Action, state: str, within: float) -> None:
     while action.state != state:
         assert time.monotonic() < deadline, f"action {action.id} is {action.state}, not {state}"
         time.sleep(0.1)
+
+
+def socks_open(net: Net, node: str, user: str, command: str, host: str, port: int,
+               timeout: float | None = None) -> Any:
+    """A SOCKS5 request from ``node`` to the fw's SOCKS service as ``user``: a Firewall
+    client's control connection (agent.SocksConnection), which is its session."""
+    proxy = (net.topology.fw_internal_address(net.family), SOCKS_PORT)  # type: ignore[arg-type]
+    return net.agent(node).socks(proxy, user, SOCKS_USERS[user], command, host, port, timeout=timeout)
+
+
+def fw_session(net: Net, node: str, user: str) -> int:
+    """The newest Firewall-client session of ``node``'s user."""
+    ids = [s["id"] for s in net.call("sessions") if s["kind"] == "firewall-client"
+           and s["client"] == net.addr(node) and s["user"] == user]
+    assert ids, f"no Firewall-client session of {user} on {node}"
+    return int(max(ids))

@@ -1,0 +1,115 @@
+"""Binds a Firewall client made through the fw (BindForClient), and their approval.
+
+A bind always succeeds: the client gets the fw's external address and port at
+once. Until RetroactiveAllowBind approves it, whatever arrives for that address
+is discarded silently; once approved, only peers its IpFilter includes (all of
+them with no filter) get through. A TCP bind takes one connection (SOCKS BIND),
+then it is done; a UDP bind lasts as long as its session's association.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+from dataclasses import dataclass, field
+from typing import Any
+
+from enforcer.core.flags import Flags, flag_names
+from enforcer.core.ipfilter import IpFilter
+from enforcer.core.packet import PROTOCOL_NAMES, IPAddress
+
+# How long a peer that sent to a BIDIRECTIONAL UDP bind may be answered
+RECENT_SENDER_SECONDS = 120.0
+# The external ports binds get (below Linux's ephemeral ports, above the well-known)
+DEFAULT_BIND_PORTS = (20000, 29999)
+
+
+class BindState(enum.Enum):
+    PENDING = "pending"      # bound, not approved: inbound traffic is discarded
+    ALLOWED = "allowed"      # approved by RetroactiveAllowBind
+    CLOSED = "closed"        # its connection came (TCP) or its session ended
+
+
+@dataclass(slots=True, eq=False)
+class Bind:
+    id: int
+    session_id: int
+    protocol: int
+    address: IPAddress  # the fw's external address the client was given
+    port: int
+    created: float
+    state: BindState = BindState.PENDING
+    flags: Flags = field(default_factory=lambda: Flags(0))
+    ipfilter: IpFilter | None = None  # None: any peer
+    protocol_name: str | None = None
+    admitted: int = 0
+    discarded: int = 0
+    receive_buffer: int | None = None  # set by the shell: the bound socket's, in bytes
+    recent: dict[tuple[IPAddress, int], float] = field(default_factory=dict)
+
+    def admits(self, peer: IPAddress) -> bool:
+        return self.state is BindState.ALLOWED and (self.ipfilter is None or self.ipfilter.is_included(peer))
+
+    def may_answer(self, peer: IPAddress, port: int, now: float) -> bool:
+        """A UDP bind with BIDIRECTIONAL may send back to a peer that sent to it lately."""
+        seen = self.recent.get((peer, port))
+        return Flags.BIDIRECTIONAL in self.flags and seen is not None and now - seen <= RECENT_SENDER_SECONDS
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"bind": self.id, "session": self.session_id,
+                "protocol": PROTOCOL_NAMES.get(self.protocol, str(self.protocol)),
+                "address": [str(self.address), self.port], "state": self.state.value,
+                "flags": flag_names(self.flags), "protocol_name": self.protocol_name,
+                "ipfilter": None if self.ipfilter is None else self.ipfilter.to_dict(),
+                "admitted": self.admitted, "discarded": self.discarded,
+                "receive_buffer": self.receive_buffer, "created": self.created}
+
+
+@dataclass
+class BindTable:
+    _by_address: dict[tuple[int, IPAddress, int], Bind] = field(default_factory=dict)
+    _by_session: dict[int, dict[int, Bind]] = field(default_factory=dict)
+    _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+
+    def add(self, session_id: int, protocol: int, address: IPAddress, port: int, now: float) -> Bind:
+        key = (protocol, address, port)
+        if key in self._by_address:
+            raise ValueError(f"{PROTOCOL_NAMES[protocol]} {address}:{port} is bound already")
+        bind = Bind(next(self._ids), session_id, protocol, address, port, now)
+        self._by_address[key] = bind
+        self._by_session.setdefault(session_id, {})[bind.id] = bind
+        return bind
+
+    def at(self, protocol: int, address: IPAddress, port: int) -> Bind | None:
+        """The open bind on this address and port, if any."""
+        return self._by_address.get((protocol, address, port))
+
+    def of_session(self, session_id: int, protocol: int, address: IPAddress | None,
+                   port: int) -> Bind | None:
+        """The session's bind on ``port`` (and ``address``; None: any address)."""
+        for bind in self._by_session.get(session_id, {}).values():
+            if bind.protocol == protocol and bind.port == port and \
+                    (address is None or bind.address == address):
+                return bind
+        return None
+
+    def close(self, bind: Bind) -> None:
+        """Done: nothing more gets through. It stays listed under its session until the
+        session ends, so that a late RetroactiveAllowBind is FWX_E_TERMINATING."""
+        bind.state = BindState.CLOSED
+        if self._by_address.get((bind.protocol, bind.address, bind.port)) is bind:
+            del self._by_address[(bind.protocol, bind.address, bind.port)]
+
+    def end_session(self, session_id: int) -> list[Bind]:
+        binds = list(self._by_session.pop(session_id, {}).values())
+        for bind in binds:
+            self.close(bind)
+        return binds
+
+    def of(self, session_id: int | None) -> list[Bind]:
+        if session_id is not None:
+            return list(self._by_session.get(session_id, {}).values())
+        return [b for binds in self._by_session.values() for b in binds.values()]
+
+    def __len__(self) -> int:
+        return len(self._by_address)

@@ -1,0 +1,272 @@
+"""BFC, RAB, IPF and AFC-07: Firewall clients over SOCKS5, their binds, RetroactiveAllowBind
+and IpFilter, end to end."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+from scapy.layers.inet import TCP
+
+from enforcer.core.flags import Flags
+from enforcer.core.ipfilter import IpFilter
+from enforcer.core.results import (
+    InvalidArgument,
+    NotFound,
+    PolicyRulesDenied,
+    Terminating,
+)
+from testbed import timeouts
+from testbed.checks import expect_no_packet, expect_packet
+from testbed.clauses.helpers import NEGATIVE, assert_not_connected, datagram, fw_session, socks_open, syn
+from testbed.lab import GUIDS
+from testbed.plugin import Net
+
+FTP = GUIDS["FTP"]
+
+
+def bind(net: Net, node: str = "c1", user: str = "alice", command: str = "bind") -> tuple[Any, int, int]:
+    """A SOCKS BIND (or UDP ASSOCIATE) by ``node``'s ``user``: (connection, session, external port)."""
+    conn = socks_open(net, node, user, command, "0.0.0.0" if net.family == "ipv4" else "::", 0)
+    assert conn.connected and conn.reply is not None and conn.reply["code"] == 0, (conn.error, conn.reply)
+    session = fw_session(net, node, user)
+    (b,) = [b for b in net.call("binds", session=session) if b["protocol"] == ("tcp" if command == "bind"
+                                                                                else "udp")]
+    return conn, session, int(b["address"][1])
+
+
+def allow(net: Net, session: int, port: int, *, protocol: str = "tcp", address: str | None = None,
+          flags: Flags | None = None, ipfilter: IpFilter | None = None, **extra: Any) -> dict[str, Any]:
+    params: dict[str, Any] = {"session": session, "protocol": protocol, "port": port,
+                              "address": address or net.fw_external(0), "protocol_guid": FTP,
+                              "flags": [f.name for f in Flags if f in (flags or Flags(0))]}
+    if ipfilter is not None:
+        params["ipfilter"] = ipfilter.to_dict()
+    params.update(extra)
+    return dict(net.call("retroactive_allow_bind", **params))
+
+
+def only(net: Net, *nodes: str) -> IpFilter:
+    f = IpFilter()
+    for node in nodes:
+        f.include_range(net.addr(node), net.addr(node))
+    return f
+
+
+def state_of(net: Net, session: int, port: int) -> dict[str, Any]:
+    (b,) = [b for b in net.call("binds", session=session) if b["address"][1] == port]
+    return dict(b)
+
+
+@pytest.mark.clause("BFC-01")
+def test_a_bind_through_the_fw_succeeds_with_the_external_address(net: Net) -> None:
+    """BindForClient over SOCKS BIND: granted at once, the fw's external address and a
+    port of the bind range; the bind is the session's, pending approval."""
+    conn, session, port = bind(net)
+    with conn:
+        assert conn.reply["address"] == net.fw_external(0), conn.reply
+        assert 20000 <= port <= 29999 and conn.reply["port"] == port
+        b = state_of(net, session, port)
+        assert b["state"] == "pending" and b["session"] == session
+        (s,) = [s for s in net.call("sessions") if s["id"] == session]
+        assert (s["kind"], s["client"], s["user"]) == ("firewall-client", net.addr("c1"), "alice")
+    # the session is the control connection: it ends with it, and its bind goes
+    deadline = time.monotonic() + timeouts.POSITIVE
+    while session in [s["id"] for s in net.call("sessions")]:
+        assert time.monotonic() < deadline, "the session outlived its SOCKS connection"
+        time.sleep(0.05)
+
+
+@pytest.mark.clause("RAB-01")
+def test_before_approval_inbound_attempts_are_discarded_silently(net: Net) -> None:
+    """A peer's SYN to an unapproved bind: no SYN-ACK, no reset, no ICMP; the client is
+    told of no connection; the bind stays pending and counts the discard."""
+    s1 = net.agent("s1")
+    conn, session, port = bind(net)
+    with conn:
+        with s1.sniff(net.iface("s1")) as at_peer:
+            s1.send(syn(net, net.addr("s1"), net.fw_external(0), 42001, port))
+            expect_no_packet(at_peer, TCP(sport=port))
+        assert_not_connected(s1.tcp_connect(net.fw_external(0), port, timeout=NEGATIVE), "unapproved bind")
+        assert conn.accept(timeout=0.2) is None, "the bound socket accepted a connection"
+        b = state_of(net, session, port)
+        assert b["state"] == "pending" and b["discarded"] >= 2 and b["admitted"] == 0
+
+
+@pytest.mark.clause("RAB-02")
+def test_after_approval_an_allowed_peer_reaches_the_client(net: Net) -> None:
+    s1 = net.agent("s1")
+    conn, session, port = bind(net)
+    with conn:
+        result = allow(net, session, port, ipfilter=only(net, "s1"))
+        assert (result["result"], result["hresult"]) == ("S_OK", 0)
+        with s1.tcp_open(net.fw_external(0), port) as peer:
+            assert peer.connected, peer.error
+            second = conn.accept()
+            assert second is not None and second["code"] == 0, second
+            assert second["address"] == net.addr("s1")
+            assert peer.talk(b"from the peer", expect=0) == b""
+            assert conn.talk(b"", expect=len(b"from the peer")) == b"from the peer"
+            assert conn.talk(b"from the client", expect=0) == b""
+            assert peer.talk(b"", expect=len(b"from the client")) == b"from the client"
+
+
+def _attempt(net: Net, node: str, port: int) -> bool:
+    """Whether ``node`` gets a connection to the bind; a refusal would fail the check."""
+    result = net.agent(node).tcp_connect(net.fw_external(0), port, timeout=NEGATIVE)
+    if not result["connected"]:
+        assert_not_connected(result, f"{node} to the bind")
+    return bool(result["connected"])
+
+
+@pytest.mark.clause("RAB-03")
+@pytest.mark.parametrize("kind", ["included", "null", "empty"])
+def test_the_ipfilter_decides_which_peers_get_through(net: Net, kind: str) -> None:
+    """Only s1 included: s2's SYN is dropped before the socket (no SYN-ACK at s2) and s1
+    gets through; NULL: anyone; a filter with no ranges: no one."""
+    s2 = net.agent("s2")
+    conn, session, port = bind(net)
+    with conn:
+        ipfilter = {"included": only(net, "s1"), "null": None, "empty": IpFilter()}[kind]
+        allow(net, session, port, ipfilter=ipfilter)
+        with s2.sniff(net.iface("s2")) as at_s2:
+            s2.send(syn(net, net.addr("s2"), net.fw_external(0), 42003, port))
+            if kind == "null":
+                expect_packet(at_s2, TCP(sport=port, flags="SA"))
+            else:
+                expect_no_packet(at_s2, TCP(sport=port))
+        if kind == "null":  # (the crafted SYN's handshake is never completed: s2 resets it)
+            assert _attempt(net, "s2", port)
+            assert conn.accept() is not None
+            return
+        assert conn.accept(timeout=0.2) is None, "a filtered peer reached the bound socket"
+        assert _attempt(net, "s1", port) is (kind == "included")
+        assert (conn.accept() is not None) is (kind == "included")
+
+
+@pytest.mark.clause("RAB-04")
+def test_result_codes(net: Net) -> None:
+    """S_OK, S_FALSE, E_INVALIDARG, NOT_FOUND, FWX_E_TERMINATING, FWX_E_POLICY_RULES_DENIED."""
+    conn, session, port = bind(net)
+    other, _, other_port = bind(net, user="bob")
+    with conn, other:
+        for bad, message in (({"port": 0}, "must be nonzero"),
+                             ({"flags": ["BIDIRECTIONAL"]}, "BIDIRECTIONAL is for UDP only"),
+                             ({"flags": ["ALLOW_MULTIPLE"]}, "does not take ALLOW_MULTIPLE"),
+                             ({"ipfilter": {"ranges": [["1.2.3.4"]]}}, "ranges"),
+                             ({"protocol": "icmp"}, "'protocol' must be")):
+            request = {"session": session, "protocol": "tcp", "port": port,
+                       "address": net.fw_external(0), "protocol_guid": FTP, **bad}
+            with pytest.raises(InvalidArgument, match=message):
+                net.call("retroactive_allow_bind", **request)
+        with pytest.raises(NotFound, match="no tcp bind"):
+            allow(net, session, port + 1 if port + 1 != other_port else port + 2)
+        with pytest.raises(NotFound):
+            allow(net, session, other_port)  # bob's bind is not alice's session's
+        with pytest.raises(PolicyRulesDenied):
+            allow(net, session, port, protocol_guid=GUIDS["SSH"])
+        assert state_of(net, session, port)["state"] == "pending", "a failed call changed the bind"
+        assert allow(net, session, port)["result"] == "S_OK"
+        assert allow(net, session, port) == {**allow(net, session, port), "result": "S_FALSE", "hresult": 1}
+        assert _attempt(net, "s1", port)
+        assert conn.accept() is not None
+        with pytest.raises(Terminating, match="closed"):  # a BIND takes one connection
+            allow(net, session, port)
+
+
+@pytest.mark.clause("RAB-05")
+def test_the_any_address_with_the_port_matches_the_bind(net: Net) -> None:
+    conn, session, port = bind(net)
+    with conn:
+        anywhere = "0.0.0.0" if net.family == "ipv4" else "::"
+        assert allow(net, session, port, address=anywhere)["result"] == "S_OK"
+        assert state_of(net, session, port)["state"] == "allowed"
+        assert _attempt(net, "s1", port)
+        assert conn.accept() is not None
+
+
+def udp_peer_to_bind(net: Net, port: int, payload: bytes) -> None:
+    net.agent("s1").send(datagram(net, net.addr("s1"), net.fw_external(0), 42006, port, payload))
+
+
+@pytest.mark.clause("RAB-06")
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["receive-only", "bidirectional"])
+def test_udp_binds_receive_and_answer_only_with_bidirectional(net: Net, bidirectional: bool) -> None:
+    """Before approval a peer's datagram is dropped; after it, it reaches the client; the
+    client's answer to that peer passes only with BIDIRECTIONAL."""
+    s1 = net.agent("s1")
+    conn, session, port = bind(net, command="udp")
+    with conn, s1.udp_server(net.addr("s1"), 42006, echo=False) as peer:
+        conn.udp(net.addr("s1"), 9, b"register", expect_reply=False)  # the relay learns our port
+        udp_peer_to_bind(net, port, b"too early")
+        assert conn.udp(None, 0, b"", expect_reply=True, timeout=NEGATIVE)["reply"] is None
+        flags = Flags.BIDIRECTIONAL if bidirectional else Flags(0)
+        approved = allow(net, session, port, protocol="udp", flags=flags, ipfilter=only(net, "s1"))
+        assert approved["result"] == "S_OK"
+        udp_peer_to_bind(net, port, b"hello client")
+        got = conn.udp(None, 0, b"", expect_reply=True)
+        assert got["reply"] == b"hello client" and got["from"] == [net.addr("s1"), 42006], got
+        conn.udp(net.addr("s1"), 42006, b"hello peer", expect_reply=False)
+        deadline = time.monotonic() + (timeouts.POSITIVE if bidirectional else NEGATIVE)
+        while peer.stats()["accepted"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert peer.stats()["accepted"] == (1 if bidirectional else 0), peer.stats()
+
+
+@pytest.mark.clause("RAB-07")
+def test_increase_receive_buffer_on_a_udp_bind(net: Net) -> None:
+    conn, session, port = bind(net, command="udp")
+    with conn:
+        assert state_of(net, session, port)["receive_buffer"] is None
+        allow(net, session, port, protocol="udp", flags=Flags.INCREASE_RECEIVE_BUFFER)
+        assert state_of(net, session, port)["receive_buffer"] >= 65536
+
+
+@pytest.mark.clause("IPF-01")
+def test_ipfilter_operations(family: str) -> None:
+    """Include/ExcludeRange, Include/ExcludeFilter, IsIncluded, Compare, Clone."""
+    v4 = family == "ipv4"
+    a, b, c, d = (("198.51.100.10", "198.51.100.20", "198.51.100.15", "198.51.100.30") if v4 else
+                  ("2001:db8:2::10", "2001:db8:2::20", "2001:db8:2::15", "2001:db8:2::30"))
+    f = IpFilter()
+    assert not f.is_included(a), "an empty filter blocks all"
+    f.include_range(a, b)
+    assert f.is_included(a) and f.is_included(b) and f.is_included(c) and not f.is_included(d)
+    f.exclude_range(c, c)
+    assert not f.is_included(c) and f.is_included(a)
+    g = f.clone()
+    g.include_range(c, d)
+    assert g.is_included(c) and not f.is_included(c), "a clone is independent"
+    assert f.compare(g) != 0 and f.compare(f.clone()) == 0
+    h = IpFilter()
+    h.include_filter(g)
+    h.exclude_filter(f)
+    assert h.is_included(c) and h.is_included(d) and not h.is_included(a)
+    other = "2001:db8:2::10" if v4 else "198.51.100.10"
+    assert not g.is_included(other), "the families are apart"
+    with pytest.raises(InvalidArgument):
+        f.include_range(b, a)
+
+
+@pytest.mark.clause("AFC-07")
+@pytest.mark.parametrize("address_based", [False, True], ids=["session", "address-based"])
+def test_another_session_on_the_same_ip_only_with_address_based(net: Net, address_based: bool) -> None:
+    """A grant to alice's session: bob's session on the same client IP (and c1's SecureNAT
+    traffic) may use it only with ADDRESS_BASED; alice's own may."""
+    s1 = net.agent("s1")
+    dst, port = net.addr("s1"), 33071 + address_based
+    with s1.tcp_server(dst, 21), s1.tcp_server(dst, port) as server, net.client() as api, \
+            socks_open(net, "c1", "alice", "connect", dst, 21) as control:  # alice's FTP session
+        assert control.reply is not None and control.reply["code"] == 0, (control.error, control.reply)
+        flags = Flags.ALLOW_MULTIPLE | (Flags.ADDRESS_BASED if address_based else Flags(0))
+        api.allow_future_connect(fw_session(net, "c1", "alice"), (dst, port), protocol_guid=FTP, flags=flags)
+        with socks_open(net, "c1", "bob", "connect", dst, port) as bob:
+            assert bob.reply is not None
+            assert (bob.reply["code"] == 0) is address_based, bob.reply
+        direct = net.agent("c1").tcp_connect(dst, port, timeout=NEGATIVE)
+        assert direct["connected"] is address_based, direct
+        with socks_open(net, "c1", "alice", "connect", dst, port) as own:
+            assert own.reply is not None and own.reply["code"] == 0, own.reply
+            assert own.exchange(10_000)["received"] == 10_000
+        assert server.stats()["accepted"] == 1 + 2 * address_based

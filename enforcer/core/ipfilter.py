@@ -131,7 +131,7 @@ class IpFilter:
         version, lo, hi = _endpoints(low, high)
         lows, highs = self._lows[version], self._highs[version]
         # intervals i..j-1 overlap or touch [lo, hi]: they all merge with it
-        i = bisect.bisect_left(highs, lo)
+        i = bisect.bisect_left(highs, lo - 1)
         j = bisect.bisect_right(lows, hi + 1)
         if i < j:
             lo, hi = min(lo, lows[i]), max(hi, highs[j - 1])

@@ -3,11 +3,13 @@ and IpFilter, end to end."""
 
 from __future__ import annotations
 
+import shutil
 import time
 from typing import Any
 
 import pytest
 from scapy.layers.inet import TCP
+from scapy.packet import Raw
 
 from enforcer.core.flags import Flags
 from enforcer.core.ipfilter import IpFilter
@@ -20,7 +22,7 @@ from enforcer.core.results import (
 from testbed import timeouts
 from testbed.checks import expect_no_packet, expect_packet
 from testbed.clauses.helpers import NEGATIVE, assert_not_connected, datagram, fw_session, socks_open, syn
-from testbed.lab import GUIDS
+from testbed.lab import GUIDS, SOCKS_PORT, SOCKS_USERS
 from testbed.plugin import Net
 
 FTP = GUIDS["FTP"]
@@ -270,3 +272,36 @@ def test_another_session_on_the_same_ip_only_with_address_based(net: Net, addres
             assert own.reply is not None and own.reply["code"] == 0, own.reply
             assert own.exchange(10_000)["received"] == 10_000
         assert server.stats()["accepted"] == 1 + 2 * address_based
+
+
+@pytest.mark.clause("BFC-01")
+@pytest.mark.parametrize("family", ["ipv4"])  # IPv6 through socksify is not tried yet
+def test_dante_socksify_binds_through_the_fw(net: Net) -> None:
+    """A real third-party SOCKS client: dante's socksify runs a program that binds and
+    listens; its bind() goes through the fw as a SOCKS BIND, and the program is told
+    the fw's external address and a bind port, as BindForClient promises.
+
+    (The program's accept() is not checked: dante's library closes the BIND's control
+    connection right after the first reply here, so no second reply can reach it.)"""
+    from testbed import dante
+
+    reason = dante.available()
+    if reason is not None:
+        pytest.skip(reason)
+    proxy = net.topology.fw_internal_address(net.family)  # type: ignore[arg-type]
+    with net.lab.tb.agent("fw").sniff(net.topology.fw_internal_iface, bpf=f"tcp port {SOCKS_PORT}") as at_fw:
+        proc, workdir = dante.bind_and_accept(net.lab.tb, "c1", proxy, SOCKS_PORT, "alice",
+                                              SOCKS_USERS["alice"], net.family, timeouts.POSITIVE)
+        try:
+            assert proc.stdout is not None
+            words = proc.stdout.readline().split()
+            assert words[:1] == ["bound"], f"socksify: {words} {proc.stderr.read() if proc.stderr else ''}"
+            assert words[1] == net.fw_external(0), f"the program is bound to {words[1]}, not the fw's address"
+            assert 20000 <= int(words[2]) <= 29999, words
+        finally:
+            proc.kill()
+            proc.wait()
+            net.lab.tb.forget(proc.pid)
+            shutil.rmtree(workdir, ignore_errors=True)
+        # on the wire: a SOCKS5 BIND request (VER 5, CMD 2) from c1 to the fw's SOCKS port
+        expect_packet(at_fw, TCP(dport=SOCKS_PORT) / Raw(load=b"\x05\x02\x00\x01" + bytes(6)))

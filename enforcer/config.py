@@ -161,20 +161,24 @@ def _port_range(reader: Reader, key: str, default: tuple[int, int]) -> tuple[int
 
 
 def locate(text: str, path: KeyPath) -> int | None:
-    """The line a key path refers to, found by walking table headers and keys in order."""
+    """The line a key path refers to, found by walking table headers and keys in order
+    (a dotted header such as ``[socks.users]`` names a path of several keys)."""
     lines = text.splitlines()
-    start, found = 0, None
+    start, found, lost = 0, None, False
+    names: list[str] = []
     for i, part in enumerate(path):
         if isinstance(part, int):
             continue
+        names.append(part)
         following = path[i + 1] if i + 1 < len(path) else None
         index = following if isinstance(following, int) else None  # [[array]] tables only
-        hit = _header(lines, part, index) if i == 0 else None
-        if hit is None:
+        hit = _header(lines, ".".join(names), index)
+        if hit is None and not lost:
             hit = _key(lines, part, start)
         if hit is None:
-            break
-        start = found = hit
+            lost = True  # only a dotted header further down the path can be found now
+            continue
+        start, found, lost = hit, hit, False
     return None if found is None else found + 1
 
 

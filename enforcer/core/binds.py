@@ -86,12 +86,11 @@ class BindTable:
 
     def of_session(self, session_id: int, protocol: int, address: IPAddress | None,
                    port: int) -> Bind | None:
-        """The session's bind on ``port`` (and ``address``; None: any address)."""
-        for bind in self._by_session.get(session_id, {}).values():
-            if bind.protocol == protocol and bind.port == port and \
-                    (address is None or bind.address == address):
-                return bind
-        return None
+        """The session's bind on ``port`` (and ``address``; None: any address): an open one
+        if there is one (a port can serve a closed bind and then a new one)."""
+        found = [b for b in self._by_session.get(session_id, {}).values()
+                 if b.protocol == protocol and b.port == port and (address is None or b.address == address)]
+        return next((b for b in found if b.state is not BindState.CLOSED), found[-1] if found else None)
 
     def close(self, bind: Bind) -> None:
         """Done: nothing more gets through. It stays listed under its session until the

@@ -156,8 +156,8 @@ class Engine:
         self.counters: Counter[str] = Counter()
         self.recent: deque[Decision] = deque(maxlen=history)
         self.events: list[Event] = []
-        self.pools = {False: PortPool(*kernel_redirect_ports, name="kernel-mode"),
-                      True: PortPool(*user_redirect_ports, name="user-mode")}
+        self.pools = {False: PortPool(*kernel_redirect_ports, name="kernel-mode redirect"),
+                      True: PortPool(*user_redirect_ports, name="user-mode redirect")}
         self._block_pending: dict[tuple[bool, int], int] = {}  # (user mode, base) -> pending
         self.retired: list[Permission] = []  # finished redirects whose kernel rules must go
         self.binds = BindTable()
@@ -457,8 +457,11 @@ class Engine:
                                      bind.session_id, bind.protocol_name))
 
     def bind_done(self, bind: Bind) -> None:
-        """The bind took its connection (TCP), or its association ended: it is closed."""
-        self.binds.close(bind)
+        """The bind took its connection (TCP), or its association ended: it is closed and
+        its port goes back to the pool (a connection it took keeps its socket)."""
+        if bind.state is not BindState.CLOSED:
+            self.binds.close(bind)
+            self.bind_ports.release(bind.port)
 
     def _admit_permitted(self, key: FlowKey, perm: Permission, now: float,
                          length: int) -> Decision:
@@ -650,8 +653,9 @@ class Engine:
         self.permissions.expire(now)  # what has already expired is expired, not cancelled
         session = self.session(session_id)
         self.sessions.remove(session)
-        for bind in self.binds.end_session(session.id):
-            self.bind_ports.release(bind.port)
+        for bind in self.binds.of(session.id):
+            self.bind_done(bind)
+        self.binds.end_session(session.id)
         return self.permissions.end_session(session.id)
 
     def session(self, session_id: int) -> Session:

@@ -67,7 +67,7 @@ class PortPool:
         """The base of a free block of ``count`` ports; IsBusy when there is none."""
         size = self.high - self.low + 1
         if not 1 <= count <= size:
-            raise InvalidArgument(f"{count} ports do not fit the {self.name} redirect ports "
+            raise InvalidArgument(f"{count} ports do not fit the {self.name} ports "
                                   f"{self.low}-{self.high}")
         start = self._cursor
         for step in range(size):
@@ -79,7 +79,7 @@ class PortPool:
                 self._used.update(range(base, base + count))
                 self._cursor = base + count if base + count <= self.high else self.low
                 return base
-        raise IsBusy(f"no {count} consecutive free ports among the {self.name} redirect ports "
+        raise IsBusy(f"no {count} consecutive free ports among the {self.name} ports "
                      f"{self.low}-{self.high} ({len(self._used)} in use)")
 
     def release(self, base: int) -> None:

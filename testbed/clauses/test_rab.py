@@ -305,37 +305,3 @@ def test_dante_socksify_binds_through_the_fw(net: Net) -> None:
             shutil.rmtree(workdir, ignore_errors=True)
         # on the wire: a SOCKS5 BIND request (VER 5, CMD 2) from c1 to the fw's SOCKS port
         expect_packet(at_fw, TCP(dport=SOCKS_PORT) / Raw(load=b"\x05\x02\x00\x01" + bytes(6)))
-
-
-@pytest.mark.clause("BFC-01")
-def test_malformed_socks_requests_get_their_reply_and_the_service_goes_on(net: Net) -> None:
-    """Each broken or refused request gets the SOCKS answer RFC 1928/1929 has for it (or,
-    where it has none, the connection is closed); then a good request still works."""
-    from enforcer.core import socks
-
-    c1, s1 = net.agent("c1"), net.agent("s1")
-    proxy = net.topology.fw_internal_address(net.family)  # type: ignore[arg-type]
-    dst = net.addr("s1")
-    login = socks.client_greeting("alice") + socks.client_auth("alice", SOCKS_USERS["alice"])
-    accepted = b"\x05\x02\x01\x00"  # method user/password, then login accepted
-    cases = [
-        (b"GET / HTTP/1.0\r\n\r\n", b""),
-        (socks.client_greeting(None), b"\x05\xff"),  # this service wants a login
-        (socks.client_greeting("alice") + socks.client_auth("alice", "wrong"), b"\x05\x02\x01\x01"),
-        (login + b"\x05\x09\x00\x01" + bytes(6), accepted + socks.reply(socks.Reply.COMMAND_NOT_SUPPORTED,
-                                                                        "0.0.0.0", 0)),
-        (login + b"\x05\x01\x00\x09" + bytes(6),
-         accepted + socks.reply(socks.Reply.ADDRESS_TYPE_NOT_SUPPORTED, "0.0.0.0", 0)),
-        (login + socks.client_request(socks.CONNECT, "server.example", 21),
-         accepted + socks.reply(socks.Reply.ADDRESS_TYPE_NOT_SUPPORTED, "0.0.0.0", 0)),
-        (login + socks.client_request(socks.CONNECT, dst, 22),  # SSH: allowed to no one
-         accepted + socks.reply(socks.Reply.NOT_ALLOWED, "0.0.0.0", 0)),
-    ]
-    for sent, expected in cases:
-        with c1.tcp_open(proxy, SOCKS_PORT) as conn:
-            assert conn.connected, conn.error
-            got = conn.talk(sent, expect=len(expected) + 1)  # one more: the connection must end
-            assert got == expected, f"sent {sent!r}: got {got!r}, expected {expected!r}"
-    with s1.tcp_server(dst, 21), socks_open(net, "c1", "alice", "connect", dst, 21) as good:
-        assert good.reply is not None and good.reply["code"] == 0, good.reply
-        assert good.exchange(5000)["received"] == 5000

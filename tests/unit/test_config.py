@@ -401,3 +401,104 @@ def test_lab_config_parses(kind: str, fail_open: bool) -> None:
         assert site is not None and not site.allow
         site = cfg.policy.site_rule(external.network_address + 1)
         assert site is not None and site.allow
+
+
+# --- [socks] ---------------------------------------------------------------------------------
+
+SOCKS = MINIMAL + "\n[socks]\nusers = { alice = \"secret\" }\n"
+
+
+def test_no_socks_section_means_no_socks_service() -> None:
+    assert parse(MINIMAL, FILE).socks is None
+
+
+def test_socks_defaults() -> None:
+    from enforcer.config import SocksSettings
+    from enforcer.core.binds import DEFAULT_BIND_PORTS
+
+    socks = parse(SOCKS, FILE).socks
+    assert socks == SocksSettings(1080, DEFAULT_BIND_PORTS, True, {"alice": "secret"})
+    assert socks is not None and socks.bind_ports == (20000, 29999)
+
+
+def test_socks_settings() -> None:
+    text = (MINIMAL + "\n[socks]\nport = 65535\nbind_ports = [1024, 1024]\nrequire_auth = true\n"
+            "\n[socks.users]\nalice = \"a\"\n\"bob smith\" = \"" + "p" * 255 + "\"\n"
+            + "c" * 255 + " = \"x\"\n")
+    socks = parse(text, FILE).socks
+    assert socks is not None
+    assert (socks.port, socks.bind_ports, socks.require_auth) == (65535, (1024, 1024), True)
+    assert socks.users == {"alice": "a", "bob smith": "p" * 255, "c" * 255: "x"}
+    low = parse(MINIMAL + "\n[socks]\nport = 1\nbind_ports = [65535, 65535]\nrequire_auth = false\n", FILE)
+    assert low.socks is not None and (low.socks.port, low.socks.bind_ports) == (1, (65535, 65535))
+
+
+def test_socks_without_auth_needs_no_users() -> None:
+    socks = parse(MINIMAL + "\n[socks]\nrequire_auth = false\n", FILE).socks
+    assert socks is not None and socks.require_auth is False and socks.users == {}
+
+
+SOCKS_CASES = [
+    pytest.param(MINIMAL + "\n[socks]  # <-\nport = 1080\n",
+                 "socks.users: require_auth needs at least one user", id="no-users"),
+    pytest.param(MINIMAL + "\n[socks]\nrequire_auth = true\nusers = {}  # <-\n",
+                 "socks.users: require_auth needs at least one user", id="empty-users"),
+    pytest.param(SOCKS + "port = 0  # <-\n", "socks.port: must be a port 1-65535", id="port-0"),
+    pytest.param(SOCKS + "port = 65536  # <-\n", "socks.port: must be a port 1-65535", id="port-65536"),
+    pytest.param(SOCKS + "port = true  # <-\n", "socks.port: expected an integer, got bool", id="port-bool"),
+    pytest.param(SOCKS + "port = \"1080\"  # <-\n", "expected an integer, got str", id="port-str"),
+    pytest.param(SOCKS + "bind_ports = [30000]  # <-\n", f"socks.bind_ports: {PORT_RANGE}", id="bind-one"),
+    pytest.param(SOCKS + "bind_ports = [30000, 29999]  # <-\n", PORT_RANGE, id="bind-reversed"),
+    pytest.param(SOCKS + "bind_ports = [1023, 2000]  # <-\n", PORT_RANGE, id="bind-low"),
+    pytest.param(SOCKS + "bind_ports = [30000, 65536]  # <-\n", PORT_RANGE, id="bind-high"),
+    pytest.param(SOCKS + "bind_ports = [30000, true]  # <-\n", PORT_RANGE, id="bind-bool"),
+    pytest.param(SOCKS + "bind_ports = \"30000-30010\"  # <-\n", "expected an array, got str",
+                 id="bind-str"),
+    pytest.param(SOCKS + "require_auth = 1  # <-\n", "socks.require_auth: expected true or false",
+                 id="auth-int"),
+    pytest.param(SOCKS + "bindports = [30000, 30010]  # <-\n", "socks.bindports: unknown key",
+                 id="unknown-key"),
+    pytest.param(MINIMAL + "\n[socks]\nusers = { " + "n" * 256 + " = \"pw\" }  # <-\n",
+                 "user names and passwords are 1 to 255 bytes", id="name-256"),
+    pytest.param(MINIMAL + "\n[socks]\nusers = { \"" + "é" * 128 + "\" = \"pw\" }  # <-\n",
+                 "1 to 255 bytes", id="name-256-bytes-utf8"),
+    pytest.param(MINIMAL + "\n[socks]\nusers = { a = \"" + "p" * 256 + "\" }  # <-\n",
+                 "socks.users.a: user names and passwords are 1 to 255 bytes", id="password-256"),
+    pytest.param(MINIMAL + "\n[socks]\nusers = { a = \"\" }  # <-\n", "socks.users.a: user names and",
+                 id="password-empty"),
+    pytest.param(MINIMAL + "\n[socks]\nusers = { \"\" = \"pw\" }  # <-\n", "user names and passwords",
+                 id="name-empty"),
+    pytest.param(MINIMAL + "\n[socks]\nusers = { a = 5 }  # <-\n",
+                 "socks.users.a: expected a string, got int", id="password-int"),
+    pytest.param(MINIMAL + "\n[socks]\nusers = [\"alice\"]  # <-\n", "socks.users: expected a table",
+                 id="users-list"),
+    pytest.param("socks = 1  # <-\n" + MINIMAL, "socks: expected a table", id="socks-not-a-table"),
+]
+
+
+@pytest.mark.parametrize(("text", "reason"), SOCKS_CASES)
+def test_socks_errors(text: str, reason: str) -> None:
+    message = config_error(text)
+    assert message.startswith(f"{FILE}:{marked_line(text)}: "), message
+    assert reason in message, message
+
+
+# The [socks.users] header form: ConfigError's line comes from config.locate, which finds a
+# key path's first part by its header and the rest as "key =" lines, so a dotted header is never found.
+DOTTED_HEADER = ("locate() does not match dotted table headers such as [socks.users]: the error points "
+                 "at [socks] (or has no line) instead of the offending line")
+
+
+def test_long_user_name_under_a_users_header_points_at_its_line() -> None:
+    text = (MINIMAL + "\n[socks]\nport = 1080\n\n[socks.users]\nalice = \"pw\"\n"
+            + "n" * 256 + " = \"pw\"  # <-\n")
+    message = config_error(text)
+    assert "user names and passwords are 1 to 255 bytes" in message
+    assert message.startswith(f"{FILE}:{marked_line(text)}: "), message
+
+
+def test_empty_users_header_alone_has_a_line() -> None:
+    text = MINIMAL + "\n[socks.users]  # <-\n"
+    message = config_error(text)
+    assert "socks.users: require_auth needs at least one user" in message
+    assert message.startswith(f"{FILE}:{marked_line(text)}: "), message

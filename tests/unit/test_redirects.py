@@ -130,7 +130,7 @@ def udp(src: str, dst: str, dport: int, sport: int = 7000,
 # --- PortPool ---------------------------------------------------------------------------------
 
 def test_pool_hands_out_consecutive_blocks() -> None:
-    pool = PortPool(1000, 1009, "user-mode")
+    pool = PortPool(1000, 1009, "user-mode redirect")
     assert pool.allocate(3) == 1000
     assert pool.allocate(2) == 1003
     assert pool.in_use == 5
@@ -140,7 +140,7 @@ def test_pool_hands_out_consecutive_blocks() -> None:
 
 
 def test_pool_cursor_rotates_past_ports_just_returned() -> None:
-    pool = PortPool(1000, 1009, "user-mode")
+    pool = PortPool(1000, 1009, "user-mode redirect")
     assert pool.allocate(3) == 1000
     assert pool.allocate(2) == 1003
     pool.release(1000)
@@ -151,7 +151,7 @@ def test_pool_cursor_rotates_past_ports_just_returned() -> None:
 
 
 def test_pool_skips_a_tail_too_short_for_the_block() -> None:
-    pool = PortPool(1000, 1009, "kernel-mode")
+    pool = PortPool(1000, 1009, "kernel-mode redirect")
     assert pool.allocate(8) == 1000
     pool.release(1000)
     assert pool.allocate(3) == 1000  # 1008-1009 is free but holds only 2
@@ -160,7 +160,7 @@ def test_pool_skips_a_tail_too_short_for_the_block() -> None:
 
 
 def test_pool_release_returns_the_whole_block() -> None:
-    pool = PortPool(1000, 1009, "kernel-mode")
+    pool = PortPool(1000, 1009, "kernel-mode redirect")
     base = pool.allocate(4)
     pool.release(base)
     assert pool.in_use == 0
@@ -169,7 +169,7 @@ def test_pool_release_returns_the_whole_block() -> None:
 
 
 def test_pool_exhausted_is_busy_and_names_the_range() -> None:
-    pool = PortPool(1000, 1009, "user-mode")
+    pool = PortPool(1000, 1009, "user-mode redirect")
     assert pool.allocate(10) == 1000
     with pytest.raises(IsBusy, match=r"no 1 consecutive free ports among the user-mode redirect "
                                      r"ports 1000-1009 \(10 in use\)"):
@@ -181,7 +181,7 @@ def test_pool_exhausted_is_busy_and_names_the_range() -> None:
 
 @pytest.mark.parametrize("count", [0, -1, 11, 64])
 def test_pool_count_outside_the_range_size_is_invalid(count: int) -> None:
-    pool = PortPool(1000, 1009, "kernel-mode")
+    pool = PortPool(1000, 1009, "kernel-mode redirect")
     pool.allocate(2)
     with pytest.raises(InvalidArgument, match=f"{count} ports do not fit the kernel-mode redirect "
                                               "ports 1000-1009"):

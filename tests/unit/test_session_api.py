@@ -24,7 +24,7 @@ from enforcer.core.policy import (
     ProtocolRule,
     SiteRule,
 )
-from enforcer.core.results import InvalidArgument, IsBusy
+from enforcer.core.results import InvalidArgument, IsBusy, NotFound, Terminating
 
 FTP = uuid.UUID("5c3c2a3e-8f1b-4c1e-9a57-1f0d3a6b2101")
 CLIENT = ipaddress.ip_address("192.0.2.11")
@@ -377,3 +377,124 @@ def test_disconnecting_forgets_connect_registrations(api: SessionApi) -> None:
     assert [e["filter"] for e in stays.pushed] == [stays_id]
     with pytest.raises(InvalidArgument, match=f"no filter {gone_id} is registered on this connection"):
         register(api, gone, filter=gone_id)
+
+
+# --- RetroactiveAllowBind and the binds listing ------------------------------------------------
+
+EXT = ipaddress.ip_address("198.51.100.1")
+
+
+def bind_api() -> tuple[SessionApi, list[Any], int]:
+    """An api whose on_bind hook records its calls, and a Firewall-client session of CLIENT."""
+    api = build_api()
+    bound: list[Any] = []
+    api.on_bind = bound.append
+    session = api.engine.open_firewall_session(CLIENT, "alice", 0.0).id
+    return api, bound, session
+
+
+def rab(api: SessionApi, **params: Any) -> dict[str, Any]:
+    request = {"protocol_guid": str(FTP), "address": str(EXT)}
+    request.update(params)
+    return api.retroactive_allow_bind(request, FakeCaller())
+
+
+@pytest.mark.parametrize("address", ["0.0.0.0", "::", str(EXT)])
+def test_retroactive_allow_bind_s_ok_then_s_false(address: str) -> None:
+    api, bound, session = bind_api()
+    bind = api.engine.bind_for_client(session, 6, EXT, 0.0)
+    first = rab(api, session=session, port=bind.port, address=address)
+    assert first["result"] == "S_OK" and first["hresult"] == 0
+    assert first["bind"] == bind.to_dict() and first["bind"]["state"] == "allowed"
+    assert first["bind"]["bind"] == bind.id and first["bind"]["ipfilter"] is None
+    assert bound == [bind]
+    second = rab(api, session=session, port=bind.port, address=address, flags=["INCREASE_RECEIVE_BUFFER"])
+    assert second["result"] == "S_FALSE" and second["hresult"] == 1
+    assert second["bind"]["flags"] == []  # unchanged by the second call
+    assert bound == [bind]  # the hook runs for S_OK only
+
+
+def test_retroactive_allow_bind_parses_the_ipfilter_and_the_udp_flags() -> None:
+    api, bound, session = bind_api()
+    bind = api.engine.bind_for_client(session, 17, EXT, 0.0)
+    ranges = [["198.51.100.0", "198.51.100.255"], ["2001:db8:2::", "2001:db8:2::ffff"]]
+    result = rab(api, session=session, port=bind.port, protocol="udp",
+                 flags=["BIDIRECTIONAL", "INCREASE_RECEIVE_BUFFER"], ipfilter={"ranges": ranges})
+    assert result["result"] == "S_OK" and bound == [bind]
+    assert result["bind"]["ipfilter"] == {"ranges": ranges}
+    assert result["bind"]["flags"] == ["BIDIRECTIONAL", "INCREASE_RECEIVE_BUFFER"]
+    assert bind.ipfilter is not None and bind.ipfilter.is_included("198.51.100.77")
+    assert not bind.ipfilter.is_included("192.0.2.11")
+
+
+def test_retroactive_allow_bind_with_an_empty_or_a_null_ipfilter() -> None:
+    api, _, session = bind_api()
+    none = api.engine.bind_for_client(session, 6, EXT, 0.0)
+    anyone = api.engine.bind_for_client(session, 6, EXT, 0.0)
+    assert rab(api, session=session, port=none.port, ipfilter={"ranges": []})["bind"]["ipfilter"] == \
+        {"ranges": []}
+    assert none.ipfilter is not None and none.ipfilter.is_empty
+    assert rab(api, session=session, port=anyone.port, ipfilter=None)["bind"]["ipfilter"] is None
+    assert anyone.ipfilter is None
+
+
+@pytest.mark.parametrize(("params", "message"), [
+    ({"ipfilter": {"ranges": "all"}}, "'ranges' must be a list"),
+    ({"ipfilter": {"ranges": [["198.51.100.9", "198.51.100.1"]]}}, "low is above high"),
+    ({"ipfilter": {"ranges": [["198.51.100.1", "2001:db8::1"]]}}, "cannot span families"),
+    ({"ipfilter": {"range": []}}, "unknown key"),
+    ({"ipfilter": [["198.51.100.1", "198.51.100.2"]]}, "expected an object"),
+    ({"ipfilter": "198.51.100.0/24"}, "expected an object"),
+    ({"address": "fw"}, "'address' 'fw' is not an IP address"),
+    ({"address": None}, "'address' must be an IP address string"),
+    ({"port": 0}, "port must be nonzero"),
+    ({"port": "1"}, "'port' must be an integer"),
+    ({"protocol": "icmp"}, "'protocol' must be"),
+    ({"protocol_guid": "nope"}, "is not a GUID"),
+    ({"protocol_guid": "00000000-0000-0000-0000-000000000005"}, "no protocol is defined"),
+    ({"flags": ["TIMEOUT"]}, "does not take TIMEOUT"),
+    ({"flags": ["BIDIRECTIONAL"]}, "BIDIRECTIONAL is for UDP only"),
+    ({"session": 99}, "no session 99"),
+    ({"extra": 1}, "unexpected parameters: extra"),
+])
+def test_retroactive_allow_bind_bad_parameters(params: dict[str, Any], message: str) -> None:
+    api, bound, session = bind_api()
+    bind = api.engine.bind_for_client(session, 6, EXT, 0.0)
+    request = {"session": session, "port": bind.port}
+    request.update(params)
+    with pytest.raises(InvalidArgument, match=message):
+        rab(api, **request)
+    assert bind.state.value == "pending" and bound == []
+
+
+def test_retroactive_allow_bind_not_found_and_terminating() -> None:
+    api, bound, session = bind_api()
+    bind = api.engine.bind_for_client(session, 6, EXT, 0.0)
+    with pytest.raises(NotFound):
+        rab(api, session=session, port=bind.port + 1)
+    with pytest.raises(NotFound):
+        rab(api, session=session, port=bind.port, address="198.51.100.2")
+    with pytest.raises(NotFound):
+        rab(api, session=session, port=bind.port, protocol=17)
+    api.engine.bind_done(bind)
+    with pytest.raises(Terminating):
+        rab(api, session=session, port=bind.port)
+    assert bound == []
+
+
+def test_binds_lists_by_session() -> None:
+    api, _, session = bind_api()
+    other = api.engine.open_firewall_session(CLIENT, "bob", 0.0).id
+    mine = api.engine.bind_for_client(session, 6, EXT, 0.0)
+    theirs = api.engine.bind_for_client(other, 17, EXT, 0.0)
+    assert api.binds({}, FakeCaller()) == [mine.to_dict(), theirs.to_dict()]
+    assert api.binds({"session": session}, FakeCaller()) == [mine.to_dict()]
+    assert api.binds({"session": other}, FakeCaller()) == [theirs.to_dict()]
+    assert api.binds({"session": 99}, FakeCaller()) == []
+    assert api.binds({"session": None}, FakeCaller()) == [mine.to_dict(), theirs.to_dict()]
+    with pytest.raises(InvalidArgument, match="'session' must be from 1"):
+        api.binds({"session": 0}, FakeCaller())
+    with pytest.raises(InvalidArgument, match="unexpected parameters"):
+        api.binds({"bind": 1}, FakeCaller())
+    api.engine.end_session(session, 1.0)
+    assert api.binds({}, FakeCaller()) == [theirs.to_dict()]

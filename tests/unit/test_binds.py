@@ -549,3 +549,18 @@ def test_ending_the_session_closes_its_binds(engine: Engine, session: int) -> No
     other = engine.open_firewall_session(C2, "alice", 3.0)
     ports = {engine.bind_for_client(other.id, UDP, EXT4, 3.0).port for _ in range(3)}
     assert ports == {20000, 20001, 20002}
+
+
+def test_a_done_bind_gives_its_port_back_and_a_new_bind_there_is_found(engine: Engine) -> None:
+    """bind_done returns the port at once; when the pool hands it out again, the session's
+    new bind there is the one RetroactiveAllowBind finds, not the closed one."""
+    s = engine.open_firewall_session(C1, "alice", 1.0)
+    first = [engine.bind_for_client(s.id, TCP, EXT4, 1.0) for _ in range(3)]  # the whole pool
+    engine.bind_done(first[0])
+    assert engine.bind_ports.in_use == 2
+    engine.bind_done(first[0])  # twice is once
+    assert engine.bind_ports.in_use == 2
+    again = engine.bind_for_client(s.id, TCP, EXT4, 2.0)
+    assert again.port == first[0].port
+    found, approved = engine.retroactive_allow_bind(s.id, TCP, None, again.port, FTP, Flags(0), None, 3.0)
+    assert found is again and approved

@@ -19,14 +19,15 @@ from testbed.build import Testbed
 # answers what it reads in capitals.
 BIND_AND_ACCEPT = """
 import ctypes, signal, socket, sys
-s = socket.socket(socket.AF_INET6 if sys.argv[1] == "ipv6" else socket.AF_INET)
-s.bind(("::" if sys.argv[1] == "ipv6" else "0.0.0.0", 0))
+s = socket.socket()
+s.bind(("0.0.0.0", 0))
 s.listen(1)
 print("bound", *s.getsockname()[:2], flush=True)
-signal.alarm(int(float(sys.argv[2])))
-# libc's accept(), which dante's library takes over: Python's own socket.accept()
-# calls accept4(), which it does not
-fd = ctypes.CDLL(None, use_errno=True).accept(s.fileno(), None, None)
+signal.alarm(int(float(sys.argv[1])))
+# libc's accept(), which dante's library takes over (Python's socket.accept() calls
+# accept4(), which it does not); with an address buffer: dante writes to it
+address, size = ctypes.create_string_buffer(128), ctypes.c_uint32(128)
+fd = ctypes.CDLL(None, use_errno=True).accept(s.fileno(), address, ctypes.byref(size))
 if fd < 0:
     raise OSError(ctypes.get_errno(), "accept")
 c = socket.socket(fileno=fd)
@@ -50,13 +51,13 @@ def config(proxy: str, port: int) -> str:
 
 
 def bind_and_accept(tb: Testbed, node: str, proxy: str, port: int, user: str, password: str,
-                    family: str, timeout: float) -> tuple[subprocess.Popen[str], Path]:
-    """Start BIND_AND_ACCEPT under socksify in ``node``; returns the process (its first
-    line of output says where it is bound) and the config directory to remove."""
+                    timeout: float) -> tuple[subprocess.Popen[str], Path]:
+    """Start BIND_AND_ACCEPT (IPv4) under socksify in ``node``; returns the process (its
+    first line of output says where it is bound) and the config directory to remove."""
     workdir = Path(tempfile.mkdtemp(prefix="pinhole-dante-"))
     (workdir / "socks.conf").write_text(config(proxy, port))
     env = dict(os.environ, SOCKS_CONF=str(workdir / "socks.conf"), SOCKS_USERNAME=user,
                SOCKS_PASSWORD=password)
-    proc = tb.popen(node, ["socksify", "python3", "-c", BIND_AND_ACCEPT, family, str(timeout)],
+    proc = tb.popen(node, ["socksify", "python3", "-c", BIND_AND_ACCEPT, str(timeout)],
                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
     return proc, workdir

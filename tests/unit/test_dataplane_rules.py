@@ -583,3 +583,32 @@ def test_stale_rules_are_replaced_in_the_same_transaction() -> None:
     assert [line for line in lines if not line.startswith("-D") and line != ":PINHOLE-OLD - [0:0]"] \
         == text.splitlines()
     assert dataplane._replacing(text, {}) == text
+
+
+# --- Firewall clients' binds and the fw's own ICMP errors -------------------------------------
+
+@pytest.mark.parametrize("fam", FAMS)
+def test_new_flows_to_bind_ports_go_to_the_queue(fam: str) -> None:
+    """With a SOCKS service, a new flow to a bind port on an external address is queued
+    (the enforcer drops what no approved bind admits); what is no flow at all is dropped."""
+    assert "--dport 20000:20099" not in render_rules(fam, CLOSED, IFACES, nat=True)
+    rules = appended(tables(render_rules(fam, CLOSED, IFACES, nat=True, bind_ports=(20000, 20099)))["filter"],
+                     "PINHOLE-INPUT")
+    binds = [r for r in rules if "--dport 20000:20099" in r]
+    externals = IFACES.external_of(fam)
+    assert len(binds) == 4 * len(externals)  # tcp and udp: queue the new, drop the invalid
+    for address in externals:
+        for proto in ("tcp", "udp"):
+            mine = [r for r in binds if f"-d {address} " in r and f"-p {proto} " in r]
+            assert [r.split("--ctstate ")[1].split()[0] for r in mine] == ["NEW", "INVALID,UNTRACKED"]
+            assert mine[0].endswith("-j NFQUEUE --queue-num 3") and mine[1].endswith("-j DROP")
+    nft = render_nft(CLOSED, IFACES, nat=True, bind_ports=(20000, 20099))
+    assert nft.count("th dport 20000-20099 ct state new queue num 3") == len(IFACES.external_addresses)
+
+
+@pytest.mark.parametrize("fam", FAMS)
+def test_the_fw_s_icmp_errors_about_user_mode_flows_are_queued(fam: str) -> None:
+    (rule,) = appended(tables(render_rules(fam, CLOSED, IFACES, nat=False))["filter"], "PINHOLE-OUTPUT")
+    assert f"-p {'icmp' if fam == 'ipv4' else 'ipv6-icmp'} " in rule
+    assert "--ctstate RELATED --ctstatus CONFIRMED" in rule
+    assert f"--mark {MARK_USER:#010x}/{MARK_MODE:#010x}" in rule and rule.endswith("--queue-num 3")

@@ -710,11 +710,15 @@ class _EchoServer:
                 data = conn.recv(65536)
                 if not data:
                     break
-                with self.lock:
+                with self.lock:  # counted before sending: the peer may ask right after
                     self.bytes_in += len(data)
-                conn.sendall(data)
-                with self.lock:
                     self.bytes_out += len(data)
+                try:
+                    conn.sendall(data)
+                except OSError:
+                    with self.lock:
+                        self.bytes_out -= len(data)
+                    raise
         except OSError:
             pass
         finally:
@@ -739,12 +743,13 @@ class _EchoServer:
                 if (peer[0], peer[1]) not in self.peers:
                     self.peers.append((peer[0], peer[1]))
             if self.echo:
+                with self.lock:  # counted before sending: the peer may ask right after
+                    self.bytes_out += len(data)
                 try:
                     self.sock.sendto(data, peer)
                 except OSError:
-                    continue
-                with self.lock:
-                    self.bytes_out += len(data)
+                    with self.lock:
+                        self.bytes_out -= len(data)
 
 
 _PATTERN = bytes(range(256)) * 256  # 64 KiB repeating pattern for tcp_connect

@@ -620,17 +620,64 @@ def test_a_filter_operation_past_the_limit_is_refused_and_changes_nothing(method
     assert f == before
 
 
+# --- exhaustive: every small case against a brute-force model ----------------------------------------
+
+TINY = range(6)  # offsets 0..5: every range, and every pair of them, can be tried
+TINY_RANGES = [(lo, hi) for lo in TINY for hi in TINY if lo <= hi]
+
+
+def runs(values: set[int]) -> list[tuple[int, int]]:
+    """Maximal runs of consecutive integers, ascending."""
+    out: list[tuple[int, int]] = []
+    for v in sorted(values):
+        if out and out[-1][1] + 1 == v:
+            out[-1] = (out[-1][0], v)
+        else:
+            out.append((v, v))
+    return out
+
+
+@FAMILIES
+@pytest.mark.parametrize("method", ["include_range", "exclude_range", "include_filter", "exclude_filter"])
+def test_exhaustively_every_operation_on_every_two_range_filter(family: int, method: str) -> None:
+    for first in TINY_RANGES:
+        for second in TINY_RANGES:
+            start = {*range(first[0], first[1] + 1), *range(second[0], second[1] + 1)}
+            for low, high in TINY_RANGES:
+                f = IpFilter()
+                include(f, family, *first)
+                include(f, family, *second)
+                if method.endswith("range"):
+                    getattr(f, method)(at(family, low), at(family, high))
+                else:
+                    other = IpFilter()
+                    include(other, family, low, high)
+                    getattr(f, method)(other)
+                span = set(range(low, high + 1))
+                expected = start | span if method.startswith("include") else start - span
+                case = (first, second, method, (low, high))
+                assert offsets(f, family) == runs(expected), case
+                assert members(f, family, range(-1, 7)) == expected, case
+
+
 # --- property: IpFilter against a brute-force model -------------------------------------------------
 
 # Three small address spaces, each enumerable: an IPv4 /24, an IPv6 /120, and the IPv4-mapped
 # IPv6 form of the same /24 (which must stay apart from the IPv4 addresses).
-SPACES = {
+SPACES: dict[str, IPAddress] = {
     "v4": ipaddress.IPv4Address("192.0.2.0"),
     "v6": ipaddress.IPv6Address("2001:db8::"),
     "mapped": ipaddress.IPv6Address("::ffff:192.0.2.0"),
 }
-PROBES = [base + n for base in SPACES.values() for n in range(256)] + [
-    base + n for base in SPACES.values() for n in (-1, 256)]
+
+
+def in_space(space: str, offset: int) -> IPAddress:
+    base = SPACES[space]
+    return ipaddress.IPv4Address(int(base) + offset) if base.version == 4 else ipaddress.IPv6Address(
+        int(base) + offset)
+
+
+PROBES = [in_space(space, n) for space in SPACES for n in range(-1, 257)]
 
 Model = frozenset[IPAddress]
 
@@ -657,9 +704,8 @@ def build(ops: list[Any]) -> tuple[IpFilter, Model]:
     for op in ops:
         if op[0] in ("include_range", "exclude_range"):
             method, space, low, high = op
-            base = SPACES[space]
-            getattr(f, method)(base + low, base + high)
-            span = {base + n for n in range(low, high + 1)}
+            getattr(f, method)(in_space(space, low), in_space(space, high))
+            span = {in_space(space, n) for n in range(low, high + 1)}
         else:
             method, sub_ops = op
             other, other_model = build(sub_ops)
@@ -671,6 +717,8 @@ def build(ops: list[Any]) -> tuple[IpFilter, Model]:
             model |= span
         else:
             model -= span
+        # after every step, not only at the end: a later step could hide an earlier mistake
+        assert f.ranges() == model_ranges(frozenset(model)), op
     return f, frozenset(model)
 
 
@@ -686,16 +734,20 @@ def model_intervals(model: Model) -> tuple[tuple[tuple[int, int], ...], tuple[tu
     return tuple(result[4]), tuple(result[6])
 
 
+def model_ranges(model: Model) -> list[tuple[IPAddress, IPAddress]]:
+    """What IpFilter.ranges() must return for a set: its maximal runs, IPv4 first."""
+    v4, v6 = model_intervals(model)
+    return [(ipaddress.IPv4Address(lo), ipaddress.IPv4Address(hi)) for lo, hi in v4] + [
+        (ipaddress.IPv6Address(lo), ipaddress.IPv6Address(hi)) for lo, hi in v6]
+
+
 @settings(max_examples=300, deadline=None)
 @given(op_sequences)
 def test_property_ipfilter_matches_a_set_of_addresses(ops: list[Any]) -> None:
     f, model = build(ops)
     for address in PROBES:
         assert f.is_included(address) == (address in model), address
-    v4, v6 = model_intervals(model)
-    expected = [(ipaddress.IPv4Address(lo), ipaddress.IPv4Address(hi)) for lo, hi in v4] + [
-        (ipaddress.IPv6Address(lo), ipaddress.IPv6Address(hi)) for lo, hi in v6]
-    assert f.ranges() == expected
+    assert f.ranges() == model_ranges(model)
     assert f.is_empty == (not model)
     assert IpFilter.from_dict(json.loads(json.dumps(f.to_dict()))) == f
 

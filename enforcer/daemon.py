@@ -89,6 +89,15 @@ def load_data_filters(targets: dict[str, str]) -> dict[str, DataFilterFactory]:
     return factories
 
 
+def ensure_receive_buffer(sock: socket.socket, size: int) -> int:
+    """Make a socket's receive buffer at least ``size`` (as root, past rmem_max); return it."""
+    current = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+    if current < size:
+        sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, size)
+        current = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+    return int(current)
+
+
 class Daemon:
     def __init__(self, config: Config, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
@@ -227,7 +236,8 @@ class Daemon:
             log.error("cannot install a redirect: %s", exc)
             raise
         if any(Flags.INCREASE_RECEIVE_BUFFER in p.flags for p in perms):
-            size = self._ensure_receive_buffer(INCREASED_RECEIVE_BUFFER)
+            assert self.queue_socket is not None
+            size = ensure_receive_buffer(self.queue_socket, INCREASED_RECEIVE_BUFFER)
             for perm in perms:
                 perm.receive_buffer = size
 
@@ -236,9 +246,7 @@ class Daemon:
         held = None if self.socks is None else self.socks.socket_of(bind)
         if held is None or Flags.INCREASE_RECEIVE_BUFFER not in bind.flags or bind.protocol != UDP:
             return
-        if held.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) < INCREASED_RECEIVE_BUFFER:
-            held.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, INCREASED_RECEIVE_BUFFER)
-        bind.receive_buffer = held.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+        bind.receive_buffer = ensure_receive_buffer(held, INCREASED_RECEIVE_BUFFER)
 
     def _redirect_rule(self, perm: Permission) -> dataplane.RedirectRule:
         r = perm.redirect
@@ -257,15 +265,6 @@ class Daemon:
         except dataplane.DataplaneError as exc:
             # the enforcer still refuses what they would admit: their actions are done
             log.error("cannot remove finished redirects: %s", exc)
-
-    def _ensure_receive_buffer(self, size: int) -> int:
-        """Make the queue socket's receive buffer at least ``size``; return what it is."""
-        assert self.queue_socket is not None
-        current = self.queue_socket.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
-        if current < size:
-            self.queue_socket.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, size)
-            current = self.queue_socket.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
-        return int(current)
 
     # --- control API ----------------------------------------------------------------
     def _status(self, params: dict[str, Any], caller: Caller) -> dict[str, Any]:

@@ -416,9 +416,7 @@ def install(backend: str, settings: DataplaneSettings, interfaces: Interfaces, n
             replaced.append(f"nft table inet {NFT_TABLE}")
         _run(["nft", "-f", "-"], input=f"table inet {NFT_TABLE} {{}}\ndelete table inet {NFT_TABLE}\n"
              + render_nft(settings, interfaces, nat, bind_ports))
-        for tool in FAMILIES.values():
-            for table in TABLES:
-                replaced += _remove_table(tool, table)
+        replaced += _remove_iptables()  # the other backend's, if a run used it
     else:
         for family, tool in FAMILIES.items():
             text = render_rules(family, settings, interfaces, nat, bind_ports)
@@ -430,9 +428,7 @@ def install(backend: str, settings: DataplaneSettings, interfaces: Interfaces, n
                     _run([tool, "-w", "-t", table, "-F", chain])
                     _run([tool, "-w", "-t", table, "-X", chain])
                     replaced.append(f"{tool} -t {table} chain {chain}")
-        if _nft_table_exists():
-            _run(["nft", "delete", "table", "inet", NFT_TABLE])
-            replaced.append(f"nft table inet {NFT_TABLE}")
+        replaced += _remove_nft_table()  # the other backend's, if a run used it
     return replaced + _forget_offloaded_flows()
 
 
@@ -441,14 +437,18 @@ def remove() -> list[str]:
 
     Returns what was removed. Safe to call when nothing is installed.
     """
-    removed: list[str] = []
-    for tool in FAMILIES.values():
-        for table in TABLES:
-            removed += _remove_table(tool, table)
-    if _nft_table_exists():
-        _run(["nft", "delete", "table", "inet", NFT_TABLE])
-        removed.append(f"nft table inet {NFT_TABLE}")
-    return removed + _forget_offloaded_flows()
+    return _remove_iptables() + _remove_nft_table() + _forget_offloaded_flows()
+
+
+def _remove_iptables() -> list[str]:
+    return [item for tool in FAMILIES.values() for table in TABLES for item in _remove_table(tool, table)]
+
+
+def _remove_nft_table() -> list[str]:
+    if not _nft_table_exists():
+        return []
+    _run(["nft", "delete", "table", "inet", NFT_TABLE])
+    return [f"nft table inet {NFT_TABLE}"]
 
 
 def _nft_table_exists() -> bool:

@@ -196,21 +196,17 @@ class _Client:
         self._send(socks.reply(code, "0.0.0.0", 0))
         self.close()
 
-    def _external(self, version: int) -> IPAddress | None:
-        return self.engine.external_address(version)
-
     # --- CONNECT ------------------------------------------------------------------------
     def _connect(self, target: IPAddress, port: int) -> None:
         assert self.session is not None
         decision = self.engine.client_connect(self.session, TCP, target, port, self.port,
                                               self.service.clock())
         self.service.dispatch()
-        external = self._external(target.version)
+        # the address the decision chose (relayed flows always leave from one of ours)
+        external = self.engine.external_address(target.version, decision.snat or 0)
         if decision.verdict is Verdict.DROP or external is None:
             self.fail(Reply.NOT_ALLOWED, decision.reason)
             return
-        if decision.snat is not None:
-            external = self.engine.external_address(target.version, decision.snat) or external
         out = socket.socket(_family(target), socket.SOCK_STREAM)
         out.setblocking(False)
         try:
@@ -250,7 +246,7 @@ class _Client:
     # --- BIND ---------------------------------------------------------------------------
     def _bind(self) -> None:
         assert self.session is not None
-        external = self._external(self.ip.version)
+        external = self.engine.external_address(self.ip.version)
         if external is None:
             self.fail(Reply.ADDRESS_TYPE_NOT_SUPPORTED, "no external address of the client's family")
             return
@@ -286,7 +282,7 @@ class _Client:
     # --- UDP ASSOCIATE ----------------------------------------------------------------
     def _associate(self) -> None:
         assert self.session is not None
-        external = self._external(self.ip.version)
+        external = self.engine.external_address(self.ip.version)
         local = ipaddress.ip_address(self.sock.getsockname()[0])
         if external is None:
             self.fail(Reply.ADDRESS_TYPE_NOT_SUPPORTED, "no external address of the client's family")

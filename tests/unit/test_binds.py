@@ -8,6 +8,7 @@ import uuid
 from typing import Any
 
 import pytest
+from core_policy import INTERNAL, POLICY_DATA
 
 from enforcer.core import packet
 from enforcer.core.binds import DEFAULT_BIND_PORTS, RECENT_SENDER_SECONDS, Bind, BindState, BindTable
@@ -26,36 +27,17 @@ from enforcer.core.results import (
 )
 
 ip = ipaddress.ip_address
-net = ipaddress.ip_network
 
-# test_engine.py's policy, plus SMTP for alice only (by user) and NTP (UDP) for every client.
+# the shared policy, plus SMTP for alice only (by user)
 POLICY = policy_from_dict({
-    "protocol": [
-        {"name": "FTP", "guid": "5c3c2a3e-8f1b-4c1e-9a57-1f0d3a6b2101", "ip_protocol": "tcp",
-         "ports": [21]},
-        {"name": "HTTP", "guid": "5c3c2a3e-8f1b-4c1e-9a57-1f0d3a6b2102", "ip_protocol": "tcp",
-         "ports": [80]},
-        {"name": "SSH", "guid": "5c3c2a3e-8f1b-4c1e-9a57-1f0d3a6b2103", "ip_protocol": "tcp",
-         "ports": [22]},
-        {"name": "DNS", "guid": "5c3c2a3e-8f1b-4c1e-9a57-1f0d3a6b2104", "ip_protocol": "udp",
-         "ports": [53]},
-        {"name": "SMTP", "guid": "5c3c2a3e-8f1b-4c1e-9a57-1f0d3a6b2105", "ip_protocol": "tcp",
-         "ports": [25]},
-    ],
-    "protocol_rule": [
-        {"name": "nobody uses SSH", "action": "deny", "protocols": ["SSH"], "clients": ["0.0.0.0/0", "::/0"]},
-        {"name": "clients", "action": "allow", "protocols": ["FTP", "DNS", "SSH"],
-         "clients": ["192.0.2.0/24", "2001:db8:1::/64"]},
-        {"name": "c1 HTTP", "action": "allow", "protocols": ["HTTP"], "clients": ["192.0.2.11/32"]},
-        {"name": "alice mails", "action": "allow", "protocols": ["SMTP"],
-         "clients": ["192.0.2.0/24"], "users": ["alice"]},
-    ],
-    "site_rule": [
-        {"name": "denied net", "action": "deny", "destinations": ["203.0.113.0/24", "2001:db8:3::/64"]},
-        {"name": "servers", "action": "allow", "destinations": ["198.51.100.0/24", "2001:db8:2::/64"]},
-    ],
+    "protocol": [*POLICY_DATA["protocol"],
+                 {"name": "SMTP", "guid": "5c3c2a3e-8f1b-4c1e-9a57-1f0d3a6b2105", "ip_protocol": "tcp",
+                  "ports": [25]}],
+    "protocol_rule": [*POLICY_DATA["protocol_rule"],
+                      {"name": "alice mails", "action": "allow", "protocols": ["SMTP"],
+                       "clients": ["192.0.2.0/24"], "users": ["alice"]}],
+    "site_rule": POLICY_DATA["site_rule"],
 })
-INTERNAL = (net("192.0.2.0/24"), net("2001:db8:1::/64"))
 C1, C2, C6 = ip("192.0.2.11"), ip("192.0.2.12"), ip("2001:db8:1::11")
 S1, S2 = ip("198.51.100.21"), ip("198.51.100.22")
 OUTSIDE = ip("192.0.2.99")  # an internal peer address: never in the filters below

@@ -14,6 +14,7 @@ import uuid
 from typing import Any
 
 import pytest
+from core_policy import INTERNAL, POLICY, pkt
 
 from enforcer.core import packet
 from enforcer.core.engine import (
@@ -28,7 +29,7 @@ from enforcer.core.flags import Flags
 from enforcer.core.flows import FlowRecord, Mode, reverse
 from enforcer.core.packet import ICMP, TCP, UDP, FlowKey, Ingress, IPAddress, PacketMeta
 from enforcer.core.permissions import ActionState, Permission
-from enforcer.core.policy import Defaults, PortRange, policy_from_dict
+from enforcer.core.policy import Defaults, PortRange
 from enforcer.core.redirects import MAX_ADDRESSES, PortPool, Redirect
 from enforcer.core.results import (
     InvalidArgument,
@@ -39,32 +40,7 @@ from enforcer.core.results import (
 )
 
 ip = ipaddress.ip_address
-net = ipaddress.ip_network
 
-# The policy of test_engine.py: FTP, DNS and SSH (denied to all) for the clients, HTTP for C1.
-POLICY = policy_from_dict({
-    "protocol": [
-        {"name": "FTP", "guid": "5c3c2a3e-8f1b-4c1e-9a57-1f0d3a6b2101", "ip_protocol": "tcp",
-         "ports": [21]},
-        {"name": "HTTP", "guid": "5c3c2a3e-8f1b-4c1e-9a57-1f0d3a6b2102", "ip_protocol": "tcp",
-         "ports": [80]},
-        {"name": "SSH", "guid": "5c3c2a3e-8f1b-4c1e-9a57-1f0d3a6b2103", "ip_protocol": "tcp",
-         "ports": [22]},
-        {"name": "DNS", "guid": "5c3c2a3e-8f1b-4c1e-9a57-1f0d3a6b2104", "ip_protocol": "udp",
-         "ports": [53]},
-    ],
-    "protocol_rule": [
-        {"name": "nobody uses SSH", "action": "deny", "protocols": ["SSH"], "clients": ["0.0.0.0/0", "::/0"]},
-        {"name": "clients", "action": "allow", "protocols": ["FTP", "DNS", "SSH"],
-         "clients": ["192.0.2.0/24", "2001:db8:1::/64"]},
-        {"name": "c1 HTTP", "action": "allow", "protocols": ["HTTP"], "clients": ["192.0.2.11/32"]},
-    ],
-    "site_rule": [
-        {"name": "denied net", "action": "deny", "destinations": ["203.0.113.0/24", "2001:db8:3::/64"]},
-        {"name": "servers", "action": "allow", "destinations": ["198.51.100.0/24", "2001:db8:2::/64"]},
-    ],
-})
-INTERNAL = (net("192.0.2.0/24"), net("2001:db8:1::/64"))
 C1, C2, C6 = "192.0.2.11", "192.0.2.12", "2001:db8:1::11"
 S1, S6 = "198.51.100.21", "2001:db8:2::21"
 
@@ -113,13 +89,6 @@ def snapshot(engine: Engine) -> tuple[object, ...]:
     """What a failed grant must leave as it was."""
     return ([p.id for p in engine.pending(None, 1.0)],
             [engine.pools[m].to_dict() for m in (False, True)], list(engine.retired))
-
-
-def pkt(src: str, dst: str, dport: int, *, proto: int = TCP, flags: int = packet.TCP_SYN,
-        sport: int = 40000, ingress: Ingress = Ingress.INTERNAL) -> PacketMeta:
-    if proto != TCP:
-        flags = 0
-    return PacketMeta(FlowKey(proto, ip(src), sport, ip(dst), dport), ingress, flags)
 
 
 def udp(src: str, dst: str, dport: int, sport: int = 7000,

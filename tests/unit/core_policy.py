@@ -1,0 +1,46 @@
+"""The policy the decision core's unit tests share (test_engine, test_redirects,
+test_binds): FTP, DNS and SSH (which a deny rule takes from everyone) for the lab's
+client networks, HTTP for c1 only, and the denied network."""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any
+
+from enforcer.core.packet import TCP, FlowKey, Ingress, PacketMeta
+from enforcer.core.policy import policy_from_dict
+
+POLICY_DATA: dict[str, list[dict[str, Any]]] = {
+    "protocol": [
+        {"name": "FTP", "guid": "5c3c2a3e-8f1b-4c1e-9a57-1f0d3a6b2101", "ip_protocol": "tcp",
+         "ports": [21]},
+        {"name": "HTTP", "guid": "5c3c2a3e-8f1b-4c1e-9a57-1f0d3a6b2102", "ip_protocol": "tcp",
+         "ports": [80]},
+        {"name": "SSH", "guid": "5c3c2a3e-8f1b-4c1e-9a57-1f0d3a6b2103", "ip_protocol": "tcp",
+         "ports": [22]},
+        {"name": "DNS", "guid": "5c3c2a3e-8f1b-4c1e-9a57-1f0d3a6b2104", "ip_protocol": "udp",
+         "ports": [53]},
+    ],
+    "protocol_rule": [
+        {"name": "nobody uses SSH", "action": "deny", "protocols": ["SSH"], "clients": ["0.0.0.0/0", "::/0"]},
+        {"name": "clients", "action": "allow", "protocols": ["FTP", "DNS", "SSH"],
+         "clients": ["192.0.2.0/24", "2001:db8:1::/64"]},
+        {"name": "c1 HTTP", "action": "allow", "protocols": ["HTTP"], "clients": ["192.0.2.11/32"]},
+    ],
+    "site_rule": [
+        {"name": "denied net", "action": "deny", "destinations": ["203.0.113.0/24", "2001:db8:3::/64"]},
+        {"name": "servers", "action": "allow", "destinations": ["198.51.100.0/24", "2001:db8:2::/64"]},
+    ],
+}
+POLICY = policy_from_dict(POLICY_DATA)
+INTERNAL = (ipaddress.ip_network("192.0.2.0/24"), ipaddress.ip_network("2001:db8:1::/64"))
+SYN = 0x02
+
+
+def pkt(src: str, dst: str, dport: int, *, proto: int = TCP, flags: int = SYN, sport: int = 40000,
+        ingress: Ingress = Ingress.INTERNAL) -> PacketMeta:
+    """A new flow's first packet (TCP: a SYN unless ``flags`` say otherwise)."""
+    if proto != TCP:
+        flags = 0
+    return PacketMeta(FlowKey(proto, ipaddress.ip_address(src), sport, ipaddress.ip_address(dst), dport),
+                      ingress, flags)

@@ -96,14 +96,18 @@ class SessionApi:
 
     def __init__(self, engine: Engine, clock: Callable[[], float],
                  on_grant: Callable[[list[Permission]], None] = lambda perms: None,
-                 on_bind: Callable[[Bind], None] = lambda bind: None) -> None:
+                 on_bind: Callable[[Bind], None] = lambda bind: None,
+                 on_securenat_bind: Callable[[Bind], None] = lambda bind: None) -> None:
         """``on_grant`` is the shell's part of a grant (kernel state for a redirect, a
         larger receive buffer); if it raises, the grant is withdrawn and the call fails.
-        ``on_bind`` is its part of an approved bind (a larger receive buffer)."""
+        ``on_bind`` is its part of an approved bind (a larger receive buffer), and
+        ``on_securenat_bind`` of a new SecureNAT bind (kernel NAT to the client; if it
+        raises, the bind is withdrawn)."""
         self.engine = engine
         self.clock = clock
         self.on_grant = on_grant
         self.on_bind = on_bind
+        self.on_securenat_bind = on_securenat_bind
         self._filters: dict[int, tuple[str, Caller]] = {}
         self._filter_ids = itertools.count(1)
 
@@ -116,6 +120,7 @@ class SessionApi:
             "allow_future_connect": self.allow_future_connect,
             "redirect_connections": self.redirect_connections,
             "register_connect_events": self.register_connect_events,
+            "bind_for_client": self.bind_for_client,
             "retroactive_allow_bind": self.retroactive_allow_bind,
             "binds": self.binds,
             "cancel": self.cancel,
@@ -195,6 +200,21 @@ class SessionApi:
                 with contextlib.suppress(Terminating):  # it may have expired meanwhile
                     self.engine.cancel(perm.id, self.clock())
             raise
+
+    def bind_for_client(self, params: dict[str, Any], caller: Caller) -> dict[str, Any]:
+        """A SecureNAT client's port made reachable for one inbound flow (pending until
+        retroactive_allow_bind): the bind, whose ``address`` is what the peer must use."""
+        p = Params(params, {"session", "protocol", "client_port"})
+        session = p.integer("session", low=1)
+        client_port = p.integer("client_port", low=0, high=2**31)
+        bind, new = self.engine.bind_for_securenat(session, p.protocol(), client_port, self.clock())
+        if new:
+            try:
+                self.on_securenat_bind(bind)
+            except Exception:
+                self.engine.withdraw_bind(bind)
+                raise
+        return bind.to_dict()
 
     def retroactive_allow_bind(self, params: dict[str, Any], caller: Caller) -> dict[str, Any]:
         """RetroactiveAllowBind: ``address`` may be the any-address ("0.0.0.0", "::");

@@ -1,4 +1,6 @@
-"""A small Python client for the control socket."""
+"""The session API for Python callers: over the control socket (``Client``), or in the
+enforcer's own process for application filters (``enforcer.filters``). Both have the
+same methods (``SessionCalls``); only the transport of ``call`` differs."""
 
 from __future__ import annotations
 
@@ -18,7 +20,78 @@ class ControlError(Exception):
     """The control socket could not be reached or answered nonsense."""
 
 
-class Client:
+class SessionCalls:
+    """The session API's methods, on top of ``call(method, **params)``."""
+
+    def call(self, method: str, **params: Any) -> Any:
+        raise NotImplementedError
+
+    def allow_future_connect(self, session: int, target: tuple[str, int], *,
+                             protocol_guid: str, protocol: str = "tcp", flags: Flags | None = None,
+                             proxy_external_address: str | None = None,
+                             session_filter: int | None = None, context: Any = None,
+                             data_filter: str | None = None) -> Action:
+        """Grant the session's client one (or, with ALLOW_MULTIPLE, more) secondary flows."""
+        result = self.call("allow_future_connect", session=session, address=target[0],
+                           port=target[1], protocol=protocol, flags=flag_names(flags or Flags(0)),
+                           protocol_guid=protocol_guid,
+                           proxy_external_address=proxy_external_address,
+                           filter=session_filter, context=context, data_filter=data_filter)
+        return Action(self, int(result["action"]))
+
+    def redirect_connections(self, session: int, targets: list[tuple[str, int]], *,
+                             protocol_guid: str, protocol: str = "tcp", flags: Flags | None = None,
+                             proxy_external_address: str | None = None,
+                             session_filter: int | None = None, context: Any = None,
+                             data_filter: str | None = None) -> tuple[tuple[str, int], list[Action]]:
+        """Redirect the session's client's connections to consecutive ports on the fw:
+        (InternalAddress, one action per target); port InternalAddress+i leads to targets[i]."""
+        result = self.call("redirect_connections", session=session,
+                           addresses=[[a, p] for a, p in targets], protocol=protocol,
+                           flags=flag_names(flags or Flags(0)), protocol_guid=protocol_guid,
+                           proxy_external_address=proxy_external_address,
+                           filter=session_filter, context=context, data_filter=data_filter)
+        address, port = result["internal_address"]
+        return (str(address), int(port)), [Action(self, int(a["action"])) for a in result["actions"]]
+
+    def bind_for_client(self, session: int, client_port: int, *,
+                        protocol: str = "tcp") -> tuple[str, int]:
+        """Make a SecureNAT client's port reachable from outside for one flow: the address
+        and port a peer must use ((the fw's external address, a port) in NAT, the client's
+        own otherwise). It admits nothing until ``retroactive_allow_bind``."""
+        result = self.call("bind_for_client", session=session, protocol=protocol,
+                           client_port=client_port)
+        address, port = result["address"]
+        return str(address), int(port)
+
+    def retroactive_allow_bind(self, session: int, address: tuple[str, int], *, protocol_guid: str,
+                               protocol: str = "tcp", flags: Flags | None = None,
+                               ipfilter: list[tuple[str, str]] | None = None) -> bool:
+        """Approve a bind of the session for the peers in ``ipfilter`` (inclusive address
+        ranges; None: any peer). True for S_OK, False for S_FALSE (approved already)."""
+        result = self.call("retroactive_allow_bind", session=session, protocol=protocol,
+                           address=address[0], port=address[1], protocol_guid=protocol_guid,
+                           flags=flag_names(flags or Flags(0)),
+                           ipfilter=None if ipfilter is None else
+                           {"ranges": [[low, high] for low, high in ipfilter]})
+        return bool(result["result"] == "S_OK")
+
+    def binds(self, session: int | None = None) -> list[dict[str, Any]]:
+        """The binds of a session (of all sessions with None)."""
+        return list(self.call("binds", session=session))
+
+    def register_filter(self, name: str) -> int:
+        """Register a session filter; its events arrive on this client (next_event)."""
+        return int(self.call("register_filter", name=name)["filter"])
+
+    def register_connect_events(self, filter_id: int, protocol: str, ports: tuple[int, int]) -> None:
+        """Have ``connect`` events sent to the filter for connections admitted to these ports."""
+        self.call("register_connect_events", filter=filter_id, protocol=protocol, ports=list(ports))
+
+
+class Client(SessionCalls):
+    """The session API over the enforcer's control socket."""
+
     def __init__(self, path: str, *, timeout: float = 5.0) -> None:
         self.path = path
         self.timeout = timeout
@@ -115,43 +188,6 @@ class Client:
             raise ControlError(f"unexpected message {message!r}")
         return message
 
-    # --- the session API ----------------------------------------------------------------
-    def allow_future_connect(self, session: int, target: tuple[str, int], *,
-                             protocol_guid: str, protocol: str = "tcp", flags: Flags | None = None,
-                             proxy_external_address: str | None = None,
-                             session_filter: int | None = None, context: Any = None,
-                             data_filter: str | None = None) -> Action:
-        """Grant the session's client one (or, with ALLOW_MULTIPLE, more) secondary flows."""
-        result = self.call("allow_future_connect", session=session, address=target[0],
-                           port=target[1], protocol=protocol, flags=flag_names(flags or Flags(0)),
-                           protocol_guid=protocol_guid,
-                           proxy_external_address=proxy_external_address,
-                           filter=session_filter, context=context, data_filter=data_filter)
-        return Action(self, int(result["action"]))
-
-    def redirect_connections(self, session: int, targets: list[tuple[str, int]], *,
-                             protocol_guid: str, protocol: str = "tcp", flags: Flags | None = None,
-                             proxy_external_address: str | None = None,
-                             session_filter: int | None = None, context: Any = None,
-                             data_filter: str | None = None) -> tuple[tuple[str, int], list[Action]]:
-        """Redirect the session's client's connections to consecutive ports on the fw:
-        (InternalAddress, one action per target); port InternalAddress+i leads to targets[i]."""
-        result = self.call("redirect_connections", session=session,
-                           addresses=[[a, p] for a, p in targets], protocol=protocol,
-                           flags=flag_names(flags or Flags(0)), protocol_guid=protocol_guid,
-                           proxy_external_address=proxy_external_address,
-                           filter=session_filter, context=context, data_filter=data_filter)
-        address, port = result["internal_address"]
-        return (str(address), int(port)), [Action(self, int(a["action"])) for a in result["actions"]]
-
-    def register_filter(self, name: str) -> int:
-        """Register a session filter; its events arrive on this client (next_event)."""
-        return int(self.call("register_filter", name=name)["filter"])
-
-    def register_connect_events(self, filter_id: int, protocol: str, ports: tuple[int, int]) -> None:
-        """Have ``connect`` events sent to the filter for connections admitted to these ports."""
-        self.call("register_connect_events", filter=filter_id, protocol=protocol, ports=list(ports))
-
     def close(self) -> None:
         if self._sock is not None:
             self._sock.close()
@@ -168,7 +204,7 @@ class Client:
 class Action:
     """A FirewallAction held by a client."""
 
-    def __init__(self, client: Client, action_id: int) -> None:
+    def __init__(self, client: SessionCalls, action_id: int) -> None:
         self.client = client
         self.id = action_id
 
@@ -185,4 +221,4 @@ class Action:
         self.client.call("cancel", action=self.id)
 
 
-__all__ = ["Action", "Client", "ControlError", "Flags", "SessionApiError"]
+__all__ = ["Action", "Client", "ControlError", "Flags", "SessionApiError", "SessionCalls"]

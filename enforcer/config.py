@@ -63,6 +63,8 @@ class Config:
     # name -> "module:attribute" of a factory that makes a DataFilter for a flow
     data_filters: dict[str, str] = field(default_factory=dict)
     socks: SocksSettings | None = None  # None: no SOCKS service
+    # application filters to use (entry points of the "pinhole.filters" group)
+    app_filters: tuple[str, ...] = ()
 
 
 def load(path: Path | str) -> Config:
@@ -84,7 +86,7 @@ def parse(text: str, path: Path | str = "<config>") -> Config:
         raise ConfigError(path, line, f"not valid TOML: {reason}") from None
     try:
         policy = policy_from_dict(data, extra_sections=("network", "dataplane", "control",
-                                                        "data_filters", "socks"))
+                                                        "data_filters", "socks", "filters"))
         root = Reader(data)
         net = root.table("network")
         net.check_keys({"internal_interfaces", "external_interfaces", "nat"})
@@ -129,9 +131,14 @@ def parse(text: str, path: Path | str = "<config>") -> Config:
                 raise filters.fail(name, f"'{target}' is not 'module:attribute'")
             data_filters[name] = target
         socks = _socks(root) if "socks" in data else None
+        app = root.table("filters")
+        app.check_keys({"enable"})
+        app_filters = tuple(app.strings("enable")) if "enable" in app.data else ()
+        if len(set(app_filters)) != len(app_filters):
+            raise app.fail("enable", "names a filter twice")
     except PolicyInvalid as exc:
         raise ConfigError(path, locate(text, exc.path), str(exc)) from None
-    return Config(policy, network, dataplane, socket_path, data_filters, socks)
+    return Config(policy, network, dataplane, socket_path, data_filters, socks, app_filters)
 
 
 def _socks(root: Reader) -> SocksSettings:

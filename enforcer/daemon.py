@@ -21,13 +21,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from enforcer import dataplane, rewrite
+from enforcer import dataplane, filters, rewrite
 from enforcer.api import Params, SessionApi
 from enforcer.config import Config, SocksSettings
 from enforcer.control import AlreadyRunning, Caller, ControlServer, refuse_if_served
 from enforcer.core import nat
 from enforcer.core.binds import Bind
-from enforcer.core.datafilter import DataFilterFactory, Direction, TcpStreamEditor
+from enforcer.core.datafilter import DataFilter, DataFilterFactory, Direction, TcpStreamEditor
 from enforcer.core.engine import Engine, Verdict
 from enforcer.core.flags import Flags
 from enforcer.core.flows import FlowRecord, Mode
@@ -89,6 +89,49 @@ def load_data_filters(targets: dict[str, str]) -> dict[str, DataFilterFactory]:
     return factories
 
 
+def load_app_filters(config: Config) -> tuple[dict[str, filters.AppFilter], dict[str, str]]:
+    """The enabled application filters, and which protocol (by name) each watches."""
+    try:
+        plugins = filters.load(list(config.app_filters))
+    except filters.PluginError as exc:
+        raise StartupError(str(exc)) from None
+    watching: dict[str, str] = {}
+    for name, plugin in plugins.items():
+        protocol = next((p for p in config.policy.protocols
+                         if str(p.guid) == str(plugin.protocol_guid).lower()), None)
+        if protocol is None:
+            raise StartupError(f"application filter '{name}' watches protocol GUID "
+                               f"{plugin.protocol_guid}, and no [[protocol]] has it")
+        if protocol.name in watching:
+            raise StartupError(f"application filters '{watching[protocol.name]}' and '{name}' "
+                               f"both watch {protocol.name}")
+        watching[protocol.name] = name
+    return plugins, watching
+
+
+class _Disabled:
+    """What replaces a filter that failed: the data passes as it is."""
+
+    def on_data(self, direction: Direction, data: bytes) -> bytes:
+        return data
+
+
+class _Guarded:
+    """A filter whose exceptions are logged once; after one, the data passes unchanged."""
+
+    def __init__(self, inner: DataFilter, what: str) -> None:
+        self.inner = inner
+        self.what = what
+
+    def on_data(self, direction: Direction, data: bytes) -> bytes:
+        try:
+            return self.inner.on_data(direction, data)
+        except Exception:
+            log.exception("%s failed; its data passes unchanged from now on", self.what)
+            self.inner = _Disabled()
+            return data
+
+
 def ensure_receive_buffer(sock: socket.socket, size: int) -> int:
     """Make a socket's receive buffer at least ``size`` (as root, past rmem_max); return it."""
     current = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
@@ -106,14 +149,19 @@ class Daemon:
         self.selector = selectors.DefaultSelector()
         self.interfaces = discover(config)
         self.filter_factories = load_data_filters(config.data_filters)
+        self.app_filters, watching = load_app_filters(config)
         self.engine = Engine(config.policy, self.interfaces.internal_networks,
                              self.interfaces.external_addresses, nat=config.network.nat,
-                             data_filters=self.filter_factories,
+                             data_filters=[*self.filter_factories, *self.app_filters],
                              internal_addresses=[a for _, a in self.interfaces.internal_addresses],
                              kernel_redirect_ports=config.dataplane.kernel_redirect_ports,
                              user_redirect_ports=config.dataplane.user_redirect_ports,
-                             bind_ports=(config.socks or SocksSettings()).bind_ports)
-        self.api = SessionApi(self.engine, clock, self._on_grant, self._on_bind)
+                             bind_ports=(config.socks or SocksSettings()).bind_ports,
+                             app_filters=watching)
+        self.api = SessionApi(self.engine, clock, self._on_grant, self._on_bind,
+                              self._on_securenat_bind)
+        # the session API as application filters call it, in this process
+        self.calls = filters.InProcessCalls({**self.api.handlers()})
         self.socks: SocksService | None = None
         self._ingress = {i: Ingress.INTERNAL for i in self.interfaces.internal.values()}
         self._stop = False
@@ -207,20 +255,46 @@ class Daemon:
                 pkt.drop()
                 return
             out = nat.rewrite(out, src=record.redirect)
-        if record.data_filter is not None and meta.key.protocol == TCP:
+        if record.data_filter is not None or record.app_filter is not None:
             out = self._filtered(out, record, forward)
         if out is not data:
             pkt.set_payload(out)
         pkt.accept()
 
+    def stream_filter(self, record: FlowRecord) -> DataFilter:
+        """The data filter, or the application filter's stream filter, of a flow."""
+        name = record.app_filter or record.data_filter
+        if name in self.app_filters:
+            session = self.engine.sessions.get(record.session_id)
+            key = record.key
+            primary = filters.Primary(
+                record.session_id, "tcp" if key.protocol == TCP else "udp", (key.src, key.sport),
+                (key.dst, key.dport), translated=record.snat is not None,
+                firewall_client=session is not None and session.kind != "securenat",
+                via=record.redirect)
+            what = f"application filter '{name}' on {key}"
+            try:
+                made = self.app_filters[name].attach(primary, self.calls)
+            except Exception:
+                log.exception("%s could not attach; the connection goes on unfiltered", what)
+                return _Disabled()
+            return _Guarded(made, what)
+        factory = self.filter_factories[str(record.data_filter)]
+        return _Guarded(factory(record.key), f"data filter '{record.data_filter}' on {record.key}")
+
     def _filtered(self, data: bytes, record: FlowRecord, forward: bool) -> bytes:
-        """The segment after the flow's data filter (sequence numbers shifted to match)."""
+        """The packet after the flow's filter: for TCP, sequence numbers shifted to match."""
+        direction = Direction.OUT if forward else Direction.BACK
+        if record.key.protocol == UDP:
+            if record.stream is None:
+                record.stream = self.stream_filter(record)
+            payload = rewrite.udp_payload(data)
+            new = record.stream.on_data(direction, payload)
+            return data if new == payload else rewrite.rebuild_udp(data, new)
         if record.editor is None:
-            factory = self.filter_factories[str(record.data_filter)]
-            record.editor = TcpStreamEditor(factory(record.key))
+            record.editor = TcpStreamEditor(self.stream_filter(record))
         packet, segment = rewrite.parse_segment(data)
-        edited = record.editor.edit(Direction.OUT if forward else Direction.BACK,
-                                    segment.seq, segment.ack, segment.payload)
+        edited = record.editor.edit(direction, segment.seq, segment.ack, segment.payload)
         if edited == (segment.seq, segment.ack, segment.payload):
             return data
         return rewrite.rebuild(packet, *edited)
@@ -248,6 +322,20 @@ class Daemon:
             return
         bind.receive_buffer = ensure_receive_buffer(held, INCREASED_RECEIVE_BUFFER)
 
+    def _on_securenat_bind(self, bind: Bind) -> None:
+        """A SecureNAT client's bind in NAT: kernel NAT from the external port to the
+        client's (routed, the bind is the client's own address: nothing to do)."""
+        rule = self._bind_rule(bind)
+        if rule is not None:
+            dataplane.program_redirects(self.backend, [rule], add=True)
+
+    @staticmethod
+    def _bind_rule(bind: Bind) -> dataplane.BindRule | None:
+        if bind.client is None or bind.client_port is None or bind.address == bind.client:
+            return None
+        return dataplane.BindRule(bind.protocol, bind.address, bind.port, bind.client,
+                                  bind.client_port)
+
     def _redirect_rule(self, perm: Permission) -> dataplane.RedirectRule:
         r = perm.redirect
         assert r is not None
@@ -255,13 +343,14 @@ class Daemon:
                                       r.client, r.internal, r.internal_port, r.target, r.target_port)
 
     def _retire_redirects(self) -> None:
-        """Remove the kernel state of kernel-mode redirects that admit nothing more."""
-        retired = self.engine.drain_retired()
-        if not retired:
+        """Remove the kernel state of kernel-mode redirects and SecureNAT binds that admit
+        nothing more."""
+        rules: list[dataplane.NatRule] = [self._redirect_rule(p) for p in self.engine.drain_retired()]
+        rules += [r for r in map(self._bind_rule, self.engine.drain_retired_binds()) if r is not None]
+        if not rules:
             return
         try:
-            dataplane.program_redirects(self.backend, [self._redirect_rule(p) for p in retired],
-                                        add=False)
+            dataplane.program_redirects(self.backend, rules, add=False)
         except dataplane.DataplaneError as exc:
             # the enforcer still refuses what they would admit: their actions are done
             log.error("cannot remove finished redirects: %s", exc)
@@ -313,7 +402,7 @@ class Daemon:
                                       self.config.socks.bind_ports if self.config.socks else None)
             if stale:
                 log.warning("removed stale state of an earlier run: %s", "; ".join(stale))
-            if self.filter_factories:
+            if self.filter_factories or self.app_filters:
                 liberal_before = dataplane.liberal_tcp_tracking(True)
             wake_w.setblocking(False)
             signal.set_wakeup_fd(wake_w.fileno())
@@ -336,7 +425,8 @@ class Daemon:
                 try:
                     self.socks = SocksService(
                         self.engine, self.selector, self.clock, self.config.socks,
-                        [a.ip for _, a in self.interfaces.internal_addresses], self.api.dispatch_events)
+                        [a.ip for _, a in self.interfaces.internal_addresses], self.api.dispatch_events,
+                        self.stream_filter)
                 except OSError as exc:
                     raise StartupError(f"cannot serve SOCKS on port {self.config.socks.port}: "
                                        f"{exc.strerror or exc}") from None

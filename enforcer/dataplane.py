@@ -231,7 +231,9 @@ def render_nft(settings: DataplaneSettings, interfaces: Interfaces, nat: bool,
         addr = _NFT_ADDR[family]
         key = f"{addr} . {addr} . inet_proto . inet_service"
         lines += [f"  map redirect_mark_{proto} {{ type {key} : mark; }}",
-                  f"  map redirect_to_{proto} {{ type {key} : {addr} . inet_service; }}"]
+                  f"  map redirect_to_{proto} {{ type {key} : {addr} . inet_service; }}",
+                  f"  map bind_to_{proto} {{ type {addr} . inet_proto . inet_service : "
+                  f"{addr} . inet_service; }}"]
     lines += ["  chain raw_prerouting {", "    type filter hook prerouting priority raw; policy accept;"]
     for family, proto in _NFT_FAMILY.items():
         for name, a in interfaces.internal_of(family):
@@ -286,7 +288,9 @@ def render_nft(settings: DataplaneSettings, interfaces: Interfaces, nat: bool,
     for proto in _NFT_FAMILY.values():
         key = f"{proto} saddr . {proto} daddr . meta l4proto . th dport"
         lines += [f"    ct state new meta mark set {key} map @redirect_mark_{proto} "
-                  f"dnat {proto} to {key} map @redirect_to_{proto}"]
+                  f"dnat {proto} to {key} map @redirect_to_{proto}",
+                  f"    ct state new dnat {proto} to {proto} daddr . meta l4proto . th dport "
+                  f"map @bind_to_{proto}"]
     lines += ["  }", "  chain source_nat {", "    type nat hook postrouting priority srcnat; policy accept;"]
     for family, proto in _NFT_FAMILY.items():
         for ext, net, mark, address in _snat_rules(family, interfaces, nat):
@@ -334,21 +338,55 @@ class RedirectRule:
                 f"{op} element inet {NFT_TABLE} redirect_to_{proto} {{ {key}{to} }}"]
 
 
-def render_redirects(rules: Iterable[RedirectRule], add: bool) -> dict[str, str]:
-    """iptables-restore input per family that adds or deletes these redirects (pure)."""
+@dataclass(frozen=True)
+class BindRule:
+    """A SecureNAT client's bind in NAT: new flows to the fw's external address and
+    port are sent on to the client's port by kernel NAT (the enforcer then judges
+    them in the forward hook, by the bind)."""
+
+    protocol: int
+    external: IPAddress
+    port: int
+    client: IPAddress
+    client_port: int
+
+    @property
+    def family(self) -> str:
+        return "ipv4" if self.client.version == 4 else "ipv6"
+
+    def iptables(self, op: str) -> list[str]:
+        to = f"{self.client}:{self.client_port}" if self.client.version == 4 \
+            else f"[{self.client}]:{self.client_port}"
+        return [f"{op} PINHOLE-PREROUTING -d {self.external} -p {PROTOCOL_NAMES[self.protocol]} "
+                f"--dport {self.port} -m conntrack --ctstate NEW -j DNAT --to-destination {to}"]
+
+    def nft(self, op: str) -> list[str]:
+        proto = _NFT_FAMILY[self.family]
+        key = f"{self.external} . {PROTOCOL_NAMES[self.protocol]} . {self.port}"
+        to = f" : {self.client} . {self.client_port}" if op == "add" else ""
+        return [f"{op} element inet {NFT_TABLE} bind_to_{proto} {{ {key}{to} }}"]
+
+
+NatRule = RedirectRule | BindRule
+
+
+def render_redirects(rules: Iterable[NatRule], add: bool) -> dict[str, str]:
+    """iptables-restore input per family that adds or deletes these redirects or
+    binds (pure)."""
     out: dict[str, list[str]] = {}
     for rule in rules:
         out.setdefault(rule.family, []).extend(rule.iptables("-A" if add else "-D"))
     return {family: "\n".join(["*nat", *lines, "COMMIT"]) + "\n" for family, lines in out.items()}
 
 
-def render_nft_redirects(rules: Iterable[RedirectRule], add: bool) -> str:
-    """nft input that adds or deletes these redirects' map elements (pure)."""
+def render_nft_redirects(rules: Iterable[NatRule], add: bool) -> str:
+    """nft input that adds or deletes these redirects' or binds' map elements (pure)."""
     return "".join(f"{line}\n" for rule in rules for line in rule.nft("add" if add else "delete"))
 
 
-def program_redirects(backend: str, rules: Sequence[RedirectRule], add: bool) -> None:
-    """Install (add) or remove kernel-mode redirects, all in one transaction per family."""
+def program_redirects(backend: str, rules: Sequence[NatRule], add: bool) -> None:
+    """Install (add) or remove kernel-mode redirects and SecureNAT binds' NAT, all in one
+    transaction per family."""
     if not rules:
         return
     if backend == "nft":

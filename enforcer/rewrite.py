@@ -1,11 +1,12 @@
-"""Rebuilding a TCP segment after a data filter: new sequence numbers, payload, lengths and
-checksums. Scapy does the rebuilding; it runs only for flows that carry a data filter."""
+"""Rebuilding a TCP segment or UDP datagram after a filter: new sequence numbers, payload,
+lengths and checksums. Scapy does the rebuilding; it runs only for flows that carry a
+filter."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from scapy.layers.inet import IP, TCP
+from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.inet6 import IPv6
 from scapy.packet import Packet, Raw
 
@@ -20,7 +21,7 @@ class Segment:
 
 
 def parse_segment(data: bytes) -> tuple[Packet, Segment]:
-    packet: Packet = IP(data) if data[0] >> 4 == 4 else IPv6(data)
+    packet = _packet(data)
     tcp = packet[TCP]
     ack = tcp.ack if int(tcp.flags) & TCP_ACK else None
     return packet, Segment(tcp.seq, ack, bytes(tcp.payload))
@@ -36,6 +37,30 @@ def rebuild(packet: Packet, seq: int, ack: int | None, payload: bytes) -> bytes:
     if payload:
         tcp.add_payload(Raw(payload))
     del tcp.chksum
+    if isinstance(packet, IP):
+        del packet.len
+        del packet.chksum
+    else:
+        del packet.plen
+    return bytes(packet)
+
+
+def _packet(data: bytes) -> Packet:
+    return IP(data) if data[0] >> 4 == 4 else IPv6(data)
+
+
+def udp_payload(data: bytes) -> bytes:
+    return bytes(_packet(data)[UDP].payload)
+
+
+def rebuild_udp(data: bytes, payload: bytes) -> bytes:
+    """The datagram with this payload; lengths and checksums recomputed."""
+    packet = _packet(data)
+    udp = packet[UDP]
+    udp.remove_payload()
+    udp.add_payload(Raw(payload))
+    del udp.len
+    del udp.chksum
     if isinstance(packet, IP):
         del packet.len
         del packet.chksum

@@ -24,7 +24,9 @@ from collections.abc import Callable
 from enforcer.config import SocksSettings
 from enforcer.core import socks
 from enforcer.core.binds import Bind
+from enforcer.core.datafilter import DataFilter, Direction
 from enforcer.core.engine import Engine, Verdict
+from enforcer.core.flows import FlowRecord
 from enforcer.core.packet import TCP, UDP, IPAddress
 from enforcer.core.results import SessionApiError
 from enforcer.core.socks import Reply
@@ -46,8 +48,12 @@ def _family(address: IPAddress) -> socket.AddressFamily:
 class SocksService:
     def __init__(self, engine: Engine, selector: selectors.BaseSelector, clock: Callable[[], float],
                  settings: SocksSettings, addresses: list[IPAddress],
-                 dispatch: Callable[[], None]) -> None:
+                 dispatch: Callable[[], None],
+                 stream_filter: Callable[[FlowRecord], DataFilter] | None = None) -> None:
+        """``stream_filter`` makes the filter of a relayed connection whose flow has one
+        (an application filter on a primary)."""
         self.engine = engine
+        self.stream_filter = stream_filter
         self.selector = selector
         self.clock = clock
         self.settings = settings
@@ -106,6 +112,7 @@ class _Client:
         self.handshake = socks.ServerHandshake(service.settings.require_auth, service.check)
         self.session: int | None = None
         self.early = bytearray()  # what the client sent after its request
+        self.flow: FlowRecord | None = None  # the flow a CONNECT made
         self.out = bytearray()  # replies not yet written
         self.peer: socket.socket | None = None  # the other end of the relay
         self.bound: socket.socket | None = None  # BIND listener, or UDP ASSOCIATE's external socket
@@ -221,6 +228,7 @@ class _Client:
             self.fail(_CONNECT_ERRORS.get(code, Reply.GENERAL_FAILURE), errno.errorcode.get(code, str(code)))
             return
         self.peer = out
+        self.flow = self.engine.flows.get(decision.key)
         self.deadline = self.service.clock() + CONNECT_TIMEOUT
         self.service.selector.register(out, selectors.EVENT_WRITE, self._connected)
 
@@ -234,11 +242,17 @@ class _Client:
             return
         host, port = self.peer.getsockname()[:2]
         self._send(socks.reply(Reply.SUCCEEDED, host, port))
-        self._relay(self.peer)
+        self._relay(self.peer, self.flow)
 
-    def _relay(self, other: socket.socket) -> None:
+    def _relay(self, other: socket.socket, flow: FlowRecord | None = None) -> None:
+        """Relay between the client and ``other``; through the filter of ``flow`` if it
+        has one."""
         self.service.selector.unregister(self.sock)
-        self.pipe = _Pipe(self.service.selector, self.sock, other, self.close)
+        stream = None
+        if flow is not None and (flow.app_filter or flow.data_filter) and \
+                self.service.stream_filter is not None:
+            stream = self.service.stream_filter(flow)
+        self.pipe = _Pipe(self.service.selector, self.sock, other, self.close, stream)
         self.pipe.start(bytes(self.out), bytes(self.early))
         self.out.clear()
         self.early.clear()
@@ -365,8 +379,11 @@ class _Pipe:
     """Relays bytes both ways between two non-blocking sockets in the selector."""
 
     def __init__(self, selector: selectors.BaseSelector, a: socket.socket, b: socket.socket,
-                 on_close: Callable[[], None]) -> None:
+                 on_close: Callable[[], None], stream: DataFilter | None = None) -> None:
+        """``stream``: a filter that sees (and may change) what a sends (OUT) and what b
+        sends (BACK)."""
         self.selector = selector
+        self.stream = stream
         self.ends = (a, b)
         self.buffers: dict[socket.socket, bytearray] = {a: bytearray(), b: bytearray()}  # to send
         self.eof: dict[socket.socket, bool] = {a: False, b: False}  # nothing more to read
@@ -377,7 +394,7 @@ class _Pipe:
     def start(self, to_a: bytes, to_b: bytes) -> None:
         a, b = self.ends
         self.buffers[a] += to_a
-        self.buffers[b] += to_b
+        self.buffers[b] += self.stream.on_data(Direction.OUT, to_b) if self.stream and to_b else to_b
         self._flush()
 
     def _other(self, s: socket.socket) -> socket.socket:
@@ -396,6 +413,9 @@ class _Pipe:
             if data == b"":
                 self.eof[s] = True
             elif data:
+                if self.stream is not None:
+                    data = self.stream.on_data(
+                        Direction.OUT if s is self.ends[0] else Direction.BACK, data)
                 self.buffers[other] += data
         self._flush()
 

@@ -16,15 +16,17 @@ from pathlib import Path
 from typing import Any
 
 from enforcer.client import Client, ControlError
+from enforcer.plugins.ftp import FTP_GUID
+from enforcer.plugins.tftp import TFTP_GUID
 from testbed.build import Testbed
 from testbed.topology import FAMILIES
 
 GUIDS = {
-    "FTP": "5c3c2a3e-8f1b-4c1e-9a57-1f0d3a6b2101",
+    "FTP": FTP_GUID,
     "HTTP": "5c3c2a3e-8f1b-4c1e-9a57-1f0d3a6b2102",
     "SSH": "5c3c2a3e-8f1b-4c1e-9a57-1f0d3a6b2103",
     "DNS": "5c3c2a3e-8f1b-4c1e-9a57-1f0d3a6b2104",
-    "TFTP": "5c3c2a3e-8f1b-4c1e-9a57-1f0d3a6b2105",
+    "TFTP": TFTP_GUID,
 }
 # Firewall clients' SOCKS5 users (user -> password)
 SOCKS_USERS = {"alice": "alice-secret", "bob": "bob-secret"}
@@ -39,9 +41,11 @@ def _toml_list(items: list[str]) -> str:
 
 def lab_config(tb: Testbed, *, socket: Path, fail_open: bool = False, queue: int = 0,
                backend: str = "auto", data_filters: dict[str, str] | None = None,
-               dataplane: dict[str, object] | None = None) -> str:
-    """``dataplane``: further [dataplane] settings (receive_buffer, *_redirect_ports)."""
-    """The enforcer config for a testbed: its interfaces, NAT per variant, the lab policy."""
+               dataplane: dict[str, object] | None = None, app_filters: tuple[str, ...] = ()) -> str:
+    """The enforcer config for a testbed: its interfaces, NAT per variant, the lab policy.
+
+    ``dataplane``: further [dataplane] settings (receive_buffer, *_redirect_ports);
+    ``app_filters``: the application filters to enable."""
     topo = tb.topology
     internal = [topo.internal_network(f) for f in FAMILIES]
     c1 = [f"{topo.address('c1', f)}/{32 if f == 'ipv4' else 128}" for f in FAMILIES]
@@ -78,6 +82,8 @@ def lab_config(tb: Testbed, *, socket: Path, fail_open: bool = False, queue: int
             f"destinations = {_toml_list([topo.external_network(f) for f in FAMILIES])}"]
     out += ["", "[socks]", f"port = {SOCKS_PORT}", "require_auth = true", "", "[socks.users]",
             *(f'{user} = "{password}"' for user, password in SOCKS_USERS.items())]
+    if app_filters:
+        out += ["", "[filters]", f"enable = {_toml_list(list(app_filters))}"]
     if data_filters:
         out += ["", "[data_filters]", *(f'{name} = "{target}"' for name, target in data_filters.items())]
     return "\n".join(out) + "\n"
@@ -102,6 +108,7 @@ class EnforcerProcess:
         self.log_path = workdir / "enforcer.log"
         self.proc: subprocess.Popen[Any] | None = None
         self.fail_open = False
+        self.app_filters: tuple[str, ...] = ()
         self.customised = False  # started with anything but the default configuration
 
     @property
@@ -109,15 +116,17 @@ class EnforcerProcess:
         return self.proc is not None and self.proc.poll() is None
 
     def start(self, *, fail_open: bool = False, backend: str = "auto",
-              dataplane: dict[str, object] | None = None, timeout: float = 15.0) -> None:
+              dataplane: dict[str, object] | None = None, app_filters: tuple[str, ...] = (),
+              timeout: float = 15.0) -> None:
         """Start the daemon and return once it answers on its control socket."""
         if self.running:
             raise RuntimeError("the enforcer is already running")
         self.fail_open = fail_open
-        self.customised = fail_open or backend != "auto" or bool(dataplane)
+        self.app_filters = app_filters
+        self.customised = fail_open or backend != "auto" or bool(dataplane) or bool(app_filters)
         self.config_path.write_text(lab_config(self.tb, socket=self.socket, fail_open=fail_open,
                                                backend=backend, data_filters=self.data_filters,
-                                               dataplane=dataplane))
+                                               dataplane=dataplane, app_filters=app_filters))
         with self.log_path.open("a") as log:
             self.proc = self.tb.popen(
                 "fw", [sys.executable, "-m", "testbed", "enforcer", "--verbose",

@@ -5,6 +5,13 @@ once. Until RetroactiveAllowBind approves it, whatever arrives for that address
 is discarded silently; once approved, only peers its IpFilter includes (all of
 them with no filter) get through. A TCP bind takes one connection (SOCKS BIND),
 then it is done; a UDP bind lasts as long as its session's association.
+
+A SecureNAT client has no agent to bind for it; an application filter binds
+for it instead (active FTP, a TFTP server's reply): such a bind leads to a port
+of the client's own (``client``, ``client_port``). Its address is the client's
+in the routed topology, and an external address of the fw in NAT, which the
+kernel then translates to the client. It takes one flow, TCP or UDP, and
+expires if nothing has come by ``expires``.
 """
 
 from __future__ import annotations
@@ -46,6 +53,15 @@ class Bind:
     discarded: int = 0
     receive_buffer: int | None = None  # set by the shell: the bound socket's, in bytes
     recent: dict[tuple[IPAddress, int], float] = field(default_factory=dict)
+    # A SecureNAT client's bind: the client's own address and port it leads to
+    client: IPAddress | None = None
+    client_port: int | None = None
+    expires: float | None = None
+    pooled: bool = True  # its port came from the bind pool
+
+    @property
+    def for_securenat(self) -> bool:
+        return self.client_port is not None
 
     def admits(self, peer: IPAddress) -> bool:
         return self.state is BindState.ALLOWED and (self.ipfilter is None or self.ipfilter.is_included(peer))
@@ -62,23 +78,36 @@ class Bind:
                 "flags": flag_names(self.flags), "protocol_name": self.protocol_name,
                 "ipfilter": None if self.ipfilter is None else self.ipfilter.to_dict(),
                 "admitted": self.admitted, "discarded": self.discarded,
-                "receive_buffer": self.receive_buffer, "created": self.created}
+                "receive_buffer": self.receive_buffer, "created": self.created,
+                "leads_to": None if self.client is None else [str(self.client), self.client_port],
+                "expires": self.expires}
 
 
 @dataclass
 class BindTable:
     _by_address: dict[tuple[int, IPAddress, int], Bind] = field(default_factory=dict)
     _by_session: dict[int, dict[int, Bind]] = field(default_factory=dict)
+    # SecureNAT binds by what they lead to: (protocol, client, client port)
+    _by_client: dict[tuple[int, IPAddress, int], Bind] = field(default_factory=dict)
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
 
-    def add(self, session_id: int, protocol: int, address: IPAddress, port: int, now: float) -> Bind:
+    def add(self, session_id: int, protocol: int, address: IPAddress, port: int, now: float,
+            **securenat: Any) -> Bind:
+        """A new bind; ``securenat``: client, client_port, expires and pooled of a
+        SecureNAT client's bind."""
         key = (protocol, address, port)
         if key in self._by_address:
             raise ValueError(f"{PROTOCOL_NAMES[protocol]} {address}:{port} is bound already")
-        bind = Bind(next(self._ids), session_id, protocol, address, port, now)
+        bind = Bind(next(self._ids), session_id, protocol, address, port, now, **securenat)
         self._by_address[key] = bind
         self._by_session.setdefault(session_id, {})[bind.id] = bind
+        if bind.client is not None and bind.client_port is not None:
+            self._by_client[(protocol, bind.client, bind.client_port)] = bind
         return bind
+
+    def leading_to(self, protocol: int, client: IPAddress, port: int) -> Bind | None:
+        """The open SecureNAT bind that leads to this client's port, if any."""
+        return self._by_client.get((protocol, client, port))
 
     def at(self, protocol: int, address: IPAddress, port: int) -> Bind | None:
         """The open bind on this address and port, if any."""
@@ -98,6 +127,9 @@ class BindTable:
         bind.state = BindState.CLOSED
         if self._by_address.get((bind.protocol, bind.address, bind.port)) is bind:
             del self._by_address[(bind.protocol, bind.address, bind.port)]
+        if bind.client is not None and bind.client_port is not None and \
+                self._by_client.get((bind.protocol, bind.client, bind.client_port)) is bind:
+            del self._by_client[(bind.protocol, bind.client, bind.client_port)]
 
     def end_session(self, session_id: int) -> list[Bind]:
         binds = list(self._by_session.pop(session_id, {}).values())

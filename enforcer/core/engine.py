@@ -11,7 +11,7 @@ import enum
 import ipaddress
 import uuid
 from collections import Counter, deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple
 
 from enforcer.core.binds import DEFAULT_BIND_PORTS, Bind, BindState, BindTable
@@ -143,7 +143,10 @@ class Engine:
                  internal_addresses: Iterable[IPInterface] = (),
                  kernel_redirect_ports: tuple[int, int] = DEFAULT_KERNEL_REDIRECT_PORTS,
                  user_redirect_ports: tuple[int, int] = DEFAULT_USER_REDIRECT_PORTS,
-                 bind_ports: tuple[int, int] = DEFAULT_BIND_PORTS) -> None:
+                 bind_ports: tuple[int, int] = DEFAULT_BIND_PORTS,
+                 app_filters: Mapping[str, str] | None = None) -> None:
+        """``app_filters``: protocol name -> the application filter that watches its
+        primary connections (they then run in user mode)."""
         self.policy = policy
         self.internal_networks = NetworkSet(internal_networks)
         self.external_addresses = tuple(external_addresses)
@@ -162,6 +165,9 @@ class Engine:
         self.retired: list[Permission] = []  # finished redirects whose kernel rules must go
         self.binds = BindTable()
         self.bind_ports = PortPool(*bind_ports, name="bind")
+        self.app_filters = dict(app_filters or {})
+        self.retired_binds: list[Bind] = []  # SecureNAT binds in NAT whose kernel rule must go
+        self._expiring_binds: dict[int, Bind] = {}
         # filter -> the (IP protocol, ports) it registered for connect events on
         self.connect_registrations: dict[int, list[tuple[int, PortRange]]] = {}
 
@@ -268,7 +274,7 @@ class Engine:
         """A UDP flow's later datagrams that were queued before the kernel had recorded
         the first one's verdict arrive as new: they get that verdict again, and neither
         use a permission nor make events a second time."""
-        if meta.key.protocol != UDP or meta.ingress is not Ingress.INTERNAL:
+        if meta.key.protocol != UDP:
             return None
         found = self.flows.find(meta.key)
         if found is None or not found[1] or now - found[0].admitted_at > SAME_FLOW_WINDOW:
@@ -289,6 +295,9 @@ class Engine:
         if key.protocol == TCP and not meta.starts_tcp_connection:
             return drop(f"TCP packet with flags 0x{meta.tcp_flags:02x} cannot open a connection")
         if meta.ingress is Ingress.EXTERNAL:
+            bind = self.binds.leading_to(key.protocol, key.dst, key.dport)
+            if bind is not None:
+                return self._to_bind(bind, meta, now, length)
             return drop("arrived on the external side and no permission admits it")
         if not self._is_internal(key.src):
             return drop(f"source {key.src} is not on an internal network")
@@ -304,7 +313,8 @@ class Engine:
         session = self.sessions.securenat(key.src, now)
         # the kernel translates a primary only where the family has an external address
         snat = 0 if self.nat and self._has_external(key.dst.version) else None
-        return self._admit_primary(key, session, protocol, Mode.KERNEL, snat, why, now, length)
+        mode = Mode.USER if protocol.name in self.app_filters else Mode.KERNEL
+        return self._admit_primary(key, session, protocol, mode, snat, why, now, length)
 
     def _judge_primary(self, key: FlowKey, user: str | None) -> tuple[ProtocolDef | None, str]:
         """Whether policy allows ``key`` as a primary connection: (the protocol, why) or
@@ -325,7 +335,8 @@ class Engine:
                        snat: int | None, why: str, now: float, length: int) -> Decision:
         session.primaries += 1
         session.last_activity = now
-        record = FlowRecord(key, session.id, protocol.name, mode, now, snat=snat)
+        record = FlowRecord(key, session.id, protocol.name, mode, now, snat=snat,
+                            app_filter=self.app_filters.get(protocol.name))
         record.saw(True, length, now)
         self.flows.add(record)
         self._connect_events(record, secondary=False, now=now)
@@ -380,6 +391,54 @@ class Engine:
         port = self.bind_ports.allocate(1)
         return self.binds.add(session.id, protocol, address, port, now)
 
+    def bind_for_securenat(self, session_id: int, protocol: int, client_port: int,
+                           now: float) -> tuple[Bind, bool]:
+        """Make a SecureNAT client's port reachable from outside, for one flow, once
+        RetroactiveAllowBind approves it (an application filter calls this for active
+        FTP, say). Routed: the bind is the client's own address and port. NAT: an
+        external address of the fw, and the client's port if it is free and none of the
+        fw's own (the shell maps it to the client), else a port from the bind pool. The
+        same client port asked again gives the same open bind. Unused, it expires after
+        the permission timeout. Returns the bind and whether it is new."""
+        if protocol not in (TCP, UDP):
+            raise InvalidArgument(f"protocol must be TCP (6) or UDP (17), not {protocol}")
+        if not 1 <= client_port <= 65535:
+            raise InvalidArgument(f"the client port must be 1-65535, not {client_port}")
+        session = self.session(session_id)
+        if session.kind != "securenat":
+            raise InvalidArgument(f"session {session.id} is a Firewall client's: it binds "
+                                  "through the fw itself (SOCKS BIND)")
+        existing = self.binds.leading_to(protocol, session.client, client_port)
+        if existing is not None and existing.session_id == session.id:
+            return existing, False
+        expires = now + self.policy.defaults.permission_timeout
+        address, port, pooled = session.client, client_port, False
+        if self.nat:
+            external = self.external_address(session.client.version)
+            if external is None:
+                raise InvalidArgument(f"the firewall has no external IPv{session.client.version} "
+                                      "address to bind on")
+            address = external
+            if self.binds.at(protocol, address, port) is not None or port in self.bind_ports or \
+                    any(port in pool for pool in self.pools.values()):
+                port, pooled = self.bind_ports.allocate(1), True
+        elif self.binds.at(protocol, address, port) is not None:
+            raise IsBusy(f"{session.client} port {client_port} is bound already")
+        bind = self.binds.add(session.id, protocol, address, port, now, client=session.client,
+                              client_port=client_port, expires=expires, pooled=pooled)
+        self._expiring_binds[bind.id] = bind
+        return bind, True
+
+    def withdraw_bind(self, bind: Bind) -> None:
+        """A new SecureNAT bind the shell could not set up: gone, with nothing to undo."""
+        self.bind_done(bind)
+        if bind in self.retired_binds:
+            self.retired_binds.remove(bind)
+
+    def drain_retired_binds(self) -> list[Bind]:
+        retired, self.retired_binds = self.retired_binds, []
+        return retired
+
     def heard(self, bind: Bind, peer: IPAddress, port: int, now: float) -> None:
         """A datagram from ``peer`` reached a UDP bind: the client may answer it (with
         BIDIRECTIONAL) for a while."""
@@ -433,14 +492,20 @@ class Engine:
         """The first packet of a flow to one of the fw's own addresses on a bind port."""
         key = meta.key
         bind = self.binds.at(key.protocol, key.dst, key.dport)
+        if bind is None:
+            return self._record(Decision(Verdict.DROP, key,
+                                         f"nothing is bound on {key.dst} port {key.dport}", now))
+        return self._record(self._to_bind(bind, meta, now, length))
+
+    def _to_bind(self, bind: Bind, meta: PacketMeta, now: float, length: int) -> Decision:
+        """A new flow for a bind: admitted if the bind is approved and its IpFilter
+        includes the peer; a SecureNAT bind is then done (it takes one flow)."""
+        key = meta.key
 
         def drop(reason: str) -> Decision:
-            if bind is not None:
-                bind.discarded += 1
-            return self._record(Decision(Verdict.DROP, key, reason, now))
+            bind.discarded += 1
+            return Decision(Verdict.DROP, key, reason, now)
 
-        if bind is None:
-            return drop(f"nothing is bound on {key.dst} port {key.dport}")
         if key.protocol == TCP and not meta.starts_tcp_connection:
             return drop(f"TCP packet with flags 0x{meta.tcp_flags:02x} cannot open a connection")
         if bind.state is not BindState.ALLOWED:
@@ -453,15 +518,21 @@ class Engine:
         record = FlowRecord(key, bind.session_id, str(bind.protocol_name), Mode.KERNEL, now)
         record.saw(True, length, now)
         self.flows.add(record)
-        return self._record(Decision(Verdict.ADMIT_KERNEL, key, f"inbound to bind {bind.id}", now,
-                                     bind.session_id, bind.protocol_name))
+        if bind.for_securenat:
+            self.bind_done(bind)
+        return Decision(Verdict.ADMIT_KERNEL, key, f"inbound to bind {bind.id}", now,
+                        bind.session_id, bind.protocol_name)
 
     def bind_done(self, bind: Bind) -> None:
         """The bind took its connection (TCP), or its association ended: it is closed and
         its port goes back to the pool (a connection it took keeps its socket)."""
         if bind.state is not BindState.CLOSED:
             self.binds.close(bind)
-            self.bind_ports.release(bind.port)
+            if bind.pooled:
+                self.bind_ports.release(bind.port)
+            self._expiring_binds.pop(bind.id, None)
+            if bind.for_securenat and bind.address != bind.client:
+                self.retired_binds.append(bind)
 
     def _admit_permitted(self, key: FlowKey, perm: Permission, now: float,
                          length: int) -> Decision:
@@ -634,8 +705,12 @@ class Engine:
         return retired
 
     def expire(self, now: float) -> None:
-        """Finish the permissions whose time is up (the shell calls this on a timer)."""
+        """Finish the permissions and SecureNAT binds whose time is up (the shell calls
+        this on a timer)."""
         self.permissions.expire(now)
+        for bind in [b for b in self._expiring_binds.values()
+                     if b.expires is not None and b.expires <= now]:
+            self.bind_done(bind)
 
     def pending(self, session_id: int | None, now: float) -> list[Permission]:
         self.permissions.expire(now)

@@ -6,7 +6,7 @@ import enum
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from enforcer.core.datafilter import TcpStreamEditor
+from enforcer.core.datafilter import DataFilter, TcpStreamEditor
 from enforcer.core.packet import FlowKey, IPAddress
 
 Endpoint = tuple[IPAddress, int]
@@ -35,7 +35,9 @@ class FlowRecord:
     bytes_back: int = 0
     last_seen: float = 0.0
     data_filter: str | None = None  # the name of the filter on a user-mode flow
+    app_filter: str | None = None  # the application filter watching a primary connection
     editor: TcpStreamEditor | None = None  # made by the shell on the flow's first packet
+    stream: DataFilter | None = None  # a UDP flow's filter, made by the shell
     # A redirected flow: the fw's internal address and port the client connected to.
     # ``key`` is then the flow as it leaves the fw (client -> ConnectAddress).
     redirect: Endpoint | None = None
@@ -64,6 +66,7 @@ class FlowRecord:
                 "packets_out": self.packets_out, "bytes_out": self.bytes_out,
                 "packets_back": self.packets_back, "bytes_back": self.bytes_back,
                 "last_seen": self.last_seen, "data_filter": self.data_filter,
+                "app_filter": self.app_filter,
                 "redirect": None if self.redirect is None else [str(self.redirect[0]), self.redirect[1]]}
 
 

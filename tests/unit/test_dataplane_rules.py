@@ -20,6 +20,7 @@ from enforcer.dataplane import (
     MARK_REWRITTEN,
     MARK_SNAT,
     MARK_USER,
+    BindRule,
     Interfaces,
     RedirectRule,
     mark_for,
@@ -365,7 +366,8 @@ def test_nft_chains_and_maps_of_redirects() -> None:
     chains = re.findall(r"^  chain (\S+) \{$", text, re.M)
     maps = re.findall(r"^  map (\S+) \{", text, re.M)
     assert {"raw_prerouting", "filter_input", "redirect_dnat"} <= set(chains)
-    assert set(maps) == {"redirect_mark_ip", "redirect_to_ip", "redirect_mark_ip6", "redirect_to_ip6"}
+    assert set(maps) == {"redirect_mark_ip", "redirect_to_ip", "redirect_mark_ip6", "redirect_to_ip6",
+                         "bind_to_ip", "bind_to_ip6"}
     assert len(chains) == len(set(chains))
     for name in [*chains, *maps]:
         assert name not in NFT_KEYWORDS, name
@@ -380,9 +382,11 @@ def test_nft_chains_and_maps_of_redirects() -> None:
     dnat = nft_chain(text, "redirect_dnat")
     assert dnat[0] == "type nat hook prerouting priority dstnat; policy accept;"
     assert dnat[1:] == [
-        f"ct state new meta mark set {k} map @redirect_mark_{p} dnat {p} to {k} map @redirect_to_{p}"
-        for p, k in (("ip", "ip saddr . ip daddr . meta l4proto . th dport"),
-                     ("ip6", "ip6 saddr . ip6 daddr . meta l4proto . th dport"))]
+        line for p, k in (("ip", "ip saddr . ip daddr . meta l4proto . th dport"),
+                          ("ip6", "ip6 saddr . ip6 daddr . meta l4proto . th dport"))
+        for line in (f"ct state new meta mark set {k} map @redirect_mark_{p} dnat {p} to {k} "
+                     f"map @redirect_to_{p}",
+                     f"ct state new dnat {p} to {p} daddr . meta l4proto . th dport map @bind_to_{p}")]
 
 
 @pytest.mark.parametrize("fail_open", [False, True])
@@ -506,6 +510,26 @@ RULE4 = RedirectRule("int0", 6, ipaddress.ip_address("192.0.2.11"), ipaddress.ip
 RULE6 = RedirectRule("int0", 17, ipaddress.ip_address("2001:db8:1::11"),
                      ipaddress.ip_address("2001:db8:1::1"), 61001,
                      ipaddress.ip_address("2001:db8:2::21"), 53)
+BIND4 = BindRule(6, ipaddress.ip_address("198.51.100.1"), 40000, ipaddress.ip_address("192.0.2.11"),
+                 40000)
+BIND6 = BindRule(17, ipaddress.ip_address("2001:db8:2::1"), 20001,
+                 ipaddress.ip_address("2001:db8:1::11"), 41000)
+
+
+def test_securenat_bind_rules() -> None:
+    """A SecureNAT bind in NAT: new flows to the external port go on to the client's."""
+    assert render_redirects([BIND4, BIND6], add=True) == {
+        "ipv4": "*nat\n-A PINHOLE-PREROUTING -d 198.51.100.1 -p tcp --dport 40000 -m conntrack "
+                "--ctstate NEW -j DNAT --to-destination 192.0.2.11:40000\nCOMMIT\n",
+        "ipv6": "*nat\n-A PINHOLE-PREROUTING -d 2001:db8:2::1 -p udp --dport 20001 -m conntrack "
+                "--ctstate NEW -j DNAT --to-destination [2001:db8:1::11]:41000\nCOMMIT\n"}
+    assert render_redirects([BIND4], add=False)["ipv4"].splitlines()[1].startswith(
+        "-D PINHOLE-PREROUTING -d 198.51.100.1 -p tcp --dport 40000 ")
+    assert render_nft_redirects([BIND4, BIND6], add=True) == (
+        "add element inet pinhole bind_to_ip { 198.51.100.1 . tcp . 40000 : 192.0.2.11 . 40000 }\n"
+        "add element inet pinhole bind_to_ip6 { 2001:db8:2::1 . udp . 20001 : 2001:db8:1::11 . 41000 }\n")
+    assert render_nft_redirects([BIND4], add=False) == \
+        "delete element inet pinhole bind_to_ip { 198.51.100.1 . tcp . 40000 }\n"
 
 
 def test_redirect_rule_iptables() -> None:
@@ -556,7 +580,8 @@ def test_render_nft_redirects() -> None:
     assert render_nft_redirects([], add=True) == ""
     # the maps named are the ones the table declares
     declared = set(re.findall(r"^  map (\S+) ", render_nft(CLOSED, IFACES, nat=False), re.M))
-    used = set(re.findall(r"element inet pinhole (\S+) ", render_nft_redirects([RULE4, RULE6], True)))
+    used = set(re.findall(r"element inet pinhole (\S+) ",
+                          render_nft_redirects([RULE4, RULE6, BIND4, BIND6], True)))
     assert used == declared
 
 

@@ -1,0 +1,1 @@
+"""Application filters that come with pinhole, written against enforcer.filters alone."""

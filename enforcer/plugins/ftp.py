@@ -1,0 +1,260 @@
+"""The FTP application filter (RFC 959, RFC 2428): a plugin of the filter interface.
+
+It watches FTP control connections and opens each data connection the two ends
+agree on, and nothing else:
+
+- ``227`` (PASV) and ``229`` (EPSV) replies: the client is to connect to the
+  server: AllowFutureConnect to that address and port. Where the client sees
+  only the fw (its control connection was redirected to the server by the fw),
+  the reply is rewritten to name a port on the fw that RedirectConnections
+  leads to the server's. Clients that ignore PASV's address (curl and ftplib do
+  by default) connect to the control connection's peer, the fw, and get there too.
+- ``PORT`` and ``EPRT`` commands: the server is to connect to the client.
+  A SecureNAT client's port is made reachable with ``bind_for_client`` (in NAT,
+  an external port of the fw; the command is rewritten to name it) and approved
+  with RetroactiveAllowBind for the server alone (IpFilter). A Firewall client
+  has bound through the fw already (SOCKS BIND) and names that bind: it is
+  approved the same way.
+- Anti-bounce: an address other than the control connection's peer (replies)
+  or the client's own or its bind's (commands) opens nothing, and the line
+  passes unchanged (as Linux's FTP helper and OpenBSD's ftp-proxy do by default).
+
+Lines are reassembled across segments. Where a line may be rewritten (a
+translated SecureNAT client), an incomplete line is held back
+until its end arrives; a line longer than ``MAX_LINE`` is passed on unparsed.
+Malformed lines pass unchanged and open nothing. Every data connection is single
+use and expires if unused (``TIMEOUT``).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from enforcer.client import Flags, SessionApiError, SessionCalls
+from enforcer.filters import Direction, IPAddress, Primary
+
+FTP_GUID = "5c3c2a3e-8f1b-4c1e-9a57-1f0d3a6b2101"
+MAX_LINE = 512
+log = logging.getLogger("pinhole.filters.ftp")
+
+_NUMBERS = re.compile(rb"(\d{1,3}),(\d{1,3}),(\d{1,3}),(\d{1,3}),(\d{1,3}),(\d{1,3})")
+_EPSV = re.compile(rb"\((.)\1\1(\d{1,5})\1\)")
+
+
+def parse_host_port(text: bytes) -> tuple[ipaddress.IPv4Address, int] | None:
+    """The address and port of ``h1,h2,h3,h4,p1,p2`` (PORT's argument, PASV's reply)."""
+    found = _NUMBERS.search(text)
+    if found is None:
+        return None
+    numbers = [int(n) for n in found.groups()]
+    if any(n > 255 for n in numbers):
+        return None
+    port = numbers[4] * 256 + numbers[5]
+    if port == 0:
+        return None
+    return ipaddress.IPv4Address(bytes(numbers[:4])), port
+
+
+def format_host_port(address: ipaddress.IPv4Address, port: int) -> bytes:
+    return ",".join(str(n) for n in (*address.packed, port >> 8, port & 255)).encode()
+
+
+def parse_eprt(argument: bytes) -> tuple[IPAddress, int] | None:
+    """EPRT's ``<d>af<d>address<d>port<d>`` (RFC 2428)."""
+    if len(argument) < 7:
+        return None
+    d = argument[:1]
+    if not 33 <= d[0] <= 126:
+        return None
+    parts = argument.split(d)
+    if len(parts) != 5 or parts[0] or parts[4].strip() or not parts[3].isdigit():
+        return None
+    af, text, port_text = parts[1], parts[2], parts[3]
+    try:
+        address = ipaddress.ip_address(text.decode("ascii"))
+    except (UnicodeDecodeError, ValueError):
+        return None
+    port = int(port_text)
+    if (af, address.version) not in ((b"1", 4), (b"2", 6)) or not 1 <= port <= 65535:
+        return None
+    return address, port
+
+
+def format_eprt(address: IPAddress, port: int) -> bytes:
+    return f"|{1 if address.version == 4 else 2}|{address}|{port}|".encode()
+
+
+def parse_epsv_reply(line: bytes) -> int | None:
+    """The port of a ``229 ... (|||port|)`` reply."""
+    found = _EPSV.search(line)
+    if found is None:
+        return None
+    port = int(found.group(2))
+    return port if 1 <= port <= 65535 else None
+
+
+@dataclass
+class _Lines:
+    """One direction's bytes, cut into lines for ``handle``.
+
+    ``hold``: an incomplete line is held back until its end arrives, and each
+    complete line is sent as ``handle`` makes it. Otherwise the data passes as it
+    came, and ``handle`` only reads the lines.
+    """
+
+    hold: bool
+    pending: bytes = b""  # the start of an incomplete line
+    skipping: bool = False  # inside a line too long to parse
+
+    def feed(self, data: bytes, handle: Callable[[bytes], bytes]) -> bytes:
+        text = self.pending + data
+        self.pending = b""
+        out = []
+        start = 0
+        while (end := text.find(b"\n", start)) >= 0:
+            line = text[start:end + 1]
+            start = end + 1
+            if self.skipping:
+                self.skipping = False
+                out.append(line)
+            else:
+                out.append(handle(line))
+        rest = text[start:]
+        if rest:
+            if self.skipping or len(rest) > MAX_LINE:
+                self.skipping = True
+                out.append(rest)
+            else:
+                self.pending = rest
+        return b"".join(out) if self.hold else data
+
+
+@dataclass
+class FtpControl:
+    """One FTP control connection's filter."""
+
+    primary: Primary
+    api: SessionCalls
+    opened: list[str] = field(default_factory=list)  # what it opened, for logs and tests
+
+    def __post_init__(self) -> None:
+        # Lines are rewritten only where a SecureNAT client is translated (NAT);
+        # elsewhere they are only read, and nothing is held back.
+        hold = self.primary.translated and not self.primary.firewall_client
+        self._lines = {Direction.OUT: _Lines(hold), Direction.BACK: _Lines(hold)}
+
+    def on_data(self, direction: Direction, data: bytes) -> bytes:
+        handle = self._command if direction is Direction.OUT else self._reply
+        return self._lines[direction].feed(data, handle)
+
+    # --- commands: PORT and EPRT ----------------------------------------------------------
+    def _command(self, line: bytes) -> bytes:
+        verb, _, argument = line.strip().partition(b" ")
+        verb = verb.upper()
+        if verb == b"PORT":
+            found = parse_host_port(argument)
+            if found is None:
+                return line
+            opened = self._active(*found)
+            return line if opened is None or not isinstance(opened[0], ipaddress.IPv4Address) \
+                else b"PORT " + format_host_port(opened[0], opened[1]) + b"\r\n"
+        if verb == b"EPRT":
+            found_e = parse_eprt(argument.strip())
+            if found_e is None:
+                return line
+            opened = self._active(*found_e)
+            return line if opened is None else b"EPRT " + format_eprt(*opened) + b"\r\n"
+        return line
+
+    def _active(self, address: IPAddress, port: int) -> tuple[IPAddress, int] | None:
+        """The server is to connect to address:port: open it for the server alone and say
+        what the server must be told, or None (opened nothing; the line passes as it is)."""
+        p = self.primary
+        server = str(p.server[0])
+        try:
+            if p.firewall_client:
+                bind = next((b for b in self.api.binds(p.session)
+                             if b["protocol"] == "tcp" and b["state"] == "pending" and
+                             ipaddress.ip_address(b["address"][0]) == address and
+                             b["address"][1] == port), None)
+                if bind is None:
+                    log.info("session %d: %s:%d is no bind of this Firewall client's: "
+                             "nothing opened", p.session, address, port)
+                    return None
+                where = (str(address), port)
+            elif address == p.client[0]:
+                where = self.api.bind_for_client(p.session, port, protocol="tcp")
+            else:
+                log.info("session %d: active data connection to a third party %s refused",
+                         p.session, address)
+                return None
+            self.api.retroactive_allow_bind(p.session, where, protocol_guid=FTP_GUID,
+                                            ipfilter=[(server, server)])
+        except SessionApiError as exc:
+            log.info("session %d: cannot open the data connection to %s:%d: %s",
+                     p.session, address, port, exc)
+            return None
+        self.opened.append(f"bind {where[0]}:{where[1]} for {server}")
+        return ipaddress.ip_address(where[0]), where[1]
+
+    # --- replies: 227 (PASV) and 229 (EPSV) -----------------------------------------------
+    def _reply(self, line: bytes) -> bytes:
+        if line.startswith(b"227 "):
+            found = parse_host_port(line[4:])
+            if found is None:
+                return line
+            address, port = found
+            if address != self.primary.server[0]:
+                log.info("session %d: PASV names a third party %s: nothing opened",
+                         self.primary.session, address)
+                return line
+            if self.primary.via is not None:
+                return self._redirect(line, address, port, extended=False)
+            self._allow(address, port)
+            return line
+        if line.startswith(b"229 "):
+            port_e = parse_epsv_reply(line)
+            if port_e is None:
+                return line
+            if self.primary.via is not None:
+                return self._redirect(line, self.primary.server[0], port_e, extended=True)
+            self._allow(self.primary.server[0], port_e)
+        return line
+
+    def _allow(self, address: IPAddress, port: int) -> None:
+        try:
+            self.api.allow_future_connect(self.primary.session, (str(address), port),
+                                          protocol_guid=FTP_GUID, flags=Flags.TIMEOUT)
+        except SessionApiError as exc:
+            log.info("session %d: cannot open %s:%d: %s", self.primary.session, address, port, exc)
+            return
+        self.opened.append(f"connect {address}:{port}")
+
+    def _redirect(self, line: bytes, address: IPAddress, port: int, *, extended: bool) -> bytes:
+        try:
+            (internal, base), _ = self.api.redirect_connections(
+                self.primary.session, [(str(address), port)], protocol_guid=FTP_GUID,
+                flags=Flags.TIMEOUT)
+        except SessionApiError as exc:
+            log.info("session %d: cannot redirect to %s:%d: %s", self.primary.session, address,
+                     port, exc)
+            return line
+        self.opened.append(f"redirect {internal}:{base} to {address}:{port}")
+        if extended:
+            return f"229 Entering Extended Passive Mode (|||{base}|)\r\n".encode()
+        fw = ipaddress.IPv4Address(internal)
+        return b"227 Entering Passive Mode (" + format_host_port(fw, base) + b").\r\n"
+
+
+class FtpFilter:
+    """The plugin: an FtpControl for each FTP control connection."""
+
+    name = "ftp"
+    protocol_guid = FTP_GUID
+
+    def attach(self, primary: Primary, api: SessionCalls) -> FtpControl:
+        return FtpControl(primary, api)

@@ -1,0 +1,81 @@
+"""The TFTP application filter (RFC 1350): a plugin of the filter interface.
+
+A TFTP server answers a read (RRQ) or write request (WRQ) from a new port of its
+own, to the port the request came from. The filter reads each request the
+client sends to the server's port 69; for a well-formed one it makes the
+client's port reachable for one flow (``bind_for_client``: in NAT, the fw's
+external address and the same port, which the fw's source translation keeps
+unless another flow holds it) and approves it for the server alone
+(RetroactiveAllowBind with an IpFilter holding the server). The server's reply
+is admitted, and with it the transfer; any other sender, or a second port of
+the server's, is not. Malformed requests open nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from dataclasses import dataclass, field
+
+from enforcer.client import SessionApiError, SessionCalls
+from enforcer.filters import Direction, Primary
+
+TFTP_GUID = "5c3c2a3e-8f1b-4c1e-9a57-1f0d3a6b2105"
+RRQ, WRQ = 1, 2
+MODES = (b"netascii", b"octet", b"mail")
+log = logging.getLogger("pinhole.filters.tftp")
+
+
+def parse_request(datagram: bytes) -> tuple[int, bytes, bytes] | None:
+    """(opcode, file name, mode) of a well-formed RRQ or WRQ, else None.
+
+    Options (RFC 2347) may follow the mode; they are not needed here."""
+    if len(datagram) < 4:
+        return None
+    (opcode,) = struct.unpack("!H", datagram[:2])
+    if opcode not in (RRQ, WRQ):
+        return None
+    fields = datagram[2:].split(b"\0")
+    # name, mode, then option/value pairs, all NUL-terminated: the split ends in b""
+    if len(fields) < 3 or fields[-1] != b"" or not fields[0] or len(fields) % 2 != 1:
+        return None
+    name, mode = fields[0], fields[1].lower()
+    if mode not in MODES:
+        return None
+    return opcode, name, mode
+
+
+@dataclass
+class TftpRequests:
+    """One TFTP primary flow's filter: it reads the client's requests."""
+
+    primary: Primary
+    api: SessionCalls
+    opened: list[str] = field(default_factory=list)
+
+    def on_data(self, direction: Direction, data: bytes) -> bytes:
+        if direction is Direction.OUT and parse_request(data) is not None:
+            self._open()
+        return data
+
+    def _open(self) -> None:
+        p = self.primary
+        server = str(p.server[0])
+        try:
+            where = self.api.bind_for_client(p.session, p.client[1], protocol="udp")
+            self.api.retroactive_allow_bind(p.session, where, protocol="udp",
+                                            protocol_guid=TFTP_GUID, ipfilter=[(server, server)])
+        except SessionApiError as exc:
+            log.info("session %d: cannot open the reply to %s:%d: %s", p.session, *p.client, exc)
+            return
+        self.opened.append(f"bind {where[0]}:{where[1]} for {server}")
+
+
+class TftpFilter:
+    """The plugin: a TftpRequests for each TFTP request flow."""
+
+    name = "tftp"
+    protocol_guid = TFTP_GUID
+
+    def attach(self, primary: Primary, api: SessionCalls) -> TftpRequests:
+        return TftpRequests(primary, api)

@@ -213,6 +213,14 @@ class Daemon:
         verdict_mark = dataplane.mark_for(decision.verdict is Verdict.ADMIT_USER, decision.one_way,
                                           decision.snat)
         pkt.set_mark((mark & ~dataplane.MARK_OWNED) | verdict_mark)
+        if decision.verdict is Verdict.ADMIT_USER and meta.key.protocol == UDP:
+            # a datagram carries data from the first: the flow's filter sees it
+            record = self.engine.flows.get(meta.key)
+            if record is not None and (record.app_filter or record.data_filter):
+                data = pkt.get_payload()
+                out = self._filtered(data, record, forward=True)
+                if out != data:
+                    pkt.set_payload(out)
         pkt.accept()
         self.api.dispatch_events()
 

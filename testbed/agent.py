@@ -30,6 +30,7 @@ import itertools
 import json
 import os
 import pickle
+import re
 import signal
 import socket
 import subprocess
@@ -487,14 +488,21 @@ class TcpConnection:
         return dict(self.agent.call("tcp_exchange", {"cid": self._cid, "send_bytes": send_bytes,
                                                      "timeout": t}, timeout=2 * t + CALL_MARGIN))
 
-    def talk(self, data: bytes, expect: int, *, timeout: float | None = None) -> bytes:
-        """Send ``data`` and return up to ``expect`` bytes read back (fewer on timeout)."""
+    def talk(self, data: bytes, expect: int = 1 << 20, *, timeout: float | None = None,
+             until: str | None = None, pieces: list[int] | None = None) -> bytes:
+        """Send ``data`` and return up to ``expect`` bytes read back (fewer on timeout).
+
+        ``until``: stop reading once what came back matches this regular expression
+        (on the bytes as latin-1, multiline). ``pieces``: send ``data`` in writes of
+        these sizes (the rest last), each its own segment (no Nagle, a pause between).
+        """
         if self._cid is None:
             raise AgentError(f"agent {self.agent.name}: the connection is not open ({self.error})")
         t = timeouts.POSITIVE if timeout is None else timeout
         return _unb64(self.agent.call("tcp_talk", {"cid": self._cid, "payload": _b64(data),
-                                                   "expect": expect, "timeout": t},
-                                      timeout=t + CALL_MARGIN))
+                                                   "expect": expect, "timeout": t, "until": until,
+                                                   "pieces": pieces},
+                                      timeout=t + CALL_MARGIN + 0.1 * len(pieces or ())))
 
     def close(self) -> None:
         if self._cid is not None and self.agent.alive:
@@ -1171,14 +1179,28 @@ class _AgentServer:
         sock, where = self._conn(cid)
         return _echo(sock, where, send_bytes, timeout)
 
-    def m_tcp_talk(self, cid: int, payload: str, expect: int, timeout: float = 3.0) -> str:
-        """Send these bytes and return the next ``expect`` bytes that come back."""
+    def m_tcp_talk(self, cid: int, payload: str, expect: int, timeout: float = 3.0,
+                   until: str | None = None, pieces: list[int] | None = None) -> str:
+        """Send these bytes (in ``pieces``, each its own segment) and return the next
+        ``expect`` bytes that come back, or fewer once they match ``until``."""
         sock, _ = self._conn(cid)
-        sock.settimeout(timeout)
-        sock.sendall(_unb64(payload))
+        data = _unb64(payload)
+        if pieces:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            for size in pieces:
+                sock.sendall(data[:size])
+                data = data[size:]
+                time.sleep(0.05)
+        sock.sendall(data)
+        pattern = re.compile(until, re.M) if until else None
         received = b""
+        deadline = time.monotonic() + timeout
         try:
-            while len(received) < expect:
+            while len(received) < expect and not (pattern and pattern.search(received.decode("latin-1"))):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                sock.settimeout(remaining)
                 chunk = sock.recv(expect - len(received))
                 if not chunk:
                     break

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from testbed.catalog import CLAUSES
-from testbed.plugin import RESULTS, Result
+from testbed.plugin import FIREWALLS, RESULTS, Result
 from testbed.topology import FAMILIES, VARIANTS
 
 CLAUSE_DIR = Path(__file__).parent / "clauses"
@@ -97,24 +97,46 @@ def _merge(outcomes: list[str]) -> str:
     return "not-implemented"
 
 
+HELPERS = "kernel-helpers"
+
+
 def matrix(results: list[Result], families: list[str], topologies: list[str]) -> str:
-    """Rows: clause and mode; columns: topology/family. A cell shows the worst outcome in it."""
+    """Rows: clause and mode; columns: topology/family. A cell shows the worst outcome in it.
+
+    Checks run with Linux's conntrack helpers in the enforcer's place (the APP
+    clauses) fill a second group of columns, after ``|``.
+    """
     columns = [(t, f) for t in topologies for f in families]
-    cells: dict[tuple[str, str], dict[tuple[str, str], list[str]]] = {}
+    helpers = any(r.firewall == HELPERS for r in results)
+    cells: dict[tuple[str, str], dict[tuple[str, str, bool], list[str]]] = {}
     for r in results:
         row = cells.setdefault((r.clause, r.mode or "-"), {})
-        for col in columns:
-            if col == (r.topology, r.family) or (r.topology is None and col[1] == r.family):
-                row.setdefault(col, []).append(r.outcome)
+        for t, f in columns:
+            if (t, f) == (r.topology, r.family) or (r.topology is None and f == r.family):
+                row.setdefault((t, f, r.firewall == HELPERS), []).append(r.outcome)
     heads = [f"{t}/{f}" for t, f in columns]
     width = max(len(h) for h in heads)
-    lines = [f"{'clause':<12}{'mode':<8}" + " ".join(h.ljust(width) for h in heads)]
+    head = f"{'clause':<12}{'mode':<8}" + " ".join(h.ljust(width) for h in heads)
+    if helpers:
+        head += " | " + " ".join(h.ljust(width) for h in heads)
+        head = " " * (head.index("|") + 2) + "Linux conntrack helpers\n" + head
+    lines = [head]
     order = list(CLAUSES)
+    missing = False
     for (clause, mode), row in sorted(cells.items(), key=lambda kv: (order.index(kv[0][0]),
                                                                    kv[0][1] != "-", kv[0][1])):
-        marks = [SYMBOLS[_merge(row[c])] if c in row else "-" for c in columns]
-        lines.append(f"{clause:<12}{mode:<8}" + " ".join(m.ljust(width) for m in marks))
-    if any(c not in row for row in cells.values() for c in columns):
+        groups = [False, True] if helpers else [False]
+        texts = []
+        for group in groups:
+            compared = any(key[2] for key in row) or not group
+            marks = []
+            for t, f in columns:
+                outcomes = row.get((t, f, group))
+                missing |= outcomes is None and compared
+                marks.append(SYMBOLS[_merge(outcomes)] if outcomes else "-" if compared else "")
+            texts.append(" ".join(m.ljust(width) for m in marks))
+        lines.append((f"{clause:<12}{mode:<8}" + " | ".join(texts)).rstrip(" |"))
+    if missing:
         lines.append("(-: the clause's checks do not run in that topology/family)")
     return "\n".join(lines)
 
@@ -139,6 +161,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("-k", metavar="EXPR", dest="expr", help="select clauses, e.g. 'GEN-01 or GEN-02'")
     p.add_argument("--topology", default=",".join(VARIANTS), help="routed,nat (default both)")
     p.add_argument("--family", default=",".join(FAMILIES), help="ipv4,ipv6 (default both)")
+    p.add_argument("--firewall", default=",".join(FIREWALLS),
+                   help="what runs the APP clauses: enforcer,kernel-helpers (default both; "
+                        "kernel-helpers fills the matrix's second group of columns)")
     p.add_argument("--artifacts", default="artifacts", help="pcaps and logs (default ./artifacts)")
     p.add_argument("-v", "--verbose", action="store_true", help="pytest's own output too")
     p.set_defaults(func=run)
@@ -152,7 +177,9 @@ def run(args: argparse.Namespace) -> int:
     require_tools(E2E_TOOLS)
     families = [f for f in args.family.split(",") if f]
     topologies = [t for t in args.topology.split(",") if t]
-    for value, allowed, what in ((families, FAMILIES, "--family"), (topologies, VARIANTS, "--topology")):
+    firewalls = [w for w in args.firewall.split(",") if w]
+    for value, allowed, what in ((families, FAMILIES, "--family"), (topologies, VARIANTS, "--topology"),
+                                 (firewalls, FIREWALLS, "--firewall")):
         bad = [v for v in value if v not in allowed]
         if bad or not value:
             raise UsageError(f"{what}: {', '.join(bad) or 'nothing'} is not one of {', '.join(allowed)}")
@@ -164,6 +191,7 @@ def run(args: argparse.Namespace) -> int:
     pytest_args = [str(CLAUSE_DIR), "-p", "no:cacheprovider", "-c", os.devnull,
                    "--rootdir", str(CLAUSE_DIR),
                    "--pinhole-topology", ",".join(topologies), "--pinhole-family", ",".join(families),
+                   "--pinhole-firewall", ",".join(firewalls),
                    "--pinhole-artifacts", args.artifacts]
     pytest_args += ["-v", "-rfE"] if args.verbose else ["-p", "no:terminal"]
     if args.expr:
@@ -182,6 +210,7 @@ def run(args: argparse.Namespace) -> int:
     for r in results:
         if r.outcome == "failed":
             print(f"\nFAILED {r.clause} {r.topology}/{r.family}" + (f"/{r.mode}" if r.mode else "")
+                  + (f" [{r.firewall}]" if r.firewall else "")
                   + f" ({r.nodeid})\n  {r.detail.strip()}" + (f"\n  pcap: {r.pcap}" if r.pcap else ""))
     totals = summary(results)
     c = totals["clauses"]

@@ -9,6 +9,10 @@
   failure messages and in the results.
 - ``@pytest.mark.clause("GEN-01")`` keys a test's result for the conformance matrix;
   ``@pytest.mark.topologies("nat")`` runs a test in those topology variants only.
+- ``firewall`` (enforcer, kernel-helpers) parametrises the tests that ask for it
+  (the APP clauses, through the ``app`` fixture): once against the enforcer with
+  its application filters, once with Linux's own conntrack helpers in its place;
+  ``--pinhole-firewall`` narrows it.
 - A test that needs root, namespaces or tools skips with the reason; with
   ``PINHOLE_REQUIRE_E2E=1`` such a skip is a failure.
 """
@@ -32,6 +36,9 @@ from testbed.topology import FAMILIES, VARIANTS
 REQUIRE_E2E = "PINHOLE_REQUIRE_E2E"
 # How an admitted flow runs; a test that asks for ``mode`` runs once per mode.
 MODES = ("kernel", "user")
+# What stands in the firewall namespace for a test that asks for ``firewall``
+FIREWALLS = ("enforcer", "kernel-helpers")
+APP_FILTERS = ("ftp", "tftp")
 E2E_TOOLS = ("ip", "iptables-restore", "ip6tables-restore", "conntrack", "tcpdump")
 
 @dataclass
@@ -47,10 +54,12 @@ class Result:
     pcap: str | None
     detail: str
     nodeid: str = ""
+    firewall: str | None = None  # None: the enforcer (tests that do not compare firewalls)
 
     def to_dict(self) -> dict[str, Any]:
         return {"clause": self.clause, "family": self.family, "topology": self.topology,
-                "mode": self.mode, "outcome": self.outcome, "duration_s": round(self.duration_s, 3),
+                "mode": self.mode, "firewall": self.firewall or "enforcer",
+                "outcome": self.outcome, "duration_s": round(self.duration_s, 3),
                 "pcap": self.pcap, "detail": self.detail}
 
 
@@ -81,6 +90,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="comma-separated topology variants to run (routed,nat)")
     group.addoption("--pinhole-family", default=",".join(FAMILIES),
                     help="comma-separated address families to run (ipv4,ipv6)")
+    group.addoption("--pinhole-firewall", default=",".join(FIREWALLS),
+                    help="comma-separated firewalls for the APP clauses (enforcer,kernel-helpers)")
     group.addoption("--pinhole-artifacts", default="artifacts",
                     help="where pcaps and enforcer logs go (default: ./artifacts)")
 
@@ -117,6 +128,9 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize("family", _choices(metafunc.config, "pinhole_family", FAMILIES))
     if _wants(metafunc, "mode"):
         metafunc.parametrize("mode", MODES)
+    if _wants(metafunc, "firewall"):
+        metafunc.parametrize("firewall", _choices(metafunc.config, "pinhole_firewall", FIREWALLS),
+                             scope="session")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -165,11 +179,37 @@ class Lab:
         self.tb = Testbed.up(standard(variant), tag="pytest")
         self.topology = self.tb.topology
         self.enforcer = EnforcerProcess(self.tb, artifacts / f"enforcer-{variant}-{self.tb.id}")
+        self.helpers: Any = None  # a KernelHelperFirewall while it stands in the enforcer's place
+
+    def use_enforcer(self, app_filters: tuple[str, ...] = ()) -> None:
+        """The enforcer running in its default configuration, with these application
+        filters (the kernel helpers' rules gone)."""
+        if self.helpers is not None:
+            self.helpers.remove()
+            self.helpers = None
+        if self.enforcer.running and (self.enforcer.customised or
+                                      self.enforcer.app_filters != app_filters):
+            self.enforcer.stop()
+        if not self.enforcer.running:
+            self.enforcer.start(app_filters=app_filters)
+
+    def use_kernel_helpers(self) -> None:
+        """Linux's FTP and TFTP conntrack helpers in the enforcer's place."""
+        from testbed.kernel_helpers import KernelHelperFirewall
+
+        if self.helpers is None:
+            if self.enforcer.running:
+                self.enforcer.stop()
+            helpers = KernelHelperFirewall(self.tb)
+            helpers.install()
+            self.helpers = helpers
 
     def close(self) -> None:
         try:
             if self.enforcer.running:
                 self.enforcer.stop()
+            if self.helpers is not None:
+                self.helpers.remove()
         finally:
             self.tb.down()
 
@@ -249,16 +289,41 @@ def net(request: pytest.FixtureRequest, lab: Lab, family: str) -> Iterator[Net]:
     Permissions a test leaves pending are cancelled afterwards, so that none admits
     a later test's traffic.
     """
-    if lab.enforcer.running and lab.enforcer.customised:
-        lab.enforcer.stop()
-    if not lab.enforcer.running:
-        lab.enforcer.start()
+    lab.use_enforcer()
     mode = request.getfixturevalue("mode") if "mode" in request.fixturenames else None
     yield Net(lab, family, mode)
+    _cancel_pending(lab)
+
+
+def _cancel_pending(lab: Lab) -> None:
     if lab.enforcer.running:
         with lab.enforcer.client() as client:
             for action in client.call("actions"):
                 client.call("cancel", action=action["action"])
+
+
+class App(Net):
+    """The lab in one family for an APP clause, with ``firewall`` in the fw namespace:
+    the enforcer with its application filters, or Linux's conntrack helpers."""
+
+    def __init__(self, lab: Lab, family: str, firewall: str) -> None:
+        super().__init__(lab, family)
+        self.firewall = firewall
+
+    @property
+    def kernel_helpers(self) -> bool:
+        return self.firewall == "kernel-helpers"
+
+
+@pytest.fixture
+def app(lab: Lab, family: str, firewall: str) -> Iterator[App]:
+    """The lab for an APP clause, once per ``firewall``."""
+    if firewall == "enforcer":
+        lab.use_enforcer(APP_FILTERS)
+    else:
+        lab.use_kernel_helpers()
+    yield App(lab, family, firewall)
+    _cancel_pending(lab)
 
 
 @pytest.fixture(autouse=True)
@@ -317,7 +382,8 @@ def _record(item: pytest.Item, report: pytest.TestReport) -> None:
     item.config.stash[RESULTS].append(Result(
         clause=mark.args[0], family=p.get("family"), topology=p.get("variant"),
         mode=p.get("mode"), outcome=outcome, duration_s=sum(durations.values()),
-        pcap=str(pcap) if pcap else None, detail=detail, nodeid=item.nodeid))
+        pcap=str(pcap) if pcap else None, detail=detail, nodeid=item.nodeid,
+        firewall=p.get("firewall")))
 
 
 _DURATIONS = pytest.StashKey[dict[str, float]]()

@@ -10,8 +10,8 @@ from testbed.plugin import Result
 
 
 def result(clause: str, outcome: str, family: str = "ipv4", topology: str = "routed",
-           mode: str | None = None) -> Result:
-    return Result(clause, family, topology, mode, outcome, 0.5, None, "")
+           mode: str | None = None, firewall: str | None = None) -> Result:
+    return Result(clause, family, topology, mode, outcome, 0.5, None, "", firewall=firewall)
 
 
 def test_unchecked_clauses_are_not_implemented_per_family() -> None:
@@ -48,6 +48,27 @@ def test_matrix_has_a_row_per_clause_and_mode_and_a_column_per_topology_and_fami
     assert "(-:" not in matrix(full, ["ipv4"], ["routed", "nat"]), "a legend for no '-' cell"
 
 
+def test_kernel_helpers_fill_a_second_group_of_columns_for_the_clauses_they_ran() -> None:
+    rows = complete([result("GEN-02", "passed"),
+                     result("APP-FTP-01", "passed", firewall="enforcer"),
+                     result("APP-FTP-01", "failed", firewall="kernel-helpers"),
+                     result("APP-FTP-03", "passed", topology="nat", firewall="enforcer"),
+                     result("APP-FTP-03", "passed", topology="nat", firewall="kernel-helpers")],
+                    ["GEN-02", "APP-FTP-01", "APP-FTP-03"], ["ipv4"])
+    text = matrix(rows, ["ipv4"], ["routed", "nat"]).splitlines()
+    assert text[0].strip() == "Linux conntrack helpers"
+    assert text[0].index("Linux") == text[1].index("|") + 2
+    assert text[1].split() == ["clause", "mode", "routed/ipv4", "nat/ipv4", "|", "routed/ipv4",
+                               "nat/ipv4"]
+    assert text[2].split() == ["GEN-02", "-", "pass", "-"]  # no helper cells: not compared
+    assert text[3].split() == ["APP-FTP-01", "-", "pass", "-", "|", "FAIL", "-"]
+    assert text[4].split() == ["APP-FTP-03", "-", "-", "pass", "|", "-", "pass"]
+    assert text[5].startswith("(-:")
+    plain = matrix(complete([result("APP-FTP-01", "passed", firewall="enforcer")], ["APP-FTP-01"],
+                            ["ipv4"]), ["ipv4"], ["routed"])
+    assert "|" not in plain and "helpers" not in plain
+
+
 @pytest.mark.parametrize(("expr", "expected"), [
     (None, list(CLAUSES)),
     ("GEN-01", ["GEN-01"]),
@@ -60,5 +81,6 @@ def test_k_selects_clauses_by_id(expr: str | None, expected: list[str]) -> None:
 
 def test_json_rows_have_the_documented_keys() -> None:
     row = result("GEN-01", "passed").to_dict()
-    assert set(row) == {"clause", "family", "topology", "mode", "outcome", "duration_s", "pcap",
-                        "detail"}
+    assert set(row) == {"clause", "family", "topology", "mode", "firewall", "outcome",
+                        "duration_s", "pcap", "detail"}
+    assert row["firewall"] == "enforcer"

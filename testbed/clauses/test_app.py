@@ -1,0 +1,434 @@
+"""APP: application filters (FTP, TFTP) with real clients and servers.
+
+Every check runs twice (the ``app`` fixture's ``firewall``): against the enforcer
+with its FTP and TFTP filters, and with Linux's own conntrack helpers in its
+place, whose results fill the matrix's second group of columns. Files are
+compared by SHA-256; data connections nobody opened are shown to be dropped (a
+capture at their destination sees nothing of them).
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+from scapy.layers.inet import TCP, UDP
+
+from testbed import peers, timeouts
+from testbed.agent import TcpConnection
+from testbed.checks import expect_no_packet, expect_packet
+from testbed.clauses.helpers import datagram, ip
+from testbed.peers import BIG_FILE, SMALL_FILE, FtpServer, TftpServer
+from testbed.plugin import App
+
+FINAL_REPLY = r"^\d{3} .*\n"  # the last line of an FTP reply
+
+
+@pytest.fixture(autouse=True)
+def _peers_installed() -> None:
+    missing = peers.tools_missing()
+    if missing:
+        pytest.skip(f"missing FTP/TFTP peers: {', '.join(missing)} (run 'make setup')")
+
+
+class Servers:
+    """Real servers on s1, started once per testbed, family and kind, for the module."""
+
+    def __init__(self) -> None:
+        self.running: dict[tuple[str, str, str], Any] = {}
+
+    def ftp(self, app: App, kind: peers.FtpServerKind = "vsftpd") -> FtpServer:
+        key = (app.lab.tb.id, app.family, kind)
+        if key not in self.running:
+            self.running[key] = FtpServer(app.lab.tb, "s1", kind, app.addr("s1")).__enter__()
+        server: FtpServer = self.running[key]
+        return server
+
+    def tftp(self, app: App) -> TftpServer:
+        key = (app.lab.tb.id, app.family, "tftpd")
+        if key not in self.running:
+            self.running[key] = TftpServer(app.lab.tb, "s1", app.addr("s1")).__enter__()
+        server: TftpServer = self.running[key]
+        return server
+
+    def close(self) -> None:
+        for server in self.running.values():
+            server.__exit__(None, None, None)
+
+
+@pytest.fixture(scope="module")
+def servers() -> Iterator[Servers]:
+    made = Servers()
+    try:
+        yield made
+    finally:
+        made.close()
+
+
+def _modes(app: App, client: peers.FtpClient, modes: tuple[peers.FtpMode, ...]) -> list[peers.FtpMode]:
+    return [m for m in modes if peers.ftp_supports(client, m, app.family)]  # type: ignore[arg-type]
+
+
+def _transfers(app: App, servers: Servers, client: peers.FtpClient,
+               modes: tuple[peers.FtpMode, ...]) -> None:
+    """Each server, each mode the client has in this family: a download that must
+    arrive whole, in that mode; then one upload."""
+    ran = []
+    for kind in peers.FTP_SERVERS:
+        server = servers.ftp(app, kind)
+        for mode in _modes(app, client, modes):
+            mark = server.log_mark()
+            got = peers.ftp_transfer(app.lab.tb, "c1", client, server.address, mode, "get", BIG_FILE)
+            assert got.ok and got.sha256 == server.files[BIG_FILE], \
+                f"{kind}: {got.describe()}\nserver log:\n{server.log_since(mark)}"
+            assert server.data_commands(since=mark) == [mode], server.log_since(mark)
+            ran.append((kind, mode))
+    assert ran, f"{client} has none of {modes} over {app.family}"
+    server = servers.ftp(app, "vsftpd")
+    mode = _modes(app, client, modes)[-1]
+    name = f"up-{client}-{mode}-{time.monotonic_ns()}.bin"
+    sent = peers.ftp_transfer(app.lab.tb, "c1", client, server.address, mode, "put", name)
+    assert sent.ok and server.uploaded(name) == sent.sent_sha256, sent.describe() + server.log()
+
+
+# --- a scripted FTP client ----------------------------------------------------------------
+
+class Dialogue:
+    """An FTP control connection from a client agent, one command at a time."""
+
+    def __init__(self, conn: TcpConnection) -> None:
+        self.conn = conn
+        self.greeting = conn.talk(b"", until=FINAL_REPLY)
+
+    def send(self, line: bytes, pieces: list[int] | None = None) -> bytes:
+        return self.conn.talk(line, until=FINAL_REPLY, pieces=pieces)
+
+    def login(self) -> None:
+        assert self.send(f"USER {peers.FTP_USER}\r\n".encode()).startswith(b"331"), self.greeting
+        assert self.send(f"PASS {peers.FTP_PASSWORD}\r\n".encode()).startswith(b"230")
+
+
+@contextmanager
+def dialogue(app: App, node: str, server: str, port: int = 21) -> Iterator[Dialogue]:
+    conn = app.agent(node).tcp_open(server, port)
+    assert conn.connected, f"{node}'s control connection to {server}:{port}: {conn.error}"
+    try:
+        yield Dialogue(conn)
+    finally:
+        conn.close()
+
+
+def passive_port(app: App, d: Dialogue, pieces: list[int] | None = None) -> int:
+    """Ask for a passive data port (PASV over IPv4, EPSV over IPv6): the port."""
+    if app.family == "ipv4":
+        reply = d.send(b"PASV\r\n", pieces)
+        found = re.search(rb"(\d+),(\d+),(\d+),(\d+),(\d+),(\d+)", reply)
+        assert reply.startswith(b"227") and found, reply
+        return int(found.group(5)) * 256 + int(found.group(6))
+    reply = d.send(b"EPSV\r\n", pieces)
+    found = re.search(rb"\(\|\|\|(\d+)\|\)", reply)
+    assert reply.startswith(b"229") and found, reply
+    return int(found.group(1))
+
+
+def active_command(app: App, address: str, port: int) -> bytes:
+    if app.family == "ipv4":
+        return f"PORT {address.replace('.', ',')},{port >> 8},{port & 255}\r\n".encode()
+    return f"EPRT |2|{address}|{port}|\r\n".encode()
+
+
+def opened_nothing(app: App) -> str | None:
+    """What the firewall has opened that nothing used yet: the enforcer's pending
+    actions and binds, or the kernel's expectations (None: nothing)."""
+    if app.kernel_helpers:
+        listed = app.lab.tb.run("fw", ["conntrack", "-L", "expect"], check=False).stdout.strip()
+        return listed or None
+    pending = app.call("actions")
+    binds = [b for b in app.call("binds") if b["state"] != "closed"]
+    return f"actions {pending}, binds {binds}" if pending or binds else None
+
+
+# A scripted FTP server for what real servers never send: a PASV reply naming
+# another host, or one split across segments. It answers PASV/EPSV with a
+# listener of its own (or the address given), sends the reply in N pieces, and
+# serves a line of data to whoever connects; anything else gets "200".
+FAKE_SERVER = r"""
+import socket, sys, threading, time
+address, named, pieces = sys.argv[1], sys.argv[2], int(sys.argv[3])
+family = socket.AF_INET6 if ":" in address else socket.AF_INET
+listener = socket.socket(family)
+listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+listener.bind((address, 21))
+listener.listen(8)
+print("ready", flush=True)
+
+def serve(data):
+    data.settimeout(5)
+    try:
+        conn, _ = data.accept()
+        conn.sendall(b"pinhole data\n")
+        conn.close()
+    except OSError:
+        pass
+    data.close()
+
+def send(conn, reply):
+    step = max(1, -(-len(reply) // pieces))
+    for i in range(0, len(reply), step):
+        conn.sendall(reply[i:i + step])
+        time.sleep(0.05)
+
+while True:
+    conn, _ = listener.accept()
+    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    conn.sendall(b"220 scripted\r\n")
+    for line in conn.makefile("rb"):
+        command = line.strip().upper()
+        if command in (b"PASV", b"EPSV"):
+            data = socket.socket(family)
+            data.bind((address, 0))
+            data.listen(1)
+            port = data.getsockname()[1]
+            threading.Thread(target=serve, args=(data,), daemon=True).start()
+            if command == b"PASV":
+                host = named.replace(".", ",")
+                send(conn, f"227 Entering Passive Mode ({host},{port >> 8},{port & 255}).\r\n".encode())
+            else:
+                send(conn, f"229 Entering Extended Passive Mode (|||{port}|)\r\n".encode())
+        elif command == b"QUIT":
+            conn.sendall(b"221 bye\r\n")
+            break
+        else:
+            conn.sendall(b"200 ok\r\n")
+    conn.close()
+"""
+
+
+@contextmanager
+def fake_server(app: App, node: str, names: str, pieces: int = 1) -> Iterator[str]:
+    """FAKE_SERVER on ``node``'s address port 21, naming ``names`` in PASV replies."""
+    tb = app.lab.tb
+    address = app.addr(node)
+    proc = tb.popen(node, [sys.executable, "-c", FAKE_SERVER, address, names, str(pieces)],
+                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready", \
+            "the scripted FTP server did not start"
+        yield address
+    finally:
+        proc.kill()
+        proc.wait()
+        tb.forget(proc.pid)
+
+
+# --- APP-FTP-01: passive -------------------------------------------------------------------
+
+@pytest.mark.clause("APP-FTP-01")
+@pytest.mark.parametrize("client", peers.FTP_CLIENTS)
+def test_passive_ftp_with_real_clients_and_servers(app: App, servers: Servers,
+                                                   client: peers.FtpClient) -> None:
+    """PASV and EPSV downloads from vsftpd and pyftpdlib arrive whole; an upload too."""
+    _transfers(app, servers, client, ("PASV", "EPSV"))
+
+
+@pytest.mark.clause("APP-FTP-01")
+def test_a_passive_data_port_opens_once_and_for_the_client_alone(app: App,
+                                                                  servers: Servers) -> None:
+    """Another client's connection to the data port, and the client's second one, are dropped."""
+    server = servers.ftp(app, "vsftpd")
+    s1 = app.agent("s1")
+    with dialogue(app, "c1", server.address) as d:
+        d.login()
+        port = passive_port(app, d)
+        with s1.sniff(app.iface("s1"), bpf=f"tcp dst port {port}") as at_server:
+            other = app.agent("c2").tcp_connect(server.address, port, timeout=timeouts.NEGATIVE)
+            assert not other["connected"], "c2 used c1's data port"
+            expect_no_packet(at_server, TCP(dport=port, flags="S"))
+        first = app.agent("c1").tcp_open(server.address, port)
+        assert first.connected, f"the data connection the server offered failed: {first.error}"
+        with s1.sniff(app.iface("s1"), bpf=f"tcp dst port {port}") as at_server:
+            again = app.agent("c1").tcp_connect(server.address, port, timeout=timeouts.NEGATIVE)
+            assert not again["connected"]
+            expect_no_packet(at_server, TCP(dport=port, flags="S"))
+        first.close()
+    assert opened_nothing(app) is None
+
+
+# --- APP-FTP-02: active ---------------------------------------------------------------------
+
+@pytest.mark.clause("APP-FTP-02")
+@pytest.mark.parametrize("client", peers.FTP_CLIENTS)
+def test_active_ftp_with_real_clients_and_servers(app: App, servers: Servers,
+                                                  client: peers.FtpClient) -> None:
+    """PORT and EPRT downloads (the server connects back) arrive whole; an upload too."""
+    _transfers(app, servers, client, ("PORT", "EPRT"))
+
+
+@pytest.mark.clause("APP-FTP-02")
+def test_the_active_data_connection_is_open_to_the_server_alone(app: App,
+                                                                 servers: Servers) -> None:
+    """While PORT/EPRT waits for the server, another host's connection to it is dropped;
+    then the server's own connection arrives."""
+    server = servers.ftp(app, "vsftpd")  # it connects when RETR comes, not at PORT
+    c1 = app.agent("c1")
+    seen_as = app.source_seen_by_server("c1")
+    with c1.tcp_server(app.addr("c1"), 0) as listener, dialogue(app, "c1", server.address) as d:
+        port = listener.port
+        d.login()
+        assert d.send(active_command(app, app.addr("c1"), port)).startswith(b"200")
+        with c1.sniff(app.iface("c1"), bpf=f"tcp dst port {port}") as at_client:
+            other = app.agent("s2").tcp_connect(seen_as, port, timeout=timeouts.NEGATIVE)
+            assert not other["connected"], "s2 reached c1's active data port"
+            expect_no_packet(at_client, TCP(dport=port, flags="S"))
+        reply = d.send(f"RETR {SMALL_FILE}\r\n".encode())
+        assert reply.startswith(b"150") or reply.startswith(b"125"), reply
+        deadline = time.monotonic() + timeouts.POSITIVE
+        while not listener.stats()["peers"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert [p[0] for p in listener.stats()["peers"]] == [server.address]
+
+
+# --- APP-FTP-03: the client sees only the fw -------------------------------------------------
+
+# --- APP-FTP-05: anti-bounce ----------------------------------------------------------------
+
+@pytest.mark.clause("APP-FTP-05")
+def test_a_third_party_in_port_or_eprt_opens_nothing(app: App, servers: Servers) -> None:
+    """A client naming another host (c2) in PORT/EPRT opens nothing: c2 stays unreachable."""
+    server = servers.ftp(app, "pyftpdlib")
+    c2 = app.agent("c2")
+    with c2.tcp_server(app.addr("c2"), 0) as victim, dialogue(app, "c1", server.address) as d:
+        port = victim.port
+        d.login()
+        d.send(active_command(app, app.addr("c2"), port))
+        assert opened_nothing(app) is None
+        target = app.source_seen_by_server("c2")
+        with c2.sniff(app.iface("c2"), bpf=f"tcp dst port {port}") as at_c2:
+            attempt = app.agent("s1").tcp_connect(target, port, timeout=timeouts.NEGATIVE)
+            assert not attempt["connected"]
+            expect_no_packet(at_c2, TCP(dport=port, flags="S"))
+        assert victim.stats()["peers"] == []
+
+
+@pytest.mark.clause("APP-FTP-05")
+def test_a_third_party_in_a_pasv_reply_opens_nothing(app: App) -> None:
+    """A server (s2) naming another host (s1) in its PASV reply opens nothing to s1."""
+    if app.family == "ipv6":
+        pytest.skip("PASV carries IPv4 addresses only; EPSV names no address")
+    s1 = app.agent("s1")
+    with fake_server(app, "s2", names=app.addr("s1")) as address, dialogue(app, "c1", address) as d:
+        reply = d.send(b"PASV\r\n")
+        found = re.search(rb"(\d+),(\d+)\)", reply)
+        assert reply.startswith(b"227") and found, reply
+        port = int(found.group(1)) * 256 + int(found.group(2))
+        assert opened_nothing(app) is None
+        with s1.sniff(app.iface("s1"), bpf=f"tcp dst port {port}") as at_s1:
+            attempt = app.agent("c1").tcp_connect(app.addr("s1"), port, timeout=timeouts.NEGATIVE)
+            assert not attempt["connected"]
+            expect_no_packet(at_s1, TCP(dport=port, flags="S"))
+
+
+# --- APP-FTP-06: split and malformed ---------------------------------------------------------
+
+@pytest.mark.clause("APP-FTP-06")
+def test_a_command_split_across_segments_still_opens_its_data_connection(
+        app: App, servers: Servers) -> None:
+    """PASV/EPSV, and PORT/EPRT, each sent a few bytes per segment, still work."""
+    server = servers.ftp(app, "vsftpd")
+    c1 = app.agent("c1")
+    with dialogue(app, "c1", server.address) as d:
+        d.login()
+        port = passive_port(app, d, pieces=[1, 2])
+        data = c1.tcp_open(server.address, port)
+        assert data.connected, f"the split {('PASV', 'EPSV')[app.family == 'ipv6']} opened nothing"
+        data.close()
+        d.send(b"ABOR\r\n")
+    with c1.tcp_server(app.addr("c1"), 0) as listener, dialogue(app, "c1", server.address) as d:
+        d.login()
+        port = listener.port
+        command = active_command(app, app.addr("c1"), port)
+        assert d.send(command, pieces=[3, 7, 5]).startswith(b"200")
+        d.send(f"RETR {SMALL_FILE}\r\n".encode())
+        deadline = time.monotonic() + timeouts.POSITIVE
+        while not listener.stats()["peers"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert [p[0] for p in listener.stats()["peers"]] == [server.address]
+
+
+@pytest.mark.clause("APP-FTP-06")
+def test_a_reply_split_across_segments_still_opens_its_data_connection(app: App) -> None:
+    """A PASV/EPSV reply the server sends in four segments opens the data port it names."""
+    with fake_server(app, "s2", names=app.addr("s2"), pieces=4) as address, \
+            dialogue(app, "c1", address) as d:
+        port = passive_port(app, d)
+        data = app.agent("c1").tcp_open(address, port)
+        assert data.connected, f"the data port of a split reply stayed shut: {data.error}"
+        assert data.talk(b"", until=r"\n") == b"pinhole data\n"
+        data.close()
+
+
+MALFORMED = [b"PORT 999,1,1,1,1,1\r\n", b"PORT 192,0,2,11\r\n", b"PORT 192,0,2,11,0,0\r\n",
+             b"EPRT |9|192.0.2.11|40000|\r\n", b"EPRT |2|2001:db8:1::11|70000|\r\n",
+             b"EPRT |1|not an address|1|\r\n", b"EPRT\r\n", b"PORT\r\n",
+             b"\x00\xff\xfe PORT 1,2,3\r\n", b"X" * 3000 + b" PORT 192,0,2,11,156,64\r\n"]
+
+
+@pytest.mark.clause("APP-FTP-06")
+def test_malformed_commands_open_nothing_and_break_nothing(app: App, servers: Servers) -> None:
+    """Malformed PORT/EPRT commands, junk and an over-long line open nothing; the control
+    connection and the firewall go on working."""
+    server = servers.ftp(app, "pyftpdlib")
+    with dialogue(app, "c1", server.address) as d:
+        d.login()
+        for line in MALFORMED:
+            reply = d.send(line)
+            assert reply[:1] in (b"2", b"5"), f"{line[:40]!r}: {reply!r}"
+        assert opened_nothing(app) is None
+        assert d.send(b"NOOP\r\n").startswith(b"200")
+        port = passive_port(app, d)
+        data = app.agent("c1").tcp_open(server.address, port)
+        assert data.connected, "after malformed input, a good PASV/EPSV no longer works"
+        data.close()
+    if not app.kernel_helpers:
+        assert app.enforcer.running and app.call("status")["counters"].get("errors", 0) == 0
+
+
+# --- APP-TFTP-01 ----------------------------------------------------------------------------
+
+@pytest.mark.clause("APP-TFTP-01")
+@pytest.mark.parametrize("client", peers.TFTP_CLIENTS)
+def test_tftp_read_and_write_with_real_clients(app: App, servers: Servers,
+                                               client: peers.TftpClient) -> None:
+    """tftpd-hpa answers from a new port; the file arrives whole both ways."""
+    server = servers.tftp(app)
+    got = peers.tftp_transfer(app.lab.tb, "c1", client, server.address, "get", BIG_FILE)
+    assert got.ok and got.sha256 == server.files[BIG_FILE], got.describe() + server.log()
+    name = f"up-{client}-{time.monotonic_ns()}.bin"
+    sent = peers.tftp_transfer(app.lab.tb, "c1", client, server.address, "put", name)
+    assert sent.ok and server.uploaded(name) == sent.sent_sha256, sent.describe() + server.log()
+
+
+@pytest.mark.clause("APP-TFTP-01")
+def test_only_the_servers_reply_is_admitted(app: App, servers: Servers) -> None:
+    """After a read request, the server's reply from its new port reaches the client; a
+    datagram from the server's other ports, or from another host, does not."""
+    server = servers.tftp(app)
+    c1, s1, s2 = app.agent("c1"), app.agent("s1"), app.agent("s2")
+    sport = 47000 + (time.monotonic_ns() // 1000) % 1000
+    seen_as = app.source_seen_by_server("c1")
+    rrq = b"\x00\x01" + SMALL_FILE.encode() + b"\x00octet\x00"
+    with c1.sniff(app.iface("c1"), bpf=f"udp dst port {sport}") as at_client:
+        c1.send(datagram(app, app.addr("c1"), server.address, sport, 69, rrq))
+        reply = expect_packet(at_client, ip(app, server.address, app.addr("c1")) / UDP(dport=sport))
+        tid = reply[UDP].sport
+        assert tid != 69, "the server answered from port 69"
+    with c1.sniff(app.iface("c1"), bpf=f"udp dst port {sport}") as at_client:
+        s1.send(datagram(app, server.address, seen_as, tid + 1, sport, b"\x00\x03\x00\x01x"))
+        s2.send(datagram(app, app.addr("s2"), seen_as, tid, sport, b"\x00\x03\x00\x01x"))
+        expect_no_packet(at_client, UDP(dport=sport))

@@ -1,0 +1,316 @@
+"""The FTP and TFTP application filters against a recording fake of the session API: what
+each line opens, how it is rewritten, and that split, malformed or hostile input opens
+nothing wrong and raises nothing."""
+
+from __future__ import annotations
+
+import ipaddress
+import itertools
+import struct
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from enforcer.client import Action, Flags, SessionCalls
+from enforcer.core.results import PolicyRulesDenied
+from enforcer.filters import Direction, Primary
+from enforcer.plugins.ftp import (
+    FTP_GUID,
+    MAX_LINE,
+    FtpControl,
+    FtpFilter,
+    parse_eprt,
+    parse_epsv_reply,
+    parse_host_port,
+)
+from enforcer.plugins.tftp import TFTP_GUID, TftpFilter, parse_request
+
+ip = ipaddress.ip_address
+C1, S1, S2 = ip("192.0.2.11"), ip("198.51.100.21"), ip("198.51.100.22")
+C1_6, S1_6 = ip("2001:db8:1::11"), ip("2001:db8:2::21")
+FW_INT, FW_EXT = "192.0.2.1", "198.51.100.1"
+OUT, BACK = Direction.OUT, Direction.BACK
+
+
+class FakeApi(SessionCalls):
+    """Records the calls; answers as a NAT or routed fw would."""
+
+    def __init__(self, nat: bool = False, binds: list[dict[str, Any]] | None = None,
+                 fail: Exception | None = None) -> None:
+        self.nat = nat
+        self.calls: list[tuple[str, dict[str, Any]]] = []
+        self.existing = binds or []
+        self.fail = fail
+
+    def call(self, method: str, **params: Any) -> Any:
+        self.calls.append((method, params))
+        if self.fail is not None and method != "binds":
+            raise self.fail
+        if method == "allow_future_connect":
+            return {"action": len(self.calls)}
+        if method == "redirect_connections":
+            return {"internal_address": [FW_INT, 63000], "actions": [{"action": len(self.calls)}]}
+        if method == "bind_for_client":
+            return {"address": [FW_EXT if self.nat else str(C1), 40000 if self.nat else
+                                params["client_port"]]}
+        if method == "retroactive_allow_bind":
+            return {"result": "S_OK"}
+        if method == "binds":
+            return self.existing
+        raise AssertionError(f"unexpected call {method}")
+
+    def opened(self) -> list[tuple[str, dict[str, Any]]]:
+        return [(m, p) for m, p in self.calls if m != "binds"]
+
+
+def control(*, nat: bool = False, via: bool = False, firewall_client: bool = False, v6: bool = False,
+            api: FakeApi | None = None) -> tuple[FtpControl, FakeApi]:
+    api = api or FakeApi(nat=nat)
+    client, server = (C1_6, S1_6) if v6 else (C1, S1)
+    primary = Primary(7, "tcp", (client, 40100), (server, 21), translated=nat or via,
+                      firewall_client=firewall_client,
+                      via=(ip(FW_INT), 63100) if via else None)
+    made = FtpFilter().attach(primary, api)
+    assert isinstance(made, FtpControl)
+    return made, api
+
+
+# --- parsing ---------------------------------------------------------------------------------
+
+def test_parsers() -> None:
+    assert parse_host_port(b"198,51,100,21,78,52") == (S1, 78 * 256 + 52)
+    assert parse_host_port(b"Entering Passive Mode (198,51,100,21,0,21).") == (S1, 21)
+    for bad in (b"198,51,100,21,0,0", b"256,1,1,1,1,1", b"1,2,3,4,5", b"", b"a,b,c,d,e,f"):
+        assert parse_host_port(bad) is None, bad
+    assert parse_eprt(b"|1|192.0.2.11|40000|") == (C1, 40000)
+    assert parse_eprt(b"!2!2001:db8:1::11!40000!") == (C1_6, 40000)
+    for bad in (b"|1|2001:db8:1::11|40000|", b"|2|192.0.2.11|1|", b"|1|192.0.2.11|0|",
+                b"|1|192.0.2.11|70000|", b"|3|192.0.2.11|1|", b"|1|192.0.2.11|1", b"|1|x|1|",
+                b" 1 192.0.2.11 1 ", b"|1|192.0.2.11|1|x", b""):
+        assert parse_eprt(bad) is None, bad
+    assert parse_epsv_reply(b"229 Entering Extended Passive Mode (|||6446|)\r\n") == 6446
+    for bad in (b"229 (|||0|)", b"229 (||6446|)", b"229 (|||99999|)", b"229 nothing"):
+        assert parse_epsv_reply(bad) is None, bad
+
+
+# --- passive ---------------------------------------------------------------------------------
+
+def test_pasv_routed_allows_the_server_address_and_passes_the_reply() -> None:
+    ftp, api = control()
+    reply = b"227 Entering Passive Mode (198,51,100,21,78,52).\r\n"
+    assert ftp.on_data(BACK, reply) == reply
+    assert api.opened() == [("allow_future_connect", {
+        "session": 7, "address": str(S1), "port": 78 * 256 + 52, "protocol": "tcp",
+        "flags": ["TIMEOUT"], "protocol_guid": FTP_GUID, "proxy_external_address": None,
+        "filter": None, "context": None, "data_filter": None})]
+
+
+def test_epsv_allows_the_control_peer() -> None:
+    ftp, api = control(v6=True)
+    reply = b"229 Entering Extended Passive Mode (|||6446|)\r\n"
+    assert ftp.on_data(BACK, reply) == reply
+    assert [(m, p["address"], p["port"]) for m, p in api.opened()] == \
+        [("allow_future_connect", str(S1_6), 6446)]
+
+
+def test_nat_without_redirected_control_connection_uses_allow_future_connect() -> None:
+    """The client reached the server itself (SNAT): PASV's address is the server's and stays."""
+    ftp, api = control(nat=True)
+    reply = b"227 Entering Passive Mode (198,51,100,21,78,52).\r\n"
+    assert ftp.on_data(BACK, reply) == reply
+    assert [m for m, _ in api.opened()] == ["allow_future_connect"]
+
+
+def test_via_the_fw_pasv_and_epsv_are_redirected_and_rewritten() -> None:
+    ftp, api = control(via=True)
+    assert ftp.on_data(BACK, b"227 Entering Passive Mode (198,51,100,21,78,52).\r\n") == \
+        b"227 Entering Passive Mode (192,0,2,1,246,24).\r\n"  # 63000 = 246 * 256 + 24
+    assert ftp.on_data(BACK, b"229 Entering Extended Passive Mode (|||6446|)\r\n") == \
+        b"229 Entering Extended Passive Mode (|||63000|)\r\n"
+    assert [(m, p["addresses"]) for m, p in api.opened()] == [
+        ("redirect_connections", [[str(S1), 78 * 256 + 52]]),
+        ("redirect_connections", [[str(S1), 6446]])]
+    assert all(p["flags"] == ["TIMEOUT"] and p["protocol_guid"] == FTP_GUID for _, p in api.opened())
+
+
+# --- active ----------------------------------------------------------------------------------
+
+def test_port_routed_binds_the_clients_port_for_the_server_alone() -> None:
+    ftp, api = control()
+    command = b"PORT 192,0,2,11,156,64\r\n"  # 40000
+    assert ftp.on_data(OUT, command) == command
+    assert api.opened() == [
+        ("bind_for_client", {"session": 7, "protocol": "tcp", "client_port": 40000}),
+        ("retroactive_allow_bind", {"session": 7, "protocol": "tcp", "address": str(C1),
+                                    "port": 40000, "protocol_guid": FTP_GUID, "flags": [],
+                                    "ipfilter": {"ranges": [[str(S1), str(S1)]]}})]
+
+
+def test_port_and_eprt_in_nat_name_the_fws_bind() -> None:
+    ftp, api = control(nat=True)
+    assert ftp.on_data(OUT, b"PORT 192,0,2,11,156,64\r\n") == b"PORT 198,51,100,1,156,64\r\n"
+    assert ftp.on_data(OUT, b"EPRT |1|192.0.2.11|40000|\r\n") == b"EPRT |1|198.51.100.1|40000|\r\n"
+    approvals = [p for m, p in api.opened() if m == "retroactive_allow_bind"]
+    assert [(p["address"], p["port"]) for p in approvals] == [(FW_EXT, 40000)] * 2
+
+
+def test_eprt_ipv6_routed() -> None:
+    ftp, api = control(v6=True)
+    command = b"EPRT |2|2001:db8:1::11|40001|\r\n"
+    assert ftp.on_data(OUT, command) == command
+    assert api.opened()[0] == ("bind_for_client", {"session": 7, "protocol": "tcp",
+                                                   "client_port": 40001})
+
+
+def test_firewall_client_port_names_its_socks_bind() -> None:
+    bind = {"protocol": "tcp", "state": "pending", "address": [FW_EXT, 20001]}
+    ftp, api = control(firewall_client=True, nat=True,
+                       api=FakeApi(nat=True, binds=[bind]))
+    command = b"PORT 198,51,100,1,78,33\r\n"  # 20001
+    assert ftp.on_data(OUT, command) == command
+    assert api.opened() == [("retroactive_allow_bind", {
+        "session": 7, "protocol": "tcp", "address": FW_EXT, "port": 20001,
+        "protocol_guid": FTP_GUID, "flags": [], "ipfilter": {"ranges": [[str(S1), str(S1)]]}})]
+    # an address that is no bind of its: nothing
+    ftp2, api2 = control(firewall_client=True, nat=True, api=FakeApi(nat=True, binds=[bind]))
+    ftp2.on_data(OUT, b"PORT 198,51,100,1,78,34\r\n")
+    assert api2.opened() == []
+
+
+# --- anti-bounce -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("direction,line", [
+    (OUT, b"PORT 192,0,2,12,156,64\r\n"),                # another client
+    (OUT, b"PORT 198,51,100,22,0,25\r\n"),               # a third-party server
+    (OUT, b"EPRT |1|198.51.100.22|25|\r\n"),
+    (BACK, b"227 Entering Passive Mode (198,51,100,22,0,25).\r\n"),
+    (BACK, b"227 Entering Passive Mode (192,0,2,12,0,22).\r\n"),
+])
+@pytest.mark.parametrize("nat", [False, True])
+def test_third_party_addresses_open_nothing(direction: Direction, line: bytes, nat: bool) -> None:
+    ftp, api = control(nat=nat, via=nat)
+    assert ftp.on_data(direction, line) == line
+    assert api.opened() == []
+
+
+def test_api_refusal_passes_the_line_unchanged() -> None:
+    api = FakeApi(fail=PolicyRulesDenied("no"))
+    ftp, _ = control(via=True, api=api)
+    reply = b"227 Entering Passive Mode (198,51,100,21,78,52).\r\n"
+    assert ftp.on_data(BACK, reply) == reply
+    assert ftp.on_data(OUT, b"PORT 192,0,2,11,156,64\r\n") == b"PORT 192,0,2,11,156,64\r\n"
+    assert ftp.opened == []
+    assert [m for m, _ in api.calls if m != "binds"] == ["redirect_connections", "bind_for_client"]
+
+
+# --- split, long and malformed input ---------------------------------------------------------
+
+SESSION = [
+    (OUT, b"USER anonymous\r\n"), (BACK, b"331 Please specify the password.\r\n"),
+    (OUT, b"PASV\r\n"), (BACK, b"227 Entering Passive Mode (198,51,100,21,78,52).\r\n"),
+    (OUT, b"PORT 192,0,2,11,156,64\r\n"), (BACK, b"200 PORT command successful.\r\n"),
+    (OUT, b"EPRT |1|192.0.2.11|40001|\r\n"), (BACK, b"229 Entering Extended Passive Mode (|||6446|)\r\n"),
+]
+
+
+def _run(ftp: FtpControl, pieces: list[tuple[Direction, bytes]]) -> dict[Direction, bytes]:
+    out = {OUT: b"", BACK: b""}
+    for direction, data in pieces:
+        out[direction] += ftp.on_data(direction, data)
+    return out
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.data(), st.sampled_from([(False, False), (True, False), (True, True)]))
+def test_lines_split_anywhere_open_and_rewrite_the_same(data: st.DataObject,
+                                                        mode: tuple[bool, bool]) -> None:
+    nat, via = mode
+    whole, whole_api = control(nat=nat, via=via)
+    expected = _run(whole, SESSION)
+    split, split_api = control(nat=nat, via=via)
+    pieces = []
+    for direction, line in SESSION:
+        cuts = sorted(data.draw(st.sets(st.integers(1, len(line) - 1), max_size=4)))
+        bounds = [0, *cuts, len(line)]
+        pieces += [(direction, line[a:b]) for a, b in itertools.pairwise(bounds)]
+    assert _run(split, pieces) == expected
+    assert split_api.opened() == whole_api.opened()
+    assert len(whole_api.opened()) == 6  # AFC or RDC, bind + approval twice, AFC or RDC
+
+
+def test_held_back_partial_line_is_released_with_its_end() -> None:
+    ftp, _ = control(nat=True)
+    assert ftp.on_data(OUT, b"PORT 192,0,2") == b""
+    assert ftp.on_data(OUT, b",11,156,64\r\nNOOP") == b"PORT 198,51,100,1,156,64\r\n"
+    assert ftp.on_data(OUT, b"\r\n") == b"NOOP\r\n"
+
+
+def test_a_line_longer_than_max_line_passes_unparsed() -> None:
+    ftp, api = control(nat=True)
+    junk = b"X" * (MAX_LINE + 1)
+    assert ftp.on_data(OUT, junk) == junk
+    # the rest of that line passes too, even if it looks like a command
+    assert ftp.on_data(OUT, b"PORT 192,0,2,11,156,64\r\n") == b"PORT 192,0,2,11,156,64\r\n"
+    assert api.opened() == []
+    assert ftp.on_data(OUT, b"PORT 192,0,2,11,156,64\r\n") == b"PORT 198,51,100,1,156,64\r\n"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from([OUT, BACK]), st.binary(max_size=80)), max_size=12),
+       st.sampled_from([(False, False), (True, False), (True, True)]))
+def test_garbage_raises_nothing_and_opens_only_for_the_two_ends(
+        pieces: list[tuple[Direction, bytes]], mode: tuple[bool, bool]) -> None:
+    ftp, api = control(nat=mode[0], via=mode[1])
+    _run(ftp, pieces)
+    for method, params in api.opened():
+        address = params.get("address") or params.get("addresses", [[None]])[0][0]
+        if method == "bind_for_client":
+            continue
+        assert address in (str(S1), str(C1), FW_EXT), (method, params)
+
+
+# --- TFTP ------------------------------------------------------------------------------------
+
+def rrq(name: bytes = b"f.bin", mode: bytes = b"octet", opcode: int = 1, extra: bytes = b"") -> bytes:
+    return struct.pack("!H", opcode) + name + b"\0" + mode + b"\0" + extra
+
+
+def test_tftp_requests_parse() -> None:
+    assert parse_request(rrq()) == (1, b"f.bin", b"octet")
+    assert parse_request(rrq(opcode=2, mode=b"NetASCII")) == (2, b"f.bin", b"netascii")
+    assert parse_request(rrq(extra=b"blksize\x001428\x00")) == (1, b"f.bin", b"octet")
+    for bad in (rrq(opcode=3), rrq(name=b""), rrq(mode=b"binary"), rrq()[:-1],
+                rrq(extra=b"blksize\x00"), b"\x00\x01", b""):
+        assert parse_request(bad) is None, bad
+
+
+def test_tftp_request_binds_the_clients_port_for_the_server() -> None:
+    api = FakeApi(nat=True)
+    flow = TftpFilter().attach(Primary(3, "udp", (C1, 40200), (S1, 69), translated=True,
+                                       firewall_client=False), api)
+    assert flow.on_data(OUT, rrq()) == rrq()
+    assert api.opened() == [
+        ("bind_for_client", {"session": 3, "protocol": "udp", "client_port": 40200}),
+        ("retroactive_allow_bind", {"session": 3, "protocol": "udp", "address": FW_EXT,
+                                    "port": 40000, "protocol_guid": TFTP_GUID, "flags": [],
+                                    "ipfilter": {"ranges": [[str(S1), str(S1)]]}})]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=64))
+def test_tftp_malformed_or_reply_data_opens_nothing(datagram: bytes) -> None:
+    api = FakeApi()
+    flow = TftpFilter().attach(Primary(3, "udp", (C1, 40200), (S1, 69), translated=False,
+                                       firewall_client=False), api)
+    assert flow.on_data(BACK, rrq()) == rrq()  # from the server: not a request
+    flow.on_data(OUT, datagram)
+    assert bool(api.opened()) == (parse_request(datagram) is not None)
+
+
+def test_action_objects_come_back_from_the_api() -> None:
+    api = FakeApi()
+    action = api.allow_future_connect(1, ("198.51.100.21", 1), protocol_guid=FTP_GUID,
+                                      flags=Flags.TIMEOUT)
+    assert isinstance(action, Action) and action.client is api

@@ -136,6 +136,8 @@ def parse(text: str, path: Path | str = "<config>") -> Config:
         app_filters = tuple(app.strings("enable")) if "enable" in app.data else ()
         if len(set(app_filters)) != len(app_filters):
             raise app.fail("enable", "names a filter twice")
+        if not all(name.strip() for name in app_filters):
+            raise app.fail("enable", "has an empty filter name")
     except PolicyInvalid as exc:
         raise ConfigError(path, locate(text, exc.path), str(exc)) from None
     return Config(policy, network, dataplane, socket_path, data_filters, socks, app_filters)

@@ -219,7 +219,7 @@ class Daemon:
             if record is not None and (record.app_filter or record.data_filter):
                 data = pkt.get_payload()
                 out = self._filtered(data, record, forward=True)
-                if out != data:
+                if out is not None and out != data:
                     pkt.set_payload(out)
         pkt.accept()
         self.api.dispatch_events()
@@ -234,7 +234,11 @@ class Daemon:
             return
         out = nat.rewrite(data, dst=(record.key.dst, record.key.dport))
         if record.data_filter is not None:
-            out = self._filtered(out, record, forward=True)
+            filtered = self._filtered(out, record, forward=True)
+            if filtered is None:  # ahead of a gap in the stream: the sender sends it again
+                pkt.drop()
+                return
+            out = filtered
         pkt.set_payload(out)
         pkt.set_mark((pkt.get_mark() & ~dataplane.MARK_OWNED) | dataplane.MARK_REWRITTEN
                      | dataplane.mark_for(True, False, record.snat))
@@ -264,7 +268,11 @@ class Daemon:
                 return
             out = nat.rewrite(out, src=record.redirect)
         if record.data_filter is not None or record.app_filter is not None:
-            out = self._filtered(out, record, forward)
+            filtered = self._filtered(out, record, forward)
+            if filtered is None:  # ahead of a gap in the stream: the sender sends it again
+                pkt.drop()
+                return
+            out = filtered
         if out is not data:
             pkt.set_payload(out)
         pkt.accept()
@@ -290,8 +298,9 @@ class Daemon:
         factory = self.filter_factories[str(record.data_filter)]
         return _Guarded(factory(record.key), f"data filter '{record.data_filter}' on {record.key}")
 
-    def _filtered(self, data: bytes, record: FlowRecord, forward: bool) -> bytes:
-        """The packet after the flow's filter: for TCP, sequence numbers shifted to match."""
+    def _filtered(self, data: bytes, record: FlowRecord, forward: bool) -> bytes | None:
+        """The packet after the flow's filter: for TCP, sequence numbers shifted to match;
+        None for a TCP segment that is to be dropped."""
         direction = Direction.OUT if forward else Direction.BACK
         if record.key.protocol == UDP:
             if record.stream is None:
@@ -302,7 +311,10 @@ class Daemon:
         if record.editor is None:
             record.editor = TcpStreamEditor(self.stream_filter(record))
         packet, segment = rewrite.parse_segment(data)
-        edited = record.editor.edit(direction, segment.seq, segment.ack, segment.payload)
+        edited = record.editor.edit(direction, segment.seq, segment.ack, segment.payload,
+                                    syn=segment.syn)
+        if edited is None:
+            return None
         if edited == (segment.seq, segment.ack, segment.payload):
             return data
         return rewrite.rebuild(packet, *edited)

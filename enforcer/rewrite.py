@@ -10,7 +10,7 @@ from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.inet6 import IPv6
 from scapy.packet import Packet, Raw
 
-from enforcer.core.packet import TCP_ACK
+from enforcer.core.packet import TCP_ACK, TCP_SYN
 
 
 @dataclass(frozen=True)
@@ -18,13 +18,14 @@ class Segment:
     seq: int
     ack: int | None  # None when the ACK flag is off
     payload: bytes
+    syn: bool = False
 
 
 def parse_segment(data: bytes) -> tuple[Packet, Segment]:
     packet = _packet(data)
     tcp = packet[TCP]
     ack = tcp.ack if int(tcp.flags) & TCP_ACK else None
-    return packet, Segment(tcp.seq, ack, bytes(tcp.payload))
+    return packet, Segment(tcp.seq, ack, bytes(tcp.payload), bool(int(tcp.flags) & TCP_SYN))
 
 
 def rebuild(packet: Packet, seq: int, ack: int | None, payload: bytes) -> bytes:

@@ -41,11 +41,13 @@ def _toml_list(items: list[str]) -> str:
 
 def lab_config(tb: Testbed, *, socket: Path, fail_open: bool = False, queue: int = 0,
                backend: str = "auto", data_filters: dict[str, str] | None = None,
-               dataplane: dict[str, object] | None = None, app_filters: tuple[str, ...] = ()) -> str:
+               dataplane: dict[str, object] | None = None, app_filters: tuple[str, ...] = (),
+               permission_timeout: int = 2) -> str:
     """The enforcer config for a testbed: its interfaces, NAT per variant, the lab policy.
 
     ``dataplane``: further [dataplane] settings (receive_buffer, *_redirect_ports);
-    ``app_filters``: the application filters to enable."""
+    ``app_filters``: the application filters to enable; ``permission_timeout``: short
+    by default, so that TIMEOUT (AFC-04) is checked in seconds."""
     topo = tb.topology
     internal = [topo.internal_network(f) for f in FAMILIES]
     c1 = [f"{topo.address('c1', f)}/{32 if f == 'ipv4' else 128}" for f in FAMILIES]
@@ -65,7 +67,7 @@ def lab_config(tb: Testbed, *, socket: Path, fail_open: bool = False, queue: int
         f'socket = "{socket}"',
         "",
         "[defaults]",
-        "permission_timeout = 2  # short, so that TIMEOUT (AFC-04) is checked in seconds",
+        f"permission_timeout = {permission_timeout}",
         "max_pending_per_session = 1024",
     ]
     for name, (proto, port) in PORTS.items():
@@ -109,7 +111,8 @@ class EnforcerProcess:
         self.proc: subprocess.Popen[Any] | None = None
         self.fail_open = False
         self.app_filters: tuple[str, ...] = ()
-        self.customised = False  # started with anything but the default configuration
+        # started with anything but the default configuration (application filters aside)
+        self.customised = False
 
     @property
     def running(self) -> bool:
@@ -123,10 +126,12 @@ class EnforcerProcess:
             raise RuntimeError("the enforcer is already running")
         self.fail_open = fail_open
         self.app_filters = app_filters
-        self.customised = fail_open or backend != "auto" or bool(dataplane) or bool(app_filters)
+        self.customised = fail_open or backend != "auto" or bool(dataplane)
+        # The application filters' grants and binds wait for real clients and servers.
         self.config_path.write_text(lab_config(self.tb, socket=self.socket, fail_open=fail_open,
                                                backend=backend, data_filters=self.data_filters,
-                                               dataplane=dataplane, app_filters=app_filters))
+                                               dataplane=dataplane, app_filters=app_filters,
+                                               permission_timeout=10 if app_filters else 2))
         with self.log_path.open("a") as log:
             self.proc = self.tb.popen(
                 "fw", [sys.executable, "-m", "testbed", "enforcer", "--verbose",

@@ -280,6 +280,8 @@ class Engine:
         if found is None or not found[1] or now - found[0].admitted_at > SAME_FLOW_WINDOW:
             return None
         record = found[0]
+        if record.inbound != (meta.ingress is Ingress.EXTERNAL):
+            return None  # the flow's key, from the other side: not the flow's datagram
         record.saw(True, length, now)
         verdict = Verdict.ADMIT_USER if record.mode is Mode.USER else Verdict.ADMIT_KERNEL
         return Decision(verdict, meta.key, "a later datagram of a flow just admitted", now,
@@ -508,6 +510,9 @@ class Engine:
 
         if key.protocol == TCP and not meta.starts_tcp_connection:
             return drop(f"TCP packet with flags 0x{meta.tcp_flags:02x} cannot open a connection")
+        if bind.expires is not None and now >= bind.expires:
+            self.bind_done(bind)
+            return drop(f"bind {bind.id} expired unused")
         if bind.state is not BindState.ALLOWED:
             return drop(f"bind {bind.id} is {bind.state.value}, not approved by RetroactiveAllowBind")
         if not bind.admits(key.src):
@@ -515,7 +520,8 @@ class Engine:
         bind.admitted += 1
         if key.protocol == UDP:
             bind.recent[(key.src, key.sport)] = now
-        record = FlowRecord(key, bind.session_id, str(bind.protocol_name), Mode.KERNEL, now)
+        record = FlowRecord(key, bind.session_id, str(bind.protocol_name), Mode.KERNEL, now,
+                            inbound=meta.ingress is Ingress.EXTERNAL)
         record.saw(True, length, now)
         self.flows.add(record)
         if bind.for_securenat:

@@ -43,6 +43,7 @@ class FlowRecord:
     redirect: Endpoint | None = None
     snat: int | None = None  # the external address it leaves from, if translated
     one_way: bool = False  # replies are not admitted
+    inbound: bool = False  # opened from the external side (to a bind)
 
     @property
     def client_side_key(self) -> FlowKey:

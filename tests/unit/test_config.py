@@ -502,3 +502,50 @@ def test_empty_users_header_alone_has_a_line() -> None:
     message = config_error(text)
     assert "socks.users: require_auth needs at least one user" in message
     assert message.startswith(f"{FILE}:{marked_line(text)}: "), message
+
+
+# --- [filters]: application filters ------------------------------------------------------------
+
+def test_app_filters_are_enabled_in_order() -> None:
+    cfg = parse(MINIMAL + "\n[filters]\nenable = [\"ftp\", \"tftp\"]\n", FILE)
+    assert cfg.app_filters == ("ftp", "tftp")
+    assert parse(MINIMAL + "\n[filters]\nenable = [\"tftp\", \"ftp\"]\n", FILE).app_filters == ("tftp", "ftp")
+    # beside data filters of the same name
+    text = MINIMAL + "\n[data_filters]\nftp = \"m:f\"\n\n[filters]\nenable = [\"ftp\"]\n"
+    cfg = parse(text, FILE)
+    assert cfg.app_filters == ("ftp",) and cfg.data_filters == {"ftp": "m:f"}
+
+
+@pytest.mark.parametrize("text", [
+    pytest.param(MINIMAL, id="no-section"),
+    pytest.param(MINIMAL + "\n[filters]\n", id="empty-section"),
+    pytest.param(MINIMAL + "\n[filters]\nenable = []\n", id="empty-list"),
+])
+def test_no_app_filters(text: str) -> None:
+    cfg = parse(text, FILE)
+    assert cfg.app_filters == ()
+    assert Config(cfg.policy, cfg.network, cfg.dataplane).app_filters == ()
+
+
+FILTERS_CASES = [
+    pytest.param(MINIMAL + "\n[filters]\nenable = [\"ftp\", \"tftp\", \"ftp\"]  # <-\n",
+                 "filters.enable: names a filter twice", id="twice"),
+    pytest.param(MINIMAL + "\n[dataplane]\nqueue = 1\n\n[filters]\n\nenable = [  # <-\n  \"tftp\",\n"
+                 "  \"tftp\",\n]\n", "filters.enable: names a filter twice", id="twice-multiline"),
+    pytest.param(MINIMAL + "\n[filters]\nenable = [\"ftp\", 1]  # <-\n",
+                 "filters.enable[1]: expected a string, got int", id="not-a-string"),
+    pytest.param(MINIMAL + "\n[filters]\nenable = [[\"ftp\"]]  # <-\n",
+                 "filters.enable[0]: expected a string, got list", id="nested-list"),
+    pytest.param(MINIMAL + "\n[filters]\nenable = \"ftp\"  # <-\n",
+                 "filters.enable: expected an array, got str", id="not-an-array"),
+    pytest.param(MINIMAL + "\n[filters]\nenable = [\"ftp\"]\nenabled = [\"tftp\"]  # <-\n",
+                 "filters.enabled: unknown key", id="unknown-key"),
+    pytest.param("filters = [\"ftp\"]  # <-\n" + MINIMAL, "filters: expected a table", id="not-a-table"),
+]
+
+
+@pytest.mark.parametrize(("text", "reason"), FILTERS_CASES)
+def test_app_filter_errors_point_at_the_line(text: str, reason: str) -> None:
+    message = config_error(text)
+    assert message.startswith(f"{FILE}:{marked_line(text)}: "), message
+    assert reason in message, message

@@ -48,6 +48,17 @@ def test_matrix_has_a_row_per_clause_and_mode_and_a_column_per_topology_and_fami
     assert "(-:" not in matrix(full, ["ipv4"], ["routed", "nat"]), "a legend for no '-' cell"
 
 
+def test_the_kernel_helpers_failures_are_counted_apart_and_do_not_fail_the_run() -> None:
+    rows = complete([result("APP-FTP-06", "passed", firewall="enforcer"),
+                     result("APP-FTP-06", "failed", firewall="kernel-helpers"),
+                     result("APP-FTP-01", "passed", firewall="kernel-helpers")],
+                    ["APP-FTP-06"], ["ipv4"])
+    s = summary(rows)
+    assert s["ok"] is True and s["checks"]["failed"] == 0 and s["checks"]["passed"] == 1
+    assert s["kernel_helpers"] == {"passed": 1, "failed": 1, "skipped": 0}
+    assert summary([*rows, result("APP-FTP-06", "failed", firewall="enforcer")])["ok"] is False
+
+
 def test_kernel_helpers_fill_a_second_group_of_columns_for_the_clauses_they_ran() -> None:
     rows = complete([result("GEN-02", "passed"),
                      result("APP-FTP-01", "passed", firewall="enforcer"),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from enforcer.core.datafilter import MOD, Direction, SequenceShift, TcpStreamEditor
+from enforcer.core.datafilter import MOD, Direction, TcpStreamEditor
 
 
 class Grow:
@@ -36,7 +36,7 @@ def test_offsets_accumulate_over_several_changes() -> None:
     editor.edit(Direction.OUT, 1, None, b"a")        # +2 from 2 on
     editor.edit(Direction.OUT, 2, None, b"aa")       # +4 more from 4 on
     assert editor.edit(Direction.OUT, 4, None, b"b")[0] == 4 + 6
-    assert editor.shifts[Direction.OUT].offset_after == 6
+    assert editor.sides[Direction.OUT].offset == 6
 
 
 def test_sequence_numbers_wrap_around() -> None:
@@ -50,7 +50,5 @@ def test_sequence_numbers_wrap_around() -> None:
 
 
 def test_no_change_no_shift() -> None:
-    shift = SequenceShift()
-    assert shift.offset(12345) == 0
     editor = TcpStreamEditor(Grow())
     assert editor.edit(Direction.BACK, 10, 20, b"abc") == (10, 20, b"abc")

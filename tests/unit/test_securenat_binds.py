@@ -1,0 +1,437 @@
+"""SecureNAT binds in the pure core: an application filter makes a SecureNAT client's port
+reachable for one inbound flow (Engine.bind_for_securenat), RetroactiveAllowBind approves
+it, and Engine.decide admits one flow to it; expiry, withdrawal and the session's end close
+it. Also: primaries of a protocol an application filter watches run in user mode."""
+
+from __future__ import annotations
+
+import ipaddress
+import uuid
+from typing import Any
+
+import pytest
+from core_policy import INTERNAL, POLICY_DATA, pkt
+
+from enforcer.core import packet
+from enforcer.core.binds import Bind, BindState
+from enforcer.core.engine import SAME_FLOW_WINDOW, Engine, Verdict
+from enforcer.core.flags import Flags
+from enforcer.core.flows import Mode
+from enforcer.core.ipfilter import IpFilter
+from enforcer.core.packet import ICMP, TCP, UDP, FlowKey, Ingress, IPAddress, PacketMeta
+from enforcer.core.policy import policy_from_dict
+from enforcer.core.results import InvalidArgument
+
+ip = ipaddress.ip_address
+
+TIMEOUT = 25.0  # not the default 60: a bind's lifetime comes from the policy
+POLICY = policy_from_dict({**POLICY_DATA, "defaults": {"permission_timeout": TIMEOUT}})
+C1, C2, C6 = ip("192.0.2.11"), ip("192.0.2.12"), ip("2001:db8:1::11")
+S1, S2, S6 = ip("198.51.100.21"), ip("198.51.100.22"), ip("2001:db8:2::21")
+EXT4, EXT6, EXT4B = ip("198.51.100.1"), ip("2001:db8:2::1"), ip("198.51.100.2")
+EXTERNAL = (EXT4, EXT6, EXT4B)
+BIND_PORTS = (20000, 20002)
+KERNEL_REDIRECT_PORTS = (61000, 61009)
+USER_REDIRECT_PORTS = (63000, 63009)
+FTP = uuid.UUID("5c3c2a3e-8f1b-4c1e-9a57-1f0d3a6b2101")
+DNS = uuid.UUID("5c3c2a3e-8f1b-4c1e-9a57-1f0d3a6b2104")
+SYN = packet.TCP_SYN
+ACK = 0x10
+PORT = 50000  # the client's port an application filter asks for
+
+
+def make_engine(nat: bool, external: tuple[IPAddress, ...] = EXTERNAL, **kwargs: Any) -> Engine:
+    return Engine(POLICY, INTERNAL, external, nat=nat, bind_ports=BIND_PORTS,
+                  kernel_redirect_ports=KERNEL_REDIRECT_PORTS, user_redirect_ports=USER_REDIRECT_PORTS,
+                  **kwargs)
+
+
+@pytest.fixture
+def routed() -> Engine:
+    return make_engine(nat=False)
+
+
+@pytest.fixture
+def natted() -> Engine:
+    return make_engine(nat=True)
+
+
+@pytest.fixture(params=[False, True], ids=["routed", "nat"])
+def engine(request: pytest.FixtureRequest) -> Engine:
+    return make_engine(nat=request.param)
+
+
+def securenat(engine: Engine, client: IPAddress = C1, now: float = 1.0) -> int:
+    """The client's SecureNAT session, made by an FTP primary connection."""
+    server = S6 if client.version == 6 else S1
+    decision = engine.decide(pkt(str(client), str(server), 21), now)
+    assert decision.verdict is Verdict.ADMIT_KERNEL and decision.session_id is not None
+    return decision.session_id
+
+
+def from_server(server: IPAddress, client: IPAddress = C1, port: int = PORT, *, proto: int = TCP,
+                sport: int = 20, flags: int = SYN) -> PacketMeta:
+    """A new flow's first packet from outside to the client's port (after the kernel's NAT)."""
+    return PacketMeta(FlowKey(proto, server, sport, client, port), Ingress.EXTERNAL,
+                      flags if proto == TCP else 0)
+
+
+def only(*servers: IPAddress) -> IpFilter:
+    f = IpFilter()
+    for server in servers:
+        f.include_range(str(server), str(server))
+    return f
+
+
+def approve(engine: Engine, bind: Bind, ipfilter: IpFilter | None, now: float = 2.0) -> None:
+    guid = FTP if bind.protocol == TCP else DNS
+    got, first = engine.retroactive_allow_bind(bind.session_id, bind.protocol, bind.address, bind.port,
+                                               guid, Flags(0), ipfilter, now)
+    assert got is bind and first
+
+
+# --- where a bind is --------------------------------------------------------------------------
+
+def test_a_routed_bind_is_the_client_s_own_address_and_port(routed: Engine) -> None:
+    session = securenat(routed)
+    bind, new = routed.bind_for_securenat(session, TCP, PORT, 3.0)
+    assert new is True
+    assert (bind.address, bind.port, bind.client, bind.client_port) == (C1, PORT, C1, PORT)
+    assert (bind.session_id, bind.protocol, bind.state) == (session, TCP, BindState.PENDING)
+    assert bind.pooled is False and bind.for_securenat
+    assert bind.created == 3.0 and bind.expires == 3.0 + TIMEOUT
+    assert routed.bind_ports.in_use == 0
+    assert routed.binds.leading_to(TCP, C1, PORT) is bind
+    assert routed.binds.at(TCP, C1, PORT) is bind
+    out = bind.to_dict()
+    assert out["address"] == ["192.0.2.11", PORT] and out["leads_to"] == ["192.0.2.11", PORT]
+    assert out["expires"] == 3.0 + TIMEOUT and out["protocol"] == "tcp"
+    # a port in the bind pool is still the client's own, and so is an IPv6 client's
+    in_pool, _ = routed.bind_for_securenat(session, UDP, BIND_PORTS[0], 3.0)
+    assert (in_pool.address, in_pool.port, in_pool.pooled) == (C1, BIND_PORTS[0], False)
+    six, _ = routed.bind_for_securenat(securenat(routed, C6), TCP, PORT, 3.0)
+    assert (six.address, six.port, six.client) == (C6, PORT, C6)
+    assert routed.bind_ports.in_use == 0
+
+
+def test_a_nat_bind_is_the_first_external_address_with_the_client_s_port(natted: Engine) -> None:
+    bind, new = natted.bind_for_securenat(securenat(natted), TCP, PORT, 3.0)
+    assert new is True
+    assert (bind.address, bind.port, bind.pooled) == (EXT4, PORT, False)
+    assert (bind.client, bind.client_port) == (C1, PORT)
+    assert bind.to_dict()["leads_to"] == ["192.0.2.11", PORT]
+    assert natted.binds.at(TCP, EXT4, PORT) is bind and natted.binds.leading_to(TCP, C1, PORT) is bind
+    assert natted.bind_ports.in_use == 0
+    six, _ = natted.bind_for_securenat(securenat(natted, C6), TCP, PORT, 3.0)
+    assert (six.address, six.port, six.client) == (EXT6, PORT, C6)
+
+
+def test_a_nat_bind_takes_a_pool_port_when_the_client_s_port_is_bound_already(natted: Engine) -> None:
+    first, _ = natted.bind_for_securenat(securenat(natted, C1), TCP, PORT, 3.0)
+    second, new = natted.bind_for_securenat(securenat(natted, C2), TCP, PORT, 3.0)
+    assert new is True and second is not first
+    assert second.address == EXT4 and second.pooled is True
+    assert BIND_PORTS[0] <= second.port <= BIND_PORTS[1]
+    assert (second.client, second.client_port) == (C2, PORT)
+    assert natted.bind_ports.in_use == 1
+    assert natted.binds.at(TCP, EXT4, second.port) is second
+    assert natted.binds.leading_to(TCP, C2, PORT) is second
+    assert natted.binds.leading_to(TCP, C1, PORT) is first
+    # another protocol's port of the same number is free
+    udp, _ = natted.bind_for_securenat(securenat(natted, C2), UDP, PORT, 3.0)
+    assert (udp.address, udp.port, udp.pooled) == (EXT4, PORT, False)
+
+
+@pytest.mark.parametrize(("client_port", "pooled"), [
+    pytest.param(BIND_PORTS[0], True, id="bind-pool-low"),
+    pytest.param(BIND_PORTS[1], True, id="bind-pool-high"),
+    pytest.param(BIND_PORTS[0] - 1, False, id="below-bind-pool"),
+    pytest.param(BIND_PORTS[1] + 1, False, id="above-bind-pool"),
+    pytest.param(KERNEL_REDIRECT_PORTS[0], True, id="kernel-redirect-low"),
+    pytest.param(KERNEL_REDIRECT_PORTS[1], True, id="kernel-redirect-high"),
+    pytest.param(KERNEL_REDIRECT_PORTS[1] + 1, False, id="above-kernel-redirect"),
+    pytest.param(USER_REDIRECT_PORTS[0], True, id="user-redirect-low"),
+    pytest.param(USER_REDIRECT_PORTS[1], True, id="user-redirect-high"),
+    pytest.param(USER_REDIRECT_PORTS[0] - 1, False, id="below-user-redirect"),
+    pytest.param(1, False, id="port-1"),
+    pytest.param(65535, False, id="port-65535"),
+])
+def test_a_nat_bind_avoids_the_fw_s_own_port_pools(natted: Engine, client_port: int, pooled: bool) -> None:
+    bind, _ = natted.bind_for_securenat(securenat(natted), UDP, client_port, 3.0)
+    assert bind.pooled is pooled and bind.client_port == client_port
+    if pooled:
+        assert BIND_PORTS[0] <= bind.port <= BIND_PORTS[1]
+        assert natted.bind_ports.in_use == 1
+    else:
+        assert bind.port == client_port and natted.bind_ports.in_use == 0
+
+
+def test_asking_again_for_the_same_client_port_gives_the_same_bind(engine: Engine) -> None:
+    session = securenat(engine)
+    bind, new = engine.bind_for_securenat(session, TCP, PORT, 3.0)
+    again, new_again = engine.bind_for_securenat(session, TCP, PORT, 9.0)
+    assert new is True and new_again is False and again is bind
+    assert bind.created == 3.0 and bind.expires == 3.0 + TIMEOUT  # not renewed
+    udp, new_udp = engine.bind_for_securenat(session, UDP, PORT, 9.0)
+    other, new_other = engine.bind_for_securenat(session, TCP, PORT + 1, 9.0)
+    assert new_udp and new_other and len({bind.id, udp.id, other.id}) == 3
+    assert len(engine.binds) == 3
+    # once closed, the same port gets a new bind
+    engine.withdraw_bind(bind)
+    fresh, new_fresh = engine.bind_for_securenat(session, TCP, PORT, 10.0)
+    assert new_fresh is True and fresh is not bind and fresh.expires == 10.0 + TIMEOUT
+
+
+# --- what is refused ----------------------------------------------------------------------------
+
+def test_a_firewall_client_session_is_refused(engine: Engine) -> None:
+    session = engine.open_firewall_session(C1, "alice", 1.0).id
+    with pytest.raises(InvalidArgument, match=f"session {session} is a Firewall client's"):
+        engine.bind_for_securenat(session, TCP, PORT, 2.0)
+    assert len(engine.binds) == 0 and engine.binds.leading_to(TCP, C1, PORT) is None
+
+
+@pytest.mark.parametrize(("protocol", "client_port", "message"), [
+    pytest.param(ICMP, PORT, "protocol must be TCP", id="icmp"),
+    pytest.param(0, PORT, "protocol must be TCP", id="protocol-0"),
+    pytest.param(TCP, 0, "client port must be 1-65535", id="port-0"),
+    pytest.param(UDP, 65536, "client port must be 1-65535", id="port-65536"),
+    pytest.param(TCP, -1, "client port must be 1-65535", id="port-negative"),
+])
+def test_protocol_and_port_are_checked(engine: Engine, protocol: int, client_port: int, message: str) -> None:
+    session = securenat(engine)
+    with pytest.raises(InvalidArgument, match=message):
+        engine.bind_for_securenat(session, protocol, client_port, 2.0)
+    assert len(engine.binds) == 0 and engine.bind_ports.in_use == 0
+
+
+def test_an_unknown_session_is_refused(engine: Engine) -> None:
+    with pytest.raises(InvalidArgument, match="no session 77"):
+        engine.bind_for_securenat(77, TCP, PORT, 2.0)
+
+
+def test_nat_without_an_external_address_of_the_client_s_family() -> None:
+    engine = make_engine(nat=True, external=(EXT4,))
+    with pytest.raises(InvalidArgument, match="no external IPv6 address"):
+        engine.bind_for_securenat(securenat(engine, C6), TCP, PORT, 2.0)
+    assert len(engine.binds) == 0
+    # routed, an IPv6 client needs none
+    routed = make_engine(nat=False, external=(EXT4,))
+    assert routed.bind_for_securenat(securenat(routed, C6), TCP, PORT, 2.0)[0].address == C6
+
+
+# --- inbound flows ------------------------------------------------------------------------------
+
+def test_before_approval_an_inbound_flow_is_dropped_and_counted(engine: Engine) -> None:
+    bind, _ = engine.bind_for_securenat(securenat(engine), TCP, PORT, 2.0)
+    flows = len(engine.flows)
+    d = engine.decide(from_server(S1), 3.0)
+    assert d.verdict is Verdict.DROP and f"bind {bind.id} is pending" in d.reason
+    assert (bind.discarded, bind.admitted, bind.state) == (1, 0, BindState.PENDING)
+    assert len(engine.flows) == flows
+    # the bind is still there to be approved
+    approve(engine, bind, None)
+    assert engine.decide(from_server(S1), 4.0).verdict is Verdict.ADMIT_KERNEL
+
+
+def test_flows_to_other_ports_or_clients_are_not_the_bind_s(engine: Engine) -> None:
+    bind, _ = engine.bind_for_securenat(securenat(engine), TCP, PORT, 2.0)
+    approve(engine, bind, None)
+    securenat(engine, C2)
+    for meta in (from_server(S1, port=PORT + 1), from_server(S1, C2), from_server(S1, proto=UDP)):
+        d = engine.decide(meta, 3.0)
+        assert d.verdict is Verdict.DROP and "arrived on the external side" in d.reason
+    # a TCP packet that is no SYN opens nothing, and leaves the bind open
+    d = engine.decide(from_server(S1, flags=ACK), 3.0)
+    assert d.verdict is Verdict.DROP and "cannot open a connection" in d.reason
+    assert (bind.admitted, bind.discarded, bind.state) == (0, 0, BindState.ALLOWED)
+    assert engine.decide(from_server(S1), 4.0).verdict is Verdict.ADMIT_KERNEL
+
+
+@pytest.mark.parametrize("proto", [TCP, UDP], ids=["tcp", "udp"])
+def test_an_approved_bind_admits_its_server_s_first_flow_only(engine: Engine, proto: int) -> None:
+    session = securenat(engine)
+    bind, _ = engine.bind_for_securenat(session, proto, PORT, 2.0)
+    approve(engine, bind, only(S1))
+    # another server: dropped, counted, and the bind stays open for the right one
+    d = engine.decide(from_server(S2, proto=proto), 3.0)
+    assert d.verdict is Verdict.DROP and "IpFilter" in d.reason
+    assert (bind.discarded, bind.state) == (1, BindState.ALLOWED)
+    # the server: admitted in kernel mode, for the client's session
+    d = engine.decide(from_server(S1, proto=proto), 4.0, length=60)
+    assert d.verdict is Verdict.ADMIT_KERNEL
+    assert d.session_id == session and d.protocol == ("FTP" if proto == TCP else "DNS")
+    assert d.key == FlowKey(proto, S1, 20, C1, PORT)
+    record = engine.flows.get(d.key)
+    assert record is not None and record.session_id == session and record.mode is Mode.KERNEL
+    assert record.bytes_out == 60
+    # one flow: the bind is done
+    assert (bind.admitted, bind.state) == (1, BindState.CLOSED)
+    assert engine.binds.leading_to(proto, C1, PORT) is None
+    assert engine.binds.at(proto, bind.address, bind.port) is None
+    d = engine.decide(from_server(S1, proto=proto, sport=21), 5.0)
+    assert d.verdict is Verdict.DROP and "arrived on the external side" in d.reason
+    assert bind.admitted == 1
+
+
+def test_the_admitted_udp_flow_s_next_datagrams_are_its_own(engine: Engine) -> None:
+    bind, _ = engine.bind_for_securenat(securenat(engine), UDP, PORT, 2.0)
+    approve(engine, bind, only(S1))
+    assert engine.decide(from_server(S1, proto=UDP), 4.0).verdict is Verdict.ADMIT_KERNEL
+    # a datagram queued before the kernel had recorded the verdict arrives as new
+    d = engine.decide(from_server(S1, proto=UDP), 4.0 + SAME_FLOW_WINDOW / 2)
+    assert d.verdict is Verdict.ADMIT_KERNEL and "later datagram" in d.reason
+    assert (bind.admitted, bind.discarded) == (1, 0)
+    late = engine.decide(from_server(S1, proto=UDP), 4.0 + SAME_FLOW_WINDOW + 0.5)
+    assert late.verdict is Verdict.DROP
+
+
+def test_each_decision_is_recorded_once(engine: Engine) -> None:
+    bind, _ = engine.bind_for_securenat(securenat(engine), TCP, PORT, 2.0)
+    before, drops, admits = len(engine.recent), engine.counters["drop"], engine.counters["admit-kernel"]
+    pending = engine.decide(from_server(S1), 3.0)
+    assert len(engine.recent) == before + 1 and engine.recent[-1] is pending
+    approve(engine, bind, only(S1))
+    refused = engine.decide(from_server(S2), 3.0)
+    admitted = engine.decide(from_server(S1), 3.0)
+    assert list(engine.recent)[before:] == [pending, refused, admitted]
+    assert engine.counters["drop"] == drops + 2 and engine.counters["admit-kernel"] == admits + 1
+
+
+def test_nat_binds_are_retired_when_closed_routed_ones_are_not() -> None:
+    for nat in (False, True):
+        engine = make_engine(nat=nat)
+        bind, _ = engine.bind_for_securenat(securenat(engine), TCP, PORT, 2.0)
+        approve(engine, bind, None)
+        assert engine.drain_retired_binds() == []
+        engine.decide(from_server(S1), 3.0)
+        assert bind.state is BindState.CLOSED
+        assert engine.drain_retired_binds() == ([bind] if nat else [])
+        assert engine.drain_retired_binds() == []
+        engine.bind_done(bind)  # twice is once
+        assert engine.drain_retired_binds() == []
+
+
+def test_a_pooled_port_goes_back_to_the_pool(natted: Engine) -> None:
+    mine, _ = natted.bind_for_securenat(securenat(natted, C1), TCP, PORT, 2.0)
+    pooled, _ = natted.bind_for_securenat(securenat(natted, C2), TCP, PORT, 2.0)
+    assert natted.bind_ports.in_use == 1
+    approve(natted, pooled, None)
+    assert natted.decide(from_server(S1, C2), 3.0).verdict is Verdict.ADMIT_KERNEL
+    assert natted.bind_ports.in_use == 0
+    approve(natted, mine, None)
+    assert natted.decide(from_server(S1, C1), 3.0).verdict is Verdict.ADMIT_KERNEL
+    assert natted.bind_ports.in_use == 0  # the client's own port was never the pool's
+    assert natted.drain_retired_binds() == [pooled, mine]
+
+
+# --- expiry, withdrawal, the session's end ----------------------------------------------------------
+
+def test_an_unused_bind_expires_after_the_permission_timeout(natted: Engine) -> None:
+    session = securenat(natted)
+    pending, _ = natted.bind_for_securenat(session, TCP, PORT, 2.0)
+    approved, _ = natted.bind_for_securenat(session, UDP, BIND_PORTS[0], 4.0)  # pooled
+    approve(natted, approved, None)
+    natted.expire(2.0 + TIMEOUT - 0.01)
+    assert pending.state is BindState.PENDING and approved.state is BindState.ALLOWED
+    assert natted.drain_retired_binds() == []
+    natted.expire(2.0 + TIMEOUT)
+    assert pending.state is BindState.CLOSED and approved.state is BindState.ALLOWED
+    assert natted.drain_retired_binds() == [pending]
+    natted.expire(4.0 + TIMEOUT)
+    assert approved.state is BindState.CLOSED and natted.bind_ports.in_use == 0
+    assert natted.drain_retired_binds() == [approved]
+    assert natted.decide(from_server(S1), 50.0).verdict is Verdict.DROP
+    natted.expire(10**6)
+    assert natted.drain_retired_binds() == []
+
+
+def test_expiry_leaves_used_binds_and_firewall_client_binds_alone(natted: Engine) -> None:
+    used, _ = natted.bind_for_securenat(securenat(natted), TCP, PORT, 2.0)
+    approve(natted, used, None)
+    natted.decide(from_server(S1), 3.0)
+    assert natted.drain_retired_binds() == [used]
+    fw = natted.open_firewall_session(C2, "alice", 2.0)
+    socks = natted.bind_for_client(fw.id, TCP, EXT4, 2.0)
+    natted.expire(10**6)
+    assert natted.drain_retired_binds() == []  # not retired a second time
+    assert socks.state is BindState.PENDING
+
+
+def test_withdraw_bind_closes_it_and_leaves_nothing_to_retire(natted: Engine) -> None:
+    natted.bind_for_securenat(securenat(natted, C1), TCP, PORT, 2.0)
+    bind, _ = natted.bind_for_securenat(securenat(natted, C2), TCP, PORT, 2.0)
+    assert bind.pooled and natted.bind_ports.in_use == 1
+    natted.withdraw_bind(bind)
+    assert bind.state is BindState.CLOSED and natted.bind_ports.in_use == 0
+    assert natted.binds.leading_to(TCP, C2, PORT) is None
+    assert natted.drain_retired_binds() == []
+    natted.expire(10**6)  # no longer expiring either
+    assert [b.client for b in natted.drain_retired_binds()] == [C1]
+
+
+def test_ending_the_session_closes_its_binds(engine: Engine) -> None:
+    session = securenat(engine)
+    tcp, _ = engine.bind_for_securenat(session, TCP, PORT, 2.0)
+    udp, _ = engine.bind_for_securenat(session, UDP, PORT, 2.0)
+    approve(engine, udp, None)
+    others, _ = engine.bind_for_securenat(securenat(engine, C2), TCP, PORT, 2.0)
+    engine.end_session(session, 3.0)
+    assert tcp.state is udp.state is BindState.CLOSED and others.state is BindState.PENDING
+    assert engine.binds.leading_to(UDP, C1, PORT) is None
+    assert engine.decide(from_server(S1, proto=UDP), 4.0).verdict is Verdict.DROP
+    assert udp.admitted == 0
+    assert engine.drain_retired_binds() == ([tcp, udp] if engine.nat else [])
+    engine.expire(10**6)
+    assert engine.drain_retired_binds() == ([others] if engine.nat else [])
+
+
+# --- application filters on primaries -------------------------------------------------------------
+
+def test_primaries_of_a_watched_protocol_run_in_user_mode() -> None:
+    engine = make_engine(nat=True, app_filters={"FTP": "ftp", "DNS": "dnswatch"})
+    ftp = engine.decide(pkt(str(C1), str(S1), 21), 1.0)
+    assert ftp.verdict is Verdict.ADMIT_USER and ftp.protocol == "FTP" and ftp.snat == 0
+    record = engine.flows.get(ftp.key)
+    assert record is not None and record.mode is Mode.USER and record.app_filter == "ftp"
+    assert record.to_dict()["app_filter"] == "ftp"
+    http = engine.decide(pkt(str(C1), str(S1), 80), 1.0)
+    assert http.verdict is Verdict.ADMIT_KERNEL
+    http_record = engine.flows.get(http.key)
+    assert http_record is not None and http_record.app_filter is None and http_record.mode is Mode.KERNEL
+    # a UDP primary too, and its next datagram gets the same verdict
+    dns = engine.decide(pkt(str(C1), str(S1), 53, proto=UDP), 1.0)
+    assert dns.verdict is Verdict.ADMIT_USER
+    assert engine.decide(pkt(str(C1), str(S1), 53, proto=UDP), 1.5).verdict is Verdict.ADMIT_USER
+    # a secondary connection of the protocol is no primary: kernel mode, no application filter
+    perm = engine.allow_future_connect(ftp.session_id or 0, S1, 20021, TCP, Flags(0), FTP, 2.0)
+    data = engine.decide(pkt(str(C1), str(S1), 20021, sport=40001), 2.0)
+    assert data.verdict is Verdict.ADMIT_KERNEL and data.action_id == perm.id
+    data_record = engine.flows.get(data.key)
+    assert data_record is not None and data_record.app_filter is None
+
+
+def test_a_firewall_client_s_primary_is_watched_too() -> None:
+    engine = make_engine(nat=True, app_filters={"FTP": "ftp"})
+    session = engine.open_firewall_session(C1, "alice", 1.0).id
+    d = engine.client_connect(session, TCP, S1, 21, 40000, 2.0)
+    assert d.verdict is Verdict.ADMIT_USER
+    assert list(engine.recent) == [d]
+    record = engine.flows.get(d.key)
+    assert record is not None and record.app_filter == "ftp"
+
+
+def test_without_app_filters_primaries_stay_in_kernel_mode() -> None:
+    engine = make_engine(nat=True)
+    d = engine.decide(pkt(str(C1), str(S1), 21), 1.0)
+    record = engine.flows.get(d.key)
+    assert d.verdict is Verdict.ADMIT_KERNEL and record is not None and record.app_filter is None
+
+
+# --- found bugs -----------------------------------------------------------------------------------
+
+def test_an_external_datagram_with_an_internal_flow_s_key_is_dropped(natted: Engine) -> None:
+    first = natted.decide(pkt(str(C1), str(S1), 53, proto=UDP, sport=5353), 1.0)
+    assert first.verdict is Verdict.ADMIT_KERNEL
+    spoofed = PacketMeta(first.key, Ingress.EXTERNAL, 0)
+    assert natted.decide(spoofed, 1.5).verdict is Verdict.DROP

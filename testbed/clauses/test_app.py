@@ -481,6 +481,42 @@ def test_a_reply_split_across_segments_still_opens_its_data_connection(
         data.close()
 
 
+@contextmanager
+def sent_twice(app: App) -> Iterator[None]:
+    """Every FTP control segment, both ways, reaches the fw twice (as a retransmission
+    would): iptables' TEE target in c1 and in the servers sends a copy of each to the fw."""
+    tool = "iptables" if app.family == "ipv4" else "ip6tables"
+    rules = [("c1", f"-p tcp --dport 21 -j TEE --gateway {app.fw_internal()}"),
+             *((node, f"-p tcp --sport 21 -j TEE --gateway {app.fw_external(0)}")
+               for node in ("s1", "s2"))]
+    added = []
+    try:
+        for node, rule in rules:
+            app.lab.tb.run(node, [tool, "-w", "-t", "mangle", "-A", "POSTROUTING", *rule.split()])
+            added.append((node, rule))
+        yield
+    finally:
+        for node, rule in added:
+            app.lab.tb.run(node, [tool, "-w", "-t", "mangle", "-D", "POSTROUTING", *rule.split()],
+                           check=False)
+
+
+@pytest.mark.clause("APP-FTP-06")
+def test_control_segments_sent_twice_open_each_data_connection_once(
+        app: App, servers: Servers) -> None:
+    """With every control segment arriving twice, each mode still brings the file whole
+    (in NAT, through PORT/EPRT rewritten to other lengths), and nothing is opened twice."""
+    with sent_twice(app):
+        for kind in peers.FTP_SERVERS:
+            server = servers.ftp(app, kind)
+            for mode in _modes(app, "ftplib", peers.FTP_MODES):
+                got = peers.ftp_transfer(app.lab.tb, "c1", "ftplib", server.address, mode, "get",
+                                         SMALL_FILE)
+                assert got.ok and got.sha256 == server.files[SMALL_FILE], \
+                    f"{kind}: {got.describe()}\nserver log:\n{server.log()}"
+    assert opened_nothing(app) is None
+
+
 MALFORMED = [b"PORT 999,1,1,1,1,1\r\n", b"PORT 192,0,2,11\r\n", b"PORT 192,0,2,11,0,0\r\n",
              b"EPRT |9|192.0.2.11|40000|\r\n", b"EPRT |2|2001:db8:1::11|70000|\r\n",
              b"EPRT |1|not an address|1|\r\n", b"EPRT\r\n", b"PORT\r\n",

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from testbed.catalog import CLAUSES
 from testbed.ledger import NS_PREFIX, all_ledgers, list_namespaces
 from testbed.plugin import require_e2e
 
-OURS = ("testbed.agent", "-m testbed enforcer", "tcpdump")
+# what a run starts: agents, enforcers, captures, and the real FTP/TFTP servers
+OURS = ("testbed.agent", "-m testbed enforcer", "tcpdump", "vsftpd", "pyftpdlib", "in.tftpd")
 
 
 def our_processes() -> set[tuple[int, str]]:
@@ -73,7 +73,8 @@ def test_conformance_json_covers_the_catalog_and_leaves_nothing_behind(tmp_path:
                 "--junit", str(junit), "--artifacts", str(tmp_path / "artifacts")),
         capture_output=True, text=True, timeout=600, check=False)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert "GEN-01" in run.stdout and "clauses: 1 passed" in run.stdout, run.stdout[-2000:]
+    assert "GEN-01" in run.stdout and "clauses: 2 passed" in run.stdout, run.stdout[-2000:]
+    assert "Linux conntrack helpers" in run.stdout, run.stdout[-2000:]  # the second column group
 
     data = json.loads(report.read_text())
     rows = data["results"]
@@ -83,15 +84,17 @@ def test_conformance_json_covers_the_catalog_and_leaves_nothing_behind(tmp_path:
     gen01 = [r for r in rows if r["clause"] == "GEN-01"]
     assert {(r["topology"], r["family"]) for r in gen01} == {("routed", "ipv4"), ("nat", "ipv4")}
     assert all(r["outcome"] == "passed" and Path(r["pcap"]).stat().st_size > 0 for r in gen01)
-    # a clause group with no checks yet is in the report, and not passed
-    app = {r["clause"] for r in rows if r["clause"].startswith("APP-TFTP")}
-    assert app == {c for c in CLAUSES if c.startswith("APP-TFTP")}
-    assert all(r["outcome"] == "not-implemented" for r in rows if r["clause"].startswith("APP-TFTP"))
+    # the APP clause ran against the enforcer and against the kernel's helpers
+    tftp = [r for r in rows if r["clause"] == "APP-TFTP-01"]
+    assert {(r["topology"], r["firewall"]) for r in tftp} == {
+        (t, w) for t in ("routed", "nat") for w in ("enforcer", "kernel-helpers")}
+    assert all(r["outcome"] == "passed" for r in tftp), tftp
+    assert {r["clause"] for r in rows} == {"GEN-01", "APP-TFTP-01"}  # what -k selected
     assert data["summary"]["ok"] is True and data["summary"]["checks"]["failed"] == 0
     assert "<testsuite" in junit.read_text()
 
     assert_nothing_new(before)
-    assert "PINHOLE" not in root_rules()
+    assert "PINHOLE" not in root_rules() and "phk-" not in root_rules()
 
 
 def test_a_crashed_run_is_swept_away(tmp_path: Path) -> None:

@@ -150,6 +150,10 @@ class Daemon:
         self.interfaces = discover(config)
         self.filter_factories = load_data_filters(config.data_filters)
         self.app_filters, watching = load_app_filters(config)
+        both = sorted(set(self.filter_factories) & set(self.app_filters))
+        if both:
+            raise StartupError(f"{', '.join(both)}: both a data filter and an application "
+                               "filter; a grant's data_filter would not know which")
         self.engine = Engine(config.policy, self.interfaces.internal_networks,
                              self.interfaces.external_addresses, nat=config.network.nat,
                              data_filters=[*self.filter_factories, *self.app_filters],

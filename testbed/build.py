@@ -455,9 +455,11 @@ class Testbed:
         return proc
 
     def forget(self, pid: int) -> None:
-        """Drop ``pid`` from the ledger (the caller reaped it)."""
+        """Drop ``pid`` from the ledger (the caller reaped it). After ``down()``, there
+        is no ledger to drop it from (writing one would bring it back)."""
         self._procs.pop(pid, None)
-        self._ledger.forget_pid(pid)
+        if not self._down:
+            self._ledger.forget_pid(pid)
 
     def agent(self, node: str) -> Agent:
         """The traffic agent of ``node``, started on first use."""

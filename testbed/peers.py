@@ -131,6 +131,7 @@ __all__ = [
     "FtpServer",
     "FtpServerKind",
     "PeerError",
+    "PeerSet",
     "SocksRoute",
     "TftpClient",
     "TftpServer",
@@ -851,3 +852,49 @@ def _transfer(tb: Testbed, node: str, client: str, mode: str | None, direction: 
                               timed_out, node, client, mode, direction, name, sent)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+# Where each server runs: both FTP servers listen on port 21, so on two hosts.
+PEER_HOSTS = {"vsftpd": "s1", "pyftpdlib": "s2", "tftpd": "s1"}
+
+
+class PeerSet:
+    """The real servers of one testbed, started on first use (per family and kind) and
+    kept until :meth:`close`; a host runs one FTP server at a time (port 21)."""
+
+    def __init__(self, tb: Testbed) -> None:
+        self.tb = tb
+        self.running: dict[tuple[str, str], FtpServer | TftpServer] = {}
+
+    def _address(self, node: str, family: Family) -> str:
+        return self.tb.topology.address(node, family)
+
+    def ftp(self, family: Family, kind: FtpServerKind) -> FtpServer:
+        key = (family, kind)
+        if key not in self.running:
+            self.free(PEER_HOSTS[kind], keep=kind)
+            node = PEER_HOSTS[kind]
+            self.running[key] = FtpServer(self.tb, node, kind, self._address(node, family)).__enter__()
+        server = self.running[key]
+        assert isinstance(server, FtpServer)
+        return server
+
+    def tftp(self, family: Family) -> TftpServer:
+        key = (family, "tftpd")
+        if key not in self.running:
+            node = PEER_HOSTS["tftpd"]
+            self.running[key] = TftpServer(self.tb, node, self._address(node, family)).__enter__()
+        server = self.running[key]
+        assert isinstance(server, TftpServer)
+        return server
+
+    def free(self, node: str, keep: str = "") -> None:
+        """Stop the FTP servers on ``node`` (something else wants its port 21)."""
+        for key in [k for k in self.running if k[1] not in (keep, "tftpd")
+                    and PEER_HOSTS[k[1]] == node]:
+            self.running.pop(key).stop()
+
+    def close(self) -> None:
+        """Stop every server (before the testbed goes down)."""
+        while self.running:
+            self.running.popitem()[1].stop()

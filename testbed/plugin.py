@@ -25,13 +25,13 @@ import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
 from enforcer.client import Client
 from testbed.catalog import CLAUSES
-from testbed.topology import FAMILIES, VARIANTS
+from testbed.topology import FAMILIES, VARIANTS, Family
 
 REQUIRE_E2E = "PINHOLE_REQUIRE_E2E"
 # How an admitted flow runs; a test that asks for ``mode`` runs once per mode.
@@ -186,6 +186,17 @@ class Lab:
         self.topology = self.tb.topology
         self.enforcer = EnforcerProcess(self.tb, artifacts / f"enforcer-{variant}-{self.tb.id}")
         self.helpers: Any = None  # a KernelHelperFirewall while it stands in the enforcer's place
+        self._peers: Any = None  # the real FTP/TFTP servers (testbed.peers.PeerSet), once used
+
+    @property
+    def peers(self) -> Any:
+        """The lab's real FTP and TFTP servers (a testbed.peers.PeerSet): they live as long
+        as the lab, and go before it does."""
+        if self._peers is None:
+            from testbed.peers import PeerSet
+
+            self._peers = PeerSet(self.tb)
+        return self._peers
 
     def use_enforcer(self, app_filters: tuple[str, ...] = ()) -> None:
         """The enforcer running in its default configuration, with these application
@@ -212,6 +223,8 @@ class Lab:
 
     def close(self) -> None:
         try:
+            if self._peers is not None:
+                self._peers.close()
             if self.enforcer.running:
                 self.enforcer.stop()
             if self.helpers is not None:
@@ -235,7 +248,7 @@ class Net:
 
     def __init__(self, lab: Lab, family: str, mode: str | None = None) -> None:
         self.lab = lab
-        self.family = family
+        self.family = cast(Family, family)  # one of FAMILIES: the parametrization's
         self.mode = mode  # for tests that admit flows: "kernel" or "user"
         self.topology = lab.topology
         self.enforcer = lab.enforcer
@@ -245,13 +258,13 @@ class Net:
         return self.lab.variant == "nat"
 
     def addr(self, node: str, index: int = 0) -> str:
-        return self.topology.address(node, self.family, index)  # type: ignore[arg-type]
+        return self.topology.address(node, self.family, index)
 
     def fw_internal(self) -> str:
-        return self.topology.fw_internal_address(self.family)  # type: ignore[arg-type]
+        return self.topology.fw_internal_address(self.family)
 
     def fw_external(self, index: int = 0) -> str:
-        return self.topology.fw_external_addresses(self.family)[index]  # type: ignore[arg-type]
+        return self.topology.fw_external_addresses(self.family)[index]
 
     def iface(self, node: str) -> str:
         return self.topology.iface_of(node)

@@ -15,7 +15,6 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
 
 import pytest
 from scapy.layers.inet import TCP, UDP
@@ -26,7 +25,7 @@ from testbed.agent import TcpConnection
 from testbed.checks import expect_no_packet, expect_packet
 from testbed.clauses.helpers import datagram, ip
 from testbed.lab import GUIDS, SOCKS_PORT, SOCKS_USERS
-from testbed.peers import BIG_FILE, SMALL_FILE, FtpServer, TftpServer
+from testbed.peers import BIG_FILE, SMALL_FILE, FtpServer
 from testbed.plugin import PUBLISHED_FTP_PORT, App
 
 FINAL_REPLY = r"^\d{3} .*\n"  # the last line of an FTP reply
@@ -48,55 +47,14 @@ def _peers_installed() -> None:
         pytest.skip(f"missing FTP/TFTP peers: {', '.join(missing)} (run 'make setup')")
 
 
-# Where each server runs: both FTP servers listen on port 21, so on two hosts.
-HOSTS = {"vsftpd": "s1", "pyftpdlib": "s2", "tftpd": "s1"}
-
-
-class Servers:
-    """Real servers, started once per testbed, family and kind, for the module; a host
-    runs one FTP server at a time (port 21)."""
-
-    def __init__(self) -> None:
-        self.running: dict[tuple[str, str, str], Any] = {}
-
-    def _get(self, app: App, kind: str, make: Any) -> Any:
-        key = (app.lab.tb.id, app.family, kind)
-        if key not in self.running:
-            self.free(app, HOSTS[kind], keep=kind)
-            self.running[key] = make(app.lab.tb, HOSTS[kind], app.addr(HOSTS[kind])).__enter__()
-        return self.running[key]
-
-    def ftp(self, app: App, kind: peers.FtpServerKind = "vsftpd") -> FtpServer:
-        server: FtpServer = self._get(app, kind, lambda tb, node, address: FtpServer(
-            tb, node, kind, address))
-        return server
-
-    def tftp(self, app: App) -> TftpServer:
-        server: TftpServer = self._get(app, "tftpd", TftpServer)
-        return server
-
-    def free(self, app: App, node: str, keep: str = "") -> None:
-        """Stop the FTP servers on ``node`` (another wants port 21 there)."""
-        for key in [k for k in self.running if k[0] == app.lab.tb.id and k[2] != keep
-                    and HOSTS[k[2]] == node and k[2] != "tftpd"]:
-            self.running.pop(key).__exit__(None, None, None)
-
-    def close(self) -> None:
-        for server in self.running.values():
-            server.__exit__(None, None, None)
-
-
-@pytest.fixture(scope="module")
-def servers() -> Iterator[Servers]:
-    made = Servers()
-    try:
-        yield made
-    finally:
-        made.close()
+@pytest.fixture
+def servers(app: App) -> peers.PeerSet:
+    """The lab's real servers (they live as long as the lab)."""
+    return app.lab.peers  # type: ignore[no-any-return]
 
 
 def _modes(app: App, client: peers.FtpClient, modes: tuple[peers.FtpMode, ...]) -> list[peers.FtpMode]:
-    return [m for m in modes if peers.ftp_supports(client, m, app.family)]  # type: ignore[arg-type]
+    return [m for m in modes if peers.ftp_supports(client, m, app.family)]
 
 
 # Which server each client meets, passive and active: every client meets both
@@ -107,11 +65,11 @@ PARTNERS: dict[str, dict[str, peers.FtpServerKind]] = {
 }
 
 
-def _transfers(app: App, servers: Servers, client: peers.FtpClient,
+def _transfers(app: App, servers: peers.PeerSet, client: peers.FtpClient,
                modes: tuple[peers.FtpMode, ...], kind: peers.FtpServerKind) -> None:
     """Each mode the client has in this family: a download that must arrive whole, in
     that mode; then an upload."""
-    server = servers.ftp(app, kind)
+    server = servers.ftp(app.family, kind)
     ran = _modes(app, client, modes)
     assert ran, f"{client} has none of {modes} over {app.family}"
     for mode in ran:
@@ -262,7 +220,7 @@ def fake_server(app: App, node: str, names: str, pieces: int = 1) -> Iterator[st
 
 @pytest.mark.clause("APP-FTP-01")
 @pytest.mark.parametrize("client", peers.FTP_CLIENTS)
-def test_passive_ftp_with_real_clients_and_servers(app: App, servers: Servers,
+def test_passive_ftp_with_real_clients_and_servers(app: App, servers: peers.PeerSet,
                                                    client: peers.FtpClient) -> None:
     """PASV and EPSV downloads arrive whole, from vsftpd or pyftpdlib; an upload too."""
     _transfers(app, servers, client, ("PASV", "EPSV"), PARTNERS["passive"][client])
@@ -270,9 +228,9 @@ def test_passive_ftp_with_real_clients_and_servers(app: App, servers: Servers,
 
 @pytest.mark.clause("APP-FTP-01")
 def test_a_passive_data_port_opens_once_and_for_the_client_alone(app: App,
-                                                                  servers: Servers) -> None:
+                                                                  servers: peers.PeerSet) -> None:
     """Another client's connection to the data port, and the client's second one, are dropped."""
-    server = servers.ftp(app, "vsftpd")
+    server = servers.ftp(app.family, "vsftpd")
     s1 = app.agent("s1")
     with dialogue(app, "c1", server.address) as d:
         d.login()
@@ -295,7 +253,7 @@ def test_a_passive_data_port_opens_once_and_for_the_client_alone(app: App,
 
 @pytest.mark.clause("APP-FTP-02")
 @pytest.mark.parametrize("client", peers.FTP_CLIENTS)
-def test_active_ftp_with_real_clients_and_servers(app: App, servers: Servers,
+def test_active_ftp_with_real_clients_and_servers(app: App, servers: peers.PeerSet,
                                                   client: peers.FtpClient) -> None:
     """PORT and EPRT downloads (the server connects back) arrive whole; an upload too."""
     _transfers(app, servers, client, ("PORT", "EPRT"), PARTNERS["active"][client])
@@ -303,10 +261,10 @@ def test_active_ftp_with_real_clients_and_servers(app: App, servers: Servers,
 
 @pytest.mark.clause("APP-FTP-02")
 def test_the_active_data_connection_is_open_to_the_server_alone(app: App,
-                                                                 servers: Servers) -> None:
+                                                                 servers: peers.PeerSet) -> None:
     """While PORT/EPRT waits for the server, another host's connection to it is dropped;
     then the server's own connection arrives."""
-    server = servers.ftp(app, "vsftpd")  # it connects when RETR comes, not at PORT
+    server = servers.ftp(app.family, "vsftpd")  # it connects when RETR comes, not at PORT
     c1 = app.agent("c1")
     seen_as = app.source_seen_by_server("c1")
     with c1.tcp_server(app.addr("c1"), 0) as listener, dialogue(app, "c1", server.address) as d:
@@ -348,11 +306,11 @@ def published(app: App, server: FtpServer) -> tuple[str, int]:
 @pytest.mark.topologies("nat")
 @pytest.mark.parametrize("client", peers.FTP_CLIENTS)
 def test_through_a_published_server_the_client_sees_only_the_fw(
-        app: App, servers: Servers, client: peers.FtpClient) -> None:
+        app: App, servers: peers.PeerSet, client: peers.FtpClient) -> None:
     """Every mode, twice over one control connection to the fw: the files arrive whole
     (sequence numbers stay right as rewritten replies and commands change lengths), and
     every address the client is told is the fw's."""
-    server = servers.ftp(app, "vsftpd")
+    server = servers.ftp(app.family, "vsftpd")
     address, port = published(app, server)
     c1 = app.agent("c1")
     for mode in _modes(app, client, peers.FTP_MODES):
@@ -378,11 +336,11 @@ def test_through_a_published_server_the_client_sees_only_the_fw(
 @pytest.mark.parametrize("firewall", ["enforcer"], scope="session")  # no SOCKS in the kernel
 @pytest.mark.parametrize("family", ["ipv4"])  # socksify would not bind over IPv6 (README)
 @pytest.mark.parametrize("client", ["curl", "lftp"])
-def test_firewall_client_active_ftp_through_a_socks_bind(app: App, servers: Servers,
+def test_firewall_client_active_ftp_through_a_socks_bind(app: App, servers: peers.PeerSet,
                                                          client: peers.FtpClient) -> None:
     """Under dante's socksify, the client's data socket is a SOCKS BIND on the fw; the FTP
     filter approves it for the server alone, whose connection brings the file."""
-    server = servers.ftp(app, "vsftpd")
+    server = servers.ftp(app.family, "vsftpd")
     route = peers.SocksRoute(app.fw_internal(), SOCKS_PORT, "alice",
                              SOCKS_USERS["alice"])
     mode: peers.FtpMode = "PORT"
@@ -403,9 +361,9 @@ def test_firewall_client_active_ftp_through_a_socks_bind(app: App, servers: Serv
 # --- APP-FTP-05: anti-bounce ----------------------------------------------------------------
 
 @pytest.mark.clause("APP-FTP-05")
-def test_a_third_party_in_port_or_eprt_opens_nothing(app: App, servers: Servers) -> None:
+def test_a_third_party_in_port_or_eprt_opens_nothing(app: App, servers: peers.PeerSet) -> None:
     """A client naming another host (c2) in PORT/EPRT opens nothing: c2 stays unreachable."""
-    server = servers.ftp(app, "pyftpdlib")
+    server = servers.ftp(app.family, "pyftpdlib")
     c2 = app.agent("c2")
     with c2.tcp_server(app.addr("c2"), 0) as victim, dialogue(app, "c1", server.address) as d:
         port = victim.port
@@ -422,9 +380,9 @@ def test_a_third_party_in_port_or_eprt_opens_nothing(app: App, servers: Servers)
 
 @pytest.mark.clause("APP-FTP-05")
 @pytest.mark.parametrize("family", ["ipv4"])  # PASV is IPv4 only; EPSV names no address
-def test_a_third_party_in_a_pasv_reply_opens_nothing(app: App, servers: Servers) -> None:
+def test_a_third_party_in_a_pasv_reply_opens_nothing(app: App, servers: peers.PeerSet) -> None:
     """A server (s2) naming another host (s1) in its PASV reply opens nothing to s1."""
-    servers.free(app, "s2")
+    servers.free("s2")
     s1 = app.agent("s1")
     with fake_server(app, "s2", names=app.addr("s1")) as address, dialogue(app, "c1", address) as d:
         reply = d.send(b"PASV\r\n")
@@ -442,10 +400,10 @@ def test_a_third_party_in_a_pasv_reply_opens_nothing(app: App, servers: Servers)
 
 @pytest.mark.clause("APP-FTP-06")
 def test_a_command_split_across_segments_still_opens_its_data_connection(
-        app: App, servers: Servers) -> None:
+        app: App, servers: peers.PeerSet) -> None:
     """PASV/EPSV, and PORT/EPRT, each sent a few bytes per segment, still work."""
     app.helpers_deviate(PARTIAL_DROP)
-    server = servers.ftp(app, "vsftpd")
+    server = servers.ftp(app.family, "vsftpd")
     c1 = app.agent("c1")
     with dialogue(app, "c1", server.address) as d:
         d.login()
@@ -468,10 +426,10 @@ def test_a_command_split_across_segments_still_opens_its_data_connection(
 
 @pytest.mark.clause("APP-FTP-06")
 def test_a_reply_split_across_segments_still_opens_its_data_connection(
-        app: App, servers: Servers) -> None:
+        app: App, servers: peers.PeerSet) -> None:
     """A PASV/EPSV reply the server sends in four segments opens the data port it names."""
     app.helpers_deviate(PARTIAL_DROP)
-    servers.free(app, "s2")
+    servers.free("s2")
     with fake_server(app, "s2", names=app.addr("s2"), pieces=4) as address, \
             dialogue(app, "c1", address) as d:
         port = passive_port(app, d)
@@ -503,12 +461,12 @@ def sent_twice(app: App) -> Iterator[None]:
 
 @pytest.mark.clause("APP-FTP-06")
 def test_control_segments_sent_twice_open_each_data_connection_once(
-        app: App, servers: Servers) -> None:
+        app: App, servers: peers.PeerSet) -> None:
     """With every control segment arriving twice, each mode still brings the file whole
     (in NAT, through PORT/EPRT rewritten to other lengths), and nothing is opened twice."""
     with sent_twice(app):
         for kind in peers.FTP_SERVERS:
-            server = servers.ftp(app, kind)
+            server = servers.ftp(app.family, kind)
             for mode in _modes(app, "ftplib", peers.FTP_MODES):
                 got = peers.ftp_transfer(app.lab.tb, "c1", "ftplib", server.address, mode, "get",
                                          SMALL_FILE)
@@ -524,11 +482,11 @@ MALFORMED = [b"PORT 999,1,1,1,1,1\r\n", b"PORT 192,0,2,11\r\n", b"PORT 192,0,2,1
 
 
 @pytest.mark.clause("APP-FTP-06")
-def test_malformed_commands_open_nothing_and_break_nothing(app: App, servers: Servers) -> None:
+def test_malformed_commands_open_nothing_and_break_nothing(app: App, servers: peers.PeerSet) -> None:
     """Malformed PORT/EPRT commands, junk and an over-long line open nothing; the control
     connection and the firewall go on working."""
     app.helpers_deviate(PARTIAL_DROP)
-    server = servers.ftp(app, "pyftpdlib")
+    server = servers.ftp(app.family, "pyftpdlib")
     with dialogue(app, "c1", server.address) as d:
         d.login()
         for line in MALFORMED:
@@ -548,10 +506,10 @@ def test_malformed_commands_open_nothing_and_break_nothing(app: App, servers: Se
 
 @pytest.mark.clause("APP-TFTP-01")
 @pytest.mark.parametrize("client", peers.TFTP_CLIENTS)
-def test_tftp_read_and_write_with_real_clients(app: App, servers: Servers,
+def test_tftp_read_and_write_with_real_clients(app: App, servers: peers.PeerSet,
                                                client: peers.TftpClient) -> None:
     """tftpd-hpa answers from a new port; the file arrives whole both ways."""
-    server = servers.tftp(app)
+    server = servers.tftp(app.family)
     got = peers.tftp_transfer(app.lab.tb, "c1", client, server.address, "get", BIG_FILE)
     assert got.ok and got.sha256 == server.files[BIG_FILE], got.describe() + server.log()
     name = f"up-{client}-{time.monotonic_ns()}.bin"
@@ -560,10 +518,10 @@ def test_tftp_read_and_write_with_real_clients(app: App, servers: Servers,
 
 
 @pytest.mark.clause("APP-TFTP-01")
-def test_only_the_servers_reply_is_admitted(app: App, servers: Servers) -> None:
+def test_only_the_servers_reply_is_admitted(app: App, servers: peers.PeerSet) -> None:
     """After a read request, the server's reply from its new port reaches the client; a
     datagram from the server's other ports, or from another host, does not."""
-    server = servers.tftp(app)
+    server = servers.tftp(app.family)
     c1, s1, s2 = app.agent("c1"), app.agent("s1"), app.agent("s2")
     sport = 47000 + (time.monotonic_ns() // 1000) % 1000
     seen_as = app.source_seen_by_server("c1")

@@ -287,7 +287,7 @@ def test_dante_socksify_binds_through_the_fw(net: Net) -> None:
     reason = dante.available()
     if reason is not None:
         pytest.skip(reason)
-    proxy = net.topology.fw_internal_address(net.family)  # type: ignore[arg-type]
+    proxy = net.fw_internal()
     proc, workdir = dante.bind_and_accept(net.lab.tb, "c1", proxy, SOCKS_PORT, "alice",
                                           SOCKS_USERS["alice"], 3 * timeouts.POSITIVE)
     try:

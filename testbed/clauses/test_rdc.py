@@ -66,7 +66,7 @@ def test_internal_address_leads_to_the_first_connect_address(net: Net, mode: str
     dst = net.addr("s1")
     with net.client() as api, s1.tcp_server(dst, 31001) as server:
         (internal, port), (action,) = redirect(net, api, [(dst, 31001)])
-        assert internal == net.topology.fw_internal_address(net.family)  # type: ignore[arg-type]
+        assert internal == net.fw_internal()
         ranges = net.call("status")["redirect_ports"]
         low, high = ranges[mode]["range"]
         assert low <= port <= high, f"{mode}-mode redirect port {port} is outside {low}-{high}"

@@ -312,3 +312,22 @@ def test_events_of_a_filter_registered_in_process_are_kept() -> None:
     assert [e["event"] for e in events] == ["established_connection", "connect"]
     assert events[0]["action"] == action.id and events[0]["context"] == {"line": 3}
     assert events[1]["secondary"] is True and events[1]["target"] == [str(SERVER), 20021]
+
+
+def test_the_bundled_plugins_use_the_public_interface_alone() -> None:
+    """A plugin is written as a third party would: it imports enforcer.filters and
+    enforcer.client, never the core or the daemon."""
+    import ast
+    from pathlib import Path
+
+    import enforcer.plugins
+
+    allowed = {"enforcer.filters", "enforcer.client"}
+    for path in Path(enforcer.plugins.__file__).parent.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("enforcer"):
+                assert node.module in allowed, f"{path.name} imports {node.module}"
+            if isinstance(node, ast.Import):
+                for alias in node.names:
+                    assert not alias.name.startswith("enforcer"), f"{path.name} imports {alias.name}"

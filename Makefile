@@ -20,7 +20,7 @@ unit: setup
 
 # Every test: lint, unit tests (no root), end-to-end tests and the clause suite (root).
 test: lint
-	$(BIN)/pytest -p no:cacheprovider -rfEs --pinhole-artifacts $(ARTIFACTS) tests testbed/clauses
+	$(BIN)/pytest -p no:cacheprovider -rfEs --durations=15 --pinhole-artifacts $(ARTIFACTS) tests testbed/clauses
 
 # The performance goals (P1-P4) as ratios measured in one run; writes bench/results.json (root).
 bench: setup

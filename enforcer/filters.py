@@ -27,7 +27,8 @@ primaries (relayed by the SOCKS service) are shown to the filter the same way.
 ``api`` has the methods of ``enforcer.client.Client`` (``allow_future_connect``,
 ``redirect_connections``, ``bind_for_client``, ``retroactive_allow_bind``,
 ``binds``, ...), served in the enforcer's process: calls return at once and raise
-the same ``SessionApiError`` subclasses. A filter's exception is logged; the
+the same ``SessionApiError`` subclasses. Events for a session filter registered
+through it (``register_filter``) collect in ``api.events``. A filter's exception is logged; the
 connection's data then passes unchanged and the filter sees no more of it.
 
 Plugins are found through the ``pinhole.filters`` entry point group: a package
@@ -102,6 +103,11 @@ class InProcessCalls(SessionCalls):
     def __init__(self, handlers: dict[str, Handler]) -> None:
         self.handlers = handlers
         self.caller = LocalCaller()
+
+    @property
+    def events(self) -> deque[dict[str, Any]]:
+        """Events pushed to the session filters registered through this API, oldest first."""
+        return self.caller.events
 
     def call(self, method: str, **params: Any) -> Any:
         handler = self.handlers.get(method)

@@ -331,3 +331,14 @@ def test_the_bundled_plugins_use_the_public_interface_alone() -> None:
             if isinstance(node, ast.Import):
                 for alias in node.names:
                     assert not alias.name.startswith("enforcer"), f"{path.name} imports {alias.name}"
+
+
+def test_events_of_a_filter_registered_in_process_collect_in_api_events() -> None:
+    s = Setup()
+    me = s.calls.register_filter("in-process")
+    action = s.calls.allow_future_connect(s.session, (str(SERVER), 20022), protocol_guid=FTP_GUID,
+                                          session_filter=me, context={"data": 1})
+    s.engine.decide(PacketMeta(FlowKey(TCP, CLIENT, 40002, SERVER, 20022), Ingress.INTERNAL, 0x02), 11.0)
+    s.api.dispatch_events()
+    assert [(e["event"], e["action"], e["context"]) for e in s.calls.events] == [
+        ("established_connection", action.id, {"data": 1})]

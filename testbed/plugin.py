@@ -200,7 +200,10 @@ class Lab:
 
     def use_enforcer(self, app_filters: tuple[str, ...] = ()) -> None:
         """The enforcer running in its default configuration, with these application
-        filters (the kernel helpers' rules gone)."""
+        filters (the kernel helpers' rules gone). Without filters, the real servers go
+        too: other checks use the servers' ports for agents of their own."""
+        if not app_filters and self._peers is not None:
+            self._peers.close()
         if self.helpers is not None:
             self.helpers.remove()
             self.helpers = None

@@ -49,7 +49,8 @@ class Collector:
             return
         name = report.nodeid.split("::", 1)[-1]
         elapsed = time.monotonic() - self.started
-        outcome = "failed" if report.failed else ("skipped" if report.skipped else "passed")
+        outcome = ("failed" if report.failed else "deviates" if hasattr(report, "wasxfail")
+                   else "skipped" if report.skipped else "passed")
         print(f"[{self.done + 1:3d}/{self.total}] {elapsed:6.1f}s {outcome:<7} {name}", flush=True)
 
     def pytest_sessionfinish(self, session: pytest.Session) -> None:

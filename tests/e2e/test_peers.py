@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
@@ -27,10 +28,12 @@ from testbed.ledger import pids_in_namespace
 from testbed.peers import (
     BIG_FILE,
     FTP_SERVERS,
+    PEER_HOSTS,
     SMALL_FILE,
     FtpMode,
     FtpServer,
     FtpServerKind,
+    PeerSet,
     TftpServer,
     TransferResult,
     ftp_transfer,
@@ -42,21 +45,18 @@ from testbed.topology import FAMILIES, VARIANTS, Family, standard
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces)")
 
-FTP_NODE: dict[FtpServerKind, str] = {"vsftpd": "s1", "pyftpdlib": "s2"}
-TFTP_NODE = "s2"
+S = TypeVar("S", FtpServer, TftpServer)
 SERVER_PROGRAMS = re.compile(r"vsftpd|pyftpdlib|in\.tftpd")
 NEGATIVE_TIMEOUT = 3.0  # seconds a blocked transfer gets before it must have failed
 
 
 class PeerLab:
-    """One testbed with the kernel-helper firewall in fw and servers started on demand."""
+    """One testbed with the kernel-helper firewall in fw, and its servers (a PeerSet)."""
 
     def __init__(self, tb: Testbed) -> None:
         self.tb = tb
         self.fw: KernelHelperFirewall | None = None
-        self._stack = ExitStack()
-        self.ftp: dict[tuple[FtpServerKind, Family], FtpServer] = {}
-        self.tftp: dict[Family, TftpServer] = {}
+        self.servers = PeerSet(tb)
         self.server_pids: set[int] = set()
         self.server_dirs: set[Path] = set()
 
@@ -73,33 +73,22 @@ class PeerLab:
         return fw
 
     def ftp_server(self, kind: FtpServerKind, family: Family) -> FtpServer:
-        if (kind, family) not in self.ftp:
-            node = FTP_NODE[kind]
-            server = FtpServer(self.tb, node, kind, self.tb.topology.address(node, family))
-            self._keep(server)
-            self.ftp[kind, family] = server
-        return self.ftp[kind, family]
+        return self._seen(self.servers.ftp(family, kind))
 
     def tftp_server(self, family: Family) -> TftpServer:
-        if family not in self.tftp:
-            server = TftpServer(self.tb, TFTP_NODE, self.tb.topology.address(TFTP_NODE, family))
-            self._keep(server)
-            self.tftp[family] = server
-        return self.tftp[family]
+        return self._seen(self.servers.tftp(family))
 
-    def _keep(self, server: FtpServer | TftpServer) -> None:
-        self._stack.enter_context(server)
+    def _seen(self, server: S) -> S:
         assert server.pid is not None and server.workdir is not None
         self.server_pids.add(server.pid)
         self.server_dirs.add(server.workdir)
+        return server
 
     def close(self) -> None:
         """Stop every server, then remove the firewall."""
         try:
-            self._stack.close()
+            self.servers.close()
         finally:
-            self.ftp.clear()
-            self.tftp.clear()
             if self.fw is not None:
                 fw, self.fw = self.fw, None
                 fw.remove()
@@ -221,11 +210,12 @@ def test_nothing_is_left_behind(peers_lab: PeerLab) -> None:
     with pytest.raises(RuntimeError, match="boom"), ExitStack() as stack:
         for kind in FTP_SERVERS:
             server = stack.enter_context(
-                FtpServer(tb, FTP_NODE[kind], kind, tb.topology.address(FTP_NODE[kind], "ipv6")))
+                FtpServer(tb, PEER_HOSTS[kind], kind, tb.topology.address(PEER_HOSTS[kind], "ipv6")))
             assert server.pid is not None and server.workdir is not None
             pgids.add(server.pid)
             dirs.add(server.workdir)
-        tftp = stack.enter_context(TftpServer(tb, TFTP_NODE, tb.topology.address(TFTP_NODE, "ipv6")))
+        node = PEER_HOSTS["tftpd"]
+        tftp = stack.enter_context(TftpServer(tb, node, tb.topology.address(node, "ipv6")))
         assert tftp.pid is not None and tftp.workdir is not None
         pgids.add(tftp.pid)
         dirs.add(tftp.workdir)

@@ -38,6 +38,11 @@ def rebuild(packet: Packet, seq: int, ack: int | None, payload: bytes) -> bytes:
     if payload:
         tcp.add_payload(Raw(payload))
     del tcp.chksum
+    return _recomputed(packet)
+
+
+def _recomputed(packet: Packet) -> bytes:
+    """The packet's bytes, its IP length (and IPv4 checksum) computed anew."""
     if isinstance(packet, IP):
         del packet.len
         del packet.chksum
@@ -62,9 +67,4 @@ def rebuild_udp(data: bytes, payload: bytes) -> bytes:
     udp.add_payload(Raw(payload))
     del udp.len
     del udp.chksum
-    if isinstance(packet, IP):
-        del packet.len
-        del packet.chksum
-    else:
-        del packet.plen
-    return bytes(packet)
+    return _recomputed(packet)

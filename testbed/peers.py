@@ -107,7 +107,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Literal
+from typing import Literal, Self
 
 from testbed import dante
 from testbed.build import Testbed
@@ -302,6 +302,7 @@ class _Server:
     """A server process in one node, over a fresh directory of known files."""
 
     port: int
+    proto: str  # "tcp" or "udp"
     big_size: int
     # vsftpd writes its start-up errors ("500 OOPS: ...") to descriptor 0, the
     # control connection of its inetd mode: give it the output file there too
@@ -397,9 +398,6 @@ class _Server:
     def _argv(self) -> list[str]:
         raise NotImplementedError
 
-    def _proto(self) -> str:
-        raise NotImplementedError
-
     def start(self) -> None:
         """Start the server and return once it listens on ``address``."""
         if self._proc is not None:
@@ -420,7 +418,7 @@ class _Server:
             raise
 
     def _wait_listening(self) -> None:
-        flag = "-Hlnt" if self._proto() == "tcp" else "-Hlnu"
+        flag = "-Hlnt" if self.proto == "tcp" else "-Hlnu"
         want = f"{_url_host(self.address)}:{self.port}"
         deadline = time.monotonic() + START_TIMEOUT
         while True:
@@ -459,7 +457,7 @@ class _Server:
             shutil.rmtree(self.workdir, ignore_errors=True)
             self.workdir = None
 
-    def __enter__(self) -> _Server:
+    def __enter__(self) -> Self:
         self.start()
         return self
 
@@ -532,6 +530,7 @@ class FtpServer(_Server):
     docstring for what it serves and how."""
 
     port = 21
+    proto = "tcp"
     big_size = FTP_BIG_SIZE
 
     def __init__(self, tb: Testbed, node: str, kind: FtpServerKind, address: str, *,
@@ -542,13 +541,6 @@ class FtpServer(_Server):
         self.kind: FtpServerKind = kind
         self._errors_on_stdin = kind == "vsftpd"
         self.passive_ports = passive_ports
-
-    def __enter__(self) -> FtpServer:
-        self.start()
-        return self
-
-    def _proto(self) -> str:
-        return "tcp"
 
     def _vsftpd_conf(self) -> str:
         d = self._dir()
@@ -609,18 +601,12 @@ class TftpServer(_Server):
     chrooted (``--secure``) to its root, creating uploaded files (``--create``)."""
 
     port = 69
+    proto = "udp"
 
     def __init__(self, tb: Testbed, node: str, address: str, *,
                  big_size: int = TFTP_BIG_SIZE) -> None:
         super().__init__(tb, node, address)
         self.big_size = big_size
-
-    def __enter__(self) -> TftpServer:
-        self.start()
-        return self
-
-    def _proto(self) -> str:
-        return "udp"
 
     def _argv(self) -> list[str]:
         binary = shutil.which("in.tftpd") or "/usr/sbin/in.tftpd"

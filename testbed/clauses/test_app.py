@@ -216,6 +216,16 @@ def fake_server(app: App, node: str, names: str, pieces: int = 1) -> Iterator[st
         tb.forget(proc.pid)
 
 
+def assert_dropped(app: App, node: str, to: tuple[str, int], watch: str, what: str) -> None:
+    """``node``'s connection to ``to`` fails, and a capture on ``watch`` (where it would
+    arrive) sees no SYN of it: the firewall dropped it."""
+    address, port = to
+    with app.agent(watch).sniff(app.iface(watch), bpf=f"tcp dst port {port}") as seen:
+        attempt = app.agent(node).tcp_connect(address, port, timeout=timeouts.NEGATIVE)
+        assert not attempt["connected"], what
+        expect_no_packet(seen, TCP(dport=port, flags="S"), timeout=SETTLE)
+
+
 # --- APP-FTP-01: passive -------------------------------------------------------------------
 
 @pytest.mark.clause("APP-FTP-01")
@@ -231,20 +241,13 @@ def test_a_passive_data_port_opens_once_and_for_the_client_alone(app: App,
                                                                   servers: peers.PeerSet) -> None:
     """Another client's connection to the data port, and the client's second one, are dropped."""
     server = servers.ftp(app.family, "vsftpd")
-    s1 = app.agent("s1")
     with dialogue(app, "c1", server.address) as d:
         d.login()
         port = passive_port(app, d)
-        with s1.sniff(app.iface("s1"), bpf=f"tcp dst port {port}") as at_server:
-            other = app.agent("c2").tcp_connect(server.address, port, timeout=timeouts.NEGATIVE)
-            assert not other["connected"], "c2 used c1's data port"
-            expect_no_packet(at_server, TCP(dport=port, flags="S"), timeout=SETTLE)
+        assert_dropped(app, "c2", (server.address, port), "s1", "c2 used c1's data port")
         first = app.agent("c1").tcp_open(server.address, port)
         assert first.connected, f"the data connection the server offered failed: {first.error}"
-        with s1.sniff(app.iface("s1"), bpf=f"tcp dst port {port}") as at_server:
-            again = app.agent("c1").tcp_connect(server.address, port, timeout=timeouts.NEGATIVE)
-            assert not again["connected"]
-            expect_no_packet(at_server, TCP(dport=port, flags="S"), timeout=SETTLE)
+        assert_dropped(app, "c1", (server.address, port), "s1", "c1's second data connection")
         first.close()
     assert opened_nothing(app) is None
 
@@ -271,10 +274,7 @@ def test_the_active_data_connection_is_open_to_the_server_alone(app: App,
         port = listener.port
         d.login()
         assert d.send(active_command(app, app.addr("c1"), port)).startswith(b"200")
-        with c1.sniff(app.iface("c1"), bpf=f"tcp dst port {port}") as at_client:
-            other = app.agent("s2").tcp_connect(seen_as, port, timeout=timeouts.NEGATIVE)
-            assert not other["connected"], "s2 reached c1's active data port"
-            expect_no_packet(at_client, TCP(dport=port, flags="S"), timeout=SETTLE)
+        assert_dropped(app, "s2", (seen_as, port), "c1", "s2 reached c1's active data port")
         reply = d.send(f"RETR {SMALL_FILE}\r\n".encode())
         assert reply.startswith(b"150") or reply.startswith(b"125"), reply
         deadline = time.monotonic() + timeouts.POSITIVE
@@ -371,10 +371,7 @@ def test_a_third_party_in_port_or_eprt_opens_nothing(app: App, servers: peers.Pe
         d.send(active_command(app, app.addr("c2"), port))
         assert opened_nothing(app) is None
         target = app.source_seen_by_server("c2")
-        with c2.sniff(app.iface("c2"), bpf=f"tcp dst port {port}") as at_c2:
-            attempt = app.agent("s1").tcp_connect(target, port, timeout=timeouts.NEGATIVE)
-            assert not attempt["connected"]
-            expect_no_packet(at_c2, TCP(dport=port, flags="S"), timeout=SETTLE)
+        assert_dropped(app, "s1", (target, port), "c2", "s1 reached the third party c2")
         assert victim.stats()["peers"] == []
 
 
@@ -383,17 +380,13 @@ def test_a_third_party_in_port_or_eprt_opens_nothing(app: App, servers: peers.Pe
 def test_a_third_party_in_a_pasv_reply_opens_nothing(app: App, servers: peers.PeerSet) -> None:
     """A server (s2) naming another host (s1) in its PASV reply opens nothing to s1."""
     servers.free("s2")
-    s1 = app.agent("s1")
     with fake_server(app, "s2", names=app.addr("s1")) as address, dialogue(app, "c1", address) as d:
         reply = d.send(b"PASV\r\n")
         found = re.search(rb"(\d+),(\d+)\)", reply)
         assert reply.startswith(b"227") and found, reply
         port = int(found.group(1)) * 256 + int(found.group(2))
         assert opened_nothing(app) is None
-        with s1.sniff(app.iface("s1"), bpf=f"tcp dst port {port}") as at_s1:
-            attempt = app.agent("c1").tcp_connect(app.addr("s1"), port, timeout=timeouts.NEGATIVE)
-            assert not attempt["connected"]
-            expect_no_packet(at_s1, TCP(dport=port, flags="S"), timeout=SETTLE)
+        assert_dropped(app, "c1", (app.addr("s1"), port), "s1", "c1 reached the third party s1")
 
 
 # --- APP-FTP-06: split and malformed ---------------------------------------------------------

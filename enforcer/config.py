@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from enforcer.core.binds import DEFAULT_BIND_PORTS
+from enforcer.core.limits import MINIMUM, Limits
 from enforcer.core.policy import KeyPath, Policy, PolicyInvalid, Reader, policy_from_dict
 from enforcer.core.redirects import DEFAULT_KERNEL_REDIRECT_PORTS, DEFAULT_USER_REDIRECT_PORTS
 
@@ -65,6 +66,7 @@ class Config:
     socks: SocksSettings | None = None  # None: no SOCKS service
     # application filters to use (entry points of the "pinhole.filters" group)
     app_filters: tuple[str, ...] = ()
+    limits: Limits = field(default_factory=Limits)
 
 
 def load(path: Path | str) -> Config:
@@ -86,7 +88,8 @@ def parse(text: str, path: Path | str = "<config>") -> Config:
         raise ConfigError(path, line, f"not valid TOML: {reason}") from None
     try:
         policy = policy_from_dict(data, extra_sections=("network", "dataplane", "control",
-                                                        "data_filters", "socks", "filters"))
+                                                        "data_filters", "socks", "filters",
+                                                        "limits"))
         root = Reader(data)
         net = root.table("network")
         net.check_keys({"internal_interfaces", "external_interfaces", "nat"})
@@ -138,9 +141,24 @@ def parse(text: str, path: Path | str = "<config>") -> Config:
             raise app.fail("enable", "names a filter twice")
         if not all(name.strip() for name in app_filters):
             raise app.fail("enable", "has an empty filter name")
+        limits = _limits(root)
     except PolicyInvalid as exc:
         raise ConfigError(path, locate(text, exc.path), str(exc)) from None
-    return Config(policy, network, dataplane, socket_path, data_filters, socks, app_filters)
+    return Config(policy, network, dataplane, socket_path, data_filters, socks, app_filters, limits)
+
+
+def _limits(root: Reader) -> Limits:
+    section = root.table("limits")
+    section.check_keys(MINIMUM)
+    values = {}
+    for key, low in MINIMUM.items():
+        default = getattr(Limits, key)
+        kind: type | tuple[type, ...] = (int, float) if isinstance(default, float) else int
+        value = section.get(key, kind, default)
+        if value < low:
+            raise section.fail(key, f"must be at least {low}")
+        values[key] = type(default)(value)
+    return Limits(**values)
 
 
 def _socks(root: Reader) -> SocksSettings:

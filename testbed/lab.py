@@ -42,10 +42,11 @@ def _toml_list(items: list[str]) -> str:
 def lab_config(tb: Testbed, *, socket: Path, fail_open: bool = False, queue: int = 0,
                backend: str = "auto", data_filters: dict[str, str] | None = None,
                dataplane: dict[str, object] | None = None, app_filters: tuple[str, ...] = (),
-               permission_timeout: int = 2) -> str:
+               permission_timeout: int = 2, limits: dict[str, object] | None = None) -> str:
     """The enforcer config for a testbed: its interfaces, NAT per variant, the lab policy.
 
     ``dataplane``: further [dataplane] settings (receive_buffer, *_redirect_ports);
+    ``limits``: [limits] settings (caps, enforcer.core.limits.Limits);
     ``app_filters``: the application filters to enable; ``permission_timeout``: short
     by default, so that TIMEOUT (AFC-04) is checked in seconds."""
     topo = tb.topology
@@ -84,6 +85,8 @@ def lab_config(tb: Testbed, *, socket: Path, fail_open: bool = False, queue: int
             f"destinations = {_toml_list([topo.external_network(f) for f in FAMILIES])}"]
     out += ["", "[socks]", f"port = {SOCKS_PORT}", "require_auth = true", "", "[socks.users]",
             *(f'{user} = "{password}"' for user, password in SOCKS_USERS.items())]
+    if limits:
+        out += ["", "[limits]", *(f"{key} = {value}" for key, value in limits.items())]
     if app_filters:
         out += ["", "[filters]", f"enable = {_toml_list(list(app_filters))}"]
     if data_filters:
@@ -120,18 +123,19 @@ class EnforcerProcess:
 
     def start(self, *, fail_open: bool = False, backend: str = "auto",
               dataplane: dict[str, object] | None = None, app_filters: tuple[str, ...] = (),
-              timeout: float = 15.0) -> None:
+              limits: dict[str, object] | None = None, timeout: float = 15.0) -> None:
         """Start the daemon and return once it answers on its control socket."""
         if self.running:
             raise RuntimeError("the enforcer is already running")
         self.fail_open = fail_open
         self.app_filters = app_filters
-        self.customised = fail_open or backend != "auto" or bool(dataplane)
+        self.customised = fail_open or backend != "auto" or bool(dataplane) or bool(limits)
         # The application filters' grants and binds wait for real clients and servers.
         self.config_path.write_text(lab_config(self.tb, socket=self.socket, fail_open=fail_open,
                                                backend=backend, data_filters=self.data_filters,
                                                dataplane=dataplane, app_filters=app_filters,
-                                               permission_timeout=10 if app_filters else 2))
+                                               permission_timeout=10 if app_filters else 2,
+                                               limits=limits))
         with self.log_path.open("a") as log:
             self.proc = self.tb.popen(
                 "fw", [sys.executable, "-m", "testbed", "enforcer", "--verbose",

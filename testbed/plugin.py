@@ -185,6 +185,8 @@ class Lab:
         self.tb = Testbed.up(standard(variant), tag="pytest")
         self.topology = self.tb.topology
         self.enforcer = EnforcerProcess(self.tb, artifacts / f"enforcer-{variant}-{self.tb.id}")
+        # as a fw boots: locked down before its enforcer first starts (SPEC rule 15)
+        self.enforcer.lockdown()
         self.helpers: Any = None  # a KernelHelperFirewall while it stands in the enforcer's place
         self._peers: Any = None  # the real FTP/TFTP servers (testbed.peers.PeerSet), once used
 
@@ -220,6 +222,7 @@ class Lab:
         if self.helpers is None:
             if self.enforcer.running:
                 self.enforcer.stop()
+            self.enforcer.unload()  # a stop leaves the lockdown; another firewall needs none of it
             helpers = KernelHelperFirewall(self.tb, publish=PUBLISHED_FTP_PORT)
             helpers.install()
             self.helpers = helpers

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import select
-import selectors
 import socket
 import stat
 import time
@@ -27,6 +26,7 @@ from enforcer.core.results import (
     SessionApiError,
     Terminating,
 )
+from enforcer.loop import Loop
 from enforcer.protocol import MAX_REQUEST, encode
 
 SPEC_HRESULTS = {
@@ -52,7 +52,7 @@ def server(tmp_path: Path) -> Iterator[ControlServer]:
         **{f"raise_{name}": (lambda p, c, cls=cls: _raise(cls(f"{cls.name} happened")))
            for name, cls in ERRORS.items()},
     }
-    sel = selectors.DefaultSelector()
+    sel = Loop()
     srv = ControlServer(str(tmp_path / "c.sock"), handlers, sel)
     srv.calls = calls  # type: ignore[attr-defined]
     yield srv
@@ -205,7 +205,7 @@ def test_handler_error_is_reported(server: ControlServer, name: str) -> None:
     (IsBusy, "0xC0040011"),
 ])
 def test_documented_hresult_on_the_wire(tmp_path: Path, cls: type[SessionApiError], hresult: str) -> None:
-    sel = selectors.DefaultSelector()
+    sel = Loop()
     srv = ControlServer(str(tmp_path / "h.sock"), {"m": lambda p, c: _raise(cls("why"))}, sel)
     try:
         reply = handle(srv, b'{"id": 0, "method": "m"}')
@@ -246,7 +246,7 @@ def test_error_to_dict() -> None:
 
 def test_socket_is_created_owner_only_and_removed_on_close(tmp_path: Path) -> None:
     path = tmp_path / "c.sock"
-    sel = selectors.DefaultSelector()
+    sel = Loop()
     srv = ControlServer(str(path), {}, sel)
     mode = path.stat().st_mode
     assert stat.S_ISSOCK(mode)
@@ -257,11 +257,11 @@ def test_socket_is_created_owner_only_and_removed_on_close(tmp_path: Path) -> No
 
 def test_refuses_a_served_path_but_replaces_a_stale_one(tmp_path: Path) -> None:
     path = tmp_path / "c.sock"
-    sel = selectors.DefaultSelector()
+    sel = Loop()
     first = ControlServer(str(path), {}, sel)
     try:
         with pytest.raises(AlreadyRunning):
-            ControlServer(str(path), {}, selectors.DefaultSelector())
+            ControlServer(str(path), {}, Loop())
     finally:
         first.close()
     # A socket file nobody serves is a leftover: it is replaced.
@@ -275,7 +275,7 @@ def test_refuses_a_served_path_but_replaces_a_stale_one(tmp_path: Path) -> None:
 
 def test_creates_the_socket_directory(tmp_path: Path) -> None:
     path = tmp_path / "d" / "c.sock"
-    srv = ControlServer(str(path), {}, selectors.DefaultSelector())
+    srv = ControlServer(str(path), {}, Loop())
     try:
         assert path.is_socket()
     finally:
@@ -286,8 +286,7 @@ def _pump(server: ControlServer, client: socket.socket) -> None:
     """Run the server's callbacks until the client has something to read."""
     deadline = time.monotonic() + 5
     while not select.select([client], [], [], 0)[0] and time.monotonic() < deadline:
-        for key, _ in server.selector.select(timeout=0.05):
-            key.data()
+        server.loop.run_once(0.05)
 
 
 def test_over_the_socket(server: ControlServer) -> None:

@@ -193,6 +193,10 @@ class EnforcerProcess:
         """SIGKILL: the enforcer dies with its rules still installed (which fail closed)."""
         return self._signal(signal.SIGKILL, 10.0)
 
+    def crash(self) -> int:
+        """SIGABRT: the enforcer crashes (no clean-up of its own)."""
+        return self._signal(signal.SIGABRT, 10.0)
+
     def _signal(self, sig: signal.Signals, timeout: float) -> int:
         if self.proc is None:
             return 0

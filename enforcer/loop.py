@@ -102,11 +102,12 @@ class Loop:
         due = self.next_timer()
         if due is not None:
             timeout = max(0.0, min(timeout, due - self.clock()))
-        for key, _ in self.selector.select(timeout):
+        ready = self.selector.select(timeout)
+        now, turn = self.clock(), next(self._order)  # timers set during this turn wait for the next
+        for key, _ in ready:
             watch: Watch = key.data
             self.guard(watch.ready, watch.close, "event")
-        now = self.clock()
-        while self._timers and self._timers[0][0] <= now:
+        while self._timers and self._timers[0][0] <= now and self._timers[0][1] < turn:
             _, _, callback = heapq.heappop(self._timers)
             self.guard(callback, None, "timer")
 

@@ -38,6 +38,7 @@ from enforcer.core.flags import Flags
 from enforcer.core.flows import FlowRecord, Mode
 from enforcer.core.packet import TCP, UDP, Ingress, Malformed, PacketMeta, parse
 from enforcer.core.permissions import Permission
+from enforcer.listening import ListeningSockets
 from enforcer.loop import Loop
 from enforcer.socks_service import SocksService
 
@@ -168,8 +169,9 @@ class Daemon:
                              user_redirect_ports=config.dataplane.user_redirect_ports,
                              bind_ports=(config.socks or SocksSettings()).bind_ports,
                              app_filters=watching)
+        self.listening = ListeningSockets(clock)  # the fw's own sockets (rule 14)
         self.api = SessionApi(self.engine, clock, self._on_grant, self._on_bind,
-                              self._on_securenat_bind)
+                              self._on_securenat_bind, listening=self.listening.current)
         # the session API as application filters call it, in this process
         self.calls = filters.InProcessCalls({**self.api.handlers()})
         self.socks: SocksService | None = None
@@ -415,6 +417,7 @@ class Daemon:
                                for user, pool in self.engine.pools.items()},
             "receive_buffer": None if self.queue_socket is None else
             self.queue_socket.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF),
+            "listening": self.listening.current().to_list(),
         }
 
     # --- lifecycle ------------------------------------------------------------------

@@ -12,6 +12,7 @@ enforcing. A stop, clean or not, leaves the lockdown base (SPEC rule 15); only
 
 from __future__ import annotations
 
+import errno
 import functools
 import importlib
 import ipaddress
@@ -24,7 +25,7 @@ import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from enforcer import dataplane, filters, rewrite
 from enforcer.api import Params, SessionApi
@@ -50,6 +51,7 @@ HOOK_OUTPUT = 3  # NF_INET_LOCAL_OUT: an ICMP error the fw sends about a user-mo
 INCREASED_RECEIVE_BUFFER = 64 * 1024  # INCREASE_RECEIVE_BUFFER: at least this
 SO_RCVBUFFORCE = 33  # Linux; as root, past net.core.rmem_max (Python's socket module lacks it)
 QUEUE_LENGTH = 8192  # packets the kernel holds for the enforcer before it drops (fails closed)
+PACKETS_PER_TURN = 64  # queued packets decided before the loop turns to other work
 
 
 class StartupError(Exception):
@@ -468,7 +470,9 @@ class Daemon:
             if self.config.dataplane.receive_buffer is not None:
                 queue_fd.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE,
                                     self.config.dataplane.receive_buffer)
-            self.loop.watch(queue_fd, selectors.EVENT_READ, lambda: nfq.run(block=False))
+            queue_fd.setblocking(False)
+            batch = cast(socket.socket, _Batch(queue_fd, PACKETS_PER_TURN))  # it only recv()s
+            self.loop.watch(queue_fd, selectors.EVENT_READ, functools.partial(nfq.run_socket, batch))
             self.loop.watch(wake_r, selectors.EVENT_READ, functools.partial(_drain, wake_r))
             try:
                 control = ControlServer(self.config.control_socket,
@@ -576,6 +580,28 @@ def unload(config: Config) -> list[str]:
     back the host settings a run changed: the operator's explicit command."""
     _not_running(config, "an unload")
     return dataplane.unload() + dataplane.HostSettings(state_file(config)).restore()
+
+
+class _Batch:
+    """The queue socket as NetfilterQueue's ``run_socket`` reads it: at most ``size``
+    packets a turn (it reads until EAGAIN, which this says once a turn is full), so that
+    a flood keeps neither the control socket nor the timers waiting."""
+
+    def __init__(self, sock: socket.socket, size: int) -> None:
+        self.sock = sock
+        self.size = size
+        self.left = size
+
+    def recv(self, length: int) -> bytes:
+        if not self.left:
+            self.left = self.size
+            raise BlockingIOError(errno.EAGAIN, "this turn's packets are decided")
+        self.left -= 1
+        try:
+            return self.sock.recv(length)
+        except BlockingIOError:
+            self.left = self.size
+            raise
 
 
 def _drain(sock: socket.socket) -> None:

@@ -30,7 +30,6 @@ import subprocess
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from enforcer.config import DataplaneSettings
 from enforcer.core.limits import Limits
@@ -46,11 +45,16 @@ NEW_FLOW_METER = "pinhole-new"  # hashlimit's table of clients' new-flow rates
 # (router and neighbour solicitations and advertisements)
 NEIGHBOUR_DISCOVERY = (133, 134, 135, 136)
 CHILD_TIMEOUT = 30  # seconds an iptables/nft/conntrack child may take (start, stop, unload)
-# netlink
+# netlink (linux/netlink.h, linux/netfilter/nfnetlink.h, nf_tables.h)
 NETLINK_NETFILTER = 12
 NFPROTO_INET = 1
+NFNL_SUBSYS_NFTABLES = 10
 NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END = 0x10, 0x11
+NFT_MSG_NEWSETELEM, NFT_MSG_DELSETELEM = 12, 14
+NLM_F_REQUEST, NLM_F_ACK, NLM_F_CREATE = 0x1, 0x4, 0x400
 NLMSG_ERROR = 2
+NFTA_SET_ELEM_LIST_TABLE, NFTA_SET_ELEM_LIST_SET, NFTA_SET_ELEM_LIST_ELEMENTS = 1, 2, 3
+NFTA_SET_ELEM_KEY, NFTA_SET_ELEM_DATA, NFTA_DATA_VALUE = 1, 2, 1
 NETLINK_TIMEOUT = 2.0  # the kernel answers a map update at once; this only guards a bug
 
 # The mark bits this enforcer owns, on packets (verdict) and on conntrack entries:
@@ -250,12 +254,18 @@ def _new_flow_caps(family: str, limits: Limits) -> list[str]:
     out = []
     if limits.new_flows_per_second:
         rate = limits.new_flows_per_second
-        out.append(f"{new} -m hashlimit --hashlimit-above {rate}/sec --hashlimit-burst {2 * rate} "
+        out.append(f"{new} -m hashlimit --hashlimit-above {rate}/sec --hashlimit-burst {_burst(rate)} "
                    f"--hashlimit-mode srcip --hashlimit-srcmask {prefix} "
                    f"--hashlimit-name {NEW_FLOW_METER} -j DROP")
     out.append(f"{new} -m connlimit --connlimit-above {limits.flows_per_client} "
                f"--connlimit-mask {prefix} --connlimit-saddr -j DROP")
     return out
+
+
+def _burst(rate: int) -> int:
+    """New flows let through at once above the rate: a tenth of a second's worth, so that
+    no client's burst can keep the queue busy for long."""
+    return max(10, rate // 10)
 
 
 def _input_base(family: str, rs: Ruleset) -> list[str]:
@@ -415,7 +425,7 @@ def _nft_new_flow_caps(limits: Limits) -> list[str]:
             rate = limits.new_flows_per_second
             out.append(f"ct state new meta nfproto {'ipv4' if proto == 'ip' else 'ipv6'} "
                        f"add @new_flow_rate_{proto} {{ {proto} saddr timeout 10s limit rate over "
-                       f"{rate}/second burst {2 * rate} packets }} drop")
+                       f"{rate}/second burst {_burst(rate)} packets }} drop")
         out.append(f"ct state new meta nfproto {'ipv4' if proto == 'ip' else 'ipv6'} "
                    f"add @flows_{proto} {{ {proto} saddr ct count over {limits.flows_per_client} }} drop")
     return out
@@ -502,7 +512,12 @@ class NatMaps:
     netlink: one batch per call, applied by the kernel at once or not at all. Nothing
     waits for a child process: a grant's kernel state is in place in microseconds,
     before the call that made it returns (and so before the packet that announced the
-    grant is released)."""
+    grant is released).
+
+    The messages are encoded here (``set_elements_message``), not with pyroute2: its
+    encoder took about half a millisecond per element, which a flood of PORT commands
+    turns into a stalled queue; a unit test checks these bytes against pyroute2's.
+    """
 
     def __init__(self) -> None:
         self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
@@ -518,8 +533,7 @@ class NatMaps:
             for name, key, value in rule.elements():
                 by_map.setdefault(name, []).append((key, value))
         if by_map:
-            errors = self._batch([self._message(name, elements, True)
-                                  for name, elements in by_map.items()])
+            errors = self._batch([(name, elements, True) for name, elements in by_map.items()])
             if errors:
                 raise DataplaneError("the kernel refused a NAT map update: "
                                      + "; ".join(map(os.strerror, errors)))
@@ -528,60 +542,21 @@ class NatMaps:
         """Delete these rules' elements, one transaction each, so that one already gone
         does not keep the others (DataplaneError for any other refusal)."""
         for rule in rules:
-            errors = self._batch([self._message(name, [(key, value)], False)
-                                  for name, key, value in rule.elements()])
+            errors = self._batch([(name, [(key, value)], False) for name, key, value in rule.elements()])
             if any(code != errno.ENOENT for code in errors):
                 raise DataplaneError(f"the kernel refused to remove {rule}: "
                                      + "; ".join(map(os.strerror, errors)))
 
-    def _message(self, name: str, elements: list[tuple[bytes, bytes]], add: bool) -> Any:
-        from pyroute2.netlink import NLM_F_ACK, NLM_F_CREATE, NLM_F_REQUEST
-        from pyroute2.netlink.nfnetlink import NFNL_SUBSYS_NFTABLES
-        from pyroute2.netlink.nfnetlink.nftsocket import (
-            NFT_MSG_DELSETELEM,
-            NFT_MSG_NEWSETELEM,
-            nft_set_elem_list_msg,
-        )
-
-        def data(value: bytes) -> dict[str, Any]:
-            return {"attrs": [("NFTA_DATA_VALUE", value)]}
-
-        msg = nft_set_elem_list_msg()
-        msg["nfgen_family"] = NFPROTO_INET
-        msg["header"]["type"] = (NFNL_SUBSYS_NFTABLES << 8) | (NFT_MSG_NEWSETELEM if add
-                                                               else NFT_MSG_DELSETELEM)
-        msg["header"]["flags"] = NLM_F_REQUEST | NLM_F_ACK | (NLM_F_CREATE if add else 0)
-        msg["attrs"] = [
-            ("NFTA_SET_ELEM_LIST_TABLE", MAPS_TABLE), ("NFTA_SET_ELEM_LIST_SET", name),
-            ("NFTA_SET_ELEM_LIST_ELEMENTS",
-             [{"attrs": [("NFTA_SET_ELEM_KEY", data(key))]
-               + ([("NFTA_SET_ELEM_DATA", data(value))] if add else [])}
-              for key, value in elements])]
-        return msg
-
-    def _batch(self, messages: list[Any]) -> list[int]:
+    def _batch(self, messages: list[tuple[str, list[tuple[bytes, bytes]], bool]]) -> list[int]:
         """Send one transaction; the errno of each message the kernel refused (a refusal
         aborts the whole transaction)."""
-        from pyroute2.netlink import NLM_F_REQUEST
-        from pyroute2.netlink.nfnetlink import NFNL_SUBSYS_NFTABLES, nfgen_msg
-
-        def marker(kind: int) -> bytes:
-            msg = nfgen_msg()
-            msg["res_id"] = NFNL_SUBSYS_NFTABLES
-            msg["header"]["type"] = kind
-            msg["header"]["flags"] = NLM_F_REQUEST
-            msg["header"]["sequence_number"] = next(self._seq)
-            msg.encode()
-            return bytes(msg.data)
-
         waiting = set()
-        data = marker(NFNL_MSG_BATCH_BEGIN)
-        for msg in messages:
-            msg["header"]["sequence_number"] = seq = next(self._seq)
-            msg.encode()
-            data += bytes(msg.data)
+        data = batch_marker(NFNL_MSG_BATCH_BEGIN, next(self._seq))
+        for name, elements, add in messages:
+            seq = next(self._seq)
+            data += set_elements_message(name, elements, add, seq)
             waiting.add(seq)
-        data += marker(NFNL_MSG_BATCH_END)
+        data += batch_marker(NFNL_MSG_BATCH_END, next(self._seq))
         errors: list[int] = []
         try:
             self.sock.send(data)
@@ -602,6 +577,36 @@ class NatMaps:
 
     def close(self) -> None:
         self.sock.close()
+
+
+def _attribute(kind: int, payload: bytes) -> bytes:
+    """A netlink attribute: length, type, payload padded to 4 bytes."""
+    return struct.pack("=HH", 4 + len(payload), kind) + payload + b"\0" * (-len(payload) % 4)
+
+
+def _netlink(kind: int, flags: int, seq: int, family: int, res_id: int, body: bytes) -> bytes:
+    """A netlink message with nfnetlink's header (version 0)."""
+    payload = struct.pack("!BBH", family, 0, res_id) + body
+    return struct.pack("=IHHII", 16 + len(payload), kind, flags, seq, 0) + payload
+
+
+def batch_marker(kind: int, seq: int) -> bytes:
+    """The message that begins or ends an nf_tables transaction."""
+    return _netlink(kind, NLM_F_REQUEST, seq, 0, NFNL_SUBSYS_NFTABLES, b"")
+
+
+def set_elements_message(name: str, elements: list[tuple[bytes, bytes]], add: bool, seq: int) -> bytes:
+    """NFT_MSG_NEWSETELEM (or DELSETELEM, keys alone) of the maps table's map ``name``."""
+    items = b"".join(
+        _attribute(i + 1, _attribute(NFTA_SET_ELEM_KEY, _attribute(NFTA_DATA_VALUE, key))
+                   + (_attribute(NFTA_SET_ELEM_DATA, _attribute(NFTA_DATA_VALUE, value)) if add else b""))
+        for i, (key, value) in enumerate(elements))
+    body = (_attribute(NFTA_SET_ELEM_LIST_TABLE, MAPS_TABLE.encode() + b"\0")
+            + _attribute(NFTA_SET_ELEM_LIST_SET, name.encode() + b"\0")
+            + _attribute(NFTA_SET_ELEM_LIST_ELEMENTS, items))
+    kind = (NFNL_SUBSYS_NFTABLES << 8) | (NFT_MSG_NEWSETELEM if add else NFT_MSG_DELSETELEM)
+    return _netlink(kind, NLM_F_REQUEST | NLM_F_ACK | (NLM_F_CREATE if add else 0), seq,
+                    NFPROTO_INET, 0, body)
 
 
 def nft_queue_supported() -> bool:

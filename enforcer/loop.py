@@ -25,6 +25,7 @@ log = logging.getLogger("pinhole.enforcer.loop")
 # accept() errors that mean "no resources now", not "this connection is bad"
 OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 PAUSE_FIRST, PAUSE_LONGEST = 0.05, 1.0  # seconds a listener out of resources rests
+SLOW = 0.05  # a callback that holds the loop longer than this (s) is logged and counted
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,7 +113,9 @@ class Loop:
             self.guard(callback, None, "timer")
 
     def guard(self, call: Callable[[], None], close: Callable[[], None] | None, what: str) -> None:
-        """Run ``call``; if it raises, log and count it and close what it belonged to."""
+        """Run ``call``; if it raises, log and count it and close what it belonged to. One
+        that holds the loop longer than SLOW is logged and counted too."""
+        started = self.clock()
         try:
             call()
         except Exception:
@@ -125,6 +128,11 @@ class Loop:
                 except Exception:
                     self.counters[f"errors: {what} callback"] += 1
                     log.exception("closing after a failed %s callback failed too", what)
+        took = self.clock() - started
+        if took > SLOW:
+            self.counters["slow callbacks"] += 1
+            log.warning("a %s callback (%s) held the loop for %.0f ms", what,
+                        getattr(call, "__qualname__", call), took * 1e3)
 
     def close(self) -> None:
         self.selector.close()

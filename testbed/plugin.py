@@ -320,10 +320,19 @@ def net(request: pytest.FixtureRequest, lab: Lab, family: str) -> Iterator[Net]:
     lab.use_enforcer()
     mode = request.getfixturevalue("mode") if "mode" in request.fixturenames else None
     yield Net(lab, family, mode)
-    _cancel_pending(lab)
+    cancel_pending(lab)
 
 
-def _cancel_pending(lab: Lab) -> None:
+@pytest.fixture
+def filtering(lab: Lab, family: str) -> Iterator[Net]:
+    """As ``net``, with the enforcer's FTP and TFTP filters on (and no other firewall
+    compared): for checks that need application filters at work."""
+    lab.use_enforcer(APP_FILTERS)
+    yield Net(lab, family)
+    cancel_pending(lab)
+
+
+def cancel_pending(lab: Lab) -> None:
     if lab.enforcer.running:
         with lab.enforcer.client() as client:
             for action in client.call("actions"):
@@ -358,7 +367,7 @@ def app(request: pytest.FixtureRequest, lab: Lab, family: str, firewall: str) ->
     else:
         lab.use_kernel_helpers()
     yield App(lab, family, firewall, request.node)
-    _cancel_pending(lab)
+    cancel_pending(lab)
 
 
 @pytest.fixture(autouse=True)

@@ -189,6 +189,18 @@ def test_deeply_nested_json_is_an_error_reply(server: ControlServer, line: bytes
     assert_invalid(reply, None)
 
 
+@pytest.mark.parametrize("line", [
+    b'{"id": ' + b"1" * 5000 + b', "method": "ping"}',
+    b'{"id": 1, "method": "echo", "params": {"x": -' + b"9" * 4301 + b"}}",
+], ids=["id", "param"])
+def test_a_number_too_long_to_convert_is_an_error_reply(server: ControlServer, line: bytes) -> None:
+    # json.loads raises a plain ValueError (Python's limit on int digits), not a
+    # JSONDecodeError: it escaped handle_line and stopped the daemon's event loop.
+    assert_invalid(call(server, line), None, "not valid JSON", "digits")
+    assert server.calls == []  # type: ignore[attr-defined]
+    assert call(server, '{"id": 2, "method": "ping"}') == {"id": 2, "result": {"pong": True}}
+
+
 @pytest.mark.parametrize("name", sorted(ERRORS))
 def test_handler_error_is_reported(server: ControlServer, name: str) -> None:
     reply = call(server, f'{{"id": 11, "method": "raise_{name}", "params": {{}}}}')

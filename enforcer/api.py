@@ -52,7 +52,8 @@ class Params:
 
     def protocol(self) -> int:
         protocol = self.params.get("protocol", "tcp")
-        if isinstance(protocol, bool) or protocol not in _PROTOCOLS:
+        # the type first: a list is not hashable, and 6.0 == 6
+        if type(protocol) not in (str, int) or protocol not in _PROTOCOLS:
             raise InvalidArgument("'protocol' must be \"tcp\", \"udp\", 6 or 17")
         return _PROTOCOLS[protocol]
 

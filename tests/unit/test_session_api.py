@@ -94,6 +94,10 @@ def test_a_grant_returns_the_action(api: SessionApi) -> None:
     ({"session": 77}, "no session 77"),
     ({"port": True}, "'port' must be an integer, not bool"),
     ({"protocol": True}, "'protocol' must be"),
+    # not hashable: a membership test in a dict raised TypeError, an internal error
+    ({"protocol": ["tcp"]}, "'protocol' must be"),
+    ({"protocol": {"tcp": 6}}, "'protocol' must be"),
+    ({"protocol": 6.0}, "'protocol' must be"),  # equal to 6, and not an integer
     ({"protocol_guid": 5}, "'protocol_guid' must be a string"),
     ({"flags": {"TIMEOUT": 1}}, "'flags' must be an integer or a list"),
     ({"context": "x" * 5000}, "'context' is larger than"),

@@ -26,6 +26,7 @@ import os
 import random
 import re
 import socket
+import struct
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -95,6 +96,21 @@ class Allowed:
         """Whether the policy or a grant lets this flow be opened from the internal side."""
         return policy_allows(self.net, protocol, src, dst, dport) or (protocol, src, dst, dport) in self.sent
 
+    def opened_by(self, data: bytes) -> bool:
+        """Whether these bytes, sent from the internal side, are a packet that may open
+        such a flow (a bare SYN or a datagram), as Scapy reads them."""
+        if not data or data[0] >> 4 not in (4, 6):
+            return False
+        try:
+            pkt = IP(data) if data[0] >> 4 == 4 else IPv6(data)
+        except struct.error:  # a fixed header cut short: the kernel drops it as well
+            return False
+        for layer, protocol in ((TCP, "tcp"), (UDP, "udp")):
+            l4 = pkt.getlayer(layer)
+            if l4 is not None and (layer is UDP or int(l4.flags) & 0x17 == 0x02):
+                return self.opens(protocol, str(pkt.src), str(pkt.dst), int(l4.dport))
+        return False
+
     def decision(self, decision: dict[str, Any]) -> bool:
         """Whether an admission in the decision log is one of these."""
         protocol, src, _, dst, dport = flow_of(decision["flow"])
@@ -140,8 +156,16 @@ class Fuzz:
         }
 
     def packet(self, side: str) -> bytes:
+        """A packet from ``side`` that nothing lets cross (one that would, after all its
+        changes, is made again)."""
+        while True:
+            data = self.attempt(side)
+            if side == "external" or not self.allowed.opened_by(data):
+                return data
+
+    def attempt(self, side: str) -> bytes:
         rng = self.rng
-        sources, destinations = self.sides[side]
+        sources, destinations = self.sides[side]  # the near misses below save most attempts
         src, dst = pick(rng, sources), pick(rng, destinations)
         dport = rng.choice(self.ports) if rng.random() < 0.8 else rng.randrange(65536)
         sport = rng.randrange(1024, 65536)

@@ -155,7 +155,7 @@ class Generator:
         self.cumulative = list(itertools.accumulate(weights))
 
     def pick(self, items: Sequence[T]) -> T:
-        """rng.choice, at a third of its cost (this runs millions of times)."""
+        """rng.choice, for less (this runs millions of times)."""
         return items[int(self.random() * len(items))]
 
     def address(self, version: int) -> bytes:
@@ -173,6 +173,7 @@ class Generator:
         return 40000 + self.rng.getrandbits(3) if self.rng.random() < 0.7 else self.rng.getrandbits(16)
 
     def tcp_flags(self, syn: float) -> int:
+        """A bare SYN with probability ``syn``; else every combination in turn, or random ones."""
         r = self.rng.random()
         if r < syn:
             return 0x02
@@ -197,6 +198,7 @@ class Generator:
         return tail, 0, 0, False
 
     def fields(self, version: int) -> Fields:
+        """A protocol (mostly TCP and UDP), two addresses and a destination port."""
         r = self.rng.random()
         if r < 0.45:
             protocol = TCP

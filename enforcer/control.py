@@ -92,11 +92,12 @@ class ControlServer:
             return
         buf = self._buffers[conn]
         buf += data
-        while (end := buf.find(b"\n")) >= 0:
+        # a reply that cannot be sent drops the connection: its other requests go with it
+        while conn in self._buffers and (end := buf.find(b"\n")) >= 0:
             line = bytes(buf[:end])
             del buf[: end + 1]
             self.send(conn, self.handle_line(line, self._callers[conn]))
-        if len(buf) > MAX_REQUEST:
+        if conn in self._buffers and len(buf) > MAX_REQUEST:
             # No newline within the limit: answer, then close, since the rest of
             # this line cannot be told apart from the next request.
             self.send(conn, _error(None, InvalidArgument(

@@ -341,6 +341,22 @@ def test_over_the_socket_no_newline_within_the_limit(server: ControlServer) -> N
         client.close()
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="a non-root peer is refused before it can send")
+def test_a_peer_that_hangs_up_before_its_replies_is_dropped(server: ControlServer) -> None:
+    # The first reply fails to send (the peer is gone) and drops the connection; the
+    # next buffered request then looked up its caller, raised KeyError out of the event
+    # loop, and the daemon stopped.
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    client.connect(str(server.path))
+    client.sendall(b'{"id": 1, "method": "ping"}\n' * 3)
+    client.close()
+    for _ in range(10):
+        for key, _ in server.selector.select(timeout=0.05):
+            key.data()
+    assert server._buffers == {} and server._callers == {}
+    assert call(server, '{"id": 2, "method": "ping"}') == {"id": 2, "result": {"pong": True}}
+
+
 def test_encode_is_one_line() -> None:
     out = encode({"id": 1, "result": {"text": "a\nb"}})
     assert out.endswith(b"\n") and out.count(b"\n") == 1

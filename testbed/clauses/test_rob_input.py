@@ -436,7 +436,8 @@ def control_lines(net: Net, rng: random.Random) -> list[bytes]:
 def test_malformed_control_requests_get_error_replies_and_the_enforcer_goes_on(net: Net) -> None:
     """Random, cut short, altered and mistyped requests on the control socket each get a
     reply (a documented error, never an internal one); a line longer than the limit
-    closes its connection; the enforcer then serves and decides as before."""
+    closes its connection, and so does a client that hangs up before reading its
+    replies; the enforcer then serves and decides as before."""
     rng = random.Random(f"{SEED}-control-{net.family}")
     lines = control_lines(net, rng)
     documented = set(ERRORS) - {"E_FAIL"}
@@ -453,7 +454,9 @@ def test_malformed_control_requests_get_error_replies_and_the_enforcer_goes_on(n
                 assert set(reply) in ({"id", "result"}, {"id", "error"}), (line[:100], reply)
                 if "error" in reply:
                     assert reply["error"]["name"] in documented, (line[:100], reply)
-        for tail in (b"x" * (MAX_REQUEST + 1), b'{"id": 1, "method": "pi'):  # no newline
+        # no newline within the limit; a request cut off by a hang-up; requests whose
+        # replies nobody reads
+        for tail in (b"x" * (MAX_REQUEST + 1), b'{"id": 1, "method": "pi', b'{"method": "ping"}\n' * 50):
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
                 sock.settimeout(10)
                 sock.connect(str(net.enforcer.socket))

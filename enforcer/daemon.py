@@ -9,6 +9,7 @@ knows the enforcer is enforcing. A clean exit removes all of it.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import ipaddress
 import logging
@@ -179,7 +180,10 @@ class Daemon:
         except Exception:  # fail closed on a bug, and keep enforcing
             log.exception("dropping a packet the enforcer failed to decide")
             self.engine.counters["errors"] += 1
-            pkt.drop()
+            # after its verdict (the events sent then failed), a second one would raise
+            # out of the queue's callback and stop the loop
+            with contextlib.suppress(RuntimeError):
+                pkt.drop()
 
     def _on_packet(self, pkt: Any) -> None:
         ingress = self._ingress.get(pkt.indev, Ingress.EXTERNAL)

@@ -12,6 +12,7 @@ enforcing. A stop, clean or not, leaves the lockdown base (SPEC rule 15); only
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import importlib
@@ -192,7 +193,10 @@ class Daemon:
         except Exception:  # fail closed on a bug, and keep enforcing
             log.exception("dropping a packet the enforcer failed to decide")
             self.engine.counters["errors"] += 1
-            pkt.drop()
+            # after its verdict (the events sent then failed), a second one would raise
+            # out of the queue's callback and stop the loop
+            with contextlib.suppress(RuntimeError):
+                pkt.drop()
 
     def _on_packet(self, pkt: Any) -> None:
         ingress = self._ingress.get(pkt.indev, Ingress.EXTERNAL)

@@ -292,8 +292,8 @@ class Net:
     def session(self, client: str) -> int:
         """The client's SecureNAT session, made by a primary (FTP) connection if needed."""
         def find() -> int | None:
-            return next((s["id"] for s in self.call("sessions") if s["client"] == self.addr(client)),
-                        None)
+            return next((s["id"] for s in self.call("sessions") if s["client"] == self.addr(client)
+                         and s["kind"] == "securenat"), None)
 
         found = find()
         if found is None:

@@ -6,9 +6,11 @@ reassembles what leaves the fw as TCP does)."""
 
 from __future__ import annotations
 
+import ipaddress
 import itertools
 from unittest import mock
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -22,6 +24,8 @@ from enforcer.core.datafilter import (
     Edited,
     TcpStreamEditor,
 )
+from enforcer.core.flows import FlowRecord, FlowTable, Mode
+from enforcer.core.packet import FlowKey
 
 OUT, BACK = Direction.OUT, Direction.BACK
 SERVER_SEQ = 7000  # the receiver's own sequence number (it sends no data here)
@@ -524,6 +528,23 @@ def test_an_editor_gives_back_what_it_holds_when_released() -> None:
     assert total.used == editor.held == 2 * (len(b"<1:abc>") + RECORD_COST)
     editor.release()
     assert total.used == editor.held == 0
+
+
+@pytest.mark.parametrize("how", ["evicted", "replaced"])
+def test_a_flow_the_flow_table_forgets_gives_its_bytes_back(how: str) -> None:
+    """Shown in the flow's record (`pinhole ctl flows`), and given back to the client's
+    budget when the record goes: the oldest evicted, or a new flow with its key."""
+    client = ByteBudget(10_000)
+    table = FlowTable(capacity=1)
+    keys = [FlowKey(6, ipaddress.ip_address("192.0.2.11"), port, ipaddress.ip_address("198.51.100.21"),
+                    21) for port in (40000, 40001)]
+    first = FlowRecord(keys[0], 1, "FTP", Mode.USER, 0.0, app_filter="ftp")
+    table.add(first)
+    first.editor = TcpStreamEditor(Counting(), ByteBudget(5_000, parent=client))
+    first.editor.edit(OUT, 1000, None, b"abc")
+    assert first.to_dict()["buffered"] == client.used == len(b"<1:abc>") + RECORD_COST
+    table.add(FlowRecord(keys[1] if how == "evicted" else keys[0], 1, "FTP", Mode.USER, 1.0))
+    assert client.used == 0
 
 
 # --- wraparound -----------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ from enforcer.config import Config, SocksSettings
 from enforcer.control import AlreadyRunning, Caller, ControlServer, refuse_if_served
 from enforcer.core import nat
 from enforcer.core.binds import Bind
+from enforcer.core.budget import ByteBudget
 from enforcer.core.datafilter import DataFilter, DataFilterFactory, Direction, TcpStreamEditor
 from enforcer.core.engine import Engine, Verdict
 from enforcer.core.flags import Flags
@@ -330,13 +331,15 @@ class Daemon:
             new = record.stream.on_data(direction, payload)
             return data if new == payload else rewrite.rebuild_udp(data, new)
         if record.editor is None:
-            record.editor = TcpStreamEditor(self.stream_filter(record))
+            record.editor = TcpStreamEditor(
+                self.stream_filter(record),
+                ByteBudget(self.config.limits.buffered_bytes_per_client))
         packet, segment = rewrite.parse_segment(data)
         edited = record.editor.edit(direction, segment.seq, segment.ack, segment.payload,
-                                    syn=segment.syn)
+                                    syn=segment.syn, fin=segment.fin)
         if edited is None:
             return None
-        if edited == (segment.seq, segment.ack, segment.payload):
+        if edited == (segment.seq, segment.ack, segment.payload, segment.fin):
             return data
         return rewrite.rebuild(packet, *edited)
 

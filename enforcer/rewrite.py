@@ -10,7 +10,7 @@ from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.inet6 import IPv6
 from scapy.packet import Packet, Raw
 
-from enforcer.core.packet import TCP_ACK, TCP_SYN
+from enforcer.core.packet import TCP_ACK, TCP_FIN, TCP_SYN
 
 
 @dataclass(frozen=True)
@@ -19,21 +19,27 @@ class Segment:
     ack: int | None  # None when the ACK flag is off
     payload: bytes
     syn: bool = False
+    fin: bool = False
 
 
 def parse_segment(data: bytes) -> tuple[Packet, Segment]:
     packet = _packet(data)
     tcp = packet[TCP]
-    ack = tcp.ack if int(tcp.flags) & TCP_ACK else None
-    return packet, Segment(tcp.seq, ack, bytes(tcp.payload), bool(int(tcp.flags) & TCP_SYN))
+    flags = int(tcp.flags)
+    ack = tcp.ack if flags & TCP_ACK else None
+    return packet, Segment(tcp.seq, ack, bytes(tcp.payload), bool(flags & TCP_SYN),
+                           bool(flags & TCP_FIN))
 
 
-def rebuild(packet: Packet, seq: int, ack: int | None, payload: bytes) -> bytes:
-    """The packet with this seq/ack and payload; lengths and checksums recomputed."""
+def rebuild(packet: Packet, seq: int, ack: int | None, payload: bytes, fin: bool) -> bytes:
+    """The packet with this seq/ack and payload, its FIN flag off unless ``fin``;
+    lengths and checksums recomputed."""
     tcp = packet[TCP]
     tcp.seq = seq
     if ack is not None:
         tcp.ack = ack
+    if not fin:
+        tcp.flags = int(tcp.flags) & ~TCP_FIN
     tcp.remove_payload()
     if payload:
         tcp.add_payload(Raw(payload))

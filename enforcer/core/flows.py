@@ -68,6 +68,7 @@ class FlowRecord:
                 "packets_back": self.packets_back, "bytes_back": self.bytes_back,
                 "last_seen": self.last_seen, "data_filter": self.data_filter,
                 "app_filter": self.app_filter,
+                "buffered": 0 if self.editor is None else self.editor.held,
                 "redirect": None if self.redirect is None else [str(self.redirect[0]), self.redirect[1]]}
 
 
@@ -92,7 +93,7 @@ class FlowTable:
     def add(self, record: FlowRecord) -> None:
         replaced = self._flows.get(record.key)
         if replaced is not None:
-            self._unindex(replaced)
+            self._drop(replaced)
         self._flows[record.key] = record
         self._index[record.key] = (record, True)
         self._index[reverse(record.key)] = (record, False)
@@ -114,7 +115,14 @@ class FlowTable:
         self._flows.move_to_end(key)
         while len(self._flows) > self.capacity:
             _, old = self._flows.popitem(last=False)
-            self._unindex(old)
+            self._drop(old)
+
+    def _drop(self, record: FlowRecord) -> None:
+        """A record leaves the table: its index entries go, and its editor gives back the
+        bytes it holds to their budget."""
+        self._unindex(record)
+        if record.editor is not None:
+            record.editor.release()
 
     def _unindex(self, record: FlowRecord) -> None:
         for k in (record.key, reverse(record.key), record.client_side_key):

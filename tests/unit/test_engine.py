@@ -152,7 +152,7 @@ def test_empty_policy_drops_everything() -> None:
 
 
 def test_no_internal_networks_drops_everything() -> None:
-    e = Engine(POLICY, ())
+    e = Engine(POLICY, {})
     d = e.decide(pkt(C1, S1, 21), 0.0)
     assert d.verdict is Verdict.DROP and "not on an internal network" in d.reason
 
@@ -209,7 +209,8 @@ def test_lab_policy_decisions() -> None:
 
     topo = FakeTestbed.topology
     cfg = parse(lab_config(FakeTestbed(), socket=Path("/run/pinhole/t.sock")))  # type: ignore[arg-type]
-    e = Engine(cfg.policy, [net(topo.internal_network(f)) for f in ("ipv4", "ipv6")])
+    e = Engine(cfg.policy, {topo.fw_internal_iface: [net(topo.internal_network(f))
+                                                     for f in ("ipv4", "ipv6")]})
     for fam in ("ipv4", "ipv6"):
         c1, c2, s1 = (topo.address(n, fam) for n in ("c1", "c2", "s1"))
         assert e.decide(pkt(c1, s1, 21), 0.0).verdict is Verdict.ADMIT_KERNEL

@@ -323,18 +323,19 @@ class Net:
             assert found is not None, f"no session for {client} after its primary connection"
         return found
 
-    def fw_received(self, iface: str) -> FwPackets:
-        """What the fw received on ``iface`` during this test, from its pcap (a sniffer
-        for testbed.checks): to show that a probe reached the fw."""
+    def fw_received(self, iface: str, since: float = 0.0) -> FwPackets:
+        """What the fw received on ``iface`` during this test (from ``since``, a time.time()),
+        from its pcap, as a sniffer for testbed.checks: to show that a probe reached the fw."""
         index = self.lab.fw_ifindex(iface)
         return FwPackets(_test_pcap(), f"the fw, received on {iface}",
-                         lambda p: p.ifindex == index and p.pkttype != SLL2_OUTGOING)
+                         lambda p: p.time >= since and p.ifindex == index
+                         and p.pkttype != SLL2_OUTGOING)
 
-    def fw_sent(self) -> FwPackets:
-        """What the fw sent, on any interface, during this test, from its pcap: to show
-        that a probe went no further and that nothing answered it."""
+    def fw_sent(self, since: float = 0.0) -> FwPackets:
+        """What the fw sent, on any interface, during this test (from ``since``), from its
+        pcap: to show that a probe went no further and that nothing answered it."""
         return FwPackets(_test_pcap(), "the fw, sent on any interface",
-                         lambda p: p.pkttype == SLL2_OUTGOING)
+                         lambda p: p.time >= since and p.pkttype == SLL2_OUTGOING)
 
     def source_seen_by_server(self, client: str) -> str:
         """The address a server sees for a client's primary connection."""

@@ -121,7 +121,7 @@ class Workload:
 
 def new_engine(w: Workload) -> tuple[Engine, list[int]]:
     """An engine with one SecureNAT session per client (made by a primary FTP SYN)."""
-    engine = Engine(POLICY, (INTERNAL,), (ipaddress.IPv4Address("203.0.113.1"),))
+    engine = Engine(POLICY, {"int0": (INTERNAL,)}, (ipaddress.IPv4Address("203.0.113.1"),))
     server = TARGETS.network_address + 1
     ids = []
     for client in w.clients:

@@ -153,6 +153,27 @@ def ensure_receive_buffer(sock: socket.socket, size: int) -> int:
     return int(current)
 
 
+class Arrivals:
+    """The side and the name of the interface a queued packet came in on, by its index
+    (NFQUEUE's indev). An interface the config names on neither side (lo, say) counts as
+    outside; index 0 is none: the fw's own packet."""
+
+    def __init__(self, interfaces: dataplane.Interfaces) -> None:
+        self.known = {**{i: (Ingress.EXTERNAL, n) for n, i in interfaces.external.items()},
+                      **{i: (Ingress.INTERNAL, n) for n, i in interfaces.internal.items()}}
+
+    def __call__(self, indev: int) -> tuple[Ingress, str]:
+        known = self.known.get(indev)
+        if known is not None:
+            return known
+        if not indev:
+            return Ingress.EXTERNAL, ""
+        try:
+            return Ingress.EXTERNAL, socket.if_indextoname(indev)
+        except OSError:
+            return Ingress.EXTERNAL, f"interface #{indev}"
+
+
 class Daemon:
     def __init__(self, config: Config, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
@@ -165,7 +186,7 @@ class Daemon:
         if both:
             raise StartupError(f"{', '.join(both)}: both a data filter and an application "
                                "filter; a grant's data_filter would not know which")
-        self.engine = Engine(config.policy, self.interfaces.internal_networks,
+        self.engine = Engine(config.policy, self.interfaces.networks_behind(),
                              self.interfaces.external_addresses, nat=config.network.nat,
                              data_filters=[*self.filter_factories, *self.app_filters],
                              internal_addresses=[a for _, a in self.interfaces.internal_addresses],
@@ -179,7 +200,7 @@ class Daemon:
         # the session API as application filters call it, in this process
         self.calls = filters.InProcessCalls({**self.api.handlers()})
         self.socks: SocksService | None = None
-        self._ingress = {i: Ingress.INTERNAL for i in self.interfaces.internal.values()}
+        self._arrived_on = Arrivals(self.interfaces)
         self.loop = Loop(self.engine.counters, clock)
         self.host = dataplane.HostSettings(state_file(config))
         self.maps: dataplane.NatMaps | None = None  # per-grant kernel NAT, once running
@@ -200,13 +221,17 @@ class Daemon:
                 pkt.drop()
 
     def _on_packet(self, pkt: Any) -> None:
-        ingress = self._ingress.get(pkt.indev, Ingress.EXTERNAL)
         data = pkt.get_payload()
         try:
-            meta = parse(data, ingress)
+            meta = parse(data, *self._arrived_on(pkt.indev))
         except Malformed as exc:
             self.engine.counters["malformed"] += 1
             log.debug("drop malformed packet: %s", exc)
+            pkt.drop()
+            return
+        refused = self.engine.judge_ingress(meta, self.clock())
+        if refused is not None:
+            log.debug("drop %s: %s", meta.key, refused.reason)
             pkt.drop()
             return
         length = pkt.get_payload_len()
@@ -417,6 +442,8 @@ class Daemon:
             "fail_open": self.config.dataplane.fail_open,
             "nat": self.config.network.nat,
             "internal_networks": [str(n) for n in self.interfaces.internal_networks],
+            "networks_behind": {name: [str(n) for n in networks.networks]
+                                for name, networks in self.engine.ingress.behind.items()},
             "external_addresses": [str(a) for a in self.interfaces.external_addresses],
             "counters": dict(self.engine.counters),
             "sessions": len(self.engine.sessions),

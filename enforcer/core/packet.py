@@ -64,6 +64,9 @@ class PacketMeta(NamedTuple):
     key: FlowKey
     ingress: Ingress
     tcp_flags: int = 0
+    # The interface the packet arrived on (SPEC rule 17 judges its source by it); "" for
+    # the fw's own packets, which arrived on none.
+    interface: str = ""
 
     @property
     def family(self) -> str:
@@ -95,8 +98,9 @@ def _address(raw: bytes) -> IPAddress:
     return found
 
 
-def parse(data: bytes, ingress: Ingress) -> PacketMeta:
-    """Read the flow key of an IPv4 or IPv6 packet; raise Malformed otherwise."""
+def parse(data: bytes, ingress: Ingress, interface: str = "") -> PacketMeta:
+    """Read the flow key of an IPv4 or IPv6 packet that arrived on ``interface`` on the
+    ``ingress`` side; raise Malformed otherwise."""
     if not data:
         raise Malformed("empty packet")
     version = data[0] >> 4
@@ -146,4 +150,4 @@ def parse(data: bytes, ingress: Ingress) -> PacketMeta:
             if header < 20 or len(data) < offset + header:
                 raise Malformed("bad TCP header length")
             flags = data[offset + 13]
-    return PacketMeta(FlowKey(protocol, src, sport, dst, dport), ingress, flags)
+    return PacketMeta(FlowKey(protocol, src, sport, dst, dport), ingress, flags, interface)

@@ -15,8 +15,8 @@ from enforcer.control import Caller
 from enforcer.core.engine import Engine
 from enforcer.core.flags import Flags
 from enforcer.core.packet import TCP as TCP_PROTOCOL
-from enforcer.core.packet import Ingress
-from enforcer.daemon import Daemon
+from enforcer.daemon import Arrivals, Daemon
+from enforcer.dataplane import Interfaces
 from enforcer.protocol import encode
 
 C1, S1 = "192.0.2.11", "198.51.100.21"
@@ -72,7 +72,7 @@ def daemon() -> Daemon:
     d.engine = Engine(POLICY, INTERNAL, [ipaddress.ip_address("198.51.100.1")])
     d.clock = lambda: 5.0
     d.api = SessionApi(d.engine, d.clock)
-    d._ingress = {INTERNAL_IF: Ingress.INTERNAL}
+    d._arrived_on = Arrivals(Interfaces({"int0": INTERNAL_IF}, {}, (), ()))
     return d
 
 

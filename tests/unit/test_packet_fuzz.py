@@ -383,7 +383,7 @@ def policy_allows(key: FlowKey) -> bool:
 
 
 def internal(address: IPAddress) -> bool:
-    return any(address in n for n in INTERNAL)
+    return any(address in n for networks in INTERNAL.values() for n in networks)
 
 
 @dataclass

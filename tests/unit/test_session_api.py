@@ -51,7 +51,7 @@ def build_api(on_grant: Callable[[list[Permission]], None] | None = None,
                                      NetworkSet((ipaddress.ip_network("192.0.2.0/24"),)), None),),
         site_rules=(SiteRule("out", True, NetworkSet((ipaddress.ip_network("198.51.100.0/24"),))),),
         defaults=Defaults(permission_timeout=5, max_pending_per_session=4))
-    engine = Engine(policy, [ipaddress.ip_network("192.0.2.0/24")],
+    engine = Engine(policy, {"int0": [ipaddress.ip_network("192.0.2.0/24")]},
                     [ipaddress.ip_address("198.51.100.1"), ipaddress.ip_address("198.51.100.2")],
                     nat=True, internal_addresses=[ipaddress.ip_interface("192.0.2.1/24")])
     if clock is None:

@@ -359,14 +359,14 @@ class Daemon:
             record.editor = TcpStreamEditor(
                 self.stream_filter(record),
                 ByteBudget(self.config.limits.buffered_bytes_per_client))
-        packet, segment = rewrite.parse_segment(data)
+        segment = rewrite.parse_segment(data)
         edited = record.editor.edit(direction, segment.seq, segment.ack, segment.payload,
                                     syn=segment.syn, fin=segment.fin)
         if edited is None:
             return None
         if edited == (segment.seq, segment.ack, segment.payload, segment.fin):
             return data
-        return rewrite.rebuild(packet, *edited)
+        return rewrite.rebuild(data, segment, *edited)
 
     # --- the shell's part of grants -------------------------------------------------
     def _nat_maps(self) -> dataplane.NatMaps:

@@ -1,0 +1,113 @@
+"""A hostile client's soak: spoofed sources, PORT floods, TFTP and SYN floods, grant floods
+and random packets at once, against an enforcer with modest caps. The daemon must be
+alive at the end, still deciding, every cap held, and its resident memory below the
+figure the caps imply (both printed)."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from typing import Any
+
+import pytest
+from scapy.layers.inet import IP, TCP
+
+from enforcer.client import Flags
+from testbed.flood import Flood
+from testbed.fuzz import Allowed, Fuzz
+from testbed.lab import GUIDS
+from testbed.plugin import APP_FILTERS, Lab, Net
+
+SECONDS = 20
+CAPS = {"sessions_total": 300, "sessions_per_client": 4, "pending_total": 4000,
+        "pending_per_client": 1000, "binds_total": 200, "binds_per_client": 32,
+        "user_flows_total": 600, "user_flows_per_client": 200, "flows_per_client": 2000,
+        "buffered_bytes_total": 8 << 20, "buffered_bytes_per_client": 1 << 20}
+SPOOFED = 240  # source addresses c2 makes up on its own network
+
+
+def spoof_primaries(net: Net, until: float) -> int:
+    """c2 opens FTP primaries in the names of SPOOFED made-up neighbours (each a session
+    for the enforcer to hold), round after round; how many SYNs it sent."""
+    c2, server = net.agent("c2"), net.addr("s1")
+    sent, round_ = 0, 0
+    while time.monotonic() < until:
+        c2.send([IP(src=f"192.0.2.{10 + i}", dst=server) / TCP(sport=30000 + round_ % 1000, dport=21,
+                                                               flags="S")
+                 for i in range(SPOOFED) if 10 + i not in (11, 12)])
+        sent += SPOOFED - 2
+        round_ += 1
+        time.sleep(0.5)
+    return sent
+
+
+def random_packets(net: Net, until: float) -> int:
+    """Random and malformed packets at both of the fw's sides; how many."""
+    fuzz = Fuzz(net, random.Random(20261206), Allowed(net), [])
+    sent = 0
+    while time.monotonic() < until:
+        for node, side in (("c1", "internal"), ("s1", "external")):
+            net.agent(node).send([IP(fuzz.packet(side)) for _ in range(100)])
+            sent += 100
+    return sent
+
+
+def grant_flood(net: Net, until: float) -> int:
+    """Grant calls for c1's session until the caps refuse them, and on; how many."""
+    calls = 0
+    with net.client() as api:
+        session = net.session("c1")
+        while time.monotonic() < until:
+            try:
+                api.allow_future_connect(session, (net.addr("s1"), 10000 + calls % 50000),
+                                         protocol_guid=GUIDS["FTP"], flags=Flags.TIMEOUT)
+            except Exception:  # refused at a cap: that is the point
+                pass
+            calls += 1
+    return calls
+
+
+@pytest.mark.topologies("nat")
+@pytest.mark.parametrize("family", ["ipv4"])
+def test_a_hostile_client_soak_ends_alive_within_the_memory_the_caps_imply(lab: Lab, family: str) -> None:
+    if lab.enforcer.running:
+        lab.enforcer.stop()
+    lab.enforcer.start(app_filters=APP_FILTERS, limits=CAPS)
+    net = Net(lab, family)
+    until = time.monotonic() + SECONDS
+    counts: dict[str, Any] = {}
+
+    def run(name: str, work: Any) -> None:
+        counts[name] = work(net, until)
+
+    threads = [threading.Thread(target=run, args=(name, work), daemon=True) for name, work in
+               (("spoofed SYNs", spoof_primaries), ("random packets", random_packets),
+                ("grant calls", grant_flood))]
+    for thread in threads:
+        thread.start()
+    floods = 0
+    while time.monotonic() < until:
+        with Flood(net, "c2", "s1", syns=5_000, tftp=1_000, port_lines=2_000, grants=2_000) as flood:
+            pass
+        assert not flood.counts.errors, flood.counts.errors
+        floods += 1
+    for thread in threads:
+        thread.join(60)
+    counts["floods (SYNs, TFTP, PORT lines, grants)"] = floods
+
+    status = net.call("status")
+    memory = status["memory"]
+    print(f"\nsoak for {SECONDS} s: {counts}")
+    print(f"enforcer RSS {memory['rss'] / 2**20:.1f} MiB; the caps imply at most "
+          f"{memory['bound']['total'] / 2**20:.1f} MiB")
+    print("caps and use:", {k: v for k, v in status["limits"].items()})
+    assert net.call("ping") == {"pong": True}
+    assert memory["rss"] < memory["bound"]["total"], memory
+    for name, cap in status["limits"].items():
+        if isinstance(cap, dict) and "cap" in cap and "use" in cap:
+            assert cap["use"] <= cap["cap"], (name, cap)
+    # still deciding: c1's allowed primary opens, its data comes back whole
+    with net.agent("s1").tcp_server(net.addr("s1"), 21):
+        result = net.agent("c1").tcp_connect(net.addr("s1"), 21, send_bytes=10_000)
+    assert result["connected"] and result["received"] == 10_000, result

@@ -4,11 +4,18 @@ their first SYNs are not delayed more than 50 ms beyond the same run without the
 
 from __future__ import annotations
 
+import contextlib
+import os
+import resource
+import time
+from pathlib import Path
+
 import pytest
 
-from enforcer.client import Flags
+from enforcer.client import ControlError, Flags
 from testbed.clauses.helpers import FTP_GUID
 from testbed.flood import VICTIM_PORT, Flood, first_syn_delays, kernel_refusals
+from testbed.lab import SOCKS_PORT
 from testbed.plugin import Net
 
 CONNECTIONS = 100
@@ -49,3 +56,49 @@ def test_another_clients_connections_open_promptly_under_a_flood(filtering: Net)
     print(f"the enforcer decided {decided} new flows; the kernel refused {refused} beyond c2's caps")
     assert decided > 100 and decided + refused >= 0.9 * (20_000 + 2_000), (decided, refused)
     assert flood.counts.grants_refused > 0, "no grant call reached a cap"
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.clause("ROB-01")
+def test_a_client_that_exhausts_the_enforcers_descriptors_stops_no_one(net: Net) -> None:
+    """With its file descriptors nearly used up, c2 holds 40 connections open to the SOCKS
+    port: the enforcer's listeners run out (EMFILE) and rest instead of spinning, c1's
+    admitted connections still open, and once c2 lets go, the enforcer serves again and
+    counts the pauses."""
+    assert net.enforcer.proc is not None
+    pid = net.enforcer.proc.pid
+    soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    # the soft limit only: raising a hard limit again may not be permitted even to root
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (len(os.listdir(f"/proc/{pid}/fd")) + 6, hard))
+    c1, c2, s1 = net.agent("c1"), net.agent("c2"), net.agent("s1")
+    held = []
+    try:
+        with contextlib.ExitStack() as stack:
+            for _ in range(40):  # the kernel completes them (listen backlog); few are accepted
+                held.append(stack.enter_context(c2.tcp_open(net.fw_internal(), SOCKS_PORT)))
+            assert all(c.connected for c in held), [c.error for c in held if not c.connected]
+            cpu = _cpu_seconds(pid)
+            time.sleep(2)
+            spent = _cpu_seconds(pid) - cpu
+            assert spent < 0.5, f"the enforcer spent {spent:.2f} s of CPU in 2 s: spinning on EMFILE"
+            with s1.tcp_server(net.addr("s1"), 21):
+                for _ in range(5):
+                    ok = c1.tcp_connect(net.addr("s1"), 21, send_bytes=1000)
+                    assert ok["connected"] and ok["received"] == 1000, ok
+        # c2 let go: the listeners come back within their longest rest
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                status = net.call("status")
+                break
+            except ControlError:
+                assert time.monotonic() < deadline, "the control socket did not come back"
+                time.sleep(0.2)
+        assert status["counters"].get("accept paused: EMFILE", 0) > 0, status["counters"]
+        assert net.enforcer.running
+    finally:
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))

@@ -70,6 +70,7 @@ class ConntrackTimeouts:
     tcp_last_ack: float = 30
     tcp_time_wait: float = 120
     tcp_close: float = 10
+    tcp_max_retrans: float = 300
     udp: float = 30
     udp_stream: float = 120
     generic: float = 600
@@ -80,8 +81,11 @@ class ConntrackTimeouts:
         return cls(**{name: values[SYSCTL[name]] for name in SYSCTL if SYSCTL[name] in values})
 
     def of(self, lifetime: Lifetime) -> float:
-        """The longest timeout conntrack can be applying to a flow of this class (the
-        shorter ones for retransmissions and unacknowledged data only shorten it)."""
+        """The longest timeout conntrack can be applying to a flow of this class. Its
+        timeouts for retransmissions and unacknowledged data only shorten a state's,
+        except after a RST: conntrack then takes CLOSE's, or the retransmission one
+        when the flow has had retransmissions (measured: 300 s after a RST whose
+        sequence number was off, the connection kept established)."""
         if lifetime is Lifetime.TCP_OPENING:
             return max(self.tcp_syn_sent, self.tcp_syn_recv)
         if lifetime is Lifetime.TCP_ESTABLISHED:
@@ -89,7 +93,7 @@ class ConntrackTimeouts:
         if lifetime is Lifetime.TCP_CLOSING:
             return max(self.tcp_fin_wait, self.tcp_close_wait, self.tcp_last_ack, self.tcp_time_wait)
         if lifetime is Lifetime.TCP_RESET:
-            return self.tcp_close  # a RST conntrack accepts sets the timer to CLOSE's
+            return max(self.tcp_close, self.tcp_max_retrans)
         if lifetime is Lifetime.UDP_UNREPLIED:
             return self.udp
         if lifetime is Lifetime.UDP_STREAM:

@@ -397,8 +397,8 @@ def test_a_user_mode_grant_at_the_cap_is_not_consumed() -> None:
     assert engine.decide(pkt(C1, S1, 2021, sport=1), 1.0).action_id == kernel
     # the held flow ends (RST): once conntrack has surely forgotten it, there is room
     engine.user_packet(pkt(S1, C1, 40001, flags=RST, sport=21), 40, 2.0)
-    engine.expire(2.0 + TIMEOUTS.tcp_close + RELEASE_MARGIN)
-    admitted = engine.decide(pkt(C1, S1, 2021, sport=2), 20.0)
+    engine.expire(2.0 + TIMEOUTS.of(Lifetime.TCP_RESET) + RELEASE_MARGIN)
+    admitted = engine.decide(pkt(C1, S1, 2021, sport=2), 400.0)
     assert admitted.verdict is Verdict.ADMIT_USER and admitted.action_id == action
 
 
@@ -485,11 +485,11 @@ def test_tcp_lifetime_follows_what_the_enforcer_saw(packets: list[tuple[bool, in
     assert record.lifetime is lifetime
     timeouts = ConntrackTimeouts(tcp_syn_sent=100, tcp_syn_recv=50, tcp_established=9000,
                                  tcp_fin_wait=80, tcp_close_wait=40, tcp_last_ack=20,
-                                 tcp_time_wait=70, tcp_close=7)
+                                 tcp_time_wait=70, tcp_close=7, tcp_max_retrans=30)
     table = FlowTable(timeouts=timeouts)
     table.add(record, record.last_seen)
     expected = {Lifetime.TCP_OPENING: 100, Lifetime.TCP_ESTABLISHED: 9000, Lifetime.TCP_CLOSING: 80,
-                Lifetime.TCP_RESET: 7}[lifetime]
+                Lifetime.TCP_RESET: 30}[lifetime]
     released = release_time(table, record)
     assert record.last_seen + expected + RELEASE_MARGIN <= released <= \
         record.last_seen + expected + RELEASE_MARGIN + 0.5
@@ -510,6 +510,7 @@ def test_udp_lifetime(replied: bool, one_way: bool, lifetime: Lifetime) -> None:
 
 def test_conntrack_timeouts_by_sysctl_name_and_class() -> None:
     assert SYSCTL["tcp_established"] == "nf_conntrack_tcp_timeout_established"
+    assert SYSCTL["tcp_max_retrans"] == "nf_conntrack_tcp_timeout_max_retrans"
     assert SYSCTL["udp"] == "nf_conntrack_udp_timeout"
     assert SYSCTL["udp_stream"] == "nf_conntrack_udp_timeout_stream"
     assert SYSCTL["generic"] == "nf_conntrack_generic_timeout"
@@ -520,7 +521,9 @@ def test_conntrack_timeouts_by_sysctl_name_and_class() -> None:
     assert read.of(Lifetime.UDP_STREAM) == 45  # the longer of the two can apply
     assert read.of(Lifetime.TCP_ESTABLISHED) == 3600
     assert TIMEOUTS.of(Lifetime.TCP_OPENING) == 120 and TIMEOUTS.of(Lifetime.TCP_CLOSING) == 120
-    assert TIMEOUTS.of(Lifetime.TCP_RESET) == 10 and TIMEOUTS.of(Lifetime.OTHER) == 600
+    assert TIMEOUTS.of(Lifetime.TCP_RESET) == 300  # after retransmissions, not CLOSE's 10
+    assert ConntrackTimeouts(tcp_close=20, tcp_max_retrans=5).of(Lifetime.TCP_RESET) == 20
+    assert TIMEOUTS.of(Lifetime.OTHER) == 600
 
 
 def test_released_in_order_of_last_packet_within_a_class() -> None:
@@ -562,8 +565,8 @@ def test_a_released_flow_is_unknown_and_its_packets_are_dropped_counted() -> Non
     icmp_error_inner = FlowKey(TCP, ip(S1), 21, ip(C1), 40000)  # a quoted reply
     assert engine.related(icmp_error_inner) == (record, False)
     engine.user_packet(pkt(C1, S1, 21, flags=RST, sport=40000), 40, 1.0)
-    engine.expire(1.0 + TIMEOUTS.tcp_close + RELEASE_MARGIN)
-    assert engine.user_packet(pkt(C1, S1, 21, flags=ACK, sport=40000), 40, 20.0) is None
+    engine.expire(1.0 + TIMEOUTS.of(Lifetime.TCP_RESET) + RELEASE_MARGIN)
+    assert engine.user_packet(pkt(C1, S1, 21, flags=ACK, sport=40000), 40, 400.0) is None
     assert engine.related(None) is None
     assert engine.related(icmp_error_inner) is None
     assert engine.counters["dropped: unknown user-mode flow"] == 2

@@ -17,7 +17,7 @@ from __future__ import annotations
 from enforcer.core.engine import RECENT_DECISIONS
 from enforcer.core.limits import MIB, Limits
 from enforcer.core.packet import ADDRESS_CACHE_SIZE
-from enforcer.core.permissions import FINISHED_ACTIONS, STALE_EXPIRIES
+from enforcer.core.permissions import STALE_EXPIRIES
 
 # The idle daemon's resident set (measured: about 60 MiB after its imports), with room
 BASE_BYTES = 96 * MIB
@@ -45,7 +45,7 @@ def memory_bound(limits: Limits) -> dict[str, int]:
         + STALE_EXPIRIES * ITEM_BYTES["expiry"],
         "sessions": limits.sessions_total * ITEM_BYTES["session"],
         "pending": limits.pending_total * ITEM_BYTES["pending"],
-        "finished_actions": FINISHED_ACTIONS * ITEM_BYTES["finished_action"],
+        "finished_actions": limits.pending_total * ITEM_BYTES["finished_action"],
         "binds": limits.binds_total * (ITEM_BYTES["bind"] + ITEM_BYTES["closed_bind"]),
         "user_flows": limits.user_flows_total * ITEM_BYTES["user_flow"],
         "flow_history": limits.flow_history * ITEM_BYTES["flow_history"],

@@ -27,8 +27,6 @@ from enforcer.core.results import InvalidArgument, Terminating
 
 # IP protocol, IP version, client, target and target port packed into one int
 PermissionKey = int
-# Finished actions remembered (for the action's state, and FWX_E_TERMINATING on Cancel)
-FINISHED_ACTIONS = 100_000
 # Expiry entries of finished permissions kept beyond one per pending one before a sweep
 STALE_EXPIRIES = 1024
 
@@ -85,7 +83,6 @@ class Permission:
 class PermissionTable:
     limits: Limits = field(default_factory=Limits)
     counters: Counter[str] = field(default_factory=Counter)  # where refusals are counted
-    finished_capacity: int = FINISHED_ACTIONS
     _by_key: dict[PermissionKey, Permission | list[Permission]] = field(default_factory=dict)
     _pending: dict[int, Permission] = field(default_factory=dict)
     _by_session: dict[int, dict[int, Permission]] = field(default_factory=dict)
@@ -97,6 +94,9 @@ class PermissionTable:
 
     def __post_init__(self) -> None:
         self.quota = Quota("pending", self.limits, self.counters)
+        # finished actions remembered (an action's state, FWX_E_TERMINATING on Cancel):
+        # as many as may be pending
+        self.finished_capacity = self.limits.pending_total
 
     def add(self, session_id: int, client: IPAddress, key: PermissionKey, flags: Flags,
             protocol_name: str,

@@ -274,6 +274,21 @@ def test_pending_total_cap_and_the_per_session_cap_are_counted() -> None:
     assert capped.counters["refused: max_pending_per_session"] == 1
 
 
+def test_finished_actions_are_remembered_as_many_as_may_be_pending() -> None:
+    engine = make(pending_total=3)
+    s = securenat(engine, C1)
+    finished = []
+    for i in range(5):
+        finished.append(grant(engine, s, 2000 + i))
+        engine.cancel(finished[-1], 1.0)
+    for action in finished[2:]:
+        with pytest.raises(Terminating):  # cancelled already: its state is still known
+            engine.cancel(action, 2.0)
+    for action in finished[:2]:
+        with pytest.raises(InvalidArgument, match=f"no action {action}"):
+            engine.action(action, 2.0)
+
+
 def test_expiry_entries_of_finished_permissions_do_not_pile_up() -> None:
     engine = make()
     s = securenat(engine, C1)

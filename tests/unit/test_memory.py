@@ -209,6 +209,7 @@ def test_the_bound_adds_cap_times_size_for_each_part() -> None:
     items = memory.ITEM_BYTES
     assert parts["sessions"] == 10 * items["session"]
     assert parts["pending"] == 20 * items["pending"]
+    assert parts["finished_actions"] == 20 * items["finished_action"]
     assert parts["binds"] == 3 * (items["bind"] + items["closed_bind"])
     assert parts["user_flows"] == 4 * items["user_flow"]
     assert parts["flow_history"] == 5 * items["flow_history"]

@@ -270,6 +270,7 @@ def enforcer_block(tb: Testbed, server: IperfServer, workdir: Path,
         out["error"] = _err(exc)
     finally:
         enforcer.stop()
+        enforcer.unload()  # the next measurements are of plain forwarding
         tb.run(FW, ["conntrack", "-F"], check=False)
     return out
 

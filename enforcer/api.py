@@ -16,6 +16,7 @@ from enforcer.control import Caller
 from enforcer.core.binds import Bind
 from enforcer.core.engine import Engine, parse_address
 from enforcer.core.flags import Flags, parse_flags
+from enforcer.core.fwports import NOTHING_LISTENS, Listening
 from enforcer.core.ipfilter import IpFilter
 from enforcer.core.packet import TCP, UDP
 from enforcer.core.permissions import Permission
@@ -97,17 +98,20 @@ class SessionApi:
     def __init__(self, engine: Engine, clock: Callable[[], float],
                  on_grant: Callable[[list[Permission]], None] = lambda perms: None,
                  on_bind: Callable[[Bind], None] = lambda bind: None,
-                 on_securenat_bind: Callable[[Bind], None] = lambda bind: None) -> None:
+                 on_securenat_bind: Callable[[Bind], None] = lambda bind: None, *,
+                 listening: Callable[[], Listening] = lambda: NOTHING_LISTENS) -> None:
         """``on_grant`` is the shell's part of a grant (kernel state for a redirect, a
         larger receive buffer); if it raises, the grant is withdrawn and the call fails.
         ``on_bind`` is its part of an approved bind (a larger receive buffer), and
         ``on_securenat_bind`` of a new SecureNAT bind (kernel NAT to the client; if it
-        raises, the bind is withdrawn)."""
+        raises, the bind is withdrawn). ``listening`` says what the fw's own sockets
+        listen on now (no SecureNAT bind takes such a port of the fw)."""
         self.engine = engine
         self.clock = clock
         self.on_grant = on_grant
         self.on_bind = on_bind
         self.on_securenat_bind = on_securenat_bind
+        self.listening = listening
         self._filters: dict[int, tuple[str, Caller]] = {}
         self._filter_ids = itertools.count(1)
 
@@ -207,7 +211,8 @@ class SessionApi:
         p = Params(params, {"session", "protocol", "client_port"})
         session = p.integer("session", low=1)
         client_port = p.integer("client_port", low=0, high=2**31)
-        bind, new = self.engine.bind_for_securenat(session, p.protocol(), client_port, self.clock())
+        bind, new = self.engine.bind_for_securenat(session, p.protocol(), client_port, self.clock(),
+                                                   self.listening())
         if new:
             try:
                 self.on_securenat_bind(bind)

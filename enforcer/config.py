@@ -12,6 +12,7 @@ from pathlib import Path
 
 from enforcer.core.binds import DEFAULT_BIND_PORTS
 from enforcer.core.limits import MINIMUM, Limits
+from enforcer.core.packet import TCP, UDP
 from enforcer.core.policy import KeyPath, Policy, PolicyInvalid, Reader, policy_from_dict
 from enforcer.core.redirects import DEFAULT_KERNEL_REDIRECT_PORTS, DEFAULT_USER_REDIRECT_PORTS
 
@@ -43,6 +44,9 @@ class DataplaneSettings:
     user_redirect_ports: tuple[int, int] = DEFAULT_USER_REDIRECT_PORTS
     # the queue socket's receive buffer in bytes (None: the binding's default)
     receive_buffer: int | None = None
+    # (IP protocol, (low, high)): the fw's own services reachable from outside, lockdown
+    # included; the rest of what the fw serves answers only the internal side
+    open_ports: tuple[tuple[int, tuple[int, int]], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -102,7 +106,7 @@ def parse(text: str, path: Path | str = "<config>") -> Config:
         network = NetworkSettings(internal, external, net.get("nat", bool, False))
         dp = root.table("dataplane")
         dp.check_keys({"queue", "fail_open", "backend", "kernel_redirect_ports",
-                       "user_redirect_ports", "receive_buffer"})
+                       "user_redirect_ports", "receive_buffer", "open_ports"})
         queue = dp.get("queue", int, 0)
         if not 0 <= queue <= 65535:
             raise dp.fail("queue", "must be a queue number 0-65535")
@@ -120,7 +124,7 @@ def parse(text: str, path: Path | str = "<config>") -> Config:
         if receive_buffer is not None and not 4096 <= receive_buffer <= 2**30:
             raise dp.fail("receive_buffer", "must be from 4096 to 1073741824 bytes")
         dataplane = DataplaneSettings(queue, dp.get("fail_open", bool, False), backend,
-                                      kernel_ports, user_ports, receive_buffer)
+                                      kernel_ports, user_ports, receive_buffer, _open_ports(dp))
         control = root.table("control")
         control.check_keys({"socket"})
         socket_path = control.get("socket", str, DEFAULT_SOCKET)
@@ -177,6 +181,23 @@ def _socks(root: Reader) -> SocksSettings:
     if require_auth and not users:
         raise section.fail("users", "require_auth needs at least one user")
     return SocksSettings(port, bind_ports, require_auth, users)
+
+
+_OPEN_PORT = re.compile(r"^(tcp|udp)/(\d{1,5})(?:-(\d{1,5}))?$")
+
+
+def _open_ports(reader: Reader) -> tuple[tuple[int, tuple[int, int]], ...]:
+    out = []
+    for i, text in enumerate(reader.strings("open_ports", [])):
+        match = _OPEN_PORT.match(text)
+        low = int(match.group(2)) if match else 0
+        high = int(match.group(3) or low) if match else 0
+        if match is None or not 1 <= low <= high <= 65535:
+            raise PolicyInvalid((*reader.path, "open_ports", i),
+                                f"'{text}' is not PROTOCOL/PORT or PROTOCOL/LOW-HIGH "
+                                "(tcp or udp, ports 1-65535)")
+        out.append((TCP if match.group(1) == "tcp" else UDP, (low, high)))
+    return tuple(out)
 
 
 def _port_range(reader: Reader, key: str, default: tuple[int, int]) -> tuple[int, int]:

@@ -2,10 +2,15 @@
 
 Non-blocking and driven by the daemon's one event loop. A bad request gets an
 error reply naming the problem; the connection (and the daemon) go on serving.
+No client can hold the loop: replies and events are queued and written as the
+socket takes them (a client that lets more than ``MAX_UNSENT`` bytes pile up is
+dropped), and a connection gets at most ``REQUESTS_PER_TURN`` requests answered
+before the loop turns to other work.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -17,7 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from enforcer.core.results import InvalidArgument, SessionApiError
+from enforcer.loop import OUT_OF_RESOURCES, Loop
 from enforcer.protocol import MAX_REQUEST, encode
+
+MAX_UNSENT = 4 << 20  # bytes of replies and events a client may leave unread
+REQUESTS_PER_TURN = 64
 
 
 class Caller:
@@ -37,12 +46,11 @@ Handler = Callable[[dict[str, Any], Caller], Any]
 
 
 class ControlServer:
-    def __init__(self, path: str, handlers: dict[str, Handler],
-                 selector: selectors.BaseSelector,
+    def __init__(self, path: str, handlers: dict[str, Handler], loop: Loop,
                  on_disconnect: Callable[[Caller], None] = lambda caller: None) -> None:
         self.path = Path(path)
         self.handlers = handlers
-        self.selector = selector
+        self.loop = loop
         self.path.parent.mkdir(parents=True, exist_ok=True)
         refuse_if_served(self.path)
         self.path.unlink(missing_ok=True)
@@ -55,9 +63,10 @@ class ControlServer:
         self.sock.listen(128)
         self.sock.setblocking(False)
         self.on_disconnect = on_disconnect
-        self._buffers: dict[socket.socket, bytearray] = {}
+        self._buffers: dict[socket.socket, bytearray] = {}  # requests read, not yet answered
+        self._unsent: dict[socket.socket, bytearray] = {}
         self._callers: dict[socket.socket, Caller] = {}
-        selector.register(self.sock, selectors.EVENT_READ, self._accept)
+        loop.watch(self.sock, selectors.EVENT_READ, self._accept)
 
     def _accept(self) -> None:
         while True:
@@ -65,7 +74,18 @@ class ControlServer:
                 conn, _ = self.sock.accept()
             except BlockingIOError:
                 return
-            self._admit(conn)
+            except OSError as exc:
+                if exc.errno in OUT_OF_RESOURCES:
+                    self.loop.pause(self.sock, selectors.EVENT_READ, self._accept, exc)
+                    return
+                if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
+                    continue  # that one gave up: the next may not have
+                raise
+            self.loop.accepted(self.sock)
+            try:
+                self._admit(conn)
+            except OSError:
+                conn.close()
 
     def _admit(self, conn: socket.socket) -> None:
         creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
@@ -77,8 +97,19 @@ class ControlServer:
             return
         conn.setblocking(False)
         self._buffers[conn] = bytearray()
+        self._unsent[conn] = bytearray()
         self._callers[conn] = Caller(self, conn)
-        self.selector.register(conn, selectors.EVENT_READ, lambda: self._read(conn))
+        self._arm(conn)
+
+    def _arm(self, conn: socket.socket) -> None:
+        """Watch a connection for requests, unless answers are queued up (then for room
+        to write them: a client must read before it is read again)."""
+        if self._unsent[conn]:
+            self.loop.watch(conn, selectors.EVENT_WRITE, lambda: self._write(conn),
+                            lambda: self._drop(conn))
+        else:
+            self.loop.watch(conn, selectors.EVENT_READ, lambda: self._read(conn),
+                            lambda: self._drop(conn))
 
     def _read(self, conn: socket.socket) -> None:
         try:
@@ -90,17 +121,33 @@ class ControlServer:
         if not data:
             self._drop(conn)
             return
-        buf = self._buffers[conn]
-        buf += data
-        while (end := buf.find(b"\n")) >= 0:
+        self._buffers[conn] += data
+        self._answer(conn)
+
+    def _answer(self, conn: socket.socket) -> None:
+        """Answer up to REQUESTS_PER_TURN complete requests; the rest on a later turn."""
+        buf = self._buffers.get(conn)
+        if buf is None:
+            return
+        for _ in range(REQUESTS_PER_TURN):
+            end = buf.find(b"\n")
+            if end < 0:
+                break
             line = bytes(buf[:end])
             del buf[: end + 1]
             self.send(conn, self.handle_line(line, self._callers[conn]))
+            if conn not in self._buffers:
+                return  # dropped while answering
+        else:
+            if b"\n" in buf:
+                self.loop.call_later(0, lambda: self._answer(conn))
+                return
         if len(buf) > MAX_REQUEST:
             # No newline within the limit: answer, then close, since the rest of
             # this line cannot be told apart from the next request.
             self.send(conn, _error(None, InvalidArgument(
                 f"request too large: more than {MAX_REQUEST} bytes without a newline")))
+            self._flush(conn)
             self._drop(conn)
 
     def handle_line(self, line: bytes, caller: Caller) -> dict[str, Any]:
@@ -138,28 +185,48 @@ class ControlServer:
             return _error(rid, SessionApiError(f"internal error in '{method}': {exc!r}"))
 
     def send(self, conn: socket.socket, message: dict[str, Any]) -> None:
-        if conn not in self._buffers:
+        """Queue a reply or an event and write what the socket takes now; a client that
+        leaves more than MAX_UNSENT bytes unread is dropped."""
+        unsent = self._unsent.get(conn)
+        if unsent is None:
+            return
+        unsent += encode(message)
+        if len(unsent) > MAX_UNSENT:
+            log.warning("dropping a control client that does not read its replies")
+            self._drop(conn)
+            return
+        self._flush(conn)
+
+    def _flush(self, conn: socket.socket) -> None:
+        unsent = self._unsent.get(conn)
+        if not unsent:
             return
         try:
-            # Replies are small; a peer that does not read them is dropped.
-            conn.setblocking(True)
-            conn.settimeout(2.0)
-            conn.sendall(encode(message))
-            conn.setblocking(False)
+            del unsent[:conn.send(unsent)]
+        except BlockingIOError:
+            pass
         except OSError:
             self._drop(conn)
+            return
+        self._arm(conn)
+
+    def _write(self, conn: socket.socket) -> None:
+        self._flush(conn)
+        if conn in self._unsent and not self._unsent[conn]:
+            self._answer(conn)  # requests that waited for the replies to go
 
     def _drop(self, conn: socket.socket) -> None:
         if conn in self._buffers:
             del self._buffers[conn]
+            del self._unsent[conn]
             self.on_disconnect(self._callers.pop(conn))
-            self.selector.unregister(conn)
+            self.loop.unwatch(conn)
             conn.close()
 
     def close(self) -> None:
         for conn in list(self._buffers):
             self._drop(conn)
-        self.selector.unregister(self.sock)
+        self.loop.unwatch(self.sock)
         self.sock.close()
         self.path.unlink(missing_ok=True)
 

@@ -1,25 +1,31 @@
 """The enforcer daemon: one event loop owning the queue, the control socket and signals.
 
-Start-up order matters for failing closed: the queue is bound, then the rules
-that feed it are installed, replacing a crashed run's rules in the same
-transaction (there is no moment without rules), and that run's offloaded flows
-are forgotten; the control socket appears last, so a client that can connect
-knows the enforcer is enforcing. A clean exit removes all of it.
+Start-up order matters for failing closed: host settings a run that died left
+changed are put back, the queue is bound, then the rules that feed it are
+installed in place of whatever was there (the lockdown base a stop leaves, or a
+crashed run's rules) in the same transaction, so there is no moment without
+rules; that run's user-mode flows are forgotten (their filters died with it); the
+control socket appears last, so a client that can connect knows the enforcer is
+enforcing. A stop, clean or not, leaves the lockdown base (SPEC rule 15); only
+``unload`` (``pinhole enforcer --unload``) removes everything.
 """
 
 from __future__ import annotations
 
+import errno
+import functools
 import importlib
 import ipaddress
 import logging
 import os
+import resource
 import selectors
 import signal
 import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from enforcer import dataplane, filters, rewrite
 from enforcer.api import Params, SessionApi
@@ -34,6 +40,8 @@ from enforcer.core.flows import SYSCTL, ConntrackTimeouts, FlowRecord
 from enforcer.core.memory import memory_bound
 from enforcer.core.packet import TCP, UDP, Ingress, Malformed, PacketMeta, parse
 from enforcer.core.permissions import Permission
+from enforcer.listening import ListeningSockets
+from enforcer.loop import Loop
 from enforcer.socks_service import SocksService
 
 log = logging.getLogger("pinhole.enforcer")
@@ -43,6 +51,8 @@ HOOK_INPUT = 1  # NF_INET_LOCAL_IN: a new flow to a Firewall client's bind
 HOOK_OUTPUT = 3  # NF_INET_LOCAL_OUT: an ICMP error the fw sends about a user-mode flow
 INCREASED_RECEIVE_BUFFER = 64 * 1024  # INCREASE_RECEIVE_BUFFER: at least this
 SO_RCVBUFFORCE = 33  # Linux; as root, past net.core.rmem_max (Python's socket module lacks it)
+QUEUE_LENGTH = 8192  # packets the kernel holds for the enforcer before it drops (fails closed)
+PACKETS_PER_TURN = 64  # queued packets decided before the loop turns to other work
 
 
 class StartupError(Exception):
@@ -165,7 +175,6 @@ class Daemon:
         self.config = config
         self.clock = clock
         self.started = clock()
-        self.selector = selectors.DefaultSelector()
         self.interfaces = discover(config)
         self.filter_factories = load_data_filters(config.data_filters)
         self.app_filters, watching = load_app_filters(config)
@@ -182,12 +191,16 @@ class Daemon:
                              bind_ports=(config.socks or SocksSettings()).bind_ports,
                              app_filters=watching, limits=config.limits,
                              conntrack=conntrack_timeouts())
+        self.listening = ListeningSockets(clock)  # the fw's own sockets (rule 14)
         self.api = SessionApi(self.engine, clock, self._on_grant, self._on_bind,
-                              self._on_securenat_bind)
+                              self._on_securenat_bind, listening=self.listening.current)
         # the session API as application filters call it, in this process
         self.calls = filters.InProcessCalls({**self.api.handlers()})
         self.socks: SocksService | None = None
         self._ingress = {i: Ingress.INTERNAL for i in self.interfaces.internal.values()}
+        self.loop = Loop(self.engine.counters, clock)
+        self.host = dataplane.HostSettings(state_file(config))
+        self.maps: dataplane.NatMaps | None = None  # per-grant kernel NAT, once running
         self._stop = False
         self.backend = "none"
         self.queue_socket: socket.socket | None = None
@@ -346,15 +359,22 @@ class Daemon:
         return rewrite.rebuild(packet, *edited)
 
     # --- the shell's part of grants -------------------------------------------------
+    def _nat_maps(self) -> dataplane.NatMaps:
+        if self.maps is None:
+            raise dataplane.DataplaneError("the enforcer is not running: no NAT maps to write")
+        return self.maps
+
     def _on_grant(self, perms: list[Permission]) -> None:
-        """Kernel NAT for kernel-mode redirects; a larger queue buffer when asked for."""
+        """Kernel NAT for kernel-mode redirects (in place before the grant's call returns);
+        a larger queue buffer when asked for."""
         rules = [self._redirect_rule(p) for p in perms
                  if p.redirect is not None and not p.redirect.user_mode]
-        try:
-            dataplane.program_redirects(self.backend, rules, add=True)
-        except dataplane.DataplaneError as exc:
-            log.error("cannot install a redirect: %s", exc)
-            raise
+        if rules:
+            try:
+                self._nat_maps().add(rules)
+            except dataplane.DataplaneError as exc:
+                log.error("cannot install a redirect: %s", exc)
+                raise
         if any(Flags.INCREASE_RECEIVE_BUFFER in p.flags for p in perms):
             assert self.queue_socket is not None
             size = ensure_receive_buffer(self.queue_socket, INCREASED_RECEIVE_BUFFER)
@@ -373,7 +393,7 @@ class Daemon:
         client's (routed, the bind is the client's own address: nothing to do)."""
         rule = self._bind_rule(bind)
         if rule is not None:
-            dataplane.program_redirects(self.backend, [rule], add=True)
+            self._nat_maps().add([rule])
 
     @staticmethod
     def _bind_rule(bind: Bind) -> dataplane.BindRule | None:
@@ -385,8 +405,8 @@ class Daemon:
     def _redirect_rule(self, perm: Permission) -> dataplane.RedirectRule:
         r = perm.redirect
         assert r is not None
-        return dataplane.RedirectRule(self.interfaces.internal_interface_of(r.internal), r.protocol,
-                                      r.client, r.internal, r.internal_port, r.target, r.target_port)
+        return dataplane.RedirectRule(r.protocol, r.client, r.internal, r.internal_port, r.target,
+                                      r.target_port)
 
     def _retire_redirects(self) -> None:
         """Remove the kernel state of kernel-mode redirects and SecureNAT binds that admit
@@ -396,7 +416,7 @@ class Daemon:
         if not rules:
             return
         try:
-            dataplane.program_redirects(self.backend, rules, add=False)
+            self._nat_maps().delete(rules)
         except dataplane.DataplaneError as exc:
             # the enforcer still refuses what they would admit: their actions are done
             log.error("cannot remove finished redirects: %s", exc)
@@ -423,9 +443,13 @@ class Daemon:
             self.queue_socket.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF),
             "limits": self.engine.limits_status(),
             "memory": {"rss": resident_bytes(), "bound": memory_bound(self.config.limits)},
+            "listening": self.listening.current().to_list(),
         }
 
     # --- lifecycle ------------------------------------------------------------------
+    def _ruleset(self, working: bool) -> dataplane.Ruleset:
+        return ruleset(self.config, self.interfaces, working)
+
     def run(self) -> None:
         from netfilterqueue import NetfilterQueue
 
@@ -434,24 +458,34 @@ class Daemon:
             refuse_if_served(Path(self.config.control_socket))
         except AlreadyRunning as exc:
             raise StartupError(str(exc)) from None
+        restored = self.host.restore()
+        if restored:
+            log.warning("put back host settings a run that did not stop cleanly had changed: %s",
+                        "; ".join(restored))
+        _raise_file_limit()
         nfq = NetfilterQueue()
         try:
-            nfq.bind(self.config.dataplane.queue, self.on_packet, max_len=8192)
+            nfq.bind(self.config.dataplane.queue, self.on_packet, max_len=QUEUE_LENGTH)
         except OSError as exc:
             raise StartupError(f"cannot bind NFQUEUE {self.config.dataplane.queue}: {exc} "
                                "(is another enforcer running in this namespace?)") from None
         wake_r, wake_w = socket.socketpair()
         control: ControlServer | None = None
-        liberal_before: bool | None = None
+        installed = False
         try:
             self.backend = dataplane.choose_backend(self.config.dataplane)
-            stale = dataplane.install(self.backend, self.config.dataplane, self.interfaces,
-                                      self.config.network.nat,
-                                      self.config.socks.bind_ports if self.config.socks else None)
-            if stale:
-                log.warning("removed stale state of an earlier run: %s", "; ".join(stale))
+            replaced = dataplane.install(self.backend, self._ruleset(working=True))
+            installed = True
+            if replaced:
+                log.warning("took over from a run that did not stop cleanly; replaced its %s",
+                            "; ".join(replaced))
+            forgotten = dataplane.forget_flows(("user",))
+            if forgotten:
+                log.warning("forgot the user-mode flows of an earlier run (their filters went "
+                            "with it): %s", "; ".join(forgotten))
+            self.maps = dataplane.NatMaps()
             if self.filter_factories or self.app_filters:
-                liberal_before = dataplane.liberal_tcp_tracking(True)
+                self.host.liberal_tcp_tracking()
             wake_w.setblocking(False)
             signal.set_wakeup_fd(wake_w.fileno())
             for sig in (signal.SIGTERM, signal.SIGINT):
@@ -460,19 +494,21 @@ class Daemon:
             if self.config.dataplane.receive_buffer is not None:
                 queue_fd.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE,
                                     self.config.dataplane.receive_buffer)
-            self.selector.register(queue_fd, selectors.EVENT_READ, lambda: nfq.run(block=False))
-            self.selector.register(wake_r, selectors.EVENT_READ, lambda: wake_r.recv(512))
+            queue_fd.setblocking(False)
+            batch = cast(socket.socket, _Batch(queue_fd, PACKETS_PER_TURN))  # it only recv()s
+            self.loop.watch(queue_fd, selectors.EVENT_READ, functools.partial(nfq.run_socket, batch))
+            self.loop.watch(wake_r, selectors.EVENT_READ, functools.partial(_drain, wake_r))
             try:
                 control = ControlServer(self.config.control_socket,
                                         {**self.api.handlers(), "status": self._status},
-                                        self.selector, self.api.disconnected)
+                                        self.loop, self.api.disconnected)
             except OSError as exc:
                 raise StartupError(f"cannot serve the control socket {self.config.control_socket}: "
                                    f"{exc.strerror or exc}") from None
             if self.config.socks is not None:
                 try:
                     self.socks = SocksService(
-                        self.engine, self.selector, self.clock, self.config.socks,
+                        self.engine, self.loop, self.clock, self.config.socks,
                         [a.ip for _, a in self.interfaces.internal_addresses], self.api.dispatch_events,
                         self.stream_filter)
                 except OSError as exc:
@@ -483,25 +519,45 @@ class Daemon:
                      "fail-open" if self.config.dataplane.fail_open else "fail-closed",
                      self.config.control_socket)
             while not self._stop:
-                for key, _ in self.selector.select(timeout=self._until_next_expiry()):
-                    key.data()
-                self.engine.expire(self.clock())
-                self._retire_redirects()
-                if self.socks is not None:
-                    self.socks.tick(self.clock())
+                self.loop.run_once(self._until_next_expiry())
+                self.loop.guard(self._housekeeping, None, "housekeeping")
         finally:
-            if liberal_before is not None:
-                dataplane.liberal_tcp_tracking(liberal_before)
             signal.set_wakeup_fd(-1)
             if self.socks is not None:
                 self.socks.close()
             if control is not None:
                 control.close()
-            dataplane.remove()
-            nfq.unbind()
-            wake_r.close()
-            wake_w.close()
-            log.info("stopped; kernel state removed")
+            if self.maps is not None:
+                self.maps.close()
+                self.maps = None
+            try:
+                if installed:
+                    self._leave()
+                self.host.restore()
+            finally:
+                nfq.unbind()
+                wake_r.close()
+                wake_w.close()
+                self.loop.close()
+
+    def _housekeeping(self) -> None:
+        now = self.clock()
+        self.engine.expire(now)
+        self._retire_redirects()
+        if self.socks is not None:
+            self.socks.tick(now)
+
+    def _leave(self) -> None:
+        """What a stop leaves: the lockdown base, the working rules gone in the same
+        transaction (failing open: nothing at all)."""
+        if self.config.dataplane.fail_open:
+            dataplane.unload()
+            log.info("stopped; fail_open: every rule removed, traffic passes")
+            return
+        dataplane.install(self.backend, self._ruleset(working=False))
+        dataplane.forget_flows(("user",))
+        log.info("stopped; lockdown: admitted kernel-mode flows go on, nothing new passes "
+                 "('pinhole enforcer --unload' removes the rules)")
 
     def _until_next_expiry(self) -> float:
         due = self.engine.permissions.next_expiry()
@@ -509,3 +565,76 @@ class Daemon:
 
     def _on_signal(self, signum: int, _frame: object) -> None:
         self._stop = True
+
+
+def state_file(config: Config) -> Path:
+    """Where the daemon keeps what it must put back (beside its control socket)."""
+    return Path(config.control_socket).with_suffix(".state")
+
+
+def ruleset(config: Config, interfaces: dataplane.Interfaces, working: bool) -> dataplane.Ruleset:
+    return dataplane.Ruleset(config.dataplane, interfaces, config.network.nat,
+                             config.socks.bind_ports if config.socks else None, config.limits,
+                             working)
+
+
+def _not_running(config: Config, what: str) -> None:
+    try:
+        refuse_if_served(Path(config.control_socket))
+    except AlreadyRunning as exc:
+        raise StartupError(f"{exc}: stop it first ({what} would take its rules away)") from None
+
+
+def lockdown(config: Config) -> list[str]:
+    """Put the lockdown base alone in place, before any enforcer has run (at boot, say):
+    nothing new is forwarded and nothing from outside reaches the fw until an enforcer
+    starts. What it replaced of ours is returned."""
+    _not_running(config, "a lockdown")
+    if config.dataplane.fail_open:
+        raise StartupError("the config says fail_open = true: with it there is no lockdown")
+    interfaces = dataplane.Interfaces(
+        {name: 0 for name in config.network.internal_interfaces},
+        {name: 0 for name in config.network.external_interfaces}, (), ())
+    return dataplane.install(dataplane.choose_backend(config.dataplane),
+                             ruleset(config, interfaces, working=False))
+
+
+def unload(config: Config) -> list[str]:
+    """Remove every rule of ours, the lockdown base included, forget our flows, and put
+    back the host settings a run changed: the operator's explicit command."""
+    _not_running(config, "an unload")
+    return dataplane.unload() + dataplane.HostSettings(state_file(config)).restore()
+
+
+class _Batch:
+    """The queue socket as NetfilterQueue's ``run_socket`` reads it: at most ``size``
+    packets a turn (it reads until EAGAIN, which this says once a turn is full), so that
+    a flood keeps neither the control socket nor the timers waiting."""
+
+    def __init__(self, sock: socket.socket, size: int) -> None:
+        self.sock = sock
+        self.size = size
+        self.left = size
+
+    def recv(self, length: int) -> bytes:
+        if not self.left:
+            self.left = self.size
+            raise BlockingIOError(errno.EAGAIN, "this turn's packets are decided")
+        self.left -= 1
+        try:
+            return self.sock.recv(length)
+        except BlockingIOError:
+            self.left = self.size
+            raise
+
+
+def _drain(sock: socket.socket) -> None:
+    """Read what the signal handler's wake-up wrote (the loop then sees the stop flag)."""
+    sock.recv(512)
+
+
+def _raise_file_limit() -> None:
+    """As many file descriptors as the hard limit allows (clients' connections use them);
+    running out is handled (listeners pause), but should be rare."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))

@@ -1,30 +1,61 @@
-"""Kernel state: the netfilter rules that send new flows to the queue, and their removal.
+"""Kernel state: the netfilter rules that send new flows to the queue, the lockdown
+base under them, the per-grant NAT maps, and their removal.
 
 Two backends render the same rules. Native nft (one ``inet pinhole`` table) is
 used where the kernel has nft's ``queue`` statement; where it lacks it
 (CONFIG_NFT_QUEUE off, as on the machines this was built on), iptables and
 ip6tables carry the NFQUEUE target, in chains named ``PINHOLE-*``. Either way
-the only marks used are the bits of ``MARK_MASK``, so removing stale state on
-start or exit never touches anything else.
+per-grant NAT (kernel-mode redirects, SecureNAT binds) lives in the maps of a
+native nft table, ``inet pinhole_maps``, written over netlink (``NatMaps``), and
+the only marks used are the bits of ``MARK_MASK``, so removing stale state never
+touches anything else.
+
+Rule 15 (lockdown): the rules have a base that stays when the enforcer stops, for
+any reason; a stop replaces the rules by the base alone, a start replaces them by
+the base and the working rules, each in one transaction; only ``unload`` removes
+everything.
 """
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import itertools
+import json
+import os
 import shlex
+import socket
+import struct
 import subprocess
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from enforcer.config import DataplaneSettings
+from enforcer.core.limits import Limits
 from enforcer.core.packet import PROTOCOL_NAMES, IPAddress
 from enforcer.core.policy import IPNetwork
 from enforcer.core.redirects import IPInterface
 
 CHAIN_PREFIX = "PINHOLE-"
 NFT_TABLE = "pinhole"
+MAPS_TABLE = "pinhole_maps"  # per-grant NAT, both backends (written over netlink)
+NEW_FLOW_METER = "pinhole-new"  # hashlimit's table of clients' new-flow rates
+# ICMPv6 the fw must answer from any side, lockdown included: neighbour discovery
+# (router and neighbour solicitations and advertisements)
+NEIGHBOUR_DISCOVERY = (133, 134, 135, 136)
+CHILD_TIMEOUT = 30  # seconds an iptables/nft/conntrack child may take (start, stop, unload)
+# netlink (linux/netlink.h, linux/netfilter/nfnetlink.h, nf_tables.h)
+NETLINK_NETFILTER = 12
+NFPROTO_INET = 1
+NFNL_SUBSYS_NFTABLES = 10
+NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END = 0x10, 0x11
+NFT_MSG_NEWSETELEM, NFT_MSG_DELSETELEM = 12, 14
+NLM_F_REQUEST, NLM_F_ACK, NLM_F_CREATE = 0x1, 0x4, 0x400
+NLMSG_ERROR = 2
+NFTA_SET_ELEM_LIST_TABLE, NFTA_SET_ELEM_LIST_SET, NFTA_SET_ELEM_LIST_ELEMENTS = 1, 2, 3
+NFTA_SET_ELEM_KEY, NFTA_SET_ELEM_DATA, NFTA_DATA_VALUE = 1, 2, 1
+NETLINK_TIMEOUT = 2.0  # the kernel answers a map update at once; this only guards a bug
 
 # The mark bits this enforcer owns, on packets (verdict) and on conntrack entries:
 MARK_MODE = 0x30000000     # how an admitted flow runs
@@ -88,106 +119,184 @@ class Interfaces:
         version = 4 if family == "ipv4" else 6
         return [(n, a) for n, a in self.internal_addresses if a.version == version]
 
-    def internal_interface_of(self, address: IPAddress) -> str:
-        """The internal interface that carries one of the fw's internal addresses."""
-        return next(n for n, a in self.internal_addresses if a.ip == address)
+    @property
+    def names(self) -> tuple[str, ...]:
+        return (*self.internal, *self.external)
 
 
 def _ports(ports: tuple[int, int]) -> str:
     return f"{ports[0]}:{ports[1]}"
 
 
-def render_rules(family: str, settings: DataplaneSettings, interfaces: Interfaces,
-                 nat: bool, bind_ports: tuple[int, int] | None = None) -> str:
-    """iptables-restore input for one family (pure: unit-tested without root).
+@dataclass(frozen=True)
+class Ruleset:
+    """What the rules are made of.
 
-    ``bind_ports``: the external ports Firewall clients' binds get (None: no SOCKS
-    service); a new flow to one of them is the enforcer's to judge.
+    The rules have two layers. The *base* (SPEC rule 15) is the same whether or not the
+    enforcer runs: reverse-path filtering, admitted kernel-mode flows go on, one-way
+    flows' replies are dropped, and, failing closed, everything else forwarded is
+    dropped and the fw's own services answer only the internal side. The *working*
+    rules sit between the base's first and last rules: they send new flows and
+    user-mode packets to the queue. ``working=False`` renders the base alone: the
+    lockdown a stop leaves (with ``fail_open`` there is no lockdown: a stop removes
+    everything).
     """
+
+    settings: DataplaneSettings
+    interfaces: Interfaces
+    nat: bool = False
+    bind_ports: tuple[int, int] | None = None  # Firewall clients' binds (None: no SOCKS service)
+    limits: Limits = field(default_factory=Limits)
+    working: bool = True
+
+    @property
+    def lockdown(self) -> bool:
+        return not self.settings.fail_open
+
+
+def render_rules(family: str, rs: Ruleset) -> str:
+    """iptables-restore input for one family (pure: unit-tested without root)."""
+    settings, interfaces = rs.settings, rs.interfaces
     kernel = f"{_hex(MARK_KERNEL)}/{_hex(MARK_MODE)}"
     user = f"{_hex(MARK_USER)}/{_hex(MARK_MODE)}"
     admitted = f"! --mark 0x0/{_hex(MARK_MODE)}"
     ours = f"--nfmask {_hex(MARK_MASK)} --ctmask {_hex(MARK_MASK)}"
     bypass = " --queue-bypass" if settings.fail_open else ""
     queue = f"-j NFQUEUE --queue-num {settings.queue}{bypass}"
-    # Unmarked packets of flows that are not new: dropped when failing closed; when
-    # failing open they go to the queue too, so that a live enforcer still judges
-    # them and a dead one lets them pass.
-    not_new = f"-A PINHOLE-FORWARD {queue}" if settings.fail_open else "-A PINHOLE-FORWARD -j DROP"
+    icmp = "icmp" if family == "ipv4" else "ipv6-icmp"
     internal = interfaces.internal_of(family)
-    lines = [
+    working = rs.working
+    raw = [
+        # rule 17: a source that is not routed back through the interface it came in on
+        *(f"-A PINHOLE-PREROUTING -i {name} -m rpfilter --invert -j DROP"
+          for name in interfaces.names),
         # A user-mode redirect port's packets reach the enforcer before connection
         # tracking, which then tracks them as the enforcer rewrote them.
-        "*raw",
-        ":PINHOLE-PREROUTING - [0:0]",
         *(f"-A PINHOLE-PREROUTING -i {name} -d {a.ip} -p {proto} --dport "
           f"{_ports(settings.user_redirect_ports)} {queue}"
-          for name, a in internal for proto in ("tcp", "udp")),
-        "-I PREROUTING 1 -j PINHOLE-PREROUTING",
-        "COMMIT",
-        "*filter",
-        ":PINHOLE-FORWARD - [0:0]",
-        ":PINHOLE-INPUT - [0:0]",
-        ":PINHOLE-OUTPUT - [0:0]",
+          for name, a in internal for proto in ("tcp", "udp") if working),
+    ]
+    forward = [
         f"-A PINHOLE-FORWARD -m connmark --mark {_hex(MARK_ONE_WAY)}/{_hex(MARK_ONE_WAY)} "
         "-m conntrack --ctdir REPLY -j DROP",
-        f"-A PINHOLE-FORWARD -m mark --mark {_hex(MARK_REWRITTEN)}/{_hex(MARK_REWRITTEN)} -j ACCEPT",
         f"-A PINHOLE-FORWARD -m connmark --mark {kernel} -j ACCEPT",
-        f"-A PINHOLE-FORWARD -m connmark --mark {user} {queue}",
-        f"-A PINHOLE-FORWARD -m conntrack --ctstate NEW {queue}",
-        not_new,
-        "-I FORWARD 1 -j PINHOLE-FORWARD",
-        # A redirect port that leads nowhere (yet, or any more) drops silently: the
-        # fw's own stack would answer with a reset or a port unreachable.
-        *(f"-A PINHOLE-INPUT -d {a.ip} -p {proto} --dport {_ports(ports)} -j DROP"
-          for _, a in internal for proto in ("tcp", "udp")
-          for ports in (settings.kernel_redirect_ports, settings.user_redirect_ports)),
-        *_bind_rules(family, interfaces, bind_ports, queue),
-        "-I INPUT 1 -j PINHOLE-INPUT",
+    ]
+    if working:
+        forward += [
+            f"-A PINHOLE-FORWARD -m mark --mark {_hex(MARK_REWRITTEN)}/{_hex(MARK_REWRITTEN)} -j ACCEPT",
+            f"-A PINHOLE-FORWARD -m connmark --mark {user} {queue}",
+            *(f"-A PINHOLE-FORWARD {cap}" for cap in _new_flow_caps(family, rs.limits)),
+            f"-A PINHOLE-FORWARD -m conntrack --ctstate NEW {queue}",
+        ]
+        # When failing open, unmarked packets of flows that are not new go to the queue
+        # too, so that a live enforcer still judges them and a dead one lets them pass.
+        if settings.fail_open:
+            forward.append(f"-A PINHOLE-FORWARD {queue}")
+    if rs.lockdown:
+        forward.append("-A PINHOLE-FORWARD -j DROP")
+    inbound: list[str] = []
+    if working:
+        inbound += [
+            # A redirect port that leads nowhere (yet, or any more) drops silently: the
+            # fw's own stack would answer with a reset or a port unreachable.
+            *(f"-A PINHOLE-INPUT -d {a.ip} -p {proto} --dport {_ports(ports)} -j DROP"
+              for _, a in internal for proto in ("tcp", "udp")
+              for ports in (settings.kernel_redirect_ports, settings.user_redirect_ports)),
+            *_bind_rules(family, rs, queue),
+        ]
+    if rs.lockdown:
+        inbound += _input_base(family, rs)
+    output = [
         # ICMP errors the fw itself sends about a flow (fragmentation needed, say): the
         # enforcer translates those about user-mode redirects, as kernel NAT would. Only
         # about confirmed flows: the kernel will not queue a packet that shares the
         # unconfirmed conntrack entry of a flow's first packet (it drops it).
-        f"-A PINHOLE-OUTPUT -p {'icmp' if family == 'ipv4' else 'ipv6-icmp'} -m conntrack "
+        f"-A PINHOLE-OUTPUT -p {icmp} -m conntrack "
         f"--ctstate RELATED --ctstatus CONFIRMED -m connmark --mark {user} {queue}",
-        "-I OUTPUT 1 -j PINHOLE-OUTPUT",
-        "COMMIT",
+    ] if working else []
+    lines = ["*raw", ":PINHOLE-PREROUTING - [0:0]", *raw, "-I PREROUTING 1 -j PINHOLE-PREROUTING",
+             "COMMIT", "*filter"]
+    chains = [(chain, rules) for chain, rules in
+              (("FORWARD", forward), ("INPUT", inbound), ("OUTPUT", output)) if rules]
+    lines += [f":PINHOLE-{chain} - [0:0]" for chain, _ in chains]  # declarations first
+    for chain, rules in chains:
+        lines += [*rules, f"-I {chain} 1 -j PINHOLE-{chain}"]
+    lines.append("COMMIT")
+    lines.append("*mangle")
+    if working:
         # The verdict sets the packet mark; copying it to the connmark after the
         # filter hook is what offloads the rest of the flow to the kernel.
         # Restoring it on the way in tells the enforcer a queued packet's mode.
-        "*mangle",
-        ":PINHOLE-PREROUTING - [0:0]",
-        ":PINHOLE-POSTROUTING - [0:0]",
-        f"-A PINHOLE-PREROUTING -m connmark {admitted} -j CONNMARK --restore-mark {ours}",
-        f"-A PINHOLE-POSTROUTING -m mark {admitted} -j CONNMARK --save-mark {ours}",
-        "-I PREROUTING 1 -j PINHOLE-PREROUTING",
-        "-I POSTROUTING 1 -j PINHOLE-POSTROUTING",
-        "COMMIT",
-        # Kernel-mode redirects add their rules to PINHOLE-PREROUTING while they last.
-        "*nat",
-        ":PINHOLE-PREROUTING - [0:0]",
-        ":PINHOLE-POSTROUTING - [0:0]",
-    ]
-    for ext, net, mark, address in _snat_rules(family, interfaces, nat):
-        match = f"-m mark --mark {_hex(mark)}/{_hex(MARK_SNAT)}" if mark else f"-s {net}"
-        lines.append(f"-A PINHOLE-POSTROUTING {match} -o {ext} -j SNAT --to-source {address}")
-    lines += ["-I PREROUTING 1 -j PINHOLE-PREROUTING", "-I POSTROUTING 1 -j PINHOLE-POSTROUTING",
-              "COMMIT"]
+        lines += [
+            ":PINHOLE-PREROUTING - [0:0]",
+            ":PINHOLE-POSTROUTING - [0:0]",
+            f"-A PINHOLE-PREROUTING -m connmark {admitted} -j CONNMARK --restore-mark {ours}",
+            f"-A PINHOLE-POSTROUTING -m mark {admitted} -j CONNMARK --save-mark {ours}",
+            "-I PREROUTING 1 -j PINHOLE-PREROUTING",
+            "-I POSTROUTING 1 -j PINHOLE-POSTROUTING",
+        ]
+    lines += ["COMMIT", "*nat"]
+    if working:
+        lines.append(":PINHOLE-POSTROUTING - [0:0]")
+        for ext, net, mark, address in _snat_rules(family, interfaces, rs.nat):
+            match = f"-m mark --mark {_hex(mark)}/{_hex(MARK_SNAT)}" if mark else f"-s {net}"
+            lines.append(f"-A PINHOLE-POSTROUTING {match} -o {ext} -j SNAT --to-source {address}")
+        lines.append("-I POSTROUTING 1 -j PINHOLE-POSTROUTING")
+    lines.append("COMMIT")
     return "\n".join(lines) + "\n"
 
 
-def _bind_rules(family: str, interfaces: Interfaces, bind_ports: tuple[int, int] | None,
-                queue: str) -> list[str]:
+def _new_flow_caps(family: str, limits: Limits) -> list[str]:
+    """Rule 16 in the kernel, before the queue: a client address's new flows beyond a rate,
+    or beyond a number the kernel tracks at once, are dropped (iptables match options)."""
+    prefix = 32 if family == "ipv4" else 128
+    new = "-m conntrack --ctstate NEW"
+    out = []
+    if limits.new_flows_per_second:
+        rate = limits.new_flows_per_second
+        out.append(f"{new} -m hashlimit --hashlimit-above {rate}/sec --hashlimit-burst {_burst(rate)} "
+                   f"--hashlimit-mode srcip --hashlimit-srcmask {prefix} "
+                   f"--hashlimit-name {NEW_FLOW_METER} -j DROP")
+    out.append(f"{new} -m connlimit --connlimit-above {limits.flows_per_client} "
+               f"--connlimit-mask {prefix} --connlimit-saddr -j DROP")
+    return out
+
+
+def _burst(rate: int) -> int:
+    """New flows let through at once above the rate: a tenth of a second's worth, so that
+    no client's burst can keep the queue busy for long."""
+    return max(10, rate // 10)
+
+
+def _input_base(family: str, rs: Ruleset) -> list[str]:
+    """The base of the fw's own input: what it began answers, its own loopback, neighbour
+    discovery, and new connections from the internal side or to the configured open
+    ports; nothing else from outside."""
+    out = ["-A PINHOLE-INPUT -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT",
+           "-A PINHOLE-INPUT -i lo -j ACCEPT"]
+    if family == "ipv6":
+        out += [f"-A PINHOLE-INPUT -p ipv6-icmp --icmpv6-type {kind} -m hl --hl-eq 255 -j ACCEPT"
+                for kind in NEIGHBOUR_DISCOVERY]
+    out += [f"-A PINHOLE-INPUT -i {name} -j ACCEPT" for name in rs.interfaces.internal]
+    out += [f"-A PINHOLE-INPUT -p {PROTOCOL_NAMES[proto]} --dport {_ports(ports)} -j ACCEPT"
+            for proto, ports in rs.settings.open_ports]
+    return [*out, "-A PINHOLE-INPUT -j DROP"]
+
+
+def _bind_rules(family: str, rs: Ruleset, queue: str) -> list[str]:
     """A new flow to a bind port on an external address goes to the enforcer (a bind
     not approved, or a peer its IpFilter leaves out, is dropped before the bound socket
     sees anything); what belongs to no flow is dropped."""
-    if bind_ports is None:
+    if rs.bind_ports is None:
         return []
-    return [line for a in interfaces.external_of(family) for proto in ("tcp", "udp")
-            for line in (f"-A PINHOLE-INPUT -d {a} -p {proto} --dport {_ports(bind_ports)} "
-                         f"-m conntrack --ctstate NEW {queue}",
-                         f"-A PINHOLE-INPUT -d {a} -p {proto} --dport {_ports(bind_ports)} "
-                         "-m conntrack --ctstate INVALID,UNTRACKED -j DROP")]
+    out = []
+    for a in rs.interfaces.external_of(family):
+        for proto in ("tcp", "udp"):
+            match = f"-A PINHOLE-INPUT -d {a} -p {proto} --dport {_ports(rs.bind_ports)}"
+            out += [f"{match} {cap}" for cap in _new_flow_caps(family, rs.limits)]
+            out += [f"{match} -m conntrack --ctstate NEW {queue}",
+                    f"{match} -m conntrack --ctstate INVALID,UNTRACKED -j DROP"]
+    return out
 
 
 def _snat_rules(family: str, interfaces: Interfaces,
@@ -214,19 +323,121 @@ def _nft_ports(ports: tuple[int, int]) -> str:
     return f"{ports[0]}-{ports[1]}"
 
 
-def render_nft(settings: DataplaneSettings, interfaces: Interfaces, nat: bool,
-               bind_ports: tuple[int, int] | None = None) -> str:
-    """The same rules as render_rules, as one nft table for both families (pure).
+def _nft_names(names: Iterable[str]) -> str:
+    return "{ " + ", ".join(f'"{n}"' for n in names) + " }"
 
-    Kernel-mode redirects are elements of two maps per family (the port mark and the
-    DNAT target, keyed by client, internal address, protocol and port) rather than rules.
-    """
+
+def render_nft(rs: Ruleset) -> str:
+    """The same rules as render_rules, as one nft table for both families (pure)."""
+    settings, interfaces, working = rs.settings, rs.interfaces, rs.working
     kernel = f"{_hex(MARK_MODE)} == {_hex(MARK_KERNEL)}"
     user = f"{_hex(MARK_MODE)} == {_hex(MARK_USER)}"
     admitted = f"{_hex(MARK_MODE)} != 0x00000000"
     queue = f"queue num {settings.queue}" + (" bypass" if settings.fail_open else "")
     user_ports = _nft_ports(settings.user_redirect_ports)
     lines = [f"table inet {NFT_TABLE} {{"]
+    caps = _nft_new_flow_caps(rs.limits)
+    if working:
+        lines += [f"  set {name} {{ type {_NFT_ADDR[family]}; flags dynamic{timeout}; }}"
+                  for family in _NFT_FAMILY for name, timeout in
+                  ((f"new_flow_rate_{_NFT_FAMILY[family]}", ", timeout"),
+                   (f"flows_{_NFT_FAMILY[family]}", ""))]
+    lines += ["  chain raw_prerouting {", "    type filter hook prerouting priority raw; policy accept;",
+              f"    iifname {_nft_names(interfaces.names)} fib saddr . iif oif missing drop"]
+    if working:
+        for family, proto in _NFT_FAMILY.items():
+            for name, a in interfaces.internal_of(family):
+                lines.append(f'    iifname "{name}" {proto} daddr {a.ip} meta l4proto {{ tcp, udp }} '
+                             f"th dport {user_ports} {queue}")
+    lines += [
+        "  }",
+        "  chain filter_forward {",
+        "    type filter hook forward priority filter; policy accept;",
+        f"    ct mark and {_hex(MARK_ONE_WAY)} == {_hex(MARK_ONE_WAY)} ct direction reply drop",
+        f"    ct mark and {kernel} accept",
+    ]
+    if working:
+        lines += [f"    meta mark and {_hex(MARK_REWRITTEN)} == {_hex(MARK_REWRITTEN)} accept",
+                  f"    ct mark and {user} {queue}",
+                  *(f"    {cap}" for cap in caps),
+                  f"    ct state new {queue}"]
+        if settings.fail_open:
+            lines.append(f"    {queue}")
+    if rs.lockdown:
+        lines.append("    drop")
+    lines += ["  }", "  chain filter_input {", "    type filter hook input priority filter; policy accept;"]
+    if working:
+        for family, proto in _NFT_FAMILY.items():
+            for _, a in interfaces.internal_of(family):
+                for ports in (settings.kernel_redirect_ports, settings.user_redirect_ports):
+                    lines.append(f"    {proto} daddr {a.ip} meta l4proto {{ tcp, udp }} "
+                                 f"th dport {_nft_ports(ports)} drop")
+            for address in interfaces.external_of(family) if rs.bind_ports is not None else ():
+                match = (f"{proto} daddr {address} meta l4proto {{ tcp, udp }} "
+                         f"th dport {_nft_ports(rs.bind_ports or (0, 0))}")
+                lines += [*(f"    {match} {cap}" for cap in caps),
+                          f"    {match} ct state new {queue}",
+                          f"    {match} ct state invalid,untracked drop"]
+    if rs.lockdown:
+        lines += ["    ct state established,related accept", '    iifname "lo" accept',
+                  f"    icmpv6 type {{ {', '.join(map(str, NEIGHBOUR_DISCOVERY))} }} ip6 hoplimit 255 accept"]
+        if interfaces.internal:
+            lines.append(f"    iifname {_nft_names(interfaces.internal)} accept")
+        lines += [f"    meta l4proto {PROTOCOL_NAMES[proto]} th dport {_nft_ports(ports)} accept"
+                  for proto, ports in settings.open_ports]
+        lines.append("    drop")
+    lines.append("  }")
+    if working:
+        lines += [
+            "  chain filter_output {",
+            "    type filter hook output priority filter; policy accept;",
+            f"    meta l4proto {{ icmp, ipv6-icmp }} ct state related ct status confirmed "
+            f"ct mark and {user} {queue}",
+            "  }",
+            "  chain restore_mark {",
+            "    type filter hook prerouting priority mangle; policy accept;",
+            # A packet the enforcer rewrote carries its flow's whole mark already.
+            f"    meta mark and {_hex(MARK_REWRITTEN)} == 0 ct mark and {admitted} "
+            f"meta mark set ct mark and {_hex(MARK_MASK)}",
+            "  }",
+            "  chain save_mark {",
+            "    type filter hook postrouting priority mangle; policy accept;",
+            # nft cannot merge two registers here: the ct mark is set whole, our bits only.
+            f"    meta mark and {admitted} ct mark set meta mark and {_hex(MARK_MASK)}",
+            "  }",
+            "  chain source_nat {",
+            "    type nat hook postrouting priority srcnat; policy accept;",
+        ]
+        for family, proto in _NFT_FAMILY.items():
+            for ext, net, mark, address in _snat_rules(family, interfaces, rs.nat):
+                match = (f"meta mark and {_hex(MARK_SNAT)} == {_hex(mark)} meta nfproto {family}"
+                         if mark else f"{proto} saddr {net}")
+                lines.append(f'    {match} oifname "{ext}" snat {proto} to {address}')
+        lines.append("  }")
+    return "\n".join([*lines, "}"]) + "\n"
+
+
+def _nft_new_flow_caps(limits: Limits) -> list[str]:
+    """_new_flow_caps in nft: dynamic sets keyed by the client address."""
+    out = []
+    for proto in _NFT_FAMILY.values():
+        if limits.new_flows_per_second:
+            rate = limits.new_flows_per_second
+            out.append(f"ct state new meta nfproto {'ipv4' if proto == 'ip' else 'ipv6'} "
+                       f"add @new_flow_rate_{proto} {{ {proto} saddr timeout 10s limit rate over "
+                       f"{rate}/second burst {_burst(rate)} packets }} drop")
+        out.append(f"ct state new meta nfproto {'ipv4' if proto == 'ip' else 'ipv6'} "
+                   f"add @flows_{proto} {{ {proto} saddr ct count over {limits.flows_per_client} }} drop")
+    return out
+
+
+def render_nft_maps() -> str:
+    """The table of per-grant kernel NAT (both backends): kernel-mode redirects and
+    SecureNAT binds are elements of its maps, which the enforcer writes over netlink
+    (``NatMaps``) as grants come and go. A redirect port's first packet gets the port as
+    its mark (so the enforcer knows which redirect it came by) and goes on to the target;
+    a new flow to a SecureNAT bind's external port goes on to the client's port."""
+    lines = [f"table inet {MAPS_TABLE} {{"]
     for family, proto in _NFT_FAMILY.items():
         addr = _NFT_ADDR[family]
         key = f"{addr} . {addr} . inet_proto . inet_service"
@@ -234,80 +445,31 @@ def render_nft(settings: DataplaneSettings, interfaces: Interfaces, nat: bool,
                   f"  map redirect_to_{proto} {{ type {key} : {addr} . inet_service; }}",
                   f"  map bind_to_{proto} {{ type {addr} . inet_proto . inet_service : "
                   f"{addr} . inet_service; }}"]
-    lines += ["  chain raw_prerouting {", "    type filter hook prerouting priority raw; policy accept;"]
-    for family, proto in _NFT_FAMILY.items():
-        for name, a in interfaces.internal_of(family):
-            lines.append(f'    iifname "{name}" {proto} daddr {a.ip} meta l4proto {{ tcp, udp }} '
-                         f"th dport {user_ports} {queue}")
-    lines += [
-        "  }",
-        "  chain filter_forward {",
-        "    type filter hook forward priority filter; policy accept;",
-        f"    ct mark and {_hex(MARK_ONE_WAY)} == {_hex(MARK_ONE_WAY)} ct direction reply drop",
-        f"    meta mark and {_hex(MARK_REWRITTEN)} == {_hex(MARK_REWRITTEN)} accept",
-        f"    ct mark and {kernel} accept",
-        f"    ct mark and {user} {queue}",
-        f"    ct state new {queue}",
-        f"    {queue}" if settings.fail_open else "    drop",
-        "  }",
-        "  chain filter_input {",
-        "    type filter hook input priority filter; policy accept;",
-    ]
-    for family, proto in _NFT_FAMILY.items():
-        for _, a in interfaces.internal_of(family):
-            for ports in (settings.kernel_redirect_ports, settings.user_redirect_ports):
-                lines.append(f"    {proto} daddr {a.ip} meta l4proto {{ tcp, udp }} "
-                             f"th dport {_nft_ports(ports)} drop")
-        for address in interfaces.external_of(family) if bind_ports is not None else ():
-            match = (f"{proto} daddr {address} meta l4proto {{ tcp, udp }} "
-                     f"th dport {_nft_ports(bind_ports or (0, 0))}")
-            lines += [f"    {match} ct state new {queue}", f"    {match} ct state invalid,untracked drop"]
-    lines += [
-        "  }",
-        "  chain filter_output {",
-        "    type filter hook output priority filter; policy accept;",
-        f"    meta l4proto {{ icmp, ipv6-icmp }} ct state related ct status confirmed "
-        f"ct mark and {user} {queue}",
-        "  }",
-        "  chain restore_mark {",
-        "    type filter hook prerouting priority mangle; policy accept;",
-        # A packet the enforcer rewrote carries its flow's whole mark already.
-        f"    meta mark and {_hex(MARK_REWRITTEN)} == 0 ct mark and {admitted} "
-        f"meta mark set ct mark and {_hex(MARK_MASK)}",
-        "  }",
-        "  chain save_mark {",
-        "    type filter hook postrouting priority mangle; policy accept;",
-        # nft cannot merge two registers here: the ct mark is set whole, our bits only.
-        f"    meta mark and {admitted} ct mark set meta mark and {_hex(MARK_MASK)}",
-        "  }",
-        "  chain redirect_dnat {",
-        "    type nat hook prerouting priority dstnat; policy accept;",
-    ]
-    # Unlike iptables' --set-xmark, this sets the first packet's whole mark (nft cannot
-    # merge the map's value into the mark it had); the packet is addressed to us.
+    lines += ["  chain redirect_dnat {", "    type nat hook prerouting priority dstnat; policy accept;"]
     for proto in _NFT_FAMILY.values():
         key = f"{proto} saddr . {proto} daddr . meta l4proto . th dport"
         lines += [f"    ct state new meta mark set {key} map @redirect_mark_{proto} "
                   f"dnat {proto} to {key} map @redirect_to_{proto}",
                   f"    ct state new dnat {proto} to {proto} daddr . meta l4proto . th dport "
                   f"map @bind_to_{proto}"]
-    lines += ["  }", "  chain source_nat {", "    type nat hook postrouting priority srcnat; policy accept;"]
-    for family, proto in _NFT_FAMILY.items():
-        for ext, net, mark, address in _snat_rules(family, interfaces, nat):
-            match = (f"meta mark and {_hex(MARK_SNAT)} == {_hex(mark)} meta nfproto {family}"
-                     if mark else f"{proto} saddr {net}")
-            lines.append(f'    {match} oifname "{ext}" snat {proto} to {address}')
-    lines.append("  }")
-    return "\n".join([*lines, "}"]) + "\n"
+    lines += ["  }", "}"]
+    return "\n".join(lines) + "\n"
+
+
+def _register(value: bytes) -> bytes:
+    """A component of a concatenated nft key or value: padded to a 4-byte register."""
+    return value + b"\0" * (-len(value) % 4)
+
+
+def _port(port: int) -> bytes:
+    return _register(struct.pack("!H", port))
 
 
 @dataclass(frozen=True)
 class RedirectRule:
     """A kernel-mode redirect port's kernel state: the client's connections to it are
-    marked with the port (so the enforcer knows which redirect they came by) and
-    sent on to the target by kernel NAT."""
+    marked with the port and sent on to the target by kernel NAT."""
 
-    iface: str  # the internal interface the client is on
     protocol: int
     client: IPAddress
     internal: IPAddress
@@ -315,27 +477,13 @@ class RedirectRule:
     target: IPAddress
     target_port: int
 
-    @property
-    def family(self) -> str:
-        return "ipv4" if self.client.version == 4 else "ipv6"
-
-    def _target(self) -> str:
-        return f"{self.target}:{self.target_port}" if self.target.version == 4 \
-            else f"[{self.target}]:{self.target_port}"
-
-    def iptables(self, op: str) -> list[str]:
-        match = (f"{op} PINHOLE-PREROUTING -i {self.iface} -s {self.client} -d {self.internal} "
-                 f"-p {PROTOCOL_NAMES[self.protocol]} --dport {self.port}")
-        return [f"{match} -j MARK --set-xmark {_hex(self.port)}/{_hex(MARK_PORT)}",
-                f"{match} -j DNAT --to-destination {self._target()}"]
-
-    def nft(self, op: str) -> list[str]:
-        proto = _NFT_FAMILY[self.family]
-        key = f"{self.client} . {self.internal} . {PROTOCOL_NAMES[self.protocol]} . {self.port}"
-        mark, to = (f" : {_hex(self.port)}", f" : {self.target} . {self.target_port}") \
-            if op == "add" else ("", "")
-        return [f"{op} element inet {NFT_TABLE} redirect_mark_{proto} {{ {key}{mark} }}",
-                f"{op} element inet {NFT_TABLE} redirect_to_{proto} {{ {key}{to} }}"]
+    def elements(self) -> list[tuple[str, bytes, bytes]]:
+        """(map, key, value) of each map element (pure)."""
+        proto = "ip" if self.client.version == 4 else "ip6"
+        key = (self.client.packed + self.internal.packed + _register(bytes([self.protocol]))
+               + _port(self.port))
+        return [(f"redirect_mark_{proto}", key, struct.pack("=I", self.port)),
+                (f"redirect_to_{proto}", key, self.target.packed + _port(self.target_port))]
 
 
 @dataclass(frozen=True)
@@ -350,50 +498,115 @@ class BindRule:
     client: IPAddress
     client_port: int
 
-    @property
-    def family(self) -> str:
-        return "ipv4" if self.client.version == 4 else "ipv6"
-
-    def iptables(self, op: str) -> list[str]:
-        to = f"{self.client}:{self.client_port}" if self.client.version == 4 \
-            else f"[{self.client}]:{self.client_port}"
-        return [f"{op} PINHOLE-PREROUTING -d {self.external} -p {PROTOCOL_NAMES[self.protocol]} "
-                f"--dport {self.port} -m conntrack --ctstate NEW -j DNAT --to-destination {to}"]
-
-    def nft(self, op: str) -> list[str]:
-        proto = _NFT_FAMILY[self.family]
-        key = f"{self.external} . {PROTOCOL_NAMES[self.protocol]} . {self.port}"
-        to = f" : {self.client} . {self.client_port}" if op == "add" else ""
-        return [f"{op} element inet {NFT_TABLE} bind_to_{proto} {{ {key}{to} }}"]
+    def elements(self) -> list[tuple[str, bytes, bytes]]:
+        proto = "ip" if self.client.version == 4 else "ip6"
+        key = self.external.packed + _register(bytes([self.protocol])) + _port(self.port)
+        return [(f"bind_to_{proto}", key, self.client.packed + _port(self.client_port))]
 
 
 NatRule = RedirectRule | BindRule
 
 
-def render_redirects(rules: Iterable[NatRule], add: bool) -> dict[str, str]:
-    """iptables-restore input per family that adds or deletes these redirects or
-    binds (pure)."""
-    out: dict[str, list[str]] = {}
-    for rule in rules:
-        out.setdefault(rule.family, []).extend(rule.iptables("-A" if add else "-D"))
-    return {family: "\n".join(["*nat", *lines, "COMMIT"]) + "\n" for family, lines in out.items()}
+class NatMaps:
+    """Writes per-grant kernel NAT (``NatRule``) as elements of the maps table, over
+    netlink: one batch per call, applied by the kernel at once or not at all. Nothing
+    waits for a child process: a grant's kernel state is in place in microseconds,
+    before the call that made it returns (and so before the packet that announced the
+    grant is released).
+
+    The messages are encoded here (``set_elements_message``), not with pyroute2: its
+    encoder took about half a millisecond per element, which a flood of PORT commands
+    turns into a stalled queue; a unit test checks these bytes against pyroute2's.
+    """
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+        self.sock.bind((0, 0))
+        self.sock.settimeout(NETLINK_TIMEOUT)
+        self._seq = itertools.count(1)
+
+    def add(self, rules: Sequence[NatRule]) -> None:
+        """Add these rules' elements in one transaction; DataplaneError if the kernel
+        refuses (then nothing changed)."""
+        by_map: dict[str, list[tuple[bytes, bytes]]] = {}
+        for rule in rules:
+            for name, key, value in rule.elements():
+                by_map.setdefault(name, []).append((key, value))
+        if by_map:
+            errors = self._batch([(name, elements, True) for name, elements in by_map.items()])
+            if errors:
+                raise DataplaneError("the kernel refused a NAT map update: "
+                                     + "; ".join(map(os.strerror, errors)))
+
+    def delete(self, rules: Sequence[NatRule]) -> None:
+        """Delete these rules' elements, one transaction each, so that one already gone
+        does not keep the others (DataplaneError for any other refusal)."""
+        for rule in rules:
+            errors = self._batch([(name, [(key, value)], False) for name, key, value in rule.elements()])
+            if any(code != errno.ENOENT for code in errors):
+                raise DataplaneError(f"the kernel refused to remove {rule}: "
+                                     + "; ".join(map(os.strerror, errors)))
+
+    def _batch(self, messages: list[tuple[str, list[tuple[bytes, bytes]], bool]]) -> list[int]:
+        """Send one transaction; the errno of each message the kernel refused (a refusal
+        aborts the whole transaction)."""
+        waiting = set()
+        data = batch_marker(NFNL_MSG_BATCH_BEGIN, next(self._seq))
+        for name, elements, add in messages:
+            seq = next(self._seq)
+            data += set_elements_message(name, elements, add, seq)
+            waiting.add(seq)
+        data += batch_marker(NFNL_MSG_BATCH_END, next(self._seq))
+        errors: list[int] = []
+        try:
+            self.sock.send(data)
+            while waiting:
+                reply = self.sock.recv(65536)
+                offset = 0
+                while offset + 16 <= len(reply):
+                    length, kind, _flags, seq, _pid = struct.unpack_from("=IHHII", reply, offset)
+                    if kind == NLMSG_ERROR and seq in waiting:
+                        waiting.discard(seq)
+                        code = -struct.unpack_from("=i", reply, offset + 16)[0]
+                        if code:
+                            errors.append(code)
+                    offset += max(16, (length + 3) & ~3)
+        except OSError as exc:
+            raise DataplaneError(f"writing the NAT maps over netlink failed: {exc}") from None
+        return errors
+
+    def close(self) -> None:
+        self.sock.close()
 
 
-def render_nft_redirects(rules: Iterable[NatRule], add: bool) -> str:
-    """nft input that adds or deletes these redirects' or binds' map elements (pure)."""
-    return "".join(f"{line}\n" for rule in rules for line in rule.nft("add" if add else "delete"))
+def _attribute(kind: int, payload: bytes) -> bytes:
+    """A netlink attribute: length, type, payload padded to 4 bytes."""
+    return struct.pack("=HH", 4 + len(payload), kind) + payload + b"\0" * (-len(payload) % 4)
 
 
-def program_redirects(backend: str, rules: Sequence[NatRule], add: bool) -> None:
-    """Install (add) or remove kernel-mode redirects and SecureNAT binds' NAT, all in one
-    transaction per family."""
-    if not rules:
-        return
-    if backend == "nft":
-        _run(["nft", "-f", "-"], input=render_nft_redirects(rules, add))
-        return
-    for family, text in render_redirects(rules, add).items():
-        _run([f"{FAMILIES[family]}-restore", "--noflush"], input=text)
+def _netlink(kind: int, flags: int, seq: int, family: int, res_id: int, body: bytes) -> bytes:
+    """A netlink message with nfnetlink's header (version 0)."""
+    payload = struct.pack("!BBH", family, 0, res_id) + body
+    return struct.pack("=IHHII", 16 + len(payload), kind, flags, seq, 0) + payload
+
+
+def batch_marker(kind: int, seq: int) -> bytes:
+    """The message that begins or ends an nf_tables transaction."""
+    return _netlink(kind, NLM_F_REQUEST, seq, 0, NFNL_SUBSYS_NFTABLES, b"")
+
+
+def set_elements_message(name: str, elements: list[tuple[bytes, bytes]], add: bool, seq: int) -> bytes:
+    """NFT_MSG_NEWSETELEM (or DELSETELEM, keys alone) of the maps table's map ``name``."""
+    items = b"".join(
+        _attribute(i + 1, _attribute(NFTA_SET_ELEM_KEY, _attribute(NFTA_DATA_VALUE, key))
+                   + (_attribute(NFTA_SET_ELEM_DATA, _attribute(NFTA_DATA_VALUE, value)) if add else b""))
+        for i, (key, value) in enumerate(elements))
+    body = (_attribute(NFTA_SET_ELEM_LIST_TABLE, MAPS_TABLE.encode() + b"\0")
+            + _attribute(NFTA_SET_ELEM_LIST_SET, name.encode() + b"\0")
+            + _attribute(NFTA_SET_ELEM_LIST_ELEMENTS, items))
+    kind = (NFNL_SUBSYS_NFTABLES << 8) | (NFT_MSG_NEWSETELEM if add else NFT_MSG_DELSETELEM)
+    return _netlink(kind, NLM_F_REQUEST | NLM_F_ACK | (NLM_F_CREATE if add else 0), seq,
+                    NFPROTO_INET, 0, body)
 
 
 def nft_queue_supported() -> bool:
@@ -420,90 +633,130 @@ def choose_backend(settings: DataplaneSettings) -> str:
 LIBERAL_TCP = Path("/proc/sys/net/netfilter/nf_conntrack_tcp_be_liberal")
 
 
-def liberal_tcp_tracking(on: bool) -> bool:
-    """Set conntrack's liberal TCP window tracking; return the previous setting.
+class HostSettings:
+    """Host-wide settings the enforcer changes, put back as they were.
 
-    Needed while data filters change segment lengths: conntrack sees a filtered
-    flow's sequence numbers before the enforcer shifts them, and would otherwise
-    call the peer's acknowledgements out of window.
+    Conntrack's liberal TCP window tracking is needed while data filters change
+    segment lengths: conntrack sees a filtered flow's sequence numbers before the
+    enforcer shifts them, and would otherwise call the peer's acknowledgements out of
+    window. What a setting was before is written to a state file first, so that a run
+    that dies without putting it back is followed by one that does (``restore`` at
+    start, and at an unload).
     """
-    previous = LIBERAL_TCP.read_text().strip() == "1"
-    LIBERAL_TCP.write_text("1\n" if on else "0\n")
-    return previous
+
+    def __init__(self, state_file: Path, liberal: Path = LIBERAL_TCP) -> None:
+        self.state_file = state_file
+        self.liberal = liberal
+
+    def restore(self) -> list[str]:
+        """Put back what the state file says an earlier run changed; what was restored."""
+        try:
+            saved = json.loads(self.state_file.read_text())
+        except FileNotFoundError:
+            return []
+        except (OSError, ValueError) as exc:
+            raise DataplaneError(f"cannot read {self.state_file}: {exc}") from None
+        restored = []
+        before = saved.get("nf_conntrack_tcp_be_liberal")
+        if before in ("0", "1"):
+            self.liberal.write_text(f"{before}\n")
+            restored.append(f"nf_conntrack_tcp_be_liberal = {before}")
+        self.state_file.unlink()
+        return restored
+
+    def liberal_tcp_tracking(self) -> None:
+        """Turn liberal TCP tracking on, having saved what it was."""
+        self.state_file.parent.mkdir(parents=True, exist_ok=True)
+        self.state_file.write_text(json.dumps(
+            {"nf_conntrack_tcp_be_liberal": self.liberal.read_text().strip()}) + "\n")
+        self.liberal.write_text("1\n")
 
 
 def _run(argv: Sequence[str], *, input: str | None = None, check: bool = True) -> str:
     try:
-        proc = subprocess.run(argv, input=input, capture_output=True, text=True, timeout=30)
+        proc = subprocess.run(argv, input=input, capture_output=True, text=True,
+                              timeout=CHILD_TIMEOUT)
     except FileNotFoundError:
-        raise DataplaneError(f"{argv[0]} is not installed (apt-get install iptables conntrack)") from None
+        raise DataplaneError(f"{argv[0]} is not installed (apt-get install iptables nftables "
+                             "conntrack)") from None
+    except subprocess.TimeoutExpired:
+        raise DataplaneError(f"{shlex.join(argv)} did not finish within {CHILD_TIMEOUT} s") from None
     if check and proc.returncode != 0:
         raise DataplaneError(f"{shlex.join(argv)} failed: {proc.stderr.strip()}")
     return proc.stdout
 
 
-def install(backend: str, settings: DataplaneSettings, interfaces: Interfaces, nat: bool,
-            bind_ports: tuple[int, int] | None = None) -> list[str]:
-    """Install the rules, replacing whatever an earlier run left in the same transaction,
-    so that there is no moment without rules (a crashed run's rules stay in force until
-    the new ones are in); then forget the flows that run offloaded. Returns what was
-    replaced or removed."""
-    replaced: list[str] = []
+def install(backend: str, rs: Ruleset) -> list[str]:
+    """Put ``rs`` in place of whatever of ours is installed, with no moment without
+    rules: each iptables family's chains are replaced in one iptables-restore
+    transaction, the nft tables in one nft transaction. The maps table (per-grant NAT)
+    is made anew with the working rules and goes without them. Returns what was
+    replaced of an earlier run's working rules (a run that did not stop cleanly)."""
+    replaced = [f"nft table inet {MAPS_TABLE}"] if _nft_table_exists(MAPS_TABLE) else []
+    maps = _nft_replacing(MAPS_TABLE, render_nft_maps() if rs.working else "")
     if backend == "nft":
-        if _nft_table_exists():
-            replaced.append(f"nft table inet {NFT_TABLE}")
-        _run(["nft", "-f", "-"], input=f"table inet {NFT_TABLE} {{}}\ndelete table inet {NFT_TABLE}\n"
-             + render_nft(settings, interfaces, nat, bind_ports))
+        _run(["nft", "-f", "-"], input=_nft_replacing(NFT_TABLE, render_nft(rs)) + maps)
         replaced += _remove_iptables()  # the other backend's, if a run used it
-    else:
-        for family, tool in FAMILIES.items():
-            text = render_rules(family, settings, interfaces, nat, bind_ports)
-            stale = {table: _ours(tool, table) for table in TABLES}
-            _run([f"{tool}-restore", "--noflush"], input=_replacing(text, stale))
-            for table, (jumps, chains) in stale.items():
-                replaced += [f"{tool} -t {table} {' '.join(j)}" for j in jumps]
-                for chain in chains - _declared(text, table):  # unreferenced now
-                    _run([tool, "-w", "-t", table, "-F", chain])
-                    _run([tool, "-w", "-t", table, "-X", chain])
-                    replaced.append(f"{tool} -t {table} chain {chain}")
-        replaced += _remove_nft_table()  # the other backend's, if a run used it
-    return replaced + _forget_offloaded_flows()
+        return replaced
+    for family, tool in FAMILIES.items():
+        text = render_rules(family, rs)
+        stale = {table: _ours(tool, table) for table in TABLES}
+        _run([f"{tool}-restore", "--noflush"], input=_replacing(text, stale))
+        for table, (_, chains) in stale.items():
+            for chain in chains - _declared(text, table):  # unreferenced now
+                _run([tool, "-w", "-t", table, "-F", chain])
+                _run([tool, "-w", "-t", table, "-X", chain])
+    _run(["nft", "-f", "-"], input=maps)
+    return replaced + _remove_nft_table(NFT_TABLE)  # the other backend's, if a run used it
 
 
-def remove() -> list[str]:
-    """Remove every PINHOLE rule and chain, and forget every flow offloaded with our mark.
+def _nft_replacing(table: str, text: str) -> str:
+    """nft input that replaces a table of ours with ``text`` (nothing: removes it)."""
+    return f"table inet {table} {{}}\ndelete table inet {table}\n{text}"
 
-    Returns what was removed. Safe to call when nothing is installed.
-    """
-    return _remove_iptables() + _remove_nft_table() + _forget_offloaded_flows()
+
+def unload() -> list[str]:
+    """Remove every rule, chain and table of ours, both layers, and forget every flow
+    offloaded with our mark: the operator's explicit command (``pinhole enforcer
+    --unload``); no stop does this. Returns what was removed. Safe when nothing is
+    installed."""
+    return (_remove_iptables() + _remove_nft_table(NFT_TABLE) + _remove_nft_table(MAPS_TABLE)
+            + forget_flows(("kernel", "user")))
 
 
 def _remove_iptables() -> list[str]:
     return [item for tool in FAMILIES.values() for table in TABLES for item in _remove_table(tool, table)]
 
 
-def _remove_nft_table() -> list[str]:
-    if not _nft_table_exists():
+def _remove_nft_table(table: str) -> list[str]:
+    if not _nft_table_exists(table):
         return []
-    _run(["nft", "delete", "table", "inet", NFT_TABLE])
-    return [f"nft table inet {NFT_TABLE}"]
+    _run(["nft", "delete", "table", "inet", table])
+    return [f"nft table inet {table}"]
 
 
-def _nft_table_exists() -> bool:
+def _nft_table_exists(table: str) -> bool:
     try:
-        return subprocess.run(["nft", "list", "table", "inet", NFT_TABLE], capture_output=True,
-                              text=True, timeout=30, check=False).returncode == 0
-    except FileNotFoundError:
+        return subprocess.run(["nft", "list", "table", "inet", table], capture_output=True,
+                              text=True, timeout=CHILD_TIMEOUT, check=False).returncode == 0
+    except (FileNotFoundError, subprocess.TimeoutExpired):
         return False
 
 
-def _forget_offloaded_flows() -> list[str]:
+MODE_MARKS = {"kernel": MARK_KERNEL, "user": MARK_USER}
+
+
+def forget_flows(modes: Iterable[str]) -> list[str]:
+    """Delete the conntrack entries of flows admitted in these modes ("kernel", "user");
+    what was forgotten."""
     forgotten = []
-    for family, (mode, mark) in itertools.product(("ipv4", "ipv6"),
-                                                  (("kernel", MARK_KERNEL), ("user", MARK_USER))):
-        out = subprocess.run(
-            ["conntrack", "-D", "-f", family, "--mark", f"0x{mark:x}/0x{MARK_MODE:x}"],
-            capture_output=True, text=True, timeout=30, check=False)
+    for family, mode in itertools.product(("ipv4", "ipv6"), modes):
+        try:
+            out = subprocess.run(
+                ["conntrack", "-D", "-f", family, "--mark", f"0x{MODE_MARKS[mode]:x}/0x{MARK_MODE:x}"],
+                capture_output=True, text=True, timeout=CHILD_TIMEOUT, check=False)
+        except subprocess.TimeoutExpired:
+            raise DataplaneError(f"conntrack -D did not finish within {CHILD_TIMEOUT} s") from None
         count = next((w for w in out.stderr.split() if w.isdigit()), "0")
         if count != "0":
             forgotten.append(f"{count} {family} conntrack entries of {mode}-mode flows")

@@ -31,6 +31,11 @@ the same ``SessionApiError`` subclasses. Events for a session filter registered
 through it (``register_filter``) collect in ``api.events``. A filter's exception is logged; the
 connection's data then passes unchanged and the filter sees no more of it.
 
+A filter opens no secondary connection to a privileged port (below
+``FIRST_UNPRIVILEGED_PORT``; SPEC rule 14). In NAT the session API refuses a
+bind on such a port of the fw, or on one the fw listens on, whatever the filter
+checked; a grant whose target is the fw's own address is refused everywhere.
+
 Plugins are found through the ``pinhole.filters`` entry point group: a package
 declares, in its pyproject.toml,
 
@@ -53,6 +58,7 @@ from typing import Any, Protocol
 from enforcer.client import SessionCalls
 from enforcer.control import Caller, Handler
 from enforcer.core.datafilter import Direction
+from enforcer.core.fwports import FIRST_UNPRIVILEGED_PORT
 from enforcer.core.results import InvalidArgument
 
 ENTRY_POINT_GROUP = "pinhole.filters"
@@ -147,5 +153,5 @@ def load(names: list[str]) -> dict[str, AppFilter]:
     return plugins
 
 
-__all__ = ["ENTRY_POINT_GROUP", "AppFilter", "Direction", "InProcessCalls", "Primary",
-           "SessionCalls", "StreamFilter", "installed", "load"]
+__all__ = ["ENTRY_POINT_GROUP", "FIRST_UNPRIVILEGED_PORT", "AppFilter", "Direction",
+           "InProcessCalls", "Primary", "SessionCalls", "StreamFilter", "installed", "load"]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import ipaddress
 import logging
 import selectors
@@ -30,6 +31,7 @@ from enforcer.core.flows import FlowRecord
 from enforcer.core.packet import TCP, UDP, IPAddress
 from enforcer.core.results import SessionApiError
 from enforcer.core.socks import Reply
+from enforcer.loop import OUT_OF_RESOURCES, Loop
 
 log = logging.getLogger("pinhole.enforcer.socks")
 
@@ -46,7 +48,7 @@ def _family(address: IPAddress) -> socket.AddressFamily:
 
 
 class SocksService:
-    def __init__(self, engine: Engine, selector: selectors.BaseSelector, clock: Callable[[], float],
+    def __init__(self, engine: Engine, loop: Loop, clock: Callable[[], float],
                  settings: SocksSettings, addresses: list[IPAddress],
                  dispatch: Callable[[], None],
                  stream_filter: Callable[[FlowRecord], DataFilter] | None = None) -> None:
@@ -54,7 +56,7 @@ class SocksService:
         (an application filter on a primary)."""
         self.engine = engine
         self.stream_filter = stream_filter
-        self.selector = selector
+        self.loop = loop
         self.clock = clock
         self.settings = settings
         self.dispatch = dispatch  # push the engine's events to filters
@@ -68,14 +70,18 @@ class SocksService:
             sock.bind((str(address), settings.port))
             sock.listen(128)
             sock.setblocking(False)
-            self.selector.register(sock, selectors.EVENT_READ, lambda s=sock: self._accept(s))
+            self.loop.watch(sock, selectors.EVENT_READ, functools.partial(self._accept, sock))
             self.listeners.append(sock)
 
     def _accept(self, listener: socket.socket) -> None:
         try:
             sock, peer = listener.accept()
-        except OSError:
+        except OSError as exc:
+            if exc.errno in OUT_OF_RESOURCES:
+                self.loop.pause(listener, selectors.EVENT_READ,
+                                functools.partial(self._accept, listener), exc)
             return
+        self.loop.accepted(listener)
         sock.setblocking(False)
         self.clients.add(_Client(self, sock, ipaddress.ip_address(peer[0]), peer[1]))
 
@@ -96,7 +102,7 @@ class SocksService:
         for client in list(self.clients):
             client.close()
         for sock in self.listeners:
-            self.selector.unregister(sock)
+            self.loop.unwatch(sock)
             sock.close()
         self.listeners.clear()
 
@@ -124,7 +130,7 @@ class _Client:
         self.deadline: float | None = None
         self.pipe: _Pipe | None = None
         self.closed = False
-        service.selector.register(sock, selectors.EVENT_READ, self._on_control)
+        service.loop.watch(sock, selectors.EVENT_READ, self._on_control, self.close)
 
     # --- the handshake --------------------------------------------------------------
     def _on_control(self) -> None:
@@ -234,13 +240,13 @@ class _Client:
         self.peer = out
         self.flow = self.engine.flows.get(decision.key)
         self.deadline = self.service.clock() + CONNECT_TIMEOUT
-        self.service.selector.register(out, selectors.EVENT_WRITE, self._connected)
+        self.service.loop.watch(out, selectors.EVENT_WRITE, self._connected, self.close)
 
     def _connected(self) -> None:
         assert self.peer is not None
         code = self.peer.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         self.deadline = None
-        self.service.selector.unregister(self.peer)
+        self.service.loop.unwatch(self.peer)
         if code:
             self.fail(_CONNECT_ERRORS.get(code, Reply.GENERAL_FAILURE), errno.errorcode.get(code, str(code)))
             return
@@ -251,12 +257,12 @@ class _Client:
     def _relay(self, other: socket.socket, flow: FlowRecord | None = None) -> None:
         """Relay between the client and ``other``; through the filter of ``flow`` if it
         has one."""
-        self.service.selector.unregister(self.sock)
+        self.service.loop.unwatch(self.sock)
         stream = None
         if flow is not None and (flow.app_filter or flow.data_filter) and \
                 self.service.stream_filter is not None:
             stream = self.service.stream_filter(flow)
-        self.pipe = _Pipe(self.service.selector, self.sock, other, self.close, stream)
+        self.pipe = _Pipe(self.service.loop, self.sock, other, self.close, stream)
         self.pipe.start(bytes(self.out), bytes(self.early))
         self.out.clear()
         self.early.clear()
@@ -279,7 +285,7 @@ class _Client:
             return
         listener.setblocking(False)
         self.bound = listener
-        self.service.selector.register(listener, selectors.EVENT_READ, self._accepted)
+        self.service.loop.watch(listener, selectors.EVENT_READ, self._accepted, self.close)
         # BindForClient always succeeds: the fw's external address and port, at once
         self._send(socks.reply(Reply.SUCCEEDED, str(external), self.bind.port))
 
@@ -289,7 +295,7 @@ class _Client:
             conn, peer = self.bound.accept()
         except OSError:
             return
-        self.service.selector.unregister(self.bound)
+        self.service.loop.unwatch(self.bound)
         self.bound.close()
         self.bound = None
         self.engine.bind_done(self.bind)
@@ -316,7 +322,7 @@ class _Client:
             return
         for s, callback in ((bound, self._from_outside), (relay_in, self._from_client)):
             s.setblocking(False)
-            self.service.selector.register(s, selectors.EVENT_READ, callback)
+            self.service.loop.watch(s, selectors.EVENT_READ, callback, self.close)
         self.bound, self.relay_in = bound, relay_in
         self._send(socks.reply(Reply.SUCCEEDED, str(local), relay_in.getsockname()[1]))
 
@@ -369,8 +375,7 @@ class _Client:
         for s in (self.sock, self.peer, self.bound, self.relay_in):
             if s is None:
                 continue
-            with contextlib.suppress(KeyError, ValueError):  # the pipe may have unregistered it
-                self.service.selector.unregister(s)
+            self.service.loop.unwatch(s)  # the pipe may have done so already
             s.close()
         self.service.clients.discard(self)
         if self.bind is not None:
@@ -380,13 +385,13 @@ class _Client:
 
 
 class _Pipe:
-    """Relays bytes both ways between two non-blocking sockets in the selector."""
+    """Relays bytes both ways between two non-blocking sockets in the event loop."""
 
-    def __init__(self, selector: selectors.BaseSelector, a: socket.socket, b: socket.socket,
+    def __init__(self, loop: Loop, a: socket.socket, b: socket.socket,
                  on_close: Callable[[], None], stream: DataFilter | None = None) -> None:
         """``stream``: a filter that sees (and may change) what a sends (OUT) and what b
         sends (BACK)."""
-        self.selector = selector
+        self.loop = loop
         self.stream = stream
         self.ends = (a, b)
         self.buffers: dict[socket.socket, bytearray] = {a: bytearray(), b: bytearray()}  # to send
@@ -444,13 +449,11 @@ class _Pipe:
         for s in self.ends:
             events = (0 if self.eof[s] or len(self.buffers[self._other(s)]) >= BUFFER
                       else selectors.EVENT_READ) | (selectors.EVENT_WRITE if self.buffers[s] else 0)
-            if events and s in self.registered:
-                self.selector.modify(s, events, lambda s=s: self._ready(s))
-            elif events:
-                self.selector.register(s, events, lambda s=s: self._ready(s))
+            if events:
+                self.loop.watch(s, events, functools.partial(self._ready, s), self.close)
                 self.registered.add(s)
             elif s in self.registered:
-                self.selector.unregister(s)
+                self.loop.unwatch(s)
                 self.registered.discard(s)
 
     def close(self) -> None:
@@ -458,7 +461,7 @@ class _Pipe:
             return
         self.done = True
         for s in self.registered:
-            self.selector.unregister(s)
+            self.loop.unwatch(s)
         self.registered.clear()
         self.on_close()
 

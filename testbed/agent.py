@@ -24,6 +24,7 @@ import atexit
 import base64
 import collections
 import contextlib
+import errno
 import hashlib
 import ipaddress
 import itertools
@@ -455,6 +456,19 @@ class Agent:
                         timeout=t + 30 + count * gap + CALL_MARGIN)
         res["local"] = tuple(res["local"]) if res.get("local") else None
         return dict(res)
+
+    def connect_flood(self, addr: str, port: int, count: int) -> dict[str, Any]:
+        """``count`` new TCP connections started and dropped at once (a SYN each, from a
+        new source port each): the cheapest new-flow flood a real client can send.
+        Returns ``{"sent", "seconds"}``."""
+        return dict(self.call("connect_flood", {"addr": addr, "port": port, "count": count},
+                              timeout=60 + CALL_MARGIN))
+
+    def datagram_flood(self, addr: str, port: int, count: int, payload: bytes) -> dict[str, Any]:
+        """``count`` datagrams, each from a new socket (a new flow each). Returns
+        ``{"sent", "seconds"}``."""
+        return dict(self.call("datagram_flood", {"addr": addr, "port": port, "count": count,
+                                                 "payload": _b64(payload)}, timeout=60 + CALL_MARGIN))
 
     def socks(self, proxy: tuple[str, int], user: str | None, password: str | None, command: str,
               host: str, port: int, *, timeout: float | None = None) -> SocksConnection:
@@ -1312,6 +1326,23 @@ class _AgentServer:
             peer_host, peer_port, body = socks.parse_udp(data)
             res.update(reply=_b64(body), **{"from": [peer_host, peer_port]})
         return res
+
+    def m_connect_flood(self, addr: str, port: int, count: int) -> dict[str, Any]:
+        started, sent = time.monotonic(), 0
+        for _ in range(count):
+            with socket.socket(_family(addr), socket.SOCK_STREAM) as sock:
+                sock.setblocking(False)
+                if sock.connect_ex((addr, port)) in (errno.EINPROGRESS, 0):
+                    sent += 1  # the SYN is out; closing now sends nothing more
+        return {"sent": sent, "seconds": time.monotonic() - started}
+
+    def m_datagram_flood(self, addr: str, port: int, count: int, payload: str) -> dict[str, Any]:
+        data, started, sent = _unb64(payload), time.monotonic(), 0
+        for _ in range(count):
+            with socket.socket(_family(addr), socket.SOCK_DGRAM) as sock, \
+                    contextlib.suppress(OSError):
+                sent += sock.sendto(data, (addr, port)) > 0
+        return {"sent": sent, "seconds": time.monotonic() - started}
 
     def m_udp_burst(self, addr: str, port: int, count: int, size: int | list[int],
                     expect_replies: bool, timeout: float = 3.0, gap: float = 0.0) -> dict[str, Any]:

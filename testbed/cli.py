@@ -31,7 +31,7 @@ def require_tools(tools: Sequence[str] = REQUIRED_TOOLS) -> None:
 
 def _enforcer(args: argparse.Namespace) -> int:
     from enforcer import config as config_mod
-    from enforcer.daemon import Daemon
+    from enforcer import daemon
 
     require_root("pinhole enforcer")
     require_tools()
@@ -49,7 +49,12 @@ def _enforcer(args: argparse.Namespace) -> int:
             pyroute2_netns.setns(args.netns, flags=0)  # never create one
         except OSError as exc:
             raise UsageError(f"cannot enter network namespace '{args.netns}': {exc.strerror}") from None
-    Daemon(config).run()
+    if args.lockdown or args.unload:
+        done = daemon.lockdown(config) if args.lockdown else daemon.unload(config)
+        what = "lockdown in place" if args.lockdown else "unloaded"
+        print(f"pinhole: {what}" + "".join(f"\n  replaced or removed: {item}" for item in done))
+        return 0
+    daemon.Daemon(config).run()
     return 0
 
 
@@ -83,6 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--netns", help="network namespace to enforce in (default: the current one)")
     p.add_argument("--socket", help=f"control socket path (default: from config, else {DEFAULT_SOCKET})")
     p.add_argument("-v", "--verbose", action="store_true", help="log every decision")
+    once = p.add_mutually_exclusive_group()
+    once.add_argument("--lockdown", action="store_true",
+                      help="put the lockdown base in place and exit (before a first start, at boot)")
+    once.add_argument("--unload", action="store_true",
+                      help="remove every rule of the enforcer, lockdown included, and exit")
     p.set_defaults(func=_enforcer)
 
     p = sub.add_parser("ctl", help="call a control API method, e.g. 'pinhole ctl status'")

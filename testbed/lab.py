@@ -137,10 +137,8 @@ class EnforcerProcess:
                                                permission_timeout=10 if app_filters else 2,
                                                limits=limits))
         with self.log_path.open("a") as log:
-            self.proc = self.tb.popen(
-                "fw", [sys.executable, "-m", "testbed", "enforcer", "--verbose",
-                       "--config", str(self.config_path)],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            self.proc = self.tb.popen("fw", self._command("--verbose"), stdout=log,
+                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:
@@ -157,6 +155,28 @@ class EnforcerProcess:
                                        f"{self.log_tail()}") from None
                 time.sleep(0.05)
 
+    def _command(self, *options: str) -> list[str]:
+        return [sys.executable, "-m", "testbed", "enforcer", "--config", str(self.config_path),
+                *options]
+
+    def lockdown(self) -> str:
+        """``pinhole enforcer --lockdown``: the lockdown base alone, as at boot before a
+        first start (the default configuration's, unless a start wrote another)."""
+        return self._once("--lockdown")
+
+    def unload(self) -> str:
+        """``pinhole enforcer --unload``: every rule of the enforcer gone, lockdown included
+        (before another firewall takes the fw's place)."""
+        return self._once("--unload")
+
+    def _once(self, option: str) -> str:
+        if self.running:
+            raise RuntimeError(f"the enforcer is running: stop it before {option}")
+        if not self.config_path.exists():
+            self.config_path.write_text(lab_config(self.tb, socket=self.socket,
+                                                   data_filters=self.data_filters))
+        return str(self.tb.run("fw", self._command(option)).stdout)
+
     def client(self) -> Client:
         return Client(str(self.socket))
 
@@ -165,12 +185,17 @@ class EnforcerProcess:
             return c.call(method, **params)
 
     def stop(self, timeout: float = 10.0) -> int:
-        """SIGTERM and wait: a clean exit, which removes the kernel state."""
+        """SIGTERM and wait: a clean exit, which leaves the lockdown base (failing open:
+        nothing)."""
         return self._signal(signal.SIGTERM, timeout)
 
     def kill(self) -> int:
-        """SIGKILL: the enforcer dies with its rules still installed."""
+        """SIGKILL: the enforcer dies with its rules still installed (which fail closed)."""
         return self._signal(signal.SIGKILL, 10.0)
+
+    def crash(self) -> int:
+        """SIGABRT: the enforcer crashes (no clean-up of its own)."""
+        return self._signal(signal.SIGABRT, 10.0)
 
     def _signal(self, sig: signal.Signals, timeout: float) -> int:
         if self.proc is None:

@@ -185,6 +185,8 @@ class Lab:
         self.tb = Testbed.up(standard(variant), tag="pytest")
         self.topology = self.tb.topology
         self.enforcer = EnforcerProcess(self.tb, artifacts / f"enforcer-{variant}-{self.tb.id}")
+        # as a fw boots: locked down before its enforcer first starts (SPEC rule 15)
+        self.enforcer.lockdown()
         self.helpers: Any = None  # a KernelHelperFirewall while it stands in the enforcer's place
         self._peers: Any = None  # the real FTP/TFTP servers (testbed.peers.PeerSet), once used
 
@@ -220,6 +222,7 @@ class Lab:
         if self.helpers is None:
             if self.enforcer.running:
                 self.enforcer.stop()
+            self.enforcer.unload()  # a stop leaves the lockdown; another firewall needs none of it
             helpers = KernelHelperFirewall(self.tb, publish=PUBLISHED_FTP_PORT)
             helpers.install()
             self.helpers = helpers
@@ -317,10 +320,19 @@ def net(request: pytest.FixtureRequest, lab: Lab, family: str) -> Iterator[Net]:
     lab.use_enforcer()
     mode = request.getfixturevalue("mode") if "mode" in request.fixturenames else None
     yield Net(lab, family, mode)
-    _cancel_pending(lab)
+    cancel_pending(lab)
 
 
-def _cancel_pending(lab: Lab) -> None:
+@pytest.fixture
+def filtering(lab: Lab, family: str) -> Iterator[Net]:
+    """As ``net``, with the enforcer's FTP and TFTP filters on (and no other firewall
+    compared): for checks that need application filters at work."""
+    lab.use_enforcer(APP_FILTERS)
+    yield Net(lab, family)
+    cancel_pending(lab)
+
+
+def cancel_pending(lab: Lab) -> None:
     if lab.enforcer.running:
         with lab.enforcer.client() as client:
             for action in client.call("actions"):
@@ -355,7 +367,7 @@ def app(request: pytest.FixtureRequest, lab: Lab, family: str, firewall: str) ->
     else:
         lab.use_kernel_helpers()
     yield App(lab, family, firewall, request.node)
-    _cancel_pending(lab)
+    cancel_pending(lab)
 
 
 @pytest.fixture(autouse=True)

@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 from enforcer.core.binds import DEFAULT_BIND_PORTS, Bind, BindState, BindTable
 from enforcer.core.flags import Flags
 from enforcer.core.flows import ConntrackTimeouts, FlowRecord, FlowTable, Mode
+from enforcer.core.fwports import NOTHING_LISTENS, Listening, privileged
 from enforcer.core.ipfilter import IpFilter
 from enforcer.core.limits import Limits
 from enforcer.core.packet import PROTOCOL_NAMES, TCP, UDP, FlowKey, Ingress, IPAddress, PacketMeta
@@ -171,6 +172,9 @@ class Engine:
         self.internal_networks = NetworkSet(internal_networks)
         self.external_addresses = tuple(external_addresses)
         self.internal_addresses = tuple(internal_addresses)
+        # no grant leads to the fw itself (rule 14: not to a port the fw listens on)
+        self.own_addresses = frozenset((*self.external_addresses,
+                                        *(i.ip for i in self.internal_addresses)))
         self.nat = nat
         self.data_filters = frozenset(data_filters)
         self.sessions = SessionTable(self.limits, self.counters)
@@ -449,14 +453,19 @@ class Engine:
         return self.binds.add(session.id, protocol, address, port, now, session.client)
 
     def bind_for_securenat(self, session_id: int, protocol: int, client_port: int,
-                           now: float) -> tuple[Bind, bool]:
+                           now: float, listening: Listening = NOTHING_LISTENS) -> tuple[Bind, bool]:
         """Make a SecureNAT client's port reachable from outside, for one flow, once
         RetroactiveAllowBind approves it (an application filter calls this for active
         FTP, say). Routed: the bind is the client's own address and port. NAT: an
         external address of the fw, and the client's port if it is free and none of the
         fw's own (the shell maps it to the client), else a port from the bind pool. The
         same client port asked again gives the same open bind. Unused, it expires after
-        the permission timeout. Returns the bind and whether it is new."""
+        the permission timeout. Returns the bind and whether it is new.
+
+        In NAT it never takes a privileged port of the fw or one that ``listening`` (the
+        fw's sockets) covers on that address (rule 14): a privileged client port, or a
+        listened one outside the fw's port pools, is InvalidArgument; a pool port is
+        never a listened one."""
         if protocol not in (TCP, UDP):
             raise InvalidArgument(f"protocol must be TCP (6) or UDP (17), not {protocol}")
         if not 1 <= client_port <= 65535:
@@ -477,9 +486,17 @@ class Engine:
                 raise InvalidArgument(f"the firewall has no external IPv{session.client.version} "
                                       "address to bind on")
             address = external
+            if privileged(port):
+                raise InvalidArgument(f"port {port} of the firewall's {address} is privileged: "
+                                      "no bind takes it")
             if self.binds.at(protocol, address, port) is not None or port in self.bind_ports or \
                     any(port in pool for pool in self.pools.values()):
-                port, pooled = self.bind_ports.allocate(1), True
+                port = self.bind_ports.allocate(
+                    1, avoid=lambda p: listening.covers(protocol, external, p))
+                pooled = True
+            elif listening.covers(protocol, address, port):
+                raise InvalidArgument(f"the firewall listens on {PROTOCOL_NAMES[protocol]} "
+                                      f"{address} port {port}: no bind takes it")
         elif self.binds.at(protocol, address, port) is not None:
             raise IsBusy(f"{session.client} port {client_port} is bound already")
         bind = self.binds.add(session.id, protocol, address, port, now, session.client,
@@ -735,6 +752,8 @@ class Engine:
                 raise InvalidArgument(f"target {target} is not of the client's address family")
             if target.is_unspecified or target.is_multicast or target.is_loopback:
                 raise InvalidArgument(f"target {target} is not a unicast host address")
+            if target in self.own_addresses:
+                raise InvalidArgument(f"target {target} is the firewall's own address")
         external_index = self._external_index(session.client.version, proxy_external_address,
                                               translated=self.nat or redirect)
         protocol_def = next((p for p in self.policy.protocols if p.guid == protocol_guid), None)

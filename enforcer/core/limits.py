@@ -41,8 +41,9 @@ class Limits:
     # Every forwarded flow of a client address the kernel tracks (kernel and user mode),
     # enforced in the kernel before the queue
     flows_per_client: int = 4096
-    # New flows a client address may start per second before the queue (0: no limit)
-    new_flows_per_second: int = 2000
+    # New flows a client address may start per second before the queue (0: no limit); a
+    # burst of a tenth of that is let through at once
+    new_flows_per_second: int = 500
     # Bytes held for filtered streams (output kept for retransmission, held-back lines)
     buffered_bytes_total: int = 64 * MIB
     buffered_bytes_per_client: int = 8 * MIB

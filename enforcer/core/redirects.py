@@ -12,6 +12,7 @@ not. A block returns to its pool when every action of the block is done.
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from enforcer.core.packet import IPAddress
@@ -63,8 +64,9 @@ class PortPool:
         self._used: set[int] = set()
         self._cursor = low
 
-    def allocate(self, count: int) -> int:
-        """The base of a free block of ``count`` ports; IsBusy when there is none."""
+    def allocate(self, count: int, avoid: Callable[[int], bool] | None = None) -> int:
+        """The base of a free block of ``count`` ports, none of them one that ``avoid``
+        names; IsBusy when there is none."""
         size = self.high - self.low + 1
         if not 1 <= count <= size:
             raise InvalidArgument(f"{count} ports do not fit the {self.name} ports "
@@ -74,7 +76,8 @@ class PortPool:
             base = self.low + (start - self.low + step) % size
             if base + count - 1 > self.high:
                 continue
-            if not any(p in self._used for p in range(base, base + count)):
+            if not any(p in self._used or (avoid is not None and avoid(p))
+                       for p in range(base, base + count)):
                 self._blocks[base] = count
                 self._used.update(range(base, base + count))
                 self._cursor = base + count if base + count <= self.high else self.low

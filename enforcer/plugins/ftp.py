@@ -18,6 +18,8 @@ agree on, and nothing else:
 - Anti-bounce: an address other than the control connection's peer (replies)
   or the client's own or its bind's (commands) opens nothing, and the line
   passes unchanged (as Linux's FTP helper and OpenBSD's ftp-proxy do by default).
+  So does a privileged data port (below 1024, as OpenBSD's ftp-proxy refuses),
+  and, in NAT, a port the fw listens on (the session API refuses that bind).
 
 Lines are reassembled across segments. Where a line may be rewritten (a
 translated SecureNAT client), an incomplete line is held back
@@ -35,7 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from enforcer.client import Flags, SessionApiError, SessionCalls
-from enforcer.filters import Direction, IPAddress, Primary
+from enforcer.filters import FIRST_UNPRIVILEGED_PORT, Direction, IPAddress, Primary
 
 FTP_GUID = "5c3c2a3e-8f1b-4c1e-9a57-1f0d3a6b2101"
 MAX_LINE = 512
@@ -181,6 +183,10 @@ class FtpControl:
         what the server must be told, or None (opened nothing; the line passes as it is)."""
         p = self.primary
         server = str(p.server[0])
+        if port < FIRST_UNPRIVILEGED_PORT:
+            log.info("session %d: active data connection to privileged port %d refused",
+                     p.session, port)
+            return None
         try:
             if p.firewall_client:
                 bind = next((b for b in self.api.binds(p.session)
@@ -209,26 +215,31 @@ class FtpControl:
 
     # --- replies: 227 (PASV) and 229 (EPSV) -----------------------------------------------
     def _reply(self, line: bytes) -> bytes:
-        if line.startswith(b"227 "):
+        """The client is to connect to the address and port a reply names (EPSV: the
+        server's): open it for the client, unless it is a third party or a privileged
+        port; where the client sees only the fw, rewrite the reply to the fw's port."""
+        extended = line.startswith(b"229 ")
+        if extended:
+            port = parse_epsv_reply(line)
+            found = None if port is None else (self.primary.server[0], port)
+        elif line.startswith(b"227 "):
             found = parse_host_port(line[4:])
-            if found is None:
-                return line
-            address, port = found
-            if address != self.primary.server[0]:
-                log.info("session %d: PASV names a third party %s: nothing opened",
-                         self.primary.session, address)
-                return line
-            if self.primary.via is not None:
-                return self._redirect(line, address, port, extended=False)
-            self._allow(address, port)
+        else:
             return line
-        if line.startswith(b"229 "):
-            port_e = parse_epsv_reply(line)
-            if port_e is None:
-                return line
-            if self.primary.via is not None:
-                return self._redirect(line, self.primary.server[0], port_e, extended=True)
-            self._allow(self.primary.server[0], port_e)
+        if found is None:
+            return line
+        address, port = found
+        if address != self.primary.server[0]:
+            log.info("session %d: PASV names a third party %s: nothing opened",
+                     self.primary.session, address)
+            return line
+        if port < FIRST_UNPRIVILEGED_PORT:
+            log.info("session %d: %s names privileged port %d: nothing opened",
+                     self.primary.session, "EPSV" if extended else "PASV", port)
+            return line
+        if self.primary.via is not None:
+            return self._redirect(line, address, port, extended=extended)
+        self._allow(address, port)
         return line
 
     def _allow(self, address: IPAddress, port: int) -> None:

@@ -8,7 +8,8 @@ external address and the same port, which the fw's source translation keeps
 unless another flow holds it) and approves it for the server alone
 (RetroactiveAllowBind with an IpFilter holding the server). The server's reply
 is admitted, and with it the transfer; any other sender, or a second port of
-the server's, is not. Malformed requests open nothing.
+the server's, is not. Malformed requests open nothing, and so does a request
+from a privileged port (below 1024: SPEC rule 14).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import struct
 from dataclasses import dataclass, field
 
 from enforcer.client import SessionApiError, SessionCalls
-from enforcer.filters import Direction, Primary
+from enforcer.filters import FIRST_UNPRIVILEGED_PORT, Direction, Primary
 
 TFTP_GUID = "5c3c2a3e-8f1b-4c1e-9a57-1f0d3a6b2105"
 RRQ, WRQ = 1, 2
@@ -67,6 +68,10 @@ class TftpRequests:
     def _open(self) -> None:
         p = self.primary
         server = str(p.server[0])
+        if p.client[1] < FIRST_UNPRIVILEGED_PORT:
+            log.info("session %d: a request from privileged port %d: its reply is not opened",
+                     p.session, p.client[1])
+            return
         try:
             where = self.api.bind_for_client(p.session, p.client[1], protocol="udp")
             self.api.retroactive_allow_bind(p.session, where, protocol="udp",

@@ -14,16 +14,16 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 import pytest
 from scapy.layers.inet import TCP, UDP
 
 from enforcer.client import Flags
 from testbed import peers, timeouts
-from testbed.agent import TcpConnection
+from testbed.agent import ServerHandle, TcpConnection
 from testbed.checks import expect_no_packet, expect_packet
-from testbed.clauses.helpers import datagram, ip
+from testbed.clauses.helpers import datagram, ip, is_rejection, syn
 from testbed.lab import GUIDS, SOCKS_PORT, SOCKS_USERS
 from testbed.peers import BIG_FILE, SMALL_FILE, FtpServer
 from testbed.plugin import PUBLISHED_FTP_PORT, App
@@ -113,14 +113,16 @@ def dialogue(app: App, node: str, server: str, port: int = 21) -> Iterator[Dialo
         conn.close()
 
 
-def passive_port(app: App, d: Dialogue, pieces: list[int] | None = None) -> int:
-    """Ask for a passive data port (PASV over IPv4, EPSV over IPv6): the port."""
-    if app.family == "ipv4":
-        reply = d.send(b"PASV\r\n", pieces)
+def passive_port(app: App, d: Dialogue, pieces: list[int] | None = None,
+                 verb: bytes | None = None) -> int:
+    """Ask for a passive data port (``verb``, by default PASV over IPv4 and EPSV over
+    IPv6): the port the reply names."""
+    verb = verb or (b"PASV" if app.family == "ipv4" else b"EPSV")
+    reply = d.send(verb + b"\r\n", pieces)
+    if verb == b"PASV":
         found = re.search(rb"(\d+),(\d+),(\d+),(\d+),(\d+),(\d+)", reply)
         assert reply.startswith(b"227") and found, reply
         return int(found.group(5)) * 256 + int(found.group(6))
-    reply = d.send(b"EPSV\r\n", pieces)
     found = re.search(rb"\(\|\|\|(\d+)\|\)", reply)
     assert reply.startswith(b"229") and found, reply
     return int(found.group(1))
@@ -144,12 +146,15 @@ def opened_nothing(app: App) -> str | None:
 
 
 # A scripted FTP server for what real servers never send: a PASV reply naming
-# another host, or one split across segments. It answers PASV/EPSV with a
-# listener of its own (or the address given), sends the reply in N pieces, and
-# serves a line of data to whoever connects; anything else gets "200".
+# another host or a privileged port, or one split across segments. It answers
+# PASV/EPSV with a listener of its own on the next of the data ports given (0:
+# any; the list is used round and round), names it (at the address given) in a
+# reply sent in N pieces, and serves a line of data to whoever connects;
+# anything else gets "200".
 FAKE_SERVER = r"""
-import socket, sys, threading, time
+import itertools, socket, sys, threading, time
 address, named, pieces = sys.argv[1], sys.argv[2], int(sys.argv[3])
+data_ports = itertools.cycle([int(p) for p in sys.argv[4].split(",")])
 family = socket.AF_INET6 if ":" in address else socket.AF_INET
 listener = socket.socket(family)
 listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -181,7 +186,8 @@ while True:
         command = line.strip().upper()
         if command in (b"PASV", b"EPSV"):
             data = socket.socket(family)
-            data.bind((address, 0))
+            data.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)  # a port named again
+            data.bind((address, next(data_ports)))
             data.listen(1)
             port = data.getsockname()[1]
             threading.Thread(target=serve, args=(data,), daemon=True).start()
@@ -200,11 +206,14 @@ while True:
 
 
 @contextmanager
-def fake_server(app: App, node: str, names: str, pieces: int = 1) -> Iterator[str]:
-    """FAKE_SERVER on ``node``'s address port 21, naming ``names`` in PASV replies."""
+def fake_server(app: App, node: str, names: str, pieces: int = 1,
+                data_ports: tuple[int, ...] = (0,)) -> Iterator[str]:
+    """FAKE_SERVER on ``node``'s address port 21, naming ``names`` in PASV replies and
+    ``data_ports`` in turn."""
     tb = app.lab.tb
     address = app.addr(node)
-    proc = tb.popen(node, [sys.executable, "-c", FAKE_SERVER, address, names, str(pieces)],
+    proc = tb.popen(node, [sys.executable, "-c", FAKE_SERVER, address, names, str(pieces),
+                           ",".join(map(str, data_ports))],
                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         assert proc.stdout is not None and proc.stdout.readline().strip() == "ready", \
@@ -493,6 +502,146 @@ def test_malformed_commands_open_nothing_and_break_nothing(app: App, servers: pe
         data.close()
     if not app.kernel_helpers:
         assert app.enforcer.running and app.call("status")["counters"].get("errors", 0) == 0
+
+
+# --- APP-FTP-07: data ports ------------------------------------------------------------------
+
+PRIVILEGED = (22, 1023)
+HELPERS_ANY_PORT = ("Linux's FTP helper expects the data connection a PORT/EPRT command or a "
+                    "PASV/EPSV reply names whatever its port (nf_conntrack_ftp checks none), and "
+                    "in NAT nf_nat_ftp gives it the same port of the fw when no other expectation "
+                    "holds it, whatever listens there")
+
+
+def active_commands(app: App, address: str, port: int) -> list[bytes]:
+    """The active-mode commands naming address:port in this family: PORT and EPRT over
+    IPv4, EPRT over IPv6."""
+    if app.family == "ipv4":
+        return [active_command(app, address, port), f"EPRT |1|{address}|{port}|\r\n".encode()]
+    return [active_command(app, address, port)]
+
+
+def assert_stopped_at_fw(app: App, node: str, target: str, ports: tuple[int, ...],
+                         watch: str) -> None:
+    """SYNs from ``node`` to ``target`` on each of ``ports`` reach the fw (a capture on
+    its interface towards ``node`` sees them), and nothing comes of them: none reaches
+    ``watch``, and no RST or ICMP error comes back to ``node``."""
+    inside = node in {n.name for n in app.topology.clients}
+    towards_node = app.topology.fw_internal_iface if inside else app.topology.fw_external_iface
+    src = app.addr(node)
+    bpf = "tcp and (" + " or ".join(f"dst port {p}" for p in ports) + ")"
+    sport = 41000 + (time.monotonic_ns() // 1000) % 10000  # a tuple no earlier probe used
+    with app.agent("fw").sniff(towards_node, bpf=bpf) as at_fw, \
+            app.agent(watch).sniff(app.iface(watch), bpf=bpf) as at_target, \
+            app.agent(node).sniff(app.iface(node), bpf=f"dst host {src}") as back:
+        app.agent(node).send([syn(app, src, target, sport + i, port) for i, port in enumerate(ports)])
+        for port in ports:
+            expect_packet(at_fw, TCP(dport=port, flags="S"))
+        expect_no_packet(at_target, TCP(flags="S"))
+        expect_no_packet(back, is_rejection, timeout=0)
+
+
+def assert_the_fw_answers(app: App, listeners: list[ServerHandle]) -> None:
+    """NAT: s1's connection to each listener's port on the fw's external address (where a
+    data connection to c1 would have been bound) reaches that listener in the fw's
+    namespace, which echoes what s1 sends; no SYN reaches c1."""
+    bpf = "tcp and (" + " or ".join(f"dst port {listener.port}" for listener in listeners) + ")"
+    with app.agent("c1").sniff(app.iface("c1"), bpf=bpf) as at_client:
+        for listener in listeners:
+            with app.agent("s1").tcp_open(app.fw_external(0), listener.port) as conn:
+                assert conn.connected, f"s1 -> the fw's port {listener.port}: {conn.error}"
+                assert conn.talk(b"who is there?\n", until=r"\n") == b"who is there?\n"
+            assert [p[0] for p in listener.stats()["peers"]] == [app.addr("s1")], \
+                f"the fw's port {listener.port} did not lead to the fw's own listener"
+        expect_no_packet(at_client, TCP(flags="S"), timeout=SETTLE)
+
+
+def assert_active_ftp_works(app: App, server: FtpServer) -> None:
+    """A real client's active download (PORT over IPv4, EPRT over IPv6) arrives whole:
+    what opened nothing before was the data port's doing."""
+    mode: peers.FtpMode = "PORT" if app.family == "ipv4" else "EPRT"
+    got = peers.ftp_transfer(app.lab.tb, "c1", "ftplib", server.address, mode, "get", BIG_FILE)
+    assert got.ok and got.sha256 == server.files[BIG_FILE], \
+        f"{got.describe()}\nserver log:\n{server.log()}"
+
+
+def wait_until_listed(app: App, port: int) -> None:
+    """Until the enforcer's reading of the fw's sockets (kept briefly) has the listener
+    on its external address port ``port``."""
+    address = app.fw_external(0)
+    entry = f"tcp {address}:{port}" if app.family == "ipv4" else f"tcp [{address}]:{port}"
+    deadline = time.monotonic() + timeouts.POSITIVE
+    while entry not in app.call("status")["listening"]:
+        assert time.monotonic() < deadline, f"the enforcer does not see the fw listen on {entry}"
+        time.sleep(0.05)
+
+
+@pytest.mark.clause("APP-FTP-07")
+def test_a_privileged_port_in_port_or_eprt_opens_nothing(app: App, servers: peers.PeerSet) -> None:
+    """PORT/EPRT naming c1's port 22 or 1023 open nothing. Routed, the server's would-be
+    connections to c1 stop at the fw; in NAT, where they would go to the fw's ports of
+    those numbers, those ports still lead to the fw (a listener there answers), not to c1.
+    Then active FTP brings a file whole."""
+    app.helpers_deviate(HELPERS_ANY_PORT)
+    server = servers.ftp(app.family, "vsftpd")
+    c1 = app.addr("c1")
+    with ExitStack() as stack:
+        fw_listeners = [stack.enter_context(app.agent("fw").tcp_server(app.fw_external(0), port))
+                        for port in PRIVILEGED] if app.nat else []
+        d = stack.enter_context(dialogue(app, "c1", server.address))
+        d.login()
+        for port in PRIVILEGED:
+            for command in active_commands(app, c1, port):
+                assert d.send(command)[:1] in (b"2", b"5"), command  # the server's answer
+        if app.nat:
+            assert_the_fw_answers(app, fw_listeners)
+        else:
+            assert_stopped_at_fw(app, "s1", c1, PRIVILEGED, watch="c1")
+        assert opened_nothing(app) is None
+    assert_active_ftp_works(app, server)
+
+
+@pytest.mark.clause("APP-FTP-07")
+@pytest.mark.topologies("nat")
+def test_a_port_the_fw_listens_on_is_no_data_port(app: App, servers: peers.PeerSet) -> None:
+    """NAT: a PORT/EPRT naming c1's port P, where the fw listens on its external address
+    port P, opens nothing; s1's would-be data connection to the fw's port P reaches the
+    fw's own listener, and c1's listener on P sees nobody. Then active FTP brings a file."""
+    app.helpers_deviate(HELPERS_ANY_PORT)
+    server = servers.ftp(app.family, "vsftpd")
+    with app.agent("fw").tcp_server(app.fw_external(0), 0) as fw_listener, \
+            app.agent("c1").tcp_server(app.addr("c1"), fw_listener.port) as at_client:
+        port = fw_listener.port
+        if not app.kernel_helpers:
+            wait_until_listed(app, port)
+        with dialogue(app, "c1", server.address) as d:
+            d.login()
+            for command in active_commands(app, app.addr("c1"), port):
+                assert d.send(command)[:1] in (b"2", b"5"), command
+            assert_the_fw_answers(app, [fw_listener])
+            assert at_client.stats()["accepted"] == 0
+            assert opened_nothing(app) is None
+    assert_active_ftp_works(app, server)
+
+
+@pytest.mark.clause("APP-FTP-07")
+def test_a_privileged_port_in_a_pasv_or_epsv_reply_opens_nothing(app: App,
+                                                                 servers: peers.PeerSet) -> None:
+    """A server (scripted, s2) naming its port 22, then 1023, in PASV/EPSV replies (EPSV
+    only over IPv6) opens nothing: c1's connections there stop at the fw. Its next reply,
+    naming an unprivileged port on the same control connection, opens that port."""
+    app.helpers_deviate(HELPERS_ANY_PORT)
+    servers.free("s2")
+    verbs = (b"PASV", b"EPSV") if app.family == "ipv4" else (b"EPSV", b"EPSV")
+    with fake_server(app, "s2", names=app.addr("s2"), data_ports=(*PRIVILEGED, 0)) as address, \
+            dialogue(app, "c1", address) as d:
+        assert [passive_port(app, d, verb=verb) for verb in verbs] == list(PRIVILEGED)
+        assert_stopped_at_fw(app, "c1", address, PRIVILEGED, watch="s2")
+        assert opened_nothing(app) is None
+        port = passive_port(app, d)
+        with app.agent("c1").tcp_open(address, port) as data:
+            assert data.connected, f"the unprivileged data port {port} stayed shut: {data.error}"
+            assert data.talk(b"", until=r"\n") == b"pinhole data\n"
 
 
 # --- APP-TFTP-01 ----------------------------------------------------------------------------

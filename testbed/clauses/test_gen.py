@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import threading
+from typing import Any
+
 import pytest
-from scapy.layers.inet import TCP, UDP
+from scapy.layers.inet import IP, TCP, UDP
+from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Ether
 
 from testbed.checks import expect_no_packet, expect_packet
@@ -16,6 +20,7 @@ from testbed.clauses.helpers import (
     is_rejection,
     syn,
 )
+from testbed.lab import SOCKS_PORT
 from testbed.plugin import Net
 
 SECONDARY_TCP = 20021
@@ -117,32 +122,139 @@ def test_primary_not_allowed_by_policy_is_dropped(net: Net, client: str, server:
             assert ok["connected"], f"c1 may use HTTP but was refused: {ok['error']}"
 
 
-@pytest.mark.clause("GEN-03")
-def test_fail_closed_when_the_enforcer_dies(net: Net) -> None:
-    """SIGKILL the enforcer: no new flow passes; a restart removes the stale state and enforces again."""
-    c1, s1 = net.agent("c1"), net.agent("s1")
-    src, dst = net.addr("c1"), net.addr("s1")
-    net.enforcer.kill()
-    with s1.tcp_server(dst, 21) as ftp:
-        result = c1.tcp_connect(dst, 21, send_bytes=100, timeout=NEGATIVE)
-        assert_not_connected(result, "a primary with the enforcer dead")
-        assert ftp.stats()["accepted"] == 0
-        with s1.sniff(net.iface("s1")) as at_server:
-            c1.send(syn(net, src, dst, 40006, 21))
-            c1.send(datagram(net, src, dst, 40007, 53, b"dead"))
-            expect_no_packet(at_server, TCP(dport=21))
-            expect_no_packet(at_server, UDP(dport=53))
+# --- GEN-03: fail-closed (rule 15, lockdown) ----------------------------------------------
 
-        net.enforcer.start()
-        rules = net.lab.tb.run("fw", ["iptables-save"]).stdout
-        assert rules.count("-j PINHOLE-FORWARD") == 1, f"stale rules doubled after restart:\n{rules}"
-        ok = c1.tcp_connect(dst, 21, send_bytes=100)
-        assert ok["connected"], f"no primary after restart: {ok['error']}"
+FW_SERVICE = 2222  # a listener the checks start in the fw namespace: one of "the fw's services"
+LOCKED_SPORTS = range(40010, 40020)
+
+
+def _outside(net: Net) -> Any:
+    """An Ether header from s1 straight to the fw's external MAC (s1 may have no route)."""
+    return Ether(src=net.mac("s1"), dst=net.mac("fw", net.topology.fw_external_iface))
+
+
+def assert_locked_down(net: Net) -> None:
+    """No new flow passes either way, and nothing from outside reaches the fw's services,
+    its SOCKS port included: every probe reached the fw (its capture shows it) and nothing
+    came back, no SYN-ACK, no RST, no ICMP. The inside still reaches the fw's services,
+    so the silence from outside is the fw's doing, not a dead listener."""
+    c1, s1, fw = net.agent("c1"), net.agent("s1"), net.agent("fw")
+    client, server = net.addr("c1"), net.addr("s1")
+    ext, inside = net.topology.fw_external_iface, net.topology.fw_internal_iface
+    out = _outside(net)
+    probes_in = [(net.fw_external(), FW_SERVICE), (net.fw_internal(), FW_SERVICE),
+                 (net.fw_internal(), SOCKS_PORT)]
+    with fw.tcp_server(net.fw_external(), FW_SERVICE), fw.tcp_server(net.fw_internal(), FW_SERVICE), \
+            s1.sniff(net.iface("s1")) as at_s1, \
+            c1.sniff(net.iface("c1")) as at_c1, fw.sniff(ext) as at_ext, fw.sniff(inside) as at_int:
+        c1.send(syn(net, client, server, 40010, 21))  # an allowed primary
+        c1.send(datagram(net, client, server, 40011, 53, b"locked down"))  # and a UDP one
+        s1.send(out / syn(net, server, client, 40012, 21), iface=net.iface("s1"))  # inbound
+        for sport, (address, port) in zip(LOCKED_SPORTS[3:], probes_in, strict=False):
+            s1.send(out / syn(net, server, address, sport, port), iface=net.iface("s1"))
+        attempt = c1.tcp_connect(server, 21, send_bytes=100, timeout=NEGATIVE)
+        assert_not_connected(attempt, "a primary while the enforcer is not running")
+        to_server = IP(dst=server) if net.family == "ipv4" else IPv6(dst=server)
+        expect_no_packet(at_s1, to_server / TCP(dport=21, flags="S"), timeout=0)
+        expect_no_packet(at_s1, to_server / UDP(dport=53), timeout=0)
+        expect_no_packet(at_c1, TCP(sport=40012), timeout=0)
+        for port in (FW_SERVICE, SOCKS_PORT):
+            expect_no_packet(at_s1, TCP(sport=port), timeout=0)
+        expect_no_packet(at_s1, is_rejection, timeout=0)
+        expect_no_packet(at_c1, is_rejection, timeout=0)
+        # every probe reached the fw
+        expect_packet(at_int, TCP(sport=40010, dport=21, flags="S"), timeout=0)
+        expect_packet(at_int, UDP(sport=40011, dport=53), timeout=0)
+        for sport in (40012, *LOCKED_SPORTS[3:3 + len(probes_in)]):
+            expect_packet(at_ext, TCP(sport=sport, flags="S"), timeout=0)
+        inner = c1.tcp_connect(net.fw_internal(), FW_SERVICE, send_bytes=100)
+        assert inner["connected"] and inner["received"] == 100, \
+            f"the fw's service did not answer the inside either: {inner}"
+
+
+def _end(net: Net, how: str) -> None:
+    """The enforcer stops running, as ``how`` says."""
+    if how == "never started":  # as at boot: the lockdown command, no enforcer yet
+        net.enforcer.stop()
+        net.enforcer.unload()
+        assert not _pinhole_rules(net), "unload left rules behind"
+        net.enforcer.lockdown()
+    elif how == "stopped":
+        assert net.enforcer.stop() == 0, net.enforcer.log_tail()
+    elif how == "crashed":
+        assert net.enforcer.crash() != 0
+    else:
+        net.enforcer.kill()
+
+
+def _pinhole_rules(net: Net) -> str:
+    return "".join(line + "\n" for tool in ("iptables-save", "ip6tables-save")
+                   for line in net.lab.tb.run("fw", [tool]).stdout.splitlines() if "PINHOLE" in line)
+
+
+@pytest.mark.clause("GEN-03")
+@pytest.mark.parametrize("how", ["never started", "stopped", "crashed", "killed"])
+def test_locked_down_whenever_the_enforcer_is_not_running(net: Net, how: str) -> None:
+    """Before the first start, after a clean stop, a crash or SIGKILL: nothing new passes
+    either way and the fw's services are closed to the outside, while a flow admitted
+    before goes on; a start then takes over with one copy of its rules."""
+    c1, s1 = net.agent("c1"), net.agent("s1")
+    server = net.addr("s1")
+    with s1.tcp_server(server, 21), c1.tcp_open(server, 21) as admitted:
+        assert admitted.connected, admitted.error
+        assert admitted.exchange(10_000)["received"] == 10_000
+        _end(net, how)
+        assert_locked_down(net)
+        if how != "never started":  # (unload, the operator's command, cut it there)
+            assert admitted.exchange(10_000)["received"] == 10_000, \
+                "a flow admitted in kernel mode was cut when the enforcer stopped"
+    net.enforcer.start()
+    rules = _pinhole_rules(net)
+    for chain in ("FORWARD", "INPUT"):
+        assert rules.count(f"-A {chain} -j PINHOLE-{chain}") == 2, rules  # one per family
+    assert rules.count("-A PINHOLE-FORWARD -j DROP") == 2, rules
+    with s1.tcp_server(server, 21):
+        ok = c1.tcp_connect(server, 21, send_bytes=100)
+    assert ok["connected"] and ok["received"] == 100, f"no primary after the start: {ok}"
+
+
+@pytest.mark.clause("GEN-03")
+def test_a_restart_leaves_no_gap(net: Net) -> None:
+    """SYNs no permission allows, sent without pause through a stop and a start, never
+    reach the server: there is no moment without rules."""
+    c1, s1 = net.agent("c1"), net.agent("s1")
+    client, server = net.addr("c1"), net.addr("s1")
+    sent = 0
+    stop = threading.Event()
+
+    def probe() -> None:
+        nonlocal sent
+        while not stop.is_set():
+            c1.send([syn(net, client, server, 41000 + (sent + i) % 1000, SECONDARY_TCP)
+                     for i in range(20)])
+            sent += 20
+
+    with s1.sniff(net.iface("s1")) as at_server, net.agent("fw").sniff(
+            net.topology.fw_internal_iface, bpf=f"tcp dst port {SECONDARY_TCP}") as at_fw:
+        prober = threading.Thread(target=probe, daemon=True)
+        prober.start()
+        try:
+            assert net.enforcer.stop() == 0
+            net.enforcer.start()
+        finally:
+            stop.set()
+            prober.join(10)
+        expect_no_packet(at_server, TCP(dport=SECONDARY_TCP))
+        arrived = len(at_fw.packets())
+    assert sent >= 100 and arrived >= sent // 2, f"{sent} probes sent, {arrived} seen at the fw"
+    rules = _pinhole_rules(net)
+    assert rules.count("-A FORWARD -j PINHOLE-FORWARD") == 2, rules
 
 
 @pytest.mark.clause("GEN-03")
 def test_fail_open_only_when_configured(net: Net) -> None:
-    """With fail_open, a live enforcer still drops unpermitted flows; a dead one lets flows pass."""
+    """With fail_open, a live enforcer still drops unpermitted flows; a dead one, or one that
+    stopped cleanly, lets flows pass (no lockdown)."""
     c1, s1 = net.agent("c1"), net.agent("s1")
     dst = net.addr("s1")
     net.enforcer.stop()
@@ -154,4 +266,15 @@ def test_fail_open_only_when_configured(net: Net) -> None:
         dead = c1.tcp_connect(dst, SECONDARY_TCP, send_bytes=100_000)
         assert dead["connected"] and dead["received"] == 100_000, \
             f"fail-open with the enforcer dead should pass traffic: {dead}"
-        assert listener.stats()["accepted"] == 1
+        net.enforcer.start(fail_open=True)
+        assert net.enforcer.stop() == 0
+        assert not _pinhole_rules(net), "a fail-open stop left rules"
+        if net.nat:
+            # nothing translates any more, so s1 cannot answer; but the fw forwards
+            with s1.sniff(net.iface("s1")) as at_server:
+                c1.send(syn(net, net.addr("c1"), dst, 40020, SECONDARY_TCP))
+                expect_packet(at_server, ip(net, net.addr("c1"), dst) / TCP(sport=40020))
+        else:
+            stopped = c1.tcp_connect(dst, SECONDARY_TCP, send_bytes=100_000)
+            assert stopped["connected"] and stopped["received"] == 100_000, stopped
+            assert listener.stats()["accepted"] == 2

@@ -14,6 +14,7 @@ from scapy.packet import Packet
 from enforcer.client import Action, Client
 from enforcer.core.flags import Flags
 from enforcer.core.results import InvalidArgument, IsBusy, NetworkRulesDenied, PolicyRulesDenied, Terminating
+from enforcer.dataplane import MAPS_TABLE
 from testbed import timeouts
 from testbed.checks import expect_packet
 from testbed.clauses.helpers import (
@@ -51,10 +52,16 @@ def redirect_ports_in_use(net: Net) -> dict[str, int]:
     return {mode: pool["in_use"] for mode, pool in net.call("status")["redirect_ports"].items()}
 
 
-def kernel_redirect_rules(net: Net) -> str:
-    tool = "iptables" if net.family == "ipv4" else "ip6tables"
-    listing = net.lab.tb.run("fw", [tool, "-w", "-t", "nat", "-S", "PINHOLE-PREROUTING"]).stdout
-    return "\n".join(line for line in listing.splitlines() if line.startswith("-A"))
+def kernel_redirect_rules(net: Net) -> list[str]:
+    """The kernel-mode redirects' map elements of the family ("client . internal . proto .
+    port : ..."), as nft lists them."""
+    proto = "ip" if net.family == "ipv4" else "ip6"
+    out = []
+    for name in (f"redirect_mark_{proto}", f"redirect_to_{proto}"):
+        listing = net.lab.tb.run("fw", ["nft", "list", "map", "inet", MAPS_TABLE, name]).stdout
+        out += [e.strip(" ,{}") for line in listing.splitlines() if " : " in line
+                for e in line.split("elements =")[-1].split(",") if " : " in e]
+    return sorted(out)
 
 
 @pytest.mark.clause("RDC-01")
@@ -112,7 +119,8 @@ def test_n_addresses_get_consecutive_ports_each_cancellable_alone(net: Net, mode
         assert [a.state for a in actions] == ["cancelled", "consumed", "consumed"]
     assert redirect_ports_in_use(net) == before, "the block did not return to its pool"
     if mode == "kernel":
-        assert f"--dport {base}" not in kernel_redirect_rules(net), "a finished redirect's rules stayed"
+        assert not [e for e in kernel_redirect_rules(net) if f" . {base} : " in e], \
+            "a finished redirect's map elements stayed"
 
 
 @pytest.mark.clause("RDC-03")

@@ -35,26 +35,55 @@ INTERFACES = dataplane.Interfaces(
     (ipaddress.ip_network("192.0.2.0/24"), ipaddress.ip_network("2001:db8:1::/64")),
     (ipaddress.ip_address("198.51.100.1"), ipaddress.ip_address("2001:db8:2::1")),
     (("int0", ipaddress.ip_interface("192.0.2.1/24")), ("int0", ipaddress.ip_interface("2001:db8:1::1/64"))))
-REDIRECTS = [
-    dataplane.RedirectRule("int0", 6, ipaddress.ip_address("192.0.2.11"), ipaddress.ip_address("192.0.2.1"),
+NAT_RULES: list[dataplane.NatRule] = [
+    dataplane.RedirectRule(6, ipaddress.ip_address("192.0.2.11"), ipaddress.ip_address("192.0.2.1"),
                            61000, ipaddress.ip_address("198.51.100.21"), 30001),
-    dataplane.RedirectRule("int0", 17, ipaddress.ip_address("2001:db8:1::11"),
-                           ipaddress.ip_address("2001:db8:1::1"), 61001,
-                           ipaddress.ip_address("2001:db8:2::21"), 30001),
+    dataplane.RedirectRule(17, ipaddress.ip_address("2001:db8:1::11"), ipaddress.ip_address("2001:db8:1::1"),
+                           61001, ipaddress.ip_address("2001:db8:2::21"), 30001),
+    dataplane.BindRule(6, ipaddress.ip_address("198.51.100.1"), 20001, ipaddress.ip_address("192.0.2.11"),
+                       40001),
 ]
 
 
+@pytest.mark.parametrize("working", [True, False], ids=["running", "lockdown"])
 @pytest.mark.parametrize("fail_open", [False, True], ids=["fail-closed", "fail-open"])
-def test_nft_ruleset_is_accepted_by_the_kernel(tb: Testbed, fail_open: bool) -> None:
-    """nft -c checks against the kernel; where it lacks queue, only that statement is swapped.
-    Kernel-mode redirects' map elements are added and deleted in the same transaction."""
-    text = (dataplane.render_nft(DataplaneSettings(0, fail_open), INTERFACES, nat=True)
-            + dataplane.render_nft_redirects(REDIRECTS, add=True)
-            + dataplane.render_nft_redirects(REDIRECTS, add=False))
+def test_nft_ruleset_is_accepted_by_the_kernel(tb: Testbed, fail_open: bool, working: bool) -> None:
+    """nft -c checks against the kernel; where it lacks queue, only that statement is swapped."""
+    text = dataplane.render_nft(dataplane.Ruleset(DataplaneSettings(0, fail_open), INTERFACES, True,
+                                                  (20000, 29999), working=working))
     if not queue_supported(tb):
         text = text.replace("queue num 0 bypass", "accept").replace("queue num 0", "accept")
     result = tb.run("fw", ["nft", "-c", "-f", "-"], input=text, check=False)
     assert result.returncode == 0, result.stderr
+
+
+def test_nat_map_elements_written_over_netlink_are_what_nft_reads(tb: Testbed) -> None:
+    """NatMaps (raw netlink) writes elements that nft lists as the rules say, deletes them,
+    and a delete of one already gone does not stop the others."""
+    script = f"""
+import subprocess
+from ipaddress import IPv4Address, IPv6Address
+from enforcer import dataplane
+from enforcer.dataplane import BindRule, RedirectRule
+subprocess.run(["nft", "-f", "-"], input=dataplane.render_nft_maps(), text=True, check=True)
+rules = {NAT_RULES!r}
+maps = dataplane.NatMaps()
+maps.add(rules)
+print(subprocess.run(["nft", "list", "table", "inet", "{dataplane.MAPS_TABLE}"], capture_output=True,
+                     text=True, check=True).stdout)
+print("---")
+maps.delete(rules[:1])
+maps.delete(rules)
+print(subprocess.run(["nft", "list", "table", "inet", "{dataplane.MAPS_TABLE}"], capture_output=True,
+                     text=True, check=True).stdout)
+subprocess.run(["nft", "delete", "table", "inet", "{dataplane.MAPS_TABLE}"], check=True)
+"""
+    added, removed = tb.run("fw", [sys.executable, "-c", script]).stdout.split("---")
+    assert "192.0.2.11 . 192.0.2.1 . tcp . 61000 : 198.51.100.21 . 30001" in added
+    assert "192.0.2.11 . 192.0.2.1 . tcp . 61000 : 0x0000ee48" in added
+    assert "2001:db8:1::11 . 2001:db8:1::1 . udp . 61001 : 2001:db8:2::21 . 30001" in added
+    assert "198.51.100.1 . tcp . 20001 : 192.0.2.11 . 40001" in added
+    assert "elements" not in removed
 
 
 def test_the_nft_backend_runs_where_the_kernel_allows_and_refuses_clearly_elsewhere(
@@ -69,6 +98,7 @@ def test_the_nft_backend_runs_where_the_kernel_allows_and_refuses_clearly_elsewh
                 assert tb.agent("c1").tcp_connect("198.51.100.21", 21, send_bytes=1000)["connected"]
         finally:
             assert enforcer.stop() == 0
+            enforcer.unload()
     else:
         with pytest.raises(RuntimeError, match="lacks nft's queue statement"):
             enforcer.start(backend="nft")

@@ -57,26 +57,41 @@ def admit_a_primary(tb: Testbed) -> None:
     assert result["connected"], result
 
 
-def test_clean_exit_removes_all_kernel_state(tb: Testbed, enforcer: EnforcerProcess) -> None:
+def nft_tables(tb: Testbed) -> str:
+    return str(tb.run("fw", ["nft", "list", "tables"]).stdout)
+
+
+def test_clean_exit_leaves_the_lockdown_and_unload_removes_it(tb: Testbed,
+                                                               enforcer: EnforcerProcess) -> None:
     admit_a_primary(tb)
-    assert "PINHOLE-FORWARD" in kernel_state(tb)
-    assert "198.51.100.21" in kernel_state(tb), "the admitted flow should carry our connmark"
+    running = kernel_state(tb)
+    assert "NFQUEUE" in running and "PINHOLE-OUTPUT" in running and "SNAT" in running
+    assert "198.51.100.21" in running, "the admitted flow should carry our connmark"
     assert enforcer.stop() == 0, enforcer.log_tail()
-    assert kernel_state(tb) == ""
     assert not enforcer.socket.exists()
+    stopped = kernel_state(tb)
+    # the base alone: nothing queued, nothing translated, the admitted flow still known
+    assert "NFQUEUE" not in stopped and "SNAT" not in stopped and "PINHOLE-OUTPUT" not in stopped
+    assert "-A PINHOLE-FORWARD -j DROP" in stopped and "-A PINHOLE-INPUT -j DROP" in stopped
+    assert "198.51.100.21" in stopped
+    assert "pinhole_maps" not in nft_tables(tb)
+    assert "removed" in enforcer.unload()
+    assert kernel_state(tb) == ""
+    assert "pinhole" not in nft_tables(tb)
 
 
-def test_restart_after_sigkill_removes_stale_state(tb: Testbed, enforcer: EnforcerProcess) -> None:
+def test_restart_after_sigkill_takes_over_with_one_copy(tb: Testbed, enforcer: EnforcerProcess) -> None:
     admit_a_primary(tb)
     enforcer.kill()
     stale = kernel_state(tb)
-    assert "PINHOLE-FORWARD" in stale and "198.51.100.21" in stale
+    assert "NFQUEUE" in stale and "198.51.100.21" in stale
     enforcer.start()
-    assert "removed stale state" in enforcer.log_tail()
-    # one set of rules, and the offloaded flow of the dead run is forgotten
+    assert "took over from a run that did not stop cleanly" in enforcer.log_tail()
+    # one set of rules; the kernel-mode flow the dead run admitted goes on
     state = kernel_state(tb)
     assert state.count("-A FORWARD -j PINHOLE-FORWARD") == 2, state  # one per family
-    assert "198.51.100.21" not in state
+    assert state.count("-A PINHOLE-FORWARD -m conntrack --ctstate NEW -j NFQUEUE") == 2, state
+    assert "198.51.100.21" in state
 
 
 def test_control_socket_is_root_only(enforcer: EnforcerProcess) -> None:
@@ -164,14 +179,15 @@ def test_bad_policy_file_fails_with_file_line_and_reason(tb: Testbed, tmp_path: 
     assert "Traceback" not in result.stderr
 
 
-def test_missing_interface_fails_clearly_and_leaves_nothing(tb: Testbed, tmp_path: Path) -> None:
+def test_missing_interface_fails_clearly_and_changes_nothing(tb: Testbed, tmp_path: Path) -> None:
     config = tmp_path / "noiface.toml"
     config.write_text('[network]\ninternal_interfaces = ["nope0"]\nexternal_interfaces = ["ext0"]\n')
+    before = kernel_state(tb)
     result = run_enforcer_cli(tb, config)
     assert result.returncode == 2
     assert "interface 'nope0' (network.internal_interfaces) does not exist" in result.stderr
     assert "Traceback" not in result.stderr
-    assert kernel_state(tb) == ""
+    assert kernel_state(tb) == before
 
 
 def test_second_enforcer_on_the_same_socket_is_refused(tb: Testbed, enforcer: EnforcerProcess,
@@ -202,7 +218,7 @@ def test_enforcer_needs_a_namespace_that_exists(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("mode", ["kernel", "user"])
-def test_sigkill_during_a_transfer_fails_closed_and_restart_cleans_up(
+def test_sigkill_during_a_transfer_fails_closed_and_restart_takes_over(
         tb: Testbed, enforcer: EnforcerProcess, mode: str) -> None:
     c1, s1 = tb.agent("c1"), tb.agent("s1")
     server = "198.51.100.21"
@@ -227,10 +243,16 @@ def test_sigkill_during_a_transfer_fails_closed_and_restart_cleans_up(
             assert "dport=31001" in marked_entries(tb, (mark,)), f"no {mode}-mode conntrack entry"
 
             enforcer.start()
-            assert "removed stale state" in enforcer.log_tail()
-            assert marked_entries(tb) == "", "stale offloaded flows survived the restart"
-            assert not transfer.exchange(10_000, timeout=1.0)["received"], \
-                "a flow of the dead enforcer was carried on without being admitted again"
+            assert "took over from a run that did not stop cleanly" in enforcer.log_tail()
+            after = transfer.exchange(10_000, timeout=2.0)["received"]
+            if mode == "kernel":
+                # admitted flows go on (rule 15): the kernel carried it all along
+                assert after == 10_000, "an admitted kernel-mode flow was cut by the restart"
+                assert "dport=31001" in marked_entries(tb, (MARK_KERNEL,))
+            else:
+                # its filter and counters died with the run: the new one forgot it
+                assert marked_entries(tb, (MARK_USER,)) == "", "a dead run's user-mode flow survived"
+                assert not after, "a user-mode flow of the dead enforcer passed without its enforcer"
         assert c1.tcp_connect(server, 21, send_bytes=100)["connected"], "no primary after restart"
 
 

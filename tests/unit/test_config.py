@@ -19,6 +19,7 @@ from enforcer.config import (
     locate,
     parse,
 )
+from enforcer.core.limits import Limits
 from enforcer.core.packet import TCP, UDP
 from enforcer.core.policy import PortRange
 from testbed import topology
@@ -164,6 +165,41 @@ def test_overlap_with_a_default_range_points_at_the_key_written() -> None:
     message = config_error(text)
     assert "overlap" in message
     assert message.startswith(f"{FILE}:{marked_line(text)}: "), message
+
+
+def test_open_ports() -> None:
+    """The fw's own services reachable from outside, lockdown included (rule 15)."""
+    cfg = parse(MINIMAL + '\n[dataplane]\nopen_ports = ["tcp/22", "udp/67-68"]\n', FILE)
+    assert cfg.dataplane.open_ports == ((6, (22, 22)), (17, (67, 68)))
+    assert parse(MINIMAL).dataplane.open_ports == ()
+
+
+@pytest.mark.parametrize("bad", ["22", "sctp/22", "tcp/0", "tcp/70000", "tcp/30-20", "tcp/22-", "tcp/ 22"])
+def test_open_ports_errors_name_the_entry(bad: str) -> None:
+    text = MINIMAL + f'\n[dataplane]\nopen_ports = ["tcp/80", "{bad}"]  # <-\n'
+    message = config_error(text)
+    where = f"{FILE}:{marked_line(text)}: dataplane.open_ports[1]"
+    assert message.startswith(f"{where}: '{bad}' is not "), message
+
+
+def test_limits_defaults_and_values() -> None:
+    assert parse(MINIMAL).limits == Limits()
+    cfg = parse(MINIMAL + "\n[limits]\nsessions_total = 10\nsession_idle_timeout = 2.5\n"
+                "new_flows_per_second = 0\n", FILE)
+    assert (cfg.limits.sessions_total, cfg.limits.session_idle_timeout) == (10, 2.5)
+    assert cfg.limits.new_flows_per_second == 0 and cfg.limits.binds_total == Limits().binds_total
+
+
+@pytest.mark.parametrize(("line", "reason"), [
+    ("sessions_total = 0", "limits.sessions_total: must be at least 1"),
+    ("new_flows_per_second = -1", "limits.new_flows_per_second: must be at least 0"),
+    ("binds_total = 1.5", "limits.binds_total: expected an integer, got float"),
+    ("bogus = 1", "limits.bogus: unknown key"),
+])
+def test_limits_errors(line: str, reason: str) -> None:
+    text = MINIMAL + f"\n[limits]\n{line}  # <-\n"
+    message = config_error(text)
+    assert message.startswith(f"{FILE}:{marked_line(text)}: {reason}"), message
 
 
 def test_unknown_dataplane_key_lists_the_new_ones() -> None:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import select
-import selectors
 import socket
 import stat
 import time
@@ -15,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from enforcer.control import AlreadyRunning, Caller, ControlServer
+from enforcer.control import MAX_UNSENT, REQUESTS_PER_TURN, AlreadyRunning, Caller, ControlServer
 from enforcer.core import results
 from enforcer.core.results import (
     ERRORS,
@@ -27,6 +28,7 @@ from enforcer.core.results import (
     SessionApiError,
     Terminating,
 )
+from enforcer.loop import Loop
 from enforcer.protocol import MAX_REQUEST, encode
 
 SPEC_HRESULTS = {
@@ -52,7 +54,7 @@ def server(tmp_path: Path) -> Iterator[ControlServer]:
         **{f"raise_{name}": (lambda p, c, cls=cls: _raise(cls(f"{cls.name} happened")))
            for name, cls in ERRORS.items()},
     }
-    sel = selectors.DefaultSelector()
+    sel = Loop()
     srv = ControlServer(str(tmp_path / "c.sock"), handlers, sel)
     srv.calls = calls  # type: ignore[attr-defined]
     yield srv
@@ -205,7 +207,7 @@ def test_handler_error_is_reported(server: ControlServer, name: str) -> None:
     (IsBusy, "0xC0040011"),
 ])
 def test_documented_hresult_on_the_wire(tmp_path: Path, cls: type[SessionApiError], hresult: str) -> None:
-    sel = selectors.DefaultSelector()
+    sel = Loop()
     srv = ControlServer(str(tmp_path / "h.sock"), {"m": lambda p, c: _raise(cls("why"))}, sel)
     try:
         reply = handle(srv, b'{"id": 0, "method": "m"}')
@@ -246,7 +248,7 @@ def test_error_to_dict() -> None:
 
 def test_socket_is_created_owner_only_and_removed_on_close(tmp_path: Path) -> None:
     path = tmp_path / "c.sock"
-    sel = selectors.DefaultSelector()
+    sel = Loop()
     srv = ControlServer(str(path), {}, sel)
     mode = path.stat().st_mode
     assert stat.S_ISSOCK(mode)
@@ -257,11 +259,11 @@ def test_socket_is_created_owner_only_and_removed_on_close(tmp_path: Path) -> No
 
 def test_refuses_a_served_path_but_replaces_a_stale_one(tmp_path: Path) -> None:
     path = tmp_path / "c.sock"
-    sel = selectors.DefaultSelector()
+    sel = Loop()
     first = ControlServer(str(path), {}, sel)
     try:
         with pytest.raises(AlreadyRunning):
-            ControlServer(str(path), {}, selectors.DefaultSelector())
+            ControlServer(str(path), {}, Loop())
     finally:
         first.close()
     # A socket file nobody serves is a leftover: it is replaced.
@@ -275,7 +277,7 @@ def test_refuses_a_served_path_but_replaces_a_stale_one(tmp_path: Path) -> None:
 
 def test_creates_the_socket_directory(tmp_path: Path) -> None:
     path = tmp_path / "d" / "c.sock"
-    srv = ControlServer(str(path), {}, selectors.DefaultSelector())
+    srv = ControlServer(str(path), {}, Loop())
     try:
         assert path.is_socket()
     finally:
@@ -286,8 +288,7 @@ def _pump(server: ControlServer, client: socket.socket) -> None:
     """Run the server's callbacks until the client has something to read."""
     deadline = time.monotonic() + 5
     while not select.select([client], [], [], 0)[0] and time.monotonic() < deadline:
-        for key, _ in server.selector.select(timeout=0.05):
-            key.data()
+        server.loop.run_once(0.05)
 
 
 def test_over_the_socket(server: ControlServer) -> None:
@@ -333,3 +334,80 @@ def test_encode_is_one_line() -> None:
     out = encode({"id": 1, "result": {"text": "a\nb"}})
     assert out.endswith(b"\n") and out.count(b"\n") == 1
     assert json.loads(out) == {"id": 1, "result": {"text": "a\nb"}}
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a non-root peer is refused before it can send")
+def test_many_requests_are_answered_a_turn_at_a_time(server: ControlServer) -> None:
+    """A burst of requests does not hold the loop: at most REQUESTS_PER_TURN per turn, the
+    rest on later turns, all answered in order."""
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    client.settimeout(5)
+    try:
+        client.connect(str(server.path))
+        server.loop.run_once(0.5)  # accept
+        burst = REQUESTS_PER_TURN * 3 + 5
+        client.sendall(b"".join(b'{"id": %d, "method": "echo"}\n' % i for i in range(burst)))
+        server.loop.run_once(0.5)  # reads them all, answers the first turn's
+        assert len(server.calls) == REQUESTS_PER_TURN  # type: ignore[attr-defined]
+        for _ in range(4):
+            server.loop.run_once(0.5)
+        assert len(server.calls) == burst  # type: ignore[attr-defined]
+        reader = client.makefile("rb")
+        assert [json.loads(reader.readline())["id"] for _ in range(burst)] == list(range(burst))
+    finally:
+        client.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a non-root peer is refused before it can send")
+def test_a_client_that_does_not_read_never_stalls_the_loop(server: ControlServer) -> None:
+    """Replies are never written blocking. A client that sends without reading is not read
+    again until it reads (what is held for it stays small), and one that is pushed more
+    events than MAX_UNSENT without reading is dropped."""
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    client.setblocking(False)
+    request = b'{"id": 1, "method": "echo", "params": {"pad": "%s"}}\n' % (b"x" * 30000)
+    try:
+        client.connect(str(server.path))
+        server.loop.run_once(0.5)
+        (conn,) = server._callers
+        for _ in range(200):
+            with contextlib.suppress(BlockingIOError):
+                client.send(request)
+            turn = time.monotonic()
+            server.loop.run_once(0.01)
+            assert time.monotonic() - turn < 0.5, "a turn blocked on a client that does not read"
+        held = len(server._unsent[conn]) + len(server._buffers[conn])
+        assert 0 < held < MAX_UNSENT
+        caller = server._callers[conn]
+        event = {"event": "connect", "pad": "y" * 100_000}
+        for _ in range(MAX_UNSENT // 100_000 + 2):
+            caller.push(event)
+        assert conn not in server._callers, "a client that never reads its events was kept"
+    finally:
+        client.close()
+
+
+def test_accept_out_of_descriptors_pauses_the_listener(server: ControlServer) -> None:
+    """EMFILE on accept: the listener rests instead of spinning (its socket stays readable)."""
+    real = server.sock
+
+    class Exhausted:
+        def fileno(self) -> int:
+            return real.fileno()
+
+        def accept(self) -> tuple[socket.socket, object]:
+            raise OSError(errno.EMFILE, "Too many open files")
+
+    server.sock = Exhausted()  # type: ignore[assignment]
+    try:
+        server._accept()
+        assert not server.loop.watched(real)
+        assert server.loop.counters["accept paused: EMFILE"] == 1
+    finally:
+        server.sock = real
+    due = server.loop.next_timer()
+    assert due is not None
+    time.sleep(max(0.0, due - time.monotonic()))
+    server.loop.run_once(0)
+    assert server.loop.watched(real)

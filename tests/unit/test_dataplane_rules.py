@@ -1,14 +1,17 @@
-"""enforcer.dataplane.render_rules / render_nft: the rules are pure text, checked without root."""
+"""enforcer.dataplane: the rules (render_rules, render_nft, render_nft_maps) are pure text and the
+NAT map elements pure bytes, checked without root."""
 
 from __future__ import annotations
 
 import ipaddress
 import re
+import sys
 
 import pytest
 
 from enforcer import dataplane
 from enforcer.config import DataplaneSettings
+from enforcer.core.limits import Limits
 from enforcer.dataplane import (
     CHAIN_PREFIX,
     MARK_KERNEL,
@@ -23,11 +26,11 @@ from enforcer.dataplane import (
     BindRule,
     Interfaces,
     RedirectRule,
+    Ruleset,
     mark_for,
     redirect_port,
     render_nft,
-    render_nft_redirects,
-    render_redirects,
+    render_nft_maps,
     render_rules,
 )
 
@@ -88,7 +91,7 @@ def appended(lines: list[str], chain: str) -> list[str]:
 
 @pytest.mark.parametrize("fam", FAMS)
 def test_fail_closed(fam: str) -> None:
-    f = tables(render_rules(fam, CLOSED, IFACES, nat=False))["filter"]
+    f = tables(render_rules(fam, Ruleset(CLOSED, IFACES)))["filter"]
     rules = appended(f, "PINHOLE-FORWARD")
     queue = [r for r in rules if "NFQUEUE" in r]
     assert queue, rules
@@ -104,7 +107,7 @@ def test_fail_closed(fam: str) -> None:
 
 @pytest.mark.parametrize("fam", FAMS)
 def test_fail_open(fam: str) -> None:
-    f = tables(render_rules(fam, OPEN, IFACES, nat=False))["filter"]
+    f = tables(render_rules(fam, Ruleset(OPEN, IFACES)))["filter"]
     rules = appended(f, "PINHOLE-FORWARD")
     queue = [r for r in rules if "NFQUEUE" in r]
     assert len(queue) == 3, rules  # user-mode flows, new flows, and what is left
@@ -112,23 +115,26 @@ def test_fail_open(fam: str) -> None:
     assert any("--ctstate NEW" in r for r in queue)
     assert rules[-1] == "-A PINHOLE-FORWARD -j NFQUEUE --queue-num 3 --queue-bypass"
     # No unconditional DROP: a dead enforcer must let traffic pass. (Replies of
-    # admitted one-way flows may still be dropped: that is not the enforcer's absence.)
+    # admitted one-way flows may still be dropped, and a client's new flows beyond its
+    # caps: that is not the enforcer's absence.)
     drops = [r for r in rules if r.endswith("-j DROP")]
-    assert all("--ctdir REPLY" in r and "--mark" in r for r in drops), drops
+    assert all(("--ctdir REPLY" in r and "--mark" in r) or ("--ctstate NEW" in r and "limit" in r)
+               for r in drops), drops
     assert "-A PINHOLE-FORWARD -j DROP" not in rules
 
 
 @pytest.mark.parametrize("fam", FAMS)
 def test_admitted_flows_accepted_before_the_queue(fam: str) -> None:
     for settings in (CLOSED, OPEN):
-        rules = appended(tables(render_rules(fam, settings, IFACES, nat=False))["filter"], "PINHOLE-FORWARD")
+        rules = appended(tables(render_rules(fam, Ruleset(settings, IFACES)))["filter"], "PINHOLE-FORWARD")
         accepts = [i for i, r in enumerate(rules) if r.endswith("-j ACCEPT")]
         first_queue = next(i for i, r in enumerate(rules) if "NFQUEUE" in r)
-        # Two accepts, both before the queue: packets the enforcer rewrote (by their
-        # packet mark), then kernel-mode flows (by their connmark).
+        # Two accepts, both before the queue: kernel-mode flows (by their connmark, part of
+        # the base that stays when the enforcer stops), then packets the enforcer
+        # rewrote (by their packet mark).
         assert len(accepts) == 2, rules
-        rewritten, kernel = accepts
-        assert rewritten < kernel < first_queue
+        kernel, rewritten = accepts
+        assert kernel < rewritten < first_queue
         assert "-m connmark" not in rules[rewritten]
         assert _mark(rules[rewritten], "-m mark --mark") == (MARK_REWRITTEN, MARK_REWRITTEN)
         value, mask = _mark(rules[kernel], "-m connmark --mark")
@@ -139,18 +145,19 @@ def test_admitted_flows_accepted_before_the_queue(fam: str) -> None:
 @pytest.mark.parametrize("fam", FAMS)
 @pytest.mark.parametrize("settings", [CLOSED, OPEN], ids=["closed", "open"])
 def test_rewritten_packets_accepted_before_any_queue(fam: str, settings: DataplaneSettings) -> None:
-    rules = appended(tables(render_rules(fam, settings, IFACES, nat=False))["filter"], "PINHOLE-FORWARD")
+    rules = appended(tables(render_rules(fam, Ruleset(settings, IFACES)))["filter"], "PINHOLE-FORWARD")
     rewritten = [i for i, r in enumerate(rules)
                  if f"-m mark --mark {MARK_REWRITTEN:#010x}/{MARK_REWRITTEN:#010x} -j ACCEPT" in r]
     queues = [i for i, r in enumerate(rules) if "NFQUEUE" in r]
     assert len(rewritten) == 1 and queues
     assert rewritten[0] < min(queues)
-    # Only the one-way reply drop may come before it (a reply is never rewritten).
-    assert all("--ctdir REPLY -j DROP" in r for r in rules[:rewritten[0]])
+    # Only the base's head may come before it: the one-way reply drop (a reply is never
+    # rewritten) and kernel-mode flows.
+    assert rules[:rewritten[0]] == base_head()
 
 
 def test_queue_number_is_the_configured_one() -> None:
-    text = render_rules("ipv4", DataplaneSettings(queue=65535), IFACES, nat=False)
+    text = render_rules("ipv4", Ruleset(DataplaneSettings(queue=65535), IFACES))
     assert set(re.findall(r"--queue-num (\d+)", text)) == {"65535"}
 
 
@@ -164,7 +171,7 @@ def _mark(rule: str, option: str) -> tuple[int, int]:
 
 @pytest.mark.parametrize("fam", FAMS)
 def test_connmark_save_rule(fam: str) -> None:
-    mangle = tables(render_rules(fam, CLOSED, IFACES, nat=False))["mangle"]
+    mangle = tables(render_rules(fam, Ruleset(CLOSED, IFACES)))["mangle"]
     saves = [r for r in appended(mangle, "PINHOLE-POSTROUTING") if "-j CONNMARK --save-mark" in r]
     assert len(saves) == 1
     save = saves[0]
@@ -186,7 +193,7 @@ def test_connmark_save_rule(fam: str) -> None:
 def test_no_source_network_snat_without_nat(fam: str) -> None:
     """Without NAT, only flows marked for an external address (redirected flows) are
     source-translated: one rule per external address of the family, by mark."""
-    nat = tables(render_rules(fam, CLOSED, IFACES, nat=False))["nat"]
+    nat = tables(render_rules(fam, Ruleset(CLOSED, IFACES)))["nat"]
     rules = appended(nat, "PINHOLE-POSTROUTING")
     assert not any(" -s " in r for r in rules), rules
     assert rules == [
@@ -202,14 +209,14 @@ def test_no_source_network_snat_without_nat(fam: str) -> None:
     for network in NETWORKS[fam]:
         assert network not in "\n".join(nat)
     assert "-I POSTROUTING 1 -j PINHOLE-POSTROUTING" in nat
-    assert "-I PREROUTING 1 -j PINHOLE-PREROUTING" in nat
+    assert not any("PREROUTING" in r for r in nat)  # redirects' DNAT is in the maps table
 
 
 @pytest.mark.parametrize("fam", FAMS)
 def test_mark_based_snat_precedes_source_network_snat(fam: str) -> None:
     """A redirected flow marked for the second address must not be caught by the
     source-network rule that sends the rest out of the first."""
-    rules = appended(tables(render_rules(fam, CLOSED, IFACES, nat=True))["nat"], "PINHOLE-POSTROUTING")
+    rules = appended(tables(render_rules(fam, Ruleset(CLOSED, IFACES, True)))["nat"], "PINHOLE-POSTROUTING")
     by_mark = [i for i, r in enumerate(rules) if "-m mark --mark" in r]
     by_source = [i for i, r in enumerate(rules) if " -s " in r]
     assert len(by_mark) == 2 and len(by_source) == len(NETWORKS[fam])
@@ -220,9 +227,9 @@ def test_mark_based_snat_precedes_source_network_snat(fam: str) -> None:
 def test_no_mark_based_snat_without_an_external_address_of_the_family() -> None:
     v4only = Interfaces(IFACES.internal, IFACES.external, IFACES.internal_networks,
                         (ipaddress.ip_address("198.51.100.1"),), IFACES.internal_addresses)
-    nat = tables(render_rules("ipv6", CLOSED, v4only, nat=False))["nat"]
+    nat = tables(render_rules("ipv6", Ruleset(CLOSED, v4only)))["nat"]
     assert appended(nat, "PINHOLE-POSTROUTING") == []
-    assert appended(tables(render_rules("ipv4", CLOSED, v4only, nat=False))["nat"],
+    assert appended(tables(render_rules("ipv4", Ruleset(CLOSED, v4only)))["nat"],
                     "PINHOLE-POSTROUTING") == [
         f"-A PINHOLE-POSTROUTING -m mark --mark 0x01000000/{MARK_SNAT:#010x} -o ext0 "
         "-j SNAT --to-source 198.51.100.1"]
@@ -230,7 +237,7 @@ def test_no_mark_based_snat_without_an_external_address_of_the_family() -> None:
 
 @pytest.mark.parametrize("fam", FAMS)
 def test_snat_per_internal_network_to_the_first_external_address(fam: str) -> None:
-    nat = tables(render_rules(fam, CLOSED, IFACES, nat=True))["nat"]
+    nat = tables(render_rules(fam, Ruleset(CLOSED, IFACES, True)))["nat"]
     rules = appended(nat, "PINHOLE-POSTROUTING")
     by_source = [r for r in rules if " -s " in r]
     expected = [f"-A PINHOLE-POSTROUTING -s {n} -o ext0 -j SNAT --to-source {FIRST_EXTERNAL[fam]}"
@@ -247,7 +254,7 @@ def test_snat_per_internal_network_to_the_first_external_address(fam: str) -> No
 
 @pytest.mark.parametrize("fam", FAMS)
 def test_snat_addresses_are_of_the_family(fam: str) -> None:
-    rules = appended(tables(render_rules(fam, CLOSED, IFACES, nat=True))["nat"], "PINHOLE-POSTROUTING")
+    rules = appended(tables(render_rules(fam, Ruleset(CLOSED, IFACES, True)))["nat"], "PINHOLE-POSTROUTING")
     version = 4 if fam == "ipv4" else 6
     for r in rules:
         address = r.rsplit("--to-source ", 1)[1]
@@ -258,7 +265,7 @@ def test_snat_addresses_are_of_the_family(fam: str) -> None:
 def test_snat_on_every_external_interface() -> None:
     two = Interfaces(IFACES.internal, {"ext0": 4, "ext1": 5}, IFACES.internal_networks,
                      IFACES.external_addresses)
-    rules = [r for r in appended(tables(render_rules("ipv4", CLOSED, two, nat=True))["nat"],
+    rules = [r for r in appended(tables(render_rules("ipv4", Ruleset(CLOSED, two, True)))["nat"],
                                  "PINHOLE-POSTROUTING") if " -s " in r]
     assert sorted(rules) == sorted(
         f"-A PINHOLE-POSTROUTING -s {n} -o {ext} -j SNAT --to-source 198.51.100.1"
@@ -268,7 +275,7 @@ def test_snat_on_every_external_interface() -> None:
 def test_no_snat_without_an_external_address_of_the_family() -> None:
     v4only = Interfaces(IFACES.internal, IFACES.external, IFACES.internal_networks,
                         (ipaddress.ip_address("198.51.100.1"),))
-    text = render_rules("ipv6", CLOSED, v4only, nat=True)
+    text = render_rules("ipv6", Ruleset(CLOSED, v4only, True))
     assert "SNAT" not in text
     tables(text)  # still well-formed
 
@@ -279,7 +286,7 @@ def test_no_snat_without_an_external_address_of_the_family() -> None:
 @pytest.mark.parametrize("nat", [False, True])
 @pytest.mark.parametrize("settings", [CLOSED, OPEN], ids=["closed", "open"])
 def test_every_chain_is_ours(fam: str, nat: bool, settings: DataplaneSettings) -> None:
-    text = render_rules(fam, settings, IFACES, nat=nat)
+    text = render_rules(fam, Ruleset(settings, IFACES, nat))
     parsed = tables(text)
     # nat too without NAT: kernel-mode redirects and redirected flows' SNAT live there
     assert set(parsed) == {"raw", "filter", "mangle", "nat"}
@@ -310,8 +317,8 @@ def nft_chain(text: str, name: str) -> list[str]:
 
 
 def test_nft_fail_closed_and_open() -> None:
-    closed = render_nft(CLOSED, IFACES, nat=False)
-    opened = render_nft(OPEN, IFACES, nat=False)
+    closed = render_nft(Ruleset(CLOSED, IFACES))
+    opened = render_nft(Ruleset(OPEN, IFACES))
     assert "queue num 3" in closed and "bypass" not in closed
     assert "\n    drop\n" in closed
     forward = nft_chain(opened, "filter_forward")
@@ -326,15 +333,15 @@ def test_nft_fail_closed_and_open() -> None:
 
 def test_nft_rewritten_packets_accepted_before_any_queue() -> None:
     for settings in (CLOSED, OPEN):
-        forward = nft_chain(render_nft(settings, IFACES, nat=False), "filter_forward")
+        forward = nft_chain(render_nft(Ruleset(settings, IFACES)), "filter_forward")
         rewritten = forward.index(f"meta mark and {MARK_REWRITTEN:#010x} == {MARK_REWRITTEN:#010x} accept")
         kernel = forward.index(f"ct mark and {MARK_MODE:#010x} == {MARK_KERNEL:#010x} accept")
         first_queue = next(i for i, line in enumerate(forward) if "queue num" in line)
-        assert rewritten < kernel < first_queue
+        assert kernel < rewritten < first_queue
 
 
 def test_nft_nat() -> None:
-    routed = render_nft(CLOSED, IFACES, nat=False)
+    routed = render_nft(Ruleset(CLOSED, IFACES))
     # Without NAT: no source-network SNAT, only the mark-based rules of redirected flows.
     assert "saddr" not in "\n".join(nft_chain(routed, "source_nat"))
     assert nft_chain(routed, "source_nat")[1:] == [
@@ -343,7 +350,7 @@ def test_nft_nat() -> None:
         'meta mark and 0x0f000000 == 0x01000000 meta nfproto ipv6 oifname "ext0" snat ip6 to 2001:db8:2::1',
         'meta mark and 0x0f000000 == 0x02000000 meta nfproto ipv6 oifname "ext0" snat ip6 to 2001:db8:2::2',
     ]
-    text = render_nft(CLOSED, IFACES, nat=True)
+    text = render_nft(Ruleset(CLOSED, IFACES, True))
     for n in NETWORKS["ipv4"]:
         assert f'ip saddr {n} oifname "ext0" snat ip to 198.51.100.1' in text
     assert 'ip6 saddr 2001:db8:1::/64 oifname "ext0" snat ip6 to 2001:db8:2::1' in text
@@ -361,25 +368,31 @@ NFT_KEYWORDS = {
 }
 
 
-def test_nft_chains_and_maps_of_redirects() -> None:
-    text = render_nft(CLOSED, IFACES, nat=False)
-    chains = re.findall(r"^  chain (\S+) \{$", text, re.M)
-    maps = re.findall(r"^  map (\S+) \{", text, re.M)
-    assert {"raw_prerouting", "filter_input", "redirect_dnat"} <= set(chains)
+def test_nft_chains_and_maps() -> None:
+    text = render_nft(Ruleset(CLOSED, IFACES))
+    maps_text = render_nft_maps()
+    chains = [name for t in (text, maps_text) for name in re.findall(r"^  chain (\S+) \{$", t, re.M)]
+    maps = re.findall(r"^  map (\S+) \{", maps_text, re.M)
+    sets = re.findall(r"^  set (\S+) \{", text, re.M)
+    assert {"raw_prerouting", "filter_input", "filter_forward", "redirect_dnat"} <= set(chains)
     assert set(maps) == {"redirect_mark_ip", "redirect_to_ip", "redirect_mark_ip6", "redirect_to_ip6",
                          "bind_to_ip", "bind_to_ip6"}
+    assert "map " not in text  # per-grant NAT lives in the maps table only
     assert len(chains) == len(set(chains))
-    for name in [*chains, *maps]:
+    for name in [*chains, *maps, *sets]:
         assert name not in NFT_KEYWORDS, name
         assert re.fullmatch(r"[a-z][a-z0-9_]*", name), name
-    # every map a rule looks up exists
-    assert set(re.findall(r"@(\w+)", text)) == set(maps)
-    assert "map redirect_mark_ip { type ipv4_addr . ipv4_addr . inet_proto . inet_service : mark; }" in text
+    # every map or set a rule looks up exists
+    assert set(re.findall(r"@(\w+)", maps_text)) == set(maps)
+    assert set(re.findall(r"@(\w+)", text)) == set(sets)
+    assert maps_text.startswith(f"table inet {dataplane.MAPS_TABLE} {{")
+    assert "map redirect_mark_ip { type ipv4_addr . ipv4_addr . inet_proto . inet_service : mark; }" \
+        in maps_text
     assert ("map redirect_to_ip6 { type ipv6_addr . ipv6_addr . inet_proto . inet_service : "
-            "ipv6_addr . inet_service; }") in text
+            "ipv6_addr . inet_service; }") in maps_text
     assert nft_chain(text, "raw_prerouting")[0] == "type filter hook prerouting priority raw; policy accept;"
     assert nft_chain(text, "filter_input")[0] == "type filter hook input priority filter; policy accept;"
-    dnat = nft_chain(text, "redirect_dnat")
+    dnat = nft_chain(maps_text, "redirect_dnat")
     assert dnat[0] == "type nat hook prerouting priority dstnat; policy accept;"
     assert dnat[1:] == [
         line for p, k in (("ip", "ip saddr . ip daddr . meta l4proto . th dport"),
@@ -387,13 +400,14 @@ def test_nft_chains_and_maps_of_redirects() -> None:
         for line in (f"ct state new meta mark set {k} map @redirect_mark_{p} dnat {p} to {k} "
                      f"map @redirect_to_{p}",
                      f"ct state new dnat {p} to {p} daddr . meta l4proto . th dport map @bind_to_{p}")]
+    assert maps_text.count("{") == maps_text.count("}")
 
 
 @pytest.mark.parametrize("fail_open", [False, True])
 def test_nft_raw_queues_only_user_redirect_ports(fail_open: bool) -> None:
-    text = render_nft(OPEN_RANGES if fail_open else RANGES, IFACES, nat=False)
+    text = render_nft(Ruleset(OPEN_RANGES if fail_open else RANGES, IFACES))
     queue = "queue num 3" + (" bypass" if fail_open else "")
-    assert nft_chain(text, "raw_prerouting")[1:] == [
+    assert nft_chain(text, "raw_prerouting")[2:] == [
         'iifname "int0" ip daddr 192.0.2.1 meta l4proto { tcp, udp } th dport 50100-50199 ' + queue,
         'iifname "int1" ip daddr 203.0.113.1 meta l4proto { tcp, udp } th dport 50100-50199 ' + queue,
         'iifname "int0" ip6 daddr 2001:db8:1::1 meta l4proto { tcp, udp } th dport 50100-50199 ' + queue,
@@ -401,8 +415,8 @@ def test_nft_raw_queues_only_user_redirect_ports(fail_open: bool) -> None:
 
 
 def test_nft_input_drops_both_redirect_ranges() -> None:
-    text = render_nft(RANGES, IFACES, nat=False)
-    assert sorted(nft_chain(text, "filter_input")[1:]) == sorted(
+    text = render_nft(Ruleset(RANGES, IFACES))
+    assert sorted(line for line in nft_chain(text, "filter_input") if "th dport" in line) == sorted(
         f"{p} daddr {a} meta l4proto {{ tcp, udp }} th dport {ports} drop"
         for p, fam in (("ip", "ipv4"), ("ip6", "ipv6")) for _, a in INTERNAL_ADDRESSES[fam]
         for ports in ("50000-50099", "50100-50199"))
@@ -411,9 +425,9 @@ def test_nft_input_drops_both_redirect_ranges() -> None:
 def test_nft_without_internal_addresses_has_empty_redirect_chains() -> None:
     bare = Interfaces(IFACES.internal, IFACES.external, IFACES.internal_networks,
                       IFACES.external_addresses)
-    text = render_nft(CLOSED, bare, nat=False)
-    assert nft_chain(text, "raw_prerouting")[1:] == []
-    assert nft_chain(text, "filter_input")[1:] == []
+    text = render_nft(Ruleset(CLOSED, bare))
+    assert not any("queue" in line for line in nft_chain(text, "raw_prerouting"))
+    assert not any("th dport" in line for line in nft_chain(text, "filter_input"))
     assert text.count("{") == text.count("}")
 
 
@@ -424,9 +438,9 @@ def test_nft_without_internal_addresses_has_empty_redirect_chains() -> None:
 @pytest.mark.parametrize("fail_open", [False, True])
 def test_raw_queues_only_the_user_redirect_ports(fam: str, fail_open: bool) -> None:
     settings = OPEN_RANGES if fail_open else RANGES
-    raw = tables(render_rules(fam, settings, IFACES, nat=False))["raw"]
+    raw = tables(render_rules(fam, Ruleset(settings, IFACES)))["raw"]
     bypass = " --queue-bypass" if fail_open else ""
-    assert appended(raw, "PINHOLE-PREROUTING") == [
+    assert [r for r in appended(raw, "PINHOLE-PREROUTING") if "NFQUEUE" in r] == [
         f"-A PINHOLE-PREROUTING -i {name} -d {address} -p {proto} --dport 50100:50199 "
         f"-j NFQUEUE --queue-num 3{bypass}"
         for name, address in INTERNAL_ADDRESSES[fam] for proto in ("tcp", "udp")]
@@ -437,15 +451,16 @@ def test_raw_queues_only_the_user_redirect_ports(fam: str, fail_open: bool) -> N
 
 @pytest.mark.parametrize("fam", FAMS)
 def test_default_user_redirect_ports_are_queued(fam: str) -> None:
-    raw = appended(tables(render_rules(fam, CLOSED, IFACES, nat=False))["raw"], "PINHOLE-PREROUTING")
+    raw = [r for r in appended(tables(render_rules(fam, Ruleset(CLOSED, IFACES)))["raw"],
+                               "PINHOLE-PREROUTING") if "NFQUEUE" in r]
     assert raw and all("--dport 63000:64999 -j NFQUEUE --queue-num 3" in r for r in raw)
     assert not any("--queue-bypass" in r for r in raw)
 
 
 @pytest.mark.parametrize("fam", FAMS)
 def test_input_drops_both_redirect_ranges(fam: str) -> None:
-    f = tables(render_rules(fam, RANGES, IFACES, nat=False))["filter"]
-    assert sorted(appended(f, "PINHOLE-INPUT")) == sorted(
+    f = tables(render_rules(fam, Ruleset(RANGES, IFACES)))["filter"]
+    assert sorted(r for r in appended(f, "PINHOLE-INPUT") if "--dport" in r) == sorted(
         f"-A PINHOLE-INPUT -d {address} -p {proto} --dport {ports} -j DROP"
         for _, address in INTERNAL_ADDRESSES[fam] for proto in ("tcp", "udp")
         for ports in ("50000:50099", "50100:50199"))
@@ -456,17 +471,16 @@ def test_input_drops_both_redirect_ranges(fam: str) -> None:
 def test_no_internal_addresses_no_redirect_port_rules() -> None:
     bare = Interfaces(IFACES.internal, IFACES.external, IFACES.internal_networks,
                       IFACES.external_addresses)
-    parsed = tables(render_rules("ipv4", CLOSED, bare, nat=False))
-    assert appended(parsed["raw"], "PINHOLE-PREROUTING") == []
-    assert appended(parsed["filter"], "PINHOLE-INPUT") == []
+    parsed = tables(render_rules("ipv4", Ruleset(CLOSED, bare)))
+    assert not any("NFQUEUE" in r for r in appended(parsed["raw"], "PINHOLE-PREROUTING"))
+    assert appended(parsed["filter"], "PINHOLE-INPUT") == input_base("ipv4")
 
 
 def test_interfaces_internal_addresses() -> None:
     assert [(n, str(a)) for n, a in IFACES.internal_of("ipv4")] == \
         [("int0", "192.0.2.1/24"), ("int1", "203.0.113.1/24")]
     assert [(n, str(a)) for n, a in IFACES.internal_of("ipv6")] == [("int0", "2001:db8:1::1/64")]
-    assert IFACES.internal_interface_of(ipaddress.ip_address("203.0.113.1")) == "int1"
-    assert IFACES.internal_interface_of(ipaddress.ip_address("2001:db8:1::1")) == "int0"
+    assert IFACES.names == ("int0", "int1", "ext0")
 
 
 # --- marks -----------------------------------------------------------------------------------
@@ -503,85 +517,46 @@ def test_redirect_port() -> None:
     assert redirect_port(MARK_USER | MARK_REWRITTEN | MARK_SNAT) is None
 
 
-# --- kernel-mode redirects -------------------------------------------------------------------
+# --- per-grant NAT: map elements -------------------------------------------------------------
 
-RULE4 = RedirectRule("int0", 6, ipaddress.ip_address("192.0.2.11"), ipaddress.ip_address("192.0.2.1"),
+RULE4 = RedirectRule(6, ipaddress.ip_address("192.0.2.11"), ipaddress.ip_address("192.0.2.1"),
                      61000, ipaddress.ip_address("198.51.100.21"), 2121)
-RULE6 = RedirectRule("int0", 17, ipaddress.ip_address("2001:db8:1::11"),
-                     ipaddress.ip_address("2001:db8:1::1"), 61001,
-                     ipaddress.ip_address("2001:db8:2::21"), 53)
+RULE6 = RedirectRule(17, ipaddress.ip_address("2001:db8:1::11"), ipaddress.ip_address("2001:db8:1::1"),
+                     61001, ipaddress.ip_address("2001:db8:2::21"), 53)
 BIND4 = BindRule(6, ipaddress.ip_address("198.51.100.1"), 40000, ipaddress.ip_address("192.0.2.11"),
                  40000)
 BIND6 = BindRule(17, ipaddress.ip_address("2001:db8:2::1"), 20001,
                  ipaddress.ip_address("2001:db8:1::11"), 41000)
 
 
-def test_securenat_bind_rules() -> None:
+def test_redirect_rule_elements() -> None:
+    """Keys and values as the kernel holds a concatenation: each part in a 4-byte register,
+    addresses and ports in network order, the mark in host order (nft's mark type)."""
+    key4 = bytes([192, 0, 2, 11, 192, 0, 2, 1, 6, 0, 0, 0, 0xEE, 0x48, 0, 0])
+    assert RULE4.elements() == [
+        ("redirect_mark_ip", key4, (61000).to_bytes(4, sys.byteorder)),
+        ("redirect_to_ip", key4, bytes([198, 51, 100, 21, 0x08, 0x49, 0, 0]))]
+    (mark, key6, value6), (to, key6b, target6) = RULE6.elements()
+    assert (mark, to) == ("redirect_mark_ip6", "redirect_to_ip6") and key6 == key6b
+    assert key6 == (ipaddress.ip_address("2001:db8:1::11").packed
+                    + ipaddress.ip_address("2001:db8:1::1").packed + bytes([17, 0, 0, 0, 0xEE, 0x49, 0, 0]))
+    assert redirect_port(int.from_bytes(value6, sys.byteorder)) == 61001
+    assert target6 == ipaddress.ip_address("2001:db8:2::21").packed + bytes([0, 53, 0, 0])
+
+
+def test_securenat_bind_elements() -> None:
     """A SecureNAT bind in NAT: new flows to the external port go on to the client's."""
-    assert render_redirects([BIND4, BIND6], add=True) == {
-        "ipv4": "*nat\n-A PINHOLE-PREROUTING -d 198.51.100.1 -p tcp --dport 40000 -m conntrack "
-                "--ctstate NEW -j DNAT --to-destination 192.0.2.11:40000\nCOMMIT\n",
-        "ipv6": "*nat\n-A PINHOLE-PREROUTING -d 2001:db8:2::1 -p udp --dport 20001 -m conntrack "
-                "--ctstate NEW -j DNAT --to-destination [2001:db8:1::11]:41000\nCOMMIT\n"}
-    assert render_redirects([BIND4], add=False)["ipv4"].splitlines()[1].startswith(
-        "-D PINHOLE-PREROUTING -d 198.51.100.1 -p tcp --dport 40000 ")
-    assert render_nft_redirects([BIND4, BIND6], add=True) == (
-        "add element inet pinhole bind_to_ip { 198.51.100.1 . tcp . 40000 : 192.0.2.11 . 40000 }\n"
-        "add element inet pinhole bind_to_ip6 { 2001:db8:2::1 . udp . 20001 : 2001:db8:1::11 . 41000 }\n")
-    assert render_nft_redirects([BIND4], add=False) == \
-        "delete element inet pinhole bind_to_ip { 198.51.100.1 . tcp . 40000 }\n"
+    assert BIND4.elements() == [("bind_to_ip", bytes([198, 51, 100, 1, 6, 0, 0, 0, 0x9C, 0x40, 0, 0]),
+                                 bytes([192, 0, 2, 11, 0x9C, 0x40, 0, 0]))]
+    ((name, key, value),) = BIND6.elements()
+    assert name == "bind_to_ip6"
+    assert key == ipaddress.ip_address("2001:db8:2::1").packed + bytes([17, 0, 0, 0, 0x4E, 0x21, 0, 0])
+    assert value == ipaddress.ip_address("2001:db8:1::11").packed + bytes([0xA0, 0x28, 0, 0])
 
 
-def test_redirect_rule_iptables() -> None:
-    assert RULE4.family == "ipv4" and RULE6.family == "ipv6"
-    match4 = "PINHOLE-PREROUTING -i int0 -s 192.0.2.11 -d 192.0.2.1 -p tcp --dport 61000"
-    assert RULE4.iptables("-A") == [
-        f"-A {match4} -j MARK --set-xmark 0x0000ee48/0x0000ffff",
-        f"-A {match4} -j DNAT --to-destination 198.51.100.21:2121",
-    ]
-    match6 = "PINHOLE-PREROUTING -i int0 -s 2001:db8:1::11 -d 2001:db8:1::1 -p udp --dport 61001"
-    assert RULE6.iptables("-D") == [
-        f"-D {match6} -j MARK --set-xmark 0x0000ee49/0x0000ffff",
-        f"-D {match6} -j DNAT --to-destination [2001:db8:2::21]:53",
-    ]
-    value, mask = _mark(RULE4.iptables("-A")[0], "--set-xmark")
-    assert (value, mask) == (61000, MARK_PORT)
-    assert redirect_port(value) == RULE4.port
-
-
-def test_render_redirects_per_family() -> None:
-    added = render_redirects([RULE4, RULE6], add=True)
-    assert set(added) == {"ipv4", "ipv6"}
-    assert tables(added["ipv4"]) == {"nat": RULE4.iptables("-A")}
-    assert tables(added["ipv6"]) == {"nat": RULE6.iptables("-A")}
-    deleted = render_redirects([RULE4], add=False)
-    assert set(deleted) == {"ipv4"}
-    assert tables(deleted["ipv4"]) == {"nat": RULE4.iptables("-D")}
-    assert all(r.startswith("-D PINHOLE-PREROUTING ") for r in tables(deleted["ipv4"])["nat"])
-    assert render_redirects([], add=True) == {}
-    two = render_redirects([RULE4, RULE4], add=True)["ipv4"]
-    assert tables(two)["nat"] == RULE4.iptables("-A") * 2
-
-
-def test_render_nft_redirects() -> None:
-    assert render_nft_redirects([RULE4, RULE6], add=True) == (
-        "add element inet pinhole redirect_mark_ip { 192.0.2.11 . 192.0.2.1 . tcp . 61000 : 0x0000ee48 }\n"
-        "add element inet pinhole redirect_to_ip "
-        "{ 192.0.2.11 . 192.0.2.1 . tcp . 61000 : 198.51.100.21 . 2121 }\n"
-        "add element inet pinhole redirect_mark_ip6 "
-        "{ 2001:db8:1::11 . 2001:db8:1::1 . udp . 61001 : 0x0000ee49 }\n"
-        "add element inet pinhole redirect_to_ip6 "
-        "{ 2001:db8:1::11 . 2001:db8:1::1 . udp . 61001 : 2001:db8:2::21 . 53 }\n")
-    assert render_nft_redirects([RULE4, RULE6], add=False) == (
-        "delete element inet pinhole redirect_mark_ip { 192.0.2.11 . 192.0.2.1 . tcp . 61000 }\n"
-        "delete element inet pinhole redirect_to_ip { 192.0.2.11 . 192.0.2.1 . tcp . 61000 }\n"
-        "delete element inet pinhole redirect_mark_ip6 { 2001:db8:1::11 . 2001:db8:1::1 . udp . 61001 }\n"
-        "delete element inet pinhole redirect_to_ip6 { 2001:db8:1::11 . 2001:db8:1::1 . udp . 61001 }\n")
-    assert render_nft_redirects([], add=True) == ""
-    # the maps named are the ones the table declares
-    declared = set(re.findall(r"^  map (\S+) ", render_nft(CLOSED, IFACES, nat=False), re.M))
-    used = set(re.findall(r"element inet pinhole (\S+) ",
-                          render_nft_redirects([RULE4, RULE6, BIND4, BIND6], True)))
+def test_elements_name_the_maps_the_table_declares() -> None:
+    declared = set(re.findall(r"^  map (\S+) ", render_nft_maps(), re.M))
+    used = {name for rule in (RULE4, RULE6, BIND4, BIND6) for name, _, _ in rule.elements()}
     assert used == declared
 
 
@@ -590,7 +565,7 @@ def test_render_nft_redirects() -> None:
 def test_stale_rules_are_replaced_in_the_same_transaction() -> None:
     """A crashed run's jumps are deleted, and its chains declared (which flushes them), in
     the restore input that installs the new rules: there is no moment without rules."""
-    text = render_rules("ipv4", CLOSED, IFACES, nat=False)
+    text = render_rules("ipv4", Ruleset(CLOSED, IFACES))
     stale = {"filter": ([["FORWARD", "-j", "PINHOLE-FORWARD"]], {"PINHOLE-FORWARD", "PINHOLE-OLD"}),
              "raw": ([], set())}
     replacing = dataplane._replacing(text, stale)
@@ -616,24 +591,196 @@ def test_stale_rules_are_replaced_in_the_same_transaction() -> None:
 def test_new_flows_to_bind_ports_go_to_the_queue(fam: str) -> None:
     """With a SOCKS service, a new flow to a bind port on an external address is queued
     (the enforcer drops what no approved bind admits); what is no flow at all is dropped."""
-    assert "--dport 20000:20099" not in render_rules(fam, CLOSED, IFACES, nat=True)
-    rules = appended(tables(render_rules(fam, CLOSED, IFACES, nat=True, bind_ports=(20000, 20099)))["filter"],
+    assert "--dport 20000:20099" not in render_rules(fam, Ruleset(CLOSED, IFACES, True))
+    rules = appended(tables(render_rules(fam, Ruleset(CLOSED, IFACES, True, (20000, 20099))))["filter"],
                      "PINHOLE-INPUT")
     binds = [r for r in rules if "--dport 20000:20099" in r]
     externals = IFACES.external_of(fam)
-    assert len(binds) == 4 * len(externals)  # tcp and udp: queue the new, drop the invalid
+    # tcp and udp: the new beyond a client's caps dropped, the new queued, the invalid dropped
+    assert len(binds) == 8 * len(externals)
     for address in externals:
         for proto in ("tcp", "udp"):
             mine = [r for r in binds if f"-d {address} " in r and f"-p {proto} " in r]
-            assert [r.split("--ctstate ")[1].split()[0] for r in mine] == ["NEW", "INVALID,UNTRACKED"]
-            assert mine[0].endswith("-j NFQUEUE --queue-num 3") and mine[1].endswith("-j DROP")
-    nft = render_nft(CLOSED, IFACES, nat=True, bind_ports=(20000, 20099))
+            assert [r.split("--ctstate ")[1].split()[0] for r in mine] == \
+                ["NEW", "NEW", "NEW", "INVALID,UNTRACKED"]
+            assert "hashlimit" in mine[0] and "connlimit" in mine[1]
+            assert mine[2].endswith("-j NFQUEUE --queue-num 3") and mine[3].endswith("-j DROP")
+    assert rules.index(binds[-1]) < rules.index(input_base(fam)[0])  # before the base's drop
+    nft = render_nft(Ruleset(CLOSED, IFACES, True, (20000, 20099)))
     assert nft.count("th dport 20000-20099 ct state new queue num 3") == len(IFACES.external_addresses)
 
 
 @pytest.mark.parametrize("fam", FAMS)
 def test_the_fw_s_icmp_errors_about_user_mode_flows_are_queued(fam: str) -> None:
-    (rule,) = appended(tables(render_rules(fam, CLOSED, IFACES, nat=False))["filter"], "PINHOLE-OUTPUT")
+    (rule,) = appended(tables(render_rules(fam, Ruleset(CLOSED, IFACES)))["filter"], "PINHOLE-OUTPUT")
     assert f"-p {'icmp' if fam == 'ipv4' else 'ipv6-icmp'} " in rule
     assert "--ctstate RELATED --ctstatus CONFIRMED" in rule
     assert f"--mark {MARK_USER:#010x}/{MARK_MODE:#010x}" in rule and rule.endswith("--queue-num 3")
+
+
+# --- the base: lockdown (rule 15) ------------------------------------------------------------
+
+def base_head() -> list[str]:
+    return [f"-A PINHOLE-FORWARD -m connmark --mark {MARK_ONE_WAY:#010x}/{MARK_ONE_WAY:#010x} "
+            "-m conntrack --ctdir REPLY -j DROP",
+            f"-A PINHOLE-FORWARD -m connmark --mark {MARK_KERNEL:#010x}/{MARK_MODE:#010x} -j ACCEPT"]
+
+
+def input_base(fam: str, settings: DataplaneSettings = CLOSED) -> list[str]:
+    nd = [f"-A PINHOLE-INPUT -p ipv6-icmp --icmpv6-type {t} -m hl --hl-eq 255 -j ACCEPT"
+          for t in (133, 134, 135, 136)] if fam == "ipv6" else []
+    return ["-A PINHOLE-INPUT -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT",
+            "-A PINHOLE-INPUT -i lo -j ACCEPT", *nd,
+            "-A PINHOLE-INPUT -i int0 -j ACCEPT", "-A PINHOLE-INPUT -i int1 -j ACCEPT",
+            *(f"-A PINHOLE-INPUT -p {'tcp' if p == 6 else 'udp'} --dport {lo}:{hi} -j ACCEPT"
+              for p, (lo, hi) in settings.open_ports),
+            "-A PINHOLE-INPUT -j DROP"]
+
+
+@pytest.mark.parametrize("fam", FAMS)
+def test_lockdown_is_the_base_alone(fam: str) -> None:
+    """What a stop leaves: kernel-mode flows go on (one-way ones still one way), nothing
+    else is forwarded, the fw answers only the internal side; nothing goes to the queue."""
+    text = render_rules(fam, Ruleset(CLOSED, IFACES, True, (20000, 20099), working=False))
+    parsed = tables(text)
+    assert "NFQUEUE" not in text and "SNAT" not in text and "CONNMARK" not in text
+    assert appended(parsed["filter"], "PINHOLE-FORWARD") == [*base_head(), "-A PINHOLE-FORWARD -j DROP"]
+    assert appended(parsed["filter"], "PINHOLE-INPUT") == input_base(fam)
+    assert appended(parsed["raw"], "PINHOLE-PREROUTING") == [
+        f"-A PINHOLE-PREROUTING -i {name} -m rpfilter --invert -j DROP" for name in ("int0", "int1", "ext0")]
+    # the tables are there, empty of our chains, so that installing this replaces the
+    # working rules in them
+    assert parsed["mangle"] == [] and parsed["nat"] == []
+    assert ":PINHOLE-OUTPUT - [0:0]" not in parsed["filter"]
+
+
+@pytest.mark.parametrize("fam", FAMS)
+@pytest.mark.parametrize("nat", [False, True])
+def test_the_working_rules_sit_inside_the_base(fam: str, nat: bool) -> None:
+    """Running, each base chain is the base's head, then the working rules, then the base's
+    tail: a stop that takes the working rules away leaves exactly the lockdown."""
+    settings = DataplaneSettings(queue=3, open_ports=((6, (22, 22)),))
+    running = tables(render_rules(fam, Ruleset(settings, IFACES, nat, (20000, 20099))))
+    stopped = tables(render_rules(fam, Ruleset(settings, IFACES, nat, (20000, 20099), working=False)))
+    for table, chain in (("filter", "PINHOLE-FORWARD"), ("filter", "PINHOLE-INPUT"),
+                         ("raw", "PINHOLE-PREROUTING")):
+        base, whole = appended(stopped[table], chain), appended(running[table], chain)
+        head = next((i for i, (a, b) in enumerate(zip(base, whole, strict=False)) if a != b), len(base))
+        tail = len(base) - head
+        assert whole[:head] == base[:head] and (tail == 0 or whole[-tail:] == base[head:]), chain
+        assert len(whole) > len(base), chain
+    assert appended(running["filter"], "PINHOLE-INPUT")[-3:] == [
+        "-A PINHOLE-INPUT -i int1 -j ACCEPT", "-A PINHOLE-INPUT -p tcp --dport 22:22 -j ACCEPT",
+        "-A PINHOLE-INPUT -j DROP"]
+
+
+@pytest.mark.parametrize("fam", FAMS)
+def test_failing_open_has_no_lockdown(fam: str) -> None:
+    """fail_open: nothing drops what a dead enforcer would have judged, and the fw's own
+    services are not closed (a stop removes every rule; see daemon)."""
+    for working in (True, False):
+        parsed = tables(render_rules(fam, Ruleset(OPEN, IFACES, working=working)))
+        assert "-A PINHOLE-FORWARD -j DROP" not in parsed["filter"]
+        assert "-A PINHOLE-INPUT -j DROP" not in parsed["filter"]
+    nft = render_nft(Ruleset(OPEN, IFACES, working=False))
+    assert "\n    drop\n" not in nft
+
+
+@pytest.mark.parametrize("fam", FAMS)
+def test_reverse_path_filter_on_every_interface(fam: str) -> None:
+    """Rule 17: a source not routed back through the interface it came in on is dropped
+    before connection tracking, before anything is queued."""
+    raw = appended(tables(render_rules(fam, Ruleset(CLOSED, IFACES)))["raw"], "PINHOLE-PREROUTING")
+    checks = [f"-A PINHOLE-PREROUTING -i {name} -m rpfilter --invert -j DROP"
+              for name in ("int0", "int1", "ext0")]
+    assert raw[:3] == checks and all("NFQUEUE" in r for r in raw[3:])
+    assert nft_chain(render_nft(Ruleset(CLOSED, IFACES)), "raw_prerouting")[1] == \
+        'iifname { "int0", "int1", "ext0" } fib saddr . iif oif missing drop'
+
+
+@pytest.mark.parametrize("fam", FAMS)
+def test_new_flow_caps_before_the_queue(fam: str) -> None:
+    """Rule 16 in the kernel: a client address's new flows beyond a rate, or beyond the
+    flows the kernel tracks for it, are dropped before they reach the queue."""
+    limits = Limits(flows_per_client=77, new_flows_per_second=300)
+    rules = appended(tables(render_rules(fam, Ruleset(CLOSED, IFACES, limits=limits)))["filter"],
+                     "PINHOLE-FORWARD")
+    prefix = 32 if fam == "ipv4" else 128
+    rate, count, queue = (next(i for i, r in enumerate(rules) if word in r)
+                          for word in ("hashlimit", "connlimit", "--ctstate NEW -j NFQUEUE"))
+    assert rate < count < queue
+    assert "--ctstate NEW" in rules[rate] and "--ctstate NEW" in rules[count]
+    assert f"--hashlimit-above 300/sec --hashlimit-burst 30 --hashlimit-mode srcip " \
+           f"--hashlimit-srcmask {prefix} " in rules[rate]
+    assert f"--connlimit-above 77 --connlimit-mask {prefix} --connlimit-saddr -j DROP" in rules[count]
+    off = render_rules(fam, Ruleset(CLOSED, IFACES, limits=Limits(new_flows_per_second=0)))
+    assert "hashlimit" not in off and "connlimit" in off
+    nft = render_nft(Ruleset(CLOSED, IFACES, limits=limits))
+    assert "limit rate over 300/second burst 30 packets" in nft and "ct count over 77" in nft
+    assert "--hashlimit-burst 10 " in render_rules(fam, Ruleset(CLOSED, IFACES, limits=Limits(
+        new_flows_per_second=20)))
+
+
+def test_nft_lockdown() -> None:
+    text = render_nft(Ruleset(CLOSED, IFACES, True, (20000, 20099), working=False))
+    assert "queue" not in text and "snat" not in text and "set " not in text
+    assert nft_chain(text, "filter_forward")[1:] == [
+        f"ct mark and {MARK_ONE_WAY:#010x} == {MARK_ONE_WAY:#010x} ct direction reply drop",
+        f"ct mark and {MARK_MODE:#010x} == {MARK_KERNEL:#010x} accept", "drop"]
+    assert nft_chain(text, "filter_input")[1:] == [
+        "ct state established,related accept", 'iifname "lo" accept',
+        "icmpv6 type { 133, 134, 135, 136 } ip6 hoplimit 255 accept",
+        'iifname { "int0", "int1" } accept', "drop"]
+    assert text.count("{") == text.count("}")
+
+
+# --- the netlink messages, against pyroute2's encoding -----------------------------------------
+
+def _pyroute2_set_elements(name: str, elements: list[tuple[bytes, bytes]], add: bool, seq: int) -> bytes:
+    from pyroute2.netlink import NLM_F_ACK, NLM_F_CREATE, NLM_F_REQUEST
+    from pyroute2.netlink.nfnetlink import NFNL_SUBSYS_NFTABLES
+    from pyroute2.netlink.nfnetlink.nftsocket import (
+        NFT_MSG_DELSETELEM,
+        NFT_MSG_NEWSETELEM,
+        nft_set_elem_list_msg,
+    )
+
+    def value(data: bytes) -> dict[str, object]:
+        return {"attrs": [("NFTA_DATA_VALUE", data)]}
+
+    msg = nft_set_elem_list_msg()
+    msg["nfgen_family"] = 1
+    msg["header"]["type"] = (NFNL_SUBSYS_NFTABLES << 8) | (NFT_MSG_NEWSETELEM if add else NFT_MSG_DELSETELEM)
+    msg["header"]["flags"] = NLM_F_REQUEST | NLM_F_ACK | (NLM_F_CREATE if add else 0)
+    msg["header"]["sequence_number"] = seq
+    msg["attrs"] = [("NFTA_SET_ELEM_LIST_TABLE", dataplane.MAPS_TABLE), ("NFTA_SET_ELEM_LIST_SET", name),
+                    ("NFTA_SET_ELEM_LIST_ELEMENTS",
+                     [{"attrs": [("NFTA_SET_ELEM_KEY", value(k))] + ([("NFTA_SET_ELEM_DATA", value(v))]
+                                                                     if add else [])}
+                      for k, v in elements])]
+    msg.encode()
+    return bytes(msg.data)
+
+
+@pytest.mark.parametrize("add", [True, False])
+def test_set_element_messages_are_what_pyroute2_encodes(add: bool) -> None:
+    """NatMaps encodes its own messages (pyroute2's encoder is too slow for the packet path):
+    byte for byte what pyroute2 makes of the same message."""
+    elements = [(key, value) for rule in (RULE4, BIND4) for _, key, value in rule.elements()]
+    for name, chosen in (("bind_to_ip", elements[:1]), ("redirect_to_ip6", elements)):
+        assert dataplane.set_elements_message(name, chosen, add, 42) == \
+            _pyroute2_set_elements(name, chosen, add, 42)
+
+
+def test_batch_markers_are_what_pyroute2_encodes() -> None:
+    from pyroute2.netlink import NLM_F_REQUEST
+    from pyroute2.netlink.nfnetlink import NFNL_SUBSYS_NFTABLES, nfgen_msg
+
+    for kind in (dataplane.NFNL_MSG_BATCH_BEGIN, dataplane.NFNL_MSG_BATCH_END):
+        msg = nfgen_msg()
+        msg["res_id"] = NFNL_SUBSYS_NFTABLES
+        msg["header"]["type"] = kind
+        msg["header"]["flags"] = NLM_F_REQUEST
+        msg["header"]["sequence_number"] = 9
+        msg.encode()
+        assert dataplane.batch_marker(kind, 9) == bytes(msg.data)

@@ -17,6 +17,7 @@ from enforcer.config import Config, parse
 from enforcer.core.binds import Bind, BindState
 from enforcer.core.engine import Engine, Verdict
 from enforcer.core.flags import Flags
+from enforcer.core.fwports import Listening
 from enforcer.core.packet import TCP, FlowKey, Ingress, PacketMeta
 from enforcer.core.results import (
     InvalidArgument,
@@ -25,7 +26,7 @@ from enforcer.core.results import (
     Terminating,
 )
 from enforcer.daemon import StartupError, load_app_filters
-from enforcer.filters import InProcessCalls, PluginError
+from enforcer.filters import Direction, InProcessCalls, PluginError, Primary
 from enforcer.plugins.ftp import FTP_GUID, FtpFilter
 from enforcer.plugins.tftp import TFTP_GUID, TftpFilter
 
@@ -205,12 +206,15 @@ CLIENT, SERVER = ip("192.0.2.11"), ip("198.51.100.21")
 
 
 class Setup:
-    def __init__(self, on_securenat_bind: Any = None) -> None:
+    def __init__(self, on_securenat_bind: Any = None, listening: Listening | None = None) -> None:
         cfg = config([])
         self.now = 10.0
         self.engine = Engine(cfg.policy, [ipaddress.ip_network("192.0.2.0/24")],
                              [ip("198.51.100.1")], nat=True)
-        hooks = {} if on_securenat_bind is None else {"on_securenat_bind": on_securenat_bind}
+        hooks: dict[str, Any] = {} if on_securenat_bind is None else \
+            {"on_securenat_bind": on_securenat_bind}
+        if listening is not None:
+            hooks["listening"] = lambda: listening
         self.api = SessionApi(self.engine, lambda: self.now, **hooks)
         self.calls = InProcessCalls(self.api.handlers())
         primary = self.engine.decide(PacketMeta(FlowKey(TCP, CLIENT, 40000, SERVER, 21), Ingress.INTERNAL,
@@ -291,6 +295,28 @@ def test_a_bind_the_shell_cannot_set_up_is_withdrawn() -> None:
     assert bind.state is BindState.CLOSED
     assert s.engine.binds.leading_to(17, CLIENT, 50000) is None
     assert s.engine.drain_retired_binds() == []
+
+
+def test_in_nat_the_fw_s_privileged_and_listened_ports_are_no_client_s_bind() -> None:
+    """The session API refuses them whatever the filter checked; the FTP filter then
+    opens nothing and passes the command unchanged."""
+    fw = Listening(frozenset({(TCP, ip("198.51.100.1"), 50000), (TCP, ip("::"), 50001)}))
+    s = Setup(listening=fw)
+    for port in (22, 1023, 50000, 50001):
+        with pytest.raises(InvalidArgument, match="no bind takes it"):
+            s.calls.bind_for_client(s.session, port)
+    assert s.engine.binds.of(s.session) == []
+    ftp = FtpFilter().attach(Primary(s.session, "tcp", (CLIENT, 40000), (SERVER, 21),
+                                     translated=True, firewall_client=False), s.calls)
+    for port in (50000, 50001):
+        command = b"PORT 192,0,2,11,%d,%d\r\n" % (port >> 8, port & 255)
+        assert ftp.on_data(Direction.OUT, command) == command
+    assert s.engine.binds.of(s.session) == []
+    # a port the fw does not listen on is the client's bind, and the command names it
+    assert ftp.on_data(Direction.OUT, b"PORT 192,0,2,11,195,82\r\n") == \
+        b"PORT 198,51,100,1,195,82\r\n"  # 50002
+    (bind,) = s.engine.binds.of(s.session)
+    assert (bind.port, bind.client_port, bind.state) == (50002, 50002, BindState.ALLOWED)
 
 
 def test_a_firewall_client_session_cannot_bind_for_client() -> None:

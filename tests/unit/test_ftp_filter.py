@@ -195,6 +195,85 @@ def test_third_party_addresses_open_nothing(direction: Direction, line: bytes, n
     assert api.opened() == []
 
 
+# --- rule 14: data ports ---------------------------------------------------------------------
+
+def _port_line(port: int) -> bytes:
+    return b"PORT 192,0,2,11,%d,%d\r\n" % (port >> 8, port & 255)
+
+
+def _pasv_reply(port: int) -> bytes:
+    return b"227 Entering Passive Mode (198,51,100,21,%d,%d).\r\n" % (port >> 8, port & 255)
+
+
+# verb -> (direction, the line naming a port, IPv6)
+DATA_PORT_LINES = {
+    "PORT": (OUT, _port_line, False),
+    "EPRT": (OUT, lambda port: b"EPRT |1|192.0.2.11|%d|\r\n" % port, False),
+    "EPRT-ipv6": (OUT, lambda port: b"EPRT |2|2001:db8:1::11|%d|\r\n" % port, True),
+    "PASV": (BACK, _pasv_reply, False),
+    "EPSV": (BACK, lambda port: b"229 Entering Extended Passive Mode (|||%d|)\r\n" % port, False),
+    "EPSV-ipv6": (BACK, lambda port: b"229 Entering Extended Passive Mode (|||%d|)\r\n" % port, True),
+}
+# routed; NAT (the client reached the server itself); NAT with the control connection
+# redirected by the fw (the client sees only the fw)
+TOPOLOGIES = {"routed": (False, False), "nat": (True, False), "nat-via-fw": (True, True)}
+
+
+def _opened_port(method: str, params: dict[str, Any]) -> int:
+    if method == "redirect_connections":
+        return int(params["addresses"][0][1])
+    return int(params.get("client_port", params.get("port")))
+
+
+@pytest.mark.parametrize("port", [0, 1, 21, 22, 1023])
+@pytest.mark.parametrize("verb", DATA_PORT_LINES)
+@pytest.mark.parametrize("topology", TOPOLOGIES)
+def test_a_privileged_data_port_opens_nothing(topology: str, verb: str, port: int) -> None:
+    """PORT/EPRT/PASV/EPSV naming a port below 1024 open nothing and pass unchanged, as
+    a third party's address does (port 0 is malformed and opens nothing either)."""
+    direction, line_of, v6 = DATA_PORT_LINES[verb]
+    nat, via = TOPOLOGIES[topology]
+    ftp, api = control(nat=nat, via=via, v6=v6)
+    line = line_of(port)
+    assert ftp.on_data(direction, line) == line
+    assert api.opened() == [] and ftp.opened == []
+
+
+@pytest.mark.parametrize("verb", DATA_PORT_LINES)
+@pytest.mark.parametrize("topology", TOPOLOGIES)
+def test_the_first_unprivileged_data_port_opens(topology: str, verb: str) -> None:
+    direction, line_of, v6 = DATA_PORT_LINES[verb]
+    nat, via = TOPOLOGIES[topology]
+    ftp, api = control(nat=nat, via=via, v6=v6)
+    ftp.on_data(direction, line_of(1024))
+    opened = api.opened()
+    assert opened and _opened_port(*opened[0]) == 1024
+    assert len(ftp.opened) == 1
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from(list(DATA_PORT_LINES)), st.sampled_from(list(TOPOLOGIES)),
+       st.integers(0, 65535))
+def test_a_data_port_opens_if_and_only_if_it_is_unprivileged(verb: str, topology: str,
+                                                             port: int) -> None:
+    direction, line_of, v6 = DATA_PORT_LINES[verb]
+    nat, via = TOPOLOGIES[topology]
+    ftp, api = control(nat=nat, via=via, v6=v6)
+    ftp.on_data(direction, line_of(port))
+    assert bool(ftp.opened) == (port >= 1024)
+    assert not api.opened() or _opened_port(*api.opened()[0]) == port
+
+
+def test_a_firewall_client_s_bind_on_a_privileged_port_is_not_approved() -> None:
+    """A Firewall client names its SOCKS bind: one on a privileged port (which the
+    enforcer never hands out) is not approved either."""
+    bind = {"protocol": "tcp", "state": "pending", "address": [FW_EXT, 1023]}
+    ftp, api = control(firewall_client=True, nat=True, api=FakeApi(nat=True, binds=[bind]))
+    command = b"PORT 198,51,100,1,3,255\r\n"
+    assert ftp.on_data(OUT, command) == command
+    assert api.opened() == []
+
+
 def test_api_refusal_passes_the_line_unchanged() -> None:
     api = FakeApi(fail=PolicyRulesDenied("no"))
     ftp, _ = control(via=True, api=api)
@@ -296,6 +375,20 @@ def test_tftp_request_binds_the_clients_port_for_the_server() -> None:
         ("retroactive_allow_bind", {"session": 3, "protocol": "udp", "address": FW_EXT,
                                     "port": 40000, "protocol_guid": TFTP_GUID, "flags": [],
                                     "ipfilter": {"ranges": [[str(S1), str(S1)]]}})]
+
+
+@pytest.mark.parametrize("client_port", [1, 69, 1023])
+def test_tftp_a_request_from_a_privileged_port_opens_nothing(client_port: int) -> None:
+    api = FakeApi(nat=True)
+    flow = TftpFilter().attach(Primary(3, "udp", (C1, client_port), (S1, 69), translated=True,
+                                       firewall_client=False), api)
+    assert flow.on_data(OUT, rrq()) == rrq()
+    assert api.opened() == []
+    from_1024 = TftpFilter().attach(Primary(3, "udp", (C1, 1024), (S1, 69), translated=True,
+                                            firewall_client=False), api)
+    from_1024.on_data(OUT, rrq())
+    assert api.opened()[0] == ("bind_for_client", {"session": 3, "protocol": "udp",
+                                                   "client_port": 1024})
 
 
 @settings(max_examples=200, deadline=None)

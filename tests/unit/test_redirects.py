@@ -174,6 +174,17 @@ def test_pool_block_needs_consecutive_free_ports() -> None:
     assert pool.in_use == 6
 
 
+def test_pool_blocks_skip_every_port_avoided() -> None:
+    pool = PortPool(1000, 1009, "bind")
+    assert pool.allocate(3, avoid=lambda port: port in (1001, 1004)) == 1005
+    assert pool.allocate(1, avoid=lambda port: port != 1003) == 1003
+    assert pool.allocate(1) == 1004  # nothing avoided: the cursor's next free port
+    assert pool.in_use == 5
+    with pytest.raises(IsBusy):
+        pool.allocate(2, avoid=lambda port: port % 2 == 0)
+    assert pool.in_use == 5
+
+
 def test_pool_single_port_range() -> None:
     pool = PortPool(5000, 5000, "user-mode")
     assert pool.allocate(1) == 5000
@@ -272,6 +283,14 @@ def test_timeout_redirect_expires(engine: Engine) -> None:
      "data filters are for TCP flows"),
     ({"proxy_external_address": ip("198.51.100.9")}, InvalidArgument,
      "not one of the firewall's external addresses"),
+    ({"targets": [(S1, 2121), ("192.0.2.1", 2121)]}, InvalidArgument,
+     "target 192.0.2.1 is the firewall's own address"),
+    ({"targets": [("198.51.100.2", 22)]}, InvalidArgument,
+     "target 198.51.100.2 is the firewall's own address"),
+    ({"session": 2, "targets": [(S6, 2121), ("2001:db8:2::1", 8080)]}, InvalidArgument,
+     "target 2001:db8:2::1 is the firewall's own address"),
+    ({"session": 2, "targets": [("2001:db8:1::1", 2121)]}, InvalidArgument,
+     "target 2001:db8:1::1 is the firewall's own address"),
 ], ids=lambda v: v.__name__ if isinstance(v, type) else None)
 def test_a_refused_redirect_creates_nothing(engine: Engine, kwargs: dict[str, Any],
                                             error: type[SessionApiError], message: str) -> None:

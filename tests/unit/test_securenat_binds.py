@@ -17,10 +17,11 @@ from enforcer.core.binds import Bind, BindState
 from enforcer.core.engine import SAME_FLOW_WINDOW, Engine, Verdict
 from enforcer.core.flags import Flags
 from enforcer.core.flows import Mode
+from enforcer.core.fwports import Listening
 from enforcer.core.ipfilter import IpFilter
 from enforcer.core.packet import ICMP, TCP, UDP, FlowKey, Ingress, IPAddress, PacketMeta
 from enforcer.core.policy import policy_from_dict
-from enforcer.core.results import InvalidArgument
+from enforcer.core.results import InvalidArgument, IsBusy
 
 ip = ipaddress.ip_address
 
@@ -153,7 +154,7 @@ def test_a_nat_bind_takes_a_pool_port_when_the_client_s_port_is_bound_already(na
     pytest.param(USER_REDIRECT_PORTS[0], True, id="user-redirect-low"),
     pytest.param(USER_REDIRECT_PORTS[1], True, id="user-redirect-high"),
     pytest.param(USER_REDIRECT_PORTS[0] - 1, False, id="below-user-redirect"),
-    pytest.param(1, False, id="port-1"),
+    pytest.param(1024, False, id="port-1024"),
     pytest.param(65535, False, id="port-65535"),
 ])
 def test_a_nat_bind_avoids_the_fw_s_own_port_pools(natted: Engine, client_port: int, pooled: bool) -> None:
@@ -218,6 +219,90 @@ def test_nat_without_an_external_address_of_the_client_s_family() -> None:
     # routed, an IPv6 client needs none
     routed = make_engine(nat=False, external=(EXT4,))
     assert routed.bind_for_securenat(securenat(routed, C6), TCP, PORT, 2.0)[0].address == C6
+
+
+# --- rule 14: no bind takes a privileged port of the fw, or one it listens on ------------------
+
+def listening(*sockets: tuple[int, str, int]) -> Listening:
+    return Listening(frozenset((proto, ip(address), port) for proto, address, port in sockets))
+
+
+@pytest.mark.parametrize("client_port", [1, 21, 22, 1023])
+@pytest.mark.parametrize("client", [C1, C6], ids=["ipv4", "ipv6"])
+@pytest.mark.parametrize("proto", [TCP, UDP], ids=["tcp", "udp"])
+def test_a_nat_bind_never_takes_a_privileged_port_of_the_fw(natted: Engine, proto: int,
+                                                            client: IPAddress, client_port: int) -> None:
+    session = securenat(natted, client)
+    external = EXT4 if client.version == 4 else EXT6
+    with pytest.raises(InvalidArgument,
+                       match=f"port {client_port} of the firewall's {external} is privileged"):
+        natted.bind_for_securenat(session, proto, client_port, 2.0)
+    assert len(natted.binds) == 0 and natted.binds.of(session) == []
+    assert natted.bind_ports.in_use == 0 and natted.drain_retired_binds() == []
+    # the first unprivileged port is the client's own
+    bind, _ = natted.bind_for_securenat(session, proto, 1024, 2.0)
+    assert (bind.address, bind.port, bind.pooled) == (external, 1024, False)
+
+
+def test_routed_a_privileged_port_is_the_client_s_own_to_bind(routed: Engine) -> None:
+    """Routed, the bind is the client's own address: nothing of the fw's is taken (which
+    ports of a client a filter may open is the filter's to say: rule 14)."""
+    bind, _ = routed.bind_for_securenat(securenat(routed), TCP, 22, 2.0,
+                                        listening((TCP, "0.0.0.0", 22)))
+    assert (bind.address, bind.port, bind.pooled) == (C1, 22, False)
+
+
+@pytest.mark.parametrize(("socket", "client", "refused"), [
+    pytest.param((TCP, "198.51.100.1", PORT), C1, True, id="the-external-address"),
+    pytest.param((TCP, "0.0.0.0", PORT), C1, True, id="ipv4-wildcard"),
+    pytest.param((TCP, "::", PORT), C1, True, id="ipv6-wildcard-dual-stack"),
+    pytest.param((TCP, "::", PORT), C6, True, id="ipv6-wildcard"),
+    pytest.param((TCP, "2001:db8:2::1", PORT), C6, True, id="the-external-ipv6-address"),
+    pytest.param((TCP, "0.0.0.0", PORT), C6, False, id="ipv4-wildcard-for-ipv6"),
+    pytest.param((TCP, "192.0.2.1", PORT), C1, False, id="an-internal-address"),
+    pytest.param((TCP, "198.51.100.2", PORT), C1, False, id="another-external-address"),
+    pytest.param((TCP, "127.0.0.1", PORT), C1, False, id="loopback"),
+    pytest.param((UDP, "0.0.0.0", PORT), C1, False, id="another-protocol"),
+    pytest.param((TCP, "0.0.0.0", PORT + 1), C1, False, id="another-port"),
+])
+def test_a_nat_bind_never_takes_a_port_the_fw_listens_on(natted: Engine, socket: tuple[int, str, int],
+                                                         client: IPAddress, refused: bool) -> None:
+    """Refused rather than moved to a pool port: the clause asks that a data port the fw
+    listens on open nothing, and a pool port would not serve a client whose peer answers
+    the source port it saw (TFTP)."""
+    session = securenat(natted, client)
+    fw = listening(socket)
+    if refused:
+        with pytest.raises(InvalidArgument, match=f"the firewall listens on tcp .* port {PORT}"):
+            natted.bind_for_securenat(session, TCP, PORT, 2.0, fw)
+        assert len(natted.binds) == 0 and natted.bind_ports.in_use == 0
+    else:
+        bind, _ = natted.bind_for_securenat(session, TCP, PORT, 2.0, fw)
+        assert (bind.port, bind.pooled) == (PORT, False)
+
+
+def test_the_fw_s_own_socks_binds_do_not_make_it_refuse_itself(natted: Engine) -> None:
+    """The SOCKS service listens on the bind ports it hands out: a client port that meets
+    one goes to the pool, as any port of the pool's does, and gets another."""
+    socks = natted.bind_for_client(natted.open_firewall_session(C2, "alice", 1.0).id, TCP, EXT4, 1.0)
+    fw = listening((TCP, str(EXT4), socks.port))
+    bind, new = natted.bind_for_securenat(securenat(natted), TCP, socks.port, 2.0, fw)
+    assert new and bind.pooled and bind.port != socks.port and bind.port in natted.bind_ports
+    assert natted.bind_ports.in_use == 2
+
+
+def test_a_pool_port_is_never_one_the_fw_listens_on(natted: Engine) -> None:
+    session = securenat(natted)
+    first, middle, last = BIND_PORTS[0], BIND_PORTS[0] + 1, BIND_PORTS[1]
+    fw = listening((TCP, "0.0.0.0", first), (TCP, "::", middle), (UDP, "0.0.0.0", last))
+    bind, _ = natted.bind_for_securenat(session, TCP, first, 2.0, fw)  # a pool port: to the pool
+    assert (bind.port, bind.pooled) == (last, True)  # a UDP socket leaves the TCP port free
+    natted.withdraw_bind(bind)
+    everything = listening(*((TCP, str(EXT4), p) for p in range(first, last + 1)))
+    with pytest.raises(IsBusy, match="no 1 consecutive free ports among the bind ports"):
+        natted.bind_for_securenat(session, TCP, KERNEL_REDIRECT_PORTS[0], 2.0, everything)
+    assert natted.bind_ports.in_use == 0
+    assert natted.binds.leading_to(TCP, C1, KERNEL_REDIRECT_PORTS[0]) is None
 
 
 # --- inbound flows ------------------------------------------------------------------------------

@@ -99,6 +99,8 @@ def test_a_grant_returns_the_action(api: SessionApi) -> None:
     ({"context": "x" * 5000}, "'context' is larger than"),
     ({"proxy_external_address": "198.51.100.9"}, "not one of the firewall's external addresses"),
     ({"address": "224.0.0.1"}, "not a unicast host address"),
+    ({"address": "198.51.100.2"}, "target 198.51.100.2 is the firewall's own address"),
+    ({"address": "192.0.2.1", "port": 22}, "target 192.0.2.1 is the firewall's own address"),
 ])
 def test_bad_parameters_are_invalid_arguments_that_name_the_problem(
         api: SessionApi, params: dict[str, Any], message: str) -> None:
@@ -203,6 +205,8 @@ def test_redirect_connections_takes_a_filter_and_a_protocol_by_number(api: Sessi
     ({"addresses": [[str(SERVER), 0]]}, "port 0 is outside 1-65535"),
     ({"addresses": [[str(SERVER), 70000]]}, "port 70000 is outside 1-65535"),
     ({"addresses": [["224.0.0.1", 21]]}, "not a unicast host address"),
+    ({"addresses": [[str(SERVER), 21], ["198.51.100.1", 22]]},
+     "target 198.51.100.1 is the firewall's own address"),
     ({"addresses": [["2001:db8:2::1", 21]]}, "not of the client's address family"),
     ({"address": str(SERVER)}, "unexpected parameters: address"),
     ({"port": 21, "colour": "red"}, "unexpected parameters: colour, port"),

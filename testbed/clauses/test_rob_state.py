@@ -50,10 +50,11 @@ def limits_of(net: Net) -> dict[str, Any]:
     return dict(status(net)["limits"])
 
 
-def wait_for(what: str, probe: Callable[[], bool], within: float) -> None:
+def wait_for(net: Net, what: str, probe: Callable[[dict[str, Any]], bool], within: float) -> None:
+    """Poll the caps' status until ``probe`` accepts it."""
     deadline = time.monotonic() + within
-    while not probe():
-        assert time.monotonic() < deadline, f"{what}: not within {within:g} s"
+    while not probe(limits := limits_of(net)):
+        assert time.monotonic() < deadline, f"{what}: not within {within:g} s: {limits}"
         time.sleep(0.1)
 
 
@@ -93,7 +94,7 @@ def test_sessions_from_spoofed_sources_stay_within_the_cap_and_idle_ones_end(net
             assert reasons and reasons[-1].startswith("refused: the sessions_total cap (3)"), reasons
         echoed(held, b"c1's session is kept" * 50)
         # idle sessions end; c1's flow outlives its session (it runs in the kernel)
-        wait_for("idle sessions end", lambda: limits_of(net)["sessions_total"]["used"] == 0,
+        wait_for(net, "idle sessions end", lambda caps: caps["sessions_total"]["used"] == 0,
                  3 + 2 + timeouts.POSITIVE)
         assert limits_of(net)["session_idle_timeout"]["ended"] == 3
         echoed(held, b"after the session ended" * 50)
@@ -204,7 +205,9 @@ def test_a_filtered_flow_keeps_its_filter_through_a_flood_of_other_flows(net: Ne
     net.enforcer.stop()
     net.enforcer.data_filters = SHOUT
     try:
-        net.enforcer.start(limits={"flow_history": 20, "user_flows_total": 7})
+        # no kernel rate limit: the flood is to reach the enforcer, all of it
+        net.enforcer.start(limits={"flow_history": 20, "user_flows_total": 7,
+                                   "new_flows_per_second": 0})
     finally:
         net.enforcer.data_filters = None  # the next check's enforcer is the default one again
     c1, c2, s1 = net.agent("c1"), net.agent("c2"), net.agent("s1")
@@ -219,7 +222,7 @@ def test_a_filtered_flow_keeps_its_filter_through_a_flood_of_other_flows(net: Ne
             assert filtered.talk(b"ping----" * 20, expect=9 * 20) == b"PONG?----" * 20
             c2.send([datagram(net, flooder, dst, 50000 + i, 53, b"flood") for i in range(150)]
                     + [syn(net, flooder, dst, 51000 + i, 48002) for i in range(40)])
-            wait_for("the flood decided", lambda: limits_of(net)["user_flows_total"]["refused"] >= 34,
+            wait_for(net, "the flood decided", lambda caps: caps["user_flows_total"]["refused"] >= 34,
                      timeouts.POSITIVE)
             limits = limits_of(net)
             assert limits["flow_history"]["used"] == 20 and limits["user_flows_total"]["used"] == 7, limits

@@ -220,7 +220,8 @@ def enforcer_block(tb: Testbed, server: IperfServer, workdir: Path,
     """The enforcer running: kernel-mode and user-mode iperf3, new-flow rate, PASV data connects."""
     out: dict[str, Any] = {}
     enforcer = EnforcerProcess(tb, workdir)
-    enforcer.start()
+    # The client's per-address caps would cap P4's admission rate: measured without them.
+    enforcer.start(limits={"new_flows_per_second": 0, "flows_per_client": 1_000_000})
     try:
         session = c1_session(tb, enforcer)
         target = (SERVER_ADDR, IPERF_PORT)
@@ -272,6 +273,36 @@ def enforcer_block(tb: Testbed, server: IperfServer, workdir: Path,
         enforcer.stop()
         enforcer.unload()  # the next measurements are of plain forwarding
         tb.run(FW, ["conntrack", "-F"], check=False)
+    return out
+
+
+def run_flood(reps: int, artifacts: Path) -> dict[str, Any]:
+    """ROB-01: c1's first-SYN delays through the fw (default enforcer, FTP and TFTP filters
+    on) without, then under, c2's flood; per repetition, p99 of each."""
+    from testbed.flood import VICTIM_PORT, Flood, first_syn_delays
+    from testbed.plugin import APP_FILTERS, Lab, Net
+
+    out: dict[str, Any] = {"quiet_p99_ms": [], "flood_p99_ms": [], "opened": [], "flood": []}
+    lab = Lab("routed", artifacts)
+    try:
+        lab.use_enforcer(APP_FILTERS)
+        net = Net(lab, "ipv4")
+        with net.client() as api:
+            grant = api.allow_future_connect(net.session("c1"), (net.addr("s1"), VICTIM_PORT),
+                                             protocol_guid=GUIDS["FTP"], flags=Flags.ALLOW_MULTIPLE)
+            for _ in range(reps):
+                quiet = first_syn_delays(net, "c1", "s1", 100)
+                with Flood(net, "c2", "s1") as flood:
+                    loud = first_syn_delays(net, "c1", "s1", 100)
+                out["quiet_p99_ms"].append(quiet.p99 * 1e3)
+                out["flood_p99_ms"].append(loud.p99 * 1e3)
+                out["opened"].append(loud.opened)
+                out["flood"].append(flood.counts.summary())
+            grant.cancel()
+    except Exception as exc:
+        out["error"] = _err(exc)
+    finally:
+        lab.close()
     return out
 
 
@@ -354,7 +385,8 @@ def _errors(samples: list[Any]) -> str:
     return "; ".join(errs)
 
 
-def build_rows(net: dict[str, list[Any]] | None, p3: dict[str, Any] | None) -> list[Row]:
+def build_rows(net: dict[str, list[Any]] | None, p3: dict[str, Any] | None,
+               flood: dict[str, Any] | None = None) -> list[Row]:
     rows: list[Row] = []
     if net is not None:
         def bps(key: str) -> float | None:
@@ -410,6 +442,15 @@ def build_rows(net: dict[str, list[Any]] | None, p3: dict[str, Any] | None) -> l
                        if k == "error" or (isinstance(v, dict) and "error" in v)})
         if failed or errs:
             rows[-1].note += f"; P4 failed connects: {failed}" + (f"; {'; '.join(errs)}" if errs else "")
+    if flood is not None:
+        loud, quiet = median(flood["flood_p99_ms"]), median(flood["quiet_p99_ms"])
+        extra = None if loud is None or quiet is None else loud - quiet
+        rows.append(Row("ROB-01 first-SYN delay p99 under a flood", "ms", loud, quiet,
+                        "the same run without the flood", ratio(loud, quiet), "<= baseline + 50 ms",
+                        None if extra is None else extra <= 50.0,
+                        f"c1's 100 connections ({min(flood['opened'], default=0)} opened at least) "
+                        "while c2 sends 20,000 SYNs, 2,000 TFTP requests, 5,000 PORT lines and "
+                        "10,000 grant calls" + (f"; {flood['error']}" if "error" in flood else "")))
     if p3 is not None:
         big, small = p3["1M"], p3["1k"]
         for key, label, unit, goal in (
@@ -447,7 +488,7 @@ def render(rows: list[Row]) -> str:
     def num(v: float | None, unit: str) -> str:
         if v is None:
             return "-"
-        spec = ".2f" if unit == "Gbit/s" else ".1f" if unit == "µs" and v < 1000 else ",.0f"
+        spec = ".2f" if unit == "Gbit/s" else ".1f" if unit in ("µs", "ms") and v < 1000 else ",.0f"
         return f"{format(v, spec)} {unit}"
 
     head = ("name", "measured", "baseline", "ratio", "goal", "met?", "baseline is / note")
@@ -486,19 +527,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--concurrency", type=int, default=16, help="connects in flight for the rate")
     ap.add_argument("--pasv", type=int, default=100, help="PASV + data connects per latency run")
     ap.add_argument("--rounds", type=int, default=15, help="P3 match rounds of 250 flows")
-    ap.add_argument("--skip", nargs="+", choices=["net", "p3"], default=[],
-                    help="leave out the testbed rows (P1, P2, P4) or P3")
+    ap.add_argument("--flood-reps", type=int, default=3, help="ROB-01 repetitions (default 3)")
+    ap.add_argument("--skip", nargs="+", choices=["net", "p3", "flood"], default=[],
+                    help="leave out the testbed rows (P1, P2, P4), P3 or ROB-01")
     ap.add_argument("--out", type=Path, default=OUT, help=f"JSON output (default {OUT})")
     args = ap.parse_args(argv)
-    if "net" not in args.skip and os.geteuid() != 0:
-        print("bench needs root for P1, P2 and P4 (network namespaces, iptables); "
-              "--skip net runs P3 alone", file=sys.stderr)
+    if not {"net", "flood"} <= set(args.skip) and os.geteuid() != 0:
+        print("bench needs root for P1, P2, P4 and ROB-01 (network namespaces, iptables); "
+              "--skip net flood runs P3 alone", file=sys.stderr)
         return 2
 
     t0 = time.monotonic()
     p3 = None if "p3" in args.skip else run_p3(args.rounds, seed=1)
     net = None if "net" in args.skip else run_network(args)
-    rows = build_rows(net, p3)
+    flood = None
+    if "flood" not in args.skip:
+        with tempfile.TemporaryDirectory(prefix="pinhole-bench-") as tmp:
+            flood = run_flood(args.flood_reps, Path(tmp))
+    rows = build_rows(net, p3, flood)
     text = render(rows)
     wall = round(time.monotonic() - t0, 1)
     result = {
@@ -522,6 +568,9 @@ def main(argv: list[str] | None = None) -> int:
                           "ESTABLISHED,RELATED accept / NEW tcp dport 21 accept / drop, no enforcer; "
                           "enforcer: a single-use AllowFutureConnect per 227 from the client's side, "
                           "then the connect()",
+            "ROB-01": "testbed.flood: c1's 100 sequential connects to s1 under an ALLOW_MULTIPLE grant, "
+                      "first SYN timed from c1's interface to s1's (kernel capture times), without "
+                      "and then under c2's flood; enforcer defaults, FTP and TFTP filters on",
             "medians": "per run the median over its connections; the table: median over runs",
         },
         "wall_seconds": wall,
@@ -529,6 +578,7 @@ def main(argv: list[str] | None = None) -> int:
         "table": text.splitlines(),
         "p3": p3,
         "network": _jsonable(net) if net is not None else None,
+        "flood": flood,
     }
     args.out.write_text(json.dumps(result, indent=2, default=str) + "\n")
     print()

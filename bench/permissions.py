@@ -124,7 +124,8 @@ def new_engine(w: Workload) -> tuple[Engine, list[int]]:
     """An engine with one SecureNAT session per client (made by a primary FTP SYN), its
     pending-permission caps raised to hold the workload."""
     limits = Limits(pending_total=max(w.n, Limits.pending_total))
-    engine = Engine(POLICY, (INTERNAL,), (ipaddress.IPv4Address("203.0.113.1"),), limits=limits)
+    engine = Engine(POLICY, {"int0": (INTERNAL,)}, (ipaddress.IPv4Address("203.0.113.1"),),
+                    limits=limits)
     server = TARGETS.network_address + 1
     ids = []
     for client in w.clients:

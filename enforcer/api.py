@@ -25,6 +25,9 @@ from enforcer.core.redirects import MAX_ADDRESSES, Endpoint
 from enforcer.core.results import InvalidArgument, Terminating
 
 MAX_CONTEXT_BYTES = 4096
+# Its events are encoded deep in the packet path's stack: a context must nest much less
+# than the recursion limit that reading a request allows.
+MAX_CONTEXT_DEPTH = 32
 _PROTOCOLS = {"tcp": TCP, "udp": UDP, TCP: TCP, UDP: UDP}
 
 
@@ -53,7 +56,8 @@ class Params:
 
     def protocol(self) -> int:
         protocol = self.params.get("protocol", "tcp")
-        if isinstance(protocol, bool) or protocol not in _PROTOCOLS:
+        # the type first: a list is not hashable, and 6.0 == 6
+        if type(protocol) not in (str, int) or protocol not in _PROTOCOLS:
             raise InvalidArgument("'protocol' must be \"tcp\", \"udp\", 6 or 17")
         return _PROTOCOLS[protocol]
 
@@ -90,6 +94,16 @@ class Params:
         if not isinstance(value, str) or len(value) > max_len:
             raise InvalidArgument(f"'{name}' must be a string of at most {max_len} characters")
         return value
+
+
+def _depth(value: Any) -> int:
+    """How many lists and objects deep a JSON value goes, counted level by level (not by
+    recursion: the value may be nested too deeply for that)."""
+    depth, level = 0, [value]
+    while containers := [v for v in level if isinstance(v, list | dict)]:
+        depth += 1
+        level = [item for c in containers for item in (c.values() if isinstance(c, dict) else c)]
+    return depth
 
 
 class SessionApi:
@@ -160,6 +174,8 @@ class SessionApi:
             if filter_id not in self._filters:
                 raise InvalidArgument(f"no filter {filter_id} is registered")
         context = p.params.get("context")
+        if _depth(context) > MAX_CONTEXT_DEPTH:
+            raise InvalidArgument(f"'context' is nested more than {MAX_CONTEXT_DEPTH} deep")
         if len(repr(context)) > MAX_CONTEXT_BYTES:
             raise InvalidArgument(f"'context' is larger than {MAX_CONTEXT_BYTES} bytes")
         return {"proxy_external_address": p.address("proxy_external_address")

@@ -159,7 +159,9 @@ class ControlServer:
             request = json.loads(line.decode("utf-8"))
         except UnicodeDecodeError as exc:
             return _error(None, InvalidArgument(f"request is not valid JSON: not UTF-8 ({exc.reason})"))
-        except json.JSONDecodeError as exc:
+        except ValueError as exc:
+            # JSONDecodeError, and the plain ValueError of a number with more digits
+            # than Python converts (sys.get_int_max_str_digits)
             return _error(None, InvalidArgument(f"request is not valid JSON: {exc}"))
         except RecursionError:
             return _error(None, InvalidArgument("request is not valid JSON: nested too deeply"))

@@ -12,6 +12,7 @@ enforcing. A stop, clean or not, leaves the lockdown base (SPEC rule 15); only
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import importlib
@@ -33,6 +34,7 @@ from enforcer.config import Config, SocksSettings
 from enforcer.control import AlreadyRunning, Caller, ControlServer, refuse_if_served
 from enforcer.core import nat
 from enforcer.core.binds import Bind
+from enforcer.core.budget import ByteBudget
 from enforcer.core.datafilter import DataFilter, DataFilterFactory, Direction, TcpStreamEditor
 from enforcer.core.engine import Engine, Verdict
 from enforcer.core.flags import Flags
@@ -170,6 +172,27 @@ def ensure_receive_buffer(sock: socket.socket, size: int) -> int:
     return int(current)
 
 
+class Arrivals:
+    """The side and the name of the interface a queued packet came in on, by its index
+    (NFQUEUE's indev). An interface the config names on neither side (lo, say) counts as
+    outside; index 0 is none: the fw's own packet."""
+
+    def __init__(self, interfaces: dataplane.Interfaces) -> None:
+        self.known = {**{i: (Ingress.EXTERNAL, n) for n, i in interfaces.external.items()},
+                      **{i: (Ingress.INTERNAL, n) for n, i in interfaces.internal.items()}}
+
+    def __call__(self, indev: int) -> tuple[Ingress, str]:
+        known = self.known.get(indev)
+        if known is not None:
+            return known
+        if not indev:
+            return Ingress.EXTERNAL, ""
+        try:
+            return Ingress.EXTERNAL, socket.if_indextoname(indev)
+        except OSError:
+            return Ingress.EXTERNAL, f"interface #{indev}"
+
+
 class Daemon:
     def __init__(self, config: Config, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
@@ -182,7 +205,7 @@ class Daemon:
         if both:
             raise StartupError(f"{', '.join(both)}: both a data filter and an application "
                                "filter; a grant's data_filter would not know which")
-        self.engine = Engine(config.policy, self.interfaces.internal_networks,
+        self.engine = Engine(config.policy, self.interfaces.networks_behind(),
                              self.interfaces.external_addresses, nat=config.network.nat,
                              data_filters=[*self.filter_factories, *self.app_filters],
                              internal_addresses=[a for _, a in self.interfaces.internal_addresses],
@@ -197,7 +220,7 @@ class Daemon:
         # the session API as application filters call it, in this process
         self.calls = filters.InProcessCalls({**self.api.handlers()})
         self.socks: SocksService | None = None
-        self._ingress = {i: Ingress.INTERNAL for i in self.interfaces.internal.values()}
+        self._arrived_on = Arrivals(self.interfaces)
         self.loop = Loop(self.engine.counters, clock)
         self.host = dataplane.HostSettings(state_file(config))
         self.maps: dataplane.NatMaps | None = None  # per-grant kernel NAT, once running
@@ -212,16 +235,23 @@ class Daemon:
         except Exception:  # fail closed on a bug, and keep enforcing
             log.exception("dropping a packet the enforcer failed to decide")
             self.engine.counters["errors"] += 1
-            pkt.drop()
+            # after its verdict (the events sent then failed), a second one would raise
+            # out of the queue's callback and stop the loop
+            with contextlib.suppress(RuntimeError):
+                pkt.drop()
 
     def _on_packet(self, pkt: Any) -> None:
-        ingress = self._ingress.get(pkt.indev, Ingress.EXTERNAL)
         data = pkt.get_payload()
         try:
-            meta = parse(data, ingress)
+            meta = parse(data, *self._arrived_on(pkt.indev))
         except Malformed as exc:
             self.engine.counters["malformed"] += 1
             log.debug("drop malformed packet: %s", exc)
+            pkt.drop()
+            return
+        refused = self.engine.judge_ingress(meta, self.clock())
+        if refused is not None:
+            log.debug("drop %s: %s", meta.key, refused.reason)
             pkt.drop()
             return
         length = pkt.get_payload_len()
@@ -348,15 +378,17 @@ class Daemon:
             new = record.stream.on_data(direction, payload)
             return data if new == payload else rewrite.rebuild_udp(data, new)
         if record.editor is None:
-            record.editor = TcpStreamEditor(self.stream_filter(record))
-        packet, segment = rewrite.parse_segment(data)
+            record.editor = TcpStreamEditor(
+                self.stream_filter(record),
+                ByteBudget(self.config.limits.buffered_bytes_per_client))
+        segment = rewrite.parse_segment(data)
         edited = record.editor.edit(direction, segment.seq, segment.ack, segment.payload,
-                                    syn=segment.syn)
+                                    syn=segment.syn, fin=segment.fin)
         if edited is None:
             return None
-        if edited == (segment.seq, segment.ack, segment.payload):
+        if edited == (segment.seq, segment.ack, segment.payload, segment.fin):
             return data
-        return rewrite.rebuild(packet, *edited)
+        return rewrite.rebuild(data, segment, *edited)
 
     # --- the shell's part of grants -------------------------------------------------
     def _nat_maps(self) -> dataplane.NatMaps:
@@ -432,6 +464,8 @@ class Daemon:
             "fail_open": self.config.dataplane.fail_open,
             "nat": self.config.network.nat,
             "internal_networks": [str(n) for n in self.interfaces.internal_networks],
+            "networks_behind": {name: [str(n) for n in networks.networks]
+                                for name, networks in self.engine.ingress.behind.items()},
             "external_addresses": [str(a) for a in self.interfaces.external_addresses],
             "counters": dict(self.engine.counters),
             "sessions": len(self.engine.sessions),

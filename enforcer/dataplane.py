@@ -123,6 +123,12 @@ class Interfaces:
     def names(self) -> tuple[str, ...]:
         return (*self.internal, *self.external)
 
+    def networks_behind(self) -> dict[str, tuple[IPNetwork, ...]]:
+        """Each internal interface's networks: those of the fw's global addresses on it."""
+        return {name: tuple(dict.fromkeys(a.network for n, a in self.internal_addresses
+                                          if n == name))
+                for name in self.internal}
+
 
 def _ports(ports: tuple[int, int]) -> str:
     return f"{ports[0]}:{ports[1]}"

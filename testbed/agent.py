@@ -32,6 +32,7 @@ import json
 import os
 import pickle
 import re
+import selectors
 import signal
 import socket
 import subprocess
@@ -423,6 +424,19 @@ class Agent:
         res = self.call("tcp_open", {"addr": addr, "port": port, "timeout": t, "bind": bind},
                         timeout=t + CALL_MARGIN)
         return TcpConnection(self, res)
+
+    def tcp_probes(self, addr: str, port: int, payloads: list[bytes], *,
+                   timeout: float | None = None) -> list[dict[str, Any]]:
+        """One connection per payload, which is sent at once; then every connection is read
+        until its peer closes it or ``timeout`` passes (the waits overlap). Returns, per
+        payload, ``{"connected", "received" (bytes), "closed" (by the peer), "error"}``."""
+        t = timeouts.POSITIVE if timeout is None else timeout
+        res = self.call("tcp_probes", {"addr": addr, "port": port, "timeout": t,
+                                       "payloads": [_b64(p) for p in payloads]},
+                        timeout=t + CALL_MARGIN + 0.05 * len(payloads))
+        for probe in res:
+            probe["received"] = _unb64(probe["received"])
+        return list(res)
 
     def udp_send(self, addr: str, port: int, payload: bytes, *, expect_reply: bool,
                  timeout: float | None = None, bind: str | None = None) -> dict[str, Any]:
@@ -1231,6 +1245,47 @@ class _AgentServer:
         sock.close()
         if udp is not None:
             udp[0].close()
+
+    def m_tcp_probes(self, addr: str, port: int, payloads: list[str],
+                     timeout: float = 3.0) -> list[dict[str, Any]]:
+        results: list[dict[str, Any]] = []
+        with selectors.DefaultSelector() as selector:
+            for payload in payloads:
+                sock, res = self._tcp_connect(addr, port, timeout, None)
+                res.update(received=bytearray(), closed=False)
+                results.append(res)
+                if sock is None:
+                    continue
+                try:
+                    sock.sendall(_unb64(payload))
+                except OSError as exc:  # the peer closed already: what it sent is still read
+                    res["error"] = f"send: {exc.strerror or exc}"
+                sock.setblocking(False)
+                selector.register(sock, selectors.EVENT_READ, res)
+            deadline = time.monotonic() + timeout
+            while selector.get_map() and (left := deadline - time.monotonic()) > 0:
+                for key, _ in selector.select(left):
+                    conn, res = key.fileobj, key.data
+                    assert isinstance(conn, socket.socket)
+                    try:
+                        chunk = conn.recv(65536)
+                    except BlockingIOError:
+                        continue
+                    except OSError as exc:  # a reset ends it as a close does
+                        res["error"] = f"recv: {exc.strerror or exc}"
+                        chunk = b""
+                    if chunk:
+                        res["received"] += chunk
+                        continue
+                    res["closed"] = True
+                    selector.unregister(conn)
+                    conn.close()
+            for key in list(selector.get_map().values()):
+                selector.unregister(key.fileobj)
+                key.fileobj.close()  # type: ignore[union-attr]
+        for res in results:
+            res["received"] = _b64(bytes(res["received"]))
+        return results
 
     def _conn(self, cid: int) -> tuple[socket.socket, str]:
         with self._lock:

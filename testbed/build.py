@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from testbed import ledger as ledger_mod
 from testbed.ledger import Ledger
-from testbed.topology import FAMILIES, Topology, standard
+from testbed.topology import FAMILIES, Topology, named
 
 if TYPE_CHECKING:
     from testbed.agent import Agent
@@ -243,7 +243,7 @@ class Testbed:
             raise UnknownTestbed(f"no testbed with id {tb_id!r}") from None
         try:
             topo = (
-                Topology.from_dict(led.topology) if led.topology else standard(led.variant)
+                Topology.from_dict(led.topology) if led.topology else named(led.variant)
             )
         except (ValueError, KeyError, TypeError) as e:
             raise TestbedError(
@@ -395,7 +395,7 @@ class Testbed:
         probes: list[tuple[str, str]] = []
         for family in FAMILIES:
             for c in topo.clients:
-                probes.append((c.name, topo.fw_internal_address(family)))
+                probes.append((c.name, topo.fw_internal_address(family, facing=c.name)))
             for s in topo.servers:
                 probes.append((s.name, topo.fw_external_addresses(family)[0]))
         pending = probes

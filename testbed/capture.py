@@ -4,7 +4,9 @@
 ``tcpdump -i any -U --immediate-mode -y LINUX_SLL2 -w path`` inside
 ``netns`` (Linux cooked capture v2 records the interface of every packet), waits
 until tcpdump reports that it is listening, and ``stop()`` ends it with SIGINT
-so the pcap is complete.
+so the pcap is complete. ``FwPackets`` reads such a pcap while it grows, as a
+sniffer for ``testbed.checks``: what the host received on one interface, say, or
+what it sent.
 """
 
 from __future__ import annotations
@@ -17,11 +19,12 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
-__all__ = ["CaptureError", "FwCapture"]
+__all__ = ["SLL2_OUTGOING", "CaptureError", "FwCapture", "FwPackets", "read_pcap"]
 
 # How long to wait for tcpdump to say it is listening.
 START_TIMEOUT = 10.0
@@ -148,3 +151,44 @@ class FwCapture:
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"
         return f"<FwCapture netns={self.netns} path={self.path} {state}>"
+
+
+# LINUX_SLL2's packet type of a packet the capturing host sent (others it received)
+SLL2_OUTGOING = 4
+
+
+def read_pcap(path: Path | str) -> list[Any]:
+    """The complete records of an FwCapture pcap that tcpdump may still be writing, as
+    CookedLinuxV2 packets; none before tcpdump has written the file's header."""
+    from scapy.error import Scapy_Exception
+    from scapy.layers.l2 import CookedLinuxV2
+    from scapy.utils import RawPcapReader
+
+    out = []
+    try:
+        with RawPcapReader(str(path)) as reader:
+            for data, meta in reader:
+                if len(data) < meta.caplen:  # the record tcpdump is writing now
+                    break
+                pkt = CookedLinuxV2(data)
+                pkt.time = meta.sec + meta.usec / 1e6
+                out.append(pkt)
+    except (FileNotFoundError, Scapy_Exception):
+        return []
+    return out
+
+
+class FwPackets:
+    """The packets of a growing FwCapture pcap that ``keep`` accepts: a sniffer for
+    testbed.checks (``packets()``, ``label``)."""
+
+    def __init__(self, path: Path | str, label: str, keep: Callable[[Any], bool]) -> None:
+        self.path = Path(path)
+        self.label = f"{label} (pcap {self.path})"
+        self.keep = keep
+
+    def packets(self) -> list[Any]:
+        return [p for p in read_pcap(self.path) if self.keep(p)]
+
+    def __repr__(self) -> str:
+        return f"<FwPackets {self.label}>"

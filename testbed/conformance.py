@@ -20,7 +20,7 @@ import pytest
 
 from testbed.catalog import CLAUSES
 from testbed.plugin import FIREWALLS, RESULTS, Result
-from testbed.topology import FAMILIES, VARIANTS
+from testbed.topology import FAMILIES, TOPOLOGIES
 
 CLAUSE_DIR = Path(__file__).parent / "clauses"
 OUTCOMES = ("passed", "failed", "skipped", "not-implemented")
@@ -165,7 +165,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--json", metavar="FILE", help="write results and summary as JSON")
     p.add_argument("--junit", metavar="FILE", help="write a JUnit XML report")
     p.add_argument("-k", metavar="EXPR", dest="expr", help="select clauses, e.g. 'GEN-01 or GEN-02'")
-    p.add_argument("--topology", default=",".join(VARIANTS), help="routed,nat (default both)")
+    p.add_argument("--topology", default=",".join(TOPOLOGIES),
+                   help="routed,nat,split (default all; split runs only the checks of "
+                        "ingress per interface, ROB-05)")
     p.add_argument("--family", default=",".join(FAMILIES), help="ipv4,ipv6 (default both)")
     p.add_argument("--firewall", default=",".join(FIREWALLS),
                    help="what runs the APP clauses: enforcer,kernel-helpers (default both; "
@@ -184,7 +186,7 @@ def run(args: argparse.Namespace) -> int:
     families = [f for f in args.family.split(",") if f]
     topologies = [t for t in args.topology.split(",") if t]
     firewalls = [w for w in args.firewall.split(",") if w]
-    for value, allowed, what in ((families, FAMILIES, "--family"), (topologies, VARIANTS, "--topology"),
+    for value, allowed, what in ((families, FAMILIES, "--family"), (topologies, TOPOLOGIES, "--topology"),
                                  (firewalls, FIREWALLS, "--firewall")):
         bad = [v for v in value if v not in allowed]
         if bad or not value:

@@ -24,6 +24,7 @@ from testbed.lab import GUIDS
 VICTIM_PORT = 30080  # where the measured client connects (a grant of its own admits it)
 FLOOD_GRANT_PORTS = 40000  # the first target port of the flooder's grant calls
 TFTP_REQUEST = b"\x00\x01flood.bin\x00octet\x00"
+PORT_LINES_PER_CHUNK = 250
 
 
 @dataclass
@@ -88,6 +89,15 @@ def first_syn_delays(net: Any, client: str, server: str, count: int,
     return Delays(delays, opened, count)
 
 
+def kernel_refusals(net: Any) -> int:
+    """New flows the fw's kernel dropped before the queue for being beyond a client's rate
+    or flow caps (the hashlimit and connlimit rules' packet counters, this family)."""
+    tool = "iptables" if net.family == "ipv4" else "ip6tables"
+    listing = net.lab.tb.run("fw", [tool, "-w", "-L", "PINHOLE-FORWARD", "-v", "-x", "-n"]).stdout
+    return sum(int(line.split()[0]) for line in listing.splitlines()
+               if "limit" in line and "DROP" in line)
+
+
 @dataclass
 class FloodCounts:
     syns: int = 0
@@ -136,15 +146,17 @@ class Flood:
                                                                  TFTP_REQUEST)["sent"])
 
         def port_lines() -> None:
-            lines = []
-            for i in range(self.want.port_lines):
-                port = 20000 + i
-                lines.append(f"PORT {','.join(map(str, base))},{port >> 8},{port & 255}\r\n" if base
-                             else f"EPRT |2|{net.addr(self.node)}|{port}|\r\n")
-            # the filter may rewrite them (NAT): read back until the last line's echo
-            data = ("".join(lines) + "NOOP end of the flood\r\n").encode()
-            control.talk(data, until="end of the flood", timeout=30)
-            self.counts.port_lines = len(lines)
+            # in chunks, each read back (the filter may rewrite the lines: NAT) up to the
+            # echo of its last line, so that neither end's buffers fill while the other waits
+            for first in range(0, self.want.port_lines, PORT_LINES_PER_CHUNK):
+                lines = []
+                for i in range(first, min(first + PORT_LINES_PER_CHUNK, self.want.port_lines)):
+                    port = 20000 + i
+                    lines.append(f"PORT {','.join(map(str, base))},{port >> 8},{port & 255}\r\n"
+                                 if base else f"EPRT |2|{net.addr(self.node)}|{port}|\r\n")
+                mark = f"NOOP flood chunk {first}"
+                control.talk(("".join(lines) + mark + "\r\n").encode(), until=mark, timeout=30)
+                self.counts.port_lines += len(lines)
 
         def grants() -> None:
             with Client(str(net.enforcer.socket)) as api:

@@ -1,9 +1,9 @@
 """The enforcer as the harness runs it: the lab policy and a handle on the daemon process.
 
 The lab policy is written for the standard topology: every clause's traffic is
-chosen against it (FTP, TFTP and DNS for every client; HTTP for c1 only; SSH
-defined but allowed to nobody; the topology's "denied" network blocked by a
-site rule).
+chosen against it (FTP, TFTP and DNS for every client, on every internal network;
+HTTP for c1 only; SSH defined but allowed to nobody; the topology's "denied"
+network blocked by a site rule).
 """
 
 from __future__ import annotations
@@ -50,11 +50,11 @@ def lab_config(tb: Testbed, *, socket: Path, fail_open: bool = False, queue: int
     ``app_filters``: the application filters to enable; ``permission_timeout``: short
     by default, so that TIMEOUT (AFC-04) is checked in seconds."""
     topo = tb.topology
-    internal = [topo.internal_network(f) for f in FAMILIES]
+    internal = [net for f in FAMILIES for net in topo.internal_networks(f)]
     c1 = [f"{topo.address('c1', f)}/{32 if f == 'ipv4' else 128}" for f in FAMILIES]
     out = [
         "[network]",
-        f'internal_interfaces = ["{topo.fw_internal_iface}"]',
+        f"internal_interfaces = {_toml_list(list(topo.fw_internal_ifaces))}",
         f'external_interfaces = ["{topo.fw_external_iface}"]',
         f"nat = {'true' if topo.variant == 'nat' else 'false'}",
         "",

@@ -1,14 +1,16 @@
 """The pytest plugin (entry point ``pytest11``): fixtures for the lab, clause markers, results.
 
-- ``variant`` (routed, nat) and ``family`` (ipv4, ipv6) parametrise every test that
-  asks for them; ``--pinhole-topology`` and ``--pinhole-family`` narrow them.
-- ``lab``: a built testbed of that variant with the enforcer in its firewall
+- ``variant`` (the topology: routed, nat, split) and ``family`` (ipv4, ipv6)
+  parametrise every test that asks for them; ``--pinhole-topology`` and
+  ``--pinhole-family`` narrow them.
+- ``lab``: a built testbed of that topology with the enforcer in its firewall
   namespace, shared by the session; ``net``: the lab seen in one address family,
   with the enforcer running in its default (fail-closed) configuration.
 - Every test that uses the lab gets a pcap of the firewall's interfaces, named in
   failure messages and in the results.
 - ``@pytest.mark.clause("GEN-01")`` keys a test's result for the conformance matrix;
-  ``@pytest.mark.topologies("nat")`` runs a test in those topology variants only.
+  ``@pytest.mark.topologies("nat")`` runs a test in those topologies only; a test
+  without it runs in the standard topology's variants (routed, nat), never in split.
 - ``firewall`` (enforcer, kernel-helpers) parametrises the tests that ask for it
   (the APP clauses, through the ``app`` fixture): once against the enforcer with
   its application filters, once with Linux's own conntrack helpers in its place;
@@ -19,6 +21,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -30,8 +33,9 @@ from typing import Any, cast
 import pytest
 
 from enforcer.client import Client
+from testbed.capture import SLL2_OUTGOING, FwPackets
 from testbed.catalog import CLAUSES
-from testbed.topology import FAMILIES, VARIANTS, Family
+from testbed.topology import FAMILIES, TOPOLOGIES, VARIANTS, Family
 
 REQUIRE_E2E = "PINHOLE_REQUIRE_E2E"
 # How an admitted flow runs; a test that asks for ``mode`` runs once per mode.
@@ -88,8 +92,8 @@ def require_e2e() -> None:
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("pinhole")
-    group.addoption("--pinhole-topology", default=",".join(VARIANTS),
-                    help="comma-separated topology variants to run (routed,nat)")
+    group.addoption("--pinhole-topology", default=",".join(TOPOLOGIES),
+                    help="comma-separated topologies to run (routed,nat,split)")
     group.addoption("--pinhole-family", default=",".join(FAMILIES),
                     help="comma-separated address families to run (ipv4,ipv6)")
     group.addoption("--pinhole-firewall", default=",".join(FIREWALLS),
@@ -110,7 +114,8 @@ def _choices(config: pytest.Config, option: str, allowed: tuple[str, ...]) -> li
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "clause(id): the SPEC.md clause this test checks")
     config.addinivalue_line("markers", "e2e: needs root and network namespaces")
-    config.addinivalue_line("markers", "topologies(*variants): run only in these topology variants")
+    config.addinivalue_line("markers", "topologies(*names): run only in these topologies "
+                                       "(default: the standard ones, routed and nat)")
     config.stash[RESULTS] = []
     config.stash[_ARTIFACTS] = Path(config.getoption("pinhole_artifacts")).resolve()
 
@@ -124,7 +129,7 @@ def _wants(metafunc: pytest.Metafunc, name: str) -> bool:
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if _wants(metafunc, "variant"):
-        metafunc.parametrize("variant", _choices(metafunc.config, "pinhole_topology", VARIANTS),
+        metafunc.parametrize("variant", _choices(metafunc.config, "pinhole_topology", TOPOLOGIES),
                              scope="session")
     if _wants(metafunc, "family"):
         metafunc.parametrize("family", _choices(metafunc.config, "pinhole_family", FAMILIES))
@@ -149,7 +154,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 def _deselect_other_topologies(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Deselect what a ``topologies`` marker leaves out, and the families a test
+    """Deselect the topologies a test does not run in (those its ``topologies`` marker
+    leaves out; without one, all but the standard variants), and the families a test
     parametrizes itself (one a client cannot do) that ``--pinhole-family`` leaves out."""
     families = _choices(config, "pinhole_family", FAMILIES)
     keep: list[pytest.Item] = []
@@ -159,12 +165,14 @@ def _deselect_other_topologies(config: pytest.Config, items: list[pytest.Item]) 
         params = getattr(item, "callspec", None)
         variant = params.params.get("variant") if params is not None else None
         family = params.params.get("family") if params is not None else None
+        runs_in: tuple[str, ...] = VARIANTS
         if mark is not None:
-            unknown = set(mark.args) - set(VARIANTS)
+            unknown = set(mark.args) - set(TOPOLOGIES)
             if unknown or not mark.args:
                 raise pytest.UsageError(f"{item.nodeid}: topologies marker {mark.args!r} names "
-                                        f"no variant of {', '.join(VARIANTS)}")
-        (drop if (mark is not None and variant is not None and variant not in mark.args)
+                                        f"no topology of {', '.join(TOPOLOGIES)}")
+            runs_in = mark.args
+        (drop if (variant is not None and variant not in runs_in)
          or (family in FAMILIES and family not in families) else keep).append(item)
     if drop:
         config.hook.pytest_deselected(items=drop)
@@ -174,21 +182,29 @@ def _deselect_other_topologies(config: pytest.Config, items: list[pytest.Item]) 
 # --- the lab ------------------------------------------------------------------------------
 
 class Lab:
-    """A testbed of one variant with the enforcer in its firewall namespace."""
+    """A testbed of one topology (``variant``) with the enforcer in its firewall namespace."""
 
     def __init__(self, variant: str, artifacts: Path) -> None:
         from testbed.build import Testbed
         from testbed.lab import EnforcerProcess
-        from testbed.topology import standard
+        from testbed.topology import named
 
         self.variant = variant
-        self.tb = Testbed.up(standard(variant), tag="pytest")
+        self.tb = Testbed.up(named(variant), tag="pytest")
         self.topology = self.tb.topology
         self.enforcer = EnforcerProcess(self.tb, artifacts / f"enforcer-{variant}-{self.tb.id}")
         # as a fw boots: locked down before its enforcer first starts (SPEC rule 15)
         self.enforcer.lockdown()
         self.helpers: Any = None  # a KernelHelperFirewall while it stands in the enforcer's place
         self._peers: Any = None  # the real FTP/TFTP servers (testbed.peers.PeerSet), once used
+        self._fw_ifindex: dict[str, int] = {}
+
+    def fw_ifindex(self, iface: str) -> int:
+        """The index of one of the firewall's interfaces (what its pcap records)."""
+        if not self._fw_ifindex:
+            links = json.loads(self.tb.run("fw", ["ip", "-j", "link", "show"]).stdout)
+            self._fw_ifindex = {link["ifname"]: int(link["ifindex"]) for link in links}
+        return self._fw_ifindex[iface]
 
     @property
     def peers(self) -> Any:
@@ -266,8 +282,10 @@ class Net:
     def addr(self, node: str, index: int = 0) -> str:
         return self.topology.address(node, self.family, index)
 
-    def fw_internal(self) -> str:
-        return self.topology.fw_internal_address(self.family)
+    def fw_internal(self, facing: str | None = None) -> str:
+        """The fw's internal address on the network of ``facing`` (a client); without it,
+        on the topology's only internal network."""
+        return self.topology.fw_internal_address(self.family, facing)
 
     def fw_external(self, index: int = 0) -> str:
         return self.topology.fw_external_addresses(self.family)[index]
@@ -292,8 +310,8 @@ class Net:
     def session(self, client: str) -> int:
         """The client's SecureNAT session, made by a primary (FTP) connection if needed."""
         def find() -> int | None:
-            return next((s["id"] for s in self.call("sessions") if s["client"] == self.addr(client)),
-                        None)
+            return next((s["id"] for s in self.call("sessions") if s["client"] == self.addr(client)
+                         and s["kind"] == "securenat"), None)
 
         found = find()
         if found is None:
@@ -305,9 +323,32 @@ class Net:
             assert found is not None, f"no session for {client} after its primary connection"
         return found
 
+    def fw_received(self, iface: str, since: float = 0.0) -> FwPackets:
+        """What the fw received on ``iface`` during this test (from ``since``, a time.time()),
+        from its pcap, as a sniffer for testbed.checks: to show that a probe reached the fw."""
+        index = self.lab.fw_ifindex(iface)
+        return FwPackets(_test_pcap(), f"the fw, received on {iface}",
+                         lambda p: p.time >= since and p.ifindex == index
+                         and p.pkttype != SLL2_OUTGOING)
+
+    def fw_sent(self, since: float = 0.0) -> FwPackets:
+        """What the fw sent, on any interface, during this test (from ``since``), from its
+        pcap: to show that a probe went no further and that nothing answered it."""
+        return FwPackets(_test_pcap(), "the fw, sent on any interface",
+                         lambda p: p.time >= since and p.pkttype == SLL2_OUTGOING)
+
     def source_seen_by_server(self, client: str) -> str:
         """The address a server sees for a client's primary connection."""
         return self.fw_external(0) if self.nat else self.addr(client)
+
+
+def _test_pcap() -> str:
+    from testbed.checks import current_pcap
+
+    path = current_pcap()
+    if path is None:
+        raise RuntimeError("no fw capture runs for this test (it does not use the lab)")
+    return path
 
 
 @pytest.fixture

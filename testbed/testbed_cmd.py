@@ -15,6 +15,8 @@ import subprocess
 import sys
 from typing import Any
 
+from testbed.topology import TOPOLOGIES
+
 
 class _Fail(Exception):
     """One line for the user, exit status 2."""
@@ -30,7 +32,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="testbed_cmd", metavar="{up,down,sweep,exec,list}")
     up = sub.add_parser("up", help="build a testbed that stays until 'down'")
-    up.add_argument("--variant", choices=("routed", "nat"), default="routed")
+    up.add_argument("--variant", choices=TOPOLOGIES, default="routed",
+                    help="the topology: routed (one internal network; the servers route it "
+                         "back via the fw), nat (the same, but the servers have no route to "
+                         "it: the fw translates), split (two internal networks on the fw's "
+                         "int0 and int1, routed; for ingress checks); default: routed")
     up.add_argument("--tag", help="a label stored in the ledger")
     down = sub.add_parser("down", help="remove a testbed (or all of them)")
     down.add_argument("id", nargs="?", help="testbed id (see 'pinhole testbed list')")
@@ -81,10 +87,10 @@ def _attach(tb_id: str) -> Any:
 
 def _up(args: argparse.Namespace) -> int:
     from testbed.build import Testbed, TestbedError
-    from testbed.topology import standard
+    from testbed.topology import named
 
     try:
-        tb = Testbed.up(standard(args.variant), tag=args.tag, detached=True)
+        tb = Testbed.up(named(args.variant), tag=args.tag, detached=True)
     except TestbedError as e:
         raise _Fail(f"building the testbed failed: {e}") from None
     print(tb.id)

@@ -5,11 +5,14 @@ and which L2 segment each interface is plugged into); ``testbed.build`` turns it
 into live network namespaces. Nothing here touches the system, so the whole
 module is testable without root.
 
-Two variants of the standard topology exist (see :func:`standard`):
+Three topologies exist, by name (see :func:`named`):
 
-- ``routed``: servers route the client networks back via the firewall;
-- ``nat``: servers have no route to the client networks, so the firewall must
-  translate the clients' source addresses.
+- ``routed`` and ``nat``, the two variants of the standard topology
+  (:func:`standard`): one internal network; in ``routed`` the servers route the
+  client networks back via the firewall, in ``nat`` they have no route to them,
+  so the firewall must translate the clients' source addresses;
+- ``split`` (:func:`split`): two internal networks on two firewall interfaces,
+  routed, for the checks of ingress per interface (SPEC rule 17).
 """
 
 from __future__ import annotations
@@ -23,7 +26,9 @@ Role = Literal["client", "server", "firewall", "switch"]
 Variant = Literal["routed", "nat"]
 
 FAMILIES: tuple[Family, ...] = ("ipv4", "ipv6")
+# The standard topology's variants: where a check runs unless it names its topologies
 VARIANTS: tuple[Variant, ...] = ("routed", "nat")
+TOPOLOGIES: tuple[str, ...] = (*VARIANTS, "split")
 
 # Only documentation ranges may appear in a topology (RFC 5737, RFC 3849), so a
 # misrouted packet can never reach a real network.
@@ -130,12 +135,16 @@ class Segment:
 
 @dataclass(frozen=True)
 class Topology:
-    """Nodes and segments. Validated on construction (ValueError)."""
+    """Nodes and segments. Validated on construction (ValueError).
+
+    ``variant`` is the topology's name (one of TOPOLOGIES for those built here); the
+    firewall has one interface on each of the ``internal_segments`` and one on the
+    ``external_segment``."""
 
     variant: str
     nodes: tuple[Node, ...]
     segments: tuple[Segment, ...]
-    internal_segment: str = "int"
+    internal_segments: tuple[str, ...] = ("int",)
     external_segment: str = "ext"
     _by_name: dict[str, Node] = field(init=False, repr=False, compare=False, hash=False)
 
@@ -212,16 +221,40 @@ class Topology:
                 return iface
         raise KeyError(f"firewall has no interface on segment {segment!r}")
 
+    def _internal_segment(self, facing: str | None) -> str:
+        """The internal segment ``facing`` (a client) is on; without it, the only one."""
+        if facing is not None:
+            segment = self.node(facing).interface(self.iface_of(facing)).segment
+            if segment not in self.internal_segments:
+                raise ValueError(f"node {facing!r} is not on an internal segment")
+            return segment
+        if len(self.internal_segments) != 1:
+            raise ValueError(f"the topology has {len(self.internal_segments)} internal segments; "
+                             "name the node the firewall faces")
+        return self.internal_segments[0]
+
+    @property
+    def fw_internal_ifaces(self) -> tuple[str, ...]:
+        """The firewall's internal interfaces, one per internal segment."""
+        return tuple(self._fw_iface(s).name for s in self.internal_segments)
+
     @property
     def fw_internal_iface(self) -> str:
-        return self._fw_iface(self.internal_segment).name
+        """The firewall's one internal interface (ValueError if it has several)."""
+        return self._fw_iface(self._internal_segment(None)).name
+
+    def fw_iface_facing(self, node: str) -> str:
+        """The firewall's interface on the segment ``node`` is on."""
+        return self._fw_iface(self.node(node).interface(self.iface_of(node)).segment).name
 
     @property
     def fw_external_iface(self) -> str:
         return self._fw_iface(self.external_segment).name
 
-    def fw_internal_address(self, family: Family) -> str:
-        iface = self._fw_iface(self.internal_segment)
+    def fw_internal_address(self, family: Family, facing: str | None = None) -> str:
+        """The firewall's first ``family`` address on the internal segment of ``facing``
+        (a client), or on the only internal segment."""
+        iface = self._fw_iface(self._internal_segment(facing))
         return str(ipaddress.ip_interface(iface.addresses_of(family)[0]).ip)
 
     def fw_external_addresses(self, family: Family) -> tuple[str, ...]:
@@ -229,7 +262,12 @@ class Topology:
         return tuple(str(ipaddress.ip_interface(a).ip) for a in iface.addresses_of(family))
 
     def internal_network(self, family: Family) -> str:
-        return self.segment(self.internal_segment).network(family)
+        """The ``family`` network of the only internal segment (ValueError if several)."""
+        return self.segment(self._internal_segment(None)).network(family)
+
+    def internal_networks(self, family: Family) -> tuple[str, ...]:
+        """The ``family`` networks of every internal segment."""
+        return tuple(self.segment(s).network(family) for s in self.internal_segments)
 
     def external_network(self, family: Family) -> str:
         return self.segment(self.external_segment).network(family)
@@ -256,7 +294,7 @@ class Topology:
     def to_dict(self) -> dict[str, Any]:
         return {
             "variant": self.variant,
-            "internal_segment": self.internal_segment,
+            "internal_segments": list(self.internal_segments),
             "external_segment": self.external_segment,
             "segments": [
                 {"name": s.name, "switch": s.switch, "bridge": s.bridge,
@@ -285,7 +323,7 @@ class Topology:
     def from_dict(cls, d: dict[str, Any]) -> Topology:
         return cls(
             variant=d["variant"],
-            internal_segment=d.get("internal_segment", "int"),
+            internal_segments=tuple(d.get("internal_segments", ("int",))),
             external_segment=d.get("external_segment", "ext"),
             segments=tuple(
                 Segment(s["name"], s["switch"], s.get("bridge", "br0"), tuple(s["networks"]))
@@ -346,9 +384,17 @@ def validate(topo: Topology) -> None:
                 raise ValueError(
                     f"segment {s.name!r}: network {net} is outside the documentation ranges"
                 )
-    for seg_attr in ("internal_segment", "external_segment"):
-        if getattr(topo, seg_attr) not in seg_names:
-            raise ValueError(f"{seg_attr} {getattr(topo, seg_attr)!r} is not a segment")
+    sides = (*topo.internal_segments, topo.external_segment)
+    if not topo.internal_segments or len(set(sides)) != len(sides):
+        raise ValueError(f"internal segments {list(topo.internal_segments)} and external segment "
+                         f"{topo.external_segment!r} must be distinct, with one internal at least")
+    fw_segments = [i.segment for n in topo.nodes if n.role == "firewall" for i in n.interfaces]
+    for seg in sides:
+        if seg not in seg_names:
+            raise ValueError(f"segment {seg!r} (internal or external) does not exist")
+        if fw_segments.count(seg) != 1:
+            raise ValueError(f"the firewall needs one interface on segment {seg!r}, "
+                             f"not {fw_segments.count(seg)}")
 
     seen_addrs: dict[str, str] = {}
     for n in topo.nodes:
@@ -422,38 +468,57 @@ def validate(topo: Topology) -> None:
                     )
 
 
-# -- the standard topology ----------------------------------------------------
+# -- the topologies -----------------------------------------------------------
 
 def _host(name: str, role: Role, segment: str, addrs: tuple[str, ...],
           routes: tuple[Route, ...] = ()) -> Node:
     return Node(name, role, (Interface("eth0", segment, addrs),), routes)
 
 
-def standard(variant: str = "routed") -> Topology:
-    """The standard dual-stack topology::
+@dataclass(frozen=True)
+class _Lan:
+    """An internal network: its segment, the fw's interface and addresses on it (IPv4,
+    IPv6; their networks are the segment's), and its clients with their addresses."""
 
-        c1, c2 --[swint]-- int0 fw ext0 --[swext]-- s1, s2
+    segment: str
+    fw_iface: str
+    fw_addresses: tuple[str, str]
+    clients: tuple[tuple[str, tuple[str, str]], ...]
 
-    ``variant`` is "routed" (servers route the client networks back via the
-    fw's first external address) or "nat" (they have no such route).
+    @property
+    def networks(self) -> tuple[str, ...]:
+        return tuple(str(ipaddress.ip_interface(a).network) for a in self.fw_addresses)
+
+    def client_nodes(self) -> tuple[Node, ...]:
+        gateways = [str(ipaddress.ip_interface(a).ip) for a in self.fw_addresses]
+        routes = tuple(Route(_family_of(gw), "default", via=gw) for gw in gateways)
+        return tuple(_host(name, "client", self.segment, addrs, routes)
+                     for name, addrs in self.clients)
+
+
+# c1 and c2, on the fw's int0; the standard topology's one internal network
+_INT0 = _Lan("int", "int0", ("192.0.2.1/24", "2001:db8:1::1/64"),
+             (("c1", ("192.0.2.11/24", "2001:db8:1::11/64")),
+              ("c2", ("192.0.2.12/24", "2001:db8:1::12/64"))))
+
+
+def _topology(name: str, lans: tuple[_Lan, ...], *, servers_route_back: bool) -> Topology:
+    """The clients of ``lans`` on the fw's internal interfaces, s1 and s2 behind ext0.
+
+    With ``servers_route_back`` the servers route every internal network via the fw's
+    first external address; else they have no route to them.
     """
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown variant {variant!r} (choose from {', '.join(VARIANTS)})")
-    client_routes = (
-        Route("ipv4", "default", via="192.0.2.1"),
-        Route("ipv6", "default", via="2001:db8:1::1"),
-    )
     server_routes: tuple[Route, ...] = ()
-    if variant == "routed":
-        server_routes = (
-            Route("ipv4", "192.0.2.0/24", via="198.51.100.1"),
-            Route("ipv6", "2001:db8:1::/64", via="2001:db8:2::1"),
-        )
+    if servers_route_back:
+        server_routes = tuple(
+            Route(_family_of(net), net, via="198.51.100.1" if _family_of(net) == "ipv4"
+                  else "2001:db8:2::1")
+            for lan in lans for net in lan.networks)
     fw = Node(
         "fw",
         "firewall",
         interfaces=(
-            Interface("int0", "int", ("192.0.2.1/24", "2001:db8:1::1/64")),
+            *(Interface(lan.fw_iface, lan.segment, lan.fw_addresses) for lan in lans),
             Interface(
                 "ext0",
                 "ext",
@@ -468,8 +533,7 @@ def standard(variant: str = "routed") -> Topology:
         forwarding=True,
     )
     nodes = (
-        _host("c1", "client", "int", ("192.0.2.11/24", "2001:db8:1::11/64"), client_routes),
-        _host("c2", "client", "int", ("192.0.2.12/24", "2001:db8:1::12/64"), client_routes),
+        *(client for lan in lans for client in lan.client_nodes()),
         fw,
         _host("s1", "server", "ext", ("198.51.100.21/24", "2001:db8:2::21/64"), server_routes),
         # s2's second addresses carry their prefix, which gives it the on-link
@@ -481,14 +545,55 @@ def standard(variant: str = "routed") -> Topology:
             ("198.51.100.22/24", "203.0.113.22/24", "2001:db8:2::22/64", "2001:db8:3::22/64"),
             server_routes,
         ),
-        Node("swint", "switch"),
+        *(Node(f"sw{lan.segment}", "switch") for lan in lans),
         Node("swext", "switch"),
     )
     segments = (
-        Segment("int", "swint", networks=("192.0.2.0/24", "2001:db8:1::/64")),
+        *(Segment(lan.segment, f"sw{lan.segment}", networks=lan.networks) for lan in lans),
         Segment("ext", "swext", networks=("198.51.100.0/24", "2001:db8:2::/64")),
     )
-    return Topology(variant=variant, nodes=nodes, segments=segments)
+    return Topology(variant=name, nodes=nodes, segments=segments,
+                    internal_segments=tuple(lan.segment for lan in lans))
+
+
+def standard(variant: str = "routed") -> Topology:
+    """The standard dual-stack topology::
+
+        c1, c2 --[swint]-- int0 fw ext0 --[swext]-- s1, s2
+
+    ``variant`` is "routed" (servers route the client networks back via the
+    fw's first external address) or "nat" (they have no such route).
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r} (choose from {', '.join(VARIANTS)})")
+    return _topology(variant, (_INT0,), servers_route_back=variant == "routed")
+
+
+def split() -> Topology:
+    """Two internal networks on two fw interfaces (SPEC rule 17), routed::
+
+        c1, c2 --[swint]--  int0 fw ext0 --[swext]-- s1, s2
+            c3 --[swint1]-- int1
+
+    192.0.2.0/24 is split in two: c1 and c2 keep their addresses in 192.0.2.0/25
+    (and 2001:db8:1::/64) behind int0; c3 is in 192.0.2.128/25 (and 2001:db8:4::/64)
+    behind int1. The servers route both networks back via the fw.
+    """
+    int0 = _Lan("int", "int0", ("192.0.2.1/25", "2001:db8:1::1/64"),
+                (("c1", ("192.0.2.11/25", "2001:db8:1::11/64")),
+                 ("c2", ("192.0.2.12/25", "2001:db8:1::12/64"))))
+    int1 = _Lan("int1", "int1", ("192.0.2.129/25", "2001:db8:4::1/64"),
+                (("c3", ("192.0.2.131/25", "2001:db8:4::31/64")),))
+    return _topology("split", (int0, int1), servers_route_back=True)
+
+
+def named(name: str) -> Topology:
+    """The topology called ``name``: one of TOPOLOGIES."""
+    if name == "split":
+        return split()
+    if name not in VARIANTS:
+        raise ValueError(f"unknown topology {name!r} (choose from {', '.join(TOPOLOGIES)})")
+    return standard(name)
 
 
 def routed() -> Topology:

@@ -18,11 +18,12 @@ from enforcer.core.binds import DEFAULT_BIND_PORTS, Bind, BindState, BindTable
 from enforcer.core.flags import Flags
 from enforcer.core.flows import ConntrackTimeouts, FlowRecord, FlowTable, Mode
 from enforcer.core.fwports import NOTHING_LISTENS, Listening, privileged
+from enforcer.core.ingress import InterfaceNetworks
 from enforcer.core.ipfilter import IpFilter
 from enforcer.core.limits import Limits
 from enforcer.core.packet import PROTOCOL_NAMES, TCP, UDP, FlowKey, Ingress, IPAddress, PacketMeta
 from enforcer.core.permissions import Permission, PermissionKey, PermissionTable, pack_key
-from enforcer.core.policy import IPNetwork, NetworkSet, Policy, PortRange, ProtocolDef
+from enforcer.core.policy import IPNetwork, Policy, PortRange, ProtocolDef
 from enforcer.core.redirects import (
     DEFAULT_KERNEL_REDIRECT_PORTS,
     DEFAULT_USER_REDIRECT_PORTS,
@@ -154,7 +155,7 @@ class Engine:
     it: an idle session ends as ``end_session`` ends one.
     """
 
-    def __init__(self, policy: Policy, internal_networks: Iterable[IPNetwork],
+    def __init__(self, policy: Policy, internal_networks: Mapping[str, Iterable[IPNetwork]],
                  external_addresses: Iterable[IPAddress] = (), *, nat: bool = False,
                  data_filters: Iterable[str] = (), history: int = RECENT_DECISIONS,
                  internal_addresses: Iterable[IPInterface] = (),
@@ -163,13 +164,15 @@ class Engine:
                  bind_ports: tuple[int, int] = DEFAULT_BIND_PORTS,
                  app_filters: Mapping[str, str] | None = None, limits: Limits | None = None,
                  conntrack: ConntrackTimeouts | None = None) -> None:
-        """``app_filters``: protocol name -> the application filter that watches its
+        """``internal_networks``: internal interface name -> the networks behind it;
+        ``app_filters``: protocol name -> the application filter that watches its
         primary connections (they then run in user mode); ``conntrack``: the kernel's
         timeouts, which a user-mode flow's state outlives."""
         self.policy = policy
         self.limits = limits or Limits()
         self.counters: Counter[str] = Counter()
-        self.internal_networks = NetworkSet(internal_networks)
+        self.ingress = InterfaceNetworks(internal_networks)
+        self.internal_networks = self.ingress.internal
         self.external_addresses = tuple(external_addresses)
         self.internal_addresses = tuple(internal_addresses)
         # no grant leads to the fw itself (rule 14: not to a port the fw listens on)
@@ -195,6 +198,17 @@ class Engine:
         self.connect_registrations: dict[int, list[tuple[int, PortRange]]] = {}
 
     # --- packets ------------------------------------------------------------------------
+    def judge_ingress(self, meta: PacketMeta, now: float) -> Decision | None:
+        """Rule 17, the first look at every packet: a drop (recorded and counted) when its
+        source is not behind the interface it arrived on, else None. The shell asks this
+        before any other entry point, so that nothing of a session, permission, bind or
+        flow is looked up or used for a spoofed packet."""
+        refusal = self.ingress.refusal(meta)
+        if refusal is None:
+            return None
+        self.counters["dropped: source not behind its interface"] += 1
+        return self._record(Decision(Verdict.DROP, meta.key, refusal, now))
+
     def decide(self, meta: PacketMeta, now: float, length: int = 0,
                redirect_port: int | None = None) -> Decision:
         """Decide the first packet of a flow the kernel has not seen before.

@@ -188,6 +188,7 @@ class FlowRecord:
                 "packets_back": self.packets_back, "bytes_back": self.bytes_back,
                 "last_seen": self.last_seen, "data_filter": self.data_filter,
                 "app_filter": self.app_filter,
+                "buffered": 0 if self.editor is None else self.editor.held,
                 "redirect": None if self.redirect is None else [str(self.redirect[0]), self.redirect[1]],
                 "held": None if self.held_as is None else self.held_as.value}
 
@@ -242,7 +243,7 @@ class FlowTable:
             return
         self._history[record.key] = record
         while len(self._history) > self.history_cap:
-            self._unindex(self._history.popitem(last=False)[1])
+            self._forget(self._history.popitem(last=False)[1])
 
     def saw(self, record: FlowRecord, forward: bool, length: int, now: float,
             tcp_flags: int = 0) -> None:
@@ -293,7 +294,7 @@ class FlowTable:
         return out
 
     def remove(self, record: FlowRecord, now: float) -> None:
-        self._unindex(record)
+        self._forget(record)
         if record.held_as is None:
             self._history.pop(record.key, None)
             return
@@ -306,10 +307,14 @@ class FlowTable:
         if self.on_release is not None:
             self.on_release(record, now)
 
-    def _unindex(self, record: FlowRecord) -> None:
+    def _forget(self, record: FlowRecord) -> None:
+        """A record leaves the table: its index entries go, and its editor gives back the
+        bytes it holds to their budget."""
         for k in (record.key, reverse(record.key), record.client_side_key):
             if self._index.get(k, (None,))[0] is record:
                 del self._index[k]
+        if record.editor is not None:
+            record.editor.release()
 
     def _records(self) -> Iterator[FlowRecord]:
         """Every record, each queue's most recent first."""

@@ -29,7 +29,7 @@ ITEM_BYTES = {
     "finished_action": 450,
     "bind": 6400,  # a UDP bind with RECENT_SENDERS recent senders
     "closed_bind": 1800,
-    "user_flow": 5600,  # record, index, stream editor, FTP filter state
+    "user_flow": 3600,  # record, index, stream editor, FTP filter state
     "flow_history": 1250,
     "decision": 600,
     "address": 250,  # packet's cache of address objects

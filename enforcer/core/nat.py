@@ -147,6 +147,11 @@ def _ip(data: bytes | bytearray, start: int, limit: int, *, quoted: bool) -> _IP
     raise Malformed(f"IP version {version}")
 
 
+def locate(data: bytes | bytearray) -> _IP:
+    """Where the headers of a whole, unfragmented IP packet are, or raise Malformed."""
+    return _ip(data, 0, len(data), quoted=False)
+
+
 def _check_endpoint(endpoint: Endpoint | None, version: int) -> None:
     if endpoint is not None:
         _check_address(endpoint[0], version)
@@ -217,7 +222,7 @@ def rewrite(data: bytes | bytearray, *, src: Endpoint | None = None, dst: Endpoi
     length), a fragment, an IPv6 routing header with segments left, an address of the
     other family. Raises ValueError for a port outside ``0 .. 65535``.
     """
-    ip = _ip(data, 0, len(data), quoted=False)
+    ip = locate(data)
     if ip.protocol == TCP:
         if ip.l4 + 20 > ip.end:
             raise Malformed("truncated tcp header")

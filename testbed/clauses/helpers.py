@@ -141,7 +141,7 @@ def socks_open(net: Net, node: str, user: str, command: str, host: str, port: in
                timeout: float | None = None) -> Any:
     """A SOCKS5 request from ``node`` to the fw's SOCKS service as ``user``: a Firewall
     client's control connection (agent.SocksConnection), which is its session."""
-    proxy = (net.fw_internal(), SOCKS_PORT)
+    proxy = (net.fw_internal(node), SOCKS_PORT)
     return net.agent(node).socks(proxy, user, SOCKS_USERS[user], command, host, port, timeout=timeout)
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from enforcer.client import Flags
 from testbed.clauses.helpers import FTP_GUID
-from testbed.flood import VICTIM_PORT, Flood, first_syn_delays
+from testbed.flood import VICTIM_PORT, Flood, first_syn_delays, kernel_refusals
 from testbed.plugin import Net
 
 CONNECTIONS = 100
@@ -25,13 +25,12 @@ def test_another_clients_connections_open_promptly_under_a_flood(filtering: Net)
         grant = api.allow_future_connect(net.session("c1"), (net.addr("s1"), VICTIM_PORT),
                                          protocol_guid=FTP_GUID, flags=Flags.ALLOW_MULTIPLE)
         quiet = first_syn_delays(net, "c1", "s1", CONNECTIONS)
-        before = net.call("status")["counters"]
+        before, refused_before = net.call("status")["counters"], kernel_refusals(net)
         with Flood(net, "c2", "s1") as flood:
             loud = first_syn_delays(net, "c1", "s1", CONNECTIONS)
             overlapped = flood.running
-        after = net.call("status")["counters"]
+        after, refused = net.call("status")["counters"], kernel_refusals(net) - refused_before
         grant.cancel()
-    print(sorted(round(d * 1e3, 1) for d in loud.seconds)[-15:])
     print(f"\nROB-01 {net.lab.variant}/{net.family}: without the flood {quiet.summary()}; "
           f"under it {loud.summary()}; flood: {flood.counts.summary()}")
     assert not flood.counts.errors, flood.counts.errors
@@ -43,6 +42,10 @@ def test_another_clients_connections_open_promptly_under_a_flood(filtering: Net)
     # the flood was real: every kind was sent in full and the enforcer saw it
     assert (flood.counts.syns, flood.counts.tftp_requests, flood.counts.port_lines,
             flood.counts.grant_calls) == (20_000, 2_000, 5_000, 10_000), flood.counts.summary()
+    # every new flow of the flood was either decided by the enforcer or refused by the
+    # kernel for being beyond c2's caps (a few of c2's SYNs may be lost in the kernel, so
+    # most, not all, are counted)
     decided = sum(after.get(k, 0) - before.get(k, 0) for k in ("drop", "admit-kernel", "admit-user"))
-    assert decided >= 1000, f"the enforcer decided only {decided} new flows during the flood"
+    print(f"the enforcer decided {decided} new flows; the kernel refused {refused} beyond c2's caps")
+    assert decided > 100 and decided + refused >= 0.9 * (20_000 + 2_000), (decided, refused)
     assert flood.counts.grants_refused > 0, "no grant call reached a cap"

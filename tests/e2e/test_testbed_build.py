@@ -24,7 +24,7 @@ if os.geteuid() != 0:
 from testbed import ledger
 from testbed.build import CommandFailed, Testbed, UnknownTestbed
 from testbed.ledger import Ledger
-from testbed.topology import Topology, nat, routed
+from testbed.topology import Family, Topology, nat, routed, split
 
 REPO = Path(__file__).resolve().parents[2]
 CREATED: set[str] = set()  # testbed ids made by this module
@@ -65,6 +65,12 @@ def routed_tb() -> Iterator[Testbed]:
 @pytest.fixture(scope="module")
 def nat_tb() -> Iterator[Testbed]:
     with _up(nat()) as tb:
+        yield tb
+
+
+@pytest.fixture(scope="module")
+def split_tb() -> Iterator[Testbed]:
+    with _up(split()) as tb:
         yield tb
 
 
@@ -146,6 +152,26 @@ def test_routed_clients_reach_servers(routed_tb: Testbed, fam: str) -> None:
             assert routed_tb.ping(c, dst), f"{c} -> {s} {dst}"
     # The return path too: s1 reaches c1 via the fw.
     assert routed_tb.ping("s1", topo.address("c1", family))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("fam", ["ipv4", "ipv6"])
+def test_split_has_two_internal_networks_each_on_its_own_fw_interface(split_tb: Testbed,
+                                                                      fam: Family) -> None:
+    """c3 sits behind int1, c1 and c2 behind int0; each reaches the servers and the other
+    network through the fw, by its own gateway, and the servers reach both."""
+    topo = split_tb.topology
+    assert split_tb.build_seconds is not None and split_tb.build_seconds < 5
+    for node in topo.hosts:
+        for iface in node.interfaces:
+            assert _addrs(split_tb, node.name, iface.name) == set(iface.addresses)
+    v = "-6" if fam == "ipv6" else "-4"
+    for client, other in (("c1", "c3"), ("c3", "c1")):
+        route = split_tb.run(client, ["ip", v, "route", "get", topo.address(other, fam)]).stdout
+        assert f"via {topo.fw_internal_address(fam, facing=client)} dev eth0" in route
+        for dst in (topo.address("s1", fam), topo.address(other, fam)):
+            assert split_tb.ping(client, dst), f"{client} -> {dst}"
+        assert split_tb.ping("s1", topo.address(client, fam))
+    assert "dev int1" in split_tb.run("fw", ["ip", v, "route", "get", topo.address("c3", fam)]).stdout
 
 
 def test_s2_answers_on_denied_net(routed_tb: Testbed) -> None:
@@ -317,6 +343,26 @@ def test_cli_up_exec_down() -> None:
         assert r.returncode == 2 and r.stderr.startswith("pinhole: no testbed with id")
         r = _cli("down", "ffffff")
         assert r.returncode == 2 and "Traceback" not in r.stderr
+    finally:
+        r = _cli("down", tb_id)
+    assert r.returncode == 0, r.stderr
+    assert _ns_of(tb_id) == []
+
+
+def test_cli_up_split() -> None:
+    """``pinhole testbed up --variant split``: c3 behind the fw's int1; exec attaches to it
+    by the topology its ledger records."""
+    r = _cli("up", "--variant", "split", "--tag", "e2e-cli")
+    assert r.returncode == 0, r.stderr
+    tb_id = r.stdout.split()[0]
+    CREATED.add(tb_id)
+    try:
+        assert len(_ns_of(tb_id)) == len(split().nodes) == 9
+        assert "(variant split" in r.stdout
+        r = _cli("exec", tb_id, "fw", "--", "ip", "-br", "addr", "show", "int1")
+        assert r.returncode == 0 and "192.0.2.129/25" in r.stdout and "2001:db8:4::1/64" in r.stdout
+        r = _cli("exec", tb_id, "c3", "--", "ip", "route", "get", "198.51.100.21")
+        assert r.returncode == 0 and "via 192.0.2.129" in r.stdout
     finally:
         r = _cli("down", tb_id)
     assert r.returncode == 0, r.stderr

@@ -33,14 +33,16 @@ POLICY_DATA: dict[str, list[dict[str, Any]]] = {
     ],
 }
 POLICY = policy_from_dict(POLICY_DATA)
-INTERNAL = (ipaddress.ip_network("192.0.2.0/24"), ipaddress.ip_network("2001:db8:1::/64"))
+# The networks behind the fw's one internal interface
+INTERNAL = {"int0": (ipaddress.ip_network("192.0.2.0/24"), ipaddress.ip_network("2001:db8:1::/64"))}
 SYN = 0x02
 
 
 def pkt(src: str, dst: str, dport: int, *, proto: int = TCP, flags: int = SYN, sport: int = 40000,
-        ingress: Ingress = Ingress.INTERNAL) -> PacketMeta:
-    """A new flow's first packet (TCP: a SYN unless ``flags`` say otherwise)."""
+        ingress: Ingress = Ingress.INTERNAL, interface: str = "") -> PacketMeta:
+    """A new flow's first packet (TCP: a SYN unless ``flags`` say otherwise), arrived on
+    ``interface`` on the ``ingress`` side."""
     if proto != TCP:
         flags = 0
     return PacketMeta(FlowKey(proto, ipaddress.ip_address(src), sport, ipaddress.ip_address(dst), dport),
-                      ingress, flags)
+                      ingress, flags, interface)

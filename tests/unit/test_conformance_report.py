@@ -48,6 +48,19 @@ def test_matrix_has_a_row_per_clause_and_mode_and_a_column_per_topology_and_fami
     assert "(-:" not in matrix(full, ["ipv4"], ["routed", "nat"]), "a legend for no '-' cell"
 
 
+def test_split_is_a_column_of_its_own_that_only_its_checks_fill() -> None:
+    rows = complete([result("GEN-02", "passed"), result("GEN-02", "passed", topology="nat"),
+                     result("ROB-05", "passed", topology="split", mode="kernel"),
+                     result("ROB-05", "failed", topology="split", family="ipv6", mode="kernel")],
+                    ["GEN-02", "ROB-05", "ROB-06"], ["ipv4", "ipv6"])
+    text = matrix(rows, ["ipv4", "ipv6"], ["routed", "nat", "split"]).splitlines()
+    assert text[0].split() == ["clause", "mode", "routed/ipv4", "routed/ipv6", "nat/ipv4",
+                               "nat/ipv6", "split/ipv4", "split/ipv6"]
+    assert text[1].split() == ["GEN-02", "-", "pass", "-", "pass", "-", "-", "-"]
+    assert text[2].split() == ["ROB-05", "kernel", "-", "-", "-", "-", "pass", "FAIL"]
+    assert text[3].split() == ["ROB-06", "-", *["n/i"] * 6]
+
+
 def test_the_kernel_helpers_failures_are_counted_apart_and_do_not_fail_the_run() -> None:
     rows = complete([result("APP-FTP-06", "passed", firewall="enforcer"),
                      result("APP-FTP-06", "failed", firewall="kernel-helpers"),

@@ -191,6 +191,18 @@ def test_deeply_nested_json_is_an_error_reply(server: ControlServer, line: bytes
     assert_invalid(reply, None)
 
 
+@pytest.mark.parametrize("line", [
+    b'{"id": ' + b"1" * 5000 + b', "method": "ping"}',
+    b'{"id": 1, "method": "echo", "params": {"x": -' + b"9" * 4301 + b"}}",
+], ids=["id", "param"])
+def test_a_number_too_long_to_convert_is_an_error_reply(server: ControlServer, line: bytes) -> None:
+    # json.loads raises a plain ValueError (Python's limit on int digits), not a
+    # JSONDecodeError: it escaped handle_line and stopped the daemon's event loop.
+    assert_invalid(call(server, line), None, "not valid JSON", "digits")
+    assert server.calls == []  # type: ignore[attr-defined]
+    assert call(server, '{"id": 2, "method": "ping"}') == {"id": 2, "result": {"pong": True}}
+
+
 @pytest.mark.parametrize("name", sorted(ERRORS))
 def test_handler_error_is_reported(server: ControlServer, name: str) -> None:
     reply = call(server, f'{{"id": 11, "method": "raise_{name}", "params": {{}}}}')
@@ -328,6 +340,22 @@ def test_over_the_socket_no_newline_within_the_limit(server: ControlServer) -> N
         assert reader.readline() == b""  # and the connection is closed
     finally:
         client.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a non-root peer is refused before it can send")
+def test_a_peer_that_hangs_up_before_its_replies_is_dropped(server: ControlServer) -> None:
+    # The first reply fails to send (the peer is gone) and drops the connection; the
+    # next buffered request then looked up its caller, raised KeyError out of the event
+    # loop, and the daemon stopped.
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    client.connect(str(server.path))
+    client.sendall(b'{"id": 1, "method": "ping"}\n' * 3)
+    client.close()
+    for _ in range(10):
+        server.loop.run_once(0.05)
+    assert not server.loop.counters, server.loop.counters  # no callback failed
+    assert server._buffers == {} and server._callers == {}
+    assert call(server, '{"id": 2, "method": "ping"}') == {"id": 2, "result": {"pong": True}}
 
 
 def test_encode_is_one_line() -> None:

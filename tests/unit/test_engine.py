@@ -153,7 +153,7 @@ def test_empty_policy_drops_everything() -> None:
 
 
 def test_no_internal_networks_drops_everything() -> None:
-    e = Engine(POLICY, ())
+    e = Engine(POLICY, {})
     d = e.decide(pkt(C1, S1, 21), 0.0)
     assert d.verdict is Verdict.DROP and "not on an internal network" in d.reason
 
@@ -203,13 +203,17 @@ def test_kernel_mode_flow_history_is_bounded() -> None:
 
 # --- the lab's policy, as the conformance runs use it ------------------------------------
 
-def test_lab_policy_decisions() -> None:
+@pytest.mark.parametrize("name", topology.TOPOLOGIES)
+def test_lab_policy_decisions(name: str) -> None:
     class FakeTestbed:
-        topology = topology.standard("nat")
+        topology = topology.named(name)
 
     topo = FakeTestbed.topology
     cfg = parse(lab_config(FakeTestbed(), socket=Path("/run/pinhole/t.sock")))  # type: ignore[arg-type]
-    e = Engine(cfg.policy, [net(topo.internal_network(f)) for f in ("ipv4", "ipv6")])
+    assert cfg.network.internal_interfaces == topo.fw_internal_ifaces
+    behind = {i.name: [ipaddress.ip_interface(a).network for a in i.addresses]
+              for i in topo.firewall.interfaces if i.name in topo.fw_internal_ifaces}
+    e = Engine(cfg.policy, behind)
     for fam in ("ipv4", "ipv6"):
         c1, c2, s1 = (topo.address(n, fam) for n in ("c1", "c2", "s1"))
         assert e.decide(pkt(c1, s1, 21), 0.0).verdict is Verdict.ADMIT_KERNEL
@@ -218,5 +222,8 @@ def test_lab_policy_decisions() -> None:
         assert e.decide(pkt(c2, s1, 22), 0.0).verdict is Verdict.DROP
         assert e.decide(pkt(c2, s1, 53, proto=UDP), 0.0).verdict is Verdict.ADMIT_KERNEL
         assert e.decide(pkt(c2, s1, 69, proto=UDP), 0.0).verdict is Verdict.ADMIT_KERNEL
+        for other in (c.name for c in topo.clients if c.name not in ("c1", "c2")):
+            assert e.decide(pkt(topo.address(other, fam), s1, 21), 0.0).verdict is Verdict.ADMIT_KERNEL
+            assert e.decide(pkt(topo.address(other, fam), s1, 80), 0.0).verdict is Verdict.DROP
         denied = ipaddress.ip_network(topo.denied_network(fam)).network_address + 1
         assert e.decide(pkt(c1, str(denied), 21), 0.0).verdict is Verdict.DROP

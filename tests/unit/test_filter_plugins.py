@@ -209,7 +209,7 @@ class Setup:
     def __init__(self, on_securenat_bind: Any = None, listening: Listening | None = None) -> None:
         cfg = config([])
         self.now = 10.0
-        self.engine = Engine(cfg.policy, [ipaddress.ip_network("192.0.2.0/24")],
+        self.engine = Engine(cfg.policy, {"int0": [ipaddress.ip_network("192.0.2.0/24")]},
                              [ip("198.51.100.1")], nat=True)
         hooks: dict[str, Any] = {} if on_securenat_bind is None else \
             {"on_securenat_bind": on_securenat_bind}

@@ -24,6 +24,7 @@ from core_policy import INTERNAL, POLICY, pkt
 
 from enforcer.core import memory, packet
 from enforcer.core.binds import RECENT_SENDERS
+from enforcer.core.budget import ByteBudget
 from enforcer.core.datafilter import Direction, TcpStreamEditor
 from enforcer.core.engine import Engine
 from enforcer.core.flags import Flags
@@ -107,7 +108,8 @@ def with_editor(record: FlowRecord | None) -> None:
     primary = Primary(record.session_id, "tcp", (key.src, key.sport), (key.dst, key.dport),
                       translated=True, firewall_client=False, via=record.redirect)
     record.editor = TcpStreamEditor(_Guarded(FtpFilter().attach(primary, None),  # type: ignore[arg-type]
-                                             f"application filter 'ftp' on {key}"))
+                                             f"application filter 'ftp' on {key}"),
+                                    ByteBudget(Limits().buffered_bytes_per_client))
 
 
 def ftp_flow(engine: Engine, sessions: list[int], i: int) -> None:
@@ -227,7 +229,7 @@ def test_base_covers_the_idle_daemon() -> None:
     code = ("import enforcer.daemon, enforcer.plugins.ftp, enforcer.plugins.tftp, netfilterqueue\n"
             "from enforcer.core.engine import Engine\n"
             "from enforcer.core.policy import Policy\n"
-            "Engine(Policy(), ())\n"
+            "Engine(Policy(), {})\n"
             "print(next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmRSS')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONPATH": os.getcwd()})
@@ -242,4 +244,5 @@ def test_the_stream_editor_in_the_measure_is_the_daemons() -> None:
     ftp_flow(engine, sessions, 0)
     record = engine.flows.newest(1)[0]
     assert record.app_filter == "ftp" and record.editor is not None
-    assert record.editor.edit(Direction.OUT, 1, None, b"NOOP\r\n") == (1, None, b"NOOP\r\n")
+    edited = record.editor.edit(Direction.OUT, 1, None, b"NOOP\r\n")
+    assert edited is not None and edited[:3] == (1, None, b"NOOP\r\n")

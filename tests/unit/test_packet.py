@@ -17,6 +17,7 @@ from scapy.layers.inet6 import (
     IPv6ExtHdrFragment,
     IPv6ExtHdrHopByHop,
     IPv6ExtHdrRouting,
+    PadN,
 )
 from scapy.packet import Packet, Raw
 
@@ -134,7 +135,6 @@ def test_ipv6_extension_headers_are_skipped(ext: Callable[[], Packet], l4: Calla
 
 def test_ipv6_long_destination_options_header() -> None:
     # A destination-options header longer than 8 bytes (Hdr Ext Len > 0).
-    from scapy.layers.inet6 import PadN
     pkt = IPv6(src=C6, dst=S6) / IPv6ExtHdrDestOpt(options=[PadN(optdata=b"\x00" * 20)]) / TCP(
         sport=7, dport=8, flags="S")
     data = bytes(pkt)
@@ -163,20 +163,49 @@ def _every_short_prefix(pkt: Packet, header_len: int) -> list[bytes]:
 
 
 @pytest.mark.parametrize(("pkt", "header_len"), [
-    (IP(src=C4, dst=S4) / TCP(flags="S"), 20 + 14),
+    (IP(src=C4, dst=S4) / TCP(flags="S"), 20 + 20),
     (IP(src=C4, dst=S4) / UDP(), 20 + 8),
-    (IPv6(src=C6, dst=S6) / TCP(flags="S"), 40 + 14),
+    (IPv6(src=C6, dst=S6) / TCP(flags="S"), 40 + 20),
     (IPv6(src=C6, dst=S6) / UDP(), 40 + 8),
-    (IPv6(src=C6, dst=S6) / IPv6ExtHdrHopByHop() / TCP(flags="S"), 48 + 14),
+    (IPv6(src=C6, dst=S6) / IPv6ExtHdrHopByHop() / TCP(flags="S"), 48 + 20),
     (IPv6(src=C6, dst=S6) / IPv6ExtHdrDestOpt() / UDP(), 48 + 8),
-], ids=["ipv4-tcp", "ipv4-udp", "ipv6-tcp", "ipv6-udp", "ipv6-hbh-tcp", "ipv6-dst-udp"])
+    (IP(src=C4, dst=S4) / TCP(flags="S", options=[("MSS", 1460), ("WScale", 7)]), 20 + 28),
+    (IPv6(src=C6, dst=S6) / IPv6ExtHdrDestOpt(options=[PadN(optdata=b"\0" * 20)]) / ICMPv6EchoRequest(),
+     40 + 24),
+], ids=["ipv4-tcp", "ipv4-udp", "ipv6-tcp", "ipv6-udp", "ipv6-hbh-tcp", "ipv6-dst-udp",
+        "ipv4-tcp-options", "ipv6-dst-icmp"])
 def test_truncated_packets_are_malformed(pkt: Packet, header_len: int) -> None:
     data = bytes(pkt)
     for prefix in _every_short_prefix(pkt, header_len):
         with pytest.raises(Malformed):
             parse(prefix, Ingress.INTERNAL)
-    # Exactly enough bytes for the ports and flags is enough.
+    # The whole of every header it reads, TCP options included, is enough.
     assert parse(data[:header_len], Ingress.INTERNAL).key == parse(data, Ingress.INTERNAL).key
+
+
+@pytest.mark.parametrize("offset", [0, 1, 4, 6, 15])
+def test_tcp_data_offset_must_fit_the_header_and_the_packet(offset: int) -> None:
+    # Conntrack calls such a segment invalid, and the enforcer could not rewrite it:
+    # parse read only the ports and flags, so a SYN with data offset 0 sent to a
+    # user-mode redirect port used the redirect's permission, then raised in the daemon.
+    for ip, src, dst in ((IP, C4, S4), (IPv6, C6, S6)):
+        data = bytearray(bytes(ip(src=src, dst=dst) / TCP(sport=1, dport=2, flags="S") / Raw(b"x" * 3)))
+        tcp = len(data) - 23
+        data[tcp + 12] = offset << 4
+        with pytest.raises(Malformed, match="TCP header length"):
+            parse(bytes(data), Ingress.INTERNAL)
+    ok = IP(src=C4, dst=S4) / TCP(sport=1, dport=2, flags="S", options=[("NOP", None)] * 40)
+    assert parse(bytes(ok), Ingress.INTERNAL).key.dport == 2
+
+
+def test_ipv6_routing_header_with_segments_left_is_malformed() -> None:
+    # The destination is a waypoint, not where the packet goes: the policy would judge
+    # the wrong address, and a rewrite could not keep the transport checksum right.
+    route = IPv6ExtHdrRouting(addresses=["2001:db8:3::22"], segleft=1)
+    with pytest.raises(Malformed, match="segments left"):
+        meta(IPv6(src=C6, dst=S6) / route / TCP(sport=1, dport=21, flags="S"))
+    done = IPv6ExtHdrRouting(addresses=["2001:db8:3::22"], segleft=0)
+    assert meta(IPv6(src=C6, dst=S6) / done / TCP(sport=1, dport=21, flags="S")).key.dport == 21
 
 
 @pytest.mark.parametrize("data", [

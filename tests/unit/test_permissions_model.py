@@ -83,7 +83,7 @@ def syn(client: IPAddress, target: IPAddress, port: int, *, sport: int = 40000,
 
 
 def new_engine() -> Engine:
-    return Engine(POLICY, (INTERNAL,), EXTERNAL)
+    return Engine(POLICY, {"int0": (INTERNAL,)}, EXTERNAL)
 
 
 def start_session(engine: Engine, client: IPAddress, now: float) -> int:

@@ -55,3 +55,29 @@ def test_unknown_clause_id_is_a_usage_error(tmp_path: Path) -> None:
                             capture_output=True, text=True, cwd=tmp_path, check=False, timeout=120)
     assert result.returncode == pytest.ExitCode.USAGE_ERROR
     assert "names no clause of SPEC.md's catalog" in result.stderr + result.stdout
+
+
+class _Sessions:
+    """A lab stand-in: the standard topology and an enforcer that lists these sessions."""
+
+    def __init__(self, sessions: list[dict[str, object]]) -> None:
+        from testbed.topology import standard
+
+        self.variant = "routed"
+        self.topology = standard("routed")
+        self.enforcer = self
+        self.sessions = sessions
+
+    def call(self, method: str, **params: object) -> object:
+        assert method == "sessions"
+        return self.sessions
+
+
+def test_net_session_is_the_securenat_one_not_a_firewall_client_s() -> None:
+    # A SOCKS connection of c1's made a Firewall-client session first; a grant for
+    # Net.session("c1") went to it, and c1's own packets could never use it.
+    from testbed.plugin import Net
+
+    lab = _Sessions([{"id": 1, "kind": "firewall-client", "client": "192.0.2.11", "user": "alice"},
+                     {"id": 2, "kind": "securenat", "client": "192.0.2.11", "user": None}])
+    assert Net(lab, "ipv4").session("c1") == 2  # type: ignore[arg-type]

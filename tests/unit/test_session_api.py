@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import json
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -25,6 +26,7 @@ from enforcer.core.policy import (
     SiteRule,
 )
 from enforcer.core.results import InvalidArgument, IsBusy, NotFound, Terminating
+from enforcer.protocol import encode
 
 FTP = uuid.UUID("5c3c2a3e-8f1b-4c1e-9a57-1f0d3a6b2101")
 CLIENT = ipaddress.ip_address("192.0.2.11")
@@ -49,7 +51,7 @@ def build_api(on_grant: Callable[[list[Permission]], None] | None = None,
                                      NetworkSet((ipaddress.ip_network("192.0.2.0/24"),)), None),),
         site_rules=(SiteRule("out", True, NetworkSet((ipaddress.ip_network("198.51.100.0/24"),))),),
         defaults=Defaults(permission_timeout=5, max_pending_per_session=4))
-    engine = Engine(policy, [ipaddress.ip_network("192.0.2.0/24")],
+    engine = Engine(policy, {"int0": [ipaddress.ip_network("192.0.2.0/24")]},
                     [ipaddress.ip_address("198.51.100.1"), ipaddress.ip_address("198.51.100.2")],
                     nat=True, internal_addresses=[ipaddress.ip_interface("192.0.2.1/24")])
     if clock is None:
@@ -94,6 +96,10 @@ def test_a_grant_returns_the_action(api: SessionApi) -> None:
     ({"session": 77}, "no session 77"),
     ({"port": True}, "'port' must be an integer, not bool"),
     ({"protocol": True}, "'protocol' must be"),
+    # not hashable: a membership test in a dict raised TypeError, an internal error
+    ({"protocol": ["tcp"]}, "'protocol' must be"),
+    ({"protocol": {"tcp": 6}}, "'protocol' must be"),
+    ({"protocol": 6.0}, "'protocol' must be"),  # equal to 6, and not an integer
     ({"protocol_guid": 5}, "'protocol_guid' must be a string"),
     ({"flags": {"TIMEOUT": 1}}, "'flags' must be an integer or a list"),
     ({"context": "x" * 5000}, "'context' is larger than"),
@@ -121,6 +127,31 @@ def test_events_go_to_the_filter_named_in_the_grant_only(api: SessionApi) -> Non
     assert [e["client"] for e in mine.pushed] == [[str(CLIENT), 41000], [str(CLIENT), 41001]]
     assert all(e["context"] == {"k": 1} and e["external"] == "198.51.100.1" for e in mine.pushed)
     assert other.pushed == []
+
+
+class EncodingCaller(FakeCaller):
+    """A filter's connection that sends what it is pushed, as the control socket does."""
+
+    def push(self, message: dict[str, Any]) -> None:
+        self.pushed.append(json.loads(encode(message)))
+
+
+def test_a_context_nested_too_deeply_to_send_is_refused(api: SessionApi) -> None:
+    # JSON nested 980 deep reads and is small, and its event could not be encoded in the
+    # deeper stack of the packet path: RecursionError there, after the packet's verdict.
+    caller = EncodingCaller()
+    fid = api.register_filter({"name": "deep"}, caller)["filter"]
+    deep: list[Any] = []
+    for _ in range(979):
+        deep = [deep]
+    with pytest.raises(InvalidArgument, match="'context' is nested more than 32 deep"):
+        afc(api, filter=fid, context=deep)
+    assert api.actions({}, FakeCaller()) == []
+    fine = json.loads("[" * 31 + '{"n": 1}' + "]" * 31)  # 32 levels
+    afc(api, filter=fid, context=fine)
+    api.engine.decide(PacketMeta(FlowKey(6, CLIENT, 41000, SERVER, 20021), Ingress.INTERNAL, 0x02), 1.0)
+    api.dispatch_events()
+    assert [e["context"] for e in caller.pushed] == [fine]
 
 
 def test_a_filter_goes_away_with_its_connection(api: SessionApi) -> None:

@@ -8,13 +8,16 @@ import ipaddress
 import pytest
 
 from testbed.topology import (
+    TOPOLOGIES,
     Interface,
     Node,
     Route,
     Segment,
     Topology,
+    named,
     nat,
     routed,
+    split,
     standard,
 )
 
@@ -124,13 +127,78 @@ def test_value_is_frozen_and_equal() -> None:
     hash(routed())
 
 
-def test_round_trip_through_dict(topo: Topology) -> None:
+@pytest.mark.parametrize("name", TOPOLOGIES)
+def test_round_trip_through_dict(name: str) -> None:
+    topo = named(name)
+    assert topo.variant == name
     assert Topology.from_dict(topo.to_dict()) == topo
 
 
 def test_unknown_variant() -> None:
     with pytest.raises(ValueError, match="unknown variant 'bridged'"):
         standard("bridged")
+    with pytest.raises(ValueError, match="unknown variant 'split'"):
+        standard("split")
+    with pytest.raises(ValueError, match=r"unknown topology 'bridged' \(choose from routed, nat, split\)"):
+        named("bridged")
+
+
+# -- split: two internal networks on two fw interfaces (SPEC rule 17) ------------
+
+def test_split_has_two_internal_networks_on_two_fw_interfaces() -> None:
+    t = split()
+    assert [n.name for n in t.clients] == ["c1", "c2", "c3"]
+    assert [n.name for n in t.switches] == ["swint", "swint1", "swext"]
+    assert t.internal_segments == ("int", "int1")
+    assert t.fw_internal_ifaces == ("int0", "int1")
+    assert [i.name for i in t.firewall.interfaces] == ["int0", "int1", "ext0"]
+    assert t.internal_networks("ipv4") == ("192.0.2.0/25", "192.0.2.128/25")
+    assert t.internal_networks("ipv6") == ("2001:db8:1::/64", "2001:db8:4::/64")
+    assert set(t.links()) == {
+        ("c1", "eth0", "swint"), ("c2", "eth0", "swint"), ("fw", "int0", "swint"),
+        ("c3", "eth0", "swint1"), ("fw", "int1", "swint1"),
+        ("fw", "ext0", "swext"), ("s1", "eth0", "swext"), ("s2", "eth0", "swext")}
+
+
+def test_split_clients_keep_their_addresses_and_face_their_own_interface() -> None:
+    t, std = split(), routed()
+    for fam in ("ipv4", "ipv6"):
+        for c in ("c1", "c2"):
+            assert t.address(c, fam) == std.address(c, fam)
+            assert t.fw_internal_address(fam, facing=c) == std.fw_internal_address(fam)
+    assert (t.address("c3", "ipv4"), t.address("c3", "ipv6")) == ("192.0.2.131", "2001:db8:4::31")
+    assert t.fw_internal_address("ipv4", facing="c3") == "192.0.2.129"
+    assert t.fw_internal_address("ipv6", facing="c3") == "2001:db8:4::1"
+    assert [t.fw_iface_facing(n) for n in ("c1", "c2", "c3", "s1")] == ["int0", "int0", "int1", "ext0"]
+    assert {(r.family, r.dst, r.via) for r in t.node("c3").routes} == {
+        ("ipv4", "default", "192.0.2.129"), ("ipv6", "default", "2001:db8:4::1")}
+    for c in ("c1", "c2", "c3"):  # each client is on-link with its own gateway only
+        for fam in ("ipv4", "ipv6"):
+            gw = ipaddress.ip_address(t.fw_internal_address(fam, facing=c))
+            (mine,) = t.node(c).interfaces[0].addresses_of(fam)
+            assert gw in ipaddress.ip_interface(mine).network
+    # the external side is the standard one
+    assert t.fw_external_addresses("ipv4") == std.fw_external_addresses("ipv4")
+    assert t.denied_network("ipv6") == std.denied_network("ipv6")
+
+
+def test_split_servers_route_both_internal_networks_back_via_fw() -> None:
+    for s in split().servers:
+        assert {(r.family, r.dst, r.via) for r in s.routes} == {
+            ("ipv4", "192.0.2.0/25", "198.51.100.1"), ("ipv4", "192.0.2.128/25", "198.51.100.1"),
+            ("ipv6", "2001:db8:1::/64", "2001:db8:2::1"), ("ipv6", "2001:db8:4::/64", "2001:db8:2::1")}
+
+
+def test_one_internal_interface_queries_ask_which_with_two() -> None:
+    t = split()
+    with pytest.raises(ValueError, match="2 internal segments; name the node"):
+        t.fw_internal_address("ipv4")
+    with pytest.raises(ValueError, match="2 internal segments"):
+        _ = t.fw_internal_iface
+    with pytest.raises(ValueError, match="2 internal segments"):
+        t.internal_network("ipv4")
+    with pytest.raises(ValueError, match="'s1' is not on an internal segment"):
+        t.fw_internal_address("ipv4", facing="s1")
 
 
 def test_unknown_node_query() -> None:
@@ -143,7 +211,8 @@ def test_unknown_node_query() -> None:
 def _replace_node(t: Topology, name: str, **changes: object) -> Topology:
     nodes = tuple(dataclasses.replace(n, **changes) if n.name == name else n  # type: ignore[arg-type]
                   for n in t.nodes)
-    return Topology(variant=t.variant, nodes=nodes, segments=t.segments)
+    return Topology(variant=t.variant, nodes=nodes, segments=t.segments,
+                    internal_segments=t.internal_segments)
 
 
 def test_rejects_address_outside_documentation_ranges() -> None:
@@ -208,6 +277,24 @@ def test_rejects_long_node_name() -> None:
 def test_rejects_address_without_prefix() -> None:
     with pytest.raises(ValueError, match="needs a prefix length"):
         _replace_node(routed(), "c1", interfaces=(Interface("eth0", "int", ("192.0.2.11",)),))
+
+
+def test_rejects_an_internal_segment_without_a_fw_interface() -> None:
+    t = split()
+    fw = dataclasses.replace(t.firewall, interfaces=tuple(
+        i for i in t.firewall.interfaces if i.name != "int1"))
+    with pytest.raises(ValueError, match="firewall needs one interface on segment 'int1', not 0"):
+        _replace_node(t, "fw", interfaces=fw.interfaces)
+
+
+def test_rejects_internal_segments_that_are_not_distinct_from_the_external_one() -> None:
+    t = routed()
+    with pytest.raises(ValueError, match="must be distinct"):
+        Topology(variant="x", nodes=t.nodes, segments=t.segments, internal_segments=("int", "ext"))
+    with pytest.raises(ValueError, match="one internal at least"):
+        Topology(variant="x", nodes=t.nodes, segments=t.segments, internal_segments=())
+    with pytest.raises(ValueError, match=r"segment 'dmz' .* does not exist"):
+        Topology(variant="x", nodes=t.nodes, segments=t.segments, internal_segments=("dmz",))
 
 
 def test_rejects_two_firewalls() -> None:

@@ -53,6 +53,7 @@ from typing import Any
 
 from enforcer.core.engine import Engine, Verdict, permission_key
 from enforcer.core.flags import Flags
+from enforcer.core.limits import Limits
 from enforcer.core.packet import TCP, TCP_SYN, UDP, FlowKey, Ingress, PacketMeta
 from enforcer.core.permissions import PermissionKey, PermissionTable
 from enforcer.core.policy import (
@@ -120,8 +121,11 @@ class Workload:
 
 
 def new_engine(w: Workload) -> tuple[Engine, list[int]]:
-    """An engine with one SecureNAT session per client (made by a primary FTP SYN)."""
-    engine = Engine(POLICY, {"int0": (INTERNAL,)}, (ipaddress.IPv4Address("203.0.113.1"),))
+    """An engine with one SecureNAT session per client (made by a primary FTP SYN), its
+    pending-permission caps raised to hold the workload."""
+    limits = Limits(pending_total=max(w.n, Limits.pending_total))
+    engine = Engine(POLICY, {"int0": (INTERNAL,)}, (ipaddress.IPv4Address("203.0.113.1"),),
+                    limits=limits)
     server = TARGETS.network_address + 1
     ids = []
     for client in w.clients:
@@ -230,6 +234,7 @@ def measure(n: int, rounds: int, rng: random.Random, memory: bool) -> dict[str, 
     keys: list[PermissionKey] = [
         permission_key(w.protocols[i], w.clients[w.sessions[i]],
                        ipaddress.IPv4Address(w.targets[i]), w.ports[i]) for i in range(n)]
+    clients = [w.clients[w.sessions[i]] for i in range(n)]
     add_us, match_us = [], []
     for _ in range(fills):
         table = PermissionTable()
@@ -237,7 +242,7 @@ def measure(n: int, rounds: int, rng: random.Random, memory: bool) -> dict[str, 
         flags = Flags(0)
         t0 = time.perf_counter()
         for i, key in enumerate(keys):
-            add(w.sessions[i], key, flags, "FTP", 1.0, None, 0)
+            add(w.sessions[i], clients[i], key, flags, "FTP", 1.0, None, 0)
         add_us.append((time.perf_counter() - t0) / n * 1e6)
         chosen = rng.sample(range(n), min(n, ROUND * 4))
         match = table.match
@@ -255,13 +260,13 @@ def measure(n: int, rounds: int, rng: random.Random, memory: bool) -> dict[str, 
     try:
         t0 = time.perf_counter()
         for i, key in enumerate(keys):
-            add(w.sessions[i], key, flags, "FTP", 1.0, None, 0)
+            add(w.sessions[i], clients[i], key, flags, "FTP", 1.0, None, 0)
         out["grant_table_nogc_us"] = (time.perf_counter() - t0) / n * 1e6
     finally:
         gc.enable()
     del table, add
     out["match_table_us"] = statistics.median(match_us)
-    del keys
+    del keys, clients
     gc.collect()
 
     if memory:

@@ -38,7 +38,8 @@ from enforcer.core.budget import ByteBudget
 from enforcer.core.datafilter import DataFilter, DataFilterFactory, Direction, TcpStreamEditor
 from enforcer.core.engine import Engine, Verdict
 from enforcer.core.flags import Flags
-from enforcer.core.flows import FlowRecord, Mode
+from enforcer.core.flows import SYSCTL, ConntrackTimeouts, FlowRecord
+from enforcer.core.memory import memory_bound
 from enforcer.core.packet import TCP, UDP, Ingress, Malformed, PacketMeta, parse
 from enforcer.core.permissions import Permission
 from enforcer.listening import ListeningSockets
@@ -87,6 +88,24 @@ def discover(config: Config) -> dataplane.Interfaces:
         external_addrs = tuple(sorted((a for a in found if not a.is_link_local),
                                       key=lambda a: (a.version, int(a))))
     return dataplane.Interfaces(internal, external, internal_nets, external_addrs, internal_addrs)
+
+
+def conntrack_timeouts(directory: Path = Path("/proc/sys/net/netfilter")) -> ConntrackTimeouts:
+    """This network namespace's conntrack timeouts (a file that cannot be read keeps the
+    kernel's default)."""
+    values = {}
+    for name in SYSCTL.values():
+        try:
+            values[name] = float((directory / name).read_text())
+        except (OSError, ValueError):
+            continue
+    return ConntrackTimeouts.from_sysctl(values)
+
+
+def resident_bytes() -> int:
+    """This process's resident set size."""
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def load_data_filters(targets: dict[str, str]) -> dict[str, DataFilterFactory]:
@@ -193,7 +212,8 @@ class Daemon:
                              kernel_redirect_ports=config.dataplane.kernel_redirect_ports,
                              user_redirect_ports=config.dataplane.user_redirect_ports,
                              bind_ports=(config.socks or SocksSettings()).bind_ports,
-                             app_filters=watching)
+                             app_filters=watching, limits=config.limits,
+                             conntrack=conntrack_timeouts())
         self.listening = ListeningSockets(clock)  # the fw's own sockets (rule 14)
         self.api = SessionApi(self.engine, clock, self._on_grant, self._on_bind,
                               self._on_securenat_bind, listening=self.listening.current)
@@ -297,8 +317,10 @@ class Daemon:
         found = self.engine.user_packet(meta, length, self.clock())
         if found is None:
             related = self.engine.related(nat.icmp_error_inner(data))
-            if related is not None and related[0].redirect is not None and related[1] \
-                    and related[0].mode is Mode.USER:
+            if related is None:  # of no flow the enforcer knows: never passed unfiltered
+                pkt.drop()
+                return
+            if related[0].redirect is not None and related[1]:
                 # An error about a packet the client sent by a redirect: it comes back
                 # from the redirect's address, quoting what the client sent.
                 address, port = related[0].redirect
@@ -453,6 +475,8 @@ class Daemon:
                                for user, pool in self.engine.pools.items()},
             "receive_buffer": None if self.queue_socket is None else
             self.queue_socket.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF),
+            "limits": self.engine.limits_status(),
+            "memory": {"rss": resident_bytes(), "bound": memory_bound(self.config.limits)},
             "listening": self.listening.current().to_list(),
         }
 

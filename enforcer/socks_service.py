@@ -117,6 +117,7 @@ class _Client:
         self.ip, self.port = ip, port
         self.handshake = socks.ServerHandshake(service.settings.require_auth, service.check)
         self.session: int | None = None
+        self.refused: str | None = None  # why the session was refused (a cap): the request fails
         self.early = bytearray()  # what the client sent after its request
         self.flow: FlowRecord | None = None  # the flow a CONNECT made
         self.out = bytearray()  # replies not yet written
@@ -167,7 +168,7 @@ class _Client:
                                                                      self.service.clock()).id
                 except SessionApiError as exc:
                     log.info("SOCKS client %s refused: %s", self.ip, exc)
-                    self.close()
+                    self.refused = str(exc)
             elif isinstance(event, socks.RequestReceived):
                 self._request(event.request)
             elif isinstance(event, socks.Payload):
@@ -189,6 +190,9 @@ class _Client:
             self.close()
 
     def _request(self, request: socks.Request) -> None:
+        if self.refused is not None:  # RFC 1929's success is sent: the request fails instead
+            self.fail(Reply.GENERAL_FAILURE, self.refused)
+            return
         if self.session is None:
             self.close()
             return

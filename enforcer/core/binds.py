@@ -12,21 +12,31 @@ of the client's own (``client``, ``client_port``). Its address is the client's
 in the routed topology, and an external address of the fw in NAT, which the
 kernel then translates to the client. It takes one flow, TCP or UDP, and
 expires if nothing has come by ``expires``.
+
+Open binds are capped in total and per client address (``Limits``): at a cap a
+new bind is refused (IsBusy). A closed bind is remembered for a while only, so
+that a late RetroactiveAllowBind still gets FWX_E_TERMINATING: the table keeps
+the last ``binds_total`` closed ones (older ones, and those of an ended session,
+are forgotten: NOT_FOUND).
 """
 
 from __future__ import annotations
 
 import enum
 import itertools
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
 from enforcer.core.flags import Flags, flag_names
 from enforcer.core.ipfilter import IpFilter
+from enforcer.core.limits import Limits, Quota
 from enforcer.core.packet import PROTOCOL_NAMES, IPAddress
 
 # How long a peer that sent to a BIDIRECTIONAL UDP bind may be answered
 RECENT_SENDER_SECONDS = 120.0
+# How many such peers a bind remembers (the least recent is forgotten first)
+RECENT_SENDERS = 16
 # The external ports binds get (below Linux's ephemeral ports, above the well-known)
 DEFAULT_BIND_PORTS = (20000, 29999)
 
@@ -45,6 +55,7 @@ class Bind:
     address: IPAddress  # the fw's external address the client was given
     port: int
     created: float
+    owner: IPAddress  # the client address whose binds_per_client it counts against
     state: BindState = BindState.PENDING
     flags: Flags = field(default_factory=lambda: Flags(0))
     ipfilter: IpFilter | None = None  # None: any peer
@@ -52,7 +63,7 @@ class Bind:
     admitted: int = 0
     discarded: int = 0
     receive_buffer: int | None = None  # set by the shell: the bound socket's, in bytes
-    recent: dict[tuple[IPAddress, int], float] = field(default_factory=dict)
+    recent: OrderedDict[tuple[IPAddress, int], float] = field(default_factory=OrderedDict)
     # A SecureNAT client's bind: the client's own address and port it leads to
     client: IPAddress | None = None
     client_port: int | None = None
@@ -65,6 +76,13 @@ class Bind:
 
     def admits(self, peer: IPAddress) -> bool:
         return self.state is BindState.ALLOWED and (self.ipfilter is None or self.ipfilter.is_included(peer))
+
+    def heard(self, peer: IPAddress, port: int, now: float) -> None:
+        """A datagram from ``peer`` reached the bind (remembered for ``may_answer``)."""
+        self.recent[(peer, port)] = now
+        self.recent.move_to_end((peer, port))
+        if len(self.recent) > RECENT_SENDERS:
+            self.recent.popitem(last=False)
 
     def may_answer(self, peer: IPAddress, port: int, now: float) -> bool:
         """A UDP bind with BIDIRECTIONAL may send back to a peer that sent to it lately."""
@@ -83,22 +101,31 @@ class Bind:
                 "expires": self.expires}
 
 
-@dataclass
 class BindTable:
-    _by_address: dict[tuple[int, IPAddress, int], Bind] = field(default_factory=dict)
-    _by_session: dict[int, dict[int, Bind]] = field(default_factory=dict)
-    # SecureNAT binds by what they lead to: (protocol, client, client port)
-    _by_client: dict[tuple[int, IPAddress, int], Bind] = field(default_factory=dict)
-    _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+    def __init__(self, limits: Limits | None = None, counters: Counter[str] | None = None) -> None:
+        limits = limits or Limits()
+        self.quota = Quota("binds", limits, counters if counters is not None else Counter())
+        self.closed_cap = limits.binds_total  # closed binds remembered
+        self._by_address: dict[tuple[int, IPAddress, int], Bind] = {}
+        self._by_session: dict[int, dict[int, Bind]] = {}
+        # SecureNAT binds by what they lead to: (protocol, client, client port)
+        self._by_client: dict[tuple[int, IPAddress, int], Bind] = {}
+        self._closed: OrderedDict[int, Bind] = OrderedDict()  # oldest first
+        self._ids = itertools.count(1)
+
+    def check(self, owner: IPAddress) -> None:
+        """Raise IsBusy (counted) if ``owner`` may not open one more bind."""
+        self.quota.check(owner)
 
     def add(self, session_id: int, protocol: int, address: IPAddress, port: int, now: float,
-            **securenat: Any) -> Bind:
-        """A new bind; ``securenat``: client, client_port, expires and pooled of a
-        SecureNAT client's bind."""
+            owner: IPAddress, **securenat: Any) -> Bind:
+        """A new bind (``check`` it first); ``securenat``: client, client_port, expires
+        and pooled of a SecureNAT client's bind."""
         key = (protocol, address, port)
         if key in self._by_address:
             raise ValueError(f"{PROTOCOL_NAMES[protocol]} {address}:{port} is bound already")
-        bind = Bind(next(self._ids), session_id, protocol, address, port, now, **securenat)
+        bind = Bind(next(self._ids), session_id, protocol, address, port, now, owner, **securenat)
+        self.quota.take(owner)
         self._by_address[key] = bind
         self._by_session.setdefault(session_id, {})[bind.id] = bind
         if bind.client is not None and bind.client_port is not None:
@@ -122,25 +149,46 @@ class BindTable:
         return next((b for b in found if b.state is not BindState.CLOSED), found[-1] if found else None)
 
     def close(self, bind: Bind) -> None:
-        """Done: nothing more gets through. It stays listed under its session until the
-        session ends, so that a late RetroactiveAllowBind is FWX_E_TERMINATING."""
+        """Done: nothing more gets through. It stays listed under its session while it is
+        among the last ``closed_cap`` closed, so that a late RetroactiveAllowBind is
+        FWX_E_TERMINATING."""
+        if bind.state is BindState.CLOSED:
+            return
         bind.state = BindState.CLOSED
         if self._by_address.get((bind.protocol, bind.address, bind.port)) is bind:
             del self._by_address[(bind.protocol, bind.address, bind.port)]
         if bind.client is not None and bind.client_port is not None and \
                 self._by_client.get((bind.protocol, bind.client, bind.client_port)) is bind:
             del self._by_client[(bind.protocol, bind.client, bind.client_port)]
+        self.quota.release(bind.owner)
+        bind.recent.clear()  # nothing is answered through a closed bind
+        self._closed[bind.id] = bind
+        while len(self._closed) > self.closed_cap:
+            self._forget(self._closed.popitem(last=False)[1])
+
+    def _forget(self, bind: Bind) -> None:
+        binds = self._by_session.get(bind.session_id)
+        if binds is not None:
+            binds.pop(bind.id, None)
+            if not binds:
+                del self._by_session[bind.session_id]
 
     def end_session(self, session_id: int) -> list[Bind]:
+        """Close the session's binds, and forget them."""
         binds = list(self._by_session.pop(session_id, {}).values())
         for bind in binds:
             self.close(bind)
+            self._closed.pop(bind.id, None)
         return binds
 
     def of(self, session_id: int | None) -> list[Bind]:
         if session_id is not None:
             return list(self._by_session.get(session_id, {}).values())
         return [b for binds in self._by_session.values() for b in binds.values()]
+
+    @property
+    def closed_count(self) -> int:
+        return len(self._closed)
 
     def __len__(self) -> int:
         return len(self._by_address)

@@ -16,10 +16,11 @@ from typing import Any, NamedTuple
 
 from enforcer.core.binds import DEFAULT_BIND_PORTS, Bind, BindState, BindTable
 from enforcer.core.flags import Flags
-from enforcer.core.flows import FlowRecord, FlowTable, Mode
+from enforcer.core.flows import ConntrackTimeouts, FlowRecord, FlowTable, Mode
 from enforcer.core.fwports import NOTHING_LISTENS, Listening, privileged
 from enforcer.core.ingress import InterfaceNetworks
 from enforcer.core.ipfilter import IpFilter
+from enforcer.core.limits import Limits
 from enforcer.core.packet import PROTOCOL_NAMES, TCP, UDP, FlowKey, Ingress, IPAddress, PacketMeta
 from enforcer.core.permissions import Permission, PermissionKey, PermissionTable, pack_key
 from enforcer.core.policy import IPNetwork, Policy, PortRange, ProtocolDef
@@ -44,6 +45,7 @@ from enforcer.core.sessions import Session, SessionTable
 
 # How long after a UDP flow's admission its further "new" datagrams are taken as its own
 SAME_FLOW_WINDOW = 1.0
+RECENT_DECISIONS = 512  # the decisions the engine remembers (the decisions listing)
 # The flags RetroactiveAllowBind takes
 BIND_FLAGS = Flags.BIDIRECTIONAL | Flags.INCREASE_RECEIVE_BUFFER
 # The flags RedirectConnections takes (its page lists no others)
@@ -129,6 +131,11 @@ def permission_key(protocol: int, client: IPAddress, target: IPAddress, port: in
     return pack_key(protocol, client.version, int(client), int(target), port)
 
 
+def user_mode(flags: Flags, data_filter: str | None) -> bool:
+    """Whether the flows a grant admits run in user mode (fixed at the grant)."""
+    return Flags.NO_KERNEL_MODE in flags or data_filter is not None
+
+
 def redirect_key(protocol: int, client: IPAddress, internal_port: int) -> PermissionKey:
     """A redirect's key: its port alone names it (ports are unique across internal
     addresses), and target 0 keeps it apart from every AllowFutureConnect key (no
@@ -137,20 +144,33 @@ def redirect_key(protocol: int, client: IPAddress, internal_port: int) -> Permis
 
 
 class Engine:
-    """Decides every new flow: permissions first, then primaries by policy; drops the rest."""
+    """Decides every new flow: permissions first, then primaries by policy; drops the rest.
+
+    Everything a client or a peer can make it hold is capped (``limits``, SPEC rule
+    16): at a cap the new request is refused and counted (``refused: <cap>`` in
+    ``counters``), never what is held evicted. A SecureNAT session is in use, and
+    so not idle, while it has new flows, session API calls name it, or it holds a
+    user-mode flow (whose filter may call the API at any time; its idle time starts
+    when the last one is let go); pending permissions and open binds do not keep
+    it: an idle session ends as ``end_session`` ends one.
+    """
 
     def __init__(self, policy: Policy, internal_networks: Mapping[str, Iterable[IPNetwork]],
                  external_addresses: Iterable[IPAddress] = (), *, nat: bool = False,
-                 data_filters: Iterable[str] = (), history: int = 512,
+                 data_filters: Iterable[str] = (), history: int = RECENT_DECISIONS,
                  internal_addresses: Iterable[IPInterface] = (),
                  kernel_redirect_ports: tuple[int, int] = DEFAULT_KERNEL_REDIRECT_PORTS,
                  user_redirect_ports: tuple[int, int] = DEFAULT_USER_REDIRECT_PORTS,
                  bind_ports: tuple[int, int] = DEFAULT_BIND_PORTS,
-                 app_filters: Mapping[str, str] | None = None) -> None:
+                 app_filters: Mapping[str, str] | None = None, limits: Limits | None = None,
+                 conntrack: ConntrackTimeouts | None = None) -> None:
         """``internal_networks``: internal interface name -> the networks behind it;
         ``app_filters``: protocol name -> the application filter that watches its
-        primary connections (they then run in user mode)."""
+        primary connections (they then run in user mode); ``conntrack``: the kernel's
+        timeouts, which a user-mode flow's state outlives."""
         self.policy = policy
+        self.limits = limits or Limits()
+        self.counters: Counter[str] = Counter()
         self.ingress = InterfaceNetworks(internal_networks)
         self.internal_networks = self.ingress.internal
         self.external_addresses = tuple(external_addresses)
@@ -160,17 +180,16 @@ class Engine:
                                         *(i.ip for i in self.internal_addresses)))
         self.nat = nat
         self.data_filters = frozenset(data_filters)
-        self.sessions = SessionTable()
-        self.flows = FlowTable()
-        self.permissions = PermissionTable(on_finish=self._finished)
-        self.counters: Counter[str] = Counter()
+        self.sessions = SessionTable(self.limits, self.counters)
+        self.flows = FlowTable(self.limits, self.counters, conntrack, on_release=self._released)
+        self.permissions = PermissionTable(self.limits, self.counters, on_finish=self._finished)
         self.recent: deque[Decision] = deque(maxlen=history)
         self.events: list[Event] = []
         self.pools = {False: PortPool(*kernel_redirect_ports, name="kernel-mode redirect"),
                       True: PortPool(*user_redirect_ports, name="user-mode redirect")}
         self._block_pending: dict[tuple[bool, int], int] = {}  # (user mode, base) -> pending
         self.retired: list[Permission] = []  # finished redirects whose kernel rules must go
-        self.binds = BindTable()
+        self.binds = BindTable(self.limits, self.counters)
         self.bind_ports = PortPool(*bind_ports, name="bind")
         self.app_filters = dict(app_filters or {})
         self.retired_binds: list[Bind] = []  # SecureNAT binds in NAT whose kernel rule must go
@@ -217,14 +236,14 @@ class Engine:
 
         The enforcer rewrites every such packet itself, before the kernel tracks it.
         """
-        found = self.flows.find(meta.key)
+        found = self.flows.find_held(meta.key)
         # A SYN on a flow that has had replies is a new connection from the same client
         # port (kernel mode refuses one too): it needs a permission of its own. Before
         # any reply, a SYN is the first one sent again.
         if found is not None and found[1] and found[0].redirect is not None and \
                 not (meta.starts_tcp_connection and found[0].packets_back):
             record = found[0]
-            record.saw(True, length, now)
+            self.flows.saw(record, True, length, now, meta.tcp_flags)
             self.counters["user-mode packets"] += 1
             return record
         self.permissions.expire(now)
@@ -238,55 +257,80 @@ class Engine:
         elif meta.ingress is not Ingress.INTERNAL or not self._is_internal(key.src):
             reason = f"{key.src} is not an internal client on the internal side"
         else:
-            perm = self._match_redirect(key, key.dport, now,
-                                        lambda r: r.user_mode and r.internal == key.dst)
-            reason = f"no user-mode redirect of this client's is pending on port {key.dport}"
+            perm, refused = self._match_redirect(key, key.dport, now,
+                                                 lambda r: r.user_mode and r.internal == key.dst)
+            reason = refused or f"no user-mode redirect of this client's is pending on port {key.dport}"
         if perm is None or perm.redirect is None:
             self._record(Decision(Verdict.DROP, key, reason, now))
             return None
         outbound = FlowKey(key.protocol, key.src, key.sport, *perm.redirect.target_endpoint)
-        self._record(self._admit_permitted(outbound, perm, now, length))
+        self._record(self._admit_permitted(outbound, perm, now, length, meta.tcp_flags))
         return self.flows.get(outbound)
 
     def _decide_kernel_redirect(self, meta: PacketMeta, port: int, now: float,
                                 length: int) -> Decision:
         key = meta.key
-        perm = None
+        perm, refused = None, None
         if meta.ingress is Ingress.INTERNAL and (key.protocol != TCP or meta.starts_tcp_connection):
-            perm = self._match_redirect(key, port, now, lambda r: not r.user_mode and
-                                        r.target_endpoint == (key.dst, key.dport))
+            perm, refused = self._match_redirect(key, port, now, lambda r: not r.user_mode and
+                                                 r.target_endpoint == (key.dst, key.dport))
         if perm is None:
-            return Decision(Verdict.DROP, key, f"no kernel-mode redirect of this client's to "
-                            f"{key.dst}:{key.dport} is pending on port {port}", now)
-        return self._admit_permitted(key, perm, now, length)
+            return Decision(Verdict.DROP, key, refused or f"no kernel-mode redirect of this "
+                            f"client's to {key.dst}:{key.dport} is pending on port {port}", now)
+        return self._admit_permitted(key, perm, now, length, meta.tcp_flags)
 
     def _match_redirect(self, key: FlowKey, port: int, now: float,
-                        where: Callable[[Redirect], bool]) -> Permission | None:
-        session = self.sessions.find(key.src)
-        return self.permissions.match(redirect_key(key.protocol, key.src, port),
-                                      None if session is None else session.id, now,
-                                      lambda p: p.redirect is not None and where(p.redirect))
+                        where: Callable[[Redirect], bool]) -> tuple[Permission | None, str | None]:
+        return self._match(redirect_key(key.protocol, key.src, port), key.src, now,
+                           lambda p: p.redirect is not None and where(p.redirect))
+
+    def _match(self, pkey: PermissionKey, client: IPAddress, now: float,
+               where: Callable[[Permission], bool] | None = None) -> tuple[Permission | None, str | None]:
+        """The permission a new flow of ``client`` uses (consumed if single use), or
+        (None, why) when only grants of user-mode flows match and the client may hold
+        no more user-mode flows (the refusal is counted; nothing is consumed)."""
+        refused = False
+
+        def usable(perm: Permission) -> bool:
+            nonlocal refused
+            if where is not None and not where(perm):
+                return False
+            if user_mode(perm.flags, perm.data_filter) and not self.flows.fits(client):
+                refused = True
+                return False
+            return True
+
+        session = self.sessions.find(client)
+        perm = self.permissions.match(pkey, None if session is None else session.id, now, usable)
+        if perm is None and refused:
+            return None, f"refused: {self.flows.quota.refuse(client)}"
+        return perm, None
 
     def user_packet(self, meta: PacketMeta, length: int,
                     now: float) -> tuple[FlowRecord, bool] | None:
         """A packet of a flow the kernel says runs in user mode: count it.
 
-        Returns the flow's record and whether the packet goes the flow's way. The
-        flow's conntrack mark is the authority; a flow the table has forgotten still
-        passes (None is returned), it just has no counters any more.
+        Returns the flow's record and whether the packet goes the flow's way, or None
+        when the enforcer holds no such flow (it may be an ICMP error about one:
+        ``related`` says).
         """
-        found = self.flows.find(meta.key)
+        found = self.flows.find_held(meta.key)
         self.counters["user-mode packets"] += 1
         if found is None:
             return None
         record, forward = found
-        record.saw(forward, length, now)
+        self.flows.saw(record, forward, length, now, meta.tcp_flags)
         return found
 
     def related(self, inner: FlowKey | None) -> tuple[FlowRecord, bool] | None:
-        """The flow an ICMP error is about (``inner``: the key of the packet it quotes),
-        and whether that packet went the flow's way."""
-        return None if inner is None else self.flows.find(inner)
+        """The user-mode flow a user-mode packet that ``user_packet`` did not know is
+        about: an ICMP error's (``inner``: the key of the packet it quotes), with whether
+        that packet went the flow's way. None: the enforcer holds no such flow, and the
+        packet is to be dropped, never passed unfiltered (counted)."""
+        found = None if inner is None else self.flows.find_held(inner)
+        if found is None:
+            self.counters["dropped: unknown user-mode flow"] += 1
+        return found
 
     def _same_datagram_flow(self, meta: PacketMeta, now: float, length: int) -> Decision | None:
         """A UDP flow's later datagrams that were queued before the kernel had recorded
@@ -300,7 +344,7 @@ class Engine:
         record = found[0]
         if record.inbound != (meta.ingress is Ingress.EXTERNAL):
             return None  # the flow's key, from the other side: not the flow's datagram
-        record.saw(True, length, now)
+        self.flows.saw(record, True, length, now)
         verdict = Verdict.ADMIT_USER if record.mode is Mode.USER else Verdict.ADMIT_KERNEL
         return Decision(verdict, meta.key, "a later datagram of a flow just admitted", now,
                         record.session_id, record.protocol, record.action_id, record.one_way,
@@ -322,19 +366,27 @@ class Engine:
         if not self._is_internal(key.src):
             return drop(f"source {key.src} is not on an internal network")
 
-        session = self.sessions.find(key.src)
-        perm = self.permissions.match(permission_key(key.protocol, key.src, key.dst, key.dport),
-                                      None if session is None else session.id, now)
+        perm, refused = self._match(permission_key(key.protocol, key.src, key.dst, key.dport),
+                                    key.src, now)
         if perm is not None:
-            return self._admit_permitted(key, perm, now, length)
+            return self._admit_permitted(key, perm, now, length, meta.tcp_flags)
+        if refused is not None:
+            return drop(refused)
         protocol, why = self._judge_primary(key, None)
         if protocol is None:
             return drop(why)
-        session = self.sessions.securenat(key.src, now)
+        mode = Mode.USER if protocol.name in self.app_filters else Mode.KERNEL
+        session = self.sessions.find(key.src)
+        # a new session and a user-mode flow need room; nothing is made unless both have it
+        if session is None and not self.sessions.fits(key.src):
+            return drop(f"refused: {self.sessions.quota.refuse(key.src)}")
+        if mode is Mode.USER and not self.flows.fits(key.src):
+            return drop(f"refused: {self.flows.quota.refuse(key.src)}")
+        session = session or self.sessions.securenat(key.src, now)
         # the kernel translates a primary only where the family has an external address
         snat = 0 if self.nat and self._has_external(key.dst.version) else None
-        mode = Mode.USER if protocol.name in self.app_filters else Mode.KERNEL
-        return self._admit_primary(key, session, protocol, mode, snat, why, now, length)
+        return self._admit_primary(key, session, protocol, mode, snat, why, now, length,
+                                   meta.tcp_flags)
 
     def _judge_primary(self, key: FlowKey, user: str | None) -> tuple[ProtocolDef | None, str]:
         """Whether policy allows ``key`` as a primary connection: (the protocol, why) or
@@ -352,13 +404,14 @@ class Engine:
         return protocol, why
 
     def _admit_primary(self, key: FlowKey, session: Session, protocol: ProtocolDef, mode: Mode,
-                       snat: int | None, why: str, now: float, length: int) -> Decision:
+                       snat: int | None, why: str, now: float, length: int, tcp_flags: int = 0,
+                       *, relayed: bool = False) -> Decision:
         session.primaries += 1
-        session.last_activity = now
+        self.sessions.touch(session, now)
         record = FlowRecord(key, session.id, protocol.name, mode, now, snat=snat,
-                            app_filter=self.app_filters.get(protocol.name))
-        record.saw(True, length, now)
-        self.flows.add(record)
+                            app_filter=self.app_filters.get(protocol.name), relayed=relayed)
+        record.saw(True, length, now, tcp_flags)
+        self.flows.add(record, now)
         self._connect_events(record, secondary=False, now=now)
         verdict = Verdict.ADMIT_USER if mode is Mode.USER else Verdict.ADMIT_KERNEL
         return Decision(verdict, key, f"primary connection: {why}", now, session.id, protocol.name,
@@ -371,7 +424,7 @@ class Engine:
             raise InvalidArgument(f"{client} is not on an internal network")
         session = self.sessions.firewall_client(client, user, now)
         session.connections += 1
-        session.last_activity = now
+        self.sessions.touch(session, now)
         return session
 
     def close_firewall_connection(self, session_id: int, now: float) -> None:
@@ -389,27 +442,29 @@ class Engine:
         permission of its session (or an ADDRESS_BASED one of its IP) or policy decides.
         The fw relays the flow in user space, leaving from an external address."""
         self.permissions.expire(now)
-        session = self.session(session_id)
-        session.last_activity = now
+        session = self._in_use(session_id, now)
         key = FlowKey(protocol, session.client, client_port, target, port)
         perm = self.permissions.match(permission_key(protocol, session.client, target, port),
                                       session.id, now)
         if perm is not None:
-            decision = self._admit_permitted(key, perm, now, 0)
+            decision = self._admit_permitted(key, perm, now, 0, relayed=True)
             return self._record(decision._replace(verdict=Verdict.ADMIT_USER))
         protocol_def, why = self._judge_primary(key, session.user)
         if protocol_def is None:
             return self._record(Decision(Verdict.DROP, key, why, now, session.id))
         snat = 0 if self._has_external(target.version) else None
-        return self._record(self._admit_primary(key, session, protocol_def, Mode.USER, snat, why, now, 0))
+        return self._record(self._admit_primary(key, session, protocol_def, Mode.USER, snat, why,
+                                                now, 0, relayed=True))
 
     def bind_for_client(self, session_id: int, protocol: int, address: IPAddress, now: float) -> Bind:
         """BindForClient: a port on the fw's external ``address`` for the session's client
         (the shell then binds it). Granted at once; what arrives for it is discarded
-        until RetroactiveAllowBind. Raises IsBusy when no bind port is free."""
-        session = self.session(session_id)
+        until RetroactiveAllowBind. Raises IsBusy at a binds cap or when no bind port is
+        free."""
+        session = self._in_use(session_id, now)
+        self.binds.check(session.client)
         port = self.bind_ports.allocate(1)
-        return self.binds.add(session.id, protocol, address, port, now)
+        return self.binds.add(session.id, protocol, address, port, now, session.client)
 
     def bind_for_securenat(self, session_id: int, protocol: int, client_port: int,
                            now: float, listening: Listening = NOTHING_LISTENS) -> tuple[Bind, bool]:
@@ -429,13 +484,14 @@ class Engine:
             raise InvalidArgument(f"protocol must be TCP (6) or UDP (17), not {protocol}")
         if not 1 <= client_port <= 65535:
             raise InvalidArgument(f"the client port must be 1-65535, not {client_port}")
-        session = self.session(session_id)
+        session = self._in_use(session_id, now)
         if session.kind != "securenat":
             raise InvalidArgument(f"session {session.id} is a Firewall client's: it binds "
                                   "through the fw itself (SOCKS BIND)")
         existing = self.binds.leading_to(protocol, session.client, client_port)
         if existing is not None and existing.session_id == session.id:
             return existing, False
+        self.binds.check(session.client)
         expires = now + self.policy.defaults.permission_timeout
         address, port, pooled = session.client, client_port, False
         if self.nat:
@@ -457,8 +513,9 @@ class Engine:
                                       f"{address} port {port}: no bind takes it")
         elif self.binds.at(protocol, address, port) is not None:
             raise IsBusy(f"{session.client} port {client_port} is bound already")
-        bind = self.binds.add(session.id, protocol, address, port, now, client=session.client,
-                              client_port=client_port, expires=expires, pooled=pooled)
+        bind = self.binds.add(session.id, protocol, address, port, now, session.client,
+                              client=session.client, client_port=client_port, expires=expires,
+                              pooled=pooled)
         self._expiring_binds[bind.id] = bind
         return bind, True
 
@@ -475,7 +532,7 @@ class Engine:
     def heard(self, bind: Bind, peer: IPAddress, port: int, now: float) -> None:
         """A datagram from ``peer`` reached a UDP bind: the client may answer it (with
         BIDIRECTIONAL) for a while."""
-        bind.recent[(peer, port)] = now
+        bind.heard(peer, port, now)
 
     def external_address(self, version: int, index: int = 0) -> IPAddress | None:
         """The fw's ``index``-th external address of an IP version, if it has one."""
@@ -499,7 +556,7 @@ class Engine:
             raise InvalidArgument(f"RetroactiveAllowBind does not take {names}")
         if Flags.BIDIRECTIONAL in flags and protocol == TCP:
             raise InvalidArgument("BIDIRECTIONAL is for UDP only")
-        session = self.session(session_id)
+        session = self._in_use(session_id, now)
         protocol_def = next((p for p in self.policy.protocols if p.guid == protocol_guid), None)
         if protocol_def is None:
             raise InvalidArgument(f"no protocol is defined with GUID {protocol_guid}")
@@ -550,11 +607,14 @@ class Engine:
             return drop(f"{key.src} is not in bind {bind.id}'s IpFilter")
         bind.admitted += 1
         if key.protocol == UDP:
-            bind.recent[(key.src, key.sport)] = now
+            bind.heard(key.src, key.sport, now)
+        session = self.sessions.get(bind.session_id)
+        if session is not None:
+            self.sessions.touch(session, now)
         record = FlowRecord(key, bind.session_id, str(bind.protocol_name), Mode.KERNEL, now,
                             inbound=meta.ingress is Ingress.EXTERNAL)
-        record.saw(True, length, now)
-        self.flows.add(record)
+        record.saw(True, length, now, meta.tcp_flags)
+        self.flows.add(record, now)
         if bind.for_securenat:
             self.bind_done(bind)
         return Decision(Verdict.ADMIT_KERNEL, key, f"inbound to bind {bind.id}", now,
@@ -571,20 +631,24 @@ class Engine:
             if bind.for_securenat and bind.address != bind.client:
                 self.retired_binds.append(bind)
 
-    def _admit_permitted(self, key: FlowKey, perm: Permission, now: float,
-                         length: int) -> Decision:
-        """Admit the flow ``key`` (as it leaves the fw) under a permission that matched."""
-        user = Flags.NO_KERNEL_MODE in perm.flags or perm.data_filter is not None
-        mode = Mode.USER if user else Mode.KERNEL
+    def _admit_permitted(self, key: FlowKey, perm: Permission, now: float, length: int,
+                         tcp_flags: int = 0, *, relayed: bool = False) -> Decision:
+        """Admit the flow ``key`` (as it leaves the fw) under a permission that matched
+        (``relayed``: by the SOCKS service, for a Firewall client)."""
+        mode = Mode.USER if user_mode(perm.flags, perm.data_filter) else Mode.KERNEL
         redirect = perm.redirect
         # Redirected flows always leave from an external address: the client spoke to the fw.
         snat = perm.external_index if self.nat or redirect is not None else None
         one_way = key.protocol == UDP and Flags.BIDIRECTIONAL not in perm.flags and redirect is None
         record = FlowRecord(key, perm.session_id, perm.protocol_name, mode, now, perm.id,
                             data_filter=perm.data_filter, snat=snat, one_way=one_way,
-                            redirect=None if redirect is None else redirect.internal_endpoint)
-        record.saw(True, length, now)
-        self.flows.add(record)
+                            redirect=None if redirect is None else redirect.internal_endpoint,
+                            relayed=relayed)
+        record.saw(True, length, now, tcp_flags)
+        self.flows.add(record, now)
+        session = self.sessions.get(perm.session_id)
+        if session is not None:
+            self.sessions.touch(session, now)
         external = None if snat is None else self._external(key.dst.version, snat)
         if perm.filter_id is not None:
             self.events.append(EstablishedConnection(perm.filter_id, perm.context, perm.id,
@@ -635,9 +699,10 @@ class Engine:
             raise InvalidArgument("BIDIRECTIONAL is for UDP only")
         session, protocol_def, external_index = self._check_grant(
             session_id, [(target, port)], protocol, flags, protocol_guid, proxy_external_address,
-            data_filter, redirect=False)
+            data_filter, now, redirect=False)
         timeout = self.policy.defaults.permission_timeout if Flags.TIMEOUT in flags else None
-        return self.permissions.add(session.id, permission_key(protocol, session.client, target, port),
+        return self.permissions.add(session.id, session.client,
+                                    permission_key(protocol, session.client, target, port),
                                     flags, protocol_def.name, now, timeout, external_index,
                                     filter_id, context, data_filter)
 
@@ -660,25 +725,26 @@ class Engine:
             raise InvalidArgument(f"RedirectConnections does not take {names}")
         session, protocol_def, external_index = self._check_grant(
             session_id, targets, protocol, flags, protocol_guid, proxy_external_address, data_filter,
-            redirect=True)
+            now, redirect=True)
         internal = self._internal_address_for(session.client)
-        user_mode = Flags.NO_KERNEL_MODE in flags or data_filter is not None
-        base = self.pools[user_mode].allocate(len(targets))  # the last check: nothing to undo
-        self._block_pending[(user_mode, base)] = len(targets)
+        in_user_mode = user_mode(flags, data_filter)
+        base = self.pools[in_user_mode].allocate(len(targets))  # the last check: nothing to undo
+        self._block_pending[(in_user_mode, base)] = len(targets)
         timeout = self.policy.defaults.permission_timeout if Flags.TIMEOUT in flags else None
         actions = []
         for i, (target, port) in enumerate(targets):
             redirect = Redirect(protocol, session.client, internal, base + i, target, port, base,
-                                user_mode)
+                                in_user_mode)
             actions.append(self.permissions.add(
-                session.id, redirect_key(protocol, session.client, base + i), flags,
+                session.id, session.client, redirect_key(protocol, session.client, base + i), flags,
                 protocol_def.name, now, timeout, external_index, filter_id, context, data_filter,
                 redirect))
         return (internal, base), actions
 
     def _check_grant(self, session_id: int, targets: list[Endpoint], protocol: int, flags: Flags,
                      protocol_guid: uuid.UUID, proxy_external_address: IPAddress | None,
-                     data_filter: str | None, *, redirect: bool) -> tuple[Session, ProtocolDef, int]:
+                     data_filter: str | None, now: float, *,
+                     redirect: bool) -> tuple[Session, ProtocolDef, int]:
         """What every grant checks, in this order; returns the session, the protocol and
         the index of the external address the flows leave from."""
         if Flags.TIMEOUT in flags and Flags.ALLOW_MULTIPLE in flags:
@@ -694,7 +760,7 @@ class Engine:
                 raise InvalidArgument(f"no data filter '{data_filter}' ({known})")
             if protocol != TCP:
                 raise InvalidArgument("data filters are for TCP flows")
-        session = self.session(session_id)
+        session = self._in_use(session_id, now)
         for target, _ in targets:
             if target.version != session.client.version:
                 raise InvalidArgument(f"target {target} is not of the client's address family")
@@ -716,7 +782,9 @@ class Engine:
                 raise NetworkRulesDenied(denial)
         cap = self.policy.defaults.max_pending_per_session
         if self.permissions.pending_count(session.id) + len(targets) > cap:
+            self.counters["refused: max_pending_per_session"] += 1
             raise IsBusy(f"session {session.id} would have more than {cap} pending permissions")
+        self.permissions.quota.check(session.client, len(targets))
         return session, protocol_def, external_index
 
     def _internal_address_for(self, client: IPAddress) -> IPAddress:
@@ -744,12 +812,19 @@ class Engine:
         return retired
 
     def expire(self, now: float) -> None:
-        """Finish the permissions and SecureNAT binds whose time is up (the shell calls
-        this on a timer)."""
+        """Finish the permissions and SecureNAT binds whose time is up, let go of the
+        user-mode flows conntrack has forgotten, and end idle SecureNAT sessions (the
+        shell calls this on a timer). Each looks only at what it finishes."""
         self.permissions.expire(now)
-        for bind in [b for b in self._expiring_binds.values()
-                     if b.expires is not None and b.expires <= now]:
+        while self._expiring_binds:  # in the order they expire: one timeout for all
+            bind = next(iter(self._expiring_binds.values()))
+            if bind.expires is None or bind.expires > now:
+                break
             self.bind_done(bind)
+        self.flows.expire(now)
+        for session in self.sessions.idle(now, lambda s: self.flows.holds(s.id)):
+            self._end(session)
+            self.counters["sessions ended idle"] += 1
 
     def pending(self, session_id: int | None, now: float) -> list[Permission]:
         self.permissions.expire(now)
@@ -765,7 +840,9 @@ class Engine:
     def end_session(self, session_id: int, now: float) -> list[Permission]:
         """The session ends: its pending permissions are cancelled; admitted flows live on."""
         self.permissions.expire(now)  # what has already expired is expired, not cancelled
-        session = self.session(session_id)
+        return self._end(self.session(session_id))
+
+    def _end(self, session: Session) -> list[Permission]:
         self.sessions.remove(session)
         for bind in self.binds.of(session.id):
             self.bind_done(bind)
@@ -777,6 +854,35 @@ class Engine:
         if session is None:
             raise InvalidArgument(f"no session {session_id}")
         return session
+
+    def _released(self, record: FlowRecord, now: float) -> None:
+        """A user-mode flow let go: its session's idle time starts (again) now."""
+        session = self.sessions.get(record.session_id)
+        if session is not None:
+            self.sessions.touch(session, now)
+
+    def _in_use(self, session_id: int, now: float) -> Session:
+        """The session a request names; being named is activity (it is not idle)."""
+        session = self.session(session_id)
+        self.sessions.touch(session, now)
+        return session
+
+    def limits_status(self) -> dict[str, dict[str, object]]:
+        """Every cap (``status``), with its use and its refusals where the core enforces
+        it (the kernel enforces flows_per_client and new_flows_per_second, the stream
+        editors buffered_bytes_*)."""
+        out: dict[str, dict[str, object]] = {name: {"cap": cap}
+                                             for name, cap in self.limits.to_dict().items()}
+        for quota in (self.sessions.quota, self.permissions.quota, self.binds.quota,
+                      self.flows.quota):
+            out.update(quota.status())
+        out["session_idle_timeout"] = {"cap": self.limits.session_idle_timeout,
+                                       "ended": self.counters["sessions ended idle"]}
+        out["flow_history"] = {"cap": self.limits.flow_history, "used": self.flows.history_count}
+        out["max_pending_per_session"] = {
+            "cap": self.policy.defaults.max_pending_per_session,
+            "refused": self.counters["refused: max_pending_per_session"]}
+        return out
 
     # --- helpers --------------------------------------------------------------------------
     def _external(self, version: int, index: int) -> IPAddress:

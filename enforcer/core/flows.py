@@ -1,15 +1,41 @@
-"""The flow table: flows the core has admitted, how, and what the enforcer saw of them."""
+"""The flow table: flows the core has admitted, how, and what the enforcer saw of them.
+
+Two kinds of record, kept apart (SPEC rule 18):
+
+- A *user-mode* flow's record is state the flow cannot do without: its data
+  filter, its sequence adjustment, its address translation. It is *held* for as
+  long as the kernel may still track the flow, and never evicted for anything:
+  at the caps (``user_flows_total``, ``user_flows_per_client``) new user-mode
+  flows are refused instead. The enforcer cannot ask conntrack when it forgets a
+  flow, so it mirrors conntrack's timeouts: it sees every packet of a user-mode
+  flow, knows which of conntrack's timeouts can apply (by the handshake, FINs
+  and RSTs it saw), and lets the record go once the flow has been silent for
+  the longest of them, plus a margin.
+- A *kernel-mode* flow's record (and a SOCKS relay's, whose state the relay
+  itself holds) is history: the flows listing, events, a UDP flow's later
+  datagrams. The newest ``flow_history`` are kept; the oldest is forgotten first.
+
+Release is ordered: held records are queued by last packet within each timeout
+class, so one expiry pass looks only at the records it releases.
+"""
 
 from __future__ import annotations
 
 import enum
-from collections import OrderedDict
-from dataclasses import dataclass
+import heapq
+import itertools
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, fields
 
 from enforcer.core.datafilter import DataFilter, TcpStreamEditor
-from enforcer.core.packet import FlowKey, IPAddress
+from enforcer.core.limits import Limits, Quota
+from enforcer.core.packet import TCP, TCP_FIN, TCP_RST, UDP, FlowKey, IPAddress
 
 Endpoint = tuple[IPAddress, int]
+# Added to a conntrack timeout before a held record goes: the kernel refreshes its
+# timer as a packet enters, a little before the enforcer sees that packet.
+RELEASE_MARGIN = 2.0
 
 
 class Mode(enum.Enum):
@@ -17,6 +43,72 @@ class Mode(enum.Enum):
 
     KERNEL = "kernel"
     USER = "user"
+
+
+class Lifetime(enum.Enum):
+    """Which of conntrack's timeouts can apply to a flow, by what the enforcer saw of it."""
+
+    TCP_OPENING = "tcp-opening"          # no packet from the client since the first reply
+    TCP_ESTABLISHED = "tcp-established"
+    TCP_CLOSING = "tcp-closing"          # a FIN seen
+    TCP_RESET = "tcp-reset"              # the last packet was a RST
+    UDP_UNREPLIED = "udp-unreplied"
+    UDP_STREAM = "udp-stream"            # replies seen (or replies the kernel drops: one-way)
+    OTHER = "other"
+
+
+@dataclass(frozen=True)
+class ConntrackTimeouts:
+    """conntrack's timeouts (seconds); the defaults are the kernel's. The shell reads
+    the host's from ``/proc/sys/net/netfilter`` at start (names: ``SYSCTL``)."""
+
+    tcp_syn_sent: float = 120
+    tcp_syn_recv: float = 60
+    tcp_established: float = 432000
+    tcp_fin_wait: float = 120
+    tcp_close_wait: float = 60
+    tcp_last_ack: float = 30
+    tcp_time_wait: float = 120
+    tcp_close: float = 10
+    tcp_max_retrans: float = 300
+    udp: float = 30
+    udp_stream: float = 120
+    generic: float = 600
+
+    @classmethod
+    def from_sysctl(cls, values: Mapping[str, float]) -> ConntrackTimeouts:
+        """From sysctl file names to values; a name missing keeps the kernel's default."""
+        return cls(**{name: values[SYSCTL[name]] for name in SYSCTL if SYSCTL[name] in values})
+
+    def of(self, lifetime: Lifetime) -> float:
+        """The longest timeout conntrack can be applying to a flow of this class. Its
+        timeouts for retransmissions and unacknowledged data only shorten a state's,
+        except after a RST: conntrack then takes CLOSE's, or the retransmission one
+        when the flow has had retransmissions (measured: 300 s after a RST whose
+        sequence number was off, the connection kept established)."""
+        if lifetime is Lifetime.TCP_OPENING:
+            return max(self.tcp_syn_sent, self.tcp_syn_recv)
+        if lifetime is Lifetime.TCP_ESTABLISHED:
+            return self.tcp_established
+        if lifetime is Lifetime.TCP_CLOSING:
+            return max(self.tcp_fin_wait, self.tcp_close_wait, self.tcp_last_ack, self.tcp_time_wait)
+        if lifetime is Lifetime.TCP_RESET:
+            return max(self.tcp_close, self.tcp_max_retrans)
+        if lifetime is Lifetime.UDP_UNREPLIED:
+            return self.udp
+        if lifetime is Lifetime.UDP_STREAM:
+            return max(self.udp, self.udp_stream)
+        return self.generic
+
+
+def _sysctl_name(field: str) -> str:
+    proto, _, rest = field.partition("_")
+    return f"nf_conntrack_{proto}_timeout" + (f"_{rest}" if rest else "")
+
+
+SYSCTL = {f.name: _sysctl_name(f.name) for f in fields(ConntrackTimeouts)}
+
+FIN_OUT, FIN_BACK = 1, 2
 
 
 @dataclass(slots=True, eq=False)
@@ -44,6 +136,13 @@ class FlowRecord:
     snat: int | None = None  # the external address it leaves from, if translated
     one_way: bool = False  # replies are not admitted
     inbound: bool = False  # opened from the external side (to a bind)
+    relayed: bool = False  # a Firewall client's flow the SOCKS service relays (not forwarded)
+    # TCP, as the enforcer saw it: FINs per direction (FIN_OUT, FIN_BACK), whether the
+    # last packet was a RST, and whether the client sent after the first reply
+    fins: int = 0
+    reset: bool = False
+    confirmed: bool = False
+    held_as: Lifetime | None = None  # set while the table holds it (user mode)
 
     @property
     def client_side_key(self) -> FlowKey:
@@ -52,14 +151,35 @@ class FlowRecord:
             return self.key
         return FlowKey(self.key.protocol, self.key.src, self.key.sport, *self.redirect)
 
-    def saw(self, forward: bool, length: int, now: float) -> None:
+    @property
+    def held(self) -> bool:
+        """Whether the enforcer holds the flow's state until conntrack forgets it."""
+        return self.mode is Mode.USER and not self.relayed
+
+    def saw(self, forward: bool, length: int, now: float, tcp_flags: int = 0) -> None:
         if forward:
             self.packets_out += 1
             self.bytes_out += length
+            self.confirmed = self.confirmed or self.packets_back > 0
         else:
             self.packets_back += 1
             self.bytes_back += length
+        if tcp_flags & TCP_FIN:
+            self.fins |= FIN_OUT if forward else FIN_BACK
+        self.reset = bool(tcp_flags & TCP_RST)
         self.last_seen = now
+
+    @property
+    def lifetime(self) -> Lifetime:
+        if self.key.protocol == TCP:
+            if self.reset:
+                return Lifetime.TCP_RESET
+            if self.fins:
+                return Lifetime.TCP_CLOSING
+            return Lifetime.TCP_ESTABLISHED if self.confirmed else Lifetime.TCP_OPENING
+        if self.key.protocol == UDP:
+            return Lifetime.UDP_STREAM if self.packets_back or self.one_way else Lifetime.UDP_UNREPLIED
+        return Lifetime.OTHER
 
     def to_dict(self) -> dict[str, object]:
         return {"flow": str(self.key), "session": self.session_id, "protocol": self.protocol,
@@ -69,7 +189,8 @@ class FlowRecord:
                 "last_seen": self.last_seen, "data_filter": self.data_filter,
                 "app_filter": self.app_filter,
                 "buffered": 0 if self.editor is None else self.editor.held,
-                "redirect": None if self.redirect is None else [str(self.redirect[0]), self.redirect[1]]}
+                "redirect": None if self.redirect is None else [str(self.redirect[0]), self.redirect[1]],
+                "held": None if self.held_as is None else self.held_as.value}
 
 
 def reverse(key: FlowKey) -> FlowKey:
@@ -77,65 +198,141 @@ def reverse(key: FlowKey) -> FlowKey:
 
 
 class FlowTable:
-    """Admitted flows, least recently seen first; bounded so that a long run cannot grow
-    it without end (the kernel keeps the authoritative state: a flow's conntrack mark).
+    """Held user-mode flows and the kernel-mode history (see the module's docstring).
 
     Each flow is indexed under its key and its reverse, so that a packet of either
     direction finds it with one lookup; a redirected flow also under the key its
     client's packets carry before the enforcer redirects them.
     """
 
-    def __init__(self, capacity: int = 65536) -> None:
-        self.capacity = capacity
-        self._flows: OrderedDict[FlowKey, FlowRecord] = OrderedDict()
+    def __init__(self, limits: Limits | None = None, counters: Counter[str] | None = None,
+                 timeouts: ConntrackTimeouts | None = None,
+                 on_release: Callable[[FlowRecord, float], None] | None = None) -> None:
+        """``on_release`` is called for each held record the table lets go, however."""
+        limits = limits or Limits()
+        self.quota = Quota("user_flows", limits, counters if counters is not None else Counter())
+        self.history_cap = limits.flow_history
+        self.timeouts = timeouts or ConntrackTimeouts()
+        self.on_release = on_release
+        self._history: OrderedDict[FlowKey, FlowRecord] = OrderedDict()  # least recent first
+        self._held: dict[Lifetime, OrderedDict[FlowKey, FlowRecord]] = {
+            lifetime: OrderedDict() for lifetime in Lifetime}
         self._index: dict[FlowKey, tuple[FlowRecord, bool]] = {}
+        self._held_by_session: Counter[int] = Counter()
 
-    def add(self, record: FlowRecord) -> None:
-        replaced = self._flows.get(record.key)
-        if replaced is not None:
-            self._drop(replaced)
-        self._flows[record.key] = record
+    def fits(self, client: IPAddress) -> bool:
+        """Whether one more user-mode flow of ``client`` may be held."""
+        return self.quota.fits(client)
+
+    def add(self, record: FlowRecord, now: float) -> None:
+        """Record a flow just admitted. What was known of the same flow (its key either
+        way round) is replaced. A held one needs room (``fits``), checked first."""
+        for k in (record.key, reverse(record.key), record.client_side_key):
+            found = self._index.get(k)
+            if found is not None:
+                self.remove(found[0], now)
         self._index[record.key] = (record, True)
         self._index[reverse(record.key)] = (record, False)
         if record.redirect is not None:
             self._index[record.client_side_key] = (record, True)
-        self._touch(record.key)
+        if record.held:
+            self.quota.take(record.key.src)
+            self._held_by_session[record.session_id] += 1
+            record.held_as = record.lifetime
+            self._held[record.held_as][record.key] = record
+            return
+        self._history[record.key] = record
+        while len(self._history) > self.history_cap:
+            self._forget(self._history.popitem(last=False)[1])
+
+    def saw(self, record: FlowRecord, forward: bool, length: int, now: float,
+            tcp_flags: int = 0) -> None:
+        """A packet of a recorded flow: counted, and the flow is the most recent of its
+        queue (a held one moves queue when its timeout class changes)."""
+        record.saw(forward, length, now, tcp_flags)
+        if record.held_as is None:
+            if record.key in self._history:
+                self._history.move_to_end(record.key)
+            return
+        lifetime = record.lifetime
+        if lifetime is record.held_as:
+            self._held[lifetime].move_to_end(record.key)
+        else:
+            del self._held[record.held_as][record.key]
+            record.held_as = lifetime
+            self._held[lifetime][record.key] = record
 
     def find(self, key: FlowKey) -> tuple[FlowRecord, bool] | None:
         """The record of a packet's flow and whether the packet goes the flow's way."""
+        return self._index.get(key)
+
+    def find_held(self, key: FlowKey) -> tuple[FlowRecord, bool] | None:
+        """As ``find``, for a flow whose state the table holds (a user-mode flow)."""
         found = self._index.get(key)
-        if found is not None:
-            self._flows.move_to_end(found[0].key)
-        return found
+        return found if found is not None and found[0].held_as is not None else None
 
     def get(self, key: FlowKey) -> FlowRecord | None:
-        return self._flows.get(key)
+        """The record of the flow whose key (as admitted) is ``key``."""
+        found = self._index.get(key)
+        return found[0] if found is not None and found[0].key == key else None
 
-    def _touch(self, key: FlowKey) -> None:
-        self._flows.move_to_end(key)
-        while len(self._flows) > self.capacity:
-            _, old = self._flows.popitem(last=False)
-            self._drop(old)
+    def holds(self, session_id: int) -> bool:
+        """Whether a user-mode flow of the session is held."""
+        return self._held_by_session[session_id] > 0
 
-    def _drop(self, record: FlowRecord) -> None:
+    def expire(self, now: float) -> list[FlowRecord]:
+        """Let go of every held flow conntrack has surely forgotten; return them."""
+        out = []
+        for lifetime, queue in self._held.items():
+            timeout = self.timeouts.of(lifetime) + RELEASE_MARGIN
+            while queue:
+                record = next(iter(queue.values()))
+                if record.last_seen + timeout > now:
+                    break
+                self.remove(record, now)
+                out.append(record)
+        return out
+
+    def remove(self, record: FlowRecord, now: float) -> None:
+        self._forget(record)
+        if record.held_as is None:
+            self._history.pop(record.key, None)
+            return
+        del self._held[record.held_as][record.key]
+        record.held_as = None
+        self.quota.release(record.key.src)
+        self._held_by_session[record.session_id] -= 1
+        if not self._held_by_session[record.session_id]:
+            del self._held_by_session[record.session_id]
+        if self.on_release is not None:
+            self.on_release(record, now)
+
+    def _forget(self, record: FlowRecord) -> None:
         """A record leaves the table: its index entries go, and its editor gives back the
         bytes it holds to their budget."""
-        self._unindex(record)
-        if record.editor is not None:
-            record.editor.release()
-
-    def _unindex(self, record: FlowRecord) -> None:
         for k in (record.key, reverse(record.key), record.client_side_key):
             if self._index.get(k, (None,))[0] is record:
                 del self._index[k]
+        if record.editor is not None:
+            record.editor.release()
+
+    def _records(self) -> Iterator[FlowRecord]:
+        """Every record, each queue's most recent first."""
+        return itertools.chain(reversed(self._history.values()),
+                               *(reversed(queue.values()) for queue in self._held.values()))
 
     def newest(self, limit: int) -> list[FlowRecord]:
-        out: list[FlowRecord] = []
-        for record in reversed(self._flows.values()):
-            if len(out) >= limit:
-                break
-            out.append(record)
-        return out
+        """The ``limit`` flows seen last, newest first (looks at every record: for the
+        flows listing, not for a packet)."""
+        return heapq.nlargest(limit, self._records(), key=lambda r: r.last_seen)
+
+    @property
+    def held_count(self) -> int:
+        return self.quota.used
+
+    @property
+    def history_count(self) -> int:
+        return len(self._history)
 
     def __len__(self) -> int:
-        return len(self._flows)
+        return self.quota.used + len(self._history)

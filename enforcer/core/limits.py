@@ -3,11 +3,19 @@
 A pure value: the config fills it from ``[limits]``; the core and the shells read
 it. At a cap the new request is refused (FWX_E_IS_BUSY, a SOCKS failure reply, or
 a drop) and counted; what is already held is never evicted for it.
+
+``Quota`` keeps the use of one kind of state against its two caps (in total and
+per client address); ``memory_bound`` is the memory the caps imply.
 """
 
 from __future__ import annotations
 
+import heapq
+from collections import Counter
 from dataclasses import dataclass, fields
+
+from enforcer.core.packet import IPAddress
+from enforcer.core.results import IsBusy
 
 MIB = 1 << 20
 
@@ -27,6 +35,9 @@ class Limits:
     # User-mode flows: the enforcer holds their state (filters, translation, counters)
     user_flows_total: int = 65536
     user_flows_per_client: int = 1024
+    # Kernel-mode flows the enforcer remembers (the flows listing, events, a UDP flow's
+    # later datagrams); the oldest is forgotten first, and nothing is refused for it
+    flow_history: int = 16384
     # Every forwarded flow of a client address the kernel tracks (kernel and user mode),
     # enforced in the kernel before the queue
     flows_per_client: int = 4096
@@ -43,3 +54,66 @@ class Limits:
 
 # The lowest value of each key (new_flows_per_second may be 0: no limit)
 MINIMUM = {f.name: (0 if f.name == "new_flows_per_second" else 1) for f in fields(Limits)}
+# How many clients status lists beside a per-client cap's highest use
+TOP_CLIENTS = 3
+
+
+class Quota:
+    """The use of one kind of state (``kind``: sessions, pending, binds, user_flows)
+    against its caps ``<kind>_total`` and ``<kind>_per_client`` of Limits.
+
+    Refusals are counted in ``counters`` as ``refused: <cap>``, so that they show
+    with the engine's other counters.
+    """
+
+    def __init__(self, kind: str, limits: Limits, counters: Counter[str]) -> None:
+        self.kind = kind
+        self.total_cap: int = getattr(limits, f"{kind}_total")
+        self.client_cap: int = getattr(limits, f"{kind}_per_client")
+        self.counters = counters
+        self.used = 0
+        self.by_client: dict[IPAddress, int] = {}
+
+    def fits(self, client: IPAddress, count: int = 1) -> bool:
+        return self.used + count <= self.total_cap and \
+            self.by_client.get(client, 0) + count <= self.client_cap
+
+    def refuse(self, client: IPAddress, count: int = 1) -> str:
+        """Count a refusal (on the cap that is in the way) and say why."""
+        held = self.by_client.get(client, 0)
+        if held + count > self.client_cap:
+            name, cap, why = f"{self.kind}_per_client", self.client_cap, f"{client} holds {held}"
+        else:
+            name, cap, why = f"{self.kind}_total", self.total_cap, f"{self.used} are held"
+        self.counters[f"refused: {name}"] += 1
+        return f"the {name} cap ({cap}) is reached: {why}"
+
+    def check(self, client: IPAddress, count: int = 1) -> None:
+        """Raise IsBusy (counted) unless ``count`` more fit."""
+        if not self.fits(client, count):
+            raise IsBusy(self.refuse(client, count))
+
+    def take(self, client: IPAddress, count: int = 1) -> None:
+        self.used += count
+        self.by_client[client] = self.by_client.get(client, 0) + count
+
+    def release(self, client: IPAddress, count: int = 1) -> None:
+        self.used -= count
+        left = self.by_client[client] - count
+        if left:
+            self.by_client[client] = left
+        else:
+            del self.by_client[client]
+
+    def status(self) -> dict[str, dict[str, object]]:
+        """Both caps, their use (per client: the highest, and the top clients) and
+        their refusals. Looks at every client: for the status call, not a packet."""
+        top = heapq.nlargest(TOP_CLIENTS, self.by_client.items(), key=lambda item: item[1])
+        return {
+            f"{self.kind}_total": {"cap": self.total_cap, "used": self.used,
+                                   "refused": self.counters[f"refused: {self.kind}_total"]},
+            f"{self.kind}_per_client": {
+                "cap": self.client_cap, "highest": top[0][1] if top else 0,
+                "top": [[str(client), used] for client, used in top],
+                "refused": self.counters[f"refused: {self.kind}_per_client"]},
+        }

@@ -82,7 +82,7 @@ class Malformed(ValueError):
     """The bytes are not an IP packet this enforcer can classify."""
 
 
-_ADDRESS_CACHE_SIZE = 65536
+ADDRESS_CACHE_SIZE = 65536
 _addresses: dict[bytes, IPAddress] = {}
 
 
@@ -91,7 +91,7 @@ def _address(raw: bytes) -> IPAddress:
     packet of a flow, and building ipaddress objects is most of what parsing costs."""
     found = _addresses.get(raw)
     if found is None:
-        if len(_addresses) >= _ADDRESS_CACHE_SIZE:
+        if len(_addresses) >= ADDRESS_CACHE_SIZE:
             _addresses.clear()
         found = _addresses[raw] = (ipaddress.IPv4Address(raw) if len(raw) == 4
                                    else ipaddress.IPv6Address(raw))

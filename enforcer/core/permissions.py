@@ -4,7 +4,9 @@ Lookups are O(1) whatever the table's size: permissions are indexed by the
 exact key a new flow presents (IP protocol, client address, target address,
 target port; any client port), packed into one integer to keep each entry
 small; a key holds one permission, or a list when identical grants share it.
-Expiry is driven by the ``now`` the caller passes in.
+Expiry is driven by the ``now`` the caller passes in. Pending permissions count
+against ``pending_total`` and ``pending_per_client`` (``Limits``), which the
+caller checks (``quota``) before it adds any.
 """
 
 from __future__ import annotations
@@ -12,17 +14,21 @@ from __future__ import annotations
 import enum
 import heapq
 import itertools
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from enforcer.core.flags import Flags, flag_names
+from enforcer.core.limits import Limits, Quota
+from enforcer.core.packet import IPAddress
 from enforcer.core.redirects import Redirect
 from enforcer.core.results import InvalidArgument, Terminating
 
 # IP protocol, IP version, client, target and target port packed into one int
 PermissionKey = int
+# Expiry entries of finished permissions kept beyond one per pending one before a sweep
+STALE_EXPIRIES = 1024
 
 
 def pack_key(protocol: int, version: int, client: int, target: int, port: int) -> PermissionKey:
@@ -42,6 +48,7 @@ class Permission:
 
     id: int
     session_id: int
+    client: IPAddress  # the session's client (pending_per_client)
     key: PermissionKey
     flags: Flags
     protocol_name: str
@@ -74,7 +81,8 @@ class Permission:
 
 @dataclass
 class PermissionTable:
-    finished_capacity: int = 100_000
+    limits: Limits = field(default_factory=Limits)
+    counters: Counter[str] = field(default_factory=Counter)  # where refusals are counted
     _by_key: dict[PermissionKey, Permission | list[Permission]] = field(default_factory=dict)
     _pending: dict[int, Permission] = field(default_factory=dict)
     _by_session: dict[int, dict[int, Permission]] = field(default_factory=dict)
@@ -84,13 +92,21 @@ class PermissionTable:
     # called once for each permission that stops being pending, however it stops
     on_finish: Callable[[Permission], None] | None = None
 
-    def add(self, session_id: int, key: PermissionKey, flags: Flags, protocol_name: str,
+    def __post_init__(self) -> None:
+        self.quota = Quota("pending", self.limits, self.counters)
+        # finished actions remembered (an action's state, FWX_E_TERMINATING on Cancel):
+        # as many as may be pending
+        self.finished_capacity = self.limits.pending_total
+
+    def add(self, session_id: int, client: IPAddress, key: PermissionKey, flags: Flags,
+            protocol_name: str,
             now: float, timeout: float | None, external_index: int,
             filter_id: int | None = None, context: Any = None,
             data_filter: str | None = None, redirect: Redirect | None = None) -> Permission:
         expires = None if timeout is None else now + timeout
-        perm = Permission(next(self._ids), session_id, key, flags, protocol_name, now, expires,
-                          external_index, filter_id, context, data_filter, redirect)
+        perm = Permission(next(self._ids), session_id, client, key, flags, protocol_name, now,
+                          expires, external_index, filter_id, context, data_filter, redirect)
+        self.quota.take(client)
         present = self._by_key.get(key)
         if present is None:
             self._by_key[key] = perm
@@ -102,6 +118,11 @@ class PermissionTable:
         self._by_session.setdefault(session_id, {})[perm.id] = perm
         if expires is not None:
             heapq.heappush(self._expiry, (expires, perm.id))
+            if len(self._expiry) > 2 * len(self._pending) + STALE_EXPIRIES:
+                # entries of permissions finished early linger until their time: drop them
+                self._expiry = [(p.expires, p.id) for p in self._pending.values()
+                                if p.expires is not None]
+                heapq.heapify(self._expiry)
         return perm
 
     def pending_count(self, session_id: int) -> int:
@@ -176,6 +197,7 @@ class PermissionTable:
     def _finish(self, perm: Permission, state: ActionState) -> None:
         perm.state = state
         del self._pending[perm.id]
+        self.quota.release(perm.client)
         present = self._by_key[perm.key]
         if isinstance(present, list):
             present.remove(perm)

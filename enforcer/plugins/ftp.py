@@ -41,6 +41,7 @@ from enforcer.filters import FIRST_UNPRIVILEGED_PORT, Direction, IPAddress, Prim
 
 FTP_GUID = "5c3c2a3e-8f1b-4c1e-9a57-1f0d3a6b2101"
 MAX_LINE = 512
+OPENED_KEPT = 16  # what a control connection opened, kept for logs and tests
 log = logging.getLogger("pinhole.filters.ftp")
 
 _NUMBERS = re.compile(rb"(\d{1,3}),(\d{1,3}),(\d{1,3}),(\d{1,3}),(\d{1,3}),(\d{1,3})")
@@ -141,13 +142,18 @@ class FtpControl:
 
     primary: Primary
     api: SessionCalls
-    opened: list[str] = field(default_factory=list)  # what it opened, for logs and tests
+    opened: list[str] = field(default_factory=list)  # what it opened lately, for logs and tests
 
     def __post_init__(self) -> None:
         # Lines are rewritten only where a SecureNAT client is translated (NAT);
         # elsewhere they are only read, and nothing is held back.
         hold = self.primary.translated and not self.primary.firewall_client
         self._lines = {Direction.OUT: _Lines(hold), Direction.BACK: _Lines(hold)}
+
+    def _note(self, what: str) -> None:
+        """Keep what was opened, the last OPENED_KEPT only (a connection may last days)."""
+        self.opened.append(what)
+        del self.opened[:-OPENED_KEPT]
 
     def on_data(self, direction: Direction, data: bytes) -> bytes:
         handle = self._command if direction is Direction.OUT else self._reply
@@ -204,7 +210,7 @@ class FtpControl:
             log.info("session %d: cannot open the data connection to %s:%d: %s",
                      p.session, address, port, exc)
             return None
-        self.opened.append(f"bind {where[0]}:{where[1]} for {server}")
+        self._note(f"bind {where[0]}:{where[1]} for {server}")
         return ipaddress.ip_address(where[0]), where[1]
 
     # --- replies: 227 (PASV) and 229 (EPSV) -----------------------------------------------
@@ -243,7 +249,7 @@ class FtpControl:
         except SessionApiError as exc:
             log.info("session %d: cannot open %s:%d: %s", self.primary.session, address, port, exc)
             return
-        self.opened.append(f"connect {address}:{port}")
+        self._note(f"connect {address}:{port}")
 
     def _redirect(self, line: bytes, address: IPAddress, port: int, *, extended: bool) -> bytes:
         try:
@@ -254,7 +260,7 @@ class FtpControl:
             log.info("session %d: cannot redirect to %s:%d: %s", self.primary.session, address,
                      port, exc)
             return line
-        self.opened.append(f"redirect {internal}:{base} to {address}:{port}")
+        self._note(f"redirect {internal}:{base} to {address}:{port}")
         if extended:
             return f"229 Entering Extended Passive Mode (|||{base}|)\r\n".encode()
         fw = ipaddress.IPv4Address(internal)

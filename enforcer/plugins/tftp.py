@@ -23,6 +23,7 @@ from enforcer.filters import FIRST_UNPRIVILEGED_PORT, Direction, Primary
 
 TFTP_GUID = "5c3c2a3e-8f1b-4c1e-9a57-1f0d3a6b2105"
 RRQ, WRQ = 1, 2
+OPENED_KEPT = 16  # what a request flow opened, kept for logs and tests
 MODES = (b"netascii", b"octet", b"mail")
 log = logging.getLogger("pinhole.filters.tftp")
 
@@ -54,6 +55,11 @@ class TftpRequests:
     api: SessionCalls
     opened: list[str] = field(default_factory=list)
 
+    def _note(self, what: str) -> None:
+        """Keep what was opened, the last OPENED_KEPT only (a connection may last days)."""
+        self.opened.append(what)
+        del self.opened[:-OPENED_KEPT]
+
     def on_data(self, direction: Direction, data: bytes) -> bytes:
         if direction is Direction.OUT and parse_request(data) is not None:
             self._open()
@@ -73,7 +79,7 @@ class TftpRequests:
         except SessionApiError as exc:
             log.info("session %d: cannot open the reply to %s:%d: %s", p.session, *p.client, exc)
             return
-        self.opened.append(f"bind {where[0]}:{where[1]} for {server}")
+        self._note(f"bind {where[0]}:{where[1]} for {server}")
 
 
 class TftpFilter:

@@ -282,12 +282,12 @@ def test_bind_to_dict(engine: Engine) -> None:
 
 def test_bind_table_refuses_a_second_bind_on_one_address() -> None:
     table = BindTable()
-    first = table.add(1, TCP, EXT4, 20000, 0.0)
+    first = table.add(1, TCP, EXT4, 20000, 0.0, C1)
     with pytest.raises(ValueError, match="bound already"):
-        table.add(2, TCP, EXT4, 20000, 0.0)
-    assert table.add(2, UDP, EXT4, 20000, 0.0).id != first.id
+        table.add(2, TCP, EXT4, 20000, 0.0, C1)
+    assert table.add(2, UDP, EXT4, 20000, 0.0, C1).id != first.id
     table.close(first)
-    assert table.add(2, TCP, EXT4, 20000, 0.0).session_id == 2  # free again once closed
+    assert table.add(2, TCP, EXT4, 20000, 0.0, C1).session_id == 2  # free again once closed
     assert [b.id for b in table.of(1)] == [first.id]  # the closed one stays listed
 
 

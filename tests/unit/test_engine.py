@@ -14,6 +14,7 @@ from enforcer.config import parse
 from enforcer.core import packet
 from enforcer.core.engine import Decision, Engine, Verdict
 from enforcer.core.flows import Mode
+from enforcer.core.limits import Limits
 from enforcer.core.packet import ICMP, UDP, Ingress, PacketMeta
 from enforcer.core.policy import Policy
 from testbed import topology
@@ -192,9 +193,8 @@ def test_decision_to_dict(engine: Engine) -> None:
     assert isinstance(d, Decision)
 
 
-def test_flow_table_is_bounded() -> None:
-    e = Engine(POLICY, INTERNAL)
-    e.flows.capacity = 3
+def test_kernel_mode_flow_history_is_bounded() -> None:
+    e = Engine(POLICY, INTERNAL, limits=Limits(flow_history=3))
     keys = [e.decide(pkt(C1, S1, 21, sport=p), 0.0).key for p in range(1, 6)]
     assert len(e.flows) == 3
     assert e.flows.get(keys[0]) is None and e.flows.get(keys[-1]) is not None

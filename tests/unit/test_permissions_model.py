@@ -402,7 +402,7 @@ def grant(engine: Engine, session: int, flags: Flags = NO_FLAGS, *, target: IPAd
 def test_expired_but_not_swept_never_matches_in_the_table() -> None:
     table = PermissionTable()
     key = permission_key(TCP, C1, S1, 2000)
-    perm = table.add(1, key, Flags.TIMEOUT, "FTP", now=20.0, timeout=T, external_index=0)
+    perm = table.add(1, C1, key, Flags.TIMEOUT, "FTP", now=20.0, timeout=T, external_index=0)
     # Nothing sweeps: the permission stays in the pending index, but its time is up.
     assert table.match(key, 1, 20.0 + T) is None
     assert table.match(key, 1, 20.0 + T + 100) is None
@@ -414,8 +414,8 @@ def test_expired_but_not_swept_never_matches_in_the_table() -> None:
 def test_expired_grant_is_passed_over_for_a_newer_one_with_the_same_key() -> None:
     table = PermissionTable()
     key = permission_key(TCP, C1, S1, 2000)
-    old = table.add(1, key, Flags.TIMEOUT, "FTP", now=0.0, timeout=T, external_index=0)
-    new = table.add(1, key, Flags(0), "FTP", now=1.0, timeout=None, external_index=0)
+    old = table.add(1, C1, key, Flags.TIMEOUT, "FTP", now=0.0, timeout=T, external_index=0)
+    new = table.add(1, C1, key, Flags(0), "FTP", now=1.0, timeout=None, external_index=0)
     assert table.match(key, 1, T) is new  # not swept yet; the expired one is skipped
     assert old.state is ActionState.PENDING and old.admitted == 0
     assert new.state is ActionState.CONSUMED

@@ -27,6 +27,7 @@ from enforcer.core.engine import (
 )
 from enforcer.core.flags import Flags
 from enforcer.core.flows import FlowRecord, Mode, reverse
+from enforcer.core.limits import Limits
 from enforcer.core.packet import ICMP, TCP, UDP, FlowKey, Ingress, IPAddress, PacketMeta
 from enforcer.core.permissions import ActionState, Permission
 from enforcer.core.policy import Defaults, PortRange
@@ -59,12 +60,13 @@ NO_FLAGS = Flags(0)
 
 
 def make_engine(*, nat: bool = False, defaults: Defaults | None = None,
-                internal_addresses: list[Any] | None = None) -> Engine:
+                internal_addresses: list[Any] | None = None, limits: Limits | None = None) -> Engine:
     policy = POLICY if defaults is None else dataclasses.replace(POLICY, defaults=defaults)
     engine = Engine(policy, INTERNAL, EXTERNAL, nat=nat, data_filters=["upper"],
                     internal_addresses=INTERNAL_ADDRESSES if internal_addresses is None
                     else internal_addresses,
-                    kernel_redirect_ports=KERNEL_PORTS, user_redirect_ports=USER_PORTS)
+                    kernel_redirect_ports=KERNEL_PORTS, user_redirect_ports=USER_PORTS,
+                    limits=limits)
     # Sessions come from primaries: C1's is session 1, C6's session 2.
     for client, server in ((C1, S1), (C6, S6)):
         d = engine.decide(pkt(client, server, 21, sport=1), 0.0)
@@ -761,14 +763,15 @@ def test_nat_primary_of_a_family_without_an_external_address() -> None:
     assert d.verdict is Verdict.ADMIT_KERNEL and d.snat is None  # no address to translate to
 
 
-def test_a_stale_client_side_key_after_eviction() -> None:
-    engine = make_engine()
-    engine.flows.capacity = 3
+def test_a_replaced_redirected_flow_leaves_no_stale_client_side_key() -> None:
+    engine = make_engine(limits=Limits(flow_history=3))
     rdc(engine, [(S1, 53), (S1, 53)], protocol=UDP, guid=DNS, flags=Flags.NO_KERNEL_MODE)
     first = engine.redirect_packet(udp(C1, str(FW4), 63000, sport=5000), 10, 2.0)
+    # the same flow as it leaves the fw: it replaces the first, client-side key and all
     second = engine.redirect_packet(udp(C1, str(FW4), 63001, sport=5000), 10, 3.0)
     assert isinstance(first, FlowRecord) and isinstance(second, FlowRecord)
-    for sport in (2, 3, 4):
-        engine.decide(pkt(C1, S1, 21, sport=sport), 4.0)  # evicts the second
-    found = engine.redirect_packet(udp(C1, str(FW4), 63000, sport=5000), 10, 5.0)
-    assert found is None or found.key == first.key
+    assert first.key == second.key and first.held_as is None
+    for sport in (2, 3, 4, 5):
+        engine.decide(pkt(C1, S1, 21, sport=sport), 4.0)  # kernel-mode history: evicts no held flow
+    assert engine.redirect_packet(udp(C1, str(FW4), 63001, sport=5000), 10, 5.0) is second
+    assert engine.redirect_packet(udp(C1, str(FW4), 63000, sport=5000), 10, 5.0) is None

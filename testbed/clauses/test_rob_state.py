@@ -1,0 +1,259 @@
+"""ROB-02 and ROB-03: bounded state (SPEC rules 16 and 18), end to end.
+
+Each check restarts the enforcer with small caps (``[limits]``); the next check's
+``net`` fixture goes back to the default enforcer. Checks whose outcome cannot
+depend on translation run in the routed topology only (a restart costs seconds).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from scapy.layers.inet import TCP, UDP
+
+from enforcer.core.flags import Flags
+from enforcer.core.results import IsBusy
+from testbed import timeouts
+from testbed.checks import expect_no_packet, expect_packet
+from testbed.clauses.helpers import (
+    FTP_GUID,
+    NEGATIVE,
+    assert_not_connected,
+    datagram,
+    decisions_for,
+    grant,
+    socks_open,
+    syn,
+)
+from testbed.plugin import Net
+
+SHOUT = {"shout": "tests.e2e.shout_filter:Shout"}  # "ping" -> "PONG!!" out, "!!" -> "?" back
+MARK_USER = "0x20000000"  # the conntrack mark of a user-mode flow (enforcer.dataplane.MARK_USER)
+GENERAL_FAILURE = 1  # SOCKS5 reply code
+
+
+def restart(net: Net, **limits: object) -> None:
+    """The enforcer again, with these caps."""
+    net.enforcer.stop()
+    net.enforcer.start(limits=limits)
+
+
+def status(net: Net) -> dict[str, Any]:
+    return dict(net.call("status"))
+
+
+def limits_of(net: Net) -> dict[str, Any]:
+    return dict(status(net)["limits"])
+
+
+def wait_for(net: Net, what: str, probe: Callable[[dict[str, Any]], bool], within: float) -> None:
+    """Poll the caps' status until ``probe`` accepts it."""
+    deadline = time.monotonic() + within
+    while not probe(limits := limits_of(net)):
+        assert time.monotonic() < deadline, f"{what}: not within {within:g} s: {limits}"
+        time.sleep(0.1)
+
+
+def spoofed(net: Net, i: int) -> str:
+    """An address on the internal network that no host has."""
+    return str(ipaddress.ip_network(net.topology.internal_network(net.family))[100 + i])
+
+
+def echoed(conn: Any, data: bytes) -> None:
+    """The connection still carries data: the echo comes back byte for byte."""
+    assert conn.talk(data, expect=len(data)) == data
+
+
+@pytest.mark.clause("ROB-02")
+def test_sessions_from_spoofed_sources_stay_within_the_cap_and_idle_ones_end(net: Net) -> None:
+    """With room for 3 sessions, c1's and two spoofed sources' are made; the other
+    spoofed SYNs and a new real client are refused at the fw; c1's connection goes on;
+    once the sessions are idle for 3 s they end, and the new client gets in."""
+    restart(net, sessions_total=3, session_idle_timeout=3)
+    c1, c2, s1 = net.agent("c1"), net.agent("c2"), net.agent("s1")
+    dst = net.addr("s1")
+    with s1.tcp_server(dst, 21), c1.tcp_open(dst, 21) as held, s1.sniff(net.iface("s1")) as at_server:
+        assert held.connected, held.error  # c1's session: 1 of 3
+        c1.send([syn(net, spoofed(net, i), dst, 42000 + i, 21) for i in range(6)])
+        refused = c2.tcp_connect(dst, 21, timeout=NEGATIVE)  # meanwhile: the spoofed SYNs' fate
+        assert_not_connected(refused, "c2 beyond the sessions cap")
+        for i in (0, 1):
+            expect_packet(at_server, TCP(sport=42000 + i, dport=21, flags="S"))
+        expect_no_packet(at_server, lambda p: TCP in p and p[TCP].dport == 21
+                         and 42002 <= p[TCP].sport <= 42005, timeout=0)
+        limits = limits_of(net)
+        assert limits["sessions_total"]["used"] == 3, limits["sessions_total"]
+        assert limits["sessions_total"]["refused"] >= 5, limits["sessions_total"]  # 4 spoofed, c2
+        # the refused SYNs reached the fw, which refused them for the cap
+        for i in range(2, 6):
+            reasons = [d["reason"] for d in decisions_for(net, 21, spoofed(net, i))]
+            assert reasons and reasons[-1].startswith("refused: the sessions_total cap (3)"), reasons
+        echoed(held, b"c1's session is kept" * 50)
+        # idle sessions end; c1's flow outlives its session (it runs in the kernel)
+        wait_for(net, "idle sessions end", lambda caps: caps["sessions_total"]["used"] == 0,
+                 3 + 2 + timeouts.POSITIVE)
+        assert limits_of(net)["session_idle_timeout"]["ended"] == 3
+        echoed(held, b"after the session ended" * 50)
+        with c2.tcp_open(dst, 21) as admitted:
+            assert admitted.connected, admitted.error
+            echoed(admitted, b"room again" * 100)
+
+
+@pytest.mark.topologies("routed")  # the caps do not depend on the topology
+@pytest.mark.clause("ROB-02")
+def test_a_firewall_client_beyond_its_address_sessions_cap_gets_a_socks_failure(net: Net) -> None:
+    """Two sessions per client address: c1's SecureNAT session and alice's; bob on c1
+    is refused (SOCKS general failure) while alice's relay goes on; bob on c2 is not."""
+    restart(net, sessions_per_client=2)
+    dst = net.addr("s1")
+    net.session("c1")
+    with net.agent("s1").tcp_server(dst, 21), socks_open(net, "c1", "alice", "connect", dst, 21) as alice:
+        assert alice.reply is not None and alice.reply["code"] == 0, (alice.error, alice.reply)
+        with socks_open(net, "c1", "bob", "connect", dst, 21) as bob:
+            assert bob.reply is not None and bob.reply["code"] == GENERAL_FAILURE, \
+                    (bob.error, bob.reply)
+        echoed(alice, b"alice's relay" * 100)
+        with socks_open(net, "c2", "bob", "connect", dst, 21) as elsewhere:
+            assert elsewhere.reply is not None and elsewhere.reply["code"] == 0, elsewhere.reply
+            echoed(elsewhere, b"bob on c2" * 10)
+        cap = limits_of(net)["sessions_per_client"]
+        assert cap["refused"] == 1 and cap["top"][0] == [net.addr("c1"), 2], cap
+
+
+@pytest.mark.topologies("routed")  # the caps do not depend on the topology
+@pytest.mark.clause("ROB-02")
+def test_binds_and_pending_permissions_stop_at_their_caps(net: Net) -> None:
+    """Binds: 2 per client, 3 in all; pending permissions: the same. At a cap the call
+    fails with FWX_E_IS_BUSY (a SOCKS BIND with a failure reply); what is held works."""
+    restart(net, binds_per_client=2, binds_total=3, pending_per_client=2, pending_total=3)
+    c1, s1 = net.agent("c1"), net.agent("s1")
+    dst = net.addr("s1")
+    with net.client() as api:
+        one, two = net.session("c1"), net.session("c2")
+        binds = [api.call("bind_for_client", session=one, protocol="tcp", client_port=port)
+                 for port in (45001, 45002)]
+        with pytest.raises(IsBusy, match="binds_per_client"):
+            api.call("bind_for_client", session=one, protocol="tcp", client_port=45003)
+        with socks_open(net, "c1", "alice", "bind", "0.0.0.0" if net.family == "ipv4" else "::",
+                        0) as refused:
+            assert refused.reply is not None and refused.reply["code"] == GENERAL_FAILURE, \
+                (refused.error, refused.reply)
+        api.call("bind_for_client", session=two, protocol="tcp", client_port=45001)
+        with pytest.raises(IsBusy, match="binds_total"):
+            api.call("bind_for_client", session=two, protocol="tcp", client_port=45002)
+
+        actions = [grant(net, api, (dst, port)) for port in (46001, 46002)]
+        with pytest.raises(IsBusy, match="pending_per_client"):
+            grant(net, api, (dst, 46003))
+        grant(net, api, (dst, 46001), session_of="c2")
+        with pytest.raises(IsBusy, match="pending_total"):
+            grant(net, api, (dst, 46002), session_of="c2")
+        limits = limits_of(net)
+        assert (limits["binds_total"]["used"], limits["pending_total"]["used"]) == (3, 3), limits
+        assert limits["binds_per_client"]["refused"] == 2, limits["binds_per_client"]  # API, SOCKS
+        assert limits["pending_per_client"]["refused"] == 1 and limits["pending_total"]["refused"] == 1
+
+        # what is held works: a grant admits its connection, an approved bind its peer
+        with s1.tcp_server(dst, 46001), c1.tcp_open(dst, 46001) as conn:
+            assert conn.connected, conn.error
+            echoed(conn, b"under a grant held at the cap" * 40)
+        assert actions[0].state == "consumed"
+        bound = binds[0]["address"]
+        api.call("retroactive_allow_bind", session=one, protocol="tcp", address=bound[0],
+                 port=bound[1], protocol_guid=FTP_GUID,
+                 ipfilter={"ranges": [[net.addr("s1"), net.addr("s1")]]})
+        with c1.tcp_server(net.addr("c1"), 45001), s1.tcp_open(bound[0], bound[1]) as inbound:
+            assert inbound.connected, inbound.error
+            echoed(inbound, b"through a bind held at the cap" * 40)
+
+
+@pytest.mark.topologies("routed")  # the caps do not depend on the topology
+@pytest.mark.clause("ROB-02")
+def test_user_mode_flows_stop_at_the_cap_and_those_held_go_on(net: Net) -> None:
+    """Two user-mode flows per client: a third connection under the same grant is
+    dropped at the fw; the two go on; kernel-mode flows are not limited by it."""
+    restart(net, user_flows_per_client=2)
+    c1, s1 = net.agent("c1"), net.agent("s1")
+    dst = net.addr("s1")
+    session = net.session("c1")
+    with net.client() as api, s1.tcp_server(dst, 47001), s1.tcp_server(dst, 21):
+        action = api.allow_future_connect(session, (dst, 47001), protocol_guid=FTP_GUID,
+                                          flags=Flags.ALLOW_MULTIPLE | Flags.NO_KERNEL_MODE)
+        with c1.tcp_open(dst, 47001) as a, c1.tcp_open(dst, 47001) as b:
+            assert a.connected and b.connected, (a.error, b.error)
+            assert_not_connected(c1.tcp_connect(dst, 47001, timeout=NEGATIVE), "a third user-mode flow")
+            reasons = [d["reason"] for d in decisions_for(net, 47001, net.addr("c1"))]
+            assert reasons[-1].startswith("refused: the user_flows_per_client cap (2)"), reasons
+            echoed(a, b"first" * 300)
+            echoed(b, b"second" * 300)
+            kernel = c1.tcp_connect(dst, 21, send_bytes=5000)  # a kernel-mode primary
+            assert kernel["connected"] and kernel["received"] == 5000, kernel
+        assert action.info()["admitted"] == 2
+    cap = limits_of(net)["user_flows_per_client"]
+    assert cap["refused"] >= 1 and cap["top"][0] == [net.addr("c1"), 2], cap
+
+
+@pytest.mark.clause("ROB-03")
+def test_a_filtered_flow_keeps_its_filter_through_a_flood_of_other_flows(net: Net) -> None:
+    """A flow with a data filter (lengths change both ways) goes on, filtered, while c2
+    opens far more flows than the caps hold: 150 kernel-mode ones (the history keeps
+    20) and 40 user-mode ones (6 fit)."""
+    net.enforcer.stop()
+    net.enforcer.data_filters = SHOUT
+    try:
+        # no kernel rate limit: the flood is to reach the enforcer, all of it
+        net.enforcer.start(limits={"flow_history": 20, "user_flows_total": 7,
+                                   "new_flows_per_second": 0})
+    finally:
+        net.enforcer.data_filters = None  # the next check's enforcer is the default one again
+    c1, c2, s1 = net.agent("c1"), net.agent("c2"), net.agent("s1")
+    dst, flooder = net.addr("s1"), net.addr("c2")
+    with net.client() as api, s1.tcp_server(dst, 48001):
+        api.allow_future_connect(net.session("c1"), (dst, 48001), protocol_guid=FTP_GUID,
+                                 data_filter="shout")
+        api.allow_future_connect(net.session("c2"), (dst, 48002), protocol_guid=FTP_GUID,
+                                 flags=Flags.ALLOW_MULTIPLE | Flags.NO_KERNEL_MODE)
+        with c1.tcp_open(dst, 48001) as filtered:
+            assert filtered.connected, filtered.error
+            assert filtered.talk(b"ping----" * 20, expect=9 * 20) == b"PONG?----" * 20
+            c2.send([datagram(net, flooder, dst, 50000 + i, 53, b"flood") for i in range(150)]
+                    + [syn(net, flooder, dst, 51000 + i, 48002) for i in range(40)])
+            wait_for(net, "the flood decided", lambda caps: caps["user_flows_total"]["refused"] >= 34,
+                     timeouts.POSITIVE)
+            limits = limits_of(net)
+            assert limits["flow_history"]["used"] == 20 and limits["user_flows_total"]["used"] == 7, limits
+            for n in (10, 125, 60):  # the filter, and its sequence shifts, are all still there
+                assert filtered.talk(b"ping----" * n, expect=9 * n) == b"PONG?----" * n
+            assert filtered.exchange(50_000)["received"] == 50_000
+        (listed,) = [f for f in net.call("flows", limit=10000) if f["flow"].endswith(f":{48001}")]
+        assert listed["data_filter"] == "shout" and listed["held"] is not None, listed
+
+
+@pytest.mark.topologies("routed")  # the caps do not depend on the topology
+@pytest.mark.clause("ROB-03")
+def test_a_packet_of_a_user_mode_flow_the_enforcer_does_not_know_is_dropped(net: Net) -> None:
+    """A conntrack entry marked user mode that the enforcer never admitted (made by hand
+    in the fw; UDP, which conntrack tracks without windows): a datagram of it reaches
+    the fw, is dropped and counted, and never reaches the server."""
+    c1, s1, fw = net.agent("c1"), net.agent("s1"), net.agent("fw")
+    src, dst, sport, dport = net.addr("c1"), net.addr("s1"), 49001, 49002
+    reply_dst = net.fw_external(0) if net.nat else src
+    entry = ["-p", "udp", "-s", src, "-d", dst, "--sport", str(sport), "--dport", str(dport)]
+    net.lab.tb.run("fw", ["conntrack", "-I", *entry, "-r", dst, "-q", reply_dst,
+                          "--reply-port-src", str(dport), "--reply-port-dst", str(sport),
+                          # -u before --mark: conntrack 1.4.7 writes -u's bits over a --mark before it
+                          "--timeout", "60", "-u", "SEEN_REPLY,ASSURED", "--mark", MARK_USER])
+    try:
+        before = status(net)["counters"].get("dropped: unknown user-mode flow", 0)
+        with fw.sniff(net.topology.fw_internal_iface) as at_fw, s1.sniff(net.iface("s1")) as at_server:
+            c1.send(datagram(net, src, dst, sport, dport, b"a flow nobody admitted"))
+            expect_packet(at_fw, UDP(sport=sport, dport=dport))
+            expect_no_packet(at_server, UDP(sport=sport, dport=dport))
+        after = status(net)["counters"].get("dropped: unknown user-mode flow", 0)
+        assert after == before + 1, (before, after)
+    finally:
+        net.lab.tb.run("fw", ["conntrack", "-D", "-f", net.family, *entry], check=False)

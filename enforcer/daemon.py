@@ -34,7 +34,7 @@ from enforcer.config import Config, SocksSettings
 from enforcer.control import AlreadyRunning, Caller, ControlServer, refuse_if_served
 from enforcer.core import nat
 from enforcer.core.binds import Bind
-from enforcer.core.budget import ByteBudget
+from enforcer.core.budget import ClientBudgets
 from enforcer.core.datafilter import DataFilter, DataFilterFactory, Direction, TcpStreamEditor
 from enforcer.core.engine import Engine, Verdict
 from enforcer.core.flags import Flags
@@ -55,6 +55,7 @@ INCREASED_RECEIVE_BUFFER = 64 * 1024  # INCREASE_RECEIVE_BUFFER: at least this
 SO_RCVBUFFORCE = 33  # Linux; as root, past net.core.rmem_max (Python's socket module lacks it)
 QUEUE_LENGTH = 8192  # packets the kernel holds for the enforcer before it drops (fails closed)
 PACKETS_PER_TURN = 64  # queued packets decided before the loop turns to other work
+PRUNE_INTERVAL = 5.0  # seconds between sweeps of empty per-client byte budgets
 
 
 class StartupError(Exception):
@@ -222,6 +223,10 @@ class Daemon:
         self.socks: SocksService | None = None
         self._arrived_on = Arrivals(self.interfaces)
         self.loop = Loop(self.engine.counters, clock)
+        # bytes filtered streams hold, per client (the flow's source) and in total
+        self.buffered = ClientBudgets(config.limits.buffered_bytes_per_client,
+                                      config.limits.buffered_bytes_total)
+        self._next_prune = clock()
         self.host = dataplane.HostSettings(state_file(config))
         self.maps: dataplane.NatMaps | None = None  # per-grant kernel NAT, once running
         self._stop = False
@@ -378,9 +383,8 @@ class Daemon:
             new = record.stream.on_data(direction, payload)
             return data if new == payload else rewrite.rebuild_udp(data, new)
         if record.editor is None:
-            record.editor = TcpStreamEditor(
-                self.stream_filter(record),
-                ByteBudget(self.config.limits.buffered_bytes_per_client))
+            record.editor = TcpStreamEditor(self.stream_filter(record),
+                                            self.buffered.of(record.key.src))
         segment = rewrite.parse_segment(data)
         edited = record.editor.edit(direction, segment.seq, segment.ack, segment.payload,
                                     syn=segment.syn, fin=segment.fin)
@@ -475,7 +479,7 @@ class Daemon:
                                for user, pool in self.engine.pools.items()},
             "receive_buffer": None if self.queue_socket is None else
             self.queue_socket.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF),
-            "limits": self.engine.limits_status(),
+            "limits": {**self.engine.limits_status(), **self.buffered.status()},
             "memory": {"rss": resident_bytes(), "bound": memory_bound(self.config.limits)},
             "listening": self.listening.current().to_list(),
         }
@@ -577,6 +581,9 @@ class Daemon:
     def _housekeeping(self) -> None:
         now = self.clock()
         self.engine.expire(now)
+        if now >= self._next_prune:  # clients' byte budgets that hold nothing any more
+            self.buffered.prune()
+            self._next_prune = now + PRUNE_INTERVAL
         self._retire_redirects()
         if self.socks is not None:
             self.socks.tick(now)

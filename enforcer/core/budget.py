@@ -63,3 +63,32 @@ class ByteBudget:
     def __repr__(self) -> str:
         inside = "" if self.parent is None else f" in {self.parent!r}"
         return f"<ByteBudget {self.used}/{self.limit}{inside}>"
+
+
+class ClientBudgets:
+    """The byte budgets of every client inside one total: each client's budget is made on
+    first use and forgotten once it holds nothing (``prune``)."""
+
+    def __init__(self, per_client: int, total: int) -> None:
+        self.per_client = per_client
+        self.total = ByteBudget(total)
+        self.clients: dict[object, ByteBudget] = {}
+
+    def of(self, client: object) -> ByteBudget:
+        budget = self.clients.get(client)
+        if budget is None:
+            budget = self.clients[client] = ByteBudget(self.per_client, self.total)
+        return budget
+
+    def prune(self) -> None:
+        for client in [c for c, budget in self.clients.items() if not budget.used]:
+            del self.clients[client]
+
+    def status(self) -> dict[str, dict[str, object]]:
+        """As the other caps show theirs (``status``): the total's use, the highest
+        client's and the top three."""
+        top = sorted(self.clients.items(), key=lambda item: item[1].used, reverse=True)[:3]
+        return {"buffered_bytes_total": {"cap": self.total.limit, "used": self.total.used},
+                "buffered_bytes_per_client": {
+                    "cap": self.per_client, "highest": top[0][1].used if top else 0,
+                    "top": [[str(client), budget.used] for client, budget in top]}}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from enforcer.core.budget import ByteBudget
+from enforcer.core.budget import ByteBudget, ClientBudgets
 
 
 def test_a_byte_budget_counts_at_every_level() -> None:
@@ -31,3 +31,18 @@ def test_negative_amounts_and_giving_back_too_much_are_refused(misuse: str) -> N
          "give more than held": lambda: budget.give(6),
          "limit -1": lambda: ByteBudget(-1)}[misuse]()
     assert (budget.used, budget.parent.used if budget.parent else None) == (5, 5)
+
+
+def test_client_budgets_sit_inside_the_total_and_go_when_empty() -> None:
+    budgets = ClientBudgets(per_client=100, total=150)
+    a, b = budgets.of("192.0.2.11"), budgets.of("192.0.2.12")
+    assert budgets.of("192.0.2.11") is a
+    assert a.take(100) and not a.take(1)  # the client's cap
+    assert not b.take(60) and b.take(50)  # the total's
+    status = budgets.status()
+    assert status["buffered_bytes_total"] == {"cap": 150, "used": 150}
+    assert status["buffered_bytes_per_client"]["highest"] == 100
+    assert status["buffered_bytes_per_client"]["top"] == [["192.0.2.11", 100], ["192.0.2.12", 50]]
+    b.give(50)
+    budgets.prune()
+    assert set(budgets.clients) == {"192.0.2.11"} and budgets.total.used == 100

@@ -216,20 +216,23 @@ class Lab:
             self._peers = PeerSet(self.tb)
         return self._peers
 
-    def use_enforcer(self, app_filters: tuple[str, ...] = ()) -> None:
+    def use_enforcer(self, app_filters: tuple[str, ...] = (), *, keep_peers: bool = False,
+                     limits: dict[str, object] | None = None) -> None:
         """The enforcer running in its default configuration, with these application
-        filters (the kernel helpers' rules gone). Without filters, the real servers go
-        too: other checks use the servers' ports for agents of their own."""
-        if not app_filters and self._peers is not None:
+        filters and caps (the kernel helpers' rules gone). The real servers go too unless
+        ``keep_peers`` (the APP checks use them; other checks use the servers' ports for
+        agents of their own)."""
+        if not keep_peers and self._peers is not None:
             self._peers.close()
         if self.helpers is not None:
             self.helpers.remove()
             self.helpers = None
-        if self.enforcer.running and (self.enforcer.customised or
+        limits = limits or None
+        if self.enforcer.running and (self.enforcer.customised or limits is not None or
                                       self.enforcer.app_filters != app_filters):
             self.enforcer.stop()
         if not self.enforcer.running:
-            self.enforcer.start(app_filters=app_filters)
+            self.enforcer.start(app_filters=app_filters, limits=limits)
 
     def use_kernel_helpers(self) -> None:
         """Linux's FTP and TFTP conntrack helpers in the enforcer's place."""
@@ -404,7 +407,7 @@ class App(Net):
 def app(request: pytest.FixtureRequest, lab: Lab, family: str, firewall: str) -> Iterator[App]:
     """The lab for an APP clause, once per ``firewall``."""
     if firewall == "enforcer":
-        lab.use_enforcer(APP_FILTERS)
+        lab.use_enforcer(APP_FILTERS, keep_peers=True)
     else:
         lab.use_kernel_helpers()
     yield App(lab, family, firewall, request.node)

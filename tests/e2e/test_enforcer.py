@@ -20,6 +20,8 @@ from testbed.lab import GUIDS, EnforcerProcess
 from testbed.plugin import require_e2e
 from testbed.topology import standard
 
+SHOUT = "tests.e2e.shout_filter:Shout"  # a data filter: the enforcer turns liberal tracking on
+
 
 @pytest.fixture(scope="module")
 def tb() -> Iterator[Testbed]:
@@ -37,12 +39,18 @@ def enforcer(tb: Testbed, tmp_path: Path) -> Iterator[EnforcerProcess]:
         proc.stop()
 
 
-def kernel_state(tb: Testbed) -> str:
-    """Everything of ours in the fw's netfilter tables and conntrack."""
+def rules(tb: Testbed) -> str:
+    """Our rules in the fw's netfilter tables, both families, and our nft tables."""
     out = ""
     for tool in ("iptables-save", "ip6tables-save"):
         out += "".join(line + "\n" for line in tb.run("fw", [tool]).stdout.splitlines()
                        if "PINHOLE" in line)
+    return out + "".join(line + "\n" for line in nft_tables(tb).splitlines() if "pinhole" in line)
+
+
+def kernel_state(tb: Testbed) -> str:
+    """Everything of ours in the fw's netfilter tables and conntrack."""
+    out = rules(tb)
     for family in ("ipv4", "ipv6"):
         marked = tb.run("fw", ["conntrack", "-L", "-f", family, "--mark", "0x10000000/0x30000000"],
                         check=False).stdout
@@ -182,12 +190,12 @@ def test_bad_policy_file_fails_with_file_line_and_reason(tb: Testbed, tmp_path: 
 def test_missing_interface_fails_clearly_and_changes_nothing(tb: Testbed, tmp_path: Path) -> None:
     config = tmp_path / "noiface.toml"
     config.write_text('[network]\ninternal_interfaces = ["nope0"]\nexternal_interfaces = ["ext0"]\n')
-    before = kernel_state(tb)
+    before = rules(tb)
     result = run_enforcer_cli(tb, config)
     assert result.returncode == 2
     assert "interface 'nope0' (network.internal_interfaces) does not exist" in result.stderr
     assert "Traceback" not in result.stderr
-    assert kernel_state(tb) == before
+    assert rules(tb) == before
 
 
 def test_second_enforcer_on_the_same_socket_is_refused(tb: Testbed, enforcer: EnforcerProcess,
@@ -264,3 +272,24 @@ def marked_entries(tb: Testbed, marks: tuple[int, ...] = (MARK_KERNEL, MARK_USER
             out += tb.run("fw", ["conntrack", "-L", "-f", family, "--mark", f"0x{mark:x}/0x{MARK_MODE:x}"],
                           check=False).stdout
     return out
+
+
+def test_host_settings_a_crashed_run_changed_are_put_back_by_the_next_start(
+        tb: Testbed, tmp_path: Path) -> None:
+    """A run with a data filter turns conntrack's liberal TCP tracking on; killed, it cannot
+    put it back. The next start (here one without filters) does, from the state file."""
+    liberal = ["cat", "/proc/sys/net/netfilter/nf_conntrack_tcp_be_liberal"]
+    tb.run("fw", ["sh", "-c", "echo 0 > /proc/sys/net/netfilter/nf_conntrack_tcp_be_liberal"])
+    filtered = EnforcerProcess(tb, tmp_path / "filtered", data_filters={"shout": SHOUT})
+    filtered.start()
+    state = filtered.socket.with_suffix(".state")
+    assert tb.run("fw", liberal).stdout.strip() == "1" and state.exists()
+    filtered.kill()
+    assert tb.run("fw", liberal).stdout.strip() == "1", "nothing to put back after all?"
+    plain = EnforcerProcess(tb, tmp_path / "plain")  # the same control socket: the same fw
+    plain.start()
+    try:
+        assert tb.run("fw", liberal).stdout.strip() == "0"
+        assert "put back host settings" in plain.log_tail() and not state.exists()
+    finally:
+        plain.stop()

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from enforcer import dataplane
 from enforcer.dataplane import DataplaneError, HostSettings
 
 
@@ -52,3 +53,15 @@ def test_an_unreadable_state_file_is_an_error_that_names_it(tmp_path: Path, libe
     with pytest.raises(DataplaneError, match=r"enforcer\.state"):
         HostSettings(state, liberal).restore()
     assert liberal.read_text() == "0\n"
+
+
+def test_a_child_that_takes_too_long_is_an_error_that_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    """iptables, nft and conntrack run only at start, stop, lockdown and unload, each with a
+    time limit: one that hangs becomes a DataplaneError naming it, never a hang."""
+    monkeypatch.setattr(dataplane, "CHILD_TIMEOUT", 0.2)
+    with pytest.raises(DataplaneError, match=r"sleep 5 did not finish within 0\.2 s"):
+        dataplane._run(["sleep", "5"])
+    with pytest.raises(DataplaneError, match="no-such-tool is not installed"):
+        dataplane._run(["no-such-tool"])
+    with pytest.raises(DataplaneError, match=r"false failed"):
+        dataplane._run(["false"])

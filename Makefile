@@ -18,9 +18,16 @@ lint: setup
 unit: setup
 	$(BIN)/pytest -q -p no:cacheprovider tests/unit
 
-# Every test: lint, unit tests (no root), end-to-end tests and the clause suite (root).
+# Every test: lint, unit tests (no root), end-to-end tests and the clause suite (root): in
+# parallel (WORKERS, each topology and family's checks in one worker with its own lab), then the
+# timing-sensitive ones alone. Both parts run; either failing (no test collected included) fails.
+WORKERS ?= 4
+PYTEST := $(BIN)/pytest -p no:cacheprovider -rfEs --pinhole-artifacts $(ARTIFACTS)
 test: lint
-	$(BIN)/pytest -p no:cacheprovider -rfEs --durations=15 --pinhole-artifacts $(ARTIFACTS) tests testbed/clauses
+	@status=0; \
+	$(PYTEST) --durations=15 -n $(WORKERS) --dist loadgroup -m "not alone" tests testbed/clauses || status=$$?; \
+	$(PYTEST) -m alone tests testbed/clauses || status=$$?; \
+	exit $$status
 
 # The performance goals (P1-P4) as ratios measured in one run; writes bench/results.json (root).
 bench: setup

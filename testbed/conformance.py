@@ -1,8 +1,11 @@
 """`pinhole conformance`: build the testbed, start the enforcer, run the clause suite, print the matrix.
 
 The clause suite is ordinary pytest tests (``testbed/clauses``) run in-process with
-this module's collector attached. Every clause of the catalog appears in the
-results: clauses with no test yet as ``not-implemented``, never as passed.
+this module's collector attached, in two parts: the checks in parallel (pytest-xdist,
+``--workers`` of them, each topology and family's checks in one worker with its own
+lab), then the timing-sensitive ones (marked ``alone``) by themselves. Every clause
+of the catalog appears in the results: clauses with no test yet as
+``not-implemented``, never as passed.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
+from xml.etree import ElementTree
 
 import pytest
 
@@ -24,6 +28,7 @@ from testbed.topology import FAMILIES, TOPOLOGIES
 
 CLAUSE_DIR = Path(__file__).parent / "clauses"
 OUTCOMES = ("passed", "failed", "skipped", "not-implemented")
+DEFAULT_WORKERS = 4  # the checks mostly wait (for what must not arrive): more than the cores
 SYMBOLS = {"passed": "pass", "failed": "FAIL", "skipped": "skip", "not-implemented": "n/i"}
 
 
@@ -32,13 +37,27 @@ class Collector:
 
     def __init__(self) -> None:
         self.results: list[Result] = []
+        self.announced = False
         self.total = 0
         self.done = 0
         self.started = time.monotonic()
 
     def pytest_collection_finish(self, session: pytest.Session) -> None:
-        self.total = len(session.items)
-        print(f"pinhole conformance: {self.total} checks", flush=True)
+        if session.items:  # (a parallel run's controller collects nothing itself)
+            self._collected(len(session.items))
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_xdist_node_collection_finished(self, node: Any, ids: list[str]) -> None:
+        if not self.announced:  # every worker collects the same checks
+            self._collected(len(ids))
+
+    def _collected(self, count: int) -> None:
+        self.total += count
+        self.announced = True
+        print(f"pinhole conformance: {count} checks", flush=True)
+
+    def pytest_sessionstart(self, session: pytest.Session) -> None:
+        self.announced = False
 
     @pytest.hookimpl(trylast=True)
     def pytest_runtest_logfinish(self, nodeid: str, location: Any) -> None:
@@ -55,7 +74,7 @@ class Collector:
 
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
         found: list[Result] = session.config.stash[RESULTS]
-        self.results = list(found)
+        self.results += found
 
 
 def selected_clauses(expr: str | None) -> list[str]:
@@ -159,6 +178,21 @@ def summary(results: list[Result]) -> dict[str, Any]:
             "ok": counts.get("failed", 0) == 0}
 
 
+def _junit_part(path: str, part: str) -> Path:
+    return Path(path).with_suffix(f".{part}.xml")
+
+
+def merge_junit(parts: list[Path], out: Path) -> None:
+    """One JUnit file of the parts' test suites (the parts are removed)."""
+    merged = ElementTree.Element("testsuites")
+    for part in parts:
+        if part.exists():
+            root = ElementTree.parse(part).getroot()
+            merged.extend(root.iter("testsuite"))
+            part.unlink()
+    ElementTree.ElementTree(merged).write(out, encoding="utf-8", xml_declaration=True)
+
+
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("conformance", help="run the clause suite and print the result matrix",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -173,6 +207,10 @@ def add_parser(sub: Any) -> None:
                    help="what runs the APP clauses: enforcer,kernel-helpers (default both; "
                         "kernel-helpers fills the matrix's second group of columns)")
     p.add_argument("--artifacts", default="artifacts", help="pcaps and logs (default ./artifacts)")
+    p.add_argument("--workers", type=int, default=DEFAULT_WORKERS,
+                   help=f"checks run in parallel, each worker with labs of its own (default "
+                        f"{DEFAULT_WORKERS}; 1: one after another); the timing-sensitive ones run "
+                        "alone afterwards")
     p.add_argument("-v", "--verbose", action="store_true", help="pytest's own output too")
     p.set_defaults(func=run)
 
@@ -204,14 +242,24 @@ def run(args: argparse.Namespace) -> int:
     pytest_args += ["-v", "-rfE"] if args.verbose else ["-p", "no:terminal"]
     if args.expr:
         pytest_args += ["-k", args.expr]
-    if args.junit:
-        pytest_args += ["--junitxml", args.junit]
+    if args.workers < 1:
+        raise UsageError("--workers: give at least 1")
     collector = Collector()
-    code = pytest.main(pytest_args, plugins=[collector])
-    if code not in (pytest.ExitCode.OK, pytest.ExitCode.TESTS_FAILED, pytest.ExitCode.NO_TESTS_COLLECTED):
-        print(f"pinhole: the clause suite could not run (pytest exit code {int(code)})", file=sys.stderr)
-        return 2
+    codes = []
+    for part, extra in (("parallel", ["-m", "not alone", "-n", str(args.workers), "--dist", "loadgroup"]
+                         if args.workers > 1 else ["-m", "not alone"]),
+                        ("alone", ["-m", "alone"])):
+        junit = [f"--junitxml={_junit_part(args.junit, part)}"] if args.junit else []
+        code = pytest.main([*pytest_args, *extra, *junit], plugins=[collector])
+        if code not in (pytest.ExitCode.OK, pytest.ExitCode.TESTS_FAILED,
+                        pytest.ExitCode.NO_TESTS_COLLECTED):
+            print(f"pinhole: the clause suite could not run (pytest exit code {int(code)})",
+                  file=sys.stderr)
+            return 2
+        codes.append(code)
 
+    if args.junit:
+        merge_junit([_junit_part(args.junit, part) for part in ("parallel", "alone")], Path(args.junit))
     results = complete(collector.results, clauses, families)
     print()
     print(matrix(results, families, topologies))
@@ -234,4 +282,4 @@ def run(args: argparse.Namespace) -> int:
         Path(args.json).write_text(json.dumps(
             {"results": [r.to_dict() for r in results], "summary": totals}, indent=2) + "\n")
         print(f"results: {args.json}")
-    return 0 if totals["ok"] and code != pytest.ExitCode.TESTS_FAILED else 1
+    return 0 if totals["ok"] and pytest.ExitCode.TESTS_FAILED not in codes else 1

@@ -21,6 +21,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -70,6 +71,7 @@ class Result:
 
 
 RESULTS = pytest.StashKey[list[Result]]()
+_CONFIG: list[pytest.Config] = []  # the running session's config, for the report hook
 _ARTIFACTS = pytest.StashKey[Path]()
 
 
@@ -116,8 +118,15 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "e2e: needs root and network namespaces")
     config.addinivalue_line("markers", "topologies(*names): run only in these topologies "
                                        "(default: the standard ones, routed and nat)")
+    config.addinivalue_line("markers", "alone: timing-sensitive; `make test` and `pinhole conformance` "
+                                       "run these after the parallel part, on an otherwise idle machine")
     config.stash[RESULTS] = []
     config.stash[_ARTIFACTS] = Path(config.getoption("pinhole_artifacts")).resolve()
+    _CONFIG[:] = [config]
+
+
+def _config() -> pytest.Config:
+    return _CONFIG[0]
 
 
 def _wants(metafunc: pytest.Metafunc, name: str) -> bool:
@@ -143,6 +152,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     _deselect_other_topologies(config, items)
     for item in items:
+        _group(item)
         for mark in item.iter_markers("clause"):
             if not mark.args or mark.args[0] not in CLAUSES:
                 raise pytest.UsageError(f"{item.nodeid}: clause marker {mark.args!r} "
@@ -151,6 +161,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.extra_keyword_matches.add(mark.args[0])
         if "lab" in getattr(item, "fixturenames", ()) or "e2e" in Path(str(item.path)).parts:
             item.add_marker(pytest.mark.e2e)
+
+
+def _group(item: pytest.Item) -> None:
+    """With pytest-xdist's ``--dist loadgroup``, the checks of one topology and family run
+    in one worker (which builds that topology's lab once), and a module's own testbed's in
+    one too."""
+    params = getattr(item, "callspec", None)
+    variant = params.params.get("variant") if params is not None else None
+    if "lab" in getattr(item, "fixturenames", ()) and variant is not None:
+        family = params.params.get("family", "") if params is not None else ""
+        item.add_marker(pytest.mark.xdist_group(f"lab-{variant}-{family}"))
+    elif "e2e" in Path(str(item.path)).parts:
+        item.add_marker(pytest.mark.xdist_group(Path(str(item.path)).stem))
 
 
 def _deselect_other_topologies(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -471,11 +494,21 @@ def _record(item: pytest.Item, report: pytest.TestReport) -> None:
     pcap = dict(item.user_properties).get("pcap")
     detail = item.stash.get(_DETAIL, "") if outcome != "passed" else \
         (item.obj.__doc__ or "").strip().split("\n")[0] if hasattr(item, "obj") else ""
-    item.config.stash[RESULTS].append(Result(
+    result = Result(
         clause=mark.args[0], family=p.get("family"), topology=p.get("variant"),
         mode=p.get("mode"), outcome=outcome, duration_s=sum(durations.values()),
         pcap=str(pcap) if pcap else None, detail=detail, nodeid=item.nodeid,
-        firewall=p.get("firewall")))
+        firewall=p.get("firewall"))
+    # with the report (an attribute pytest-xdist carries from a worker), so that the
+    # process that collects gets it: pytest_runtest_logreport runs there (and here, when
+    # nothing runs in parallel)
+    report.pinhole_result = dataclasses.asdict(result)  # type: ignore[attr-defined]
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    found = getattr(report, "pinhole_result", None)
+    if found is not None:
+        _config().stash[RESULTS].append(Result(**found))
 
 
 _DURATIONS = pytest.StashKey[dict[str, float]]()

@@ -22,6 +22,7 @@ CONNECTIONS = 100
 ALLOWED_EXTRA_DELAY = 0.050  # seconds, at the 99th percentile
 
 
+@pytest.mark.alone  # a first-SYN delay measured in milliseconds: no other checks beside it
 @pytest.mark.clause("ROB-01")
 def test_another_clients_connections_open_promptly_under_a_flood(filtering: Net) -> None:
     """c2 floods: 20,000 new-flow SYNs, 2,000 TFTP requests, 5,000 PORT lines and 10,000
@@ -63,6 +64,7 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+@pytest.mark.alone  # the enforcer's CPU time is measured
 @pytest.mark.clause("ROB-01")
 def test_a_client_that_exhausts_the_enforcers_descriptors_stops_no_one(net: Net) -> None:
     """With its file descriptors nearly used up, c2 holds 40 connections open to the SOCKS

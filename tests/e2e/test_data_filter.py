@@ -67,9 +67,11 @@ def test_filtered_flow_carries_changed_bytes_both_ways(filtering: tuple[Testbed,
 
 def test_unknown_or_udp_data_filter_is_an_invalid_argument(filtering: tuple[Testbed, EnforcerProcess]
                                                            ) -> None:
-    _, enforcer = filtering
+    tb, enforcer = filtering
+    with tb.agent("s1").tcp_server("198.51.100.21", 21):  # c1's session: a primary opens it
+        assert tb.agent("c1").tcp_connect("198.51.100.21", 21, send_bytes=10)["connected"]
     with enforcer.client() as api:
-        session = api.call("sessions")[0]["id"]
+        session = next(s["id"] for s in api.call("sessions") if s["client"] == "192.0.2.11")
         with pytest.raises(InvalidArgument, match="no data filter 'nope'"):
             api.allow_future_connect(session, ("198.51.100.21", 32002), protocol_guid=GUIDS["FTP"],
                                      data_filter="nope")

@@ -74,6 +74,7 @@ def grant_flood(net: Net, until: float, session: int) -> int:
     return calls
 
 
+@pytest.mark.alone  # its floods would slow the checks beside it
 @pytest.mark.topologies("nat")
 @pytest.mark.parametrize("family", ["ipv4"])
 def test_a_hostile_client_soak_ends_alive_within_the_memory_the_caps_imply(lab: Lab, family: str) -> None:

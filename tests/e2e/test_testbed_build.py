@@ -370,12 +370,15 @@ def test_cli_up_split() -> None:
 
 
 def test_failed_build_cleans_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    made: list[str] = []
+
     def not_ready(self: Testbed, deadline: float) -> None:
         CREATED.add(self.id)
+        made.append(self.id)
         raise RuntimeError("simulated readiness failure")
 
     monkeypatch.setattr(Testbed, "_wait_ready", not_ready)
-    before = set(_netns_list())
     with pytest.raises(RuntimeError, match="simulated"):
         Testbed.up(routed(), tag="e2e-fail")
-    assert not [n for n in set(_netns_list()) - before if n.startswith("ph-")]
+    (tb_id,) = made  # (other testbeds may come and go meanwhile: a parallel run's)
+    assert _ns_of(tb_id) == []

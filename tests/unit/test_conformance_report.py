@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from testbed.catalog import CLAUSES
-from testbed.conformance import complete, matrix, selected_clauses, summary
+from testbed.conformance import complete, matrix, merge_junit, selected_clauses, summary
 from testbed.plugin import Result
 
 
@@ -108,3 +110,18 @@ def test_json_rows_have_the_documented_keys() -> None:
     assert set(row) == {"clause", "family", "topology", "mode", "firewall", "outcome",
                         "duration_s", "pcap", "detail"}
     assert row["firewall"] == "enforcer"
+
+
+def test_junit_parts_merge_into_one_file(tmp_path: Path) -> None:
+    """The parallel part and the part run alone each write JUnit; one file holds both."""
+    parts = []
+    for name, cases in (("parallel", 3), ("alone", 1)):
+        part = tmp_path / f"r.{name}.xml"
+        part.write_text(f'<testsuites><testsuite name="{name}" tests="{cases}">'
+                        + "".join(f'<testcase name="t{i}"/>' for i in range(cases))
+                        + "</testsuite></testsuites>")
+        parts.append(part)
+    merge_junit([*parts, tmp_path / "missing.xml"], tmp_path / "r.xml")
+    text = (tmp_path / "r.xml").read_text()
+    assert text.count("<testsuite ") == 2 and text.count("<testcase ") == 4
+    assert not any(p.exists() for p in parts)

@@ -137,7 +137,7 @@ class EnforcerProcess:
                                                permission_timeout=10 if app_filters else 2,
                                                limits=limits))
         with self.log_path.open("a") as log:
-            self.proc = self.tb.popen("fw", self._command("--verbose"), stdout=log,
+            self.proc = self.tb.popen("fw", self.command("--verbose"), stdout=log,
                                       stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
         while True:
@@ -155,7 +155,8 @@ class EnforcerProcess:
                                        f"{self.log_tail()}") from None
                 time.sleep(0.05)
 
-    def _command(self, *options: str) -> list[str]:
+    def command(self, *options: str) -> list[str]:
+        """``pinhole enforcer`` with this config, run in the fw namespace (with ``options``)."""
         return [sys.executable, "-m", "testbed", "enforcer", "--config", str(self.config_path),
                 *options]
 
@@ -175,7 +176,7 @@ class EnforcerProcess:
         if not self.config_path.exists():
             self.config_path.write_text(lab_config(self.tb, socket=self.socket,
                                                    data_filters=self.data_filters))
-        return str(self.tb.run("fw", self._command(option)).stdout)
+        return str(self.tb.run("fw", self.command(option)).stdout)
 
     def client(self) -> Client:
         return Client(str(self.socket))

@@ -293,3 +293,16 @@ def test_host_settings_a_crashed_run_changed_are_put_back_by_the_next_start(
         assert "put back host settings" in plain.log_tail() and not state.exists()
     finally:
         plain.stop()
+
+
+@pytest.mark.parametrize("option", ["--lockdown", "--unload"])
+def test_lockdown_and_unload_refuse_while_an_enforcer_serves(tb: Testbed, enforcer: EnforcerProcess,
+                                                             option: str) -> None:
+    """Either would take the running enforcer's rules away: a one-line refusal, nothing
+    changed."""
+    before = rules(tb)
+    result = tb.run("fw", enforcer.command(option), check=False)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.startswith("pinhole: another enforcer is serving") and \
+        "stop it first" in result.stderr and result.stderr.count("\n") == 1, result.stderr
+    assert rules(tb) == before and enforcer.call("ping") == {"pong": True}

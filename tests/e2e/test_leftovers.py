@@ -63,6 +63,7 @@ def pinhole(*args: str) -> list[str]:
     return [sys.executable, "-m", "testbed", *args]
 
 
+@pytest.mark.alone  # it looks for anything new on the machine: nothing else may run beside it
 def test_conformance_json_covers_the_catalog_and_leaves_nothing_behind(tmp_path: Path) -> None:
     require_e2e()
     before = snapshot()
@@ -97,12 +98,14 @@ def test_conformance_json_covers_the_catalog_and_leaves_nothing_behind(tmp_path:
     assert "PINHOLE" not in root_rules() and "phk-" not in root_rules()
 
 
+@pytest.mark.alone  # as above
 def test_a_crashed_run_is_swept_away(tmp_path: Path) -> None:
     require_e2e()
     before = snapshot()
+    # one process (no parallel workers, which would tidy up after a dead runner themselves)
     runner = subprocess.Popen(
         pinhole("conformance", "-k", "GEN-03", "--family", "ipv4", "--topology", "routed",
-                "--artifacts", str(tmp_path)),
+                "--workers", "1", "--artifacts", str(tmp_path)),
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + 60

@@ -7,17 +7,15 @@ import contextlib
 import ipaddress
 import logging
 import socket
-import struct
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from enforcer import listening
 from enforcer.core.fwports import FIRST_UNPRIVILEGED_PORT, NOTHING_LISTENS, Listening, privileged
 from enforcer.core.packet import TCP, UDP
-from enforcer.listening import ListeningSockets, parse_diag, parse_table, read_diag, read_proc
+from enforcer.listening import ListeningSockets, parse_table, read_diag, read_proc
 
 ip = ipaddress.ip_address
 EXT4, EXT6 = ip("198.51.100.1"), ip("2001:db8:2::1")
@@ -90,45 +88,6 @@ def test_read_proc_reads_the_four_tables_and_skips_a_missing_one(tmp_path: Path)
     (tmp_path / "udp6").write_text("\n".join([HEADER, _line(0, "::", 53, 0x07)]))
     (tmp_path / "udp").write_text(HEADER + "\n")  # and no tcp6: a kernel without IPv6
     assert read_proc(tmp_path).sockets == {(TCP, EXT4, 8080), (UDP, ip("::"), 53)}
-
-
-# --- sock_diag --------------------------------------------------------------------------------
-
-def _diag_message(family: int, state: int, address: str, port: int) -> bytes:
-    packed = ip(address).packed.ljust(16, b"\0")
-    # inet_diag_msg: family, state, timer, retrans, sport, dport, src, dst, if, cookie, 5 u32
-    body = struct.pack("=BBBB", family, state, 0, 0) + struct.pack("!HH", port, 0) + packed + \
-        bytes(16) + struct.pack("=I8x5I", 0, 0, 0, 0, 0, 0)
-    return struct.pack("=IHHII", 16 + len(body), listening.SOCK_DIAG_BY_FAMILY, 2, 1, 0) + body
-
-
-def _done() -> bytes:
-    return struct.pack("=IHHIIi", 20, listening.NLMSG_DONE, 2, 1, 0, 0)
-
-
-def test_diag_messages_give_their_sockets_until_the_dump_is_done() -> None:
-    found: set[tuple[int, object, int]] = set()
-    first = _diag_message(socket.AF_INET, 10, "198.51.100.1", 8080) + \
-        _diag_message(socket.AF_INET6, 10, "::", 2121)
-    assert parse_diag(first, TCP, found) is False  # more to come
-    second = _diag_message(socket.AF_INET6, 10, "::ffff:198.51.100.1", 21) + \
-        _diag_message(socket.AF_INET, 7, "0.0.0.0", 0) + _done()
-    assert parse_diag(second, TCP, found) is True
-    assert found == {(TCP, EXT4, 8080), (TCP, ip("::"), 2121), (TCP, EXT4, 21)}
-
-
-def test_a_diag_error_is_an_os_error() -> None:
-    error = struct.pack("=IHHIIi", 20, listening.NLMSG_ERROR, 0, 1, 0, -93)
-    with pytest.raises(OSError, match="sock_diag") as info:
-        parse_diag(error, TCP, set())
-    assert info.value.errno == 93
-
-
-def test_the_request_asks_for_a_dump_of_one_family_protocol_and_states() -> None:
-    request = listening.diag_request(socket.AF_INET6, TCP, 1 << 10)
-    length, kind, flags, _, _ = struct.unpack_from("=IHHII", request)
-    assert (length, kind, flags) == (len(request), 20, 0x301) and len(request) == 16 + 56
-    assert struct.unpack_from("=BBBxI", request, 16) == (socket.AF_INET6, TCP, 0, 1 << 10)
 
 
 # --- both readers, on this namespace's real sockets ---------------------------------------------

@@ -16,6 +16,7 @@ from testbed.clauses.helpers import (
     assert_not_connected,
     datagram,
     decisions_for,
+    grant,
     ip,
     is_rejection,
     syn,
@@ -194,20 +195,25 @@ def _pinhole_rules(net: Net) -> str:
 
 @pytest.mark.clause("GEN-03")
 @pytest.mark.parametrize("how", ["never started", "stopped", "crashed", "killed"])
-def test_locked_down_whenever_the_enforcer_is_not_running(net: Net, how: str) -> None:
+def test_locked_down_whenever_the_enforcer_is_not_running(net: Net, how: str, mode: str) -> None:
     """Before the first start, after a clean stop, a crash or SIGKILL: nothing new passes
-    either way and the fw's services are closed to the outside, while a flow admitted
-    before goes on; a start then takes over with one copy of its rules."""
+    either way and the fw's services are closed to the outside. A flow admitted before
+    in kernel mode goes on; one in user mode stops (its filter is gone: nothing of it
+    passes unjudged). A start then takes over with one copy of its rules."""
     c1, s1 = net.agent("c1"), net.agent("s1")
     server = net.addr("s1")
-    with s1.tcp_server(server, 21), c1.tcp_open(server, 21) as admitted:
-        assert admitted.connected, admitted.error
-        assert admitted.exchange(10_000)["received"] == 10_000
-        _end(net, how)
-        assert_locked_down(net)
-        if how != "never started":  # (unload, the operator's command, cut it there)
-            assert admitted.exchange(10_000)["received"] == 10_000, \
-                "a flow admitted in kernel mode was cut when the enforcer stopped"
+    with net.client() as api, s1.tcp_server(server, SECONDARY_TCP):
+        grant(net, api, (server, SECONDARY_TCP))
+        with c1.tcp_open(server, SECONDARY_TCP) as admitted:
+            assert admitted.connected, admitted.error
+            assert admitted.exchange(10_000)["received"] == 10_000
+            _end(net, how)
+            assert_locked_down(net)
+            after = admitted.exchange(10_000, timeout=NEGATIVE)["received"]
+            if mode == "user":
+                assert not after, "a user-mode flow went on without its enforcer"
+            elif how != "never started":  # (unload, the operator's command, cut it there)
+                assert after == 10_000, "a flow admitted in kernel mode was cut when the enforcer stopped"
     net.enforcer.start()
     rules = _pinhole_rules(net)
     for chain in ("FORWARD", "INPUT"):

@@ -24,14 +24,16 @@ ALLOWED_EXTRA_DELAY = 0.050  # seconds, at the 99th percentile
 
 @pytest.mark.alone  # a first-SYN delay measured in milliseconds: no other checks beside it
 @pytest.mark.clause("ROB-01")
-def test_another_clients_connections_open_promptly_under_a_flood(filtering: Net) -> None:
+def test_another_clients_connections_open_promptly_under_a_flood(filtering: Net, mode: str) -> None:
     """c2 floods: 20,000 new-flow SYNs, 2,000 TFTP requests, 5,000 PORT lines and 10,000
-    grant calls. c1's 100 connections under an ALLOW_MULTIPLE grant all open, and their
-    first SYNs' p99 delay through the fw stays within 50 ms of a run without the flood."""
+    grant calls. c1's 100 connections under an ALLOW_MULTIPLE grant (in kernel or user
+    mode) all open, and their first SYNs' p99 delay through the fw stays within 50 ms of
+    a run without the flood."""
     net = filtering
+    flags = Flags.ALLOW_MULTIPLE | (Flags.NO_KERNEL_MODE if mode == "user" else Flags(0))
     with net.client() as api:
         grant = api.allow_future_connect(net.session("c1"), (net.addr("s1"), VICTIM_PORT),
-                                         protocol_guid=FTP_GUID, flags=Flags.ALLOW_MULTIPLE)
+                                         protocol_guid=FTP_GUID, flags=flags)
         quiet = first_syn_delays(net, "c1", "s1", CONNECTIONS)
         before, refused_before = net.call("status")["counters"], kernel_refusals(net)
         with Flood(net, "c2", "s1") as flood:
@@ -39,7 +41,7 @@ def test_another_clients_connections_open_promptly_under_a_flood(filtering: Net)
             overlapped = flood.running
         after, refused = net.call("status")["counters"], kernel_refusals(net) - refused_before
         grant.cancel()
-    print(f"\nROB-01 {net.lab.variant}/{net.family}: without the flood {quiet.summary()}; "
+    print(f"\nROB-01 {net.lab.variant}/{net.family}/{mode}: without the flood {quiet.summary()}; "
           f"under it {loud.summary()}; flood: {flood.counts.summary()}")
     assert not flood.counts.errors, flood.counts.errors
     assert overlapped, "the flood was over before the measured connections were"

@@ -589,7 +589,9 @@ class Engine:
 
     def _to_bind(self, bind: Bind, meta: PacketMeta, now: float, length: int) -> Decision:
         """A new flow for a bind: admitted if the bind is approved and its IpFilter
-        includes the peer; a SecureNAT bind is then done (it takes one flow)."""
+        includes the peer; a SecureNAT bind is then done (it takes one flow). A UDP flow is
+        one way unless the bind has BIDIRECTIONAL: the client's answers to the peer (the
+        flow's reply direction) do not pass."""
         key = meta.key
 
         def drop(reason: str) -> Decision:
@@ -611,14 +613,15 @@ class Engine:
         session = self.sessions.get(bind.session_id)
         if session is not None:
             self.sessions.touch(session, now)
+        one_way = key.protocol == UDP and Flags.BIDIRECTIONAL not in bind.flags
         record = FlowRecord(key, bind.session_id, str(bind.protocol_name), Mode.KERNEL, now,
-                            inbound=meta.ingress is Ingress.EXTERNAL)
+                            inbound=meta.ingress is Ingress.EXTERNAL, one_way=one_way)
         record.saw(True, length, now, meta.tcp_flags)
         self.flows.add(record, now)
         if bind.for_securenat:
             self.bind_done(bind)
         return Decision(Verdict.ADMIT_KERNEL, key, f"inbound to bind {bind.id}", now,
-                        bind.session_id, bind.protocol_name)
+                        bind.session_id, bind.protocol_name, one_way=one_way)
 
     def bind_done(self, bind: Bind) -> None:
         """The bind took its connection (TCP), or its association ended: it is closed and

@@ -506,6 +506,19 @@ def test_udp_inbound_records_the_peer_and_may_answer(engine: Engine, session: in
     assert bidi.may_answer(S2, 7, 101.0)
 
 
+@pytest.mark.parametrize(("flags", "one_way"), [(NO_FLAGS, True), (Flags.BIDIRECTIONAL, False)])
+def test_a_udp_flow_to_a_bind_is_one_way_unless_bidirectional(engine: Engine, session: int,
+                                                              flags: Flags, one_way: bool) -> None:
+    """RAB-06 for a Firewall client's UDP bind: receive only unless BIDIRECTIONAL (the
+    relay answers only then; the decision and the record say so as for any flow)."""
+    bind = engine.bind_for_client(session, UDP, EXT4, 1.0)
+    allow(engine, session, bind, guid=DNS, flags=flags)
+    d = engine.inbound(inbound_pkt(S1, EXT4, bind.port, proto=UDP), 2.0)
+    assert d.verdict is Verdict.ADMIT_KERNEL and d.one_way is one_way
+    record = engine.flows.get(d.key)
+    assert record is not None and record.one_way is one_way
+
+
 def test_a_pending_bidirectional_bind_may_not_answer(engine: Engine, session: int) -> None:
     bind = engine.bind_for_client(session, UDP, EXT4, 1.0)
     engine.inbound(inbound_pkt(S1, EXT4, bind.port, proto=UDP), 2.0)

@@ -39,6 +39,7 @@ DNS = uuid.UUID("5c3c2a3e-8f1b-4c1e-9a57-1f0d3a6b2104")
 SYN = packet.TCP_SYN
 ACK = 0x10
 PORT = 50000  # the client's port an application filter asks for
+NO_FLAGS = Flags(0)
 
 
 def make_engine(nat: bool, external: tuple[IPAddress, ...] = EXTERNAL, **kwargs: Any) -> Engine:
@@ -84,10 +85,11 @@ def only(*servers: IPAddress) -> IpFilter:
     return f
 
 
-def approve(engine: Engine, bind: Bind, ipfilter: IpFilter | None, now: float = 2.0) -> None:
+def approve(engine: Engine, bind: Bind, ipfilter: IpFilter | None, now: float = 2.0,
+            flags: Flags = NO_FLAGS) -> None:
     guid = FTP if bind.protocol == TCP else DNS
     got, first = engine.retroactive_allow_bind(bind.session_id, bind.protocol, bind.address, bind.port,
-                                               guid, Flags(0), ipfilter, now)
+                                               guid, flags, ipfilter, now)
     assert got is bind and first
 
 
@@ -369,6 +371,27 @@ def test_the_admitted_udp_flow_s_next_datagrams_are_its_own(engine: Engine) -> N
     assert (bind.admitted, bind.discarded) == (1, 0)
     late = engine.decide(from_server(S1, proto=UDP), 4.0 + SAME_FLOW_WINDOW + 0.5)
     assert late.verdict is Verdict.DROP
+
+
+@pytest.mark.parametrize(("proto", "flags", "one_way"), [
+    (UDP, Flags(0), True), (UDP, Flags.BIDIRECTIONAL, False),
+    (UDP, Flags.INCREASE_RECEIVE_BUFFER, True), (TCP, Flags(0), False)],
+    ids=["udp", "udp-bidirectional", "udp-increase-receive-buffer", "tcp"])
+def test_a_udp_bind_receives_only_unless_bidirectional(engine: Engine, proto: int, flags: Flags,
+                                                       one_way: bool) -> None:
+    """RAB-06: the flow a peer opens to a UDP bind approved without BIDIRECTIONAL is one
+    way (the shell marks it so; the kernel drops its reply direction: the client's
+    answers to the peer); with BIDIRECTIONAL the client may answer. Its later datagrams
+    that reach the enforcer get the same verdict."""
+    bind, _ = engine.bind_for_securenat(securenat(engine), proto, PORT, 2.0)
+    approve(engine, bind, only(S1), flags=flags)
+    d = engine.decide(from_server(S1, proto=proto), 3.0)
+    assert d.verdict is Verdict.ADMIT_KERNEL and d.one_way is one_way
+    record = engine.flows.get(d.key)
+    assert record is not None and record.one_way is one_way and record.inbound
+    if proto == UDP:
+        again = engine.decide(from_server(S1, proto=proto), 3.1)
+        assert "later datagram" in again.reason and again.one_way is one_way
 
 
 def test_each_decision_is_recorded_once(engine: Engine) -> None:

@@ -8,8 +8,10 @@ external address and the same port, which the fw's source translation keeps
 unless another flow holds it) and approves it for the server alone
 (RetroactiveAllowBind with an IpFilter holding the server). The server's reply
 is admitted, and with it the transfer; any other sender, or a second port of
-the server's, is not. Malformed requests open nothing, and so does a request
-from a privileged port (below 1024: SPEC rule 14).
+the server's, is not. The bind is approved with BIDIRECTIONAL: the client answers
+the server's new port (ACKs for a read, DATA for a write), and a UDP bind without
+it only receives. Malformed requests open nothing, and so does a request from a
+privileged port (below 1024: SPEC rule 14).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import logging
 import struct
 from dataclasses import dataclass, field
 
-from enforcer.client import SessionApiError, SessionCalls
+from enforcer.client import Flags, SessionApiError, SessionCalls
 from enforcer.filters import FIRST_UNPRIVILEGED_PORT, Direction, Primary
 
 TFTP_GUID = "5c3c2a3e-8f1b-4c1e-9a57-1f0d3a6b2105"
@@ -75,7 +77,8 @@ class TftpRequests:
         try:
             where = self.api.bind_for_client(p.session, p.client[1], protocol="udp")
             self.api.retroactive_allow_bind(p.session, where, protocol="udp",
-                                            protocol_guid=TFTP_GUID, ipfilter=[(server, server)])
+                                            protocol_guid=TFTP_GUID, flags=Flags.BIDIRECTIONAL,
+                                            ipfilter=[(server, server)])
         except SessionApiError as exc:
             log.info("session %d: cannot open the reply to %s:%d: %s", p.session, *p.client, exc)
             return

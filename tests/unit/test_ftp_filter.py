@@ -366,6 +366,9 @@ def test_tftp_requests_parse() -> None:
 
 
 def test_tftp_request_binds_the_clients_port_for_the_server() -> None:
+    """The bind is approved for the server alone, with BIDIRECTIONAL: the client answers
+    the server's new port (ACKs for a read, DATA for a write), which a UDP bind without it
+    would drop."""
     api = FakeApi(nat=True)
     flow = TftpFilter().attach(Primary(3, "udp", (C1, 40200), (S1, 69), translated=True,
                                        firewall_client=False), api)
@@ -373,7 +376,8 @@ def test_tftp_request_binds_the_clients_port_for_the_server() -> None:
     assert api.opened() == [
         ("bind_for_client", {"session": 3, "protocol": "udp", "client_port": 40200}),
         ("retroactive_allow_bind", {"session": 3, "protocol": "udp", "address": FW_EXT,
-                                    "port": 40000, "protocol_guid": TFTP_GUID, "flags": [],
+                                    "port": 40000, "protocol_guid": TFTP_GUID,
+                                    "flags": ["BIDIRECTIONAL"],
                                     "ipfilter": {"ranges": [[str(S1), str(S1)]]}})]
 
 

@@ -229,6 +229,7 @@ class Daemon:
         self._next_prune = clock()
         self.host = dataplane.HostSettings(state_file(config))
         self.maps: dataplane.NatMaps | None = None  # per-grant kernel NAT, once running
+        self.local_flows: dataplane.LocalFlows | None = None  # closed binds' flows, once running
         self._stop = False
         self.backend = "none"
         self.queue_socket: socket.socket | None = None
@@ -268,8 +269,10 @@ class Daemon:
             log.debug("%s %s: %s", decision.verdict.value, meta.key, decision.reason)
             if decision.verdict is Verdict.DROP:
                 pkt.drop()
-            else:
-                pkt.accept()
+                return
+            if meta.key.protocol == UDP:  # its later datagrams go to the bind's socket in the kernel
+                pkt.set_mark((mark & ~dataplane.MARK_OWNED) | dataplane.local_mark(meta.key.dport))
+            pkt.accept()
         elif pkt.hook == HOOK_OUTPUT or dataplane.is_user_mode(mark):
             self._user_packet(pkt, meta, data, length)
         else:
@@ -400,6 +403,11 @@ class Daemon:
             raise dataplane.DataplaneError("the enforcer is not running: no NAT maps to write")
         return self.maps
 
+    def _local_flows(self) -> dataplane.LocalFlows:
+        if self.local_flows is None:
+            raise dataplane.DataplaneError("the enforcer is not running: no flows to forget")
+        return self.local_flows
+
     def _on_grant(self, perms: list[Permission]) -> None:
         """Kernel NAT for kernel-mode redirects (in place before the grant's call returns);
         a larger queue buffer when asked for."""
@@ -445,10 +453,19 @@ class Daemon:
                                       r.target_port)
 
     def _retire_redirects(self) -> None:
-        """Remove the kernel state of kernel-mode redirects and SecureNAT binds that admit
-        nothing more."""
+        """Remove the kernel state of kernel-mode redirects and binds that admit nothing
+        more: NAT map elements, and the flows a Firewall client's closed UDP bind admitted."""
+        binds = self.engine.drain_retired_binds()
+        for bind in binds:
+            if not bind.for_securenat:
+                try:
+                    self._local_flows().forget(bind.port)
+                except dataplane.DataplaneError as exc:
+                    # its socket is gone: the kernel hands the datagrams to the enforcer,
+                    # which drops them, until the port is bound again
+                    log.error("cannot forget the flows of closed bind %d: %s", bind.id, exc)
         rules: list[dataplane.NatRule] = [self._redirect_rule(p) for p in self.engine.drain_retired()]
-        rules += [r for r in map(self._bind_rule, self.engine.drain_retired_binds()) if r is not None]
+        rules += [r for r in map(self._bind_rule, binds) if r is not None]
         if not rules:
             return
         try:
@@ -517,11 +534,13 @@ class Daemon:
             if replaced:
                 log.warning("took over from a run that did not stop cleanly; replaced its %s",
                             "; ".join(replaced))
-            forgotten = dataplane.forget_flows(("user",))
+            forgotten = dataplane.forget_flows(("user", "local"))
             if forgotten:
-                log.warning("forgot the user-mode flows of an earlier run (their filters went "
-                            "with it): %s", "; ".join(forgotten))
+                log.warning("forgot the user-mode flows and the flows to Firewall clients' binds "
+                            "of an earlier run (their filters and sockets went with it): %s",
+                            "; ".join(forgotten))
             self.maps = dataplane.NatMaps()
+            self.local_flows = dataplane.LocalFlows()
             if self.filter_factories or self.app_filters:
                 self.host.liberal_tcp_tracking()
             wake_w.setblocking(False)
@@ -568,6 +587,9 @@ class Daemon:
             if self.maps is not None:
                 self.maps.close()
                 self.maps = None
+            if self.local_flows is not None:
+                self.local_flows.close()
+                self.local_flows = None
             try:
                 if installed:
                     self._leave()

@@ -48,7 +48,9 @@ CHILD_TIMEOUT = 30  # seconds an iptables/nft/conntrack child may take (start, s
 # netlink (linux/netlink.h, linux/netfilter/nfnetlink.h, nf_tables.h)
 NETLINK_NETFILTER = 12
 NFPROTO_INET = 1
-NFNL_SUBSYS_NFTABLES = 10
+NFNL_SUBSYS_CTNETLINK, NFNL_SUBSYS_NFTABLES = 1, 10
+IPCTNL_MSG_CT_DELETE = 2
+CTA_MARK, CTA_MARK_MASK = 8, 21
 NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END = 0x10, 0x11
 NFT_MSG_NEWSETELEM, NFT_MSG_DELSETELEM = 12, 14
 NLM_F_REQUEST, NLM_F_ACK, NLM_F_CREATE = 0x1, 0x4, 0x400
@@ -64,11 +66,16 @@ MARK_USER = 0x20000000     #   in user mode: every packet is queued to the enfor
 MARK_ONE_WAY = 0x40000000  # replies (target -> client) are not admitted
 MARK_SNAT = 0x0F000000     # 1 + index of the external address a flow leaves from (0: none)
 MARK_SNAT_SHIFT = 24
-MARK_MASK = MARK_MODE | MARK_ONE_WAY | MARK_SNAT  # what the connmark keeps
+MARK_MASK = MARK_MODE | MARK_ONE_WAY | MARK_SNAT  # what the connmark keeps (forwarded flows)
 # Packet-only bits:
 MARK_REWRITTEN = 0x80000000  # the enforcer redirected this packet before routing: let it pass
 MARK_PORT = 0x0000FFFF       # a kernel-mode redirect rule's port, on a flow's first packet
-MARK_OWNED = MARK_MASK | MARK_REWRITTEN | MARK_PORT
+# A flow to a Firewall client's UDP bind (a socket of the fw): its connmark is
+# MARK_KERNEL | MARK_LOCAL | the bind's port, so that the kernel hands its datagrams
+# to the socket and a closed bind's flows can be forgotten by that mark alone.
+MARK_LOCAL = 0x00800000
+MARK_LOCAL_KEPT = MARK_MODE | MARK_LOCAL | MARK_PORT  # what the connmark keeps of such a flow
+MARK_OWNED = MARK_MASK | MARK_REWRITTEN | MARK_PORT | MARK_LOCAL
 MAX_EXTERNAL_ADDRESSES = MARK_SNAT >> MARK_SNAT_SHIFT
 
 
@@ -76,6 +83,11 @@ def mark_for(user_mode: bool, one_way: bool, snat: int | None) -> int:
     """The mark an admitting verdict sets (pure)."""
     return ((MARK_USER if user_mode else MARK_KERNEL) | (MARK_ONE_WAY if one_way else 0)
             | (0 if snat is None else ((snat + 1) << MARK_SNAT_SHIFT) & MARK_SNAT))
+
+
+def local_mark(port: int) -> int:
+    """The mark admitting a flow to a Firewall client's UDP bind on ``port`` (pure)."""
+    return MARK_KERNEL | MARK_LOCAL | (port & MARK_PORT)
 
 
 def redirect_port(mark: int) -> int | None:
@@ -244,10 +256,21 @@ def render_rules(family: str, rs: Ruleset) -> str:
     lines += ["COMMIT", "*nat"]
     if working:
         lines.append(":PINHOLE-POSTROUTING - [0:0]")
+        local = rs.bind_ports is not None
+        if local:
+            # A flow to a Firewall client's UDP bind keeps its verdict's mark. The nat
+            # table's input hook comes after the filter table's (where the verdict is),
+            # and sees the first packet of each connection only: the admitted one.
+            lines += [":PINHOLE-INPUT - [0:0]",
+                      f"-A PINHOLE-INPUT -m mark --mark {_hex(MARK_LOCAL)}/{_hex(MARK_LOCAL)} "
+                      f"-j CONNMARK --save-mark --nfmask {_hex(MARK_LOCAL_KEPT)} "
+                      f"--ctmask {_hex(MARK_LOCAL_KEPT)}"]
         for ext, net, mark, address in _snat_rules(family, interfaces, rs.nat):
             match = f"-m mark --mark {_hex(mark)}/{_hex(MARK_SNAT)}" if mark else f"-s {net}"
             lines.append(f"-A PINHOLE-POSTROUTING {match} -o {ext} -j SNAT --to-source {address}")
         lines.append("-I POSTROUTING 1 -j PINHOLE-POSTROUTING")
+        if local:
+            lines.append("-I INPUT 1 -j PINHOLE-INPUT")
     lines.append("COMMIT")
     return "\n".join(lines) + "\n"
 
@@ -292,13 +315,19 @@ def _input_base(family: str, rs: Ruleset) -> list[str]:
 def _bind_rules(family: str, rs: Ruleset, queue: str) -> list[str]:
     """A new flow to a bind port on an external address goes to the enforcer (a bind
     not approved, or a peer its IpFilter leaves out, is dropped before the bound socket
-    sees anything); what belongs to no flow is dropped."""
+    sees anything); what belongs to no flow is dropped. The later datagrams of a UDP
+    flow the enforcer admitted, which conntrack still calls new until the client
+    answers, go to the bind's socket in the kernel while it is there (once it is gone,
+    the enforcer drops them)."""
     if rs.bind_ports is None:
         return []
     out = []
     for a in rs.interfaces.external_of(family):
         for proto in ("tcp", "udp"):
             match = f"-A PINHOLE-INPUT -d {a} -p {proto} --dport {_ports(rs.bind_ports)}"
+            if proto == "udp":
+                out.append(f"{match} -m connmark --mark {_hex(MARK_LOCAL)}/{_hex(MARK_LOCAL)} "
+                           "-m socket -j ACCEPT")
             out += [f"{match} {cap}" for cap in _new_flow_caps(family, rs.limits)]
             out += [f"{match} -m conntrack --ctstate NEW {queue}",
                     f"{match} -m conntrack --ctstate INVALID,UNTRACKED -j DROP"]
@@ -381,7 +410,9 @@ def render_nft(rs: Ruleset) -> str:
             for address in interfaces.external_of(family) if rs.bind_ports is not None else ():
                 match = (f"{proto} daddr {address} meta l4proto {{ tcp, udp }} "
                          f"th dport {_nft_ports(rs.bind_ports or (0, 0))}")
-                lines += [*(f"    {match} {cap}" for cap in caps),
+                lines += [f"    {proto} daddr {address} udp dport {_nft_ports(rs.bind_ports or (0, 0))} "
+                          f"ct mark and {_hex(MARK_LOCAL)} == {_hex(MARK_LOCAL)} socket wildcard 0 accept",
+                          *(f"    {match} {cap}" for cap in caps),
                           f"    {match} ct state new {queue}",
                           f"    {match} ct state invalid,untracked drop"]
     if rs.lockdown:
@@ -411,6 +442,12 @@ def render_nft(rs: Ruleset) -> str:
             # nft cannot merge two registers here: the ct mark is set whole, our bits only.
             f"    meta mark and {admitted} ct mark set meta mark and {_hex(MARK_MASK)}",
             "  }",
+            *([] if rs.bind_ports is None else [
+                "  chain save_local_mark {",
+                "    type filter hook input priority filter + 10; policy accept;",
+                f"    meta mark and {_hex(MARK_LOCAL)} == {_hex(MARK_LOCAL)} "
+                f"ct mark set meta mark and {_hex(MARK_LOCAL_KEPT)}",
+                "  }"]),
             "  chain source_nat {",
             "    type nat hook postrouting priority srcnat; policy accept;",
         ]
@@ -563,26 +600,64 @@ class NatMaps:
             data += set_elements_message(name, elements, add, seq)
             waiting.add(seq)
         data += batch_marker(NFNL_MSG_BATCH_END, next(self._seq))
-        errors: list[int] = []
-        try:
-            self.sock.send(data)
-            while waiting:
-                reply = self.sock.recv(65536)
-                offset = 0
-                while offset + 16 <= len(reply):
-                    length, kind, _flags, seq, _pid = struct.unpack_from("=IHHII", reply, offset)
-                    if kind == NLMSG_ERROR and seq in waiting:
-                        waiting.discard(seq)
-                        code = -struct.unpack_from("=i", reply, offset + 16)[0]
-                        if code:
-                            errors.append(code)
-                    offset += max(16, (length + 3) & ~3)
-        except OSError as exc:
-            raise DataplaneError(f"writing the NAT maps over netlink failed: {exc}") from None
-        return errors
+        return _request(self.sock, data, waiting, "writing the NAT maps")
 
     def close(self) -> None:
         self.sock.close()
+
+
+def _request(sock: socket.socket, data: bytes, waiting: set[int], what: str) -> list[int]:
+    """Send netlink messages and read the kernel's acknowledgements of the sequence numbers
+    in ``waiting``: the errno of each one it refused."""
+    errors: list[int] = []
+    try:
+        sock.send(data)
+        while waiting:
+            reply = sock.recv(65536)
+            offset = 0
+            while offset + 16 <= len(reply):
+                length, kind, _flags, seq, _pid = struct.unpack_from("=IHHII", reply, offset)
+                if kind == NLMSG_ERROR and seq in waiting:
+                    waiting.discard(seq)
+                    code = -struct.unpack_from("=i", reply, offset + 16)[0]
+                    if code:
+                        errors.append(code)
+                offset += max(16, (length + 3) & ~3)
+    except OSError as exc:
+        raise DataplaneError(f"{what} over netlink failed: {exc}") from None
+    return errors
+
+
+class LocalFlows:
+    """Forgets the conntrack entries of a closed Firewall-client UDP bind's flows, by their
+    mark (``local_mark``), in one netlink request the kernel answers at once: the kernel
+    would otherwise go on handing their datagrams to whatever socket binds the port next."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+        self.sock.bind((0, 0))
+        self.sock.settimeout(NETLINK_TIMEOUT)
+        self._seq = itertools.count(1)
+
+    def forget(self, port: int) -> None:
+        """Delete every flow admitted to the bind on ``port`` (both families)."""
+        seq = next(self._seq)
+        errors = _request(self.sock, forget_by_mark_message(local_mark(port), MARK_LOCAL_KEPT, seq),
+                          {seq}, "forgetting a closed bind's flows")
+        if any(code != errno.ENOENT for code in errors):
+            raise DataplaneError(f"the kernel refused to forget the flows of bind port {port}: "
+                                 + "; ".join(map(os.strerror, errors)))
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def forget_by_mark_message(mark: int, mask: int, seq: int) -> bytes:
+    """IPCTNL_MSG_CT_DELETE without a tuple: every conntrack entry of either family whose
+    mark, masked, is ``mark`` (ctnetlink's flush with a mark filter)."""
+    body = _attribute(CTA_MARK, struct.pack("!I", mark)) + _attribute(CTA_MARK_MASK, struct.pack("!I", mask))
+    return _netlink((NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_DELETE, NLM_F_REQUEST | NLM_F_ACK,
+                    seq, socket.AF_UNSPEC, 0, body)
 
 
 def _attribute(kind: int, payload: bytes) -> bytes:
@@ -749,17 +824,20 @@ def _nft_table_exists(table: str) -> bool:
         return False
 
 
-MODE_MARKS = {"kernel": MARK_KERNEL, "user": MARK_USER}
+# (mark, mask) of the flows admitted in a mode; "local": to a Firewall client's UDP bind
+MODE_MARKS = {"kernel": (MARK_KERNEL, MARK_MODE), "user": (MARK_USER, MARK_MODE),
+              "local": (MARK_LOCAL, MARK_LOCAL)}
 
 
 def forget_flows(modes: Iterable[str]) -> list[str]:
-    """Delete the conntrack entries of flows admitted in these modes ("kernel", "user");
-    what was forgotten."""
+    """Delete the conntrack entries of flows admitted in these modes ("kernel", "user",
+    "local"); what was forgotten."""
     forgotten = []
     for family, mode in itertools.product(("ipv4", "ipv6"), modes):
+        mark, mask = MODE_MARKS[mode]
         try:
             out = subprocess.run(
-                ["conntrack", "-D", "-f", family, "--mark", f"0x{MODE_MARKS[mode]:x}/0x{MARK_MODE:x}"],
+                ["conntrack", "-D", "-f", family, "--mark", f"0x{mark:x}/0x{mask:x}"],
                 capture_output=True, text=True, timeout=CHILD_TIMEOUT, check=False)
         except subprocess.TimeoutExpired:
             raise DataplaneError(f"conntrack -D did not finish within {CHILD_TIMEOUT} s") from None

@@ -192,7 +192,7 @@ class Engine:
         self.binds = BindTable(self.limits, self.counters)
         self.bind_ports = PortPool(*bind_ports, name="bind")
         self.app_filters = dict(app_filters or {})
-        self.retired_binds: list[Bind] = []  # SecureNAT binds in NAT whose kernel rule must go
+        self.retired_binds: list[Bind] = []  # closed binds whose kernel state must go (bind_done)
         self._expiring_binds: dict[int, Bind] = {}
         # filter -> the (IP protocol, ports) it registered for connect events on
         self.connect_registrations: dict[int, list[tuple[int, PortRange]]] = {}
@@ -579,13 +579,15 @@ class Engine:
         return bind, True
 
     def inbound(self, meta: PacketMeta, now: float, length: int = 0) -> Decision:
-        """The first packet of a flow to one of the fw's own addresses on a bind port."""
+        """The first packet of a flow to one of the fw's own addresses on a bind port (a
+        Firewall client's bind)."""
         key = meta.key
-        bind = self.binds.at(key.protocol, key.dst, key.dport)
-        if bind is None:
-            return self._record(Decision(Verdict.DROP, key,
-                                         f"nothing is bound on {key.dst} port {key.dport}", now))
-        return self._record(self._to_bind(bind, meta, now, length))
+        decision = self._same_datagram_flow(meta, now, length)
+        if decision is None:
+            bind = self.binds.at(key.protocol, key.dst, key.dport)
+            decision = (Decision(Verdict.DROP, key, f"nothing is bound on {key.dst} port {key.dport}", now)
+                        if bind is None else self._to_bind(bind, meta, now, length))
+        return self._record(decision)
 
     def _to_bind(self, bind: Bind, meta: PacketMeta, now: float, length: int) -> Decision:
         """A new flow for a bind: admitted if the bind is approved and its IpFilter
@@ -625,13 +627,17 @@ class Engine:
 
     def bind_done(self, bind: Bind) -> None:
         """The bind took its connection (TCP), or its association ended: it is closed and
-        its port goes back to the pool (a connection it took keeps its socket)."""
+        its port goes back to the pool (a connection it took keeps its socket). What the
+        kernel holds for it is due for removal (``drain_retired_binds``): a SecureNAT
+        bind's NAT in NAT, and the flows a Firewall client's UDP bind admitted (the kernel
+        passes their datagrams to its socket; none may reach the port's next bind)."""
         if bind.state is not BindState.CLOSED:
             self.binds.close(bind)
             if bind.pooled:
                 self.bind_ports.release(bind.port)
             self._expiring_binds.pop(bind.id, None)
-            if bind.for_securenat and bind.address != bind.client:
+            if (bind.for_securenat and bind.address != bind.client) or \
+                    (not bind.for_securenat and bind.protocol == UDP and bind.admitted):
                 self.retired_binds.append(bind)
 
     def _admit_permitted(self, key: FlowKey, perm: Permission, now: float, length: int,

@@ -86,6 +86,32 @@ subprocess.run(["nft", "delete", "table", "inet", "{dataplane.MAPS_TABLE}"], che
     assert "elements" not in removed
 
 
+def test_a_closed_bind_s_flows_are_forgotten_by_their_mark(tb: Testbed) -> None:
+    """LocalFlows (raw netlink) deletes the conntrack entries of one bind port's flows, of
+    both families, and nothing else: not another bind's, not a forwarded flow's; a port
+    with none is no error."""
+    entries = [  # (source, destination, destination port, mark)
+        ("198.51.100.21", "198.51.100.1", 20001, dataplane.local_mark(20001)),
+        ("2001:db8:2::21", "2001:db8:2::1", 20001, dataplane.local_mark(20001)),
+        ("198.51.100.22", "198.51.100.1", 20002, dataplane.local_mark(20002)),
+        ("198.51.100.23", "192.0.2.11", 20001, dataplane.MARK_KERNEL | 20001),
+    ]
+    for src, dst, port, mark in entries:
+        tb.run("fw", ["conntrack", "-I", "-p", "udp", "-s", src, "-d", dst, "--sport", "5555",
+                      "--dport", str(port), "--timeout", "100", "--mark", str(mark)])
+    try:
+        script = ("from enforcer import dataplane\nflows = dataplane.LocalFlows()\n"
+                  "flows.forget(20001)\nflows.forget(20003)\nflows.close()\n")
+        tb.run("fw", [sys.executable, "-c", script])
+        left = tb.run("fw", ["conntrack", "-L", "-f", "ipv4", "-p", "udp"]).stdout + \
+            tb.run("fw", ["conntrack", "-L", "-f", "ipv6", "-p", "udp"]).stdout
+        assert "src=198.51.100.21 " not in left and "src=2001:db8:2::21 " not in left, left
+        assert "src=198.51.100.22 " in left and "src=198.51.100.23 " in left, left
+    finally:
+        for family in ("ipv4", "ipv6"):
+            tb.run("fw", ["conntrack", "-D", "-f", family, "-p", "udp"], check=False)
+
+
 def test_the_nft_backend_runs_where_the_kernel_allows_and_refuses_clearly_elsewhere(
         tb: Testbed, tmp_path: Path) -> None:
     enforcer = EnforcerProcess(tb, tmp_path)

@@ -519,6 +519,40 @@ def test_a_udp_flow_to_a_bind_is_one_way_unless_bidirectional(engine: Engine, se
     assert record is not None and record.one_way is one_way
 
 
+def test_datagrams_queued_before_the_kernel_knew_the_verdict_are_the_flow_s(engine: Engine,
+                                                                            session: int) -> None:
+    """A flow's later datagrams that reached the queue before the kernel had recorded the
+    first one's verdict get it again, as the same flow: the bind counts one admission."""
+    bind = engine.bind_for_client(session, UDP, EXT4, 1.0)
+    allow(engine, session, bind, guid=DNS)
+    first = engine.inbound(inbound_pkt(S1, EXT4, bind.port, proto=UDP), 2.0)
+    again = engine.inbound(inbound_pkt(S1, EXT4, bind.port, proto=UDP), 2.1)
+    assert again.verdict is Verdict.ADMIT_KERNEL and "later datagram" in again.reason
+    assert (again.session_id, again.one_way) == (first.session_id, first.one_way)
+    assert (bind.admitted, bind.discarded) == (1, 0)
+    other = engine.inbound(inbound_pkt(S1, EXT4, bind.port, proto=UDP, sport=5556), 2.1)
+    assert other.verdict is Verdict.ADMIT_KERNEL and bind.admitted == 2  # another flow
+
+
+@pytest.mark.parametrize(("proto", "peer_sent", "retired"), [
+    (UDP, True, True), (UDP, False, False), (TCP, True, False)],
+    ids=["udp-admitted-a-flow", "udp-admitted-none", "tcp"])
+def test_a_closed_udp_bind_s_flows_are_retired(engine: Engine, session: int, proto: int, peer_sent: bool,
+                                               retired: bool) -> None:
+    """The kernel hands an admitted flow's later datagrams to the bind's socket: when a UDP
+    bind that admitted flows closes, the shell is told to forget them (so that none reaches
+    the socket that binds the port next). A TCP bind's connection keeps its own socket."""
+    bind = engine.bind_for_client(session, proto, EXT4, 1.0)
+    allow(engine, session, bind, guid=DNS if proto == UDP else FTP)
+    if peer_sent:
+        engine.inbound(inbound_pkt(S1, EXT4, bind.port, proto=proto), 2.0)
+    assert engine.drain_retired_binds() == []
+    engine.bind_done(bind)
+    assert engine.drain_retired_binds() == ([bind] if retired else [])
+    engine.bind_done(bind)  # twice is once
+    assert engine.drain_retired_binds() == []
+
+
 def test_a_pending_bidirectional_bind_may_not_answer(engine: Engine, session: int) -> None:
     bind = engine.bind_for_client(session, UDP, EXT4, 1.0)
     engine.inbound(inbound_pkt(S1, EXT4, bind.port, proto=UDP), 2.0)

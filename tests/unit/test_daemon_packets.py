@@ -1,5 +1,7 @@
 """The daemon's packet callback, with a stand-in for NetfilterQueue's packets: an error
-after a packet's verdict must not escape into the queue's loop (ROB-04)."""
+after a packet's verdict must not escape into the queue's loop (ROB-04); the marks its
+verdicts set on flows to binds (RAB-06), and what it removes from the kernel when a
+bind closes."""
 
 from __future__ import annotations
 
@@ -7,21 +9,26 @@ import ipaddress
 import uuid
 from typing import Any
 
+import pytest
 from core_policy import INTERNAL, POLICY, POLICY_DATA
-from scapy.layers.inet import IP, TCP
+from scapy.layers.inet import IP, TCP, UDP
 
+from enforcer import dataplane
 from enforcer.api import SessionApi
 from enforcer.control import Caller
 from enforcer.core.engine import Engine
 from enforcer.core.flags import Flags
 from enforcer.core.packet import TCP as TCP_PROTOCOL
-from enforcer.daemon import Arrivals, Daemon
+from enforcer.core.packet import UDP as UDP_PROTOCOL
+from enforcer.daemon import HOOK_INPUT, Arrivals, Daemon
 from enforcer.dataplane import Interfaces
 from enforcer.protocol import encode
 
-C1, S1 = "192.0.2.11", "198.51.100.21"
+C1, S1, EXT = "192.0.2.11", "198.51.100.21", "198.51.100.1"
 INTERNAL_IF = 3  # the ifindex packets from the clients arrive on
+EXTERNAL_IF = 4
 HOOK_FORWARD = 2
+DNS = uuid.UUID(POLICY_DATA["protocol"][3]["guid"])
 
 
 class QueuedPacket:
@@ -69,10 +76,11 @@ class SocketCaller(Caller):
 def daemon() -> Daemon:
     """The daemon's packet path alone: its engine, session API and clock."""
     d = Daemon.__new__(Daemon)
-    d.engine = Engine(POLICY, INTERNAL, [ipaddress.ip_address("198.51.100.1")])
+    d.engine = Engine(POLICY, INTERNAL, [ipaddress.ip_address(EXT)])
     d.clock = lambda: 5.0
-    d.api = SessionApi(d.engine, d.clock)
-    d._arrived_on = Arrivals(Interfaces({"int0": INTERNAL_IF}, {}, (), ()))
+    d.api = SessionApi(d.engine, d.clock, d._on_grant, d._on_bind)
+    d._arrived_on = Arrivals(Interfaces({"int0": INTERNAL_IF}, {"ext0": EXTERNAL_IF}, (), ()))
+    d.socks = None
     return d
 
 
@@ -102,3 +110,86 @@ def test_an_error_after_the_verdict_is_counted_and_the_enforcer_goes_on() -> Non
     later = syn(20021, 41001)  # and it goes on deciding: the grant was single use
     d.on_packet(later)
     assert later.verdicts == ["drop"] and d.engine.counters["errors"] == 1
+
+
+class FakeLocalFlows:
+    def __init__(self) -> None:
+        self.forgotten: list[int] = []
+
+    def forget(self, port: int) -> None:
+        self.forgotten.append(port)
+
+
+def datagram(src: str, dst: str, sport: int, dport: int, *, indev: int) -> QueuedPacket:
+    queued = QueuedPacket(bytes(IP(src=src, dst=dst) / UDP(sport=sport, dport=dport) / b"data"))
+    queued.indev = indev
+    return queued
+
+
+def securenat_session(d: Daemon) -> int:
+    d.on_packet(syn(21, 40000))
+    session = d.engine.sessions.find(ipaddress.ip_address(C1))
+    assert session is not None
+    return session.id
+
+
+def approve(d: Daemon, session: int, protocol: str, address: str, port: int, flags: list[str]) -> None:
+    d.api.retroactive_allow_bind({"session": session, "protocol": protocol, "address": address,
+                                  "port": port, "protocol_guid": str(DNS), "flags": flags}, SocketCaller())
+
+
+@pytest.mark.parametrize(("flags", "one_way"), [([], True), (["BIDIRECTIONAL"], False)])
+def test_a_securenat_udp_bind_s_flow_is_marked_one_way_without_bidirectional(flags: list[str],
+                                                                            one_way: bool) -> None:
+    """RAB-06: the verdict on the flow a peer opens to a SecureNAT UDP bind carries the
+    one-way mark unless the bind has BIDIRECTIONAL: the kernel then drops the flow's reply
+    direction, the client's answers to the peer."""
+    d = daemon()
+    session = securenat_session(d)
+    d.api.bind_for_client({"session": session, "protocol": "udp", "client_port": 40069}, SocketCaller())
+    approve(d, session, "udp", C1, 40069, flags)
+    first = datagram(S1, C1, 45000, 40069, indev=EXTERNAL_IF)
+    d.on_packet(first)
+    assert first.verdicts == ["accept"]
+    assert first.mark == dataplane.mark_for(False, one_way, None)
+
+
+def test_a_firewall_client_s_udp_flow_keeps_the_bind_s_mark() -> None:
+    """A flow admitted to a Firewall client's UDP bind is marked with the bind's port, so that
+    its later datagrams go to the socket in the kernel; a TCP one, and a refused one, are not."""
+    d = daemon()
+    session = d.engine.open_firewall_session(ipaddress.ip_address(C1), "alice", 1.0).id
+    udp = d.engine.bind_for_client(session, UDP_PROTOCOL, ipaddress.ip_address(EXT), 1.0)
+    tcp = d.engine.bind_for_client(session, TCP_PROTOCOL, ipaddress.ip_address(EXT), 1.0)
+    early = datagram(S1, EXT, 45000, udp.port, indev=EXTERNAL_IF)
+    early.hook = HOOK_INPUT
+    d.on_packet(early)
+    assert early.verdicts == ["drop"] and early.mark == 0
+    approve(d, session, "udp", EXT, udp.port, [])
+    approve(d, session, "tcp", EXT, tcp.port, [])
+    admitted = datagram(S1, EXT, 45000, udp.port, indev=EXTERNAL_IF)
+    admitted.hook, admitted.mark = HOOK_INPUT, 0x00010000  # a bit not the enforcer's stays
+    d.on_packet(admitted)
+    assert admitted.verdicts == ["accept"] and admitted.mark == dataplane.local_mark(udp.port) | 0x00010000
+    connection = QueuedPacket(bytes(IP(src=S1, dst=EXT) / TCP(sport=45001, dport=tcp.port, flags="S")))
+    connection.indev, connection.hook = EXTERNAL_IF, HOOK_INPUT
+    d.on_packet(connection)
+    assert connection.verdicts == ["accept"] and connection.mark == 0
+
+
+def test_a_closed_firewall_client_bind_s_flows_are_forgotten() -> None:
+    """A Firewall client's UDP bind that admitted a flow closes: its flows are forgotten in
+    the kernel (by the bind's port); a SecureNAT bind's NAT goes the NAT maps' way."""
+    d = daemon()
+    d.local_flows = flows = FakeLocalFlows()  # type: ignore[assignment]
+    session = d.engine.open_firewall_session(ipaddress.ip_address(C1), "alice", 1.0).id
+    bind = d.engine.bind_for_client(session, UDP_PROTOCOL, ipaddress.ip_address(EXT), 1.0)
+    approve(d, session, "udp", EXT, bind.port, [])
+    admitted = datagram(S1, EXT, 45000, bind.port, indev=EXTERNAL_IF)
+    admitted.hook = HOOK_INPUT
+    d.on_packet(admitted)
+    d.engine.bind_done(bind)
+    d._retire_redirects()
+    assert flows.forgotten == [bind.port]
+    d._retire_redirects()
+    assert flows.forgotten == [bind.port]

@@ -15,6 +15,8 @@ from enforcer.core.limits import Limits
 from enforcer.dataplane import (
     CHAIN_PREFIX,
     MARK_KERNEL,
+    MARK_LOCAL,
+    MARK_LOCAL_KEPT,
     MARK_MASK,
     MARK_MODE,
     MARK_ONE_WAY,
@@ -27,6 +29,7 @@ from enforcer.dataplane import (
     Interfaces,
     RedirectRule,
     Ruleset,
+    local_mark,
     mark_for,
     redirect_port,
     render_nft,
@@ -486,13 +489,22 @@ def test_interfaces_internal_addresses() -> None:
 # --- marks -----------------------------------------------------------------------------------
 
 def test_mark_layout_bits_do_not_overlap() -> None:
-    parts = [MARK_MODE, MARK_ONE_WAY, MARK_SNAT, MARK_REWRITTEN, MARK_PORT]
+    parts = [MARK_MODE, MARK_ONE_WAY, MARK_SNAT, MARK_REWRITTEN, MARK_PORT, MARK_LOCAL]
     assert sum(parts) == MARK_OWNED
     for i, a in enumerate(parts):
         for b in parts[i + 1:]:
             assert a & b == 0, (hex(a), hex(b))
     # the connmark keeps the flow's bits, not the packet-only ones
-    assert MARK_MASK & (MARK_REWRITTEN | MARK_PORT) == 0
+    assert MARK_MASK & (MARK_REWRITTEN | MARK_PORT | MARK_LOCAL) == 0
+    # a flow to a Firewall client's bind keeps its mode, the local bit and the bind's port
+    assert MARK_LOCAL_KEPT == MARK_MODE | MARK_LOCAL | MARK_PORT
+
+
+def test_local_mark() -> None:
+    assert local_mark(20000) == MARK_KERNEL | MARK_LOCAL | 20000
+    assert local_mark(65535) & ~MARK_LOCAL_KEPT == 0
+    assert local_mark(20000) != local_mark(20001)
+    assert redirect_port(local_mark(20000)) == 20000  # never read as one: INPUT is not decided so
 
 
 def test_mark_for() -> None:
@@ -596,11 +608,16 @@ def test_new_flows_to_bind_ports_go_to_the_queue(fam: str) -> None:
                      "PINHOLE-INPUT")
     binds = [r for r in rules if "--dport 20000:20099" in r]
     externals = IFACES.external_of(fam)
-    # tcp and udp: the new beyond a client's caps dropped, the new queued, the invalid dropped
-    assert len(binds) == 8 * len(externals)
+    # tcp and udp: the new beyond a client's caps dropped, the new queued, the invalid
+    # dropped; udp first: an admitted flow's datagrams to a bound socket
+    assert len(binds) == 9 * len(externals)
     for address in externals:
         for proto in ("tcp", "udp"):
             mine = [r for r in binds if f"-d {address} " in r and f"-p {proto} " in r]
+            if proto == "udp":
+                admitted = mine.pop(0)
+                assert admitted.endswith(f"-m connmark --mark {MARK_LOCAL:#010x}/{MARK_LOCAL:#010x} "
+                                         "-m socket -j ACCEPT")
             assert [r.split("--ctstate ")[1].split()[0] for r in mine] == \
                 ["NEW", "NEW", "NEW", "INVALID,UNTRACKED"]
             assert "hashlimit" in mine[0] and "connlimit" in mine[1]
@@ -608,6 +625,32 @@ def test_new_flows_to_bind_ports_go_to_the_queue(fam: str) -> None:
     assert rules.index(binds[-1]) < rules.index(input_base(fam)[0])  # before the base's drop
     nft = render_nft(Ruleset(CLOSED, IFACES, True, (20000, 20099)))
     assert nft.count("th dport 20000-20099 ct state new queue num 3") == len(IFACES.external_addresses)
+    admitted = [line for line in nft_chain(nft, "filter_input") if "socket" in line]
+    assert admitted == [f"{'ip' if a.version == 4 else 'ip6'} daddr {a} udp dport 20000-20099 ct mark and "
+                        f"{MARK_LOCAL:#010x} == {MARK_LOCAL:#010x} socket wildcard 0 accept"
+                        for a in sorted(IFACES.external_addresses, key=lambda a: a.version)]
+    first_cap = next(i for i, line in enumerate(nft_chain(nft, "filter_input")) if "limit rate" in line)
+    assert nft_chain(nft, "filter_input").index(admitted[0]) < first_cap
+
+
+@pytest.mark.parametrize("fam", FAMS)
+def test_a_flow_to_a_firewall_client_s_bind_keeps_its_mark(fam: str) -> None:
+    """The verdict marks a flow to a Firewall client's UDP bind (local_mark); a chain of the
+    nat table's input hook, after the filter table's, copies it to the connmark for the
+    admitted first packet (nat sees no other); without a SOCKS service there is none."""
+    assert "PINHOLE-INPUT" not in tables(render_rules(fam, Ruleset(CLOSED, IFACES)))["nat"]
+    nat = tables(render_rules(fam, Ruleset(CLOSED, IFACES, True, (20000, 20099))))["nat"]
+    assert ":PINHOLE-INPUT - [0:0]" in nat and "-I INPUT 1 -j PINHOLE-INPUT" in nat
+    assert appended(nat, "PINHOLE-INPUT") == [
+        f"-A PINHOLE-INPUT -m mark --mark {MARK_LOCAL:#010x}/{MARK_LOCAL:#010x} -j CONNMARK --save-mark "
+        f"--nfmask {MARK_LOCAL_KEPT:#010x} --ctmask {MARK_LOCAL_KEPT:#010x}"]
+    assert "save_local_mark" not in render_nft(Ruleset(CLOSED, IFACES))
+    chain = nft_chain(render_nft(Ruleset(CLOSED, IFACES, True, (20000, 20099))), "save_local_mark")
+    assert chain == ["type filter hook input priority filter + 10; policy accept;",
+                     f"meta mark and {MARK_LOCAL:#010x} == {MARK_LOCAL:#010x} "
+                     f"ct mark set meta mark and {MARK_LOCAL_KEPT:#010x}"]
+    lockdown = render_rules(fam, Ruleset(CLOSED, IFACES, True, (20000, 20099), working=False))
+    assert "CONNMARK" not in lockdown and "socket" not in lockdown
 
 
 @pytest.mark.parametrize("fam", FAMS)
@@ -770,6 +813,23 @@ def test_set_element_messages_are_what_pyroute2_encodes(add: bool) -> None:
     for name, chosen in (("bind_to_ip", elements[:1]), ("redirect_to_ip6", elements)):
         assert dataplane.set_elements_message(name, chosen, add, 42) == \
             _pyroute2_set_elements(name, chosen, add, 42)
+
+
+def test_forget_by_mark_is_what_pyroute2_encodes() -> None:
+    """A closed bind's flows are forgotten with ctnetlink's delete without a tuple (a flush
+    filtered by mark, both families): byte for byte what pyroute2 makes of it."""
+    from pyroute2.netlink import NLM_F_ACK, NLM_F_REQUEST
+    from pyroute2.netlink.nfnetlink import NFNL_SUBSYS_CTNETLINK
+    from pyroute2.netlink.nfnetlink.nfctsocket import IPCTNL_MSG_CT_DELETE, nfct_msg
+
+    msg = nfct_msg()
+    msg["nfgen_family"] = 0
+    msg["header"]["type"] = (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_DELETE
+    msg["header"]["flags"] = NLM_F_REQUEST | NLM_F_ACK
+    msg["header"]["sequence_number"] = 7
+    msg["attrs"] = [("CTA_MARK", local_mark(20001)), ("CTA_MARK_MASK", MARK_LOCAL_KEPT)]
+    msg.encode()
+    assert dataplane.forget_by_mark_message(local_mark(20001), MARK_LOCAL_KEPT, 7) == bytes(msg.data)
 
 
 def test_batch_markers_are_what_pyroute2_encodes() -> None:

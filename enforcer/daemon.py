@@ -51,7 +51,6 @@ log = logging.getLogger("pinhole.enforcer")
 HOOK_PREROUTING = 0  # NF_INET_PRE_ROUTING: a user-mode redirect port's packet, before conntrack
 HOOK_INPUT = 1  # NF_INET_LOCAL_IN: a new flow to a Firewall client's bind
 HOOK_OUTPUT = 3  # NF_INET_LOCAL_OUT: an ICMP error the fw sends about a user-mode flow
-INCREASED_RECEIVE_BUFFER = 64 * 1024  # INCREASE_RECEIVE_BUFFER: at least this
 SO_RCVBUFFORCE = 33  # Linux; as root, past net.core.rmem_max (Python's socket module lacks it)
 QUEUE_LENGTH = 8192  # packets the kernel holds for the enforcer before it drops (fails closed)
 PACKETS_PER_TURN = 64  # queued packets decided before the loop turns to other work
@@ -420,17 +419,30 @@ class Daemon:
                 log.error("cannot install a redirect: %s", exc)
                 raise
         if any(Flags.INCREASE_RECEIVE_BUFFER in p.flags for p in perms):
-            assert self.queue_socket is not None
-            size = ensure_receive_buffer(self.queue_socket, INCREASED_RECEIVE_BUFFER)
+            size = self._increase_queue_buffer()
             for perm in perms:
                 perm.receive_buffer = size
 
+    def _increase_queue_buffer(self) -> int:
+        """INCREASE_RECEIVE_BUFFER for the queue, where a flow's datagrams wait for the
+        enforcer (all of a user-mode flow's; a kernel-mode flow's until the kernel knows
+        its verdict): its buffer grows, for every flow (there is one queue)."""
+        assert self.queue_socket is not None
+        return ensure_receive_buffer(self.queue_socket, self.config.dataplane.increased_receive_buffer)
+
     def _on_bind(self, bind: Bind) -> None:
-        """An approved UDP bind with INCREASE_RECEIVE_BUFFER: its socket's buffer grows."""
-        held = None if self.socks is None else self.socks.socket_of(bind)
-        if held is None or Flags.INCREASE_RECEIVE_BUFFER not in bind.flags or bind.protocol != UDP:
+        """An approved UDP bind with INCREASE_RECEIVE_BUFFER: the buffers its datagrams wait
+        in at the fw grow. A SecureNAT bind's flow runs in kernel mode: only the queue
+        holds its datagrams, and ``receive_buffer`` is the queue's. A Firewall client's
+        bind is a socket of the fw, whose buffer ``receive_buffer`` then is; each new flow's
+        first datagrams wait in the queue too."""
+        if Flags.INCREASE_RECEIVE_BUFFER not in bind.flags or bind.protocol != UDP:
             return
-        bind.receive_buffer = ensure_receive_buffer(held, INCREASED_RECEIVE_BUFFER)
+        size = self._increase_queue_buffer()
+        held = None if self.socks is None or bind.for_securenat else self.socks.socket_of(bind)
+        if held is not None:
+            size = ensure_receive_buffer(held, self.config.dataplane.increased_receive_buffer)
+        bind.receive_buffer = size
 
     def _on_securenat_bind(self, bind: Bind) -> None:
         """A SecureNAT client's bind in NAT: kernel NAT from the external port to the

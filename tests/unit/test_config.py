@@ -120,6 +120,7 @@ def test_redirect_and_buffer_defaults() -> None:
     assert dp.kernel_redirect_ports == (61000, 62999)
     assert dp.user_redirect_ports == (63000, 64999)
     assert dp.receive_buffer is None
+    assert dp.increased_receive_buffer == 1 << 20  # more than Linux's default, 208 KiB
     assert DataplaneSettings() == dp
     # the defaults stay clear of Linux's ephemeral ports (32768-60999) and of each other
     assert 60999 < dp.kernel_redirect_ports[0] <= dp.kernel_redirect_ports[1] < dp.user_redirect_ports[0]
@@ -142,6 +143,18 @@ def test_redirect_ports_at_the_bounds(kernel: tuple[int, int], user: tuple[int, 
             f"user_redirect_ports = [{user[0]}, {user[1]}]\nreceive_buffer = {buffer}\n")
     dp = parse(text, FILE).dataplane
     assert (dp.kernel_redirect_ports, dp.user_redirect_ports, dp.receive_buffer) == (kernel, user, buffer)
+
+
+@pytest.mark.parametrize("size", [65536, 2**30])
+def test_increased_receive_buffer(size: int) -> None:
+    dp = parse(MINIMAL + f"\n[dataplane]\nincreased_receive_buffer = {size}\n", FILE).dataplane
+    assert dp.increased_receive_buffer == size
+
+
+@pytest.mark.parametrize("size", [65535, 2**30 + 1])
+def test_increased_receive_buffer_is_at_least_64_kib(size: int) -> None:
+    message = config_error(MINIMAL + f"\n[dataplane]\nincreased_receive_buffer = {size}\n")
+    assert "dataplane.increased_receive_buffer: must be from 65536 to 1073741824 bytes" in message
 
 
 def test_one_redirect_range_given_keeps_the_other_default() -> None:

@@ -1,7 +1,7 @@
 """The daemon's packet callback, with a stand-in for NetfilterQueue's packets: an error
 after a packet's verdict must not escape into the queue's loop (ROB-04); the marks its
-verdicts set on flows to binds (RAB-06), and what it removes from the kernel when a
-bind closes."""
+verdicts set on flows to binds (RAB-06), the buffers INCREASE_RECEIVE_BUFFER grows
+(RAB-07), and what it removes from the kernel when a bind closes."""
 
 from __future__ import annotations
 
@@ -15,12 +15,14 @@ from scapy.layers.inet import IP, TCP, UDP
 
 from enforcer import dataplane
 from enforcer.api import SessionApi
+from enforcer.config import Config, DataplaneSettings, NetworkSettings
 from enforcer.control import Caller
+from enforcer.core.binds import Bind
 from enforcer.core.engine import Engine
 from enforcer.core.flags import Flags
 from enforcer.core.packet import TCP as TCP_PROTOCOL
 from enforcer.core.packet import UDP as UDP_PROTOCOL
-from enforcer.daemon import HOOK_INPUT, Arrivals, Daemon
+from enforcer.daemon import HOOK_INPUT, SO_RCVBUFFORCE, Arrivals, Daemon
 from enforcer.dataplane import Interfaces
 from enforcer.protocol import encode
 
@@ -29,6 +31,7 @@ INTERNAL_IF = 3  # the ifindex packets from the clients arrive on
 EXTERNAL_IF = 4
 HOOK_FORWARD = 2
 DNS = uuid.UUID(POLICY_DATA["protocol"][3]["guid"])
+INCREASED = 300_000
 
 
 class QueuedPacket:
@@ -80,7 +83,10 @@ def daemon() -> Daemon:
     d.clock = lambda: 5.0
     d.api = SessionApi(d.engine, d.clock, d._on_grant, d._on_bind)
     d._arrived_on = Arrivals(Interfaces({"int0": INTERNAL_IF}, {"ext0": EXTERNAL_IF}, (), ()))
+    d.config = Config(POLICY, NetworkSettings(("int0",), ("ext0",)),
+                      DataplaneSettings(increased_receive_buffer=INCREASED))
     d.socks = None
+    d.queue_socket = None
     return d
 
 
@@ -110,6 +116,30 @@ def test_an_error_after_the_verdict_is_counted_and_the_enforcer_goes_on() -> Non
     later = syn(20021, 41001)  # and it goes on deciding: the grant was single use
     d.on_packet(later)
     assert later.verdicts == ["drop"] and d.engine.counters["errors"] == 1
+
+
+class FakeSocket:
+    """A socket's receive buffer as the kernel keeps it: what is asked, doubled."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def getsockopt(self, level: int, option: int) -> int:
+        return self.size
+
+    def setsockopt(self, level: int, option: int, value: int) -> None:
+        assert option == SO_RCVBUFFORCE
+        self.size = 2 * value
+
+
+class FakeSocks:
+    """The SOCKS service as the daemon asks it: the socket it holds for a bind."""
+
+    def __init__(self) -> None:
+        self.sockets: dict[int, FakeSocket] = {}
+
+    def socket_of(self, bind: Bind) -> FakeSocket | None:
+        return self.sockets.get(bind.id)
 
 
 class FakeLocalFlows:
@@ -175,6 +205,41 @@ def test_a_firewall_client_s_udp_flow_keeps_the_bind_s_mark() -> None:
     connection.indev, connection.hook = EXTERNAL_IF, HOOK_INPUT
     d.on_packet(connection)
     assert connection.verdicts == ["accept"] and connection.mark == 0
+
+
+def test_increase_receive_buffer_on_a_securenat_bind_grows_the_queue_s() -> None:
+    """RAB-07: a SecureNAT bind's flow runs in kernel mode, its first datagrams wait in the
+    queue: INCREASE_RECEIVE_BUFFER grows the queue's buffer, which the bind reports; a
+    bind without the flag (or a TCP one) changes nothing."""
+    d = daemon()
+    d.queue_socket = queue = FakeSocket(212992)  # type: ignore[assignment]
+    session = securenat_session(d)
+    for port, protocol, flags in ((40069, "udp", []), (40070, "tcp", ["INCREASE_RECEIVE_BUFFER"])):
+        d.api.bind_for_client({"session": session, "protocol": protocol, "client_port": port}, SocketCaller())
+        approve(d, session, protocol, C1, port, flags)
+    assert queue.size == 212992 and all(b.receive_buffer is None for b in d.engine.binds.of(session))
+    d.api.bind_for_client({"session": session, "protocol": "udp", "client_port": 40071}, SocketCaller())
+    approve(d, session, "udp", C1, 40071, ["INCREASE_RECEIVE_BUFFER"])
+    (bind,) = [b for b in d.engine.binds.of(session) if b.client_port == 40071]
+    assert queue.size == 2 * INCREASED and bind.receive_buffer == 2 * INCREASED
+
+
+def test_increase_receive_buffer_on_a_firewall_client_s_bind_grows_its_socket_s() -> None:
+    """RAB-07: a Firewall client's UDP bind is a socket of the fw: its buffer grows (and the
+    queue's, where each new flow's first datagrams wait), and the bind reports the socket's;
+    a buffer larger already is left alone."""
+    d = daemon()
+    d.queue_socket = queue = FakeSocket(212992)  # type: ignore[assignment]
+    d.socks = socks = FakeSocks()  # type: ignore[assignment]
+    session = d.engine.open_firewall_session(ipaddress.ip_address(C1), "alice", 1.0).id
+    small, large = (d.engine.bind_for_client(session, UDP_PROTOCOL, ipaddress.ip_address(EXT), 1.0)
+                    for _ in range(2))
+    socks.sockets = {small.id: FakeSocket(212992), large.id: FakeSocket(4 * INCREASED)}
+    approve(d, session, "udp", EXT, small.port, ["INCREASE_RECEIVE_BUFFER"])
+    assert socks.sockets[small.id].size == 2 * INCREASED and small.receive_buffer == 2 * INCREASED
+    assert queue.size == 2 * INCREASED
+    approve(d, session, "udp", EXT, large.port, ["INCREASE_RECEIVE_BUFFER"])
+    assert large.receive_buffer == 4 * INCREASED
 
 
 def test_a_closed_firewall_client_bind_s_flows_are_forgotten() -> None:

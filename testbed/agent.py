@@ -570,6 +570,14 @@ class SocksConnection(TcpConnection):
         res["reply"] = None if res.get("reply") is None else _unb64(res["reply"])
         return dict(res)
 
+    def udp_receive(self, count: int, *, timeout: float | None = None) -> dict[str, Any]:
+        """UDP ASSOCIATE: read what the relay sends until ``count`` datagrams came or
+        ``timeout`` passed without one: ``{"received", "digest", "from"}`` (the digest of
+        their payloads, as ``multiset_digest``; the senders, each once)."""
+        t = timeouts.POSITIVE if timeout is None else timeout
+        return dict(self.agent.call("socks_udp_receive", {"cid": self._cid, "count": count, "timeout": t},
+                                    timeout=t * (count + 1) + CALL_MARGIN))
+
 
 class Sniffer:
     """A capture running in an agent. ``packets()`` returns what arrived so far."""
@@ -1348,6 +1356,8 @@ class _AgentServer:
         udp = None
         if command == "udp" and res["reply"]["code"] == 0:
             udp = socket.socket(_family(res["reply"]["address"]), socket.SOCK_DGRAM)
+            # what the relay sends arrives whole here: a loss is the fw's
+            udp.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
         with self._lock:
             cid = next(self._ids)
             self._conns[cid] = (sock, _fmt_addr(host, port))
@@ -1381,6 +1391,24 @@ class _AgentServer:
             peer_host, peer_port, body = socks.parse_udp(data)
             res.update(reply=_b64(body), **{"from": [peer_host, peer_port]})
         return res
+
+    def m_socks_udp_receive(self, cid: int, count: int, timeout: float = 3.0) -> dict[str, Any]:
+        from enforcer.core import socks
+
+        udp, _ = self._udp[cid]
+        udp.settimeout(timeout)
+        received, digest, senders = 0, 0, []
+        while received < count:
+            try:
+                data = udp.recv(65535)
+            except TimeoutError:
+                break
+            peer_host, peer_port, body = socks.parse_udp(data)
+            received += 1
+            digest = _multiset_digest(digest, body)
+            if [peer_host, peer_port] not in senders:
+                senders.append([peer_host, peer_port])
+        return {"received": received, "digest": f"{digest:064x}", "from": senders}
 
     def m_connect_flood(self, addr: str, port: int, count: int) -> dict[str, Any]:
         started, sent = time.monotonic(), 0
@@ -1491,6 +1519,15 @@ def _multiset_digest(digest: int, data: bytes) -> int:
     may be reordered on the way (a flow's first ones wait in the enforcer's queue while
     later ones pass), so what is compared is which datagrams arrived, not their order."""
     return (digest + int.from_bytes(hashlib.sha256(data).digest(), "big")) % (1 << 256)
+
+
+def multiset_digest(datagrams: list[bytes]) -> str:
+    """The digest an agent reports (``digest`` of a UDP server's stats, of a burst, of
+    ``SocksConnection.udp_receive``) for these datagrams, in any order."""
+    digest = 0
+    for data in datagrams:
+        digest = _multiset_digest(digest, data)
+    return f"{digest:064x}"
 
 
 def _burst_payload(i: int, size: int) -> bytes:

@@ -12,6 +12,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -197,6 +199,19 @@ class EnforcerProcess:
     def crash(self) -> int:
         """SIGABRT: the enforcer crashes (no clean-up of its own)."""
         return self._signal(signal.SIGABRT, 10.0)
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """The enforcer stopped (SIGSTOP), then let go on (SIGCONT): meanwhile it reads
+        nothing, neither its queue nor its sockets, while the kernel goes on filling them
+        (to show what the buffers it holds keep). Its control socket does not answer."""
+        if self.proc is None or not self.running:
+            raise RuntimeError("the enforcer is not running")
+        self.proc.send_signal(signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            self.proc.send_signal(signal.SIGCONT)
 
     def _signal(self, sig: signal.Signals, timeout: float) -> int:
         if self.proc is None:

@@ -1,5 +1,6 @@
 """BFC, RAB, IPF and AFC-07: Firewall clients over SOCKS5, their binds, RetroactiveAllowBind
-and IpFilter, end to end."""
+and IpFilter, end to end. UDP binds with traffic (RAB-06, RAB-07, a UDP IpFilter):
+test_rab_udp.py."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from enforcer.core.results import (
 )
 from testbed import timeouts
 from testbed.checks import expect_no_packet, expect_packet
-from testbed.clauses.helpers import NEGATIVE, assert_not_connected, datagram, fw_session, socks_open, syn
+from testbed.clauses.helpers import NEGATIVE, assert_not_connected, fw_session, socks_open, syn
 from testbed.lab import GUIDS, SOCKS_PORT, SOCKS_USERS
 from testbed.plugin import Net
 
@@ -186,43 +187,6 @@ def test_the_any_address_with_the_port_matches_the_bind(net: Net) -> None:
         assert state_of(net, session, port)["state"] == "allowed"
         assert _attempt(net, "s1", port)
         assert conn.accept() is not None
-
-
-def udp_peer_to_bind(net: Net, port: int, payload: bytes) -> None:
-    net.agent("s1").send(datagram(net, net.addr("s1"), net.fw_external(0), 42006, port, payload))
-
-
-@pytest.mark.clause("RAB-06")
-@pytest.mark.parametrize("bidirectional", [False, True], ids=["receive-only", "bidirectional"])
-def test_udp_binds_receive_and_answer_only_with_bidirectional(net: Net, bidirectional: bool) -> None:
-    """Before approval a peer's datagram is dropped; after it, it reaches the client; the
-    client's answer to that peer passes only with BIDIRECTIONAL."""
-    s1 = net.agent("s1")
-    conn, session, port = bind(net, command="udp")
-    with conn, s1.udp_server(net.addr("s1"), 42006, echo=False) as peer:
-        conn.udp(net.addr("s1"), 9, b"register", expect_reply=False)  # the relay learns our port
-        udp_peer_to_bind(net, port, b"too early")
-        assert conn.udp(None, 0, b"", expect_reply=True, timeout=NEGATIVE)["reply"] is None
-        flags = Flags.BIDIRECTIONAL if bidirectional else Flags(0)
-        approved = allow(net, session, port, protocol="udp", flags=flags, ipfilter=only(net, "s1"))
-        assert approved["result"] == "S_OK"
-        udp_peer_to_bind(net, port, b"hello client")
-        got = conn.udp(None, 0, b"", expect_reply=True)
-        assert got["reply"] == b"hello client" and got["from"] == [net.addr("s1"), 42006], got
-        conn.udp(net.addr("s1"), 42006, b"hello peer", expect_reply=False)
-        deadline = time.monotonic() + (timeouts.POSITIVE if bidirectional else NEGATIVE)
-        while peer.stats()["accepted"] == 0 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert peer.stats()["accepted"] == (1 if bidirectional else 0), peer.stats()
-
-
-@pytest.mark.clause("RAB-07")
-def test_increase_receive_buffer_on_a_udp_bind(net: Net) -> None:
-    conn, session, port = bind(net, command="udp")
-    with conn:
-        assert state_of(net, session, port)["receive_buffer"] is None
-        allow(net, session, port, protocol="udp", flags=Flags.INCREASE_RECEIVE_BUFFER)
-        assert state_of(net, session, port)["receive_buffer"] >= 65536
 
 
 @pytest.mark.clause("IPF-01")

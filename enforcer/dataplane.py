@@ -261,8 +261,8 @@ def render_rules(family: str, rs: Ruleset) -> str:
             # A flow to a Firewall client's UDP bind keeps its verdict's mark. The nat
             # table's input hook comes after the filter table's (where the verdict is),
             # and sees the first packet of each connection only: the admitted one.
-            lines += [":PINHOLE-INPUT - [0:0]",
-                      f"-A PINHOLE-INPUT -m mark --mark {_hex(MARK_LOCAL)}/{_hex(MARK_LOCAL)} "
+            lines += [":PINHOLE-LOCAL - [0:0]",
+                      f"-A PINHOLE-LOCAL -m mark --mark {_hex(MARK_LOCAL)}/{_hex(MARK_LOCAL)} "
                       f"-j CONNMARK --save-mark --nfmask {_hex(MARK_LOCAL_KEPT)} "
                       f"--ctmask {_hex(MARK_LOCAL_KEPT)}"]
         for ext, net, mark, address in _snat_rules(family, interfaces, rs.nat):
@@ -270,7 +270,7 @@ def render_rules(family: str, rs: Ruleset) -> str:
             lines.append(f"-A PINHOLE-POSTROUTING {match} -o {ext} -j SNAT --to-source {address}")
         lines.append("-I POSTROUTING 1 -j PINHOLE-POSTROUTING")
         if local:
-            lines.append("-I INPUT 1 -j PINHOLE-INPUT")
+            lines.append("-I INPUT 1 -j PINHOLE-LOCAL")
     lines.append("COMMIT")
     return "\n".join(lines) + "\n"
 

@@ -638,11 +638,11 @@ def test_a_flow_to_a_firewall_client_s_bind_keeps_its_mark(fam: str) -> None:
     """The verdict marks a flow to a Firewall client's UDP bind (local_mark); a chain of the
     nat table's input hook, after the filter table's, copies it to the connmark for the
     admitted first packet (nat sees no other); without a SOCKS service there is none."""
-    assert "PINHOLE-INPUT" not in tables(render_rules(fam, Ruleset(CLOSED, IFACES)))["nat"]
+    assert "PINHOLE-LOCAL" not in tables(render_rules(fam, Ruleset(CLOSED, IFACES)))["nat"]
     nat = tables(render_rules(fam, Ruleset(CLOSED, IFACES, True, (20000, 20099))))["nat"]
-    assert ":PINHOLE-INPUT - [0:0]" in nat and "-I INPUT 1 -j PINHOLE-INPUT" in nat
-    assert appended(nat, "PINHOLE-INPUT") == [
-        f"-A PINHOLE-INPUT -m mark --mark {MARK_LOCAL:#010x}/{MARK_LOCAL:#010x} -j CONNMARK --save-mark "
+    assert ":PINHOLE-LOCAL - [0:0]" in nat and "-I INPUT 1 -j PINHOLE-LOCAL" in nat
+    assert appended(nat, "PINHOLE-LOCAL") == [
+        f"-A PINHOLE-LOCAL -m mark --mark {MARK_LOCAL:#010x}/{MARK_LOCAL:#010x} -j CONNMARK --save-mark "
         f"--nfmask {MARK_LOCAL_KEPT:#010x} --ctmask {MARK_LOCAL_KEPT:#010x}"]
     assert "save_local_mark" not in render_nft(Ruleset(CLOSED, IFACES))
     chain = nft_chain(render_nft(Ruleset(CLOSED, IFACES, True, (20000, 20099))), "save_local_mark")

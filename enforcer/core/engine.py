@@ -582,12 +582,12 @@ class Engine:
         """The first packet of a flow to one of the fw's own addresses on a bind port (a
         Firewall client's bind)."""
         key = meta.key
+        bind = self.binds.at(key.protocol, key.dst, key.dport)
+        if bind is None:
+            return self._record(Decision(Verdict.DROP, key,
+                                         f"nothing is bound on {key.dst} port {key.dport}", now))
         decision = self._same_datagram_flow(meta, now, length)
-        if decision is None:
-            bind = self.binds.at(key.protocol, key.dst, key.dport)
-            decision = (Decision(Verdict.DROP, key, f"nothing is bound on {key.dst} port {key.dport}", now)
-                        if bind is None else self._to_bind(bind, meta, now, length))
-        return self._record(decision)
+        return self._record(self._to_bind(bind, meta, now, length) if decision is None else decision)
 
     def _to_bind(self, bind: Bind, meta: PacketMeta, now: float, length: int) -> Decision:
         """A new flow for a bind: admitted if the bind is approved and its IpFilter

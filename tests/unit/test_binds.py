@@ -532,6 +532,9 @@ def test_datagrams_queued_before_the_kernel_knew_the_verdict_are_the_flow_s(engi
     assert (bind.admitted, bind.discarded) == (1, 0)
     other = engine.inbound(inbound_pkt(S1, EXT4, bind.port, proto=UDP, sport=5556), 2.1)
     assert other.verdict is Verdict.ADMIT_KERNEL and bind.admitted == 2  # another flow
+    engine.bind_done(bind)  # its socket is gone: nothing of the flow is admitted any more
+    late = engine.inbound(inbound_pkt(S1, EXT4, bind.port, proto=UDP), 2.2)
+    assert late.verdict is Verdict.DROP and "nothing is bound" in late.reason
 
 
 @pytest.mark.parametrize(("proto", "peer_sent", "retired"), [

@@ -610,6 +610,31 @@ def test_new_flows_to_bind_ports_go_to_the_queue(fam: str) -> None:
     assert nft.count("th dport 20000-20099 ct state new queue num 3") == len(IFACES.external_addresses)
 
 
+@pytest.mark.parametrize("settings", [CLOSED, OPEN], ids=["fail-closed", "fail-open"])
+@pytest.mark.parametrize("fam", FAMS)
+def test_the_socks_service_and_its_relay_ports_drop_what_comes_from_outside(
+        fam: str, settings: DataplaneSettings) -> None:
+    """FWC-01 while the enforcer runs, fail_open included (no base): the SOCKS port (TCP)
+    and the relay ports (UDP, the bind range) on each internal address drop what arrives
+    on an external interface, before anything could accept it; from inside they are open."""
+    rules = appended(tables(render_rules(fam, Ruleset(settings, IFACES, False, (20000, 20099),
+                                                      socks_port=1080)))["filter"], "PINHOLE-INPUT")
+    socks = [r for r in rules if "--dport 1080 " in r or ("-p udp --dport 20000:20099 -j DROP" in r
+                                                         and "-i ext0" in r)]
+    assert socks == [f"-A PINHOLE-INPUT -i ext0 -d {address} -p {proto} --dport {ports} -j DROP"
+                     for _, address in INTERNAL_ADDRESSES[fam]
+                     for proto, ports in (("tcp", 1080), ("udp", "20000:20099"))]
+    assert not any("-i int" in r and "-j DROP" in r for r in rules)
+    without = render_rules(fam, Ruleset(settings, IFACES, False, None, socks_port=None))
+    assert "--dport 1080" not in without
+    nft = nft_chain(render_nft(Ruleset(settings, IFACES, False, (20000, 20099), socks_port=1080)),
+                    "filter_input")
+    for _, address in INTERNAL_ADDRESSES[fam]:
+        proto = "ip" if fam == "ipv4" else "ip6"
+        assert f'iifname {{ "ext0" }} {proto} daddr {address} tcp dport 1080 drop' in nft
+        assert f'iifname {{ "ext0" }} {proto} daddr {address} udp dport 20000-20099 drop' in nft
+
+
 @pytest.mark.parametrize("fam", FAMS)
 def test_the_fw_s_icmp_errors_about_user_mode_flows_are_queued(fam: str) -> None:
     (rule,) = appended(tables(render_rules(fam, Ruleset(CLOSED, IFACES)))["filter"], "PINHOLE-OUTPUT")

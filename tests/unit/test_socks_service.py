@@ -320,6 +320,19 @@ def test_a_relay_goes_on_after_end_session(make: Callable[..., Rig]) -> None:
     nothing_held(rig)
 
 
+def test_a_bind_s_peer_sees_its_client_go(make: Callable[..., Rig]) -> None:
+    """The connection a BIND took is closed with the client's: its peer is told at once."""
+    rig = make()
+    s, (_, address, port) = rig.request(BIND)
+    peer = socket.create_connection((address, port))
+    peer.setblocking(False)
+    rig.pump()
+    assert rig.reply(s)[0] is Reply.SUCCEEDED
+    reset(s)
+    assert rig.closed(peer), "the peer's connection outlived the client's"
+    nothing_held(rig)
+
+
 # --- resets at every step -------------------------------------------------------------------------
 
 STEPS = ["connected", "half-greeting", "greeted", "half-login", "logged-in", "half-request",

@@ -293,13 +293,15 @@ def _input_base(family: str, rs: Ruleset) -> list[str]:
 
 def _socks_rules(family: str, rs: Ruleset) -> list[str]:
     """FWC-01 without the base too (fail_open): the SOCKS port and the UDP ASSOCIATE relay
-    ports (the bind's port, on the internal address) drop what reaches the internal
-    addresses from outside (the weak-host model would deliver it)."""
+    ports (the bind's port, on the internal address), TCP and UDP, drop what reaches the
+    internal addresses from outside (the weak-host model would deliver it; the fw's
+    stack would answer a closed one with a reset or a port unreachable)."""
     if rs.socks_port is None or rs.bind_ports is None:
         return []
-    return [f"-A PINHOLE-INPUT -i {ext} -d {a.ip} -p {proto} --dport {ports} -j DROP"
+    ports = f"{rs.socks_port},{_ports(rs.bind_ports)}"
+    return [f"-A PINHOLE-INPUT -i {ext} -d {a.ip} -p {proto} -m multiport --dports {ports} -j DROP"
             for ext in rs.interfaces.external for _, a in rs.interfaces.internal_of(family)
-            for proto, ports in (("tcp", rs.socks_port), ("udp", _ports(rs.bind_ports)))]
+            for proto in ("tcp", "udp")]
 
 
 def _bind_rules(family: str, rs: Ruleset, queue: str) -> list[str]:
@@ -392,9 +394,9 @@ def render_nft(rs: Ruleset) -> str:
                     lines.append(f"    {proto} daddr {a.ip} meta l4proto {{ tcp, udp }} "
                                  f"th dport {_nft_ports(ports)} drop")
                 if rs.socks_port is not None and rs.bind_ports is not None and interfaces.external:
-                    outside = f"iifname {_nft_names(interfaces.external)} {proto} daddr {a.ip}"
-                    lines += [f"    {outside} tcp dport {rs.socks_port} drop",
-                              f"    {outside} udp dport {_nft_ports(rs.bind_ports)} drop"]
+                    lines.append(f"    iifname {_nft_names(interfaces.external)} {proto} daddr {a.ip} "
+                                 f"meta l4proto {{ tcp, udp }} th dport "
+                                 f"{{ {rs.socks_port}, {_nft_ports(rs.bind_ports)} }} drop")
             for address in interfaces.external_of(family) if rs.bind_ports is not None else ():
                 match = (f"{proto} daddr {address} meta l4proto {{ tcp, udp }} "
                          f"th dport {_nft_ports(rs.bind_ports or (0, 0))}")

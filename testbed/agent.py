@@ -513,15 +513,16 @@ class Agent:
 
     def socks_storm(self, proxy: tuple[str, int], user: str, password: str, *, idle: int,
                     steps: int, idle_at_once: int, target: tuple[str, int],
-                    udp_target: tuple[str, int], seconds: float) -> dict[str, Any]:
+                    udp_target: tuple[str, int], seconds: float, step_gap: float = 0.0) -> dict[str, Any]:
         """``idle`` connections that never finish their handshake (at most ``idle_at_once``
         open; half send nothing, half half a greeting), each held until the service closes
-        it, while ``steps`` more go through socks_step, every step in turn. Returns what
-        happened to them (see m_socks_storm)."""
+        it, while ``steps`` more go through socks_step, every step in turn, ``step_gap``
+        seconds apart; all within ``seconds``. Returns what happened to them (see
+        m_socks_storm)."""
         return dict(self.call("socks_storm", {
             "proxy": list(proxy), "user": user, "password": password, "idle": idle, "steps": steps,
             "idle_at_once": idle_at_once, "target": list(target), "udp_target": list(udp_target),
-            "seconds": seconds}, timeout=seconds + CALL_MARGIN + 30))
+            "seconds": seconds, "step_gap": step_gap}, timeout=seconds + CALL_MARGIN + 30))
 
     def ping(self) -> dict[str, Any]:
         return dict(self.call("ping"))
@@ -1452,7 +1453,7 @@ class _AgentServer:
 
     def m_socks_storm(self, proxy: list[Any], user: str, password: str, idle: int, steps: int,
                       idle_at_once: int, target: list[Any], udp_target: list[Any],
-                      seconds: float) -> dict[str, Any]:
+                      seconds: float, step_gap: float = 0.0) -> dict[str, Any]:
         """Idle handshakes held open beside resets at every step (Agent.socks_storm). An idle
         connection closed by the service within a quarter second was refused (a cap); later,
         it timed out. Returns ``{"idle": {"opened", "refused", "timed_out", "left_open",
@@ -1469,9 +1470,9 @@ class _AgentServer:
         out: dict[str, Any] = {"idle": {"opened": 0, "refused": 0, "timed_out": 0, "left_open": 0,
                                         "longest": 0.0},
                                "steps": {step: [0, 0] for step in SOCKS_STEPS}, "compared": [0, 0],
-                               "errors": []}
+                               "step_seconds": {}, "errors": []}
         idle_out = out["idle"]
-        done_steps = 0
+        done_steps, next_step = 0, started
         with selectors.DefaultSelector() as selector:
             while (idle_out["opened"] < idle or held or done_steps < steps) and time.monotonic() < until:
                 while idle_out["opened"] < idle and len(held) < idle_at_once:
@@ -1490,17 +1491,22 @@ class _AgentServer:
                     sock.setblocking(False)
                     held[sock] = time.monotonic()
                     selector.register(sock, selectors.EVENT_READ)
-                if done_steps < steps:
+                if done_steps < steps and time.monotonic() >= next_step:
+                    next_step += step_gap
                     step = SOCKS_STEPS[done_steps % len(SOCKS_STEPS)]
+                    at = time.monotonic()
                     res = _socks_step(server, user, password, step, (target[0], int(target[1])),
                                       (udp_target[0], int(udp_target[1])), timeout)
+                    out["step_seconds"][step] = round(out["step_seconds"].get(step, 0.0)
+                                                      + time.monotonic() - at, 3)
                     out["steps"][step][0 if res["reached"] else 1] += 1
                     if res["compared"] is not None:
                         out["compared"][0 if res["compared"] else 1] += 1
                     if res["error"] and len(out["errors"]) < 10 and res["reached"]:
                         out["errors"].append(f"{step}: {res['error']}")
                     done_steps += 1
-                for key, _ in selector.select(0 if done_steps < steps else 0.05):
+                wait = 0.05 if done_steps >= steps else max(0.0, min(0.05, next_step - time.monotonic()))
+                for key, _ in selector.select(wait):
                     sock = key.fileobj  # type: ignore[assignment]
                     try:
                         if sock.recv(64) and sock in held:
@@ -1624,6 +1630,7 @@ def _socks_step(proxy: tuple[str, int], user: str, password: str, step: str,
     res: dict[str, Any] = {"step": step, "reached": False, "compared": None, "error": None}
     sock = socket.socket(_family(proxy[0]), socket.SOCK_STREAM)
     sock.settimeout(timeout)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # each piece its own segment, at once
     anywhere = "0.0.0.0" if sock.family == socket.AF_INET else "::"
     command, host, port = (socks.CONNECT, *target)
     if "bind" in step:

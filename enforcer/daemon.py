@@ -508,7 +508,8 @@ class Daemon:
                                for user, pool in self.engine.pools.items()},
             "receive_buffer": None if self.queue_socket is None else
             self.queue_socket.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF),
-            "limits": {**self.engine.limits_status(), **self.buffered.status()},
+            "limits": {**self.engine.limits_status(), **self.buffered.status(),
+                       **(self.socks.limits_status() if self.socks is not None else {})},
             "memory": {"rss": resident_bytes(), "bound": memory_bound(self.config.limits)},
             "listening": self.listening.current().to_list(),
         }
@@ -635,8 +636,12 @@ class Daemon:
                  "('pinhole enforcer --unload' removes the rules)")
 
     def _until_next_expiry(self) -> float:
-        due = self.engine.permissions.next_expiry()
-        return 1.0 if due is None else min(1.0, max(0.0, due - self.clock()))
+        """How long the loop may wait: until the next permission expires or the SOCKS
+        service's next timeout, at most a second."""
+        due = [d for d in (self.engine.permissions.next_expiry(),
+                           None if self.socks is None else self.socks.next_deadline())
+               if d is not None]
+        return min(1.0, max(0.0, min(due) - self.clock())) if due else 1.0
 
     def _on_signal(self, signum: int, _frame: object) -> None:
         self._stop = True
@@ -650,7 +655,7 @@ def state_file(config: Config) -> Path:
 def ruleset(config: Config, interfaces: dataplane.Interfaces, working: bool) -> dataplane.Ruleset:
     return dataplane.Ruleset(config.dataplane, interfaces, config.network.nat,
                              config.socks.bind_ports if config.socks else None, config.limits,
-                             working)
+                             working, config.socks.port if config.socks else None)
 
 
 def _not_running(config: Config, what: str) -> None:

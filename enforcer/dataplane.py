@@ -166,6 +166,7 @@ class Ruleset:
     bind_ports: tuple[int, int] | None = None  # Firewall clients' binds (None: no SOCKS service)
     limits: Limits = field(default_factory=Limits)
     working: bool = True
+    socks_port: int | None = None  # the SOCKS service's port on the internal addresses
 
     @property
     def lockdown(self) -> bool:
@@ -220,6 +221,7 @@ def render_rules(family: str, rs: Ruleset) -> str:
             *(f"-A PINHOLE-INPUT -d {a.ip} -p {proto} --dport {_ports(ports)} -j DROP"
               for _, a in internal for proto in ("tcp", "udp")
               for ports in (settings.kernel_redirect_ports, settings.user_redirect_ports)),
+            *_socks_rules(family, rs),
             *_bind_rules(family, rs, queue),
         ]
     if rs.lockdown:
@@ -310,6 +312,19 @@ def _input_base(family: str, rs: Ruleset) -> list[str]:
     out += [f"-A PINHOLE-INPUT -p {PROTOCOL_NAMES[proto]} --dport {_ports(ports)} -j ACCEPT"
             for proto, ports in rs.settings.open_ports]
     return [*out, "-A PINHOLE-INPUT -j DROP"]
+
+
+def _socks_rules(family: str, rs: Ruleset) -> list[str]:
+    """FWC-01 without the base too (fail_open): the SOCKS port and the UDP ASSOCIATE relay
+    ports (the bind's port, on the internal address), TCP and UDP, drop what reaches the
+    internal addresses from outside (the weak-host model would deliver it; the fw's
+    stack would answer a closed one with a reset or a port unreachable)."""
+    if rs.socks_port is None or rs.bind_ports is None:
+        return []
+    ports = f"{rs.socks_port},{_ports(rs.bind_ports)}"
+    return [f"-A PINHOLE-INPUT -i {ext} -d {a.ip} -p {proto} -m multiport --dports {ports} -j DROP"
+            for ext in rs.interfaces.external for _, a in rs.interfaces.internal_of(family)
+            for proto in ("tcp", "udp")]
 
 
 def _bind_rules(family: str, rs: Ruleset, queue: str) -> list[str]:
@@ -407,6 +422,10 @@ def render_nft(rs: Ruleset) -> str:
                 for ports in (settings.kernel_redirect_ports, settings.user_redirect_ports):
                     lines.append(f"    {proto} daddr {a.ip} meta l4proto {{ tcp, udp }} "
                                  f"th dport {_nft_ports(ports)} drop")
+                if rs.socks_port is not None and rs.bind_ports is not None and interfaces.external:
+                    lines.append(f"    iifname {_nft_names(interfaces.external)} {proto} daddr {a.ip} "
+                                 f"meta l4proto {{ tcp, udp }} th dport "
+                                 f"{{ {rs.socks_port}, {_nft_ports(rs.bind_ports)} }} drop")
             for address in interfaces.external_of(family) if rs.bind_ports is not None else ():
                 match = (f"{proto} daddr {address} meta l4proto {{ tcp, udp }} "
                          f"th dport {_nft_ports(rs.bind_ports or (0, 0))}")

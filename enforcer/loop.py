@@ -105,7 +105,13 @@ class Loop:
             timeout = max(0.0, min(timeout, due - self.clock()))
         ready = self.selector.select(timeout)
         now, turn = self.clock(), next(self._order)  # timers set during this turn wait for the next
+        registered = self.selector.get_map()
         for key, _ in ready:
+            # An earlier callback of this turn may have unwatched (and closed) it: a client's
+            # reset, read first, closes the socket of its connect, which was ready too.
+            current = registered.get(key.fd)
+            if current is None or current.fileobj is not key.fileobj:
+                continue
             watch: Watch = key.data
             self.guard(watch.ready, watch.close, "event")
         while self._timers and self._timers[0][0] <= now and self._timers[0][1] < turn:

@@ -35,6 +35,7 @@ import re
 import selectors
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -485,14 +486,43 @@ class Agent:
                                                  "payload": _b64(payload)}, timeout=60 + CALL_MARGIN))
 
     def socks(self, proxy: tuple[str, int], user: str | None, password: str | None, command: str,
-              host: str, port: int, *, timeout: float | None = None) -> SocksConnection:
+              host: str, port: int, *, timeout: float | None = None,
+              udp_port: int = 0) -> SocksConnection:
         """A SOCKS5 request through ``proxy`` (command: connect, bind or udp): the
-        connection stays open; ``.reply`` is the server's (first) reply."""
+        connection stays open; ``.reply`` is the server's (first) reply. UDP ASSOCIATE:
+        the datagrams go from ``udp_port`` (0: a port the kernel picks at the first)."""
         t = timeouts.POSITIVE if timeout is None else timeout
         res = self.call("socks_open", {"proxy": list(proxy), "user": user, "password": password,
-                                       "command": command, "host": host, "port": port, "timeout": t},
+                                       "command": command, "host": host, "port": port, "timeout": t,
+                                       "udp_port": udp_port},
                         timeout=t + CALL_MARGIN)
         return SocksConnection(self, res)
+
+    def socks_step(self, proxy: tuple[str, int], user: str, password: str, step: str,
+                   target: tuple[str, int], udp_target: tuple[str, int], *,
+                   timeout: float | None = None) -> dict[str, Any]:
+        """A SOCKS client taken to ``step`` (SOCKS_STEPS), then reset (SO_LINGER 0; the
+        step "connect-exchange" closes normally). ``target`` is CONNECT's, an echo server;
+        ``udp_target`` a UDP echo server. Returns ``{"step", "reached", "compared", "error"}``:
+        ``compared`` whether what came back was what was sent (for the steps that relay)."""
+        t = timeouts.POSITIVE if timeout is None else timeout
+        return dict(self.call("socks_step", {"proxy": list(proxy), "user": user, "password": password,
+                                             "step": step, "target": list(target),
+                                             "udp_target": list(udp_target), "timeout": t},
+                              timeout=4 * t + CALL_MARGIN))
+
+    def socks_storm(self, proxy: tuple[str, int], user: str, password: str, *, idle: int,
+                    steps: int, idle_at_once: int, target: tuple[str, int],
+                    udp_target: tuple[str, int], seconds: float, step_gap: float = 0.0) -> dict[str, Any]:
+        """``idle`` connections that never finish their handshake (at most ``idle_at_once``
+        open; half send nothing, half half a greeting), each held until the service closes
+        it, while ``steps`` more go through socks_step, every step in turn, ``step_gap``
+        seconds apart; all within ``seconds``. Returns what happened to them (see
+        m_socks_storm)."""
+        return dict(self.call("socks_storm", {
+            "proxy": list(proxy), "user": user, "password": password, "idle": idle, "steps": steps,
+            "idle_at_once": idle_at_once, "target": list(target), "udp_target": list(udp_target),
+            "seconds": seconds, "step_gap": step_gap}, timeout=seconds + CALL_MARGIN + 30))
 
     def ping(self) -> dict[str, Any]:
         return dict(self.call("ping"))
@@ -535,6 +565,21 @@ class TcpConnection:
     def close(self) -> None:
         if self._cid is not None and self.agent.alive:
             self.agent.call("tcp_close", {"cid": self._cid})
+        self._cid = None
+
+    def ended(self, timeout: float | None = None) -> bool:
+        """Whether the peer ends the connection (FIN or RST) within ``timeout``; what it
+        sends until then is read and dropped."""
+        if self._cid is None:
+            raise AgentError(f"agent {self.agent.name}: the connection is not open ({self.error})")
+        t = timeouts.POSITIVE if timeout is None else timeout
+        return bool(self.agent.call("tcp_ended", {"cid": self._cid, "timeout": t},
+                                    timeout=t + CALL_MARGIN))
+
+    def reset(self) -> None:
+        """Close with a reset (SO_LINGER 0): the peer gets a RST, not a FIN."""
+        if self._cid is not None and self.agent.alive:
+            self.agent.call("tcp_close", {"cid": self._cid, "reset": True})
         self._cid = None
 
     def __enter__(self) -> Self:
@@ -1245,12 +1290,29 @@ class _AgentServer:
             pass
         return _b64(received)
 
-    def m_tcp_close(self, cid: int) -> None:
+    def m_tcp_ended(self, cid: int, timeout: float = 3.0) -> bool:
+        sock, _ = self._conn(cid)
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            sock.settimeout(left)
+            try:
+                if not sock.recv(65536):
+                    return True
+            except TimeoutError:
+                return False
+            except OSError:  # a reset
+                return True
+        return False
+
+    def m_tcp_close(self, cid: int, reset: bool = False) -> None:
         sock, _ = self._conn(cid)
         with self._lock:
             del self._conns[cid]
             udp = self._udp.pop(cid, None)
-        sock.close()
+        if reset:
+            _reset(sock)
+        else:
+            sock.close()
         if udp is not None:
             udp[0].close()
 
@@ -1330,7 +1392,7 @@ class _AgentServer:
         return sock, res
 
     def m_socks_open(self, proxy: list[Any], user: str | None, password: str | None, command: str,
-                     host: str, port: int, timeout: float = 3.0) -> dict[str, Any]:
+                     host: str, port: int, timeout: float = 3.0, udp_port: int = 0) -> dict[str, Any]:
         from enforcer.core import socks
 
         commands = {"connect": socks.CONNECT, "bind": socks.BIND, "udp": socks.UDP_ASSOCIATE}
@@ -1358,6 +1420,8 @@ class _AgentServer:
             udp = socket.socket(_family(res["reply"]["address"]), socket.SOCK_DGRAM)
             # what the relay sends arrives whole here: a loss is the fw's
             udp.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+            if udp_port:
+                udp.bind((sock.getsockname()[0], udp_port))
         with self._lock:
             cid = next(self._ids)
             self._conns[cid] = (sock, _fmt_addr(host, port))
@@ -1409,6 +1473,87 @@ class _AgentServer:
             if [peer_host, peer_port] not in senders:
                 senders.append([peer_host, peer_port])
         return {"received": received, "digest": f"{digest:064x}", "from": senders}
+
+    def m_socks_step(self, proxy: list[Any], user: str, password: str, step: str, target: list[Any],
+                     udp_target: list[Any], timeout: float = 3.0) -> dict[str, Any]:
+        return _socks_step((proxy[0], int(proxy[1])), user, password, step,
+                           (target[0], int(target[1])), (udp_target[0], int(udp_target[1])), timeout)
+
+    def m_socks_storm(self, proxy: list[Any], user: str, password: str, idle: int, steps: int,
+                      idle_at_once: int, target: list[Any], udp_target: list[Any],
+                      seconds: float, step_gap: float = 0.0) -> dict[str, Any]:
+        """Idle handshakes held open beside resets at every step (Agent.socks_storm). An idle
+        connection closed by the service within a quarter second was refused (a cap); later,
+        it timed out. Returns ``{"idle": {"opened", "refused", "timed_out", "left_open",
+        "longest"}, "steps": {step: [reached, not reached]}, "compared": [equal, different],
+        "errors": [a few], "seconds"}``."""
+        from enforcer.core import socks
+
+        server = (proxy[0], int(proxy[1]))
+        halves = [b"", socks.client_greeting(user)[:2]]
+        timeout = 3.0
+        started = time.monotonic()
+        until = started + seconds
+        held: dict[socket.socket, float] = {}
+        out: dict[str, Any] = {"idle": {"opened": 0, "refused": 0, "timed_out": 0, "left_open": 0,
+                                        "longest": 0.0},
+                               "steps": {step: [0, 0] for step in SOCKS_STEPS}, "compared": [0, 0],
+                               "step_seconds": {}, "errors": []}
+        idle_out = out["idle"]
+        done_steps, next_step = 0, started
+        with selectors.DefaultSelector() as selector:
+            while (idle_out["opened"] < idle or held or done_steps < steps) and time.monotonic() < until:
+                while idle_out["opened"] < idle and len(held) < idle_at_once:
+                    sock = socket.socket(_family(server[0]), socket.SOCK_STREAM)
+                    idle_out["opened"] += 1
+                    try:
+                        sock.settimeout(timeout)
+                        sock.connect(server)
+                        sock.sendall(halves[idle_out["opened"] % 2])
+                    except OSError as exc:  # refused at once, before the bytes went
+                        sock.close()
+                        idle_out["refused"] += 1
+                        if len(out["errors"]) < 10:
+                            out["errors"].append(f"idle connection: {exc}")
+                        continue
+                    sock.setblocking(False)
+                    held[sock] = time.monotonic()
+                    selector.register(sock, selectors.EVENT_READ)
+                if done_steps < steps and time.monotonic() >= next_step:
+                    next_step += step_gap
+                    step = SOCKS_STEPS[done_steps % len(SOCKS_STEPS)]
+                    at = time.monotonic()
+                    res = _socks_step(server, user, password, step, (target[0], int(target[1])),
+                                      (udp_target[0], int(udp_target[1])), timeout)
+                    out["step_seconds"][step] = round(out["step_seconds"].get(step, 0.0)
+                                                      + time.monotonic() - at, 3)
+                    out["steps"][step][0 if res["reached"] else 1] += 1
+                    if res["compared"] is not None:
+                        out["compared"][0 if res["compared"] else 1] += 1
+                    if res["error"] and len(out["errors"]) < 10 and res["reached"]:
+                        out["errors"].append(f"{step}: {res['error']}")
+                    done_steps += 1
+                wait = 0.05 if done_steps >= steps else max(0.0, min(0.05, next_step - time.monotonic()))
+                for key, _ in selector.select(wait):
+                    sock = key.fileobj  # type: ignore[assignment]
+                    try:
+                        if sock.recv(64) and sock in held:
+                            continue  # what the service answered (the method): wait for the close
+                    except BlockingIOError:
+                        continue
+                    except OSError:
+                        pass
+                    lasted = time.monotonic() - held.pop(sock)
+                    idle_out["refused" if lasted < 0.25 else "timed_out"] += 1
+                    idle_out["longest"] = max(idle_out["longest"], round(lasted, 3))
+                    selector.unregister(sock)
+                    sock.close()
+            idle_out["left_open"] = len(held)
+            for sock in held:
+                selector.unregister(sock)
+                sock.close()
+        out["seconds"] = round(time.monotonic() - started, 2)
+        return out
 
     def m_connect_flood(self, addr: str, port: int, count: int) -> dict[str, Any]:
         started, sent = time.monotonic(), 0
@@ -1486,6 +1631,95 @@ class _AgentServer:
         finally:
             sock.close()
         return res
+
+
+def _reset(sock: socket.socket) -> None:
+    """Close with a reset (SO_LINGER 0)."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+# Where a SOCKS client can stop (Agent.socks_step): in the handshake, just after a request
+# (before its reply), and in each command's later states
+SOCKS_STEPS = ("connected", "half-greeting", "greeted", "half-login", "logged-in", "half-request",
+               "requested-connect", "requested-bind", "requested-udp", "connect-replied",
+               "connect-relaying", "connect-exchange", "bind-waiting", "bind-early", "udp-associated",
+               "udp-relaying")
+EARLY_BYTES = 32768  # what "bind-early" sends before a peer comes
+
+
+def _socks_step(proxy: tuple[str, int], user: str, password: str, step: str,
+                target: tuple[str, int], udp_target: tuple[str, int], timeout: float) -> dict[str, Any]:
+    from enforcer.core import socks
+
+    if step not in SOCKS_STEPS:
+        raise ValueError(f"no SOCKS step {step!r}")
+    res: dict[str, Any] = {"step": step, "reached": False, "compared": None, "error": None}
+    sock = socket.socket(_family(proxy[0]), socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # each piece its own segment, at once
+    anywhere = "0.0.0.0" if sock.family == socket.AF_INET else "::"
+    command, host, port = (socks.CONNECT, *target)
+    if "bind" in step:
+        command, host, port = socks.BIND, anywhere, 0
+    elif "udp" in step:
+        command, host, port = socks.UDP_ASSOCIATE, anywhere, 0
+    greeting, login = socks.client_greeting(user), socks.client_auth(user, password)
+    request = socks.client_request(command, host, port)
+    try:
+        sock.connect(proxy)
+        stages: list[tuple[str, bytes, int]] = [  # (the step that stops before, what to send, to read)
+            ("half-greeting", greeting[:2], 0), ("", greeting[2:], 2),
+            ("half-login", login[:len(login) // 2], 0), ("", login[len(login) // 2:], 2),
+            ("half-request", request[:5], 0), ("", request[5:], 0)]
+        stop_before = {"connected": "half-greeting", "greeted": "half-login", "logged-in": "half-request"}
+        for name, data, answer in stages:
+            if step in (name, stop_before.get(step)) and name:
+                if step == name:
+                    sock.sendall(data)
+                break
+            sock.sendall(data)
+            got = _recv_exactly(sock, answer)
+            if answer and got[1] != 0 and got != b"\x05\x02":
+                raise OSError(f"refused: {got!r}")
+        else:
+            if not step.startswith("requested"):
+                reply = _read_socks_reply(sock)
+                if reply["code"] != 0:
+                    raise OSError(f"SOCKS reply {reply['code']}")
+                res.update(_socks_after_reply(sock, step, reply, udp_target))
+        res["reached"] = True
+    except OSError as exc:
+        res["error"] = str(exc.strerror or exc)
+    finally:
+        if step == "connect-exchange":
+            sock.close()
+        else:
+            _reset(sock)
+    return res
+
+
+def _socks_after_reply(sock: socket.socket, step: str, reply: dict[str, Any],
+                       udp_target: tuple[str, int]) -> dict[str, Any]:
+    """What a step does once the request's reply came: data relayed and compared."""
+    from enforcer.core import socks
+
+    if step in ("connect-relaying", "connect-exchange"):
+        data = os.urandom(1000)
+        sock.sendall(data)
+        return {"compared": _recv_exactly(sock, len(data)) == data}
+    if step == "bind-early":
+        sock.sendall(b"x" * EARLY_BYTES)
+    elif step == "udp-relaying":
+        with socket.socket(sock.family, socket.SOCK_DGRAM) as udp:
+            udp.bind((sock.getsockname()[0], 0))
+            udp.settimeout(sock.gettimeout())
+            data = os.urandom(100)
+            udp.sendto(socks.build_udp(*udp_target, data), (reply["address"], reply["port"]))
+            host, port, body = socks.parse_udp(udp.recv(65535))
+            return {"compared": body == data and (host, port) == udp_target}
+    return {}
 
 
 def _recv_exactly(sock: socket.socket, n: int) -> bytes:

@@ -116,7 +116,9 @@ class EnforcerProcess:
         self.proc: subprocess.Popen[Any] | None = None
         self.fail_open = False
         self.app_filters: tuple[str, ...] = ()
-        # started with anything but the default configuration (application filters aside)
+        self.limits: dict[str, object] | None = None  # the [limits] it was started with
+        # started with anything but the default configuration (application filters and
+        # limits aside: use_enforcer compares those)
         self.customised = False
 
     @property
@@ -131,7 +133,8 @@ class EnforcerProcess:
             raise RuntimeError("the enforcer is already running")
         self.fail_open = fail_open
         self.app_filters = app_filters
-        self.customised = fail_open or backend != "auto" or bool(dataplane) or bool(limits)
+        self.limits = limits or None
+        self.customised = fail_open or backend != "auto" or bool(dataplane)
         # The application filters' grants and binds wait for real clients and servers.
         self.config_path.write_text(lab_config(self.tb, socket=self.socket, fail_open=fail_open,
                                                backend=backend, data_filters=self.data_filters,

@@ -242,16 +242,16 @@ class Lab:
     def use_enforcer(self, app_filters: tuple[str, ...] = (), *, keep_peers: bool = False,
                      limits: dict[str, object] | None = None) -> None:
         """The enforcer running in its default configuration, with these application
-        filters and caps (the kernel helpers' rules gone). The real servers go too unless
-        ``keep_peers`` (the APP checks use them; other checks use the servers' ports for
-        agents of their own)."""
+        filters and caps (the kernel helpers' rules gone); restarted only if it runs with
+        others. The real servers go too unless ``keep_peers`` (the APP checks use them;
+        other checks use the servers' ports for agents of their own)."""
         if not keep_peers and self._peers is not None:
             self._peers.close()
         if self.helpers is not None:
             self.helpers.remove()
             self.helpers = None
         limits = limits or None
-        if self.enforcer.running and (self.enforcer.customised or limits is not None or
+        if self.enforcer.running and (self.enforcer.customised or self.enforcer.limits != limits or
                                       self.enforcer.app_filters != app_filters):
             self.enforcer.stop()
         if not self.enforcer.running:
@@ -387,6 +387,24 @@ def net(request: pytest.FixtureRequest, lab: Lab, family: str) -> Iterator[Net]:
     lab.use_enforcer()
     mode = request.getfixturevalue("mode") if "mode" in request.fixturenames else None
     yield Net(lab, family, mode)
+    cancel_pending(lab)
+
+
+# The SOCKS caps the Firewall-client checks run with (FWC, the resets): timeouts short
+# enough to be waited out, a buffer small enough to fill
+SOCKS_HANDSHAKE_TIMEOUT, SOCKS_BIND_TIMEOUT, SOCKS_BUFFER = 1.0, 3.0, 4096
+SOCKS_LIMITS: dict[str, object] = {"socks_handshake_timeout": SOCKS_HANDSHAKE_TIMEOUT,
+                                   "socks_bind_timeout": SOCKS_BIND_TIMEOUT,
+                                   "socks_buffer_bytes": SOCKS_BUFFER, "socks_connections_per_client": 6,
+                                   "socks_connections_total": 8}
+
+
+@pytest.fixture
+def socks_net(lab: Lab, family: str) -> Iterator[Net]:
+    """As ``net``, with the SOCKS service's caps small (SOCKS_LIMITS); the checks that use
+    it one after another share one run of the enforcer."""
+    lab.use_enforcer(limits=SOCKS_LIMITS)
+    yield Net(lab, family)
     cancel_pending(lab)
 
 

@@ -196,6 +196,9 @@ class Engine:
         self._expiring_binds: dict[int, Bind] = {}
         # filter -> the (IP protocol, ports) it registered for connect events on
         self.connect_registrations: dict[int, list[tuple[int, PortRange]]] = {}
+        # The shell's part of a session's end, however it ends (the SOCKS service closes
+        # what of its connections the session held: a BIND's wait, a UDP ASSOCIATE)
+        self.on_session_end: Callable[[Session], None] | None = None
 
     # --- packets ------------------------------------------------------------------------
     def judge_ingress(self, meta: PacketMeta, now: float) -> Decision | None:
@@ -254,7 +257,7 @@ class Engine:
         if key.protocol == TCP and not meta.starts_tcp_connection:
             reason = (f"TCP packet with flags 0x{meta.tcp_flags:02x} to a redirect port "
                       "belongs to no redirected connection")
-        elif meta.ingress is not Ingress.INTERNAL or not self._is_internal(key.src):
+        elif meta.ingress is not Ingress.INTERNAL or not self.is_internal(key.src):
             reason = f"{key.src} is not an internal client on the internal side"
         else:
             perm, refused = self._match_redirect(key, key.dport, now,
@@ -363,7 +366,7 @@ class Engine:
             if bind is not None:
                 return self._to_bind(bind, meta, now, length)
             return drop("arrived on the external side and no permission admits it")
-        if not self._is_internal(key.src):
+        if not self.is_internal(key.src):
             return drop(f"source {key.src} is not on an internal network")
 
         perm, refused = self._match(permission_key(key.protocol, key.src, key.dst, key.dport),
@@ -420,7 +423,7 @@ class Engine:
     # --- Firewall clients ---------------------------------------------------------------
     def open_firewall_session(self, client: IPAddress, user: str | None, now: float) -> Session:
         """A Firewall client's control connection opened: the session of its IP and user."""
-        if not self._is_internal(client):
+        if not self.is_internal(client):
             raise InvalidArgument(f"{client} is not on an internal network")
         session = self.sessions.firewall_client(client, user, now)
         session.connections += 1
@@ -440,10 +443,16 @@ class Engine:
                        client_port: int, now: float) -> Decision:
         """A Firewall client asks the fw to connect (or send a datagram) for it: a
         permission of its session (or an ADDRESS_BASED one of its IP) or policy decides.
-        The fw relays the flow in user space, leaving from an external address."""
+        The fw relays the flow in user space, leaving from an external address; it
+        relays nothing to itself (a target of another family, loopback, or the fw's own
+        address is dropped). ``one_way`` in the decision: the target's replies are not
+        to be relayed (a UDP permission without BIDIRECTIONAL)."""
         self.permissions.expire(now)
         session = self._in_use(session_id, now)
         key = FlowKey(protocol, session.client, client_port, target, port)
+        refusal = self._target_refusal(target, session.client)
+        if refusal is not None:  # the relay would reach the fw's own services
+            return self._record(Decision(Verdict.DROP, key, refusal, now, session.id))
         perm = self.permissions.match(permission_key(protocol, session.client, target, port),
                                       session.id, now)
         if perm is not None:
@@ -771,12 +780,9 @@ class Engine:
                 raise InvalidArgument("data filters are for TCP flows")
         session = self._in_use(session_id, now)
         for target, _ in targets:
-            if target.version != session.client.version:
-                raise InvalidArgument(f"target {target} is not of the client's address family")
-            if target.is_unspecified or target.is_multicast or target.is_loopback:
-                raise InvalidArgument(f"target {target} is not a unicast host address")
-            if target in self.own_addresses:
-                raise InvalidArgument(f"target {target} is the firewall's own address")
+            refusal = self._target_refusal(target, session.client)
+            if refusal is not None:
+                raise InvalidArgument(refusal)
         external_index = self._external_index(session.client.version, proxy_external_address,
                                               translated=self.nat or redirect)
         protocol_def = next((p for p in self.policy.protocols if p.guid == protocol_guid), None)
@@ -795,6 +801,17 @@ class Engine:
             raise IsBusy(f"session {session.id} would have more than {cap} pending permissions")
         self.permissions.quota.check(session.client, len(targets))
         return session, protocol_def, external_index
+
+    def _target_refusal(self, target: IPAddress, client: IPAddress) -> str | None:
+        """Why ``target`` can be no target of ``client``'s secondary or relayed flow (rule
+        14: never the fw itself), or None."""
+        if target.version != client.version:
+            return f"target {target} is not of the client's address family"
+        if target.is_unspecified or target.is_multicast or target.is_loopback:
+            return f"target {target} is not a unicast host address"
+        if target in self.own_addresses:
+            return f"target {target} is the firewall's own address"
+        return None
 
     def _internal_address_for(self, client: IPAddress) -> IPAddress:
         for interface in self.internal_addresses:
@@ -856,7 +873,10 @@ class Engine:
         for bind in self.binds.of(session.id):
             self.bind_done(bind)
         self.binds.end_session(session.id)
-        return self.permissions.end_session(session.id)
+        cancelled = self.permissions.end_session(session.id)
+        if self.on_session_end is not None:
+            self.on_session_end(session)
+        return cancelled
 
     def session(self, session_id: int) -> Session:
         session = self.sessions.get(session_id)
@@ -914,7 +934,8 @@ class Engine:
                                   f"addresses ({', '.join(map(str, ours)) or 'none'})")
         return ours.index(requested)
 
-    def _is_internal(self, address: IPAddress) -> bool:
+    def is_internal(self, address: IPAddress) -> bool:
+        """Whether ``address`` is on one of the internal networks."""
         return address in self.internal_networks
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, fields
 from enforcer.core.packet import IPAddress
 from enforcer.core.results import IsBusy
 
+KIB = 1 << 10
 MIB = 1 << 20
 
 
@@ -47,6 +48,21 @@ class Limits:
     # Bytes held for filtered streams (output kept for retransmission, held-back lines)
     buffered_bytes_total: int = 64 * MIB
     buffered_bytes_per_client: int = 8 * MIB
+    # Firewall clients' SOCKS connections (every one, from accept on, before
+    # authentication too); at a cap a new connection is closed at once
+    socks_connections_total: int = 1024
+    socks_connections_per_client: int = 256
+    # How long a SOCKS connection may take to send its request (greeting, login, request;
+    # seconds): a slow or idle one is closed
+    socks_handshake_timeout: float = 10.0
+    # How long a SOCKS BIND waits for its peer (seconds): then it fails (reply 6)
+    socks_bind_timeout: float = 60.0
+    # Bytes a SOCKS connection holds in each direction: what its client sends before the
+    # relay starts (then the client is no longer read), and what waits for a slow side
+    socks_buffer_bytes: int = 64 * KIB
+    # Targets one UDP ASSOCIATE sends to (each admitted once); at the cap a datagram to
+    # a new one is dropped
+    socks_udp_targets: int = 64
 
     def to_dict(self) -> dict[str, float]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -59,8 +75,9 @@ TOP_CLIENTS = 3
 
 
 class Quota:
-    """The use of one kind of state (``kind``: sessions, pending, binds, user_flows)
-    against its caps ``<kind>_total`` and ``<kind>_per_client`` of Limits.
+    """The use of one kind of state (``kind``: sessions, pending, binds, user_flows,
+    socks_connections) against its caps ``<kind>_total`` and ``<kind>_per_client`` of
+    Limits.
 
     Refusals are counted in ``counters`` as ``refused: <cap>``, so that they show
     with the engine's other counters.

@@ -9,7 +9,10 @@ the code changes. Each item is measured at its largest: its own client address
 UDP bind's full list of recent senders, a user-mode flow with a stream editor
 and the largest application filter pinhole ships (FTP). Bytes a stream holds
 for retransmission or as a held-back line count against ``buffered_bytes_*``
-(overheads included), not here.
+(overheads included), not here. A SOCKS connection is measured at its largest (a
+UDP ASSOCIATE, or a BIND's relay) with the session and bind it makes the engine hold
+(counted under those too: the bound errs high), and counts its buffers
+(``socks_buffer_bytes`` each way) and a full table of UDP targets.
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ ITEM_BYTES = {
     "decision": 600,
     "address": 250,  # packet's cache of address objects
     "expiry": 120,  # one stale permission expiry entry
+    "socks_connection": 5600,  # its sockets, state, session and bind; buffers apart
+    "socks_udp_target": 300,  # one target of a UDP ASSOCIATE
 }
 
 
@@ -50,6 +55,9 @@ def memory_bound(limits: Limits) -> dict[str, int]:
         "user_flows": limits.user_flows_total * ITEM_BYTES["user_flow"],
         "flow_history": limits.flow_history * ITEM_BYTES["flow_history"],
         "buffered_bytes": limits.buffered_bytes_total,
+        "socks_connections": limits.socks_connections_total * (
+            ITEM_BYTES["socks_connection"] + 2 * limits.socks_buffer_bytes
+            + limits.socks_udp_targets * ITEM_BYTES["socks_udp_target"]),
     }
     parts["total"] = sum(parts.values())
     return parts

@@ -7,7 +7,11 @@ service to act on, in order:
 
 * ``Send(data)``: write ``data`` to the client.
 * ``Authenticated(user)``: the method negotiation (and, with RFC 1929, the password
-  check) is done; ``user`` is ``None`` for the no-authentication method.
+  check) is done; ``user`` is ``None`` for the no-authentication method. It comes
+  *before* the reply that lets the client in (the login's success status, or the
+  choice of the no-authentication method), so that a service that will not have the
+  client after all (a cap on its sessions) sends ``refuse()``'s bytes instead, closes,
+  and acts on nothing after it: a refused client never sees a success.
 * ``RequestReceived(request)``: the client's one request (RFC 1928 section 4). The
   handshake is then over: the service decides, answers with ``reply(...)`` and, for a
   CONNECT, starts relaying.
@@ -55,7 +59,8 @@ An IPv6 address is given in its compressed form, an IPv4-mapped one as ``::ffff:
 
 The UDP relay header (RFC 1928 section 7) is ``parse_udp``/``build_udp``; fragmented
 datagrams (FRAG not 0) are refused, as the RFC allows a server that does not
-reassemble to do.
+reassemble to do. ``UdpAssociation`` decides, for one UDP ASSOCIATE, which datagrams
+are the client's and which replies go back to it.
 """
 
 from __future__ import annotations
@@ -65,6 +70,8 @@ import ipaddress
 import string
 from collections.abc import Callable
 from dataclasses import dataclass
+
+from enforcer.core.packet import IPAddress
 
 VERSION = 5
 """The SOCKS protocol version this module speaks."""
@@ -240,6 +247,15 @@ class ServerHandshake:
             raise
         return events
 
+    def refuse(self) -> bytes:
+        """The service will not have the client it just authenticated: the bytes to send
+        instead of the reply that followed ``Authenticated`` (RFC 1929's failure status
+        after a login, "no acceptable methods" without one). The handshake is closed."""
+        self._close()
+        if self.user is None:
+            return bytes([VERSION, NO_ACCEPTABLE])
+        return bytes([AUTH_VERSION, AUTH_FAILURE])
+
     def _close(self) -> None:
         self._state = _State.CLOSED
         self._buf.clear()
@@ -274,7 +290,7 @@ class ServerHandshake:
             events.append(Send(bytes([VERSION, USERPASS])))
             self._state = _State.AUTH
         elif not self.require_auth and NO_AUTH in methods:
-            events += [Send(bytes([VERSION, NO_AUTH])), Authenticated(None)]
+            events += [Authenticated(None), Send(bytes([VERSION, NO_AUTH]))]
             self._state = _State.REQUEST
         else:
             events += [Send(bytes([VERSION, NO_ACCEPTABLE])), Close()]
@@ -309,7 +325,7 @@ class ServerHandshake:
             raise SocksError("username/password: not UTF-8", auth_failure=True) from None
         if self.check(user, password) is True:
             self.user = user
-            events += [Send(bytes([AUTH_VERSION, AUTH_SUCCESS])), Authenticated(user)]
+            events += [Authenticated(user), Send(bytes([AUTH_VERSION, AUTH_SUCCESS]))]
             self._state = _State.REQUEST
         else:
             events += [Send(bytes([AUTH_VERSION, AUTH_FAILURE])), Close()]
@@ -498,3 +514,63 @@ def parse_reply(data: bytes) -> tuple[Reply, str, int, int] | None:
         return None
     _, address, port, end = parsed
     return code, address, port, end
+
+
+class UdpAssociation:
+    """What one UDP ASSOCIATE relays (RFC 1928 section 7), decided without I/O.
+
+    The client's endpoint: the request's DST.ADDR and DST.PORT name the address and
+    port the client will send from, zeros what it does not know yet; the first
+    datagram from the client's address fixes what was left open. Only the client's
+    own address may be named (the relay would send a third party what arrives for
+    the client). A datagram from any other source, another port of the client's
+    address included, is not the client's; replies go to that endpoint alone.
+
+    Targets: each address and port the client sends to is admitted once (the caller
+    asks the engine) and remembered with whether its replies may come back
+    (``two_way``), at most ``max_targets`` of them.
+    """
+
+    def __init__(self, client: IPAddress, requested: IPAddress, port: int, max_targets: int) -> None:
+        """``requested``/``port``: the request's DST.ADDR and DST.PORT. A named address
+        that is not ``client``'s raises SocksError with reply 2 (not allowed)."""
+        if not requested.is_unspecified and requested != client:
+            raise SocksError(f"UDP ASSOCIATE: {requested} is not the client's address {client}",
+                             Reply.NOT_ALLOWED)
+        self.client = client
+        self.port: int | None = port or None
+        self.max_targets = max_targets
+        self.targets: dict[tuple[IPAddress, int], bool] = {}  # (address, port) -> two way
+
+    @property
+    def endpoint(self) -> tuple[IPAddress, int] | None:
+        """Where the client sends from and replies go (None until it is known)."""
+        return None if self.port is None else (self.client, self.port)
+
+    def from_client(self, address: IPAddress, port: int) -> bool:
+        """Whether a datagram from ``address``:``port`` is the client's (the first one
+        from its address fixes a port the request left open)."""
+        if address != self.client:
+            return False
+        if self.port is None:
+            self.port = port
+        return port == self.port
+
+    def target(self, address: IPAddress, port: int) -> bool | None:
+        """Whether a target admitted before is two way (None: not admitted yet)."""
+        return self.targets.get((address, port))
+
+    @property
+    def full(self) -> bool:
+        """No room for another target."""
+        return len(self.targets) >= self.max_targets
+
+    def add_target(self, address: IPAddress, port: int, two_way: bool) -> None:
+        """A target the engine admitted (the caller checked ``full`` first)."""
+        self.targets[(address, port)] = two_way
+
+    def relays_from(self, address: IPAddress, port: int, peer_admitted: bool) -> bool:
+        """Whether a datagram from ``address``:``port`` goes to the client: the reply of
+        a two-way target (that address and port exactly), or a peer the bind admits
+        (``peer_admitted``: approved by RetroactiveAllowBind, in its IpFilter)."""
+        return peer_admitted or self.targets.get((address, port)) is True

@@ -138,11 +138,18 @@ def wait_for_state(action: Action, state: str, within: float) -> None:
 
 
 def socks_open(net: Net, node: str, user: str, command: str, host: str, port: int,
-               timeout: float | None = None) -> Any:
+               timeout: float | None = None, udp_port: int = 0) -> Any:
     """A SOCKS5 request from ``node`` to the fw's SOCKS service as ``user``: a Firewall
-    client's control connection (agent.SocksConnection), which is its session."""
+    client's control connection (agent.SocksConnection), which is its session. A UDP
+    ASSOCIATE's datagrams go from ``udp_port`` (0: the kernel's choice)."""
     proxy = (net.fw_internal(node), SOCKS_PORT)
-    return net.agent(node).socks(proxy, user, SOCKS_USERS[user], command, host, port, timeout=timeout)
+    return net.agent(node).socks(proxy, user, SOCKS_USERS[user], command, host, port, timeout=timeout,
+                                 udp_port=udp_port)
+
+
+def anywhere(net: Net) -> str:
+    """The unspecified address of the family (a SOCKS request's "not known")."""
+    return "0.0.0.0" if net.family == "ipv4" else "::"
 
 
 def fw_session(net: Net, node: str, user: str) -> int:

@@ -15,12 +15,15 @@ from enforcer.core.results import InvalidArgument, NetworkRulesDenied, PolicyRul
 from testbed import timeouts
 from testbed.checks import expect_no_packet, expect_packet
 from testbed.clauses.helpers import (
+    FTP_GUID,
     NEGATIVE,
     assert_not_connected,
     datagram,
+    fw_session,
     grant,
     ip,
     pending_actions,
+    socks_open,
     syn,
     wait_for_state,
 )
@@ -362,6 +365,69 @@ def test_session_end_cancels_pending_permissions(net: Net, mode: str) -> None:
         with pytest.raises(InvalidArgument, match="no session"):
             api.call("end_session", session=session)
         assert session not in [s["id"] for s in net.call("sessions")]
+
+
+@pytest.mark.clause("AFC-16")
+def test_a_firewall_client_s_session_ends_with_its_last_socks_connection(net: Net, mode: str) -> None:
+    """alice's session lives while she has a SOCKS connection: closing one of two leaves
+    her pending grant pending; closing the last ends the session and cancels it, while a
+    flow it admitted (c1's own, under an ADDRESS_BASED grant) goes on. A new connection
+    of hers is a new session, without the grant."""
+    c1, s1 = net.agent("c1"), net.agent("s1")
+    dst = net.addr("s1")
+    user_mode = Flags.NO_KERNEL_MODE if mode == "user" else Flags(0)
+    with net.client() as api, s1.tcp_server(dst, 21), s1.tcp_server(dst, 30161), \
+            s1.tcp_server(dst, 30162) as pending_port:
+        first = socks_open(net, "c1", "alice", "connect", dst, 21)
+        second = socks_open(net, "c1", "alice", "connect", dst, 21)
+        assert first.reply["code"] == second.reply["code"] == 0, (first.reply, second.reply)
+        session = fw_session(net, "c1", "alice")
+        admitting = api.allow_future_connect(session, (dst, 30161), protocol_guid=FTP_GUID,
+                                             flags=Flags.ADDRESS_BASED | user_mode)
+        pending = api.allow_future_connect(session, (dst, 30162), protocol_guid=FTP_GUID,
+                                           flags=Flags.ALLOW_MULTIPLE | user_mode)
+        with c1.tcp_open(dst, 30161) as admitted:
+            assert admitted.connected, admitted.error
+            assert admitting.state == "consumed"
+            first.close()
+            time.sleep(0.2)
+            assert pending.state == "pending", "the session ended with a connection still open"
+            assert second.exchange(1000)["received"] == 1000
+            second.close()
+            wait_for_state(pending, "cancelled", within=timeouts.POSITIVE)
+            assert session not in [s["id"] for s in net.call("sessions")]
+            assert admitted.exchange(10_000)["received"] == 10_000, "the session's end cut an admitted flow"
+        with socks_open(net, "c1", "alice", "connect", dst, 30162) as again:
+            assert again.reply is not None and again.reply["code"] == 2, again.reply
+        assert_not_connected(c1.tcp_connect(dst, 30162, timeout=NEGATIVE), "after the session ended")
+        assert pending_port.stats()["accepted"] == 0
+
+
+@pytest.mark.clause("AFC-07")
+@pytest.mark.parametrize("address_based", [False, True], ids=["session", "address-based"])
+def test_another_firewall_client_session_uses_a_udp_grant_only_with_address_based(
+        net: Net, address_based: bool) -> None:
+    """A BIDIRECTIONAL UDP grant to alice's session: bob's UDP ASSOCIATE on the same
+    client IP gets its datagram through (and the reply back) only with ADDRESS_BASED;
+    alice's own does either way."""
+    s1 = net.agent("s1")
+    dst, port = net.addr("s1"), 30171 + address_based
+    anywhere = "0.0.0.0" if net.family == "ipv4" else "::"
+    with net.client() as api, s1.tcp_server(dst, 21), s1.udp_server(dst, port) as server, \
+            socks_open(net, "c1", "alice", "connect", dst, 21) as control:
+        assert control.reply is not None and control.reply["code"] == 0, control.reply
+        flags = Flags.ALLOW_MULTIPLE | Flags.BIDIRECTIONAL
+        if address_based:
+            flags |= Flags.ADDRESS_BASED
+        api.allow_future_connect(fw_session(net, "c1", "alice"), (dst, port), protocol="udp",
+                                 protocol_guid=FTP_GUID, flags=flags)
+        with socks_open(net, "c1", "bob", "udp", anywhere, 0) as bob:
+            got = bob.udp(dst, port, b"bob's", expect_reply=True,
+                          timeout=None if address_based else NEGATIVE)
+            assert (got["reply"] == b"bob's") is address_based, got
+        with socks_open(net, "c1", "alice", "udp", anywhere, 0) as alice:
+            assert alice.udp(dst, port, b"alice's", expect_reply=True)["reply"] == b"alice's"
+        assert server.stats()["bytes_in"] == len(b"alice's") + (len(b"bob's") if address_based else 0)
 
 
 @pytest.mark.clause("AFC-05")

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from scapy.layers.inet import TCP, UDP
 
+from enforcer.core import socks
 from enforcer.core.flags import Flags
 from enforcer.core.results import IsBusy
 from testbed import timeouts
@@ -29,6 +30,7 @@ from testbed.clauses.helpers import (
     socks_open,
     syn,
 )
+from testbed.lab import SOCKS_PORT, SOCKS_USERS
 from testbed.plugin import Net
 
 SHOUT = {"shout": "tests.e2e.shout_filter:Shout"}  # "ping" -> "PONG!!" out, "!!" -> "?" back
@@ -107,15 +109,18 @@ def test_sessions_from_spoofed_sources_stay_within_the_cap_and_idle_ones_end(net
 @pytest.mark.clause("ROB-02")
 def test_a_firewall_client_beyond_its_address_sessions_cap_gets_a_socks_failure(net: Net) -> None:
     """Two sessions per client address: c1's SecureNAT session and alice's; bob on c1
-    is refused (SOCKS general failure) while alice's relay goes on; bob on c2 is not."""
+    is refused (RFC 1929's failure status for his right password, never a success first,
+    and his request is not served) while alice's relay goes on; bob on c2 is not."""
     restart(net, sessions_per_client=2)
     dst = net.addr("s1")
     net.session("c1")
     with net.agent("s1").tcp_server(dst, 21), socks_open(net, "c1", "alice", "connect", dst, 21) as alice:
         assert alice.reply is not None and alice.reply["code"] == 0, (alice.error, alice.reply)
-        with socks_open(net, "c1", "bob", "connect", dst, 21) as bob:
-            assert bob.reply is not None and bob.reply["code"] == GENERAL_FAILURE, \
-                    (bob.error, bob.reply)
+        with net.agent("c1").tcp_open(net.fw_internal("c1"), SOCKS_PORT) as bob:
+            login = socks.client_greeting("bob") + socks.client_auth("bob", SOCKS_USERS["bob"])
+            answer = bob.talk(login + socks.client_request(socks.CONNECT, dst, 21), expect=5)
+            assert answer == b"\x05\x02\x01\x01", answer
+            assert bob.ended()
         echoed(alice, b"alice's relay" * 100)
         with socks_open(net, "c2", "bob", "connect", dst, 21) as elsewhere:
             assert elsewhere.reply is not None and elsewhere.reply["code"] == 0, elsewhere.reply

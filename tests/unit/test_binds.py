@@ -139,6 +139,39 @@ def test_the_session_ends_with_its_last_connection(engine: Engine) -> None:
     assert engine.open_firewall_session(C1, "alice", 6.0).id not in (s.id, other.id)
 
 
+def test_the_shell_hears_of_every_session_end_after_its_permissions_are_cancelled(
+        engine: Engine) -> None:
+    """on_session_end: once per session, however it ends (its last connection, end_session),
+    with its permissions cancelled and its binds closed by then."""
+    ended: list[tuple[int, list[ActionState], list[BindState]]] = []
+    engine.on_session_end = lambda session: ended.append(
+        (session.id, [p.state for p in engine.permissions.pending(session.id)],
+         [b.state for b in engine.binds.of(session.id)]))
+    alice = engine.open_firewall_session(C1, "alice", 1.0)
+    bob = engine.open_firewall_session(C1, "bob", 1.0)
+    perm = engine.allow_future_connect(alice.id, S1, 2021, TCP, Flags(0), FTP, 2.0)
+    engine.bind_for_client(alice.id, UDP, EXT4, 2.0)
+    engine.close_firewall_connection(alice.id, 3.0)
+    assert ended == [(alice.id, [], [])] and perm.state is ActionState.CANCELLED
+    engine.end_session(bob.id, 4.0)
+    assert ended[1] == (bob.id, [], [])
+    engine.close_firewall_connection(bob.id, 5.0)  # ended already: no second call
+    assert len(ended) == 2
+
+
+def test_client_connect_relays_nothing_to_the_fw_itself(engine: Engine) -> None:
+    """Policy that would allow the fw's own address, loopback or another family never makes
+    the relay reach the fw: dropped with the reason, nothing admitted."""
+    s = engine.open_firewall_session(C1, "alice", 1.0)
+    for target, why in ((EXT4, "the firewall's own address"), (ip("127.0.0.1"), "not a unicast host"),
+                        (ip("0.0.0.0"), "not a unicast host"), (ip("224.0.0.1"), "not a unicast host"),
+                        (ip("2001:db8:2::21"), "not of the client's address family")):
+        for protocol, port in ((TCP, 21), (UDP, 53)):
+            d = engine.client_connect(s.id, protocol, target, port, 40000, 2.0)
+            assert d.verdict is Verdict.DROP and why in d.reason, (target, d)
+    assert len(engine.flows) == 0 and s.primaries == 0
+
+
 def test_only_internal_clients_open_firewall_sessions(engine: Engine) -> None:
     for client in (S1, ip("2001:db8:2::5"), ip("10.0.0.1")):
         with pytest.raises(InvalidArgument, match="not on an internal network"):

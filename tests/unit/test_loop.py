@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import os
 import selectors
 import socket
 from collections.abc import Iterator
@@ -53,6 +54,41 @@ def test_a_failing_callback_is_counted_its_owner_closed_and_the_loop_goes_on(
     assert not loop.watched(bad_end) and loop.watched(good_end)
     good_end.close()
     good_peer.close()
+
+
+@pytest.mark.parametrize("reuse", [False, True], ids=["closed", "fd-reused"])
+def test_nothing_is_called_for_what_an_earlier_callback_of_the_turn_unwatched(reuse: bool) -> None:
+    """Two sockets ready in one turn; the first one's callback closes the second (a client's
+    reset closes the socket of its connect): the second's callback is not called, not even
+    when a new socket took its descriptor number meanwhile."""
+    loop = Loop()
+    first, first_peer = socket.socketpair()
+    second, second_peer = socket.socketpair()
+    calls: list[str] = []
+    replacement: list[socket.socket] = []
+
+    def close_the_second() -> None:
+        calls.append("first")
+        fd = second.fileno()
+        loop.unwatch(second)
+        second.close()
+        if reuse:
+            new = socket.socket(fileno=os.dup2(first_peer.fileno(), fd))
+            replacement.append(new)
+            loop.watch(new, selectors.EVENT_READ, lambda: calls.append("new"))
+
+    loop.watch(first, selectors.EVENT_READ, close_the_second)
+    loop.watch(second, selectors.EVENT_READ, lambda: second.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR))
+    first_peer.send(b"x")
+    second_peer.send(b"y")
+    # the order the selector reports them in: make the first come first
+    ready = loop.selector.select(1.0)
+    assert {key.fileobj for key, _ in ready} == {first, second}
+    loop.selector.select = lambda timeout=None: sorted(ready, key=lambda kv: kv[0].fileobj is not first)
+    loop.run_once(1.0)
+    assert calls == ["first"] and loop.counters["errors: event callback"] == 0
+    for s in (first, first_peer, second_peer, *replacement):
+        s.close()
 
 
 def test_a_failing_close_is_counted_too(pair: tuple[socket.socket, socket.socket]) -> None:

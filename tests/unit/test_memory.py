@@ -9,9 +9,11 @@ overstate it by much, so the bound moves with the code.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import ipaddress
 import os
+import socket
 import subprocess
 import sys
 import tracemalloc
@@ -21,8 +23,9 @@ from typing import Any
 
 import pytest
 from core_policy import INTERNAL, POLICY, pkt
+from socks_rig import USERS, Rig
 
-from enforcer.core import memory, packet
+from enforcer.core import memory, packet, socks
 from enforcer.core.binds import RECENT_SENDERS
 from enforcer.core.budget import ByteBudget
 from enforcer.core.datafilter import Direction, TcpStreamEditor
@@ -32,6 +35,7 @@ from enforcer.core.flows import FlowRecord
 from enforcer.core.ipfilter import IpFilter
 from enforcer.core.limits import MIB, Limits
 from enforcer.core.packet import TCP, UDP
+from enforcer.core.socks import UdpAssociation
 from enforcer.daemon import _Guarded
 from enforcer.filters import Primary
 from enforcer.plugins.ftp import FtpFilter
@@ -143,6 +147,74 @@ def full_bind(engine: Engine, sessions: list[int], i: int) -> Any:
     return bind
 
 
+def socks_connections(state: str) -> float:
+    """The most bytes the SOCKS service (and the engine, for the session and bind each
+    makes) keeps per connection in ``state`` ("associated": a UDP ASSOCIATE whose
+    endpoint is known; "relaying": a BIND's relay), each from its own client address.
+    Connections are made a hundred at a time (the listener's backlog), 700 in all: past
+    the resize of a 1024-slot table, the dearest point. The test's own ends of the
+    sockets are counted too: a little high."""
+    count = 700
+    rig = Rig(bind_ports=(30000, 31999), **{f"{kind}_{scope}": ROOM for kind in (
+        "sessions", "binds", "socks_connections") for scope in ("total", "per_client")})
+    try:
+        gc.collect()
+        tracemalloc.start()
+        before = tracemalloc.get_traced_memory()[0]
+        for first in range(0, count, 100):
+            socks_batch(rig, range(first, first + 100), state)
+        assert len(rig.service.clients) == count
+        gc.collect()
+        return (tracemalloc.get_traced_memory()[0] - before) / count
+    finally:
+        tracemalloc.stop()
+        rig.close()
+
+
+def socks_batch(rig: Rig, numbers: range, state: str) -> None:
+    request = socks.client_greeting("alice") + socks.client_auth("alice", USERS["alice"]) + \
+        socks.client_request(socks.UDP_ASSOCIATE if state == "associated" else socks.BIND, "0.0.0.0", 0)
+    made = []
+    for i in numbers:
+        source = f"127.0.{1 + i // 250}.{1 + i % 250}"
+        s = socket.socket()
+        rig.sockets.append(s)
+        s.bind((source, 0))
+        s.connect(rig.address)
+        s.sendall(request)
+        made.append((s, source))
+    rig.pump(len(made) + 10)
+    for s, source in made:
+        s.setblocking(False)
+        assert rig.read(s, 4) == b"\x05\x02\x01\x00"
+        code, address, port = rig.reply(s)
+        assert code is socks.Reply.SUCCEEDED
+        if state == "associated":
+            rig.udp(source).sendto(socks.build_udp("198.51.100.21", 9, b""), (address, port))
+        else:
+            rig.sockets.append(socket.create_connection((address, port)))
+    rig.pump(2 * len(made))
+    if state == "relaying":
+        assert all(rig.reply(s)[0] is socks.Reply.SUCCEEDED for s, _ in made)
+
+
+def udp_targets() -> float:
+    worst = 0.0
+    for n in COUNTS:
+        association = UdpAssociation(client(0), ipaddress.ip_address("::"), 0, n)
+        gc.collect()
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            for i in range(n):
+                association.add_target(server(i), 1024 + i, two_way=True)
+            gc.collect()
+            worst = max(worst, (tracemalloc.get_traced_memory()[0] - before) / n)
+        finally:
+            tracemalloc.stop()
+    return worst
+
+
 def measured(kind: str) -> float:
     """Each kind is measured once per run (some sizes are differences of others)."""
     if kind not in _measured:
@@ -173,6 +245,8 @@ MEASURED: dict[str, Callable[[], float]] = {
     "address": lambda: per_item(nothing, lambda e, _, i: packet._address(
         client(i + 10**6).packed) and None),
     "decision": lambda: decision_size(),
+    "socks_connection": lambda: max(socks_connections("associated"), socks_connections("relaying")),
+    "socks_udp_target": udp_targets,
 }
 
 
@@ -206,9 +280,12 @@ def decision_size() -> float:
 
 def test_the_bound_adds_cap_times_size_for_each_part() -> None:
     small = Limits(sessions_total=10, pending_total=20, binds_total=3, user_flows_total=4,
-                   flow_history=5, buffered_bytes_total=MIB)
+                   flow_history=5, buffered_bytes_total=MIB, socks_connections_total=6,
+                   socks_buffer_bytes=1000, socks_udp_targets=7)
     parts = memory.memory_bound(small)
     items = memory.ITEM_BYTES
+    assert parts["socks_connections"] == 6 * (items["socks_connection"] + 2 * 1000
+                                              + 7 * items["socks_udp_target"])
     assert parts["sessions"] == 10 * items["session"]
     assert parts["pending"] == 20 * items["pending"]
     assert parts["finished_actions"] == 20 * items["finished_action"]
@@ -218,8 +295,7 @@ def test_the_bound_adds_cap_times_size_for_each_part() -> None:
     assert parts["buffered_bytes"] == MIB
     assert parts["total"] == sum(v for k, v in parts.items() if k != "total")
     # raising a cap raises the bound by cap times the item
-    more = memory.memory_bound(Limits(sessions_total=11, pending_total=20, binds_total=3,
-                                      user_flows_total=4, flow_history=5, buffered_bytes_total=MIB))
+    more = memory.memory_bound(dataclasses.replace(small, sessions_total=11))
     assert more["total"] - parts["total"] == items["session"]
 
 

@@ -36,6 +36,7 @@ from enforcer.core.socks import (
     Send,
     ServerHandshake,
     SocksError,
+    UdpAssociation,
     build_udp,
     client_auth,
     client_greeting,
@@ -90,7 +91,7 @@ def merged(events: Iterable[object]) -> list[object]:
 
 def test_no_auth_handshake() -> None:
     hs = ServerHandshake(require_auth=False, check=never_called)
-    assert hs.feed(GREET_NO_AUTH) == [SELECT_NO_AUTH, Authenticated(None)]
+    assert hs.feed(GREET_NO_AUTH) == [Authenticated(None), SELECT_NO_AUTH]
     assert not hs.done
     assert hs.feed(CONNECT_V4) == [RequestReceived(CONNECT_V4_REQUEST)]
     assert hs.done and not hs.closed
@@ -108,7 +109,7 @@ def test_userpass_handshake() -> None:
     hs = ServerHandshake(require_auth=True, check=check)
     assert hs.feed(GREET_USERPASS) == [SELECT_USERPASS]
     assert calls == []
-    assert hs.feed(AUTH_ALICE) == [AUTH_OK, Authenticated(USER)]
+    assert hs.feed(AUTH_ALICE) == [Authenticated(USER), AUTH_OK]
     assert calls == [(USER, PASSWORD)]
     assert hs.user == USER
     assert hs.feed(CONNECT_V4) == [RequestReceived(CONNECT_V4_REQUEST)]
@@ -122,7 +123,7 @@ def test_userpass_names_are_utf8() -> None:
     user, password = "zoë", "пароль"
     raw_user, raw_password = user.encode(), password.encode()
     wire = bytes([1, len(raw_user)]) + raw_user + bytes([len(raw_password)]) + raw_password
-    assert hs.feed(wire) == [AUTH_OK, Authenticated(user)]
+    assert hs.feed(wire) == [Authenticated(user), AUTH_OK]
     assert seen == [(user, password)]
 
 
@@ -130,7 +131,7 @@ def test_empty_password_is_left_to_check() -> None:
     seen: list[tuple[str, str]] = []
     hs = ServerHandshake(True, lambda u, p: seen.append((u, p)) is None)
     hs.feed(GREET_USERPASS)
-    assert hs.feed(b"\x01\x03bob\x00") == [AUTH_OK, Authenticated("bob")]
+    assert hs.feed(b"\x01\x03bob\x00") == [Authenticated("bob"), AUTH_OK]
     assert seen == [("bob", "")]
 
 
@@ -141,6 +142,24 @@ def test_only_true_from_check_accepts(verdict: object) -> None:
     assert hs.feed(AUTH_ALICE + CONNECT_V4) == [AUTH_REFUSED, Close()]
     assert hs.closed and hs.user is None and hs.request is None
     assert hs.feed(CONNECT_V4) == []
+
+
+@pytest.mark.parametrize(("require_auth", "stream", "refusal"), [
+    (True, GREET_USERPASS + AUTH_ALICE + CONNECT_V4, b"\x01\x01"),
+    (False, GREET_NO_AUTH + CONNECT_V4, b"\x05\xff"),
+], ids=["login", "no-auth"])
+def test_a_service_that_refuses_the_client_sends_no_success(require_auth: bool, stream: bytes,
+                                                          refusal: bytes) -> None:
+    """Authenticated comes before the reply that lets the client in: a service that will
+    not have the client (a cap) stops there and sends refuse()'s bytes, a failure."""
+    hs = ServerHandshake(require_auth, accept_alice)
+    events = hs.feed(stream)
+    at = next(i for i, e in enumerate(events) if isinstance(e, Authenticated))
+    sent_before = b"".join(e.data for e in events[:at] if isinstance(e, Send))
+    assert sent_before in (b"", bytes(SELECT_USERPASS.data))
+    assert events[at + 1] in (AUTH_OK, SELECT_NO_AUTH), "the success follows Authenticated"
+    assert hs.refuse() == refusal
+    assert hs.closed and hs.buffered == 0 and hs.feed(b"more") == []
 
 
 def test_wrong_password_refused_and_nothing_after() -> None:
@@ -171,8 +190,8 @@ def test_check_exception_propagates_and_closes() -> None:
 @pytest.mark.parametrize(
     ("require_auth", "methods", "expected"),
     [
-        (False, [NO_AUTH], [SELECT_NO_AUTH, Authenticated(None)]),
-        (False, [USERPASS, 1, NO_AUTH], [SELECT_NO_AUTH, Authenticated(None)]),
+        (False, [NO_AUTH], [Authenticated(None), SELECT_NO_AUTH]),
+        (False, [USERPASS, 1, NO_AUTH], [Authenticated(None), SELECT_NO_AUTH]),
         (True, [NO_AUTH, USERPASS], [SELECT_USERPASS]),
         (True, [0x80, USERPASS, 0xFE], [SELECT_USERPASS]),
         (False, [USERPASS], [NO_METHOD, Close()]),
@@ -180,7 +199,7 @@ def test_check_exception_propagates_and_closes() -> None:
         (True, [1], [NO_METHOD, Close()]),  # GSSAPI only
         (False, [1, 3, 0xFF], [NO_METHOD, Close()]),
         (False, list(range(1, 256)), [NO_METHOD, Close()]),
-        (False, list(range(255)), [SELECT_NO_AUTH, Authenticated(None)]),
+        (False, list(range(255)), [Authenticated(None), SELECT_NO_AUTH]),
     ],
 )
 def test_method_selection(require_auth: bool, methods: list[int], expected: list[Event]) -> None:
@@ -214,8 +233,8 @@ def test_no_auth_byte_at_a_time() -> None:
     stream = GREET_NO_AUTH + CONNECT_V4
     greeting_end, request_end = len(GREET_NO_AUTH) - 1, len(stream) - 1
     assert bytewise(hs, stream) == [
-        (greeting_end, SELECT_NO_AUTH),
         (greeting_end, Authenticated(None)),
+        (greeting_end, SELECT_NO_AUTH),
         (request_end, RequestReceived(CONNECT_V4_REQUEST)),
     ]
 
@@ -227,8 +246,8 @@ def test_userpass_domain_byte_at_a_time() -> None:
     ends = [len(GREET_USERPASS) - 1, len(GREET_USERPASS + AUTH_ALICE) - 1, len(stream) - 4]
     assert bytewise(hs, stream) == [
         (ends[0], SELECT_USERPASS),
-        (ends[1], AUTH_OK),
         (ends[1], Authenticated(USER)),
+        (ends[1], AUTH_OK),
         (ends[2], RequestReceived(Request(CONNECT, "example.com", 80, 3))),
         (ends[2] + 1, Payload(b"G")),
         (ends[2] + 2, Payload(b"E")),
@@ -241,8 +260,8 @@ def test_everything_pipelined_in_one_chunk() -> None:
     events = hs.feed(GREET_USERPASS + AUTH_ALICE + CONNECT_V4 + b"GET / HTTP/1.1\r\n")
     assert events == [
         SELECT_USERPASS,
-        AUTH_OK,
         Authenticated(USER),
+        AUTH_OK,
         RequestReceived(CONNECT_V4_REQUEST),
         Payload(b"GET / HTTP/1.1\r\n"),
     ]
@@ -253,8 +272,8 @@ def test_everything_pipelined_in_one_chunk() -> None:
 def test_after_request_everything_is_payload() -> None:
     hs = ServerHandshake(False, never_called)
     assert hs.feed(GREET_NO_AUTH + CONNECT_V4) == [
-        SELECT_NO_AUTH,
         Authenticated(None),
+        SELECT_NO_AUTH,
         RequestReceived(CONNECT_V4_REQUEST),
     ]
     assert hs.feed(b"") == []
@@ -271,8 +290,8 @@ def test_any_two_fragments(split: int) -> None:
     events = hs.feed(stream[:split]) + hs.feed(stream[split:])
     assert merged(events) == [
         SELECT_USERPASS,
-        AUTH_OK,
         Authenticated(USER),
+        AUTH_OK,
         RequestReceived(CONNECT_V4_REQUEST),
         Payload(b"xy"),
     ]
@@ -338,8 +357,8 @@ GF, CNS, ATNS, HU = (
     Reply.ADDRESS_TYPE_NOT_SUPPORTED,
     Reply.HOST_UNREACHABLE,
 )
-NO_AUTH_DONE = [SELECT_NO_AUTH, Authenticated(None)]
-USERPASS_DONE = [SELECT_USERPASS, AUTH_OK, Authenticated(USER)]
+NO_AUTH_DONE = [Authenticated(None), SELECT_NO_AUTH]
+USERPASS_DONE = [SELECT_USERPASS, Authenticated(USER), AUTH_OK]
 
 # (require_auth, valid prefix, events the prefix produces, bad bytes ending at the byte that shows
 #  the fault, expected reply, expected auth_failure, a word the message must contain)
@@ -649,9 +668,9 @@ def reference(stream: bytes, require_auth: bool, check: Callable[[str, str], boo
                 return error(None, True)
             if check(user, password) is not True:
                 return [*out, Send(b"\x01\x01"), Close()]
-            out += [Send(b"\x01\x00"), Authenticated(user)]
+            out += [Authenticated(user), Send(b"\x01\x00")]
         elif not require_auth and NO_AUTH in methods:
-            out += [Send(b"\x05\x00"), Authenticated(None)]
+            out += [Authenticated(None), Send(b"\x05\x00")]
         else:
             return [*out, Send(b"\x05\xff"), Close()]
         if take(1) != b"\x05":
@@ -829,3 +848,50 @@ def test_fuzz_parse_reply(data: bytes) -> None:
     assert used <= len(data)
     if data[3] != 3:
         assert reply(code, address, port) == data[:used]
+
+
+# --- UDP ASSOCIATE: whose datagrams, which replies (FWC-02, FWC-03) -----------------------------
+
+CLIENT = ipaddress.ip_address("192.0.2.11")
+NEIGHBOUR = ipaddress.ip_address("192.0.2.12")
+TARGET = ipaddress.ip_address("198.51.100.21")
+
+
+@pytest.mark.parametrize("requested", ["0.0.0.0", "::", "192.0.2.11"])
+def test_an_association_is_for_the_endpoint_the_client_named(requested: str) -> None:
+    """DST.ADDR and DST.PORT name the endpoint; the client's own address or zeros."""
+    assoc = UdpAssociation(CLIENT, ipaddress.ip_address(requested), 40000, 8)
+    assert assoc.endpoint == (CLIENT, 40000)
+    assert assoc.from_client(CLIENT, 40000)
+    assert not assoc.from_client(CLIENT, 40001), "another port of the client's address"
+    assert not assoc.from_client(NEIGHBOUR, 40000), "another host"
+    assert assoc.endpoint == (CLIENT, 40000)
+
+
+def test_with_zeros_the_first_datagram_fixes_the_port() -> None:
+    assoc = UdpAssociation(CLIENT, ipaddress.ip_address("0.0.0.0"), 0, 8)
+    assert assoc.endpoint is None
+    assert not assoc.from_client(NEIGHBOUR, 41000), "another host's datagram fixes nothing"
+    assert assoc.endpoint is None
+    assert assoc.from_client(CLIENT, 41000) and assoc.endpoint == (CLIENT, 41000)
+    assert not assoc.from_client(CLIENT, 41001) and assoc.from_client(CLIENT, 41000)
+
+
+def test_an_association_for_another_address_is_not_allowed() -> None:
+    with pytest.raises(SocksError, match="not the client's address") as caught:
+        UdpAssociation(CLIENT, NEIGHBOUR, 40000, 8)
+    assert caught.value.reply is Reply.NOT_ALLOWED
+
+
+def test_replies_come_from_two_way_targets_exactly_or_from_admitted_peers() -> None:
+    assoc = UdpAssociation(CLIENT, ipaddress.ip_address("0.0.0.0"), 0, 2)
+    assert assoc.target(TARGET, 53) is None and not assoc.full
+    assoc.add_target(TARGET, 53, two_way=True)
+    assoc.add_target(TARGET, 9999, two_way=False)
+    assert assoc.full
+    assert assoc.relays_from(TARGET, 53, peer_admitted=False)
+    assert not assoc.relays_from(TARGET, 9999, peer_admitted=False), "one way: no replies"
+    assert not assoc.relays_from(TARGET, 54, peer_admitted=False), "another port of the target"
+    assert not assoc.relays_from(NEIGHBOUR, 53, peer_admitted=False)
+    assert assoc.relays_from(TARGET, 9999, peer_admitted=True), "a peer the bind admits"
+    assert (assoc.target(TARGET, 53), assoc.target(TARGET, 9999)) == (True, False)

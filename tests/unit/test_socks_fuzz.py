@@ -122,6 +122,9 @@ def run(rng: random.Random, data: bytes, require_auth: bool) -> str:
         for event in events:
             if isinstance(event, Send):
                 sent.append(event.data)
+                if event.data in (b"\x01\x00", b"\x05\x00"):
+                    # the success comes after Authenticated, which a service may refuse
+                    assert authenticated, "a success reply before Authenticated"
                 if event.data == b"\x01\x00":
                     assert login.said_yes, "a login succeeded that check refused"
             elif isinstance(event, Authenticated):

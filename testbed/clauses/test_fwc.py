@@ -1,0 +1,334 @@
+"""FWC: the SOCKS service Firewall clients use, end to end: the internal side only
+(FWC-01), a UDP ASSOCIATE for the endpoint that asked (FWC-02), one-way UDP (FWC-03),
+and its limits before and after authentication (FWC-04).
+
+The checks run with the SOCKS caps small (``socks_net``: SOCKS_LIMITS in
+testbed/plugin.py), so that its timeouts pass in seconds; s1 echoes what it gets.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from scapy.layers.inet import TCP, UDP
+from scapy.layers.l2 import Ether
+from scapy.packet import Packet
+
+from enforcer.core import socks
+from enforcer.core.flags import Flags
+from testbed import timeouts
+from testbed.checks import expect_no_packet, expect_packet
+from testbed.clauses.helpers import (
+    FTP_GUID,
+    NEGATIVE,
+    anywhere,
+    assert_not_connected,
+    datagram,
+    fw_session,
+    ip,
+    is_rejection,
+    socks_open,
+    syn,
+)
+from testbed.lab import SOCKS_PORT, SOCKS_USERS
+from testbed.plugin import SOCKS_BIND_TIMEOUT, SOCKS_BUFFER, SOCKS_HANDSHAKE_TIMEOUT, SOCKS_LIMITS, Net
+
+DNS_PORT = 53  # a primary the lab policy allows every client: s1 echoes on it
+# Source ports of the probes: below Linux's ephemeral ports, so no real connection shares one
+PROBE_PORTS = iter(range(32000, 32768))
+
+
+@pytest.fixture
+def dns(socks_net: Net) -> Iterator[Net]:
+    """socks_net, with s1 echoing datagrams on the DNS port."""
+    with socks_net.agent("s1").udp_server(socks_net.addr("s1"), DNS_PORT):
+        yield socks_net
+
+
+def associate(net: Net, node: str = "c1", user: str = "alice", host: str | None = None,
+              port: int = 0, udp_port: int = 0) -> Any:
+    conn = socks_open(net, node, user, "udp", anywhere(net) if host is None else host, port,
+                      udp_port=udp_port)
+    assert conn.reply is not None and conn.reply["code"] == 0, (conn.error, conn.reply)
+    return conn
+
+
+def udp_bind_port(net: Net, node: str = "c1", user: str = "alice") -> int:
+    """The external port of the user's UDP ASSOCIATE."""
+    (port,) = [b["address"][1] for b in net.call("binds", session=fw_session(net, node, user))
+               if b["protocol"] == "udp" and b["state"] != "closed"]
+    return int(port)
+
+
+def counter(net: Net, name: str) -> int:
+    return int(net.call("status")["counters"].get(name, 0))
+
+
+def carries(ports: set[int]) -> Callable[[Packet], bool]:
+    """A packet to or from one of the probes' ports (sent on, or an answer), or any reset
+    or ICMP error."""
+    def match(pkt: Packet) -> bool:
+        layer = TCP if TCP in pkt else UDP if UDP in pkt else None
+        return is_rejection(pkt) or (layer is not None and bool({pkt[layer].sport, pkt[layer].dport} & ports))
+    return match
+
+
+# --- FWC-01 --------------------------------------------------------------------------------------
+
+@pytest.mark.clause("FWC-01")
+@pytest.mark.parametrize("fail_open", [False, True], ids=["lockdown-base", "fail-open"])
+def test_from_outside_the_socks_service_and_its_relays_get_nothing(dns: Net, fail_open: bool) -> None:
+    """s1 sends, as frames to the fw's external MAC, SYNs to the SOCKS port on the fw's
+    internal address and to an association's relay port there, and a datagram to that
+    relay port carrying a SOCKS header (the weak-host model would deliver all of them).
+    With the lockdown base, and with fail_open (no base: the enforcer's own rules and the
+    service must hold it): each reaches the fw, nothing answers it and nothing carries it
+    on; the association hears nothing. The same port serves the inside. (The BIND and
+    UDP ASSOCIATE ports on the external address are for approved peers: RAB-01, RAB-03.)"""
+    net = dns
+    if fail_open:
+        net.enforcer.stop()
+        net.enforcer.start(fail_open=True, limits=SOCKS_LIMITS)
+    s1, server = net.agent("s1"), net.addr("s1")
+    ext = net.topology.fw_external_iface
+    outside = Ether(src=net.mac("s1"), dst=net.mac("fw", ext))
+    with associate(net) as conn:
+        relay_address, relay_port = conn.reply["address"], int(conn.reply["port"])
+        assert relay_address == net.fw_internal()
+        echoed = conn.udp(server, DNS_PORT, b"from the inside", expect_reply=True)
+        assert echoed["reply"] == b"from the inside", echoed
+        sports = [next(PROBE_PORTS) for _ in range(3)]
+        probes = [syn(net, server, relay_address, sports[0], SOCKS_PORT),
+                  syn(net, server, relay_address, sports[1], relay_port),
+                  datagram(net, server, relay_address, sports[2], relay_port,
+                           socks.build_udp(server, DNS_PORT, b"from outside"))]
+        since = time.time()
+        s1.send([outside / p for p in probes], iface=net.iface("s1"))
+        for probe in probes:
+            layer = TCP if TCP in probe else UDP
+            expect_packet(net.fw_received(ext, since), ip(net, server, relay_address)
+                          / layer(sport=probe[layer].sport, dport=probe[layer].dport))
+        expect_no_packet(net.fw_sent(since), carries(set(sports)))
+        assert conn.udp(None, 0, b"", expect_reply=True, timeout=NEGATIVE)["reply"] is None
+        again = conn.udp(server, DNS_PORT, b"still served", expect_reply=True)
+        assert again["reply"] == b"still served", again
+
+
+# --- FWC-02 --------------------------------------------------------------------------------------
+
+@pytest.mark.clause("FWC-02")
+@pytest.mark.parametrize("named", [True, False], ids=["endpoint-in-request", "first-datagram"])
+def test_an_association_relays_only_for_the_endpoint_that_asked(dns: Net, named: bool) -> None:
+    """The endpoint is the request's DST.ADDR and DST.PORT, or with zeros the first
+    datagram's source. Another socket on the client's address and a neighbour sending in
+    the client's name from another port reach the relay (the fw's capture) and are
+    dropped: s1 gets only the endpoint's datagrams, and answers go to the endpoint alone."""
+    net = dns
+    c1, c2, s1 = net.agent("c1"), net.agent("c2"), net.agent("s1")
+    client, server = net.addr("c1"), net.addr("s1")
+    endpoint_port = next(PROBE_PORTS)
+    conn = associate(net, host=client if named else None, port=endpoint_port if named else 0,
+                     udp_port=endpoint_port if named else 0)
+    with conn, s1.sniff(net.iface("s1")) as at_server:
+        relay = (conn.reply["address"], int(conn.reply["port"]))
+        first = conn.udp(server, DNS_PORT, b"the endpoint", expect_reply=True)
+        assert first["reply"] == b"the endpoint" and first["from"] == [server, DNS_PORT], first
+        dropped_before = counter(net, "socks: UDP from another source dropped")
+        since = time.time()
+        other = c1.udp_send(*relay, socks.build_udp(server, DNS_PORT, b"another port"),
+                            expect_reply=True, timeout=NEGATIVE)
+        assert other["reply"] is None, f"the relay answered another socket of the client: {other}"
+        spoof_port = next(PROBE_PORTS)
+        c2.send(datagram(net, client, relay[0], spoof_port, relay[1],
+                         socks.build_udp(server, DNS_PORT, b"spoofed")))
+        arrived = net.fw_received(net.topology.fw_iface_facing("c1"), since)
+        for sport in (other["local"][1], spoof_port):
+            expect_packet(arrived, ip(net, client, relay[0]) / UDP(sport=sport, dport=relay[1]))
+        expect_no_packet(at_server, lambda p: UDP in p and (b"another port" in bytes(p[UDP].payload)
+                                                             or b"spoofed" in bytes(p[UDP].payload)))
+        expect_no_packet(net.fw_sent(since), lambda p: UDP in p and p[UDP].dport in
+                         (other["local"][1], spoof_port))
+        assert counter(net, "socks: UDP from another source dropped") == dropped_before + 2
+        second = conn.udp(server, DNS_PORT, b"the endpoint again", expect_reply=True)
+        assert second["reply"] == b"the endpoint again", second
+
+
+@pytest.mark.clause("FWC-02")
+def test_an_association_for_another_host_is_not_allowed(socks_net: Net) -> None:
+    """DST.ADDR naming c2: the relay would send c2 what comes for c1. Reply 2, no bind."""
+    net = socks_net
+    with socks_open(net, "c1", "alice", "udp", net.addr("c2"), 40000) as conn:
+        assert conn.reply is not None and conn.reply["code"] == socks.Reply.NOT_ALLOWED, conn.reply
+        assert conn.ended()
+    assert not [b for b in net.call("binds") if b["state"] != "closed" and b["protocol"] == "udp"]
+
+
+# --- FWC-03 --------------------------------------------------------------------------------------
+
+@pytest.mark.clause("FWC-03")
+@pytest.mark.parametrize("kind", ["one-way", "bidirectional", "primary"])
+def test_a_target_s_replies_need_bidirectional(socks_net: Net, kind: str) -> None:
+    """A Firewall client's UDP flow admitted by a permission without BIDIRECTIONAL gets no
+    replies relayed: the target's reply reaches the fw (its capture) and goes no further.
+    With BIDIRECTIONAL it comes back, from that target only: another port of the same
+    host is not relayed. A primary policy allows (DNS) gets its replies, as a SecureNAT
+    client's does."""
+    net = socks_net
+    s1, server = net.agent("s1"), net.addr("s1")
+    port = DNS_PORT if kind == "primary" else 30301 + (kind == "bidirectional")
+    with s1.udp_server(server, port) as target, associate(net) as conn:
+        if kind != "primary":
+            flags = Flags.BIDIRECTIONAL if kind == "bidirectional" else Flags(0)
+            with net.client() as api:
+                api.allow_future_connect(fw_session(net, "c1", "alice"), (server, port),
+                                         protocol="udp", protocol_guid=FTP_GUID, flags=flags)
+        since = time.time()
+        got = conn.udp(server, port, b"request", expect_reply=True,
+                       timeout=NEGATIVE if kind == "one-way" else None)
+        assert target.stats()["bytes_in"] == len(b"request"), "the datagram did not reach the target"
+        external = net.fw_external()
+        bind_port = udp_bind_port(net)
+        if kind == "one-way":
+            assert got["reply"] is None, f"a reply was relayed without BIDIRECTIONAL: {got}"
+            expect_packet(net.fw_received(net.topology.fw_external_iface, since),
+                          ip(net, server, external) / UDP(sport=port, dport=bind_port))
+            relay = conn.reply["address"], int(conn.reply["port"])
+            expect_no_packet(net.fw_sent(since), ip(net, relay[0], net.addr("c1")) / UDP(sport=relay[1]))
+            assert counter(net, "socks: UDP reply dropped, one way") >= 1
+            return
+        assert got["reply"] == b"request" and got["from"] == [server, port], got
+        # another port of the target's host: not the target, and the bind is not approved
+        s1.send(datagram(net, server, external, port + 100, bind_port, b"not the target"))
+        assert conn.udp(None, 0, b"", expect_reply=True, timeout=NEGATIVE)["reply"] is None
+
+
+# --- FWC-04 --------------------------------------------------------------------------------------
+
+def proxy(net: Net, node: str = "c1") -> tuple[str, int]:
+    return net.fw_internal(node), SOCKS_PORT
+
+
+@pytest.mark.clause("FWC-04")
+def test_an_idle_or_slow_handshake_is_closed_after_its_timeout(socks_net: Net) -> None:
+    """One connection says nothing, one stops after its greeting: both are closed after
+    socks_handshake_timeout (counted); one that made its request in time is not."""
+    net = socks_net
+    c1 = net.agent("c1")
+    before = counter(net, "socks: handshake timed out")
+    started = time.monotonic()
+    with c1.tcp_open(*proxy(net)) as idle, c1.tcp_open(*proxy(net)) as slow, \
+            socks_open(net, "c1", "alice", "bind", anywhere(net), 0) as done:
+        assert slow.talk(socks.client_greeting("alice"), expect=2) == b"\x05\x02"
+        assert done.reply is not None and done.reply["code"] == 0
+        assert idle.ended(timeout=SOCKS_HANDSHAKE_TIMEOUT + timeouts.POSITIVE)
+        assert slow.ended(timeout=timeouts.POSITIVE)
+        took = time.monotonic() - started
+        assert took >= SOCKS_HANDSHAKE_TIMEOUT - 0.2, f"closed after {took:.2f} s, before the timeout"
+        assert not done.ended(timeout=0.3), "a connection past its request was closed"
+    assert counter(net, "socks: handshake timed out") == before + 2
+
+
+@pytest.mark.clause("FWC-04")
+def test_connections_are_capped_per_client_and_in_total(dns: Net) -> None:
+    """Six per client, eight in all (SOCKS_LIMITS): c1's seventh and c2's third are closed
+    unserved (counted, the status shows the use), those held keep working, and a
+    connection closed makes room."""
+    net = dns
+    server = net.addr("s1")
+    status = net.call("status")["limits"]
+    before = {k: status[k]["refused"] for k in ("socks_connections_per_client", "socks_connections_total")}
+    held = [associate(net) for _ in range(6)]
+
+    def refused(node: str, user: str) -> None:
+        (probe,) = net.agent(node).tcp_probes(*proxy(net, node), [socks.client_greeting(user)])
+        assert probe["connected"] and probe["closed"] and probe["received"] == b"", probe
+
+    try:
+        refused("c1", "alice")
+        held += [associate(net, "c2", "bob") for _ in range(2)]
+        refused("c2", "bob")
+        status = net.call("status")["limits"]
+        assert status["socks_connections_total"]["used"] == 8
+        assert status["socks_connections_per_client"]["highest"] == 6
+        for name, count in before.items():
+            assert status[name]["refused"] == count + 1, (name, status[name])
+        for conn in (held[0], held[-1]):
+            payload = f"held {conn.reply['port']}".encode()
+            assert conn.udp(server, DNS_PORT, payload, expect_reply=True)["reply"] == payload
+        held.pop().close()
+        with associate(net, "c2", "bob") as again:
+            assert again.udp(server, DNS_PORT, b"room again", expect_reply=True)["reply"] == b"room again"
+    finally:
+        for conn in held:
+            conn.close()
+
+
+@pytest.mark.clause("FWC-04")
+def test_a_bind_waits_for_its_peer_a_bounded_time(socks_net: Net) -> None:
+    """No peer within socks_bind_timeout: the second reply is 6 (TTL expired), the
+    connection closes, the bind is gone, and a late peer gets nothing."""
+    net = socks_net
+    before = counter(net, "socks: bind timed out")
+    started = time.monotonic()
+    with socks_open(net, "c1", "alice", "bind", anywhere(net), 0) as conn:
+        assert conn.reply is not None and conn.reply["code"] == 0
+        port, session = int(conn.reply["port"]), fw_session(net, "c1", "alice")
+        second = conn.accept(timeout=SOCKS_BIND_TIMEOUT + timeouts.POSITIVE)
+        took = time.monotonic() - started
+        assert second is not None and second["code"] == socks.Reply.TTL_EXPIRED, second
+        assert took >= SOCKS_BIND_TIMEOUT - 0.2, f"the BIND gave up after {took:.2f} s"
+        assert conn.ended()
+    assert counter(net, "socks: bind timed out") == before + 1
+    assert not [b for b in net.call("binds") if b["session"] == session and b["state"] != "closed"]
+    assert_not_connected(net.agent("s1").tcp_connect(net.fw_external(), port, timeout=NEGATIVE), "late peer")
+
+
+@pytest.mark.clause("FWC-04")
+def test_bytes_sent_before_the_relay_starts_are_bounded(socks_net: Net) -> None:
+    """After BIND, before its peer, the client sends 60 kB: the service holds
+    socks_buffer_bytes of them and reads no more (the status shows it); once the peer
+    comes every byte reaches it, in order."""
+    net = socks_net
+    data = bytes(i * 7 % 251 for i in range(60_000))
+    with socks_open(net, "c1", "alice", "bind", anywhere(net), 0) as conn:
+        assert conn.reply is not None and conn.reply["code"] == 0
+        port = int(conn.reply["port"])
+        assert conn.talk(data, expect=0) == b""
+        deadline = time.monotonic() + timeouts.POSITIVE
+        while (held := net.call("status")["limits"]["socks_buffer_bytes"])["highest"] < SOCKS_BUFFER:
+            assert time.monotonic() < deadline, held
+            time.sleep(0.05)
+        assert held["highest"] == SOCKS_BUFFER and held["cap"] == SOCKS_BUFFER, held
+        net.call("retroactive_allow_bind", session=fw_session(net, "c1", "alice"), protocol="tcp",
+                 address=net.fw_external(), port=port, protocol_guid=FTP_GUID)
+        with net.agent("s1").tcp_open(net.fw_external(), port) as peer:
+            assert peer.connected, peer.error
+            second = conn.accept()
+            assert second is not None and second["code"] == 0, second
+            assert peer.talk(b"", expect=len(data)) == data
+
+
+@pytest.mark.clause("FWC-04")
+@pytest.mark.parametrize("login", ["wrong-password", "unknown-user", "malformed", "session-cap"])
+def test_a_failed_authentication_never_sees_a_success(socks_net: Net, login: str) -> None:
+    """A wrong password, an unknown user, a malformed login, and a right one refused at
+    the session cap (sessions_per_client 1, alice holding it): RFC 1929's failure status
+    and the close, never a success first, and the request that followed is not served."""
+    net = socks_net
+    if login == "session-cap":
+        net.lab.use_enforcer(limits={**SOCKS_LIMITS, "sessions_per_client": 1})
+    user, password = {"wrong-password": ("alice", "wrong"), "unknown-user": ("mallory", "x"),
+                      "session-cap": ("bob", SOCKS_USERS["bob"])}.get(login, ("alice", ""))
+    wire = socks.client_auth(user, password) if login != "malformed" else b"\x02\x05alice\x00"
+    request = socks.client_request(socks.CONNECT, net.addr("s1"), 21)
+    with socks_open(net, "c1", "alice", "bind", anywhere(net), 0) as alice, \
+            net.agent("c1").tcp_open(*proxy(net)) as conn:
+        assert alice.reply is not None and alice.reply["code"] == 0
+        answer = conn.talk(socks.client_greeting(user) + wire + request, expect=5)
+        assert answer == b"\x05\x02\x01\x01", f"{login}: {answer!r}"
+        assert conn.ended()
+    if login == "session-cap":
+        assert net.call("status")["limits"]["sessions_per_client"]["refused"] >= 1

@@ -238,9 +238,11 @@ def delivered(net: Net) -> int:
 
 
 def socket_memory(net: Net, port: int) -> dict[str, int]:
-    """The fw's UDP socket bound on ``port``, as ``ss -m`` shows it: ``rb`` its receive
-    buffer, ``d`` the datagrams it dropped for want of room."""
-    out = net.lab.tb.run("fw", ["ss", "-H", "-u", "-a", "-n", "-m", "sport", "=", f":{port}"]).stdout
+    """The fw's UDP socket bound on its external address and ``port`` (the bind's; the relay
+    port facing the client has the same number on the internal address), as ``ss -m``
+    shows it: ``rb`` its receive buffer, ``d`` the datagrams it dropped for want of room."""
+    address = net.fw_external(0) if net.family == "ipv4" else f"[{net.fw_external(0)}]"
+    out = net.lab.tb.run("fw", ["ss", "-H", "-u", "-a", "-n", "-m", "src", f"{address}:{port}"]).stdout
     found = re.search(r"skmem:\(r\d+,rb(\d+),.*,d(\d+)\)", out)
     assert found is not None, f"no UDP socket of the fw on port {port}: {out!r}"
     return {"rb": int(found.group(1)), "d": int(found.group(2))}

@@ -280,12 +280,13 @@ def run_flood(reps: int, artifacts: Path) -> dict[str, Any]:
     """ROB-01: c1's first-SYN delays through the fw (default enforcer, FTP and TFTP filters
     on) without, then under, c2's flood; per repetition, p99 of each."""
     from testbed.flood import VICTIM_PORT, Flood, first_syn_delays
+    from testbed.lab import EnforcerProcess
     from testbed.plugin import APP_FILTERS, Lab, Net
 
     out: dict[str, Any] = {"quiet_p99_ms": [], "flood_p99_ms": [], "opened": [], "flood": []}
-    lab = Lab("routed", artifacts)
+    lab = Lab("routed", artifacts, {"enforcer": EnforcerProcess})
     try:
-        lab.use_enforcer(APP_FILTERS)
+        lab.use("enforcer", APP_FILTERS)
         net = Net(lab, "ipv4")
         with net.client() as api:
             grant = api.allow_future_connect(net.session("c1"), (net.addr("s1"), VICTIM_PORT),

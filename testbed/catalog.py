@@ -64,3 +64,32 @@ CLAUSES: dict[str, str] = {
     'FWC-03': "one-way UDP for Firewall clients: without BIDIRECTIONAL, a target's replies are not relayed to the client.",
     'FWC-04': 'limits before and after authentication: a slow or idle handshake is closed after a timeout, connections per client and in total are capped, a BIND waits for its peer a bounded time, and bytes a client sends before its relay starts are bounded; a failed authentication never gets a success reply.',
 }
+
+# The clauses checked in the split topology alone
+SPLIT_ONLY = ("ROB-05",)
+# Where a clause's checks do not run, and why: (clause, or "*" for every clause but
+# SPLIT_ONLY; cells as "topology/family" with "*" for any; the reason). The strict runner
+# accepts these gaps and no others; the matrix shows them as n/a.
+NOT_APPLICABLE: tuple[tuple[str, str, str], ...] = (
+    ("*", "split/*", "the split topology (two internal networks) is for ingress per interface, ROB-05"),
+    ("ROB-05", "routed/*", "ingress per interface needs two internal networks (the split topology)"),
+    ("ROB-05", "nat/*", "ingress per interface needs two internal networks (the split topology)"),
+    ("APP-FTP-03", "routed/*", "a NAT clause: routed, the client talks to the server's own address"),
+    ("APP-FTP-04", "*/ipv6", "dante's socksify, the Firewall client, makes no SOCKS BIND over IPv6"),
+    ("ROB-06", "routed/*", "checked where the FTP filter edits the stream: NAT"),
+)
+# Clauses that check no firewall behaviour (the trivial firewalls of the self-check need
+# not fail them), and why
+NO_FIREWALL_BEHAVIOUR: dict[str, str] = {
+    "IPF-01": "the IpFilter object's own operations (rule 10), not what a firewall does",
+}
+
+
+def not_applicable(clause: str, topology: str, family: str) -> str | None:
+    """Why the catalog marks this cell of a clause n/a, or None."""
+    for who, cell, why in NOT_APPLICABLE:
+        where, fam = cell.split("/")
+        if (who == clause or (who == "*" and clause not in SPLIT_ONLY)) and \
+                where in ("*", topology) and fam in ("*", family):
+            return why
+    return None

@@ -1,11 +1,15 @@
-"""`pinhole conformance`: build the testbed, start the enforcer, run the clause suite, print the matrix.
+"""`pinhole conformance`: build the testbed, run the clause suite against firewalls, print the matrix.
 
 The clause suite is ordinary pytest tests (``testbed/clauses``) run in-process with
 this module's collector attached, in two parts: the checks in parallel (pytest-xdist,
-``--workers`` of them, each topology and family's checks in one worker with its own
-lab), then the timing-sensitive ones (marked ``alone``) by themselves. Every clause
-of the catalog appears in the results: clauses with no test yet as
-``not-implemented``, never as passed.
+``--workers`` of them, each topology, family and firewall's checks in one worker with
+its own lab), then the timing-sensitive ones (marked ``alone``) by themselves.
+
+The run is strict for every firewall under test (``--firewall``, references aside: the
+kernel helpers and the trivial routers are comparisons): it fails if a check failed, a
+claimed clause has no check (``not-implemented``) or a skipped one, or a cell of a
+clause's row has nothing run that the catalog does not mark n/a. ``--self-check`` runs
+the trivial routers instead and fails if a clause passes with both (a vacuous clause).
 """
 
 from __future__ import annotations
@@ -16,20 +20,24 @@ import os
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from xml.etree import ElementTree
 
 import pytest
 
-from testbed.catalog import CLAUSES
+from testbed.catalog import CLAUSES, NO_FIREWALL_BEHAVIOUR, not_applicable
+from testbed.drivers import TRIVIAL, DriverError, Firewall, load
 from testbed.plugin import FIREWALLS, RESULTS, Result
 from testbed.topology import FAMILIES, TOPOLOGIES
 
 CLAUSE_DIR = Path(__file__).parent / "clauses"
-OUTCOMES = ("passed", "failed", "skipped", "not-implemented")
+OUTCOMES = ("passed", "failed", "skipped", "n/a", "not-implemented")
 DEFAULT_WORKERS = 4  # the checks mostly wait (for what must not arrive): more than the cores
-SYMBOLS = {"passed": "pass", "failed": "FAIL", "skipped": "skip", "not-implemented": "n/i"}
+SYMBOLS = {"passed": "pass", "failed": "FAIL", "skipped": "skip", "n/a": "n/a",
+           "not-implemented": "n/i"}
 
 
 class Collector:
@@ -41,6 +49,7 @@ class Collector:
         self.total = 0
         self.done = 0
         self.started = time.monotonic()
+        self.outcomes: dict[str, str] = {}  # nodeid -> the check's outcome, until its teardown
 
     def pytest_collection_finish(self, session: pytest.Session) -> None:
         if session.items:  # (a parallel run's controller collects nothing itself)
@@ -64,13 +73,20 @@ class Collector:
         self.done += 1
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        """One line per check when it is over: the outcome of the check itself (a failed
+        set-up or call, else what the call came to), a failed teardown as an error."""
+        outcome = ("deviates" if hasattr(report, "wasxfail") else
+                   getattr(report, "pinhole_outcome", report.outcome))
         if report.when != "teardown":
+            if report.when == "call" or report.outcome != "passed":
+                self.outcomes[report.nodeid] = outcome
             return
+        shown = self.outcomes.pop(report.nodeid, "passed")
+        if report.failed:
+            shown = "error" if shown == "passed" else shown
         name = report.nodeid.split("::", 1)[-1]
         elapsed = time.monotonic() - self.started
-        outcome = ("failed" if report.failed else "deviates" if hasattr(report, "wasxfail")
-                   else "skipped" if report.skipped else "passed")
-        print(f"[{self.done + 1:3d}/{self.total}] {elapsed:6.1f}s {outcome:<7} {name}", flush=True)
+        print(f"[{self.done + 1:3d}/{self.total}] {elapsed:6.1f}s {shown:<8} {name}", flush=True)
 
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
         found: list[Result] = session.config.stash[RESULTS]
@@ -97,85 +113,179 @@ class _Substring:
         return name in self.clause
 
 
-def complete(results: list[Result], clauses: list[str], families: list[str]) -> list[Result]:
-    """Add a not-implemented row per family for every selected clause that no test checked."""
-    seen = {r.clause for r in results}
+@dataclass(frozen=True)
+class Group:
+    """A firewall's group of columns in the matrix."""
+
+    name: str
+    title: str
+    reference: bool  # a comparison: its failures do not fail the run
+    claims: Callable[[str], bool] = lambda clause: True
+
+    @classmethod
+    def of(cls, driver: type[Firewall]) -> Group:
+        return cls(driver.name, driver.title, driver.reference, driver.claims_clause)
+
+
+ENFORCER = Group("enforcer", "pinhole enforcer", False)
+
+
+def firewall_of(r: Result) -> str:
+    return r.firewall or "enforcer"
+
+
+def complete(results: list[Result], clauses: list[str], families: list[str],
+             groups: list[Group] | None = None) -> list[Result]:
+    """Add a not-implemented row per family for every selected clause that a firewall under
+    test claims and no test checked."""
     out = list(results)
-    for clause in clauses:
-        if clause not in seen:
-            out += [Result(clause, fam, None, None, "not-implemented", 0.0, None,
-                           "no test checks this clause yet") for fam in families]
+    for group in groups or [ENFORCER]:
+        if group.reference:
+            continue
+        seen = {r.clause for r in results if firewall_of(r) == group.name}
+        out += [Result(clause, fam, None, None, "not-implemented", 0.0, None,
+                       "no test checks this clause yet", firewall=group.name)
+                for clause in clauses if clause not in seen and group.claims(clause)
+                for fam in families]
     order = {c: i for i, c in enumerate(CLAUSES)}
     return sorted(out, key=lambda r: (order[r.clause], r.topology or "", r.family or "",
                                       r.mode or ""))
 
 
 def _merge(outcomes: list[str]) -> str:
-    for o in ("failed", "skipped", "passed"):
+    for o in ("failed", "skipped", "passed", "n/a"):
         if o in outcomes:
             return o
     return "not-implemented"
 
 
-HELPERS = "kernel-helpers"
+Row = tuple[str, str]  # (clause, mode or "-")
+Cell = tuple[str, str]  # (topology, family)
 
 
-def matrix(results: list[Result], families: list[str], topologies: list[str]) -> str:
-    """Rows: clause and mode; columns: topology/family. A cell shows the worst outcome in it.
-
-    Checks run with Linux's conntrack helpers in the enforcer's place (the APP
-    clauses) fill a second group of columns, after ``|``.
-    """
-    columns = [(t, f) for t in topologies for f in families]
-    helpers = any(r.firewall == HELPERS for r in results)
-    cells: dict[tuple[str, str], dict[tuple[str, str, bool], list[str]]] = {}
+def _cells(results: list[Result], columns: list[Cell]) -> dict[Row, dict[str, dict[Cell, list[str]]]]:
+    """row -> firewall -> cell -> outcomes"""
+    cells: dict[Row, dict[str, dict[Cell, list[str]]]] = {}
     for r in results:
-        row = cells.setdefault((r.clause, r.mode or "-"), {})
+        row = cells.setdefault((r.clause, r.mode or "-"), {}).setdefault(firewall_of(r), {})
         for t, f in columns:
             if (t, f) == (r.topology, r.family) or (r.topology is None and f == r.family):
-                row.setdefault((t, f, r.firewall == HELPERS), []).append(r.outcome)
+                row.setdefault((t, f), []).append(r.outcome)
+    return cells
+
+
+def gaps(results: list[Result], families: list[str], topologies: list[str],
+         firewall: str = "enforcer") -> list[str]:
+    """The cells of a firewall's rows in which nothing ran and that the catalog does not
+    mark n/a: each fails a strict run."""
+    columns = [(t, f) for t in topologies for f in families]
+    out = []
+    for (clause, mode), row in _cells(results, columns).items():
+        ran = row.get(firewall)
+        if ran is None:
+            continue
+        out += [f"{clause} {mode} {t}/{f}" for t, f in columns
+                if (t, f) not in ran and not_applicable(clause, t, f) is None]
+    return out
+
+
+def matrix(results: list[Result], families: list[str], topologies: list[str],
+           groups: list[Group] | None = None) -> str:
+    """Rows: clause and mode; columns: topology/family, a group of them per firewall (the
+    first group's heading only when there are several). A cell shows the worst outcome
+    in it; ``n/a`` where the catalog says the clause's checks do not run there (listed
+    after the matrix), ``-`` where nothing ran otherwise (a gap: a strict run fails)."""
+    groups = groups or [ENFORCER]
+    columns = [(t, f) for t in topologies for f in families]
+    cells = _cells(results, columns)
     heads = [f"{t}/{f}" for t, f in columns]
     width = max(len(h) for h in heads)
-    head = f"{'clause':<12}{'mode':<8}" + " ".join(h.ljust(width) for h in heads)
-    if helpers:
-        head += " | " + " ".join(h.ljust(width) for h in heads)
-        head = " " * (head.index("|") + 2) + "Linux conntrack helpers\n" + head
-    lines = [head]
+    block = " ".join(h.ljust(width) for h in heads)
+    lead = f"{'clause':<12}{'mode':<8}"
+    titles = lead.replace("clause", "      ").replace("mode", "    ") + " | ".join(
+        g.title.ljust(len(block)) for g in groups)
+    lines = [titles.rstrip()] if len(groups) > 1 else []
+    lines.append(lead + " | ".join(block for _ in groups))
     order = list(CLAUSES)
-    missing = False
+    reasons: dict[str, str] = {}
+    gap = False
     for (clause, mode), row in sorted(cells.items(), key=lambda kv: (order.index(kv[0][0]),
                                                                    kv[0][1] != "-", kv[0][1])):
-        groups = [False, True] if helpers else [False]
         texts = []
         for group in groups:
-            compared = any(key[2] for key in row) or not group
+            ran = row.get(group.name)
             marks = []
             for t, f in columns:
-                outcomes = row.get((t, f, group))
-                missing |= outcomes is None and compared
-                marks.append(SYMBOLS[_merge(outcomes)] if outcomes else "-" if compared else "")
+                outcomes = ran.get((t, f)) if ran is not None else None
+                why = not_applicable(clause, t, f)
+                if outcomes:
+                    marks.append(SYMBOLS[_merge(outcomes)])
+                elif ran is None:
+                    marks.append("")
+                elif why is not None:
+                    marks.append("n/a")
+                    reasons.setdefault(f"{clause} {t}/{f}", why)
+                else:
+                    marks.append("-")
+                    gap = True
             texts.append(" ".join(m.ljust(width) for m in marks))
         lines.append((f"{clause:<12}{mode:<8}" + " | ".join(texts)).rstrip(" |"))
-    if missing:
-        lines.append("(-: the clause's checks do not run in that topology/family)")
+    if gap:
+        lines.append("(-: none of the clause's checks ran there, and the catalog does not say why)")
+    if reasons:
+        lines.append("(n/a: the clause's checks do not run there: "
+                     + "; ".join(sorted({why for why in reasons.values()})) + ")")
     return "\n".join(lines)
 
 
-def summary(results: list[Result]) -> dict[str, Any]:
-    """Counts of the firewall under test (the enforcer); the kernel helpers' results,
-    a comparison, are counted apart and do not make the run fail."""
-    helpers = Counter(r.outcome for r in results if r.firewall == HELPERS)
-    results = [r for r in results if r.firewall != HELPERS]
-    counts = Counter(r.outcome for r in results)
-    by_clause: dict[str, list[str]] = {}
-    for r in results:
-        by_clause.setdefault(r.clause, []).append(r.outcome)
-    clause_counts = Counter(_merge(v) if "not-implemented" not in v else "not-implemented"
-                            for v in by_clause.values())
-    return {"checks": {o: counts.get(o, 0) for o in OUTCOMES},
-            "clauses": {o: clause_counts.get(o, 0) for o in OUTCOMES},
-            "kernel_helpers": {o: helpers.get(o, 0) for o in OUTCOMES[:3]},
-            "ok": counts.get("failed", 0) == 0}
+def summary(results: list[Result], families: list[str] | None = None,
+            topologies: list[str] | None = None, groups: list[Group] | None = None) -> dict[str, Any]:
+    """Counts per firewall. The run is ok when every firewall under test (not a reference)
+    failed no check and has no clause skipped, not implemented or with a gap."""
+    groups = groups or [ENFORCER]
+    out: dict[str, Any] = {"firewalls": {}, "ok": True}
+    for group in groups:
+        mine = [r for r in results if firewall_of(r) == group.name]
+        counts = Counter(r.outcome for r in mine)
+        by_clause: dict[str, list[str]] = {}
+        for r in mine:
+            by_clause.setdefault(r.clause, []).append(r.outcome)
+        clause_counts = Counter(_merge(v) if "not-implemented" not in v else "not-implemented"
+                                for v in by_clause.values())
+        holes = gaps(mine, families or [], topologies or [], group.name) if families and topologies else []
+        ok = not (counts.get("failed") or counts.get("skipped") or counts.get("not-implemented")
+                  or holes)
+        out["firewalls"][group.name] = {
+            "title": group.title, "reference": group.reference,
+            "checks": {o: counts.get(o, 0) for o in OUTCOMES},
+            "clauses": {o: clause_counts.get(o, 0) for o in OUTCOMES}, "gaps": holes, "ok": ok}
+        if not group.reference:
+            out["ok"] = out["ok"] and ok
+    out["under_test"] = [g.name for g in groups if not g.reference]
+    return out
+
+
+def self_check(results: list[Result], clauses: list[str], trivial: list[str]) -> tuple[str, bool]:
+    """Which trivial firewalls each clause catches (fails); a clause none of them fails
+    is vacuous, unless it checks no firewall behaviour. The table, and whether it passed."""
+    failed = {(firewall_of(r), r.clause) for r in results if r.outcome == "failed"}
+    ran = {(firewall_of(r), r.clause) for r in results if r.outcome not in ("n/a", "not-implemented")}
+    width = max(len(t) for t in trivial) + 2
+    lines = [f"{'clause':<12}" + "".join(t.ljust(width) for t in trivial) + "verdict"]
+    ok = True
+    for clause in clauses:
+        marks = ["caught" if (t, clause) in failed else "passes" if (t, clause) in ran else "n/a"
+                 for t in trivial]
+        exempt = NO_FIREWALL_BEHAVIOUR.get(clause)
+        if "caught" in marks:
+            verdict = "ok"
+        elif exempt is not None:
+            verdict = f"exempt: {exempt}"
+        else:
+            verdict = "VACUOUS: no trivial firewall fails it"
+            ok = False
+        lines.append(f"{clause:<12}" + "".join(m.ljust(width) for m in marks) + verdict)
+    return "\n".join(lines), ok
 
 
 def _junit_part(path: str, part: str) -> Path:
@@ -204,8 +314,12 @@ def add_parser(sub: Any) -> None:
                         "ingress per interface, ROB-05)")
     p.add_argument("--family", default=",".join(FAMILIES), help="ipv4,ipv6 (default both)")
     p.add_argument("--firewall", default=",".join(FIREWALLS),
-                   help="what runs the APP clauses: enforcer,kernel-helpers (default both; "
-                        "kernel-helpers fills the matrix's second group of columns)")
+                   help="the firewalls to run the checks against, a group of columns each: "
+                        "enforcer, kernel-helpers, open-router, closed-router, or a driver as "
+                        "module:Class or path/to/driver.py:Class (default: enforcer,kernel-helpers)")
+    p.add_argument("--self-check", action="store_true",
+                   help="run the trivial firewalls (open-router, closed-router) and show, per "
+                        "clause, which of them the suite catches; fails if a clause catches neither")
     p.add_argument("--artifacts", default="artifacts", help="pcaps and logs (default ./artifacts)")
     p.add_argument("--workers", type=int, default=DEFAULT_WORKERS,
                    help=f"checks run in parallel, each worker with labs of its own (default "
@@ -213,6 +327,23 @@ def add_parser(sub: Any) -> None:
                         "alone afterwards")
     p.add_argument("-v", "--verbose", action="store_true", help="pytest's own output too")
     p.set_defaults(func=run)
+
+
+def _drivers(specs: list[str]) -> list[type[Firewall]]:
+    from testbed.cli import UsageError
+
+    out: list[type[Firewall]] = []
+    for spec in specs:
+        try:
+            driver = load(spec)
+        except DriverError as exc:
+            raise UsageError(f"--firewall: {exc}") from None
+        if any(d.name == driver.name for d in out):
+            raise UsageError(f"--firewall: {driver.name} is named twice")
+        out.append(driver)
+    if not out:
+        raise UsageError("--firewall: name at least one firewall")
+    return out
 
 
 def run(args: argparse.Namespace) -> int:
@@ -223,27 +354,30 @@ def run(args: argparse.Namespace) -> int:
     require_tools(E2E_TOOLS)
     families = [f for f in args.family.split(",") if f]
     topologies = [t for t in args.topology.split(",") if t]
-    firewalls = [w for w in args.firewall.split(",") if w]
-    for value, allowed, what in ((families, FAMILIES, "--family"), (topologies, TOPOLOGIES, "--topology"),
-                                 (firewalls, FIREWALLS, "--firewall")):
+    for value, allowed, what in ((families, FAMILIES, "--family"), (topologies, TOPOLOGIES, "--topology")):
         bad = [v for v in value if v not in allowed]
         if bad or not value:
             raise UsageError(f"{what}: {', '.join(bad) or 'nothing'} is not one of {', '.join(allowed)}")
+    specs = list(TRIVIAL) if args.self_check else [w for w in args.firewall.split(",") if w.strip()]
+    drivers = _drivers([w.strip() for w in specs])
+    groups = [Group.of(d) for d in drivers]
     try:
         clauses = selected_clauses(args.expr)
     except Exception as exc:  # pytest's expression parser raises its own error types
         raise UsageError(f"-k {args.expr!r}: {exc}") from None
+    if args.workers < 1:
+        raise UsageError("--workers: give at least 1")
 
     pytest_args = [str(CLAUSE_DIR), "-p", "no:cacheprovider", "-c", os.devnull,
                    "--rootdir", str(CLAUSE_DIR),
                    "--pinhole-topology", ",".join(topologies), "--pinhole-family", ",".join(families),
-                   "--pinhole-firewall", ",".join(firewalls),
-                   "--pinhole-artifacts", args.artifacts]
+                   "--pinhole-firewall", ",".join(specs), "--pinhole-artifacts", args.artifacts]
     pytest_args += ["-v", "-rfE"] if args.verbose else ["-p", "no:terminal"]
+    if args.self_check:
+        pytest_args.append("--pinhole-self-check")
+        (Path(args.artifacts) / "self-check-caught.txt").unlink(missing_ok=True)
     if args.expr:
         pytest_args += ["-k", args.expr]
-    if args.workers < 1:
-        raise UsageError("--workers: give at least 1")
     collector = Collector()
     codes = []
     for part, extra in (("parallel", ["-m", "not alone", "-n", str(args.workers), "--dist", "loadgroup"]
@@ -257,29 +391,55 @@ def run(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             return 2
         codes.append(code)
-
     if args.junit:
         merge_junit([_junit_part(args.junit, part) for part in ("parallel", "alone")], Path(args.junit))
-    results = complete(collector.results, clauses, families)
+    if codes == [pytest.ExitCode.NO_TESTS_COLLECTED] * 2:
+        print("pinhole: no check was selected (see -k, --topology, --family)", file=sys.stderr)
+        return 2
+
+    results = complete(collector.results, clauses, families, groups)
     print()
-    print(matrix(results, families, topologies))
+    print(matrix(results, families, topologies, groups))
+    if args.self_check:
+        table, ok = self_check(results, [c for c in clauses if c in CLAUSES], list(TRIVIAL))
+        print("\nSelf-check: which trivial firewall each clause catches\n" + table)
+        print("\nself-check: " + ("every clause catches a trivial firewall" if ok else
+                                   "FAILED: a clause passes with both trivial firewalls"))
+        _write_json(args.json, results, {"self_check_ok": ok})
+        return 0 if ok else 1
+    totals = summary(results, families, topologies, groups)
     for r in results:
-        if r.outcome == "failed" and r.firewall != HELPERS:
-            print(f"\nFAILED {r.clause} {r.topology}/{r.family}" + (f"/{r.mode}" if r.mode else "")
-                  + f" ({r.nodeid})\n  {r.detail.strip()}" + (f"\n  pcap: {r.pcap}" if r.pcap else ""))
-    deviations = sorted({(r.clause, r.detail.strip().splitlines()[0]) for r in results
-                         if r.outcome == "failed" and r.firewall == HELPERS and r.detail.strip()})
-    if deviations:
-        print("\nWhere Linux's conntrack helpers fail (a comparison; not counted below):")
-        for clause, why in deviations:
-            print(f"  {clause}: {why}")
-    totals = summary(results)
-    c = totals["clauses"]
-    print(f"\nclauses: {c['passed']} passed, {c['failed']} failed, {c['skipped']} skipped, "
-          f"{c['not-implemented']} not implemented (of {len(clauses)} selected)")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(
+        if r.outcome in ("failed", "skipped") and firewall_of(r) in totals["under_test"]:
+            print(f"\n{r.outcome.upper()} {firewall_of(r)} {r.clause} {r.topology}/{r.family}"
+                  + (f"/{r.mode}" if r.mode else "") + f" ({r.nodeid})\n  {r.detail.strip()}"
+                  + (f"\n  pcap: {r.pcap}" if r.pcap else ""))
+    for group in groups:
+        mine = totals["firewalls"][group.name]
+        if group.reference:
+            failing = sorted({(r.clause, r.detail.strip().splitlines()[0]) for r in results
+                              if r.outcome == "failed" and firewall_of(r) == group.name
+                              and r.detail.strip()})
+            if failing and group.name not in TRIVIAL:
+                print(f"\nWhere {group.title} fails (a comparison; not counted):")
+                for clause, why in failing:
+                    print(f"  {clause}: {why}")
+            continue
+        c = mine["clauses"]
+        print(f"\n{group.name}: clauses: {c['passed']} passed, {c['failed']} failed, "
+              f"{c['skipped']} skipped, {c['n/a']} n/a, {c['not-implemented']} not implemented "
+              f"(of {len(clauses)} selected)")
+        for hole in mine["gaps"]:
+            print(f"  nothing ran for {hole}, and the catalog does not mark it n/a")
+    if not totals["under_test"]:
+        print("\nno firewall under test in this run (only references: "
+              + ", ".join(g.name for g in groups) + ")")
+    _write_json(args.json, results, totals)
+    return 0 if totals["ok"] else 1
+
+
+def _write_json(path: str | None, results: list[Result], totals: dict[str, Any]) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(
             {"results": [r.to_dict() for r in results], "summary": totals}, indent=2) + "\n")
-        print(f"results: {args.json}")
-    return 0 if totals["ok"] and pytest.ExitCode.TESTS_FAILED not in codes else 1
+        print(f"results: {path}")

@@ -20,6 +20,11 @@ firewall (both families, iptables and ip6tables):
   server (destination NAT, the helper attached): the client sees only the fw,
   and ``nf_nat_ftp`` rewrites the server's PASV replies to the fw's address.
 
+The same rules stand in for the two trivial firewalls the suite must tell apart
+from a real one (``forward=``): ``"everything"``, an *open router* that forwards
+(and in NAT translates) every flow, and ``"nothing new"``, a *closed router*
+that forwards only flows it already had. Neither attaches helpers.
+
 The helpers are attached explicitly in the raw table
 (``-j CT --helper ftp|tftp`` on new connections from the internal side to
 port 21/69): current kernels attach none automatically. With
@@ -53,11 +58,12 @@ import re
 import subprocess
 from pathlib import Path
 from types import TracebackType
+from typing import Literal
 
 from testbed.build import Testbed
 from testbed.topology import FAMILIES, Family
 
-__all__ = ["CHAIN_PREFIX", "HELPERS", "KernelHelperError", "KernelHelperFirewall"]
+__all__ = ["CHAIN_PREFIX", "FORWARDS", "HELPERS", "Forward", "KernelHelperError", "KernelHelperFirewall"]
 
 CHAIN_PREFIX = "phk-"
 HELPERS = {"ftp": ("tcp", 21), "tftp": ("udp", 69)}
@@ -72,6 +78,8 @@ CHAINS = {
     "snat": ("nat", f"{CHAIN_PREFIX}snat", "POSTROUTING"),
     "publish": ("nat", f"{CHAIN_PREFIX}publish", "PREROUTING"),
 }
+Forward = Literal["policy", "everything", "nothing new"]
+FORWARDS: tuple[Forward, ...] = ("policy", "everything", "nothing new")
 ENFORCER_CHAIN = re.compile(r"^[:\-].*\bPINHOLE-", re.MULTILINE)
 
 
@@ -83,11 +91,16 @@ class KernelHelperFirewall:
     """The kernel-helper firewall in ``tb``'s firewall node; a context manager
     (``install()`` on enter, ``remove()`` on exit)."""
 
-    def __init__(self, tb: Testbed, *, helpers: bool = True, publish: int | None = None) -> None:
+    def __init__(self, tb: Testbed, *, helpers: bool = True, publish: int | None = None,
+                 forward: Forward = "policy") -> None:
         """``publish``: a port on the fw's internal address that leads to s1's FTP server
-        (destination NAT), so that the client sees only the fw."""
+        (destination NAT), so that the client sees only the fw. ``forward``: the FTP/TFTP
+        policy ("policy"), or a trivial router's "everything" or "nothing new" (no helpers)."""
+        if forward not in FORWARDS:
+            raise KernelHelperError(f"forward={forward!r} is not one of {', '.join(FORWARDS)}")
         self.tb = tb
-        self.helpers = helpers
+        self.forward = forward
+        self.helpers = helpers and forward == "policy"
         self.publish = publish
         self.node = tb.topology.firewall.name
         self.nat = tb.topology.variant == "nat"
@@ -124,21 +137,30 @@ class KernelHelperFirewall:
                 out.append(f"-A {chain} -i {inside} -d {fw} -p tcp --dport {self.publish} "
                            f"-j DNAT --to-destination {to}:21")
             elif part == "forward":
-                out.append(f"-A {chain} -m conntrack --ctstate ESTABLISHED -j ACCEPT")
-                for helper in HELPERS:
-                    out.append(f"-A {chain} -m conntrack --ctstate RELATED --ctstatus EXPECTED "
-                               f"-m helper --helper {helper} -j ACCEPT")
-                out.append(f"-A {chain} -p {ICMP[family]} -m conntrack --ctstate RELATED "
-                           "-j ACCEPT")
-                for proto, port in HELPERS.values():
-                    out.append(f"-A {chain} -i {inside} -o {outside} -s {net} -p {proto} "
-                               f"--dport {port} -m conntrack --ctstate NEW -j ACCEPT")
-                out.append(f"-A {chain} -j DROP")
+                out += [f"-A {chain} {rule}" for rule in self._forward(family)]
             else:  # nat
                 external = topo.fw_external_addresses(family)[0]
-                out.append(f"-A {chain} -o {outside} -s {net} -j SNAT --to-source {external}")
+                out += [f"-A {chain} -o {outside} -s {each} -j SNAT --to-source {external}"
+                        for each in topo.internal_networks(family)]
             out.append("COMMIT")
         return "\n".join(out) + "\n"
+
+    def _forward(self, family: Family) -> list[str]:
+        """The forward chain's rules."""
+        if self.forward == "everything":
+            return ["-j ACCEPT"]
+        rules = ["-m conntrack --ctstate ESTABLISHED -j ACCEPT"]
+        if self.forward == "nothing new":
+            return [*rules, "-j DROP"]
+        topo = self.tb.topology
+        inside, outside = topo.fw_internal_iface, topo.fw_external_iface
+        net = topo.internal_network(family)
+        rules += [f"-m conntrack --ctstate RELATED --ctstatus EXPECTED -m helper --helper {helper} "
+                  "-j ACCEPT" for helper in HELPERS]
+        rules.append(f"-p {ICMP[family]} -m conntrack --ctstate RELATED -j ACCEPT")
+        rules += [f"-i {inside} -o {outside} -s {net} -p {proto} --dport {port} "
+                  "-m conntrack --ctstate NEW -j ACCEPT" for proto, port in HELPERS.values()]
+        return [*rules, "-j DROP"]
 
     def describe(self) -> str:
         """One line for reports: which helpers, how attached, NAT or not."""
@@ -149,6 +171,10 @@ class KernelHelperFirewall:
             ext = ", ".join(self.tb.topology.fw_external_addresses(f)[0] for f in FAMILIES)
             what += f"; nf_nat_ftp, nf_nat_tftp with SNAT to {ext}"
         what += ")"
+        if self.forward == "everything":
+            return "an open router: forwards every flow" + (", source NAT" if self.nat else "")
+        if self.forward == "nothing new":
+            return "a closed router: forwards only flows it already had"
         if not self.helpers:
             what = "default-deny FTP/TFTP policy WITHOUT conntrack helpers (" + what + " not attached)"
         else:

@@ -21,6 +21,8 @@ from enforcer.client import Client, ControlError
 from enforcer.plugins.ftp import FTP_GUID
 from enforcer.plugins.tftp import TFTP_GUID
 from testbed.build import Testbed
+from testbed.catalog import CLAUSES
+from testbed.drivers import MODES, Firewall
 from testbed.topology import FAMILIES
 
 GUIDS = {
@@ -99,14 +101,18 @@ def lab_config(tb: Testbed, *, socket: Path, fail_open: bool = False, queue: int
 SOCKET_DIR = Path("/run/pinhole")
 
 
-class EnforcerProcess:
-    """``pinhole enforcer`` running in the testbed's firewall namespace."""
+class EnforcerProcess(Firewall):
+    """``pinhole enforcer`` running in the testbed's firewall namespace (its driver)."""
+
+    name = "enforcer"
+    title = "pinhole enforcer"
+    claims = tuple(sorted({clause.rsplit("-", 1)[0] for clause in CLAUSES}))
+    modes = MODES
 
     def __init__(self, tb: Testbed, workdir: Path,
                  data_filters: dict[str, str] | None = None) -> None:
-        self.tb = tb
+        super().__init__(tb, workdir)
         self.data_filters = data_filters
-        self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         SOCKET_DIR.mkdir(parents=True, exist_ok=True)
         # Not under workdir: a UNIX socket path must stay within 107 bytes.
@@ -115,11 +121,6 @@ class EnforcerProcess:
         self.log_path = workdir / "enforcer.log"
         self.proc: subprocess.Popen[Any] | None = None
         self.fail_open = False
-        self.app_filters: tuple[str, ...] = ()
-        self.limits: dict[str, object] | None = None  # the [limits] it was started with
-        # started with anything but the default configuration (application filters and
-        # limits aside: use_enforcer compares those)
-        self.customised = False
 
     @property
     def running(self) -> bool:
@@ -186,9 +187,11 @@ class EnforcerProcess:
     def client(self) -> Client:
         return Client(str(self.socket))
 
-    def call(self, method: str, **params: Any) -> Any:
-        with self.client() as c:
-            return c.call(method, **params)
+    def remove(self) -> None:
+        """Stopped, then unloaded: no rule of the enforcer stays (lockdown included)."""
+        if self.running:
+            self.stop()
+        self.unload()
 
     def stop(self, timeout: float = 10.0) -> int:
         """SIGTERM and wait: a clean exit, which leaves the lockdown base (failing open:

@@ -11,10 +11,14 @@
 - ``@pytest.mark.clause("GEN-01")`` keys a test's result for the conformance matrix;
   ``@pytest.mark.topologies("nat")`` runs a test in those topologies only; a test
   without it runs in the standard topology's variants (routed, nat), never in split.
-- ``firewall`` (enforcer, kernel-helpers) parametrises the tests that ask for it
-  (the APP clauses, through the ``app`` fixture): once against the enforcer with
-  its application filters, once with Linux's own conntrack helpers in its place;
-  ``--pinhole-firewall`` narrows it.
+- ``firewall`` parametrises every test of the lab (through ``net``, ``app`` and the
+  other lab fixtures): the firewall in the fw namespace, by its driver
+  (testbed.drivers: enforcer, kernel-helpers, open-router, closed-router, or
+  ``module:Class`` / ``path.py:Class``); ``--pinhole-firewall`` chooses them (default:
+  enforcer and kernel-helpers). A check runs against a firewall only if the driver
+  claims its clause and, for a ``mode``, that mode; a test with no clause marker runs
+  against the enforcer alone. A check that asks a firewall for something its driver
+  does not support (testbed.drivers.Unsupported) is n/a for it.
 - A test that needs root, namespaces or tools skips with the reason; with
   ``PINHOLE_REQUIRE_E2E=1`` such a skip is a failure.
 """
@@ -38,16 +42,13 @@ from enforcer.client import Client
 from enforcer.core.results import Terminating
 from testbed.capture import SLL2_OUTGOING, FwPackets
 from testbed.catalog import CLAUSES
+from testbed.drivers import MODES, DriverError, Firewall, Unsupported, load
 from testbed.topology import FAMILIES, TOPOLOGIES, VARIANTS, Family
 
 REQUIRE_E2E = "PINHOLE_REQUIRE_E2E"
-# How an admitted flow runs; a test that asks for ``mode`` runs once per mode.
-MODES = ("kernel", "user")
-# What stands in the firewall namespace for a test that asks for ``firewall``
+# The firewalls the suite runs against by default (the APP clauses compare the two)
 FIREWALLS = ("enforcer", "kernel-helpers")
 APP_FILTERS = ("ftp", "tftp")
-# The kernel helpers' fw publishes s1's FTP server on its internal address, this port
-PUBLISHED_FTP_PORT = 2121
 E2E_TOOLS = ("ip", "iptables-restore", "ip6tables-restore", "conntrack", "tcpdump")
 
 @dataclass
@@ -58,7 +59,7 @@ class Result:
     family: str | None
     topology: str | None
     mode: str | None
-    outcome: str  # passed, failed, skipped, not-implemented
+    outcome: str  # passed, failed, skipped, n/a (the firewall lacks a call), not-implemented
     duration_s: float
     pcap: str | None
     detail: str
@@ -73,6 +74,7 @@ class Result:
 
 
 RESULTS = pytest.StashKey[list[Result]]()
+DRIVERS = pytest.StashKey[dict[str, type[Firewall]]]()  # by name: the run's firewalls
 _CONFIG: list[pytest.Config] = []  # the running session's config, for the report hook
 _ARTIFACTS = pytest.StashKey[Path]()
 
@@ -101,7 +103,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--pinhole-family", default=",".join(FAMILIES),
                     help="comma-separated address families to run (ipv4,ipv6)")
     group.addoption("--pinhole-firewall", default=",".join(FIREWALLS),
-                    help="comma-separated firewalls for the APP clauses (enforcer,kernel-helpers)")
+                    help="comma-separated firewalls to run the checks against: enforcer, "
+                         "kernel-helpers, open-router, closed-router, or a driver as module:Class "
+                         "or path/to/driver.py:Class (default: enforcer,kernel-helpers)")
+    group.addoption("--pinhole-self-check", action="store_true",
+                    help="stop checking a clause against a firewall once one of its checks has "
+                         "failed there (pinhole conformance --self-check)")
     group.addoption("--pinhole-artifacts", default="artifacts",
                     help="where pcaps and enforcer logs go (default: ./artifacts)")
 
@@ -124,6 +131,16 @@ def pytest_configure(config: pytest.Config) -> None:
                                        "run these after the parallel part, on an otherwise idle machine")
     config.stash[RESULTS] = []
     config.stash[_ARTIFACTS] = Path(config.getoption("pinhole_artifacts")).resolve()
+    drivers: dict[str, type[Firewall]] = {}
+    for spec in [v.strip() for v in str(config.getoption("pinhole_firewall")).split(",") if v.strip()]:
+        try:
+            driver = load(spec)
+        except DriverError as exc:
+            raise pytest.UsageError(f"--pinhole-firewall: {exc}") from None
+        drivers[driver.name] = driver
+    if not drivers:
+        raise pytest.UsageError("--pinhole-firewall: name at least one firewall")
+    config.stash[DRIVERS] = drivers
     _CONFIG[:] = [config]
 
 
@@ -147,12 +164,13 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if _wants(metafunc, "mode"):
         metafunc.parametrize("mode", MODES)
     if _wants(metafunc, "firewall"):
-        metafunc.parametrize("firewall", _choices(metafunc.config, "pinhole_firewall", FIREWALLS),
-                             scope="session")
+        drivers = metafunc.config.stash[DRIVERS]
+        metafunc.parametrize("firewall", list(drivers), scope="session")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     _deselect_other_topologies(config, items)
+    _deselect_unclaimed(config, items)
     for item in items:
         _group(item)
         for mark in item.iter_markers("clause"):
@@ -173,7 +191,8 @@ def _group(item: pytest.Item) -> None:
     variant = params.params.get("variant") if params is not None else None
     if "lab" in getattr(item, "fixturenames", ()) and variant is not None:
         family = params.params.get("family", "") if params is not None else ""
-        item.add_marker(pytest.mark.xdist_group(f"lab-{variant}-{family}"))
+        firewall = params.params.get("firewall", "") if params is not None else ""
+        item.add_marker(pytest.mark.xdist_group(f"lab-{variant}-{family}-{firewall}"))
     elif "e2e" in Path(str(item.path)).parts:
         item.add_marker(pytest.mark.xdist_group(Path(str(item.path)).stem))
 
@@ -204,23 +223,51 @@ def _deselect_other_topologies(config: pytest.Config, items: list[pytest.Item]) 
         items[:] = keep
 
 
+def _deselect_unclaimed(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Deselect a check for a firewall whose driver does not claim its clause or its mode;
+    a test with no clause marker runs against the enforcer alone."""
+    drivers = config.stash[DRIVERS]
+    keep: list[pytest.Item] = []
+    drop: list[pytest.Item] = []
+    for item in items:
+        params = getattr(item, "callspec", None)
+        name = params.params.get("firewall") if params is not None else None
+        if name is None:
+            keep.append(item)
+            continue
+        driver = drivers[name]
+        clauses = [m.args[0] for m in item.iter_markers("clause")]
+        mode = params.params.get("mode") if params is not None else None
+        claimed = (all(driver.claims_clause(c) for c in clauses) if clauses
+                   else name == "enforcer")
+        (keep if claimed and (mode is None or mode in driver.modes) else drop).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
 # --- the lab ------------------------------------------------------------------------------
 
 class Lab:
-    """A testbed of one topology (``variant``) with the enforcer in its firewall namespace."""
+    """A testbed of one topology (``variant``) and the firewalls that take turns in its
+    firewall namespace (one at a time: the enforcer at first, locked down as at boot)."""
 
-    def __init__(self, variant: str, artifacts: Path) -> None:
+    def __init__(self, variant: str, artifacts: Path,
+                 drivers: dict[str, type[Firewall]] | None = None) -> None:
         from testbed.build import Testbed
         from testbed.lab import EnforcerProcess
         from testbed.topology import named
 
         self.variant = variant
+        self.artifacts = artifacts
+        self.drivers = drivers or {}
         self.tb = Testbed.up(named(variant), tag="pytest")
         self.topology = self.tb.topology
         self.enforcer = EnforcerProcess(self.tb, artifacts / f"enforcer-{variant}-{self.tb.id}")
         # as a fw boots: locked down before its enforcer first starts (SPEC rule 15)
         self.enforcer.lockdown()
-        self.helpers: Any = None  # a KernelHelperFirewall while it stands in the enforcer's place
+        self.firewall: Firewall = self.enforcer  # the one in the fw namespace
+        self._firewalls: dict[str, Firewall] = {self.enforcer.name: self.enforcer}
         self._peers: Any = None  # the real FTP/TFTP servers (testbed.peers.PeerSet), once used
         self._fw_ifindex: dict[str, int] = {}
 
@@ -241,44 +288,41 @@ class Lab:
             self._peers = PeerSet(self.tb)
         return self._peers
 
-    def use_enforcer(self, app_filters: tuple[str, ...] = (), *, keep_peers: bool = False,
-                     limits: dict[str, object] | None = None) -> None:
-        """The enforcer running in its default configuration, with these application
-        filters and caps (the kernel helpers' rules gone); restarted only if it runs with
-        others. The real servers go too unless ``keep_peers`` (the APP checks use them;
-        other checks use the servers' ports for agents of their own)."""
+    def use(self, name: str = "enforcer", app_filters: tuple[str, ...] = (), *,
+            keep_peers: bool = False, limits: dict[str, object] | None = None) -> Firewall:
+        """The firewall ``name`` in the fw namespace, running in its default configuration
+        with these application filters and caps (the one there before taken out);
+        restarted only if it runs with others. The real servers go too unless
+        ``keep_peers`` (the APP checks use them; other checks use the servers' ports for
+        agents of their own)."""
         if not keep_peers and self._peers is not None:
             self._peers.close()
-        if self.helpers is not None:
-            self.helpers.remove()
-            self.helpers = None
+        firewall = self._firewalls.get(name)
+        if firewall is None:
+            driver = self.drivers.get(name)
+            if driver is None:
+                raise RuntimeError(f"no driver for the firewall {name!r} in this run")
+            firewall = self._firewalls[name] = driver(self.tb, self.artifacts / f"{name}-{self.variant}-"
+                                                                              f"{self.tb.id}")
+        if firewall is not self.firewall:
+            self.firewall.remove()
+            self.firewall = firewall
         limits = limits or None
-        if self.enforcer.running and (self.enforcer.customised or self.enforcer.limits != limits or
-                                      self.enforcer.app_filters != app_filters):
-            self.enforcer.stop()
-        if not self.enforcer.running:
-            self.enforcer.start(app_filters=app_filters, limits=limits)
-
-    def use_kernel_helpers(self) -> None:
-        """Linux's FTP and TFTP conntrack helpers in the enforcer's place."""
-        from testbed.kernel_helpers import KernelHelperFirewall
-
-        if self.helpers is None:
-            if self.enforcer.running:
-                self.enforcer.stop()
-            self.enforcer.unload()  # a stop leaves the lockdown; another firewall needs none of it
-            helpers = KernelHelperFirewall(self.tb, publish=PUBLISHED_FTP_PORT)
-            helpers.install()
-            self.helpers = helpers
+        if firewall.running and (firewall.customised or firewall.limits != limits or
+                                 firewall.app_filters != app_filters):
+            firewall.stop()
+        if not firewall.running:
+            firewall.start(app_filters=app_filters, limits=limits)
+        return firewall
 
     def close(self) -> None:
         try:
             if self._peers is not None:
                 self._peers.close()
-            if self.enforcer.running:
+            if self.firewall is not self.enforcer:
+                self.firewall.remove()
+            elif self.enforcer.running:
                 self.enforcer.stop()
-            if self.helpers is not None:
-                self.helpers.remove()
         finally:
             self.tb.down()
 
@@ -286,7 +330,7 @@ class Lab:
 @pytest.fixture(scope="session")
 def lab(request: pytest.FixtureRequest, variant: str) -> Iterator[Lab]:
     require_e2e()
-    built = Lab(variant, request.config.stash[_ARTIFACTS])
+    built = Lab(variant, request.config.stash[_ARTIFACTS], request.config.stash[DRIVERS])
     try:
         yield built
     finally:
@@ -301,7 +345,9 @@ class Net:
         self.family = cast(Family, family)  # one of FAMILIES: the parametrization's
         self.mode = mode  # for tests that admit flows: "kernel" or "user"
         self.topology = lab.topology
-        self.enforcer = lab.enforcer
+        # the firewall under test, by its driver (the enforcer's EnforcerProcess, or another
+        # with the same methods: testbed.drivers.Firewall)
+        self.enforcer: Any = lab.firewall
 
     @property
     def nat(self) -> bool:
@@ -332,8 +378,10 @@ class Net:
         return self.enforcer.call(method, **params)
 
     def client(self) -> Client:
-        """A new control-socket client (close it, or use it in a with block)."""
-        return self.enforcer.client()
+        """The firewall's session API, a new connection (close it, or use it in a with
+        block): the enforcer's control-socket client, or another with its methods."""
+        client: Client = self.enforcer.client()
+        return client
 
     def session(self, client: str) -> int:
         """The client's SecureNAT session, made by a primary (FTP) connection if needed."""
@@ -380,13 +428,14 @@ def _test_pcap() -> str:
 
 
 @pytest.fixture
-def net(request: pytest.FixtureRequest, lab: Lab, family: str) -> Iterator[Net]:
-    """The lab in one family, with the enforcer running in its default configuration.
+def net(request: pytest.FixtureRequest, lab: Lab, family: str, firewall: str) -> Iterator[Net]:
+    """The lab in one family, with the firewall under test (the enforcer, unless another
+    is chosen) running in its default configuration.
 
     Permissions a test leaves pending are cancelled afterwards, so that none admits
     a later test's traffic.
     """
-    lab.use_enforcer()
+    lab.use(firewall)
     mode = request.getfixturevalue("mode") if "mode" in request.fixturenames else None
     yield Net(lab, family, mode)
     cancel_pending(lab)
@@ -402,26 +451,27 @@ SOCKS_LIMITS: dict[str, object] = {"socks_handshake_timeout": SOCKS_HANDSHAKE_TI
 
 
 @pytest.fixture
-def socks_net(lab: Lab, family: str) -> Iterator[Net]:
+def socks_net(lab: Lab, family: str, firewall: str) -> Iterator[Net]:
     """As ``net``, with the SOCKS service's caps small (SOCKS_LIMITS); the checks that use
     it one after another share one run of the enforcer."""
-    lab.use_enforcer(limits=SOCKS_LIMITS)
+    lab.use(firewall, limits=SOCKS_LIMITS)
     yield Net(lab, family)
     cancel_pending(lab)
 
 
 @pytest.fixture
-def filtering(lab: Lab, family: str) -> Iterator[Net]:
-    """As ``net``, with the enforcer's FTP and TFTP filters on (and no other firewall
-    compared): for checks that need application filters at work."""
-    lab.use_enforcer(APP_FILTERS)
+def filtering(lab: Lab, family: str, firewall: str) -> Iterator[Net]:
+    """As ``net``, with the firewall's FTP and TFTP filters on: for checks that need
+    application filters at work."""
+    lab.use(firewall, APP_FILTERS)
     yield Net(lab, family)
     cancel_pending(lab)
 
 
 def cancel_pending(lab: Lab) -> None:
-    """Cancel what a check left pending (one that expires meanwhile is as good)."""
-    if lab.enforcer.running:
+    """Cancel what the enforcer was left pending by a check (one that expires meanwhile is
+    as good)."""
+    if lab.firewall is lab.enforcer and lab.enforcer.running:
         with lab.enforcer.client() as client:
             for action in client.call("actions"):
                 with contextlib.suppress(Terminating):
@@ -429,8 +479,8 @@ def cancel_pending(lab: Lab) -> None:
 
 
 class App(Net):
-    """The lab in one family for an APP clause, with ``firewall`` in the fw namespace:
-    the enforcer with its application filters, or Linux's conntrack helpers."""
+    """The lab in one family for an APP clause, with ``firewall`` in the fw namespace
+    (the enforcer with its application filters, Linux's conntrack helpers, ...)."""
 
     def __init__(self, lab: Lab, family: str, firewall: str, node: pytest.Item) -> None:
         super().__init__(lab, family)
@@ -451,10 +501,7 @@ class App(Net):
 @pytest.fixture
 def app(request: pytest.FixtureRequest, lab: Lab, family: str, firewall: str) -> Iterator[App]:
     """The lab for an APP clause, once per ``firewall``."""
-    if firewall == "enforcer":
-        lab.use_enforcer(APP_FILTERS, keep_peers=True)
-    else:
-        lab.use_kernel_helpers()
+    lab.use(firewall, APP_FILTERS, keep_peers=True)
     yield App(lab, family, firewall, request.node)
     cancel_pending(lab)
 
@@ -485,7 +532,13 @@ def _pinhole_fw_pcap(request: pytest.FixtureRequest) -> Iterator[None]:
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
     report = yield
-    if report.skipped and not hasattr(report, "wasxfail") and \
+    if call.excinfo is not None and call.excinfo.errisinstance(Unsupported) and report.failed:
+        # the firewall lacks what the check needs: n/a for it, neither passed nor failed
+        name = _firewall_of(item) or "the firewall"
+        report.outcome = "skipped"
+        report.longrepr = (str(item.path), 0, f"n/a: {name} does not support {call.excinfo.value}")
+        item.stash[_NA] = True
+    if report.skipped and not hasattr(report, "wasxfail") and not item.stash.get(_NA, False) and \
             os.environ.get(REQUIRE_E2E) == "1" and item.get_closest_marker("e2e") is not None:
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
         report.outcome = "failed"
@@ -495,9 +548,43 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     return report
 
 
+def _firewall_of(item: pytest.Item) -> str | None:
+    params = getattr(item, "callspec", None)
+    return params.params.get("firewall") if params is not None else None
+
+
+# --- self-check: a clause caught for a firewall needs no more of its checks there ----------
+
+def _caught_file(config: pytest.Config) -> Path:
+    return config.stash[_ARTIFACTS] / "self-check-caught.txt"
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if not item.config.getoption("pinhole_self_check"):
+        return
+    firewall = _firewall_of(item)
+    clauses = [m.args[0] for m in item.iter_markers("clause")]
+    path = _caught_file(item.config)
+    if firewall is None or not clauses or not path.exists():
+        return
+    caught = set(path.read_text().split())
+    if all(f"{firewall}/{c}" in caught for c in clauses):
+        item.stash[_NA] = True
+        pytest.skip(f"self-check: {firewall} already fails {', '.join(clauses)}")
+
+
+def _note_caught(item: pytest.Item, clauses: list[str]) -> None:
+    firewall = _firewall_of(item)
+    if item.config.getoption("pinhole_self_check") and firewall is not None:
+        path = _caught_file(item.config)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a") as out:  # (workers append whole lines)
+            out.write("".join(f"{firewall}/{c}\n" for c in clauses))
+
+
 def _record(item: pytest.Item, report: pytest.TestReport) -> None:
-    mark = item.get_closest_marker("clause")
-    if mark is None:
+    clauses = [m.args[0] for m in item.iter_markers("clause")]
+    if not clauses:
         return
     durations: dict[str, float] = item.stash.setdefault(_DURATIONS, {})
     durations[report.when] = report.duration
@@ -509,6 +596,13 @@ def _record(item: pytest.Item, report: pytest.TestReport) -> None:
     elif report.outcome == "failed" or (report.outcome == "skipped" and outcome == "passed"):
         item.stash[_OUTCOME] = outcome = report.outcome
         item.stash[_DETAIL] = _detail(report)
+        if report.outcome == "failed":
+            _note_caught(item, clauses)
+    if outcome == "skipped" and item.stash.get(_NA, False):
+        outcome = "n/a"
+    if report.when == "call":
+        # what the check itself came to (progress lines show it, not the teardown's)
+        report.pinhole_outcome = outcome  # type: ignore[attr-defined]
     if report.when != "teardown":
         return
     params = getattr(item, "callspec", None)
@@ -516,23 +610,21 @@ def _record(item: pytest.Item, report: pytest.TestReport) -> None:
     pcap = dict(item.user_properties).get("pcap")
     detail = item.stash.get(_DETAIL, "") if outcome != "passed" else \
         (item.obj.__doc__ or "").strip().split("\n")[0] if hasattr(item, "obj") else ""
-    result = Result(
-        clause=mark.args[0], family=p.get("family"), topology=p.get("variant"),
-        mode=p.get("mode"), outcome=outcome, duration_s=sum(durations.values()),
-        pcap=str(pcap) if pcap else None, detail=detail, nodeid=item.nodeid,
-        firewall=p.get("firewall"))
     # with the report (an attribute pytest-xdist carries from a worker), so that the
     # process that collects gets it: pytest_runtest_logreport runs there (and here, when
     # nothing runs in parallel)
-    report.pinhole_result = dataclasses.asdict(result)  # type: ignore[attr-defined]
+    report.pinhole_results = [dataclasses.asdict(Result(  # type: ignore[attr-defined]
+        clause=clause, family=p.get("family"), topology=p.get("variant"), mode=p.get("mode"),
+        outcome=outcome, duration_s=sum(durations.values()), pcap=str(pcap) if pcap else None,
+        detail=detail, nodeid=item.nodeid, firewall=p.get("firewall"))) for clause in clauses]
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    found = getattr(report, "pinhole_result", None)
-    if found is not None:
+    for found in getattr(report, "pinhole_results", ()):
         _config().stash[RESULTS].append(Result(**found))
 
 
+_NA = pytest.StashKey[bool]()
 _DURATIONS = pytest.StashKey[dict[str, float]]()
 _OUTCOME = pytest.StashKey[str]()
 _DETAIL = pytest.StashKey[str]()

@@ -24,9 +24,10 @@ from testbed import peers, timeouts
 from testbed.agent import ServerHandle, TcpConnection
 from testbed.checks import expect_no_packet, expect_packet
 from testbed.clauses.helpers import datagram, ip, is_rejection, syn
+from testbed.drivers import PUBLISHED_FTP_PORT
 from testbed.lab import GUIDS, SOCKS_PORT, SOCKS_USERS
 from testbed.peers import BIG_FILE, SMALL_FILE, FtpServer
-from testbed.plugin import PUBLISHED_FTP_PORT, App
+from testbed.plugin import App
 
 FINAL_REPLY = r"^\d{3} .*\n"  # the last line of an FTP reply
 # After a connection attempt that waited timeouts.NEGATIVE for an answer, how much

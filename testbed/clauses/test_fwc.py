@@ -319,7 +319,7 @@ def test_a_failed_authentication_never_sees_a_success(socks_net: Net, login: str
     and the close, never a success first, and the request that followed is not served."""
     net = socks_net
     if login == "session-cap":
-        net.lab.use_enforcer(limits={**SOCKS_LIMITS, "sessions_per_client": 1})
+        net.lab.use(net.enforcer.name, limits={**SOCKS_LIMITS, "sessions_per_client": 1})
     user, password = {"wrong-password": ("alice", "wrong"), "unknown-user": ("mallory", "x"),
                       "session-cap": ("bob", SOCKS_USERS["bob"])}.get(login, ("alice", ""))
     wire = socks.client_auth(user, password) if login != "malformed" else b"\x02\x05alice\x00"

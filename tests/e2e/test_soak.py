@@ -78,7 +78,7 @@ def grant_flood(net: Net, until: float, session: int) -> int:
 @pytest.mark.topologies("nat")
 @pytest.mark.parametrize("family", ["ipv4"])
 def test_a_hostile_client_soak_ends_alive_within_the_memory_the_caps_imply(lab: Lab, family: str) -> None:
-    lab.use_enforcer(APP_FILTERS, limits=CAPS)
+    lab.use("enforcer", APP_FILTERS, limits=CAPS)
     net = Net(lab, family)
     session = net.session("c1")
     until = time.monotonic() + SECONDS

@@ -56,7 +56,7 @@ def monitor(net: Net, stop: threading.Event, peak: dict[str, int]) -> None:
 @pytest.mark.topologies("routed")
 @pytest.mark.parametrize("family", ["ipv4"])
 def test_a_socks_soak_ends_alive_within_its_caps(lab: Lab, family: str) -> None:
-    lab.use_enforcer(limits=CAPS)
+    lab.use("enforcer", limits=CAPS)
     net = Net(lab, family)
     c1, s1, server = net.agent("c1"), net.agent("s1"), net.addr("s1")
     proxy = (net.fw_internal("c1"), SOCKS_PORT)

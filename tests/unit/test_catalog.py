@@ -5,13 +5,19 @@ SPEC.md lives beside the checkout (``../shared/spec/SPEC.md``); without it these
 
 from __future__ import annotations
 
+import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from enforcer.core.results import ERRORS
-from testbed.catalog import CLAUSES
+from testbed.catalog import CLAUSES, not_applicable
+from testbed.conformance import gaps
+from testbed.plugin import Result
+from testbed.topology import FAMILIES, TOPOLOGIES
 
 REPO = Path(__file__).resolve().parents[2]
 SPEC = REPO.parent / "shared" / "spec" / "SPEC.md"
@@ -79,3 +85,39 @@ def test_clause_ids_are_well_formed_and_unique() -> None:
         assert CLAUSE_ID.match(cid), cid
         assert text and text == text.strip(), cid
     assert len({cid.upper() for cid in CLAUSES}) == len(CLAUSES)
+
+
+def test_the_suite_runs_every_cell_the_catalog_does_not_mark_n_a() -> None:
+    """Collected (no root needed): for every firewall's claimed clauses, each clause row
+    has checks in every topology/family but those the catalog marks n/a, and each n/a
+    mark stands where no check runs."""
+    script = (
+        "import json, pytest\n"
+        "rows = []\n"
+        "class P:\n"
+        "    def pytest_collection_finish(self, session):\n"
+        "        for it in session.items:\n"
+        "            p = it.callspec.params if hasattr(it, 'callspec') else {}\n"
+        "            rows.extend([m.args[0], p.get('mode'), p.get('variant'), p.get('family'),\n"
+        "                         p.get('firewall')] for m in it.iter_markers('clause'))\n"
+        "code = pytest.main(['testbed/clauses', '--co', '-q', '-p', 'no:cacheprovider',\n"
+        "                    '--pinhole-firewall', 'enforcer,kernel-helpers,open-router,closed-router'],\n"
+        "                   plugins=[P()])\n"
+        "print('ROWS' + json.dumps(rows))\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO,
+                         timeout=300, check=False).stdout
+    found = [line for line in out.splitlines() if line.startswith("ROWS")]
+    assert found, out[-2000:]
+    rows = [Result(c, f, t, m, "passed", 0.0, None, "", firewall=w)
+            for c, m, t, f, w in json.loads(found[0][4:])]
+    for firewall in ("enforcer", "kernel-helpers", "open-router", "closed-router"):
+        mine = [r for r in rows if (r.firewall or "enforcer") == firewall]
+        assert mine, f"no check collected for {firewall}"
+        assert gaps(mine, list(FAMILIES), list(TOPOLOGIES), firewall) == [], firewall
+    ran = {(r.clause, r.topology, r.family) for r in rows if r.topology is not None}
+    for clause in CLAUSES:
+        for topology in TOPOLOGIES:
+            for family in FAMILIES:
+                if (clause, topology, family) in ran:
+                    assert not_applicable(clause, topology, family) is None, \
+                        f"{clause} runs in {topology}/{family}, which the catalog marks n/a"

@@ -7,7 +7,17 @@ from pathlib import Path
 import pytest
 
 from testbed.catalog import CLAUSES
-from testbed.conformance import complete, matrix, merge_junit, selected_clauses, summary
+from testbed.conformance import (
+    ENFORCER,
+    Group,
+    complete,
+    gaps,
+    matrix,
+    merge_junit,
+    selected_clauses,
+    self_check,
+    summary,
+)
 from testbed.plugin import Result
 
 
@@ -30,9 +40,34 @@ def test_summary_counts_clauses_by_their_worst_outcome() -> None:
                      result("GEN-02", "passed"), result("GEN-03", "skipped")],
                     ["GEN-01", "GEN-02", "GEN-03", "AFC-01"], ["ipv4"])
     s = summary(rows)
-    assert s["clauses"] == {"passed": 1, "failed": 1, "skipped": 1, "not-implemented": 1}
-    assert s["checks"]["failed"] == 1 and s["ok"] is False
+    mine = s["firewalls"]["enforcer"]
+    assert mine["clauses"] == {"passed": 1, "failed": 1, "skipped": 1, "n/a": 0, "not-implemented": 1}
+    assert mine["checks"]["failed"] == 1 and s["ok"] is False
     assert summary(complete([result("GEN-01", "passed")], ["GEN-01"], ["ipv4"]))["ok"] is True
+
+
+@pytest.mark.parametrize(("rows", "why"), [
+    ([result("GEN-01", "passed"), result("GEN-01", "skipped", topology="nat")], "a skipped check"),
+    ([result("GEN-01", "passed")], "a clause with no check"),
+    ([result("GEN-01", "passed"), result("GEN-02", "passed")], "a cell with nothing run (GEN-02 nat)"),
+])
+def test_a_strict_run_fails_on_skips_missing_clauses_and_gaps(rows: list[Result], why: str) -> None:
+    clauses = ["GEN-01"] if why != "a clause with no check" else ["GEN-01", "GEN-02"]
+    full = [*rows, result("GEN-01", "passed", topology="nat")] if "skipped" not in why else rows
+    s = summary(complete(full, clauses, ["ipv4"]), ["ipv4"], ["routed", "nat"])
+    assert s["ok"] is False, why
+
+
+def test_gaps_the_catalog_marks_n_a_pass_and_show_as_n_a() -> None:
+    rows = [result("APP-FTP-03", "passed", topology="nat"), result("GEN-01", "passed"),
+            result("GEN-01", "passed", topology="nat")]
+    s = summary(complete(rows, ["APP-FTP-03", "GEN-01"], ["ipv4"]), ["ipv4"], ["routed", "nat"])
+    assert s["ok"] is True and s["firewalls"]["enforcer"]["gaps"] == []
+    assert gaps(rows, ["ipv4"], ["routed", "nat"]) == []
+    assert gaps([result("GEN-01", "passed")], ["ipv4"], ["routed", "nat"]) == ["GEN-01 - nat/ipv4"]
+    text = matrix(rows, ["ipv4"], ["routed", "nat"]).splitlines()
+    assert text[2].split() == ["APP-FTP-03", "-", "n/a", "pass"]  # (catalog order: GEN first)
+    assert text[-1].startswith("(n/a: ") and "NAT clause" in text[-1]
 
 
 def test_matrix_has_a_row_per_clause_and_mode_and_a_column_per_topology_and_family() -> None:
@@ -44,7 +79,7 @@ def test_matrix_has_a_row_per_clause_and_mode_and_a_column_per_topology_and_fami
     assert text[1].split() == ["GEN-02", "-", "pass", "-"]
     assert text[2].split() == ["GEN-02", "kernel", "pass", "FAIL"]
     assert text[3].split() == ["AFC-01", "-", "n/i", "n/i"]
-    assert text[4] == "(-: the clause's checks do not run in that topology/family)"
+    assert text[4].startswith("(-: none of the clause's checks ran there")
     full = complete([result("GEN-02", "passed"), result("GEN-02", "passed", topology="nat")],
                     ["GEN-02"], ["ipv4"])
     assert "(-:" not in matrix(full, ["ipv4"], ["routed", "nat"]), "a legend for no '-' cell"
@@ -58,41 +93,65 @@ def test_split_is_a_column_of_its_own_that_only_its_checks_fill() -> None:
     text = matrix(rows, ["ipv4", "ipv6"], ["routed", "nat", "split"]).splitlines()
     assert text[0].split() == ["clause", "mode", "routed/ipv4", "routed/ipv6", "nat/ipv4",
                                "nat/ipv6", "split/ipv4", "split/ipv6"]
-    assert text[1].split() == ["GEN-02", "-", "pass", "-", "pass", "-", "-", "-"]
-    assert text[2].split() == ["ROB-05", "kernel", "-", "-", "-", "-", "pass", "FAIL"]
+    assert text[1].split() == ["GEN-02", "-", "pass", "-", "pass", "-", "n/a", "n/a"]
+    assert text[2].split() == ["ROB-05", "kernel", "n/a", "n/a", "n/a", "n/a", "pass", "FAIL"]
     assert text[3].split() == ["ROB-06", "-", *["n/i"] * 6]
 
 
-def test_the_kernel_helpers_failures_are_counted_apart_and_do_not_fail_the_run() -> None:
+HELPERS = Group("kernel-helpers", "Linux conntrack helpers", True)
+
+
+def test_a_reference_firewall_s_failures_are_counted_apart_and_do_not_fail_the_run() -> None:
+    groups = [ENFORCER, HELPERS]
     rows = complete([result("APP-FTP-06", "passed", firewall="enforcer"),
                      result("APP-FTP-06", "failed", firewall="kernel-helpers"),
                      result("APP-FTP-01", "passed", firewall="kernel-helpers")],
-                    ["APP-FTP-06"], ["ipv4"])
-    s = summary(rows)
-    assert s["ok"] is True and s["checks"]["failed"] == 0 and s["checks"]["passed"] == 1
-    assert s["kernel_helpers"] == {"passed": 1, "failed": 1, "skipped": 0}
-    assert summary([*rows, result("APP-FTP-06", "failed", firewall="enforcer")])["ok"] is False
+                    ["APP-FTP-06"], ["ipv4"], groups)
+    s = summary(rows, groups=groups)
+    assert s["ok"] is True and s["under_test"] == ["enforcer"]
+    assert s["firewalls"]["enforcer"]["checks"]["failed"] == 0
+    assert s["firewalls"]["kernel-helpers"]["checks"]["failed"] == 1
+    assert summary([*rows, result("APP-FTP-06", "failed", firewall="enforcer")], groups=groups)["ok"] is False
+    only = summary([r for r in rows if r.firewall == "kernel-helpers"], groups=[HELPERS])
+    assert only["under_test"] == [] and "enforcer" not in only["firewalls"]
 
 
-def test_kernel_helpers_fill_a_second_group_of_columns_for_the_clauses_they_ran() -> None:
-    rows = complete([result("GEN-02", "passed"),
+def test_each_firewall_fills_a_group_of_columns_for_the_clauses_it_ran() -> None:
+    groups = [ENFORCER, HELPERS, Group("open-router", "open router (trivial)", True)]
+    rows = complete([result("GEN-02", "passed"), result("GEN-02", "failed", firewall="open-router"),
                      result("APP-FTP-01", "passed", firewall="enforcer"),
                      result("APP-FTP-01", "failed", firewall="kernel-helpers"),
                      result("APP-FTP-03", "passed", topology="nat", firewall="enforcer"),
                      result("APP-FTP-03", "passed", topology="nat", firewall="kernel-helpers")],
-                    ["GEN-02", "APP-FTP-01", "APP-FTP-03"], ["ipv4"])
-    text = matrix(rows, ["ipv4"], ["routed", "nat"]).splitlines()
-    assert text[0].strip() == "Linux conntrack helpers"
+                    ["GEN-02", "APP-FTP-01", "APP-FTP-03"], ["ipv4"], groups)
+    text = matrix(rows, ["ipv4"], ["routed", "nat"], groups).splitlines()
+    assert text[0].split("|")[1].strip() == "Linux conntrack helpers"
     assert text[0].index("Linux") == text[1].index("|") + 2
     assert text[1].split() == ["clause", "mode", "routed/ipv4", "nat/ipv4", "|", "routed/ipv4",
-                               "nat/ipv4"]
-    assert text[2].split() == ["GEN-02", "-", "pass", "-"]  # no helper cells: not compared
+                               "nat/ipv4", "|", "routed/ipv4", "nat/ipv4"]
+    assert text[2].split("|")[0].split() == ["GEN-02", "-", "pass", "-"]
+    assert text[2].split("|")[1].split() == []  # the helpers ran no GEN check
+    assert text[2].split("|")[2].split() == ["FAIL", "-"]
     assert text[3].split() == ["APP-FTP-01", "-", "pass", "-", "|", "FAIL", "-"]
-    assert text[4].split() == ["APP-FTP-03", "-", "-", "pass", "|", "-", "pass"]
-    assert text[5].startswith("(-:")
+    assert text[4].split() == ["APP-FTP-03", "-", "n/a", "pass", "|", "n/a", "pass"]
     plain = matrix(complete([result("APP-FTP-01", "passed", firewall="enforcer")], ["APP-FTP-01"],
                             ["ipv4"]), ["ipv4"], ["routed"])
     assert "|" not in plain and "helpers" not in plain
+
+
+def test_the_self_check_fails_a_clause_no_trivial_firewall_fails() -> None:
+    rows = [result("GEN-01", "failed", firewall="open-router"),
+            result("GEN-01", "passed", firewall="closed-router"),
+            result("GEN-02", "passed", firewall="open-router"),
+            result("GEN-02", "n/a", firewall="closed-router"),
+            result("IPF-01", "passed")]
+    table, ok = self_check(rows, ["GEN-01", "GEN-02", "IPF-01"], ["open-router", "closed-router"])
+    lines = table.splitlines()
+    assert lines[1].split()[:4] == ["GEN-01", "caught", "passes", "ok"]
+    assert lines[2].split()[:4] == ["GEN-02", "passes", "n/a", "VACUOUS:"]
+    assert lines[3].split()[:4] == ["IPF-01", "n/a", "n/a", "exempt:"]
+    assert ok is False
+    assert self_check(rows[:2] + rows[4:], ["GEN-01", "IPF-01"], ["open-router", "closed-router"])[1]
 
 
 @pytest.mark.parametrize(("expr", "expected"), [

@@ -65,7 +65,7 @@ class _Sessions:
 
         self.variant = "routed"
         self.topology = standard("routed")
-        self.enforcer = self
+        self.firewall = self
         self.sessions = sessions
 
     def call(self, method: str, **params: object) -> object:

@@ -14,6 +14,7 @@ conformance: setup
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/mypy
+	$(BIN)/mypy examples
 
 unit: setup
 	$(BIN)/pytest -q -p no:cacheprovider tests/unit

@@ -235,7 +235,10 @@ def _deselect_unclaimed(config: pytest.Config, items: list[pytest.Item]) -> None
         if name is None:
             keep.append(item)
             continue
-        driver = drivers[name]
+        driver = drivers.get(name)
+        if driver is None:  # (a test that names its firewalls itself, none of them in this run)
+            drop.append(item)
+            continue
         clauses = [m.args[0] for m in item.iter_markers("clause")]
         mode = params.params.get("mode") if params is not None else None
         claimed = (all(driver.claims_clause(c) for c in clauses) if clauses

@@ -343,7 +343,6 @@ def test_through_a_published_server_the_client_sees_only_the_fw(
 # --- APP-FTP-04: a Firewall client's active FTP ----------------------------------------------
 
 @pytest.mark.clause("APP-FTP-04")
-@pytest.mark.parametrize("firewall", ["enforcer"], scope="session")  # no SOCKS in the kernel
 @pytest.mark.parametrize("family", ["ipv4"])  # socksify would not bind over IPv6 (README)
 @pytest.mark.parametrize("client", ["curl", "lftp"])
 def test_firewall_client_active_ftp_through_a_socks_bind(app: App, servers: peers.PeerSet,

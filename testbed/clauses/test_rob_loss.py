@@ -241,7 +241,6 @@ def lost_at_client(app: App) -> Iterator[None]:
 
 @pytest.mark.clause("ROB-06")
 @pytest.mark.topologies("nat")
-@pytest.mark.parametrize("firewall", ["enforcer"], scope="session")
 def test_replies_lost_after_the_fw_arrive_when_sent_again_coalesced(app: App) -> None:
     """A greeting and a passive-mode reply in three segments (the reply split), all lost
     after the fw, then sent again as one segment: the client gets the greeting and the
@@ -264,7 +263,6 @@ def test_replies_lost_after_the_fw_arrive_when_sent_again_coalesced(app: App) ->
 
 @pytest.mark.clause("ROB-06")
 @pytest.mark.topologies("nat")
-@pytest.mark.parametrize("firewall", ["enforcer"], scope="session")
 def test_bytes_sent_again_from_mid_line_with_new_ones_or_ahead_of_a_gap(app: App) -> None:
     """A reply in two segments (the fw holds the first back until the second ends the
     line), lost after the fw, sent again from the middle of the first part: the whole
@@ -318,7 +316,6 @@ def random_loss_after_the_fw(app: App) -> Iterator[Callable[[], int]]:
 
 @pytest.mark.clause("ROB-06")
 @pytest.mark.topologies("nat")
-@pytest.mark.parametrize("firewall", ["enforcer"], scope="session")
 def test_ftp_in_every_mode_through_random_loss_after_the_fw(app: App) -> None:
     """With one in twenty of the segments leaving the fw lost (control and data
     connections, both ways), ftplib downloads in every mode, then uploads, through a
@@ -345,7 +342,6 @@ def test_ftp_in_every_mode_through_random_loss_after_the_fw(app: App) -> None:
 
 @pytest.mark.clause("ROB-06")
 @pytest.mark.topologies("nat")
-@pytest.mark.parametrize("firewall", ["enforcer"], scope="session")
 def test_a_command_in_pieces_whose_rewritten_form_is_lost_is_sent_again(app: App) -> None:
     """PORT/EPRT sent in three segments (the fw holds the first two back, and rewrites the
     line when the third ends it); the segment carrying the rewritten command is lost after

@@ -85,6 +85,15 @@ class Params:
             raise InvalidArgument(f"{what}: the port must be an integer")
         return parse_address(value[0], what), port
 
+    def boolean(self, name: str) -> bool:
+        """An optional true or false (absent or null: false)."""
+        value = self.params.get(name)
+        if value is None:
+            return False
+        if not isinstance(value, bool):
+            raise InvalidArgument(f"'{name}' must be true or false, not {type(value).__name__}")
+        return value
+
     def string(self, name: str, *, required: bool = True, max_len: int = 256) -> str | None:
         value = self.params.get(name)
         if value is None:
@@ -223,12 +232,13 @@ class SessionApi:
 
     def bind_for_client(self, params: dict[str, Any], caller: Caller) -> dict[str, Any]:
         """A SecureNAT client's port made reachable for one inbound flow (pending until
-        retroactive_allow_bind): the bind, whose ``address`` is what the peer must use."""
-        p = Params(params, {"session", "protocol", "client_port"})
+        retroactive_allow_bind): the bind, whose ``address`` is what the peer must use.
+        ``from_fw``: the flow reaches the client from the fw's address (its ``source``)."""
+        p = Params(params, {"session", "protocol", "client_port", "from_fw"})
         session = p.integer("session", low=1)
         client_port = p.integer("client_port", low=0, high=2**31)
         bind, new = self.engine.bind_for_securenat(session, p.protocol(), client_port, self.clock(),
-                                                   self.listening())
+                                                   self.listening(), from_fw=p.boolean("from_fw"))
         if new:
             try:
                 self.on_securenat_bind(bind)

@@ -54,13 +54,15 @@ class SessionCalls:
         address, port = result["internal_address"]
         return (str(address), int(port)), [Action(self, int(a["action"])) for a in result["actions"]]
 
-    def bind_for_client(self, session: int, client_port: int, *,
-                        protocol: str = "tcp") -> tuple[str, int]:
+    def bind_for_client(self, session: int, client_port: int, *, protocol: str = "tcp",
+                        from_fw: bool = False) -> tuple[str, int]:
         """Make a SecureNAT client's port reachable from outside for one flow: the address
         and port a peer must use ((the fw's external address, a port) in NAT, the client's
-        own otherwise). It admits nothing until ``retroactive_allow_bind``."""
+        own otherwise). It admits nothing until ``retroactive_allow_bind``. ``from_fw``:
+        the flow reaches the client from the fw's address on its network, not from the
+        peer's (for a client that sees only the fw)."""
         result = self.call("bind_for_client", session=session, protocol=protocol,
-                           client_port=client_port)
+                           client_port=client_port, from_fw=from_fw)
         address, port = result["address"]
         return str(address), int(port)
 

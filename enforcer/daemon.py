@@ -445,18 +445,19 @@ class Daemon:
         bind.receive_buffer = size
 
     def _on_securenat_bind(self, bind: Bind) -> None:
-        """A SecureNAT client's bind in NAT: kernel NAT from the external port to the
-        client's (routed, the bind is the client's own address: nothing to do)."""
+        """A SecureNAT client's bind: kernel NAT from the external port to the client's
+        (in NAT), and from the fw's address to the client (``Bind.source``); routed and
+        without a source, the bind is the client's own address: nothing to do."""
         rule = self._bind_rule(bind)
         if rule is not None:
             self._nat_maps().add([rule])
 
     @staticmethod
     def _bind_rule(bind: Bind) -> dataplane.BindRule | None:
-        if bind.client is None or bind.client_port is None or bind.address == bind.client:
+        if not bind.translated or bind.client is None or bind.client_port is None:
             return None
         return dataplane.BindRule(bind.protocol, bind.address, bind.port, bind.client,
-                                  bind.client_port)
+                                  bind.client_port, bind.source)
 
     def _redirect_rule(self, perm: Permission) -> dataplane.RedirectRule:
         r = perm.redirect

@@ -498,7 +498,11 @@ def render_nft_maps() -> str:
     SecureNAT binds are elements of its maps, which the enforcer writes over netlink
     (``NatMaps``) as grants come and go. A redirect port's first packet gets the port as
     its mark (so the enforcer knows which redirect it came by) and goes on to the target;
-    a new flow to a SecureNAT bind's external port goes on to the client's port."""
+    a new flow to a SecureNAT bind's external port goes on to the client's port. A bind
+    whose flow is to reach the client from the fw has it leave from the fw's address,
+    once the enforcer has admitted it (the source NAT is chosen after the forward hook),
+    looked up by the bind's address (the flow's original destination) and the client's
+    port it goes to: nft cannot concatenate the original destination port."""
     lines = [f"table inet {MAPS_TABLE} {{"]
     for family, proto in _NFT_FAMILY.items():
         addr = _NFT_ADDR[family]
@@ -506,7 +510,8 @@ def render_nft_maps() -> str:
         lines += [f"  map redirect_mark_{proto} {{ type {key} : mark; }}",
                   f"  map redirect_to_{proto} {{ type {key} : {addr} . inet_service; }}",
                   f"  map bind_to_{proto} {{ type {addr} . inet_proto . inet_service : "
-                  f"{addr} . inet_service; }}"]
+                  f"{addr} . inet_service; }}",
+                  f"  map bind_from_{proto} {{ type {key} : {addr}; }}"]
     lines += ["  chain redirect_dnat {", "    type nat hook prerouting priority dstnat; policy accept;"]
     for proto in _NFT_FAMILY.values():
         key = f"{proto} saddr . {proto} daddr . meta l4proto . th dport"
@@ -514,6 +519,9 @@ def render_nft_maps() -> str:
                   f"dnat {proto} to {key} map @redirect_to_{proto}",
                   f"    ct state new dnat {proto} to {proto} daddr . meta l4proto . th dport "
                   f"map @bind_to_{proto}"]
+    lines += ["  }", "  chain bind_snat {", "    type nat hook postrouting priority srcnat; policy accept;"]
+    lines += [f"    ct state new snat {proto} to ct original {proto} daddr . {proto} daddr . "
+              f"meta l4proto . th dport map @bind_from_{proto}" for proto in _NFT_FAMILY.values()]
     lines += ["  }", "}"]
     return "\n".join(lines) + "\n"
 
@@ -550,20 +558,29 @@ class RedirectRule:
 
 @dataclass(frozen=True)
 class BindRule:
-    """A SecureNAT client's bind in NAT: new flows to the fw's external address and
-    port are sent on to the client's port by kernel NAT (the enforcer then judges
-    them in the forward hook, by the bind)."""
+    """A SecureNAT client's bind that the kernel translates (the enforcer judges its flow
+    in the forward hook, by the bind): in NAT, new flows to the fw's external ``address``
+    and ``port`` are sent on to the client's port; with ``source``, the flow reaches the
+    client from that address of the fw's (routed, ``address`` is the client's own)."""
 
     protocol: int
-    external: IPAddress
+    address: IPAddress
     port: int
     client: IPAddress
     client_port: int
+    source: IPAddress | None = None
 
     def elements(self) -> list[tuple[str, bytes, bytes]]:
         proto = "ip" if self.client.version == 4 else "ip6"
-        key = self.external.packed + _register(bytes([self.protocol])) + _port(self.port)
-        return [(f"bind_to_{proto}", key, self.client.packed + _port(self.client_port))]
+        protocol = _register(bytes([self.protocol]))
+        out = []
+        if self.address != self.client:
+            out.append((f"bind_to_{proto}", self.address.packed + protocol + _port(self.port),
+                        self.client.packed + _port(self.client_port)))
+        if self.source is not None:
+            out.append((f"bind_from_{proto}", self.address.packed + self.client.packed + protocol
+                        + _port(self.client_port), self.source.packed))
+        return out
 
 
 NatRule = RedirectRule | BindRule

@@ -10,8 +10,10 @@ A SecureNAT client has no agent to bind for it; an application filter binds
 for it instead (active FTP, a TFTP server's reply): such a bind leads to a port
 of the client's own (``client``, ``client_port``). Its address is the client's
 in the routed topology, and an external address of the fw in NAT, which the
-kernel then translates to the client. It takes one flow, TCP or UDP, and
-expires if nothing has come by ``expires``.
+kernel then translates to the client. Where the client sees only the fw (its
+filter's primary came by a redirect), the bind's flow reaches it from the fw's
+address on its network (``source``), the kernel translating that too. It
+takes one flow, TCP or UDP, and expires if nothing has come by ``expires``.
 
 Open binds are capped in total and per client address (``Limits``): at a cap a
 new bind is refused (IsBusy). A closed bind is remembered for a while only, so
@@ -69,10 +71,19 @@ class Bind:
     client_port: int | None = None
     expires: float | None = None
     pooled: bool = True  # its port came from the bind pool
+    # A SecureNAT bind whose flow reaches the client from the fw: the fw's address it then
+    # comes from (None: from the peer's own)
+    source: IPAddress | None = None
 
     @property
     def for_securenat(self) -> bool:
         return self.client_port is not None
+
+    @property
+    def translated(self) -> bool:
+        """A SecureNAT bind whose flow the kernel translates: to the client (its address is
+        the fw's, in NAT), or from the fw (``source``)."""
+        return self.for_securenat and (self.address != self.client or self.source is not None)
 
     def admits(self, peer: IPAddress) -> bool:
         return self.state is BindState.ALLOWED and (self.ipfilter is None or self.ipfilter.is_included(peer))
@@ -98,6 +109,7 @@ class Bind:
                 "admitted": self.admitted, "discarded": self.discarded,
                 "receive_buffer": self.receive_buffer, "created": self.created,
                 "leads_to": None if self.client is None else [str(self.client), self.client_port],
+                "source": None if self.source is None else str(self.source),
                 "expires": self.expires}
 
 
@@ -119,8 +131,8 @@ class BindTable:
 
     def add(self, session_id: int, protocol: int, address: IPAddress, port: int, now: float,
             owner: IPAddress, **securenat: Any) -> Bind:
-        """A new bind (``check`` it first); ``securenat``: client, client_port, expires
-        and pooled of a SecureNAT client's bind."""
+        """A new bind (``check`` it first); ``securenat``: client, client_port, expires,
+        pooled and source of a SecureNAT client's bind."""
         key = (protocol, address, port)
         if key in self._by_address:
             raise ValueError(f"{PROTOCOL_NAMES[protocol]} {address}:{port} is bound already")

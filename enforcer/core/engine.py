@@ -476,7 +476,8 @@ class Engine:
         return self.binds.add(session.id, protocol, address, port, now, session.client)
 
     def bind_for_securenat(self, session_id: int, protocol: int, client_port: int,
-                           now: float, listening: Listening = NOTHING_LISTENS) -> tuple[Bind, bool]:
+                           now: float, listening: Listening = NOTHING_LISTENS, *,
+                           from_fw: bool = False) -> tuple[Bind, bool]:
         """Make a SecureNAT client's port reachable from outside, for one flow, once
         RetroactiveAllowBind approves it (an application filter calls this for active
         FTP, say). Routed: the bind is the client's own address and port. NAT: an
@@ -484,6 +485,11 @@ class Engine:
         fw's own (the shell maps it to the client), else a port from the bind pool. The
         same client port asked again gives the same open bind. Unused, it expires after
         the permission timeout. Returns the bind and whether it is new.
+
+        ``from_fw``: the flow is to reach the client from the fw's address on the
+        client's network (``Bind.source``; the shell has the kernel translate it), for
+        a client that sees only the fw (its primary came by a redirect). The same
+        client port bound with the other choice is IsBusy.
 
         In NAT it never takes a privileged port of the fw or one that ``listening`` (the
         fw's sockets) covers on that address (rule 14): a privileged client port, or a
@@ -497,8 +503,12 @@ class Engine:
         if session.kind != "securenat":
             raise InvalidArgument(f"session {session.id} is a Firewall client's: it binds "
                                   "through the fw itself (SOCKS BIND)")
+        source = self._internal_address_for(session.client) if from_fw else None
         existing = self.binds.leading_to(protocol, session.client, client_port)
         if existing is not None and existing.session_id == session.id:
+            if existing.source != source:
+                raise IsBusy(f"{session.client} port {client_port} is bound already, "
+                             f"{'not ' if source is not None else ''}to be reached from the fw")
             return existing, False
         self.binds.check(session.client)
         expires = now + self.policy.defaults.permission_timeout
@@ -524,7 +534,7 @@ class Engine:
             raise IsBusy(f"{session.client} port {client_port} is bound already")
         bind = self.binds.add(session.id, protocol, address, port, now, session.client,
                               client=session.client, client_port=client_port, expires=expires,
-                              pooled=pooled)
+                              pooled=pooled, source=source)
         self._expiring_binds[bind.id] = bind
         return bind, True
 
@@ -638,15 +648,15 @@ class Engine:
         """The bind took its connection (TCP), or its association ended: it is closed and
         its port goes back to the pool (a connection it took keeps its socket). What the
         kernel holds for it is due for removal (``drain_retired_binds``): a SecureNAT
-        bind's NAT in NAT, and the flows a Firewall client's UDP bind admitted (the kernel
-        passes their datagrams to its socket; none may reach the port's next bind)."""
+        bind's NAT (``Bind.translated``), and the flows a Firewall client's UDP bind
+        admitted (the kernel passes their datagrams to its socket; none may reach the
+        port's next bind)."""
         if bind.state is not BindState.CLOSED:
             self.binds.close(bind)
             if bind.pooled:
                 self.bind_ports.release(bind.port)
             self._expiring_binds.pop(bind.id, None)
-            if (bind.for_securenat and bind.address != bind.client) or \
-                    (not bind.for_securenat and bind.protocol == UDP and bind.admitted):
+            if bind.translated or (not bind.for_securenat and bind.protocol == UDP and bind.admitted):
                 self.retired_binds.append(bind)
 
     def _admit_permitted(self, key: FlowKey, perm: Permission, now: float, length: int,
@@ -817,7 +827,7 @@ class Engine:
         for interface in self.internal_addresses:
             if client in interface.network:
                 return interface.ip
-        raise InvalidArgument(f"the firewall has no address on {client}'s network to redirect from")
+        raise InvalidArgument(f"the firewall has no address on {client}'s network")
 
     def _finished(self, perm: Permission) -> None:
         """A permission stopped being pending: a redirect's block may go back to its pool,

@@ -12,7 +12,9 @@ agree on, and nothing else:
 - ``PORT`` and ``EPRT`` commands: the server is to connect to the client.
   A SecureNAT client's port is made reachable with ``bind_for_client`` (in NAT,
   an external port of the fw; the command is rewritten to name it) and approved
-  with RetroactiveAllowBind for the server alone (IpFilter). A Firewall client
+  with RetroactiveAllowBind for the server alone (IpFilter). Where the client
+  sees only the fw, the bind asks that the server's connection reach it from the
+  fw (``from_fw``), as every other packet does. A Firewall client
   has bound through the fw already (SOCKS BIND) and names that bind: it is
   approved the same way.
 - Anti-bounce: an address other than the control connection's peer (replies)
@@ -199,7 +201,8 @@ class FtpControl:
                     return None
                 where = (str(address), port)
             elif address == p.client[0]:
-                where = self.api.bind_for_client(p.session, port, protocol="tcp")
+                where = self.api.bind_for_client(p.session, port, protocol="tcp",
+                                                 from_fw=p.via is not None)
             else:
                 log.info("session %d: active data connection to a third party %s refused",
                          p.session, address)

@@ -17,11 +17,13 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 
 import pytest
-from scapy.layers.inet import TCP, UDP
+from scapy.layers.inet import IP, TCP, UDP
+from scapy.layers.inet6 import IPv6
+from scapy.packet import Packet
 
 from enforcer.client import Flags
 from testbed import peers, timeouts
-from testbed.agent import ServerHandle, TcpConnection
+from testbed.agent import ServerHandle, Sniffer, TcpConnection
 from testbed.checks import expect_no_packet, expect_packet
 from testbed.clauses.helpers import datagram, ip, is_rejection, syn
 from testbed.drivers import PUBLISHED_FTP_PORT
@@ -303,7 +305,11 @@ def published(app: App, server: FtpServer) -> tuple[str, int]:
         return app.fw_internal(), PUBLISHED_FTP_PORT
     session = next((s["id"] for s in app.call("sessions") if s["client"] == app.addr("c1")), None)
     if session is None:  # a primary connection makes c1's session
-        assert app.agent("c1").tcp_connect(server.address, 21)["connected"]
+        with dialogue(app, "c1", server.address) as d:
+            # it ends before the check watches c1: the server closes, c1 resets, nothing follows
+            assert d.send(b"QUIT\r\n").startswith(b"221"), "the server did not take QUIT"
+            assert d.conn.ended(), "the server did not close the connection after QUIT"
+            d.conn.reset()
         session = next(s["id"] for s in app.call("sessions") if s["client"] == app.addr("c1"))
     with app.client() as api:
         (address, port), _ = api.redirect_connections(
@@ -312,29 +318,71 @@ def published(app: App, server: FtpServer) -> tuple[str, int]:
     return address, port
 
 
+# What shows, at c1, that a transfer through a published server met the fw alone
+# (libpcap's tcp[] offsets are IPv4 only: over IPv6 the TCP flags are at a fixed offset)
+SYN = {"ipv4": "tcp[tcpflags] & tcp-syn != 0", "ipv6": "ip6[6] == 6 and ip6[53] & 0x02 != 0"}
+PASSIVE: tuple[peers.FtpMode, ...] = ("PASV", "EPSV")  # the modes where the client opens the data connection
+
+
+def capture_at_client(app: App, fw: str, server: str, control_port: int) -> Sniffer:
+    """A capture at c1 of what shows whom it meets: every TCP segment that is not between c1
+    and ``fw``, every packet with the ``server``'s address, every SYN (the connections opened),
+    and the control connection's segments from the fw (what c1 is told)."""
+    c1 = app.addr("c1")
+    pair = f"((src host {c1} and dst host {fw}) or (src host {fw} and dst host {c1}))"
+    sniffer: Sniffer = app.agent("c1").sniff(app.iface("c1"), bpf=(
+        f"(tcp and not {pair}) or host {server} or ({SYN[app.family]}) or "
+        f"(tcp and src host {fw} and src port {control_port})"))
+    return sniffer
+
+
+def assert_met_the_fw_alone(app: App, captured: list[Packet], fw: str, control_port: int,
+                            mode: peers.FtpMode, copies: int) -> bytes:
+    """Every packet captured at c1 is between c1 and ``fw`` (none names the server), and
+    they show the control connection and ``copies`` data connections opened the way
+    ``mode`` opens them (passive: by c1; active: by the fw, to c1). Returns what the fw
+    said on the control connection."""
+    c1, layer = app.addr("c1"), IP if app.family == "ipv4" else IPv6
+    strays = [p for p in captured if {p[layer].src, p[layer].dst} != {c1, fw}]
+    assert not strays, (f"{mode}: c1 met others than the fw's {fw}:\n"
+                        + "\n".join(p.summary() for p in strays[:10]))
+    opened = {(p[layer].src, p[TCP].sport, p[layer].dst, p[TCP].dport) for p in captured
+              if TCP in p and p[TCP].flags & 0x12 == 0x02}  # bare SYNs, each connection once
+    control = {o for o in opened if (o[0], *o[2:]) == (c1, fw, control_port)}
+    assert len(control) == 1, f"{mode}: one control connection expected, saw {sorted(opened)}"
+    data = [(src, dst) for src, _, dst, _ in opened - control]
+    by = (c1, fw) if mode in PASSIVE else (fw, c1)
+    assert data == [by] * copies, \
+        f"{mode}: {copies} data connections from {by[0]} to {by[1]} expected, saw {data}"
+    return b"".join(bytes(p[TCP].payload) for p in captured
+                    if TCP in p and p[layer].src == fw and p[TCP].sport == control_port)
+
+
 @pytest.mark.clause("APP-FTP-03")
 @pytest.mark.topologies("nat")
 @pytest.mark.parametrize("client", peers.FTP_CLIENTS)
 def test_through_a_published_server_the_client_sees_only_the_fw(
         app: App, servers: peers.PeerSet, client: peers.FtpClient) -> None:
     """Every mode, twice over one control connection to the fw: the files arrive whole
-    (sequence numbers stay right as rewritten replies and commands change lengths), and
-    every address the client is told is the fw's."""
+    (sequence numbers stay right as rewritten replies and commands change lengths); every
+    packet c1 sends or receives, control and data connections alike, has the fw's internal
+    address as its far end; every address c1 is told is the fw's."""
     server = servers.ftp(app.family, "vsftpd")
     address, port = published(app, server)
-    c1 = app.agent("c1")
+    assert address == app.fw_internal("c1"), f"published on {address}, not the fw's address facing c1"
+    copies = 2
     for mode in _modes(app, client, peers.FTP_MODES):
         mark = server.log_mark()
-        with c1.sniff(app.iface("c1"), bpf=f"tcp and src port {port}") as at_client:
+        with capture_at_client(app, address, server.address, port) as at_client:
             got = peers.ftp_transfer(app.lab.tb, "c1", client, address, mode, "get", BIG_FILE,
-                                     port=port, copies=2)
+                                     port=port, copies=copies)
             assert got.ok and got.sha256 == server.files[BIG_FILE], \
                 f"{got.describe()}\nserver log:\n{server.log_since(mark)}"
-            assert server.data_commands(since=mark) == [mode, mode], server.log_since(mark)
-            told = b"".join(bytes(p[TCP].payload) for p in at_client.packets() if TCP in p)
-        if mode in ("PASV", "EPSV"):
+            assert server.data_commands(since=mark) == [mode] * copies, server.log_since(mark)
+        told = assert_met_the_fw_alone(app, at_client.packets(), address, port, mode, copies)
+        if mode in PASSIVE:
             reply = b"227 " if mode == "PASV" else b"229 "
-            assert told.count(reply) == 2, told
+            assert told.count(reply) == copies, told
         if mode == "PASV":
             assert address.replace(".", ",").encode() in told, told
         assert server.address.replace(".", ",").encode() not in told, told

@@ -42,6 +42,8 @@ NAT_RULES: list[dataplane.NatRule] = [
                            61001, ipaddress.ip_address("2001:db8:2::21"), 30001),
     dataplane.BindRule(6, ipaddress.ip_address("198.51.100.1"), 20001, ipaddress.ip_address("192.0.2.11"),
                        40001),
+    dataplane.BindRule(6, ipaddress.ip_address("198.51.100.1"), 20002, ipaddress.ip_address("192.0.2.11"),
+                       40002, ipaddress.ip_address("192.0.2.1")),  # reaching the client from the fw
 ]
 
 
@@ -83,6 +85,8 @@ subprocess.run(["nft", "delete", "table", "inet", "{dataplane.MAPS_TABLE}"], che
     assert "192.0.2.11 . 192.0.2.1 . tcp . 61000 : 0x0000ee48" in added
     assert "2001:db8:1::11 . 2001:db8:1::1 . udp . 61001 : 2001:db8:2::21 . 30001" in added
     assert "198.51.100.1 . tcp . 20001 : 192.0.2.11 . 40001" in added
+    assert "198.51.100.1 . tcp . 20002 : 192.0.2.11 . 40002" in added
+    assert "198.51.100.1 . 192.0.2.11 . tcp . 40002 : 192.0.2.1" in added
     assert "elements" not in removed
 
 

@@ -304,7 +304,7 @@ def test_bind_to_dict(engine: Engine) -> None:
                               "address": [str(EXT4), bind.port], "state": "pending", "flags": [],
                               "protocol_name": None, "ipfilter": None, "admitted": 0,
                               "discarded": 0, "receive_buffer": None, "created": 1.5,
-                              "leads_to": None, "expires": None}
+                              "leads_to": None, "source": None, "expires": None}
     allow(engine, s.id, bind, guid=DNS, flags=Flags.BIDIRECTIONAL,
           ipfilter=only(("198.51.100.0", "198.51.100.255")))
     out = bind.to_dict()

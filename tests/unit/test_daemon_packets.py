@@ -1,7 +1,8 @@
 """The daemon's packet callback, with a stand-in for NetfilterQueue's packets: an error
 after a packet's verdict must not escape into the queue's loop (ROB-04); the marks its
 verdicts set on flows to binds (RAB-06), the buffers INCREASE_RECEIVE_BUFFER grows
-(RAB-07), and what it removes from the kernel when a bind closes."""
+(RAB-07), what it removes from the kernel when a bind closes, and the NAT a SecureNAT
+bind's flow gets (APP-FTP-03)."""
 
 from __future__ import annotations
 
@@ -240,6 +241,55 @@ def test_increase_receive_buffer_on_a_firewall_client_s_bind_grows_its_socket_s(
     assert queue.size == 2 * INCREASED
     approve(d, session, "udp", EXT, large.port, ["INCREASE_RECEIVE_BUFFER"])
     assert large.receive_buffer == 4 * INCREASED
+
+
+class FakeMaps:
+    """The NAT maps as the daemon writes them: the rules added and deleted, in order."""
+
+    def __init__(self) -> None:
+        self.added: list[dataplane.NatRule] = []
+        self.deleted: list[dataplane.NatRule] = []
+
+    def add(self, rules: list[dataplane.NatRule]) -> None:
+        self.added += rules
+
+    def delete(self, rules: list[dataplane.NatRule]) -> None:
+        self.deleted += rules
+
+
+FW_INT = "192.0.2.1"
+
+
+@pytest.mark.parametrize("from_fw", [False, True], ids=["from-the-server", "from-the-fw"])
+@pytest.mark.parametrize("nat", [False, True], ids=["routed", "nat"])
+def test_a_securenat_bind_s_kernel_nat_and_its_source(nat: bool, from_fw: bool) -> None:
+    """A SecureNAT bind's NAT rule is written as the bind is made and deleted once it has
+    taken its flow: in NAT, from the fw's external port to the client's; asked to reach
+    the client from the fw, its source is the fw's address on the client's network (routed
+    too, where nothing else is translated). Routed and from the server: no rule at all."""
+    d = daemon()
+    d.engine = Engine(POLICY, INTERNAL, [ipaddress.ip_address(EXT)], nat=nat,
+                      internal_addresses=[ipaddress.ip_interface(f"{FW_INT}/24")])
+    d.api = SessionApi(d.engine, d.clock, d._on_grant, d._on_bind, d._on_securenat_bind)
+    d.maps = maps = FakeMaps()  # type: ignore[assignment]
+    session = securenat_session(d)
+    made = d.api.bind_for_client({"session": session, "protocol": "tcp", "client_port": 40021,
+                                  "from_fw": from_fw}, SocketCaller())
+    address = EXT if nat else C1
+    assert made["address"] == [address, 40021] and made["source"] == (FW_INT if from_fw else None)
+    expected = [dataplane.BindRule(TCP_PROTOCOL, ipaddress.ip_address(address), 40021,
+                                   ipaddress.ip_address(C1), 40021,
+                                   ipaddress.ip_address(FW_INT) if from_fw else None)]
+    if not (nat or from_fw):
+        expected = []
+    assert maps.added == expected and maps.deleted == []
+    approve(d, session, "tcp", address, 40021, [])
+    data = QueuedPacket(bytes(IP(src=S1, dst=C1) / TCP(sport=20, dport=40021, flags="S")))
+    data.indev = EXTERNAL_IF
+    d.on_packet(data)
+    assert data.verdicts == ["accept"]
+    d._retire_redirects()
+    assert maps.deleted == expected
 
 
 def test_a_closed_firewall_client_bind_s_flows_are_forgotten() -> None:

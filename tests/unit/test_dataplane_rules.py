@@ -379,7 +379,7 @@ def test_nft_chains_and_maps() -> None:
     sets = re.findall(r"^  set (\S+) \{", text, re.M)
     assert {"raw_prerouting", "filter_input", "filter_forward", "redirect_dnat"} <= set(chains)
     assert set(maps) == {"redirect_mark_ip", "redirect_to_ip", "redirect_mark_ip6", "redirect_to_ip6",
-                         "bind_to_ip", "bind_to_ip6"}
+                         "bind_to_ip", "bind_to_ip6", "bind_from_ip", "bind_from_ip6"}
     assert "map " not in text  # per-grant NAT lives in the maps table only
     assert len(chains) == len(set(chains))
     for name in [*chains, *maps, *sets]:
@@ -403,6 +403,14 @@ def test_nft_chains_and_maps() -> None:
         for line in (f"ct state new meta mark set {k} map @redirect_mark_{p} dnat {p} to {k} "
                      f"map @redirect_to_{p}",
                      f"ct state new dnat {p} to {p} daddr . meta l4proto . th dport map @bind_to_{p}")]
+    # a bind's flow that is to come from the fw: source NAT once admitted (after the forward
+    # hook), looked up by the bind's address (where the flow went first) and the client's port
+    assert "map bind_from_ip6 { type ipv6_addr . ipv6_addr . inet_proto . inet_service : ipv6_addr; }" \
+        in maps_text
+    snat = nft_chain(maps_text, "bind_snat")
+    assert snat == ["type nat hook postrouting priority srcnat; policy accept;",
+                    *(f"ct state new snat {p} to ct original {p} daddr . {p} daddr . meta l4proto . "
+                      f"th dport map @bind_from_{p}" for p in ("ip", "ip6"))]
     assert maps_text.count("{") == maps_text.count("}")
 
 
@@ -539,6 +547,12 @@ BIND4 = BindRule(6, ipaddress.ip_address("198.51.100.1"), 40000, ipaddress.ip_ad
                  40000)
 BIND6 = BindRule(17, ipaddress.ip_address("2001:db8:2::1"), 20001,
                  ipaddress.ip_address("2001:db8:1::11"), 41000)
+# A bind whose flow reaches the client from the fw's internal address: in NAT, and routed
+# (where the bind is the client's own address and port)
+FROM_FW4 = BindRule(6, ipaddress.ip_address("198.51.100.1"), 20002, ipaddress.ip_address("192.0.2.11"),
+                    40000, ipaddress.ip_address("192.0.2.1"))
+FROM_FW6 = BindRule(6, ipaddress.ip_address("2001:db8:1::11"), 40001, ipaddress.ip_address("2001:db8:1::11"),
+                    40001, ipaddress.ip_address("2001:db8:1::1"))
 
 
 def test_redirect_rule_elements() -> None:
@@ -566,9 +580,26 @@ def test_securenat_bind_elements() -> None:
     assert value == ipaddress.ip_address("2001:db8:1::11").packed + bytes([0xA0, 0x28, 0, 0])
 
 
+def test_a_bind_from_the_fw_has_a_source_nat_element() -> None:
+    """APP-FTP-03: a bind whose flow is to reach the client from the fw: besides the NAT
+    to the client's port (in NAT), an element keyed by the bind's address, the client's
+    address, protocol and port, whose value is the fw's address the flow then comes from.
+    Routed, the bind is the client's own port: the source element alone."""
+    assert FROM_FW4.elements() == [
+        ("bind_to_ip", bytes([198, 51, 100, 1, 6, 0, 0, 0, 0x4E, 0x22, 0, 0]),
+         bytes([192, 0, 2, 11, 0x9C, 0x40, 0, 0])),
+        ("bind_from_ip", bytes([198, 51, 100, 1, 192, 0, 2, 11, 6, 0, 0, 0, 0x9C, 0x40, 0, 0]),
+         bytes([192, 0, 2, 1]))]
+    client = ipaddress.ip_address("2001:db8:1::11").packed
+    assert FROM_FW6.elements() == [
+        ("bind_from_ip6", client + client + bytes([6, 0, 0, 0, 0x9C, 0x41, 0, 0]),
+         ipaddress.ip_address("2001:db8:1::1").packed)]
+
+
 def test_elements_name_the_maps_the_table_declares() -> None:
     declared = set(re.findall(r"^  map (\S+) ", render_nft_maps(), re.M))
-    used = {name for rule in (RULE4, RULE6, BIND4, BIND6) for name, _, _ in rule.elements()}
+    used = {name for rule in (RULE4, RULE6, BIND4, BIND6, FROM_FW4, FROM_FW6)
+            for name, _, _ in rule.elements()}
     assert used == declared
 
 

@@ -142,7 +142,8 @@ def test_port_routed_binds_the_clients_port_for_the_server_alone() -> None:
     command = b"PORT 192,0,2,11,156,64\r\n"  # 40000
     assert ftp.on_data(OUT, command) == command
     assert api.opened() == [
-        ("bind_for_client", {"session": 7, "protocol": "tcp", "client_port": 40000}),
+        ("bind_for_client", {"session": 7, "protocol": "tcp", "client_port": 40000,
+                             "from_fw": False}),
         ("retroactive_allow_bind", {"session": 7, "protocol": "tcp", "address": str(C1),
                                     "port": 40000, "protocol_guid": FTP_GUID, "flags": [],
                                     "ipfilter": {"ranges": [[str(S1), str(S1)]]}})]
@@ -154,6 +155,17 @@ def test_port_and_eprt_in_nat_name_the_fws_bind() -> None:
     assert ftp.on_data(OUT, b"EPRT |1|192.0.2.11|40000|\r\n") == b"EPRT |1|198.51.100.1|40000|\r\n"
     approvals = [p for m, p in api.opened() if m == "retroactive_allow_bind"]
     assert [(p["address"], p["port"]) for p in approvals] == [(FW_EXT, 40000)] * 2
+    assert [p["from_fw"] for m, p in api.opened() if m == "bind_for_client"] == [False] * 2
+
+
+def test_via_the_fw_the_servers_data_connection_reaches_the_client_from_the_fw() -> None:
+    """A client that sees only the fw (its control connection came by a redirect): the bind
+    for PORT/EPRT asks that the server's connection reach it from the fw too (APP-FTP-03)."""
+    ftp, api = control(nat=True, via=True)
+    assert ftp.on_data(OUT, b"PORT 192,0,2,11,156,64\r\n") == b"PORT 198,51,100,1,156,64\r\n"
+    assert ftp.on_data(OUT, b"EPRT |1|192.0.2.11|40000|\r\n") == b"EPRT |1|198.51.100.1|40000|\r\n"
+    assert [p for m, p in api.opened() if m == "bind_for_client"] == [
+        {"session": 7, "protocol": "tcp", "client_port": 40000, "from_fw": True}] * 2
 
 
 def test_eprt_ipv6_routed() -> None:
@@ -161,7 +173,7 @@ def test_eprt_ipv6_routed() -> None:
     command = b"EPRT |2|2001:db8:1::11|40001|\r\n"
     assert ftp.on_data(OUT, command) == command
     assert api.opened()[0] == ("bind_for_client", {"session": 7, "protocol": "tcp",
-                                                   "client_port": 40001})
+                                                   "client_port": 40001, "from_fw": False})
 
 
 def test_firewall_client_port_names_its_socks_bind() -> None:
@@ -374,7 +386,8 @@ def test_tftp_request_binds_the_clients_port_for_the_server() -> None:
                                        firewall_client=False), api)
     assert flow.on_data(OUT, rrq()) == rrq()
     assert api.opened() == [
-        ("bind_for_client", {"session": 3, "protocol": "udp", "client_port": 40200}),
+        ("bind_for_client", {"session": 3, "protocol": "udp", "client_port": 40200,
+                             "from_fw": False}),
         ("retroactive_allow_bind", {"session": 3, "protocol": "udp", "address": FW_EXT,
                                     "port": 40000, "protocol_guid": TFTP_GUID,
                                     "flags": ["BIDIRECTIONAL"],
@@ -392,7 +405,7 @@ def test_tftp_a_request_from_a_privileged_port_opens_nothing(client_port: int) -
                                             firewall_client=False), api)
     from_1024.on_data(OUT, rrq())
     assert api.opened()[0] == ("bind_for_client", {"session": 3, "protocol": "udp",
-                                                   "client_port": 1024})
+                                                   "client_port": 1024, "from_fw": False})
 
 
 @settings(max_examples=200, deadline=None)

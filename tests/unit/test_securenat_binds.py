@@ -185,6 +185,51 @@ def test_asking_again_for_the_same_client_port_gives_the_same_bind(engine: Engin
     assert new_fresh is True and fresh is not bind and fresh.expires == 10.0 + TIMEOUT
 
 
+FW_INT4, FW_INT6 = ipaddress.ip_interface("192.0.2.1/24"), ipaddress.ip_interface("2001:db8:1::1/64")
+
+
+@pytest.mark.parametrize("nat", [False, True], ids=["routed", "nat"])
+def test_a_bind_from_the_fw_comes_from_the_fw_s_address_on_the_client_s_network(nat: bool) -> None:
+    """APP-FTP-03: for a client that sees only the fw, a bind's flow is to reach it from
+    the fw's address on its network; the kernel translates that (``translated``), routed
+    too, and the bind's NAT is retired when it closes. Without from_fw: the peer's own."""
+    engine = make_engine(nat=nat, internal_addresses=(FW_INT4, FW_INT6))
+    for client, fw in ((C1, FW_INT4.ip), (C6, FW_INT6.ip)):
+        session = securenat(engine, client)
+        bind, new = engine.bind_for_securenat(session, TCP, PORT, 2.0, from_fw=True)
+        assert new and bind.source == fw and bind.translated
+        assert bind.to_dict()["source"] == str(fw)
+        plain, _ = engine.bind_for_securenat(session, TCP, PORT + 1, 2.0)
+        assert plain.source is None and plain.to_dict()["source"] is None
+        assert plain.translated is nat  # routed, a plain bind is the client's own port
+        approve(engine, bind, only(S6 if client.version == 6 else S1))
+        decision = engine.decide(from_server(S6 if client.version == 6 else S1, client), 3.0)
+        assert decision.verdict is Verdict.ADMIT_KERNEL and bind.state is BindState.CLOSED
+        assert engine.drain_retired_binds() == [bind]
+
+
+def test_a_bind_from_the_fw_needs_an_address_of_the_fw_on_the_client_s_network(natted: Engine) -> None:
+    """The engine knows no internal address of the fw: nothing to come from, nothing bound."""
+    with pytest.raises(InvalidArgument, match=f"the firewall has no address on {C1}'s network"):
+        natted.bind_for_securenat(securenat(natted), TCP, PORT, 2.0, from_fw=True)
+    assert len(natted.binds) == 0
+
+
+def test_the_same_client_port_asked_with_the_other_source_is_busy() -> None:
+    """A client's port bound to be reached from the fw is not the one bound for the peer's
+    own address (nor the other way round): IsBusy, the bind left as it is."""
+    engine = make_engine(nat=True, internal_addresses=(FW_INT4,))
+    session = securenat(engine)
+    bind, _ = engine.bind_for_securenat(session, TCP, PORT, 2.0, from_fw=True)
+    assert engine.bind_for_securenat(session, TCP, PORT, 3.0, from_fw=True) == (bind, False)
+    with pytest.raises(IsBusy, match="bound already, to be reached from the fw"):
+        engine.bind_for_securenat(session, TCP, PORT, 3.0)
+    plain, _ = engine.bind_for_securenat(session, UDP, PORT, 2.0)
+    with pytest.raises(IsBusy, match="bound already, not to be reached from the fw"):
+        engine.bind_for_securenat(session, UDP, PORT, 3.0, from_fw=True)
+    assert (bind.source, plain.source) == (FW_INT4.ip, None) and len(engine.binds) == 2
+
+
 # --- what is refused ----------------------------------------------------------------------------
 
 def test_a_firewall_client_session_is_refused(engine: Engine) -> None:

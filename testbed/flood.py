@@ -63,8 +63,8 @@ def _syn_filter(family: str, port: int) -> str:
 def first_syn_delays(net: Any, client: str, server: str, count: int,
                      port: int = VICTIM_PORT) -> Delays:
     """``count`` sequential connections from ``client`` to ``server``:``port``, up to the
-    first that fails; each one's first SYN is timed from the client's interface to the server's (kernel capture
-    times, one clock), matched by its sequence number (translation keeps it)."""
+    first that fails; each one's first SYN is timed from the client's interface to the
+    server's (kernel capture times, one clock), matched by its sequence number (translation keeps it)."""
     from scapy.layers.inet import TCP
 
     c, s = net.agent(client), net.agent(server)

@@ -20,14 +20,17 @@ unit: setup
 	$(BIN)/pytest -q -p no:cacheprovider tests/unit
 
 # Every test: lint, unit tests (no root), end-to-end tests and the clause suite (root): in
-# parallel (WORKERS, each topology and family's checks in one worker with its own lab), then the
-# timing-sensitive ones alone. Both parts run; either failing (no test collected included) fails.
+# parallel (WORKERS, each topology, family and firewall's checks in one worker with its own lab),
+# then the timing-sensitive ones alone; then the self-check (every clause fails a trivial
+# firewall). All parts run; any failing (no test collected included) fails.
 WORKERS ?= 4
 PYTEST := $(BIN)/pytest -p no:cacheprovider -rfEs --pinhole-artifacts $(ARTIFACTS)
 test: lint
 	@status=0; \
 	$(PYTEST) --durations=15 -n $(WORKERS) --dist loadgroup -m "not alone" tests testbed/clauses || status=$$?; \
 	$(PYTEST) -m alone tests testbed/clauses || status=$$?; \
+	$(BIN)/pinhole conformance --self-check --family ipv4 --workers $(WORKERS) \
+		--artifacts $(ARTIFACTS)/self-check --json $(ARTIFACTS)/self-check.json || status=$$?; \
 	exit $$status
 
 # The performance goals (P1-P4) as ratios measured in one run; writes bench/results.json (root).

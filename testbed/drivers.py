@@ -147,6 +147,10 @@ class Firewall:
         with self.client() as api:
             return api.call(method, **params)
 
+    def control_socket(self) -> Path:
+        """The UNIX socket its session API listens on (the enforcer's control socket)."""
+        raise Unsupported("a control socket")
+
     def log_tail(self, lines: int = 30) -> str:
         """The end of its log, for failure messages ("" if it keeps none)."""
         return ""

@@ -187,6 +187,9 @@ class EnforcerProcess(Firewall):
     def client(self) -> Client:
         return Client(str(self.socket))
 
+    def control_socket(self) -> Path:
+        return self.socket
+
     def remove(self) -> None:
         """Stopped, then unloaded: no rule of the enforcer stays (lockdown included)."""
         if self.running:

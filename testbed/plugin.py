@@ -356,6 +356,13 @@ class Net:
     def nat(self) -> bool:
         return self.lab.variant == "nat"
 
+    @property
+    def own_enforcer(self) -> bool:
+        """The firewall under test is pinhole's enforcer: a check may then also look at its
+        internals (status, decisions, flows, its log), evidence beyond the packets that no
+        other firewall offers. What a clause asks of any firewall, a check shows by packets."""
+        return self.enforcer is self.lab.enforcer
+
     def addr(self, node: str, index: int = 0) -> str:
         return self.topology.address(node, self.family, index)
 

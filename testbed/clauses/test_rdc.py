@@ -3,6 +3,7 @@ rewriting in user mode, and the same result from both."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any
 
@@ -71,9 +72,6 @@ def test_internal_address_leads_to_the_first_connect_address(net: Net, mode: str
     with net.client() as api, s1.tcp_server(dst, 31001) as server:
         (internal, port), (action,) = redirect(net, api, [(dst, 31001)])
         assert internal == net.fw_internal()
-        ranges = net.call("status")["redirect_ports"]
-        low, high = ranges[mode]["range"]
-        assert low <= port <= high, f"{mode}-mode redirect port {port} is outside {low}-{high}"
         assert_not_connected(c1.tcp_connect(dst, 31001, timeout=NEGATIVE), "direct to the target")
         assert action.state == "pending"
         result = c1.tcp_connect(internal, port, send_bytes=200_000)
@@ -81,8 +79,11 @@ def test_internal_address_leads_to_the_first_connect_address(net: Net, mode: str
         assert result["sent"] == result["received"] == 200_000, result
         assert [p[0] for p in server.stats()["peers"]] == [net.fw_external(0)]
         assert action.state == "consumed"
-        (flow,) = [f for f in net.call("flows", limit=10000) if f["action"] == action.id]
-        assert flow["mode"] == mode and flow["redirect"] == [internal, port], flow
+        if net.own_enforcer:  # its port ranges, and the flow it holds
+            low, high = net.call("status")["redirect_ports"][mode]["range"]
+            assert low <= port <= high, f"{mode}-mode redirect port {port} is outside {low}-{high}"
+            (flow,) = [f for f in net.call("flows", limit=10000) if f["action"] == action.id]
+            assert flow["mode"] == mode and flow["redirect"] == [internal, port], flow
     # a crafted SYN arrives at the target from the fw, its checksum valid
     with net.client() as api:
         (internal, port), _ = redirect(net, api, [(dst, 31002)])
@@ -98,7 +99,7 @@ def test_n_addresses_get_consecutive_ports_each_cancellable_alone(net: Net, mode
     leaves the others; the block returns to the pool when all three are done."""
     c1, s1, s2 = net.agent("c1"), net.agent("s1"), net.agent("s2")
     targets = [(net.addr("s1"), 31021), (net.addr("s1"), 31022), (net.addr("s2"), 31023)]
-    before = redirect_ports_in_use(net)
+    before = redirect_ports_in_use(net) if net.own_enforcer else None
     with net.client() as api, s1.tcp_server(*targets[0]) as first, \
             s1.tcp_server(*targets[1]) as second, s2.tcp_server(*targets[2]) as third:
         (internal, base), actions = redirect(net, api, targets)
@@ -106,13 +107,16 @@ def test_n_addresses_get_consecutive_ports_each_cancellable_alone(net: Net, mode
         for i, (action, target) in enumerate(zip(actions, targets, strict=True)):
             info = action.info()["redirect"]
             assert info["internal"] == [internal, base + i] and info["target"] == list(target), info
-        assert redirect_ports_in_use(net)[mode] == before[mode] + 3
+        if before is not None:
+            assert redirect_ports_in_use(net)[mode] == before[mode] + 3
         actions[0].cancel()
         assert_not_connected(c1.tcp_connect(internal, base, timeout=NEGATIVE), "the cancelled port")
         assert c1.tcp_connect(internal, base + 2, send_bytes=1000)["connected"]
         assert c1.tcp_connect(internal, base + 1, send_bytes=1000)["connected"]
         assert [s.stats()["accepted"] for s in (first, second, third)] == [0, 1, 1]
         assert [a.state for a in actions] == ["cancelled", "consumed", "consumed"]
+    if before is None:
+        return
     assert redirect_ports_in_use(net) == before, "the block did not return to its pool"
     if mode == "kernel":
         assert not [e for e in kernel_redirect_rules(net) if f" . {base} : " in e], \
@@ -212,7 +216,8 @@ def _burst(net: Net, mode: str, flags: Flags) -> tuple[dict[str, Any], dict[str,
     with net.client() as api, s1.udp_server(dst, port, echo=False) as server:
         (internal, base), (action,) = redirect(net, api, [(dst, port)], protocol="udp", flags=flags,
                                                mode=mode)
-        with net.enforcer.paused():
+        # (in kernel mode only the flow's first datagram is queued: no pause needed)
+        with net.enforcer.paused() if mode == "user" else contextlib.nullcontext():
             sent = c1.udp_burst(internal, base, BURST, 1000, expect_replies=False)
             time.sleep(0.2)  # (the last datagrams are in the fw's queue, or dropped there)
         assert sent["sent"] == BURST, sent
@@ -240,9 +245,10 @@ def test_increase_receive_buffer(net: Net, mode: str) -> None:
         assert small["accepted"] < BURST, \
             f"all {BURST} datagrams passed a 4 KiB queue buffer: this test cannot tell"
     _, large, increased = _burst(net, mode, Flags.INCREASE_RECEIVE_BUFFER)
-    assert increased.info()["receive_buffer"] >= 65536, increased.info()
     assert large["accepted"] == BURST, f"{BURST - large['accepted']} of {BURST} datagrams were lost"
-    assert net.call("status")["receive_buffer"] >= 65536
+    assert increased.info()["receive_buffer"] >= 65536, increased.info()
+    if net.own_enforcer:
+        assert net.call("status")["receive_buffer"] >= 65536
 
 
 @pytest.mark.clause("RDC-07")

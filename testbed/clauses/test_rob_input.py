@@ -86,7 +86,10 @@ def decisions_since(net: Net, at: float) -> list[dict[str, Any]]:
 @contextmanager
 def enforcer_watch(net: Net) -> Iterator[None]:
     """The enforcer must live through the block without an error: its packet path counts
-    none, and its log gains no traceback."""
+    none, and its log gains no traceback. (Another firewall: the block's packets judge it.)"""
+    if not net.own_enforcer:
+        yield
+        return
     errors = net.call("status")["counters"].get("errors", 0)
     log = net.enforcer.log_path
     offset = log.stat().st_size if log.exists() else 0
@@ -267,7 +270,7 @@ def test_malformed_control_requests_get_error_replies_and_the_enforcer_goes_on(n
     with enforcer_watch(net):
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(10)
-            sock.connect(str(net.enforcer.socket))
+            sock.connect(str(net.enforcer.control_socket()))
             reader = sock.makefile("rb")
             for line in lines:
                 sock.sendall(line + b"\n")
@@ -282,7 +285,7 @@ def test_malformed_control_requests_get_error_replies_and_the_enforcer_goes_on(n
         for tail in (b"x" * (MAX_REQUEST + 1), b'{"id": 1, "method": "pi', b'{"method": "ping"}\n' * 50):
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
                 sock.settimeout(10)
-                sock.connect(str(net.enforcer.socket))
+                sock.connect(str(net.enforcer.control_socket()))
                 sock.sendall(tail)
                 if len(tail) > MAX_REQUEST:  # answered, then closed
                     reader = sock.makefile("rb")

@@ -46,7 +46,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Self
 
-from testbed import timeouts
+from socksio import SOCKSError
+
+from testbed import socks5, timeouts
 
 __all__ = ["Agent", "AgentError", "ServerHandle", "Sniffer"]
 
@@ -1393,27 +1395,21 @@ class _AgentServer:
 
     def m_socks_open(self, proxy: list[Any], user: str | None, password: str | None, command: str,
                      host: str, port: int, timeout: float = 3.0, udp_port: int = 0) -> dict[str, Any]:
-        from enforcer.core import socks
-
-        commands = {"connect": socks.CONNECT, "bind": socks.BIND, "udp": socks.UDP_ASSOCIATE}
         sock, res = self._tcp_connect(proxy[0], int(proxy[1]), timeout, None)
         if sock is None:
             return res
         try:
             sock.settimeout(timeout)
-            sock.sendall(socks.client_greeting(user))
-            method = _recv_exactly(sock, 2)
-            if method[1] == socks.USERPASS:
-                sock.sendall(socks.client_auth(str(user), str(password)))
-                if _recv_exactly(sock, 2)[1] != 0:
-                    raise OSError("SOCKS authentication failed")
-            elif method[1] != socks.NO_AUTH:
-                raise OSError(f"SOCKS server accepts none of our methods ({method[1]:#x})")
-            sock.sendall(socks.client_request(commands[command], host, port))
+            sock.sendall(socks5.greeting(user))
+            socks5.check_method(_recv_exactly(sock, 2), user)
+            if user is not None:
+                sock.sendall(socks5.login(user, str(password)))
+                socks5.check_login(_recv_exactly(sock, 2))
+            sock.sendall(socks5.request(command, host, port))
             res["reply"] = _read_socks_reply(sock)
-        except OSError as exc:
+        except (OSError, SOCKSError) as exc:
             sock.close()
-            res.update(connected=False, error=f"SOCKS: {exc.strerror or exc}")
+            res.update(connected=False, error=f"SOCKS: {_socks_failure(exc)}")
             return res
         udp = None
         if command == "udp" and res["reply"]["code"] == 0:
@@ -1440,11 +1436,9 @@ class _AgentServer:
 
     def m_socks_udp(self, cid: int, host: str | None, port: int, payload: str, expect_reply: bool,
                     timeout: float = 3.0) -> dict[str, Any]:
-        from enforcer.core import socks
-
         udp, relay = self._udp[cid]
         if host is not None:
-            udp.sendto(socks.build_udp(host, port, _unb64(payload)), relay)
+            udp.sendto(socks5.datagram(host, port, _unb64(payload)), relay)
         res: dict[str, Any] = {"reply": None, "from": None}
         if expect_reply:
             udp.settimeout(timeout)
@@ -1452,13 +1446,11 @@ class _AgentServer:
                 data = udp.recv(65535)
             except TimeoutError:
                 return res
-            peer_host, peer_port, body = socks.parse_udp(data)
+            peer_host, peer_port, body = socks5.parse_datagram(data)
             res.update(reply=_b64(body), **{"from": [peer_host, peer_port]})
         return res
 
     def m_socks_udp_receive(self, cid: int, count: int, timeout: float = 3.0) -> dict[str, Any]:
-        from enforcer.core import socks
-
         udp, _ = self._udp[cid]
         udp.settimeout(timeout)
         received, digest, senders = 0, 0, []
@@ -1467,7 +1459,7 @@ class _AgentServer:
                 data = udp.recv(65535)
             except TimeoutError:
                 break
-            peer_host, peer_port, body = socks.parse_udp(data)
+            peer_host, peer_port, body = socks5.parse_datagram(data)
             received += 1
             digest = _multiset_digest(digest, body)
             if [peer_host, peer_port] not in senders:
@@ -1487,10 +1479,8 @@ class _AgentServer:
         it timed out. Returns ``{"idle": {"opened", "refused", "timed_out", "left_open",
         "longest"}, "steps": {step: [reached, not reached]}, "compared": [equal, different],
         "errors": [a few], "seconds"}``."""
-        from enforcer.core import socks
-
         server = (proxy[0], int(proxy[1]))
-        halves = [b"", socks.client_greeting(user)[:2]]
+        halves = [b"", socks5.greeting(user)[:2]]
         timeout = 3.0
         started = time.monotonic()
         until = started + seconds
@@ -1651,8 +1641,6 @@ EARLY_BYTES = 32768  # what "bind-early" sends before a peer comes
 
 def _socks_step(proxy: tuple[str, int], user: str, password: str, step: str,
                 target: tuple[str, int], udp_target: tuple[str, int], timeout: float) -> dict[str, Any]:
-    from enforcer.core import socks
-
     if step not in SOCKS_STEPS:
         raise ValueError(f"no SOCKS step {step!r}")
     res: dict[str, Any] = {"step": step, "reached": False, "compared": None, "error": None}
@@ -1660,38 +1648,38 @@ def _socks_step(proxy: tuple[str, int], user: str, password: str, step: str,
     sock.settimeout(timeout)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # each piece its own segment, at once
     anywhere = "0.0.0.0" if sock.family == socket.AF_INET else "::"
-    command, host, port = (socks.CONNECT, *target)
+    command, host, port = ("connect", *target)
     if "bind" in step:
-        command, host, port = socks.BIND, anywhere, 0
+        command, host, port = "bind", anywhere, 0
     elif "udp" in step:
-        command, host, port = socks.UDP_ASSOCIATE, anywhere, 0
-    greeting, login = socks.client_greeting(user), socks.client_auth(user, password)
-    request = socks.client_request(command, host, port)
+        command, host, port = "udp", anywhere, 0
+    greeting, login = socks5.greeting(user), socks5.login(user, password)
+    request = socks5.request(command, host, port)
+    stages: list[tuple[str, bytes, Callable[[bytes], None] | None]] = [
+        # (the step that stops before, what to send, what checks the 2 bytes answered)
+        ("half-greeting", greeting[:2], None), ("", greeting[2:], lambda got: socks5.check_method(got, user)),
+        ("half-login", login[:len(login) // 2], None), ("", login[len(login) // 2:], socks5.check_login),
+        ("half-request", request[:5], None), ("", request[5:], None)]
+    stop_before = {"connected": "half-greeting", "greeted": "half-login", "logged-in": "half-request"}
     try:
         sock.connect(proxy)
-        stages: list[tuple[str, bytes, int]] = [  # (the step that stops before, what to send, to read)
-            ("half-greeting", greeting[:2], 0), ("", greeting[2:], 2),
-            ("half-login", login[:len(login) // 2], 0), ("", login[len(login) // 2:], 2),
-            ("half-request", request[:5], 0), ("", request[5:], 0)]
-        stop_before = {"connected": "half-greeting", "greeted": "half-login", "logged-in": "half-request"}
-        for name, data, answer in stages:
+        for name, data, check in stages:
             if step in (name, stop_before.get(step)) and name:
                 if step == name:
                     sock.sendall(data)
                 break
             sock.sendall(data)
-            got = _recv_exactly(sock, answer)
-            if answer and got[1] != 0 and got != b"\x05\x02":
-                raise OSError(f"refused: {got!r}")
+            if check is not None:
+                check(_recv_exactly(sock, 2))
         else:
             if not step.startswith("requested"):
                 reply = _read_socks_reply(sock)
                 if reply["code"] != 0:
-                    raise OSError(f"SOCKS reply {reply['code']}")
+                    raise SOCKSError(f"SOCKS reply {reply['code']} ({reply['name']})")
                 res.update(_socks_after_reply(sock, step, reply, udp_target))
         res["reached"] = True
-    except OSError as exc:
-        res["error"] = str(exc.strerror or exc)
+    except (OSError, SOCKSError) as exc:
+        res["error"] = _socks_failure(exc)
     finally:
         if step == "connect-exchange":
             sock.close()
@@ -1703,8 +1691,6 @@ def _socks_step(proxy: tuple[str, int], user: str, password: str, step: str,
 def _socks_after_reply(sock: socket.socket, step: str, reply: dict[str, Any],
                        udp_target: tuple[str, int]) -> dict[str, Any]:
     """What a step does once the request's reply came: data relayed and compared."""
-    from enforcer.core import socks
-
     if step in ("connect-relaying", "connect-exchange"):
         data = os.urandom(1000)
         sock.sendall(data)
@@ -1716,8 +1702,8 @@ def _socks_after_reply(sock: socket.socket, step: str, reply: dict[str, Any],
             udp.bind((sock.getsockname()[0], 0))
             udp.settimeout(sock.gettimeout())
             data = os.urandom(100)
-            udp.sendto(socks.build_udp(*udp_target, data), (reply["address"], reply["port"]))
-            host, port, body = socks.parse_udp(udp.recv(65535))
+            udp.sendto(socks5.datagram(*udp_target, data), (reply["address"], reply["port"]))
+            host, port, body = socks5.parse_datagram(udp.recv(65535))
             return {"compared": body == data and (host, port) == udp_target}
     return {}
 
@@ -1734,18 +1720,14 @@ def _recv_exactly(sock: socket.socket, n: int) -> bytes:
 
 def _read_socks_reply(sock: socket.socket) -> dict[str, Any]:
     """One SOCKS5 reply, read without taking a byte of what follows it."""
-    from enforcer.core import socks
+    head = _recv_exactly(sock, socks5.REPLY_HEAD)
+    data = head + _recv_exactly(sock, socks5.reply_size(head) - len(head))
+    return socks5.parse_reply(data)._asdict()
 
-    data = _recv_exactly(sock, 4)
-    data += _recv_exactly(sock, {1: 4, 4: 16}.get(data[3], 0) + 2 if data[3] != 3 else 0)
-    if data[3] == 3:
-        data += _recv_exactly(sock, 1)
-        data += _recv_exactly(sock, data[-1] + 2)
-    parsed = socks.parse_reply(data)
-    if parsed is None:
-        raise OSError("a malformed SOCKS reply")
-    code, address, port, _ = parsed
-    return {"code": int(code), "name": code.name, "address": address, "port": port}
+
+def _socks_failure(exc: OSError | SOCKSError) -> str:
+    """Why a SOCKS conversation stopped, for a result's error."""
+    return str(getattr(exc, "strerror", None) or exc)
 
 
 def _multiset_digest(digest: int, data: bytes) -> int:

@@ -17,9 +17,8 @@ from scapy.layers.inet import TCP, UDP
 from scapy.layers.l2 import Ether
 from scapy.packet import Packet
 
-from enforcer.core import socks
 from enforcer.core.flags import Flags
-from testbed import timeouts
+from testbed import socks5, timeouts
 from testbed.checks import expect_no_packet, expect_packet
 from testbed.clauses.helpers import (
     FTP_GUID,
@@ -36,6 +35,7 @@ from testbed.clauses.helpers import (
 from testbed.lab import SOCKS_PORT, SOCKS_USERS
 from testbed.plugin import SOCKS_BIND_TIMEOUT, SOCKS_BUFFER, SOCKS_HANDSHAKE_TIMEOUT, SOCKS_LIMITS, Net
 
+NOT_ALLOWED, TTL_EXPIRED = 2, 6  # SOCKS5 reply codes (RFC 1928 section 6)
 DNS_PORT = 53  # a primary the lab policy allows every client: s1 echoes on it
 # Source ports of the probes: below Linux's ephemeral ports, so no real connection shares one
 PROBE_PORTS = iter(range(32000, 32768))
@@ -104,7 +104,7 @@ def test_from_outside_the_socks_service_and_its_relays_get_nothing(dns: Net, fai
         probes = [syn(net, server, relay_address, sports[0], SOCKS_PORT),
                   syn(net, server, relay_address, sports[1], relay_port),
                   datagram(net, server, relay_address, sports[2], relay_port,
-                           socks.build_udp(server, DNS_PORT, b"from outside"))]
+                           socks5.datagram(server, DNS_PORT, b"from outside"))]
         since = time.time()
         s1.send([outside / p for p in probes], iface=net.iface("s1"))
         for probe in probes:
@@ -138,12 +138,12 @@ def test_an_association_relays_only_for_the_endpoint_that_asked(dns: Net, named:
         assert first["reply"] == b"the endpoint" and first["from"] == [server, DNS_PORT], first
         dropped_before = counter(net, "socks: UDP from another source dropped")
         since = time.time()
-        other = c1.udp_send(*relay, socks.build_udp(server, DNS_PORT, b"another port"),
+        other = c1.udp_send(*relay, socks5.datagram(server, DNS_PORT, b"another port"),
                             expect_reply=True, timeout=NEGATIVE)
         assert other["reply"] is None, f"the relay answered another socket of the client: {other}"
         spoof_port = next(PROBE_PORTS)
         c2.send(datagram(net, client, relay[0], spoof_port, relay[1],
-                         socks.build_udp(server, DNS_PORT, b"spoofed")))
+                         socks5.datagram(server, DNS_PORT, b"spoofed")))
         arrived = net.fw_received(net.topology.fw_iface_facing("c1"), since)
         for sport in (other["local"][1], spoof_port):
             expect_packet(arrived, ip(net, client, relay[0]) / UDP(sport=sport, dport=relay[1]))
@@ -161,7 +161,7 @@ def test_an_association_for_another_host_is_not_allowed(socks_net: Net) -> None:
     """DST.ADDR naming c2: the relay would send c2 what comes for c1. Reply 2, no bind."""
     net = socks_net
     with socks_open(net, "c1", "alice", "udp", net.addr("c2"), 40000) as conn:
-        assert conn.reply is not None and conn.reply["code"] == socks.Reply.NOT_ALLOWED, conn.reply
+        assert conn.reply is not None and conn.reply["code"] == NOT_ALLOWED, conn.reply
         assert conn.ended()
     assert not [b for b in net.call("binds") if b["state"] != "closed" and b["protocol"] == "udp"]
 
@@ -221,7 +221,7 @@ def test_an_idle_or_slow_handshake_is_closed_after_its_timeout(socks_net: Net) -
     started = time.monotonic()
     with c1.tcp_open(*proxy(net)) as idle, c1.tcp_open(*proxy(net)) as slow, \
             socks_open(net, "c1", "alice", "bind", anywhere(net), 0) as done:
-        assert slow.talk(socks.client_greeting("alice"), expect=2) == b"\x05\x02"
+        assert slow.talk(socks5.greeting("alice"), expect=2) == b"\x05\x02"
         assert done.reply is not None and done.reply["code"] == 0
         assert idle.ended(timeout=SOCKS_HANDSHAKE_TIMEOUT + timeouts.POSITIVE)
         assert slow.ended(timeout=timeouts.POSITIVE)
@@ -243,7 +243,7 @@ def test_connections_are_capped_per_client_and_in_total(dns: Net) -> None:
     held = [associate(net) for _ in range(6)]
 
     def refused(node: str, user: str) -> None:
-        (probe,) = net.agent(node).tcp_probes(*proxy(net, node), [socks.client_greeting(user)])
+        (probe,) = net.agent(node).tcp_probes(*proxy(net, node), [socks5.greeting(user)])
         assert probe["connected"] and probe["closed"] and probe["received"] == b"", probe
 
     try:
@@ -278,7 +278,7 @@ def test_a_bind_waits_for_its_peer_a_bounded_time(socks_net: Net) -> None:
         port, session = int(conn.reply["port"]), fw_session(net, "c1", "alice")
         second = conn.accept(timeout=SOCKS_BIND_TIMEOUT + timeouts.POSITIVE)
         took = time.monotonic() - started
-        assert second is not None and second["code"] == socks.Reply.TTL_EXPIRED, second
+        assert second is not None and second["code"] == TTL_EXPIRED, second
         assert took >= SOCKS_BIND_TIMEOUT - 0.2, f"the BIND gave up after {took:.2f} s"
         assert conn.ended()
     assert counter(net, "socks: bind timed out") == before + 1
@@ -322,12 +322,12 @@ def test_a_failed_authentication_never_sees_a_success(socks_net: Net, login: str
         net.lab.use(net.enforcer.name, limits={**SOCKS_LIMITS, "sessions_per_client": 1})
     user, password = {"wrong-password": ("alice", "wrong"), "unknown-user": ("mallory", "x"),
                       "session-cap": ("bob", SOCKS_USERS["bob"])}.get(login, ("alice", ""))
-    wire = socks.client_auth(user, password) if login != "malformed" else b"\x02\x05alice\x00"
-    request = socks.client_request(socks.CONNECT, net.addr("s1"), 21)
+    wire = socks5.login(user, password) if login != "malformed" else b"\x02\x05alice\x00"
+    request = socks5.request("connect", net.addr("s1"), 21)
     with socks_open(net, "c1", "alice", "bind", anywhere(net), 0) as alice, \
             net.agent("c1").tcp_open(*proxy(net)) as conn:
         assert alice.reply is not None and alice.reply["code"] == 0
-        answer = conn.talk(socks.client_greeting(user) + wire + request, expect=5)
+        answer = conn.talk(socks5.greeting(user) + wire + request, expect=5)
         assert answer == b"\x05\x02\x01\x01", f"{login}: {answer!r}"
         assert conn.ended()
     if login == "session-cap":

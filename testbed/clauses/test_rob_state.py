@@ -15,10 +15,9 @@ from typing import Any
 import pytest
 from scapy.layers.inet import TCP, UDP
 
-from enforcer.core import socks
 from enforcer.core.flags import Flags
 from enforcer.core.results import IsBusy
-from testbed import timeouts
+from testbed import socks5, timeouts
 from testbed.checks import expect_no_packet, expect_packet
 from testbed.clauses.helpers import (
     FTP_GUID,
@@ -117,8 +116,8 @@ def test_a_firewall_client_beyond_its_address_sessions_cap_gets_a_socks_failure(
     with net.agent("s1").tcp_server(dst, 21), socks_open(net, "c1", "alice", "connect", dst, 21) as alice:
         assert alice.reply is not None and alice.reply["code"] == 0, (alice.error, alice.reply)
         with net.agent("c1").tcp_open(net.fw_internal("c1"), SOCKS_PORT) as bob:
-            login = socks.client_greeting("bob") + socks.client_auth("bob", SOCKS_USERS["bob"])
-            answer = bob.talk(login + socks.client_request(socks.CONNECT, dst, 21), expect=5)
+            login = socks5.greeting("bob") + socks5.login("bob", SOCKS_USERS["bob"])
+            answer = bob.talk(login + socks5.request("connect", dst, 21), expect=5)
             assert answer == b"\x05\x02\x01\x01", answer
             assert bob.ended()
         echoed(alice, b"alice's relay" * 100)

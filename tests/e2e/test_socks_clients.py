@@ -6,7 +6,7 @@ import subprocess
 import time
 from typing import Any
 
-from testbed import timeouts
+from testbed import socks5, timeouts
 from testbed.clauses.helpers import socks_open
 from testbed.lab import SOCKS_PORT, SOCKS_USERS
 from testbed.plugin import Net
@@ -15,25 +15,23 @@ from testbed.plugin import Net
 def test_malformed_socks_requests_get_their_reply_and_the_service_goes_on(net: Net) -> None:
     """Each broken or refused request gets the SOCKS answer RFC 1928/1929 has for it (or,
     where it has none, the connection is closed); then a good request still works."""
-    from enforcer.core import socks
-
     c1, s1 = net.agent("c1"), net.agent("s1")
     proxy = net.topology.fw_internal_address(net.family)  # type: ignore[arg-type]
     dst = net.addr("s1")
-    login = socks.client_greeting("alice") + socks.client_auth("alice", SOCKS_USERS["alice"])
+    login = socks5.greeting("alice") + socks5.login("alice", SOCKS_USERS["alice"])
     accepted = b"\x05\x02\x01\x00"  # method user/password, then login accepted
+
+    def failure(code: int) -> bytes:  # RFC 1928 section 6, with BND 0.0.0.0:0
+        return bytes([5, code, 0, 1]) + bytes(6)
+
     cases = [
         (b"GET / HTTP/1.0\r\n\r\n", b""),
-        (socks.client_greeting(None), b"\x05\xff"),  # this service wants a login
-        (socks.client_greeting("alice") + socks.client_auth("alice", "wrong"), b"\x05\x02\x01\x01"),
-        (login + b"\x05\x09\x00\x01" + bytes(6), accepted + socks.reply(socks.Reply.COMMAND_NOT_SUPPORTED,
-                                                                        "0.0.0.0", 0)),
-        (login + b"\x05\x01\x00\x09" + bytes(6),
-         accepted + socks.reply(socks.Reply.ADDRESS_TYPE_NOT_SUPPORTED, "0.0.0.0", 0)),
-        (login + socks.client_request(socks.CONNECT, "server.example", 21),
-         accepted + socks.reply(socks.Reply.ADDRESS_TYPE_NOT_SUPPORTED, "0.0.0.0", 0)),
-        (login + socks.client_request(socks.CONNECT, dst, 22),  # SSH: allowed to no one
-         accepted + socks.reply(socks.Reply.NOT_ALLOWED, "0.0.0.0", 0)),
+        (socks5.greeting(None), b"\x05\xff"),  # this service wants a login
+        (socks5.greeting("alice") + socks5.login("alice", "wrong"), b"\x05\x02\x01\x01"),
+        (login + b"\x05\x09\x00\x01" + bytes(6), accepted + failure(7)),  # command not supported
+        (login + b"\x05\x01\x00\x09" + bytes(6), accepted + failure(8)),  # address type not supported
+        (login + socks5.request("connect", "server.example", 21), accepted + failure(8)),
+        (login + socks5.request("connect", dst, 22), accepted + failure(2)),  # SSH: allowed to no one
     ]
     for sent, expected in cases:
         with c1.tcp_open(proxy, SOCKS_PORT) as conn:

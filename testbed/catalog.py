@@ -75,7 +75,6 @@ NOT_APPLICABLE: tuple[tuple[str, str, str], ...] = (
     ("ROB-05", "routed/*", "ingress per interface needs two internal networks (the split topology)"),
     ("ROB-05", "nat/*", "ingress per interface needs two internal networks (the split topology)"),
     ("APP-FTP-03", "routed/*", "a NAT clause: routed, the client talks to the server's own address"),
-    ("APP-FTP-04", "*/ipv6", "dante's socksify, the Firewall client, makes no SOCKS BIND over IPv6"),
     ("ROB-06", "routed/*", "checked where the FTP filter edits the stream: NAT"),
 )
 # Clauses that check no firewall behaviour (the trivial firewalls of the self-check need

@@ -469,8 +469,9 @@ class _Server:
         return f"<{type(self).__name__} {self.node} {_url_host(self.address)}:{self.port}>"
 
 
-_VSFTPD_COMMAND = re.compile(r'FTP command: Client "[^"]*", "([A-Za-z]+)')
-_PYFTPDLIB_COMMAND = re.compile(r"<- ([A-Za-z]+)")
+_VSFTPD_COMMAND = re.compile(r'FTP command: Client "[^"]*", "(.*)"$', re.M)
+_PYFTPDLIB_COMMAND = re.compile(r"<- (.*)$", re.M)
+_VERB = re.compile(r"[A-Za-z]+")
 
 # pyftpdlib in the server node: anonymous read-only root, writable incoming/,
 # every command logged (DEBUG), bounded data-channel timeouts.
@@ -583,10 +584,16 @@ class FtpServer(_Server):
         return [sys.executable, "-c", PYFTPDLIB_SERVER, self.address, str(self.root),
                 str(self.upload_dir), str(self.log_path), str(low), str(high)]
 
-    def commands(self, since: int = 0) -> list[str]:
-        """The FTP command verbs the server logged after ``since`` (see :meth:`log_mark`)."""
+    def command_lines(self, since: int = 0) -> list[str]:
+        """The FTP commands the server logged after ``since`` (see :meth:`log_mark`), whole:
+        what the client sent after the firewall's filter had its say."""
         pattern = _VSFTPD_COMMAND if self.kind == "vsftpd" else _PYFTPDLIB_COMMAND
-        return [m.group(1).upper() for m in pattern.finditer(self.log_since(since))]
+        return [m.group(1) for m in pattern.finditer(self.log_since(since))]
+
+    def commands(self, since: int = 0) -> list[str]:
+        """The FTP command verbs the server logged after ``since``."""
+        return [m.group(0).upper() for line in self.command_lines(since)
+                if (m := _VERB.match(line)) is not None]
 
     def data_commands(self, since: int = 0) -> list[str]:
         """The PASV/EPSV/PORT/EPRT commands received after ``since``: the modes used."""
@@ -626,12 +633,25 @@ def ftp_supports(client: FtpClient, mode: FtpMode, family: Family) -> bool:
     return not (client == "lftp" and mode == "EPRT")
 
 
-# ftplib in the client node: exactly the requested data-channel command.
+# ftplib in the client node: exactly the requested data-channel command, in one write
+# or in writes of the sizes given (each its own segment: no Nagle, a pause between).
 FTPLIB_CLIENT = r"""
-import ftplib, socket, sys
+import ftplib, socket, sys, time
 host, port, copies, mode, direction, remote, local, timeout, user, password = sys.argv[1:11]
+pieces = [int(size) for size in sys.argv[11].split(",") if size]
 
 class Client(ftplib.FTP):
+    def putline(self, line):
+        if not pieces or line.split(" ", 1)[0] != mode:
+            return super().putline(line)
+        data = (line + ftplib.CRLF).encode(self.encoding)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for size in pieces:
+            self.sock.sendall(data[:size])
+            data = data[size:]
+            time.sleep(0.05)
+        self.sock.sendall(data)
+
     def makepasv(self):
         if mode == "EPSV":
             return ftplib.parse229(self.sendcmd("EPSV"), self.sock.getpeername())
@@ -670,7 +690,7 @@ def _copies(local: str, copies: int) -> list[str]:
 
 def _ftp_argv(client: FtpClient, server_address: str, mode: FtpMode, direction: Direction,
               remote: str, local: str, timeout: float, port: int = 21,
-              copies: int = 1) -> list[str]:
+              copies: int = 1, pieces: tuple[int, ...] = ()) -> list[str]:
     host = _url_host(server_address) + (f":{port}" if port != 21 else "")
     secs = f"{timeout:g}"
     if client == "curl":
@@ -698,7 +718,7 @@ def _ftp_argv(client: FtpClient, server_address: str, mode: FtpMode, direction: 
                             transfer])
         return ["lftp", "-c", script]
     return [sys.executable, "-c", FTPLIB_CLIENT, server_address, str(port), str(copies), mode,
-            direction, remote, local, secs, FTP_USER, FTP_PASSWORD]
+            direction, remote, local, secs, FTP_USER, FTP_PASSWORD, ",".join(map(str, pieces))]
 
 
 @dataclass(frozen=True)
@@ -720,7 +740,7 @@ class SocksRoute:
 def ftp_transfer(tb: Testbed, node: str, client: FtpClient, server_address: str, mode: FtpMode,
                  direction: Direction, name: str, timeout: float = DEFAULT_TIMEOUT, *,
                  put_size: int = FTP_BIG_SIZE, port: int = 21, copies: int = 1,
-                 socks: SocksRoute | None = None) -> TransferResult:
+                 socks: SocksRoute | None = None, pieces: tuple[int, ...] = ()) -> TransferResult:
     """Run FTP ``client`` in ``node`` against the server on ``server_address`` in ``mode``.
 
     ``get`` downloads ``name`` from the server's root into a temporary
@@ -733,16 +753,20 @@ def ftp_transfer(tb: Testbed, node: str, client: FtpClient, server_address: str,
     ``port``: the control connection's (a server published on another port);
     ``copies``: download the file this many times over one control connection
     (``sha256`` is then the copies' hash if they are all the same, else None);
-    ``socks``: run the client under ``socksify``, a Firewall client."""
+    ``socks``: run the client under ``socksify``, a Firewall client; ``pieces`` (ftplib
+    only): send the ``mode`` command in writes of these sizes (the rest last), each its
+    own segment, as a filter must expect a command to come."""
     _check_name(name)
     family = family_of(server_address)
     if not ftp_supports(client, mode, family):
         raise ValueError(f"{client} cannot do {mode} over {family}")
+    if pieces and client != "ftplib":
+        raise ValueError(f"only ftplib sends a command in pieces, not {client}")
     remote = name if direction == "get" else f"{UPLOAD_DIR}/{name}"
 
     def build(local: str) -> tuple[list[str], str | None]:
         argv = _ftp_argv(client, server_address, mode, direction, remote, local, timeout, port,
-                         copies)
+                         copies, pieces)
         return (argv if socks is None else socks.wrap(argv, Path(local).parent)), None
 
     return _transfer(tb, node, client, mode, direction, name, timeout, build, put_size,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import socket
 import struct
 import time
@@ -9,11 +10,13 @@ from typing import Any
 
 from scapy.layers.inet import ICMP, IP, TCP, UDP, TCPerror, UDPerror
 from scapy.layers.inet6 import IPv6, _ICMPv6Error
+from scapy.layers.l2 import Ether
 from scapy.packet import Packet
 
 from enforcer.client import Action, Client
 from enforcer.core.flags import Flags
 from testbed import timeouts
+from testbed.checks import expect_no_packet, expect_packet
 from testbed.lab import GUIDS, SOCKS_PORT, SOCKS_USERS
 from testbed.plugin import Net
 
@@ -87,6 +90,57 @@ def is_rejection(pkt: Packet) -> bool:
     if ICMP in pkt and pkt[ICMP].type in (3, 11, 12):
         return True
     return bool(pkt.haslayer(_ICMPv6Error))
+
+
+# Crafted probes' source ports: below Linux's ephemeral ports (32768-60999), so that no
+# real connection shares one
+PROBE_PORTS = itertools.cycle(range(31000, 32000))
+
+
+def probe_port() -> int:
+    return next(PROBE_PORTS)
+
+
+def assert_dropped_silently(net: Net, probes: list[tuple[str, Packet]]) -> None:
+    """Send each (node, packet or frame; a packet's source port from ``probe_port``): it
+    reaches the fw on the node's interface (the fw's capture has it) and goes no further:
+    the fw sends no copy of it, translated or not, on any interface, and nothing answers
+    it (no SYN-ACK, reply, reset or ICMP error); the server s1 sees nothing of it."""
+    ports = {int(p[TCP].sport if TCP in p else p[UDP].sport) for _, p in probes}
+
+    def carries_a_probe(pkt: Packet) -> bool:
+        """A probe sent on (translated or not) or an answer to one: a probe's port at
+        either end."""
+        layer = TCP if TCP in pkt else UDP if UDP in pkt else None
+        return layer is not None and bool({pkt[layer].sport, pkt[layer].dport} & ports)
+
+    def a_probe_or_a_rejection(pkt: Packet) -> bool:
+        """A probe sent on, an answer to one, or any reset or ICMP error."""
+        return carries_a_probe(pkt) or is_rejection(pkt)
+
+    server_mac = net.mac("s1")
+
+    def a_probe_the_server_got(pkt: Packet) -> bool:
+        """A probe (or an answer to one) that the server did not send itself."""
+        return carries_a_probe(pkt) and pkt[Ether].src != server_mac
+
+    since = time.time()
+    with net.agent("s1").sniff(net.iface("s1")) as at_server:
+        for node, probe in probes:
+            net.agent(node).send(probe, iface=net.iface(node))
+        for node, probe in probes:
+            expect_packet(net.fw_received(net.topology.fw_iface_facing(node), since),
+                          headers(probe))
+        expect_no_packet(net.fw_sent(since), a_probe_or_a_rejection)
+        expect_no_packet(at_server, a_probe_the_server_got, timeout=0)
+
+
+def headers(probe: Packet) -> Packet:
+    """A template of a probe's IP and TCP or UDP headers (a capture may dissect its payload
+    as something else: DNS, say)."""
+    template: Packet = (probe.payload if isinstance(probe, Ether) else probe).copy()
+    template[TCP if TCP in template else UDP].remove_payload()
+    return template
 
 
 def decisions_for(net: Net, dport: int, src: str | None = None) -> list[dict[str, Any]]:

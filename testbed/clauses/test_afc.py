@@ -17,12 +17,14 @@ from testbed.checks import expect_no_packet, expect_packet
 from testbed.clauses.helpers import (
     FTP_GUID,
     NEGATIVE,
+    assert_dropped_silently,
     assert_not_connected,
     datagram,
     fw_session,
     grant,
     ip,
     pending_actions,
+    probe_port,
     socks_open,
     syn,
     wait_for_state,
@@ -401,6 +403,43 @@ def test_a_firewall_client_s_session_ends_with_its_last_socks_connection(net: Ne
             assert again.reply is not None and again.reply["code"] == 2, again.reply
         assert_not_connected(c1.tcp_connect(dst, 30162, timeout=NEGATIVE), "after the session ended")
         assert pending_port.stats()["accepted"] == 0
+
+
+# How long a SecureNAT session may stay idle before it ends (SPEC rule 16), in the check
+# of a session's natural end
+IDLE_SESSION = 2.0
+
+
+@pytest.mark.clause("AFC-16")
+def test_an_idle_securenat_session_ends_by_itself_and_cancels_its_pending_grants(net: Net) -> None:
+    """c1's SecureNAT session, idle for the configured time, ends by itself (rule 16), and
+    its end cancels its pending grants (rule 4): then a SYN to the target of a single-use
+    grant it never used, and one to that of an ALLOW_MULTIPLE | ADDRESS_BASED grant (which
+    a flow of c1's address may use with no session) that admitted c1 before, reach the fw
+    and go no further, unanswered; the flow admitted before goes on. Kernel mode only: a
+    user-mode flow keeps its session in use until conntrack forgets it, minutes after it
+    closes."""
+    net.lab.use(net.enforcer.name, limits={"session_idle_timeout": IDLE_SESSION})
+    c1, s1 = net.agent("c1"), net.agent("s1")
+    dst = net.addr("s1")
+    with net.client() as api, s1.tcp_server(dst, 30181) as unused, \
+            s1.tcp_server(dst, 30182) as used:
+        session = net.session("c1")
+        grant(net, api, (dst, unused.port))
+        grant(net, api, (dst, used.port), flags=Flags.ALLOW_MULTIPLE | Flags.ADDRESS_BASED)
+        with c1.tcp_open(dst, used.port) as admitted:
+            assert admitted.connected, admitted.error
+            deadline = time.monotonic() + IDLE_SESSION + 1 + timeouts.POSITIVE  # the timer ticks each second
+            while session in [s["id"] for s in net.call("sessions")]:
+                assert time.monotonic() < deadline, \
+                    f"c1's session {session}, idle for {IDLE_SESSION:g} s, did not end"
+                time.sleep(0.1)
+            assert_dropped_silently(net, [("c1", syn(net, net.addr("c1"), dst, probe_port(), port))
+                                          for port in (unused.port, used.port)])
+            echoed = admitted.exchange(10_000)
+            assert echoed["error"] is None and echoed["received"] == 10_000, \
+                f"the session's end cut the flow it had admitted: {echoed}"
+        assert unused.stats()["accepted"] == 0 and used.stats()["accepted"] == 1
 
 
 @pytest.mark.clause("AFC-07")

@@ -14,76 +14,34 @@ enforcer sees it (reverse-path filtering), and that is as good.
 from __future__ import annotations
 
 import ipaddress
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import pytest
-from scapy.layers.inet import TCP, UDP
 from scapy.layers.l2 import Ether
-from scapy.packet import Packet
 
 from enforcer.core.flags import Flags
-from testbed.checks import expect_no_packet, expect_packet
-from testbed.clauses.helpers import FTP_GUID, datagram, fw_session, grant, is_rejection, socks_open, syn
+from testbed.clauses.helpers import (
+    FTP_GUID,
+    assert_dropped_silently,
+    datagram,
+    fw_session,
+    grant,
+    probe_port,
+    socks_open,
+    syn,
+)
 from testbed.plugin import Net
 
 pytestmark = pytest.mark.topologies("split")
 
 # (attacker, victim): each internal network's host poses as a client of the other
 ATTACKS = (("c3", "c1"), ("c1", "c3"))
-# Spoofed probes' source ports: below Linux's ephemeral ports, so that no real
-# connection of the test shares one
-PROBE_PORTS = iter(range(31000, 32768))
-
-
-def probe_port() -> int:
-    return next(PROBE_PORTS)
 
 
 def sessions_of(net: Net, node: str) -> list[dict[str, Any]]:
     return [s for s in net.call("sessions") if s["client"] == net.addr(node)]
-
-
-def assert_dropped_silently(net: Net, probes: list[tuple[str, Packet]]) -> None:
-    """Send each (node, packet or frame): it reaches the fw on the node's interface and
-    goes no further, and nothing answers it."""
-    ports = {int(p[TCP].sport if TCP in p else p[UDP].sport) for _, p in probes}
-
-    def carries_a_probe(pkt: Packet) -> bool:
-        """A probe sent on (translated or not) or an answer to one: a probe's port at
-        either end."""
-        layer = TCP if TCP in pkt else UDP if UDP in pkt else None
-        return layer is not None and bool({pkt[layer].sport, pkt[layer].dport} & ports)
-
-    def a_probe_or_a_rejection(pkt: Packet) -> bool:
-        """A probe sent on, an answer to one, or any reset or ICMP error."""
-        return carries_a_probe(pkt) or is_rejection(pkt)
-
-    server_mac = net.mac("s1")
-
-    def a_probe_the_server_got(pkt: Packet) -> bool:
-        """A probe (or an answer to one) that the server did not send itself."""
-        return carries_a_probe(pkt) and pkt[Ether].src != server_mac
-
-    since = time.time()
-    with net.agent("s1").sniff(net.iface("s1")) as at_server:
-        for node, probe in probes:
-            net.agent(node).send(probe, iface=net.iface(node))
-        for node, probe in probes:
-            expect_packet(net.fw_received(net.topology.fw_iface_facing(node), since),
-                          headers(probe))
-        expect_no_packet(net.fw_sent(since), a_probe_or_a_rejection)
-        expect_no_packet(at_server, a_probe_the_server_got, timeout=0)
-
-
-def headers(probe: Packet) -> Packet:
-    """A template of a probe's IP and TCP or UDP headers (a capture may dissect its payload
-    as something else: DNS, say)."""
-    template: Packet = (probe.payload if isinstance(probe, Ether) else probe).copy()
-    template[TCP if TCP in template else UDP].remove_payload()
-    return template
 
 
 @contextmanager

@@ -54,7 +54,10 @@ def servers(app: App) -> peers.PeerSet:
 
 
 def _modes(app: App, client: peers.FtpClient, modes: tuple[peers.FtpMode, ...]) -> list[peers.FtpMode]:
-    return [m for m in modes if peers.ftp_supports(client, m, app.family)]
+    """The modes the client has in this family: at least one, or a check would run nothing."""
+    found = [m for m in modes if peers.ftp_supports(client, m, app.family)]
+    assert found, f"{client} has none of {modes} over {app.family}"
+    return found
 
 
 # Which server each client meets, passive and active: every client meets both
@@ -71,7 +74,6 @@ def _transfers(app: App, servers: peers.PeerSet, client: peers.FtpClient,
     that mode; then an upload."""
     server = servers.ftp(app.family, kind)
     ran = _modes(app, client, modes)
-    assert ran, f"{client} has none of {modes} over {app.family}"
     for mode in ran:
         mark = server.log_mark()
         got = peers.ftp_transfer(app.lab.tb, "c1", client, server.address, mode, "get", BIG_FILE)

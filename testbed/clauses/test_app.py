@@ -23,7 +23,7 @@ from enforcer.client import Flags
 from testbed import peers, timeouts
 from testbed.agent import ServerHandle, TcpConnection
 from testbed.checks import expect_no_packet, expect_packet
-from testbed.clauses.helpers import datagram, ip, is_rejection, syn
+from testbed.clauses.helpers import datagram, dropped_silently, ip, syn
 from testbed.lab import GUIDS, SOCKS_PORT, SOCKS_USERS
 from testbed.peers import BIG_FILE, SMALL_FILE, FtpServer
 from testbed.plugin import PUBLISHED_FTP_PORT, App
@@ -228,12 +228,12 @@ def fake_server(app: App, node: str, names: str, pieces: int = 1,
 
 
 def assert_dropped(app: App, node: str, to: tuple[str, int], watch: str, what: str) -> None:
-    """``node``'s connection to ``to`` fails, and a capture on ``watch`` (where it would
-    arrive) sees no SYN of it: the firewall dropped it."""
+    """``node``'s connection to ``to`` is dropped silently, and a capture on ``watch``
+    (where it would arrive) sees no SYN of it: the firewall dropped it."""
     address, port = to
     with app.agent(watch).sniff(app.iface(watch), bpf=f"tcp dst port {port}") as seen:
-        attempt = app.agent(node).tcp_connect(address, port, timeout=timeouts.NEGATIVE)
-        assert not attempt["connected"], what
+        with dropped_silently(app, node) as drop:
+            drop.tcp(what, address, port)
         expect_no_packet(seen, TCP(dport=port, flags="S"), timeout=SETTLE)
 
 
@@ -525,37 +525,31 @@ def active_commands(app: App, address: str, port: int) -> list[bytes]:
 
 def assert_stopped_at_fw(app: App, node: str, target: str, ports: tuple[int, ...],
                          watch: str) -> None:
-    """SYNs from ``node`` to ``target`` on each of ``ports`` reach the fw (a capture on
-    its interface towards ``node`` sees them), and nothing comes of them: none reaches
-    ``watch``, and no RST or ICMP error comes back to ``node``."""
-    inside = node in {n.name for n in app.topology.clients}
-    towards_node = app.topology.fw_internal_iface if inside else app.topology.fw_external_iface
+    """SYNs from ``node`` to ``target`` on each of ``ports`` are dropped silently (they
+    reach the fw, and nothing answers them), and none reaches ``watch``."""
     src = app.addr(node)
     bpf = "tcp and (" + " or ".join(f"dst port {p}" for p in ports) + ")"
     sport = 41000 + (time.monotonic_ns() // 1000) % 10000  # a tuple no earlier probe used
-    with app.agent("fw").sniff(towards_node, bpf=bpf) as at_fw, \
-            app.agent(watch).sniff(app.iface(watch), bpf=bpf) as at_target, \
-            app.agent(node).sniff(app.iface(node), bpf=f"dst host {src}") as back:
-        app.agent(node).send([syn(app, src, target, sport + i, port) for i, port in enumerate(ports)])
-        for port in ports:
-            expect_packet(at_fw, TCP(dport=port, flags="S"))
-        expect_no_packet(at_target, TCP(flags="S"))
-        expect_no_packet(back, is_rejection, timeout=0)
+    with app.agent(watch).sniff(app.iface(watch), bpf=bpf) as at_target:
+        with dropped_silently(app, node) as drop:
+            drop.send(f"a SYN from {node} to {target}",
+                      *(syn(app, src, target, sport + i, port) for i, port in enumerate(ports)))
+        expect_no_packet(at_target, TCP(flags="S"), timeout=0)
 
 
 def assert_not_led_to_the_client(app: App, listeners: list[ServerHandle]) -> None:
     """NAT: s1's SYNs to each listener's port on the fw's external address (where a data
-    connection to c1 would have been bound) reach the fw, and none reaches c1: the port
-    is the fw's (whose own services the lockdown base keeps from outside), not a way in."""
+    connection to c1 would have been bound) are dropped silently (they reach the fw, and
+    nothing answers them), and none reaches c1: the port is the fw's (whose own services
+    the lockdown base keeps from outside), not a way in."""
     ports = tuple(listener.port for listener in listeners)
     bpf = "tcp and (" + " or ".join(f"dst port {p}" for p in ports) + ")"
     src, fw = app.addr("s1"), app.fw_external(0)
     sport = 42000 + (time.monotonic_ns() // 1000) % 10000  # a tuple no earlier probe used
-    with app.agent("fw").sniff(app.topology.fw_external_iface, bpf=bpf) as at_fw, \
-            app.agent("c1").sniff(app.iface("c1"), bpf=bpf) as at_client:
-        app.agent("s1").send([syn(app, src, fw, sport + i, port) for i, port in enumerate(ports)])
-        for port in ports:
-            expect_packet(at_fw, TCP(dport=port, flags="S"))
+    with app.agent("c1").sniff(app.iface("c1"), bpf=bpf) as at_client:
+        with dropped_silently(app, "s1") as drop:
+            drop.send("a SYN from s1 to a port of the fw's own",
+                      *(syn(app, src, fw, sport + i, port) for i, port in enumerate(ports)))
         expect_no_packet(at_client, TCP(flags="S"), timeout=SETTLE)
 
 
@@ -667,7 +661,7 @@ def test_only_the_servers_reply_is_admitted(app: App, servers: peers.PeerSet) ->
     """After a read request, the server's reply from its new port reaches the client; a
     datagram from the server's other ports, or from another host, does not."""
     server = servers.tftp(app.family)
-    c1, s1, s2 = app.agent("c1"), app.agent("s1"), app.agent("s2")
+    c1 = app.agent("c1")
     sport = 47000 + (time.monotonic_ns() // 1000) % 1000
     seen_as = app.source_seen_by_server("c1")
     rrq = b"\x00\x01" + SMALL_FILE.encode() + b"\x00octet\x00"
@@ -677,6 +671,9 @@ def test_only_the_servers_reply_is_admitted(app: App, servers: peers.PeerSet) ->
         tid = reply[UDP].sport
         assert tid != 69, "the server answered from port 69"
     with c1.sniff(app.iface("c1"), bpf=f"udp dst port {sport}") as at_client:
-        s1.send(datagram(app, server.address, seen_as, tid + 1, sport, b"\x00\x03\x00\x01x"))
-        s2.send(datagram(app, app.addr("s2"), seen_as, tid, sport, b"\x00\x03\x00\x01x"))
-        expect_no_packet(at_client, UDP(dport=sport))
+        with dropped_silently(app, "s1") as from_s1, dropped_silently(app, "s2") as from_s2:
+            from_s1.send("a datagram from another port of the server",
+                         datagram(app, server.address, seen_as, tid + 1, sport, b"\x00\x03\x00\x01x"))
+            from_s2.send("a datagram from another host",
+                         datagram(app, app.addr("s2"), seen_as, tid, sport, b"\x00\x03\x00\x01x"))
+        expect_no_packet(at_client, UDP(dport=sport), timeout=0)

@@ -13,6 +13,9 @@ firewall (both families, iptables and ip6tables):
   ``tftp`` (``-m helper``); ICMP errors about tracked flows (RELATED) pass too;
 - everything else forwarded is dropped (our chain ends in DROP; the built-in
   policies are left as they were);
+- a new TCP connection or UDP flow from outside to the fw itself is dropped, as the
+  enforcer's rules drop it (its own stack would answer with a reset or a port
+  unreachable, where a data connection nobody expected must meet silence);
 - in the NAT variant the client networks are source-translated to the fw's
   first external address, so ``nf_nat_ftp`` rewrites PORT/EPRT commands and
   PASV/EPSV replies and ``nf_nat_tftp`` translates the server's replies;
@@ -75,6 +78,7 @@ MODULES = ("nf_conntrack_ftp", "nf_conntrack_tftp", "nf_nat_ftp", "nf_nat_tftp")
 CHAINS = {
     "helpers": ("raw", f"{CHAIN_PREFIX}helpers", "PREROUTING"),
     "forward": ("filter", f"{CHAIN_PREFIX}forward", "FORWARD"),
+    "input": ("filter", f"{CHAIN_PREFIX}input", "INPUT"),
     "snat": ("nat", f"{CHAIN_PREFIX}snat", "POSTROUTING"),
     "publish": ("nat", f"{CHAIN_PREFIX}publish", "PREROUTING"),
 }
@@ -112,7 +116,8 @@ class KernelHelperFirewall:
         """The parts (chains, see CHAINS) this firewall uses in ``family``."""
         return [p for p in CHAINS
                 if (p != "helpers" or self.helpers) and (p != "snat" or self.nat)
-                and (p != "publish" or self.publish is not None)]
+                and (p != "publish" or self.publish is not None)
+                and (p != "input" or self.forward == "policy")]
 
     def rules(self, family: Family) -> str:
         """The ``iptables-restore --noflush`` input for ``family``."""
@@ -138,6 +143,9 @@ class KernelHelperFirewall:
                            f"-j DNAT --to-destination {to}:21")
             elif part == "forward":
                 out += [f"-A {chain} {rule}" for rule in self._forward(family)]
+            elif part == "input":
+                out += [f"-A {chain} -i {outside} -p {proto} -m conntrack --ctstate NEW -j DROP"
+                        for proto in ("tcp", "udp")]
             else:  # nat
                 external = topo.fw_external_addresses(family)[0]
                 out += [f"-A {chain} -o {outside} -s {each} -j SNAT --to-source {external}"

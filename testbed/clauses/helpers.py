@@ -1,22 +1,25 @@
-"""Small shared pieces of the clause suite: crafted packets and enforcer lookups."""
+"""Small shared pieces of the clause suite: crafted packets, silent drops and enforcer lookups."""
 
 from __future__ import annotations
 
+import ipaddress
 import itertools
 import socket
 import struct
 import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 from scapy.layers.inet import ICMP, IP, TCP, UDP, TCPerror, UDPerror
-from scapy.layers.inet6 import IPv6, _ICMPv6Error
+from scapy.layers.inet6 import IPv6, _ICMPv6
 from scapy.layers.l2 import Ether
 from scapy.packet import Packet
 
 from enforcer.client import Action, Client
 from enforcer.core.flags import Flags
 from testbed import timeouts
-from testbed.checks import expect_no_packet, expect_packet
+from testbed.checks import CheckFailed, expect_no_packet, expect_packet, is_noise
 from testbed.lab import GUIDS, SOCKS_PORT, SOCKS_USERS
 from testbed.plugin import Net
 
@@ -83,13 +86,165 @@ def _is_partial_checksum(layer: Packet) -> bool:
     return int(layer.chksum) in ({total} if total not in (0, 0xFFFF) else {0, 0xFFFF})
 
 
-def is_rejection(pkt: Packet) -> bool:
-    """A TCP reset or an ICMP error: what a *silent* drop must never produce."""
-    if TCP in pkt and bool(pkt[TCP].flags.R):
+def decisions_for(net: Net, dport: int, src: str | None = None) -> list[dict[str, Any]]:
+    """The enforcer's recent decisions about flows to ``dport`` (optionally from ``src``)."""
+    out = []
+    for d in net.call("decisions", limit=10000):
+        flow = d["flow"]
+        if flow.endswith(f":{dport}") and (src is None or f" {src}:" in flow or f"[{src}]:" in flow):
+            out.append(d)
+    return out
+
+
+NEGATIVE = timeouts.NEGATIVE
+
+
+# --- silent drops ---------------------------------------------------------------------------
+
+def is_icmp(pkt: Packet) -> bool:
+    """Any ICMP or ICMPv6 message, error or not (Scapy leaves an ICMPv6 type it does not
+    know as raw bytes after the IPv6 header)."""
+    if IPv6 in pkt and pkt[IPv6].nh == socket.IPPROTO_ICMPV6:
         return True
-    if ICMP in pkt and pkt[ICMP].type in (3, 11, 12):
+    return any(isinstance(layer, ICMP | _ICMPv6) for layer in pkt.iterpayloads())
+
+
+def probe_headers(probe: Packet) -> Packet:
+    """A template of a probe's IP and TCP or UDP headers as the fw receives it: no Ether
+    header, no payload (a capture may dissect that as something else: DNS, say)."""
+    template: Packet = (probe.payload if isinstance(probe, Ether) else probe).copy()
+    template[TCP if TCP in template else UDP].remove_payload()
+    return template
+
+
+def answers_to(reached: list[tuple[Packet, float]]) -> Callable[[Packet], bool]:
+    """A template of what a silent drop never brings about: for each probe (its headers,
+    and the time it reached the fw), anything to its source address from then on that is
+    TCP or UDP from its destination address to its source port (a reset, a reply), or an
+    ICMP message of any kind, but one that quotes another flow's packet."""
+    probes = []
+    for headers, at in reached:
+        layer = TCP if TCP in headers else UDP
+        under = headers[layer].underlayer
+        probes.append((ipaddress.ip_address(under.src), ipaddress.ip_address(under.dst), layer,
+                       int(headers[layer].sport), at))
+
+    def about(pkt: Packet, layer: type[Packet], sport: int) -> bool:
+        """Whether an ICMP message may be about the probe: it quotes no TCP or UDP header,
+        or the probe's."""
+        quoted = TCPerror if layer is TCP else UDPerror
+        for kind in (TCPerror, UDPerror):
+            if kind in pkt:
+                return kind is quoted and int(pkt[kind].sport) == sport
         return True
-    return bool(pkt.haslayer(_ICMPv6Error))
+
+    def an_answer_to_a_probe(pkt: Packet) -> bool:
+        """to a probe's source, after it reached the fw: from its destination to its port,
+        or ICMP of any kind (but about another flow)"""
+        outer = pkt.getlayer(IP) if IP in pkt else pkt.getlayer(IPv6)
+        if outer is None or is_noise(pkt):
+            return False
+        src, dst = ipaddress.ip_address(outer.src), ipaddress.ip_address(outer.dst)
+        icmp = is_icmp(pkt)
+        return any(dst == source and float(pkt.time) >= at
+                   and (about(pkt, layer, sport) if icmp
+                        else src == destination and layer in pkt and pkt[layer].dport == sport)
+                   for source, destination, layer, sport, at in probes)
+    return an_answer_to_a_probe
+
+
+class Drop:
+    """Probes from one node that the fw must drop silently (see ``dropped_silently``).
+    Each names itself (``what``) for the failure messages."""
+
+    def __init__(self, net: Net, node: str) -> None:
+        self.net = net
+        self.node = node
+        self.agent = net.agent(node)
+        self.probes: list[tuple[str, Packet]] = []  # (what, its headers as the fw receives them)
+        self.last = time.time()  # when the last probe was sent
+
+    def tcp(self, what: str, address: str, port: int) -> None:
+        """A real connection attempt: it must not connect."""
+        self.last = time.time()
+        result = self.agent.tcp_connect(address, port, timeout=NEGATIVE)
+        assert not result["connected"], f"{what}: connected, but the firewall should have dropped it"
+        self._from_socket(what, result, address, TCP(dport=port, flags="S"))
+
+    def udp(self, what: str, address: str, port: int, payload: bytes) -> None:
+        """A datagram from a real socket: nothing may answer it."""
+        self.last = time.time()
+        result = self.agent.udp_send(address, port, payload, expect_reply=True, timeout=NEGATIVE)
+        assert result["reply"] is None, \
+            f"{what}: answered with {result['reply']!r}, but the firewall should have dropped it"
+        self._from_socket(what, result, address, UDP(dport=port))
+
+    def _from_socket(self, what: str, result: dict[str, Any], address: str, transport: Packet) -> None:
+        local = result["local"]
+        assert local is not None, f"{what}: the probe was never sent: {result['error']}"
+        transport.sport = int(local[1])
+        self.probes.append((what, ip(self.net, str(local[0]), address) / transport))
+
+    def send(self, what: str, *packets: Packet) -> None:
+        """Crafted probes: an IP packet is routed by the node, a frame (with its Ether
+        header) goes out on the node's interface as it is."""
+        assert packets, f"{what}: no packet to send"
+        self.last = time.time()
+        frames = [p for p in packets if isinstance(p, Ether)]
+        routed = [p for p in packets if not isinstance(p, Ether)]
+        if frames:
+            self.agent.send(frames, iface=self.net.iface(self.node))
+        if routed:
+            self.agent.send(routed)
+        self.probes += [(what, probe_headers(p)) for p in packets]
+
+    def sent(self, what: str, headers: Packet) -> None:
+        """A probe the node has just sent by other means (its echo server's reply, say):
+        its IP and TCP or UDP headers as the fw receives them."""
+        self.last = time.time()
+        self.probes.append((what, headers))
+
+    def check(self, back: Any, since: float) -> None:
+        """Every probe reached the fw (after ``since``) on its interface facing the node,
+        and nothing answered any: not at the node (``back``, its capture, watched until
+        timeouts.NEGATIVE after the last probe), and nothing the fw sent."""
+        assert self.probes, f"no probe was sent from {self.node}: this drop shows nothing"
+        whats = "; ".join(dict.fromkeys(what for what, _ in self.probes))
+        arrived = self.net.fw_received(self.net.topology.fw_iface_facing(self.node), since)
+        reached = []
+        for what, headers in self.probes:
+            try:
+                got = expect_packet(arrived, headers)
+            except CheckFailed as exc:
+                raise CheckFailed(f"{what}: the probe never reached the fw, so that nothing came "
+                                  f"of it shows nothing\n{exc}") from None
+            reached.append((headers, float(got.time)))
+        answer = answers_to(reached)
+        watched = [(f"at {self.node}, the sender", back, max(0.0, self.last + NEGATIVE - time.time())),
+                   ("sent by the fw", self.net.fw_sent(since), 0.0)]
+        for where, sniffer, timeout in watched:
+            try:
+                expect_no_packet(sniffer, answer, timeout=timeout)
+            except CheckFailed as exc:
+                raise CheckFailed(f"{whats}: answered ({where}), but a drop must be silent: no "
+                                  f"reset, no ICMP, no reply\n{exc}") from None
+
+
+@contextmanager
+def dropped_silently(net: Net, node: str) -> Iterator[Drop]:
+    """The probes sent from ``node`` in the block (``Drop.tcp``, ``udp``, ``send``, ``sent``)
+    are dropped silently. A real socket's probe must not connect or get a reply; when the
+    block ends, each probe is shown to have reached the fw on its interface facing
+    ``node`` (the fw's capture: any firewall's), and nothing to have answered any of
+    them: no reset, no reply, no ICMP message of any kind (but one about another flow),
+    neither at ``node`` (its capture, watched until timeouts.NEGATIVE after the last
+    probe) nor sent by the fw to a probe's source (a spoofed one's too). That nothing
+    went on beyond the fw is the check's to show, where it would arrive."""
+    since = time.time()
+    with net.agent(node).sniff(net.iface(node)) as back:
+        drop = Drop(net, node)
+        yield drop
+        drop.check(back, since)
 
 
 # Crafted probes' source ports: below Linux's ephemeral ports (32768-60999), so that no
@@ -102,10 +257,10 @@ def probe_port() -> int:
 
 
 def assert_dropped_silently(net: Net, probes: list[tuple[str, Packet]]) -> None:
-    """Send each (node, packet or frame; a packet's source port from ``probe_port``): it
-    reaches the fw on the node's interface (the fw's capture has it) and goes no further:
-    the fw sends no copy of it, translated or not, on any interface, and nothing answers
-    it (no SYN-ACK, reply, reset or ICMP error); the server s1 sees nothing of it."""
+    """Send each (node, packet or frame; a packet's source port from ``probe_port``): it is
+    dropped silently (``dropped_silently``: it reaches the fw on the node's interface, and
+    nothing answers it) and goes no further: the fw sends nothing that carries a probe's
+    port, translated or not, and s1 sees none."""
     ports = {int(p[TCP].sport if TCP in p else p[UDP].sport) for _, p in probes}
 
     def carries_a_probe(pkt: Packet) -> bool:
@@ -113,10 +268,6 @@ def assert_dropped_silently(net: Net, probes: list[tuple[str, Packet]]) -> None:
         either end."""
         layer = TCP if TCP in pkt else UDP if UDP in pkt else None
         return layer is not None and bool({pkt[layer].sport, pkt[layer].dport} & ports)
-
-    def a_probe_or_a_rejection(pkt: Packet) -> bool:
-        """A probe sent on, an answer to one, or any reset or ICMP error."""
-        return carries_a_probe(pkt) or is_rejection(pkt)
 
     server_mac = net.mac("s1")
 
@@ -126,42 +277,31 @@ def assert_dropped_silently(net: Net, probes: list[tuple[str, Packet]]) -> None:
 
     since = time.time()
     with net.agent("s1").sniff(net.iface("s1")) as at_server:
-        for node, probe in probes:
-            net.agent(node).send(probe, iface=net.iface(node))
-        for node, probe in probes:
-            expect_packet(net.fw_received(net.topology.fw_iface_facing(node), since),
-                          headers(probe))
-        expect_no_packet(net.fw_sent(since), a_probe_or_a_rejection)
+        with ExitStack() as stack:
+            drops = {node: stack.enter_context(dropped_silently(net, node))
+                     for node in dict.fromkeys(node for node, _ in probes)}
+            for node, probe in probes:
+                drops[node].send(f"{node}'s probe", probe)
+        expect_no_packet(net.fw_sent(since), carries_a_probe, timeout=0)
         expect_no_packet(at_server, a_probe_the_server_got, timeout=0)
 
 
-def headers(probe: Packet) -> Packet:
-    """A template of a probe's IP and TCP or UDP headers (a capture may dissect its payload
-    as something else: DNS, say)."""
-    template: Packet = (probe.payload if isinstance(probe, Ether) else probe).copy()
-    template[TCP if TCP in template else UDP].remove_payload()
-    return template
+# How long after a permission's deadline a check sends the probe that shows it expired
+EXPIRY_MARGIN = 0.3
 
 
-def decisions_for(net: Net, dport: int, src: str | None = None) -> list[dict[str, Any]]:
-    """The enforcer's recent decisions about flows to ``dport`` (optionally from ``src``)."""
-    out = []
-    for d in net.call("decisions", limit=10000):
-        flow = d["flow"]
-        if flow.endswith(f":{dport}") and (src is None or f" {src}:" in flow or f"[{src}]:" in flow):
-            out.append(d)
-    return out
-
-
-def assert_not_connected(result: dict[str, Any], what: str) -> None:
-    """A connection attempt that must have been dropped silently: no connect, no refusal."""
-    assert not result["connected"], f"{what}: connected, but the firewall should have dropped it"
-    error = str(result["error"])
-    assert "refused" not in error.lower(), \
-        f"{what}: refused (a RST came back), but a drop must be silent: {error}"
-
-
-NEGATIVE = timeouts.NEGATIVE
+def wait_past_expiry(action: Action) -> None:
+    """Sleep past ``action``'s TIMEOUT deadline without asking the enforcer anything after
+    it, so that the probe sent next shows the packet path honours the deadline (and not a
+    sweep that a question to the API would make first). The deadline is the action's
+    lifetime (its ``expires`` less its ``created``) after its grant, which came before
+    the question asked here."""
+    info = action.info()
+    asked = time.monotonic()
+    assert info["expires"] is not None, f"action {action.id} has no deadline: {info}"
+    assert info["state"] == "pending", f"action {action.id} is {info['state']} before its deadline"
+    lifetime = float(info["expires"]) - float(info["created"])
+    time.sleep(max(0.0, asked + lifetime + EXPIRY_MARGIN - time.monotonic()))
 
 
 FTP_GUID = GUIDS["FTP"]

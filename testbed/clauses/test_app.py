@@ -33,6 +33,7 @@ from testbed.clauses.helpers import (
     anywhere,
     assert_dropped_silently,
     datagram,
+    dropped_silently,
     ip,
     probe_port,
     socks_open,
@@ -69,7 +70,10 @@ def servers(app: App) -> peers.PeerSet:
 
 
 def _modes(app: App, client: peers.FtpClient, modes: tuple[peers.FtpMode, ...]) -> list[peers.FtpMode]:
-    return [m for m in modes if peers.ftp_supports(client, m, app.family)]
+    """The modes the client has in this family: at least one, or a check would run nothing."""
+    found = [m for m in modes if peers.ftp_supports(client, m, app.family)]
+    assert found, f"{client} has none of {modes} over {app.family}"
+    return found
 
 
 # Which server each client meets, passive and active: every client meets both
@@ -86,7 +90,6 @@ def _transfers(app: App, servers: peers.PeerSet, client: peers.FtpClient,
     that mode; then an upload."""
     server = servers.ftp(app.family, kind)
     ran = _modes(app, client, modes)
-    assert ran, f"{client} has none of {modes} over {app.family}"
     for mode in ran:
         mark = server.log_mark()
         got = peers.ftp_transfer(app.lab.tb, "c1", client, server.address, mode, "get", BIG_FILE)
@@ -263,12 +266,12 @@ def fake_server(app: App, node: str, names: str, pieces: int = 1,
 
 
 def assert_dropped(app: App, node: str, to: tuple[str, int], watch: str, what: str) -> None:
-    """``node``'s connection to ``to`` fails, and a capture on ``watch`` (where it would
-    arrive) sees no SYN of it: the firewall dropped it."""
+    """``node``'s connection to ``to`` is dropped silently, and a capture on ``watch``
+    (where it would arrive) sees no SYN of it: the firewall dropped it."""
     address, port = to
     with app.agent(watch).sniff(app.iface(watch), bpf=f"tcp dst port {port}") as seen:
-        attempt = app.agent(node).tcp_connect(address, port, timeout=timeouts.NEGATIVE)
-        assert not attempt["connected"], what
+        with dropped_silently(app, node) as drop:
+            drop.tcp(what, address, port)
         expect_no_packet(seen, TCP(dport=port, flags="S"), timeout=SETTLE)
 
 
@@ -708,17 +711,17 @@ def assert_stopped_at_fw(app: App, node: str, target: str, ports: tuple[int, ...
 
 def assert_not_led_to_the_client(app: App, listeners: list[ServerHandle]) -> None:
     """NAT: s1's SYNs to each listener's port on the fw's external address (where a data
-    connection to c1 would have been bound) reach the fw, and none reaches c1: the port
-    is the fw's (whose own services the lockdown base keeps from outside), not a way in."""
+    connection to c1 would have been bound) are dropped silently (they reach the fw, and
+    nothing answers them), and none reaches c1: the port is the fw's (whose own services
+    the lockdown base keeps from outside), not a way in."""
     ports = tuple(listener.port for listener in listeners)
     bpf = "tcp and (" + " or ".join(f"dst port {p}" for p in ports) + ")"
     src, fw = app.addr("s1"), app.fw_external(0)
     sport = 42000 + (time.monotonic_ns() // 1000) % 10000  # a tuple no earlier probe used
-    with app.agent("fw").sniff(app.topology.fw_external_iface, bpf=bpf) as at_fw, \
-            app.agent("c1").sniff(app.iface("c1"), bpf=bpf) as at_client:
-        app.agent("s1").send([syn(app, src, fw, sport + i, port) for i, port in enumerate(ports)])
-        for port in ports:
-            expect_packet(at_fw, TCP(dport=port, flags="S"))
+    with app.agent("c1").sniff(app.iface("c1"), bpf=bpf) as at_client:
+        with dropped_silently(app, "s1") as drop:
+            drop.send("a SYN from s1 to a port of the fw's own",
+                      *(syn(app, src, fw, sport + i, port) for i, port in enumerate(ports)))
         expect_no_packet(at_client, TCP(flags="S"), timeout=SETTLE)
 
 
@@ -830,7 +833,7 @@ def test_only_the_servers_reply_is_admitted(app: App, servers: peers.PeerSet) ->
     """After a read request, the server's reply from its new port reaches the client; a
     datagram from the server's other ports, or from another host, does not."""
     server = servers.tftp(app.family)
-    c1, s1, s2 = app.agent("c1"), app.agent("s1"), app.agent("s2")
+    c1 = app.agent("c1")
     sport = 47000 + (time.monotonic_ns() // 1000) % 1000
     seen_as = app.source_seen_by_server("c1")
     rrq = b"\x00\x01" + SMALL_FILE.encode() + b"\x00octet\x00"
@@ -840,6 +843,9 @@ def test_only_the_servers_reply_is_admitted(app: App, servers: peers.PeerSet) ->
         tid = reply[UDP].sport
         assert tid != 69, "the server answered from port 69"
     with c1.sniff(app.iface("c1"), bpf=f"udp dst port {sport}") as at_client:
-        s1.send(datagram(app, server.address, seen_as, tid + 1, sport, b"\x00\x03\x00\x01x"))
-        s2.send(datagram(app, app.addr("s2"), seen_as, tid, sport, b"\x00\x03\x00\x01x"))
-        expect_no_packet(at_client, UDP(dport=sport))
+        with dropped_silently(app, "s1") as from_s1, dropped_silently(app, "s2") as from_s2:
+            from_s1.send("a datagram from another port of the server",
+                         datagram(app, server.address, seen_as, tid + 1, sport, b"\x00\x03\x00\x01x"))
+            from_s2.send("a datagram from another host",
+                         datagram(app, app.addr("s2"), seen_as, tid, sport, b"\x00\x03\x00\x01x"))
+        expect_no_packet(at_client, UDP(dport=sport), timeout=0)

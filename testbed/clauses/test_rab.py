@@ -20,8 +20,8 @@ from enforcer.core.results import (
     Terminating,
 )
 from testbed import timeouts
-from testbed.checks import expect_no_packet, expect_packet
-from testbed.clauses.helpers import NEGATIVE, assert_not_connected, fw_session, socks_open, syn
+from testbed.checks import expect_packet
+from testbed.clauses.helpers import dropped_silently, fw_session, socks_open, syn
 from testbed.lab import GUIDS, SOCKS_PORT, SOCKS_USERS
 from testbed.plugin import Net
 
@@ -84,13 +84,12 @@ def test_a_bind_through_the_fw_succeeds_with_the_external_address(net: Net) -> N
 def test_before_approval_inbound_attempts_are_discarded_silently(net: Net) -> None:
     """A peer's SYN to an unapproved bind: no SYN-ACK, no reset, no ICMP; the client is
     told of no connection; the bind stays pending and counts the discard."""
-    s1 = net.agent("s1")
     conn, session, port = bind(net)
     with conn:
-        with s1.sniff(net.iface("s1")) as at_peer:
-            s1.send(syn(net, net.addr("s1"), net.fw_external(0), 42001, port))
-            expect_no_packet(at_peer, TCP(sport=port))
-        assert_not_connected(s1.tcp_connect(net.fw_external(0), port, timeout=NEGATIVE), "unapproved bind")
+        with dropped_silently(net, "s1") as drop:
+            drop.send("a SYN to the unapproved bind",
+                      syn(net, net.addr("s1"), net.fw_external(0), 42001, port))
+            drop.tcp("a connection to the unapproved bind", net.fw_external(0), port)
         assert conn.accept(timeout=0.2) is None, "the bound socket accepted a connection"
         b = state_of(net, session, port)
         assert b["state"] == "pending" and b["discarded"] >= 2 and b["admitted"] == 0
@@ -114,12 +113,14 @@ def test_after_approval_an_allowed_peer_reaches_the_client(net: Net) -> None:
             assert peer.talk(b"", expect=len(b"from the client")) == b"from the client"
 
 
-def _attempt(net: Net, node: str, port: int) -> bool:
-    """Whether ``node`` gets a connection to the bind; a refusal would fail the check."""
-    result = net.agent(node).tcp_connect(net.fw_external(0), port, timeout=NEGATIVE)
-    if not result["connected"]:
-        assert_not_connected(result, f"{node} to the bind")
-    return bool(result["connected"])
+def _attempt(net: Net, node: str, port: int, *, admitted: bool) -> None:
+    """``node``'s connection to the bind is admitted, or else dropped silently."""
+    if not admitted:
+        with dropped_silently(net, node) as drop:
+            drop.tcp(f"{node}'s connection to the bind", net.fw_external(0), port)
+        return
+    result = net.agent(node).tcp_connect(net.fw_external(0), port)
+    assert result["connected"], f"{node}'s connection to the bind: {result['error']}"
 
 
 @pytest.mark.clause("RAB-03")
@@ -132,18 +133,18 @@ def test_the_ipfilter_decides_which_peers_get_through(net: Net, kind: str) -> No
     with conn:
         ipfilter = {"included": only(net, "s1"), "null": None, "empty": IpFilter()}[kind]
         allow(net, session, port, ipfilter=ipfilter)
-        with s2.sniff(net.iface("s2")) as at_s2:
-            s2.send(syn(net, net.addr("s2"), net.fw_external(0), 42003, port))
-            if kind == "null":
-                expect_packet(at_s2, TCP(sport=port, flags="SA"))
-            else:
-                expect_no_packet(at_s2, TCP(sport=port))
+        probe = syn(net, net.addr("s2"), net.fw_external(0), 42003, port)
         if kind == "null":  # (the crafted SYN's handshake is never completed: s2 resets it)
-            assert _attempt(net, "s2", port)
+            with s2.sniff(net.iface("s2")) as at_s2:
+                s2.send(probe)
+                expect_packet(at_s2, TCP(sport=port, flags="SA"))
+            _attempt(net, "s2", port, admitted=True)
             assert conn.accept() is not None
             return
+        with dropped_silently(net, "s2") as drop:
+            drop.send("a SYN from s2, which the filter leaves out", probe)
         assert conn.accept(timeout=0.2) is None, "a filtered peer reached the bound socket"
-        assert _attempt(net, "s1", port) is (kind == "included")
+        _attempt(net, "s1", port, admitted=kind == "included")
         assert (conn.accept() is not None) is (kind == "included")
 
 
@@ -172,7 +173,7 @@ def test_result_codes(net: Net) -> None:
         assert allow(net, session, port)["result"] == "S_OK"
         again = allow(net, session, port)
         assert (again["result"], again["hresult"], again["bind"]["state"]) == ("S_FALSE", 1, "allowed")
-        assert _attempt(net, "s1", port)
+        _attempt(net, "s1", port, admitted=True)
         assert conn.accept() is not None
         with pytest.raises(Terminating, match="closed"):  # a BIND takes one connection
             allow(net, session, port)
@@ -185,7 +186,7 @@ def test_the_any_address_with_the_port_matches_the_bind(net: Net) -> None:
         anywhere = "0.0.0.0" if net.family == "ipv4" else "::"
         assert allow(net, session, port, address=anywhere)["result"] == "S_OK"
         assert state_of(net, session, port)["state"] == "allowed"
-        assert _attempt(net, "s1", port)
+        _attempt(net, "s1", port, admitted=True)
         assert conn.accept() is not None
 
 
@@ -230,8 +231,12 @@ def test_another_session_on_the_same_ip_only_with_address_based(net: Net, addres
         with socks_open(net, "c1", "bob", "connect", dst, port) as bob:
             assert bob.reply is not None
             assert (bob.reply["code"] == 0) is address_based, bob.reply
-        direct = net.agent("c1").tcp_connect(dst, port, timeout=NEGATIVE)
-        assert direct["connected"] is address_based, direct
+        if address_based:
+            direct = net.agent("c1").tcp_connect(dst, port)
+            assert direct["connected"], f"c1's SecureNAT connection on the ADDRESS_BASED grant: {direct}"
+        else:
+            with dropped_silently(net, "c1") as drop:
+                drop.tcp("c1's SecureNAT connection on alice's grant", dst, port)
         with socks_open(net, "c1", "alice", "connect", dst, port) as own:
             assert own.reply is not None and own.reply["code"] == 0, own.reply
             assert own.exchange(10_000)["received"] == 10_000
@@ -262,7 +267,7 @@ def test_dante_socksify_binds_through_the_fw(net: Net) -> None:
         assert address == net.fw_external(0), f"the program is bound to {address}, not the fw's address"
         session = fw_session(net, "c1", "alice")
         assert state_of(net, session, port)["state"] == "pending"
-        assert not _attempt(net, "s1", port), "a peer got through an unapproved bind"
+        _attempt(net, "s1", port, admitted=False)
         assert allow(net, session, port, ipfilter=only(net, "s1"))["result"] == "S_OK"
         with net.agent("s1").tcp_open(address, port) as peer:
             assert peer.connected, peer.error

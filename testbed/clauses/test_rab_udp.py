@@ -2,8 +2,8 @@
 application filter makes with ``bind_for_client``, as the TFTP filter does) and a Firewall
 client's (a SOCKS UDP ASSOCIATE through the fw), each approved with RetroactiveAllowBind.
 
-A drop is shown at the fw: the probe reached it (the fw's capture) and nothing left it, on
-any interface, that carried the probe on or answered it with an ICMP error."""
+A drop is silent (``dropped_silently``: the probe reached the fw, and nothing answered it)
+and shown at the fw too: nothing left it, on any interface, that carried the probe on."""
 
 from __future__ import annotations
 
@@ -16,14 +16,15 @@ from typing import Any
 
 import pytest
 from scapy.layers.inet import UDP
-from scapy.packet import Packet
+from scapy.packet import Packet, Raw
 
+from enforcer.core import socks
 from enforcer.core.flags import Flags, flag_names
 from enforcer.core.ipfilter import IpFilter
 from testbed import timeouts
 from testbed.agent import multiset_digest
-from testbed.checks import expect_no_packet, expect_packet, matches
-from testbed.clauses.helpers import NEGATIVE, datagram, ip, is_rejection
+from testbed.checks import expect_no_packet
+from testbed.clauses.helpers import NEGATIVE, datagram, dropped_silently, ip
 from testbed.clauses.test_rab import allow, bind, only, state_of
 from testbed.lab import GUIDS
 from testbed.plugin import Net
@@ -64,21 +65,14 @@ def association(net: Net, flags: Flags, ipfilter: IpFilter | None) -> tuple[Any,
 
 def sent_to(*targets: tuple[str, int | None]) -> Callable[[Packet], bool]:
     """A template of what must not leave the fw after probes that are to be dropped: a
-    datagram to one of ``targets`` (address, port or None for any), or an ICMP error."""
+    datagram to one of ``targets`` (address, port or None for any)."""
     wanted = [(ipaddress.ip_address(address), port) for address, port in targets]
 
-    def a_datagram_there_or_an_icmp_error(pkt: Packet) -> bool:
-        """a datagram to where a probe would have gone on, or any ICMP error"""
-        if is_rejection(pkt):
-            return True
+    def a_datagram_there(pkt: Packet) -> bool:
+        """a datagram to where a probe would have gone on"""
         return UDP in pkt and any(ipaddress.ip_address(pkt[UDP].underlayer.dst) == address
                                   and port in (None, pkt[UDP].dport) for address, port in wanted)
-    return a_datagram_there_or_an_icmp_error
-
-
-def still_watching(since: float) -> float:
-    """What is left of the negative timeout after a probe sent at ``since``."""
-    return max(0.0, since + NEGATIVE - time.time())
+    return a_datagram_there
 
 
 def relay_of(conn: Any) -> tuple[str, int]:
@@ -100,36 +94,35 @@ def wait_until(condition: Callable[[], bool], what: str, within: float = timeout
 @pytest.mark.parametrize("bidirectional", [False, True], ids=["receive-only", "bidirectional"])
 def test_a_securenat_udp_bind_answers_only_with_bidirectional(net: Net, bidirectional: bool) -> None:
     """s1 sends to c1's bind and c1 answers it from the bound port (the flow's reply
-    direction): without BIDIRECTIONAL the answer reaches the fw and goes no further; with
-    it s1 gets it. Either way c1's datagram from that port to a peer that never sent to
-    it (s2) goes no further than the fw."""
+    direction): without BIDIRECTIONAL the answer is dropped silently at the fw; with it
+    s1 gets it. Either way c1's datagram from that port to a peer that never sent to it
+    (s2) is dropped silently at the fw."""
     c1, s1, s2 = net.agent("c1"), net.agent("s1"), net.agent("s2")
     client_port, stranger_port = next(PORTS), next(PORTS)
-    facing_c1 = net.topology.fw_iface_facing("c1")
     question = f"to c1's bind, {net.family}".encode()
     with c1.udp_server(net.addr("c1"), client_port, echo=True) as client, \
             s2.udp_server(net.addr("s2"), stranger_port, echo=False) as stranger:
         made = securenat_bind(net, client_port, Flags.BIDIRECTIONAL if bidirectional else NO_FLAGS,
                               only(net, "s1"))
         since = time.time()
-        c1.send(datagram(net, net.addr("c1"), net.addr("s2"), client_port, stranger_port, b"unasked"))
-        asked = s1.udp_send(made["address"][0], made["address"][1], question, expect_reply=True,
-                            timeout=timeouts.POSITIVE if bidirectional else NEGATIVE)
-        got = client.stats()
-        assert got["digest"] == multiset_digest([question]), f"the datagram did not reach c1: {got}"
-        assert got["bytes_out"] == len(question), "c1 did not answer"
-        peer_port = asked["local"][1]
-        dropped = [(net.addr("s2"), stranger_port)]
-        if bidirectional:
-            assert asked["reply"] == question, asked
-        else:
-            assert asked["reply"] is None, f"c1's answer reached s1 without BIDIRECTIONAL: {asked}"
-            expect_packet(net.fw_received(facing_c1, since),
+        with dropped_silently(net, "c1") as drop:
+            drop.send("c1's datagram from the bound port to a peer that never sent to it",
+                      datagram(net, net.addr("c1"), net.addr("s2"), client_port, stranger_port, b"unasked"))
+            asked = s1.udp_send(made["address"][0], made["address"][1], question, expect_reply=True,
+                                timeout=timeouts.POSITIVE if bidirectional else NEGATIVE)
+            got = client.stats()
+            assert got["digest"] == multiset_digest([question]), f"the datagram did not reach c1: {got}"
+            assert got["bytes_out"] == len(question), "c1 did not answer"
+            peer_port = asked["local"][1]
+            dropped = [(net.addr("s2"), stranger_port)]
+            if bidirectional:
+                assert asked["reply"] == question, asked
+            else:
+                assert asked["reply"] is None, f"c1's answer reached s1 without BIDIRECTIONAL: {asked}"
+                drop.sent("c1's answer to s1 without BIDIRECTIONAL",
                           ip(net, net.addr("c1"), net.addr("s1")) / UDP(sport=client_port, dport=peer_port))
-            dropped.append((net.addr("s1"), peer_port))
-        expect_packet(net.fw_received(facing_c1, since),
-                      ip(net, net.addr("c1"), net.addr("s2")) / UDP(sport=client_port, dport=stranger_port))
-        expect_no_packet(net.fw_sent(since), sent_to(*dropped), timeout=still_watching(since))
+                dropped.append((net.addr("s1"), peer_port))
+        expect_no_packet(net.fw_sent(since), sent_to(*dropped), timeout=0)
         assert stranger.stats()["accepted"] == 0
 
 
@@ -137,33 +130,39 @@ def test_a_securenat_udp_bind_answers_only_with_bidirectional(net: Net, bidirect
 @pytest.mark.parametrize("bidirectional", [False, True], ids=["receive-only", "bidirectional"])
 def test_a_firewall_client_s_udp_bind_answers_only_with_bidirectional(net: Net, bidirectional: bool) -> None:
     """s1 sends to alice's UDP ASSOCIATE and the datagram is relayed to her; her answer to s1
-    through the relay reaches the fw and goes no further without BIDIRECTIONAL, and reaches
-    s1 with it. Either way her datagram to a peer that never sent (s2) goes nowhere."""
+    through the relay is dropped silently at the fw without BIDIRECTIONAL, and reaches s1
+    with it. Either way her datagram to a peer that never sent (s2) is dropped silently."""
     s1, s2 = net.agent("s1"), net.agent("s2")
     peer_port, stranger_port = next(PORTS), next(PORTS)
-    facing_c1 = net.topology.fw_iface_facing("c1")
     question, answer = f"to alice, {net.family}".encode(), f"from alice, {net.family}".encode()
     conn, _, port = association(net, Flags.BIDIRECTIONAL if bidirectional else NO_FLAGS, only(net, "s1"))
     relay, relay_port = relay_of(conn)
-    to_relay = ip(net, net.addr("c1"), relay) / UDP(dport=relay_port)
+
+    def to_relay(address: str, port: int, payload: bytes) -> Packet:
+        """alice's datagram through the relay to address:port, as the relay receives it"""
+        return (ip(net, net.addr("c1"), relay) / UDP(dport=relay_port)
+                / Raw(socks.build_udp(address, port, payload)))
+
     with conn, s1.udp_server(net.addr("s1"), peer_port, echo=False) as peer, \
             s2.udp_server(net.addr("s2"), stranger_port, echo=False) as stranger:
         s1.send(datagram(net, net.addr("s1"), net.fw_external(0), peer_port, port, question))
         got = conn.udp(None, 0, b"", expect_reply=True)
         assert (got["reply"], got["from"]) == (question, [net.addr("s1"), peer_port]), got
         since = time.time()
-        conn.udp(net.addr("s2"), stranger_port, b"unasked", expect_reply=False)
-        conn.udp(net.addr("s1"), peer_port, answer, expect_reply=False)
         dropped = [(net.addr("s2"), stranger_port)]
-        if bidirectional:
-            wait_until(lambda: peer.stats()["accepted"] == 1, "alice's answer did not reach s1")
-            assert peer.stats()["digest"] == multiset_digest([answer])
-        else:
-            dropped.append((net.addr("s1"), peer_port))
-        arrived = net.fw_received(facing_c1, since)
-        wait_until(lambda: len([p for p in arrived.packets() if matches(to_relay, p)]) == 2,
-                   "alice's two datagrams did not reach the relay")
-        expect_no_packet(net.fw_sent(since), sent_to(*dropped), timeout=still_watching(since))
+        with dropped_silently(net, "c1") as drop:
+            conn.udp(net.addr("s2"), stranger_port, b"unasked", expect_reply=False)
+            drop.sent("alice's datagram to a peer that never sent to her",
+                      to_relay(net.addr("s2"), stranger_port, b"unasked"))
+            conn.udp(net.addr("s1"), peer_port, answer, expect_reply=False)
+            if bidirectional:
+                wait_until(lambda: peer.stats()["accepted"] == 1, "alice's answer did not reach s1")
+                assert peer.stats()["digest"] == multiset_digest([answer])
+            else:
+                drop.sent("alice's answer to s1 without BIDIRECTIONAL",
+                          to_relay(net.addr("s1"), peer_port, answer))
+                dropped.append((net.addr("s1"), peer_port))
+        expect_no_packet(net.fw_sent(since), sent_to(*dropped), timeout=0)
         assert stranger.stats()["accepted"] == 0 and peer.stats()["accepted"] == int(bidirectional)
 
 
@@ -172,9 +171,9 @@ def test_a_firewall_client_s_udp_bind_answers_only_with_bidirectional(net: Net, 
 @pytest.mark.clause("RAB-03")
 @pytest.mark.parametrize("kind", KINDS)
 def test_a_udp_bind_s_ipfilter_drops_excluded_peers_silently(net: Net, kind: str) -> None:
-    """Only s1 included: s2's datagram reaches the fw and goes no further (not to the client,
-    no ICMP error back); s1's then reaches the client whole."""
-    c1, s1, s2 = net.agent("c1"), net.agent("s1"), net.agent("s2")
+    """Only s1 included: s2's datagram is dropped silently at the fw, and goes no further (not
+    to the client); s1's then reaches the client whole."""
+    c1, s1 = net.agent("c1"), net.agent("s1")
     sport = next(PORTS)
     excluded, included = f"from s2, {kind}".encode(), f"from s1, {kind}".encode()
     if kind == "securenat":
@@ -182,10 +181,10 @@ def test_a_udp_bind_s_ipfilter_drops_excluded_peers_silently(net: Net, kind: str
         with c1.udp_server(net.addr("c1"), client_port, echo=False) as client:
             address, port = securenat_bind(net, client_port, NO_FLAGS, only(net, "s1"))["address"]
             since = time.time()
-            s2.send(datagram(net, net.addr("s2"), address, sport, port, excluded))
-            expect_packet(net.fw_received(net.topology.fw_external_iface, since),
-                          ip(net, net.addr("s2"), address) / UDP(sport=sport, dport=port))
-            expect_no_packet(net.fw_sent(since), sent_to((net.addr("c1"), client_port)))
+            with dropped_silently(net, "s2") as drop:
+                drop.send("a datagram from s2, which the filter leaves out",
+                          datagram(net, net.addr("s2"), address, sport, port, excluded))
+            expect_no_packet(net.fw_sent(since), sent_to((net.addr("c1"), client_port)), timeout=0)
             assert client.stats()["accepted"] == 0
             s1.send(datagram(net, net.addr("s1"), address, sport, port, included))
             wait_until(lambda: client.stats()["accepted"] == 1, "s1's datagram did not reach c1")
@@ -195,10 +194,10 @@ def test_a_udp_bind_s_ipfilter_drops_excluded_peers_silently(net: Net, kind: str
     with conn:
         address = net.fw_external(0)
         since = time.time()
-        s2.send(datagram(net, net.addr("s2"), address, sport, port, excluded))
-        expect_packet(net.fw_received(net.topology.fw_external_iface, since),
-                      ip(net, net.addr("s2"), address) / UDP(sport=sport, dport=port))
-        expect_no_packet(net.fw_sent(since), sent_to((net.addr("c1"), None)))
+        with dropped_silently(net, "s2") as drop:
+            drop.send("a datagram from s2, which the filter leaves out",
+                      datagram(net, net.addr("s2"), address, sport, port, excluded))
+        expect_no_packet(net.fw_sent(since), sent_to((net.addr("c1"), None)), timeout=0)
         assert conn.udp(None, 0, b"", expect_reply=True, timeout=0.1)["reply"] is None
         s1.send(datagram(net, net.addr("s1"), address, sport, port, included))
         got = conn.udp(None, 0, b"", expect_reply=True)

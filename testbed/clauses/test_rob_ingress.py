@@ -38,8 +38,6 @@ pytestmark = pytest.mark.topologies("split")
 
 # (attacker, victim): each internal network's host poses as a client of the other
 ATTACKS = (("c3", "c1"), ("c1", "c3"))
-
-
 def sessions_of(net: Net, node: str) -> list[dict[str, Any]]:
     return [s for s in net.call("sessions") if s["client"] == net.addr(node)]
 

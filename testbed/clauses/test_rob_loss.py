@@ -38,6 +38,7 @@ from testbed import peers, timeouts
 from testbed.checks import expect_no_packet, expect_packet
 from testbed.clauses.helpers import ip
 from testbed.clauses.test_app import (  # noqa: F401 (autouse: skips where peers are missing)
+    _modes,
     _peers_installed,
     active_command,
     dialogue,
@@ -325,7 +326,7 @@ def test_ftp_in_every_mode_through_random_loss_after_the_fw(app: App) -> None:
     server = app.lab.peers.ftp(app.family, "vsftpd")
     address, port = published(app, server)
     tb = app.lab.tb
-    modes = [m for m in peers.FTP_MODES if peers.ftp_supports("ftplib", m, app.family)]
+    modes = _modes(app, "ftplib", peers.FTP_MODES)
     with random_loss_after_the_fw(app) as lost:
         for mode in modes:
             got = peers.ftp_transfer(tb, "c1", "ftplib", address, mode, "get", peers.BIG_FILE,

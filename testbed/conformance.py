@@ -420,7 +420,7 @@ def run(args: argparse.Namespace) -> int:
                               if r.outcome == "failed" and firewall_of(r) == group.name
                               and r.detail.strip()})
             if failing and group.name not in TRIVIAL:
-                print(f"\nWhere {group.title} fails (a comparison; not counted):")
+                print(f"\n{group.title}: where it fails (a comparison; not counted):")
                 for clause, why in failing:
                     print(f"  {clause}: {why}")
             continue

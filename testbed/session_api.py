@@ -245,6 +245,7 @@ class ControlClient(SessionCalls):
 
     def raw(self, data: bytes) -> dict[str, Any]:
         sock = self._connection()
+        sock.settimeout(self.timeout)  # a wait for an event may have left a shorter one
         try:
             sock.sendall(data)
         except OSError as exc:

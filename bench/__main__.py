@@ -57,9 +57,9 @@ from bench.common import (
     run_iperf,
     stop_proc,
 )
-from enforcer.client import Flags
 from testbed.build import Testbed
 from testbed.lab import GUIDS, EnforcerProcess
+from testbed.session_api import Flags
 from testbed.topology import standard
 
 OUT = Path(__file__).resolve().parent / "results.json"

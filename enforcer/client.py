@@ -1,6 +1,13 @@
 """The session API for Python callers: over the control socket (``Client``), or in the
 enforcer's own process for application filters (``enforcer.filters``). Both have the
-same methods (``SessionCalls``); only the transport of ``call`` differs."""
+same methods (``SessionCalls``); only the transport of ``call`` differs.
+
+With them come what a caller passes and catches: ``Flags``, ``SessionApiError`` (the
+base of the result codes' exceptions, each with its ``name`` and ``hresult``) and
+``IpFilter``, SPEC.md's IFWXIpFilter (rule 10): a set of inclusive address ranges,
+IPv4 and IPv6, with IncludeRange, ExcludeRange, IncludeFilter, ExcludeFilter,
+IsIncluded, Compare and Clone, whose ``to_dict()`` is the ``ipfilter`` parameter of
+``retroactive_allow_bind`` as the control protocol carries it."""
 
 from __future__ import annotations
 
@@ -12,6 +19,7 @@ from collections import deque
 from typing import Any
 
 from enforcer.core.flags import Flags, flag_names
+from enforcer.core.ipfilter import IpFilter
 from enforcer.core.results import ERRORS, SessionApiError
 from enforcer.protocol import encode
 
@@ -223,4 +231,4 @@ class Action:
         self.client.call("cancel", action=self.id)
 
 
-__all__ = ["Action", "Client", "ControlError", "Flags", "SessionApiError", "SessionCalls"]
+__all__ = ["Action", "Client", "ControlError", "Flags", "IpFilter", "SessionApiError", "SessionCalls"]

@@ -107,9 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from enforcer.client import ControlError
+    from enforcer.client import ControlError, SessionApiError
     from enforcer.config import ConfigError
-    from enforcer.core.results import SessionApiError
     from enforcer.daemon import StartupError
     from enforcer.dataplane import DataplaneError
 

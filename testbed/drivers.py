@@ -35,8 +35,8 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from enforcer.client import SessionCalls
 from testbed.catalog import CLAUSES
+from testbed.session_api import SessionCalls
 from testbed.topology import FAMILIES, Family
 
 if TYPE_CHECKING:
@@ -60,8 +60,9 @@ class DriverError(Exception):
 class SessionApi(SessionCalls):
     """The session API of a firewall under test: ``call(method, **params)`` as the
     enforcer's control protocol names them (the methods of ``SessionCalls`` build those
-    calls), returning its results or raising its errors. Use it as a context manager;
-    ``next_event`` returns a pushed event or None."""
+    calls), returning its results or raising the errors of ``testbed.session_api``. Use
+    it as a context manager; ``next_event`` returns a pushed event or None. What a
+    firewall does not offer raises Unsupported."""
 
     def call(self, method: str, **params: Any) -> Any:
         raise Unsupported(f"the session API call {method!r}")
@@ -69,14 +70,8 @@ class SessionApi(SessionCalls):
     def next_event(self, timeout: float) -> dict[str, Any] | None:
         raise Unsupported("session events")
 
-    def close(self) -> None:
-        """Nothing to close by default."""
-
-    def __enter__(self) -> SessionApi:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def raw(self, data: bytes) -> dict[str, Any]:
+        raise Unsupported("raw control-protocol requests")
 
 
 class Firewall:
@@ -138,9 +133,9 @@ class Firewall:
         after."""
         raise Unsupported("pausing the firewall")
 
-    def client(self) -> Any:
-        """Its session API, a SessionApi or one with the same methods (a new connection:
-        close it, or use it in a with block)."""
+    def client(self) -> SessionCalls:
+        """Its session API, a SessionApi or another SessionCalls (a new connection: close
+        it, or use it in a with block)."""
         return SessionApi()
 
     def call(self, method: str, **params: Any) -> Any:

@@ -17,9 +17,8 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
-from enforcer.client import Client, Flags
-from enforcer.core.results import SessionApiError
 from testbed.lab import GUIDS
+from testbed.session_api import Flags, SessionApiError
 
 VICTIM_PORT = 30080  # where the measured client connects (a grant of its own admits it)
 FLOOD_GRANT_PORTS = 40000  # the first target port of the flooder's grant calls
@@ -161,7 +160,7 @@ class Flood:
                 self.counts.port_lines += len(lines)
 
         def grants() -> None:
-            with Client(str(net.enforcer.socket)) as api:
+            with net.client() as api:
                 for i in range(self.want.grant_calls):
                     self.counts.grant_calls += 1
                     try:

@@ -4,6 +4,11 @@ The lab policy is written for the standard topology: every clause's traffic is
 chosen against it (FTP, TFTP and DNS for every client, on every internal network;
 HTTP for c1 only; SSH defined but allowed to nobody; the topology's "denied"
 network blocked by a site rule).
+
+This is the one module of the harness that reads the enforcer's own (public, documented)
+constants: what its config must name and what a few checks inspect of it in the fw.
+Everything else reaches the firewall through its driver, its packets and its wire
+protocols (testbed.session_api).
 """
 
 from __future__ import annotations
@@ -17,14 +22,17 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from enforcer.client import Client, ControlError
+from enforcer.dataplane import MAPS_TABLE, MARK_USER
 from enforcer.plugins.ftp import FTP_GUID
 from enforcer.plugins.tftp import TFTP_GUID
+from enforcer.protocol import MAX_REQUEST
 from testbed.build import Testbed
 from testbed.catalog import CLAUSES
 from testbed.drivers import MODES, Firewall
+from testbed.session_api import ControlClient, ControlError
 from testbed.topology import FAMILIES
 
+# The protocols' GUIDs; FTP's and TFTP's are those the enforcer's bundled filters watch
 GUIDS = {
     "FTP": FTP_GUID,
     "HTTP": "5c3c2a3e-8f1b-4c1e-9a57-1f0d3a6b2102",
@@ -37,6 +45,12 @@ SOCKS_USERS = {"alice": "alice-secret", "bob": "bob-secret"}
 SOCKS_PORT = 1080
 PORTS = {"FTP": ("tcp", 21), "HTTP": ("tcp", 80), "SSH": ("tcp", 22), "DNS": ("udp", 53),
          "TFTP": ("udp", 69)}
+# What some checks inspect of the enforcer itself (README "Architecture" and "The
+# enforcer"): the nft table of its kernel-mode redirects' and binds' NAT maps, the
+# conntrack mark of a user-mode flow, and the longest line its control socket reads.
+ENFORCER_MAPS_TABLE = MAPS_TABLE
+USER_MODE_MARK = f"0x{MARK_USER:08x}"
+CONTROL_REQUEST_LIMIT = MAX_REQUEST
 
 
 def _toml_list(items: list[str]) -> str:
@@ -50,7 +64,7 @@ def lab_config(tb: Testbed, *, socket: Path, fail_open: bool = False, queue: int
     """The enforcer config for a testbed: its interfaces, NAT per variant, the lab policy.
 
     ``dataplane``: further [dataplane] settings (receive_buffer, *_redirect_ports);
-    ``limits``: [limits] settings (caps, enforcer.core.limits.Limits);
+    ``limits``: [limits] settings (caps, README "Bounded state");
     ``app_filters``: the application filters to enable; ``permission_timeout``: short
     by default, so that TIMEOUT (AFC-04) is checked in seconds."""
     topo = tb.topology
@@ -151,7 +165,7 @@ class EnforcerProcess(Firewall):
                 self._reap()
                 raise RuntimeError(f"the enforcer exited during start-up:\n{self.log_tail()}")
             try:
-                with Client(str(self.socket), timeout=1.0) as c:
+                with ControlClient(str(self.socket), timeout=1.0) as c:
                     c.call("ping")
                 return
             except ControlError:
@@ -184,8 +198,8 @@ class EnforcerProcess(Firewall):
                                                    data_filters=self.data_filters))
         return str(self.tb.run("fw", self.command(option)).stdout)
 
-    def client(self) -> Client:
-        return Client(str(self.socket))
+    def client(self) -> ControlClient:
+        return ControlClient(str(self.socket))
 
     def control_socket(self) -> Path:
         return self.socket

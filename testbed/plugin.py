@@ -38,11 +38,10 @@ from typing import Any, cast
 
 import pytest
 
-from enforcer.client import Client
-from enforcer.core.results import Terminating
 from testbed.capture import SLL2_OUTGOING, FwPackets
 from testbed.catalog import CLAUSES
 from testbed.drivers import MODES, DriverError, Firewall, Unsupported, load
+from testbed.session_api import SessionCalls, Terminating
 from testbed.topology import FAMILIES, TOPOLOGIES, VARIANTS, Family
 
 REQUIRE_E2E = "PINHOLE_REQUIRE_E2E"
@@ -387,10 +386,10 @@ class Net:
     def call(self, method: str, **params: Any) -> Any:
         return self.enforcer.call(method, **params)
 
-    def client(self) -> Client:
+    def client(self) -> SessionCalls:
         """The firewall's session API, a new connection (close it, or use it in a with
         block): the enforcer's control-socket client, or another with its methods."""
-        client: Client = self.enforcer.client()
+        client: SessionCalls = self.enforcer.client()
         return client
 
     def session(self, client: str) -> int:

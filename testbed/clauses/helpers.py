@@ -16,12 +16,11 @@ from scapy.layers.inet6 import IPv6, _ICMPv6
 from scapy.layers.l2 import Ether
 from scapy.packet import Packet
 
-from enforcer.client import Action, Client
-from enforcer.core.flags import Flags
 from testbed import timeouts
 from testbed.checks import CheckFailed, expect_no_packet, expect_packet, is_noise
 from testbed.lab import GUIDS, SOCKS_PORT, SOCKS_USERS
 from testbed.plugin import Net
+from testbed.session_api import Action, Flags, SessionCalls
 
 
 def ip(net: Net, src: str, dst: str) -> Packet:
@@ -307,7 +306,7 @@ def wait_past_expiry(action: Action) -> None:
 FTP_GUID = GUIDS["FTP"]
 
 
-def grant(net: Net, client: Client, target: tuple[str, int], *, session_of: str = "c1",
+def grant(net: Net, client: SessionCalls, target: tuple[str, int], *, session_of: str = "c1",
           protocol: str = "tcp", flags: Flags | None = None, **kwargs: Any) -> Action:
     """AllowFutureConnect for ``session_of``'s SecureNAT session, on behalf of FTP.
 

@@ -9,9 +9,6 @@ import pytest
 from scapy.layers.inet import TCP, UDP
 from scapy.layers.l2 import Ether
 
-from enforcer.client import ControlError
-from enforcer.core.flags import Flags
-from enforcer.core.results import InvalidArgument, NetworkRulesDenied, PolicyRulesDenied, Terminating
 from testbed import timeouts
 from testbed.checks import expect_no_packet, expect_packet
 from testbed.clauses.helpers import (
@@ -32,6 +29,14 @@ from testbed.clauses.helpers import (
 )
 from testbed.lab import GUIDS
 from testbed.plugin import Net
+from testbed.session_api import (
+    ControlError,
+    Flags,
+    InvalidArgument,
+    NetworkRulesDenied,
+    PolicyRulesDenied,
+    Terminating,
+)
 
 
 @pytest.mark.clause("AFC-01")

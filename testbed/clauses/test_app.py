@@ -25,7 +25,6 @@ from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Ether
 from scapy.packet import Packet, Raw
 
-from enforcer.client import Flags
 from testbed import peers, timeouts
 from testbed.agent import ServerHandle, Sniffer, TcpConnection
 from testbed.checks import expect_no_packet, expect_packet
@@ -43,6 +42,7 @@ from testbed.drivers import PUBLISHED_FTP_PORT
 from testbed.lab import GUIDS, SOCKS_PORT, SOCKS_USERS
 from testbed.peers import BIG_FILE, SMALL_FILE, FtpServer
 from testbed.plugin import App
+from testbed.session_api import Flags
 
 FINAL_REPLY = r"^\d{3} .*\n"  # the last line of an FTP reply
 # After a connection attempt that waited timeouts.NEGATIVE for an answer, how much

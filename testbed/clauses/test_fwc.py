@@ -16,7 +16,6 @@ import pytest
 from scapy.layers.inet import UDP
 from scapy.layers.l2 import Ether
 
-from enforcer.core.flags import Flags
 from testbed import socks5, timeouts
 from testbed.checks import expect_no_packet
 from testbed.clauses.helpers import (
@@ -32,6 +31,7 @@ from testbed.clauses.helpers import (
 )
 from testbed.lab import SOCKS_PORT, SOCKS_USERS
 from testbed.plugin import SOCKS_BIND_TIMEOUT, SOCKS_BUFFER, SOCKS_HANDSHAKE_TIMEOUT, SOCKS_LIMITS, Net
+from testbed.session_api import Flags
 
 NOT_ALLOWED, TTL_EXPIRED = 2, 6  # SOCKS5 reply codes (RFC 1928 section 6)
 DNS_PORT = 53  # a primary the lab policy allows every client: s1 echoes on it

@@ -11,19 +11,22 @@ from typing import Any
 import pytest
 from scapy.layers.inet import TCP
 
-from enforcer.core.flags import Flags
-from enforcer.core.ipfilter import IpFilter
-from enforcer.core.results import (
-    InvalidArgument,
-    NotFound,
-    PolicyRulesDenied,
-    Terminating,
-)
+from enforcer.client import IpFilter, SessionApiError
 from testbed import timeouts
 from testbed.checks import expect_packet
 from testbed.clauses.helpers import dropped_silently, fw_session, socks_open, syn
 from testbed.lab import GUIDS, SOCKS_PORT, SOCKS_USERS
 from testbed.plugin import Net
+from testbed.session_api import (
+    Flags,
+    InvalidArgument,
+    IpFilterWire,
+    NotFound,
+    PolicyRulesDenied,
+    Terminating,
+    flag_names,
+    wire_ipfilter,
+)
 
 FTP = GUIDS["FTP"]
 
@@ -39,21 +42,19 @@ def bind(net: Net, node: str = "c1", user: str = "alice", command: str = "bind")
 
 
 def allow(net: Net, session: int, port: int, *, protocol: str = "tcp", address: str | None = None,
-          flags: Flags | None = None, ipfilter: IpFilter | None = None, **extra: Any) -> dict[str, Any]:
+          flags: Flags | None = None, ipfilter: IpFilterWire | None = None, **extra: Any) -> dict[str, Any]:
     params: dict[str, Any] = {"session": session, "protocol": protocol, "port": port,
                               "address": address or net.fw_external(0), "protocol_guid": FTP,
-                              "flags": [f.name for f in Flags if f in (flags or Flags(0))]}
+                              "flags": flag_names(flags or Flags(0))}
     if ipfilter is not None:
-        params["ipfilter"] = ipfilter.to_dict()
+        params["ipfilter"] = ipfilter
     params.update(extra)
     return dict(net.call("retroactive_allow_bind", **params))
 
 
-def only(net: Net, *nodes: str) -> IpFilter:
-    f = IpFilter()
-    for node in nodes:
-        f.include_range(net.addr(node), net.addr(node))
-    return f
+def only(net: Net, *nodes: str) -> IpFilterWire:
+    """An IpFilter of ``nodes``' addresses."""
+    return wire_ipfilter((net.addr(node), net.addr(node)) for node in nodes)
 
 
 def state_of(net: Net, session: int, port: int) -> dict[str, Any]:
@@ -131,7 +132,7 @@ def test_the_ipfilter_decides_which_peers_get_through(net: Net, kind: str) -> No
     s2 = net.agent("s2")
     conn, session, port = bind(net)
     with conn:
-        ipfilter = {"included": only(net, "s1"), "null": None, "empty": IpFilter()}[kind]
+        ipfilter = {"included": only(net, "s1"), "null": None, "empty": wire_ipfilter(())}[kind]
         allow(net, session, port, ipfilter=ipfilter)
         probe = syn(net, net.addr("s2"), net.fw_external(0), 42003, port)
         if kind == "null":  # (the crafted SYN's handshake is never completed: s2 resets it)
@@ -192,7 +193,9 @@ def test_the_any_address_with_the_port_matches_the_bind(net: Net) -> None:
 
 @pytest.mark.clause("IPF-01")
 def test_ipfilter_operations(family: str) -> None:
-    """Include/ExcludeRange, Include/ExcludeFilter, IsIncluded, Compare, Clone."""
+    """Include/ExcludeRange, Include/ExcludeFilter, IsIncluded, Compare, Clone: the
+    enforcer's IpFilter object itself, as its public client module gives it to
+    application filters (no firewall behaviour: catalog.NO_FIREWALL_BEHAVIOUR)."""
     v4 = family == "ipv4"
     a, b, c, d = (("198.51.100.10", "198.51.100.20", "198.51.100.15", "198.51.100.30") if v4 else
                   ("2001:db8:2::10", "2001:db8:2::20", "2001:db8:2::15", "2001:db8:2::30"))
@@ -212,8 +215,9 @@ def test_ipfilter_operations(family: str) -> None:
     assert h.is_included(c) and h.is_included(d) and not h.is_included(a)
     other = "2001:db8:2::10" if v4 else "198.51.100.10"
     assert not g.is_included(other), "the families are apart"
-    with pytest.raises(InvalidArgument):
+    with pytest.raises(SessionApiError) as refused:
         f.include_range(b, a)
+    assert refused.value.name == "E_INVALIDARG", f"a range from high to low: {refused.value.name}"
 
 
 @pytest.mark.clause("AFC-07")

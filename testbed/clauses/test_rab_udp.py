@@ -18,16 +18,14 @@ import pytest
 from scapy.layers.inet import UDP
 from scapy.packet import Packet, Raw
 
-from enforcer.core import socks
-from enforcer.core.flags import Flags, flag_names
-from enforcer.core.ipfilter import IpFilter
-from testbed import timeouts
+from testbed import socks5, timeouts
 from testbed.agent import multiset_digest
 from testbed.checks import expect_no_packet
 from testbed.clauses.helpers import NEGATIVE, datagram, dropped_silently, ip
 from testbed.clauses.test_rab import allow, bind, only, state_of
 from testbed.lab import GUIDS
 from testbed.plugin import Net
+from testbed.session_api import Flags, IpFilterWire, flag_names
 
 TFTP = GUIDS["TFTP"]
 # The ports of clients' binds and of peers: none twice in a lab, so that no conntrack
@@ -37,7 +35,7 @@ KINDS = ["securenat", "firewall-client"]
 NO_FLAGS = Flags(0)
 
 
-def securenat_bind(net: Net, client_port: int, flags: Flags, ipfilter: IpFilter | None) -> dict[str, Any]:
+def securenat_bind(net: Net, client_port: int, flags: Flags, ipfilter: IpFilterWire | None) -> dict[str, Any]:
     """c1's port made reachable with bind_for_client and approved: the bind (its ``address``
     is where a peer sends: c1's own, or in NAT the fw's)."""
     session = net.session("c1")
@@ -46,13 +44,13 @@ def securenat_bind(net: Net, client_port: int, flags: Flags, ipfilter: IpFilter 
                               "port": made["address"][1], "protocol_guid": TFTP,
                               "flags": flag_names(flags)}
     if ipfilter is not None:
-        params["ipfilter"] = ipfilter.to_dict()
+        params["ipfilter"] = ipfilter
     approved = net.call("retroactive_allow_bind", **params)
     assert approved["result"] == "S_OK", approved
     return dict(approved["bind"])
 
 
-def association(net: Net, flags: Flags, ipfilter: IpFilter | None) -> tuple[Any, int, int]:
+def association(net: Net, flags: Flags, ipfilter: IpFilterWire | None) -> tuple[Any, int, int]:
     """alice's UDP ASSOCIATE from c1, approved: (the SOCKS connection, its session, the
     bind's port on the fw's first external address)."""
     conn, session, port = bind(net, command="udp")
@@ -141,7 +139,7 @@ def test_a_firewall_client_s_udp_bind_answers_only_with_bidirectional(net: Net, 
     def to_relay(address: str, port: int, payload: bytes) -> Packet:
         """alice's datagram through the relay to address:port, as the relay receives it"""
         return (ip(net, net.addr("c1"), relay) / UDP(dport=relay_port)
-                / Raw(socks.build_udp(address, port, payload)))
+                / Raw(socks5.datagram(address, port, payload)))
 
     with conn, s1.udp_server(net.addr("s1"), peer_port, echo=False) as peer, \
             s2.udp_server(net.addr("s2"), stranger_port, echo=False) as stranger:

@@ -12,10 +12,6 @@ from scapy.layers.inet import ICMP, IP, TCP, UDP, IPerror, UDPerror
 from scapy.layers.inet6 import ICMPv6DestUnreach, ICMPv6PacketTooBig, IPerror6, IPv6
 from scapy.packet import Packet
 
-from enforcer.client import Action, Client
-from enforcer.core.flags import Flags
-from enforcer.core.results import InvalidArgument, IsBusy, NetworkRulesDenied, PolicyRulesDenied, Terminating
-from enforcer.dataplane import MAPS_TABLE
 from testbed import timeouts
 from testbed.checks import expect_packet
 from testbed.clauses.helpers import (
@@ -30,11 +26,21 @@ from testbed.clauses.helpers import (
     wait_past_expiry,
 )
 from testbed.drivers import MODES
-from testbed.lab import GUIDS
+from testbed.lab import ENFORCER_MAPS_TABLE, GUIDS
 from testbed.plugin import Net
+from testbed.session_api import (
+    Action,
+    Flags,
+    InvalidArgument,
+    IsBusy,
+    NetworkRulesDenied,
+    PolicyRulesDenied,
+    SessionCalls,
+    Terminating,
+)
 
 
-def redirect(net: Net, api: Client, targets: list[tuple[str, int]], *, session_of: str = "c1",
+def redirect(net: Net, api: SessionCalls, targets: list[tuple[str, int]], *, session_of: str = "c1",
              protocol: str = "tcp", flags: Flags | None = None, mode: str | None = None,
              **kwargs: Any) -> tuple[tuple[str, int], list[Action]]:
     """RedirectConnections for ``session_of``'s session on behalf of FTP; in user mode
@@ -56,7 +62,7 @@ def kernel_redirect_rules(net: Net) -> list[str]:
     proto = "ip" if net.family == "ipv4" else "ip6"
     out = []
     for name in (f"redirect_mark_{proto}", f"redirect_to_{proto}"):
-        listing = net.lab.tb.run("fw", ["nft", "list", "map", "inet", MAPS_TABLE, name]).stdout
+        listing = net.lab.tb.run("fw", ["nft", "list", "map", "inet", ENFORCER_MAPS_TABLE, name]).stdout
         out += [e.strip(" ,{}") for line in listing.splitlines() if " : " in line
                 for e in line.split("elements =")[-1].split(",") if " : " in e]
     return sorted(out)

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from enforcer.client import ControlError, Flags
 from testbed.clauses.helpers import FTP_GUID
 from testbed.flood import VICTIM_PORT, Flood, first_syn_delays, kernel_refusals
 from testbed.lab import SOCKS_PORT
 from testbed.plugin import Net
+from testbed.session_api import ControlError, Flags
 
 CONNECTIONS = 100
 ALLOWED_EXTRA_DELAY = 0.050  # seconds, at the 99th percentile

@@ -21,7 +21,6 @@ from typing import Any
 import pytest
 from scapy.layers.l2 import Ether
 
-from enforcer.core.flags import Flags
 from testbed.clauses.helpers import (
     FTP_GUID,
     assert_dropped_silently,
@@ -33,6 +32,7 @@ from testbed.clauses.helpers import (
     syn,
 )
 from testbed.plugin import Net
+from testbed.session_api import Flags
 
 pytestmark = pytest.mark.topologies("split")
 

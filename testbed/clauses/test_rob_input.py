@@ -38,14 +38,12 @@ from scapy.layers.inet6 import (
 from scapy.layers.l2 import Ether
 from scapy.packet import Raw
 
-from enforcer.core.flags import Flags
-from enforcer.core.results import ERRORS
-from enforcer.protocol import MAX_REQUEST
 from testbed.checks import expect_no_packet
 from testbed.clauses.helpers import FTP_GUID, NEGATIVE, fw_session, grant, socks_open
 from testbed.fuzz import Allowed, Fuzz, flow_of
-from testbed.lab import SOCKS_PORT, SOCKS_USERS
+from testbed.lab import CONTROL_REQUEST_LIMIT, SOCKS_PORT, SOCKS_USERS
 from testbed.plugin import Net
+from testbed.session_api import ERRORS, Flags
 
 SEED = int(os.environ.get("PINHOLE_FUZZ_SEED", "20261204"))
 PACKETS = 600  # per side
@@ -266,7 +264,7 @@ def test_malformed_control_requests_get_error_replies_and_the_enforcer_goes_on(n
     replies; the enforcer then serves and decides as before."""
     rng = random.Random(f"{SEED}-control-{net.family}")
     lines = control_lines(net, rng)
-    documented = set(ERRORS) - {"E_FAIL"}
+    documented = set(ERRORS)
     with enforcer_watch(net):
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(10)
@@ -282,12 +280,13 @@ def test_malformed_control_requests_get_error_replies_and_the_enforcer_goes_on(n
                     assert reply["error"]["name"] in documented, (line[:100], reply)
         # no newline within the limit; a request cut off by a hang-up; requests whose
         # replies nobody reads
-        for tail in (b"x" * (MAX_REQUEST + 1), b'{"id": 1, "method": "pi', b'{"method": "ping"}\n' * 50):
+        for tail in (b"x" * (CONTROL_REQUEST_LIMIT + 1), b'{"id": 1, "method": "pi',
+                     b'{"method": "ping"}\n' * 50):
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
                 sock.settimeout(10)
                 sock.connect(str(net.enforcer.control_socket()))
                 sock.sendall(tail)
-                if len(tail) > MAX_REQUEST:  # answered, then closed
+                if len(tail) > CONTROL_REQUEST_LIMIT:  # answered, then closed
                     reader = sock.makefile("rb")
                     assert "request too large" in json.loads(reader.readline())["error"]["message"]
                     assert reader.readline() == b""

@@ -33,7 +33,6 @@ import pytest
 from scapy.layers.inet import TCP
 from scapy.packet import Packet
 
-from enforcer.core.datafilter import MOD
 from testbed import peers, timeouts
 from testbed.checks import expect_no_packet, expect_packet
 from testbed.clauses.helpers import ip
@@ -47,6 +46,7 @@ from testbed.clauses.test_app import (  # noqa: F401 (autouse: skips where peers
 from testbed.lab import GUIDS
 from testbed.plugin import App
 
+MOD = 1 << 32  # TCP sequence numbers are counted modulo 2**32 (RFC 9293)
 CRAFTED_PORT = 2100  # the crafted server's port on s1 (real servers keep port 21)
 DATA_PORT = 5000  # the data port its PASV/EPSV replies name
 LOSS = 0.05  # the share of segments leaving the fw that are dropped, for real loss

@@ -15,8 +15,6 @@ from typing import Any
 import pytest
 from scapy.layers.inet import TCP, UDP
 
-from enforcer.core.flags import Flags
-from enforcer.core.results import IsBusy
 from testbed import socks5, timeouts
 from testbed.checks import expect_no_packet, expect_packet
 from testbed.clauses.helpers import (
@@ -28,11 +26,11 @@ from testbed.clauses.helpers import (
     socks_open,
     syn,
 )
-from testbed.lab import SOCKS_PORT, SOCKS_USERS
+from testbed.lab import SOCKS_PORT, SOCKS_USERS, USER_MODE_MARK
 from testbed.plugin import Net
+from testbed.session_api import Flags, IsBusy
 
 SHOUT = {"shout": "tests.e2e.shout_filter:Shout"}  # "ping" -> "PONG!!" out, "!!" -> "?" back
-MARK_USER = "0x20000000"  # the conntrack mark of a user-mode flow (enforcer.dataplane.MARK_USER)
 GENERAL_FAILURE = 1  # SOCKS5 reply code
 
 
@@ -252,7 +250,7 @@ def test_a_packet_of_a_user_mode_flow_the_enforcer_does_not_know_is_dropped(net:
     net.lab.tb.run("fw", ["conntrack", "-I", *entry, "-r", dst, "-q", reply_dst,
                           "--reply-port-src", str(dport), "--reply-port-dst", str(sport),
                           # -u before --mark: conntrack 1.4.7 writes -u's bits over a --mark before it
-                          "--timeout", "60", "-u", "SEEN_REPLY,ASSURED", "--mark", MARK_USER])
+                          "--timeout", "60", "-u", "SEEN_REPLY,ASSURED", "--mark", USER_MODE_MARK])
     try:
         before = status(net)["counters"].get("dropped: unknown user-mode flow", 0)
         with s1.sniff(net.iface("s1")) as at_server:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from enforcer.client import Flags
+from enforcer.client import Client, Flags
 from enforcer.core.results import InvalidArgument
 from testbed.build import Testbed
 from testbed.lab import GUIDS, EnforcerProcess
@@ -39,7 +39,7 @@ def test_filtered_flow_carries_changed_bytes_both_ways(filtering: tuple[Testbed,
     server = "198.51.100.21"
     with s1.tcp_server(server, 21):
         assert c1.tcp_connect(server, 21, send_bytes=10)["connected"]  # c1's session
-    with enforcer.client() as api, s1.tcp_server(server, 32001) as echo:
+    with Client(str(enforcer.socket)) as api, s1.tcp_server(server, 32001) as echo:
         session = api.call("sessions")[0]["id"]
         if how == "redirect":
             (address, port), (action,) = api.redirect_connections(
@@ -70,7 +70,7 @@ def test_unknown_or_udp_data_filter_is_an_invalid_argument(filtering: tuple[Test
     tb, enforcer = filtering
     with tb.agent("s1").tcp_server("198.51.100.21", 21):  # c1's session: a primary opens it
         assert tb.agent("c1").tcp_connect("198.51.100.21", 21, send_bytes=10)["connected"]
-    with enforcer.client() as api:
+    with Client(str(enforcer.socket)) as api:
         session = next(s["id"] for s in api.call("sessions") if s["client"] == "192.0.2.11")
         with pytest.raises(InvalidArgument, match="no data filter 'nope'"):
             api.allow_future_connect(session, ("198.51.100.21", 32002), protocol_guid=GUIDS["FTP"],

@@ -133,7 +133,7 @@ BAD_REQUESTS = [
                          ids=[e for _, e in BAD_REQUESTS])
 def test_bad_request_gets_an_error_reply_and_the_daemon_keeps_serving(
         enforcer: EnforcerProcess, request_bytes: bytes, expected: str) -> None:
-    with enforcer.client() as c:
+    with Client(str(enforcer.socket)) as c:
         reply = c.raw(request_bytes)
         assert reply["error"]["name"] == "E_INVALIDARG"
         assert reply["error"]["hresult"] == "0x80070057"
@@ -144,12 +144,12 @@ def test_bad_request_gets_an_error_reply_and_the_daemon_keeps_serving(
 
 
 def test_oversized_request_is_refused_and_the_daemon_keeps_serving(enforcer: EnforcerProcess) -> None:
-    with enforcer.client() as c:
+    with Client(str(enforcer.socket)) as c:
         reply = c.raw(b'{"id": 1, "method": "ping", "pad": "' + b"x" * (MAX_REQUEST + 10))
         assert "request too large" in reply["error"]["message"]
         with pytest.raises(ControlError):
             c.call("ping")  # that connection was closed: the rest of the line is unreadable
-    with enforcer.client() as c:
+    with Client(str(enforcer.socket)) as c:
         assert c.call("ping") == {"pong": True}
     # many connections that vanish mid-request do no harm either
     for _ in range(50):
@@ -232,7 +232,8 @@ def test_sigkill_during_a_transfer_fails_closed_and_restart_takes_over(
     server = "198.51.100.21"
     admit_a_primary(tb)  # c1's SecureNAT session
     flags = Flags.ALLOW_MULTIPLE | (Flags.NO_KERNEL_MODE if mode == "user" else Flags(0))
-    with s1.tcp_server(server, 31001), s1.tcp_server(server, 21), enforcer.client() as api:
+    with s1.tcp_server(server, 31001), s1.tcp_server(server, 21), \
+            Client(str(enforcer.socket)) as api:
         session = api.call("sessions")[0]["id"]
         api.allow_future_connect(session, (server, 31001), protocol_guid=GUIDS["FTP"], flags=flags)
         with c1.tcp_open(server, 31001) as transfer:

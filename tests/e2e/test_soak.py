@@ -16,12 +16,11 @@ from scapy.layers.inet import IP, TCP
 from scapy.layers.l2 import Ether
 from scapy.packet import Raw
 
-from enforcer.client import Flags
-from enforcer.core.results import SessionApiError
 from testbed.flood import TFTP_REQUEST, Flood
 from testbed.fuzz import Allowed, Fuzz
 from testbed.lab import GUIDS
 from testbed.plugin import APP_FILTERS, Lab, Net
+from testbed.session_api import Flags, SessionApiError
 
 SECONDS = 20
 CAPS = {"sessions_total": 300, "sessions_per_client": 4, "pending_total": 4000,

@@ -61,8 +61,9 @@ def _syn_filter(family: str, port: int) -> str:
 
 def first_syn_delays(net: Any, client: str, server: str, count: int,
                      port: int = VICTIM_PORT) -> Delays:
-    """``count`` sequential connections from ``client`` to ``server``:``port``, up to the
-    first that fails; each one's first SYN is timed from the client's interface to the
+    """``count`` sequential connections from ``client`` to ``server``:``port``, each
+    echoing 64 bytes, up to the first that fails (no echo, or not the bytes sent, by
+    digest); each one's first SYN is timed from the client's interface to the
     server's (kernel capture times, one clock), matched by its sequence number (translation keeps it)."""
     from scapy.layers.inet import TCP
 
@@ -74,7 +75,8 @@ def first_syn_delays(net: Any, client: str, server: str, count: int,
             c.sniff(net.iface(client), bpf=bpf) as at_client:
         for _ in range(count):
             result = c.tcp_connect(address, port, send_bytes=64)
-            if not (result["connected"] and result["received"] == 64):
+            if not (result["connected"] and result["received"] == 64
+                    and result["echo_digest"] == result["digest"]):
                 break  # (the measurement has failed: no need to wait out the others)
             opened += 1
         deadline = time.monotonic() + 5

@@ -184,6 +184,7 @@ def test_tcp_echo(pair: Pair, version: int) -> None:
         assert res["connected"], res
         assert res["error"] is None
         assert res["sent"] == res["received"] == 100_000
+        assert res["echo_digest"] == res["digest"], "the echo differs from the bytes sent"
         assert res["local"][0] == src
         stats = srv.stats()
         assert stats["accepted"] == 1

@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from enforcer.dataplane import MAPS_TABLE, MARK_USER
+from enforcer.dataplane import MAPS_TABLE, MARK_KERNEL, MARK_MODE, MARK_ONE_WAY, MARK_USER
 from enforcer.plugins.ftp import FTP_GUID
 from enforcer.plugins.tftp import TFTP_GUID
 from enforcer.protocol import MAX_REQUEST
@@ -47,9 +47,13 @@ PORTS = {"FTP": ("tcp", 21), "HTTP": ("tcp", 80), "SSH": ("tcp", 22), "DNS": ("u
          "TFTP": ("udp", 69)}
 # What some checks inspect of the enforcer itself (README "Architecture" and "The
 # enforcer"): the nft table of its kernel-mode redirects' and binds' NAT maps, the
-# conntrack mark of a user-mode flow, and the longest line its control socket reads.
+# conntrack mark's bits by which its rules route an admitted flow (those of its mode,
+# and a one-way flow's, whose replies are dropped before its queue), and the longest
+# line its control socket reads.
 ENFORCER_MAPS_TABLE = MAPS_TABLE
-USER_MODE_MARK = f"0x{MARK_USER:08x}"
+FLOW_MODE_MASK, FLOW_MODE_MARKS = MARK_MODE, {"kernel": MARK_KERNEL, "user": MARK_USER}
+ONE_WAY_MARK = MARK_ONE_WAY
+USER_MODE_MARK = f"0x{MARK_USER:08x}"  # (as conntrack's --mark takes it)
 CONTROL_REQUEST_LIMIT = MAX_REQUEST
 
 

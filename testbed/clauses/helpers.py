@@ -1,9 +1,11 @@
-"""Small shared pieces of the clause suite: crafted packets, silent drops and enforcer lookups."""
+"""Small shared pieces of the clause suite: crafted packets, silent drops, transfers compared
+by digest, the mode an admitted flow ran in, and enforcer lookups."""
 
 from __future__ import annotations
 
 import ipaddress
 import itertools
+import re
 import socket
 import struct
 import time
@@ -18,7 +20,8 @@ from scapy.packet import Packet
 
 from testbed import timeouts
 from testbed.checks import CheckFailed, expect_no_packet, expect_packet, is_noise
-from testbed.lab import GUIDS, SOCKS_PORT, SOCKS_USERS
+from testbed.drivers import Unsupported
+from testbed.lab import FLOW_MODE_MARKS, FLOW_MODE_MASK, GUIDS, ONE_WAY_MARK, SOCKS_PORT, SOCKS_USERS
 from testbed.plugin import Net
 from testbed.session_api import Action, Flags, SessionCalls
 
@@ -317,6 +320,86 @@ def grant(net: Net, client: SessionCalls, target: tuple[str, int], *, session_of
         flags |= Flags.NO_KERNEL_MODE
     return client.allow_future_connect(net.session(session_of), target, protocol_guid=FTP_GUID,
                                        protocol=protocol, flags=flags, **kwargs)
+
+
+def assert_echoed(result: dict[str, Any], size: int, what: str) -> None:
+    """A TCP echo (``Agent.tcp_connect`` with ``send_bytes``, ``TcpConnection.exchange``)
+    carried ``size`` bytes each way, and what came back is what was sent: the SHA-256 of
+    the echo is that of the bytes sent."""
+    assert result.get("connected", True), f"{what}: no connection: {result['error']}"
+    assert result["error"] is None and result["sent"] == result["received"] == size, \
+        f"{what}: {result['sent']} of {size} bytes sent, {result['received']} came back: {result['error']}"
+    assert result["echo_digest"] == result["digest"], \
+        f"{what}: the {size} bytes that came back are not those sent (SHA-256 {result['echo_digest']}, " \
+        f"sent {result['digest']})"
+
+
+def _endpoint(text: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]:
+    """An endpoint of the flows listing ("192.0.2.11:40000", "[2001:db8::11]:40000")."""
+    address, _, port = text.rpartition(":")
+    return ipaddress.ip_address(address.strip("[]")), int(port)
+
+
+def _conntrack_entries(net: Net, protocol: str) -> dict[tuple[Any, Any], tuple[int, bool]]:
+    """The fw's conntrack entries of the family and ``protocol`` ("tcp", "udp"), by their
+    original direction's (source, destination) endpoints: each one's mark, and whether
+    the kernel saw a reply of it."""
+    listing = net.lab.tb.run("fw", ["conntrack", "-L", "-f", net.family, "-p", protocol]).stdout
+    entries = {}
+    for line in listing.splitlines():
+        original = re.search(r"src=(\S+) dst=(\S+) sport=(\d+) dport=(\d+)", line)
+        mark = re.search(r"\bmark=(\d+)", line)
+        if original is not None and mark is not None:
+            src, dst, sport, dport = original.groups()
+            entries[(ipaddress.ip_address(src), int(sport)), (ipaddress.ip_address(dst), int(dport))] = \
+                (int(mark.group(1)), "[UNREPLIED]" not in line)
+    return entries
+
+
+def assert_ran_in_mode(net: Net, action: Action, mode: str | None = None) -> list[dict[str, Any]]:
+    """Every flow ``action`` admitted (one at least) ran in ``mode`` (the row's: net.mode),
+    shown by what a flow of the other mode cannot show: the enforcer lists it in that mode;
+    its conntrack entry's mark, by which the kernel routes its packets, is that mode's
+    (user: every packet to the enforcer's queue; kernel: the rest of the flow stays in the
+    kernel); and of the replies the kernel saw (a two-way flow's), the enforcer counted
+    some in user mode, none in kernel mode. Call it while the flows' conntrack entries live
+    (a connection's, 10 s to 2 min after it closes). Returns the enforcer's records of the flows.
+
+    Only the enforcer shows its flows: with another firewall a user row is n/a
+    (Unsupported), and a kernel row, its flows' one way, has nothing to show ([])."""
+    mode = mode or net.mode
+    assert mode in FLOW_MODE_MARKS, f"no mode {mode!r} to show"
+    if not net.own_enforcer:
+        if mode == "user":
+            raise Unsupported("showing which mode a flow ran in")
+        return []
+    listed = [f for f in net.call("flows", limit=10000) if f["action"] == action.id]
+    assert listed, f"the enforcer lists no flow that action {action.id} admitted: none ran in {mode} mode"
+    entries: dict[str, dict[tuple[Any, Any], tuple[int, bool]]] = {}
+    for flow in listed:
+        what = f"{flow['flow']}, admitted by action {action.id} in a {mode}-mode row"
+        protocol, src, _, dst = flow["flow"].split()
+        if protocol not in entries:
+            entries[protocol] = _conntrack_entries(net, protocol)
+        # a kernel-mode redirect's entry is the flow to the fw's redirect port
+        targets = {_endpoint(dst)}
+        if flow["redirect"] is not None:
+            targets.add((ipaddress.ip_address(flow["redirect"][0]), int(flow["redirect"][1])))
+        found = [entry for (origin, target), entry in entries[protocol].items()
+                 if origin == _endpoint(src) and target in targets]
+        assert len(found) == 1, f"{what}: {len(found)} conntrack entries of it in the fw, not one"
+        mark, replied = found[0]
+        assert flow["mode"] == mode, f"{what}: the enforcer ran it in {flow['mode']} mode"
+        assert mark & FLOW_MODE_MASK == FLOW_MODE_MARKS[mode], \
+            f"{what}: its conntrack mark {mark:#010x} is not {mode} mode's ({FLOW_MODE_MARKS[mode]:#010x} " \
+            f"of {FLOW_MODE_MASK:#010x})"
+        if mode == "kernel":
+            assert flow["packets_back"] == 0, \
+                f"{what}: the enforcer saw {flow['packets_back']} of its replies, which the kernel carries"
+        elif replied and not mark & ONE_WAY_MARK:
+            assert flow["packets_back"] > 0, \
+                f"{what}: the kernel saw a reply of it, the enforcer none, as if the kernel carried them"
+    return listed
 
 
 def pending_actions(net: Net, session_of: str = "c1") -> list[dict[str, Any]]:

@@ -17,6 +17,7 @@ from scapy.layers.inet import UDP
 from scapy.layers.l2 import Ether
 
 from testbed import socks5, timeouts
+from testbed.agent import multiset_digest
 from testbed.checks import expect_no_packet
 from testbed.clauses.helpers import (
     FTP_GUID,
@@ -172,14 +173,16 @@ def test_a_target_s_replies_need_bidirectional(socks_net: Net, kind: str) -> Non
                 assert got["reply"] is None, f"a reply was relayed without BIDIRECTIONAL: {got}"
                 drop.sent("the target's reply", ip(net, server, net.fw_external())
                           / UDP(sport=port, dport=udp_bind_port(net)))
-            assert target.stats()["bytes_in"] == len(b"request"), "the datagram did not reach the target"
+            assert target.stats()["digest"] == multiset_digest([b"request"]), \
+                "the datagram did not reach the target as sent"
             relay = conn.reply["address"], int(conn.reply["port"])
             expect_no_packet(net.fw_sent(since), ip(net, relay[0], net.addr("c1")) / UDP(sport=relay[1]),
                              timeout=0)
             assert counter(net, "socks: UDP reply dropped, one way") >= 1
             return
         got = conn.udp(server, port, b"request", expect_reply=True)
-        assert target.stats()["bytes_in"] == len(b"request"), "the datagram did not reach the target"
+        assert target.stats()["digest"] == multiset_digest([b"request"]), \
+            "the datagram did not reach the target as sent"
         assert got["reply"] == b"request" and got["from"] == [server, port], got
         # another port of the target's host: not the target, and the bind is not approved
         with dropped_silently(net, "s1") as drop:

@@ -11,10 +11,13 @@ from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Ether
 
+from testbed.agent import multiset_digest
 from testbed.checks import expect_no_packet, expect_packet
 from testbed.clauses.helpers import (
     NEGATIVE,
     answers_to,
+    assert_echoed,
+    assert_ran_in_mode,
     datagram,
     decisions_for,
     dropped_silently,
@@ -80,13 +83,12 @@ def test_allowed_primary_passes_and_is_offloaded(net: Net) -> None:
     src, dst = net.addr("c1"), net.addr("s1")
     with s1.tcp_server(dst, 21) as ftp, s1.udp_server(dst, 53) as dns:
         result = c1.tcp_connect(dst, 21, send_bytes=200_000)
-        assert result["connected"], f"c1 -> {dst}:21 was not admitted: {result['error']}"
-        assert result["received"] == result["sent"] == 200_000, result
+        assert_echoed(result, 200_000, f"c1 -> {dst}:21")
         peers = [p[0] for p in ftp.stats()["peers"]]
         assert peers == [net.source_seen_by_server("c1")], peers
         answer = c1.udp_send(dst, 53, b"query", expect_reply=True)
         assert answer["reply"] == b"query", answer
-        assert dns.stats()["bytes_in"] == len(b"query")
+        assert dns.stats()["digest"] == multiset_digest([b"query"]), "the query did not reach s1 as sent"
     # 200 kB took well over a hundred packets; the enforcer decided exactly one of them.
     local_port = result["local"][1]
     decided = [d for d in decisions_for(net, 21, src) if d["flow"].split(" ")[1].endswith(f":{local_port}")]
@@ -122,7 +124,7 @@ def test_primary_not_allowed_by_policy_is_dropped(net: Net, client: str, server:
     if why == "no protocol rule lets" and port == 80:
         with srv.tcp_server(dst, port):
             ok = net.agent(allowed_client).tcp_connect(dst, port, send_bytes=100)
-            assert ok["connected"], f"c1 may use HTTP but was refused: {ok['error']}"
+            assert_echoed(ok, 100, "c1's HTTP, which it may use")
 
 
 # --- GEN-03: fail-closed (rule 15, lockdown) ----------------------------------------------
@@ -162,8 +164,7 @@ def assert_locked_down(net: Net) -> None:
         expect_no_packet(at_s1, to_server / UDP(dport=53), timeout=0)
         expect_no_packet(at_c1, TCP(sport=40012), timeout=0)
         inner = c1.tcp_connect(net.fw_internal(), FW_SERVICE, send_bytes=100)
-        assert inner["connected"] and inner["received"] == 100, \
-            f"the fw's service did not answer the inside either: {inner}"
+        assert_echoed(inner, 100, "the fw's service, from the inside")
 
 
 def _end(net: Net, how: str) -> None:
@@ -196,17 +197,18 @@ def test_locked_down_whenever_the_enforcer_is_not_running(net: Net, how: str, mo
     c1, s1 = net.agent("c1"), net.agent("s1")
     server = net.addr("s1")
     with net.client() as api, s1.tcp_server(server, SECONDARY_TCP):
-        grant(net, api, (server, SECONDARY_TCP))
+        action = grant(net, api, (server, SECONDARY_TCP))
         with c1.tcp_open(server, SECONDARY_TCP) as admitted:
             assert admitted.connected, admitted.error
-            assert admitted.exchange(10_000)["received"] == 10_000
+            assert_echoed(admitted.exchange(10_000), 10_000, "the admitted flow")
+            assert_ran_in_mode(net, action)
             _end(net, how)
             assert_locked_down(net)
-            after = admitted.exchange(10_000, timeout=NEGATIVE)["received"]
+            after = admitted.exchange(10_000, timeout=NEGATIVE)
             if mode == "user":
-                assert not after, "a user-mode flow went on without its enforcer"
+                assert not after["received"], "a user-mode flow went on without its enforcer"
             elif how != "never started":  # (unload, the operator's command, cut it there)
-                assert after == 10_000, "a flow admitted in kernel mode was cut when the enforcer stopped"
+                assert_echoed(after, 10_000, "the flow admitted in kernel mode, once the enforcer stopped")
     net.enforcer.start()
     rules = _pinhole_rules(net)
     for chain in ("FORWARD", "INPUT"):
@@ -214,7 +216,7 @@ def test_locked_down_whenever_the_enforcer_is_not_running(net: Net, how: str, mo
     assert rules.count("-A PINHOLE-FORWARD -j DROP") == 2, rules
     with s1.tcp_server(server, 21):
         ok = c1.tcp_connect(server, 21, send_bytes=100)
-    assert ok["connected"] and ok["received"] == 100, f"no primary after the start: {ok}"
+    assert_echoed(ok, 100, "a primary after the start")
 
 
 @pytest.mark.clause("GEN-03")
@@ -268,8 +270,7 @@ def test_fail_open_only_when_configured(net: Net) -> None:
             drop.tcp("an unpermitted flow, fail-open with the enforcer alive", dst, SECONDARY_TCP)
         net.enforcer.kill()
         dead = c1.tcp_connect(dst, SECONDARY_TCP, send_bytes=100_000)
-        assert dead["connected"] and dead["received"] == 100_000, \
-            f"fail-open with the enforcer dead should pass traffic: {dead}"
+        assert_echoed(dead, 100_000, "an unpermitted flow, fail-open with the enforcer dead")
         net.enforcer.start(fail_open=True)
         assert net.enforcer.stop() == 0
         assert not _pinhole_rules(net), "a fail-open stop left rules"
@@ -280,5 +281,5 @@ def test_fail_open_only_when_configured(net: Net) -> None:
                 expect_packet(at_server, ip(net, net.addr("c1"), dst) / TCP(sport=40020))
         else:
             stopped = c1.tcp_connect(dst, SECONDARY_TCP, send_bytes=100_000)
-            assert stopped["connected"] and stopped["received"] == 100_000, stopped
+            assert_echoed(stopped, 100_000, "an unpermitted flow, fail-open after a clean stop")
             assert listener.stats()["accepted"] == 2

@@ -14,7 +14,7 @@ from scapy.layers.inet import TCP
 from enforcer.client import IpFilter, SessionApiError
 from testbed import timeouts
 from testbed.checks import expect_packet
-from testbed.clauses.helpers import dropped_silently, fw_session, socks_open, syn
+from testbed.clauses.helpers import assert_echoed, dropped_silently, fw_session, socks_open, syn
 from testbed.lab import GUIDS, SOCKS_PORT, SOCKS_USERS
 from testbed.plugin import Net
 from testbed.session_api import (
@@ -243,7 +243,7 @@ def test_another_session_on_the_same_ip_only_with_address_based(net: Net, addres
                 drop.tcp("c1's SecureNAT connection on alice's grant", dst, port)
         with socks_open(net, "c1", "alice", "connect", dst, port) as own:
             assert own.reply is not None and own.reply["code"] == 0, own.reply
-            assert own.exchange(10_000)["received"] == 10_000
+            assert_echoed(own.exchange(10_000), 10_000, "alice's own connection on her grant")
         assert server.stats()["accepted"] == 1 + 2 * address_based
 
 

@@ -13,10 +13,13 @@ from scapy.layers.inet6 import ICMPv6DestUnreach, ICMPv6PacketTooBig, IPerror6, 
 from scapy.packet import Packet
 
 from testbed import timeouts
+from testbed.agent import multiset_digest
 from testbed.checks import expect_packet
 from testbed.clauses.helpers import (
     FTP_GUID,
     NEGATIVE,
+    assert_echoed,
+    assert_ran_in_mode,
     checksums_ok,
     datagram,
     dropped_silently,
@@ -82,15 +85,15 @@ def test_internal_address_leads_to_the_first_connect_address(net: Net, mode: str
             drop.tcp("a connection direct to the target", dst, 31001)
         assert action.state == "pending"
         result = c1.tcp_connect(internal, port, send_bytes=200_000)
-        assert result["connected"], f"the redirected connection failed: {result['error']}"
-        assert result["sent"] == result["received"] == 200_000, result
+        assert_echoed(result, 200_000, "the redirected connection")
         assert [p[0] for p in server.stats()["peers"]] == [net.fw_external(0)]
         assert action.state == "consumed"
+        listed = assert_ran_in_mode(net, action)
         if net.own_enforcer:  # its port ranges, and the flow it holds
             low, high = net.call("status")["redirect_ports"][mode]["range"]
             assert low <= port <= high, f"{mode}-mode redirect port {port} is outside {low}-{high}"
-            (flow,) = [f for f in net.call("flows", limit=10000) if f["action"] == action.id]
-            assert flow["mode"] == mode and flow["redirect"] == [internal, port], flow
+            (flow,) = listed
+            assert flow["redirect"] == [internal, port], flow
     # a crafted SYN arrives at the target from the fw, its checksum valid
     with net.client() as api:
         (internal, port), _ = redirect(net, api, [(dst, 31002)])
@@ -119,10 +122,13 @@ def test_n_addresses_get_consecutive_ports_each_cancellable_alone(net: Net, mode
         actions[0].cancel()
         with dropped_silently(net, "c1") as drop:
             drop.tcp("a connection to the cancelled port", internal, base)
-        assert c1.tcp_connect(internal, base + 2, send_bytes=1000)["connected"]
-        assert c1.tcp_connect(internal, base + 1, send_bytes=1000)["connected"]
+        for i in (2, 1):
+            assert_echoed(c1.tcp_connect(internal, base + i, send_bytes=1000), 1000,
+                          f"the connection to redirect port {i}")
         assert [s.stats()["accepted"] for s in (first, second, third)] == [0, 1, 1]
         assert [a.state for a in actions] == ["cancelled", "consumed", "consumed"]
+        for action in actions[1:]:
+            assert_ran_in_mode(net, action)
     if before is None:
         return
     assert redirect_ports_in_use(net) == before, "the block did not return to its pool"
@@ -140,9 +146,10 @@ def test_proxy_external_address(net: Net, mode: str, requested: int | None) -> N
     dst, port = net.addr("s1"), 31031 + (2 if requested is None else requested)
     proxy = None if requested is None else net.fw_external(requested)
     with net.client() as api, s1.tcp_server(dst, port) as server:
-        (internal, base), _ = redirect(net, api, [(dst, port)], proxy_external_address=proxy)
-        assert c1.tcp_connect(internal, base, send_bytes=1000)["connected"]
+        (internal, base), (action,) = redirect(net, api, [(dst, port)], proxy_external_address=proxy)
+        assert_echoed(c1.tcp_connect(internal, base, send_bytes=1000), 1000, "the redirected connection")
         seen = server.stats()["peers"][0][0]
+        assert_ran_in_mode(net, action)
     assert seen == (proxy or net.fw_external(0)), f"left from {seen}"
 
 
@@ -152,21 +159,24 @@ def test_single_use_and_allow_multiple(net: Net, mode: str) -> None:
     dst = net.addr("s1")
     with net.client() as api, s1.tcp_server(dst, 31041) as server:
         (internal, base), (single,) = redirect(net, api, [(dst, 31041)])
-        assert c1.tcp_connect(internal, base, send_bytes=100)["connected"]
+        assert_echoed(c1.tcp_connect(internal, base, send_bytes=100), 100, "the single-use connection")
         assert single.state == "consumed"
+        assert_ran_in_mode(net, single)
         with dropped_silently(net, "c1") as drop:
             drop.tcp("the second connection", internal, base)
         (internal, base), (multiple,) = redirect(net, api, [(dst, 31041)], flags=Flags.ALLOW_MULTIPLE)
         held = c1.tcp_open(internal, base)
         try:
             assert held.connected, held.error
-            for _ in range(2):
-                assert c1.tcp_connect(internal, base, send_bytes=100)["connected"]
+            for i in range(2):
+                assert_echoed(c1.tcp_connect(internal, base, send_bytes=100), 100,
+                              f"sequential connection {i} to the ALLOW_MULTIPLE redirect")
             assert multiple.info()["admitted"] == 3
             multiple.cancel()
             with dropped_silently(net, "c1") as drop:
                 drop.tcp("a connection after Cancel", internal, base)
-            assert held.exchange(20_000)["received"] == 20_000, "Cancel cut an admitted flow"
+            assert_echoed(held.exchange(20_000), 20_000, "the flow admitted before Cancel")
+            assert_ran_in_mode(net, multiple)
         finally:
             held.close()
         with pytest.raises(Terminating, match="cancelled"):
@@ -184,14 +194,15 @@ def test_timeout_and_the_invalid_combination(net: Net, mode: str) -> None:
     dst = net.addr("s1")
     with net.client() as api, s1.tcp_server(dst, 31042) as server:
         (internal, unused_port), (unused,) = redirect(net, api, [(dst, 31042)], flags=Flags.TIMEOUT)
-        (internal, used_port), _ = redirect(net, api, [(dst, 31042)], flags=Flags.TIMEOUT)
+        (internal, used_port), (used,) = redirect(net, api, [(dst, 31042)], flags=Flags.TIMEOUT)
         with c1.tcp_open(internal, used_port) as admitted:
             assert admitted.connected, admitted.error
             wait_past_expiry(unused)
             with dropped_silently(net, "c1") as drop:
                 drop.tcp("a connection past the deadline", internal, unused_port)
             assert unused.state == "expired"
-            assert admitted.exchange(20_000)["received"] == 20_000, "the expiry cut an admitted flow"
+            assert_echoed(admitted.exchange(20_000), 20_000, "the flow admitted before the expiry")
+            assert_ran_in_mode(net, used)
         before, pools = pending_actions(net), redirect_ports_in_use(net)
         with pytest.raises(InvalidArgument, match="cannot be combined"):
             redirect(net, api, [(dst, 31042)], flags=Flags.TIMEOUT | Flags.ALLOW_MULTIPLE)
@@ -214,7 +225,10 @@ def test_udp_redirect_replies_come_from_the_internal_address(net: Net, mode: str
         assert reply[UDP].underlayer.src == internal, reply.summary()
         assert checksums_ok(reply), reply.show(dump=True)
         assert server.stats()["peers"][0][0] == net.fw_external(0)
+        assert server.stats()["digest"] == multiset_digest([b"redirected datagram"]), \
+            "the datagram did not reach the target as sent"
         assert action.state == "consumed"
+        assert_ran_in_mode(net, action)
         # a new flow (another client port) to the consumed single-use port gets nowhere
         with dropped_silently(net, "c1") as drop:
             drop.udp("a second flow to the single-use redirect", internal, base, b"again")
@@ -257,8 +271,10 @@ def test_increase_receive_buffer(net: Net, mode: str) -> None:
         assert plain.info()["receive_buffer"] is None
         assert small["accepted"] < BURST, \
             f"all {BURST} datagrams passed a 4 KiB queue buffer: this test cannot tell"
-    _, large, increased = _burst(net, mode, Flags.INCREASE_RECEIVE_BUFFER)
+    sent, large, increased = _burst(net, mode, Flags.INCREASE_RECEIVE_BUFFER)
     assert large["accepted"] == BURST, f"{BURST - large['accepted']} of {BURST} datagrams were lost"
+    assert large["digest"] == sent["digest"], "the datagrams that reached s1 are not those sent"
+    assert_ran_in_mode(net, increased)
     assert increased.info()["receive_buffer"] >= 65536, increased.info()
     if net.own_enforcer:
         assert net.call("status")["receive_buffer"] >= 65536
@@ -275,7 +291,9 @@ def test_connect_events_go_to_filters_registered_on_the_port(net: Net, mode: str
         other = elsewhere.register_filter("watches 40000-40010")
         elsewhere.register_connect_events(other, "tcp", (40000, 40010))
         (internal, base), (action,) = redirect(net, granting, [(dst, 31071)])
-        local = c1.tcp_connect(internal, base, send_bytes=10)["local"]
+        result = c1.tcp_connect(internal, base, send_bytes=10)
+        assert_echoed(result, 10, "the redirected connection")
+        local = result["local"]
         event = watching.next_event(timeouts.POSITIVE)
         assert event is not None, "no connect event"
         assert event["event"] == "connect" and event["filter"] == watcher and event["secondary"] is True
@@ -287,11 +305,12 @@ def test_connect_events_go_to_filters_registered_on_the_port(net: Net, mode: str
         assert watching.next_event(NEGATIVE) is None, "more than one event for one connection"
         assert elsewhere.next_event(0.05) is None, "a filter registered elsewhere was told"
         assert granting.next_event(0.05) is None, "the granting connection registered nothing"
+        assert_ran_in_mode(net, action)
         # a primary connection to a registered port is an event too, not secondary
         primaries = watching.register_filter("watches FTP")
         watching.register_connect_events(primaries, "tcp", (21, 21))
         with s1.tcp_server(dst, 21):
-            assert c1.tcp_connect(dst, 21, send_bytes=10)["connected"]
+            assert_echoed(c1.tcp_connect(dst, 21, send_bytes=10), 10, "the primary connection")
         event = watching.next_event(timeouts.POSITIVE)
         assert event is not None and event["filter"] == primaries and event["secondary"] is False
         assert event["action"] is None and event["internal"] is None
@@ -304,10 +323,11 @@ def _transfer(net: Net, mode: str, tcp_port: int, udp_port: int) -> dict[str, An
     out: dict[str, Any] = {}
     with net.client() as api, s1.tcp_server(dst, tcp_port) as tcp_server, \
             s1.udp_server(dst, udp_port) as udp_server:
-        (internal, base), _ = redirect(net, api, [(dst, tcp_port)], mode=mode)
+        (internal, base), (tcp_action,) = redirect(net, api, [(dst, tcp_port)], mode=mode)
         with s1.sniff(net.iface("s1")) as at_server, c1.sniff(net.iface("c1")) as at_client:
             tcp = c1.tcp_connect(internal, base, send_bytes=1_000_000, timeout=20)
-            (internal, ubase), _ = redirect(net, api, [(dst, udp_port)], protocol="udp", mode=mode)
+            (internal, ubase), (udp_action,) = redirect(net, api, [(dst, udp_port)], protocol="udp",
+                                                        mode=mode)
             # paced: a datagram sent while its flow's first is still with the enforcer shares
             # an unconfirmed conntrack entry, which the kernel will not queue (it drops it)
             udp = c1.udp_burst(internal, ubase, 100, 1200, expect_replies=True, gap=0.005)
@@ -329,7 +349,9 @@ def _transfer(net: Net, mode: str, tcp_port: int, udp_port: int) -> dict[str, An
         sources = {p[TCP if TCP in p else UDP].underlayer.src for p in client_side}
         out["client sees"] = sorted(sources)
         out["server sees"] = sorted({p[TCP if TCP in p else UDP].underlayer.src for p in server_side})
-        out["tcp"] = {k: tcp[k] for k in ("connected", "sent", "received", "error")}
+        assert_echoed(tcp, 1_000_000, f"{mode} mode's redirected connection")
+        for action in (tcp_action, udp_action):
+            assert_ran_in_mode(net, action, mode)
         out["udp"] = {k: udp[k] for k in ("sent", "digest", "replies", "reply_digest", "error")}
         out["udp server"] = {k: udp_server.stats()[k] for k in ("accepted", "bytes_in", "digest")}
         out["tcp server"] = {k: tcp_server.stats()[k] for k in ("accepted", "bytes_in")}
@@ -344,7 +366,6 @@ def test_kernel_and_user_mode_give_identical_transfers(net: Net) -> None:
     the SYN's TCP options intact."""
     results = {mode: _transfer(net, mode, 31081 + i, 31083 + i) for i, mode in enumerate(MODES)}
     kernel, user = results["kernel"], results["user"]
-    assert kernel["tcp"] == {"connected": True, "sent": 1_000_000, "received": 1_000_000, "error": None}
     assert kernel["udp"]["replies"] == 100 and kernel["udp"]["reply_digest"] == kernel["udp"]["digest"]
     assert kernel["udp server"]["digest"] == kernel["udp"]["digest"]
     assert kernel["client sees"] == [kernel["internal"]] and kernel["server sees"] == [net.fw_external(0)]
@@ -371,7 +392,7 @@ def _icmp_error(net: Net, mode: str, port: int, kind: str) -> dict[str, Any]:
     with net.client() as api, s1.udp_server(dst, port + 100, echo=False) as server:
         # nothing listens on ``port``: for port unreachable, the target's stack answers
         target = port if kind == "port-unreachable" else port + 100
-        (internal, base), _ = redirect(net, api, [(dst, target)], protocol="udp", mode=mode)
+        (internal, base), (action,) = redirect(net, api, [(dst, target)], protocol="udp", mode=mode)
         with c1.sniff(net.iface("c1")) as at_client:
             if kind == "port-unreachable":
                 answer = c1.udp_send(internal, base, b"anyone there?", expect_reply=True)
@@ -400,6 +421,7 @@ def _icmp_error(net: Net, mode: str, port: int, kind: str) -> dict[str, Any]:
                     # forget the path MTU the error taught c1, for the next mode's turn
                     net.lab.tb.run("c1", ["ip", "-6" if not v4 else "-4", "route", "flush", "cache"])
             got = expect_packet(at_client, expected)
+        assert_ran_in_mode(net, action, mode)
     assert checksums_ok(got), got.show(dump=True)
     inner, outer = got[IPerror if v4 else IPerror6], got[IP if v4 else IPv6]
     return {"outer": (outer.src, outer.dst), "inner": (inner.src, inner.dst),
@@ -433,8 +455,10 @@ def test_established_connection_event(net: Net, mode: str) -> None:
         context = {"token": "rdc-09"}
         (internal, base), (action,) = redirect(net, mine, [(dst, 31101)], flags=Flags.ALLOW_MULTIPLE,
                                                session_filter=my_filter, context=context)
-        locals_ = [c1.tcp_connect(internal, base, send_bytes=10)["local"] for _ in range(2)]
-        for local in locals_:
+        results = [c1.tcp_connect(internal, base, send_bytes=10) for _ in range(2)]
+        for i, result in enumerate(results):
+            assert_echoed(result, 10, f"redirected connection {i}")
+        for local in [result["local"] for result in results]:
             event = mine.next_event(timeouts.POSITIVE)
             assert event is not None, "missing established_connection event"
             assert event["event"] == "established_connection" and event["filter"] == my_filter
@@ -444,6 +468,7 @@ def test_established_connection_event(net: Net, mode: str) -> None:
             assert event["external"] == net.fw_external(0)
         assert mine.next_event(NEGATIVE) is None, "more events than admitted flows"
         assert other.next_event(0.05) is None, "another filter got the event"
+        assert_ran_in_mode(net, action)
 
 
 @pytest.mark.clause("RDC-10")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from testbed.clauses.helpers import FTP_GUID
+from testbed.clauses.helpers import FTP_GUID, assert_echoed, assert_ran_in_mode
 from testbed.flood import VICTIM_PORT, Flood, first_syn_delays, kernel_refusals
 from testbed.lab import SOCKS_PORT
 from testbed.plugin import Net
@@ -40,6 +40,7 @@ def test_another_clients_connections_open_promptly_under_a_flood(filtering: Net,
             loud = first_syn_delays(net, "c1", "s1", CONNECTIONS)
             overlapped = flood.running
         after, refused = net.call("status")["counters"], kernel_refusals(net) - refused_before
+        assert_ran_in_mode(net, grant, mode)
         grant.cancel()
     print(f"\nROB-01 {net.lab.variant}/{net.family}/{mode}: without the flood {quiet.summary()}; "
           f"under it {loud.summary()}; flood: {flood.counts.summary()}")
@@ -90,9 +91,9 @@ def test_a_client_that_exhausts_the_enforcers_descriptors_stops_no_one(net: Net)
             spent = _cpu_seconds(pid) - cpu
             assert spent < 0.5, f"the enforcer spent {spent:.2f} s of CPU in 2 s: spinning on EMFILE"
             with s1.tcp_server(net.addr("s1"), 21):
-                for _ in range(5):
-                    ok = c1.tcp_connect(net.addr("s1"), 21, send_bytes=1000)
-                    assert ok["connected"] and ok["received"] == 1000, ok
+                for i in range(5):
+                    assert_echoed(c1.tcp_connect(net.addr("s1"), 21, send_bytes=1000), 1000,
+                                  f"c1's connection {i}, the enforcer out of descriptors")
         # c2 let go: the listeners come back within their longest rest
         deadline = time.monotonic() + 5
         while True:

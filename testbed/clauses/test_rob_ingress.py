@@ -24,6 +24,7 @@ from scapy.layers.l2 import Ether
 from testbed.clauses.helpers import (
     FTP_GUID,
     assert_dropped_silently,
+    assert_ran_in_mode,
     datagram,
     fw_session,
     grant,
@@ -118,6 +119,8 @@ def test_a_host_cannot_use_a_permission_of_the_other_networks_client(net: Net, m
             assert sorted(p[0] for p in tcp.stats()["peers"]) == \
                 sorted(net.addr(victim) for _, victim in ATTACKS)
         assert {a.state for pair in actions.values() for a in pair} == {"consumed"}
+        for action in (a for pair in actions.values() for a in pair):
+            assert_ran_in_mode(net, action)
 
 
 @pytest.mark.clause("ROB-05")
@@ -144,6 +147,7 @@ def test_a_host_cannot_use_a_redirect_of_the_other_networks_client(net: Net, mod
             for victim, (address, port, action) in redirects.items():
                 talk(net, victim, address, port)
                 assert action.state == "consumed"
+                assert_ran_in_mode(net, action)
 
 
 @pytest.mark.clause("ROB-05")

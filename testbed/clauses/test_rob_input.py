@@ -39,7 +39,7 @@ from scapy.layers.l2 import Ether
 from scapy.packet import Raw
 
 from testbed.checks import expect_no_packet
-from testbed.clauses.helpers import FTP_GUID, NEGATIVE, fw_session, grant, socks_open
+from testbed.clauses.helpers import FTP_GUID, NEGATIVE, assert_echoed, fw_session, grant, socks_open
 from testbed.fuzz import Allowed, Fuzz, flow_of
 from testbed.lab import CONTROL_REQUEST_LIMIT, SOCKS_PORT, SOCKS_USERS
 from testbed.plugin import Net
@@ -106,8 +106,7 @@ def still_deciding(net: Net) -> None:
     datagram of one is answered."""
     c1, s1, s2 = net.agent("c1"), net.agent("s1"), net.agent("s2")
     with s1.tcp_server(net.addr("s1"), 21), s2.udp_server(net.addr("s2"), 53):
-        result = c1.tcp_connect(net.addr("s1"), 21, send_bytes=50_000)
-        assert result["connected"] and result["error"] is None and result["received"] == 50_000, result
+        assert_echoed(c1.tcp_connect(net.addr("s1"), 21, send_bytes=50_000), 50_000, "an allowed primary")
         answer = net.agent("c2").udp_send(net.addr("s2"), 53, b"still deciding", expect_reply=True)
         assert answer["reply"] == b"still deciding", answer
 
@@ -214,9 +213,8 @@ def test_random_and_malformed_packets_at_every_fw_interface_admit_nothing(net: N
         assert bound.accept(timeout=0.2) is None, "a peer connected through a bind nobody approved"
         with s1.tcp_server(net.addr("s1"), GRANTED), s1.tcp_server(net.addr("s1"), REDIRECTED):
             for dst, dport in ((net.addr("s1"), GRANTED), (internal, port)):
-                result = c1.tcp_connect(dst, dport, send_bytes=20_000)
-                assert result["connected"] and result["error"] is None, result
-                assert result["received"] == 20_000
+                assert_echoed(c1.tcp_connect(dst, dport, send_bytes=20_000), 20_000,
+                              f"the connection to {dst} port {dport}, pending through the fuzzing")
         assert action.state == "consumed" and redirect.state == "consumed"
         still_deciding(net)
 
@@ -292,8 +290,8 @@ def test_malformed_control_requests_get_error_replies_and_the_enforcer_goes_on(n
                     assert reader.readline() == b""
         with net.client() as api, net.agent("s1").tcp_server(net.addr("s1"), GRANTED):
             action = grant(net, api, (net.addr("s1"), GRANTED))
-            result = net.agent("c1").tcp_connect(net.addr("s1"), GRANTED, send_bytes=20_000)
-            assert result["connected"] and result["error"] is None and result["received"] == 20_000
+            assert_echoed(net.agent("c1").tcp_connect(net.addr("s1"), GRANTED, send_bytes=20_000), 20_000,
+                          "the granted connection")
             assert action.state == "consumed"
         still_deciding(net)
 
@@ -390,7 +388,6 @@ def test_malformed_socks_messages_get_the_answer_they_call_for(net: Net) -> None
     with s1.tcp_server(net.addr("s1"), 21) as server, \
             socks_open(net, "c1", "alice", "connect", net.addr("s1"), 21) as relayed:
         assert relayed.reply is not None and relayed.reply["code"] == 0, (relayed.error, relayed.reply)
-        exchanged = relayed.exchange(20_000)
-        assert exchanged["error"] is None and exchanged["received"] == 20_000, exchanged
+        assert_echoed(relayed.exchange(20_000), 20_000, "alice's relayed connection")
         assert server.stats()["accepted"] == 1
     still_deciding(net)

@@ -19,6 +19,7 @@ from testbed import socks5, timeouts
 from testbed.checks import expect_no_packet, expect_packet
 from testbed.clauses.helpers import (
     FTP_GUID,
+    assert_echoed,
     datagram,
     decisions_for,
     dropped_silently,
@@ -194,8 +195,7 @@ def test_user_mode_flows_stop_at_the_cap_and_those_held_go_on(net: Net) -> None:
             assert reasons[-1].startswith("refused: the user_flows_per_client cap (2)"), reasons
             echoed(a, b"first" * 300)
             echoed(b, b"second" * 300)
-            kernel = c1.tcp_connect(dst, 21, send_bytes=5000)  # a kernel-mode primary
-            assert kernel["connected"] and kernel["received"] == 5000, kernel
+            assert_echoed(c1.tcp_connect(dst, 21, send_bytes=5000), 5000, "a kernel-mode primary")
         assert action.info()["admitted"] == 2
     cap = limits_of(net)["user_flows_per_client"]
     assert cap["refused"] >= 1 and cap["top"][0] == [net.addr("c1"), 2], cap
@@ -232,7 +232,7 @@ def test_a_filtered_flow_keeps_its_filter_through_a_flood_of_other_flows(net: Ne
             assert limits["flow_history"]["used"] == 20 and limits["user_flows_total"]["used"] == 7, limits
             for n in (10, 125, 60):  # the filter, and its sequence shifts, are all still there
                 assert filtered.talk(b"ping----" * n, expect=9 * n) == b"PONG?----" * n
-            assert filtered.exchange(50_000)["received"] == 50_000
+            assert_echoed(filtered.exchange(50_000), 50_000, "the filtered flow, after the flood")
         (listed,) = [f for f in net.call("flows", limit=10000) if f["flow"].endswith(f":{48001}")]
         assert listed["data_filter"] == "shout" and listed["held"] is not None, listed
 

@@ -2,9 +2,11 @@
 
 The service runs in a Loop of its own, driven by ``pump`` in the test's thread, with a
 clock the test moves. 127.0.0.0/16 is the internal network (clients connect from
-127.0.0.1, or from an address of their own in it); each rig takes a random /24 of
-127.1.0.0/16 as its external address, so that tests run side by side do not share
-bind ports; 127.2.0.0/16 is "outside". The engine relays nothing to loopback targets
+127.0.0.1, or from an address of their own in it); 127.1.0.0/16 is the external one;
+127.2.0.0/16 is "outside". Each rig holds an address of each (``claim``) that no other
+live rig has: the service listens on the internal one, where a UDP ASSOCIATE's relay
+takes the bind's port, and binds on the external one, so that rigs side by side (test
+workers) never share a bind port. The engine relays nothing to loopback targets
 (rule 14), so CONNECT is checked end to end (tests/e2e, testbed/clauses/test_fwc.py);
 the handshake, BIND (a peer connects to the bind itself), UDP ASSOCIATE and the caps
 are checked here.
@@ -13,6 +15,7 @@ are checked here.
 from __future__ import annotations
 
 import contextlib
+import errno
 import ipaddress
 import random
 import socket
@@ -32,6 +35,7 @@ from enforcer.socks_service import SocksService
 USERS = {"alice": "alice-secret", "bob": "bob-secret"}
 INTERNAL = {"lo": (ipaddress.ip_network("127.0.0.0/16"),)}
 OUTSIDE = "127.2.0.1"
+CLAIM_PORT = 20999  # below every bind port range the rigs use, and below the ephemeral ports
 # the shared policy, with loopback clients allowed what the lab's are (FTP, DNS)
 POLICY = policy_from_dict({**POLICY_DATA, "protocol_rule": [
     *POLICY_DATA["protocol_rule"],
@@ -47,19 +51,38 @@ class Clock:
         return self.now
 
 
+def claim(network: str, held: list[socket.socket]) -> ipaddress.IPv4Address:
+    """A random address of ``network`` (a /16's first two bytes) that no other live rig
+    holds, in this process or another: holding it is having a UDP socket bound to its
+    CLAIM_PORT, added to ``held``."""
+    while True:
+        address = ipaddress.IPv4Address(f"{network}.{random.randrange(256)}.{random.randrange(2, 255)}")
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            s.bind((str(address), CLAIM_PORT))
+        except OSError as exc:
+            s.close()
+            if exc.errno != errno.EADDRINUSE:
+                raise
+            continue  # held by another rig
+        held.append(s)
+        return address
+
+
 class Rig:
     def __init__(self, require_auth: bool = True, bind_ports: tuple[int, int] = (21000, 21999),
                  **limits: Any) -> None:
         self.clock = Clock()
-        self.external = ipaddress.ip_address(f"127.1.{random.randrange(256)}.{random.randrange(1, 255)}")
+        self.sockets: list[socket.socket] = []
+        self.internal = claim("127.0", self.sockets)
+        self.external = claim("127.1", self.sockets)
         self.engine = Engine(POLICY, INTERNAL, (self.external,), bind_ports=bind_ports,
                              limits=Limits(**limits))
         self.loop = Loop(self.engine.counters, self.clock)
         self.service = SocksService(self.engine, self.loop, self.clock,
                                     SocksSettings(0, bind_ports, require_auth, USERS),
-                                    [ipaddress.ip_address("127.0.0.1")], lambda: None)
+                                    [self.internal], lambda: None)
         self.address = self.service.listeners[0].getsockname()[:2]
-        self.sockets: list[socket.socket] = []
 
     @property
     def errors(self) -> int:

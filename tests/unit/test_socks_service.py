@@ -205,7 +205,7 @@ def udp_bind(rig: Rig) -> Bind:
 def associate(rig: Rig, host: str = "0.0.0.0", port: int = 0) -> tuple[socket.socket, tuple[str, int]]:
     s, (code, address, relay_port) = rig.request(UDP_ASSOCIATE, host, port)
     assert code is Reply.SUCCEEDED, code
-    assert address == "127.0.0.1" and relay_port == udp_bind(rig).port, "the relay port is the bind's"
+    assert address == str(rig.internal) and relay_port == udp_bind(rig).port, "the relay port is the bind's"
     return s, (address, relay_port)
 
 

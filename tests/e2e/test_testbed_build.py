@@ -80,10 +80,6 @@ def _addrs(tb: Testbed, node: str, ifname: str) -> set[str]:
             if a.get("scope") == "global"}
 
 
-def test_build_is_fast(routed_tb: Testbed, nat_tb: Testbed) -> None:
-    assert routed_tb.build_seconds is not None and routed_tb.build_seconds < 5
-    assert nat_tb.build_seconds is not None and nat_tb.build_seconds < 5
-
 
 def test_namespaces_are_named_and_recorded(routed_tb: Testbed) -> None:
     assert len(routed_tb.id) == 6
@@ -160,7 +156,6 @@ def test_split_has_two_internal_networks_each_on_its_own_fw_interface(split_tb: 
     """c3 sits behind int1, c1 and c2 behind int0; each reaches the servers and the other
     network through the fw, by its own gateway, and the servers reach both."""
     topo = split_tb.topology
-    assert split_tb.build_seconds is not None and split_tb.build_seconds < 5
     for node in topo.hosts:
         for iface in node.interfaces:
             assert _addrs(split_tb, node.name, iface.name) == set(iface.addresses)

@@ -26,11 +26,13 @@ from testbed.clauses.helpers import (
     assert_dropped_silently,
     assert_ran_in_mode,
     datagram,
+    exchange_datagram,
     fw_session,
     grant,
     probe_port,
     socks_open,
     syn,
+    talk,
 )
 from testbed.plugin import Net
 from testbed.session_api import Flags
@@ -48,21 +50,6 @@ def echo_servers(net: Net, tcp_port: int, udp_port: int) -> Iterator[tuple[Any, 
     s1, address = net.agent("s1"), net.addr("s1")
     with s1.tcp_server(address, tcp_port) as tcp, s1.udp_server(address, udp_port) as udp:
         yield tcp, udp
-
-
-def talk(net: Net, node: str, address: str, port: int) -> None:
-    """``node`` connects and gets back what it sent."""
-    data = f"{node} on its own connection to {address} port {port}".encode()
-    with net.agent(node).tcp_open(address, port) as conn:
-        assert conn.connected, f"{node}'s own connection was not admitted: {conn.error}"
-        assert conn.talk(data, len(data)) == data
-
-
-def exchange_datagram(net: Net, node: str, address: str, port: int) -> None:
-    """``node`` sends a datagram and gets it back."""
-    data = f"{node}'s own datagram to {address} port {port}".encode()
-    answer = net.agent(node).udp_send(address, port, data, expect_reply=True)
-    assert answer["reply"] == data, f"{node}'s own datagram: {answer}"
 
 
 @pytest.mark.clause("ROB-05")

@@ -16,16 +16,25 @@ import pytest
 from scapy.layers.inet import TCP, UDP
 
 from testbed import socks5, timeouts
+from testbed.agent import multiset_digest
 from testbed.checks import expect_no_packet, expect_packet
 from testbed.clauses.helpers import (
     FTP_GUID,
+    NEGATIVE,
+    anywhere,
+    assert_dropped_silently,
     assert_echoed,
+    assert_ran_in_mode,
     datagram,
     decisions_for,
     dropped_silently,
+    fw_session,
     grant,
+    ip,
+    probe_port,
     socks_open,
     syn,
+    talk,
 )
 from testbed.lab import SOCKS_PORT, SOCKS_USERS, USER_MODE_MARK
 from testbed.plugin import Net
@@ -262,3 +271,174 @@ def test_a_packet_of_a_user_mode_flow_the_enforcer_does_not_know_is_dropped(net:
         assert after == before + 1, (before, after)
     finally:
         net.lab.tb.run("fw", ["conntrack", "-D", "-f", net.family, *entry], check=False)
+
+
+# --- each cap at its edge: at cap - 1 the request works, at the cap it is refused --------------
+
+@pytest.mark.topologies("routed")  # the caps do not depend on the topology
+@pytest.mark.clause("ROB-02")
+def test_a_client_s_tracked_flows_stop_at_flows_per_client(net: Net) -> None:
+    """flows_per_client 3, enforced by the kernel before the queue: c1's third FTP connection
+    opens; a fourth's SYN (a primary policy admits) reaches the fw and goes no further,
+    unanswered, and never reaches the enforcer; the three go on, c2 connects; once one of
+    c1's closes, c1's next opens."""
+    net.lab.use(net.enforcer.name, limits={"flows_per_client": 3})
+    c1, s1 = net.agent("c1"), net.agent("s1")
+    dst = net.addr("s1")
+    with s1.tcp_server(dst, 21), c1.tcp_open(dst, 21) as first, c1.tcp_open(dst, 21) as second:
+        with c1.tcp_open(dst, 21) as third:
+            assert first.connected and second.connected and third.connected, \
+                (first.error, second.error, third.error)
+            beyond = syn(net, net.addr("c1"), dst, probe_port(), 21)
+            assert_dropped_silently(net, [("c1", beyond)])
+            if net.own_enforcer:  # the kernel dropped it before the queue
+                assert not [d for d in decisions_for(net, 21, net.addr("c1"))
+                            if f":{beyond[TCP].sport} ->" in d["flow"]]
+            for conn in (first, second, third):
+                echoed(conn, b"a flow held at the cap" * 50)
+            talk(net, "c2", dst, 21)
+        talk(net, "c1", dst, 21)  # (a closed connection is no longer counted)
+
+
+# How many new flows a client may start at once (limits.new_flows_per_second's burst, a tenth
+# of the rate and at least 10), at the rate the check sets: one a second, which no part of the
+# check waits long enough to see refilled but where it says so
+NEW_FLOWS_AT_ONCE = 10
+
+
+@pytest.mark.topologies("routed")  # the caps do not depend on the topology
+@pytest.mark.clause("ROB-02")
+def test_a_client_s_new_flows_stop_at_new_flows_per_second(net: Net) -> None:
+    """new_flows_per_second 1 (10 at once), enforced by the kernel before the queue: with c1's
+    connection held (its token back after a second), 10 new DNS flows of c1's at once reach
+    s1 (the datagrams compared); an eleventh reaches the fw and goes no further, unanswered;
+    c2 is not held back; the held connection goes on; a second later c1 starts a new flow."""
+    net.lab.use(net.enforcer.name, limits={"new_flows_per_second": 1})
+    c1, s1 = net.agent("c1"), net.agent("s1")
+    src, dst = net.addr("c1"), net.addr("s1")
+    with s1.tcp_server(dst, 21), s1.udp_server(dst, 53, echo=False) as dns, c1.tcp_open(dst, 21) as held:
+        assert held.connected, held.error
+        time.sleep(1.2)  # the held connection's token comes back: the bucket is full again
+        payloads = [f"new flow {i} of c1's".encode() for i in range(NEW_FLOWS_AT_ONCE)]
+        c1.send([datagram(net, src, dst, probe_port(), 53, p) for p in payloads])
+        started = time.monotonic()
+        assert_dropped_silently(net, [("c1", datagram(net, src, dst, probe_port(), 53, b"one too many"))])
+        assert dns.stats()["accepted"] == NEW_FLOWS_AT_ONCE, dns.stats()
+        assert dns.stats()["digest"] == multiset_digest(payloads), dns.stats()
+        talk(net, "c2", dst, 21)
+        echoed(held, b"a flow started before the cap" * 50)
+        time.sleep(max(0.0, started + 1.1 - time.monotonic()))  # a token again
+        talk(net, "c1", dst, 21)
+
+
+@pytest.mark.topologies("routed")  # the caps do not depend on the topology
+@pytest.mark.clause("ROB-02")
+def test_user_mode_flows_stop_at_user_flows_total_and_the_grant_stays_pending(net: Net) -> None:
+    """user_flows_total 2: c1's user-mode flow, then c2's (the second) open; c1's next SYN under
+    a single-use user-mode grant reaches the fw and goes no further, unanswered, and the grant
+    stays pending; the two flows go on, and a kernel-mode flow is not held back."""
+    net.lab.use(net.enforcer.name, limits={"user_flows_total": 2})
+    c1, c2, s1 = net.agent("c1"), net.agent("c2"), net.agent("s1")
+    dst = net.addr("s1")
+    user = Flags.ALLOW_MULTIPLE | Flags.NO_KERNEL_MODE
+    sessions = {node: net.session(node) for node in ("c1", "c2")}
+    with net.client() as api, s1.tcp_server(dst, 21), s1.tcp_server(dst, 47101), \
+            s1.tcp_server(dst, 47102):
+        held = [api.allow_future_connect(session, (dst, 47101), protocol_guid=FTP_GUID, flags=user)
+                for session in sessions.values()]
+        single = api.allow_future_connect(sessions["c1"], (dst, 47102), protocol_guid=FTP_GUID,
+                                          flags=Flags.NO_KERNEL_MODE)
+        with c1.tcp_open(dst, 47101) as first, c2.tcp_open(dst, 47101) as second:
+            assert first.connected and second.connected, (first.error, second.error)
+            beyond = syn(net, net.addr("c1"), dst, probe_port(), 47102)
+            assert_dropped_silently(net, [("c1", beyond)])
+            if net.own_enforcer:
+                (reason,) = [d["reason"] for d in decisions_for(net, 47102, net.addr("c1"))
+                             if f":{beyond[TCP].sport} ->" in d["flow"]]
+                assert reason.startswith("refused: the user_flows_total cap (2)"), reason
+                assert single.state == "pending", "a flow refused at the cap used the grant"
+            echoed(first, b"c1's user-mode flow at the cap" * 50)
+            echoed(second, b"c2's user-mode flow at the cap" * 50)
+            for action in held:  # (the cap's are user-mode flows)
+                assert_ran_in_mode(net, action, "user")
+            talk(net, "c1", dst, 21)  # a kernel-mode primary
+
+
+@pytest.mark.topologies("routed")  # the caps do not depend on the topology
+@pytest.mark.clause("ROB-02")
+def test_an_association_s_targets_stop_at_socks_udp_targets(net: Net) -> None:
+    """socks_udp_targets 2: alice's UDP ASSOCIATE sends to s1's and s2's DNS port (the second
+    target) and gets the answers; her datagram to a third target, which her BIDIRECTIONAL
+    grant admits, reaches the relay and goes no further (the target gets nothing); the first
+    target still answers; a new association of hers reaches the third."""
+    net.lab.use(net.enforcer.name, limits={"socks_udp_targets": 2})
+    s1, s2 = net.agent("s1"), net.agent("s2")
+    dst, third = net.addr("s1"), 47201
+    with s1.udp_server(dst, 53), s2.udp_server(net.addr("s2"), 53), s1.udp_server(dst, third) as target, \
+            socks_open(net, "c1", "alice", "udp", anywhere(net), 0) as conn, net.client() as api:
+        assert conn.reply is not None and conn.reply["code"] == 0, (conn.error, conn.reply)
+        api.allow_future_connect(fw_session(net, "c1", "alice"), (dst, third), protocol="udp",
+                                 protocol_guid=FTP_GUID, flags=Flags.ALLOW_MULTIPLE | Flags.BIDIRECTIONAL)
+        for host in (dst, net.addr("s2")):
+            payload = f"to {host}'s DNS port".encode()
+            got = conn.udp(host, 53, payload, expect_reply=True)
+            assert (got["reply"], got["from"]) == (payload, [host, 53]), got
+        since = time.time()
+        got = conn.udp(dst, third, b"to a third target", expect_reply=True, timeout=NEGATIVE)
+        assert got["reply"] is None, f"the association reached a third target: {got}"
+        expect_packet(net.fw_received(net.topology.fw_iface_facing("c1"), since),
+                      ip(net, net.addr("c1"), conn.reply["address"]) / UDP(dport=int(conn.reply["port"])))
+        expect_no_packet(net.fw_sent(since), lambda p: UDP in p and p[UDP].dport == third, timeout=0)
+        assert target.stats()["accepted"] == 0
+        again = conn.udp(dst, 53, b"the first target again", expect_reply=True)
+        assert again["reply"] == b"the first target again", again
+        with socks_open(net, "c1", "alice", "udp", anywhere(net), 0) as other:
+            assert other.reply is not None and other.reply["code"] == 0, (other.error, other.reply)
+            got = other.udp(dst, third, b"a new association", expect_reply=True)
+            assert got["reply"] == b"a new association", got
+
+
+IDLE = 3.0  # seconds: the session_idle_timeout of the check of its edge
+
+
+@pytest.mark.topologies("routed")  # the caps do not depend on the topology
+@pytest.mark.clause("ROB-02")
+def test_a_securenat_session_does_not_end_before_its_idle_timeout(net: Net) -> None:
+    """session_idle_timeout 3 s: c1's session, idle since the grant it asked for half a second
+    less than that ago, is still there: the grant admits c1's connection (echoed). (That an
+    idle session ends and cancels its grants: the checks above and AFC-16.)"""
+    net.lab.use(net.enforcer.name, limits={"session_idle_timeout": IDLE})
+    dst, port = net.addr("s1"), 47301
+    with net.client() as api, net.agent("s1").tcp_server(dst, port):
+        session = net.session("c1")
+        grant(net, api, (dst, port))
+        granted = time.monotonic()  # the session's last activity was before this
+        time.sleep(IDLE - 0.5)
+        assert time.monotonic() - granted < IDLE, "the check slept too long to tell"
+        talk(net, "c1", dst, port)
+        if net.own_enforcer:
+            assert session in [s["id"] for s in net.call("sessions")], \
+                f"c1's session ended after {time.monotonic() - granted:.1f} s, before {IDLE:g} s idle"
+
+
+@pytest.mark.topologies("routed")  # the caps do not depend on the topology
+@pytest.mark.clause("ROB-02")
+def test_kernel_mode_flows_beyond_flow_history_are_admitted_and_the_oldest_forgotten(net: Net) -> None:
+    """flow_history 3: c1's fourth kernel-mode connection opens too (nothing is refused for
+    this cap), and all four carry data; the enforcer lists the last three."""
+    net.lab.use(net.enforcer.name, limits={"flow_history": 3})
+    c1, dst = net.agent("c1"), net.addr("s1")
+    with net.agent("s1").tcp_server(dst, 21):
+        held = [c1.tcp_open(dst, 21) for _ in range(4)]
+        try:
+            assert all(conn.connected for conn in held), [conn.error for conn in held]
+            for conn in held:
+                echoed(conn, b"a kernel-mode flow beyond the history" * 50)
+            if net.own_enforcer:
+                listed = [f["flow"] for f in net.call("flows", limit=10000)]
+                ports = [f":{conn.local[1]} ->" for conn in held if conn.local is not None]
+                assert [p for p in ports if any(p in flow for flow in listed)] == ports[1:], listed
+                assert limits_of(net)["flow_history"]["used"] == 3
+        finally:
+            for conn in held:
+                conn.close()

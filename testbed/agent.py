@@ -62,6 +62,11 @@ CALL_TIMEOUT = 15.0
 CALL_MARGIN = 10.0
 # How long close() waits for each step (EOF, SIGTERM) before escalating.
 CLOSE_STEP = 3.0
+# A capture socket's receive buffer: what arrives while the sniffer's thread waits for the
+# CPU waits there (a check's whole traffic, a 1 MB transfer each way included) instead of
+# being dropped; Scapy asks for 64 KiB. Set past net.core.rmem_max (root): SO_RCVBUFFORCE.
+CAPTURE_BUFFER = 32 << 20
+SO_RCVBUFFORCE = 33  # Linux; Python's socket module lacks it
 
 
 class AgentError(RuntimeError):
@@ -463,18 +468,24 @@ class Agent:
         return dict(res)
 
     def udp_burst(self, addr: str, port: int, count: int, size: int | list[int], *,
-                  expect_replies: bool, timeout: float | None = None, gap: float = 0.0) -> dict[str, Any]:
+                  expect_replies: bool, timeout: float | None = None,
+                  first_answered: bool = False) -> dict[str, Any]:
         """Send ``count`` datagrams of ``size`` bytes (or of the sizes listed, one each)
-        from one socket, ``gap`` seconds apart; if ``expect_replies``, collect answers
-        until ``timeout`` passes without one.
+        from one socket, at once; if ``expect_replies``, collect answers until ``timeout``
+        passes without one. With ``first_answered``, the first datagram goes alone and the
+        rest only once its answer is back (within ``timeout``; none is an error and ends
+        the burst): they then travel a flow the firewall has admitted both ways, however
+        long its verdict on the first took.
 
         Returns ``{"sent", "local", "digest", "replies", "reply_digest", "error"}``:
-        order-independent digests of the datagrams sent and received.
+        order-independent digests of the datagrams sent and received (the first
+        datagram's answer counted with the rest).
         """
         t = timeouts.POSITIVE if timeout is None else timeout
         res = self.call("udp_burst", {"addr": addr, "port": port, "count": count, "size": size,
-                                      "expect_replies": expect_replies, "timeout": t, "gap": gap},
-                        timeout=t + 30 + count * gap + CALL_MARGIN)
+                                      "expect_replies": expect_replies, "timeout": t,
+                                      "first_answered": first_answered},
+                        timeout=(2 if first_answered else 1) * t + 30 + CALL_MARGIN)
         res["local"] = tuple(res["local"]) if res.get("local") else None
         return dict(res)
 
@@ -743,6 +754,7 @@ class _SniffState:
         self.lock = threading.Lock()
         self.started = threading.Event()
         self.sniffer: Any = None
+        self.socket: Any = None  # the capture socket the sniffer reads (closed with it)
 
     def add(self, pkt: Any) -> None:
         item = [type(pkt).__name__, _b64(bytes(pkt)), float(pkt.time)]
@@ -1148,28 +1160,32 @@ class _AgentServer:
         return None
 
     def m_sniff_start(self, iface: str, bpf: str | None = None) -> dict[str, Any]:
+        from scapy.config import conf
         from scapy.sendrecv import AsyncSniffer
 
+        def failed(exc: BaseException | None) -> RuntimeError:
+            return RuntimeError(f"sniffer on {iface} (bpf {bpf!r}) did not start: {exc!r}")
+
         st = _SniffState()
-        kwargs: dict[str, Any] = {
-            "iface": iface,
-            "prn": st.add,
-            "store": False,
-            "started_callback": st.started.set,
-        }
-        if bpf:
-            kwargs["filter"] = bpf
-        st.sniffer = AsyncSniffer(**kwargs)
+        try:
+            st.socket = conf.L2listen(iface=iface, filter=bpf or None)
+        except Exception as exc:  # no such interface, a filter that does not compile
+            raise failed(exc) from None
+        # what arrives while the sniffer's thread waits for the CPU is kept, not dropped
+        st.socket.ins.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, CAPTURE_BUFFER)
+        st.sniffer = AsyncSniffer(opened_socket=st.socket, prn=st.add, store=False,
+                                  started_callback=st.started.set)
         st.sniffer.start()
         deadline = time.monotonic() + 10.0
         while not st.started.wait(0.01):
             thread = st.sniffer.thread
             if st.sniffer.exception is not None or (thread is not None and not thread.is_alive()):
-                exc = st.sniffer.exception
-                raise RuntimeError(f"sniffer on {iface} (bpf {bpf!r}) did not start: {exc!r}")
+                st.socket.close()
+                raise failed(st.sniffer.exception)
             if time.monotonic() > deadline:
                 with contextlib.suppress(Exception):
                     st.sniffer.stop(join=False)
+                st.socket.close()
                 raise RuntimeError(f"sniffer on {iface} did not start within 10 s")
         sid = next(self._ids)
         with self._lock:
@@ -1198,6 +1214,7 @@ class _AgentServer:
         st = self._sniffer(sid)
         if st.sniffer.running:
             st.sniffer.stop(join=True)
+        st.socket.close()
 
     def m_sniff_forget(self, sid: int) -> None:
         with self._lock:
@@ -1587,7 +1604,8 @@ class _AgentServer:
         return {"sent": sent, "seconds": time.monotonic() - started}
 
     def m_udp_burst(self, addr: str, port: int, count: int, size: int | list[int],
-                    expect_replies: bool, timeout: float = 3.0, gap: float = 0.0) -> dict[str, Any]:
+                    expect_replies: bool, timeout: float = 3.0,
+                    first_answered: bool = False) -> dict[str, Any]:
         where = _fmt_addr(addr, port)
         res: dict[str, Any] = {"sent": 0, "local": None, "digest": None, "replies": 0,
                                "reply_digest": None, "error": None}
@@ -1595,18 +1613,23 @@ class _AgentServer:
         sock = socket.socket(_family(addr), socket.SOCK_DGRAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+            sock.settimeout(timeout)
             sock.connect((addr, port))
             res["local"] = list(sock.getsockname()[:2])
             sizes = size if isinstance(size, list) else [size] * count
             for i in range(count):
-                if gap and i:
-                    time.sleep(gap)
                 data = _burst_payload(i, sizes[i])
                 sock.send(data)
                 sent = _multiset_digest(sent, data)
                 res["sent"] += 1
-            sock.settimeout(timeout)
-            while expect_replies and res["replies"] < count:
+                if first_answered and i == 0:
+                    try:
+                        replies = _multiset_digest(replies, sock.recv(65535))
+                    except TimeoutError:
+                        res["error"] = f"no answer to the first datagram to {where} within {timeout:g} s"
+                        break
+                    res["replies"] += 1
+            while expect_replies and res["error"] is None and res["replies"] < count:
                 try:
                     replies = _multiset_digest(replies, sock.recv(65535))
                 except TimeoutError:

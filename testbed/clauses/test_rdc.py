@@ -328,9 +328,12 @@ def _transfer(net: Net, mode: str, tcp_port: int, udp_port: int) -> dict[str, An
             tcp = c1.tcp_connect(internal, base, send_bytes=1_000_000, timeout=20)
             (internal, ubase), (udp_action,) = redirect(net, api, [(dst, udp_port)], protocol="udp",
                                                         mode=mode)
-            # paced: a datagram sent while its flow's first is still with the enforcer shares
-            # an unconfirmed conntrack entry, which the kernel will not queue (it drops it)
-            udp = c1.udp_burst(internal, ubase, 100, 1200, expect_replies=True, gap=0.005)
+            # the first datagram alone, the rest once it is answered: sent while the first
+            # awaits its verdict, each would be a new flow to the kernel (an unconfirmed
+            # conntrack entry of its own), which a firewall may count against the client's
+            # new-flow rate and drop (the enforcer's kernel cap does, in kernel mode), however
+            # well it rewrites an admitted flow, which is what is compared here
+            udp = c1.udp_burst(internal, ubase, 100, 1200, expect_replies=True, first_answered=True)
             expect_packet(at_server, UDP(dport=udp_port))
             expect_packet(at_client, UDP(sport=ubase))
         client_side = [p for p in at_client.packets() if (TCP in p and p[TCP].sport == base)
@@ -389,7 +392,8 @@ def _icmp_error(net: Net, mode: str, port: int, kind: str) -> dict[str, Any]:
     dst = net.addr("s1")
     v4 = net.family == "ipv4"
     too_big: Packet = ICMP(type=3, code=4) if v4 else ICMPv6PacketTooBig()
-    with net.client() as api, s1.udp_server(dst, port + 100, echo=False) as server:
+    # fw-mtu: the server answers the flow's first datagram (see below)
+    with net.client() as api, s1.udp_server(dst, port + 100, echo=(kind == "fw-mtu")) as server:
         # nothing listens on ``port``: for port unreachable, the target's stack answers
         target = port if kind == "port-unreachable" else port + 100
         (internal, base), (action,) = redirect(net, api, [(dst, target)], protocol="udp", mode=mode)
@@ -410,10 +414,12 @@ def _icmp_error(net: Net, mode: str, port: int, kind: str) -> dict[str, Any]:
                 ext = net.topology.fw_external_iface
                 net.lab.tb.run("fw", ["ip", "link", "set", ext, "mtu", "1280"])
                 try:
-                    # one small datagram first: an error about a flow's very first packet
-                    # cannot reach a queue (see dataplane), so user mode cannot translate it
+                    # one small datagram first, answered: an error about a flow's very first
+                    # packet cannot reach a queue (see dataplane), so user mode cannot
+                    # translate it; the answer shows the flow admitted before the big one
                     answer = c1.udp_burst(internal, base, 2, [64, 1400], expect_replies=False,
-                                          gap=0.2)
+                                          first_answered=True)
+                    assert answer["error"] is None, answer
                     expected = too_big
                     expect_packet(at_client, expected)  # before the MTU is back
                 finally:

@@ -217,8 +217,10 @@ class _TrivialApi(SessionApi):
             return [{"id": 1 + i, "client": topo.address(name, family), "kind": "securenat",
                      "user": None} for i, (name, family) in
                     enumerate(itertools.product(clients, FAMILIES))]
-        if method in ("allow_future_connect", "register_filter"):
-            return {"action": next(self._ids), "filter": next(self._ids)}
+        if method == "allow_future_connect":
+            return {"action": next(self._ids)}
+        if method == "register_filter":
+            return {"filter": next(self._ids)}
         if method == "redirect_connections":
             family: Family = "ipv6" if ":" in str(params["addresses"][0][0]) else "ipv4"
             first = 40000 + next(self._ids) % 10000

@@ -324,8 +324,17 @@ def sweep(*, all_: bool = False) -> list[str]:
     for led in dead:
         desc = "" if not led.tag else f" ({led.tag})"
         removed.extend(f"{item}{desc}" for item in teardown(led))
-    claimed = {ns for led in keep for ns in led.namespaces.values()}
-    for ns in namespaces:
-        if ns not in claimed and delete_namespace(ns):
+    for ns in unclaimed(namespaces, keep):
+        if delete_namespace(ns):
             removed.append(f"stray namespace {ns}")
     return removed
+
+
+def unclaimed(seen_before: list[str], live: list[Ledger]) -> list[str]:
+    """The namespaces of ``seen_before`` (listed *before* ``live`` was read)
+    that no live ledger claims and that still exist. A namespace that vanished
+    meanwhile was torn down by its owner (which removes the ledger after the
+    namespace), so it is not counted as stray."""
+    claimed = {ns for led in live for ns in led.namespaces.values()}
+    still_there = set(list_namespaces())
+    return [ns for ns in seen_before if ns not in claimed and ns in still_there]

@@ -55,8 +55,10 @@ from testbed.plugin import Net
 from testbed.session_api import Flags, IpFilterWire, wire_ipfilter
 
 # The targets' ports, each with the one above it (the port a differing flow takes): none
-# twice in a lab, so that no flow of an earlier check meets a later one
-PORTS = itertools.count(36000, 2)
+# twice in a lab, so that no flow of an earlier check meets a later one; below Linux's
+# ephemeral ports (32768-60999), so that no client socket of a host holds one a check
+# listens on there, and below the fw's bind ports (20000-29999)
+PORTS = itertools.count(14000, 2)
 NOT_ALLOWED = 2  # SOCKS5 reply code (RFC 1928 section 6): connection not allowed by ruleset
 
 

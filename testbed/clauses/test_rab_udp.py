@@ -30,7 +30,7 @@ from testbed.session_api import Flags, IpFilterWire, flag_names
 TFTP = GUIDS["TFTP"]
 # The ports of clients' binds and of peers: none twice in a lab, so that no conntrack
 # entry of an earlier check (an admitted flow lives on) meets a later one
-PORTS = itertools.count(43100)
+PORTS = itertools.count(17000)  # below the ephemeral ports and the fw's bind ports (20000-29999)
 KINDS = ["securenat", "firewall-client"]
 NO_FLAGS = Flags(0)
 

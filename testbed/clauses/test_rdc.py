@@ -243,7 +243,9 @@ def _burst(net: Net, mode: str, flags: Flags) -> tuple[dict[str, Any], dict[str,
     with net.client() as api, s1.udp_server(dst, port, echo=False) as server:
         (internal, base), (action,) = redirect(net, api, [(dst, port)], protocol="udp", flags=flags,
                                                mode=mode)
-        # (in kernel mode only the flow's first datagram is queued: no pause needed)
+        # (not in kernel mode: there every datagram sent before the first one's verdict is a
+        # new flow of its own, which the per-client new-flow cap would thin out paused; once
+        # admitted, the flow no longer goes through the queue)
         with net.enforcer.paused() if mode == "user" else contextlib.nullcontext():
             sent = c1.udp_burst(internal, base, BURST, 1000, expect_replies=False)
             time.sleep(0.2)  # (the last datagrams are in the fw's queue, or dropped there)
@@ -262,8 +264,9 @@ def test_increase_receive_buffer(net: Net, mode: str) -> None:
     """With the queue socket's buffer cut to 4 KiB, a burst of 40 datagrams through a
     user-mode redirect, sent while the enforcer is paused, loses some; with
     INCREASE_RECEIVE_BUFFER the buffer is at least 64 KiB (the action says so) and the
-    same burst arrives whole. (In kernel mode only a flow's first datagram is queued:
-    there the burst shows the flag costs nothing, but cannot show a loss without it.)"""
+    same burst arrives whole. (In kernel mode an admitted flow no longer goes through the
+    queue: there the burst, unpaused, shows the flag costs nothing, but cannot show a loss
+    without it.)"""
     net.enforcer.stop()
     net.enforcer.start(dataplane={"receive_buffer": 4096})
     if mode == "user":

@@ -43,10 +43,10 @@ def _ns_of(tb_id: str) -> list[str]:
 def _nothing_left_behind() -> Iterator[None]:
     yield
     assert not [n for i in CREATED for n in _ns_of(i)], "namespaces left behind"
-    # Whatever ph-* namespace remains must belong to someone else's live testbed.
-    claimed = {ns for led in ledger.all_ledgers() if led.is_live()
-               for ns in led.namespaces.values()}
-    stray = [n for n in _netns_list() if n.startswith("ph-") and n not in claimed]
+    # Whatever ph-* namespace remains must belong to someone else's live testbed
+    # (listed before the ledgers are read: other runs build and tear down meanwhile).
+    seen = [n for n in _netns_list() if n.startswith(ledger.NS_PREFIX)]
+    stray = ledger.unclaimed(seen, [led for led in ledger.all_ledgers() if led.is_live()])
     assert not stray, f"unclaimed ph- namespaces: {stray}"
 
 

@@ -1309,13 +1309,15 @@ class _AgentServer:
         ``expect`` bytes that come back, or fewer once they match ``until``."""
         sock, _ = self._conn(cid)
         data = _unb64(payload)
+        sock.settimeout(timeout)  # (not what the last call's reading left)
         if pieces:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             for size in pieces:
                 sock.sendall(data[:size])
                 data = data[size:]
                 time.sleep(0.05)
-        sock.sendall(data)
+        if data:  # (nothing to send: no wait for room in a full send buffer)
+            sock.sendall(data)
         pattern = re.compile(until, re.M) if until else None
         received = b""
         deadline = time.monotonic() + timeout

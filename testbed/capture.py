@@ -1,7 +1,7 @@
 """Per-test packet capture on the firewall namespace.
 
 ``FwCapture(netns, path)`` runs
-``tcpdump -i any -U --immediate-mode -y LINUX_SLL2 -w path`` inside
+``tcpdump -i any -U --immediate-mode -y LINUX_SLL2 -s SNAPLEN -B BUFFER_KIB -w path`` inside
 ``netns`` (Linux cooked capture v2 records the interface of every packet), waits
 until tcpdump reports that it is listening, and ``stop()`` ends it with SIGINT
 so the pcap is complete. ``FwPackets`` reads such a pcap while it grows, as a
@@ -26,6 +26,13 @@ from typing import Any, Self
 
 __all__ = ["SLL2_OUTGOING", "CaptureError", "FwCapture", "FwPackets", "read_pcap"]
 
+# The capture's whole packets (an IP packet, GRO's included, is at most 64 KiB) and its
+# kernel buffer (KiB): in immediate mode libpcap gives each packet a ring slot of the
+# snapshot length, so tcpdump's defaults (262144 bytes, 2 MiB) leave 8 slots, which a
+# tcpdump waiting for the CPU on a loaded machine overran (packets missing from a pcap);
+# these leave 128.
+SNAPLEN = 65535
+BUFFER_KIB = 8192
 # How long to wait for tcpdump to say it is listening.
 START_TIMEOUT = 10.0
 # How long to wait for tcpdump to exit after SIGINT before killing it.
@@ -39,7 +46,7 @@ class CaptureError(RuntimeError):
 class FwCapture:
     """tcpdump on every interface of ``netns``, written to ``path``; a context manager."""
 
-    def __init__(self, netns: str, path: Path | str, *, snaplen: int = 0) -> None:
+    def __init__(self, netns: str, path: Path | str, *, snaplen: int = SNAPLEN) -> None:
         self.netns = netns
         self.path = Path(path)
         self._stderr: collections.deque[str] = collections.deque(maxlen=50)
@@ -66,7 +73,7 @@ class FwCapture:
         cmd = [
             "ip", "netns", "exec", self.netns,
             tcpdump, "-i", "any", "-U", "--immediate-mode", "-n", "-y", "LINUX_SLL2",
-            "-s", str(snaplen), "-Z", "root", "-w", str(self.path),
+            "-s", str(snaplen), "-B", str(BUFFER_KIB), "-Z", "root", "-w", str(self.path),
         ]
         self._proc = subprocess.Popen(
             cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE

@@ -55,6 +55,8 @@ FLOW_MODE_MASK, FLOW_MODE_MARKS = MARK_MODE, {"kernel": MARK_KERNEL, "user": MAR
 ONE_WAY_MARK = MARK_ONE_WAY
 USER_MODE_MARK = f"0x{MARK_USER:08x}"  # (as conntrack's --mark takes it)
 CONTROL_REQUEST_LIMIT = MAX_REQUEST
+# The lab policy's [defaults] max_pending_per_session (ROB-02 checks it at its edge)
+MAX_PENDING_PER_SESSION = 1024
 
 
 def _toml_list(items: list[str]) -> str:
@@ -91,7 +93,7 @@ def lab_config(tb: Testbed, *, socket: Path, fail_open: bool = False, queue: int
         "",
         "[defaults]",
         f"permission_timeout = {permission_timeout}",
-        "max_pending_per_session = 1024",
+        f"max_pending_per_session = {MAX_PENDING_PER_SESSION}",
     ]
     for name, (proto, port) in PORTS.items():
         out += ["", "[[protocol]]", f'name = "{name}"', f'guid = "{GUIDS[name]}"',

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from typing import Any
 
+import pytest
 from scapy.layers.inet import ICMP, IP, TCP, UDP, TCPerror, UDPerror
 from scapy.layers.inet6 import IPv6, _ICMPv6
 from scapy.layers.l2 import Ether
@@ -23,7 +24,7 @@ from testbed.checks import CheckFailed, expect_no_packet, expect_packet, is_nois
 from testbed.drivers import Unsupported
 from testbed.lab import FLOW_MODE_MARKS, FLOW_MODE_MASK, GUIDS, ONE_WAY_MARK, SOCKS_PORT, SOCKS_USERS
 from testbed.plugin import Net
-from testbed.session_api import Action, Flags, SessionCalls
+from testbed.session_api import Action, Flags, SessionApiError, SessionCalls
 
 
 def ip(net: Net, src: str, dst: str) -> Packet:
@@ -465,3 +466,10 @@ def fw_session(net: Net, node: str, user: str) -> int:
            and s["client"] == net.addr(node) and s["user"] == user]
     assert ids, f"no Firewall-client session of {user} on {node}"
     return int(max(ids))
+
+
+def refused(net: Net, error: type[SessionApiError], message: str) -> Any:
+    """``pytest.raises`` for a session call that SPEC.md answers with ``error``: its result
+    code, from any firewall; from pinhole's enforcer, also a message naming the problem
+    (``message``, a regular expression; another firewall's texts are its own)."""
+    return pytest.raises(error, match=message if net.own_enforcer else None)

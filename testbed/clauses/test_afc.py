@@ -25,6 +25,7 @@ from testbed.clauses.helpers import (
     ip,
     pending_actions,
     probe_port,
+    refused,
     socks_open,
     syn,
     wait_for_state,
@@ -177,7 +178,7 @@ def test_invalid_arguments_create_nothing(net: Net, params: dict[str, object], m
     if request.get("proxy_external_address") == "OTHER":
         request["proxy_external_address"] = net.addr("c1")  # an address, but not an external one of ours
     before = pending_actions(net)
-    with net.client() as api, pytest.raises(InvalidArgument, match=message):
+    with net.client() as api, refused(net, InvalidArgument, message):
         api.call("allow_future_connect", **request)
     assert pending_actions(net) == before
 
@@ -259,7 +260,7 @@ def test_protocol_rules_deny_creates_nothing(net: Net) -> None:
     """c2 may not use HTTP: a grant on HTTP's behalf is FWX_E_POLICY_RULES_DENIED."""
     with net.client() as api:
         before = pending_actions(net, "c2")
-        with pytest.raises(PolicyRulesDenied, match=r"no protocol rule lets .* use HTTP"):
+        with refused(net, PolicyRulesDenied, r"no protocol rule lets .* use HTTP"):
             api.allow_future_connect(net.session("c2"), (net.addr("s1"), 30071),
                                      protocol_guid=GUIDS["HTTP"])
         with pytest.raises(PolicyRulesDenied):
@@ -276,7 +277,7 @@ def test_site_rules_deny_creates_nothing(net: Net) -> None:
     denied = net.addr("s2", 1)
     with net.client() as api, net.agent("s2").tcp_server(denied, 30081) as server:
         before = pending_actions(net)
-        with pytest.raises(NetworkRulesDenied, match="site rule 'the denied lab network'"):
+        with refused(net, NetworkRulesDenied, "site rule 'the denied lab network'"):
             grant(net, api, (denied, 30081))
         assert pending_actions(net) == before
         with dropped_silently(net, "c1") as drop:
@@ -301,21 +302,21 @@ def test_cancel_semantics(net: Net, mode: str) -> None:
                 drop.tcp("a connection after Cancel", dst, 30091)
             assert_echoed(admitted.exchange(10_000), 10_000, "the flow admitted before Cancel")
         assert_ran_in_mode(net, multiple)
-        with pytest.raises(Terminating, match="cancelled"):
+        with refused(net, Terminating, "cancelled"):
             multiple.cancel()
 
         consumed = grant(net, api, (dst, 30092))
         assert_echoed(c1.tcp_connect(dst, 30092, send_bytes=10), 10, "the single-use grant's connection")
-        with pytest.raises(Terminating, match="consumed"):
+        with refused(net, Terminating, "consumed"):
             consumed.cancel()
 
         expired = grant(net, api, (dst, 30093), flags=Flags.TIMEOUT)
         wait_past_expiry(expired)  # the deadline is shown by a packet, before the API is asked
         with dropped_silently(net, "c1") as drop:
             drop.tcp("a connection past the deadline", dst, 30093)
-        with pytest.raises(Terminating, match="expired"):
+        with refused(net, Terminating, "expired"):
             expired.cancel()
-        with pytest.raises(InvalidArgument, match="no action"):
+        with refused(net, InvalidArgument, "no action"):
             api.call("cancel", action=10**9)
 
 
@@ -411,7 +412,7 @@ def test_session_end_cancels_pending_permissions(net: Net, mode: str) -> None:
                 drop.tcp("a connection after the session's end", dst, 30132)
             assert_echoed(admitted.exchange(10_000), 10_000, "the flow the ended session admitted")
             assert_ran_in_mode(net, admitting)
-        with pytest.raises(InvalidArgument, match="no session"):
+        with refused(net, InvalidArgument, "no session"):
             api.call("end_session", session=session)
         assert session not in [s["id"] for s in net.call("sessions")]
 

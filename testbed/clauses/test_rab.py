@@ -14,7 +14,7 @@ from scapy.layers.inet import TCP
 from enforcer.client import IpFilter, SessionApiError
 from testbed import timeouts
 from testbed.checks import expect_packet
-from testbed.clauses.helpers import assert_echoed, dropped_silently, fw_session, socks_open, syn
+from testbed.clauses.helpers import assert_echoed, dropped_silently, fw_session, refused, socks_open, syn
 from testbed.lab import GUIDS, SOCKS_PORT, SOCKS_USERS
 from testbed.plugin import Net
 from testbed.session_api import (
@@ -162,9 +162,9 @@ def test_result_codes(net: Net) -> None:
                              ({"protocol": "icmp"}, "'protocol' must be")):
             request = {"session": session, "protocol": "tcp", "port": port,
                        "address": net.fw_external(0), "protocol_guid": FTP, **bad}
-            with pytest.raises(InvalidArgument, match=message):
+            with refused(net, InvalidArgument, message):
                 net.call("retroactive_allow_bind", **request)
-        with pytest.raises(NotFound, match="no tcp bind"):
+        with refused(net, NotFound, "no tcp bind"):
             allow(net, session, port + 1 if port + 1 != other_port else port + 2)
         with pytest.raises(NotFound):
             allow(net, session, other_port)  # bob's bind is not alice's session's
@@ -176,7 +176,7 @@ def test_result_codes(net: Net) -> None:
         assert (again["result"], again["hresult"], again["bind"]["state"]) == ("S_FALSE", 1, "allowed")
         _attempt(net, "s1", port, admitted=True)
         assert conn.accept() is not None
-        with pytest.raises(Terminating, match="closed"):  # a BIND takes one connection
+        with refused(net, Terminating, "closed"):  # a BIND takes one connection
             allow(net, session, port)
 
 

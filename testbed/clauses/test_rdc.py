@@ -25,6 +25,7 @@ from testbed.clauses.helpers import (
     dropped_silently,
     ip,
     pending_actions,
+    refused,
     syn,
     wait_past_expiry,
 )
@@ -179,7 +180,7 @@ def test_single_use_and_allow_multiple(net: Net, mode: str) -> None:
             assert_ran_in_mode(net, multiple)
         finally:
             held.close()
-        with pytest.raises(Terminating, match="cancelled"):
+        with refused(net, Terminating, "cancelled"):
             multiple.cancel()
         assert server.stats()["accepted"] == 4
 
@@ -204,7 +205,7 @@ def test_timeout_and_the_invalid_combination(net: Net, mode: str) -> None:
             assert_echoed(admitted.exchange(20_000), 20_000, "the flow admitted before the expiry")
             assert_ran_in_mode(net, used)
         before, pools = pending_actions(net), redirect_ports_in_use(net)
-        with pytest.raises(InvalidArgument, match="cannot be combined"):
+        with refused(net, InvalidArgument, "cannot be combined"):
             redirect(net, api, [(dst, 31042)], flags=Flags.TIMEOUT | Flags.ALLOW_MULTIPLE)
         assert pending_actions(net) == before and redirect_ports_in_use(net) == pools
         assert server.stats()["accepted"] == 1
@@ -484,10 +485,10 @@ def test_established_connection_event(net: Net, mode: str) -> None:
 def test_policy_denials_create_nothing(net: Net) -> None:
     before, pools, rules = pending_actions(net, "c2"), redirect_ports_in_use(net), kernel_redirect_rules(net)
     with net.client() as api:
-        with pytest.raises(PolicyRulesDenied, match="HTTP"):
+        with refused(net, PolicyRulesDenied, "HTTP"):
             api.redirect_connections(net.session("c2"), [(net.addr("s1"), 31111)],
                                      protocol_guid=GUIDS["HTTP"])
-        with pytest.raises(NetworkRulesDenied, match="the denied lab network"):
+        with refused(net, NetworkRulesDenied, "the denied lab network"):
             api.redirect_connections(net.session("c2"), [(net.addr("s1"), 31111),
                                                           (net.addr("s2", 1), 31111)],
                                      protocol_guid=FTP_GUID)
@@ -530,7 +531,7 @@ def test_invalid_arguments_create_nothing(net: Net, params: dict[str, Any], mess
     if "proxy_external_address" in request:
         request["proxy_external_address"] = names[request["proxy_external_address"]]
     before, pools, rules = pending_actions(net), redirect_ports_in_use(net), kernel_redirect_rules(net)
-    with net.client() as api, pytest.raises(InvalidArgument, match=message):
+    with net.client() as api, refused(net, InvalidArgument, message):
         api.call("redirect_connections", **request)
     assert pending_actions(net) == before
     assert redirect_ports_in_use(net) == pools and kernel_redirect_rules(net) == rules
@@ -547,7 +548,7 @@ def test_exhausted_ports_are_a_clear_error(net: Net, mode: str) -> None:
     with net.client() as api:
         _, actions = redirect(net, api, targets)
         before = pending_actions(net)
-        with pytest.raises(IsBusy, match="no 3 consecutive free ports"):
+        with refused(net, IsBusy, "no 3 consecutive free ports"):
             redirect(net, api, targets)
         assert pending_actions(net) == before
         for action in actions:

@@ -7,9 +7,10 @@ depend on translation run in the routed topology only (a restart costs seconds).
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -36,9 +37,9 @@ from testbed.clauses.helpers import (
     syn,
     talk,
 )
-from testbed.lab import SOCKS_PORT, SOCKS_USERS, USER_MODE_MARK
+from testbed.lab import MAX_PENDING_PER_SESSION, SOCKS_PORT, SOCKS_USERS, USER_MODE_MARK
 from testbed.plugin import Net
-from testbed.session_api import Flags, IsBusy
+from testbed.session_api import Flags, IsBusy, Terminating
 
 SHOUT = {"shout": "tests.e2e.shout_filter:Shout"}  # "ping" -> "PONG!!" out, "!!" -> "?" back
 GENERAL_FAILURE = 1  # SOCKS5 reply code
@@ -442,3 +443,116 @@ def test_kernel_mode_flows_beyond_flow_history_are_admitted_and_the_oldest_forgo
         finally:
             for conn in held:
                 conn.close()
+
+
+@pytest.mark.topologies("routed")  # the caps do not depend on the topology
+@pytest.mark.clause("ROB-02")
+def test_a_session_s_pending_permissions_stop_at_max_pending_per_session(net: Net) -> None:
+    """The lab policy's max_pending_per_session: c1's SecureNAT session holds that many
+    grants; one more is refused (FWX_E_IS_BUSY); alice's Firewall-client session on c1's
+    address is not held back by it; once a connection consumes one of c1's grants, its
+    session gets exactly one more."""
+    dst, base = net.addr("s1"), 49100
+    beyond = (dst, base + MAX_PENDING_PER_SESSION)
+    refused_before = limits_of(net)["max_pending_per_session"]["refused"] if net.own_enforcer else 0
+    with net.client() as api:
+        actions = [grant(net, api, (dst, base + i)) for i in range(MAX_PENDING_PER_SESSION)]
+        try:
+            with pytest.raises(IsBusy):
+                grant(net, api, beyond)
+            with net.agent("s1").tcp_server(dst, 21), \
+                    socks_open(net, "c1", "alice", "connect", dst, 21) as alice:
+                assert alice.reply is not None and alice.reply["code"] == 0, (alice.error, alice.reply)
+                api.allow_future_connect(fw_session(net, "c1", "alice"), beyond,
+                                         protocol_guid=FTP_GUID).cancel()
+            with net.agent("s1").tcp_server(dst, base):
+                talk(net, "c1", dst, base)
+            assert actions[0].state == "consumed"
+            actions.append(grant(net, api, beyond))
+            with pytest.raises(IsBusy):
+                grant(net, api, (dst, base + MAX_PENDING_PER_SESSION + 1))
+            if net.own_enforcer:
+                assert limits_of(net)["max_pending_per_session"]["refused"] == refused_before + 2
+        finally:  # the next checks grant for c1's session too
+            for action in actions:
+                with contextlib.suppress(Terminating):
+                    action.cancel()
+
+
+# A full-sized segment's bytes (1448, an Ethernet MSS with TCP timestamps) and the fixed cost
+# of its record, however a firewall counts that: a budget this far from its cap is full
+SEGMENT_AND_RECORD = 2048
+
+
+@contextlib.contextmanager
+def silenced(net: Net, node: str, ports: tuple[int, ...]) -> Iterator[None]:
+    """``node`` sends nothing from these TCP ports (no acknowledgement, no echo) for a while."""
+    tb, table = net.lab.tb, ["inet", "pinhole_silenced"]
+    tb.run(node, ["nft", "add", "table", *table])
+    try:
+        tb.run(node, ["nft", "add", "chain", *table, "out",
+                      "{ type filter hook output priority 0 ; }"])
+        tb.run(node, ["nft", "add", "rule", *table, "out", "tcp", "sport",
+                      "{ " + ", ".join(map(str, ports)) + " }", "drop"])
+        yield
+    finally:
+        tb.run(node, ["nft", "delete", "table", *table])
+
+
+@pytest.mark.topologies("routed")  # the caps do not depend on the topology
+@pytest.mark.clause("ROB-02")
+def test_filtered_streams_hold_bytes_up_to_the_client_s_cap_and_the_total(net: Net) -> None:
+    """buffered_bytes_per_client 8 KiB within a total of 12 KiB, with a data filter on c1's and
+    c2's flows: while s1 acknowledges nothing, what the fw keeps for retransmission grows to
+    c1's cap and stops there (c1 sends 10 segments, more than the cap), then c2's to what the
+    total leaves; once s1 answers again, both streams arrive whole and echo back as sent,
+    and the filter is still at work on them."""
+    per_client, total = 8192, 12288
+    net.enforcer.stop()
+    net.enforcer.data_filters = SHOUT
+    try:
+        net.enforcer.start(limits={"buffered_bytes_per_client": per_client,
+                                   "buffered_bytes_total": total})
+    finally:
+        net.enforcer.data_filters = None  # the next check's enforcer is the default one again
+    dst, ports = net.addr("s1"), (49001, 49002)
+    # 20 KiB, nothing for the filter to edit: more than a sender's first window (10 segments)
+    payload = bytes(range(256)).replace(b"!", b".") * 80
+
+    def held() -> dict[str, int]:
+        top = limits_of(net)["buffered_bytes_per_client"]["top"]
+        return {client: used for client, used in top}
+
+    def settled(node: str, least: int) -> int:
+        """What ``node``'s flow holds once it stops growing (at least ``least``)."""
+        deadline, last = time.monotonic() + timeouts.POSITIVE, -1
+        while (now := held().get(net.addr(node), 0)) != last or now < least:
+            assert time.monotonic() < deadline, f"{node}'s flow holds {now} bytes, not {least}+"
+            last = now
+            time.sleep(0.5)  # past the sender's first retransmission
+        return now
+
+    with net.client() as api, net.agent("s1").tcp_server(dst, ports[0]), \
+            net.agent("s1").tcp_server(dst, ports[1]):
+        for node, port in zip(("c1", "c2"), ports, strict=True):
+            api.allow_future_connect(net.session(node), (dst, port), protocol_guid=FTP_GUID,
+                                     data_filter="shout")
+        with net.agent("c1").tcp_open(dst, ports[0]) as one, net.agent("c2").tcp_open(dst, ports[1]) as two:
+            assert one.connected and two.connected, (one.error, two.error)
+            for conn in (one, two):
+                assert conn.talk(b"ping", expect=5) == b"PONG?"
+            with silenced(net, "s1", ports):  # (briefly: the senders' timers back off meanwhile)
+                assert one.talk(payload, timeout=0.1) == b""  # c1's first window, at once
+                assert two.talk(payload, timeout=0.1) == b""
+                c1_held = settled("c1", per_client - SEGMENT_AND_RECORD)
+                assert c1_held <= per_client, f"c1's flow holds {c1_held} bytes, past its cap"
+                c2_held = settled("c2", total - c1_held - SEGMENT_AND_RECORD)
+                assert c1_held + c2_held <= total, f"{c1_held} + {c2_held} bytes held, past the total"
+                assert limits_of(net)["buffered_bytes_total"]["used"] == c1_held + c2_held
+            # the bytes the fw did not take are sent again when the senders' retransmission
+            # timers fire, backed off while s1 was silent (and again for new bytes sent past
+            # what the fw dropped meanwhile): seconds
+            for node, conn in (("c1", one), ("c2", two)):
+                echo = conn.talk(b"", expect=len(payload), timeout=20)
+                assert echo == payload, f"{node}: {len(echo)} of {len(payload)} bytes came back as sent"
+                assert conn.talk(b"ping", expect=5) == b"PONG?"

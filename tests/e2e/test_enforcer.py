@@ -16,6 +16,7 @@ from enforcer.client import Client, ControlError, Flags
 from enforcer.dataplane import MARK_KERNEL, MARK_MODE, MARK_USER
 from enforcer.protocol import MAX_REQUEST
 from testbed.build import Testbed
+from testbed.clauses.helpers import assert_echoed
 from testbed.lab import GUIDS, EnforcerProcess
 from testbed.plugin import require_e2e
 from testbed.topology import standard
@@ -238,14 +239,14 @@ def test_sigkill_during_a_transfer_fails_closed_and_restart_takes_over(
         api.allow_future_connect(session, (server, 31001), protocol_guid=GUIDS["FTP"], flags=flags)
         with c1.tcp_open(server, 31001) as transfer:
             assert transfer.connected, transfer.error
-            assert transfer.exchange(100_000)["received"] == 100_000
+            assert_echoed(transfer.exchange(100_000), 100_000, "the transfer before the kill")
             enforcer.kill()
             # fail-closed: nothing new passes, not even what the grant or the policy allowed
             assert not c1.tcp_connect(server, 31001, timeout=1.0)["connected"]
             assert not c1.tcp_connect(server, 21, timeout=1.0)["connected"]
             during = transfer.exchange(100_000, timeout=2.0)
             if mode == "kernel":
-                assert during["received"] == 100_000, "the kernel should carry an offloaded flow"
+                assert_echoed(during, 100_000, "an offloaded flow, carried by the kernel alone")
             else:
                 assert during["received"] < 100_000, "a user-mode flow cannot pass without its enforcer"
             mark = MARK_USER if mode == "user" else MARK_KERNEL

@@ -7,7 +7,7 @@ import time
 from typing import Any
 
 from testbed import socks5, timeouts
-from testbed.clauses.helpers import socks_open
+from testbed.clauses.helpers import assert_echoed, socks_open
 from testbed.lab import SOCKS_PORT, SOCKS_USERS
 from testbed.plugin import Net
 
@@ -40,7 +40,7 @@ def test_malformed_socks_requests_get_their_reply_and_the_service_goes_on(net: N
             assert got == expected, f"sent {sent!r}: got {got!r}, expected {expected!r}"
     with s1.tcp_server(dst, 21), socks_open(net, "c1", "alice", "connect", dst, 21) as good:
         assert good.reply is not None and good.reply["code"] == 0, good.reply
-        assert good.exchange(5000)["received"] == 5000
+        assert_echoed(good.exchange(5000), 5000, "the relay of the good login")
 
 
 def test_curl_connects_through_the_socks_service(net: Net, tmp_path: Any) -> None:

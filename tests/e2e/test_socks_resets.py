@@ -19,7 +19,7 @@ import pytest
 
 from testbed import timeouts
 from testbed.agent import SOCKS_STEPS
-from testbed.clauses.helpers import FTP_GUID, fw_session, socks_open
+from testbed.clauses.helpers import FTP_GUID, assert_echoed, fw_session, socks_open
 from testbed.lab import SOCKS_PORT, SOCKS_USERS
 from testbed.plugin import SOCKS_BIND_TIMEOUT, Net
 
@@ -61,7 +61,7 @@ def assert_goes_on(net: Net, before: dict[str, int], within: float = timeouts.PO
     assert errors(net) == before, "an exception left the event loop"
     with socks_open(net, "c2", "bob", "connect", net.addr("s1"), ECHO_PORT) as other:
         assert other.reply is not None and other.reply["code"] == 0, (other.error, other.reply)
-        assert other.exchange(20_000)["received"] == 20_000
+        assert_echoed(other.exchange(20_000), 20_000, "the other relay")
     assert net.call("ping") == {"pong": True}
 
 
@@ -133,7 +133,7 @@ def test_end_session_while_its_connections_relay_or_wait(echo: Net, command: str
         assert ended["cancelled"] == []
         assert not firewall_sessions(net, "c1")
         if command == "connect":
-            assert conn.exchange(50_000)["received"] == 50_000, "the relay stopped with the session"
+            assert_echoed(conn.exchange(50_000), 50_000, "the relay after its session ended")
             assert not conn.ended(timeout=0.2)
         elif command == "bind":
             second = conn.accept()

@@ -10,10 +10,10 @@ from testbed.catalog import CLAUSES
 from testbed.conformance import (
     ENFORCER,
     Group,
+    combine_junit,
     complete,
     gaps,
     matrix,
-    combine_junit,
     selected_clauses,
     self_check,
     summary,

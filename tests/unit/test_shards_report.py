@@ -12,7 +12,7 @@ import pytest
 from testbed import cli
 from testbed.conformance import ENFORCER, Group, Report, Selection, conclude, matrix, summary
 from testbed.plugin import Result
-from testbed.report import html_page, load, merge, write_reports
+from testbed.report import load, merge, write_reports
 from testbed.shards import WHOLE, Shard, shard_of
 
 IDS = [f"test_gen.py::test_{i}[{t}-ipv4-enforcer]" for i in range(60) for t in ("routed", "nat")]
@@ -181,7 +181,7 @@ def test_merge_names_a_file_that_is_not_a_report(tmp_path: Path, capsys: pytest.
 class Page(HTMLParser):
     """Checks that tags nest, and keeps the cells' classes and texts and every reference."""
 
-    VOID = {"meta", "br", "link", "img", "hr", "input"}
+    VOID = frozenset({"meta", "br", "link", "img", "hr", "input"})
 
     def __init__(self) -> None:
         super().__init__()

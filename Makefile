@@ -9,7 +9,8 @@ setup:
 	@scripts/bootstrap
 
 conformance: setup
-	$(BIN)/pinhole conformance --json $(ARTIFACTS)/conformance.json --junit $(ARTIFACTS)/conformance.xml --artifacts $(ARTIFACTS)
+	$(BIN)/pinhole conformance --json $(ARTIFACTS)/conformance.json --junit $(ARTIFACTS)/conformance.xml \
+		--html $(ARTIFACTS)/conformance.html --artifacts $(ARTIFACTS)
 
 lint: setup
 	$(BIN)/ruff check .

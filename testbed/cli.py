@@ -78,6 +78,7 @@ def _ctl(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from enforcer.config import DEFAULT_SOCKET
     from testbed.conformance import add_parser as add_conformance
+    from testbed.report import add_parser as add_report
     from testbed.testbed_cmd import add_parser as add_testbed
 
     parser = argparse.ArgumentParser(prog="pinhole", description=__doc__)
@@ -103,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_testbed(sub)
     add_conformance(sub)
+    add_report(sub)
     return parser
 
 

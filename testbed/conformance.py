@@ -10,18 +10,22 @@ kernel helpers and the trivial routers are comparisons): it fails if a check fai
 claimed clause has no check (``not-implemented``) or a skipped one, or a cell of a
 clause's row has nothing run that the catalog does not mark n/a. ``--self-check`` runs
 the trivial routers instead and fails if a clause passes with both (a vacuous clause).
+
+``--shard I/N`` runs a stable part of the selection's checks (testbed.shards); the
+shards' JSONs name the selection and all its checks, and ``pinhole report merge``
+(testbed.report) makes the whole run's matrix, reports and verdict of them.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from xml.etree import ElementTree
@@ -31,13 +35,14 @@ import pytest
 from testbed.catalog import CLAUSES, NO_FIREWALL_BEHAVIOUR, not_applicable
 from testbed.drivers import TRIVIAL, DriverError, Firewall, load
 from testbed.plugin import FIREWALLS, RESULTS, Result
+from testbed.shards import WHOLE, Shard
 from testbed.topology import FAMILIES, TOPOLOGIES
 
 CLAUSE_DIR = Path(__file__).parent / "clauses"
 OUTCOMES = ("passed", "failed", "skipped", "n/a", "not-implemented")
 DEFAULT_WORKERS = 4  # the checks mostly wait (for what must not arrive): more than the cores
 SYMBOLS = {"passed": "pass", "failed": "FAIL", "skipped": "skip", "n/a": "n/a",
-           "not-implemented": "n/i"}
+           "not-implemented": "n/i", "gap": "-"}
 
 
 class Collector:
@@ -152,7 +157,8 @@ def complete(results: list[Result], clauses: list[str], families: list[str],
                                       r.mode or ""))
 
 
-def _merge(outcomes: list[str]) -> str:
+def worst(outcomes: list[str]) -> str:
+    """The outcome a cell or a clause shows for its checks' outcomes."""
     for o in ("failed", "skipped", "passed", "n/a"):
         if o in outcomes:
             return o
@@ -160,18 +166,53 @@ def _merge(outcomes: list[str]) -> str:
 
 
 Row = tuple[str, str]  # (clause, mode or "-")
-Cell = tuple[str, str]  # (topology, family)
+Column = tuple[str, str]  # (topology, family)
+GAP = "gap"  # a cell in which nothing ran and that the catalog does not mark n/a
 
 
-def _cells(results: list[Result], columns: list[Cell]) -> dict[Row, dict[str, dict[Cell, list[str]]]]:
-    """row -> firewall -> cell -> outcomes"""
-    cells: dict[Row, dict[str, dict[Cell, list[str]]]] = {}
+@dataclass(frozen=True)
+class Cell:
+    """One firewall's cell of a row: its outcome (worst of its checks'; ``n/a`` with the
+    catalog's reason ``why``; GAP; or "" where the firewall ran none of the row's
+    checks) and the results in it."""
+
+    outcome: str
+    results: tuple[Result, ...] = ()
+    why: str | None = None
+
+
+def grid(results: list[Result], families: list[str], topologies: list[str],
+         groups: list[Group]) -> list[tuple[Row, list[list[Cell]]]]:
+    """The matrix's rows in catalog order (mode "-" first): per group, a cell per column."""
+    columns = [(t, f) for t in topologies for f in families]
+    rows: dict[Row, dict[str, dict[Column, list[Result]]]] = {}  # row -> firewall -> column
     for r in results:
-        row = cells.setdefault((r.clause, r.mode or "-"), {}).setdefault(firewall_of(r), {})
+        mine = rows.setdefault((r.clause, r.mode or "-"), {}).setdefault(firewall_of(r), {})
         for t, f in columns:
             if (t, f) == (r.topology, r.family) or (r.topology is None and f == r.family):
-                row.setdefault((t, f), []).append(r.outcome)
-    return cells
+                mine.setdefault((t, f), []).append(r)
+    order = list(CLAUSES)
+    out = []
+    for (clause, mode), by_firewall in sorted(rows.items(), key=lambda kv: (
+            order.index(kv[0][0]), kv[0][1] != "-", kv[0][1])):
+        per_group = []
+        for group in groups:
+            ran = by_firewall.get(group.name)
+            cells = []
+            for t, f in columns:
+                found = ran.get((t, f)) if ran is not None else None
+                why = not_applicable(clause, t, f)
+                if found:
+                    cells.append(Cell(worst([r.outcome for r in found]), tuple(found)))
+                elif ran is None:
+                    cells.append(Cell(""))
+                elif why is not None:
+                    cells.append(Cell("n/a", why=why))
+                else:
+                    cells.append(Cell(GAP))
+            per_group.append(cells)
+        out.append(((clause, mode), per_group))
+    return out
 
 
 def gaps(results: list[Result], families: list[str], topologies: list[str],
@@ -179,14 +220,10 @@ def gaps(results: list[Result], families: list[str], topologies: list[str],
     """The cells of a firewall's rows in which nothing ran and that the catalog does not
     mark n/a: each fails a strict run."""
     columns = [(t, f) for t in topologies for f in families]
-    out = []
-    for (clause, mode), row in _cells(results, columns).items():
-        ran = row.get(firewall)
-        if ran is None:
-            continue
-        out += [f"{clause} {mode} {t}/{f}" for t, f in columns
-                if (t, f) not in ran and not_applicable(clause, t, f) is None]
-    return out
+    return [f"{clause} {mode} {t}/{f}"
+            for (clause, mode), (cells,) in grid(results, families, topologies,
+                                                 [Group(firewall, firewall, False)])
+            for (t, f), cell in zip(columns, cells, strict=True) if cell.outcome == GAP]
 
 
 def matrix(results: list[Result], families: list[str], topologies: list[str],
@@ -196,9 +233,7 @@ def matrix(results: list[Result], families: list[str], topologies: list[str],
     in it; ``n/a`` where the catalog says the clause's checks do not run there (listed
     after the matrix), ``-`` where nothing ran otherwise (a gap: a strict run fails)."""
     groups = groups or [ENFORCER]
-    columns = [(t, f) for t in topologies for f in families]
-    cells = _cells(results, columns)
-    heads = [f"{t}/{f}" for t, f in columns]
+    heads = [f"{t}/{f}" for t in topologies for f in families]
     width = max(len(h) for h in heads)
     block = " ".join(h.ljust(width) for h in heads)
     lead = f"{'clause':<12}{'mode':<8}"
@@ -206,35 +241,20 @@ def matrix(results: list[Result], families: list[str], topologies: list[str],
         g.title.ljust(len(block)) for g in groups)
     lines = [titles.rstrip()] if len(groups) > 1 else []
     lines.append(lead + " | ".join(block for _ in groups))
-    order = list(CLAUSES)
-    reasons: dict[str, str] = {}
+    reasons = set()
     gap = False
-    for (clause, mode), row in sorted(cells.items(), key=lambda kv: (order.index(kv[0][0]),
-                                                                   kv[0][1] != "-", kv[0][1])):
+    for (clause, mode), per_group in grid(results, families, topologies, groups):
         texts = []
-        for group in groups:
-            ran = row.get(group.name)
-            marks = []
-            for t, f in columns:
-                outcomes = ran.get((t, f)) if ran is not None else None
-                why = not_applicable(clause, t, f)
-                if outcomes:
-                    marks.append(SYMBOLS[_merge(outcomes)])
-                elif ran is None:
-                    marks.append("")
-                elif why is not None:
-                    marks.append("n/a")
-                    reasons.setdefault(f"{clause} {t}/{f}", why)
-                else:
-                    marks.append("-")
-                    gap = True
-            texts.append(" ".join(m.ljust(width) for m in marks))
+        for cells in per_group:
+            reasons |= {cell.why for cell in cells if cell.why is not None}
+            gap = gap or any(cell.outcome == GAP for cell in cells)
+            texts.append(" ".join(SYMBOLS.get(cell.outcome, "").ljust(width)
+                                  for cell in cells))
         lines.append((f"{clause:<12}{mode:<8}" + " | ".join(texts)).rstrip(" |"))
     if gap:
         lines.append("(-: none of the clause's checks ran there, and the catalog does not say why)")
     if reasons:
-        lines.append("(n/a: the clause's checks do not run there: "
-                     + "; ".join(sorted({why for why in reasons.values()})) + ")")
+        lines.append("(n/a: the clause's checks do not run there: " + "; ".join(sorted(reasons)) + ")")
     return "\n".join(lines)
 
 
@@ -250,7 +270,7 @@ def summary(results: list[Result], families: list[str] | None = None,
         by_clause: dict[str, list[str]] = {}
         for r in mine:
             by_clause.setdefault(r.clause, []).append(r.outcome)
-        clause_counts = Counter(_merge(v) if "not-implemented" not in v else "not-implemented"
+        clause_counts = Counter(worst(v) if "not-implemented" not in v else "not-implemented"
                                 for v in by_clause.values())
         holes = gaps(mine, families or [], topologies or [], group.name) if families and topologies else []
         ok = not (counts.get("failed") or counts.get("skipped") or counts.get("not-implemented")
@@ -288,19 +308,110 @@ def self_check(results: list[Result], clauses: list[str], trivial: list[str]) ->
     return "\n".join(lines), ok
 
 
-def _junit_part(path: str, part: str) -> Path:
-    return Path(path).with_suffix(f".{part}.xml")
-
-
-def merge_junit(parts: list[Path], out: Path) -> None:
-    """One JUnit file of the parts' test suites (the parts are removed)."""
+def combine_junit(roots: list[ElementTree.Element]) -> ElementTree.Element:
+    """One JUnit document of the test suites of several (a run's parts, shards)."""
     merged = ElementTree.Element("testsuites")
-    for part in parts:
-        if part.exists():
-            root = ElementTree.parse(part).getroot()
-            merged.extend(root.iter("testsuite"))
-            part.unlink()
-    ElementTree.ElementTree(merged).write(out, encoding="utf-8", xml_declaration=True)
+    for root in roots:
+        merged.extend(root.iter("testsuite"))
+    return merged
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What a run selects: the checks (before any sharding) follow from it."""
+
+    expr: str | None
+    topologies: tuple[str, ...]
+    families: tuple[str, ...]
+    firewalls: tuple[str, ...]  # as given to --firewall (the trivial routers for a self-check)
+    self_check: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"expr": self.expr, "topologies": list(self.topologies),
+                "families": list(self.families), "firewalls": list(self.firewalls),
+                "self_check": self.self_check}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Selection:
+        return cls(d["expr"], tuple(d["topologies"]), tuple(d["families"]), tuple(d["firewalls"]),
+                   bool(d["self_check"]))
+
+
+@dataclass
+class Report:
+    """A run's results (or a shard's, or the merge of shards) and what they are of."""
+
+    selection: Selection
+    groups: list[Group]
+    shard: Shard
+    checks: list[str]  # the selection's checks (node ids), before sharding
+    results: list[Result]  # the checks' results (not-implemented rows not included)
+    junit: ElementTree.Element = field(default_factory=lambda: ElementTree.Element("testsuites"))
+
+    @property
+    def partial(self) -> bool:
+        return self.shard.count > 1
+
+    @property
+    def clauses(self) -> list[str]:
+        return selected_clauses(self.selection.expr)
+
+    def rows(self) -> list[Result]:
+        """The results as the matrix shows them: a whole run's with a not-implemented row
+        for each clause no check checked (a shard's cannot tell: another may check it)."""
+        if self.partial:
+            return self.results
+        return complete(self.results, self.clauses, list(self.selection.families), self.groups)
+
+
+def conclude(report: Report) -> tuple[int, dict[str, Any]]:
+    """Print the matrix and what follows it; return the exit status and the summary.
+
+    A whole run is strict (see the module's doc); a shard fails only for a failed or
+    skipped check of its own: the verdict on the whole is its merge's."""
+    sel = report.selection
+    families, topologies, groups = list(sel.families), list(sel.topologies), report.groups
+    results = report.rows()
+    print()
+    print(matrix(results, families, topologies, groups))
+    if report.partial:
+        print(f"\nshard {report.shard}: {len({r.nodeid for r in results})} of the selection's "
+              f"{len(report.checks)} checks; the matrix is partial: 'pinhole report merge' of "
+              "every shard's JSON gives the whole one and the verdict")
+    elif sel.self_check:
+        table, ok = self_check(results, report.clauses, list(TRIVIAL))
+        print("\nSelf-check: which trivial firewall each clause catches\n" + table)
+        print("\nself-check: " + ("every clause catches a trivial firewall" if ok else
+                                   "FAILED: a clause passes with both trivial firewalls"))
+        return (0 if ok else 1), {"self_check_ok": ok}
+    totals = (summary(results, groups=groups) if report.partial else
+              summary(results, families, topologies, groups))
+    for r in results:
+        if r.outcome in ("failed", "skipped") and firewall_of(r) in totals["under_test"]:
+            print(f"\n{r.outcome.upper()} {firewall_of(r)} {r.clause} {r.topology}/{r.family}"
+                  + (f"/{r.mode}" if r.mode else "") + f" ({r.nodeid})\n  {r.detail.strip()}"
+                  + (f"\n  pcap: {r.pcap}" if r.pcap else ""))
+    for group in groups:
+        mine = totals["firewalls"][group.name]
+        if group.reference:
+            failing = sorted({(r.clause, r.detail.strip().splitlines()[0]) for r in results
+                              if r.outcome == "failed" and firewall_of(r) == group.name
+                              and r.detail.strip()})
+            if failing and group.name not in TRIVIAL:
+                print(f"\n{group.title}: where it fails (a comparison; not counted):")
+                for clause, why in failing:
+                    print(f"  {clause}: {why}")
+            continue
+        c = mine["clauses"]
+        print(f"\n{group.name}: clauses: {c['passed']} passed, {c['failed']} failed, "
+              f"{c['skipped']} skipped, {c['n/a']} n/a, {c['not-implemented']} not implemented "
+              f"(of {len(report.clauses)} selected)")
+        for hole in mine["gaps"]:
+            print(f"  nothing ran for {hole}, and the catalog does not mark it n/a")
+    if not totals["under_test"]:
+        print("\nno firewall under test in this run (only references: "
+              + ", ".join(g.name for g in groups) + ")")
+    return (0 if totals["ok"] else 1), totals
 
 
 def add_parser(sub: Any) -> None:
@@ -308,6 +419,12 @@ def add_parser(sub: Any) -> None:
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", metavar="FILE", help="write results and summary as JSON")
     p.add_argument("--junit", metavar="FILE", help="write a JUnit XML report")
+    p.add_argument("--html", metavar="FILE",
+                   help="write the matrix as one self-contained HTML page (each cell's checks, "
+                        "failures, links to pcaps and logs)")
+    p.add_argument("--shard", metavar="I/N",
+                   help="run shard I of N: the checks whose node id hashes to I (the same split "
+                        "on every machine); 'pinhole report merge' joins the shards' JSONs")
     p.add_argument("-k", metavar="EXPR", dest="expr", help="select clauses, e.g. 'GEN-01 or GEN-02'")
     p.add_argument("--topology", default=",".join(TOPOLOGIES),
                    help="routed,nat,split (default all; split runs only the checks of "
@@ -346,10 +463,31 @@ def _drivers(specs: list[str]) -> list[type[Firewall]]:
     return out
 
 
+def parse_shard(text: str | None) -> Shard:
+    from testbed.cli import UsageError
+
+    try:
+        return WHOLE if text is None else Shard.parse(text)
+    except ValueError as exc:
+        raise UsageError(f"--shard: {exc}") from None
+
+
+class _Ids:
+    """A pytest plugin object: the node ids collected."""
+
+    def __init__(self) -> None:
+        self.ids: list[str] = []
+
+    def pytest_collection_finish(self, session: pytest.Session) -> None:
+        self.ids = [item.nodeid for item in session.items]
+
+
 def run(args: argparse.Namespace) -> int:
     from testbed.cli import UsageError, require_root, require_tools
     from testbed.plugin import E2E_TOOLS
+    from testbed.report import write_reports
 
+    shard = parse_shard(args.shard)
     require_root("pinhole conformance")
     require_tools(E2E_TOOLS)
     families = [f for f in args.family.split(",") if f]
@@ -358,88 +496,61 @@ def run(args: argparse.Namespace) -> int:
         bad = [v for v in value if v not in allowed]
         if bad or not value:
             raise UsageError(f"{what}: {', '.join(bad) or 'nothing'} is not one of {', '.join(allowed)}")
-    specs = list(TRIVIAL) if args.self_check else [w for w in args.firewall.split(",") if w.strip()]
-    drivers = _drivers([w.strip() for w in specs])
+    specs = list(TRIVIAL) if args.self_check else [w.strip() for w in args.firewall.split(",") if w.strip()]
+    drivers = _drivers(specs)
     groups = [Group.of(d) for d in drivers]
     try:
-        clauses = selected_clauses(args.expr)
+        selected_clauses(args.expr)
     except Exception as exc:  # pytest's expression parser raises its own error types
         raise UsageError(f"-k {args.expr!r}: {exc}") from None
     if args.workers < 1:
         raise UsageError("--workers: give at least 1")
+    selection = Selection(args.expr, tuple(topologies), tuple(families), tuple(specs), args.self_check)
 
     pytest_args = [str(CLAUSE_DIR), "-p", "no:cacheprovider", "-c", os.devnull,
                    "--rootdir", str(CLAUSE_DIR),
                    "--pinhole-topology", ",".join(topologies), "--pinhole-family", ",".join(families),
                    "--pinhole-firewall", ",".join(specs), "--pinhole-artifacts", args.artifacts]
+    if args.expr:
+        pytest_args += ["-k", args.expr]
+    # the selection's checks, both parts, before sharding (what a merge of shards must cover)
+    ids = _Ids()
+    code = pytest.main([*pytest_args, "--collect-only", "-p", "no:terminal"], plugins=[ids])
+    if code not in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED):
+        print(f"pinhole: the clause suite could not be collected (pytest exit code {int(code)})",
+              file=sys.stderr)
+        return 2
+    if not ids.ids:
+        print("pinhole: no check was selected (see -k, --topology, --family)", file=sys.stderr)
+        return 2
+    mine = [i for i in ids.ids if shard.has(i)]
+    if shard != WHOLE:
+        print(f"pinhole conformance: shard {shard}: {len(mine)} of the selection's {len(ids.ids)} "
+              "checks", flush=True)
+        pytest_args += ["--pinhole-shard", str(shard)]
     pytest_args += ["-v", "-rfE"] if args.verbose else ["-p", "no:terminal"]
     if args.self_check:
         pytest_args.append("--pinhole-self-check")
         (Path(args.artifacts) / "self-check-caught.txt").unlink(missing_ok=True)
-    if args.expr:
-        pytest_args += ["-k", args.expr]
     collector = Collector()
-    codes = []
-    for part, extra in (("parallel", ["-m", "not alone", "-n", str(args.workers), "--dist", "loadgroup"]
-                         if args.workers > 1 else ["-m", "not alone"]),
-                        ("alone", ["-m", "alone"])):
-        junit = [f"--junitxml={_junit_part(args.junit, part)}"] if args.junit else []
-        code = pytest.main([*pytest_args, *extra, *junit], plugins=[collector])
-        if code not in (pytest.ExitCode.OK, pytest.ExitCode.TESTS_FAILED,
-                        pytest.ExitCode.NO_TESTS_COLLECTED):
-            print(f"pinhole: the clause suite could not run (pytest exit code {int(code)})",
-                  file=sys.stderr)
-            return 2
-        codes.append(code)
-    if args.junit:
-        merge_junit([_junit_part(args.junit, part) for part in ("parallel", "alone")], Path(args.junit))
-    if codes == [pytest.ExitCode.NO_TESTS_COLLECTED] * 2:
-        print("pinhole: no check was selected (see -k, --topology, --family)", file=sys.stderr)
-        return 2
+    parts = []
+    with tempfile.TemporaryDirectory(prefix="pinhole-junit-") as tmp:
+        for part, extra in (("parallel", ["-m", "not alone", "-n", str(args.workers), "--dist",
+                                          "loadgroup"] if args.workers > 1 else ["-m", "not alone"]),
+                            ("alone", ["-m", "alone"])):
+            if not mine:
+                break
+            junit = Path(tmp) / f"{part}.xml"
+            code = pytest.main([*pytest_args, *extra, f"--junitxml={junit}"], plugins=[collector])
+            if code not in (pytest.ExitCode.OK, pytest.ExitCode.TESTS_FAILED,
+                            pytest.ExitCode.NO_TESTS_COLLECTED):
+                print(f"pinhole: the clause suite could not run (pytest exit code {int(code)})",
+                      file=sys.stderr)
+                return 2
+            if junit.exists():
+                parts.append(ElementTree.parse(junit).getroot())
 
-    results = complete(collector.results, clauses, families, groups)
-    print()
-    print(matrix(results, families, topologies, groups))
-    if args.self_check:
-        table, ok = self_check(results, [c for c in clauses if c in CLAUSES], list(TRIVIAL))
-        print("\nSelf-check: which trivial firewall each clause catches\n" + table)
-        print("\nself-check: " + ("every clause catches a trivial firewall" if ok else
-                                   "FAILED: a clause passes with both trivial firewalls"))
-        _write_json(args.json, results, {"self_check_ok": ok})
-        return 0 if ok else 1
-    totals = summary(results, families, topologies, groups)
-    for r in results:
-        if r.outcome in ("failed", "skipped") and firewall_of(r) in totals["under_test"]:
-            print(f"\n{r.outcome.upper()} {firewall_of(r)} {r.clause} {r.topology}/{r.family}"
-                  + (f"/{r.mode}" if r.mode else "") + f" ({r.nodeid})\n  {r.detail.strip()}"
-                  + (f"\n  pcap: {r.pcap}" if r.pcap else ""))
-    for group in groups:
-        mine = totals["firewalls"][group.name]
-        if group.reference:
-            failing = sorted({(r.clause, r.detail.strip().splitlines()[0]) for r in results
-                              if r.outcome == "failed" and firewall_of(r) == group.name
-                              and r.detail.strip()})
-            if failing and group.name not in TRIVIAL:
-                print(f"\n{group.title}: where it fails (a comparison; not counted):")
-                for clause, why in failing:
-                    print(f"  {clause}: {why}")
-            continue
-        c = mine["clauses"]
-        print(f"\n{group.name}: clauses: {c['passed']} passed, {c['failed']} failed, "
-              f"{c['skipped']} skipped, {c['n/a']} n/a, {c['not-implemented']} not implemented "
-              f"(of {len(clauses)} selected)")
-        for hole in mine["gaps"]:
-            print(f"  nothing ran for {hole}, and the catalog does not mark it n/a")
-    if not totals["under_test"]:
-        print("\nno firewall under test in this run (only references: "
-              + ", ".join(g.name for g in groups) + ")")
-    _write_json(args.json, results, totals)
-    return 0 if totals["ok"] else 1
-
-
-def _write_json(path: str | None, results: list[Result], totals: dict[str, Any]) -> None:
-    if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(
-            {"results": [r.to_dict() for r in results], "summary": totals}, indent=2) + "\n")
-        print(f"results: {path}")
+    report = Report(selection, groups, shard, ids.ids, collector.results, combine_junit(parts))
+    status, totals = conclude(report)
+    write_reports(report, totals, json_path=args.json, junit_path=args.junit, html_path=args.html)
+    return status

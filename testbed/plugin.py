@@ -25,6 +25,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import json
@@ -42,6 +43,7 @@ from testbed.capture import SLL2_OUTGOING, FwPackets
 from testbed.catalog import CLAUSES
 from testbed.drivers import MODES, DriverError, Firewall, Unsupported, load
 from testbed.session_api import SessionCalls, Terminating
+from testbed.shards import WHOLE, Shard
 from testbed.topology import FAMILIES, TOPOLOGIES, VARIANTS, Family
 
 REQUIRE_E2E = "PINHOLE_REQUIRE_E2E"
@@ -62,14 +64,22 @@ class Result:
     duration_s: float
     pcap: str | None
     detail: str
-    nodeid: str = ""
+    nodeid: str = ""  # the check's ("": a not-implemented row, no check)
     firewall: str | None = None  # None: the enforcer (tests that do not compare firewalls)
+    log: str | None = None  # the firewall's log, where it keeps one (the enforcer's)
 
     def to_dict(self) -> dict[str, Any]:
         return {"clause": self.clause, "family": self.family, "topology": self.topology,
                 "mode": self.mode, "firewall": self.firewall or "enforcer",
                 "outcome": self.outcome, "duration_s": round(self.duration_s, 3),
-                "pcap": self.pcap, "detail": self.detail}
+                "pcap": self.pcap, "log": self.log, "detail": self.detail, "nodeid": self.nodeid}
+
+    @classmethod
+    def from_dict(cls, row: dict[str, Any]) -> Result:
+        """A row of to_dict's (a JSON report's), back."""
+        return cls(row["clause"], row["family"], row["topology"], row["mode"], row["outcome"],
+                   float(row["duration_s"]), row["pcap"], row["detail"], row["nodeid"],
+                   row["firewall"], row["log"])
 
 
 RESULTS = pytest.StashKey[list[Result]]()
@@ -110,6 +120,16 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                          "failed there (pinhole conformance --self-check)")
     group.addoption("--pinhole-artifacts", default="artifacts",
                     help="where pcaps and enforcer logs go (default: ./artifacts)")
+    group.addoption("--pinhole-shard", metavar="I/N", type=_shard, default=WHOLE,
+                    help="run only shard I of N: the checks whose node id hashes to I "
+                         "(pinhole conformance --shard)")
+
+
+def _shard(text: str) -> Shard:
+    try:
+        return Shard.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _choices(config: pytest.Config, option: str, allowed: tuple[str, ...]) -> list[str]:
@@ -170,6 +190,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     _deselect_other_topologies(config, items)
     _deselect_unclaimed(config, items)
+    _deselect_other_shards(config, items)
     for item in items:
         _group(item)
         for mark in item.iter_markers("clause"):
@@ -246,6 +267,18 @@ def _deselect_unclaimed(config: pytest.Config, items: list[pytest.Item]) -> None
     if drop:
         config.hook.pytest_deselected(items=drop)
         items[:] = keep
+
+
+def _deselect_other_shards(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Deselect the checks of the other shards (``--pinhole-shard``). A check's shard is
+    its node id's alone, so this may come before or after other deselections."""
+    shard: Shard = config.getoption("pinhole_shard")
+    if shard == WHOLE:
+        return
+    drop = [item for item in items if not shard.has(item.nodeid)]
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = [item for item in items if shard.has(item.nodeid)]
 
 
 # --- the lab ------------------------------------------------------------------------------
@@ -534,6 +567,9 @@ def _pinhole_fw_pcap(request: pytest.FixtureRequest) -> Iterator[None]:
             yield
         finally:
             set_current_pcap(None)
+            log = getattr(the_lab.firewall, "log_path", None)  # the firewall the check used
+            if log is not None:
+                request.node.user_properties.append(("log", str(log)))
 
 
 # --- results ------------------------------------------------------------------------------
@@ -617,6 +653,7 @@ def _record(item: pytest.Item, report: pytest.TestReport) -> None:
     params = getattr(item, "callspec", None)
     p = params.params if params is not None else {}
     pcap = dict(item.user_properties).get("pcap")
+    log = dict(item.user_properties).get("log")
     detail = item.stash.get(_DETAIL, "") if outcome != "passed" else \
         (item.obj.__doc__ or "").strip().split("\n")[0] if hasattr(item, "obj") else ""
     # with the report (an attribute pytest-xdist carries from a worker), so that the
@@ -625,7 +662,8 @@ def _record(item: pytest.Item, report: pytest.TestReport) -> None:
     report.pinhole_results = [dataclasses.asdict(Result(  # type: ignore[attr-defined]
         clause=clause, family=p.get("family"), topology=p.get("variant"), mode=p.get("mode"),
         outcome=outcome, duration_s=sum(durations.values()), pcap=str(pcap) if pcap else None,
-        detail=detail, nodeid=item.nodeid, firewall=p.get("firewall"))) for clause in clauses]
+        detail=detail, nodeid=item.nodeid, firewall=p.get("firewall"),
+        log=str(log) if log else None)) for clause in clauses]
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:

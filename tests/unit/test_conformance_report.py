@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from xml.etree import ElementTree
 
 import pytest
 
@@ -10,10 +10,10 @@ from testbed.catalog import CLAUSES
 from testbed.conformance import (
     ENFORCER,
     Group,
+    combine_junit,
     complete,
     gaps,
     matrix,
-    merge_junit,
     selected_clauses,
     self_check,
     summary,
@@ -167,20 +167,17 @@ def test_k_selects_clauses_by_id(expr: str | None, expected: list[str]) -> None:
 def test_json_rows_have_the_documented_keys() -> None:
     row = result("GEN-01", "passed").to_dict()
     assert set(row) == {"clause", "family", "topology", "mode", "firewall", "outcome",
-                        "duration_s", "pcap", "detail"}
+                        "duration_s", "pcap", "log", "detail", "nodeid"}
     assert row["firewall"] == "enforcer"
+    again = Result.from_dict(row)
+    assert again.to_dict() == row and again.firewall == "enforcer"
 
 
-def test_junit_parts_merge_into_one_file(tmp_path: Path) -> None:
-    """The parallel part and the part run alone each write JUnit; one file holds both."""
-    parts = []
-    for name, cases in (("parallel", 3), ("alone", 1)):
-        part = tmp_path / f"r.{name}.xml"
-        part.write_text(f'<testsuites><testsuite name="{name}" tests="{cases}">'
-                        + "".join(f'<testcase name="t{i}"/>' for i in range(cases))
-                        + "</testsuite></testsuites>")
-        parts.append(part)
-    merge_junit([*parts, tmp_path / "missing.xml"], tmp_path / "r.xml")
-    text = (tmp_path / "r.xml").read_text()
+def test_junit_parts_combine_into_one_document() -> None:
+    """The parallel part and the part run alone (or shards) each have JUnit; one holds all."""
+    roots = [ElementTree.fromstring(f'<testsuites><testsuite name="{name}" tests="{cases}">'
+                                    + "".join(f'<testcase name="t{i}"/>' for i in range(cases))
+                                    + "</testsuite></testsuites>")
+             for name, cases in (("parallel", 3), ("alone", 1))]
+    text = ElementTree.tostring(combine_junit(roots), encoding="unicode")
     assert text.count("<testsuite ") == 2 and text.count("<testcase ") == 4
-    assert not any(p.exists() for p in parts)

@@ -21,10 +21,11 @@ unit: setup
 	$(BIN)/pytest -q -p no:cacheprovider tests/unit
 
 # Every test: lint, unit tests (no root), end-to-end tests and the clause suite (root): in
-# parallel (WORKERS, each topology, family and firewall's checks in one worker with its own lab),
+# parallel (WORKERS, by default what `pinhole conformance` takes: four a core; a module's checks
+# of one topology, family and firewall go to one worker, which builds its own labs),
 # then the timing-sensitive ones alone; then the self-check (every clause fails a trivial
 # firewall). All parts run; any failing (no test collected included) fails.
-WORKERS ?= 4
+WORKERS ?= $(shell $(BIN)/python -c "from testbed.conformance import default_workers; print(default_workers())")
 PYTEST := $(BIN)/pytest -p no:cacheprovider -rfEs --pinhole-artifacts $(ARTIFACTS)
 test: lint
 	@status=0; \

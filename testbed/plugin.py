@@ -204,15 +204,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 def _group(item: pytest.Item) -> None:
-    """With pytest-xdist's ``--dist loadgroup``, the checks of one topology and family run
-    in one worker (which builds that topology's lab once), and a module's own testbed's in
-    one too."""
+    """With pytest-xdist's ``--dist loadgroup``, a module's checks of one topology, family
+    and firewall run in one worker, in order (a worker builds each topology's lab once, at
+    its first check there, and keeps it), and a module's own testbed's in one too. Groups
+    this small keep every worker busy: the checks mostly wait."""
     params = getattr(item, "callspec", None)
     variant = params.params.get("variant") if params is not None else None
     if "lab" in getattr(item, "fixturenames", ()) and variant is not None:
         family = params.params.get("family", "") if params is not None else ""
         firewall = params.params.get("firewall", "") if params is not None else ""
-        item.add_marker(pytest.mark.xdist_group(f"lab-{variant}-{family}-{firewall}"))
+        module = Path(str(item.path)).stem
+        item.add_marker(pytest.mark.xdist_group(f"lab-{variant}-{family}-{firewall}-{module}"))
     elif "e2e" in Path(str(item.path)).parts:
         item.add_marker(pytest.mark.xdist_group(Path(str(item.path)).stem))
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -84,6 +85,15 @@ class Params:
         if not isinstance(port, int) or isinstance(port, bool):
             raise InvalidArgument(f"{what}: the port must be an integer")
         return parse_address(value[0], what), port
+
+    def seconds(self, name: str) -> float | None:
+        """An optional finite number of seconds (absent or null: None)."""
+        value = self.params.get(name)
+        if value is None:
+            return None
+        if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+            raise InvalidArgument(f"'{name}' must be a number of seconds")
+        return float(value)
 
     def boolean(self, name: str) -> bool:
         """An optional true or false (absent or null: false)."""
@@ -171,8 +181,13 @@ class SessionApi:
         return [f.to_dict() for f in self.engine.flows.newest(limit)]
 
     def decisions(self, params: dict[str, Any], caller: Caller) -> list[dict[str, Any]]:
-        limit = Params(params, {"limit"}).integer("limit", default=100, low=1, high=10000)
-        return [d.to_dict() for d in list(self.engine.recent)[-limit:]]
+        p = Params(params, {"limit", "since"})
+        limit = p.integer("limit", default=100, low=1, high=10000)
+        since = p.seconds("since")
+        recent = list(self.engine.recent)
+        if since is not None:
+            recent = [d for d in recent if d.at >= since]
+        return [d.to_dict() for d in recent[-limit:]]
 
     # --- permissions --------------------------------------------------------------------
     def _grant_params(self, p: Params) -> dict[str, Any]:

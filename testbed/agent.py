@@ -25,6 +25,7 @@ import base64
 import collections
 import contextlib
 import errno
+import fcntl
 import functools
 import hashlib
 import ipaddress
@@ -40,6 +41,7 @@ import socket
 import struct
 import subprocess
 import sys
+import termios
 import threading
 import time
 import weakref
@@ -100,12 +102,23 @@ def _fmt_addr(addr: str, port: int) -> str:
 _LAYER_CACHE: dict[str, Any] = {}
 
 
+def load_layers() -> None:
+    """Register the Scapy layers the testbed sends and dissects, on both ends of an agent's
+    channel: Ethernet, ARP and Linux cooked captures, IPv4 and IPv6 with ICMP, TCP and
+    UDP. Not ``scapy.all``: its two thousand layers took 0.6 s of CPU at each agent's start
+    (a few hundred starts in a run), and every port they name would dissect payloads
+    the testbed sends as raw bytes."""
+    import scapy.layers.inet
+    import scapy.layers.inet6
+    import scapy.layers.l2  # noqa: F401
+
+
 def _layer_class(name: str) -> Any:
     """The Scapy packet class called ``name`` (falls back to Raw)."""
     if not _LAYER_CACHE:
-        import scapy.all  # noqa: F401  (registers every layer)
         from scapy.config import conf
 
+        load_layers()
         for cls in conf.layers:
             _LAYER_CACHE.setdefault(cls.__name__, cls)
     from scapy.packet import Raw
@@ -449,6 +462,22 @@ class Agent:
         for probe in res:
             probe["received"] = _unb64(probe["received"])
         return list(res)
+
+    def probe_start(self, proto: str, addr: str, port: int, payload: bytes = b"") -> dict[str, Any]:
+        """A probe that must come to nothing, from a real socket, without waiting for an
+        answer: a TCP connection attempt or a UDP datagram. Returns ``{"pid", "local",
+        "error"}`` (``local``: the socket's address, None if nothing was sent)."""
+        res = self.call("probe_start", {"proto": proto, "addr": addr, "port": port,
+                                        "payload": _b64(payload)})
+        res["local"] = tuple(res["local"]) if res.get("local") else None
+        return dict(res)
+
+    def probe_outcome(self, pid: int, *, timeout: float = 0.0) -> dict[str, Any]:
+        """What came of a ``probe_start`` probe (waiting up to ``timeout`` for it):
+        ``{"connected", "reply" (bytes or None), "error"}``; it is forgotten then."""
+        res = self.call("probe_outcome", {"pid": pid, "timeout": timeout}, timeout=timeout + CALL_MARGIN)
+        res["reply"] = None if res.get("reply") is None else _unb64(res["reply"])
+        return dict(res)
 
     def udp_send(self, addr: str, port: int, payload: bytes, *, expect_reply: bool,
                  timeout: float | None = None, bind: str | None = None) -> dict[str, Any]:
@@ -959,6 +988,8 @@ class _AgentServer:
         self._lock = threading.Lock()
         self._raw: dict[int, socket.socket] = {}
         self._conns: dict[int, tuple[socket.socket, str]] = {}
+        # probes that must come to nothing (probe_start): id -> (socket, "tcp" or "udp", where)
+        self._probes: dict[int, tuple[socket.socket, str, str]] = {}
         # SOCKS UDP ASSOCIATE: connection id -> (our UDP socket, the relay's address)
         self._udp: dict[int, tuple[socket.socket, tuple[str, int]]] = {}
 
@@ -1006,7 +1037,11 @@ class _AgentServer:
         with self._lock:
             conns = list(self._conns.values())
             self._conns.clear()
+            probes = list(self._probes.values())
+            self._probes.clear()
         for sock, _ in conns:
+            sock.close()
+        for sock, _, _ in probes:
             sock.close()
 
     # -- methods ----------------------------------------------------------------
@@ -1354,12 +1389,64 @@ class _AgentServer:
         with self._lock:
             del self._conns[cid]
             udp = self._udp.pop(cid, None)
-        if reset:
+        if reset or _unacknowledged(sock):
             _reset(sock)
         else:
             sock.close()
         if udp is not None:
             udp[0].close()
+
+    def m_probe_start(self, proto: str, addr: str, port: int, payload: str = "") -> dict[str, Any]:
+        """Send a probe from a real socket and return at once: a TCP connection attempt
+        (its SYN), or a datagram. ``probe_outcome`` says later what came of it."""
+        if proto not in ("tcp", "udp"):
+            raise ValueError(f"no probe over {proto!r}")
+        where = _fmt_addr(addr, port)
+        sock = socket.socket(_family(addr), socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM)
+        try:
+            sock.setblocking(False)
+            if proto == "tcp":
+                code = sock.connect_ex((addr, port))
+                if code not in (0, errno.EINPROGRESS):
+                    raise OSError(code, os.strerror(code))
+            else:
+                sock.connect((addr, port))
+                sock.send(_unb64(payload))
+            local = list(sock.getsockname()[:2])
+        except OSError as exc:
+            sock.close()
+            return {"pid": None, "local": None, "error": f"{proto} to {where} failed: {exc.strerror or exc}"}
+        with self._lock:
+            pid = next(self._ids)
+            self._probes[pid] = (sock, proto, where)
+        return {"pid": pid, "local": local, "error": None}
+
+    def m_probe_outcome(self, pid: int, timeout: float = 0.0) -> dict[str, Any]:
+        """What came of a probe within ``timeout`` more seconds: a TCP one ``connected``
+        or failed (``error``: refused, unreachable), a UDP one got a ``reply`` or an ICMP
+        error; nothing of either when it is still unanswered. The probe is forgotten."""
+        with self._lock:
+            sock, proto, where = self._probes.pop(pid)
+        res: dict[str, Any] = {"connected": False, "reply": None, "error": None}
+        try:
+            with selectors.DefaultSelector() as sel:
+                sel.register(sock, selectors.EVENT_WRITE if proto == "tcp" else selectors.EVENT_READ)
+                if not sel.select(max(0.0, timeout)):
+                    return res
+            if proto == "tcp":
+                code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                if code:
+                    res["error"] = f"connect to {where} failed: {os.strerror(code)}"
+                else:
+                    res["connected"] = True
+            else:
+                try:
+                    res["reply"] = _b64(sock.recv(65535))
+                except OSError as exc:  # an ICMP error (ECONNREFUSED: port unreachable)
+                    res["error"] = f"UDP to {where}: {exc.strerror or exc}"
+        finally:
+            sock.close()
+        return res
 
     def m_tcp_probes(self, addr: str, port: int, payloads: list[str],
                      timeout: float = 3.0) -> list[dict[str, Any]]:
@@ -1672,6 +1759,18 @@ class _AgentServer:
         return res
 
 
+def _unacknowledged(sock: socket.socket) -> int:
+    """The bytes a TCP socket has sent or queued that its peer has not acknowledged
+    (SIOCOUTQ). A connection closed with such bytes is reset instead: closed normally, the
+    kernel would retransmit them for minutes (a firewall that stalled it, as the conntrack
+    helpers do, drops every copy) into the captures of the checks that come after."""
+    try:
+        queued: int = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+        return queued
+    except OSError:
+        return 0
+
+
 def _reset(sock: socket.socket) -> None:
     """Close with a reset (SO_LINGER 0)."""
     with contextlib.suppress(OSError):
@@ -1808,11 +1907,10 @@ def serve() -> None:
     out = os.fdopen(out_fd, "wb", buffering=0)
     # The agent exits when the caller goes away (stdin EOF); SIGTERM too, quietly.
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
-    import scapy.all  # noqa: F401  (import once, register every layer)
     from scapy.config import conf
 
     conf.verb = 0
-    _layer_class("Ether")
+    _layer_class("Ether")  # (the layers, once)
     server = _AgentServer(out)
     server.run(sys.stdin.buffer)
     # Daemon threads (sniffers, servers) end with the process.

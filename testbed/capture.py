@@ -24,7 +24,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-__all__ = ["SLL2_OUTGOING", "CaptureError", "FwCapture", "FwPackets", "read_pcap"]
+__all__ = ["SLL2_OUTGOING", "CaptureError", "FwCapture", "FwPackets", "PcapTail", "pcap_tail"]
 
 # The capture's whole packets (an IP packet, GRO's included, is at most 64 KiB) and its
 # kernel buffer (KiB): in immediate mode libpcap gives each packet a ring slot of the
@@ -164,25 +164,85 @@ class FwCapture:
 SLL2_OUTGOING = 4
 
 
-def read_pcap(path: Path | str) -> list[Any]:
-    """The complete records of an FwCapture pcap that tcpdump may still be writing, as
-    CookedLinuxV2 packets; none before tcpdump has written the file's header."""
-    from scapy.error import Scapy_Exception
-    from scapy.layers.l2 import CookedLinuxV2
-    from scapy.utils import RawPcapReader
+class PcapTail:
+    """A pcap that tcpdump may still be writing, read as it grows: each ``read()`` dissects
+    only the complete records written since the last (a check polls its captures every
+    few milliseconds; reading the whole file each time kept a core busy on long
+    transfers). A file replaced under the same path (another capture) is read anew."""
 
-    out = []
-    try:
-        with RawPcapReader(str(path)) as reader:
-            for data, meta in reader:
-                if len(data) < meta.caplen:  # the record tcpdump is writing now
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        self._reader: Any = None
+        self._inode: int | None = None
+        self._packets: list[Any] = []
+        self._lock = threading.Lock()
+
+    def read(self) -> list[Any]:
+        """Every complete record so far, as CookedLinuxV2 packets with ``.time`` set; none
+        before tcpdump has written the file's header."""
+        with self._lock:
+            if not self._open():
+                return []
+            from scapy.layers.l2 import CookedLinuxV2
+
+            f = self._reader.f
+            while True:
+                at = f.tell()
+                record = next(self._reader, None)
+                if record is None or len(record[0]) < record[1].caplen:  # tcpdump is writing it
+                    f.seek(at)
                     break
+                data, meta = record
                 pkt = CookedLinuxV2(data)
                 pkt.time = meta.sec + meta.usec / 1e6
-                out.append(pkt)
-    except (FileNotFoundError, Scapy_Exception):
-        return []
-    return out
+                self._packets.append(pkt)
+            return list(self._packets)
+
+    def _open(self) -> bool:
+        """Whether there is a pcap to read: (re)opened when it is new under the path."""
+        from scapy.error import Scapy_Exception
+        from scapy.utils import RawPcapReader
+
+        try:
+            stat = self.path.stat()
+        except FileNotFoundError:
+            return False
+        if self._reader is not None and stat.st_ino == self._inode:
+            return True
+        self.close()
+        if stat.st_size < PCAP_HEADER:
+            return False
+        try:
+            self._reader = RawPcapReader(str(self.path))
+        except (FileNotFoundError, Scapy_Exception):
+            return False
+        self._inode = stat.st_ino
+        return True
+
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
+        self._reader, self._inode, self._packets = None, None, []
+
+
+# A pcap file's global header (bytes)
+PCAP_HEADER = 24
+# The pcaps read as they grow (a check's fw capture, read by several FwPackets), the most
+# recent last; older ones are closed
+_TAILS: collections.OrderedDict[Path, PcapTail] = collections.OrderedDict()
+_TAILS_KEPT = 4
+_TAILS_LOCK = threading.Lock()
+
+
+def pcap_tail(path: Path | str) -> PcapTail:
+    """The one reader of the pcap at ``path`` in this process."""
+    key = Path(path)
+    with _TAILS_LOCK:
+        tail = _TAILS.pop(key, None) or PcapTail(key)
+        _TAILS[key] = tail
+        while len(_TAILS) > _TAILS_KEPT:
+            _TAILS.popitem(last=False)[1].close()
+        return tail
 
 
 class FwPackets:
@@ -195,7 +255,7 @@ class FwPackets:
         self.keep = keep
 
     def packets(self) -> list[Any]:
-        return [p for p in read_pcap(self.path) if self.keep(p)]
+        return [p for p in pcap_tail(self.path).read() if self.keep(p)]
 
     def __repr__(self) -> str:
         return f"<FwPackets {self.label}>"

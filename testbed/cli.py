@@ -1,107 +1,24 @@
-"""The ``pinhole`` command: enforcer daemon, control client, testbed and conformance runner."""
+"""The ``pinhole`` command: the enforcer's commands (enforcer.cli: the daemon and its control
+client) and the harness's (testbed, conformance runner, reports)."""
 
 from __future__ import annotations
 
 import argparse
-import json
-import logging
-import os
-import shutil
-import sys
 from collections.abc import Sequence
 
-REQUIRED_TOOLS = ("ip", "iptables-restore", "ip6tables-restore", "conntrack")
+from enforcer.cli import UsageError, add_parsers, require_root, require_tools, run
 
-
-class UsageError(Exception):
-    """A problem the user can fix; printed as one line, never a traceback."""
-
-
-def require_root(what: str) -> None:
-    if os.geteuid() != 0:
-        raise UsageError(f"{what} needs root (network namespaces and netfilter): run it with sudo")
-
-
-def require_tools(tools: Sequence[str] = REQUIRED_TOOLS) -> None:
-    missing = [t for t in tools if shutil.which(t) is None]
-    if missing:
-        raise UsageError(f"missing tools: {', '.join(missing)} (run 'make setup' or "
-                         "apt-get install iproute2 iptables conntrack tcpdump)")
-
-
-def _enforcer(args: argparse.Namespace) -> int:
-    from enforcer import config as config_mod
-    from enforcer import daemon
-
-    require_root("pinhole enforcer")
-    require_tools()
-    logging.basicConfig(level=logging.INFO,
-                        format="%(asctime)s pinhole-enforcer %(levelname)s %(message)s")
-    if args.verbose:
-        logging.getLogger("pinhole").setLevel(logging.DEBUG)
-    config = config_mod.load(args.config)
-    if args.socket:
-        from dataclasses import replace
-        config = replace(config, control_socket=args.socket)
-    if args.netns:
-        from pyroute2 import netns as pyroute2_netns
-        try:
-            pyroute2_netns.setns(args.netns, flags=0)  # never create one
-        except OSError as exc:
-            raise UsageError(f"cannot enter network namespace '{args.netns}': {exc.strerror}") from None
-    if args.lockdown or args.unload:
-        done = daemon.lockdown(config) if args.lockdown else daemon.unload(config)
-        what = "lockdown in place" if args.lockdown else "unloaded"
-        print(f"pinhole: {what}" + "".join(f"\n  replaced or removed: {item}" for item in done))
-        return 0
-    daemon.Daemon(config).run()
-    return 0
-
-
-def _ctl(args: argparse.Namespace) -> int:
-    from enforcer.client import Client
-
-    params = {}
-    for item in args.params:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise UsageError(f"parameter '{item}' is not KEY=VALUE")
-        try:
-            params[key] = json.loads(value)
-        except json.JSONDecodeError:
-            params[key] = value
-    with Client(args.socket) as client:
-        print(json.dumps(client.call(args.method, **params), indent=2))
-    return 0
+__all__ = ["UsageError", "build_parser", "main", "require_root", "require_tools"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from enforcer.config import DEFAULT_SOCKET
     from testbed.conformance import add_parser as add_conformance
     from testbed.report import add_parser as add_report
     from testbed.testbed_cmd import add_parser as add_testbed
 
     parser = argparse.ArgumentParser(prog="pinhole", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("enforcer", help="run the reference enforcer daemon")
-    p.add_argument("--config", required=True, help="policy and settings (TOML)")
-    p.add_argument("--netns", help="network namespace to enforce in (default: the current one)")
-    p.add_argument("--socket", help=f"control socket path (default: from config, else {DEFAULT_SOCKET})")
-    p.add_argument("-v", "--verbose", action="store_true", help="log every decision")
-    once = p.add_mutually_exclusive_group()
-    once.add_argument("--lockdown", action="store_true",
-                      help="put the lockdown base in place and exit (before a first start, at boot)")
-    once.add_argument("--unload", action="store_true",
-                      help="remove every rule of the enforcer, lockdown included, and exit")
-    p.set_defaults(func=_enforcer)
-
-    p = sub.add_parser("ctl", help="call a control API method, e.g. 'pinhole ctl status'")
-    p.add_argument("method")
-    p.add_argument("params", nargs="*", help="KEY=VALUE (VALUE parsed as JSON when it can be)")
-    p.add_argument("--socket", default=DEFAULT_SOCKET)
-    p.set_defaults(func=_ctl)
-
+    add_parsers(sub)
     add_testbed(sub)
     add_conformance(sub)
     add_report(sub)
@@ -109,19 +26,4 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from enforcer.client import ControlError, SessionApiError
-    from enforcer.config import ConfigError
-    from enforcer.daemon import StartupError
-    from enforcer.dataplane import DataplaneError
-
-    args = build_parser().parse_args(argv)
-    try:
-        return int(args.func(args))
-    except (UsageError, ConfigError, StartupError, DataplaneError, ControlError) as exc:
-        print(f"pinhole: {exc}", file=sys.stderr)
-        return 2
-    except SessionApiError as exc:
-        print(f"pinhole: {exc.name} (0x{exc.hresult:08X}): {exc.message}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
+    return run(build_parser(), argv)

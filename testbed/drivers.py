@@ -30,7 +30,7 @@ import importlib
 import importlib.util
 import itertools
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -90,6 +90,11 @@ class Firewall:
     # a comparison (the kernel helpers, the trivial routers), not a firewall under test:
     # its failures do not fail a run
     reference: ClassVar[bool] = False
+    # How long after a packet reaches it the firewall may still be deciding it, in seconds
+    # (0: as it arrives, as kernel rules do); None: not known. A silent drop's check
+    # watches for an answer to its probe until then (or until ``decided`` says so), and
+    # for timeouts.NEGATIVE after sending while neither can tell.
+    holds_packets: ClassVar[float | None] = None
 
     def __init__(self, tb: Testbed, workdir: Path) -> None:
         self.tb = tb
@@ -150,6 +155,14 @@ class Firewall:
         """The end of its log, for failure messages ("" if it keeps none)."""
         return ""
 
+    def decided(self, flows: Sequence[str], since: float) -> bool:
+        """Whether it has made its verdict on the first packet of each flow (``"tcp
+        192.0.2.11:31000 -> 198.51.100.21:30011"``, ``[address]:port`` for IPv6, as the
+        packet reached it) at or after ``since`` (time.monotonic()): a firewall that logs
+        its verdicts can end a silent drop's watch sooner than ``holds_packets``. False
+        when it cannot tell."""
+        return False
+
 
 class _RuleFirewall(Firewall):
     """A firewall that is iptables rules only (testbed.kernel_helpers): no process, so a
@@ -158,6 +171,7 @@ class _RuleFirewall(Firewall):
     forward: ClassVar[Forward] = "policy"  # (testbed.kernel_helpers.Forward)
     publish: ClassVar[int | None] = None
     reference = True
+    holds_packets = 0.0
 
     def __init__(self, tb: Testbed, workdir: Path) -> None:
         super().__init__(tb, workdir)

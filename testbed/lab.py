@@ -17,7 +17,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,7 @@ from enforcer.protocol import MAX_REQUEST
 from testbed.build import Testbed
 from testbed.catalog import CLAUSES
 from testbed.drivers import MODES, Firewall
-from testbed.session_api import ControlClient, ControlError
+from testbed.session_api import ControlClient, ControlError, SessionApiError
 from testbed.topology import FAMILIES
 
 # The protocols' GUIDs; FTP's and TFTP's are those the enforcer's bundled filters watch
@@ -183,7 +183,7 @@ class EnforcerProcess(Firewall):
 
     def command(self, *options: str) -> list[str]:
         """``pinhole enforcer`` with this config, run in the fw namespace (with ``options``)."""
-        return [sys.executable, "-m", "testbed", "enforcer", "--config", str(self.config_path),
+        return [sys.executable, "-m", "enforcer", "enforcer", "--config", str(self.config_path),
                 *options]
 
     def lockdown(self) -> str:
@@ -209,6 +209,17 @@ class EnforcerProcess(Firewall):
 
     def control_socket(self) -> Path:
         return self.socket
+
+    def decided(self, flows: Sequence[str], since: float) -> bool:
+        """Its decision log names each flow since then (the enforcer decides a queued
+        packet as it reads it; its clock is CLOCK_MONOTONIC, as the harness's)."""
+        if not self.running:
+            return False
+        try:
+            made = {d["flow"] for d in self.call("decisions", since=since, limit=10000)}
+        except (ControlError, SessionApiError):
+            return False
+        return all(flow in made for flow in flows)
 
     def remove(self) -> None:
         """Stopped, then unloaded: no rule of the enforcer stays (lockdown included)."""

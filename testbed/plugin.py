@@ -344,6 +344,7 @@ class Lab:
         if firewall is not self.firewall:
             self.firewall.remove()
             self.firewall = firewall
+            self._end_orphans()
         limits = limits or None
         if firewall.running and (firewall.customised or firewall.limits != limits or
                                  firewall.app_filters != app_filters):
@@ -351,6 +352,15 @@ class Lab:
         if not firewall.running:
             firewall.start(app_filters=app_filters, limits=limits)
         return firewall
+
+    def _end_orphans(self) -> None:
+        """End the TCP connections that the hosts' closed sockets still try to finish (a
+        firewall that stalled one, as the conntrack helpers do on a split FTP command,
+        leaves its data retransmitted for minutes), so that none reaches the captures of
+        the next firewall's checks."""
+        for host in self.topology.hosts:
+            self.tb.run(host.name, ["ss", "-K", "-t", "state", "fin-wait-1", "state", "closing",
+                                    "state", "last-ack"], check=False)
 
     def close(self) -> None:
         try:

@@ -20,7 +20,7 @@ from scapy.layers.l2 import Ether
 from scapy.packet import Packet
 
 from testbed import timeouts
-from testbed.checks import CheckFailed, expect_no_packet, expect_packet, is_noise
+from testbed.checks import POLL_INTERVAL, CheckFailed, expect_no_packet, expect_packet, is_noise, matches
 from testbed.drivers import Unsupported
 from testbed.lab import FLOW_MODE_MARKS, FLOW_MODE_MASK, GUIDS, ONE_WAY_MARK, SOCKS_PORT, SOCKS_USERS
 from testbed.plugin import Net
@@ -156,78 +156,145 @@ def answers_to(reached: list[tuple[Packet, float]]) -> Callable[[Packet], bool]:
     return an_answer_to_a_probe
 
 
+# Once the firewall has decided a probe, how long an answer to it (a reset, an ICMP
+# error, a reply through the fw) may take to arrive and be captured: two veth hops and a
+# capture's read take milliseconds on an idle machine; this leaves room for a busy one
+SETTLE_GRACE = 0.25
+
+
+def flow_name(headers: Packet) -> str:
+    """A probe's flow as a firewall's decision log names it (``Firewall.decided``)."""
+    layer = TCP if TCP in headers else UDP
+    under = headers[layer].underlayer
+
+    def endpoint(address: str, port: int) -> str:
+        text = str(ipaddress.ip_address(address))
+        return f"[{text}]:{port}" if ":" in text else f"{text}:{port}"
+    return (f"{'tcp' if layer is TCP else 'udp'} {endpoint(under.src, int(headers[layer].sport))}"
+            f" -> {endpoint(under.dst, int(headers[layer].dport))}")
+
+
+class _Probe:
+    """A probe sent: what it is, its headers as the fw receives them, when it was sent
+    (time.time() and time.monotonic()) and when it reached the fw (once seen there)."""
+
+    def __init__(self, what: str, headers: Packet) -> None:
+        self.what = what
+        self.headers = headers
+        self.sent = time.time()
+        self.sent_monotonic = time.monotonic()
+        self.reached: float | None = None
+        self.settled = False
+
+
 class Drop:
     """Probes from one node that the fw must drop silently (see ``dropped_silently``).
-    Each names itself (``what``) for the failure messages."""
+    Each names itself (``what``) for the failure messages.
 
-    def __init__(self, net: Net, node: str) -> None:
+    A probe is watched only while something could still come of it: until it has reached
+    the fw and the firewall has decided it (``Firewall.decided``, or ``holds_packets``
+    after its arrival), then ``SETTLE_GRACE`` for an answer to arrive; or, while the
+    firewall cannot tell, ``timeouts.NEGATIVE`` after it was sent."""
+
+    def __init__(self, net: Net, node: str, since: float) -> None:
         self.net = net
         self.node = node
         self.agent = net.agent(node)
-        self.probes: list[tuple[str, Packet]] = []  # (what, its headers as the fw receives them)
-        self.last = time.time()  # when the last probe was sent
+        self.since = since
+        self.probes: list[_Probe] = []
+        self.arrived = net.fw_received(net.topology.fw_iface_facing(node), since)
 
     def tcp(self, what: str, address: str, port: int) -> None:
-        """A real connection attempt: it must not connect."""
-        self.last = time.time()
-        result = self.agent.tcp_connect(address, port, timeout=NEGATIVE)
-        assert not result["connected"], f"{what}: connected, but the firewall should have dropped it"
-        self._from_socket(what, result, address, TCP(dport=port, flags="S"))
+        """A real connection attempt: it must not connect, nor be refused."""
+        outcome = self._from_socket(what, "tcp", address, port, b"", TCP(dport=port, flags="S"))
+        assert not outcome["connected"], f"{what}: connected, but the firewall should have dropped it"
+        assert outcome["error"] is None, \
+            f"{what}: {outcome['error']}, but a drop must be silent: no reset, no ICMP"
 
     def udp(self, what: str, address: str, port: int, payload: bytes) -> None:
         """A datagram from a real socket: nothing may answer it."""
-        self.last = time.time()
-        result = self.agent.udp_send(address, port, payload, expect_reply=True, timeout=NEGATIVE)
-        assert result["reply"] is None, \
-            f"{what}: answered with {result['reply']!r}, but the firewall should have dropped it"
-        self._from_socket(what, result, address, UDP(dport=port))
+        outcome = self._from_socket(what, "udp", address, port, payload, UDP(dport=port))
+        assert outcome["reply"] is None, \
+            f"{what}: answered with {outcome['reply']!r}, but the firewall should have dropped it"
+        assert outcome["error"] is None, \
+            f"{what}: {outcome['error']}, but a drop must be silent: no ICMP"
 
-    def _from_socket(self, what: str, result: dict[str, Any], address: str, transport: Packet) -> None:
-        local = result["local"]
-        assert local is not None, f"{what}: the probe was never sent: {result['error']}"
+    def _from_socket(self, what: str, proto: str, address: str, port: int, payload: bytes,
+                     transport: Packet) -> dict[str, Any]:
+        """Send from a real socket, wait until nothing can still come of it; its outcome."""
+        probe = _Probe(what, transport)
+        started = self.agent.probe_start(proto, address, port, payload)
+        local = started["local"]
+        assert local is not None, f"{what}: the probe was never sent: {started['error']}"
         transport.sport = int(local[1])
-        self.probes.append((what, ip(self.net, str(local[0]), address) / transport))
+        probe.headers = ip(self.net, str(local[0]), address) / transport
+        self.probes.append(probe)
+        self._settle()
+        outcome: dict[str, Any] = self.agent.probe_outcome(started["pid"])
+        return outcome
 
     def send(self, what: str, *packets: Packet) -> None:
         """Crafted probes: an IP packet is routed by the node, a frame (with its Ether
         header) goes out on the node's interface as it is."""
         assert packets, f"{what}: no packet to send"
-        self.last = time.time()
         frames = [p for p in packets if isinstance(p, Ether)]
         routed = [p for p in packets if not isinstance(p, Ether)]
+        self.probes += [_Probe(what, probe_headers(p)) for p in packets]
         if frames:
             self.agent.send(frames, iface=self.net.iface(self.node))
         if routed:
             self.agent.send(routed)
-        self.probes += [(what, probe_headers(p)) for p in packets]
 
     def sent(self, what: str, headers: Packet) -> None:
         """A probe the node has just sent by other means (its echo server's reply, say):
         its IP and TCP or UDP headers as the fw receives them."""
-        self.last = time.time()
-        self.probes.append((what, headers))
+        self.probes.append(_Probe(what, headers))
 
-    def check(self, back: Any, since: float) -> None:
+    def _settle(self) -> None:
+        """Wait until nothing can still come of any probe (see the class)."""
+        waiting = [p for p in self.probes if not p.settled]
+        if not waiting:
+            return
+        firewall = self.net.enforcer
+        holds: float | None = firewall.holds_packets
+        limit = max(p.sent for p in waiting) + NEGATIVE
+        earliest = min(p.sent_monotonic for p in waiting)
+        while (now := time.time()) < limit:
+            captured = self.arrived.packets()
+            for p in waiting:
+                if p.reached is None:
+                    p.reached = next((float(got.time) for got in captured
+                                      if matches(p.headers, got)), None)
+            if all(p.reached is not None for p in waiting):
+                last = max(p.reached or 0.0 for p in waiting)
+                if ((holds is not None and now >= last + holds)
+                        or firewall.decided([flow_name(p.headers) for p in waiting], earliest)):
+                    time.sleep(max(0.0, min(SETTLE_GRACE, limit - time.time())))
+                    break
+            time.sleep(POLL_INTERVAL)
+        for p in waiting:
+            p.settled = True
+
+    def check(self, back: Any) -> None:
         """Every probe reached the fw (after ``since``) on its interface facing the node,
-        and nothing answered any: not at the node (``back``, its capture, watched until
-        timeouts.NEGATIVE after the last probe), and nothing the fw sent."""
+        and, once nothing could still come of them, nothing has answered any: not at the
+        node (``back``, its capture), and nothing the fw sent."""
         assert self.probes, f"no probe was sent from {self.node}: this drop shows nothing"
-        whats = "; ".join(dict.fromkeys(what for what, _ in self.probes))
-        arrived = self.net.fw_received(self.net.topology.fw_iface_facing(self.node), since)
+        self._settle()
         reached = []
-        for what, headers in self.probes:
+        for p in self.probes:
             try:
-                got = expect_packet(arrived, headers)
+                got = expect_packet(self.arrived, p.headers, timeout=0)
             except CheckFailed as exc:
-                raise CheckFailed(f"{what}: the probe never reached the fw, so that nothing came "
+                raise CheckFailed(f"{p.what}: the probe never reached the fw, so that nothing came "
                                   f"of it shows nothing\n{exc}") from None
-            reached.append((headers, float(got.time)))
+            reached.append((p.headers, float(got.time)))
         answer = answers_to(reached)
-        watched = [(f"at {self.node}, the sender", back, max(0.0, self.last + NEGATIVE - time.time())),
-                   ("sent by the fw", self.net.fw_sent(since), 0.0)]
-        for where, sniffer, timeout in watched:
+        whats = "; ".join(dict.fromkeys(p.what for p in self.probes))
+        for where, sniffer in ((f"at {self.node}, the sender", back),
+                               ("sent by the fw", self.net.fw_sent(self.since))):
             try:
-                expect_no_packet(sniffer, answer, timeout=timeout)
+                expect_no_packet(sniffer, answer, timeout=0)
             except CheckFailed as exc:
                 raise CheckFailed(f"{whats}: answered ({where}), but a drop must be silent: no "
                                   f"reset, no ICMP, no reply\n{exc}") from None
@@ -240,14 +307,14 @@ def dropped_silently(net: Net, node: str) -> Iterator[Drop]:
     block ends, each probe is shown to have reached the fw on its interface facing
     ``node`` (the fw's capture: any firewall's), and nothing to have answered any of
     them: no reset, no reply, no ICMP message of any kind (but one about another flow),
-    neither at ``node`` (its capture, watched until timeouts.NEGATIVE after the last
-    probe) nor sent by the fw to a probe's source (a spoofed one's too). That nothing
+    neither at ``node`` (its capture) nor sent by the fw to a probe's source (a spoofed
+    one's too), watched while anything could still come of them (``Drop``). That nothing
     went on beyond the fw is the check's to show, where it would arrive."""
     since = time.time()
     with net.agent(node).sniff(net.iface(node)) as back:
-        drop = Drop(net, node)
+        drop = Drop(net, node, since)
         yield drop
-        drop.check(back, since)
+        drop.check(back)
 
 
 # Crafted probes' source ports: below Linux's ephemeral ports (32768-60999), so that no
@@ -318,6 +385,15 @@ def exchange_datagram(net: Net, node: str, address: str, port: int) -> None:
     data = f"{node}'s own datagram to {address} port {port}".encode()
     answer = net.agent(node).udp_send(address, port, data, expect_reply=True)
     assert answer["reply"] == data, f"{node}'s own datagram: {answer}"
+
+
+def wait_until(condition: Callable[[], bool], what: str, within: float = timeouts.POSITIVE) -> None:
+    """A positive wait: returns as soon as ``condition()`` holds, fails naming ``what``
+    after ``within`` seconds."""
+    deadline = time.monotonic() + within
+    while not condition():
+        assert time.monotonic() < deadline, f"{what}: not within {within:g} s"
+        time.sleep(0.05)
 
 
 # How long after a permission's deadline a check sends the probe that shows it expired

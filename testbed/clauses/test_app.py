@@ -367,9 +367,10 @@ def capture_at_client(app: App, fw: str, server: str, control_port: int) -> Snif
     and the control connection's segments from the fw (what c1 is told)."""
     c1 = app.addr("c1")
     pair = f"((src host {c1} and dst host {fw}) or (src host {fw} and dst host {c1}))"
+    family = "ip" if app.family == "ipv4" else "ip6"  # (not a late packet of another family's check)
     sniffer: Sniffer = app.agent("c1").sniff(app.iface("c1"), bpf=(
-        f"(tcp and not {pair}) or host {server} or ({SYN[app.family]}) or "
-        f"(tcp and src host {fw} and src port {control_port})"))
+        f"{family} and ((tcp and not {pair}) or host {server} or ({SYN[app.family]}) or "
+        f"(tcp and src host {fw} and src port {control_port}))"))
     return sniffer
 
 

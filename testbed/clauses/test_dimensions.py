@@ -47,9 +47,10 @@ from testbed.clauses.helpers import (
     socks_open,
     syn,
     talk,
+    wait_until,
 )
 from testbed.clauses.test_rab import allow, bind, only
-from testbed.clauses.test_rab_udp import association, wait_until
+from testbed.clauses.test_rab_udp import association
 from testbed.clauses.test_rdc import redirect
 from testbed.plugin import Net
 from testbed.session_api import Flags, IpFilterWire, wire_ipfilter

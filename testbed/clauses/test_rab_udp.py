@@ -21,7 +21,7 @@ from scapy.packet import Packet, Raw
 from testbed import socks5, timeouts
 from testbed.agent import multiset_digest
 from testbed.checks import expect_no_packet
-from testbed.clauses.helpers import NEGATIVE, datagram, dropped_silently, ip
+from testbed.clauses.helpers import NEGATIVE, datagram, dropped_silently, ip, wait_until
 from testbed.clauses.test_rab import allow, bind, only, state_of
 from testbed.lab import GUIDS
 from testbed.plugin import Net
@@ -77,13 +77,6 @@ def relay_of(conn: Any) -> tuple[str, int]:
     """Where a UDP ASSOCIATE's client sends its datagrams (the SOCKS reply's BND)."""
     assert conn.reply is not None
     return str(conn.reply["address"]), int(conn.reply["port"])
-
-
-def wait_until(condition: Callable[[], bool], what: str, within: float = timeouts.POSITIVE) -> None:
-    deadline = time.monotonic() + within
-    while not condition():
-        assert time.monotonic() < deadline, f"{what}: not within {within:g} s"
-        time.sleep(0.05)
 
 
 # --- RAB-06: receive only, unless BIDIRECTIONAL --------------------------------------------------

@@ -16,7 +16,7 @@ from testbed.ledger import NS_PREFIX, all_ledgers, list_namespaces
 from testbed.plugin import require_e2e
 
 # what a run starts: agents, enforcers, captures, and the real FTP/TFTP servers
-OURS = ("testbed.agent", "-m testbed enforcer", "tcpdump", "vsftpd", "pyftpdlib", "in.tftpd")
+OURS = ("testbed.agent", "-m enforcer enforcer", "tcpdump", "vsftpd", "pyftpdlib", "in.tftpd")
 
 
 def our_processes() -> set[tuple[int, str]]:
@@ -111,7 +111,7 @@ def test_a_crashed_run_is_swept_away(tmp_path: Path) -> None:
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + 60
-        while not any("-m testbed enforcer" in cmd for _, cmd in our_processes() - before["processes"]):
+        while not any("-m enforcer enforcer" in cmd for _, cmd in our_processes() - before["processes"]):
             assert runner.poll() is None, "the runner ended before its enforcer started"
             assert time.monotonic() < deadline, "the runner's enforcer never started"
             time.sleep(0.1)

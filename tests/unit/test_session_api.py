@@ -533,3 +533,18 @@ def test_binds_lists_by_session() -> None:
         api.binds({"bind": 1}, FakeCaller())
     api.engine.end_session(session, 1.0)
     assert api.binds({}, FakeCaller()) == [theirs.to_dict()]
+
+
+def test_decisions_since_a_time_are_those_made_then_or_later(api: SessionApi) -> None:
+    """``decisions since=T``: what the enforcer decided at T or after, on its clock (what a
+    silent drop's check asks to end its watch); a bad ``since`` is named."""
+    engine = api.engine
+    for at, port in ((10.0, 40001), (20.0, 40002), (30.0, 40003)):
+        engine.decide(PacketMeta(FlowKey(6, CLIENT, port, SERVER, 30000), Ingress.INTERNAL, 0x02), at)
+    caller = FakeCaller()
+    flows = [d["flow"] for d in api.decisions({"since": 20, "limit": 100}, caller)]
+    assert flows == [f"tcp {CLIENT}:40002 -> {SERVER}:30000", f"tcp {CLIENT}:40003 -> {SERVER}:30000"]
+    assert len(api.decisions({"limit": 100}, caller)) == 4  # the primary's too
+    for bad in ("soon", float("nan"), True):
+        with pytest.raises(InvalidArgument, match="'since' must be a number of seconds"):
+            api.decisions({"since": bad}, caller)

@@ -4,6 +4,7 @@ the fw, or was never sent; ``wait_past_expiry`` (no root needed)."""
 
 from __future__ import annotations
 
+import time
 from types import SimpleNamespace
 from typing import Any
 
@@ -90,21 +91,38 @@ class Captured:
         return list(self.pkts)
 
 
+class FakeFirewall:
+    """A driver's view of its verdicts (testbed.drivers.Firewall)."""
+
+    def __init__(self, holds_packets: float | None, decides: bool = False) -> None:
+        self.holds_packets = holds_packets
+        self.decides = decides
+        self.asked: list[tuple[list[str], float]] = []
+
+    def decided(self, flows: list[str], since: float) -> bool:
+        self.asked.append((list(flows), since))
+        return self.decides
+
+
 class FakeNet:
-    """What Drop uses of a Net: a sender's agent and the fw's capture."""
+    """What Drop uses of a Net: a sender's agent, the fw's capture, the firewall's driver."""
 
     family = "ipv4"
 
-    def __init__(self, connected: bool = False) -> None:
+    def __init__(self, outcome: dict[str, Any] | None = None, firewall: FakeFirewall | None = None) -> None:
         self.received = Captured("the fw, received on int0")
         self.sent = Captured("the fw, sent on any interface")
         self.topology = SimpleNamespace(fw_iface_facing=lambda node: "int0")
-        self.connected = connected
+        self.outcome = {"connected": False, "reply": None, "error": None, **(outcome or {})}
+        self.enforcer = firewall or FakeFirewall(holds_packets=0.0)
 
     def agent(self, node: str) -> Any:
-        def tcp_connect(address: str, port: int, timeout: float) -> dict[str, Any]:
-            return {"connected": self.connected, "error": None, "local": [C1, 40001]}
-        return SimpleNamespace(tcp_connect=tcp_connect)
+        def probe_start(proto: str, address: str, port: int, payload: bytes) -> dict[str, Any]:
+            return {"pid": 1, "local": (C1, 40001), "error": None}
+
+        def probe_outcome(pid: int) -> dict[str, Any]:
+            return self.outcome
+        return SimpleNamespace(probe_start=probe_start, probe_outcome=probe_outcome)
 
     def fw_received(self, iface: str, since: float) -> Captured:
         return self.received
@@ -117,12 +135,13 @@ class FakeNet:
 def _short_waits(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(helpers.timeouts, "POSITIVE", 0.05)
     monkeypatch.setattr(helpers, "NEGATIVE", 0.05)
+    monkeypatch.setattr(helpers, "SETTLE_GRACE", 0.01)
 
 
 def checked(net: FakeNet, back: list[Packet]) -> None:
-    drop = Drop(net, "c1")  # type: ignore[arg-type]
+    drop = Drop(net, "c1", since=0.0)  # type: ignore[arg-type]
     drop.sent("the probe", PROBE)
-    drop.check(Captured("node c1, interface eth0", back), since=0.0)
+    drop.check(Captured("node c1, interface eth0", back))
 
 
 def test_a_probe_that_reached_the_fw_and_met_silence_passes() -> None:
@@ -157,12 +176,58 @@ def test_a_probe_that_never_reached_the_fw_fails() -> None:
 
 def test_no_probe_fails() -> None:
     with pytest.raises(AssertionError, match="no probe was sent"):
-        Drop(FakeNet(), "c1").check(Captured("c1"), since=0.0)  # type: ignore[arg-type]
+        Drop(FakeNet(), "c1", since=0.0).check(Captured("c1"))  # type: ignore[arg-type]
 
 
-def test_a_connection_that_connected_fails() -> None:
-    with pytest.raises(AssertionError, match="a probe: connected"):
-        Drop(FakeNet(connected=True), "c1").tcp("a probe", S1, 20021)  # type: ignore[arg-type]
+@pytest.mark.parametrize(("outcome", "message"), [
+    ({"connected": True}, "a probe: connected"),
+    ({"error": "connect to 198.51.100.21:20021 failed: Connection refused"},
+     "Connection refused, but a drop must be silent"),
+])
+def test_a_connection_that_connected_or_was_refused_fails(outcome: dict[str, Any], message: str) -> None:
+    net = FakeNet(outcome)
+    net.received.pkts = [at(IP(src=C1, dst=S1) / TCP(sport=40001, dport=20021, flags="S"), ARRIVED)]
+    with pytest.raises(AssertionError, match=message):
+        Drop(net, "c1", since=0.0).tcp("a probe", S1, 20021)  # type: ignore[arg-type]
+
+
+def test_a_datagram_answered_by_icmp_fails() -> None:
+    net = FakeNet({"error": "UDP to 198.51.100.21:20021: Connection refused"})
+    net.received.pkts = [at(IP(src=C1, dst=S1) / UDP(sport=40001, dport=20021), ARRIVED)]
+    with pytest.raises(AssertionError, match="no ICMP"):
+        Drop(net, "c1", since=0.0).udp("a datagram", S1, 20021, b"x")  # type: ignore[arg-type]
+
+
+def watched(monkeypatch: pytest.MonkeyPatch, firewall: FakeFirewall, reached: bool = True) -> float:
+    """How long a silent TCP probe is watched, with NEGATIVE at 1 s."""
+    monkeypatch.setattr(helpers, "NEGATIVE", 1.0)
+    net = FakeNet(firewall=firewall)
+    if reached:
+        net.received.pkts = [at(IP(src=C1, dst=S1) / TCP(sport=40001, dport=20021, flags="S"), ARRIVED)]
+    started = time.monotonic()
+    Drop(net, "c1", since=0.0).tcp("a probe", S1, 20021)  # type: ignore[arg-type]
+    return time.monotonic() - started
+
+
+def test_a_kernel_firewall_s_probe_is_watched_until_it_is_decided(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert watched(monkeypatch, FakeFirewall(holds_packets=0.0)) < 0.5
+
+
+def test_a_firewall_that_logs_its_verdicts_ends_the_watch_when_it_has_decided(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    firewall = FakeFirewall(holds_packets=None, decides=True)
+    assert watched(monkeypatch, firewall) < 0.5
+    flows, since = firewall.asked[0]
+    assert flows == [f"tcp {C1}:40001 -> {S1}:20021"] and since <= time.monotonic()
+
+
+@pytest.mark.parametrize(("driver", "reached"), [
+    (FakeFirewall(holds_packets=None), True),  # it cannot tell
+    (FakeFirewall(holds_packets=0.0, decides=True), False),  # the probe is not seen at the fw yet
+])
+def test_a_probe_is_watched_the_whole_negative_timeout_while_something_could_come(
+        monkeypatch: pytest.MonkeyPatch, driver: FakeFirewall, reached: bool) -> None:
+    assert watched(monkeypatch, driver, reached) >= 1.0
 
 
 class FakeAction:

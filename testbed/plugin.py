@@ -146,6 +146,8 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "e2e: needs root and network namespaces")
     config.addinivalue_line("markers", "topologies(*names): run only in these topologies "
                                        "(default: the standard ones, routed and nat)")
+    config.addinivalue_line("markers", "reconfigures: the check starts the firewall in a configuration "
+                            "of its own first (the fixture does not restart it in the default one before)")
     config.addinivalue_line("markers", "alone: timing-sensitive; `make test` and `pinhole conformance` "
                                        "run these after the parallel part, on an otherwise idle machine")
     config.stash[RESULTS] = []
@@ -192,7 +194,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     _deselect_unclaimed(config, items)
     _deselect_other_shards(config, items)
     for item in items:
-        _group(item)
         for mark in item.iter_markers("clause"):
             if not mark.args or mark.args[0] not in CLAUSES:
                 raise pytest.UsageError(f"{item.nodeid}: clause marker {mark.args!r} "
@@ -203,20 +204,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.e2e)
 
 
-def _group(item: pytest.Item) -> None:
-    """With pytest-xdist's ``--dist loadgroup``, a module's checks of one topology, family
-    and firewall run in one worker, in order (a worker builds each topology's lab once, at
-    its first check there, and keeps it), and a module's own testbed's in one too. Groups
-    this small keep every worker busy: the checks mostly wait."""
-    params = getattr(item, "callspec", None)
-    variant = params.params.get("variant") if params is not None else None
-    if "lab" in getattr(item, "fixturenames", ()) and variant is not None:
-        family = params.params.get("family", "") if params is not None else ""
-        firewall = params.params.get("firewall", "") if params is not None else ""
-        module = Path(str(item.path)).stem
-        item.add_marker(pytest.mark.xdist_group(f"lab-{variant}-{family}-{firewall}-{module}"))
-    elif "e2e" in Path(str(item.path)).parts:
-        item.add_marker(pytest.mark.xdist_group(Path(str(item.path)).stem))
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """``--dist loadgroup``: the suite's groups, each worker kept to its labs (testbed.scheduling)."""
+    if config.getoption("dist", None) != "loadgroup":
+        return None
+    from testbed.scheduling import LabAffinityScheduling
+
+    drivers = config.stash[DRIVERS]
+    return LabAffinityScheduling(config, [name for name in drivers], log)
 
 
 def _deselect_other_topologies(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -326,12 +322,14 @@ class Lab:
         return self._peers
 
     def use(self, name: str = "enforcer", app_filters: tuple[str, ...] = (), *,
-            keep_peers: bool = False, limits: dict[str, object] | None = None) -> Firewall:
+            keep_peers: bool = False, limits: dict[str, object] | None = None,
+            reconfigure: bool = True) -> Firewall:
         """The firewall ``name`` in the fw namespace, running in its default configuration
         with these application filters and caps (the one there before taken out);
-        restarted only if it runs with others. The real servers go too unless
-        ``keep_peers`` (the APP checks use them; other checks use the servers' ports for
-        agents of their own)."""
+        restarted only if it runs with others, and not then unless ``reconfigure`` (a
+        check that restarts it in a configuration of its own at once). The real servers
+        go too unless ``keep_peers`` (the APP checks use them; other checks use the
+        servers' ports for agents of their own)."""
         if not keep_peers and self._peers is not None:
             self._peers.close()
         firewall = self._firewalls.get(name)
@@ -346,8 +344,8 @@ class Lab:
             self.firewall = firewall
             self._end_orphans()
         limits = limits or None
-        if firewall.running and (firewall.customised or firewall.limits != limits or
-                                 firewall.app_filters != app_filters):
+        if reconfigure and firewall.running and (firewall.customised or firewall.limits != limits or
+                                                 firewall.app_filters != app_filters):
             firewall.stop()
         if not firewall.running:
             firewall.start(app_filters=app_filters, limits=limits)
@@ -489,7 +487,7 @@ def net(request: pytest.FixtureRequest, lab: Lab, family: str, firewall: str) ->
     Permissions a test leaves pending are cancelled afterwards, so that none admits
     a later test's traffic.
     """
-    lab.use(firewall)
+    lab.use(firewall, reconfigure=request.node.get_closest_marker("reconfigures") is None)
     mode = request.getfixturevalue("mode") if "mode" in request.fixturenames else None
     yield Net(lab, family, mode)
     cancel_pending(lab)

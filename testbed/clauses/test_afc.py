@@ -460,6 +460,7 @@ def test_a_firewall_client_s_session_ends_with_its_last_socks_connection(net: Ne
 IDLE_SESSION = 2.0
 
 
+@pytest.mark.reconfigures  # it starts the firewall in its own configuration first
 @pytest.mark.clause("AFC-16")
 def test_an_idle_securenat_session_ends_by_itself_and_cancels_its_pending_grants(net: Net) -> None:
     """c1's SecureNAT session, idle for the configured time, ends by itself (rule 16), and

@@ -259,6 +259,7 @@ def queued_burst(net: Net, flags: Flags) -> tuple[dict[str, Any], int, dict[str,
         return made, lost, client.stats(), str(burst["digest"])
 
 
+@pytest.mark.reconfigures  # it starts the firewall in its own configuration first
 @pytest.mark.clause("RAB-07")
 def test_increase_receive_buffer_on_a_securenat_udp_bind(net: Net) -> None:
     """A SecureNAT bind's flow runs in kernel mode: what the fw holds of it is the queue,

@@ -260,6 +260,7 @@ def _burst(net: Net, mode: str, flags: Flags) -> tuple[dict[str, Any], dict[str,
 BURST = 40  # datagrams of 1000 bytes: ~100 KB of queue buffer, under 2 x 64 KiB
 
 
+@pytest.mark.reconfigures  # it starts the firewall in its own configuration first
 @pytest.mark.clause("RDC-06")
 def test_increase_receive_buffer(net: Net, mode: str) -> None:
     """With the queue socket's buffer cut to 4 KiB, a burst of 40 datagrams through a
@@ -537,6 +538,7 @@ def test_invalid_arguments_create_nothing(net: Net, params: dict[str, Any], mess
     assert redirect_ports_in_use(net) == pools and kernel_redirect_rules(net) == rules
 
 
+@pytest.mark.reconfigures  # it starts the firewall in its own configuration first
 @pytest.mark.clause("RDC-10")
 def test_exhausted_ports_are_a_clear_error(net: Net, mode: str) -> None:
     """With four ports per mode, a block of three fits once; the next is FWX_E_IS_BUSY and

@@ -78,6 +78,7 @@ def echoed(conn: Any, data: bytes) -> None:
     assert conn.talk(data, expect=len(data)) == data
 
 
+@pytest.mark.reconfigures  # it starts the firewall in its own configuration first
 @pytest.mark.clause("ROB-02")
 def test_sessions_from_spoofed_sources_stay_within_the_cap_and_idle_ones_end(net: Net) -> None:
     """With room for 3 sessions, c1's and two spoofed sources' are made; the other
@@ -115,6 +116,7 @@ def test_sessions_from_spoofed_sources_stay_within_the_cap_and_idle_ones_end(net
             echoed(admitted, b"room again" * 100)
 
 
+@pytest.mark.reconfigures  # it starts the firewall in its own configuration first
 @pytest.mark.topologies("routed")  # the caps do not depend on the topology
 @pytest.mark.clause("ROB-02")
 def test_a_firewall_client_beyond_its_address_sessions_cap_gets_a_socks_failure(net: Net) -> None:
@@ -139,6 +141,7 @@ def test_a_firewall_client_beyond_its_address_sessions_cap_gets_a_socks_failure(
         assert cap["refused"] == 1 and cap["top"][0] == [net.addr("c1"), 2], cap
 
 
+@pytest.mark.reconfigures  # it starts the firewall in its own configuration first
 @pytest.mark.topologies("routed")  # the caps do not depend on the topology
 @pytest.mark.clause("ROB-02")
 def test_binds_and_pending_permissions_stop_at_their_caps(net: Net) -> None:
@@ -186,6 +189,7 @@ def test_binds_and_pending_permissions_stop_at_their_caps(net: Net) -> None:
             echoed(inbound, b"through a bind held at the cap" * 40)
 
 
+@pytest.mark.reconfigures  # it starts the firewall in its own configuration first
 @pytest.mark.topologies("routed")  # the caps do not depend on the topology
 @pytest.mark.clause("ROB-02")
 def test_user_mode_flows_stop_at_the_cap_and_those_held_go_on(net: Net) -> None:
@@ -212,6 +216,7 @@ def test_user_mode_flows_stop_at_the_cap_and_those_held_go_on(net: Net) -> None:
     assert cap["refused"] >= 1 and cap["top"][0] == [net.addr("c1"), 2], cap
 
 
+@pytest.mark.reconfigures  # it starts the firewall in its own configuration first
 @pytest.mark.clause("ROB-03")
 def test_a_filtered_flow_keeps_its_filter_through_a_flood_of_other_flows(net: Net) -> None:
     """A flow with a data filter (lengths change both ways) goes on, filtered, while c2
@@ -277,6 +282,7 @@ def test_a_packet_of_a_user_mode_flow_the_enforcer_does_not_know_is_dropped(net:
 
 # --- each cap at its edge: at cap - 1 the request works, at the cap it is refused --------------
 
+@pytest.mark.reconfigures  # it starts the firewall in its own configuration first
 @pytest.mark.topologies("routed")  # the caps do not depend on the topology
 @pytest.mark.clause("ROB-02")
 def test_a_client_s_tracked_flows_stop_at_flows_per_client(net: Net) -> None:
@@ -308,6 +314,7 @@ def test_a_client_s_tracked_flows_stop_at_flows_per_client(net: Net) -> None:
 NEW_FLOWS_AT_ONCE = 10
 
 
+@pytest.mark.reconfigures  # it starts the firewall in its own configuration first
 @pytest.mark.topologies("routed")  # the caps do not depend on the topology
 @pytest.mark.clause("ROB-02")
 def test_a_client_s_new_flows_stop_at_new_flows_per_second(net: Net) -> None:
@@ -334,6 +341,7 @@ def test_a_client_s_new_flows_stop_at_new_flows_per_second(net: Net) -> None:
         talk(net, "c1", dst, 21)
 
 
+@pytest.mark.reconfigures  # it starts the firewall in its own configuration first
 @pytest.mark.topologies("routed")  # the caps do not depend on the topology
 @pytest.mark.clause("ROB-02")
 def test_user_mode_flows_stop_at_user_flows_total_and_the_grant_stays_pending(net: Net) -> None:
@@ -367,6 +375,7 @@ def test_user_mode_flows_stop_at_user_flows_total_and_the_grant_stays_pending(ne
             talk(net, "c1", dst, 21)  # a kernel-mode primary
 
 
+@pytest.mark.reconfigures  # it starts the firewall in its own configuration first
 @pytest.mark.topologies("routed")  # the caps do not depend on the topology
 @pytest.mark.clause("ROB-02")
 def test_an_association_s_targets_stop_at_socks_udp_targets(net: Net) -> None:
@@ -404,6 +413,7 @@ def test_an_association_s_targets_stop_at_socks_udp_targets(net: Net) -> None:
 IDLE = 3.0  # seconds: the session_idle_timeout of the check of its edge
 
 
+@pytest.mark.reconfigures  # it starts the firewall in its own configuration first
 @pytest.mark.topologies("routed")  # the caps do not depend on the topology
 @pytest.mark.clause("ROB-02")
 def test_a_securenat_session_does_not_end_before_its_idle_timeout(net: Net) -> None:
@@ -424,6 +434,7 @@ def test_a_securenat_session_does_not_end_before_its_idle_timeout(net: Net) -> N
                 f"c1's session ended after {time.monotonic() - granted:.1f} s, before {IDLE:g} s idle"
 
 
+@pytest.mark.reconfigures  # it starts the firewall in its own configuration first
 @pytest.mark.topologies("routed")  # the caps do not depend on the topology
 @pytest.mark.clause("ROB-02")
 def test_kernel_mode_flows_beyond_flow_history_are_admitted_and_the_oldest_forgotten(net: Net) -> None:
@@ -501,6 +512,7 @@ def silenced(net: Net, node: str, ports: tuple[int, ...]) -> Iterator[None]:
         tb.run(node, ["nft", "delete", "table", *table])
 
 
+@pytest.mark.reconfigures  # it starts the firewall in its own configuration first
 @pytest.mark.topologies("routed")  # the caps do not depend on the topology
 @pytest.mark.clause("ROB-02")
 def test_filtered_streams_hold_bytes_up_to_the_client_s_cap_and_the_total(net: Net) -> None:

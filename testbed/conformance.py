@@ -42,8 +42,8 @@ from testbed.topology import FAMILIES, TOPOLOGIES
 CLAUSE_DIR = Path(__file__).parent / "clauses"
 OUTCOMES = ("passed", "failed", "skipped", "n/a", "not-implemented")
 # The checks mostly wait (for what must not arrive, for transfers and processes): four
-# workers a core. Measured on 2 cores (1162 checks): 4 workers with a group per lab took
-# 7m46s; a group per module and lab, 6 workers 6m02s, 8 workers 5m23s.
+# workers a core. Measured on 2 cores (1162 checks and the 12 alone), with the groups of
+# testbed.scheduling: 8 workers 4m05s, 12 workers 3m49s (the CPU is then the limit).
 WORKERS_PER_CORE, MOST_WORKERS = 4, 16
 
 

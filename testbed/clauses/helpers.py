@@ -158,8 +158,10 @@ def answers_to(reached: list[tuple[Packet, float]]) -> Callable[[Packet], bool]:
 
 # Once the firewall has decided a probe, how long an answer to it (a reset, an ICMP
 # error, a reply through the fw) may take to arrive and be captured: two veth hops and a
-# capture's read take milliseconds on an idle machine; this leaves room for a busy one
-SETTLE_GRACE = 0.25
+# capture's read take milliseconds on an idle machine; this leaves room for a busy one.
+# A SYN let through is answered by the server's kernel; a datagram by a process (an
+# agent's echo server), which a loaded machine may keep waiting longer.
+SETTLE_GRACE = {"tcp": 0.25, "udp": 0.6}
 
 
 def flow_name(headers: Packet) -> str:
@@ -269,7 +271,8 @@ class Drop:
                 last = max(p.reached or 0.0 for p in waiting)
                 if ((holds is not None and now >= last + holds)
                         or firewall.decided([flow_name(p.headers) for p in waiting], earliest)):
-                    time.sleep(max(0.0, min(SETTLE_GRACE, limit - time.time())))
+                    grace = max(SETTLE_GRACE["udp" if UDP in p.headers else "tcp"] for p in waiting)
+                    time.sleep(max(0.0, min(grace, limit - time.time())))
                     break
             time.sleep(POLL_INTERVAL)
         for p in waiting:

@@ -135,7 +135,7 @@ class FakeNet:
 def _short_waits(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(helpers.timeouts, "POSITIVE", 0.05)
     monkeypatch.setattr(helpers, "NEGATIVE", 0.05)
-    monkeypatch.setattr(helpers, "SETTLE_GRACE", 0.01)
+    monkeypatch.setattr(helpers, "SETTLE_GRACE", {"tcp": 0.01, "udp": 0.01})
 
 
 def checked(net: FakeNet, back: list[Packet]) -> None:
@@ -252,3 +252,15 @@ def test_wait_past_expiry_sleeps_the_lifetime_and_a_margin(monkeypatch: pytest.M
 def test_wait_past_expiry_refuses_what_it_cannot_show(info: dict[str, Any], message: str) -> None:
     with pytest.raises(AssertionError, match=message):
         wait_past_expiry(FakeAction(**info))  # type: ignore[arg-type]
+
+
+def test_a_datagram_is_given_longer_for_its_answer_than_a_syn(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A datagram let through is answered by a process (an echo server), a SYN by the
+    server's kernel: the grace after the verdict is longer for UDP."""
+    monkeypatch.setattr(helpers, "NEGATIVE", 1.0)
+    monkeypatch.setattr(helpers, "SETTLE_GRACE", {"tcp": 0.01, "udp": 0.3})
+    net = FakeNet(firewall=FakeFirewall(holds_packets=0.0))
+    net.received.pkts = [at(IP(src=C1, dst=S1) / UDP(sport=40001, dport=20021), ARRIVED)]
+    started = time.monotonic()
+    Drop(net, "c1", since=0.0).udp("a datagram", S1, 20021, b"x")  # type: ignore[arg-type]
+    assert 0.3 <= time.monotonic() - started < 0.9

@@ -152,18 +152,27 @@ def firewall_of(r: Result) -> str:
 
 
 def complete(results: list[Result], clauses: list[str], families: list[str],
-             groups: list[Group] | None = None) -> list[Result]:
-    """Add a not-implemented row per family for every selected clause that a firewall under
-    test claims and no test checked."""
+             groups: list[Group] | None = None, topologies: list[str] | None = None) -> list[Result]:
+    """Add a row per family for every selected clause that a firewall under test claims and
+    no test checked: n/a when the catalog marks every cell of the selected ``topologies``
+    n/a for it (``--topology routed`` and a NAT clause, say), else not-implemented."""
     out = list(results)
     for group in groups or [ENFORCER]:
         if group.reference:
             continue
         seen = {r.clause for r in results if firewall_of(r) == group.name}
-        out += [Result(clause, fam, None, None, "not-implemented", 0.0, None,
-                       "no test checks this clause yet", firewall=group.name)
-                for clause in clauses if clause not in seen and group.claims(clause)
-                for fam in families]
+        for clause in clauses:
+            if clause in seen or not group.claims(clause):
+                continue
+            why = [not_applicable(clause, t, f) for t in topologies or () for f in families]
+            if why and all(why):
+                out += [Result(clause, fam, None, None, "n/a", 0.0, None,
+                               f"not in this selection: {why[0]}", firewall=group.name)
+                        for fam in families]
+            else:
+                out += [Result(clause, fam, None, None, "not-implemented", 0.0, None,
+                               "no test checks this clause yet", firewall=group.name)
+                        for fam in families]
     order = {c: i for i, c in enumerate(CLAUSES)}
     return sorted(out, key=lambda r: (order[r.clause], r.topology or "", r.family or "",
                                       r.mode or ""))
@@ -373,7 +382,8 @@ class Report:
         for each clause no check checked (a shard's cannot tell: another may check it)."""
         if self.partial:
             return self.results
-        return complete(self.results, self.clauses, list(self.selection.families), self.groups)
+        return complete(self.results, self.clauses, list(self.selection.families), self.groups,
+                        list(self.selection.topologies))
 
 
 def conclude(report: Report) -> tuple[int, dict[str, Any]]:

@@ -181,3 +181,17 @@ def test_junit_parts_combine_into_one_document() -> None:
              for name, cases in (("parallel", 3), ("alone", 1))]
     text = ElementTree.tostring(combine_junit(roots), encoding="unicode")
     assert text.count("<testsuite ") == 2 and text.count("<testcase ") == 4
+
+
+def test_a_clause_whose_topologies_are_not_selected_is_n_a_not_unimplemented() -> None:
+    """``--topology routed``: APP-FTP-03 (NAT), ROB-05 (split) have nothing to run there;
+    the catalog says so, and the run does not fail for it. A clause with cells there is
+    still not-implemented when nothing checked it."""
+    rows = complete([result("GEN-01", "passed")], ["GEN-01", "APP-FTP-03", "ROB-05", "AFC-01"],
+                    ["ipv4"], topologies=["routed"])
+    outcome = {r.clause: (r.outcome, r.detail) for r in rows}
+    assert outcome["APP-FTP-03"][0] == outcome["ROB-05"][0] == "n/a"
+    assert outcome["ROB-05"][1].startswith("not in this selection: ingress per interface")
+    assert outcome["AFC-01"][0] == "not-implemented"
+    assert summary(complete([result("GEN-01", "passed")], ["GEN-01", "ROB-05"], ["ipv4"],
+                            topologies=["routed"]), ["ipv4"], ["routed"])["ok"] is True

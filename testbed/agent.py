@@ -472,10 +472,10 @@ class Agent:
         res["local"] = tuple(res["local"]) if res.get("local") else None
         return dict(res)
 
-    def probe_outcome(self, pid: int, *, timeout: float = 0.0) -> dict[str, Any]:
-        """What came of a ``probe_start`` probe (waiting up to ``timeout`` for it):
-        ``{"connected", "reply" (bytes or None), "error"}``; it is forgotten then."""
-        res = self.call("probe_outcome", {"pid": pid, "timeout": timeout}, timeout=timeout + CALL_MARGIN)
+    def probe_outcome(self, pid: int) -> dict[str, Any]:
+        """What has come of a ``probe_start`` probe by now: ``{"connected", "reply" (bytes
+        or None), "error"}``; it is forgotten then."""
+        res = self.call("probe_outcome", {"pid": pid})
         res["reply"] = None if res.get("reply") is None else _unb64(res["reply"])
         return dict(res)
 
@@ -1421,17 +1421,17 @@ class _AgentServer:
             self._probes[pid] = (sock, proto, where)
         return {"pid": pid, "local": local, "error": None}
 
-    def m_probe_outcome(self, pid: int, timeout: float = 0.0) -> dict[str, Any]:
-        """What came of a probe within ``timeout`` more seconds: a TCP one ``connected``
-        or failed (``error``: refused, unreachable), a UDP one got a ``reply`` or an ICMP
-        error; nothing of either when it is still unanswered. The probe is forgotten."""
+    def m_probe_outcome(self, pid: int) -> dict[str, Any]:
+        """What has come of a probe by now: a TCP one ``connected`` or failed (``error``:
+        refused, unreachable), a UDP one got a ``reply`` or an ICMP error; nothing of
+        either when it is still unanswered. The probe is forgotten."""
         with self._lock:
             sock, proto, where = self._probes.pop(pid)
         res: dict[str, Any] = {"connected": False, "reply": None, "error": None}
         try:
             with selectors.DefaultSelector() as sel:
                 sel.register(sock, selectors.EVENT_WRITE if proto == "tcp" else selectors.EVENT_READ)
-                if not sel.select(max(0.0, timeout)):
+                if not sel.select(0):
                     return res
             if proto == "tcp":
                 code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)

@@ -212,7 +212,7 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     from testbed.scheduling import LabAffinityScheduling
 
     drivers = config.stash[DRIVERS]
-    return LabAffinityScheduling(config, [name for name in drivers], log)
+    return LabAffinityScheduling(config, list(drivers), log)
 
 
 def _deselect_other_topologies(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -284,15 +284,14 @@ class Drop:
         node (``back``, its capture), and nothing the fw sent."""
         assert self.probes, f"no probe was sent from {self.node}: this drop shows nothing"
         self._settle()
-        reached = []
         for p in self.probes:
-            try:
-                got = expect_packet(self.arrived, p.headers, timeout=0)
-            except CheckFailed as exc:
-                raise CheckFailed(f"{p.what}: the probe never reached the fw, so that nothing came "
-                                  f"of it shows nothing\n{exc}") from None
-            reached.append((p.headers, float(got.time)))
-        answer = answers_to(reached)
+            if p.reached is None:  # (not seen while settling: the capture once more)
+                try:
+                    p.reached = float(expect_packet(self.arrived, p.headers, timeout=0).time)
+                except CheckFailed as exc:
+                    raise CheckFailed(f"{p.what}: the probe never reached the fw, so that nothing "
+                                      f"came of it shows nothing\n{exc}") from None
+        answer = answers_to([(p.headers, p.reached) for p in self.probes if p.reached is not None])
         whats = "; ".join(dict.fromkeys(p.what for p in self.probes))
         for where, sniffer in ((f"at {self.node}, the sender", back),
                                ("sent by the fw", self.net.fw_sent(self.since))):

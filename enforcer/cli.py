@@ -12,6 +12,7 @@ import os
 import shutil
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 REQUIRED_TOOLS = ("ip", "iptables-restore", "ip6tables-restore", "conntrack")
 
@@ -57,7 +58,10 @@ def _enforcer(args: argparse.Namespace) -> int:
         what = "lockdown in place" if args.lockdown else "unloaded"
         print(f"pinhole: {what}" + "".join(f"\n  replaced or removed: {item}" for item in done))
         return 0
-    daemon.Daemon(config).run()
+    run: daemon.Daemon | None = daemon.Daemon(config, source=Path(args.config))
+    while run is not None:  # a control client's restart hands over to the next run
+        run.run()
+        run = run.successor
     return 0
 
 

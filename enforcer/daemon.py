@@ -25,12 +25,14 @@ import signal
 import socket
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, cast
 
 from enforcer import dataplane, filters, rewrite
 from enforcer.api import Params, SessionApi
-from enforcer.config import Config, SocksSettings
+from enforcer.config import Config, ConfigError, SocksSettings
+from enforcer.config import load as load_config
 from enforcer.control import AlreadyRunning, Caller, ControlServer, refuse_if_served
 from enforcer.core import nat
 from enforcer.core.binds import Bind
@@ -42,6 +44,7 @@ from enforcer.core.flows import SYSCTL, ConntrackTimeouts, FlowRecord
 from enforcer.core.memory import memory_bound
 from enforcer.core.packet import TCP, UDP, Ingress, Malformed, PacketMeta, parse
 from enforcer.core.permissions import Permission
+from enforcer.core.results import InvalidArgument
 from enforcer.listening import ListeningSockets
 from enforcer.loop import Loop
 from enforcer.socks_service import SocksService
@@ -194,9 +197,17 @@ class Arrivals:
 
 
 class Daemon:
-    def __init__(self, config: Config, *, clock: Callable[[], float] = time.monotonic) -> None:
+    """One run of the enforcer: ``run`` enforces until a signal, or until a control
+    client asks for a ``restart``; then ``successor`` is the next run (a new configuration
+    in the same process, as a stop and a start would leave it)."""
+
+    def __init__(self, config: Config, *, clock: Callable[[], float] = time.monotonic,
+                 source: Path | None = None, run: int = 1) -> None:
         self.config = config
         self.clock = clock
+        self.source = source  # the file the configuration came from, re-read by a restart
+        self.run_number = run
+        self.successor: Daemon | None = None
         self.started = clock()
         self.interfaces = discover(config)
         self.filter_factories = load_data_filters(config.data_filters)
@@ -492,6 +503,7 @@ class Daemon:
         Params(params, set())
         return {
             "pid": os.getpid(),
+            "run": self.run_number,
             "uptime_s": round(self.clock() - self.started, 3),
             "backend": self.backend,
             "queue": self.config.dataplane.queue,
@@ -514,6 +526,24 @@ class Daemon:
             "memory": {"rss": resident_bytes(), "bound": memory_bound(self.config.limits)},
             "listening": self.listening.current().to_list(),
         }
+
+    def _restart(self, params: dict[str, Any], caller: Caller) -> dict[str, Any]:
+        """Stop and start again in this process, with the configuration in ``config`` (a
+        file; by default the one this run came from, read again): what a stop leaves, then
+        what a start makes, without a new process. A configuration that cannot start is
+        refused, and this run goes on."""
+        given = Params(params, {"config"}).string("config", required=False, max_len=4096)
+        path = Path(given) if given else self.source
+        if path is None:
+            raise InvalidArgument("'config' is required: this run did not start from a file")
+        try:
+            config = replace(load_config(path), control_socket=self.config.control_socket)
+            self.successor = Daemon(config, clock=self.clock, source=path, run=self.run_number + 1)
+        except (ConfigError, StartupError, dataplane.DataplaneError) as exc:
+            raise InvalidArgument(f"not restarting: {exc}") from None
+        log.info("restarting with %s as run %d", path, self.run_number + 1)
+        self._stop = True
+        return {"restarting": True, "run": self.run_number + 1}
 
     # --- lifecycle ------------------------------------------------------------------
     def _ruleset(self, working: bool) -> dataplane.Ruleset:
@@ -571,7 +601,8 @@ class Daemon:
             self.loop.watch(wake_r, selectors.EVENT_READ, functools.partial(_drain, wake_r))
             try:
                 control = ControlServer(self.config.control_socket,
-                                        {**self.api.handlers(), "status": self._status},
+                                        {**self.api.handlers(), "status": self._status,
+                                         "restart": self._restart},
                                         self.loop, self.api.disconnected)
             except OSError as exc:
                 raise StartupError(f"cannot serve the control socket {self.config.control_socket}: "

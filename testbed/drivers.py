@@ -121,6 +121,16 @@ class Firewall:
         """Stop it as an operator would; 0 for a clean stop."""
         raise NotImplementedError
 
+    def restart(self, *, fail_open: bool = False, backend: str = "auto",
+                dataplane: dict[str, object] | None = None, app_filters: tuple[str, ...] = (),
+                limits: dict[str, object] | None = None) -> None:
+        """Running again in this configuration, as after a stop and a start (a firewall
+        that can restart in place does so)."""
+        if self.running:
+            self.stop()
+        self.start(fail_open=fail_open, backend=backend, dataplane=dataplane,
+                   app_filters=app_filters, limits=limits)
+
     def kill(self) -> int:
         """Kill it with no chance to clean up (SIGKILL, or what stands for it)."""
         return self.stop()

@@ -152,6 +152,32 @@ class EnforcerProcess(Firewall):
         """Start the daemon and return once it answers on its control socket."""
         if self.running:
             raise RuntimeError("the enforcer is already running")
+        self._configure(fail_open, backend, dataplane, app_filters, limits)
+        with self.log_path.open("a") as log:
+            self.proc = self.tb.popen("fw", self.command("--verbose"), stdout=log,
+                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        self._wait_for_run(1, timeout)
+
+    def restart(self, *, fail_open: bool = False, backend: str = "auto",
+                dataplane: dict[str, object] | None = None, app_filters: tuple[str, ...] = (),
+                limits: dict[str, object] | None = None, timeout: float = 15.0) -> None:
+        """In its own process: the control socket's ``restart`` with the new configuration
+        (a stop's lockdown, then a start, without a new process); started if not running.
+        Returns once the new run answers."""
+        if not self.running:
+            self.start(fail_open=fail_open, backend=backend, dataplane=dataplane,
+                       app_filters=app_filters, limits=limits, timeout=timeout)
+            return
+        self._configure(fail_open, backend, dataplane, app_filters, limits)
+        try:
+            run = int(self.call("restart", config=str(self.config_path))["run"])
+        except (ControlError, SessionApiError) as exc:
+            raise RuntimeError(f"the enforcer refused to restart: {exc}\n{self.log_tail()}") from None
+        self._wait_for_run(run, timeout)
+
+    def _configure(self, fail_open: bool, backend: str, dataplane: dict[str, object] | None,
+                   app_filters: tuple[str, ...], limits: dict[str, object] | None) -> None:
+        """Write the configuration file of the next start."""
         self.fail_open = fail_open
         self.app_filters = app_filters
         self.limits = limits or None
@@ -162,24 +188,25 @@ class EnforcerProcess(Firewall):
                                                dataplane=dataplane, app_filters=app_filters,
                                                permission_timeout=10 if app_filters else 2,
                                                limits=limits))
-        with self.log_path.open("a") as log:
-            self.proc = self.tb.popen("fw", self.command("--verbose"), stdout=log,
-                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+    def _wait_for_run(self, run: int, timeout: float) -> None:
+        """Until the enforcer's ``run``-th run in its process answers on the control socket."""
         deadline = time.monotonic() + timeout
         while True:
-            if self.proc.poll() is not None:
+            if self.proc is None or self.proc.poll() is not None:
                 self._reap()
                 raise RuntimeError(f"the enforcer exited during start-up:\n{self.log_tail()}")
             try:
                 with ControlClient(str(self.socket), timeout=1.0) as c:
-                    c.call("ping")
-                return
+                    if c.call("status")["run"] == run:
+                        return
             except ControlError:
-                if time.monotonic() > deadline:
-                    self.kill()
-                    raise RuntimeError(f"the enforcer did not answer within {timeout:.0f} s:\n"
-                                       f"{self.log_tail()}") from None
-                time.sleep(0.05)
+                pass
+            if time.monotonic() > deadline:
+                self.kill()
+                raise RuntimeError(f"the enforcer did not answer within {timeout:.0f} s:\n"
+                                   f"{self.log_tail()}") from None
+            time.sleep(0.05)
 
     def command(self, *options: str) -> list[str]:
         """``pinhole enforcer`` with this config, run in the fw namespace (with ``options``)."""

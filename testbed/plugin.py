@@ -344,11 +344,11 @@ class Lab:
             self.firewall = firewall
             self._end_orphans()
         limits = limits or None
-        if reconfigure and firewall.running and (firewall.customised or firewall.limits != limits or
-                                                 firewall.app_filters != app_filters):
-            firewall.stop()
         if not firewall.running:
             firewall.start(app_filters=app_filters, limits=limits)
+        elif reconfigure and (firewall.customised or firewall.limits != limits or
+                              firewall.app_filters != app_filters):
+            firewall.restart(app_filters=app_filters, limits=limits)
         return firewall
 
     def _end_orphans(self) -> None:

@@ -470,7 +470,7 @@ def test_an_idle_securenat_session_ends_by_itself_and_cancels_its_pending_grants
     and go no further, unanswered; the flow admitted before goes on. Kernel mode only: a
     user-mode flow keeps its session in use until conntrack forgets it, minutes after it
     closes."""
-    net.lab.use(net.enforcer.name, limits={"session_idle_timeout": IDLE_SESSION})
+    net.enforcer.restart(limits={"session_idle_timeout": IDLE_SESSION})
     c1, s1 = net.agent("c1"), net.agent("s1")
     dst = net.addr("s1")
     with net.client() as api, s1.tcp_server(dst, 30181) as unused, \

@@ -80,8 +80,7 @@ def test_from_outside_the_socks_service_and_its_relays_get_nothing(dns: Net, fai
     UDP ASSOCIATE ports on the external address are for approved peers: RAB-01, RAB-03.)"""
     net = dns
     if fail_open:
-        net.enforcer.stop()
-        net.enforcer.start(fail_open=True, limits=SOCKS_LIMITS)
+        net.enforcer.restart(fail_open=True, limits=SOCKS_LIMITS)
     server = net.addr("s1")
     ext = net.topology.fw_external_iface
     outside = Ether(src=net.mac("s1"), dst=net.mac("fw", ext))
@@ -307,7 +306,7 @@ def test_a_failed_authentication_never_sees_a_success(socks_net: Net, login: str
     and the close, never a success first, and the request that followed is not served."""
     net = socks_net
     if login == "session-cap":
-        net.lab.use(net.enforcer.name, limits={**SOCKS_LIMITS, "sessions_per_client": 1})
+        net.enforcer.restart(limits={**SOCKS_LIMITS, "sessions_per_client": 1})
     user, password = {"wrong-password": ("alice", "wrong"), "unknown-user": ("mallory", "x"),
                       "session-cap": ("bob", SOCKS_USERS["bob"])}.get(login, ("alice", ""))
     wire = socks5.login(user, password) if login != "malformed" else b"\x02\x05alice\x00"

@@ -220,9 +220,11 @@ def test_locked_down_whenever_the_enforcer_is_not_running(net: Net, how: str, mo
 
 
 @pytest.mark.clause("GEN-03")
-def test_a_restart_leaves_no_gap(net: Net) -> None:
-    """SYNs no permission allows, sent without pause through a stop and a start, reach the
-    fw and never the server, and nothing answers them: there is no moment without rules."""
+@pytest.mark.parametrize("how", ["stop-and-start", "control-restart"])
+def test_a_restart_leaves_no_gap(net: Net, how: str) -> None:
+    """SYNs no permission allows, sent without pause through a stop and a start (a new
+    process, or the control socket's ``restart`` in the same one), reach the fw and never
+    the server, and nothing answers them: there is no moment without rules."""
     c1, s1 = net.agent("c1"), net.agent("s1")
     client, server = net.addr("c1"), net.addr("s1")
     sports = range(41000, 42000)
@@ -243,8 +245,12 @@ def test_a_restart_leaves_no_gap(net: Net) -> None:
         prober = threading.Thread(target=probe, daemon=True)
         prober.start()
         try:
-            assert net.enforcer.stop() == 0
-            net.enforcer.start()
+            if how == "stop-and-start":
+                assert net.enforcer.stop() == 0
+                net.enforcer.start()
+            else:
+                net.enforcer.restart()
+                assert net.call("status")["run"] > 1, "the restart was not in the same process"
         finally:
             stop.set()
             prober.join(10)
@@ -263,8 +269,7 @@ def test_fail_open_only_when_configured(net: Net) -> None:
     stopped cleanly, lets flows pass (no lockdown)."""
     c1, s1 = net.agent("c1"), net.agent("s1")
     dst = net.addr("s1")
-    net.enforcer.stop()
-    net.enforcer.start(fail_open=True)
+    net.enforcer.restart(fail_open=True)
     with s1.tcp_server(dst, SECONDARY_TCP) as listener:
         with dropped_silently(net, "c1") as drop:
             drop.tcp("an unpermitted flow, fail-open with the enforcer alive", dst, SECONDARY_TCP)

@@ -268,8 +268,7 @@ def test_increase_receive_buffer_on_a_securenat_udp_bind(net: Net) -> None:
     loses datagrams in the queue, and the kernel counts them; with INCREASE_RECEIVE_BUFFER
     the queue's buffer is the increased one (the bind says which) and the same burst
     arrives whole."""
-    net.enforcer.stop()
-    net.enforcer.start(dataplane={"receive_buffer": QUEUE_BUFFER})
+    net.enforcer.restart(dataplane={"receive_buffer": QUEUE_BUFFER})
     # first without: the queue's buffer, once increased, stays so
     made, lost, got, _ = queued_burst(net, NO_FLAGS)
     assert made["receive_buffer"] is None, made

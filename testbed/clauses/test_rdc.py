@@ -269,8 +269,7 @@ def test_increase_receive_buffer(net: Net, mode: str) -> None:
     same burst arrives whole. (In kernel mode an admitted flow no longer goes through the
     queue: there the burst, unpaused, shows the flag costs nothing, but cannot show a loss
     without it.)"""
-    net.enforcer.stop()
-    net.enforcer.start(dataplane={"receive_buffer": 4096})
+    net.enforcer.restart(dataplane={"receive_buffer": 4096})
     if mode == "user":
         _, small, plain = _burst(net, mode, Flags(0))
         assert plain.info()["receive_buffer"] is None
@@ -543,9 +542,8 @@ def test_invalid_arguments_create_nothing(net: Net, params: dict[str, Any], mess
 def test_exhausted_ports_are_a_clear_error(net: Net, mode: str) -> None:
     """With four ports per mode, a block of three fits once; the next is FWX_E_IS_BUSY and
     creates nothing; when the first block is done its ports serve again."""
-    net.enforcer.stop()
-    net.enforcer.start(dataplane={"kernel_redirect_ports": [61000, 61003],
-                                  "user_redirect_ports": [63000, 63003]})
+    net.enforcer.restart(dataplane={"kernel_redirect_ports": [61000, 61003],
+                                    "user_redirect_ports": [63000, 63003]})
     targets = [(net.addr("s1"), 31113 + i) for i in range(3)]
     with net.client() as api:
         _, actions = redirect(net, api, targets)

@@ -1,8 +1,9 @@
 """ROB-02 and ROB-03: bounded state (SPEC rules 16 and 18), end to end.
 
-Each check restarts the enforcer with small caps (``[limits]``); the next check's
-``net`` fixture goes back to the default enforcer. Checks whose outcome cannot
-depend on translation run in the routed topology only (a restart costs seconds).
+Each check restarts the enforcer with small caps (``[limits]``), a new run with none of
+the state an earlier check left; the next check's ``net`` fixture goes back to the
+default enforcer. Checks whose outcome cannot depend on translation run in the routed
+topology only.
 """
 
 from __future__ import annotations
@@ -48,8 +49,7 @@ GENERAL_FAILURE = 1  # SOCKS5 reply code
 
 def restart(net: Net, **limits: object) -> None:
     """The enforcer again, with these caps."""
-    net.enforcer.stop()
-    net.enforcer.start(limits=limits)
+    net.enforcer.restart(limits=limits)
 
 
 def status(net: Net) -> dict[str, Any]:
@@ -222,12 +222,11 @@ def test_a_filtered_flow_keeps_its_filter_through_a_flood_of_other_flows(net: Ne
     """A flow with a data filter (lengths change both ways) goes on, filtered, while c2
     opens far more flows than the caps hold: 150 kernel-mode ones (the history keeps
     20) and 40 user-mode ones (6 fit)."""
-    net.enforcer.stop()
     net.enforcer.data_filters = SHOUT
     try:
         # no kernel rate limit: the flood is to reach the enforcer, all of it
-        net.enforcer.start(limits={"flow_history": 20, "user_flows_total": 7,
-                                   "new_flows_per_second": 0})
+        net.enforcer.restart(limits={"flow_history": 20, "user_flows_total": 7,
+                                     "new_flows_per_second": 0})
     finally:
         net.enforcer.data_filters = None  # the next check's enforcer is the default one again
     c1, c2, s1 = net.agent("c1"), net.agent("c2"), net.agent("s1")
@@ -290,7 +289,7 @@ def test_a_client_s_tracked_flows_stop_at_flows_per_client(net: Net) -> None:
     opens; a fourth's SYN (a primary policy admits) reaches the fw and goes no further,
     unanswered, and never reaches the enforcer; the three go on, c2 connects; once one of
     c1's closes, c1's next opens."""
-    net.lab.use(net.enforcer.name, limits={"flows_per_client": 3})
+    restart(net, flows_per_client=3)
     c1, s1 = net.agent("c1"), net.agent("s1")
     dst = net.addr("s1")
     with s1.tcp_server(dst, 21), c1.tcp_open(dst, 21) as first, c1.tcp_open(dst, 21) as second:
@@ -322,7 +321,7 @@ def test_a_client_s_new_flows_stop_at_new_flows_per_second(net: Net) -> None:
     connection held (its token back after a second), 10 new DNS flows of c1's at once reach
     s1 (the datagrams compared); an eleventh reaches the fw and goes no further, unanswered;
     c2 is not held back; the held connection goes on; a second later c1 starts a new flow."""
-    net.lab.use(net.enforcer.name, limits={"new_flows_per_second": 1})
+    restart(net, new_flows_per_second=1)
     c1, s1 = net.agent("c1"), net.agent("s1")
     src, dst = net.addr("c1"), net.addr("s1")
     with s1.tcp_server(dst, 21), s1.udp_server(dst, 53, echo=False) as dns, c1.tcp_open(dst, 21) as held:
@@ -348,7 +347,7 @@ def test_user_mode_flows_stop_at_user_flows_total_and_the_grant_stays_pending(ne
     """user_flows_total 2: c1's user-mode flow, then c2's (the second) open; c1's next SYN under
     a single-use user-mode grant reaches the fw and goes no further, unanswered, and the grant
     stays pending; the two flows go on, and a kernel-mode flow is not held back."""
-    net.lab.use(net.enforcer.name, limits={"user_flows_total": 2})
+    restart(net, user_flows_total=2)
     c1, c2, s1 = net.agent("c1"), net.agent("c2"), net.agent("s1")
     dst = net.addr("s1")
     user = Flags.ALLOW_MULTIPLE | Flags.NO_KERNEL_MODE
@@ -383,7 +382,7 @@ def test_an_association_s_targets_stop_at_socks_udp_targets(net: Net) -> None:
     target) and gets the answers; her datagram to a third target, which her BIDIRECTIONAL
     grant admits, reaches the relay and goes no further (the target gets nothing); the first
     target still answers; a new association of hers reaches the third."""
-    net.lab.use(net.enforcer.name, limits={"socks_udp_targets": 2})
+    restart(net, socks_udp_targets=2)
     s1, s2 = net.agent("s1"), net.agent("s2")
     dst, third = net.addr("s1"), 47201
     with s1.udp_server(dst, 53), s2.udp_server(net.addr("s2"), 53), s1.udp_server(dst, third) as target, \
@@ -420,7 +419,7 @@ def test_a_securenat_session_does_not_end_before_its_idle_timeout(net: Net) -> N
     """session_idle_timeout 3 s: c1's session, idle since the grant it asked for half a second
     less than that ago, is still there: the grant admits c1's connection (echoed). (That an
     idle session ends and cancels its grants: the checks above and AFC-16.)"""
-    net.lab.use(net.enforcer.name, limits={"session_idle_timeout": IDLE})
+    restart(net, session_idle_timeout=IDLE)
     dst, port = net.addr("s1"), 47301
     with net.client() as api, net.agent("s1").tcp_server(dst, port):
         session = net.session("c1")
@@ -440,7 +439,7 @@ def test_a_securenat_session_does_not_end_before_its_idle_timeout(net: Net) -> N
 def test_kernel_mode_flows_beyond_flow_history_are_admitted_and_the_oldest_forgotten(net: Net) -> None:
     """flow_history 3: c1's fourth kernel-mode connection opens too (nothing is refused for
     this cap), and all four carry data; the enforcer lists the last three."""
-    net.lab.use(net.enforcer.name, limits={"flow_history": 3})
+    restart(net, flow_history=3)
     c1, dst = net.agent("c1"), net.addr("s1")
     with net.agent("s1").tcp_server(dst, 21):
         held = [c1.tcp_open(dst, 21) for _ in range(4)]
@@ -522,11 +521,10 @@ def test_filtered_streams_hold_bytes_up_to_the_client_s_cap_and_the_total(net: N
     total leaves; once s1 answers again, both streams arrive whole and echo back as sent,
     and the filter is still at work on them."""
     per_client, total = 8192, 12288
-    net.enforcer.stop()
     net.enforcer.data_filters = SHOUT
     try:
-        net.enforcer.start(limits={"buffered_bytes_per_client": per_client,
-                                   "buffered_bytes_total": total})
+        net.enforcer.restart(limits={"buffered_bytes_per_client": per_client,
+                                     "buffered_bytes_total": total})
     finally:
         net.enforcer.data_filters = None  # the next check's enforcer is the default one again
     dst, ports = net.addr("s1"), (49001, 49002)

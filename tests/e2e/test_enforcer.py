@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import stat
@@ -101,6 +102,39 @@ def test_restart_after_sigkill_takes_over_with_one_copy(tb: Testbed, enforcer: E
     assert state.count("-A FORWARD -j PINHOLE-FORWARD") == 2, state  # one per family
     assert state.count("-A PINHOLE-FORWARD -m conntrack --ctstate NEW -j NFQUEUE") == 2, state
     assert "198.51.100.21" in state
+
+
+def test_a_restart_by_the_control_socket_is_a_new_run_in_the_same_process(
+        tb: Testbed, enforcer: EnforcerProcess, tmp_path: Path) -> None:
+    """``restart`` ends the run as a stop does (its sessions go, the lockdown between) and
+    starts the next from the file given, or the one the run came from, read again; a file
+    that cannot start is refused and the run goes on unchanged."""
+    assert enforcer.proc is not None
+    pid = enforcer.proc.pid
+    admit_a_primary(tb)
+    assert enforcer.call("status")["sessions"] == 1
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[policy\n")
+    for params, reason in (({"config": str(bad)}, "bad.toml:1"),
+                           ({"config": str(tmp_path / "none.toml")}, "cannot read"),
+                           ({"config": 7}, "'config' must be a string")):
+        with Client(str(enforcer.socket)) as c:
+            reply = c.raw(json.dumps({"id": 1, "method": "restart", "params": params}).encode() + b"\n")
+        assert reply["error"]["name"] == "E_INVALIDARG" and reason in reply["error"]["message"], reply
+    status = enforcer.call("status")
+    assert (status["run"], status["sessions"], status["pid"]) == (1, 1, pid)
+    enforcer.restart(limits={"sessions_total": 7})  # a new file
+    status = enforcer.call("status")
+    assert (status["run"], status["sessions"], status["pid"]) == (2, 0, pid)
+    assert status["limits"]["sessions_total"]["cap"] == 7, status["limits"]
+    assert enforcer.call("restart") == {"restarting": True, "run": 3}  # the same file again
+    enforcer._wait_for_run(3, 15.0)
+    assert enforcer.call("status")["limits"]["sessions_total"]["cap"] == 7
+    admit_a_primary(tb)
+    state = kernel_state(tb)  # one copy of the rules
+    assert state.count("-A PINHOLE-FORWARD -m conntrack --ctstate NEW -j NFQUEUE") == 2, state
+    log = enforcer.log_tail(200)
+    assert log.count("stopped; lockdown") == 2 and log.count("enforcing with") == 3, log
 
 
 def test_control_socket_is_root_only(enforcer: EnforcerProcess) -> None:

@@ -14,7 +14,8 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-REQUIRED_TOOLS = ("ip", "iptables-restore", "ip6tables-restore", "conntrack")
+REQUIRED_TOOLS = ("ip", "iptables-save", "iptables-restore", "ip6tables-save", "ip6tables-restore",
+                  "conntrack")
 
 
 class UsageError(Exception):

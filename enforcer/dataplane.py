@@ -19,6 +19,7 @@ everything.
 from __future__ import annotations
 
 import errno
+import functools
 import ipaddress
 import itertools
 import json
@@ -726,6 +727,7 @@ def set_elements_message(name: str, elements: list[tuple[bytes, bytes]], add: bo
                     NFPROTO_INET, 0, body)
 
 
+@functools.cache  # the kernel's features do not change under a running process
 def nft_queue_supported() -> bool:
     """Whether this kernel has nft's queue statement (checked, not applied, with nft -c)."""
     probe = (f"table inet {NFT_TABLE}_probe {{\n chain c {{\n"
@@ -809,22 +811,17 @@ def install(backend: str, rs: Ruleset) -> list[str]:
     transaction, the nft tables in one nft transaction. The maps table (per-grant NAT)
     is made anew with the working rules and goes without them. Returns what was
     replaced of an earlier run's working rules (a run that did not stop cleanly)."""
-    replaced = [f"nft table inet {MAPS_TABLE}"] if _nft_table_exists(MAPS_TABLE) else []
+    present = _nft_tables()
+    replaced = [f"nft table inet {MAPS_TABLE}"] if MAPS_TABLE in present else []
     maps = _nft_replacing(MAPS_TABLE, render_nft_maps() if rs.working else "")
     if backend == "nft":
         _run(["nft", "-f", "-"], input=_nft_replacing(NFT_TABLE, render_nft(rs)) + maps)
         replaced += _remove_iptables()  # the other backend's, if a run used it
         return replaced
     for family, tool in FAMILIES.items():
-        text = render_rules(family, rs)
-        stale = {table: _ours(tool, table) for table in TABLES}
-        _run([f"{tool}-restore", "--noflush"], input=_replacing(text, stale))
-        for table, (_, chains) in stale.items():
-            for chain in chains - _declared(text, table):  # unreferenced now
-                _run([tool, "-w", "-t", table, "-F", chain])
-                _run([tool, "-w", "-t", table, "-X", chain])
+        _run([f"{tool}-restore", "--noflush"], input=_replacing(render_rules(family, rs), _ours(tool)))
     _run(["nft", "-f", "-"], input=maps)
-    return replaced + _remove_nft_table(NFT_TABLE)  # the other backend's, if a run used it
+    return replaced + _remove_nft_table(NFT_TABLE, present)  # the other backend's, if a run used it
 
 
 def _nft_replacing(table: str, text: str) -> str:
@@ -837,27 +834,40 @@ def unload() -> list[str]:
     offloaded with our mark: the operator's explicit command (``pinhole enforcer
     --unload``); no stop does this. Returns what was removed. Safe when nothing is
     installed."""
-    return (_remove_iptables() + _remove_nft_table(NFT_TABLE) + _remove_nft_table(MAPS_TABLE)
-            + forget_flows(("kernel", "user")))
+    present = _nft_tables()
+    return (_remove_iptables() + _remove_nft_table(NFT_TABLE, present)
+            + _remove_nft_table(MAPS_TABLE, present) + forget_flows(("kernel", "user")))
 
 
 def _remove_iptables() -> list[str]:
-    return [item for tool in FAMILIES.values() for table in TABLES for item in _remove_table(tool, table)]
+    """Every chain of ours and every jump to one, one iptables-restore transaction per family."""
+    removed = []
+    for tool in FAMILIES.values():
+        stale = _ours(tool)
+        if not any(jumps or chains for jumps, chains in stale.values()):
+            continue
+        _run([f"{tool}-restore", "--noflush"], input=unloading(stale))
+        for table, (jumps, chains) in stale.items():
+            removed += [f"{tool} -t {table} -A {' '.join(jump)}" for jump in jumps]
+            removed += [f"{tool} -t {table} chain {chain}" for chain in sorted(chains)]
+    return removed
 
 
-def _remove_nft_table(table: str) -> list[str]:
-    if not _nft_table_exists(table):
+def _remove_nft_table(table: str, present: set[str]) -> list[str]:
+    if table not in present:
         return []
     _run(["nft", "delete", "table", "inet", table])
     return [f"nft table inet {table}"]
 
 
-def _nft_table_exists(table: str) -> bool:
+def _nft_tables() -> set[str]:
+    """The names of the inet tables in place (none where nft is missing)."""
     try:
-        return subprocess.run(["nft", "list", "table", "inet", table], capture_output=True,
-                              text=True, timeout=CHILD_TIMEOUT, check=False).returncode == 0
+        listing = subprocess.run(["nft", "list", "tables", "inet"], capture_output=True, text=True,
+                                 timeout=CHILD_TIMEOUT, check=False).stdout
     except (FileNotFoundError, subprocess.TimeoutExpired):
-        return False
+        return set()
+    return {line.split()[2] for line in listing.splitlines() if line.startswith("table inet ")}
 
 
 # (mark, mask) of the flows admitted in a mode; "local": to a Firewall client's UDP bind
@@ -883,16 +893,27 @@ def forget_flows(modes: Iterable[str]) -> list[str]:
     return forgotten
 
 
-def _ours(tool: str, table: str) -> tuple[list[list[str]], set[str]]:
-    """(jumps from built-in chains to PINHOLE chains, the PINHOLE chains) in a table."""
-    jumps, chains = [], set()
-    for rule in _run([tool, "-w", "-t", table, "-S"]).splitlines():
-        words = shlex.split(rule)
-        if words[:1] == ["-A"] and not words[1].startswith(CHAIN_PREFIX) and _jumps_to_ours(words):
-            jumps.append(words[1:])
-        elif words[:1] == ["-N"] and words[1].startswith(CHAIN_PREFIX):
-            chains.add(words[1])
-    return jumps, chains
+def _ours(tool: str) -> dict[str, tuple[list[list[str]], set[str]]]:
+    """Per table: (jumps from built-in chains to PINHOLE chains, the PINHOLE chains), as
+    one ``iptables-save`` lists them."""
+    return parse_saved(_run([f"{tool}-save"]))
+
+
+def parse_saved(text: str) -> dict[str, tuple[list[list[str]], set[str]]]:
+    """``_ours`` of an iptables-save listing (pure: unit-tested)."""
+    out: dict[str, tuple[list[list[str]], set[str]]] = {table: ([], set()) for table in TABLES}
+    jumps: list[list[str]] = []
+    chains: set[str] = set()
+    for line in text.splitlines():
+        if line.startswith("*"):
+            jumps, chains = out.get(line[1:], ([], set()))  # (a table of no concern: dropped)
+        elif line.startswith(":") and line[1:].startswith(CHAIN_PREFIX):
+            chains.add(line[1:].split()[0])
+        elif line.startswith("-A "):
+            words = shlex.split(line)
+            if not words[1].startswith(CHAIN_PREFIX) and _jumps_to_ours(words):
+                jumps.append(words[1:])
+    return out
 
 
 def _declared(text: str, table: str) -> set[str]:
@@ -906,35 +927,32 @@ def _declared(text: str, table: str) -> set[str]:
     return out
 
 
+def unloading(stale: dict[str, tuple[list[list[str]], set[str]]]) -> str:
+    """iptables-restore input that removes these chains of ours and the jumps to them, in
+    the tables that have any (a table is not made for nothing)."""
+    return _replacing("".join(f"*{table}\nCOMMIT\n" for table, (jumps, chains) in stale.items()
+                              if jumps or chains), stale)
+
+
 def _replacing(text: str, stale: dict[str, tuple[list[list[str]], set[str]]]) -> str:
-    """iptables-restore input that also deletes stale jumps to our chains, and declares
-    (which flushes) every stale chain, in the same transaction as the new rules."""
-    out, table = [], None
+    """iptables-restore input that, in the same transaction as the new rules, deletes stale
+    jumps to our chains, declares (which flushes) every stale chain, and deletes those the
+    new rules do not declare again. ``text`` has a section for every table with any."""
+    out, table = [], ""
     for line in text.splitlines():
+        jumps, chains = stale.get(table, ([], set()))
         if line.startswith("*"):
             table = line[1:]
             out.append(line)
             out += [f":{chain} - [0:0]" for chain in sorted(stale.get(table, ([], set()))[1])
                     if chain not in _declared(text, table)]
             continue
-        if table is not None and not line.startswith(":") and \
-                (not out or out[-1].startswith((":", "*"))):
-            out += [f"-D {shlex.join(j)}" for j in stale.get(table, ([], set()))[0]]
+        if table and not line.startswith(":") and out[-1].startswith((":", "*")):
+            out += [f"-D {shlex.join(j)}" for j in jumps]
+        if line == "COMMIT":  # the stale chains nothing refers to any more
+            out += [f"-X {chain}" for chain in sorted(chains - _declared(text, table))]
         out.append(line)
     return "\n".join(out) + "\n"
-
-
-def _remove_table(tool: str, table: str) -> list[str]:
-    jumps, chains = _ours(tool, table)
-    removed = []
-    for jump in jumps:
-        _run([tool, "-w", "-t", table, "-D", *jump])
-        removed.append(f"{tool} -t {table} -A {' '.join(jump)}")
-    for chain in sorted(chains):
-        _run([tool, "-w", "-t", table, "-F", chain])
-        _run([tool, "-w", "-t", table, "-X", chain])
-        removed.append(f"{tool} -t {table} chain {chain}")
-    return removed
 
 
 def _jumps_to_ours(words: list[str]) -> bool:

@@ -121,7 +121,7 @@ class Flood:
     (and until each kind has sent all of its count)."""
 
     def __init__(self, net: Any, node: str, server: str, *, syns: int = 20_000, tftp: int = 2_000,
-                 port_lines: int = 5_000, grants: int = 10_000) -> None:
+                 port_lines: int = 2_000, grants: int = 10_000) -> None:
         self.net, self.node, self.server = net, node, server
         self.want = FloodCounts(syns, tftp, port_lines, grants)
         self.counts = FloodCounts()

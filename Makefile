@@ -2,6 +2,11 @@
 VENV := .venv
 BIN := $(VENV)/bin
 ARTIFACTS ?= artifacts
+# A run starts hundreds of Python processes (agents, enforcer runs, workers, peers' scripts):
+# with bytecode written once (__pycache__, ignored by git), none compiles its modules again,
+# and pytest keeps its assertion rewrites. An environment that sets this to "1" would cost
+# every process that: it is cleared for the commands below.
+export PYTHONDONTWRITEBYTECODE :=
 
 .PHONY: setup conformance test unit lint clean bench
 

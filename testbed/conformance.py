@@ -36,6 +36,7 @@ import pytest
 from testbed.catalog import CLAUSES, NO_FIREWALL_BEHAVIOUR, not_applicable
 from testbed.drivers import TRIVIAL, DriverError, Firewall, load
 from testbed.plugin import FIREWALLS, RESULTS, Result
+from testbed.scheduling import worker_count
 from testbed.shards import WHOLE, Shard
 from testbed.topology import FAMILIES, TOPOLOGIES
 
@@ -495,13 +496,16 @@ def parse_shard(text: str | None) -> Shard:
 
 
 class _Ids:
-    """A pytest plugin object: the node ids collected."""
+    """A pytest plugin object: the node ids collected, and those of the checks that run
+    in parallel (not marked ``alone``)."""
 
     def __init__(self) -> None:
         self.ids: list[str] = []
+        self.parallel: list[str] = []
 
     def pytest_collection_finish(self, session: pytest.Session) -> None:
         self.ids = [item.nodeid for item in session.items]
+        self.parallel = [item.nodeid for item in session.items if item.get_closest_marker("alone") is None]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -556,9 +560,10 @@ def run(args: argparse.Namespace) -> int:
         (Path(args.artifacts) / "self-check-caught.txt").unlink(missing_ok=True)
     collector = Collector()
     parts = []
+    workers = worker_count(args.workers, [i for i in ids.parallel if shard.has(i)], [d.name for d in drivers])
     with tempfile.TemporaryDirectory(prefix="pinhole-junit-") as tmp:
-        for part, extra in (("parallel", ["-m", "not alone", "-n", str(args.workers), "--dist",
-                                          "loadgroup"] if args.workers > 1 else ["-m", "not alone"]),
+        for part, extra in (("parallel", ["-m", "not alone", "-n", str(workers), "--dist",
+                                          "loadgroup"] if workers > 1 else ["-m", "not alone"]),
                             ("alone", ["-m", "alone"])):
             if not mine:
                 break

@@ -42,6 +42,13 @@ def group_of(nodeid: str, firewalls: Iterable[str]) -> str:
     return nodeid
 
 
+def worker_count(wanted: int, nodeids: Iterable[str], firewalls: Iterable[str]) -> int:
+    """No more workers than there are groups among ``nodeids`` to give them: each worker is
+    a process that collects the whole suite and builds labs of its own."""
+    names = tuple(firewalls)
+    return min(wanted, len({group_of(nodeid, names) for nodeid in nodeids}))
+
+
 def lab_of(scope: str) -> str | None:
     """The topology of a group's lab, None for a group that needs none."""
     if not scope.startswith("lab-"):

@@ -3,7 +3,7 @@ else a group that needs no lab, else the first (no root needed)."""
 
 from __future__ import annotations
 
-from testbed.scheduling import group_of, lab_of, pick
+from testbed.scheduling import group_of, lab_of, pick, worker_count
 
 QUEUE = ["lab-nat-ipv4-enforcer-test_afc", "lab-routed-ipv6-enforcer-test_afc", "tests/unit/test_nat.py",
          "lab-routed-ipv4-kernel-helpers-test_app", "test_peers"]
@@ -38,3 +38,12 @@ def test_a_check_s_group_is_its_module_topology_family_and_firewall() -> None:
 def test_an_end_to_end_module_is_one_group_and_a_unit_test_its_own() -> None:
     assert group_of("tests/e2e/test_peers.py::test_a[1]", FIREWALLS) == "test_peers"
     assert group_of("tests/unit/test_nat.py::test_b[4]", FIREWALLS) == "tests/unit/test_nat.py::test_b[4]"
+
+
+def test_no_more_workers_than_groups() -> None:
+    """Four checks in two groups want two workers, however many are allowed; none, none."""
+    checks = [f"testbed/clauses/test_gen.py::test_{name}[{topology}-ipv4-enforcer]"
+              for name in "ab" for topology in ("nat", "routed")]
+    assert worker_count(8, checks, FIREWALLS) == 2
+    assert worker_count(1, checks, FIREWALLS) == 1
+    assert worker_count(8, [], FIREWALLS) == 0

@@ -70,7 +70,8 @@ def test_conformance_json_covers_the_catalog_and_leaves_nothing_behind(tmp_path:
     report = tmp_path / "report.json"
     junit = tmp_path / "report.xml"
     run = subprocess.run(
-        pinhole("conformance", "-k", "GEN-01 or APP-TFTP", "--family", "ipv4", "--json", str(report),
+        pinhole("conformance", "-k", "GEN-01 or APP-TFTP", "--family", "ipv4", "--workers", "2",
+                "--json", str(report),
                 "--junit", str(junit), "--artifacts", str(tmp_path / "artifacts")),
         capture_output=True, text=True, timeout=600, check=False)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]

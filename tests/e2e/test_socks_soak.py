@@ -52,7 +52,6 @@ def monitor(net: Net, stop: threading.Event, peak: dict[str, int]) -> None:
         peak["total"] = max(peak["total"], limits["socks_connections_total"]["used"])
 
 
-@pytest.mark.alone  # timing: idle connections are held for the handshake's timeout
 @pytest.mark.topologies("routed")
 @pytest.mark.parametrize("family", ["ipv4"])
 def test_a_socks_soak_ends_alive_within_its_caps(lab: Lab, family: str) -> None:

@@ -27,7 +27,7 @@ unit: setup
 
 # Every test: lint, unit tests (no root), end-to-end tests, the clause suite and the
 # self-check (every clause fails a trivial firewall: tests/e2e/test_self_check.py) (root): in
-# parallel (WORKERS, by default what `pinhole conformance` takes: four a core; a module's checks
+# parallel (WORKERS, by default what `pinhole conformance` takes: six a core; a module's checks
 # of one topology, family and firewall go to one worker, which builds its own labs),
 # then the timing-sensitive ones alone. Both parts run; either failing (no test collected
 # included) fails.

@@ -42,10 +42,10 @@ from testbed.topology import FAMILIES, TOPOLOGIES
 
 CLAUSE_DIR = Path(__file__).parent / "clauses"
 OUTCOMES = ("passed", "failed", "skipped", "n/a", "not-implemented")
-# The checks mostly wait (for what must not arrive, for transfers and processes): four
-# workers a core. Measured on 2 cores (1162 checks and the 12 alone), with the groups of
-# testbed.scheduling: 8 workers 4m05s, 12 workers 3m49s (the CPU is then the limit).
-WORKERS_PER_CORE, MOST_WORKERS = 4, 16
+# The checks mostly wait (for what must not arrive, for transfers and processes): six
+# workers a core. Measured on 2 cores (1166 checks and the 12 alone, one run each): 8
+# workers 3m19s, 12 workers 3m08s, 16 workers 3m19s (the CPU is then the limit).
+WORKERS_PER_CORE, MOST_WORKERS = 6, 16
 
 
 def default_workers() -> int:

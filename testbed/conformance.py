@@ -533,15 +533,14 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--workers: give at least 1")
     selection = Selection(args.expr, tuple(topologies), tuple(families), tuple(specs), args.self_check)
 
-    pytest_args = [str(CLAUSE_DIR), "-p", "no:cacheprovider", "-c", os.devnull,
-                   "--rootdir", str(CLAUSE_DIR),
+    pytest_args = ["-p", "no:cacheprovider", "-c", os.devnull, "--rootdir", str(CLAUSE_DIR),
                    "--pinhole-topology", ",".join(topologies), "--pinhole-family", ",".join(families),
                    "--pinhole-firewall", ",".join(specs), "--pinhole-artifacts", args.artifacts]
     if args.expr:
         pytest_args += ["-k", args.expr]
     # the selection's checks, both parts, before sharding (what a merge of shards must cover)
     ids = _Ids()
-    code = pytest.main([*pytest_args, "--collect-only", "-p", "no:terminal"], plugins=[ids])
+    code = pytest.main([str(CLAUSE_DIR), *pytest_args, "--collect-only", "-p", "no:terminal"], plugins=[ids])
     if code not in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED):
         print(f"pinhole: the clause suite could not be collected (pytest exit code {int(code)})",
               file=sys.stderr)
@@ -561,14 +560,17 @@ def run(args: argparse.Namespace) -> int:
     collector = Collector()
     parts = []
     workers = worker_count(args.workers, [i for i in ids.parallel if shard.has(i)], [d.name for d in drivers])
+    # the alone part collects only the modules its checks are in
+    alone = sorted({str(CLAUSE_DIR / i.split("::")[0]) for i in set(mine) - set(ids.parallel)})
     with tempfile.TemporaryDirectory(prefix="pinhole-junit-") as tmp:
-        for part, extra in (("parallel", ["-m", "not alone", "-n", str(workers), "--dist",
-                                          "loadgroup"] if workers > 1 else ["-m", "not alone"]),
-                            ("alone", ["-m", "alone"])):
-            if not mine:
+        for part, where, extra in (
+                ("parallel", [str(CLAUSE_DIR)], ["-m", "not alone", "-n", str(workers), "--dist",
+                                                 "loadgroup"] if workers > 1 else ["-m", "not alone"]),
+                ("alone", alone, ["-m", "alone"])):
+            if not mine or not where:
                 break
             junit = Path(tmp) / f"{part}.xml"
-            code = pytest.main([*pytest_args, *extra, f"--junitxml={junit}"], plugins=[collector])
+            code = pytest.main([*where, *pytest_args, *extra, f"--junitxml={junit}"], plugins=[collector])
             if code not in (pytest.ExitCode.OK, pytest.ExitCode.TESTS_FAILED,
                             pytest.ExitCode.NO_TESTS_COLLECTED):
                 print(f"pinhole: the clause suite could not run (pytest exit code {int(code)})",

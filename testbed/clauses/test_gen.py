@@ -24,6 +24,7 @@ from testbed.clauses.helpers import (
     grant,
     ip,
     syn,
+    wait_until,
 )
 from testbed.lab import SOCKS_PORT
 from testbed.plugin import Net
@@ -247,12 +248,15 @@ def test_a_restart_leaves_no_gap(net: Net, how: str) -> None:
         prober = threading.Thread(target=probe, daemon=True)
         prober.start()
         try:
+            wait_until(lambda: sent >= 20, "probes before the stop")
             if how == "stop-and-start":
                 assert net.enforcer.stop() == 0
                 net.enforcer.start()
             else:
                 net.enforcer.restart()
                 assert net.call("status")["run"] > 1, "the restart was not in the same process"
+            # and after the start (a restart in place may take less time than 100 probes)
+            wait_until(lambda: sent >= 100, "probes after the start")
         finally:
             stop.set()
             prober.join(10)

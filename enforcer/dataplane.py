@@ -938,19 +938,19 @@ def _replacing(text: str, stale: dict[str, tuple[list[list[str]], set[str]]]) ->
     """iptables-restore input that, in the same transaction as the new rules, deletes stale
     jumps to our chains, declares (which flushes) every stale chain, and deletes those the
     new rules do not declare again. ``text`` has a section for every table with any."""
-    out, table = [], ""
+    out: list[str] = []
+    jumps: list[list[str]] = []
+    gone: list[str] = []  # the table's stale chains the new rules do not declare again
     for line in text.splitlines():
-        jumps, chains = stale.get(table, ([], set()))
         if line.startswith("*"):
-            table = line[1:]
-            out.append(line)
-            out += [f":{chain} - [0:0]" for chain in sorted(stale.get(table, ([], set()))[1])
-                    if chain not in _declared(text, table)]
+            jumps, chains = stale.get(line[1:], ([], set()))
+            gone = sorted(chains - _declared(text, line[1:]))
+            out += [line, *(f":{chain} - [0:0]" for chain in gone)]
             continue
-        if table and not line.startswith(":") and out[-1].startswith((":", "*")):
+        if out and not line.startswith(":") and out[-1].startswith((":", "*")):
             out += [f"-D {shlex.join(j)}" for j in jumps]
-        if line == "COMMIT":  # the stale chains nothing refers to any more
-            out += [f"-X {chain}" for chain in sorted(chains - _declared(text, table))]
+        if line == "COMMIT":  # they are referred to by nothing any more
+            out += [f"-X {chain}" for chain in gone]
         out.append(line)
     return "\n".join(out) + "\n"
 

@@ -51,7 +51,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from enforcer.core.engine import Engine, Verdict, permission_key
+from enforcer.core.engine import Engine
 from enforcer.core.flags import Flags
 from enforcer.core.limits import Limits
 from enforcer.core.packet import TCP, TCP_SYN, UDP, FlowKey, Ingress, PacketMeta
@@ -65,6 +65,7 @@ from enforcer.core.policy import (
     ProtocolRule,
     SiteRule,
 )
+from enforcer.core.state import Verdict, permission_key
 
 OUT = Path(__file__).resolve().parent / "permissions.json"
 GOAL_US = 5.0

@@ -6,30 +6,32 @@ Every parameter problem is E_INVALIDARG with a message naming the parameter.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
+import logging
 import math
 import uuid
 from collections.abc import Callable
 from typing import Any
 
 from enforcer.control import Caller
-from enforcer.core.binds import Bind
-from enforcer.core.engine import Engine, parse_address
+from enforcer.core.effects import ConnectEvent, Effect, EstablishedConnection, Event
+from enforcer.core.engine import Engine
 from enforcer.core.flags import Flags, parse_flags
 from enforcer.core.fwports import NOTHING_LISTENS, Listening
 from enforcer.core.ipfilter import IpFilter
-from enforcer.core.packet import TCP, UDP
-from enforcer.core.permissions import Permission
+from enforcer.core.packet import TCP, UDP, Endpoint
 from enforcer.core.policy import PortRange
-from enforcer.core.redirects import MAX_ADDRESSES, Endpoint
-from enforcer.core.results import InvalidArgument, Terminating
+from enforcer.core.redirects import MAX_ADDRESSES
+from enforcer.core.results import InvalidArgument
+from enforcer.core.state import parse_address
 
 MAX_CONTEXT_BYTES = 4096
 # Its events are encoded deep in the packet path's stack: a context must nest much less
 # than the recursion limit that reading a request allows.
 MAX_CONTEXT_DEPTH = 32
 _PROTOCOLS = {"tcp": TCP, "udp": UDP, TCP: TCP, UDP: UDP}
+
+log = logging.getLogger("pinhole.enforcer")
 
 
 class Params:
@@ -129,21 +131,18 @@ class SessionApi:
     """Control-socket handlers for sessions, permissions and filters."""
 
     def __init__(self, engine: Engine, clock: Callable[[], float],
-                 on_grant: Callable[[list[Permission]], None] = lambda perms: None,
-                 on_bind: Callable[[Bind], None] = lambda bind: None,
-                 on_securenat_bind: Callable[[Bind], None] = lambda bind: None, *,
+                 apply: Callable[[list[Effect]], None] | None = None, *,
                  listening: Callable[[], Listening] = lambda: NOTHING_LISTENS) -> None:
-        """``on_grant`` is the shell's part of a grant (kernel state for a redirect, a
-        larger receive buffer); if it raises, the grant is withdrawn and the call fails.
-        ``on_bind`` is its part of an approved bind (a larger receive buffer), and
-        ``on_securenat_bind`` of a new SecureNAT bind (kernel NAT to the client; if it
-        raises, the bind is withdrawn). ``listening`` says what the fw's own sockets
-        listen on now (no SecureNAT bind takes such a port of the fw)."""
+        """``apply`` is the shell's: it does what the engine asked for (kernel state,
+        events), after each call and before its answer; if it raises, the call fails (and
+        the shell has withdrawn the grant or bind it could not make). By default only
+        events are delivered. While ``hold`` is set (the engine is deciding a packet,
+        whose answer carries them) nothing is applied. ``listening`` says what the fw's
+        own sockets listen on now (no SecureNAT bind takes such a port of the fw)."""
         self.engine = engine
         self.clock = clock
-        self.on_grant = on_grant
-        self.on_bind = on_bind
-        self.on_securenat_bind = on_securenat_bind
+        self.apply = apply or self.deliver_events
+        self.hold = False
         self.listening = listening
         self._filters: dict[int, tuple[str, Caller]] = {}
         self._filter_ids = itertools.count(1)
@@ -216,7 +215,7 @@ class SessionApi:
         protocol, flags, guid = p.protocol(), p.flags(), p.guid("protocol_guid")
         perm = self.engine.allow_future_connect(session, target, port, protocol, flags, guid,
                                                 self.clock(), **self._grant_params(p))
-        self._granted([perm])
+        self.settle()
         return perm.to_dict()
 
     def redirect_connections(self, params: dict[str, Any], caller: Caller) -> dict[str, Any]:
@@ -232,18 +231,15 @@ class SessionApi:
         protocol, flags, guid = p.protocol(), p.flags(), p.guid("protocol_guid")
         (internal, base), perms = self.engine.redirect_connections(
             session, targets, protocol, flags, guid, self.clock(), **self._grant_params(p))
-        self._granted(perms)
+        self.settle()
         return {"internal_address": [str(internal), base], "actions": [a.to_dict() for a in perms]}
 
-    def _granted(self, perms: list[Permission]) -> None:
-        """The shell's part of a grant; if it fails, the grant is withdrawn."""
-        try:
-            self.on_grant(perms)
-        except Exception:
-            for perm in perms:
-                with contextlib.suppress(Terminating):  # it may have expired meanwhile
-                    self.engine.cancel(perm.id, self.clock())
-            raise
+    def settle(self) -> None:
+        """Apply what the engine asked for in this call (unless a packet's answer will)."""
+        if not self.hold:
+            effects = self.engine.take_effects()
+            if effects:
+                self.apply(effects)
 
     def bind_for_client(self, params: dict[str, Any], caller: Caller) -> dict[str, Any]:
         """A SecureNAT client's port made reachable for one inbound flow (pending until
@@ -252,14 +248,9 @@ class SessionApi:
         p = Params(params, {"session", "protocol", "client_port", "from_fw"})
         session = p.integer("session", low=1)
         client_port = p.integer("client_port", low=0, high=2**31)
-        bind, new = self.engine.bind_for_securenat(session, p.protocol(), client_port, self.clock(),
+        bind, _ = self.engine.bind_for_securenat(session, p.protocol(), client_port, self.clock(),
                                                    self.listening(), from_fw=p.boolean("from_fw"))
-        if new:
-            try:
-                self.on_securenat_bind(bind)
-            except Exception:
-                self.engine.withdraw_bind(bind)
-                raise
+        self.settle()
         return bind.to_dict()
 
     def retroactive_allow_bind(self, params: dict[str, Any], caller: Caller) -> dict[str, Any]:
@@ -275,8 +266,7 @@ class SessionApi:
         bind, approved_now = self.engine.retroactive_allow_bind(
             session, protocol, None if address.is_unspecified else address, port, guid, flags,
             ipfilter, self.clock())
-        if approved_now:
-            self.on_bind(bind)
+        self.settle()
         return {"result": "S_OK" if approved_now else "S_FALSE", "hresult": 0 if approved_now else 1,
                 "bind": bind.to_dict()}
 
@@ -287,7 +277,9 @@ class SessionApi:
 
     def cancel(self, params: dict[str, Any], caller: Caller) -> dict[str, Any]:
         action = Params(params, {"action"}).integer("action", low=1)
-        return self.engine.cancel(action, self.clock()).to_dict()
+        cancelled = self.engine.cancel(action, self.clock())
+        self.settle()
+        return cancelled.to_dict()
 
     def action(self, params: dict[str, Any], caller: Caller) -> dict[str, Any]:
         action = Params(params, {"action"}).integer("action", low=1)
@@ -301,6 +293,7 @@ class SessionApi:
     def end_session(self, params: dict[str, Any], caller: Caller) -> dict[str, Any]:
         session = Params(params, {"session"}).integer("session", low=1)
         cancelled = self.engine.end_session(session, self.clock())
+        self.settle()
         return {"session": session, "cancelled": [a.id for a in cancelled]}
 
     # --- filters and their events -------------------------------------------------------
@@ -332,8 +325,21 @@ class SessionApi:
             del self._filters[fid]
             self.engine.forget_filter(fid)
 
-    def dispatch_events(self) -> None:
-        for event in self.engine.drain_events():
-            registered = self._filters.get(event.filter_id)
-            if registered is not None:
-                registered[1].push(event.to_dict())
+    def deliver_events(self, effects: list[Effect]) -> None:
+        """What a shell without a kernel does with effects: deliver the events alone."""
+        for effect in effects:
+            if isinstance(effect, (EstablishedConnection, ConnectEvent)):
+                self.deliver(effect)
+
+    def deliver(self, event: Event) -> None:
+        """Push an event to the filter it is for, if that filter is still registered. One
+        that cannot be sent (a context a filter in this process made, that is no JSON) is
+        logged: its flow and the enforcer go on."""
+        registered = self._filters.get(event.filter_id)
+        if registered is None:
+            return
+        try:
+            registered[1].push(event.to_dict())
+        except Exception:
+            log.exception("cannot send a %s event to filter %d", type(event).__name__,
+                          event.filter_id)

@@ -17,6 +17,7 @@ import errno
 import functools
 import importlib
 import ipaddress
+import itertools
 import logging
 import os
 import resource
@@ -24,27 +25,34 @@ import selectors
 import signal
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, cast
 
-from enforcer import dataplane, filters, rewrite
+from enforcer import dataplane, filters
 from enforcer.api import Params, SessionApi
 from enforcer.config import Config, ConfigError, SocksSettings
 from enforcer.config import load as load_config
 from enforcer.control import AlreadyRunning, Caller, ControlServer, refuse_if_served
-from enforcer.core import nat
 from enforcer.core.binds import Bind
-from enforcer.core.budget import ClientBudgets
-from enforcer.core.datafilter import DataFilter, DataFilterFactory, Direction, TcpStreamEditor
-from enforcer.core.engine import Engine, Verdict
-from enforcer.core.flags import Flags
+from enforcer.core.datafilter import DataFilter, DataFilterFactory, Direction
+from enforcer.core.decisions import QueuedPacket
+from enforcer.core.effects import (
+    AddRedirect,
+    Effect,
+    ForgetBindFlows,
+    GrowReceiveBuffer,
+    MapBind,
+    RemoveRedirect,
+    UnmapBind,
+)
+from enforcer.core.engine import Engine
 from enforcer.core.flows import SYSCTL, ConntrackTimeouts, FlowRecord
 from enforcer.core.memory import memory_bound
-from enforcer.core.packet import TCP, UDP, Ingress, Malformed, PacketMeta, parse
+from enforcer.core.packet import TCP, Ingress
 from enforcer.core.permissions import Permission
-from enforcer.core.results import InvalidArgument
+from enforcer.core.results import InvalidArgument, Terminating
 from enforcer.listening import ListeningSockets
 from enforcer.loop import Loop
 from enforcer.socks_service import SocksService
@@ -226,16 +234,13 @@ class Daemon:
                              app_filters=watching, limits=config.limits,
                              conntrack=conntrack_timeouts())
         self.listening = ListeningSockets(clock)  # the fw's own sockets (rule 14)
-        self.api = SessionApi(self.engine, clock, self._on_grant, self._on_bind,
-                              self._on_securenat_bind, listening=self.listening.current)
+        self.api = SessionApi(self.engine, clock, self.apply, listening=self.listening.current)
+        self.engine.stream_filter = self.stream_filter
         # the session API as application filters call it, in this process
         self.calls = filters.InProcessCalls({**self.api.handlers()})
         self.socks: SocksService | None = None
         self._arrived_on = Arrivals(self.interfaces)
         self.loop = Loop(self.engine.counters, clock)
-        # bytes filtered streams hold, per client (the flow's source) and in total
-        self.buffered = ClientBudgets(config.limits.buffered_bytes_per_client,
-                                      config.limits.buffered_bytes_total)
         self._next_prune = clock()
         self.host = dataplane.HostSettings(state_file(config))
         self.maps: dataplane.NatMaps | None = None  # per-grant kernel NAT, once running
@@ -246,123 +251,34 @@ class Daemon:
 
     # --- the packet path ------------------------------------------------------------
     def on_packet(self, pkt: Any) -> None:
+        """One queued packet: the engine's answer, its effects applied, then its verdict."""
         try:
-            self._on_packet(pkt)
-        except Exception:  # fail closed on a bug, and keep enforcing
-            log.exception("dropping a packet the enforcer failed to decide")
-            self.engine.counters["errors"] += 1
-            # after its verdict (the events sent then failed), a second one would raise
-            # out of the queue's callback and stop the loop
+            indev = self._arrived_on(pkt.indev)
+            queued = QueuedPacket(pkt.get_payload(), pkt.hook, pkt.get_mark(), *indev,
+                                  length=pkt.get_payload_len())
+            self.api.hold = True  # an application filter's calls: their effects come with the answer
+            try:
+                answer = self.engine.handle(queued, self.clock())
+            finally:
+                self.api.hold = False
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("%s: %s", "accept" if answer.accept else "drop", answer.reason)
+            if answer.effects:
+                with contextlib.suppress(dataplane.DataplaneError):  # logged, undone
+                    self.apply(answer.effects)
+            if not answer.accept:
+                pkt.drop()
+                return
+            if answer.mark is not None:
+                pkt.set_mark(answer.mark)
+            if answer.packet is not None:
+                pkt.set_payload(answer.packet)
+            pkt.accept()
+        except Exception:  # a bug in the shell: drop the packet, and keep enforcing
+            log.exception("dropping a packet the enforcer failed to pass on")
+            # after its verdict, a second one would raise out of the queue's callback
             with contextlib.suppress(RuntimeError):
                 pkt.drop()
-
-    def _on_packet(self, pkt: Any) -> None:
-        data = pkt.get_payload()
-        try:
-            meta = parse(data, *self._arrived_on(pkt.indev))
-        except Malformed as exc:
-            self.engine.counters["malformed"] += 1
-            log.debug("drop malformed packet: %s", exc)
-            pkt.drop()
-            return
-        refused = self.engine.judge_ingress(meta, self.clock())
-        if refused is not None:
-            log.debug("drop %s: %s", meta.key, refused.reason)
-            pkt.drop()
-            return
-        length = pkt.get_payload_len()
-        mark = pkt.get_mark()
-        if pkt.hook == HOOK_PREROUTING:
-            self._redirect_inbound(pkt, meta, data, length)
-        elif pkt.hook == HOOK_INPUT:
-            decision = self.engine.inbound(meta, self.clock(), length)
-            log.debug("%s %s: %s", decision.verdict.value, meta.key, decision.reason)
-            if decision.verdict is Verdict.DROP:
-                pkt.drop()
-                return
-            if meta.key.protocol == UDP:  # its later datagrams go to the bind's socket in the kernel
-                pkt.set_mark((mark & ~dataplane.MARK_OWNED) | dataplane.local_mark(meta.key.dport))
-            pkt.accept()
-        elif pkt.hook == HOOK_OUTPUT or dataplane.is_user_mode(mark):
-            self._user_packet(pkt, meta, data, length)
-        else:
-            self._decide(pkt, meta, length, mark)
-
-    def _decide(self, pkt: Any, meta: PacketMeta, length: int, mark: int) -> None:
-        """The first packet of a flow, after routing: admit it (and say how) or drop it."""
-        decision = self.engine.decide(meta, self.clock(), length, dataplane.redirect_port(mark))
-        log.debug("%s %s: %s", decision.verdict.value, meta.key, decision.reason)
-        if decision.verdict is Verdict.DROP:
-            pkt.drop()
-            return
-        verdict_mark = dataplane.mark_for(decision.verdict is Verdict.ADMIT_USER, decision.one_way,
-                                          decision.snat)
-        pkt.set_mark((mark & ~dataplane.MARK_OWNED) | verdict_mark)
-        if decision.verdict is Verdict.ADMIT_USER and meta.key.protocol == UDP:
-            # a datagram carries data from the first: the flow's filter sees it
-            record = self.engine.flows.get(meta.key)
-            if record is not None and (record.app_filter or record.data_filter):
-                data = pkt.get_payload()
-                out = self._filtered(data, record, forward=True)
-                if out is not None and out != data:
-                    pkt.set_payload(out)
-        pkt.accept()
-        self.api.dispatch_events()
-
-    def _redirect_inbound(self, pkt: Any, meta: PacketMeta, data: bytes, length: int) -> None:
-        """A client's packet to a user-mode redirect port, before conntrack: rewritten to
-        its target here, so that the kernel tracks (and source-translates) the flow as it
-        leaves the fw."""
-        record = self.engine.redirect_packet(meta, length, self.clock())
-        if record is None:
-            pkt.drop()
-            return
-        out = nat.rewrite(data, dst=(record.key.dst, record.key.dport))
-        if record.data_filter is not None:
-            filtered = self._filtered(out, record, forward=True)
-            if filtered is None:  # ahead of a gap in the stream: the sender sends it again
-                pkt.drop()
-                return
-            out = filtered
-        pkt.set_payload(out)
-        pkt.set_mark((pkt.get_mark() & ~dataplane.MARK_OWNED) | dataplane.MARK_REWRITTEN
-                     | dataplane.mark_for(True, False, record.snat))
-        pkt.accept()
-        self.api.dispatch_events()
-
-    def _user_packet(self, pkt: Any, meta: PacketMeta, data: bytes, length: int) -> None:
-        """A packet of a user-mode flow (or an ICMP error about one), after routing."""
-        found = self.engine.user_packet(meta, length, self.clock())
-        if found is None:
-            related = self.engine.related(nat.icmp_error_inner(data))
-            if related is None:  # of no flow the enforcer knows: never passed unfiltered
-                pkt.drop()
-                return
-            if related[0].redirect is not None and related[1]:
-                # An error about a packet the client sent by a redirect: it comes back
-                # from the redirect's address, quoting what the client sent.
-                address, port = related[0].redirect
-                data = nat.rewrite_icmp_error(data, outer_src=address, inner_dst=(address, port))
-                pkt.set_payload(data)
-            pkt.accept()
-            return
-        record, forward = found
-        out = data
-        if record.redirect is not None:
-            if forward:  # the client's packets of a redirected flow all come by the redirect
-                self.engine.counters["dropped: not by the redirect"] += 1
-                pkt.drop()
-                return
-            out = nat.rewrite(out, src=record.redirect)
-        if record.data_filter is not None or record.app_filter is not None:
-            filtered = self._filtered(out, record, forward)
-            if filtered is None:  # ahead of a gap in the stream: the sender sends it again
-                pkt.drop()
-                return
-            out = filtered
-        if out is not data:
-            pkt.set_payload(out)
-        pkt.accept()
 
     def stream_filter(self, record: FlowRecord) -> DataFilter:
         """The data filter, or the application filter's stream filter, of a flow."""
@@ -385,29 +301,7 @@ class Daemon:
         factory = self.filter_factories[str(record.data_filter)]
         return _Guarded(factory(record.key), f"data filter '{record.data_filter}' on {record.key}")
 
-    def _filtered(self, data: bytes, record: FlowRecord, forward: bool) -> bytes | None:
-        """The packet after the flow's filter: for TCP, sequence numbers shifted to match;
-        None for a TCP segment that is to be dropped."""
-        direction = Direction.OUT if forward else Direction.BACK
-        if record.key.protocol == UDP:
-            if record.stream is None:
-                record.stream = self.stream_filter(record)
-            payload = rewrite.udp_payload(data)
-            new = record.stream.on_data(direction, payload)
-            return data if new == payload else rewrite.rebuild_udp(data, new)
-        if record.editor is None:
-            record.editor = TcpStreamEditor(self.stream_filter(record),
-                                            self.buffered.of(record.key.src))
-        segment = rewrite.parse_segment(data)
-        edited = record.editor.edit(direction, segment.seq, segment.ack, segment.payload,
-                                    syn=segment.syn, fin=segment.fin)
-        if edited is None:
-            return None
-        if edited == (segment.seq, segment.ack, segment.payload, segment.fin):
-            return data
-        return rewrite.rebuild(data, segment, *edited)
-
-    # --- the shell's part of grants -------------------------------------------------
+    # --- effects: what the engine asks of the kernel and of filters -----------------
     def _nat_maps(self) -> dataplane.NatMaps:
         if self.maps is None:
             raise dataplane.DataplaneError("the enforcer is not running: no NAT maps to write")
@@ -418,21 +312,74 @@ class Daemon:
             raise dataplane.DataplaneError("the enforcer is not running: no flows to forget")
         return self.local_flows
 
-    def _on_grant(self, perms: list[Permission]) -> None:
-        """Kernel NAT for kernel-mode redirects (in place before the grant's call returns);
-        a larger queue buffer when asked for."""
-        rules = [self._redirect_rule(p) for p in perms
-                 if p.redirect is not None and not p.redirect.user_mode]
-        if rules:
+    def settle(self) -> None:
+        """Apply what the engine has asked for since (SOCKS relays, the timer)."""
+        effects = self.engine.take_effects()
+        if effects:
+            with contextlib.suppress(dataplane.DataplaneError):  # logged, undone
+                self.apply(effects)
+
+    def apply(self, effects: Sequence[Effect]) -> None:
+        """Do what the engine asked, in order, consecutive NAT changes in one netlink
+        request. A grant or a bind whose kernel state cannot be made is withdrawn and the
+        error raised once all is done (the call that made it fails); a removal that fails
+        is logged (the engine refuses what it would admit: its action is done)."""
+        failure: dataplane.DataplaneError | None = None
+        for kind, grouped in itertools.groupby(effects, type):
+            group = list(grouped)
             try:
-                self._nat_maps().add(rules)
+                self._apply(kind, group)
             except dataplane.DataplaneError as exc:
-                log.error("cannot install a redirect: %s", exc)
+                failure = failure or exc
+        if failure is not None:
+            raise failure
+
+    def _apply(self, kind: type, group: list[Any]) -> None:
+        if kind is AddRedirect:
+            try:
+                self._nat_maps().add([_redirect_rule(e.permission) for e in group])
+            except dataplane.DataplaneError as exc:
+                log.error("cannot install a redirect: %s; the grant is withdrawn", exc)
+                for effect in group:
+                    with contextlib.suppress(Terminating):  # it may have ended meanwhile
+                        self.engine.cancel(effect.permission.id, self.clock())
+                self._discard(lambda e: isinstance(e, RemoveRedirect)
+                              and any(e.permission is g.permission for g in group))
                 raise
-        if any(Flags.INCREASE_RECEIVE_BUFFER in p.flags for p in perms):
-            size = self._increase_queue_buffer()
-            for perm in perms:
-                perm.receive_buffer = size
+        elif kind is MapBind:
+            for effect in group:
+                try:
+                    self._nat_maps().add([_bind_rule(effect.bind)])
+                except dataplane.DataplaneError as exc:
+                    log.error("cannot map bind %d to its client: %s; it is withdrawn",
+                              effect.bind.id, exc)
+                    self.engine.withdraw_bind(effect.bind)
+                    raise
+        elif kind in (RemoveRedirect, UnmapBind):
+            rules = [_redirect_rule(e.permission) if kind is RemoveRedirect else _bind_rule(e.bind)
+                     for e in group]
+            try:
+                self._nat_maps().delete(rules)
+            except dataplane.DataplaneError as exc:
+                log.error("cannot remove finished redirects or binds: %s", exc)
+        elif kind is ForgetBindFlows:
+            for effect in group:
+                try:
+                    self._local_flows().forget(effect.bind.port)
+                except dataplane.DataplaneError as exc:
+                    # its socket is gone: the kernel hands the datagrams to the enforcer,
+                    # which drops them, until the port is bound again
+                    log.error("cannot forget the flows of closed bind %d: %s", effect.bind.id, exc)
+        elif kind is GrowReceiveBuffer:
+            for effect in group:
+                self._grow_receive_buffer(effect.holder)
+        else:  # an event for a session filter
+            for event in group:
+                self.api.deliver(event)
+
+    def _discard(self, which: Callable[[Effect], bool]) -> None:
+        """Drop effects the engine has queued that a withdrawal made moot."""
+        self.engine.effects = [e for e in self.engine.effects if not which(e)]
 
     def _increase_queue_buffer(self) -> int:
         """INCREASE_RECEIVE_BUFFER for the queue, where a flow's datagrams wait for the
@@ -441,62 +388,18 @@ class Daemon:
         assert self.queue_socket is not None
         return ensure_receive_buffer(self.queue_socket, self.config.dataplane.increased_receive_buffer)
 
-    def _on_bind(self, bind: Bind) -> None:
-        """An approved UDP bind with INCREASE_RECEIVE_BUFFER: the buffers its datagrams wait
-        in at the fw grow. A SecureNAT bind's flow runs in kernel mode: only the queue
-        holds its datagrams, and ``receive_buffer`` is the queue's. A Firewall client's
-        bind is a socket of the fw, whose buffer ``receive_buffer`` then is; each new flow's
-        first datagrams wait in the queue too."""
-        if Flags.INCREASE_RECEIVE_BUFFER not in bind.flags or bind.protocol != UDP:
-            return
+    def _grow_receive_buffer(self, holder: Permission | Bind) -> None:
+        """A grant's flows' datagrams wait in the queue. An approved UDP bind's: a
+        SecureNAT bind's flow runs in kernel mode, only the queue holds its datagrams, and
+        ``receive_buffer`` is the queue's; a Firewall client's bind is a socket of the fw,
+        whose buffer ``receive_buffer`` then is (each new flow's first datagrams wait in
+        the queue too)."""
         size = self._increase_queue_buffer()
-        held = None if self.socks is None or bind.for_securenat else self.socks.socket_of(bind)
-        if held is not None:
-            size = ensure_receive_buffer(held, self.config.dataplane.increased_receive_buffer)
-        bind.receive_buffer = size
-
-    def _on_securenat_bind(self, bind: Bind) -> None:
-        """A SecureNAT client's bind: kernel NAT from the external port to the client's
-        (in NAT), and from the fw's address to the client (``Bind.source``); routed and
-        without a source, the bind is the client's own address: nothing to do."""
-        rule = self._bind_rule(bind)
-        if rule is not None:
-            self._nat_maps().add([rule])
-
-    @staticmethod
-    def _bind_rule(bind: Bind) -> dataplane.BindRule | None:
-        if not bind.translated or bind.client is None or bind.client_port is None:
-            return None
-        return dataplane.BindRule(bind.protocol, bind.address, bind.port, bind.client,
-                                  bind.client_port, bind.source)
-
-    def _redirect_rule(self, perm: Permission) -> dataplane.RedirectRule:
-        r = perm.redirect
-        assert r is not None
-        return dataplane.RedirectRule(r.protocol, r.client, r.internal, r.internal_port, r.target,
-                                      r.target_port)
-
-    def _retire_redirects(self) -> None:
-        """Remove the kernel state of kernel-mode redirects and binds that admit nothing
-        more: NAT map elements, and the flows a Firewall client's closed UDP bind admitted."""
-        binds = self.engine.drain_retired_binds()
-        for bind in binds:
-            if not bind.for_securenat:
-                try:
-                    self._local_flows().forget(bind.port)
-                except dataplane.DataplaneError as exc:
-                    # its socket is gone: the kernel hands the datagrams to the enforcer,
-                    # which drops them, until the port is bound again
-                    log.error("cannot forget the flows of closed bind %d: %s", bind.id, exc)
-        rules: list[dataplane.NatRule] = [self._redirect_rule(p) for p in self.engine.drain_retired()]
-        rules += [r for r in map(self._bind_rule, binds) if r is not None]
-        if not rules:
-            return
-        try:
-            self._nat_maps().delete(rules)
-        except dataplane.DataplaneError as exc:
-            # the enforcer still refuses what they would admit: their actions are done
-            log.error("cannot remove finished redirects: %s", exc)
+        if isinstance(holder, Bind):
+            held = None if self.socks is None or holder.for_securenat else self.socks.socket_of(holder)
+            if held is not None:
+                size = ensure_receive_buffer(held, self.config.dataplane.increased_receive_buffer)
+        holder.receive_buffer = size
 
     # --- control API ----------------------------------------------------------------
     def _status(self, params: dict[str, Any], caller: Caller) -> dict[str, Any]:
@@ -521,7 +424,7 @@ class Daemon:
                                for user, pool in self.engine.pools.items()},
             "receive_buffer": None if self.queue_socket is None else
             self.queue_socket.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF),
-            "limits": {**self.engine.limits_status(), **self.buffered.status(),
+            "limits": {**self.engine.limits_status(), **self.engine.buffered.status(),
                        **(self.socks.limits_status() if self.socks is not None else {})},
             "memory": {"rss": resident_bytes(), "bound": memory_bound(self.config.limits)},
             "listening": self.listening.current().to_list(),
@@ -611,7 +514,7 @@ class Daemon:
                 try:
                     self.socks = SocksService(
                         self.engine, self.loop, self.clock, self.config.socks,
-                        [a.ip for _, a in self.interfaces.internal_addresses], self.api.dispatch_events,
+                        [a.ip for _, a in self.interfaces.internal_addresses], self.settle,
                         self.stream_filter)
                 except OSError as exc:
                     raise StartupError(f"cannot serve SOCKS on port {self.config.socks.port}: "
@@ -649,11 +552,11 @@ class Daemon:
         now = self.clock()
         self.engine.expire(now)
         if now >= self._next_prune:  # clients' byte budgets that hold nothing any more
-            self.buffered.prune()
+            self.engine.buffered.prune()
             self._next_prune = now + PRUNE_INTERVAL
-        self._retire_redirects()
         if self.socks is not None:
             self.socks.tick(now)
+        self.settle()
 
     def _leave(self) -> None:
         """What a stop leaves: the lockdown base, the working rules gone in the same
@@ -677,6 +580,21 @@ class Daemon:
 
     def _on_signal(self, signum: int, _frame: object) -> None:
         self._stop = True
+
+
+def _redirect_rule(perm: Permission) -> dataplane.RedirectRule:
+    r = perm.redirect
+    assert r is not None
+    return dataplane.RedirectRule(r.protocol, r.client, r.internal, r.internal_port, r.target,
+                                  r.target_port)
+
+
+def _bind_rule(bind: Bind) -> dataplane.BindRule:
+    """A translated SecureNAT bind's kernel NAT: to its client, from the fw when it has a
+    ``source``."""
+    assert bind.client is not None and bind.client_port is not None
+    return dataplane.BindRule(bind.protocol, bind.address, bind.port, bind.client,
+                              bind.client_port, bind.source)
 
 
 def state_file(config: Config) -> Path:

@@ -42,13 +42,14 @@ from enforcer.config import SocksSettings
 from enforcer.core import socks
 from enforcer.core.binds import Bind
 from enforcer.core.datafilter import DataFilter, Direction
-from enforcer.core.engine import Engine, Verdict
+from enforcer.core.engine import Engine
 from enforcer.core.flows import FlowRecord
 from enforcer.core.limits import Quota
 from enforcer.core.packet import TCP, UDP, IPAddress
 from enforcer.core.results import SessionApiError
 from enforcer.core.sessions import Session
 from enforcer.core.socks import Reply
+from enforcer.core.state import Verdict
 from enforcer.loop import OUT_OF_RESOURCES, Loop
 
 log = logging.getLogger("pinhole.enforcer.socks")

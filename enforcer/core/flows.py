@@ -30,9 +30,8 @@ from dataclasses import dataclass, fields
 
 from enforcer.core.datafilter import DataFilter, TcpStreamEditor
 from enforcer.core.limits import Limits, Quota
-from enforcer.core.packet import TCP, TCP_FIN, TCP_RST, UDP, FlowKey, IPAddress
+from enforcer.core.packet import TCP, TCP_FIN, TCP_RST, UDP, Endpoint, FlowKey, IPAddress
 
-Endpoint = tuple[IPAddress, int]
 # Added to a conntrack timeout before a held record goes: the kernel refreshes its
 # timer as a packet enters, a little before the enforcer sees that packet.
 RELEASE_MARGIN = 2.0

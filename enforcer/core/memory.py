@@ -17,10 +17,10 @@ UDP ASSOCIATE, or a BIND's relay) with the session and bind it makes the engine 
 
 from __future__ import annotations
 
-from enforcer.core.engine import RECENT_DECISIONS
 from enforcer.core.limits import MIB, Limits
 from enforcer.core.packet import ADDRESS_CACHE_SIZE
 from enforcer.core.permissions import STALE_EXPIRIES
+from enforcer.core.state import RECENT_DECISIONS
 
 # The idle daemon's resident set (measured: about 60 MiB after its imports), with room
 BASE_BYTES = 96 * MIB

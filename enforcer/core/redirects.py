@@ -15,11 +15,10 @@ import ipaddress
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from enforcer.core.packet import IPAddress
+from enforcer.core.packet import Endpoint, IPAddress
 from enforcer.core.results import InvalidArgument, IsBusy
 
 IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
-Endpoint = tuple[IPAddress, int]
 MAX_ADDRESSES = 64  # ConnectAddresses in one call
 # Above Linux's ephemeral ports (32768-60999), so the fw's own sockets never want them
 DEFAULT_KERNEL_REDIRECT_PORTS = (61000, 62999)

@@ -11,6 +11,7 @@ import pytest
 
 from enforcer import dataplane
 from enforcer.config import DataplaneSettings
+from enforcer.core import marks
 from testbed.build import Testbed
 from testbed.lab import EnforcerProcess
 from testbed.plugin import require_e2e
@@ -95,10 +96,10 @@ def test_a_closed_bind_s_flows_are_forgotten_by_their_mark(tb: Testbed) -> None:
     both families, and nothing else: not another bind's, not a forwarded flow's; a port
     with none is no error."""
     entries = [  # (source, destination, destination port, mark)
-        ("198.51.100.21", "198.51.100.1", 20001, dataplane.local_mark(20001)),
-        ("2001:db8:2::21", "2001:db8:2::1", 20001, dataplane.local_mark(20001)),
-        ("198.51.100.22", "198.51.100.1", 20002, dataplane.local_mark(20002)),
-        ("198.51.100.23", "192.0.2.11", 20001, dataplane.MARK_KERNEL | 20001),
+        ("198.51.100.21", "198.51.100.1", 20001, marks.local_mark(20001)),
+        ("2001:db8:2::21", "2001:db8:2::1", 20001, marks.local_mark(20001)),
+        ("198.51.100.22", "198.51.100.1", 20002, marks.local_mark(20002)),
+        ("198.51.100.23", "192.0.2.11", 20001, marks.MARK_KERNEL | 20001),
     ]
     for src, dst, port, mark in entries:
         tb.run("fw", ["conntrack", "-I", "-p", "udp", "-s", src, "-d", dst, "--sport", "5555",

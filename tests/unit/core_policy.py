@@ -7,7 +7,18 @@ from __future__ import annotations
 import ipaddress
 from typing import Any
 
+from enforcer.core.binds import Bind
+from enforcer.core.effects import (
+    ConnectEvent,
+    EstablishedConnection,
+    Event,
+    ForgetBindFlows,
+    RemoveRedirect,
+    UnmapBind,
+)
+from enforcer.core.engine import Engine
 from enforcer.core.packet import TCP, FlowKey, Ingress, PacketMeta
+from enforcer.core.permissions import Permission
 from enforcer.core.policy import policy_from_dict
 
 POLICY_DATA: dict[str, list[dict[str, Any]]] = {
@@ -46,3 +57,18 @@ def pkt(src: str, dst: str, dport: int, *, proto: int = TCP, flags: int = SYN, s
         flags = 0
     return PacketMeta(FlowKey(proto, ipaddress.ip_address(src), sport, ipaddress.ip_address(dst), dport),
                       ingress, flags, interface)
+
+
+def events_of(engine: Engine) -> list[Event]:
+    """The events among what the engine asked the shell to do since it last asked."""
+    return [e for e in engine.take_effects() if isinstance(e, (EstablishedConnection, ConnectEvent))]
+
+
+def retired(engine: Engine) -> list[Permission]:
+    """The kernel-mode redirects whose kernel NAT the engine asked to remove since."""
+    return [e.permission for e in engine.take_effects() if isinstance(e, RemoveRedirect)]
+
+
+def retired_binds(engine: Engine) -> list[Bind]:
+    """The closed binds whose kernel state the engine asked to undo since."""
+    return [e.bind for e in engine.take_effects() if isinstance(e, (UnmapBind, ForgetBindFlows))]

@@ -8,11 +8,13 @@ import uuid
 from typing import Any
 
 import pytest
-from core_policy import INTERNAL, POLICY_DATA
+from core_policy import INTERNAL, POLICY_DATA, events_of, retired_binds
 
 from enforcer.core import packet
+from enforcer.core.binding import BIND_FLAGS
 from enforcer.core.binds import DEFAULT_BIND_PORTS, RECENT_SENDER_SECONDS, Bind, BindState, BindTable
-from enforcer.core.engine import BIND_FLAGS, Engine, EstablishedConnection, Verdict
+from enforcer.core.effects import EstablishedConnection
+from enforcer.core.engine import Engine
 from enforcer.core.flags import Flags
 from enforcer.core.ipfilter import IpFilter
 from enforcer.core.packet import ICMP, TCP, UDP, FlowKey, Ingress, IPAddress, PacketMeta
@@ -25,6 +27,7 @@ from enforcer.core.results import (
     PolicyRulesDenied,
     Terminating,
 )
+from enforcer.core.state import Verdict
 
 ip = ipaddress.ip_address
 
@@ -223,14 +226,14 @@ def test_client_connect_under_the_session_s_permission(engine: Engine) -> None:
     d = engine.client_connect(s.id, TCP, S1, 2021, 40000, 2.0)
     assert d.verdict is Verdict.ADMIT_USER and d.action_id == perm.id and d.session_id == s.id
     assert perm.state is ActionState.CONSUMED and perm.admitted == 1
-    events = engine.drain_events()
+    events = events_of(engine)
     assert len(events) == 1 and isinstance(events[0], EstablishedConnection)
     assert events[0].action_id == perm.id and events[0].session_id == s.id
     assert events[0].filter_id == 7 and events[0].context == "ctx"
     assert events[0].key == FlowKey(TCP, C1, 40000, S1, 2021)
     # single use: consumed
     again = engine.client_connect(s.id, TCP, S1, 2021, 40001, 3.0)
-    assert again.verdict is Verdict.DROP and engine.drain_events() == []
+    assert again.verdict is Verdict.DROP and events_of(engine) == []
 
 
 def test_client_connect_with_an_allow_multiple_permission(engine: Engine) -> None:
@@ -582,11 +585,11 @@ def test_a_closed_udp_bind_s_flows_are_retired(engine: Engine, session: int, pro
     allow(engine, session, bind, guid=DNS if proto == UDP else FTP)
     if peer_sent:
         engine.inbound(inbound_pkt(S1, EXT4, bind.port, proto=proto), 2.0)
-    assert engine.drain_retired_binds() == []
+    assert retired_binds(engine) == []
     engine.bind_done(bind)
-    assert engine.drain_retired_binds() == ([bind] if retired else [])
+    assert retired_binds(engine) == ([bind] if retired else [])
     engine.bind_done(bind)  # twice is once
-    assert engine.drain_retired_binds() == []
+    assert retired_binds(engine) == []
 
 
 def test_a_pending_bidirectional_bind_may_not_answer(engine: Engine, session: int) -> None:

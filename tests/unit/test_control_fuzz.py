@@ -26,8 +26,9 @@ from core_policy import INTERNAL, POLICY, POLICY_DATA, pkt
 
 from enforcer.api import SessionApi
 from enforcer.control import Caller, ControlServer
-from enforcer.core.engine import Engine, Verdict
+from enforcer.core.engine import Engine
 from enforcer.core.results import ERRORS, SessionApiError
+from enforcer.core.state import Verdict
 from enforcer.loop import Loop
 from enforcer.protocol import MAX_REQUEST, encode
 

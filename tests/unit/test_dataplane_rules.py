@@ -12,8 +12,7 @@ import pytest
 from enforcer import dataplane
 from enforcer.config import DataplaneSettings
 from enforcer.core.limits import Limits
-from enforcer.dataplane import (
-    CHAIN_PREFIX,
+from enforcer.core.marks import (
     MARK_KERNEL,
     MARK_LOCAL,
     MARK_LOCAL_KEPT,
@@ -25,13 +24,16 @@ from enforcer.dataplane import (
     MARK_REWRITTEN,
     MARK_SNAT,
     MARK_USER,
+    local_mark,
+    mark_for,
+    redirect_port,
+)
+from enforcer.dataplane import (
+    CHAIN_PREFIX,
     BindRule,
     Interfaces,
     RedirectRule,
     Ruleset,
-    local_mark,
-    mark_for,
-    redirect_port,
     render_nft,
     render_nft_maps,
     render_rules,

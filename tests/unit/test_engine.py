@@ -12,11 +12,12 @@ from scapy.layers.inet import TCP as ScapyTCP
 
 from enforcer.config import parse
 from enforcer.core import packet
-from enforcer.core.engine import Decision, Engine, Verdict
+from enforcer.core.engine import Engine
 from enforcer.core.flows import Mode
 from enforcer.core.limits import Limits
 from enforcer.core.packet import ICMP, UDP, Ingress, PacketMeta
 from enforcer.core.policy import Policy
+from enforcer.core.state import Decision, Verdict
 from testbed import topology
 from testbed.lab import lab_config
 

@@ -15,7 +15,8 @@ from enforcer.api import SessionApi
 from enforcer.client import Action
 from enforcer.config import Config, parse
 from enforcer.core.binds import Bind, BindState
-from enforcer.core.engine import Engine, Verdict
+from enforcer.core.effects import MapBind
+from enforcer.core.engine import Engine
 from enforcer.core.flags import Flags
 from enforcer.core.fwports import Listening
 from enforcer.core.packet import TCP, FlowKey, Ingress, PacketMeta
@@ -25,6 +26,7 @@ from enforcer.core.results import (
     SessionApiError,
     Terminating,
 )
+from enforcer.core.state import Verdict
 from enforcer.daemon import StartupError, load_app_filters
 from enforcer.filters import Direction, InProcessCalls, PluginError, Primary
 from enforcer.plugins.ftp import FTP_GUID, FtpFilter
@@ -206,16 +208,13 @@ CLIENT, SERVER = ip("192.0.2.11"), ip("198.51.100.21")
 
 
 class Setup:
-    def __init__(self, on_securenat_bind: Any = None, listening: Listening | None = None) -> None:
+    def __init__(self, apply: Any = None, listening: Listening | None = None) -> None:
         cfg = config([])
         self.now = 10.0
         self.engine = Engine(cfg.policy, {"int0": [ipaddress.ip_network("192.0.2.0/24")]},
                              [ip("198.51.100.1")], nat=True)
-        hooks: dict[str, Any] = {} if on_securenat_bind is None else \
-            {"on_securenat_bind": on_securenat_bind}
-        if listening is not None:
-            hooks["listening"] = lambda: listening
-        self.api = SessionApi(self.engine, lambda: self.now, **hooks)
+        hooks: dict[str, Any] = {} if listening is None else {"listening": lambda: listening}
+        self.api = SessionApi(self.engine, lambda: self.now, apply, **hooks)
         self.calls = InProcessCalls(self.api.handlers())
         primary = self.engine.decide(PacketMeta(FlowKey(TCP, CLIENT, 40000, SERVER, 21), Ingress.INTERNAL,
                                                 0x02), 1.0)
@@ -271,7 +270,7 @@ def test_none_valued_params_are_dropped() -> None:
 
 def test_bind_for_client_and_its_approval() -> None:
     made: list[Bind] = []
-    s = Setup(on_securenat_bind=made.append)
+    s = Setup(lambda effects: made.extend(e.bind for e in effects if isinstance(e, MapBind)))
     where = s.calls.bind_for_client(s.session, 50000)
     assert where == ("198.51.100.1", 50000)
     assert s.calls.bind_for_client(s.session, 50000) == where  # the same bind
@@ -282,19 +281,6 @@ def test_bind_for_client_and_its_approval() -> None:
     (listed,) = s.calls.binds(s.session)
     assert listed["leads_to"] == [str(CLIENT), 50000] and listed["state"] == "allowed"
     assert listed["ipfilter"] == {"ranges": [[str(SERVER), str(SERVER)]]}
-
-
-def test_a_bind_the_shell_cannot_set_up_is_withdrawn() -> None:
-    def refuse(bind: Bind) -> None:
-        raise RuntimeError("no kernel rule")
-
-    s = Setup(on_securenat_bind=refuse)
-    with pytest.raises(RuntimeError, match="no kernel rule"):
-        s.calls.bind_for_client(s.session, 50000, protocol="udp")
-    (bind,) = s.engine.binds.of(s.session)
-    assert bind.state is BindState.CLOSED
-    assert s.engine.binds.leading_to(17, CLIENT, 50000) is None
-    assert s.engine.drain_retired_binds() == []
 
 
 def test_in_nat_the_fw_s_privileged_and_listened_ports_are_no_client_s_bind() -> None:
@@ -333,7 +319,7 @@ def test_events_of_a_filter_registered_in_process_are_kept() -> None:
     action = s.calls.allow_future_connect(s.session, (str(SERVER), 20021), protocol_guid=FTP_GUID,
                                           session_filter=filter_id, context={"line": 3})
     s.engine.decide(PacketMeta(FlowKey(TCP, CLIENT, 40001, SERVER, 20021), Ingress.INTERNAL, 0x02), 11.0)
-    s.api.dispatch_events()
+    s.api.settle()
     events = list(s.calls.caller.events)
     assert [e["event"] for e in events] == ["established_connection", "connect"]
     assert events[0]["action"] == action.id and events[0]["context"] == {"line": 3}
@@ -365,6 +351,6 @@ def test_events_of_a_filter_registered_in_process_collect_in_api_events() -> Non
     action = s.calls.allow_future_connect(s.session, (str(SERVER), 20022), protocol_guid=FTP_GUID,
                                           session_filter=me, context={"data": 1})
     s.engine.decide(PacketMeta(FlowKey(TCP, CLIENT, 40002, SERVER, 20022), Ingress.INTERNAL, 0x02), 11.0)
-    s.api.dispatch_events()
+    s.api.settle()
     assert [(e["event"], e["action"], e["context"]) for e in s.calls.events] == [
         ("established_connection", action.id, {"data": 1})]

@@ -16,11 +16,12 @@ from core_policy import POLICY_DATA, pkt
 from hypothesis import given
 from hypothesis import strategies as st
 
-from enforcer.core.engine import Engine, Verdict
+from enforcer.core.engine import Engine
 from enforcer.core.flags import Flags
 from enforcer.core.ingress import InterfaceNetworks
 from enforcer.core.packet import TCP, UDP, Ingress, PacketMeta
 from enforcer.core.policy import policy_from_dict
+from enforcer.core.state import Verdict
 from enforcer.daemon import Arrivals
 from enforcer.dataplane import Interfaces
 

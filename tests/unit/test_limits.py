@@ -13,7 +13,7 @@ from core_policy import INTERNAL, POLICY, pkt
 
 from enforcer.core import packet
 from enforcer.core.binds import RECENT_SENDERS, BindState
-from enforcer.core.engine import Engine, Verdict
+from enforcer.core.engine import Engine
 from enforcer.core.flags import Flags
 from enforcer.core.flows import (
     RELEASE_MARGIN,
@@ -28,6 +28,7 @@ from enforcer.core.limits import Limits, Quota
 from enforcer.core.packet import ICMP, TCP, UDP, FlowKey
 from enforcer.core.permissions import STALE_EXPIRIES, ActionState
 from enforcer.core.results import InvalidArgument, IsBusy, NotFound, Terminating
+from enforcer.core.state import Verdict
 
 ip = ipaddress.ip_address
 C1, C2, C3, C6 = "192.0.2.11", "192.0.2.12", "192.0.2.13", "2001:db8:1::11"

@@ -1,4 +1,4 @@
-"""enforcer.core.nat: address/port rewriting with incremental checksums, and ICMP error translation.
+"""enforcer.core.packet: address/port rewriting with incremental checksums, and ICMP error translation.
 
 The reference is Scapy: a packet rewritten by nat must be byte for byte the packet Scapy
 builds with the new addresses and ports (so every checksum is what a full recomputation
@@ -36,8 +36,16 @@ from scapy.layers.inet6 import (
 from scapy.packet import Packet, Raw
 
 from enforcer.core import packet
-from enforcer.core.nat import Endpoint, checksum_adjust, icmp_error_inner, rewrite, rewrite_icmp_error
-from enforcer.core.packet import FlowKey, IPAddress, Malformed
+from enforcer.core.packet import (
+    Endpoint,
+    FlowKey,
+    IPAddress,
+    Malformed,
+    checksum_adjust,
+    icmp_error_inner,
+    rewrite,
+    rewrite_icmp_error,
+)
 
 A = ipaddress.ip_address
 
@@ -684,6 +692,7 @@ def test_mutated_packets_seeded() -> None:
 
 def test_module_is_pure() -> None:
     """No Scapy, no sockets at run time: only the test suite uses Scapy."""
-    code = "import sys, enforcer.core.nat; print(sorted(m for m in sys.modules if m in ('scapy', 'socket')))"
+    code = ("import sys, enforcer.core.packet; "
+            "print(sorted(m for m in sys.modules if m in ('scapy', 'socket')))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"

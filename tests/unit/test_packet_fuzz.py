@@ -50,9 +50,9 @@ from typing import TypeVar
 import pytest
 from core_policy import INTERNAL, POLICY, POLICY_DATA
 
-from enforcer.core import nat
+from enforcer.core import packet as wire
 from enforcer.core.binds import Bind
-from enforcer.core.engine import Decision, Engine, Verdict
+from enforcer.core.engine import Engine
 from enforcer.core.flags import Flags
 from enforcer.core.ipfilter import IpFilter
 from enforcer.core.packet import (
@@ -67,6 +67,7 @@ from enforcer.core.packet import (
     PacketMeta,
     parse,
 )
+from enforcer.core.state import Decision, Verdict
 
 SEED = int(os.environ.get("PINHOLE_FUZZ_SEED", "20261204"))
 PACKETS = int(os.environ.get("PINHOLE_FUZZ_PACKETS", "1000000"))
@@ -792,14 +793,14 @@ def check(entry: str, ingress: Ingress, redirect_port: int | None, made: Made, n
             tally.reasons["redirected flow"] += 1
         if made.deliverable:  # the daemon rewrites it to the redirect's target next
             try:
-                nat.rewrite(made.data, dst=(record.key.dst, record.key.dport))
+                wire.rewrite(made.data, dst=(record.key.dst, record.key.dport))
             except Malformed as exc:
                 raise Mismatch(f"admitted to a user-mode redirect, and cannot be rewritten: {exc}") from None
             tally.rewrites += 1
     elif entry == "user":
         engine.user_packet(meta, length, now)
     else:
-        quoted = nat.icmp_error_inner(made.data)
+        quoted = wire.icmp_error_inner(made.data)
         if made.quote is not None:
             if quoted != made.quote:
                 raise Mismatch(f"icmp_error_inner read {quoted}, not {made.quote}")

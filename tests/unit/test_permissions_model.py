@@ -31,12 +31,13 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from enforcer.core import packet
-from enforcer.core.engine import Decision, Engine, Verdict, permission_key
+from enforcer.core.engine import Engine
 from enforcer.core.flags import Flags
 from enforcer.core.packet import TCP, UDP, FlowKey, Ingress, IPAddress, PacketMeta
 from enforcer.core.permissions import ActionState, Permission, PermissionTable
 from enforcer.core.policy import Defaults, Policy, PortRange, ProtocolDef, ProtocolRule, SiteRule
 from enforcer.core.results import InvalidArgument, IsBusy, NetworkRulesDenied, Terminating
+from enforcer.core.state import Decision, Verdict, permission_key
 
 ip = ipaddress.ip_address
 net = ipaddress.ip_network

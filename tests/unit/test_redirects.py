@@ -14,17 +14,12 @@ import uuid
 from typing import Any
 
 import pytest
-from core_policy import INTERNAL, POLICY, pkt
+from core_policy import INTERNAL, POLICY, events_of, pkt, retired
 
 from enforcer.core import packet
-from enforcer.core.engine import (
-    SAME_FLOW_WINDOW,
-    ConnectEvent,
-    Engine,
-    EstablishedConnection,
-    Verdict,
-    redirect_key,
-)
+from enforcer.core.decisions import SAME_FLOW_WINDOW
+from enforcer.core.effects import ConnectEvent, EstablishedConnection
+from enforcer.core.engine import Engine
 from enforcer.core.flags import Flags
 from enforcer.core.flows import FlowRecord, Mode, reverse
 from enforcer.core.limits import Limits
@@ -39,6 +34,7 @@ from enforcer.core.results import (
     PolicyRulesDenied,
     SessionApiError,
 )
+from enforcer.core.state import Verdict, redirect_key
 
 ip = ipaddress.ip_address
 
@@ -90,7 +86,7 @@ def rdc(engine: Engine, targets: list[tuple[str, int]], *, session: int = 1, pro
 def snapshot(engine: Engine) -> tuple[object, ...]:
     """What a failed grant must leave as it was."""
     return ([p.id for p in engine.pending(None, 1.0)],
-            [engine.pools[m].to_dict() for m in (False, True)], list(engine.retired))
+            [engine.pools[m].to_dict() for m in (False, True)], list(engine.effects))
 
 
 def udp(src: str, dst: str, dport: int, sport: int = 7000,
@@ -374,26 +370,26 @@ def test_allow_multiple_keeps_its_block_until_cancelled(engine: Engine) -> None:
         assert d.verdict is Verdict.ADMIT_KERNEL and d.action_id == perm.id
     assert perm.admitted == 3 and perm.state is ActionState.PENDING
     assert engine.pools[False].in_use == 1
-    assert engine.drain_retired() == []
+    assert retired(engine) == []
     engine.cancel(perm.id, 3.0)
     assert engine.pools[False].in_use == 0
-    assert engine.drain_retired() == [perm]
+    assert retired(engine) == [perm]
 
 
 def test_drain_retired_gives_kernel_mode_redirects_once(engine: Engine) -> None:
     _, kernel = rdc(engine, [(S1, 2121), (S1, 2122)])
     _, user = rdc(engine, [(S1, 2121), (S1, 2122)], flags=Flags.NO_KERNEL_MODE)
-    assert engine.drain_retired() == []
+    assert retired(engine) == []
     engine.cancel(user[0].id, 2.0)
     engine.cancel(kernel[1].id, 2.0)
     assert engine.decide(pkt(C1, S1, 2121), 3.0, redirect_port=61000).verdict is Verdict.ADMIT_KERNEL
     assert engine.redirect_packet(pkt(C1, str(FW4), 63001), 40, 3.0) is not None
-    assert engine.drain_retired() == [kernel[1], kernel[0]]  # in the order they finished
-    assert engine.drain_retired() == []
+    assert retired(engine) == [kernel[1], kernel[0]]  # in the order they finished
+    assert retired(engine) == []
     # nor are other grants' permissions ever retired
     perm = engine.allow_future_connect(1, ip(S1), 2121, TCP, Flags(0), FTP, 4.0)
     engine.cancel(perm.id, 5.0)
-    assert engine.drain_retired() == []
+    assert retired(engine) == []
 
 
 # --- kernel-mode redirects: decide(..., redirect_port=...) ----------------------------------------
@@ -591,9 +587,9 @@ def test_user_mode_redirect_ipv6(engine: Engine) -> None:
 def test_established_connection_of_a_kernel_mode_redirect(engine: Engine) -> None:
     _, (perm,) = rdc(engine, [(S1, 2121)], filter_id=7, context={"k": 1})
     d = engine.decide(pkt(C1, S1, 2121, sport=40001), 2.0, redirect_port=61000)
-    assert engine.drain_events() == [
+    assert events_of(engine) == [
         EstablishedConnection(7, {"k": 1}, perm.id, 1, d.key, ip("198.51.100.1"), 2.0, (FW4, 61000))]
-    assert engine.drain_events() == []
+    assert events_of(engine) == []
     event = EstablishedConnection(7, {"k": 1}, perm.id, 1, d.key, ip("198.51.100.1"), 2.0,
                                   (FW4, 61000)).to_dict()
     assert (event["client"], event["target"], event["internal"], event["external"]) == \
@@ -605,19 +601,19 @@ def test_established_connection_of_a_user_mode_redirect(engine: Engine) -> None:
                      proxy_external_address=ip("198.51.100.2"))
     record = engine.redirect_packet(pkt(C1, str(FW4), 63000, sport=40001), 60, 2.0)
     assert record is not None
-    (event,) = engine.drain_events()
+    (event,) = events_of(engine)
     assert isinstance(event, EstablishedConnection)
     assert (event.filter_id, event.action_id, event.key, event.internal, event.external) == \
         (7, perm.id, record.key, (FW4, 63000), ip("198.51.100.2"))
     # later packets of the flow make none
     engine.redirect_packet(pkt(C1, str(FW4), 63000, sport=40001, flags=ACK), 40, 3.0)
-    assert engine.drain_events() == []
+    assert events_of(engine) == []
 
 
 def test_no_established_connection_without_a_filter(engine: Engine) -> None:
     rdc(engine, [(S1, 2121)])
     assert engine.decide(pkt(C1, S1, 2121), 2.0, redirect_port=61000).verdict is Verdict.ADMIT_KERNEL
-    assert engine.drain_events() == []
+    assert events_of(engine) == []
 
 
 def test_connect_events_for_redirected_flows(engine: Engine) -> None:
@@ -628,7 +624,7 @@ def test_connect_events_for_redirected_flows(engine: Engine) -> None:
     _, (perm,) = rdc(engine, [(S1, 2121)], filter_id=7)
     d = engine.decide(pkt(C1, S1, 2121), 2.0, redirect_port=61000)
     external = ip("198.51.100.1")
-    assert engine.drain_events() == [
+    assert events_of(engine) == [
         EstablishedConnection(7, None, perm.id, 1, d.key, external, 2.0, (FW4, 61000)),
         ConnectEvent(9, True, "FTP", perm.id, 1, d.key, external, 2.0, (FW4, 61000)),
     ]
@@ -640,13 +636,13 @@ def test_connect_events_for_redirected_flows(engine: Engine) -> None:
 def test_connect_events_for_primaries(engine: Engine) -> None:
     engine.register_connect_events(9, TCP, PortRange(21, 21))
     d = engine.decide(pkt(C1, S1, 21, sport=40005), 2.0)
-    assert engine.drain_events() == [ConnectEvent(9, False, "FTP", None, 1, d.key, None, 2.0, None)]
+    assert events_of(engine) == [ConnectEvent(9, False, "FTP", None, 1, d.key, None, 2.0, None)]
     engine.decide(pkt(C1, S1, 80, sport=40006), 3.0)  # HTTP: not a registered port
-    assert engine.drain_events() == []
+    assert events_of(engine) == []
     nat = make_engine(nat=True)
     nat.register_connect_events(9, TCP, PortRange(21, 21))
     d = nat.decide(pkt(C1, S1, 21, sport=40005), 2.0)
-    (event,) = nat.drain_events()
+    (event,) = events_of(nat)
     assert isinstance(event, ConnectEvent) and event.external == ip("198.51.100.1")
 
 
@@ -656,7 +652,7 @@ def test_forget_filter_stops_connect_events(engine: Engine) -> None:
     engine.forget_filter(9)
     engine.forget_filter(12345)  # unknown: nothing to do
     d = engine.decide(pkt(C1, S1, 21, sport=40005), 2.0)
-    assert [e.filter_id for e in engine.drain_events()] == [10]
+    assert [e.filter_id for e in events_of(engine)] == [10]
     assert d.verdict is Verdict.ADMIT_KERNEL
     assert 9 not in engine.connect_registrations
 
@@ -679,7 +675,7 @@ def test_a_udp_flow_s_early_datagrams_share_its_verdict(engine: Engine, flags: F
     admitted = engine.counters[verdict.value]  # the fixture's primaries
     first = engine.decide(udp(C1, S1, 5000), 10.0, length=30)
     assert first.verdict is verdict and first.action_id == perm.id
-    assert len(engine.drain_events()) == 1
+    assert len(events_of(engine)) == 1
     for now in (10.5, 10.0 + SAME_FLOW_WINDOW):
         again = engine.decide(udp(C1, S1, 5000), now, length=30)
         assert again.verdict is verdict
@@ -687,7 +683,7 @@ def test_a_udp_flow_s_early_datagrams_share_its_verdict(engine: Engine, flags: F
         assert (again.action_id, again.session_id, again.one_way, again.snat, again.protocol) == \
             (perm.id, 1, True, None, "DNS")
     assert perm.admitted == 1  # the permission was used once
-    assert engine.drain_events() == []
+    assert events_of(engine) == []
     record = engine.flows.get(first.key)
     assert record is not None and (record.packets_out, record.bytes_out) == (3, 90)
     # after the window, it is a new flow: the single-use permission is gone
@@ -715,7 +711,7 @@ def test_udp_kernel_redirect_datagrams_in_the_window(engine: Engine) -> None:
     again = engine.decide(udp(C1, S1, 53), 2.5, redirect_port=61000)
     assert first.verdict is again.verdict is Verdict.ADMIT_KERNEL
     assert again.snat == first.snat == 0 and again.one_way is False
-    assert perm.admitted == 1 and len(engine.drain_events()) == 1
+    assert perm.admitted == 1 and len(events_of(engine)) == 1
     # another client port is another flow
     assert engine.decide(udp(C1, S1, 53, sport=7001), 2.5, redirect_port=61000).verdict is Verdict.DROP
 

@@ -11,7 +11,7 @@ from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.inet6 import IPv6, IPv6ExtHdrDestOpt
 from scapy.packet import Packet
 
-from enforcer import rewrite
+from enforcer.core import packet as rewrite
 from enforcer.core.packet import Malformed
 
 IPS = [IP(src="192.0.2.11", dst="198.51.100.21", options=[]),

@@ -10,11 +10,12 @@ import uuid
 from typing import Any
 
 import pytest
-from core_policy import INTERNAL, POLICY_DATA, pkt
+from core_policy import INTERNAL, POLICY_DATA, pkt, retired_binds
 
 from enforcer.core import packet
 from enforcer.core.binds import Bind, BindState
-from enforcer.core.engine import SAME_FLOW_WINDOW, Engine, Verdict
+from enforcer.core.decisions import SAME_FLOW_WINDOW
+from enforcer.core.engine import Engine
 from enforcer.core.flags import Flags
 from enforcer.core.flows import Mode
 from enforcer.core.fwports import Listening
@@ -22,6 +23,7 @@ from enforcer.core.ipfilter import IpFilter
 from enforcer.core.packet import ICMP, TCP, UDP, FlowKey, Ingress, IPAddress, PacketMeta
 from enforcer.core.policy import policy_from_dict
 from enforcer.core.results import InvalidArgument, IsBusy
+from enforcer.core.state import Verdict
 
 ip = ipaddress.ip_address
 
@@ -205,7 +207,7 @@ def test_a_bind_from_the_fw_comes_from_the_fw_s_address_on_the_client_s_network(
         approve(engine, bind, only(S6 if client.version == 6 else S1))
         decision = engine.decide(from_server(S6 if client.version == 6 else S1, client), 3.0)
         assert decision.verdict is Verdict.ADMIT_KERNEL and bind.state is BindState.CLOSED
-        assert engine.drain_retired_binds() == [bind]
+        assert retired_binds(engine) == [bind]
 
 
 def test_a_bind_from_the_fw_needs_an_address_of_the_fw_on_the_client_s_network(natted: Engine) -> None:
@@ -285,7 +287,7 @@ def test_a_nat_bind_never_takes_a_privileged_port_of_the_fw(natted: Engine, prot
                        match=f"port {client_port} of the firewall's {external} is privileged"):
         natted.bind_for_securenat(session, proto, client_port, 2.0)
     assert len(natted.binds) == 0 and natted.binds.of(session) == []
-    assert natted.bind_ports.in_use == 0 and natted.drain_retired_binds() == []
+    assert natted.bind_ports.in_use == 0 and retired_binds(natted) == []
     # the first unprivileged port is the client's own
     bind, _ = natted.bind_for_securenat(session, proto, 1024, 2.0)
     assert (bind.address, bind.port, bind.pooled) == (external, 1024, False)
@@ -456,13 +458,13 @@ def test_nat_binds_are_retired_when_closed_routed_ones_are_not() -> None:
         engine = make_engine(nat=nat)
         bind, _ = engine.bind_for_securenat(securenat(engine), TCP, PORT, 2.0)
         approve(engine, bind, None)
-        assert engine.drain_retired_binds() == []
+        assert retired_binds(engine) == []
         engine.decide(from_server(S1), 3.0)
         assert bind.state is BindState.CLOSED
-        assert engine.drain_retired_binds() == ([bind] if nat else [])
-        assert engine.drain_retired_binds() == []
+        assert retired_binds(engine) == ([bind] if nat else [])
+        assert retired_binds(engine) == []
         engine.bind_done(bind)  # twice is once
-        assert engine.drain_retired_binds() == []
+        assert retired_binds(engine) == []
 
 
 def test_a_pooled_port_goes_back_to_the_pool(natted: Engine) -> None:
@@ -475,7 +477,7 @@ def test_a_pooled_port_goes_back_to_the_pool(natted: Engine) -> None:
     approve(natted, mine, None)
     assert natted.decide(from_server(S1, C1), 3.0).verdict is Verdict.ADMIT_KERNEL
     assert natted.bind_ports.in_use == 0  # the client's own port was never the pool's
-    assert natted.drain_retired_binds() == [pooled, mine]
+    assert retired_binds(natted) == [pooled, mine]
 
 
 # --- expiry, withdrawal, the session's end ----------------------------------------------------------
@@ -487,27 +489,27 @@ def test_an_unused_bind_expires_after_the_permission_timeout(natted: Engine) -> 
     approve(natted, approved, None)
     natted.expire(2.0 + TIMEOUT - 0.01)
     assert pending.state is BindState.PENDING and approved.state is BindState.ALLOWED
-    assert natted.drain_retired_binds() == []
+    assert retired_binds(natted) == []
     natted.expire(2.0 + TIMEOUT)
     assert pending.state is BindState.CLOSED and approved.state is BindState.ALLOWED
-    assert natted.drain_retired_binds() == [pending]
+    assert retired_binds(natted) == [pending]
     natted.expire(4.0 + TIMEOUT)
     assert approved.state is BindState.CLOSED and natted.bind_ports.in_use == 0
-    assert natted.drain_retired_binds() == [approved]
+    assert retired_binds(natted) == [approved]
     assert natted.decide(from_server(S1), 50.0).verdict is Verdict.DROP
     natted.expire(10**6)
-    assert natted.drain_retired_binds() == []
+    assert retired_binds(natted) == []
 
 
 def test_expiry_leaves_used_binds_and_firewall_client_binds_alone(natted: Engine) -> None:
     used, _ = natted.bind_for_securenat(securenat(natted), TCP, PORT, 2.0)
     approve(natted, used, None)
     natted.decide(from_server(S1), 3.0)
-    assert natted.drain_retired_binds() == [used]
+    assert retired_binds(natted) == [used]
     fw = natted.open_firewall_session(C2, "alice", 2.0)
     socks = natted.bind_for_client(fw.id, TCP, EXT4, 2.0)
     natted.expire(10**6)
-    assert natted.drain_retired_binds() == []  # not retired a second time
+    assert retired_binds(natted) == []  # not retired a second time
     assert socks.state is BindState.PENDING
 
 
@@ -518,9 +520,9 @@ def test_withdraw_bind_closes_it_and_leaves_nothing_to_retire(natted: Engine) ->
     natted.withdraw_bind(bind)
     assert bind.state is BindState.CLOSED and natted.bind_ports.in_use == 0
     assert natted.binds.leading_to(TCP, C2, PORT) is None
-    assert natted.drain_retired_binds() == []
+    assert retired_binds(natted) == []
     natted.expire(10**6)  # no longer expiring either
-    assert [b.client for b in natted.drain_retired_binds()] == [C1]
+    assert [b.client for b in retired_binds(natted)] == [C1]
 
 
 def test_ending_the_session_closes_its_binds(engine: Engine) -> None:
@@ -534,9 +536,9 @@ def test_ending_the_session_closes_its_binds(engine: Engine) -> None:
     assert engine.binds.leading_to(UDP, C1, PORT) is None
     assert engine.decide(from_server(S1, proto=UDP), 4.0).verdict is Verdict.DROP
     assert udp.admitted == 0
-    assert engine.drain_retired_binds() == ([tcp, udp] if engine.nat else [])
+    assert retired_binds(engine) == ([tcp, udp] if engine.nat else [])
     engine.expire(10**6)
-    assert engine.drain_retired_binds() == ([others] if engine.nat else [])
+    assert retired_binds(engine) == ([others] if engine.nat else [])
 
 
 # --- application filters on primaries -------------------------------------------------------------

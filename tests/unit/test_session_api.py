@@ -12,10 +12,10 @@ import pytest
 
 from enforcer.api import SessionApi
 from enforcer.control import Caller
+from enforcer.core.effects import AddRedirect, Effect, GrowReceiveBuffer
 from enforcer.core.engine import Engine
 from enforcer.core.flags import Flags, flag_names, parse_flags
 from enforcer.core.packet import FlowKey, Ingress, PacketMeta
-from enforcer.core.permissions import ActionState, Permission
 from enforcer.core.policy import (
     Defaults,
     NetworkSet,
@@ -25,7 +25,7 @@ from enforcer.core.policy import (
     ProtocolRule,
     SiteRule,
 )
-from enforcer.core.results import InvalidArgument, IsBusy, NotFound, Terminating
+from enforcer.core.results import InvalidArgument, NotFound, Terminating
 from enforcer.protocol import encode
 
 FTP = uuid.UUID("5c3c2a3e-8f1b-4c1e-9a57-1f0d3a6b2101")
@@ -43,7 +43,7 @@ class FakeCaller(Caller):
         self.pushed.append(message)
 
 
-def build_api(on_grant: Callable[[list[Permission]], None] | None = None,
+def build_api(apply: Callable[[list[Effect]], None] | None = None,
               clock: Callable[[], float] | None = None) -> SessionApi:
     policy = Policy(
         protocols=(ProtocolDef("FTP", FTP, 6, (PortRange(21, 21),)),),
@@ -57,7 +57,7 @@ def build_api(on_grant: Callable[[list[Permission]], None] | None = None,
     if clock is None:
         ticks = iter(float(t) for t in range(10**6))
         clock = lambda: next(ticks)  # noqa: E731
-    the_api = SessionApi(engine, clock) if on_grant is None else SessionApi(engine, clock, on_grant)
+    the_api = SessionApi(engine, clock, apply)
     engine.decide(PacketMeta(FlowKey(6, CLIENT, 40000, SERVER, 21), Ingress.INTERNAL, 0x02), 0.0)
     return the_api
 
@@ -123,7 +123,7 @@ def test_events_go_to_the_filter_named_in_the_grant_only(api: SessionApi) -> Non
     for sport in (41000, 41001):
         api.engine.decide(PacketMeta(FlowKey(6, CLIENT, sport, SERVER, 20021), Ingress.INTERNAL, 0x02),
                           1.0)
-        api.dispatch_events()
+        api.settle()
     assert [e["client"] for e in mine.pushed] == [[str(CLIENT), 41000], [str(CLIENT), 41001]]
     assert all(e["context"] == {"k": 1} and e["external"] == "198.51.100.1" for e in mine.pushed)
     assert other.pushed == []
@@ -150,7 +150,7 @@ def test_a_context_nested_too_deeply_to_send_is_refused(api: SessionApi) -> None
     fine = json.loads("[" * 31 + '{"n": 1}' + "]" * 31)  # 32 levels
     afc(api, filter=fid, context=fine)
     api.engine.decide(PacketMeta(FlowKey(6, CLIENT, 41000, SERVER, 20021), Ingress.INTERNAL, 0x02), 1.0)
-    api.dispatch_events()
+    api.settle()
     assert [e["context"] for e in caller.pushed] == [fine]
 
 
@@ -168,15 +168,15 @@ OTHER = "198.51.100.22"
 TARGETS = [[str(SERVER), 2121], [OTHER, 2122]]
 
 
-class GrantHook:
-    """An on_grant that records what it was given, and raises when told to."""
+class ApplyHook:
+    """The shell's ``apply``: records the effects of each call, and raises when told to."""
 
     def __init__(self, error: Exception | None = None) -> None:
-        self.calls: list[list[Permission]] = []
+        self.calls: list[list[Effect]] = []
         self.error = error
 
-    def __call__(self, perms: list[Permission]) -> None:
-        self.calls.append(list(perms))
+    def __call__(self, effects: list[Effect]) -> None:
+        self.calls.append(list(effects))
         if self.error is not None:
             raise self.error
 
@@ -255,7 +255,7 @@ def test_redirect_connections_takes_a_filter_and_a_protocol_by_number(api: Sessi
     ({"context": "x" * 5000}, "'context' is larger than"),
 ])
 def test_redirect_connections_bad_parameters(params: dict[str, Any], message: str) -> None:
-    hook = GrantHook()
+    hook = ApplyHook()
     api = build_api(hook)
     with pytest.raises(InvalidArgument) as info:
         rdc(api, **params)
@@ -270,65 +270,42 @@ def test_redirect_connections_needs_addresses(api: SessionApi) -> None:
         api.redirect_connections({"session": 1, "protocol_guid": str(FTP)}, FakeCaller())
 
 
-def test_on_grant_gets_the_permissions_of_each_grant() -> None:
-    hook = GrantHook()
+def test_apply_gets_the_effects_of_each_grant() -> None:
+    hook = ApplyHook()
     api = build_api(hook)
     result = rdc(api)
+    (effects,) = hook.calls  # kernel-mode redirects: their NAT, before the call returns
+    assert [type(e) for e in effects] == [AddRedirect, AddRedirect]
+    assert [e.permission.id for e in effects if isinstance(e, AddRedirect)] == \
+        [a["action"] for a in result["actions"]]
+    afc(api)  # nothing for the kernel to do: apply is not called
     assert len(hook.calls) == 1
-    assert [p.id for p in hook.calls[0]] == [a["action"] for a in result["actions"]]
-    assert all(p.redirect is not None and p.state is ActionState.PENDING for p in hook.calls[0])
-    afc_result = afc(api)
-    assert [p.id for p in hook.calls[1]] == [afc_result["action"]]
-    assert hook.calls[1][0].redirect is None
+    grown = afc(api, port=2122, flags=["INCREASE_RECEIVE_BUFFER"])
+    assert [(type(e), e.holder.id) for e in hook.calls[1]] == \
+        [(GrowReceiveBuffer, grown["action"])]
+    user_mode = ApplyHook()
+    rdc(build_api(user_mode), flags=["NO_KERNEL_MODE"])  # the enforcer rewrites: no kernel NAT
+    assert user_mode.calls == []
 
 
-@pytest.mark.parametrize("error", [RuntimeError("iptables-restore failed"), IsBusy("no rules now")])
-def test_a_failing_on_grant_withdraws_the_whole_redirect(error: Exception) -> None:
-    hook = GrantHook()
-    api = build_api(hook)
-    kept = rdc(api, addresses=[[OTHER, 21]])  # an earlier grant stays
-    hook.error = error
-    with pytest.raises(type(error), match=str(error)):
+def test_a_failing_apply_fails_the_call_with_its_own_error() -> None:
+    # (what the shell then withdraws is its own: tests/unit/test_daemon_packets.py)
+    api = build_api(ApplyHook(RuntimeError("iptables-restore failed")))
+    with pytest.raises(RuntimeError, match="iptables-restore failed"):
         rdc(api, flags=["TIMEOUT"])
-    withdrawn = hook.calls[-1]
-    assert len(withdrawn) == 2
-    assert all(p.state is ActionState.CANCELLED for p in withdrawn)
-    assert [a["action"] for a in api.actions({}, FakeCaller())] == [kept["actions"][0]["action"]]
-    assert api.action({"action": withdrawn[0].id}, FakeCaller())["state"] == "cancelled"
-    assert api.engine.pools[False].in_use == 1  # the withdrawn block went back
-    # the shell is told to remove whatever kernel state it may have made
-    assert [p.id for p in api.engine.drain_retired()] == [p.id for p in withdrawn]
 
 
-def test_a_failing_on_grant_of_a_user_mode_redirect() -> None:
-    api = build_api(GrantHook(RuntimeError("no buffer")))
-    with pytest.raises(RuntimeError, match="no buffer"):
-        rdc(api, flags=["NO_KERNEL_MODE", "INCREASE_RECEIVE_BUFFER"])
-    assert api.actions({}, FakeCaller()) == []
-    assert api.engine.pools[True].in_use == 0
-    assert api.engine.drain_retired() == []
-
-
-def test_a_failing_on_grant_withdraws_an_allow_future_connect() -> None:
-    hook = GrantHook(RuntimeError("no buffer"))
+def test_no_effect_is_applied_while_held() -> None:
+    """While the engine decides a packet (``hold``), a filter's calls leave their effects
+    to the packet's answer."""
+    hook = ApplyHook()
     api = build_api(hook)
-    with pytest.raises(RuntimeError, match="no buffer"):
-        afc(api, flags=["INCREASE_RECEIVE_BUFFER"])
-    assert api.actions({}, FakeCaller()) == []
-    ((perm,),) = hook.calls
-    assert perm.state is ActionState.CANCELLED
-
-
-def test_a_slow_failing_on_grant_reports_its_own_error() -> None:
-    now = [10.0]
-
-    def slow(perms: list[Permission]) -> None:
-        now[0] += 100.0  # past the 5 s permission timeout
-        raise RuntimeError("iptables-restore timed out")
-
-    api = build_api(slow, clock=lambda: now[0])
-    with pytest.raises(RuntimeError, match="timed out"):
-        rdc(api, flags=["TIMEOUT"])
+    api.hold = True
+    rdc(api)
+    assert hook.calls == [] and [type(e) for e in api.engine.effects] == [AddRedirect] * 2
+    api.hold = False
+    api.settle()
+    assert len(hook.calls) == 1 and api.engine.effects == []
 
 
 # --- connect events -----------------------------------------------------------------------------
@@ -347,7 +324,7 @@ def test_register_connect_events(api: SessionApi) -> None:
         {"filter": fid, "protocol": 17, "ports": [5000, 5010]}
     assert api.engine.connect_registrations == {fid: [(6, PortRange(21, 21)), (17, PortRange(5000, 5010))]}
     api.engine.decide(PacketMeta(FlowKey(6, CLIENT, 41000, SERVER, 21), Ingress.INTERNAL, 0x02), 1.0)
-    api.dispatch_events()
+    api.settle()
     (event,) = caller.pushed
     assert (event["event"], event["filter"], event["secondary"], event["client"], event["target"]) == \
         ("connect", fid, False, [str(CLIENT), 41000], [str(SERVER), 21])
@@ -407,7 +384,7 @@ def test_disconnecting_forgets_connect_registrations(api: SessionApi) -> None:
     api.disconnected(gone)
     assert set(api.engine.connect_registrations) == {stays_id}
     api.engine.decide(PacketMeta(FlowKey(6, CLIENT, 41000, SERVER, 21), Ingress.INTERNAL, 0x02), 1.0)
-    api.dispatch_events()
+    api.settle()
     assert gone.pushed == []
     assert [e["filter"] for e in stays.pushed] == [stays_id]
     with pytest.raises(InvalidArgument, match=f"no filter {gone_id} is registered on this connection"):
@@ -420,10 +397,11 @@ EXT = ipaddress.ip_address("198.51.100.1")
 
 
 def bind_api() -> tuple[SessionApi, list[Any], int]:
-    """An api whose on_bind hook records its calls, and a Firewall-client session of CLIENT."""
-    api = build_api()
+    """An api whose shell records the binds whose receive buffers it is asked to grow, and
+    a Firewall-client session of CLIENT."""
     bound: list[Any] = []
-    api.on_bind = bound.append
+    api = build_api(lambda effects: bound.extend(e.holder for e in effects
+                                                 if isinstance(e, GrowReceiveBuffer)))
     session = api.engine.open_firewall_session(CLIENT, "alice", 0.0).id
     return api, bound, session
 
@@ -442,11 +420,11 @@ def test_retroactive_allow_bind_s_ok_then_s_false(address: str) -> None:
     assert first["result"] == "S_OK" and first["hresult"] == 0
     assert first["bind"] == bind.to_dict() and first["bind"]["state"] == "allowed"
     assert first["bind"]["bind"] == bind.id and first["bind"]["ipfilter"] is None
-    assert bound == [bind]
+    assert bound == []  # TCP, no INCREASE_RECEIVE_BUFFER: nothing for the shell to do
     second = rab(api, session=session, port=bind.port, address=address, flags=["INCREASE_RECEIVE_BUFFER"])
     assert second["result"] == "S_FALSE" and second["hresult"] == 1
     assert second["bind"]["flags"] == []  # unchanged by the second call
-    assert bound == [bind]  # the hook runs for S_OK only
+    assert bound == []  # the buffer grows for an approval (S_OK) only
 
 
 def test_retroactive_allow_bind_parses_the_ipfilter_and_the_udp_flags() -> None:

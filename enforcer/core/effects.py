@@ -1,0 +1,109 @@
+"""What the core asks the shell to do: kernel state to add or remove, events to send.
+
+Every entry point of the engine (a queued packet, a session API call, the timer) adds
+to one list, in order; the shell applies it after the packet's verdict (before the
+verdict leaves, so that a later packet that depends on it finds it done) or before a
+call's answer. Plain values: a unit test reads them as the shell would.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+from enforcer.core.binds import Bind
+from enforcer.core.packet import PROTOCOL_NAMES, Endpoint, FlowKey, IPAddress
+from enforcer.core.permissions import Permission
+
+
+def _endpoint(endpoint: Endpoint | None) -> list[object] | None:
+    return None if endpoint is None else [str(endpoint[0]), endpoint[1]]
+
+
+class EstablishedConnection(NamedTuple):
+    """Event: a flow was admitted under a permission whose caller passed a session filter."""
+
+    filter_id: int
+    context: Any
+    action_id: int
+    session_id: int
+    key: FlowKey  # as it leaves the fw: client -> target
+    external: IPAddress | None
+    at: float
+    internal: Endpoint | None = None  # the redirect port the client connected to
+
+    def to_dict(self) -> dict[str, Any]:
+        k = self.key
+        return {"event": "established_connection", "filter": self.filter_id,
+                "context": self.context, "action": self.action_id, "session": self.session_id,
+                "protocol": PROTOCOL_NAMES.get(k.protocol, str(k.protocol)),
+                "client": [str(k.src), k.sport], "target": [str(k.dst), k.dport],
+                "internal": _endpoint(self.internal),
+                "external": None if self.external is None else str(self.external), "at": self.at}
+
+
+class ConnectEvent(NamedTuple):
+    """Event: a connection was admitted to a port a filter registered for connect events on."""
+
+    filter_id: int
+    secondary: bool  # opened under a permission (False: a primary connection)
+    protocol_name: str
+    action_id: int | None
+    session_id: int
+    key: FlowKey  # as it leaves the fw: client -> target
+    external: IPAddress | None
+    at: float
+    internal: Endpoint | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        k = self.key
+        return {"event": "connect", "filter": self.filter_id, "secondary": self.secondary,
+                "protocol": PROTOCOL_NAMES.get(k.protocol, str(k.protocol)),
+                "protocol_name": self.protocol_name, "action": self.action_id,
+                "session": self.session_id, "client": [str(k.src), k.sport],
+                "target": [str(k.dst), k.dport], "internal": _endpoint(self.internal),
+                "external": None if self.external is None else str(self.external), "at": self.at}
+
+
+class AddRedirect(NamedTuple):
+    """A kernel-mode redirect was granted: the kernel is to translate its connections (NAT
+    map elements) before the grant's call returns. If it cannot, the grant is withdrawn."""
+
+    permission: Permission
+
+
+class RemoveRedirect(NamedTuple):
+    """A kernel-mode redirect admits nothing more: its kernel translation goes."""
+
+    permission: Permission
+
+
+class MapBind(NamedTuple):
+    """A new translated SecureNAT bind: the kernel is to send its flow to the client. If it
+    cannot, the bind is withdrawn."""
+
+    bind: Bind
+
+
+class UnmapBind(NamedTuple):
+    """A translated SecureNAT bind closed: its kernel translation goes."""
+
+    bind: Bind
+
+
+class ForgetBindFlows(NamedTuple):
+    """A Firewall client's UDP bind closed: the kernel forgets the flows it admitted (they
+    must not reach the port's next bind)."""
+
+    bind: Bind
+
+
+class GrowReceiveBuffer(NamedTuple):
+    """INCREASE_RECEIVE_BUFFER: the buffers this grant's or bind's datagrams wait in grow;
+    the shell writes the size they have into its ``receive_buffer``."""
+
+    holder: Permission | Bind
+
+
+Event = EstablishedConnection | ConnectEvent
+Effect = (AddRedirect | RemoveRedirect | MapBind | UnmapBind | ForgetBindFlows | GrowReceiveBuffer
+          | EstablishedConnection | ConnectEvent)

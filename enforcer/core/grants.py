@@ -1,0 +1,176 @@
+"""Grants: AllowFutureConnect and RedirectConnections, what each checks before it creates
+anything, and the permissions a new flow uses."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from enforcer.core.effects import AddRedirect, GrowReceiveBuffer
+from enforcer.core.events import Events
+from enforcer.core.flags import Flags
+from enforcer.core.packet import TCP, UDP, Endpoint, FlowKey, IPAddress
+from enforcer.core.permissions import Permission, PermissionKey
+from enforcer.core.policy import ProtocolDef
+from enforcer.core.redirects import MAX_ADDRESSES, Redirect
+from enforcer.core.results import InvalidArgument, IsBusy, NetworkRulesDenied, PolicyRulesDenied
+from enforcer.core.sessions import Session
+from enforcer.core.state import permission_key, redirect_key, user_mode
+
+# The flags RedirectConnections takes (its page lists no others)
+REDIRECT_FLAGS = Flags.ALLOW_MULTIPLE | Flags.TIMEOUT | Flags.NO_KERNEL_MODE | Flags.INCREASE_RECEIVE_BUFFER
+
+
+class Grants(Events):
+    """Permissions: granted, matched by new flows, cancelled, finished."""
+
+    def allow_future_connect(self, session_id: int, target: IPAddress, port: int, protocol: int,
+                             flags: Flags, protocol_guid: uuid.UUID, now: float, *,
+                             proxy_external_address: IPAddress | None = None,
+                             filter_id: int | None = None, context: Any = None,
+                             data_filter: str | None = None) -> Permission:
+        """Grant a secondary connection from the session's client to target:port.
+
+        Raises InvalidArgument, PolicyRulesDenied, NetworkRulesDenied or IsBusy, and
+        then creates nothing.
+        """
+        self.permissions.expire(now)
+        if Flags.BIDIRECTIONAL in flags and protocol == TCP:
+            raise InvalidArgument("BIDIRECTIONAL is for UDP only")
+        session, protocol_def, external_index = self._check_grant(
+            session_id, [(target, port)], protocol, flags, protocol_guid, proxy_external_address,
+            data_filter, now, redirect=False)
+        timeout = self.policy.defaults.permission_timeout if Flags.TIMEOUT in flags else None
+        perm = self.permissions.add(session.id, session.client,
+                                    permission_key(protocol, session.client, target, port),
+                                    flags, protocol_def.name, now, timeout, external_index,
+                                    filter_id, context, data_filter)
+        self._granted([perm])
+        return perm
+
+    def redirect_connections(self, session_id: int, targets: list[Endpoint], protocol: int,
+                             flags: Flags, protocol_guid: uuid.UUID, now: float, *,
+                             proxy_external_address: IPAddress | None = None,
+                             filter_id: int | None = None, context: Any = None,
+                             data_filter: str | None = None) -> tuple[Endpoint, list[Permission]]:
+        """Redirect connections to N consecutive ports on the fw's internal address that
+        faces the session's client, port base+i to targets[i]: (InternalAddress, actions).
+
+        Raises as allow_future_connect does (IsBusy also when no block of N ports is
+        free), and then creates nothing.
+        """
+        self.permissions.expire(now)
+        if not 1 <= len(targets) <= MAX_ADDRESSES:
+            raise InvalidArgument(f"give 1 to {MAX_ADDRESSES} connect addresses, not {len(targets)}")
+        if flags & ~REDIRECT_FLAGS:
+            names = ", ".join(f.name or "" for f in Flags if f in flags & ~REDIRECT_FLAGS)
+            raise InvalidArgument(f"RedirectConnections does not take {names}")
+        session, protocol_def, external_index = self._check_grant(
+            session_id, targets, protocol, flags, protocol_guid, proxy_external_address, data_filter,
+            now, redirect=True)
+        internal = self._internal_address_for(session.client)
+        in_user_mode = user_mode(flags, data_filter)
+        base = self.pools[in_user_mode].allocate(len(targets))  # the last check: nothing to undo
+        self._block_pending[(in_user_mode, base)] = len(targets)
+        timeout = self.policy.defaults.permission_timeout if Flags.TIMEOUT in flags else None
+        actions = []
+        for i, (target, port) in enumerate(targets):
+            redirect = Redirect(protocol, session.client, internal, base + i, target, port, base,
+                                in_user_mode)
+            actions.append(self.permissions.add(
+                session.id, session.client, redirect_key(protocol, session.client, base + i), flags,
+                protocol_def.name, now, timeout, external_index, filter_id, context, data_filter,
+                redirect))
+        self._granted(actions)
+        return (internal, base), actions
+
+    def _granted(self, perms: list[Permission]) -> None:
+        """What the shell is to do for new permissions: a kernel-mode redirect's NAT, a
+        larger receive buffer."""
+        for perm in perms:
+            if perm.redirect is not None and not perm.redirect.user_mode:
+                self.effects.append(AddRedirect(perm))
+            if Flags.INCREASE_RECEIVE_BUFFER in perm.flags:
+                self.effects.append(GrowReceiveBuffer(perm))
+
+    def _check_grant(self, session_id: int, targets: list[Endpoint], protocol: int, flags: Flags,
+                     protocol_guid: uuid.UUID, proxy_external_address: IPAddress | None,
+                     data_filter: str | None, now: float, *,
+                     redirect: bool) -> tuple[Session, ProtocolDef, int]:
+        """What every grant checks, in this order; returns the session, the protocol and
+        the index of the external address the flows leave from."""
+        if Flags.TIMEOUT in flags and Flags.ALLOW_MULTIPLE in flags:
+            raise InvalidArgument("TIMEOUT and ALLOW_MULTIPLE cannot be combined")
+        if protocol not in (TCP, UDP):
+            raise InvalidArgument(f"protocol must be TCP (6) or UDP (17), not {protocol}")
+        for _, port in targets:
+            if not 1 <= port <= 65535:
+                raise InvalidArgument(f"port {port} is outside 1-65535")
+        if data_filter is not None:
+            if data_filter not in self.data_filters:
+                known = ", ".join(sorted(self.data_filters)) or "none are configured"
+                raise InvalidArgument(f"no data filter '{data_filter}' ({known})")
+            if protocol != TCP:
+                raise InvalidArgument("data filters are for TCP flows")
+        session = self._in_use(session_id, now)
+        for target, _ in targets:
+            refusal = self._target_refusal(target, session.client)
+            if refusal is not None:
+                raise InvalidArgument(refusal)
+        external_index = self._external_index(session.client.version, proxy_external_address,
+                                              translated=self.nat or redirect)
+        protocol_def = next((p for p in self.policy.protocols if p.guid == protocol_guid), None)
+        if protocol_def is None:
+            raise InvalidArgument(f"no protocol is defined with GUID {protocol_guid}")
+        allowed, why = self.policy.protocol_verdict(protocol_def.name, session.client, session.user)
+        if not allowed:
+            raise PolicyRulesDenied(why)
+        for target, _ in targets:
+            denial = self.policy.destination_denial(target)
+            if denial is not None:
+                raise NetworkRulesDenied(denial)
+        cap = self.policy.defaults.max_pending_per_session
+        if self.permissions.pending_count(session.id) + len(targets) > cap:
+            self.counters["refused: max_pending_per_session"] += 1
+            raise IsBusy(f"session {session.id} would have more than {cap} pending permissions")
+        self.permissions.quota.check(session.client, len(targets))
+        return session, protocol_def, external_index
+
+    def _match_redirect(self, key: FlowKey, port: int, now: float,
+                        where: Callable[[Redirect], bool]) -> tuple[Permission | None, str | None]:
+        return self._match(redirect_key(key.protocol, key.src, port), key.src, now,
+                           lambda p: p.redirect is not None and where(p.redirect))
+
+    def _match(self, pkey: PermissionKey, client: IPAddress, now: float,
+               where: Callable[[Permission], bool] | None = None) -> tuple[Permission | None, str | None]:
+        """The permission a new flow of ``client`` uses (consumed if single use), or
+        (None, why) when only grants of user-mode flows match and the client may hold
+        no more user-mode flows (the refusal is counted; nothing is consumed)."""
+        refused = False
+
+        def usable(perm: Permission) -> bool:
+            nonlocal refused
+            if where is not None and not where(perm):
+                return False
+            if user_mode(perm.flags, perm.data_filter) and not self.flows.fits(client):
+                refused = True
+                return False
+            return True
+
+        session = self.sessions.find(client)
+        perm = self.permissions.match(pkey, None if session is None else session.id, now, usable)
+        if perm is None and refused:
+            return None, f"refused: {self.flows.quota.refuse(client)}"
+        return perm, None
+
+    def pending(self, session_id: int | None, now: float) -> list[Permission]:
+        self.permissions.expire(now)
+        return self.permissions.pending(session_id)
+
+    def cancel(self, action_id: int, now: float) -> Permission:
+        return self.permissions.cancel(action_id, now)
+
+    def action(self, action_id: int, now: float) -> Permission:
+        self.permissions.expire(now)
+        return self.permissions.get(action_id)

@@ -54,7 +54,7 @@ from typing import Any
 from enforcer.core.engine import Engine
 from enforcer.core.flags import Flags
 from enforcer.core.limits import Limits
-from enforcer.core.packet import TCP, TCP_SYN, UDP, FlowKey, Ingress, PacketMeta
+from enforcer.core.packet import TCP, TCP_SYN, UDP, FlowKey, Ingress, IPAddress, PacketMeta, address
 from enforcer.core.permissions import PermissionKey, PermissionTable
 from enforcer.core.policy import (
     Defaults,
@@ -86,12 +86,17 @@ POLICY = Policy(
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
+
+def parsed(value: int) -> IPAddress:
+    """An IPv4 address as the enforcer holds one, parsed from a packet or a request."""
+    return address(str(ipaddress.IPv4Address(value)))
+
 @dataclass
 class Workload:
     """N distinct grants, as the arguments a caller would pass."""
 
     n: int
-    clients: list[ipaddress.IPv4Address]
+    clients: list[IPAddress]
     sessions: array.array[int]  # index into clients, per grant
     targets: array.array[int]
     ports: array.array[int]
@@ -101,7 +106,7 @@ class Workload:
     def make(cls, n: int, rng: random.Random) -> Workload:
         n_clients = max(1, -(-n // PER_CLIENT))
         base = int(INTERNAL.network_address)
-        clients = [ipaddress.IPv4Address(base + 1 + i) for i in range(n_clients)]
+        clients = [parsed(base + 1 + i) for i in range(n_clients)]
         t_base, t_size = int(TARGETS.network_address), TARGETS.num_addresses
         seen: set[tuple[int, int, int, int]] = set()
         sessions, targets, ports, protocols = (array.array("I") for _ in range(4))
@@ -139,9 +144,9 @@ def new_engine(w: Workload) -> tuple[Engine, list[int]]:
 
 def grant_args(w: Workload, session_ids: list[int]) -> list[tuple[int, Any, int, int]]:
     """Per grant (session, target address, port, protocol), built outside any timing."""
-    addr: dict[int, ipaddress.IPv4Address] = {}
+    addr: dict[int, IPAddress] = {}
     return [(session_ids[w.sessions[i]],
-             addr.setdefault(w.targets[i], ipaddress.IPv4Address(w.targets[i])),
+             addr.setdefault(w.targets[i], parsed(w.targets[i])),
              w.ports[i], w.protocols[i]) for i in range(w.n)]
 
 
@@ -160,7 +165,7 @@ def fill_engine(engine: Engine, args: list[tuple[int, Any, int, int]]) -> float:
 def flow(w: Workload, i: int, sport: int, *, miss: bool = False) -> PacketMeta:
     proto = w.protocols[i]
     key = FlowKey(proto, w.clients[w.sessions[i]], sport,
-                  ipaddress.IPv4Address(w.targets[i]), MISS_PORT if miss else w.ports[i])
+                  parsed(w.targets[i]), MISS_PORT if miss else w.ports[i])
     return PacketMeta(key, Ingress.INTERNAL, TCP_SYN if proto == TCP else 0)
 
 
@@ -234,7 +239,7 @@ def measure(n: int, rounds: int, rng: random.Random, memory: bool) -> dict[str, 
     # the table alone: PermissionTable.add and .match on precomputed keys
     keys: list[PermissionKey] = [
         permission_key(w.protocols[i], w.clients[w.sessions[i]],
-                       ipaddress.IPv4Address(w.targets[i]), w.ports[i]) for i in range(n)]
+                       parsed(w.targets[i]), w.ports[i]) for i in range(n)]
     clients = [w.clients[w.sessions[i]] for i in range(n)]
     add_us, match_us = [], []
     for _ in range(fills):

@@ -125,7 +125,7 @@ class Binding(Grants):
         if Flags.BIDIRECTIONAL in flags and protocol == TCP:
             raise InvalidArgument("BIDIRECTIONAL is for UDP only")
         session = self._in_use(session_id, now)
-        protocol_def = next((p for p in self.policy.protocols if p.guid == protocol_guid), None)
+        protocol_def = self.protocols_by_guid.get(protocol_guid)
         if protocol_def is None:
             raise InvalidArgument(f"no protocol is defined with GUID {protocol_guid}")
         bind = self.binds.of_session(session.id, protocol, address, port)
@@ -135,7 +135,7 @@ class Binding(Grants):
                            f"{where} port {port}")
         if bind.state is BindState.CLOSED:
             raise Terminating(f"bind {bind.id} is closed")
-        allowed, why = self.policy.protocol_verdict(protocol_def.name, session.client, session.user)
+        allowed, why = self.protocol_verdict(protocol_def.name, session.client, session.user)
         if not allowed:
             raise PolicyRulesDenied(why)
         if bind.state is BindState.ALLOWED:

@@ -400,10 +400,10 @@ class Decisions(Binding):
         if protocol is None:
             name = PROTOCOL_NAMES.get(key.protocol, str(key.protocol))
             return None, f"no permission admits it and {name}/{key.dport} is no protocol's primary port"
-        allowed, why = self.policy.protocol_verdict(protocol.name, key.src, user)
+        allowed, why = self.protocol_verdict(protocol.name, key.src, user)
         if not allowed:
             return None, why
-        denial = self.policy.destination_denial(key.dst)
+        denial = self.destination_denial(key.dst)
         if denial is not None:
             return None, denial
         return protocol, why

@@ -120,14 +120,14 @@ class Grants(Events):
                 raise InvalidArgument(refusal)
         external_index = self._external_index(session.client.version, proxy_external_address,
                                               translated=self.nat or redirect)
-        protocol_def = next((p for p in self.policy.protocols if p.guid == protocol_guid), None)
+        protocol_def = self.protocols_by_guid.get(protocol_guid)
         if protocol_def is None:
             raise InvalidArgument(f"no protocol is defined with GUID {protocol_guid}")
-        allowed, why = self.policy.protocol_verdict(protocol_def.name, session.client, session.user)
+        allowed, why = self.protocol_verdict(protocol_def.name, session.client, session.user)
         if not allowed:
             raise PolicyRulesDenied(why)
         for target, _ in targets:
-            denial = self.policy.destination_denial(target)
+            denial = self.destination_denial(target)
             if denial is not None:
                 raise NetworkRulesDenied(denial)
         cap = self.policy.defaults.max_pending_per_session

@@ -20,7 +20,7 @@ from __future__ import annotations
 from enforcer.core.limits import MIB, Limits
 from enforcer.core.packet import ADDRESS_CACHE_SIZE
 from enforcer.core.permissions import STALE_EXPIRIES
-from enforcer.core.state import RECENT_DECISIONS
+from enforcer.core.state import POLICY_MEMO, RECENT_DECISIONS
 
 # The idle daemon's resident set (measured: about 60 MiB after its imports), with room
 BASE_BYTES = 96 * MIB
@@ -28,14 +28,15 @@ BASE_BYTES = 96 * MIB
 # Bytes one item of each kind takes at most (tests/unit/test_memory.py measures them)
 ITEM_BYTES = {
     "session": 900,
-    "pending": 950,  # with its expiry entry and one stale one (a sweep keeps no more)
-    "finished_action": 450,
+    "pending": 1100,  # with its expiry entry and one stale one (a sweep keeps no more)
+    "finished_action": 600,
     "bind": 6400,  # a UDP bind with RECENT_SENDERS recent senders
     "closed_bind": 1800,
     "user_flow": 3600,  # record, index, stream editor, FTP filter state
     "flow_history": 1250,
     "decision": 600,
     "address": 250,  # packet's cache of address objects
+    "policy_answer": 480,  # one of the engine's remembered policy answers (POLICY_MEMO of 4 kinds)
     "expiry": 120,  # one stale permission expiry entry
     "socks_connection": 5600,  # its sockets, state, session and bind; buffers apart
     "socks_udp_target": 300,  # one target of a UDP ASSOCIATE
@@ -47,7 +48,7 @@ def memory_bound(limits: Limits) -> dict[str, int]:
     parts = {
         "base": BASE_BYTES,
         "caches": RECENT_DECISIONS * ITEM_BYTES["decision"] + ADDRESS_CACHE_SIZE * ITEM_BYTES["address"]
-        + STALE_EXPIRIES * ITEM_BYTES["expiry"],
+        + STALE_EXPIRIES * ITEM_BYTES["expiry"] + 4 * POLICY_MEMO * ITEM_BYTES["policy_answer"],
         "sessions": limits.sessions_total * ITEM_BYTES["session"],
         "pending": limits.pending_total * ITEM_BYTES["pending"],
         "finished_actions": limits.pending_total * ITEM_BYTES["finished_action"],

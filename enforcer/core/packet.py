@@ -140,6 +140,34 @@ ADDRESS_CACHE_SIZE = 65536
 _addresses: dict[bytes, IPAddress] = {}
 
 
+class _IPv4Address(ipaddress.IPv4Address):
+    """An IPv4 address whose hash is computed once (the standard one formats the address
+    in hex at every hash, and the core's tables hash a flow's addresses many times a
+    packet); equal, and hashing equal, to the standard object of the same address."""
+
+    __slots__ = ("_hash",)
+
+    def __init__(self, address: object) -> None:
+        super().__init__(address)
+        self._hash = super().__hash__()
+
+    def __hash__(self) -> int:
+        return self._hash
+
+
+class _IPv6Address(ipaddress.IPv6Address):
+    """An IPv6 address whose hash is computed once (see _IPv4Address)."""
+
+    __slots__ = ("_hash",)
+
+    def __init__(self, address: object) -> None:
+        super().__init__(address)
+        self._hash = super().__hash__()
+
+    def __hash__(self) -> int:
+        return self._hash
+
+
 def _address(raw: bytes) -> IPAddress:
     """The address object for 4 or 16 raw bytes; the same few addresses recur in every
     packet of a flow, and building ipaddress objects is most of what parsing costs."""
@@ -147,9 +175,13 @@ def _address(raw: bytes) -> IPAddress:
     if found is None:
         if len(_addresses) >= ADDRESS_CACHE_SIZE:
             _addresses.clear()
-        found = _addresses[raw] = (ipaddress.IPv4Address(raw) if len(raw) == 4
-                                   else ipaddress.IPv6Address(raw))
+        found = _addresses[raw] = _IPv4Address(raw) if len(raw) == 4 else _IPv6Address(raw)
     return found
+
+
+def address(text: str) -> IPAddress:
+    """The address ``text`` names, as the core keeps addresses; ValueError if none."""
+    return _address(ipaddress.ip_address(text).packed)
 
 
 def _locate(data: bytes | bytearray, start: int, limit: int, *, quoted: bool) -> Headers:

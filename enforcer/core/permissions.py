@@ -27,12 +27,17 @@ from enforcer.core.results import InvalidArgument, Terminating
 
 # IP protocol, IP version, client, target and target port packed into one int
 PermissionKey = int
+_ADDRESS_BASED, _ALLOW_MULTIPLE = int(Flags.ADDRESS_BASED), int(Flags.ALLOW_MULTIPLE)
 # Expiry entries of finished permissions kept beyond one per pending one before a sweep
 STALE_EXPIRIES = 1024
 
 
 def pack_key(protocol: int, version: int, client: int, target: int, port: int) -> PermissionKey:
-    return ((((client << 128) | target) << 16 | port) << 8 | protocol) << 1 | (version == 6)
+    """One int per key: an IPv4 key's addresses take 32 bits each (a smaller int, quicker
+    to make and to hash), an IPv6 key's 128; the last bit says which."""
+    if version == 4:
+        return (((client << 32 | target) << 16 | port) << 8 | protocol) << 1
+    return ((((client << 128) | target) << 16 | port) << 8 | protocol) << 1 | 1
 
 
 class ActionState(enum.Enum):
@@ -138,12 +143,13 @@ class PermissionTable:
         for perm in found if isinstance(found, list) else (found,):
             if perm.expires is not None and perm.expires <= now:
                 continue  # expired but not yet swept: never used
-            if perm.session_id != session_id and Flags.ADDRESS_BASED not in perm.flags:
+            bits = int(perm.flags)  # a plain int: tested in C, not by the enum's methods
+            if perm.session_id != session_id and not bits & _ADDRESS_BASED:
                 continue
             if where is not None and not where(perm):
                 continue
             perm.admitted += 1
-            if Flags.ALLOW_MULTIPLE not in perm.flags:
+            if not bits & _ALLOW_MULTIPLE:
                 self._finish(perm, ActionState.CONSUMED)
             return perm
         return None

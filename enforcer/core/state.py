@@ -9,7 +9,7 @@ the packet path (enforcer.core.decisions). Each layer uses the ones below it.
 from __future__ import annotations
 
 import enum
-import ipaddress
+import functools
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping
 from typing import NamedTuple
@@ -22,7 +22,7 @@ from enforcer.core.flags import Flags
 from enforcer.core.flows import ConntrackTimeouts, FlowRecord, FlowTable
 from enforcer.core.ingress import InterfaceNetworks
 from enforcer.core.limits import Limits
-from enforcer.core.packet import FlowKey, IPAddress
+from enforcer.core.packet import FlowKey, IPAddress, address
 from enforcer.core.permissions import Permission, PermissionKey, PermissionTable, pack_key
 from enforcer.core.policy import IPNetwork, Policy, PortRange
 from enforcer.core.redirects import (
@@ -35,6 +35,9 @@ from enforcer.core.results import InvalidArgument
 from enforcer.core.sessions import Session, SessionTable
 
 RECENT_DECISIONS = 512  # the decisions the engine remembers (the decisions listing)
+# Answers of the policy (fixed for an engine's life) remembered per question: the clients,
+# targets and protocols in use recur on every grant and new flow
+POLICY_MEMO = 4096
 
 
 class Verdict(enum.Enum):
@@ -130,6 +133,11 @@ class State:
         # The stream filter of a user-mode flow with a data or application filter (the
         # shell makes it: filters are plugins); None: no filter runs
         self.stream_filter: Callable[[FlowRecord], DataFilter] | None = None
+        self.is_internal = functools.lru_cache(maxsize=POLICY_MEMO)(self.internal_networks.__contains__)
+        self.protocol_verdict = functools.lru_cache(maxsize=POLICY_MEMO)(policy.protocol_verdict)
+        self.destination_denial = functools.lru_cache(maxsize=POLICY_MEMO)(policy.destination_denial)
+        self._host_refusal = functools.lru_cache(maxsize=POLICY_MEMO)(self._host_refusal_of)
+        self.protocols_by_guid = {p.guid: p for p in policy.protocols}
 
     def _finished(self, perm: Permission) -> None:
         """A permission stopped being pending: a redirect's block may go back to its pool,
@@ -175,10 +183,6 @@ class State:
         if session is not None:
             self.sessions.touch(session, now)
 
-    def is_internal(self, address: IPAddress) -> bool:
-        """Whether ``address`` is on one of the internal networks."""
-        return address in self.internal_networks
-
     def external_address(self, version: int, index: int = 0) -> IPAddress | None:
         """The fw's ``index``-th external address of an IP version, if it has one."""
         ours = [a for a in self.external_addresses if a.version == version]
@@ -209,6 +213,9 @@ class State:
         14: never the fw itself), or None."""
         if target.version != client.version:
             return f"target {target} is not of the client's address family"
+        return self._host_refusal(target)
+
+    def _host_refusal_of(self, target: IPAddress) -> str | None:
         if target.is_unspecified or target.is_multicast or target.is_loopback:
             return f"target {target} is not a unicast host address"
         if target in self.own_addresses:
@@ -226,6 +233,6 @@ def parse_address(text: object, what: str) -> IPAddress:
     if not isinstance(text, str):
         raise InvalidArgument(f"{what} must be an IP address string")
     try:
-        return ipaddress.ip_address(text)
+        return address(text)
     except ValueError:
         raise InvalidArgument(f"{what} {text!r} is not an IP address") from None

@@ -36,6 +36,7 @@ from enforcer.core.ipfilter import IpFilter
 from enforcer.core.limits import MIB, Limits
 from enforcer.core.packet import TCP, UDP
 from enforcer.core.socks import UdpAssociation
+from enforcer.core.state import POLICY_MEMO
 from enforcer.daemon import _Guarded
 from enforcer.filters import Primary
 from enforcer.plugins.ftp import FtpFilter
@@ -74,12 +75,50 @@ def per_item(prepare: Callable[[Engine, int], Any], make: Callable[[Engine, Any,
         for i in range(engine.recent.maxlen or 0):  # the decisions deque full: it grows no more
             engine.decide(pkt("192.0.2.11", "198.51.100.21", 23, sport=i + 1), 0.0)
         made = prepare(engine, n)
+        full_memos(engine)
         gc.collect()
         tracemalloc.start()
         try:
             before = tracemalloc.get_traced_memory()[0]
             for i in range(n):
                 make(engine, made, i)
+            gc.collect()
+            worst = max(worst, (tracemalloc.get_traced_memory()[0] - before) / n)
+        finally:
+            tracemalloc.stop()
+    return worst
+
+
+def memos(engine: Engine) -> list[Callable[..., Any]]:
+    """The engine's remembered policy answers (bounded: ``policy_answer`` in the bound)."""
+    return [engine.is_internal, engine.protocol_verdict, engine.destination_denial,
+            engine._host_refusal]
+
+
+def full_memos(engine: Engine) -> None:
+    """Every memo at its size, its table at the size it keeps (answers replaced a few
+    times over): an item's new answer then takes the place of an old one."""
+    for i in range(4 * POLICY_MEMO):
+        dummy = ipaddress.IPv6Address(0x2001_0DB8_00FF_0000_0000_0000_0000_0000 + i)
+        engine.is_internal(dummy)
+        engine.protocol_verdict("FTP", dummy, None)
+        engine.destination_denial(dummy)
+        engine._host_refusal(dummy)
+    assert all(m.cache_info().currsize == POLICY_MEMO for m in memos(engine))  # type: ignore[attr-defined]
+
+
+def policy_answer_size() -> float:
+    """Bytes one remembered policy answer holds, the largest kind: a protocol verdict (its
+    key the protocol, a client and a user; its answer a reason made for it)."""
+    worst = 0.0
+    for n in COUNTS:
+        engine = new_engine()
+        gc.collect()
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            for i in range(n):
+                engine.protocol_verdict("FTP", client(i), "alice")
             gc.collect()
             worst = max(worst, (tracemalloc.get_traced_memory()[0] - before) / n)
         finally:
@@ -245,6 +284,7 @@ MEASURED: dict[str, Callable[[], float]] = {
     "address": lambda: per_item(nothing, lambda e, _, i: packet._address(
         client(i + 10**6).packed) and None),
     "decision": lambda: decision_size(),
+    "policy_answer": policy_answer_size,
     "socks_connection": lambda: max(socks_connections("associated"), socks_connections("relaying")),
     "socks_udp_target": udp_targets,
 }
@@ -265,6 +305,7 @@ def decision_size() -> float:
     worst = 0.0
     for n in COUNTS:
         engine = Engine(POLICY, INTERNAL, history=n)
+        full_memos(engine)
         gc.collect()
         tracemalloc.start()
         try:

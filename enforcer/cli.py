@@ -128,7 +128,7 @@ def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m enforcer",
+    parser = argparse.ArgumentParser(prog="pinhole-enforcer",
                                      description="pinhole's reference enforcer and its control client")
     add_parsers(parser.add_subparsers(dest="command", required=True))
     return run(parser, argv)

@@ -39,6 +39,7 @@ from enforcer.core.binds import Bind
 from enforcer.core.datafilter import DataFilter, DataFilterFactory, Direction
 from enforcer.core.decisions import QueuedPacket
 from enforcer.core.effects import (
+    BEFORE_VERDICT,
     AddRedirect,
     Effect,
     ForgetBindFlows,
@@ -263,17 +264,21 @@ class Daemon:
                 self.api.hold = False
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("%s: %s", "accept" if answer.accept else "drop", answer.reason)
-            if answer.effects:
+            first = [e for e in answer.effects if isinstance(e, BEFORE_VERDICT)]
+            if first:
                 with contextlib.suppress(dataplane.DataplaneError):  # logged, undone
-                    self.apply(answer.effects)
+                    self.apply(first)
             if not answer.accept:
                 pkt.drop()
-                return
-            if answer.mark is not None:
-                pkt.set_mark(answer.mark)
-            if answer.packet is not None:
-                pkt.set_payload(answer.packet)
-            pkt.accept()
+            else:
+                if answer.mark is not None:
+                    pkt.set_mark(answer.mark)
+                if answer.packet is not None:
+                    pkt.set_payload(answer.packet)
+                pkt.accept()
+            if len(first) < len(answer.effects):
+                with contextlib.suppress(dataplane.DataplaneError):  # logged
+                    self.apply([e for e in answer.effects if not isinstance(e, BEFORE_VERDICT)])
         except Exception:  # a bug in the shell: drop the packet, and keep enforcing
             log.exception("dropping a packet the enforcer failed to pass on")
             # after its verdict, a second one would raise out of the queue's callback

@@ -1,9 +1,9 @@
 """What the core asks the shell to do: kernel state to add or remove, events to send.
 
 Every entry point of the engine (a queued packet, a session API call, the timer) adds
-to one list, in order; the shell applies it after the packet's verdict (before the
-verdict leaves, so that a later packet that depends on it finds it done) or before a
-call's answer. Plain values: a unit test reads them as the shell would.
+to one list, in order; the shell applies a call's before its answer, and a packet's
+around its verdict: what a later packet depends on before the verdict leaves, the rest
+after (``BEFORE_VERDICT``). Plain values: a unit test reads them as the shell would.
 """
 
 from __future__ import annotations
@@ -105,5 +105,11 @@ class GrowReceiveBuffer(NamedTuple):
 
 
 Event = EstablishedConnection | ConnectEvent
+# What a later packet may depend on (kernel state to add): applied before the verdict
+# leaves, as a grant's call returns only once it is in place. The rest (removals, events)
+# waits for the verdict: a SecureNAT bind's NAT is removed as its flow's first packet is
+# admitted, and that packet must still be translated on its way out.
+BEFORE_VERDICT = (AddRedirect, MapBind, GrowReceiveBuffer)
+
 Effect = (AddRedirect | RemoveRedirect | MapBind | UnmapBind | ForgetBindFlows | GrowReceiveBuffer
           | EstablishedConnection | ConnectEvent)

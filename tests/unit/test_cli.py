@@ -68,3 +68,18 @@ def test_the_enforcer_s_commands_run_without_the_harness(capsys: pytest.CaptureF
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=30)
     assert done.stdout.strip() == "2 []", done.stdout + done.stderr
     assert done.stderr.startswith("pinhole: cannot reach the enforcer at"), done.stderr
+
+
+def test_the_enforcer_has_a_command_of_its_own() -> None:
+    """``pinhole-enforcer``: installed with the distribution, it lives in enforcer/ and
+    runs without the harness."""
+    import subprocess
+    import sys
+    from importlib.metadata import entry_points
+    from pathlib import Path
+
+    (script,) = [e for e in entry_points(group="console_scripts") if e.name == "pinhole-enforcer"]
+    assert script.value == "enforcer.cli:main"
+    done = subprocess.run([str(Path(sys.executable).parent / "pinhole-enforcer"), "--help"],
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0 and done.stdout.startswith("usage: pinhole-enforcer"), done.stderr

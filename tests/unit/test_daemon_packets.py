@@ -261,15 +261,22 @@ def test_increase_receive_buffer_on_a_firewall_client_s_bind_grows_its_socket_s(
 class FakeMaps:
     """The NAT maps as the daemon writes them: the rules added and deleted, in order."""
 
-    def __init__(self) -> None:
+    def __init__(self, error: str | None = None) -> None:
         self.added: list[dataplane.NatRule] = []
         self.deleted: list[dataplane.NatRule] = []
+        self.error = error  # an add fails with it
+        self.watched: QueuedPacket | None = None  # its verdicts as each delete came
+        self.verdicts_at_delete: list[list[str]] = []
 
     def add(self, rules: list[dataplane.NatRule]) -> None:
+        if self.error is not None:
+            raise dataplane.DataplaneError(self.error)
         self.added += rules
 
     def delete(self, rules: list[dataplane.NatRule]) -> None:
         self.deleted += rules
+        if self.watched is not None:
+            self.verdicts_at_delete.append(list(self.watched.verdicts))
 
 
 FW_INT = "192.0.2.1"
@@ -301,10 +308,12 @@ def test_a_securenat_bind_s_kernel_nat_and_its_source(nat: bool, from_fw: bool) 
     approve(d, session, "tcp", address, 40021, [])
     data = QueuedPacket(bytes(IP(src=S1, dst=C1) / TCP(sport=20, dport=40021, flags="S")))
     data.indev = EXTERNAL_IF
+    maps.watched = data
     d.on_packet(data)
     assert data.verdicts == ["accept"]
-    d.settle()
     assert maps.deleted == expected
+    # removed after the verdict: its flow's first packet is translated on its way out
+    assert maps.verdicts_at_delete == ([["accept"]] if expected else [])
 
 
 def test_a_closed_firewall_client_bind_s_flows_are_forgotten() -> None:
@@ -323,3 +332,25 @@ def test_a_closed_firewall_client_bind_s_flows_are_forgotten() -> None:
     assert flows.forgotten == [bind.port]
     d.settle()
     assert flows.forgotten == [bind.port]
+
+
+def test_kernel_nat_that_cannot_be_made_withdraws_its_grant_or_bind() -> None:
+    """A kernel-mode redirect or a SecureNAT bind whose NAT cannot be written: the call
+    that made it fails naming the problem, and nothing of it is left pending."""
+    d = daemon()
+    d.engine = Engine(POLICY, INTERNAL, [ipaddress.ip_address(EXT)], nat=True,
+                      internal_addresses=[ipaddress.ip_interface(f"{FW_INT}/24")])
+    d.api = SessionApi(d.engine, d.clock, d.apply)
+    d.maps = FakeMaps(error="nft says no")  # type: ignore[assignment]
+    session = securenat_session(d)
+    ftp = str(uuid.UUID(POLICY_DATA["protocol"][0]["guid"]))
+    with pytest.raises(dataplane.DataplaneError, match="nft says no"):
+        d.api.redirect_connections({"session": session, "addresses": [[S1, 2121], [S1, 2122]],
+                                    "protocol_guid": ftp}, SocketCaller())
+    assert d.engine.pending(None, 5.0) == [] and d.engine.pools[False].in_use == 0
+    assert d.engine.effects == []  # no removal of what was never written
+    with pytest.raises(dataplane.DataplaneError, match="nft says no"):
+        d.api.bind_for_client({"session": session, "protocol": "tcp", "client_port": 40021},
+                              SocketCaller())
+    assert d.engine.binds.leading_to(TCP_PROTOCOL, ipaddress.ip_address(EXT), 40021) is None
+    assert d.engine.effects == []

@@ -51,8 +51,8 @@ NAT_RULES: list[dataplane.NatRule] = [
 @pytest.mark.parametrize("fail_open", [False, True], ids=["fail-closed", "fail-open"])
 def test_nft_ruleset_is_accepted_by_the_kernel(tb: Testbed, fail_open: bool, working: bool) -> None:
     """nft -c checks against the kernel; where it lacks queue, only that statement is swapped."""
-    text = dataplane.render_nft(dataplane.Ruleset(DataplaneSettings(0, fail_open), INTERFACES, True,
-                                                  (20000, 29999), working=working, socks_port=1080))
+    text = dataplane.NftBackend().render(dataplane.rules_of(dataplane.Ruleset(
+        DataplaneSettings(0, fail_open), INTERFACES, True, (20000, 29999), working=working, socks_port=1080)))
     if not queue_supported(tb):
         text = text.replace("queue num 0 bypass", "accept").replace("queue num 0", "accept")
     result = tb.run("fw", ["nft", "-c", "-f", "-"], input=text, check=False)

@@ -247,7 +247,7 @@ class Daemon:
         self.maps: dataplane.NatMaps | None = None  # per-grant kernel NAT, once running
         self.local_flows: dataplane.LocalFlows | None = None  # closed binds' flows, once running
         self._stop = False
-        self.backend = "none"
+        self.backend: dataplane.Backend | None = None  # chosen at start
         self.queue_socket: socket.socket | None = None
 
     # --- the packet path ------------------------------------------------------------
@@ -413,7 +413,7 @@ class Daemon:
             "pid": os.getpid(),
             "run": self.run_number,
             "uptime_s": round(self.clock() - self.started, 3),
-            "backend": self.backend,
+            "backend": "none" if self.backend is None else self.backend.name,
             "queue": self.config.dataplane.queue,
             "fail_open": self.config.dataplane.fail_open,
             "nat": self.config.network.nat,
@@ -480,8 +480,8 @@ class Daemon:
         control: ControlServer | None = None
         installed = False
         try:
-            self.backend = dataplane.choose_backend(self.config.dataplane)
-            replaced = dataplane.install(self.backend, self._ruleset(working=True))
+            self.backend = backend = dataplane.choose_backend(self.config.dataplane)
+            replaced = backend.install(self._ruleset(working=True))
             installed = True
             if replaced:
                 log.warning("took over from a run that did not stop cleanly; replaced its %s",
@@ -524,7 +524,7 @@ class Daemon:
                 except OSError as exc:
                     raise StartupError(f"cannot serve SOCKS on port {self.config.socks.port}: "
                                        f"{exc.strerror or exc}") from None
-            log.info("enforcing with %s: queue %d, %s, control socket %s", self.backend,
+            log.info("enforcing with %s: queue %d, %s, control socket %s", backend.name,
                      self.config.dataplane.queue,
                      "fail-open" if self.config.dataplane.fail_open else "fail-closed",
                      self.config.control_socket)
@@ -570,7 +570,8 @@ class Daemon:
             dataplane.unload()
             log.info("stopped; fail_open: every rule removed, traffic passes")
             return
-        dataplane.install(self.backend, self._ruleset(working=False))
+        assert self.backend is not None  # installed at start
+        self.backend.install(self._ruleset(working=False))
         dataplane.forget_flows(("user",))
         log.info("stopped; lockdown: admitted kernel-mode flows go on, nothing new passes "
                  "('pinhole enforcer --unload' removes the rules)")
@@ -630,8 +631,7 @@ def lockdown(config: Config) -> list[str]:
     interfaces = dataplane.Interfaces(
         {name: 0 for name in config.network.internal_interfaces},
         {name: 0 for name in config.network.external_interfaces}, (), ())
-    return dataplane.install(dataplane.choose_backend(config.dataplane),
-                             ruleset(config, interfaces, working=False))
+    return dataplane.choose_backend(config.dataplane).install(ruleset(config, interfaces, working=False))
 
 
 def unload(config: Config) -> list[str]:

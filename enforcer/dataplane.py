@@ -1,14 +1,16 @@
 """Kernel state: the netfilter rules that send new flows to the queue, the lockdown
 base under them, the per-grant NAT maps, and their removal.
 
-Two backends render the same rules. Native nft (one ``inet pinhole`` table) is
-used where the kernel has nft's ``queue`` statement; where it lacks it
-(CONFIG_NFT_QUEUE off, as on the machines this was built on), iptables and
-ip6tables carry the NFQUEUE target, in chains named ``PINHOLE-*``. Either way
-per-grant NAT (kernel-mode redirects, SecureNAT binds) lives in the maps of a
-native nft table, ``inet pinhole_maps``, written over netlink (``NatMaps``), and
-the only marks used are the bits of ``MARK_MASK``, so removing stale state never
-touches anything else.
+The rules are said once, in neutral terms (``rules_of``, in the words of
+``enforcer.netfilter``), and a backend renders, installs and removes them
+(``choose_backend``): native nft (``NftBackend``, one ``inet pinhole`` table) where
+the kernel has nft's ``queue`` statement; where it lacks it (CONFIG_NFT_QUEUE off,
+as on the machines this was built on), iptables and ip6tables (``IptablesBackend``),
+which carry the NFQUEUE target, in chains named ``PINHOLE-*``. Either way per-grant
+NAT (kernel-mode redirects, SecureNAT binds) lives in the maps of a native nft
+table, ``inet pinhole_maps``, written over netlink (``NatMaps``), and the only marks
+used are the bits of ``MARK_MASK``, so removing stale state never touches anything
+else.
 
 Rule 15 (lockdown): the rules have a base that stays when the enforcer stops, for
 any reason; a stop replaces the rules by the base alone, a start replaces them by
@@ -28,17 +30,18 @@ import shlex
 import socket
 import struct
 import subprocess
+from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import ClassVar, TypeVar
 
 from enforcer.config import DataplaneSettings
 from enforcer.core.limits import Limits
 
-# the mark layout as the harness reads it off a flow (``conntrack -L``)
-from enforcer.core.marks import (
-    MARK_KERNEL as MARK_KERNEL,
-)
+# MARK_KERNEL, MARK_MODE, MARK_ONE_WAY and MARK_USER also as the harness reads a flow's
+# mark (conntrack -L): the mark layout is the rules' contract with whoever inspects them
+from enforcer.core.marks import MARK_KERNEL as MARK_KERNEL
 from enforcer.core.marks import (
     MARK_LOCAL,
     MARK_LOCAL_KEPT,
@@ -49,18 +52,37 @@ from enforcer.core.marks import (
     MAX_EXTERNAL_ADDRESSES,
     local_mark,
 )
-from enforcer.core.marks import (
-    MARK_MODE as MARK_MODE,
-)
-from enforcer.core.marks import (
-    MARK_ONE_WAY as MARK_ONE_WAY,
-)
-from enforcer.core.marks import (
-    MARK_USER as MARK_USER,
-)
-from enforcer.core.packet import PROTOCOL_NAMES, IPAddress
+from enforcer.core.marks import MARK_MODE as MARK_MODE
+from enforcer.core.marks import MARK_ONE_WAY as MARK_ONE_WAY
+from enforcer.core.marks import MARK_USER as MARK_USER
+from enforcer.core.packet import TCP, UDP, IPAddress
 from enforcer.core.policy import IPNetwork
 from enforcer.core.redirects import IPInterface
+from enforcer.netfilter import (
+    ACCEPT,
+    DROP,
+    FAMILIES,
+    Accept,
+    Action,
+    Chain,
+    CountOver,
+    CtState,
+    Drop,
+    Family,
+    Hook,
+    MarkIs,
+    Match,
+    PortRange,
+    Protocol,
+    Queue,
+    RateOver,
+    RestoreMark,
+    Rule,
+    SaveMark,
+    SourceNat,
+    Stage,
+    family_of,
+)
 
 CHAIN_PREFIX = "PINHOLE-"
 NFT_TABLE = "pinhole"
@@ -88,7 +110,6 @@ def _hex(value: int) -> str:
     return f"0x{value:08x}"
 
 
-FAMILIES = {"ipv4": "iptables", "ipv6": "ip6tables"}
 TABLES = ("raw", "filter", "mangle", "nat")
 
 
@@ -126,10 +147,6 @@ class Interfaces:
                 for name in self.internal}
 
 
-def _ports(ports: tuple[int, int]) -> str:
-    return f"{ports[0]}:{ports[1]}"
-
-
 @dataclass(frozen=True)
 class Ruleset:
     """What the rules are made of.
@@ -157,124 +174,97 @@ class Ruleset:
         return not self.settings.fail_open
 
 
-def render_rules(family: str, rs: Ruleset) -> str:
-    """iptables-restore input for one family (pure: unit-tested without root)."""
-    settings, interfaces = rs.settings, rs.interfaces
-    kernel = f"{_hex(MARK_KERNEL)}/{_hex(MARK_MODE)}"
-    user = f"{_hex(MARK_USER)}/{_hex(MARK_MODE)}"
-    admitted = f"! --mark 0x0/{_hex(MARK_MODE)}"
-    ours = f"--nfmask {_hex(MARK_MASK)} --ctmask {_hex(MARK_MASK)}"
-    bypass = " --queue-bypass" if settings.fail_open else ""
-    queue = f"-j NFQUEUE --queue-num {settings.queue}{bypass}"
-    icmp = "icmp" if family == "ipv4" else "ipv6-icmp"
-    internal = interfaces.internal_of(family)
-    working = rs.working
-    raw = [
-        # rule 17: a source that is not routed back through the interface it came in on
-        *(f"-A PINHOLE-PREROUTING -i {name} -m rpfilter --invert -j DROP"
-          for name in interfaces.names),
+# --- what the rules are: said once, in neutral terms ---------------------------------------
+
+NEW: tuple[CtState, ...] = ("new",)
+TRANSPORT: tuple[Protocol, ...] = ("tcp", "udp")
+_TRANSPORT_NAMES: dict[int, Protocol] = {TCP: "tcp", UDP: "udp"}  # open_ports' protocols
+
+
+def rules_of(rs: Ruleset) -> tuple[Chain, ...]:
+    """The enforcer's netfilter rules in neutral terms (pure): the one place that says what
+    they are; each backend renders them. The base comes with every ruleset; the working
+    rules sit between its first and last rules (see ``Ruleset``)."""
+    settings, interfaces, working = rs.settings, rs.interfaces, rs.working
+    queue = Queue(settings.queue, settings.fail_open)
+    user = MarkIs(MARK_USER, MARK_MODE)
+    admitted = MarkIs(0, MARK_MODE, negate=True)
+    internal = [(name, a.ip) for family in FAMILIES for name, a in interfaces.internal_of(family)]
+    # rule 17: a source that is not routed back through the interface it came in on
+    raw = [Rule(Match(iif=interfaces.names, reverse_path_fails=True), DROP)]
+    forward = [
+        Rule(Match(ct_mark=MarkIs(MARK_ONE_WAY, MARK_ONE_WAY), ct_reply=True), DROP),
+        Rule(Match(ct_mark=MarkIs(MARK_KERNEL, MARK_MODE)), ACCEPT),
+    ]
+    inbound: list[Rule] = []
+    output: list[Rule] = []
+    restore: list[Rule] = []
+    save: list[Rule] = []
+    local: list[Rule] = []
+    snat: list[Rule] = []
+    if working:
         # A user-mode redirect port's packets reach the enforcer before connection
         # tracking, which then tracks them as the enforcer rewrote them.
-        *(f"-A PINHOLE-PREROUTING -i {name} -d {a.ip} -p {proto} --dport "
-          f"{_ports(settings.user_redirect_ports)} {queue}"
-          for name, a in internal for proto in ("tcp", "udp") if working),
-    ]
-    forward = [
-        f"-A PINHOLE-FORWARD -m connmark --mark {_hex(MARK_ONE_WAY)}/{_hex(MARK_ONE_WAY)} "
-        "-m conntrack --ctdir REPLY -j DROP",
-        f"-A PINHOLE-FORWARD -m connmark --mark {kernel} -j ACCEPT",
-    ]
-    if working:
+        raw += [Rule(Match(iif=(name,), daddr=address, protocols=TRANSPORT,
+                           dports=(settings.user_redirect_ports,)), queue)
+                for name, address in internal]
         forward += [
-            f"-A PINHOLE-FORWARD -m mark --mark {_hex(MARK_REWRITTEN)}/{_hex(MARK_REWRITTEN)} -j ACCEPT",
-            f"-A PINHOLE-FORWARD -m connmark --mark {user} {queue}",
-            *(f"-A PINHOLE-FORWARD {cap}" for cap in _new_flow_caps(family, rs.limits)),
-            f"-A PINHOLE-FORWARD -m conntrack --ctstate NEW {queue}",
+            Rule(Match(mark=MarkIs(MARK_REWRITTEN, MARK_REWRITTEN)), ACCEPT),
+            Rule(Match(ct_mark=user), queue),
+            *(cap for family in FAMILIES for cap in _new_flow_caps(rs.limits, Match(family=family))),
+            Rule(Match(ct_state=NEW), queue),
         ]
         # When failing open, unmarked packets of flows that are not new go to the queue
         # too, so that a live enforcer still judges them and a dead one lets them pass.
         if settings.fail_open:
-            forward.append(f"-A PINHOLE-FORWARD {queue}")
-    if rs.lockdown:
-        forward.append("-A PINHOLE-FORWARD -j DROP")
-    inbound: list[str] = []
-    if working:
+            forward.append(Rule(Match(), queue))
         inbound += [
             # A redirect port that leads nowhere (yet, or any more) drops silently: the
             # fw's own stack would answer with a reset or a port unreachable.
-            *(f"-A PINHOLE-INPUT -d {a.ip} -p {proto} --dport {_ports(ports)} -j DROP"
-              for _, a in internal for proto in ("tcp", "udp")
+            *(Rule(Match(daddr=address, protocols=TRANSPORT, dports=(ports,)), DROP)
+              for _, address in internal
               for ports in (settings.kernel_redirect_ports, settings.user_redirect_ports)),
-            *_socks_rules(family, rs),
-            *_bind_rules(family, rs, queue),
+            *_socks_rules(rs),
+            *_bind_rules(rs, queue),
         ]
-    if rs.lockdown:
-        inbound += _input_base(family, rs)
-    output = [
         # ICMP errors the fw itself sends about a flow (fragmentation needed, say): the
         # enforcer translates those about user-mode redirects, as kernel NAT would. Only
         # about confirmed flows: the kernel will not queue a packet that shares the
         # unconfirmed conntrack entry of a flow's first packet (it drops it).
-        f"-A PINHOLE-OUTPUT -p {icmp} -m conntrack "
-        f"--ctstate RELATED --ctstatus CONFIRMED -m connmark --mark {user} {queue}",
-    ] if working else []
-    lines = ["*raw", ":PINHOLE-PREROUTING - [0:0]", *raw, "-I PREROUTING 1 -j PINHOLE-PREROUTING",
-             "COMMIT", "*filter"]
-    chains = [(chain, rules) for chain, rules in
-              (("FORWARD", forward), ("INPUT", inbound), ("OUTPUT", output)) if rules]
-    lines += [f":PINHOLE-{chain} - [0:0]" for chain, _ in chains]  # declarations first
-    for chain, rules in chains:
-        lines += [*rules, f"-I {chain} 1 -j PINHOLE-{chain}"]
-    lines.append("COMMIT")
-    lines.append("*mangle")
-    if working:
-        # The verdict sets the packet mark; copying it to the connmark after the
-        # filter hook is what offloads the rest of the flow to the kernel.
-        # Restoring it on the way in tells the enforcer a queued packet's mode.
-        lines += [
-            ":PINHOLE-PREROUTING - [0:0]",
-            ":PINHOLE-POSTROUTING - [0:0]",
-            f"-A PINHOLE-PREROUTING -m connmark {admitted} -j CONNMARK --restore-mark {ours}",
-            f"-A PINHOLE-POSTROUTING -m mark {admitted} -j CONNMARK --save-mark {ours}",
-            "-I PREROUTING 1 -j PINHOLE-PREROUTING",
-            "-I POSTROUTING 1 -j PINHOLE-POSTROUTING",
-        ]
-    lines += ["COMMIT", "*nat"]
-    if working:
-        lines.append(":PINHOLE-POSTROUTING - [0:0]")
-        local = rs.bind_ports is not None
-        if local:
-            # A flow to a Firewall client's UDP bind keeps its verdict's mark. The nat
-            # table's input hook comes after the filter table's (where the verdict is),
-            # and sees the first packet of each connection only: the admitted one.
-            lines += [":PINHOLE-LOCAL - [0:0]",
-                      f"-A PINHOLE-LOCAL -m mark --mark {_hex(MARK_LOCAL)}/{_hex(MARK_LOCAL)} "
-                      f"-j CONNMARK --save-mark --nfmask {_hex(MARK_LOCAL_KEPT)} "
-                      f"--ctmask {_hex(MARK_LOCAL_KEPT)}"]
-        for ext, net, mark, address in _snat_rules(family, interfaces, rs.nat):
-            match = f"-m mark --mark {_hex(mark)}/{_hex(MARK_SNAT)}" if mark else f"-s {net}"
-            lines.append(f"-A PINHOLE-POSTROUTING {match} -o {ext} -j SNAT --to-source {address}")
-        lines.append("-I POSTROUTING 1 -j PINHOLE-POSTROUTING")
-        if local:
-            lines.append("-I INPUT 1 -j PINHOLE-LOCAL")
-    lines.append("COMMIT")
-    return "\n".join(lines) + "\n"
+        output = [Rule(Match(protocols=("icmp",), ct_mark=user, ct_state=("related",), ct_confirmed=True),
+                       queue)]
+        # The verdict sets the packet mark; copying it to the connmark after the filter
+        # hook is what offloads the rest of the flow to the kernel. Restoring it on the
+        # way in tells the enforcer a queued packet's mode; a packet the enforcer rewrote
+        # carries its flow's whole mark already.
+        restore = [Rule(Match(mark=MarkIs(0, MARK_REWRITTEN), ct_mark=admitted), RestoreMark(MARK_MASK))]
+        save = [Rule(Match(mark=admitted), SaveMark(MARK_MASK))]
+        if rs.bind_ports is not None:
+            # A flow to a Firewall client's UDP bind keeps its verdict's mark, the bind's
+            # port included, once the verdict has admitted it.
+            local = [Rule(Match(mark=MarkIs(MARK_LOCAL, MARK_LOCAL)), SaveMark(MARK_LOCAL_KEPT))]
+        snat = _snat_rules(rs)
+    if rs.lockdown:
+        forward.append(Rule(Match(), DROP))
+        inbound += _input_base(rs)
+    return (Chain(Hook.PREROUTING, Stage.RAW, tuple(raw)),
+            Chain(Hook.FORWARD, Stage.FILTER, tuple(forward)),
+            Chain(Hook.INPUT, Stage.FILTER, tuple(inbound)),
+            Chain(Hook.OUTPUT, Stage.FILTER, tuple(output)),
+            Chain(Hook.PREROUTING, Stage.MANGLE, tuple(restore)),
+            Chain(Hook.POSTROUTING, Stage.MANGLE, tuple(save)),
+            Chain(Hook.INPUT, Stage.AFTER_FILTER, tuple(local)),
+            Chain(Hook.POSTROUTING, Stage.SOURCE_NAT, tuple(snat)))
 
 
-def _new_flow_caps(family: str, limits: Limits) -> list[str]:
-    """Rule 16 in the kernel, before the queue: a client address's new flows beyond a rate,
-    or beyond a number the kernel tracks at once, are dropped (iptables match options)."""
-    prefix = 32 if family == "ipv4" else 128
-    new = "-m conntrack --ctstate NEW"
-    out = []
-    if limits.new_flows_per_second:
-        rate = limits.new_flows_per_second
-        out.append(f"{new} -m hashlimit --hashlimit-above {rate}/sec --hashlimit-burst {_burst(rate)} "
-                   f"--hashlimit-mode srcip --hashlimit-srcmask {prefix} "
-                   f"--hashlimit-name {NEW_FLOW_METER} -j DROP")
-    out.append(f"{new} -m connlimit --connlimit-above {limits.flows_per_client} "
-               f"--connlimit-mask {prefix} --connlimit-saddr -j DROP")
-    return out
+def _new_flow_caps(limits: Limits, where: Match) -> list[Rule]:
+    """Rule 16 in the kernel, before the queue: a client address's new flows (of those
+    ``where`` matches, of one family) beyond a rate, or beyond a number the kernel tracks
+    at once, are dropped."""
+    rate = limits.new_flows_per_second
+    caps: list[RateOver | CountOver] = [RateOver(rate, _burst(rate))] if rate else []
+    caps.append(CountOver(limits.flows_per_client))
+    return [Rule(replace(where, ct_state=NEW, over=cap), DROP) for cap in caps]
 
 
 def _burst(rate: int) -> int:
@@ -283,35 +273,36 @@ def _burst(rate: int) -> int:
     return max(10, rate // 10)
 
 
-def _input_base(family: str, rs: Ruleset) -> list[str]:
+def _input_base(rs: Ruleset) -> list[Rule]:
     """The base of the fw's own input: what it began answers, its own loopback, neighbour
     discovery, and new connections from the internal side or to the configured open
     ports; nothing else from outside."""
-    out = ["-A PINHOLE-INPUT -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT",
-           "-A PINHOLE-INPUT -i lo -j ACCEPT"]
-    if family == "ipv6":
-        out += [f"-A PINHOLE-INPUT -p ipv6-icmp --icmpv6-type {kind} -m hl --hl-eq 255 -j ACCEPT"
-                for kind in NEIGHBOUR_DISCOVERY]
-    out += [f"-A PINHOLE-INPUT -i {name} -j ACCEPT" for name in rs.interfaces.internal]
-    out += [f"-A PINHOLE-INPUT -p {PROTOCOL_NAMES[proto]} --dport {_ports(ports)} -j ACCEPT"
-            for proto, ports in rs.settings.open_ports]
-    return [*out, "-A PINHOLE-INPUT -j DROP"]
+    return [
+        Rule(Match(ct_state=("established", "related")), ACCEPT),
+        Rule(Match(iif=("lo",)), ACCEPT),
+        Rule(Match(family="ipv6", protocols=("icmp",), icmp_types=NEIGHBOUR_DISCOVERY, hop_limit=255),
+             ACCEPT),
+        Rule(Match(iif=tuple(rs.interfaces.internal)), ACCEPT),
+        *(Rule(Match(protocols=(_TRANSPORT_NAMES[proto],), dports=(ports,)), ACCEPT)
+          for proto, ports in rs.settings.open_ports),
+        Rule(Match(), DROP),
+    ]
 
 
-def _socks_rules(family: str, rs: Ruleset) -> list[str]:
+def _socks_rules(rs: Ruleset) -> list[Rule]:
     """FWC-01 without the base too (fail_open): the SOCKS port and the UDP ASSOCIATE relay
     ports (the bind's port, on the internal address), TCP and UDP, drop what reaches the
     internal addresses from outside (the weak-host model would deliver it; the fw's
     stack would answer a closed one with a reset or a port unreachable)."""
     if rs.socks_port is None or rs.bind_ports is None:
         return []
-    ports = f"{rs.socks_port},{_ports(rs.bind_ports)}"
-    return [f"-A PINHOLE-INPUT -i {ext} -d {a.ip} -p {proto} -m multiport --dports {ports} -j DROP"
-            for ext in rs.interfaces.external for _, a in rs.interfaces.internal_of(family)
-            for proto in ("tcp", "udp")]
+    ports = ((rs.socks_port, rs.socks_port), rs.bind_ports)
+    return [Rule(Match(iif=tuple(rs.interfaces.external), daddr=a.ip, protocols=TRANSPORT, dports=ports),
+                 DROP)
+            for family in FAMILIES for _, a in rs.interfaces.internal_of(family)]
 
 
-def _bind_rules(family: str, rs: Ruleset, queue: str) -> list[str]:
+def _bind_rules(rs: Ruleset, queue: Queue) -> list[Rule]:
     """A new flow to a bind port on an external address goes to the enforcer (a bind
     not approved, or a peer its IpFilter leaves out, is dropped before the bound socket
     sees anything); what belongs to no flow is dropped. The later datagrams of a UDP
@@ -321,160 +312,352 @@ def _bind_rules(family: str, rs: Ruleset, queue: str) -> list[str]:
     if rs.bind_ports is None:
         return []
     out = []
-    for a in rs.interfaces.external_of(family):
-        for proto in ("tcp", "udp"):
-            match = f"-A PINHOLE-INPUT -d {a} -p {proto} --dport {_ports(rs.bind_ports)}"
-            if proto == "udp":
-                out.append(f"{match} -m connmark --mark {_hex(MARK_LOCAL)}/{_hex(MARK_LOCAL)} "
-                           "-m socket -j ACCEPT")
-            out += [f"{match} {cap}" for cap in _new_flow_caps(family, rs.limits)]
-            out += [f"{match} -m conntrack --ctstate NEW {queue}",
-                    f"{match} -m conntrack --ctstate INVALID,UNTRACKED -j DROP"]
+    for family in FAMILIES:
+        for address in rs.interfaces.external_of(family):
+            where = Match(daddr=address, protocols=TRANSPORT, dports=(rs.bind_ports,))
+            out += [Rule(replace(where, protocols=("udp",), ct_mark=MarkIs(MARK_LOCAL, MARK_LOCAL),
+                                 local_socket=True), ACCEPT),
+                    *_new_flow_caps(rs.limits, where),
+                    Rule(replace(where, ct_state=NEW), queue),
+                    Rule(replace(where, ct_state=("invalid", "untracked")), DROP)]
     return out
 
 
-def _snat_rules(family: str, interfaces: Interfaces,
-                nat: bool) -> list[tuple[str, IPNetwork | None, int, IPAddress]]:
-    """(out interface, source network, mark, address): flows marked for an external
-    address leave from it (redirected flows always are); in NAT, other flows from the
-    internal networks leave from the first."""
-    version = 4 if family == "ipv4" else 6
-    ours = interfaces.external_of(family)[:MAX_EXTERNAL_ADDRESSES]
-    out: list[tuple[str, IPNetwork | None, int, IPAddress]] = []
-    for ext in interfaces.external:
-        out += [(ext, None, (i + 1) << MARK_SNAT_SHIFT, a) for i, a in enumerate(ours)]
-        if ours and nat:
-            out += [(ext, net, 0, ours[0]) for net in interfaces.internal_networks
-                    if net.version == version]
-    return out
-
-
-_NFT_FAMILY = {"ipv4": "ip", "ipv6": "ip6"}
-_NFT_ADDR = {"ipv4": "ipv4_addr", "ipv6": "ipv6_addr"}
-
-
-def _nft_ports(ports: tuple[int, int]) -> str:
-    return f"{ports[0]}-{ports[1]}"
-
-
-def _nft_names(names: Iterable[str]) -> str:
-    return "{ " + ", ".join(f'"{n}"' for n in names) + " }"
-
-
-def render_nft(rs: Ruleset) -> str:
-    """The same rules as render_rules, as one nft table for both families (pure)."""
-    settings, interfaces, working = rs.settings, rs.interfaces, rs.working
-    kernel = f"{_hex(MARK_MODE)} == {_hex(MARK_KERNEL)}"
-    user = f"{_hex(MARK_MODE)} == {_hex(MARK_USER)}"
-    admitted = f"{_hex(MARK_MODE)} != 0x00000000"
-    queue = f"queue num {settings.queue}" + (" bypass" if settings.fail_open else "")
-    user_ports = _nft_ports(settings.user_redirect_ports)
-    lines = [f"table inet {NFT_TABLE} {{"]
-    caps = _nft_new_flow_caps(rs.limits)
-    if working:
-        lines += [f"  set {name} {{ type {_NFT_ADDR[family]}; flags dynamic{timeout}; }}"
-                  for family in _NFT_FAMILY for name, timeout in
-                  ((f"new_flow_rate_{_NFT_FAMILY[family]}", ", timeout"),
-                   (f"flows_{_NFT_FAMILY[family]}", ""))]
-    lines += ["  chain raw_prerouting {", "    type filter hook prerouting priority raw; policy accept;",
-              f"    iifname {_nft_names(interfaces.names)} fib saddr . iif oif missing drop"]
-    if working:
-        for family, proto in _NFT_FAMILY.items():
-            for name, a in interfaces.internal_of(family):
-                lines.append(f'    iifname "{name}" {proto} daddr {a.ip} meta l4proto {{ tcp, udp }} '
-                             f"th dport {user_ports} {queue}")
-    lines += [
-        "  }",
-        "  chain filter_forward {",
-        "    type filter hook forward priority filter; policy accept;",
-        f"    ct mark and {_hex(MARK_ONE_WAY)} == {_hex(MARK_ONE_WAY)} ct direction reply drop",
-        f"    ct mark and {kernel} accept",
-    ]
-    if working:
-        lines += [f"    meta mark and {_hex(MARK_REWRITTEN)} == {_hex(MARK_REWRITTEN)} accept",
-                  f"    ct mark and {user} {queue}",
-                  *(f"    {cap}" for cap in caps),
-                  f"    ct state new {queue}"]
-        if settings.fail_open:
-            lines.append(f"    {queue}")
-    if rs.lockdown:
-        lines.append("    drop")
-    lines += ["  }", "  chain filter_input {", "    type filter hook input priority filter; policy accept;"]
-    if working:
-        for family, proto in _NFT_FAMILY.items():
-            for _, a in interfaces.internal_of(family):
-                for ports in (settings.kernel_redirect_ports, settings.user_redirect_ports):
-                    lines.append(f"    {proto} daddr {a.ip} meta l4proto {{ tcp, udp }} "
-                                 f"th dport {_nft_ports(ports)} drop")
-                if rs.socks_port is not None and rs.bind_ports is not None and interfaces.external:
-                    lines.append(f"    iifname {_nft_names(interfaces.external)} {proto} daddr {a.ip} "
-                                 f"meta l4proto {{ tcp, udp }} th dport "
-                                 f"{{ {rs.socks_port}, {_nft_ports(rs.bind_ports)} }} drop")
-            for address in interfaces.external_of(family) if rs.bind_ports is not None else ():
-                match = (f"{proto} daddr {address} meta l4proto {{ tcp, udp }} "
-                         f"th dport {_nft_ports(rs.bind_ports or (0, 0))}")
-                lines += [f"    {proto} daddr {address} udp dport {_nft_ports(rs.bind_ports or (0, 0))} "
-                          f"ct mark and {_hex(MARK_LOCAL)} == {_hex(MARK_LOCAL)} socket wildcard 0 accept",
-                          *(f"    {match} {cap}" for cap in caps),
-                          f"    {match} ct state new {queue}",
-                          f"    {match} ct state invalid,untracked drop"]
-    if rs.lockdown:
-        lines += ["    ct state established,related accept", '    iifname "lo" accept',
-                  f"    icmpv6 type {{ {', '.join(map(str, NEIGHBOUR_DISCOVERY))} }} ip6 hoplimit 255 accept"]
-        if interfaces.internal:
-            lines.append(f"    iifname {_nft_names(interfaces.internal)} accept")
-        lines += [f"    meta l4proto {PROTOCOL_NAMES[proto]} th dport {_nft_ports(ports)} accept"
-                  for proto, ports in settings.open_ports]
-        lines.append("    drop")
-    lines.append("  }")
-    if working:
-        lines += [
-            "  chain filter_output {",
-            "    type filter hook output priority filter; policy accept;",
-            f"    meta l4proto {{ icmp, ipv6-icmp }} ct state related ct status confirmed "
-            f"ct mark and {user} {queue}",
-            "  }",
-            "  chain restore_mark {",
-            "    type filter hook prerouting priority mangle; policy accept;",
-            # A packet the enforcer rewrote carries its flow's whole mark already.
-            f"    meta mark and {_hex(MARK_REWRITTEN)} == 0 ct mark and {admitted} "
-            f"meta mark set ct mark and {_hex(MARK_MASK)}",
-            "  }",
-            "  chain save_mark {",
-            "    type filter hook postrouting priority mangle; policy accept;",
-            # nft cannot merge two registers here: the ct mark is set whole, our bits only.
-            f"    meta mark and {admitted} ct mark set meta mark and {_hex(MARK_MASK)}",
-            "  }",
-            *([] if rs.bind_ports is None else [
-                "  chain save_local_mark {",
-                "    type filter hook input priority filter + 10; policy accept;",
-                f"    meta mark and {_hex(MARK_LOCAL)} == {_hex(MARK_LOCAL)} "
-                f"ct mark set meta mark and {_hex(MARK_LOCAL_KEPT)}",
-                "  }"]),
-            "  chain source_nat {",
-            "    type nat hook postrouting priority srcnat; policy accept;",
-        ]
-        for family, proto in _NFT_FAMILY.items():
-            for ext, net, mark, address in _snat_rules(family, interfaces, rs.nat):
-                match = (f"meta mark and {_hex(MARK_SNAT)} == {_hex(mark)} meta nfproto {family}"
-                         if mark else f"{proto} saddr {net}")
-                lines.append(f'    {match} oifname "{ext}" snat {proto} to {address}')
-        lines.append("  }")
-    return "\n".join([*lines, "}"]) + "\n"
-
-
-def _nft_new_flow_caps(limits: Limits) -> list[str]:
-    """_new_flow_caps in nft: dynamic sets keyed by the client address."""
+def _snat_rules(rs: Ruleset) -> list[Rule]:
+    """Flows marked for an external address leave from it (redirected flows always are);
+    in NAT, other flows from the internal networks leave from the first."""
     out = []
-    for proto in _NFT_FAMILY.values():
-        if limits.new_flows_per_second:
-            rate = limits.new_flows_per_second
-            out.append(f"ct state new meta nfproto {'ipv4' if proto == 'ip' else 'ipv6'} "
-                       f"add @new_flow_rate_{proto} {{ {proto} saddr timeout 10s limit rate over "
-                       f"{rate}/second burst {_burst(rate)} packets }} drop")
-        out.append(f"ct state new meta nfproto {'ipv4' if proto == 'ip' else 'ipv6'} "
-                   f"add @flows_{proto} {{ {proto} saddr ct count over {limits.flows_per_client} }} drop")
+    for family in FAMILIES:
+        ours = rs.interfaces.external_of(family)[:MAX_EXTERNAL_ADDRESSES]
+        networks = [n for n in rs.interfaces.internal_networks if family_of(n) == family]
+        for ext in rs.interfaces.external:
+            out += [Rule(Match(family=family, mark=MarkIs((i + 1) << MARK_SNAT_SHIFT, MARK_SNAT), oif=(ext,)),
+                         SourceNat(a)) for i, a in enumerate(ours)]
+            if ours and rs.nat:
+                out += [Rule(Match(saddr=n, oif=(ext,)), SourceNat(ours[0])) for n in networks]
     return out
+
+
+# --- the backends: how the rules are said and put in place ---------------------------------
+
+class Backend(ABC):
+    """Puts the neutral rules (``rules_of``) in the kernel in place of ours, and takes them
+    away again."""
+
+    name: ClassVar[str]
+
+    def install(self, rs: Ruleset) -> list[str]:
+        """Put ``rs`` in place of whatever of ours is installed, with no moment without
+        rules: in one transaction a family (iptables), or one for both families and the
+        maps table (nft). The maps table (per-grant NAT) is made anew with the working
+        rules and goes without them; the other backend's rules, left by a run that used
+        it, go too. Returns what was replaced of an earlier run's (a run that did not stop
+        cleanly)."""
+        replaced = [f"nft table inet {MAPS_TABLE}"] if MAPS_TABLE in _nft_tables() else []
+        self._replace(rules_of(rs), _nft_replacing(MAPS_TABLE, render_nft_maps() if rs.working else ""))
+        return replaced + [gone for other in BACKENDS if not isinstance(self, other)
+                           for gone in other().remove()]
+
+    @abstractmethod
+    def _replace(self, chains: Sequence[Chain], maps: str) -> None:
+        """Put ``chains`` in place of ours, and the maps table (``maps``, nft input) with them."""
+
+    @abstractmethod
+    def remove(self) -> list[str]:
+        """Remove every chain and rule of ours this backend puts in place; what was removed.
+        Safe when there is none."""
+
+
+def _port_range(ports: PortRange, separator: str) -> str:
+    return str(ports[0]) if ports[0] == ports[1] else f"{ports[0]}{separator}{ports[1]}"
+
+
+_T = TypeVar("_T")
+
+
+def _each(items: tuple[_T, ...] | None) -> tuple[_T | None, ...]:
+    """The alternatives of an "any of" condition; no condition is one alternative."""
+    return (None,) if items is None else items
+
+
+class IptablesBackend(Backend):
+    """iptables and ip6tables (the NFQUEUE target works where nft's queue statement does
+    not), in chains named ``PINHOLE-*``, each jumped to first from its built-in chain;
+    each family's replaced in one iptables-restore transaction."""
+
+    name = "iptables"
+    # (hook, stage) -> (table, built-in chain, our chain)
+    CHAINS: ClassVar[dict[tuple[Hook, Stage], tuple[str, str, str]]] = {
+        (Hook.PREROUTING, Stage.RAW): ("raw", "PREROUTING", CHAIN_PREFIX + "PREROUTING"),
+        (Hook.FORWARD, Stage.FILTER): ("filter", "FORWARD", CHAIN_PREFIX + "FORWARD"),
+        (Hook.INPUT, Stage.FILTER): ("filter", "INPUT", CHAIN_PREFIX + "INPUT"),
+        (Hook.OUTPUT, Stage.FILTER): ("filter", "OUTPUT", CHAIN_PREFIX + "OUTPUT"),
+        (Hook.PREROUTING, Stage.MANGLE): ("mangle", "PREROUTING", CHAIN_PREFIX + "PREROUTING"),
+        (Hook.POSTROUTING, Stage.MANGLE): ("mangle", "POSTROUTING", CHAIN_PREFIX + "POSTROUTING"),
+        # The nat table's input hook comes after the filter table's (the verdict), and sees
+        # the first packet of each connection only: the admitted one.
+        (Hook.INPUT, Stage.AFTER_FILTER): ("nat", "INPUT", CHAIN_PREFIX + "LOCAL"),
+        (Hook.POSTROUTING, Stage.SOURCE_NAT): ("nat", "POSTROUTING", CHAIN_PREFIX + "POSTROUTING"),
+    }
+    TOOLS: ClassVar[dict[Family, str]] = {"ipv4": "iptables", "ipv6": "ip6tables"}
+
+    def render(self, chains: Iterable[Chain], family: Family) -> str:
+        """iptables-restore input for one family (pure). Every table has its section, so
+        that restoring it replaces our chains in each."""
+        declared: dict[str, list[str]] = {table: [] for table in TABLES}
+        appended: dict[str, list[str]] = {table: [] for table in TABLES}
+        for chain in chains:
+            lines = [line for rule in chain.rules for line in _iptables_rule(rule, family)]
+            if lines:
+                table, builtin, ours = self.CHAINS[chain.hook, chain.stage]
+                declared[table].append(f":{ours} - [0:0]")  # declarations first
+                appended[table] += [*(f"-A {ours} {line}" for line in lines), f"-I {builtin} 1 -j {ours}"]
+        return "".join(f"*{table}\n" + "".join(f"{line}\n" for line in (*declared[table], *appended[table]))
+                       + "COMMIT\n" for table in TABLES)
+
+    def _replace(self, chains: Sequence[Chain], maps: str) -> None:
+        for family, tool in self.TOOLS.items():
+            _run([f"{tool}-restore", "--noflush"], input=_replacing(self.render(chains, family), _ours(tool)))
+        _run(["nft", "-f", "-"], input=maps)
+
+    def remove(self) -> list[str]:
+        """Every chain of ours and every jump to one, one iptables-restore transaction per family."""
+        removed = []
+        for tool in self.TOOLS.values():
+            stale = _ours(tool)
+            if not any(jumps or chains for jumps, chains in stale.values()):
+                continue
+            _run([f"{tool}-restore", "--noflush"], input=unloading(stale))
+            for table, (jumps, chains) in stale.items():
+                removed += [f"{tool} -t {table} -A {' '.join(jump)}" for jump in jumps]
+                removed += [f"{tool} -t {table} chain {chain}" for chain in sorted(chains)]
+        return removed
+
+
+# the family's ICMP protocol, ICMP type option, and hop limit (TTL) match
+_IPTABLES_WORDS: dict[Family, tuple[str, str, str]] = {
+    "ipv4": ("icmp", "--icmp-type", "-m ttl --ttl-eq"),
+    "ipv6": ("ipv6-icmp", "--icmpv6-type", "-m hl --hl-eq"),
+}
+
+
+def _iptables_rule(rule: Rule, family: Family) -> list[str]:
+    """A rule as iptables options for one family: a line for each combination of its
+    interfaces, protocols and ICMP types (none for a rule of the other family, or one that
+    matches nothing)."""
+    m = rule.match
+    if m.of_family not in (None, family) or m.matches_nothing:
+        return []
+    icmp, icmp_type_option, hop_limit = _IPTABLES_WORDS[family]
+    prefix = 32 if family == "ipv4" else 128
+    out = []
+    for iif, protocol, icmp_type, oif in itertools.product(_each(m.iif), _each(m.protocols),
+                                                           _each(m.icmp_types), _each(m.oif)):
+        words: list[str] = []
+        if iif is not None:
+            words.append(f"-i {iif}")
+        if m.saddr is not None:
+            words.append(f"-s {m.saddr}")
+        if m.daddr is not None:
+            words.append(f"-d {m.daddr}")
+        if protocol is not None:
+            words.append(f"-p {icmp if protocol == 'icmp' else protocol}")
+        if m.dports is not None:
+            words.append(f"--dport {_port_range(m.dports[0], ':')}" if len(m.dports) == 1 else
+                         "-m multiport --dports " + ",".join(_port_range(p, ":") for p in m.dports))
+        if icmp_type is not None:
+            words.append(f"{icmp_type_option} {icmp_type}")
+        if m.hop_limit is not None:
+            words.append(f"{hop_limit} {m.hop_limit}")
+        if m.reverse_path_fails:
+            words.append("-m rpfilter --invert")
+        if m.mark is not None:
+            words.append(f"-m mark {_iptables_mark(m.mark)}")
+        if oif is not None:
+            words.append(f"-o {oif}")
+        if m.ct_mark is not None:
+            words.append(f"-m connmark {_iptables_mark(m.ct_mark)}")
+        conntrack = [*([f"--ctstate {','.join(m.ct_state).upper()}"] if m.ct_state is not None else []),
+                     *(["--ctstatus CONFIRMED"] if m.ct_confirmed else []),
+                     *(["--ctdir REPLY"] if m.ct_reply else [])]
+        if conntrack:
+            words.append(f"-m conntrack {' '.join(conntrack)}")
+        if m.local_socket:
+            words.append("-m socket")
+        if isinstance(m.over, RateOver):
+            words.append(f"-m hashlimit --hashlimit-above {m.over.per_second}/sec --hashlimit-burst "
+                         f"{m.over.burst} --hashlimit-mode srcip --hashlimit-srcmask {prefix} "
+                         f"--hashlimit-name {NEW_FLOW_METER}")
+        elif isinstance(m.over, CountOver):
+            words.append(f"-m connlimit --connlimit-above {m.over.count} --connlimit-mask {prefix} "
+                         "--connlimit-saddr")
+        out.append(" ".join([*words, _iptables_action(rule.action)]))
+    return out
+
+
+def _iptables_mark(mark: MarkIs) -> str:
+    return f"{'! ' if mark.negate else ''}--mark {_hex(mark.value)}/{_hex(mark.mask)}"
+
+
+def _iptables_action(action: Action) -> str:
+    match action:
+        case Accept():
+            return "-j ACCEPT"
+        case Drop():
+            return "-j DROP"
+        case Queue(num, bypass):
+            return f"-j NFQUEUE --queue-num {num}" + (" --queue-bypass" if bypass else "")
+        case RestoreMark(mask):
+            return f"-j CONNMARK --restore-mark --nfmask {_hex(mask)} --ctmask {_hex(mask)}"
+        case SaveMark(mask):
+            return f"-j CONNMARK --save-mark --nfmask {_hex(mask)} --ctmask {_hex(mask)}"
+        case SourceNat(address):
+            return f"-j SNAT --to-source {address}"
+
+
+_NFT_FAMILY: dict[Family, str] = {"ipv4": "ip", "ipv6": "ip6"}
+_NFT_ADDR: dict[Family, str] = {"ipv4": "ipv4_addr", "ipv6": "ipv6_addr"}
+_NFT_ICMP: dict[Family | None, tuple[str, ...]] = {"ipv4": ("icmp",), "ipv6": ("ipv6-icmp",),
+                                                   None: ("icmp", "ipv6-icmp")}
+
+
+class NftBackend(Backend):
+    """Native nft, where the kernel has nft's queue statement: one ``inet pinhole`` table
+    for both families, replaced in one nft transaction with the maps table."""
+
+    name = "nft"
+    # (hook, stage) -> (chain, type, priority)
+    CHAINS: ClassVar[dict[tuple[Hook, Stage], tuple[str, str, str]]] = {
+        (Hook.PREROUTING, Stage.RAW): ("raw_prerouting", "filter", "raw"),
+        (Hook.FORWARD, Stage.FILTER): ("filter_forward", "filter", "filter"),
+        (Hook.INPUT, Stage.FILTER): ("filter_input", "filter", "filter"),
+        (Hook.OUTPUT, Stage.FILTER): ("filter_output", "filter", "filter"),
+        (Hook.PREROUTING, Stage.MANGLE): ("restore_mark", "filter", "mangle"),
+        (Hook.POSTROUTING, Stage.MANGLE): ("save_mark", "filter", "mangle"),
+        (Hook.INPUT, Stage.AFTER_FILTER): ("save_local_mark", "filter", "filter + 10"),
+        (Hook.POSTROUTING, Stage.SOURCE_NAT): ("source_nat", "nat", "srcnat"),
+    }
+
+    def render(self, chains: Iterable[Chain]) -> str:
+        """The table, both families (pure): the sets its meters keep, then its chains."""
+        meters: dict[str, str] = {}  # name -> declaration, in the order the rules use them
+        body: list[str] = []
+        for chain in chains:
+            rules = [rule for rule in chain.rules if not rule.match.matches_nothing]
+            if not rules:
+                continue
+            name, kind, priority = self.CHAINS[chain.hook, chain.stage]
+            body += [f"  chain {name} {{",
+                     f"    type {kind} hook {chain.hook.value} priority {priority}; policy accept;"]
+            for rule in rules:
+                if rule.match.over is not None:
+                    meter, declaration, _ = _nft_meter(rule.match)
+                    meters[meter] = declaration
+                body.append(f"    {_nft_rule(rule)}")
+            body.append("  }")
+        return "\n".join([f"table inet {NFT_TABLE} {{", *meters.values(), *body, "}"]) + "\n"
+
+    def _replace(self, chains: Sequence[Chain], maps: str) -> None:
+        _run(["nft", "-f", "-"], input=_nft_replacing(NFT_TABLE, self.render(chains)) + maps)
+
+    def remove(self) -> list[str]:
+        return _remove_nft_table(NFT_TABLE)
+
+
+BACKENDS: tuple[type[Backend], ...] = (IptablesBackend, NftBackend)
+
+
+def _nft_set(items: Sequence[str]) -> str:
+    return items[0] if len(items) == 1 else "{ " + ", ".join(items) + " }"
+
+
+def _nft_names(names: Sequence[str]) -> str:
+    return _nft_set([f'"{name}"' for name in names])
+
+
+def _nft_meter(match: Match) -> tuple[str, str, str]:
+    """The dynamic set that keeps the source addresses of a rule's RateOver or CountOver
+    (one a family): its name, its declaration and its key."""
+    family = match.of_family
+    if family is None:
+        raise ValueError(f"a meter is kept per family: {match} is for both")
+    rate = isinstance(match.over, RateOver)  # whose elements time out (CountOver's go with their flows)
+    name = f"{'new_flow_rate' if rate else 'flows'}_{_NFT_FAMILY[family]}"
+    declaration = f"  set {name} {{ type {_NFT_ADDR[family]}; flags dynamic{', timeout' if rate else ''}; }}"
+    return name, declaration, f"{_NFT_FAMILY[family]} saddr"
+
+
+def _nft_rule(rule: Rule) -> str:
+    """A rule as one nft statement line (for both families unless it says one)."""
+    m = rule.match
+    family = m.of_family
+    parts: list[str] = []
+    if m.family is not None:
+        parts.append(f"meta nfproto {m.family}")
+    if m.iif is not None:
+        parts.append(f"iifname {_nft_names(m.iif)}")
+    for direction, address in (("saddr", m.saddr), ("daddr", m.daddr)):
+        if address is not None:
+            parts.append(f"{_NFT_FAMILY[family_of(address)]} {direction} {address}")
+    ports = None if m.dports is None else _nft_set([_port_range(p, "-") for p in m.dports])
+    if m.icmp_types is not None:  # says the protocol
+        types = _nft_set([str(t) for t in m.icmp_types])
+        parts.append(f"{'icmpv6' if family == 'ipv6' else 'icmp'} type {types}")
+    elif m.protocols is not None:
+        names = [n for p in m.protocols for n in (_NFT_ICMP[family] if p == "icmp" else (p,))]
+        if ports is not None and len(names) == 1:
+            parts.append(f"{names[0]} dport {ports}")
+            ports = None
+        else:
+            parts.append(f"meta l4proto {_nft_set(names)}")
+    if ports is not None:
+        parts.append(f"th dport {ports}")
+    if m.hop_limit is not None:
+        parts.append(f"{'ip6 hoplimit' if family == 'ipv6' else 'ip ttl'} {m.hop_limit}")
+    if m.reverse_path_fails:
+        parts.append("fib saddr . iif oif missing")
+    if m.mark is not None:
+        parts.append(f"meta mark {_nft_mark(m.mark)}")
+    if m.oif is not None:
+        parts.append(f"oifname {_nft_names(m.oif)}")
+    if m.ct_mark is not None:
+        parts.append(f"ct mark {_nft_mark(m.ct_mark)}")
+    if m.ct_state is not None:
+        parts.append(f"ct state {','.join(m.ct_state)}")
+    if m.ct_confirmed:
+        parts.append("ct status confirmed")
+    if m.ct_reply:
+        parts.append("ct direction reply")
+    if m.local_socket:
+        parts.append("socket wildcard 0")
+    if m.over is not None:
+        meter, _, key = _nft_meter(m)
+        over = (f"timeout 10s limit rate over {m.over.per_second}/second burst {m.over.burst} packets"
+                if isinstance(m.over, RateOver) else f"ct count over {m.over.count}")
+        parts.append(f"add @{meter} {{ {key} {over} }}")
+    return " ".join([*parts, _nft_action(rule.action)])
+
+
+def _nft_mark(mark: MarkIs) -> str:
+    return f"and {_hex(mark.mask)} {'!=' if mark.negate else '=='} {_hex(mark.value)}"
+
+
+def _nft_action(action: Action) -> str:
+    match action:
+        case Accept():
+            return "accept"
+        case Drop():
+            return "drop"
+        case Queue(num, bypass):
+            return f"queue num {num}" + (" bypass" if bypass else "")
+        # nft cannot merge two registers here: the mark is set whole, its bits outside
+        # the mask cleared.
+        case RestoreMark(mask):
+            return f"meta mark set ct mark and {_hex(mask)}"
+        case SaveMark(mask):
+            return f"ct mark set meta mark and {_hex(mask)}"
+        case SourceNat(address):
+            return f"snat {_NFT_FAMILY[family_of(address)]} to {address}"
 
 
 def render_nft_maps() -> str:
@@ -722,14 +905,15 @@ def nft_queue_supported() -> bool:
         return False
 
 
-def choose_backend(settings: DataplaneSettings) -> str:
+def choose_backend(settings: DataplaneSettings) -> Backend:
+    """The backend the settings name; "auto": nft where the kernel has its queue statement."""
     if settings.backend == "iptables":
-        return "iptables"
+        return IptablesBackend()
     supported = nft_queue_supported()
     if settings.backend == "nft" and not supported:
         raise DataplaneError("this kernel lacks nft's queue statement (CONFIG_NFT_QUEUE); "
                              'set dataplane.backend = "iptables" or "auto"')
-    return "nft" if supported else "iptables"
+    return NftBackend() if supported else IptablesBackend()
 
 
 LIBERAL_TCP = Path("/proc/sys/net/netfilter/nf_conntrack_tcp_be_liberal")
@@ -788,56 +972,22 @@ def _run(argv: Sequence[str], *, input: str | None = None, check: bool = True) -
     return proc.stdout
 
 
-def install(backend: str, rs: Ruleset) -> list[str]:
-    """Put ``rs`` in place of whatever of ours is installed, with no moment without
-    rules: each iptables family's chains are replaced in one iptables-restore
-    transaction, the nft tables in one nft transaction. The maps table (per-grant NAT)
-    is made anew with the working rules and goes without them. Returns what was
-    replaced of an earlier run's working rules (a run that did not stop cleanly)."""
-    present = _nft_tables()
-    replaced = [f"nft table inet {MAPS_TABLE}"] if MAPS_TABLE in present else []
-    maps = _nft_replacing(MAPS_TABLE, render_nft_maps() if rs.working else "")
-    if backend == "nft":
-        _run(["nft", "-f", "-"], input=_nft_replacing(NFT_TABLE, render_nft(rs)) + maps)
-        replaced += _remove_iptables()  # the other backend's, if a run used it
-        return replaced
-    for family, tool in FAMILIES.items():
-        _run([f"{tool}-restore", "--noflush"], input=_replacing(render_rules(family, rs), _ours(tool)))
-    _run(["nft", "-f", "-"], input=maps)
-    return replaced + _remove_nft_table(NFT_TABLE, present)  # the other backend's, if a run used it
-
-
 def _nft_replacing(table: str, text: str) -> str:
     """nft input that replaces a table of ours with ``text`` (nothing: removes it)."""
     return f"table inet {table} {{}}\ndelete table inet {table}\n{text}"
 
 
 def unload() -> list[str]:
-    """Remove every rule, chain and table of ours, both layers, and forget every flow
-    offloaded with our mark: the operator's explicit command (``pinhole enforcer
-    --unload``); no stop does this. Returns what was removed. Safe when nothing is
-    installed."""
-    present = _nft_tables()
-    return (_remove_iptables() + _remove_nft_table(NFT_TABLE, present)
-            + _remove_nft_table(MAPS_TABLE, present) + forget_flows(("kernel", "user")))
+    """Remove every rule, chain and table of ours, both layers, of either backend, and
+    forget every flow offloaded with our mark: the operator's explicit command (``pinhole
+    enforcer --unload``); no stop does this. Returns what was removed. Safe when nothing
+    is installed."""
+    return ([gone for backend in BACKENDS for gone in backend().remove()]
+            + _remove_nft_table(MAPS_TABLE) + forget_flows(("kernel", "user")))
 
 
-def _remove_iptables() -> list[str]:
-    """Every chain of ours and every jump to one, one iptables-restore transaction per family."""
-    removed = []
-    for tool in FAMILIES.values():
-        stale = _ours(tool)
-        if not any(jumps or chains for jumps, chains in stale.values()):
-            continue
-        _run([f"{tool}-restore", "--noflush"], input=unloading(stale))
-        for table, (jumps, chains) in stale.items():
-            removed += [f"{tool} -t {table} -A {' '.join(jump)}" for jump in jumps]
-            removed += [f"{tool} -t {table} chain {chain}" for chain in sorted(chains)]
-    return removed
-
-
-def _remove_nft_table(table: str, present: set[str]) -> list[str]:
-    if table not in present:
+def _remove_nft_table(table: str) -> list[str]:
+    if table not in _nft_tables():
         return []
     _run(["nft", "delete", "table", "inet", table])
     return [f"nft table inet {table}"]

@@ -52,12 +52,42 @@ NAT_RULES: list[dataplane.NatRule] = [
 @pytest.mark.parametrize("fail_open", [False, True], ids=["fail-closed", "fail-open"])
 def test_nft_ruleset_is_accepted_by_the_kernel(tb: Testbed, fail_open: bool, working: bool) -> None:
     """nft -c checks against the kernel; where it lacks queue, only that statement is swapped."""
-    text = dataplane.render_nft(dataplane.Ruleset(DataplaneSettings(0, fail_open), INTERFACES, True,
-                                                  (20000, 29999), working=working, socks_port=1080))
+    text = dataplane.NftBackend().render(dataplane.rules_of(dataplane.Ruleset(
+        DataplaneSettings(0, fail_open), INTERFACES, True, (20000, 29999), working=working, socks_port=1080)))
     if not queue_supported(tb):
         text = text.replace("queue num 0 bypass", "accept").replace("queue num 0", "accept")
     result = tb.run("fw", ["nft", "-c", "-f", "-"], input=text, check=False)
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("fail_open", [False, True], ids=["fail-closed", "fail-open"])
+def test_iptables_rules_are_accepted_by_the_kernel(tb: Testbed, fail_open: bool) -> None:
+    """The iptables backend's rules with every option (NAT, binds and the SOCKS port, the
+    caps, open ports), installed for real, running and then as the lockdown (iptables-restore
+    --test does not ask the kernel), each family's every rule in place; then unloaded."""
+    script = f"""
+import subprocess
+from dataclasses import replace
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Address, IPv6Interface, IPv6Network
+from enforcer import dataplane
+from enforcer.config import DataplaneSettings
+from enforcer.dataplane import Interfaces
+rs = dataplane.Ruleset(DataplaneSettings(0, {fail_open}, open_ports=((6, (22, 22)), (17, (67, 68)))),
+                       {INTERFACES!r}, True, (20000, 29999), socks_port=1080)
+backend = dataplane.IptablesBackend()
+try:
+    for ruleset in (rs, replace(rs, working=False)):
+        backend.install(ruleset)
+        for family, tool in backend.TOOLS.items():
+            rendered = backend.render(dataplane.rules_of(ruleset), family).count("-A PINHOLE-")
+            saved = subprocess.run([tool + "-save"], capture_output=True, text=True, check=True).stdout
+            print(family, ruleset.working, rendered, saved.count("-A PINHOLE-"))
+finally:
+    dataplane.unload()
+"""
+    counts = [line.split() for line in tb.run("fw", [sys.executable, "-c", script]).stdout.splitlines()]
+    assert len(counts) == 4 and all(int(rendered) == int(saved) > 0 for *_, rendered, saved in counts), counts
+    assert "PINHOLE" not in tb.run("fw", ["iptables-save"]).stdout + tb.run("fw", ["ip6tables-save"]).stdout
 
 
 def test_nat_map_elements_written_over_netlink_are_what_nft_reads(tb: Testbed) -> None:

@@ -1,5 +1,5 @@
-"""enforcer.dataplane: the rules (render_rules, render_nft, render_nft_maps) are pure text and the
-NAT map elements pure bytes, checked without root."""
+"""enforcer.dataplane: the rules (rules_of, rendered by IptablesBackend and NftBackend;
+render_nft_maps) are pure text and the NAT map elements pure bytes, checked without root."""
 
 from __future__ import annotations
 
@@ -32,12 +32,14 @@ from enforcer.dataplane import (
     CHAIN_PREFIX,
     BindRule,
     Interfaces,
+    IptablesBackend,
+    NftBackend,
     RedirectRule,
     Ruleset,
-    render_nft,
     render_nft_maps,
-    render_rules,
+    rules_of,
 )
+from enforcer.netfilter import Family
 
 IFACES = Interfaces(
     internal={"int0": 2, "int1": 3},
@@ -64,6 +66,16 @@ RANGES = DataplaneSettings(queue=3, kernel_redirect_ports=(50000, 50099), user_r
 OPEN_RANGES = DataplaneSettings(queue=3, fail_open=True, kernel_redirect_ports=(50000, 50099),
                                 user_redirect_ports=(50100, 50199))
 FAMS = ["ipv4", "ipv6"]
+
+
+def iptables_text(fam: Family, rs: Ruleset) -> str:
+    """What the iptables backend gives iptables-restore for one family."""
+    return IptablesBackend().render(rules_of(rs), fam)
+
+
+def nft_text(rs: Ruleset) -> str:
+    """What the nft backend gives nft."""
+    return NftBackend().render(rules_of(rs))
 
 
 def tables(text: str) -> dict[str, list[str]]:
@@ -96,7 +108,7 @@ def appended(lines: list[str], chain: str) -> list[str]:
 
 @pytest.mark.parametrize("fam", FAMS)
 def test_fail_closed(fam: str) -> None:
-    f = tables(render_rules(fam, Ruleset(CLOSED, IFACES)))["filter"]
+    f = tables(iptables_text(fam, Ruleset(CLOSED, IFACES)))["filter"]
     rules = appended(f, "PINHOLE-FORWARD")
     queue = [r for r in rules if "NFQUEUE" in r]
     assert queue, rules
@@ -112,7 +124,7 @@ def test_fail_closed(fam: str) -> None:
 
 @pytest.mark.parametrize("fam", FAMS)
 def test_fail_open(fam: str) -> None:
-    f = tables(render_rules(fam, Ruleset(OPEN, IFACES)))["filter"]
+    f = tables(iptables_text(fam, Ruleset(OPEN, IFACES)))["filter"]
     rules = appended(f, "PINHOLE-FORWARD")
     queue = [r for r in rules if "NFQUEUE" in r]
     assert len(queue) == 3, rules  # user-mode flows, new flows, and what is left
@@ -131,7 +143,7 @@ def test_fail_open(fam: str) -> None:
 @pytest.mark.parametrize("fam", FAMS)
 def test_admitted_flows_accepted_before_the_queue(fam: str) -> None:
     for settings in (CLOSED, OPEN):
-        rules = appended(tables(render_rules(fam, Ruleset(settings, IFACES)))["filter"], "PINHOLE-FORWARD")
+        rules = appended(tables(iptables_text(fam, Ruleset(settings, IFACES)))["filter"], "PINHOLE-FORWARD")
         accepts = [i for i, r in enumerate(rules) if r.endswith("-j ACCEPT")]
         first_queue = next(i for i, r in enumerate(rules) if "NFQUEUE" in r)
         # Two accepts, both before the queue: kernel-mode flows (by their connmark, part of
@@ -150,7 +162,7 @@ def test_admitted_flows_accepted_before_the_queue(fam: str) -> None:
 @pytest.mark.parametrize("fam", FAMS)
 @pytest.mark.parametrize("settings", [CLOSED, OPEN], ids=["closed", "open"])
 def test_rewritten_packets_accepted_before_any_queue(fam: str, settings: DataplaneSettings) -> None:
-    rules = appended(tables(render_rules(fam, Ruleset(settings, IFACES)))["filter"], "PINHOLE-FORWARD")
+    rules = appended(tables(iptables_text(fam, Ruleset(settings, IFACES)))["filter"], "PINHOLE-FORWARD")
     rewritten = [i for i, r in enumerate(rules)
                  if f"-m mark --mark {MARK_REWRITTEN:#010x}/{MARK_REWRITTEN:#010x} -j ACCEPT" in r]
     queues = [i for i, r in enumerate(rules) if "NFQUEUE" in r]
@@ -162,7 +174,7 @@ def test_rewritten_packets_accepted_before_any_queue(fam: str, settings: Datapla
 
 
 def test_queue_number_is_the_configured_one() -> None:
-    text = render_rules("ipv4", Ruleset(DataplaneSettings(queue=65535), IFACES))
+    text = iptables_text("ipv4", Ruleset(DataplaneSettings(queue=65535), IFACES))
     assert set(re.findall(r"--queue-num (\d+)", text)) == {"65535"}
 
 
@@ -176,12 +188,12 @@ def _mark(rule: str, option: str) -> tuple[int, int]:
 
 @pytest.mark.parametrize("fam", FAMS)
 def test_connmark_save_rule(fam: str) -> None:
-    mangle = tables(render_rules(fam, Ruleset(CLOSED, IFACES)))["mangle"]
+    mangle = tables(iptables_text(fam, Ruleset(CLOSED, IFACES)))["mangle"]
     saves = [r for r in appended(mangle, "PINHOLE-POSTROUTING") if "-j CONNMARK --save-mark" in r]
     assert len(saves) == 1
     save = saves[0]
     # every admitted flow, kernel or user mode: any mode bit set
-    assert f"-m mark ! --mark 0x0/{MARK_MODE:#010x}" in save
+    assert f"-m mark ! --mark 0x00000000/{MARK_MODE:#010x}" in save
     nfmask = int(re.search(r"--nfmask (0x[0-9a-f]+)", save).group(1), 16)  # type: ignore[union-attr]
     ctmask = int(re.search(r"--ctmask (0x[0-9a-f]+)", save).group(1), 16)  # type: ignore[union-attr]
     # Our bits are copied, and only ours: other users of the connmark keep theirs.
@@ -198,7 +210,7 @@ def test_connmark_save_rule(fam: str) -> None:
 def test_no_source_network_snat_without_nat(fam: str) -> None:
     """Without NAT, only flows marked for an external address (redirected flows) are
     source-translated: one rule per external address of the family, by mark."""
-    nat = tables(render_rules(fam, Ruleset(CLOSED, IFACES)))["nat"]
+    nat = tables(iptables_text(fam, Ruleset(CLOSED, IFACES)))["nat"]
     rules = appended(nat, "PINHOLE-POSTROUTING")
     assert not any(" -s " in r for r in rules), rules
     assert rules == [
@@ -221,7 +233,7 @@ def test_no_source_network_snat_without_nat(fam: str) -> None:
 def test_mark_based_snat_precedes_source_network_snat(fam: str) -> None:
     """A redirected flow marked for the second address must not be caught by the
     source-network rule that sends the rest out of the first."""
-    rules = appended(tables(render_rules(fam, Ruleset(CLOSED, IFACES, True)))["nat"], "PINHOLE-POSTROUTING")
+    rules = appended(tables(iptables_text(fam, Ruleset(CLOSED, IFACES, True)))["nat"], "PINHOLE-POSTROUTING")
     by_mark = [i for i, r in enumerate(rules) if "-m mark --mark" in r]
     by_source = [i for i, r in enumerate(rules) if " -s " in r]
     assert len(by_mark) == 2 and len(by_source) == len(NETWORKS[fam])
@@ -232,9 +244,9 @@ def test_mark_based_snat_precedes_source_network_snat(fam: str) -> None:
 def test_no_mark_based_snat_without_an_external_address_of_the_family() -> None:
     v4only = Interfaces(IFACES.internal, IFACES.external, IFACES.internal_networks,
                         (ipaddress.ip_address("198.51.100.1"),), IFACES.internal_addresses)
-    nat = tables(render_rules("ipv6", Ruleset(CLOSED, v4only)))["nat"]
+    nat = tables(iptables_text("ipv6", Ruleset(CLOSED, v4only)))["nat"]
     assert appended(nat, "PINHOLE-POSTROUTING") == []
-    assert appended(tables(render_rules("ipv4", Ruleset(CLOSED, v4only)))["nat"],
+    assert appended(tables(iptables_text("ipv4", Ruleset(CLOSED, v4only)))["nat"],
                     "PINHOLE-POSTROUTING") == [
         f"-A PINHOLE-POSTROUTING -m mark --mark 0x01000000/{MARK_SNAT:#010x} -o ext0 "
         "-j SNAT --to-source 198.51.100.1"]
@@ -242,7 +254,7 @@ def test_no_mark_based_snat_without_an_external_address_of_the_family() -> None:
 
 @pytest.mark.parametrize("fam", FAMS)
 def test_snat_per_internal_network_to_the_first_external_address(fam: str) -> None:
-    nat = tables(render_rules(fam, Ruleset(CLOSED, IFACES, True)))["nat"]
+    nat = tables(iptables_text(fam, Ruleset(CLOSED, IFACES, True)))["nat"]
     rules = appended(nat, "PINHOLE-POSTROUTING")
     by_source = [r for r in rules if " -s " in r]
     expected = [f"-A PINHOLE-POSTROUTING -s {n} -o ext0 -j SNAT --to-source {FIRST_EXTERNAL[fam]}"
@@ -259,7 +271,7 @@ def test_snat_per_internal_network_to_the_first_external_address(fam: str) -> No
 
 @pytest.mark.parametrize("fam", FAMS)
 def test_snat_addresses_are_of_the_family(fam: str) -> None:
-    rules = appended(tables(render_rules(fam, Ruleset(CLOSED, IFACES, True)))["nat"], "PINHOLE-POSTROUTING")
+    rules = appended(tables(iptables_text(fam, Ruleset(CLOSED, IFACES, True)))["nat"], "PINHOLE-POSTROUTING")
     version = 4 if fam == "ipv4" else 6
     for r in rules:
         address = r.rsplit("--to-source ", 1)[1]
@@ -270,7 +282,7 @@ def test_snat_addresses_are_of_the_family(fam: str) -> None:
 def test_snat_on_every_external_interface() -> None:
     two = Interfaces(IFACES.internal, {"ext0": 4, "ext1": 5}, IFACES.internal_networks,
                      IFACES.external_addresses)
-    rules = [r for r in appended(tables(render_rules("ipv4", Ruleset(CLOSED, two, True)))["nat"],
+    rules = [r for r in appended(tables(iptables_text("ipv4", Ruleset(CLOSED, two, True)))["nat"],
                                  "PINHOLE-POSTROUTING") if " -s " in r]
     assert sorted(rules) == sorted(
         f"-A PINHOLE-POSTROUTING -s {n} -o {ext} -j SNAT --to-source 198.51.100.1"
@@ -280,7 +292,7 @@ def test_snat_on_every_external_interface() -> None:
 def test_no_snat_without_an_external_address_of_the_family() -> None:
     v4only = Interfaces(IFACES.internal, IFACES.external, IFACES.internal_networks,
                         (ipaddress.ip_address("198.51.100.1"),))
-    text = render_rules("ipv6", Ruleset(CLOSED, v4only, True))
+    text = iptables_text("ipv6", Ruleset(CLOSED, v4only, True))
     assert "SNAT" not in text
     tables(text)  # still well-formed
 
@@ -291,7 +303,7 @@ def test_no_snat_without_an_external_address_of_the_family() -> None:
 @pytest.mark.parametrize("nat", [False, True])
 @pytest.mark.parametrize("settings", [CLOSED, OPEN], ids=["closed", "open"])
 def test_every_chain_is_ours(fam: str, nat: bool, settings: DataplaneSettings) -> None:
-    text = render_rules(fam, Ruleset(settings, IFACES, nat))
+    text = iptables_text(fam, Ruleset(settings, IFACES, nat))
     parsed = tables(text)
     # nat too without NAT: kernel-mode redirects and redirected flows' SNAT live there
     assert set(parsed) == {"raw", "filter", "mangle", "nat"}
@@ -322,8 +334,8 @@ def nft_chain(text: str, name: str) -> list[str]:
 
 
 def test_nft_fail_closed_and_open() -> None:
-    closed = render_nft(Ruleset(CLOSED, IFACES))
-    opened = render_nft(Ruleset(OPEN, IFACES))
+    closed = nft_text(Ruleset(CLOSED, IFACES))
+    opened = nft_text(Ruleset(OPEN, IFACES))
     assert "queue num 3" in closed and "bypass" not in closed
     assert "\n    drop\n" in closed
     forward = nft_chain(opened, "filter_forward")
@@ -338,7 +350,7 @@ def test_nft_fail_closed_and_open() -> None:
 
 def test_nft_rewritten_packets_accepted_before_any_queue() -> None:
     for settings in (CLOSED, OPEN):
-        forward = nft_chain(render_nft(Ruleset(settings, IFACES)), "filter_forward")
+        forward = nft_chain(nft_text(Ruleset(settings, IFACES)), "filter_forward")
         rewritten = forward.index(f"meta mark and {MARK_REWRITTEN:#010x} == {MARK_REWRITTEN:#010x} accept")
         kernel = forward.index(f"ct mark and {MARK_MODE:#010x} == {MARK_KERNEL:#010x} accept")
         first_queue = next(i for i, line in enumerate(forward) if "queue num" in line)
@@ -346,16 +358,16 @@ def test_nft_rewritten_packets_accepted_before_any_queue() -> None:
 
 
 def test_nft_nat() -> None:
-    routed = render_nft(Ruleset(CLOSED, IFACES))
+    routed = nft_text(Ruleset(CLOSED, IFACES))
     # Without NAT: no source-network SNAT, only the mark-based rules of redirected flows.
     assert "saddr" not in "\n".join(nft_chain(routed, "source_nat"))
     assert nft_chain(routed, "source_nat")[1:] == [
-        'meta mark and 0x0f000000 == 0x01000000 meta nfproto ipv4 oifname "ext0" snat ip to 198.51.100.1',
-        'meta mark and 0x0f000000 == 0x02000000 meta nfproto ipv4 oifname "ext0" snat ip to 198.51.100.2',
-        'meta mark and 0x0f000000 == 0x01000000 meta nfproto ipv6 oifname "ext0" snat ip6 to 2001:db8:2::1',
-        'meta mark and 0x0f000000 == 0x02000000 meta nfproto ipv6 oifname "ext0" snat ip6 to 2001:db8:2::2',
+        'meta nfproto ipv4 meta mark and 0x0f000000 == 0x01000000 oifname "ext0" snat ip to 198.51.100.1',
+        'meta nfproto ipv4 meta mark and 0x0f000000 == 0x02000000 oifname "ext0" snat ip to 198.51.100.2',
+        'meta nfproto ipv6 meta mark and 0x0f000000 == 0x01000000 oifname "ext0" snat ip6 to 2001:db8:2::1',
+        'meta nfproto ipv6 meta mark and 0x0f000000 == 0x02000000 oifname "ext0" snat ip6 to 2001:db8:2::2',
     ]
-    text = render_nft(Ruleset(CLOSED, IFACES, True))
+    text = nft_text(Ruleset(CLOSED, IFACES, True))
     for n in NETWORKS["ipv4"]:
         assert f'ip saddr {n} oifname "ext0" snat ip to 198.51.100.1' in text
     assert 'ip6 saddr 2001:db8:1::/64 oifname "ext0" snat ip6 to 2001:db8:2::1' in text
@@ -374,7 +386,7 @@ NFT_KEYWORDS = {
 
 
 def test_nft_chains_and_maps() -> None:
-    text = render_nft(Ruleset(CLOSED, IFACES))
+    text = nft_text(Ruleset(CLOSED, IFACES))
     maps_text = render_nft_maps()
     chains = [name for t in (text, maps_text) for name in re.findall(r"^  chain (\S+) \{$", t, re.M)]
     maps = re.findall(r"^  map (\S+) \{", maps_text, re.M)
@@ -418,7 +430,7 @@ def test_nft_chains_and_maps() -> None:
 
 @pytest.mark.parametrize("fail_open", [False, True])
 def test_nft_raw_queues_only_user_redirect_ports(fail_open: bool) -> None:
-    text = render_nft(Ruleset(OPEN_RANGES if fail_open else RANGES, IFACES))
+    text = nft_text(Ruleset(OPEN_RANGES if fail_open else RANGES, IFACES))
     queue = "queue num 3" + (" bypass" if fail_open else "")
     assert nft_chain(text, "raw_prerouting")[2:] == [
         'iifname "int0" ip daddr 192.0.2.1 meta l4proto { tcp, udp } th dport 50100-50199 ' + queue,
@@ -428,7 +440,7 @@ def test_nft_raw_queues_only_user_redirect_ports(fail_open: bool) -> None:
 
 
 def test_nft_input_drops_both_redirect_ranges() -> None:
-    text = render_nft(Ruleset(RANGES, IFACES))
+    text = nft_text(Ruleset(RANGES, IFACES))
     assert sorted(line for line in nft_chain(text, "filter_input") if "th dport" in line) == sorted(
         f"{p} daddr {a} meta l4proto {{ tcp, udp }} th dport {ports} drop"
         for p, fam in (("ip", "ipv4"), ("ip6", "ipv6")) for _, a in INTERNAL_ADDRESSES[fam]
@@ -438,7 +450,7 @@ def test_nft_input_drops_both_redirect_ranges() -> None:
 def test_nft_without_internal_addresses_has_empty_redirect_chains() -> None:
     bare = Interfaces(IFACES.internal, IFACES.external, IFACES.internal_networks,
                       IFACES.external_addresses)
-    text = render_nft(Ruleset(CLOSED, bare))
+    text = nft_text(Ruleset(CLOSED, bare))
     assert not any("queue" in line for line in nft_chain(text, "raw_prerouting"))
     assert not any("th dport" in line for line in nft_chain(text, "filter_input"))
     assert text.count("{") == text.count("}")
@@ -451,7 +463,7 @@ def test_nft_without_internal_addresses_has_empty_redirect_chains() -> None:
 @pytest.mark.parametrize("fail_open", [False, True])
 def test_raw_queues_only_the_user_redirect_ports(fam: str, fail_open: bool) -> None:
     settings = OPEN_RANGES if fail_open else RANGES
-    raw = tables(render_rules(fam, Ruleset(settings, IFACES)))["raw"]
+    raw = tables(iptables_text(fam, Ruleset(settings, IFACES)))["raw"]
     bypass = " --queue-bypass" if fail_open else ""
     assert [r for r in appended(raw, "PINHOLE-PREROUTING") if "NFQUEUE" in r] == [
         f"-A PINHOLE-PREROUTING -i {name} -d {address} -p {proto} --dport 50100:50199 "
@@ -464,7 +476,7 @@ def test_raw_queues_only_the_user_redirect_ports(fam: str, fail_open: bool) -> N
 
 @pytest.mark.parametrize("fam", FAMS)
 def test_default_user_redirect_ports_are_queued(fam: str) -> None:
-    raw = [r for r in appended(tables(render_rules(fam, Ruleset(CLOSED, IFACES)))["raw"],
+    raw = [r for r in appended(tables(iptables_text(fam, Ruleset(CLOSED, IFACES)))["raw"],
                                "PINHOLE-PREROUTING") if "NFQUEUE" in r]
     assert raw and all("--dport 63000:64999 -j NFQUEUE --queue-num 3" in r for r in raw)
     assert not any("--queue-bypass" in r for r in raw)
@@ -472,7 +484,7 @@ def test_default_user_redirect_ports_are_queued(fam: str) -> None:
 
 @pytest.mark.parametrize("fam", FAMS)
 def test_input_drops_both_redirect_ranges(fam: str) -> None:
-    f = tables(render_rules(fam, Ruleset(RANGES, IFACES)))["filter"]
+    f = tables(iptables_text(fam, Ruleset(RANGES, IFACES)))["filter"]
     assert sorted(r for r in appended(f, "PINHOLE-INPUT") if "--dport" in r) == sorted(
         f"-A PINHOLE-INPUT -d {address} -p {proto} --dport {ports} -j DROP"
         for _, address in INTERNAL_ADDRESSES[fam] for proto in ("tcp", "udp")
@@ -484,7 +496,7 @@ def test_input_drops_both_redirect_ranges(fam: str) -> None:
 def test_no_internal_addresses_no_redirect_port_rules() -> None:
     bare = Interfaces(IFACES.internal, IFACES.external, IFACES.internal_networks,
                       IFACES.external_addresses)
-    parsed = tables(render_rules("ipv4", Ruleset(CLOSED, bare)))
+    parsed = tables(iptables_text("ipv4", Ruleset(CLOSED, bare)))
     assert not any("NFQUEUE" in r for r in appended(parsed["raw"], "PINHOLE-PREROUTING"))
     assert appended(parsed["filter"], "PINHOLE-INPUT") == input_base("ipv4")
 
@@ -610,7 +622,7 @@ def test_elements_name_the_maps_the_table_declares() -> None:
 def test_stale_rules_are_replaced_in_the_same_transaction() -> None:
     """A crashed run's jumps are deleted, and its chains declared (which flushes them), in
     the restore input that installs the new rules: there is no moment without rules."""
-    text = render_rules("ipv4", Ruleset(CLOSED, IFACES))
+    text = iptables_text("ipv4", Ruleset(CLOSED, IFACES))
     stale = {"filter": ([["FORWARD", "-j", "PINHOLE-FORWARD"]], {"PINHOLE-FORWARD", "PINHOLE-OLD"}),
              "raw": ([], set())}
     replacing = dataplane._replacing(text, stale)
@@ -678,8 +690,8 @@ def test_an_unload_is_one_transaction_that_leaves_nothing_of_ours() -> None:
 def test_new_flows_to_bind_ports_go_to_the_queue(fam: str) -> None:
     """With a SOCKS service, a new flow to a bind port on an external address is queued
     (the enforcer drops what no approved bind admits); what is no flow at all is dropped."""
-    assert "--dport 20000:20099" not in render_rules(fam, Ruleset(CLOSED, IFACES, True))
-    rules = appended(tables(render_rules(fam, Ruleset(CLOSED, IFACES, True, (20000, 20099))))["filter"],
+    assert "--dport 20000:20099" not in iptables_text(fam, Ruleset(CLOSED, IFACES, True))
+    rules = appended(tables(iptables_text(fam, Ruleset(CLOSED, IFACES, True, (20000, 20099))))["filter"],
                      "PINHOLE-INPUT")
     binds = [r for r in rules if "--dport 20000:20099" in r]
     externals = IFACES.external_of(fam)
@@ -698,7 +710,7 @@ def test_new_flows_to_bind_ports_go_to_the_queue(fam: str) -> None:
             assert "hashlimit" in mine[0] and "connlimit" in mine[1]
             assert mine[2].endswith("-j NFQUEUE --queue-num 3") and mine[3].endswith("-j DROP")
     assert rules.index(binds[-1]) < rules.index(input_base(fam)[0])  # before the base's drop
-    nft = render_nft(Ruleset(CLOSED, IFACES, True, (20000, 20099)))
+    nft = nft_text(Ruleset(CLOSED, IFACES, True, (20000, 20099)))
     assert nft.count("th dport 20000-20099 ct state new queue num 3") == len(IFACES.external_addresses)
     admitted = [line for line in nft_chain(nft, "filter_input") if "socket" in line]
     assert admitted == [f"{'ip' if a.version == 4 else 'ip6'} daddr {a} udp dport 20000-20099 ct mark and "
@@ -713,18 +725,18 @@ def test_a_flow_to_a_firewall_client_s_bind_keeps_its_mark(fam: str) -> None:
     """The verdict marks a flow to a Firewall client's UDP bind (local_mark); a chain of the
     nat table's input hook, after the filter table's, copies it to the connmark for the
     admitted first packet (nat sees no other); without a SOCKS service there is none."""
-    assert "PINHOLE-LOCAL" not in tables(render_rules(fam, Ruleset(CLOSED, IFACES)))["nat"]
-    nat = tables(render_rules(fam, Ruleset(CLOSED, IFACES, True, (20000, 20099))))["nat"]
+    assert "PINHOLE-LOCAL" not in tables(iptables_text(fam, Ruleset(CLOSED, IFACES)))["nat"]
+    nat = tables(iptables_text(fam, Ruleset(CLOSED, IFACES, True, (20000, 20099))))["nat"]
     assert ":PINHOLE-LOCAL - [0:0]" in nat and "-I INPUT 1 -j PINHOLE-LOCAL" in nat
     assert appended(nat, "PINHOLE-LOCAL") == [
         f"-A PINHOLE-LOCAL -m mark --mark {MARK_LOCAL:#010x}/{MARK_LOCAL:#010x} -j CONNMARK --save-mark "
         f"--nfmask {MARK_LOCAL_KEPT:#010x} --ctmask {MARK_LOCAL_KEPT:#010x}"]
-    assert "save_local_mark" not in render_nft(Ruleset(CLOSED, IFACES))
-    chain = nft_chain(render_nft(Ruleset(CLOSED, IFACES, True, (20000, 20099))), "save_local_mark")
+    assert "save_local_mark" not in nft_text(Ruleset(CLOSED, IFACES))
+    chain = nft_chain(nft_text(Ruleset(CLOSED, IFACES, True, (20000, 20099))), "save_local_mark")
     assert chain == ["type filter hook input priority filter + 10; policy accept;",
                      f"meta mark and {MARK_LOCAL:#010x} == {MARK_LOCAL:#010x} "
                      f"ct mark set meta mark and {MARK_LOCAL_KEPT:#010x}"]
-    lockdown = render_rules(fam, Ruleset(CLOSED, IFACES, True, (20000, 20099), working=False))
+    lockdown = iptables_text(fam, Ruleset(CLOSED, IFACES, True, (20000, 20099), working=False))
     assert "CONNMARK" not in lockdown and "socket" not in lockdown
 
 
@@ -735,26 +747,26 @@ def test_the_socks_service_and_its_relay_ports_drop_what_comes_from_outside(
     """FWC-01 while the enforcer runs, fail_open included (no base): the SOCKS port (TCP)
     and the relay ports (UDP, the bind range) on each internal address drop what arrives
     on an external interface, before anything could accept it; from inside they are open."""
-    rules = appended(tables(render_rules(fam, Ruleset(settings, IFACES, False, (20000, 20099),
+    rules = appended(tables(iptables_text(fam, Ruleset(settings, IFACES, False, (20000, 20099),
                                                       socks_port=1080)))["filter"], "PINHOLE-INPUT")
     socks = [r for r in rules if "1080" in r]
     assert socks == [f"-A PINHOLE-INPUT -i ext0 -d {address} -p {proto} -m multiport "
                      "--dports 1080,20000:20099 -j DROP"
                      for _, address in INTERNAL_ADDRESSES[fam] for proto in ("tcp", "udp")]
     assert not any("-i int" in r and "-j DROP" in r for r in rules)
-    without = render_rules(fam, Ruleset(settings, IFACES, False, None, socks_port=None))
+    without = iptables_text(fam, Ruleset(settings, IFACES, False, None, socks_port=None))
     assert "--dport 1080" not in without
-    nft = nft_chain(render_nft(Ruleset(settings, IFACES, False, (20000, 20099), socks_port=1080)),
+    nft = nft_chain(nft_text(Ruleset(settings, IFACES, False, (20000, 20099), socks_port=1080)),
                     "filter_input")
     for _, address in INTERNAL_ADDRESSES[fam]:
         proto = "ip" if fam == "ipv4" else "ip6"
-        assert (f'iifname {{ "ext0" }} {proto} daddr {address} meta l4proto {{ tcp, udp }} '
+        assert (f'iifname "ext0" {proto} daddr {address} meta l4proto {{ tcp, udp }} '
                 "th dport { 1080, 20000-20099 } drop") in nft
 
 
 @pytest.mark.parametrize("fam", FAMS)
 def test_the_fw_s_icmp_errors_about_user_mode_flows_are_queued(fam: str) -> None:
-    (rule,) = appended(tables(render_rules(fam, Ruleset(CLOSED, IFACES)))["filter"], "PINHOLE-OUTPUT")
+    (rule,) = appended(tables(iptables_text(fam, Ruleset(CLOSED, IFACES)))["filter"], "PINHOLE-OUTPUT")
     assert f"-p {'icmp' if fam == 'ipv4' else 'ipv6-icmp'} " in rule
     assert "--ctstate RELATED --ctstatus CONFIRMED" in rule
     assert f"--mark {MARK_USER:#010x}/{MARK_MODE:#010x}" in rule and rule.endswith("--queue-num 3")
@@ -774,8 +786,8 @@ def input_base(fam: str, settings: DataplaneSettings = CLOSED) -> list[str]:
     return ["-A PINHOLE-INPUT -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT",
             "-A PINHOLE-INPUT -i lo -j ACCEPT", *nd,
             "-A PINHOLE-INPUT -i int0 -j ACCEPT", "-A PINHOLE-INPUT -i int1 -j ACCEPT",
-            *(f"-A PINHOLE-INPUT -p {'tcp' if p == 6 else 'udp'} --dport {lo}:{hi} -j ACCEPT"
-              for p, (lo, hi) in settings.open_ports),
+            *(f"-A PINHOLE-INPUT -p {'tcp' if p == 6 else 'udp'} --dport {lo if lo == hi else f'{lo}:{hi}'} "
+              "-j ACCEPT" for p, (lo, hi) in settings.open_ports),
             "-A PINHOLE-INPUT -j DROP"]
 
 
@@ -783,7 +795,7 @@ def input_base(fam: str, settings: DataplaneSettings = CLOSED) -> list[str]:
 def test_lockdown_is_the_base_alone(fam: str) -> None:
     """What a stop leaves: kernel-mode flows go on (one-way ones still one way), nothing
     else is forwarded, the fw answers only the internal side; nothing goes to the queue."""
-    text = render_rules(fam, Ruleset(CLOSED, IFACES, True, (20000, 20099), working=False))
+    text = iptables_text(fam, Ruleset(CLOSED, IFACES, True, (20000, 20099), working=False))
     parsed = tables(text)
     assert "NFQUEUE" not in text and "SNAT" not in text and "CONNMARK" not in text
     assert appended(parsed["filter"], "PINHOLE-FORWARD") == [*base_head(), "-A PINHOLE-FORWARD -j DROP"]
@@ -802,8 +814,8 @@ def test_the_working_rules_sit_inside_the_base(fam: str, nat: bool) -> None:
     """Running, each base chain is the base's head, then the working rules, then the base's
     tail: a stop that takes the working rules away leaves exactly the lockdown."""
     settings = DataplaneSettings(queue=3, open_ports=((6, (22, 22)),))
-    running = tables(render_rules(fam, Ruleset(settings, IFACES, nat, (20000, 20099))))
-    stopped = tables(render_rules(fam, Ruleset(settings, IFACES, nat, (20000, 20099), working=False)))
+    running = tables(iptables_text(fam, Ruleset(settings, IFACES, nat, (20000, 20099))))
+    stopped = tables(iptables_text(fam, Ruleset(settings, IFACES, nat, (20000, 20099), working=False)))
     for table, chain in (("filter", "PINHOLE-FORWARD"), ("filter", "PINHOLE-INPUT"),
                          ("raw", "PINHOLE-PREROUTING")):
         base, whole = appended(stopped[table], chain), appended(running[table], chain)
@@ -812,7 +824,7 @@ def test_the_working_rules_sit_inside_the_base(fam: str, nat: bool) -> None:
         assert whole[:head] == base[:head] and (tail == 0 or whole[-tail:] == base[head:]), chain
         assert len(whole) > len(base), chain
     assert appended(running["filter"], "PINHOLE-INPUT")[-3:] == [
-        "-A PINHOLE-INPUT -i int1 -j ACCEPT", "-A PINHOLE-INPUT -p tcp --dport 22:22 -j ACCEPT",
+        "-A PINHOLE-INPUT -i int1 -j ACCEPT", "-A PINHOLE-INPUT -p tcp --dport 22 -j ACCEPT",
         "-A PINHOLE-INPUT -j DROP"]
 
 
@@ -821,10 +833,10 @@ def test_failing_open_has_no_lockdown(fam: str) -> None:
     """fail_open: nothing drops what a dead enforcer would have judged, and the fw's own
     services are not closed (a stop removes every rule; see daemon)."""
     for working in (True, False):
-        parsed = tables(render_rules(fam, Ruleset(OPEN, IFACES, working=working)))
+        parsed = tables(iptables_text(fam, Ruleset(OPEN, IFACES, working=working)))
         assert "-A PINHOLE-FORWARD -j DROP" not in parsed["filter"]
         assert "-A PINHOLE-INPUT -j DROP" not in parsed["filter"]
-    nft = render_nft(Ruleset(OPEN, IFACES, working=False))
+    nft = nft_text(Ruleset(OPEN, IFACES, working=False))
     assert "\n    drop\n" not in nft
 
 
@@ -832,11 +844,11 @@ def test_failing_open_has_no_lockdown(fam: str) -> None:
 def test_reverse_path_filter_on_every_interface(fam: str) -> None:
     """Rule 17: a source not routed back through the interface it came in on is dropped
     before connection tracking, before anything is queued."""
-    raw = appended(tables(render_rules(fam, Ruleset(CLOSED, IFACES)))["raw"], "PINHOLE-PREROUTING")
+    raw = appended(tables(iptables_text(fam, Ruleset(CLOSED, IFACES)))["raw"], "PINHOLE-PREROUTING")
     checks = [f"-A PINHOLE-PREROUTING -i {name} -m rpfilter --invert -j DROP"
               for name in ("int0", "int1", "ext0")]
     assert raw[:3] == checks and all("NFQUEUE" in r for r in raw[3:])
-    assert nft_chain(render_nft(Ruleset(CLOSED, IFACES)), "raw_prerouting")[1] == \
+    assert nft_chain(nft_text(Ruleset(CLOSED, IFACES)), "raw_prerouting")[1] == \
         'iifname { "int0", "int1", "ext0" } fib saddr . iif oif missing drop'
 
 
@@ -845,7 +857,7 @@ def test_new_flow_caps_before_the_queue(fam: str) -> None:
     """Rule 16 in the kernel: a client address's new flows beyond a rate, or beyond the
     flows the kernel tracks for it, are dropped before they reach the queue."""
     limits = Limits(flows_per_client=77, new_flows_per_second=300)
-    rules = appended(tables(render_rules(fam, Ruleset(CLOSED, IFACES, limits=limits)))["filter"],
+    rules = appended(tables(iptables_text(fam, Ruleset(CLOSED, IFACES, limits=limits)))["filter"],
                      "PINHOLE-FORWARD")
     prefix = 32 if fam == "ipv4" else 128
     rate, count, queue = (next(i for i, r in enumerate(rules) if word in r)
@@ -855,23 +867,23 @@ def test_new_flow_caps_before_the_queue(fam: str) -> None:
     assert f"--hashlimit-above 300/sec --hashlimit-burst 30 --hashlimit-mode srcip " \
            f"--hashlimit-srcmask {prefix} " in rules[rate]
     assert f"--connlimit-above 77 --connlimit-mask {prefix} --connlimit-saddr -j DROP" in rules[count]
-    off = render_rules(fam, Ruleset(CLOSED, IFACES, limits=Limits(new_flows_per_second=0)))
+    off = iptables_text(fam, Ruleset(CLOSED, IFACES, limits=Limits(new_flows_per_second=0)))
     assert "hashlimit" not in off and "connlimit" in off
-    nft = render_nft(Ruleset(CLOSED, IFACES, limits=limits))
+    nft = nft_text(Ruleset(CLOSED, IFACES, limits=limits))
     assert "limit rate over 300/second burst 30 packets" in nft and "ct count over 77" in nft
-    assert "--hashlimit-burst 10 " in render_rules(fam, Ruleset(CLOSED, IFACES, limits=Limits(
+    assert "--hashlimit-burst 10 " in iptables_text(fam, Ruleset(CLOSED, IFACES, limits=Limits(
         new_flows_per_second=20)))
 
 
 def test_nft_lockdown() -> None:
-    text = render_nft(Ruleset(CLOSED, IFACES, True, (20000, 20099), working=False))
+    text = nft_text(Ruleset(CLOSED, IFACES, True, (20000, 20099), working=False))
     assert "queue" not in text and "snat" not in text and "set " not in text
     assert nft_chain(text, "filter_forward")[1:] == [
         f"ct mark and {MARK_ONE_WAY:#010x} == {MARK_ONE_WAY:#010x} ct direction reply drop",
         f"ct mark and {MARK_MODE:#010x} == {MARK_KERNEL:#010x} accept", "drop"]
     assert nft_chain(text, "filter_input")[1:] == [
         "ct state established,related accept", 'iifname "lo" accept',
-        "icmpv6 type { 133, 134, 135, 136 } ip6 hoplimit 255 accept",
+        "meta nfproto ipv6 icmpv6 type { 133, 134, 135, 136 } ip6 hoplimit 255 accept",
         'iifname { "int0", "int1" } accept', "drop"]
     assert text.count("{") == text.count("}")
 

@@ -103,7 +103,7 @@ NFT_MSG_NEWSETELEM, NFT_MSG_DELSETELEM = 12, 14
 NLM_F_REQUEST, NLM_F_ACK, NLM_F_CREATE = 0x1, 0x4, 0x400
 NLMSG_ERROR = 2
 NFTA_SET_ELEM_LIST_TABLE, NFTA_SET_ELEM_LIST_SET, NFTA_SET_ELEM_LIST_ELEMENTS = 1, 2, 3
-NFTA_SET_ELEM_KEY, NFTA_SET_ELEM_DATA, NFTA_DATA_VALUE = 1, 2, 1
+NFTA_SET_ELEM_KEY, NFTA_SET_ELEM_DATA, NFTA_SET_ELEM_TIMEOUT, NFTA_DATA_VALUE = 1, 2, 4, 1
 NETLINK_TIMEOUT = 2.0  # the kernel answers a map update at once; this only guards a bug
 
 def _hex(value: int) -> str:
@@ -879,11 +879,19 @@ def batch_marker(kind: int, seq: int) -> bytes:
     return _netlink(kind, NLM_F_REQUEST, seq, 0, NFNL_SUBSYS_NFTABLES, b"")
 
 
-def set_elements_message(name: str, elements: list[tuple[bytes, bytes]], add: bool, seq: int) -> bytes:
-    """NFT_MSG_NEWSETELEM (or DELSETELEM, keys alone) of the maps table's map ``name``."""
+def set_elements_message(name: str, elements: list[tuple[bytes, bytes]], add: bool, seq: int,
+                         timeout_ms: int | None = None) -> bytes:
+    """NFT_MSG_NEWSETELEM (or DELSETELEM, keys alone) of the maps table's map ``name``.
+
+    An empty value adds a set's element (a key alone). ``timeout_ms`` gives each added
+    element its own timeout (the set must have the timeout flag); without it an element
+    takes the set's default timeout, if any."""
+    timeout = (_attribute(NFTA_SET_ELEM_TIMEOUT, struct.pack("!Q", timeout_ms))
+               if add and timeout_ms is not None else b"")
     items = b"".join(
         _attribute(i + 1, _attribute(NFTA_SET_ELEM_KEY, _attribute(NFTA_DATA_VALUE, key))
-                   + (_attribute(NFTA_SET_ELEM_DATA, _attribute(NFTA_DATA_VALUE, value)) if add else b""))
+                   + (_attribute(NFTA_SET_ELEM_DATA, _attribute(NFTA_DATA_VALUE, value))
+                      if add and value else b"") + timeout)
         for i, (key, value) in enumerate(elements))
     body = (_attribute(NFTA_SET_ELEM_LIST_TABLE, MAPS_TABLE.encode() + b"\0")
             + _attribute(NFTA_SET_ELEM_LIST_SET, name.encode() + b"\0")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import struct
 import sys
 
 import pytest
@@ -890,7 +891,8 @@ def test_nft_lockdown() -> None:
 
 # --- the netlink messages, against pyroute2's encoding -----------------------------------------
 
-def _pyroute2_set_elements(name: str, elements: list[tuple[bytes, bytes]], add: bool, seq: int) -> bytes:
+def _pyroute2_set_elements(name: str, elements: list[tuple[bytes, bytes]], add: bool, seq: int,
+                           timeout_ms: int | None = None) -> bytes:
     from pyroute2.netlink import NLM_F_ACK, NLM_F_CREATE, NLM_F_REQUEST
     from pyroute2.netlink.nfnetlink import NFNL_SUBSYS_NFTABLES
     from pyroute2.netlink.nfnetlink.nftsocket import (
@@ -910,7 +912,8 @@ def _pyroute2_set_elements(name: str, elements: list[tuple[bytes, bytes]], add: 
     msg["attrs"] = [("NFTA_SET_ELEM_LIST_TABLE", dataplane.MAPS_TABLE), ("NFTA_SET_ELEM_LIST_SET", name),
                     ("NFTA_SET_ELEM_LIST_ELEMENTS",
                      [{"attrs": [("NFTA_SET_ELEM_KEY", value(k))] + ([("NFTA_SET_ELEM_DATA", value(v))]
-                                                                     if add else [])}
+                                                                     if add and v else [])
+                       + ([("NFTA_SET_ELEM_TIMEOUT", timeout_ms)] if add and timeout_ms is not None else [])}
                       for k, v in elements])]
     msg.encode()
     return bytes(msg.data)
@@ -924,6 +927,17 @@ def test_set_element_messages_are_what_pyroute2_encodes(add: bool) -> None:
     for name, chosen in (("bind_to_ip", elements[:1]), ("redirect_to_ip6", elements)):
         assert dataplane.set_elements_message(name, chosen, add, 42) == \
             _pyroute2_set_elements(name, chosen, add, 42)
+
+
+@pytest.mark.parametrize("add", [True, False])
+def test_set_elements_with_a_timeout_and_keys_alone_are_what_pyroute2_encodes(add: bool) -> None:
+    """A set's elements (an empty value: a key alone) and a per-element timeout (kernel
+    grants, bench/kernel_grants.py), byte for byte as pyroute2 encodes them."""
+    keys = [key for rule in (RULE4, BIND4) for _, key, _ in rule.elements()]
+    for timeout in (None, 30_000):
+        for chosen in ([(k, b"") for k in keys], [(k, struct.pack("=I", 0x10000000)) for k in keys]):
+            assert dataplane.set_elements_message("once_ip", chosen, add, 9, timeout) == \
+                _pyroute2_set_elements("once_ip", chosen, add, 9, timeout)
 
 
 def test_forget_by_mark_is_what_pyroute2_encodes() -> None:

@@ -38,6 +38,10 @@ datagram, no acknowledgements asked (the kernel still reports failures, which
 ``receive`` counts). ``close()`` flushes, unbinds and closes; it is idempotent, and a
 ``Queue`` is also a context manager that closes on exit.
 
+Memory. ``keep_freed_memory()``, called once at the process's start, keeps glibc from
+returning each batch's payloads (with GSO, up to 64 of 64 KiB) to the system only to
+fault them in again for the next batch (see its docstring for what that costs).
+
 Checksums. With ``gso=True`` (NFQA_CFG_F_GSO) the kernel queues GSO packets whole
 (``Packet.gso``; up to 64 KiB, one verdict for all their segments) and does not
 complete a partial checksum before copying: a locally sent or offloaded packet comes
@@ -58,6 +62,7 @@ network byte order, attributes 4-byte aligned.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import logging
 import os
@@ -99,6 +104,8 @@ RECEIVE_SIZE = 0x10000 + 4096
 SEND_SIZE = 128 * 1024  # at most this many bytes of verdicts a datagram (under the send buffer)
 CONFIG_TIMEOUT = 2.0  # the kernel answers a config message at once; this only guards a bug
 LOGGED_VERDICT_ERRORS = 10
+M_TRIM_THRESHOLD = -1  # malloc.h: mallopt's parameter for how much freed heap is kept
+FREED_MEMORY_KEPT = 64 * 1024 * 1024
 PROC_QUEUES = Path("/proc/net/netfilter/nfnetlink_queue")
 
 _HEADER = struct.Struct("=IHHII")  # nlmsghdr: length, type, flags, seq, port id
@@ -460,6 +467,23 @@ class Queue:
     def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
                  traceback: TracebackType | None) -> None:
         self.close()
+
+
+def keep_freed_memory(limit: int = FREED_MEMORY_KEPT) -> bool:
+    """Have glibc's malloc keep up to ``limit`` bytes of freed heap for reuse (mallopt's
+    M_TRIM_THRESHOLD) instead of returning it to the system at once; False where the C
+    library has no mallopt. The setting is the whole process's: call this once, at start.
+
+    A batch of GSO packets holds up to 64 payloads of 64 KiB at once. With glibc's default
+    threshold (128 KiB), freeing a batch gives those megabytes back to the kernel and the
+    next batch faults them in again page by page: about 70 us a payload on the 2-core VM,
+    against about 1 us with the memory kept."""
+    try:
+        libc = ctypes.CDLL(None)
+    except OSError:
+        return False
+    mallopt = getattr(libc, "mallopt", None)
+    return mallopt is not None and mallopt(M_TRIM_THRESHOLD, limit) == 1
 
 
 def _holder(number: int) -> int | None:

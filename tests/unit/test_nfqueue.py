@@ -472,3 +472,25 @@ def test_close_sends_what_is_buffered_then_unbinds_once(fake: type[FakeNetlink])
     assert netlink.closed
     queue.close()
     assert len(netlink.sent) == 2
+
+
+def test_keep_freed_memory_sets_mallopts_trim_threshold(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[int, int]] = []
+
+    class Libc:
+        def mallopt(self, parameter: int, value: int) -> int:
+            calls.append((parameter, value))
+            return 1
+
+    monkeypatch.setattr(nfqueue.ctypes, "CDLL", lambda _name: Libc())
+    assert nfqueue.keep_freed_memory()
+    assert calls == [(-1, 64 * 1024 * 1024)]  # M_TRIM_THRESHOLD
+
+
+def test_keep_freed_memory_without_mallopt_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(nfqueue.ctypes, "CDLL", lambda _name: object())
+    assert not nfqueue.keep_freed_memory()
+
+
+def test_keep_freed_memory_works_with_this_c_library() -> None:
+    assert nfqueue.keep_freed_memory() == hasattr(nfqueue.ctypes.CDLL(None), "mallopt")

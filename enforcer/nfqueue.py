@@ -49,13 +49,22 @@ with ``checksum_ready`` False and a TCP/UDP checksum field holding only the
 pseudo-header sum. Do not verify checksums of such packets. With ``gso=False`` the
 kernel completes the checksum and segments GSO packets before queueing them, each
 segment a packet of its own. Either way, a verdict with a payload makes the kernel
-treat the packet as CHECKSUM_NONE: the payload must carry complete, correct IP and
-TCP/UDP checksums (a GSO packet's segments get theirs recomputed when the kernel
-segments it). A payload of a packet read truncated (``length > len(payload)``, beyond
+treat the packet as CHECKSUM_NONE, so the checksums in a payload are what is sent:
+
+- not GSO: complete, correct IP and TCP/UDP checksums (one left partial is dropped);
+- GSO: the kernel segments the packet after the verdict and makes each segment's
+  TCP/UDP checksum then. TCP starts afresh (a complete checksum was checked to work);
+  UDP (UDP_SEGMENT sends) starts from the super-packet's checksum field, which must
+  therefore be the pseudo-header sum for the new length, not complemented, as it came
+  (a complete checksum there spoils every segment). The IP header checksum is always
+  to be complete.
+
+A payload of a packet read truncated (``length > len(payload)``, beyond
 ``copy_range``) would cut the packet short: decide on such a packet without one.
 
 Sources: linux/netlink.h, linux/netfilter/nfnetlink.h and nfnetlink_queue.h for the
-numbers and layouts; net/netfilter/nfnetlink_queue.c for the behaviour above. The
+numbers and layouts; net/netfilter/nfnetlink_queue.c for the behaviour above, which
+tests/e2e/test_nfqueue_binding.py checks against the running kernel. The
 netlink header is in host byte order, nfnetlink's res_id and every NFQA_* value in
 network byte order, attributes 4-byte aligned.
 """

@@ -76,9 +76,11 @@ def checksum(data: bytes) -> int:
     return ~total & 0xFFFF
 
 
-def with_udp_data(packet: bytes, data: bytes, good_checksum: bool = True) -> bytes:
-    """``packet`` (IPv4/UDP) carrying ``data`` instead, lengths and checksums complete
-    (or, if not ``good_checksum``, with a UDP checksum off by one)."""
+def with_udp_data(packet: bytes, data: bytes, how: str = "complete") -> bytes:
+    """``packet`` (IPv4/UDP) carrying ``data`` instead, lengths and the IP checksum
+    right; its UDP checksum ``complete``, ``wrong`` (complete, off by one), or
+    ``partial``: the pseudo-header sum alone, as a packet with a partial checksum
+    (CHECKSUM_PARTIAL) holds it."""
     ihl = (packet[0] & 0x0F) * 4
     ip = bytearray(packet[:ihl])
     struct.pack_into("!H", ip, 2, ihl + 8 + len(data))
@@ -86,10 +88,13 @@ def with_udp_data(packet: bytes, data: bytes, good_checksum: bool = True) -> byt
     struct.pack_into("!H", ip, 10, checksum(bytes(ip)))
     sport, dport = struct.unpack_from("!HH", packet, ihl)
     udp = struct.pack("!HHHH", sport, dport, 8 + len(data), 0) + data
-    pseudo = ip[12:20] + struct.pack("!BBH", 0, socket.IPPROTO_UDP, len(udp))
-    csum = checksum(bytes(pseudo) + udp) or 0xFFFF
-    if not good_checksum:
-        csum = csum % 0xFFFF + 1
+    pseudo = bytes(ip[12:20]) + struct.pack("!BBH", 0, socket.IPPROTO_UDP, len(udp))
+    if how == "partial":
+        csum = ~checksum(pseudo) & 0xFFFF
+    else:
+        csum = checksum(pseudo + udp) or 0xFFFF
+        if how == "wrong":
+            csum = csum % 0xFFFF + 1
     return bytes(ip) + udp[:6] + struct.pack("!H", csum) + udp[8:]
 
 
@@ -143,9 +148,9 @@ class Probe:
             errors = udp_checksum_errors()
             self.send(b"original", b"original, checksum off")
             packets = collect(queue, 2)
-            for packet, new, good in zip(packets, (b"rewritten, longer than before", b"never seen"),
-                                         (True, False), strict=False):
-                queue.verdict(packet.packet_id, True, payload=with_udp_data(packet.payload, new, good))
+            for packet, new, how in zip(packets, (b"rewritten, longer than before", b"never seen"),
+                                        ("complete", "wrong"), strict=False):
+                queue.verdict(packet.packet_id, True, payload=with_udp_data(packet.payload, new, how))
             queue.flush()
             return {"queued": len(packets), "arrived": [d.decode() for d in arrived(self.rx_out, 1)],
                     "checksum_errors": udp_checksum_errors() - errors}
@@ -175,6 +180,27 @@ class Probe:
                 result["on" if flag else "off"] = {
                     "queued": [summary(p) for p in packets],
                     "arrived": [len(d) for d in arrived(self.rx_out, 4)]}
+        sender.close()
+        return result
+
+    def gso_payload(self) -> dict[str, Any]:
+        """New content for a UDP GSO send (four segments of 1000 bytes): the kernel makes
+        each segment's checksum from the super-packet's checksum field, so that must stay
+        the pseudo-header sum (partial); a complete checksum there spoils every segment."""
+        result = {}
+        sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sender.setsockopt(socket.IPPROTO_UDP, UDP_SEGMENT, 1000)
+        with Queue(QUEUE, gso=True) as queue:
+            for how, fill in (("partial", b"P"), ("complete", b"C")):
+                sender.sendto(b"g" * 4000, (LOCAL, OUT_PORT))
+                packets = collect(queue, 1)
+                for packet in packets:
+                    queue.verdict(packet.packet_id, True,
+                                  payload=with_udp_data(packet.payload, fill * 4000, how))
+                queue.flush()
+                got = arrived(self.rx_out, 4 if how == "partial" else 0)
+                result[how] = {"queued_gso": [p.gso for p in packets],
+                               "arrived": [(len(d), "".join(sorted(set(d.decode())))) for d in got]}
         sender.close()
         return result
 
@@ -277,7 +303,8 @@ def main() -> int:
     probe = Probe()
     scenarios: dict[str, Callable[[], dict[str, Any]]] = {
         "accept_and_drop": probe.accept_and_drop, "marks": probe.marks, "payloads": probe.payloads,
-        "input_hook": probe.input_hook, "gso": probe.gso, "truncated": probe.truncated,
+        "input_hook": probe.input_hook, "gso": probe.gso, "gso_payload": probe.gso_payload,
+        "truncated": probe.truncated,
         "second_bind": probe.second_bind, "overflow": probe.overflow,
         "refused_verdict": probe.refused_verdict, "close_unbinds": probe.close_unbinds,
     }

@@ -93,6 +93,15 @@ def test_with_gso_a_gso_send_is_one_packet_and_without_it_the_segments(report: d
     assert part["off"]["arrived"] == [1000] * 4
 
 
+def test_a_udp_gso_packets_new_payload_keeps_a_partial_checksum(report: dict[str, Any]) -> None:
+    """The kernel makes each segment's checksum from the super-packet's field: new
+    content with the pseudo-header sum there arrives as four segments; with a complete
+    checksum there, none does."""
+    part = scenario(report, "gso_payload")
+    assert part["partial"] == {"queued_gso": [True], "arrived": [[1000, "P"]] * 4}
+    assert part["complete"] == {"queued_gso": [True], "arrived": []}
+
+
 def test_a_packet_longer_than_the_copy_range_is_read_truncated_with_its_length(
         report: dict[str, Any]) -> None:
     part = scenario(report, "truncated")

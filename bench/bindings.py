@@ -73,7 +73,11 @@ CONFIGS = [
     Config("nfq-new", "NFQUEUE new flows only, NetfilterQueue 1.1.0", "netfilterqueue",
            new_flows_only=True),
     Config("fnfq-gso", "NFQUEUE all packets, fnfqueue 1.1.2 + GSO (extra)", "fnfqueue", gso=True),
+    Config("pinhole-all", "NFQUEUE all packets, pinhole (enforcer.nfqueue)", "pinhole"),
+    Config("pinhole-gso", "NFQUEUE all packets, pinhole (enforcer.nfqueue) + GSO", "pinhole", gso=True),
 ]
+# the module each binding imports (a binding's row is skipped where it is missing)
+MODULES = {"netfilterqueue": "netfilterqueue", "fnfqueue": "fnfqueue", "pinhole": "enforcer.nfqueue"}
 
 
 @dataclass
@@ -82,6 +86,7 @@ class Sample:
     packets: int | None = None
     seconds: float | None = None
     overflows: int | None = None
+    cpu_seconds: float | None = None  # the consumer's CPU time once it was ready
     queue_dropped: int | None = None
     user_dropped: int | None = None
     retransmits: int | None = None
@@ -92,6 +97,13 @@ class Sample:
         if self.packets is None or not self.seconds:
             return None
         return self.packets / self.seconds
+
+    @property
+    def cpu_per_packet(self) -> float | None:
+        """The consumer's CPU microseconds per packet it decided."""
+        if self.cpu_seconds is None or not self.packets:
+            return None
+        return self.cpu_seconds / self.packets * 1e6
 
 
 @dataclass
@@ -106,7 +118,7 @@ class Row:
 def binding_missing(binding: str | None) -> str | None:
     if binding is None:
         return None
-    if importlib.util.find_spec(binding) is None:
+    if importlib.util.find_spec(MODULES[binding]) is None:
         return f"{binding} not installed (pip install -e '.[bench]')"
     return None
 
@@ -156,6 +168,7 @@ def measure(tb: Testbed, server: IperfServer, cfg: Config, seconds: int) -> Samp
             if stats:
                 sample.packets = stats.get("packets")
                 sample.overflows = stats.get("overflows")
+                sample.cpu_seconds = stats.get("cpu_seconds")
     return sample
 
 
@@ -170,6 +183,7 @@ def summarize(rows: list[Row]) -> list[dict[str, Any]]:
         bps = median([s.bps for s in ok if s.bps])
         pps = median([p for s in ok if (p := s.pps) is not None])
         pkts = median([float(s.packets) for s in ok if s.packets is not None])
+        cpu = median([c for s in ok if (c := s.cpu_per_packet) is not None])
         entry: dict[str, Any] = {
             "name": row.config.name,
             "label": row.config.label,
@@ -182,6 +196,7 @@ def summarize(rows: list[Row]) -> list[dict[str, Any]]:
             "median_gbps": round(bps / 1e9, 3) if bps else None,
             "median_pps": round(pps, 1) if pps is not None else None,
             "median_packets_queued": round(pkts) if pkts is not None else None,
+            "median_cpu_us_per_packet": round(cpu, 2) if cpu is not None else None,
             "ratio_to_plain": round(bps / base_bps, 4) if bps and base_bps else None,
             "samples": [
                 {
@@ -191,6 +206,7 @@ def summarize(rows: list[Row]) -> list[dict[str, Any]]:
                     "seconds": s.seconds,
                     "retransmits": s.retransmits,
                     "consumer_overflows": s.overflows,
+                    "consumer_cpu_seconds": s.cpu_seconds,
                     "kernel_queue_dropped": s.queue_dropped,
                     "kernel_user_dropped": s.user_dropped,
                     "error": s.error,
@@ -203,7 +219,7 @@ def summarize(rows: list[Row]) -> list[dict[str, Any]]:
 
 
 def table(summary: list[dict[str, Any]]) -> str:
-    head = ("configuration", "Gbit/s", "queued pkt/s", "queued/run", "x plain", "runs", "note")
+    head = ("configuration", "Gbit/s", "queued pkt/s", "queued/run", "CPU us/pkt", "x plain", "runs", "note")
     lines = []
     for e in summary:
         errs = sorted({s["error"] for s in e["samples"] if s["error"]})
@@ -217,6 +233,7 @@ def table(summary: list[dict[str, Any]]) -> str:
             f"{e['median_gbps']:.2f}" if e["median_gbps"] is not None else "-",
             f"{e['median_pps']:,.0f}" if e["median_pps"] is not None else "-",
             f"{e['median_packets_queued']:,}" if e["median_packets_queued"] is not None else "-",
+            f"{e['median_cpu_us_per_packet']:.1f}" if e["median_cpu_us_per_packet"] is not None else "-",
             f"{e['ratio_to_plain']:.3f}" if e["ratio_to_plain"] is not None else "-",
             f"{e['runs_ok']}/{len(e['samples'])}" if not e["skipped"] else "0/0",
             note,
@@ -292,6 +309,8 @@ def main(argv: list[str] | None = None) -> int:
             "order": "round-robin over configurations, repeated reps times",
             "ratio": "median Gbit/s of the row / median Gbit/s of plain forwarding in this run",
             "pps": "packets the consumer accepted / iperf3 receive seconds (median over runs)",
+            "cpu_us_per_packet": "the consumer's CPU time (user + system, the kernel's forwarding "
+                                 "of the packets it accepts included) / packets it accepted",
         },
         "wall_seconds": round(time.monotonic() - t0, 1),
         "results": summary,

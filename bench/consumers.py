@@ -2,18 +2,24 @@
 
 Run inside the firewall namespace::
 
-    python -m bench.consumers --binding netfilterqueue|fnfqueue [--queue 5] [--gso]
+    python -m bench.consumers --binding netfilterqueue|fnfqueue|pinhole [--queue 5] [--gso]
 
 The consumer binds the queue, prints ``ready`` on stdout, then accepts every
 packet and counts it. On SIGTERM (or SIGINT) it prints one JSON line with its
-counters and exits. If the binding cannot be imported or bound, it prints one
-JSON line ``{"error": ...}`` instead of ``ready`` and exits with status 2.
+counters and exits. Its ``cpu_seconds`` is the process's CPU time since ``ready``,
+user and system; the kernel's work on a verdict, the rest of the packet's
+forwarding included, counts as the consumer's system time. If the binding cannot
+be imported or bound, it prints one JSON line ``{"error": ...}`` instead of
+``ready`` and exits with status 2.
 
 The NetfilterQueue consumer is shaped like the enforcer's data plane
 (``enforcer/daemon.py``): ``max_len=8192``, a selector on the queue descriptor
 and ``run(block=False)``. The fnfqueue consumer follows the fnfqueue traps in
 FIELD_NOTES.md: a large netlink receive buffer, batched receive, and
-``BufferOverflowException`` caught and cleared with ``reset()``.
+``BufferOverflowException`` caught and cleared with ``reset()``. The pinhole
+consumer is the enforcer's own binding (``enforcer/nfqueue.py``) in the shape the
+enforcer's loop would use it: a selector on its socket, ``receive(64)``, a verdict
+each, ``flush()`` after each batch.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 QUEUE_MAXLEN = 8192  # as the enforcer binds its queue
 FNFQUEUE_RCVBUF = 64 * 1024 * 1024
 FNFQUEUE_BATCH = 64
+PINHOLE_BATCH = 64  # as the enforcer decides queued packets a turn
 
 
 def _emit(obj: dict[str, Any]) -> None:
@@ -82,7 +89,7 @@ def run_netfilterqueue(queue: int, gso: bool) -> int:
     queue_sock = socket.socket(fileno=os.dup(nfq.get_fd()))
     sel.register(queue_sock, selectors.EVENT_READ, "queue")
     sel.register(wake_r, selectors.EVENT_READ, "wake")
-    started = time.monotonic()
+    started, cpu_started = time.monotonic(), time.process_time()
     _ready()
     try:
         while not stop:
@@ -98,6 +105,7 @@ def run_netfilterqueue(queue: int, gso: bool) -> int:
             "packets": counters["packets"],
             "overflows": None,  # NetfilterQueue swallows ENOBUFS silently
             "seconds": round(time.monotonic() - started, 3),
+            "cpu_seconds": round(time.process_time() - cpu_started, 3),
         })
         nfq.unbind()
         queue_sock.close()
@@ -147,7 +155,7 @@ def run_fnfqueue(queue: int, gso: bool) -> int:
         conn.close()
         return 2
 
-    started = time.monotonic()
+    started, cpu_started = time.monotonic(), time.process_time()
     _ready()
     try:
         while True:
@@ -171,12 +179,71 @@ def run_fnfqueue(queue: int, gso: bool) -> int:
             "rcvbuf": rcvbuf,
             "gso": gso,
             "seconds": round(time.monotonic() - started, 3),
+            "cpu_seconds": round(time.process_time() - cpu_started, 3),
         })
         conn.close()
     return 0
 
 
-RUNNERS = {"netfilterqueue": run_netfilterqueue, "fnfqueue": run_fnfqueue}
+def run_pinhole(queue: int, gso: bool) -> int:
+    from enforcer.nfqueue import Queue, QueueError, keep_freed_memory
+
+    keep_freed_memory()  # as the enforcer would at start: GSO batches are megabytes of payloads
+    try:
+        nfq = Queue(queue, max_len=QUEUE_MAXLEN, gso=gso)
+    except QueueError as exc:
+        _emit({"error": str(exc)})
+        return 2
+
+    stop = False
+
+    def on_signal(_signum: int, _frame: object) -> None:
+        nonlocal stop
+        stop = True
+
+    packets = gso_packets = 0
+    wake_r, wake_w = socket.socketpair()
+    wake_w.setblocking(False)
+    signal.set_wakeup_fd(wake_w.fileno())
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    sel = selectors.DefaultSelector()
+    sel.register(nfq.socket, selectors.EVENT_READ, "queue")
+    sel.register(wake_r, selectors.EVENT_READ, "wake")
+    started, cpu_started = time.monotonic(), time.process_time()
+    _ready()
+    try:
+        while not stop:
+            for key, _ in sel.select(timeout=1.0):
+                if key.data == "queue":
+                    batch = nfq.receive(PINHOLE_BATCH)
+                    for pkt in batch:
+                        nfq.verdict(pkt.packet_id, True)
+                        gso_packets += pkt.gso
+                    nfq.flush()
+                    packets += len(batch)
+                else:
+                    wake_r.recv(512)
+    finally:
+        signal.set_wakeup_fd(-1)
+        _emit({
+            "binding": "pinhole",
+            "packets": packets,
+            "gso_packets": gso_packets,
+            "overflows": nfq.overflows,
+            "verdict_errors": nfq.verdict_errors,
+            "rcvbuf": nfq.socket.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF),
+            "gso": gso,
+            "seconds": round(time.monotonic() - started, 3),
+            "cpu_seconds": round(time.process_time() - cpu_started, 3),
+        })
+        nfq.close()
+        wake_r.close()
+        wake_w.close()
+    return 0
+
+
+RUNNERS = {"netfilterqueue": run_netfilterqueue, "fnfqueue": run_fnfqueue, "pinhole": run_pinhole}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,7 +13,6 @@ enforcing. A stop, clean or not, leaves the lockdown base (SPEC rule 15); only
 from __future__ import annotations
 
 import contextlib
-import errno
 import functools
 import importlib
 import ipaddress
@@ -28,7 +27,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 from enforcer import dataplane, filters
 from enforcer.api import Params, SessionApi
@@ -56,6 +55,7 @@ from enforcer.core.permissions import Permission
 from enforcer.core.results import InvalidArgument, Terminating
 from enforcer.listening import ListeningSockets
 from enforcer.loop import Loop
+from enforcer.nfqueue import Packet, Queue, QueueError, keep_freed_memory
 from enforcer.socks_service import SocksService
 
 log = logging.getLogger("pinhole.enforcer")
@@ -248,15 +248,32 @@ class Daemon:
         self.local_flows: dataplane.LocalFlows | None = None  # closed binds' flows, once running
         self._stop = False
         self.backend: dataplane.Backend | None = None  # chosen at start
+        self.queue: Queue | None = None  # bound while running
         self.queue_socket: socket.socket | None = None
 
     # --- the packet path ------------------------------------------------------------
-    def on_packet(self, pkt: Any) -> None:
-        """One queued packet: the engine's answer, its effects applied, then its verdict."""
+    def on_queue(self) -> None:
+        """The packets waiting in the queue, at most PACKETS_PER_TURN a turn (a flood keeps
+        neither the control socket nor the timers waiting): each decided and its verdict
+        buffered, with what a later packet depends on applied first; then the turn's
+        verdicts sent in one go, then the rest of their effects (removals, events)."""
+        assert self.queue is not None
+        later: list[Effect] = []
+        for packet in self.queue.receive(PACKETS_PER_TURN):
+            later += self.on_packet(packet)
+        self.queue.flush()
+        if later:
+            with contextlib.suppress(dataplane.DataplaneError):  # logged
+                self.apply(later)
+
+    def on_packet(self, packet: Packet) -> list[Effect]:
+        """One queued packet: the engine's answer, what must precede its verdict applied,
+        the verdict buffered; the effects that are to follow it are returned."""
+        assert self.queue is not None
         try:
-            indev = self._arrived_on(pkt.indev)
-            queued = QueuedPacket(pkt.get_payload(), pkt.hook, pkt.get_mark(), *indev,
-                                  length=pkt.get_payload_len())
+            queued = QueuedPacket(packet.payload, packet.hook, packet.mark,
+                                  *self._arrived_on(packet.indev), length=packet.length,
+                                  checksum_ready=packet.checksum_ready, gso=packet.gso)
             self.api.hold = True  # an application filter's calls: their effects come with the answer
             try:
                 answer = self.engine.handle(queued, self.clock())
@@ -268,22 +285,12 @@ class Daemon:
             if first:
                 with contextlib.suppress(dataplane.DataplaneError):  # logged, undone
                     self.apply(first)
-            if not answer.accept:
-                pkt.drop()
-            else:
-                if answer.mark is not None:
-                    pkt.set_mark(answer.mark)
-                if answer.packet is not None:
-                    pkt.set_payload(answer.packet)
-                pkt.accept()
-            if len(first) < len(answer.effects):
-                with contextlib.suppress(dataplane.DataplaneError):  # logged
-                    self.apply([e for e in answer.effects if not isinstance(e, BEFORE_VERDICT)])
         except Exception:  # a bug in the shell: drop the packet, and keep enforcing
             log.exception("dropping a packet the enforcer failed to pass on")
-            # after its verdict, a second one would raise out of the queue's callback
-            with contextlib.suppress(RuntimeError):
-                pkt.drop()
+            self.queue.verdict(packet.packet_id, False)
+            return []
+        self.queue.verdict(packet.packet_id, answer.accept, mark=answer.mark, payload=answer.packet)
+        return [e for e in answer.effects if not isinstance(e, BEFORE_VERDICT)]
 
     def stream_filter(self, record: FlowRecord) -> DataFilter:
         """The data filter, or the application filter's stream filter, of a flow."""
@@ -458,8 +465,6 @@ class Daemon:
         return ruleset(self.config, self.interfaces, working)
 
     def run(self) -> None:
-        from netfilterqueue import NetfilterQueue
-
         # Refuse to start beside a live enforcer before touching anything of its.
         try:
             refuse_if_served(Path(self.config.control_socket))
@@ -470,12 +475,16 @@ class Daemon:
             log.warning("put back host settings a run that did not stop cleanly had changed: %s",
                         "; ".join(restored))
         _raise_file_limit()
-        nfq = NetfilterQueue()
+        keep_freed_memory()  # a turn's GSO payloads reused, not given back and faulted in again
         try:
-            nfq.bind(self.config.dataplane.queue, self.on_packet, max_len=QUEUE_LENGTH)
-        except OSError as exc:
-            raise StartupError(f"cannot bind NFQUEUE {self.config.dataplane.queue}: {exc} "
-                               "(is another enforcer running in this namespace?)") from None
+            # GSO: a flow's packets come whole, up to 64 KiB, one verdict for all their
+            # segments; fail_open: what the queue cannot hold passes (only if configured)
+            queue = Queue(self.config.dataplane.queue, max_len=QUEUE_LENGTH, gso=True,
+                          fail_open=self.config.dataplane.fail_open,
+                          receive_buffer=self.config.dataplane.receive_buffer)
+        except QueueError as exc:
+            raise StartupError(f"cannot bind NFQUEUE {self.config.dataplane.queue}: {exc}") from None
+        self.queue = queue
         wake_r, wake_w = socket.socketpair()
         control: ControlServer | None = None
         installed = False
@@ -499,13 +508,8 @@ class Daemon:
             signal.set_wakeup_fd(wake_w.fileno())
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, self._on_signal)
-            self.queue_socket = queue_fd = socket.socket(fileno=os.dup(nfq.get_fd()))
-            if self.config.dataplane.receive_buffer is not None:
-                queue_fd.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE,
-                                    self.config.dataplane.receive_buffer)
-            queue_fd.setblocking(False)
-            batch = cast(socket.socket, _Batch(queue_fd, PACKETS_PER_TURN))  # it only recv()s
-            self.loop.watch(queue_fd, selectors.EVENT_READ, functools.partial(nfq.run_socket, batch))
+            self.queue_socket = queue.socket
+            self.loop.watch(queue.socket, selectors.EVENT_READ, self.on_queue)
             self.loop.watch(wake_r, selectors.EVENT_READ, functools.partial(_drain, wake_r))
             try:
                 control = ControlServer(self.config.control_socket,
@@ -548,7 +552,8 @@ class Daemon:
                     self._leave()
                 self.host.restore()
             finally:
-                nfq.unbind()
+                queue.close()
+                self.queue = None
                 wake_r.close()
                 wake_w.close()
                 self.loop.close()
@@ -639,28 +644,6 @@ def unload(config: Config) -> list[str]:
     back the host settings a run changed: the operator's explicit command."""
     _not_running(config, "an unload")
     return dataplane.unload() + dataplane.HostSettings(state_file(config)).restore()
-
-
-class _Batch:
-    """The queue socket as NetfilterQueue's ``run_socket`` reads it: at most ``size``
-    packets a turn (it reads until EAGAIN, which this says once a turn is full), so that
-    a flood keeps neither the control socket nor the timers waiting."""
-
-    def __init__(self, sock: socket.socket, size: int) -> None:
-        self.sock = sock
-        self.size = size
-        self.left = size
-
-    def recv(self, length: int) -> bytes:
-        if not self.left:
-            self.left = self.size
-            raise BlockingIOError(errno.EAGAIN, "this turn's packets are decided")
-        self.left -= 1
-        try:
-            return self.sock.recv(length)
-        except BlockingIOError:
-            self.left = self.size
-            raise
 
 
 def _drain(sock: socket.socket) -> None:

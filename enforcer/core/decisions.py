@@ -49,6 +49,7 @@ from enforcer.core.packet import (
     rebuild_udp,
     rewrite,
     rewrite_icmp_error,
+    segments_checksum,
     udp_payload,
 )
 from enforcer.core.permissions import Permission
@@ -75,6 +76,7 @@ class QueuedPacket(NamedTuple):
     interface: str = ""  # the interface it arrived on ("": none, the fw's own packet)
     length: int | None = None  # its length, when ``data`` is a truncated copy
     checksum_ready: bool = True  # False: the kernel had not completed its TCP/UDP checksum
+    gso: bool = False  # a GSO packet: the kernel makes its segments after the verdict
 
 
 class Answer(NamedTuple):
@@ -102,6 +104,8 @@ class Decisions(Binding):
         is (``malformed``)."""
         try:
             answer = self._handle(queued, now)
+            if queued.gso and answer.packet is not None:
+                answer = answer._replace(packet=segments_checksum(answer.packet))
         except Exception as exc:  # fail closed on a bug, and keep enforcing
             self.counters["errors"] += 1
             answer = _dropped(f"the enforcer failed to decide it: {type(exc).__name__}: {exc}")

@@ -373,6 +373,21 @@ def complete_checksum(data: bytes, headers: Headers | None = None) -> bytes:
     return bytes(buf)
 
 
+def segments_checksum(data: bytes) -> bytes:
+    """A UDP GSO packet as its segments are made from it: the checksum field holding the
+    pseudo-header's sum for its length, not complemented (the kernel adds each segment's
+    data when it splits it; a complete checksum there would spoil every segment). Other
+    packets are returned as they are (a TCP GSO packet's segments are summed anew)."""
+    h = _locate(data, 0, len(data), quoted=False)
+    if h.protocol != UDP or not h.whole or h.l4 + 8 > h.end:
+        return data
+    size = 8 if h.version == 4 else 32
+    total = int.from_bytes(data[h.addrs:h.addrs + size], "big") + (h.end - h.l4) + UDP
+    buf = bytearray(data)
+    _H.pack_into(buf, h.l4 + 6, total % 0xFFFF or 0xFFFF)
+    return bytes(buf)
+
+
 # --- address and port translation -----------------------------------------------------------
 
 def _check_endpoint(endpoint: Endpoint | None, version: int) -> None:

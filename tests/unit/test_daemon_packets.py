@@ -1,5 +1,5 @@
-"""The daemon's packet callback, with a stand-in for NetfilterQueue's packets: an error
-after a packet's verdict must not escape into the queue's loop (ROB-04); the marks its
+"""The daemon's turn at the queue, with a stand-in for the queue: an error in a packet's
+effects must not escape into the loop (ROB-04); the marks its
 verdicts set on flows to binds (RAB-06), the buffers INCREASE_RECEIVE_BUFFER grows
 (RAB-07), what it removes from the kernel when a bind closes, and the NAT a SecureNAT
 bind's flow gets (APP-FTP-03)."""
@@ -26,6 +26,7 @@ from enforcer.core.packet import TCP as TCP_PROTOCOL
 from enforcer.core.packet import UDP as UDP_PROTOCOL
 from enforcer.daemon import HOOK_INPUT, SO_RCVBUFFORCE, Arrivals, Daemon
 from enforcer.dataplane import Interfaces
+from enforcer.nfqueue import Packet
 from enforcer.protocol import encode
 
 C1, S1, EXT = "192.0.2.11", "198.51.100.21", "198.51.100.1"
@@ -37,35 +38,43 @@ INCREASED = 300_000
 
 
 class QueuedPacket:
-    """What NetfilterQueue hands the callback: one verdict only, a second one raises."""
+    """A packet for the queue, and what the daemon did with it: its verdicts, its mark."""
 
     def __init__(self, data: bytes) -> None:
         self.data = data
         self.indev, self.hook, self.mark = INTERNAL_IF, HOOK_FORWARD, 0
         self.verdicts: list[str] = []
 
-    def get_payload(self) -> bytes:
-        return self.data
 
-    def get_payload_len(self) -> int:
-        return len(self.data)
+class FakeQueue:
+    """The enforcer's queue (enforcer.nfqueue.Queue) as the daemon uses it: the packets
+    waiting, the verdicts buffered, then sent (only then do they count)."""
 
-    def get_mark(self) -> int:
-        return self.mark
+    def __init__(self, packets: list[QueuedPacket]) -> None:
+        self.waiting = packets
+        self.buffered: list[tuple[QueuedPacket, bool, int | None]] = []
 
-    def set_mark(self, mark: int) -> None:
-        self.mark = mark
+    def receive(self, limit: int) -> list[Packet]:
+        out = [Packet(i, p.hook, p.mark, p.indev, p.data, len(p.data), True, False)
+               for i, p in enumerate(self.waiting[:limit])]
+        return out
 
-    def _verdict(self, verdict: str) -> None:
-        if self.verdicts:
-            raise RuntimeError("Verdict already given for this packet")
-        self.verdicts.append(verdict)
+    def verdict(self, packet_id: int, accept: bool, *, mark: int | None = None,
+                payload: bytes | None = None) -> None:
+        self.buffered.append((self.waiting[packet_id], accept, mark))
 
-    def accept(self) -> None:
-        self._verdict("accept")
+    def flush(self) -> None:
+        for queued, accept, mark in self.buffered:
+            queued.verdicts.append("accept" if accept else "drop")
+            if mark is not None:
+                queued.mark = mark
+        self.buffered = []
 
-    def drop(self) -> None:
-        self._verdict("drop")
+
+def deliver(d: Daemon, *packets: QueuedPacket) -> None:
+    """The packets queued at once, and the daemon's turn at the queue."""
+    d.queue = FakeQueue(list(packets))  # type: ignore[assignment]
+    d.on_queue()
 
 
 class SocketCaller(Caller):
@@ -107,18 +116,18 @@ def test_an_event_that_cannot_be_sent_does_not_stop_its_flow_or_the_enforcer(
     caller = SocketCaller()
     fid = d.api.register_filter({"name": "on the socket"}, caller)["filter"]
     primary = syn(21, 40000)
-    d.on_packet(primary)
+    deliver(d, primary)
     session = d.engine.sessions.find(ipaddress.ip_address(C1))
     assert primary.verdicts == ["accept"] and session is not None
     ftp = uuid.UUID(POLICY_DATA["protocol"][0]["guid"])
     d.engine.allow_future_connect(session.id, ipaddress.ip_address(S1), 20021, TCP_PROTOCOL, Flags(0),
                                   ftp, 1.0, filter_id=fid, context={"not", "json"})
     granted = syn(20021, 41000)
-    d.on_packet(granted)
+    deliver(d, granted)
     assert granted.verdicts == ["accept"] and caller.sent == []
     assert any("cannot send" in r.getMessage() for r in caplog.records)
     later = syn(20021, 41001)  # and it goes on deciding: the grant was single use
-    d.on_packet(later)
+    deliver(d, later)
     assert later.verdicts == ["drop"]
 
 
@@ -126,11 +135,11 @@ def test_a_packet_the_engine_fails_on_is_dropped_and_counted() -> None:
     d = daemon()
     d.engine.decide = None  # type: ignore[assignment,method-assign]  # a bug in the core
     first = syn(21, 40000)
-    d.on_packet(first)
+    deliver(d, first)
     assert first.verdicts == ["drop"] and d.engine.counters["errors"] == 1
     d.engine.decide = Engine.decide.__get__(d.engine)  # type: ignore[method-assign]
     second = syn(21, 40001)
-    d.on_packet(second)
+    deliver(d, second)
     assert second.verdicts == ["accept"] and d.engine.counters["errors"] == 1
 
 
@@ -173,7 +182,7 @@ def datagram(src: str, dst: str, sport: int, dport: int, *, indev: int) -> Queue
 
 
 def securenat_session(d: Daemon) -> int:
-    d.on_packet(syn(21, 40000))
+    deliver(d, syn(21, 40000))
     session = d.engine.sessions.find(ipaddress.ip_address(C1))
     assert session is not None
     return session.id
@@ -195,7 +204,7 @@ def test_a_securenat_udp_bind_s_flow_is_marked_one_way_without_bidirectional(fla
     d.api.bind_for_client({"session": session, "protocol": "udp", "client_port": 40069}, SocketCaller())
     approve(d, session, "udp", C1, 40069, flags)
     first = datagram(S1, C1, 45000, 40069, indev=EXTERNAL_IF)
-    d.on_packet(first)
+    deliver(d, first)
     assert first.verdicts == ["accept"]
     assert first.mark == marks.mark_for(False, one_way, None)
 
@@ -209,17 +218,17 @@ def test_a_firewall_client_s_udp_flow_keeps_the_bind_s_mark() -> None:
     tcp = d.engine.bind_for_client(session, TCP_PROTOCOL, ipaddress.ip_address(EXT), 1.0)
     early = datagram(S1, EXT, 45000, udp.port, indev=EXTERNAL_IF)
     early.hook = HOOK_INPUT
-    d.on_packet(early)
+    deliver(d, early)
     assert early.verdicts == ["drop"] and early.mark == 0
     approve(d, session, "udp", EXT, udp.port, [])
     approve(d, session, "tcp", EXT, tcp.port, [])
     admitted = datagram(S1, EXT, 45000, udp.port, indev=EXTERNAL_IF)
     admitted.hook, admitted.mark = HOOK_INPUT, 0x00010000  # a bit not the enforcer's stays
-    d.on_packet(admitted)
+    deliver(d, admitted)
     assert admitted.verdicts == ["accept"] and admitted.mark == marks.local_mark(udp.port) | 0x00010000
     connection = QueuedPacket(bytes(IP(src=S1, dst=EXT) / TCP(sport=45001, dport=tcp.port, flags="S")))
     connection.indev, connection.hook = EXTERNAL_IF, HOOK_INPUT
-    d.on_packet(connection)
+    deliver(d, connection)
     assert connection.verdicts == ["accept"] and connection.mark == 0
 
 
@@ -309,7 +318,7 @@ def test_a_securenat_bind_s_kernel_nat_and_its_source(nat: bool, from_fw: bool) 
     data = QueuedPacket(bytes(IP(src=S1, dst=C1) / TCP(sport=20, dport=40021, flags="S")))
     data.indev = EXTERNAL_IF
     maps.watched = data
-    d.on_packet(data)
+    deliver(d, data)
     assert data.verdicts == ["accept"]
     assert maps.deleted == expected
     # removed after the verdict: its flow's first packet is translated on its way out
@@ -326,7 +335,7 @@ def test_a_closed_firewall_client_bind_s_flows_are_forgotten() -> None:
     approve(d, session, "udp", EXT, bind.port, [])
     admitted = datagram(S1, EXT, 45000, bind.port, indev=EXTERNAL_IF)
     admitted.hook = HOOK_INPUT
-    d.on_packet(admitted)
+    deliver(d, admitted)
     d.engine.bind_done(bind)
     d.settle()
     assert flows.forgotten == [bind.port]

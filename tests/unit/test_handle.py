@@ -31,7 +31,7 @@ from enforcer.core.flags import Flags
 from enforcer.core.flows import FlowRecord
 from enforcer.core.packet import TCP as TCP_PROTOCOL
 from enforcer.core.packet import UDP as UDP_PROTOCOL
-from enforcer.core.packet import Ingress
+from enforcer.core.packet import Ingress, segments_checksum
 
 ip = ipaddress.ip_address
 C1, S1, FW_INT, EXT = "192.0.2.11", "198.51.100.21", "192.0.2.1", "198.51.100.1"
@@ -213,3 +213,18 @@ def test_ipv6_takes_the_same_path() -> None:
     first = engine.handle(QueuedPacket(bytes(IPv6(src=c6, dst=s6) / TCP(sport=1, dport=21, flags="S")),
                                        HOOK_FORWARD, 0, Ingress.INTERNAL, "int0"), 0.0)
     assert first.accept and first.mark == marks.mark_for(False, False, None)
+
+
+def test_a_udp_gso_packet_s_checksum_field_is_what_its_segments_start_from() -> None:
+    """The kernel makes a UDP GSO packet's segments after the verdict, adding each one's
+    data to the field: it must hold the pseudo-header's sum, so that the whole comes to
+    the checksum a stack would write."""
+    datagram = IP(src=C1, dst=S1) / UDP(sport=1, dport=2) / Raw(b"x" * 2999)
+    out = segments_checksum(bytes(datagram))
+    field = int.from_bytes(out[26:28], "big")
+    segment = bytearray(out[20:])
+    segment[6:8] = b"\0\0"
+    total = field + (int.from_bytes(segment, "big") << 8)  # odd length: padded
+    assert (-total % 0xFFFF or 0xFFFF) == IP(bytes(datagram))[UDP].chksum
+    tcp = bytes(IP(src=C1, dst=S1) / TCP(sport=1, dport=2))
+    assert segments_checksum(tcp) == tcp  # TCP segments are summed anew

@@ -343,7 +343,7 @@ def test_the_bound_adds_cap_times_size_for_each_part() -> None:
 def test_base_covers_the_idle_daemon() -> None:
     """A fresh interpreter with the daemon's modules, the filters and an engine: its
     resident set fits the base figure, with a quarter to spare."""
-    code = ("import enforcer.daemon, enforcer.plugins.ftp, enforcer.plugins.tftp, netfilterqueue\n"
+    code = ("import enforcer.daemon, enforcer.plugins.ftp, enforcer.plugins.tftp\n"
             "from enforcer.core.engine import Engine\n"
             "from enforcer.core.policy import Policy\n"
             "Engine(Policy(), {})\n"

@@ -60,9 +60,6 @@ from enforcer.socks_service import SocksService
 
 log = logging.getLogger("pinhole.enforcer")
 
-HOOK_PREROUTING = 0  # NF_INET_PRE_ROUTING: a user-mode redirect port's packet, before conntrack
-HOOK_INPUT = 1  # NF_INET_LOCAL_IN: a new flow to a Firewall client's bind
-HOOK_OUTPUT = 3  # NF_INET_LOCAL_OUT: an ICMP error the fw sends about a user-mode flow
 SO_RCVBUFFORCE = 33  # Linux; as root, past net.core.rmem_max (Python's socket module lacks it)
 QUEUE_LENGTH = 8192  # packets the kernel holds for the enforcer before it drops (fails closed)
 PACKETS_PER_TURN = 64  # queued packets decided before the loop turns to other work

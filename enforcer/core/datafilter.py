@@ -39,9 +39,10 @@ only at the chunk's edges.
   before them has arrived: the filter has them, and their output leaves with a
   later chunk, whose bytes the sender still keeps until that output arrives.
 - Memory: kept output, and a fixed cost for each chunk's record, count against
-  a ``ByteBudget`` (the flow's, inside its client's and the total). A new
-  segment that does not fit is dropped before the filter sees it; the sender
-  sends it again once acknowledgements have made room.
+  a ``ByteBudget`` (the flow's, inside its client's and the total). Of a
+  segment's new bytes, those that fit go on (a GSO packet carries many
+  segments' worth); the rest is dropped before the filter sees it, and the
+  sender sends it again once acknowledgements have made room.
 
 Limits: a filter sees segments, not a reassembled stream, so it keeps its own
 buffer (and its own bytes are its own); it is not told when the stream ends
@@ -295,11 +296,17 @@ class TcpStreamEditor:
         if not payload:
             return Edited(this.seq(this.out_from(start)), ack, b"", fin and start == this.seen)
         old = start < this.seen
-        if end > this.seen and not self._take(direction, this, payload[this.seen - start:]):
-            if not old:
-                return None  # no room: the sender sends it again once acks make some
-            end = this.seen
-            fin = False
+        if end > this.seen:
+            new = payload[this.seen - start:]
+            room = max(0, self.budget.room - RECORD_COST)
+            if len(new) > room:
+                # what fits goes on and the rest is dropped (a GSO packet carries many
+                # segments' worth): the sender sends it again once acks make room
+                new, fin, end = new[:room], False, this.seen + room
+            if new:
+                self._take(direction, this, new)
+            elif not old:
+                return None  # no room at all
         if not old:
             made = this.chunks[-1].output
             if made:
@@ -315,11 +322,9 @@ class TcpStreamEditor:
         return Edited(this.seq(first), ack, this.output(first, last),
                       fin and last == this.written)
 
-    def _take(self, direction: Direction, side: _Side, data: bytes) -> bool:
-        """Show new bytes to the filter if their output may fit the budget (reckoned as
-        their own length: a filter that lengthens them overdraws it by the difference)."""
-        if len(data) + RECORD_COST > self.budget.room:
-            return False
+    def _take(self, direction: Direction, side: _Side, data: bytes) -> None:
+        """Show new bytes to the filter, and hold what it made of them (charged as their
+        own length, which the caller found room for: a filter that lengthens them
+        overdraws the budget by the difference)."""
         made = self.data_filter.on_data(direction, data)
         side.record(_Chunk(side.seen, side.seen + len(data), side.written, made), self.budget)
-        return True

@@ -7,6 +7,7 @@ bind's flow gets (APP-FTP-03)."""
 from __future__ import annotations
 
 import ipaddress
+import sys
 import uuid
 from typing import Any
 
@@ -14,17 +15,18 @@ import pytest
 from core_policy import INTERNAL, POLICY, POLICY_DATA
 from scapy.layers.inet import IP, TCP, UDP
 
-from enforcer import dataplane
+from enforcer import dataplane, filters
 from enforcer.api import SessionApi
 from enforcer.config import Config, DataplaneSettings, NetworkSettings
 from enforcer.control import Caller
 from enforcer.core import marks
 from enforcer.core.binds import Bind
+from enforcer.core.decisions import HOOK_INPUT
 from enforcer.core.engine import Engine
 from enforcer.core.flags import Flags
 from enforcer.core.packet import TCP as TCP_PROTOCOL
 from enforcer.core.packet import UDP as UDP_PROTOCOL
-from enforcer.daemon import HOOK_INPUT, SO_RCVBUFFORCE, Arrivals, Daemon
+from enforcer.daemon import SO_RCVBUFFORCE, Arrivals, Daemon
 from enforcer.dataplane import Interfaces
 from enforcer.nfqueue import Packet
 from enforcer.protocol import encode
@@ -363,3 +365,49 @@ def test_kernel_nat_that_cannot_be_made_withdraws_its_grant_or_bind() -> None:
                               SocketCaller())
     assert d.engine.binds.leading_to(TCP_PROTOCOL, ipaddress.ip_address(EXT), 40021) is None
     assert d.engine.effects == []
+
+
+def test_no_child_process_on_the_packet_path() -> None:
+    """Nothing a queued packet makes the enforcer do starts a child process: its decision,
+    the FTP filter it runs and the grants and binds that filter asks for, the kernel NAT
+    they need (over netlink), events. An audit hook sees every process the path would
+    start (subprocess, os.system, spawn, fork, exec)."""
+    d = daemon()
+    d.engine = Engine(POLICY, INTERNAL, [ipaddress.ip_address(EXT)], nat=True,
+                      app_filters={"FTP": "ftp"},
+                      internal_addresses=[ipaddress.ip_interface(f"{FW_INT}/24")])
+    d.api = SessionApi(d.engine, d.clock, d.apply)
+    d.app_filters, d.filter_factories = filters.load(["ftp"]), {}
+    d.calls = filters.InProcessCalls(d.api.handlers())
+    d.engine.stream_filter = d.stream_filter
+    d.maps = maps = FakeMaps()  # type: ignore[assignment]
+    user = marks.mark_for(True, False, 0)
+    control = [IP(src=C1, dst=S1) / TCP(sport=40000, dport=21, flags="S", seq=100),
+               IP(src=S1, dst=C1) / TCP(sport=21, dport=40000, flags="SA", seq=500, ack=101),
+               IP(src=C1, dst=S1) / TCP(sport=40000, dport=21, flags="PA", seq=101, ack=501)
+               / b"PORT 192,0,2,11,156,65\r\n",
+               IP(src=S1, dst=C1) / TCP(sport=21, dport=40000, flags="PA", seq=501, ack=125)
+               / b"227 Entering Passive Mode (198,51,100,21,117,49).\r\n"]
+    started: list[str] = []
+    watching = [True]
+
+    def hook(event: str, args: tuple[Any, ...]) -> None:
+        if watching[0] and event.startswith(("subprocess.", "os.system", "os.posix_spawn",
+                                              "os.fork", "os.exec", "os.spawn")):
+            started.append(event)
+
+    sys.addaudithook(hook)  # (one cannot be removed: it stops watching instead)
+    try:
+        for i, segment in enumerate(control):
+            queued = QueuedPacket(bytes(segment))
+            queued.mark = 0 if i == 0 else user
+            queued.indev = INTERNAL_IF if segment[IP].src == C1 else EXTERNAL_IF
+            deliver(d, queued)
+            assert queued.verdicts == ["accept"], i
+    finally:
+        watching[0] = False
+    assert started == []
+    # and the filter did what the packets asked: a bind for the PORT (its NAT over
+    # netlink), a grant for the 227
+    assert [r.client_port for r in maps.added if isinstance(r, dataplane.BindRule)] == [40001]
+    assert [p.redirect for p in d.engine.pending(None, 5.0)] == [None]

@@ -520,6 +520,30 @@ def test_a_segment_that_does_not_fit_the_budget_waits_for_acks() -> None:
     assert receiver.data() == b"<1:aaaaa><2:bbbbb><3:c>"
 
 
+def test_of_a_segment_larger_than_the_room_the_bytes_that_fit_go_on() -> None:
+    """A GSO packet carries many segments' worth: of its new bytes, those that fit the
+    budget are shown to the filter and go on (its FIN with the rest, not yet); the sender
+    sends the rest again once acknowledgements make room, and the stream arrives whole."""
+    f = Counting()
+    budget = ByteBudget(RECORD_COST + 30)
+    editor = TcpStreamEditor(f, budget)
+    receiver = Receiver(1000)
+    first = editor.edit(OUT, 1000, SERVER_SEQ, b"x" * 100, fin=True)
+    assert first is not None and (first.payload, first.fin) == (b"<1:" + b"x" * 30 + b">", False)
+    receiver.take(first.seq, first.payload)
+    taken = 30
+    while taken < 100:  # the sender's copies of what is not yet acknowledged
+        taken = acknowledge(editor, receiver.ack) - 1000
+        edited = editor.edit(OUT, 1000 + taken, SERVER_SEQ, b"x" * (100 - taken), fin=True)
+        assert edited is not None
+        receiver.take(edited.seq, edited.payload)
+        taken += len(f.calls[-1][1])
+    assert [len(data) for _, data in f.calls] == [30, 30, 30, 10]
+    assert edited.fin  # with the last bytes
+    assert receiver.data() == b"".join(b"<%d:%s>" % (i + 1, b"x" * n)
+                                       for i, n in enumerate((30, 30, 30, 10)))
+
+
 def test_an_editor_gives_back_what_it_holds_when_released() -> None:
     total = ByteBudget(10_000)
     editor = TcpStreamEditor(Counting(), ByteBudget(5_000, parent=total))

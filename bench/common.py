@@ -10,6 +10,7 @@ import json
 import os
 import select
 import signal
+import socket
 import statistics
 import subprocess
 import time
@@ -177,3 +178,28 @@ def format_table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
         cells = [r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:-1], widths[1:], strict=True)]
         out.append(("  ".join(cells) + ("  " + r[-1] if r[-1] else "")).rstrip())
     return "\n".join(out)
+
+
+class SignalStop:
+    """SIGTERM or SIGINT sets ``stopped`` and makes ``wake`` readable, so that a loop
+    waiting in a selector with it registered notices at once (then ``drain`` it).
+    ``close`` gives the wake-up back."""
+
+    def __init__(self) -> None:
+        self.stopped = False
+        self.wake, self._write = socket.socketpair()
+        self._write.setblocking(False)
+        signal.set_wakeup_fd(self._write.fileno())
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+
+    def _on_signal(self, _signum: int, _frame: object) -> None:
+        self.stopped = True
+
+    def drain(self) -> None:
+        self.wake.recv(512)
+
+    def close(self) -> None:
+        signal.set_wakeup_fd(-1)
+        self.wake.close()
+        self._write.close()

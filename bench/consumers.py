@@ -32,7 +32,10 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
+
+from bench.common import SignalStop
 
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 QUEUE_MAXLEN = 8192  # as the enforcer binds its queue
@@ -74,42 +77,42 @@ def run_netfilterqueue(queue: int, gso: bool) -> int:
         _emit({"error": f"cannot bind queue {queue}: {exc}"})
         return 2
 
-    stop = False
-
-    def on_signal(_signum: int, _frame: object) -> None:
-        nonlocal stop
-        stop = True
-
-    wake_r, wake_w = socket.socketpair()
-    wake_w.setblocking(False)
-    signal.set_wakeup_fd(wake_w.fileno())
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    sel = selectors.DefaultSelector()
     queue_sock = socket.socket(fileno=os.dup(nfq.get_fd()))
-    sel.register(queue_sock, selectors.EVENT_READ, "queue")
-    sel.register(wake_r, selectors.EVENT_READ, "wake")
-    started, cpu_started = time.monotonic(), time.process_time()
-    _ready()
     try:
-        while not stop:
-            for key, _ in sel.select(timeout=1.0):
-                if key.data == "queue":
-                    nfq.run(block=False)
-                else:
-                    wake_r.recv(512)
-    finally:
-        signal.set_wakeup_fd(-1)
+        seconds, cpu = serve(queue_sock, lambda: nfq.run(block=False))
         _emit({
             "binding": "netfilterqueue",
             "packets": counters["packets"],
             "overflows": None,  # NetfilterQueue swallows ENOBUFS silently
-            "seconds": round(time.monotonic() - started, 3),
-            "cpu_seconds": round(time.process_time() - cpu_started, 3),
+            "seconds": seconds,
+            "cpu_seconds": cpu,
         })
+    finally:
         nfq.unbind()
         queue_sock.close()
     return 0
+
+
+def serve(sock: socket.socket, readable: Callable[[], None]) -> tuple[float, float]:
+    """Say ``ready``, then call ``readable`` whenever ``sock`` is, until SIGTERM or SIGINT:
+    (wall seconds, CPU seconds) it took."""
+    stop = SignalStop()
+    sel = selectors.DefaultSelector()
+    sel.register(sock, selectors.EVENT_READ, "queue")
+    sel.register(stop.wake, selectors.EVENT_READ, "wake")
+    started, cpu_started = time.monotonic(), time.process_time()
+    _ready()
+    try:
+        while not stop.stopped:
+            for key, _ in sel.select(timeout=1.0):
+                if key.data == "queue":
+                    readable()
+                else:
+                    stop.drain()
+    finally:
+        stop.close()
+        sel.close()
+    return round(time.monotonic() - started, 3), round(time.process_time() - cpu_started, 3)
 
 
 class _Stop(Exception):
@@ -195,51 +198,30 @@ def run_pinhole(queue: int, gso: bool) -> int:
         _emit({"error": str(exc)})
         return 2
 
-    stop = False
+    counts = {"packets": 0, "gso_packets": 0}
 
-    def on_signal(_signum: int, _frame: object) -> None:
-        nonlocal stop
-        stop = True
+    def decide() -> None:
+        batch = nfq.receive(PINHOLE_BATCH)
+        for pkt in batch:
+            nfq.verdict(pkt.packet_id, True)
+            counts["gso_packets"] += pkt.gso
+        nfq.flush()
+        counts["packets"] += len(batch)
 
-    packets = gso_packets = 0
-    wake_r, wake_w = socket.socketpair()
-    wake_w.setblocking(False)
-    signal.set_wakeup_fd(wake_w.fileno())
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    sel = selectors.DefaultSelector()
-    sel.register(nfq.socket, selectors.EVENT_READ, "queue")
-    sel.register(wake_r, selectors.EVENT_READ, "wake")
-    started, cpu_started = time.monotonic(), time.process_time()
-    _ready()
     try:
-        while not stop:
-            for key, _ in sel.select(timeout=1.0):
-                if key.data == "queue":
-                    batch = nfq.receive(PINHOLE_BATCH)
-                    for pkt in batch:
-                        nfq.verdict(pkt.packet_id, True)
-                        gso_packets += pkt.gso
-                    nfq.flush()
-                    packets += len(batch)
-                else:
-                    wake_r.recv(512)
-    finally:
-        signal.set_wakeup_fd(-1)
+        seconds, cpu = serve(nfq.socket, decide)
         _emit({
             "binding": "pinhole",
-            "packets": packets,
-            "gso_packets": gso_packets,
+            **counts,
             "overflows": nfq.overflows,
             "verdict_errors": nfq.verdict_errors,
             "rcvbuf": nfq.socket.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF),
             "gso": gso,
-            "seconds": round(time.monotonic() - started, 3),
-            "cpu_seconds": round(time.process_time() - cpu_started, 3),
+            "seconds": seconds,
+            "cpu_seconds": cpu,
         })
+    finally:
         nfq.close()
-        wake_r.close()
-        wake_w.close()
     return 0
 
 

@@ -60,6 +60,7 @@ from bench.common import (
     ROOT,
     SERVER,
     SERVER_ADDR,
+    SignalStop,
     format_table,
     last_json,
     read_line,
@@ -386,26 +387,16 @@ def listen(args: argparse.Namespace) -> int:
         sock, _filter = ctevents_socket(None if args.no_filter else GRANTED)
     seen: list[tuple[int, int, int]] = []  # (source port, destination port, monotonic ns)
     others = enobufs = wakeups = 0
-    stop = False
-
-    def on_signal(_signum: int, _frame: object) -> None:
-        nonlocal stop
-        stop = True
-
-    wake_r, wake_w = socket.socketpair()
-    wake_w.setblocking(False)
-    signal.set_wakeup_fd(wake_w.fileno())
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    stop = SignalStop()
     sel = selectors.DefaultSelector()
     sel.register(sock, selectors.EVENT_READ)
-    sel.register(wake_r, selectors.EVENT_READ)
+    sel.register(stop.wake, selectors.EVENT_READ)
     cpu0 = resource.getrusage(resource.RUSAGE_SELF)
     print("ready", flush=True)
-    while not stop:
+    while not stop.stopped:
         for k, _ in sel.select():
-            if k.fileobj is wake_r:
-                wake_r.recv(64)
+            if k.fileobj is stop.wake:
+                stop.drain()
                 continue
             wakeups += 1
             try:

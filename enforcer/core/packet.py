@@ -37,7 +37,7 @@ from __future__ import annotations
 import enum
 import ipaddress
 import struct
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Endpoint = tuple[IPAddress, int]
@@ -140,32 +140,34 @@ ADDRESS_CACHE_SIZE = 65536
 _addresses: dict[bytes, IPAddress] = {}
 
 
+def _remember_hash(self: _IPv4Address | _IPv6Address, address: object) -> None:
+    standard: Any = type(self).__bases__[0]  # the ipaddress class it stands for
+    standard.__init__(self, address)
+    self._hash = standard.__hash__(self)
+
+
+def _remembered_hash(self: _IPv4Address | _IPv6Address) -> int:
+    return self._hash
+
+
 class _IPv4Address(ipaddress.IPv4Address):
     """An IPv4 address whose hash is computed once (the standard one formats the address
     in hex at every hash, and the core's tables hash a flow's addresses many times a
     packet); equal, and hashing equal, to the standard object of the same address."""
 
     __slots__ = ("_hash",)
-
-    def __init__(self, address: object) -> None:
-        super().__init__(address)
-        self._hash = super().__hash__()
-
-    def __hash__(self) -> int:
-        return self._hash
+    _hash: int
+    __init__ = _remember_hash
+    __hash__ = _remembered_hash
 
 
 class _IPv6Address(ipaddress.IPv6Address):
     """An IPv6 address whose hash is computed once (see _IPv4Address)."""
 
     __slots__ = ("_hash",)
-
-    def __init__(self, address: object) -> None:
-        super().__init__(address)
-        self._hash = super().__hash__()
-
-    def __hash__(self) -> int:
-        return self._hash
+    _hash: int
+    __init__ = _remember_hash
+    __hash__ = _remembered_hash
 
 
 def _address(raw: bytes) -> IPAddress:

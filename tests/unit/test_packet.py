@@ -272,3 +272,15 @@ def test_ipv6_random_extension_chains_raise_only_malformed(hdr_len: int, tail: b
     data = fixed + bytes([60, hdr_len % 256]) + tail
     with contextlib.suppress(Malformed):
         parse(data, Ingress.INTERNAL)
+
+
+@pytest.mark.parametrize("text", ["192.0.2.11", "2001:db8:1::11"])
+def test_addresses_as_the_core_keeps_them_are_the_standard_ones_to_every_table(text: str) -> None:
+    """Parsed addresses hash once, and a table keyed by either kind finds the other: a
+    session made from a packet is found by an address from a request, and the reverse."""
+    kept, standard = packet.address(text), ipaddress.ip_address(text)
+    assert kept == standard and hash(kept) == hash(standard) and str(kept) == text
+    assert {standard: "found"}[kept] == {kept: "found"}[standard] == "found"
+    assert kept is packet.address(text)  # one object per address, while the cache holds it
+    with pytest.raises(ValueError):
+        packet.address("fw")

@@ -9,6 +9,7 @@ overstate it by much, so the bound moves with the code.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import ipaddress
@@ -18,14 +19,14 @@ import subprocess
 import sys
 import tracemalloc
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 from core_policy import INTERNAL, POLICY, pkt
 from socks_rig import USERS, Rig
 
-from enforcer.core import memory, packet, socks
+from enforcer.core import memory, packet, socks, state
 from enforcer.core.binds import RECENT_SENDERS
 from enforcer.core.budget import ByteBudget
 from enforcer.core.datafilter import Direction, TcpStreamEditor
@@ -36,7 +37,6 @@ from enforcer.core.ipfilter import IpFilter
 from enforcer.core.limits import MIB, Limits
 from enforcer.core.packet import TCP, UDP
 from enforcer.core.socks import UdpAssociation
-from enforcer.core.state import POLICY_MEMO
 from enforcer.daemon import _Guarded
 from enforcer.filters import Primary
 from enforcer.plugins.ftp import FtpFilter
@@ -59,7 +59,28 @@ def server(i: int) -> ipaddress.IPv6Address:
     return ipaddress.IPv6Address(0x2001_0DB8_0002_0000_0000_0000_0001_0000 + i)
 
 
+# The engines measured here remember this many policy answers of each kind (the daemon's
+# POLICY_MEMO): the memos are filled before an item is made, so that its answers take
+# the place of old ones; a small one fills quickly.
+SMALL_MEMO = 64
+
+
+@contextlib.contextmanager
+def small_memos() -> Iterator[None]:
+    kept = state.POLICY_MEMO
+    state.POLICY_MEMO = SMALL_MEMO
+    try:
+        yield
+    finally:
+        state.POLICY_MEMO = kept
+
+
 def new_engine() -> Engine:
+    with small_memos():
+        return _new_engine()
+
+
+def _new_engine() -> Engine:
     return Engine(POLICY, INTERNAL, (ipaddress.ip_address("198.51.100.1"), EXT), limits=ROOMY,
                   app_filters={"FTP": "ftp"}, data_filters=["shout"],
                   internal_addresses=[ipaddress.ip_interface("2001:db8:1::1/64")],
@@ -98,13 +119,13 @@ def memos(engine: Engine) -> list[Callable[..., Any]]:
 def full_memos(engine: Engine) -> None:
     """Every memo at its size, its table at the size it keeps (answers replaced a few
     times over): an item's new answer then takes the place of an old one."""
-    for i in range(4 * POLICY_MEMO):
+    for i in range(4 * SMALL_MEMO):
         dummy = ipaddress.IPv6Address(0x2001_0DB8_00FF_0000_0000_0000_0000_0000 + i)
         engine.is_internal(dummy)
         engine.protocol_verdict("FTP", dummy, None)
         engine.destination_denial(dummy)
         engine._host_refusal(dummy)
-    assert all(m.cache_info().currsize == POLICY_MEMO for m in memos(engine))  # type: ignore[attr-defined]
+    assert all(m.cache_info().currsize == SMALL_MEMO for m in memos(engine))  # type: ignore[attr-defined]
 
 
 def policy_answer_size() -> float:
@@ -112,7 +133,8 @@ def policy_answer_size() -> float:
     key the protocol, a client and a user; its answer a reason made for it)."""
     worst = 0.0
     for n in COUNTS:
-        engine = new_engine()
+        engine = _new_engine()  # the daemon's memos: room for every answer asked here
+        assert engine.protocol_verdict.cache_info().maxsize > max(COUNTS)  # type: ignore[attr-defined]
         gc.collect()
         tracemalloc.start()
         try:
@@ -304,7 +326,8 @@ def decision_size() -> float:
     deque first, so this one makes it as long as the count."""
     worst = 0.0
     for n in COUNTS:
-        engine = Engine(POLICY, INTERNAL, history=n)
+        with small_memos():
+            engine = Engine(POLICY, INTERNAL, history=n)
         full_memos(engine)
         gc.collect()
         tracemalloc.start()

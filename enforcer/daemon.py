@@ -350,10 +350,7 @@ class Daemon:
             except dataplane.DataplaneError as exc:
                 log.error("cannot install a redirect: %s; the grant is withdrawn", exc)
                 for effect in group:
-                    with contextlib.suppress(Terminating):  # it may have ended meanwhile
-                        self.engine.cancel(effect.permission.id, self.clock())
-                self._discard(lambda e: isinstance(e, RemoveRedirect)
-                              and any(e.permission is g.permission for g in group))
+                    self._withdraw(effect.permission)
                 raise
         elif kind is MapBind:
             for effect in group:
@@ -362,7 +359,7 @@ class Daemon:
                 except dataplane.DataplaneError as exc:
                     log.error("cannot map bind %d to its client: %s; it is withdrawn",
                               effect.bind.id, exc)
-                    self.engine.withdraw_bind(effect.bind)
+                    self._withdraw(effect.bind)
                     raise
         elif kind in (RemoveRedirect, UnmapBind):
             rules = [_redirect_rule(e.permission) if kind is RemoveRedirect else _bind_rule(e.bind)
@@ -381,10 +378,25 @@ class Daemon:
                     log.error("cannot forget the flows of closed bind %d: %s", effect.bind.id, exc)
         elif kind is GrowReceiveBuffer:
             for effect in group:
-                self._grow_receive_buffer(effect.holder)
+                try:
+                    self._grow_receive_buffer(effect.holder)
+                except OSError as exc:
+                    log.error("cannot grow a receive buffer: %s; the grant or bind is withdrawn",
+                              exc)
+                    self._withdraw(effect.holder)
+                    raise dataplane.DataplaneError(f"cannot grow a receive buffer: {exc}") from None
         else:  # an event for a session filter
             for event in group:
                 self.api.deliver(event)
+
+    def _withdraw(self, holder: Permission | Bind) -> None:
+        """A grant (cancelled) or a bind (closed) whose part in the kernel failed."""
+        if isinstance(holder, Bind):
+            self.engine.withdraw_bind(holder)
+            return
+        with contextlib.suppress(Terminating):  # it may have ended meanwhile
+            self.engine.cancel(holder.id, self.clock())
+        self._discard(lambda e: isinstance(e, RemoveRedirect) and e.permission is holder)
 
     def _discard(self, which: Callable[[Effect], bool]) -> None:
         """Drop effects the engine has queued that a withdrawal made moot."""

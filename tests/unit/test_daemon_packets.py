@@ -411,3 +411,22 @@ def test_no_child_process_on_the_packet_path() -> None:
     # netlink), a grant for the 227
     assert [r.client_port for r in maps.added if isinstance(r, dataplane.BindRule)] == [40001]
     assert [p.redirect for p in d.engine.pending(None, 5.0)] == [None]
+
+
+class RefusingSocket(FakeSocket):
+    def setsockopt(self, level: int, option: int, value: int) -> None:
+        raise OSError(105, "No buffer space available")
+
+
+def test_a_receive_buffer_that_cannot_grow_withdraws_its_grant() -> None:
+    """INCREASE_RECEIVE_BUFFER that the kernel refuses: the grant's call fails naming it,
+    and nothing of the grant is left pending."""
+    d = daemon()
+    d.queue_socket = RefusingSocket(212992)  # type: ignore[assignment]
+    session = securenat_session(d)
+    ftp = str(uuid.UUID(POLICY_DATA["protocol"][0]["guid"]))
+    with pytest.raises(dataplane.DataplaneError, match="cannot grow a receive buffer"):
+        d.api.allow_future_connect({"session": session, "address": S1, "port": 20021,
+                                    "protocol_guid": ftp, "flags": ["INCREASE_RECEIVE_BUFFER"]},
+                                   SocketCaller())
+    assert d.engine.pending(None, 5.0) == []

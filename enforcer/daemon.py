@@ -282,11 +282,13 @@ class Daemon:
             if first:
                 with contextlib.suppress(dataplane.DataplaneError):  # logged, undone
                     self.apply(first)
+            # (a payload the queue cannot carry, a filter's past 64 KiB, raises: dropped)
+            self.queue.verdict(packet.packet_id, answer.accept, mark=answer.mark,
+                               payload=answer.packet)
         except Exception:  # a bug in the shell: drop the packet, and keep enforcing
             log.exception("dropping a packet the enforcer failed to pass on")
             self.queue.verdict(packet.packet_id, False)
             return []
-        self.queue.verdict(packet.packet_id, answer.accept, mark=answer.mark, payload=answer.packet)
         return [e for e in answer.effects if not isinstance(e, BEFORE_VERDICT)]
 
     def stream_filter(self, record: FlowRecord) -> DataFilter:

@@ -21,7 +21,7 @@ from enforcer.config import Config, DataplaneSettings, NetworkSettings
 from enforcer.control import Caller
 from enforcer.core import marks
 from enforcer.core.binds import Bind
-from enforcer.core.decisions import HOOK_INPUT
+from enforcer.core.decisions import HOOK_INPUT, HOOK_PREROUTING
 from enforcer.core.engine import Engine
 from enforcer.core.flags import Flags
 from enforcer.core.packet import TCP as TCP_PROTOCOL
@@ -55,6 +55,7 @@ class FakeQueue:
     def __init__(self, packets: list[QueuedPacket]) -> None:
         self.waiting = packets
         self.buffered: list[tuple[QueuedPacket, bool, int | None]] = []
+        self.payload_limit = 65531
 
     def receive(self, limit: int) -> list[Packet]:
         out = [Packet(i, p.hook, p.mark, p.indev, p.data, len(p.data), True, False)
@@ -63,6 +64,8 @@ class FakeQueue:
 
     def verdict(self, packet_id: int, accept: bool, *, mark: int | None = None,
                 payload: bytes | None = None) -> None:
+        if payload is not None and len(payload) > self.payload_limit:
+            raise ValueError(f"a payload of {len(payload)} bytes")  # as Queue.verdict does
         self.buffered.append((self.waiting[packet_id], accept, mark))
 
     def flush(self) -> None:
@@ -430,3 +433,24 @@ def test_a_receive_buffer_that_cannot_grow_withdraws_its_grant() -> None:
                                     "protocol_guid": ftp, "flags": ["INCREASE_RECEIVE_BUFFER"]},
                                    SocketCaller())
     assert d.engine.pending(None, 5.0) == []
+
+
+def test_a_packet_the_queue_cannot_carry_is_dropped_and_the_turn_goes_on() -> None:
+    """A rewritten packet the queue refuses (past its payload limit): that packet is
+    dropped, and the turn's other packets still get their verdicts."""
+    d = daemon()
+    d.engine = Engine(POLICY, INTERNAL, [ipaddress.ip_address(EXT)], nat=True,
+                      internal_addresses=[ipaddress.ip_interface(f"{FW_INT}/24")])
+    d.api = SessionApi(d.engine, d.clock, d.apply)
+    session = securenat_session(d)
+    (_, base), _ = d.engine.redirect_connections(session, [(ipaddress.ip_address(S1), 8080)],
+                                                 TCP_PROTOCOL, Flags.NO_KERNEL_MODE,
+                                                 uuid.UUID(POLICY_DATA["protocol"][0]["guid"]), 5.0)
+    redirected = QueuedPacket(bytes(IP(src=C1, dst=FW_INT) / TCP(sport=4000, dport=base, flags="S")))
+    redirected.hook = HOOK_PREROUTING
+    other = syn(21, 40001)
+    queue = FakeQueue([redirected, other])
+    queue.payload_limit = 10
+    d.queue = queue  # type: ignore[assignment]
+    d.on_queue()
+    assert redirected.verdicts == ["drop"] and other.verdicts == ["accept"]

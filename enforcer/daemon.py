@@ -447,6 +447,11 @@ class Daemon:
                                for user, pool in self.engine.pools.items()},
             "receive_buffer": None if self.queue_socket is None else
             self.queue_socket.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF),
+            # the queue's own troubles: the kernel could not deliver packets (fail-closed:
+            # dropped), refused verdicts, messages that did not parse
+            "queue_errors": None if self.queue is None else {
+                "overflows": self.queue.overflows, "verdict_errors": self.queue.verdict_errors,
+                "malformed": self.queue.malformed},
             "limits": {**self.engine.limits_status(), **self.engine.buffered.status(),
                        **(self.socks.limits_status() if self.socks is not None else {})},
             "memory": {"rss": resident_bytes(), "bound": memory_bound(self.config.limits)},

@@ -67,6 +67,7 @@ _L4_CHECKSUM_OFFSET = {TCP: 16, UDP: 6}
 _H = struct.Struct("!H")
 _PORTS = struct.Struct("!HH")
 _SEQ_ACK = struct.Struct("!II")
+_TOTAL_FRAGMENT = struct.Struct("!H2xH")
 
 
 
@@ -203,7 +204,7 @@ def _locate(data: bytes | bytearray, start: int, limit: int, *, quoted: bool) ->
         ihl = (data[start] & 0x0F) * 4
         if ihl < 20 or start + ihl > limit:
             raise Malformed("bad IPv4 header length")
-        total, fragment = struct.unpack_from("!H2xH", data, start + 2)
+        total, fragment = _TOTAL_FRAGMENT.unpack_from(data, start + 2)
         place = (NOT_FRAGMENT if not fragment & 0x3FFF  # more fragments, or an offset
                  else LATER_FRAGMENT if fragment & 0x1FFF else FIRST_FRAGMENT)
         if quoted:
@@ -267,19 +268,19 @@ def parse(data: bytes, ingress: Ingress, interface: str = "") -> PacketMeta:
     ``interface`` on the ``ingress`` side; raise Malformed otherwise."""
     h = _locate(data, 0, len(data), quoted=False)
     sport = dport = flags = 0
-    protocol = h.protocol
+    protocol, l4, end = h.protocol, h.l4, h.end
     if protocol in (TCP, UDP):
         if h.fragment == LATER_FRAGMENT:
             raise Malformed("non-first fragment")
-        if h.l4 + (20 if protocol == TCP else 8) > h.end:
+        if l4 + (20 if protocol == TCP else 8) > end:
             raise Malformed(f"truncated {PROTOCOL_NAMES[protocol]} header")
-        sport, dport = _PORTS.unpack_from(data, h.l4)
+        sport, dport = _PORTS.unpack_from(data, l4)
         if protocol == TCP:
             # what conntrack calls invalid, and what a rewrite could not handle
-            header = (data[h.l4 + 12] >> 4) * 4
-            if header < 20 or h.l4 + header > h.end:
+            header = (data[l4 + 12] >> 4) * 4
+            if header < 20 or l4 + header > end:
                 raise Malformed("bad TCP header length")
-            flags = data[h.l4 + 13]
+            flags = data[l4 + 13]
     src, dst = _endpoints(data, h)
     return PacketMeta(FlowKey(protocol, src, sport, dst, dport), ingress, flags, interface, h)
 

@@ -62,6 +62,7 @@ HOOK_PREROUTING = 0  # a user-mode redirect port's packet, before conntrack
 HOOK_INPUT = 1  # a new flow to a Firewall client's bind (a socket of the fw)
 HOOK_FORWARD = 2  # a new flow through the fw, or a user-mode flow's packet
 HOOK_OUTPUT = 3  # an ICMP error the fw sends about a user-mode flow
+_BIDIRECTIONAL = int(Flags.BIDIRECTIONAL)
 # How long after a UDP flow's admission its further "new" datagrams are taken as its own
 SAME_FLOW_WINDOW = 1.0
 
@@ -507,7 +508,7 @@ class Decisions(Binding):
         redirect = perm.redirect
         # Redirected flows always leave from an external address: the client spoke to the fw.
         snat = perm.external_index if self.nat or redirect is not None else None
-        one_way = key.protocol == UDP and Flags.BIDIRECTIONAL not in perm.flags and redirect is None
+        one_way = key.protocol == UDP and not int(perm.flags) & _BIDIRECTIONAL and redirect is None
         record = FlowRecord(key, perm.session_id, perm.protocol_name, mode, now, perm.id,
                             data_filter=perm.data_filter, snat=snat, one_way=one_way,
                             redirect=None if redirect is None else redirect.internal_endpoint,

@@ -226,12 +226,14 @@ class FlowTable:
     def add(self, record: FlowRecord, now: float) -> None:
         """Record a flow just admitted. What was known of the same flow (its key either
         way round) is replaced. A held one needs room (``fits``), checked first."""
-        for k in (record.key, reverse(record.key), record.client_side_key):
+        back = reverse(record.key)
+        for k in (record.key, back) if record.redirect is None else \
+                (record.key, back, record.client_side_key):
             found = self._index.get(k)
             if found is not None:
                 self.remove(found[0], now)
         self._index[record.key] = (record, True)
-        self._index[reverse(record.key)] = (record, False)
+        self._index[back] = (record, False)
         if record.redirect is not None:
             self._index[record.client_side_key] = (record, True)
         if record.held:

@@ -69,9 +69,13 @@ def permission_key(protocol: int, client: IPAddress, target: IPAddress, port: in
     return pack_key(protocol, client.version, int(client), int(target), port)
 
 
+_NO_KERNEL_MODE = int(Flags.NO_KERNEL_MODE)
+
+
 def user_mode(flags: Flags, data_filter: str | None) -> bool:
-    """Whether the flows a grant admits run in user mode (fixed at the grant)."""
-    return Flags.NO_KERNEL_MODE in flags or data_filter is not None
+    """Whether the flows a grant admits run in user mode (fixed at the grant). (The flags
+    as a plain int: tested in C, not by the enum's methods, on every new flow.)"""
+    return bool(int(flags) & _NO_KERNEL_MODE) or data_filter is not None
 
 
 def redirect_key(protocol: int, client: IPAddress, internal_port: int) -> PermissionKey:

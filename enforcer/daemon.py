@@ -52,7 +52,7 @@ from enforcer.core.flows import SYSCTL, ConntrackTimeouts, FlowRecord
 from enforcer.core.memory import memory_bound
 from enforcer.core.packet import TCP, Ingress
 from enforcer.core.permissions import Permission
-from enforcer.core.results import InvalidArgument, Terminating
+from enforcer.core.results import InvalidArgument
 from enforcer.listening import ListeningSockets
 from enforcer.loop import Loop
 from enforcer.nfqueue import Packet, Queue, QueueError, keep_freed_memory
@@ -246,7 +246,6 @@ class Daemon:
         self._stop = False
         self.backend: dataplane.Backend | None = None  # chosen at start
         self.queue: Queue | None = None  # bound while running
-        self.queue_socket: socket.socket | None = None
 
     # --- the packet path ------------------------------------------------------------
     def on_queue(self) -> None:
@@ -325,10 +324,8 @@ class Daemon:
 
     def settle(self) -> None:
         """Apply what the engine has asked for since (SOCKS relays, the timer)."""
-        effects = self.engine.take_effects()
-        if effects:
-            with contextlib.suppress(dataplane.DataplaneError):  # logged, undone
-                self.apply(effects)
+        with contextlib.suppress(dataplane.DataplaneError):  # logged, undone
+            self.api.settle()
 
     def apply(self, effects: Sequence[Effect]) -> None:
         """Do what the engine asked, in order, consecutive NAT changes in one netlink
@@ -392,24 +389,18 @@ class Daemon:
                 self.api.deliver(event)
 
     def _withdraw(self, holder: Permission | Bind) -> None:
-        """A grant (cancelled) or a bind (closed) whose part in the kernel failed."""
+        """A grant or a bind whose part in the kernel failed."""
         if isinstance(holder, Bind):
             self.engine.withdraw_bind(holder)
-            return
-        with contextlib.suppress(Terminating):  # it may have ended meanwhile
-            self.engine.cancel(holder.id, self.clock())
-        self._discard(lambda e: isinstance(e, RemoveRedirect) and e.permission is holder)
-
-    def _discard(self, which: Callable[[Effect], bool]) -> None:
-        """Drop effects the engine has queued that a withdrawal made moot."""
-        self.engine.effects = [e for e in self.engine.effects if not which(e)]
+        else:
+            self.engine.withdraw_grant(holder, self.clock())
 
     def _increase_queue_buffer(self) -> int:
         """INCREASE_RECEIVE_BUFFER for the queue, where a flow's datagrams wait for the
         enforcer (all of a user-mode flow's; a kernel-mode flow's until the kernel knows
         its verdict): its buffer grows, for every flow (there is one queue)."""
-        assert self.queue_socket is not None
-        return ensure_receive_buffer(self.queue_socket, self.config.dataplane.increased_receive_buffer)
+        assert self.queue is not None
+        return ensure_receive_buffer(self.queue.socket, self.config.dataplane.increased_receive_buffer)
 
     def _grow_receive_buffer(self, holder: Permission | Bind) -> None:
         """A grant's flows' datagrams wait in the queue. An approved UDP bind's: a
@@ -445,8 +436,8 @@ class Daemon:
             "pending_actions": len(self.engine.permissions),
             "redirect_ports": {("user" if user else "kernel"): pool.to_dict()
                                for user, pool in self.engine.pools.items()},
-            "receive_buffer": None if self.queue_socket is None else
-            self.queue_socket.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF),
+            "receive_buffer": None if self.queue is None else
+            self.queue.socket.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF),
             # the queue's own troubles: the kernel could not deliver packets (fail-closed:
             # dropped), refused verdicts, messages that did not parse
             "queue_errors": None if self.queue is None else {
@@ -524,7 +515,6 @@ class Daemon:
             signal.set_wakeup_fd(wake_w.fileno())
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, self._on_signal)
-            self.queue_socket = queue.socket
             self.loop.watch(queue.socket, selectors.EVENT_READ, self.on_queue)
             self.loop.watch(wake_r, selectors.EVENT_READ, functools.partial(_drain, wake_r))
             try:

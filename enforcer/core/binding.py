@@ -97,7 +97,8 @@ class Binding(Grants):
         return bind, True
 
     def withdraw_bind(self, bind: Bind) -> None:
-        """A new SecureNAT bind the shell could not set up: gone, with nothing to undo."""
+        """A bind whose part in the kernel the shell could not make: gone, with nothing
+        of it to undo in the kernel."""
         self.bind_done(bind)
         self.effects = [e for e in self.effects
                         if not (isinstance(e, (MapBind, UnmapBind)) and e.bind is bind)]

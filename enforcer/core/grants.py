@@ -3,18 +3,25 @@ anything, and the permissions a new flow uses."""
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import Callable
 from typing import Any
 
-from enforcer.core.effects import AddRedirect, GrowReceiveBuffer
+from enforcer.core.effects import AddRedirect, GrowReceiveBuffer, RemoveRedirect
 from enforcer.core.events import Events
 from enforcer.core.flags import Flags
 from enforcer.core.packet import TCP, UDP, Endpoint, FlowKey, IPAddress
 from enforcer.core.permissions import Permission, PermissionKey
 from enforcer.core.policy import ProtocolDef
 from enforcer.core.redirects import MAX_ADDRESSES, Redirect
-from enforcer.core.results import InvalidArgument, IsBusy, NetworkRulesDenied, PolicyRulesDenied
+from enforcer.core.results import (
+    InvalidArgument,
+    IsBusy,
+    NetworkRulesDenied,
+    PolicyRulesDenied,
+    Terminating,
+)
 from enforcer.core.sessions import Session
 from enforcer.core.state import permission_key, redirect_key, user_mode
 
@@ -170,6 +177,14 @@ class Grants(Events):
 
     def cancel(self, action_id: int, now: float) -> Permission:
         return self.permissions.cancel(action_id, now)
+
+    def withdraw_grant(self, perm: Permission, now: float) -> None:
+        """A grant whose part in the kernel the shell could not make: cancelled (unless it
+        has ended meanwhile), with nothing of it to undo in the kernel."""
+        with contextlib.suppress(Terminating):
+            self.cancel(perm.id, now)
+        self.effects = [e for e in self.effects
+                        if not (isinstance(e, RemoveRedirect) and e.permission is perm)]
 
     def action(self, action_id: int, now: float) -> Permission:
         self.permissions.expire(now)

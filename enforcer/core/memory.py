@@ -28,8 +28,8 @@ BASE_BYTES = 96 * MIB
 # Bytes one item of each kind takes at most (tests/unit/test_memory.py measures them)
 ITEM_BYTES = {
     "session": 900,
-    "pending": 1100,  # with its expiry entry and one stale one (a sweep keeps no more)
-    "finished_action": 600,
+    "pending": 950,  # with its expiry entry and one stale one (a sweep keeps no more)
+    "finished_action": 450,
     "bind": 6400,  # a UDP bind with RECENT_SENDERS recent senders
     "closed_bind": 1800,
     "user_flow": 3600,  # record, index, stream editor, FTP filter state

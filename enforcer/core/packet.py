@@ -285,11 +285,6 @@ def parse(data: bytes, ingress: Ingress, interface: str = "") -> PacketMeta:
     return PacketMeta(FlowKey(protocol, src, sport, dst, dport), ingress, flags, interface, h)
 
 
-def locate(data: bytes | bytearray) -> Headers:
-    """Where the headers of a whole, unfragmented IP packet are, or raise Malformed."""
-    return _rewritable(data, None)
-
-
 def _rewritable(data: bytes | bytearray, headers: Headers | None) -> Headers:
     h = _locate(data, 0, len(data), quoted=False) if headers is None else headers
     if not h.whole:

@@ -52,7 +52,8 @@ class FakeQueue:
     """The enforcer's queue (enforcer.nfqueue.Queue) as the daemon uses it: the packets
     waiting, the verdicts buffered, then sent (only then do they count)."""
 
-    def __init__(self, packets: list[QueuedPacket]) -> None:
+    def __init__(self, packets: list[QueuedPacket], sock: FakeSocket | None = None) -> None:
+        self.socket = sock  # where INCREASE_RECEIVE_BUFFER grows the queue's buffer
         self.waiting = packets
         self.buffered: list[tuple[QueuedPacket, bool, int | None]] = []
         self.payload_limit = 65531
@@ -78,7 +79,7 @@ class FakeQueue:
 
 def deliver(d: Daemon, *packets: QueuedPacket) -> None:
     """The packets queued at once, and the daemon's turn at the queue."""
-    d.queue = FakeQueue(list(packets))  # type: ignore[assignment]
+    d.queue = FakeQueue(list(packets), getattr(d.queue, "socket", None))  # type: ignore[assignment]
     d.on_queue()
 
 
@@ -98,12 +99,11 @@ def daemon() -> Daemon:
     d.engine = Engine(POLICY, INTERNAL, [ipaddress.ip_address(EXT)])
     d.clock = lambda: 5.0
     d.api = SessionApi(d.engine, d.clock, d.apply)
-    d.maps = d.local_flows = None
+    d.maps = d.local_flows = d.queue = None
     d._arrived_on = Arrivals(Interfaces({"int0": INTERNAL_IF}, {"ext0": EXTERNAL_IF}, (), ()))
     d.config = Config(POLICY, NetworkSettings(("int0",), ("ext0",)),
                       DataplaneSettings(increased_receive_buffer=INCREASED))
     d.socks = None
-    d.queue_socket = None
     return d
 
 
@@ -242,7 +242,7 @@ def test_increase_receive_buffer_on_a_securenat_bind_grows_the_queue_s() -> None
     queue: INCREASE_RECEIVE_BUFFER grows the queue's buffer, which the bind reports; a
     bind without the flag (or a TCP one) changes nothing."""
     d = daemon()
-    d.queue_socket = queue = FakeSocket(212992)  # type: ignore[assignment]
+    d.queue = FakeQueue([], queue := FakeSocket(212992))  # type: ignore[assignment]
     session = securenat_session(d)
     for port, protocol, flags in ((40069, "udp", []), (40070, "tcp", ["INCREASE_RECEIVE_BUFFER"])):
         d.api.bind_for_client({"session": session, "protocol": protocol, "client_port": port}, SocketCaller())
@@ -259,7 +259,7 @@ def test_increase_receive_buffer_on_a_firewall_client_s_bind_grows_its_socket_s(
     queue's, where each new flow's first datagrams wait), and the bind reports the socket's;
     a buffer larger already is left alone."""
     d = daemon()
-    d.queue_socket = queue = FakeSocket(212992)  # type: ignore[assignment]
+    d.queue = FakeQueue([], queue := FakeSocket(212992))  # type: ignore[assignment]
     d.socks = socks = FakeSocks()  # type: ignore[assignment]
     session = d.engine.open_firewall_session(ipaddress.ip_address(C1), "alice", 1.0).id
     small, large = (d.engine.bind_for_client(session, UDP_PROTOCOL, ipaddress.ip_address(EXT), 1.0)
@@ -425,7 +425,7 @@ def test_a_receive_buffer_that_cannot_grow_withdraws_its_grant() -> None:
     """INCREASE_RECEIVE_BUFFER that the kernel refuses: the grant's call fails naming it,
     and nothing of the grant is left pending."""
     d = daemon()
-    d.queue_socket = RefusingSocket(212992)  # type: ignore[assignment]
+    d.queue = FakeQueue([], RefusingSocket(212992))  # type: ignore[assignment]
     session = securenat_session(d)
     ftp = str(uuid.UUID(POLICY_DATA["protocol"][0]["guid"]))
     with pytest.raises(dataplane.DataplaneError, match="cannot grow a receive buffer"):

@@ -67,6 +67,7 @@ from bench.common import (
     stop_proc,
 )
 from bench.flows import PASV_RE, _read_reply
+from enforcer import nflog
 from enforcer.dataplane import (
     MAPS_TABLE,
     MARK_KERNEL,
@@ -75,16 +76,13 @@ from enforcer.dataplane import (
     NFNL_MSG_BATCH_BEGIN,
     NFNL_MSG_BATCH_END,
     NFNL_SUBSYS_CTNETLINK,
-    NFNL_SUBSYS_NFTABLES,
-    NLM_F_ACK,
-    NLM_F_REQUEST,
+    ONE_PACKET,
     NatMaps,
-    _attribute,
-    _netlink,
     _port,
     _register,
     _request,
     batch_marker,
+    destroy_message,
     set_elements_message,
 )
 from testbed.build import Testbed
@@ -104,26 +102,14 @@ GRANTED = 0x00400000
 GRANT_MARK = MARK_KERNEL | GRANTED
 SET_SIZE = 1 << 20  # elements a set may hold (nft makes a set a rule updates 65535 by default)
 PRIORITY = "filter - 1"  # before the iptables filter table's FORWARD (priority 0)
-# Each single-use element admits one packet, checked and counted under the element's lock:
-# the rule's lookup and its delete are two steps, and two new flows with the same key on
-# two CPUs could otherwise both find the element before either deletes it.
-ONE_PACKET = "limit rate 1/week burst 1 packets"
 
 # netlink: NFLOG (linux/netfilter/nfnetlink_log.h) and ctnetlink events
-NFNL_SUBSYS_ULOG = 4
-NFULNL_MSG_PACKET, NFULNL_MSG_CONFIG = 0, 1
-NFULA_CFG_CMD, NFULA_CFG_MODE, NFULA_CFG_TIMEOUT, NFULA_CFG_QTHRESH = 1, 2, 4, 5
-NFULNL_CFG_CMD_BIND = 1
-NFULNL_COPY_PACKET = 2
-NFULA_PAYLOAD = 9
 NFULNL_QTHRESH_DEFAULT = 100
-NFT_MSG_DESTROYSETELEM = 30  # DELSETELEM that does not fail on a missing element (Linux 6.3)
 NFNLGRP_CONNTRACK_NEW = 1
 IPCTNL_MSG_CT_NEW = 0
 CTA_TUPLE_ORIG, CTA_TUPLE_IP, CTA_TUPLE_PROTO, CTA_MARK = 1, 1, 2, 8
 CTA_IP_V4_SRC, CTA_IP_V4_DST, CTA_IP_V6_SRC, CTA_IP_V6_DST = 1, 2, 3, 4
 CTA_PROTO_NUM, CTA_PROTO_SRC_PORT, CTA_PROTO_DST_PORT = 1, 2, 3
-NLA_TYPE_MASK = 0x3FFF
 SO_ATTACH_FILTER = 26
 SO_RCVBUFFORCE = 33
 SKF_AD_NLATTR = 0xFFFFF000 + 12  # classic BPF: find a netlink attribute (A: offset, X: type)
@@ -246,35 +232,7 @@ class GrantWriter(NatMaps):
             raise OSError(errors[0], f"grant refused: {os.strerror(errors[0])}")
 
 
-def destroy_message(name: str, keys: list[bytes], seq: int) -> bytes:
-    """NFT_MSG_DESTROYSETELEM: ``set_elements_message``'s delete, under the message type
-    that the kernel does not refuse when an element is missing."""
-    msg = set_elements_message(name, [(k, b"") for k in keys], False, seq)
-    return msg[:4] + struct.pack("=H", (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_DESTROYSETELEM) + msg[6:]
-
-
 # -- the listener in fw: what the kernel admitted, as it happens ------------------------------
-
-def _attrs(data: bytes, offset: int, end: int) -> Iterator[tuple[int, int, int]]:
-    """(type, start, end) of each netlink attribute in data[offset:end]."""
-    while offset + 4 <= end:
-        length, kind = struct.unpack_from("=HH", data, offset)
-        if length < 4:
-            return
-        yield kind & NLA_TYPE_MASK, offset + 4, offset + length
-        offset += (length + 3) & ~3
-
-
-def _messages(data: bytes) -> Iterator[tuple[int, int, int]]:
-    """(type, start of payload, end) of each netlink message in one datagram."""
-    offset = 0
-    while offset + 16 <= len(data):
-        length, kind = struct.unpack_from("=IH", data, offset)
-        if length < 16:
-            return
-        yield kind, offset + 16, offset + length
-        offset += (length + 3) & ~3
-
 
 def packet_tuple(pkt: bytes) -> tuple[str, str, int, int, int] | None:
     """(source, destination, protocol, source port, destination port) of an IP packet."""
@@ -291,35 +249,11 @@ def packet_tuple(pkt: bytes) -> tuple[str, str, int, int, int] | None:
     return (str(ipaddress.ip_address(src)), str(ipaddress.ip_address(dst)), proto, sport, dport)
 
 
-def nflog_socket(group: int, qthresh: int, flush_ms: int) -> socket.socket:
-    """A netlink socket bound to NFLOG group ``group``, copying 64 bytes of each packet.
-    The kernel sends what it logged once ``qthresh`` packets wait, or ``flush_ms`` after
-    the first (its defaults: 100 packets, 1 s); ``qthresh`` 1: each packet at once."""
-    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
-    sock.bind((0, 0))
-    sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 8 << 20)
-    sock.settimeout(2.0)
-    kind = (NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_CONFIG
-    body = _attribute(NFULA_CFG_CMD, bytes([NFULNL_CFG_CMD_BIND]))
-    body += _attribute(NFULA_CFG_MODE, struct.pack("!IBx", 64, NFULNL_COPY_PACKET))
-    body += _attribute(NFULA_CFG_QTHRESH, struct.pack("!I", qthresh))
-    body += _attribute(NFULA_CFG_TIMEOUT, struct.pack("!I", max(1, flush_ms // 10)))  # 1/100 s
-    errors = _request(sock, _netlink(kind, NLM_F_REQUEST | NLM_F_ACK, 1, socket.AF_UNSPEC, group, body),
-                      {1}, "binding the NFLOG group")
-    if errors:
-        raise OSError(errors[0], f"NFLOG bind: {os.strerror(errors[0])}")
-    sock.settimeout(None)
-    return sock
-
-
 def nflog_tuples(data: bytes) -> Iterator[tuple[str, str, int, int, int]]:
-    for kind, start, end in _messages(data):
-        if kind == (NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_PACKET:
-            for attr, a, b in _attrs(data, start + 4, end):
-                if attr == NFULA_PAYLOAD:
-                    t = packet_tuple(data[a:b])
-                    if t is not None:
-                        yield t
+    for packet in nflog.packets(data):
+        t = packet_tuple(packet)
+        if t is not None:
+            yield t
 
 
 def mark_filter(mark: int) -> bytes:
@@ -354,17 +288,17 @@ def ctevents_socket(mark: int | None) -> tuple[socket.socket, Any]:
 
 def ctevent_tuples(data: bytes) -> Iterator[tuple[tuple[str, str, int, int, int], int]]:
     """((source, destination, protocol, ports), mark) of each new-conntrack event."""
-    for kind, start, end in _messages(data):
+    for kind, start, end in nflog.messages(data):
         if kind != (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_NEW:
             continue
         src = dst = ""
         proto = sport = dport = mark = 0
-        for attr, a, b in _attrs(data, start + 4, end):
+        for attr, a, b in nflog.attributes(data, start + 4, end):
             if attr == CTA_MARK:
                 mark = struct.unpack_from("!I", data, a)[0]
             elif attr == CTA_TUPLE_ORIG:
-                for sub, c, d in _attrs(data, a, b):
-                    for leaf, e, f in _attrs(data, c, d):
+                for sub, c, d in nflog.attributes(data, a, b):
+                    for leaf, e, f in nflog.attributes(data, c, d):
                         if sub == CTA_TUPLE_IP and leaf in (CTA_IP_V4_SRC, CTA_IP_V6_SRC):
                             src = str(ipaddress.ip_address(data[e:f]))
                         elif sub == CTA_TUPLE_IP and leaf in (CTA_IP_V4_DST, CTA_IP_V6_DST):
@@ -382,7 +316,7 @@ def listen(args: argparse.Namespace) -> int:
     """The daemon's side, in fw: read what the kernel admitted (NFLOG or ctnetlink events)
     and note when each notice was read. Prints ``ready``, and on SIGTERM one JSON line."""
     if args.mode == "nflog":
-        sock = nflog_socket(args.group, args.qthresh, args.flush_ms)
+        sock = nflog.bind_group(args.group, threshold=args.qthresh, flush_ms=args.flush_ms, copy=64)
     else:
         sock, _filter = ctevents_socket(None if args.no_filter else GRANTED)
     seen: list[tuple[int, int, int]] = []  # (source port, destination port, monotonic ns)

@@ -54,6 +54,9 @@ class DataplaneSettings:
     # (IP protocol, (low, high)): the fw's own services reachable from outside, lockdown
     # included; the rest of what the fw serves answers only the internal side
     open_ports: tuple[tuple[int, tuple[int, int]], ...] = ()
+    # Single-use kernel-mode grants held by the kernel, which admits their flows' first
+    # packets itself (false: the enforcer matches every grant)
+    kernel_grants: bool = True
 
 
 @dataclass(frozen=True)
@@ -114,7 +117,7 @@ def parse(text: str, path: Path | str = "<config>") -> Config:
         dp = root.table("dataplane")
         dp.check_keys({"queue", "fail_open", "backend", "kernel_redirect_ports",
                        "user_redirect_ports", "receive_buffer", "increased_receive_buffer",
-                       "open_ports"})
+                       "open_ports", "kernel_grants"})
         queue = dp.get("queue", int, 0)
         if not 0 <= queue <= 65535:
             raise dp.fail("queue", "must be a queue number 0-65535")
@@ -137,7 +140,7 @@ def parse(text: str, path: Path | str = "<config>") -> Config:
                           f"must be from {MIN_INCREASED_RECEIVE_BUFFER} to 1073741824 bytes")
         dataplane = DataplaneSettings(queue, dp.get("fail_open", bool, False), backend,
                                       kernel_ports, user_ports, receive_buffer, increased,
-                                      _open_ports(dp))
+                                      _open_ports(dp), dp.get("kernel_grants", bool, True))
         control = root.table("control")
         control.check_keys({"socket"})
         socket_path = control.get("socket", str, DEFAULT_SOCKET)

@@ -29,7 +29,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from enforcer import dataplane, filters
+from enforcer import dataplane, filters, nflog
 from enforcer.api import Params, SessionApi
 from enforcer.config import Config, ConfigError, SocksSettings
 from enforcer.config import load as load_config
@@ -39,11 +39,14 @@ from enforcer.core.datafilter import DataFilter, DataFilterFactory, Direction
 from enforcer.core.decisions import QueuedPacket
 from enforcer.core.effects import (
     BEFORE_VERDICT,
+    AddKernelGrant,
     AddRedirect,
     Effect,
     ForgetBindFlows,
     GrowReceiveBuffer,
+    KernelGrant,
     MapBind,
+    RemoveKernelGrant,
     RemoveRedirect,
     UnmapBind,
 )
@@ -64,6 +67,9 @@ SO_RCVBUFFORCE = 33  # Linux; as root, past net.core.rmem_max (Python's socket m
 QUEUE_LENGTH = 8192  # packets the kernel holds for the enforcer before it drops (fails closed)
 PACKETS_PER_TURN = 64  # queued packets decided before the loop turns to other work
 PRUNE_INTERVAL = 5.0  # seconds between sweeps of empty per-client byte budgets
+# While the kernel holds grants, the longest the enforcer takes to hear of a flow admitted
+# by one (its events, its record) when nothing else wakes it
+KERNEL_NOTICE_DELAY = 0.01
 
 
 class StartupError(Exception):
@@ -243,6 +249,10 @@ class Daemon:
         self.host = dataplane.HostSettings(state_file(config))
         self.maps: dataplane.NatMaps | None = None  # per-grant kernel NAT, once running
         self.local_flows: dataplane.LocalFlows | None = None  # closed binds' flows, once running
+        # grants the kernel holds (while running, where it can): the table that says the
+        # enforcer lives, and the log of what the kernel admitted by them
+        self.live: dataplane.LiveTable | None = None
+        self.notices: nflog.Notices | None = None
         self._stop = False
         self.backend: dataplane.Backend | None = None  # chosen at start
         self.queue: Queue | None = None  # bound while running
@@ -289,6 +299,28 @@ class Daemon:
             self.queue.verdict(packet.packet_id, False)
             return []
         return [e for e in answer.effects if not isinstance(e, BEFORE_VERDICT)]
+
+    def hear_kernel(self) -> None:
+        """The flows the kernel admitted by grants it held, so far: the engine does for each
+        what it does for a flow it admits (events, the flow's record), and the kernel's
+        grants go. The kernel sends each notice as it admits the flow, before the packet
+        leaves the fw; the enforcer reads them without being woken (a wake-up during every
+        handshake would cost it what the grant saves): before each control request, so
+        that an answer is never behind the traffic that came before it, after every turn of
+        the loop, and at most ``KERNEL_NOTICE_DELAY`` apart while the kernel holds grants."""
+        if self.notices is None:
+            return
+        now = self.clock()
+        for data in self.notices.read():
+            self.engine.kernel_admitted(data, now)
+        self.settle()
+
+    def _hearing_first(self, handler: Callable[[dict[str, Any], Caller], Any]
+                       ) -> Callable[[dict[str, Any], Caller], Any]:
+        def handle(params: dict[str, Any], caller: Caller) -> Any:
+            self.hear_kernel()
+            return handler(params, caller)
+        return handle
 
     def stream_filter(self, record: FlowRecord) -> DataFilter:
         """The data filter, or the application filter's stream filter, of a flow."""
@@ -351,6 +383,20 @@ class Daemon:
                 for effect in group:
                     self._withdraw(effect.permission)
                 raise
+        elif kind is AddKernelGrant:
+            try:
+                self._nat_maps().hold([self._grant_rule(e.grant) for e in group])
+            except dataplane.DataplaneError as exc:
+                # the user-space path is the fallback: the grant stands, the enforcer matches it
+                log.warning("the kernel cannot hold %d grant(s), the enforcer matches them: %s",
+                            len(group), exc)
+                for effect in group:
+                    self.engine.keep_grant(effect.grant)
+        elif kind is RemoveKernelGrant:
+            try:
+                self._nat_maps().release([self._grant_rule(e.grant) for e in group])
+            except dataplane.DataplaneError as exc:
+                log.error("cannot remove ended grants from the kernel: %s", exc)
         elif kind is MapBind:
             for effect in group:
                 try:
@@ -387,6 +433,14 @@ class Daemon:
         else:  # an event for a session filter
             for event in group:
                 self.api.deliver(event)
+
+    def _grant_rule(self, grant: KernelGrant) -> dataplane.GrantRule:
+        """A grant as the kernel holds it, its timeout what is left of the permission's."""
+        perm = grant.permission
+        timeout = (None if perm.expires is None
+                   else max(1, int((perm.expires - self.clock()) * 1000)))
+        return dataplane.GrantRule(grant.protocol, perm.client, grant.target, grant.port,
+                                   grant.mark, timeout)
 
     def _withdraw(self, holder: Permission | Bind) -> None:
         """A grant or a bind whose part in the kernel failed."""
@@ -443,6 +497,10 @@ class Daemon:
             "queue_errors": None if self.queue is None else {
                 "overflows": self.queue.overflows, "verdict_errors": self.queue.verdict_errors,
                 "malformed": self.queue.malformed},
+            # single-use kernel-mode grants the kernel holds (None: the enforcer matches all);
+            # what the kernel admitted by them is counted as "kernel grants: used"
+            "kernel_grants": None if self.notices is None else {
+                "held": len(self.engine.kernel_grants), "notices_lost": self.notices.lost},
             "limits": {**self.engine.limits_status(), **self.engine.buffered.status(),
                        **(self.socks.limits_status() if self.socks is not None else {})},
             "memory": {"rss": resident_bytes(), "bound": memory_bound(self.config.limits)},
@@ -509,6 +567,8 @@ class Daemon:
                             "; ".join(forgotten))
             self.maps = dataplane.NatMaps()
             self.local_flows = dataplane.LocalFlows()
+            if self.config.dataplane.kernel_grants:
+                self._hold_grants_in_kernel()
             if self.filter_factories or self.app_filters:
                 self.host.liberal_tcp_tracking()
             wake_w.setblocking(False)
@@ -518,9 +578,10 @@ class Daemon:
             self.loop.watch(queue.socket, selectors.EVENT_READ, self.on_queue)
             self.loop.watch(wake_r, selectors.EVENT_READ, functools.partial(_drain, wake_r))
             try:
+                handlers = {**self.api.handlers(), "status": self._status, "restart": self._restart}
                 control = ControlServer(self.config.control_socket,
-                                        {**self.api.handlers(), "status": self._status,
-                                         "restart": self._restart},
+                                        {name: self._hearing_first(handler)
+                                         for name, handler in handlers.items()},
                                         self.loop, self.api.disconnected)
             except OSError as exc:
                 raise StartupError(f"cannot serve the control socket {self.config.control_socket}: "
@@ -547,6 +608,12 @@ class Daemon:
                 self.socks.close()
             if control is not None:
                 control.close()
+            if self.live is not None:  # first: the kernel's grants admit nothing more
+                self.live.close()
+                self.live = None
+            if self.notices is not None:
+                self.notices.close()
+                self.notices = None
             if self.maps is not None:
                 self.maps.close()
                 self.maps = None
@@ -564,7 +631,28 @@ class Daemon:
                 wake_w.close()
                 self.loop.close()
 
+    def _hold_grants_in_kernel(self) -> None:
+        """Let the kernel hold single-use kernel-mode grants, where it can: the table that
+        says this process lives, the log of what the kernel admits, and a removal the
+        kernel must take (Linux 6.3's NFT_MSG_DESTROYSETELEM). Where it cannot, the
+        enforcer matches every grant itself (logged)."""
+        assert self.maps is not None
+        try:
+            probe = dataplane.GrantRule(TCP, ipaddress.ip_address("192.0.2.1"),
+                                        ipaddress.ip_address("192.0.2.2"), 1, 0, None)
+            self.maps.release([probe])
+            self.notices = nflog.Notices(self.config.dataplane.queue)
+            self.live = dataplane.LiveTable()
+        except (dataplane.DataplaneError, OSError) as exc:
+            log.warning("the kernel cannot hold grants (%s); the enforcer matches every grant", exc)
+            if self.notices is not None:
+                self.notices.close()
+                self.notices = None
+            return
+        self.engine.grants_in_kernel = True
+
     def _housekeeping(self) -> None:
+        self.hear_kernel()
         now = self.clock()
         self.engine.expire(now)
         if now >= self._next_prune:  # clients' byte budgets that hold nothing any more
@@ -589,11 +677,13 @@ class Daemon:
 
     def _until_next_expiry(self) -> float:
         """How long the loop may wait: until the next permission expires or the SOCKS
-        service's next timeout, at most a second."""
+        service's next timeout, at most a second (while the kernel holds grants, at most
+        ``KERNEL_NOTICE_DELAY``: what it admitted by them is heard that soon)."""
         due = [d for d in (self.engine.permissions.next_expiry(),
                            None if self.socks is None else self.socks.next_deadline())
                if d is not None]
-        return min(1.0, max(0.0, min(due) - self.clock())) if due else 1.0
+        longest = KERNEL_NOTICE_DELAY if self.engine.kernel_grants else 1.0
+        return min(longest, max(0.0, min(due) - self.clock())) if due else longest
 
     def _on_signal(self, signum: int, _frame: object) -> None:
         self._stop = True

@@ -20,6 +20,7 @@ everything.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import functools
 import ipaddress
@@ -43,9 +44,11 @@ from enforcer.core.limits import Limits
 # mark (conntrack -L): the mark layout is the rules' contract with whoever inspects them
 from enforcer.core.marks import MARK_KERNEL as MARK_KERNEL
 from enforcer.core.marks import (
+    MARK_LIVE,
     MARK_LOCAL,
     MARK_LOCAL_KEPT,
     MARK_MASK,
+    MARK_PORT,
     MARK_REWRITTEN,
     MARK_SNAT,
     MARK_SNAT_SHIFT,
@@ -105,6 +108,10 @@ NLMSG_ERROR = 2
 NFTA_SET_ELEM_LIST_TABLE, NFTA_SET_ELEM_LIST_SET, NFTA_SET_ELEM_LIST_ELEMENTS = 1, 2, 3
 NFTA_SET_ELEM_KEY, NFTA_SET_ELEM_DATA, NFTA_SET_ELEM_TIMEOUT, NFTA_DATA_VALUE = 1, 2, 4, 1
 NETLINK_TIMEOUT = 2.0  # the kernel answers a map update at once; this only guards a bug
+NFT_MSG_DESTROYSETELEM = 30  # DELSETELEM that does not fail on a missing element (Linux 6.3)
+# A grant's key lets one packet through, counted under the element's lock
+ONE_PACKET = "limit rate 1/week burst 1 packets"
+LIVE_TABLE = "pinhole_live"  # owned by the enforcer's process: gone with it (LiveTable)
 
 def _hex(value: int) -> str:
     return f"0x{value:08x}"
@@ -211,7 +218,7 @@ def rules_of(rs: Ruleset) -> tuple[Chain, ...]:
         forward += [
             Rule(Match(mark=MarkIs(MARK_REWRITTEN, MARK_REWRITTEN)), ACCEPT),
             Rule(Match(ct_mark=user), queue),
-            *(cap for family in FAMILIES for cap in _new_flow_caps(rs.limits, Match(family=family))),
+            # (rule 16's caps on clients' new flows come first, in the grants chain)
             Rule(Match(ct_state=NEW), queue),
         ]
         # When failing open, unmarked packets of flows that are not new go to the queue
@@ -255,6 +262,16 @@ def rules_of(rs: Ruleset) -> tuple[Chain, ...]:
             Chain(Hook.POSTROUTING, Stage.MANGLE, tuple(save)),
             Chain(Hook.INPUT, Stage.AFTER_FILTER, tuple(local)),
             Chain(Hook.POSTROUTING, Stage.SOURCE_NAT, tuple(snat)))
+
+
+def forward_caps(limits: Limits) -> list[Rule]:
+    """Rule 16 for forwarded flows, in the grants chain of the maps table (``render_nft_maps``),
+    which comes before the forward chain: before the kernel admits a flow by a grant it
+    holds, and before the queue. They count what is new and not yet admitted (a UDP
+    flow's later datagrams stay new until an answer; a user-mode redirect's packets were
+    admitted before routing)."""
+    fresh = Match(mark=MarkIs(0, MARK_REWRITTEN), ct_mark=MarkIs(0, MARK_MODE))
+    return [cap for family in FAMILIES for cap in _new_flow_caps(limits, replace(fresh, family=family))]
 
 
 def _new_flow_caps(limits: Limits, where: Match) -> list[Rule]:
@@ -354,7 +371,7 @@ class Backend(ABC):
         it, go too. Returns what was replaced of an earlier run's (a run that did not stop
         cleanly)."""
         replaced = [f"nft table inet {MAPS_TABLE}"] if MAPS_TABLE in _nft_tables() else []
-        self._replace(rules_of(rs), _nft_replacing(MAPS_TABLE, render_nft_maps() if rs.working else ""))
+        self._replace(rules_of(rs), _nft_replacing(MAPS_TABLE, render_nft_maps(rs) if rs.working else ""))
         return replaced + [gone for other in BACKENDS if not isinstance(self, other)
                            for gone in other().remove()]
 
@@ -587,8 +604,9 @@ def _nft_meter(match: Match) -> tuple[str, str, str]:
     return name, declaration, f"{_NFT_FAMILY[family]} saddr"
 
 
-def _nft_rule(rule: Rule) -> str:
-    """A rule as one nft statement line (for both families unless it says one)."""
+def _nft_rule(rule: Rule, *, counted: bool = False) -> str:
+    """A rule as one nft statement line (for both families unless it says one); ``counted``:
+    with a counter of the packets it took."""
     m = rule.match
     family = m.of_family
     parts: list[str] = []
@@ -635,7 +653,7 @@ def _nft_rule(rule: Rule) -> str:
         over = (f"timeout 10s limit rate over {m.over.per_second}/second burst {m.over.burst} packets"
                 if isinstance(m.over, RateOver) else f"ct count over {m.over.count}")
         parts.append(f"add @{meter} {{ {key} {over} }}")
-    return " ".join([*parts, _nft_action(rule.action)])
+    return " ".join([*parts, *(["counter"] if counted else []), _nft_action(rule.action)])
 
 
 def _nft_mark(mark: MarkIs) -> str:
@@ -660,17 +678,30 @@ def _nft_action(action: Action) -> str:
             return f"snat {_NFT_FAMILY[family_of(address)]} to {address}"
 
 
-def render_nft_maps() -> str:
-    """The table of per-grant kernel NAT (both backends): kernel-mode redirects and
-    SecureNAT binds are elements of its maps, which the enforcer writes over netlink
-    (``NatMaps``) as grants come and go. A redirect port's first packet gets the port as
-    its mark (so the enforcer knows which redirect it came by) and goes on to the target;
-    a new flow to a SecureNAT bind's external port goes on to the client's port. A bind
-    whose flow is to reach the client from the fw has it leave from the fw's address,
-    once the enforcer has admitted it (the source NAT is chosen after the forward hook),
-    looked up by the bind's address (the flow's original destination) and the client's
-    port it goes to: nft cannot concatenate the original destination port."""
+def render_nft_maps(rs: Ruleset) -> str:
+    """The table of per-grant kernel state (both backends), whose sets and maps the
+    enforcer writes over netlink (``NatMaps``) as grants come and go.
+
+    Kernel NAT: a kernel-mode redirect port's first packet gets the port as its mark (so
+    the enforcer knows which redirect it came by) and goes on to the target; a new flow
+    to a SecureNAT bind's external port goes on to the client's port. A bind whose flow
+    is to reach the client from the fw has it leave from the fw's address, once the
+    enforcer has admitted it (the source NAT is chosen after the forward hook), looked up
+    by the bind's address (the flow's original destination) and the client's port it
+    goes to: nft cannot concatenate the original destination port.
+
+    Grants the kernel holds (single-use AllowFutureConnect grants of flows that run in
+    kernel mode): a key in ``grant_<family>``, its flow's mark in ``grant_mark_<family>``,
+    each with the grant's timeout. The grants chain, before the forward chain (whose
+    first rules accept a flow by its kernel-mode connmark), admits a new flow whose key
+    it finds, while the enforcer lives (``MARK_LIVE``) and as the enforcer would (a TCP
+    flow by a bare SYN; no IPv6 routing header): it sets the flow's mark, deletes
+    the key (single use; each key also lets one packet through, checked under the
+    element's lock, so that two CPUs cannot both use it) and logs the packet to the
+    enforcer (NFLOG group = the queue's number). Rule 16's caps come first
+    (``forward_caps``)."""
     lines = [f"table inet {MAPS_TABLE} {{"]
+    size = rs.limits.pending_total
     for family, proto in _NFT_FAMILY.items():
         addr = _NFT_ADDR[family]
         key = f"{addr} . {addr} . inet_proto . inet_service"
@@ -678,7 +709,11 @@ def render_nft_maps() -> str:
                   f"  map redirect_to_{proto} {{ type {key} : {addr} . inet_service; }}",
                   f"  map bind_to_{proto} {{ type {addr} . inet_proto . inet_service : "
                   f"{addr} . inet_service; }}",
-                  f"  map bind_from_{proto} {{ type {key} : {addr}; }}"]
+                  f"  map bind_from_{proto} {{ type {key} : {addr}; }}",
+                  f"  set grant_{proto} {{ type {key}; flags timeout; size {size}; {ONE_PACKET}; }}",
+                  f"  map grant_mark_{proto} {{ type {key} : mark; flags timeout; size {size}; }}"]
+    caps = forward_caps(rs.limits)
+    lines += [_nft_meter(cap.match)[1] for cap in caps]
     lines += ["  chain redirect_dnat {", "    type nat hook prerouting priority dstnat; policy accept;"]
     for proto in _NFT_FAMILY.values():
         key = f"{proto} saddr . {proto} daddr . meta l4proto . th dport"
@@ -689,6 +724,20 @@ def render_nft_maps() -> str:
     lines += ["  }", "  chain bind_snat {", "    type nat hook postrouting priority srcnat; policy accept;"]
     lines += [f"    ct state new snat {proto} to ct original {proto} daddr . {proto} daddr . "
               f"meta l4proto . th dport map @bind_from_{proto}" for proto in _NFT_FAMILY.values()]
+    lines += ["  }", "  chain grants {", "    type filter hook forward priority filter - 1; policy accept;"]
+    lines += [f"    {_nft_rule(cap, counted=True)}" for cap in caps]  # (what they refused)
+    # What the enforcer would admit by the grant: a new flow's first packet (while the
+    # enforcer lives), which for TCP is a bare SYN; not a redirect's (a kernel-mode redirect
+    # rule marked it with its port, or the enforcer rewrote it), nor an IPv6 packet with a
+    # routing header (its destination may be a waypoint).
+    unmarked = f"meta mark and {_hex(MARK_LIVE | MARK_REWRITTEN | MARK_PORT)} == {_hex(MARK_LIVE)}"
+    for proto in _NFT_FAMILY.values():
+        key = f"{proto} saddr . {proto} daddr . meta l4proto . th dport"
+        plain = " exthdr rt missing" if proto == "ip6" else ""
+        lines += [f"    {unmarked} ct state new {first}{plain} {key} @grant_{proto} "
+                  f"ct mark set {key} map @grant_mark_{proto} meta mark set ct mark "
+                  f"delete @grant_{proto} {{ {key} }} log group {rs.settings.queue}"
+                  for first in ("tcp flags & (fin | syn | rst | ack) == syn", "meta l4proto udp")]
     lines += ["  }", "}"]
     return "\n".join(lines) + "\n"
 
@@ -700,6 +749,11 @@ def _register(value: bytes) -> bytes:
 
 def _port(port: int) -> bytes:
     return _register(struct.pack("!H", port))
+
+
+def _flow_key(source: IPAddress, destination: IPAddress, protocol: int, port: int) -> bytes:
+    """The key ``saddr . daddr . meta l4proto . th dport`` of the maps table's sets."""
+    return source.packed + destination.packed + _register(bytes([protocol])) + _port(port)
 
 
 @dataclass(frozen=True)
@@ -717,8 +771,7 @@ class RedirectRule:
     def elements(self) -> list[tuple[str, bytes, bytes]]:
         """(map, key, value) of each map element (pure)."""
         proto = "ip" if self.client.version == 4 else "ip6"
-        key = (self.client.packed + self.internal.packed + _register(bytes([self.protocol]))
-               + _port(self.port))
+        key = _flow_key(self.client, self.internal, self.protocol, self.port)
         return [(f"redirect_mark_{proto}", key, struct.pack("=I", self.port)),
                 (f"redirect_to_{proto}", key, self.target.packed + _port(self.target_port))]
 
@@ -751,6 +804,28 @@ class BindRule:
 
 
 NatRule = RedirectRule | BindRule
+
+
+@dataclass(frozen=True)
+class GrantRule:
+    """A grant the kernel holds (``render_nft_maps``): new flows from ``client`` to
+    ``target``:``port`` by ``protocol``, the first of which it admits with ``mark``, for
+    ``timeout_ms`` (None: until it is removed)."""
+
+    protocol: int
+    client: IPAddress
+    target: IPAddress
+    port: int
+    mark: int
+    timeout_ms: int | None
+
+    @property
+    def key(self) -> bytes:
+        return _flow_key(self.client, self.target, self.protocol, self.port)
+
+    @property
+    def family(self) -> str:
+        return "ip" if self.client.version == 4 else "ip6"
 
 
 class NatMaps:
@@ -793,17 +868,46 @@ class NatMaps:
                 raise DataplaneError(f"the kernel refused to remove {rule}: "
                                      + "; ".join(map(os.strerror, errors)))
 
+    def hold(self, grants: Sequence[GrantRule]) -> None:
+        """Give the kernel these grants, in one transaction: each one's key, and its mark
+        in place of any a used grant of the same key left; DataplaneError if the kernel
+        refuses (a set full, say: then nothing changed)."""
+        messages: list[bytes] = []
+        for grant in grants:
+            messages += [
+                destroy_message(f"grant_mark_{grant.family}", [grant.key], next(self._seq)),
+                set_elements_message(f"grant_{grant.family}", [(grant.key, b"")], True,
+                                     next(self._seq), grant.timeout_ms),
+                set_elements_message(f"grant_mark_{grant.family}",
+                                     [(grant.key, struct.pack("=I", grant.mark))], True,
+                                     next(self._seq), grant.timeout_ms)]
+        errors = self._send(messages, "giving the kernel grants")
+        if errors:
+            raise DataplaneError("the kernel refused to hold a grant: "
+                                 + "; ".join(map(os.strerror, errors)))
+
+    def release(self, grants: Sequence[GrantRule]) -> None:
+        """Take these grants from the kernel (what is left of each: a used one's mark), in
+        one transaction; DataplaneError if the kernel refuses."""
+        messages = [destroy_message(f"{name}_{grant.family}", [grant.key], next(self._seq))
+                    for grant in grants for name in ("grant", "grant_mark")]
+        errors = self._send(messages, "taking grants from the kernel")
+        if errors:
+            raise DataplaneError("the kernel refused to remove a grant: "
+                                 + "; ".join(map(os.strerror, errors)))
+
     def _batch(self, messages: list[tuple[str, list[tuple[bytes, bytes]], bool]]) -> list[int]:
         """Send one transaction; the errno of each message the kernel refused (a refusal
         aborts the whole transaction)."""
-        waiting = set()
-        data = batch_marker(NFNL_MSG_BATCH_BEGIN, next(self._seq))
-        for name, elements, add in messages:
-            seq = next(self._seq)
-            data += set_elements_message(name, elements, add, seq)
-            waiting.add(seq)
-        data += batch_marker(NFNL_MSG_BATCH_END, next(self._seq))
-        return _request(self.sock, data, waiting, "writing the NAT maps")
+        return self._send([set_elements_message(name, elements, add, next(self._seq))
+                           for name, elements, add in messages], "writing the NAT maps")
+
+    def _send(self, messages: list[bytes], what: str) -> list[int]:
+        """Send encoded messages as one transaction; the errno of each one refused."""
+        waiting = {struct.unpack_from("=I", msg, 8)[0] for msg in messages}
+        data = (batch_marker(NFNL_MSG_BATCH_BEGIN, next(self._seq)) + b"".join(messages)
+                + batch_marker(NFNL_MSG_BATCH_END, next(self._seq)))
+        return _request(self.sock, data, waiting, what)
 
     def close(self) -> None:
         self.sock.close()
@@ -899,6 +1003,52 @@ def set_elements_message(name: str, elements: list[tuple[bytes, bytes]], add: bo
     kind = (NFNL_SUBSYS_NFTABLES << 8) | (NFT_MSG_NEWSETELEM if add else NFT_MSG_DELSETELEM)
     return _netlink(kind, NLM_F_REQUEST | NLM_F_ACK | (NLM_F_CREATE if add else 0), seq,
                     NFPROTO_INET, 0, body)
+
+
+def destroy_message(name: str, keys: list[bytes], seq: int) -> bytes:
+    """NFT_MSG_DESTROYSETELEM: ``set_elements_message``'s delete, which the kernel does not
+    refuse when an element is missing."""
+    msg = set_elements_message(name, [(k, b"") for k in keys], False, seq)
+    return msg[:4] + struct.pack("=H", (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_DESTROYSETELEM) + msg[6:]
+
+
+class LiveTable:
+    """The table that says this enforcer lives: its one chain marks every new forwarded
+    packet with ``MARK_LIVE``, which the grants the kernel holds require. The table is
+    owned by this process (nft's ``owner`` flag): the kernel deletes it when the netlink
+    socket that made it closes, however the process ends (a stop, a crash, SIGKILL), so
+    that no grant admits a flow while no enforcer runs (rule 15). It is made with
+    libnftables, in this process, whose context keeps that socket open until ``close``."""
+
+    def __init__(self) -> None:
+        try:
+            lib = ctypes.CDLL("libnftables.so.1")
+        except OSError as exc:
+            raise DataplaneError(f"libnftables is not installed: {exc}") from None
+        lib.nft_ctx_new.restype = ctypes.c_void_p
+        lib.nft_ctx_new.argtypes = [ctypes.c_uint32]
+        lib.nft_ctx_free.argtypes = [ctypes.c_void_p]
+        lib.nft_ctx_buffer_error.argtypes = [ctypes.c_void_p]
+        lib.nft_ctx_get_error_buffer.argtypes = [ctypes.c_void_p]
+        lib.nft_ctx_get_error_buffer.restype = ctypes.c_char_p
+        lib.nft_run_cmd_from_buffer.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+        self._lib, self._ctx = lib, lib.nft_ctx_new(0)
+        if not self._ctx:
+            raise DataplaneError("libnftables could not make a context")
+        lib.nft_ctx_buffer_error(self._ctx)
+        text = (f"table inet {LIVE_TABLE} {{\n  flags owner\n  chain live {{\n"
+                "    type filter hook forward priority filter - 2; policy accept;\n"
+                f"    ct state new meta mark set meta mark or {_hex(MARK_LIVE)}\n  }}\n}}\n")
+        if lib.nft_run_cmd_from_buffer(self._ctx, text.encode()) != 0:
+            error = (lib.nft_ctx_get_error_buffer(self._ctx) or b"").decode(errors="replace")
+            self.close()
+            raise DataplaneError(f"cannot make the table {LIVE_TABLE}: {error.strip()}")
+
+    def close(self) -> None:
+        """The table goes (with the context's socket)."""
+        if self._ctx:
+            self._lib.nft_ctx_free(self._ctx)
+            self._ctx = None
 
 
 @functools.cache  # the kernel's features do not change under a running process

@@ -10,6 +10,7 @@ filter acts on), and grant calls on the control socket.
 from __future__ import annotations
 
 import contextlib
+import re
 import statistics
 import threading
 import time
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
-from testbed.lab import GUIDS
+from testbed.lab import ENFORCER_MAPS_TABLE, GUIDS
 from testbed.session_api import Flags, SessionApiError
 
 VICTIM_PORT = 30080  # where the measured client connects (a grant of its own admits it)
@@ -94,11 +95,11 @@ def first_syn_delays(net: Any, client: str, server: str, count: int,
 
 def kernel_refusals(net: Any) -> int:
     """New flows the fw's kernel dropped before the queue for being beyond a client's rate
-    or flow caps (the hashlimit and connlimit rules' packet counters, this family)."""
-    tool = "iptables" if net.family == "ipv4" else "ip6tables"
-    listing = net.lab.tb.run("fw", [tool, "-w", "-L", "PINHOLE-FORWARD", "-v", "-x", "-n"]).stdout
-    return sum(int(line.split()[0]) for line in listing.splitlines()
-               if "limit" in line and "DROP" in line)
+    or flow caps (the counters of the cap rules in the grants chain, this family)."""
+    listing = net.lab.tb.run("fw", ["nft", "list", "chain", "inet", ENFORCER_MAPS_TABLE, "grants"]).stdout
+    family = "ip" if net.family == "ipv4" else "ip6"
+    return sum(int(m.group(1)) for m in re.finditer(
+        rf"add @(?:new_flow_rate|flows)_{family} \{{.*\}} counter packets (\d+) bytes \d+ drop", listing))
 
 
 @dataclass

@@ -46,7 +46,8 @@ SOCKS_PORT = 1080
 PORTS = {"FTP": ("tcp", 21), "HTTP": ("tcp", 80), "SSH": ("tcp", 22), "DNS": ("udp", 53),
          "TFTP": ("udp", 69)}
 # What some checks inspect of the enforcer itself (README "Architecture" and "The
-# enforcer"): the nft table of its kernel-mode redirects' and binds' NAT maps, the
+# enforcer"): the nft table of its kernel-mode redirects' and binds' NAT maps (and of the
+# grants the kernel holds, after the caps on new flows, whose counters show refusals), the
 # conntrack mark's bits by which its rules route an admitted flow (those of its mode,
 # and a one-way flow's, whose replies are dropped before its queue), and the longest
 # line its control socket reads.

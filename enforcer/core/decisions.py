@@ -62,7 +62,6 @@ HOOK_PREROUTING = 0  # a user-mode redirect port's packet, before conntrack
 HOOK_INPUT = 1  # a new flow to a Firewall client's bind (a socket of the fw)
 HOOK_FORWARD = 2  # a new flow through the fw, or a user-mode flow's packet
 HOOK_OUTPUT = 3  # an ICMP error the fw sends about a user-mode flow
-_BIDIRECTIONAL = int(Flags.BIDIRECTIONAL)
 # How long after a UDP flow's admission its further "new" datagrams are taken as its own
 SAME_FLOW_WINDOW = 1.0
 
@@ -342,6 +341,28 @@ class Decisions(Binding):
             self.counters["dropped: unknown user-mode flow"] += 1
         return found
 
+    def kernel_admitted(self, data: bytes, now: float) -> None:
+        """A new flow the kernel admitted by a grant it held (``data``: the start of its
+        first packet, as the kernel logged it): the grant is used, and the flow recorded
+        and its events sent, as for a flow the enforcer admits. Never raises."""
+        try:
+            meta = parse(data, Ingress.INTERNAL)
+            key = meta.key
+            grant = self.kernel_grants.get(permission_key(key.protocol, key.src, key.dst, key.dport))
+            if grant is None:  # ended (cancelled, expired) as the kernel used it
+                self.counters["kernel grants: used as they ended"] += 1
+                self._record(Decision(Verdict.ADMIT_KERNEL, key, "admitted in the kernel by a "
+                                      "grant that ended as it was used", now))
+                return
+            self.counters["kernel grants: used"] += 1
+            self.permissions.use(grant.permission)
+            decision = self._admit_permitted(key, grant.permission, now, 0, meta.tcp_flags)
+            self._record(decision._replace(reason=f"{decision.reason}, by the kernel"))
+        except Malformed:
+            self.counters["kernel grants: unreadable notices"] += 1
+        except Exception:  # a bug: the flow is admitted already; the enforcer goes on
+            self.counters["errors"] += 1
+
     def _same_datagram_flow(self, meta: PacketMeta, now: float, length: int) -> Decision | None:
         """A UDP flow's later datagrams that were queued before the kernel had recorded
         the first one's verdict arrive as new: they get that verdict again, and neither
@@ -506,9 +527,7 @@ class Decisions(Binding):
         (``relayed``: by the SOCKS service, for a Firewall client)."""
         mode = Mode.USER if user_mode(perm.flags, perm.data_filter) else Mode.KERNEL
         redirect = perm.redirect
-        # Redirected flows always leave from an external address: the client spoke to the fw.
-        snat = perm.external_index if self.nat or redirect is not None else None
-        one_way = key.protocol == UDP and not int(perm.flags) & _BIDIRECTIONAL and redirect is None
+        one_way, snat = self._leaving(perm, key.protocol)
         record = FlowRecord(key, perm.session_id, perm.protocol_name, mode, now, perm.id,
                             data_filter=perm.data_filter, snat=snat, one_way=one_way,
                             redirect=None if redirect is None else redirect.internal_endpoint,

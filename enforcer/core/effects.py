@@ -77,6 +77,33 @@ class RemoveRedirect(NamedTuple):
     permission: Permission
 
 
+class KernelGrant(NamedTuple):
+    """A single-use kernel-mode AllowFutureConnect grant that the kernel holds: a new flow
+    from the permission's client to ``target``:``port`` by ``protocol`` is admitted there,
+    with ``mark``, by its first packet, which uses it up; the enforcer hears of it after
+    (``Engine.kernel_admitted``) and does for the flow what it does for one it admits."""
+
+    permission: Permission
+    protocol: int
+    target: IPAddress
+    port: int
+    mark: int
+
+
+class AddKernelGrant(NamedTuple):
+    """The kernel is to hold a grant before the grant's call returns. If it cannot, the
+    grant stays the enforcer's to match (``Engine.keep_grant``): nothing fails."""
+
+    grant: KernelGrant
+
+
+class RemoveKernelGrant(NamedTuple):
+    """A grant the kernel held has ended (used, expired, cancelled): it goes from the
+    kernel (what is left of it: a used grant's mark)."""
+
+    grant: KernelGrant
+
+
 class MapBind(NamedTuple):
     """A new translated SecureNAT bind: the kernel is to send its flow to the client. If it
     cannot, the bind is withdrawn."""
@@ -109,7 +136,7 @@ Event = EstablishedConnection | ConnectEvent
 # leaves, as a grant's call returns only once it is in place. The rest (removals, events)
 # waits for the verdict: a SecureNAT bind's NAT is removed as its flow's first packet is
 # admitted, and that packet must still be translated on its way out.
-BEFORE_VERDICT = (AddRedirect, MapBind, GrowReceiveBuffer)
+BEFORE_VERDICT = (AddRedirect, AddKernelGrant, MapBind, GrowReceiveBuffer)
 
-Effect = (AddRedirect | RemoveRedirect | MapBind | UnmapBind | ForgetBindFlows | GrowReceiveBuffer
-          | EstablishedConnection | ConnectEvent)
+Effect = (AddRedirect | RemoveRedirect | AddKernelGrant | RemoveKernelGrant | MapBind | UnmapBind
+          | ForgetBindFlows | GrowReceiveBuffer | EstablishedConnection | ConnectEvent)

@@ -8,9 +8,16 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from enforcer.core.effects import AddRedirect, GrowReceiveBuffer, RemoveRedirect
+from enforcer.core.effects import (
+    AddKernelGrant,
+    AddRedirect,
+    GrowReceiveBuffer,
+    KernelGrant,
+    RemoveRedirect,
+)
 from enforcer.core.events import Events
 from enforcer.core.flags import Flags
+from enforcer.core.marks import mark_for
 from enforcer.core.packet import TCP, UDP, Endpoint, FlowKey, IPAddress
 from enforcer.core.permissions import Permission, PermissionKey
 from enforcer.core.policy import ProtocolDef
@@ -27,6 +34,10 @@ from enforcer.core.state import permission_key, redirect_key, user_mode
 
 # The flags RedirectConnections takes (its page lists no others)
 REDIRECT_FLAGS = Flags.ALLOW_MULTIPLE | Flags.TIMEOUT | Flags.NO_KERNEL_MODE | Flags.INCREASE_RECEIVE_BUFFER
+_BIDIRECTIONAL = int(Flags.BIDIRECTIONAL)
+# a grant with any of these stays the enforcer's to match: it admits more than one flow, or
+# its flows run in user mode
+_NOT_IN_KERNEL = int(Flags.ALLOW_MULTIPLE | Flags.NO_KERNEL_MODE)
 
 
 class Grants(Events):
@@ -54,6 +65,7 @@ class Grants(Events):
                                     flags, protocol_def.name, now, timeout, external_index,
                                     filter_id, context, data_filter)
         self._granted([perm])
+        self._to_kernel(perm, session, protocol, target, port)
         return perm
 
     def redirect_connections(self, session_id: int, targets: list[Endpoint], protocol: int,
@@ -100,6 +112,36 @@ class Grants(Events):
                 self.effects.append(AddRedirect(perm))
             if Flags.INCREASE_RECEIVE_BUFFER in perm.flags:
                 self.effects.append(GrowReceiveBuffer(perm))
+
+    def _to_kernel(self, perm: Permission, session: Session, protocol: int, target: IPAddress,
+                   port: int) -> None:
+        """A single-use grant whose flow will run in kernel mode, of a SecureNAT client
+        (whose flows the fw forwards), is the kernel's to match when the kernel can hold
+        grants and holds none of the same key: its flow's first packet then never waits
+        for the enforcer. The enforcer no longer admits a flow by it (``_match``); the
+        kernel tells it of the flow it admitted (``kernel_admitted``)."""
+        if (not self.grants_in_kernel or int(perm.flags) & _NOT_IN_KERNEL or perm.data_filter
+                or session.kind != "securenat" or perm.key in self.kernel_grants):
+            return
+        one_way, snat = self._leaving(perm, protocol)
+        grant = KernelGrant(perm, protocol, target, port, mark_for(False, one_way, snat))
+        self.kernel_grants[perm.key] = grant
+        self.effects.append(AddKernelGrant(grant))
+
+    def keep_grant(self, grant: KernelGrant) -> None:
+        """The kernel could not hold a grant: it stays the enforcer's to match."""
+        if self.kernel_grants.get(grant.permission.key) is grant:
+            del self.kernel_grants[grant.permission.key]
+            self.counters["kernel grants: kept in user space"] += 1
+
+    def _leaving(self, perm: Permission, protocol: int) -> tuple[bool, int | None]:
+        """How a permission's flows leave the fw: one way (a UDP grant without
+        BIDIRECTIONAL, not a redirect), and the index of the external address they are
+        translated to (None: untranslated; a redirected flow always is: its client spoke
+        to the fw)."""
+        redirect = perm.redirect is not None
+        one_way = protocol == UDP and not int(perm.flags) & _BIDIRECTIONAL and not redirect
+        return one_way, perm.external_index if self.nat or redirect else None
 
     def _check_grant(self, session_id: int, targets: list[Endpoint], protocol: int, flags: Flags,
                      protocol_guid: uuid.UUID, proxy_external_address: IPAddress | None,
@@ -152,14 +194,21 @@ class Grants(Events):
     def _match(self, pkey: PermissionKey, client: IPAddress, now: float,
                where: Callable[[Permission], bool] | None = None) -> tuple[Permission | None, str | None]:
         """The permission a new flow of ``client`` uses (consumed if single use), or
-        (None, why) when only grants of user-mode flows match and the client may hold
-        no more user-mode flows (the refusal is counted; nothing is consumed)."""
-        refused = False
+        (None, why) when only grants the flow cannot use match: of user-mode flows, when
+        the client may hold no more user-mode flows (the refusal is counted), or held by
+        the kernel, which did not admit the flow (it has used the grant, or is about to
+        expire it). Nothing is consumed then."""
+        refused = held = False
 
         def usable(perm: Permission) -> bool:
-            nonlocal refused
+            nonlocal refused, held
             if where is not None and not where(perm):
                 return False
+            if self.kernel_grants:
+                grant = self.kernel_grants.get(perm.key)
+                if grant is not None and grant.permission is perm:
+                    held = True
+                    return False
             if user_mode(perm.flags, perm.data_filter) and not self.flows.fits(client):
                 refused = True
                 return False
@@ -169,6 +218,9 @@ class Grants(Events):
         perm = self.permissions.match(pkey, None if session is None else session.id, now, usable)
         if perm is None and refused:
             return None, f"refused: {self.flows.quota.refuse(client)}"
+        if perm is None and held:
+            return None, ("its single-use grant is the kernel's, which did not admit this "
+                          "packet: the grant is used or expires")
         return perm, None
 
     def pending(self, session_id: int | None, now: float) -> list[Permission]:

@@ -19,7 +19,12 @@ MARK_PORT = 0x0000FFFF       # a kernel-mode redirect rule's port, on a flow's f
 # to the socket and a closed bind's flows can be forgotten by that mark alone.
 MARK_LOCAL = 0x00800000
 MARK_LOCAL_KEPT = MARK_MODE | MARK_LOCAL | MARK_PORT  # what the connmark keeps of such a flow
-MARK_OWNED = MARK_MASK | MARK_REWRITTEN | MARK_PORT | MARK_LOCAL
+# A new flow's packet while this enforcer runs: the kernel's grants (single-use
+# permissions it matches itself) admit only packets with this bit, which a table that
+# lives only as long as the enforcer's process sets (``enforcer.dataplane.LiveTable``):
+# a crashed or killed enforcer's grants admit nothing (rule 15).
+MARK_LIVE = 0x00400000
+MARK_OWNED = MARK_MASK | MARK_REWRITTEN | MARK_PORT | MARK_LOCAL | MARK_LIVE
 MAX_EXTERNAL_ADDRESSES = MARK_SNAT >> MARK_SNAT_SHIFT
 
 

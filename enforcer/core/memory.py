@@ -28,7 +28,8 @@ BASE_BYTES = 96 * MIB
 # Bytes one item of each kind takes at most (tests/unit/test_memory.py measures them)
 ITEM_BYTES = {
     "session": 900,
-    "pending": 950,  # with its expiry entry and one stale one (a sweep keeps no more)
+    "pending": 1250,  # with its expiry entry and one stale one (a sweep keeps no more), and
+    # its record of the grant the kernel holds (KernelGrant, indexed by key)
     "finished_action": 450,
     "bind": 6400,  # a UDP bind with RECENT_SENDERS recent senders
     "closed_bind": 1800,

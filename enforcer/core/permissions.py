@@ -154,6 +154,12 @@ class PermissionTable:
             return perm
         return None
 
+    def use(self, perm: Permission) -> None:
+        """A pending single-use permission was used where the table did not match it (the
+        kernel held it): consumed."""
+        perm.admitted += 1
+        self._finish(perm, ActionState.CONSUMED)
+
     def expire(self, now: float) -> list[Permission]:
         """Finish every pending permission whose time is up; return them."""
         out = []

@@ -17,7 +17,7 @@ from typing import NamedTuple
 from enforcer.core.binds import DEFAULT_BIND_PORTS, Bind, BindTable
 from enforcer.core.budget import ClientBudgets
 from enforcer.core.datafilter import DataFilter
-from enforcer.core.effects import Effect, RemoveRedirect
+from enforcer.core.effects import Effect, KernelGrant, RemoveKernelGrant, RemoveRedirect
 from enforcer.core.flags import Flags
 from enforcer.core.flows import ConntrackTimeouts, FlowRecord, FlowTable
 from enforcer.core.ingress import InterfaceNetworks
@@ -142,10 +142,20 @@ class State:
         self.destination_denial = functools.lru_cache(maxsize=POLICY_MEMO)(policy.destination_denial)
         self._host_refusal = functools.lru_cache(maxsize=POLICY_MEMO)(self._host_refusal_of)
         self.protocols_by_guid = {p.guid: p for p in policy.protocols}
+        # Whether the kernel can hold grants (the shell says so once it can), and the
+        # grants it holds, by their permission's key (one a key, as in the kernel's set)
+        self.grants_in_kernel = False
+        self.kernel_grants: dict[PermissionKey, KernelGrant] = {}
 
     def _finished(self, perm: Permission) -> None:
-        """A permission stopped being pending: a redirect's block may go back to its pool,
-        and a kernel-mode redirect's rules are due for removal."""
+        """A permission stopped being pending: a grant the kernel holds goes from it, a
+        redirect's block may go back to its pool, and a kernel-mode redirect's rules are
+        due for removal."""
+        if self.kernel_grants:
+            grant = self.kernel_grants.get(perm.key)
+            if grant is not None and grant.permission is perm:
+                del self.kernel_grants[perm.key]
+                self.effects.append(RemoveKernelGrant(grant))
         redirect = perm.redirect
         if redirect is None:
             return

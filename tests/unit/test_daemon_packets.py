@@ -99,7 +99,7 @@ def daemon() -> Daemon:
     d.engine = Engine(POLICY, INTERNAL, [ipaddress.ip_address(EXT)])
     d.clock = lambda: 5.0
     d.api = SessionApi(d.engine, d.clock, d.apply)
-    d.maps = d.local_flows = d.queue = None
+    d.maps = d.local_flows = d.queue = d.notices = d.live = None
     d._arrived_on = Arrivals(Interfaces({"int0": INTERNAL_IF}, {"ext0": EXTERNAL_IF}, (), ()))
     d.config = Config(POLICY, NetworkSettings(("int0",), ("ext0",)),
                       DataplaneSettings(increased_receive_buffer=INCREASED))
@@ -278,7 +278,9 @@ class FakeMaps:
     def __init__(self, error: str | None = None) -> None:
         self.added: list[dataplane.NatRule] = []
         self.deleted: list[dataplane.NatRule] = []
-        self.error = error  # an add fails with it
+        self.held: list[dataplane.GrantRule] = []
+        self.released: list[dataplane.GrantRule] = []
+        self.error = error  # an add (and a grant the kernel is to hold) fails with it
         self.watched: QueuedPacket | None = None  # its verdicts as each delete came
         self.verdicts_at_delete: list[list[str]] = []
 
@@ -291,6 +293,14 @@ class FakeMaps:
         self.deleted += rules
         if self.watched is not None:
             self.verdicts_at_delete.append(list(self.watched.verdicts))
+
+    def hold(self, grants: list[dataplane.GrantRule]) -> None:
+        if self.error is not None:
+            raise dataplane.DataplaneError(self.error)
+        self.held += grants
+
+    def release(self, grants: list[dataplane.GrantRule]) -> None:
+        self.released += grants
 
 
 FW_INT = "192.0.2.1"
@@ -384,6 +394,7 @@ def test_no_child_process_on_the_packet_path() -> None:
     d.calls = filters.InProcessCalls(d.api.handlers())
     d.engine.stream_filter = d.stream_filter
     d.maps = maps = FakeMaps()  # type: ignore[assignment]
+    d.engine.grants_in_kernel = True
     user = marks.mark_for(True, False, 0)
     control = [IP(src=C1, dst=S1) / TCP(sport=40000, dport=21, flags="S", seq=100),
                IP(src=S1, dst=C1) / TCP(sport=21, dport=40000, flags="SA", seq=500, ack=101),
@@ -414,6 +425,51 @@ def test_no_child_process_on_the_packet_path() -> None:
     # netlink), a grant for the 227
     assert [r.client_port for r in maps.added if isinstance(r, dataplane.BindRule)] == [40001]
     assert [p.redirect for p in d.engine.pending(None, 5.0)] == [None]
+    assert [(str(g.target), g.port) for g in maps.held] == [(S1, 30001)]  # held by the kernel
+
+
+class FakeNotices:
+    """The kernel's log of the flows it admitted by grants it held."""
+
+    def __init__(self, *packets: bytes) -> None:
+        self.waiting = list(packets)
+
+    def read(self) -> list[bytes]:
+        out, self.waiting = self.waiting, []
+        return out
+
+
+def test_grants_the_kernel_holds_and_what_the_daemon_hears_of_them() -> None:
+    """A single-use kernel-mode grant goes to the kernel with what is left of its timeout;
+    the flow the kernel admitted by it, heard before the next control request, uses it up,
+    and what is left of it in the kernel goes; one the kernel cannot hold is the
+    enforcer's to match, and the call that made it succeeds."""
+    d = daemon()
+    d.maps = maps = FakeMaps()  # type: ignore[assignment]
+    d.engine.grants_in_kernel = True
+    session = securenat_session(d)
+    ftp = str(uuid.UUID(POLICY_DATA["protocol"][0]["guid"]))
+    made = d.api.allow_future_connect({"session": session, "address": S1, "port": 30001,
+                                       "protocol_guid": ftp, "flags": ["TIMEOUT"]}, SocketCaller())
+    (grant,) = maps.held
+    perm = d.engine.permissions.get(made["action"])
+    assert perm.expires is not None
+    assert (grant.protocol, str(grant.client), str(grant.target), grant.port, grant.mark) == \
+        (TCP_PROTOCOL, C1, S1, 30001, marks.mark_for(False, False, None))
+    assert grant.timeout_ms == int((perm.expires - d.clock()) * 1000)
+
+    d.notices = FakeNotices(syn(30001, 41000).data)  # type: ignore[assignment]
+    actions = d._hearing_first(d.api.action)
+    assert actions({"action": made["action"]}, SocketCaller())["state"] == "consumed"
+    assert maps.released == [grant]
+
+    d.maps = FakeMaps(error="set full")  # type: ignore[assignment]
+    kept = d.api.allow_future_connect({"session": session, "address": S1, "port": 30002,
+                                       "protocol_guid": ftp}, SocketCaller())
+    assert d.engine.kernel_grants == {}
+    deliver(d, first := syn(30002, 41001))
+    assert first.verdicts == ["accept"]
+    assert d.engine.permissions.get(kept["action"]).state.value == "consumed"
 
 
 class RefusingSocket(FakeSocket):

@@ -15,6 +15,7 @@ from enforcer.config import DataplaneSettings
 from enforcer.core.limits import Limits
 from enforcer.core.marks import (
     MARK_KERNEL,
+    MARK_LIVE,
     MARK_LOCAL,
     MARK_LOCAL_KEPT,
     MARK_MASK,
@@ -388,20 +389,24 @@ NFT_KEYWORDS = {
 
 def test_nft_chains_and_maps() -> None:
     text = nft_text(Ruleset(CLOSED, IFACES))
-    maps_text = render_nft_maps()
+    maps_text = render_nft_maps(Ruleset(CLOSED, IFACES))
     chains = [name for t in (text, maps_text) for name in re.findall(r"^  chain (\S+) \{$", t, re.M)]
     maps = re.findall(r"^  map (\S+) \{", maps_text, re.M)
     sets = re.findall(r"^  set (\S+) \{", text, re.M)
-    assert {"raw_prerouting", "filter_input", "filter_forward", "redirect_dnat"} <= set(chains)
+    map_sets = re.findall(r"^  set (\S+) \{", maps_text, re.M)
+    assert {"raw_prerouting", "filter_input", "filter_forward", "redirect_dnat", "grants"} <= set(chains)
     assert set(maps) == {"redirect_mark_ip", "redirect_to_ip", "redirect_mark_ip6", "redirect_to_ip6",
-                         "bind_to_ip", "bind_to_ip6", "bind_from_ip", "bind_from_ip6"}
-    assert "map " not in text  # per-grant NAT lives in the maps table only
+                         "bind_to_ip", "bind_to_ip6", "bind_from_ip", "bind_from_ip6",
+                         "grant_mark_ip", "grant_mark_ip6"}
+    assert set(map_sets) == {"grant_ip", "grant_ip6", "new_flow_rate_ip", "new_flow_rate_ip6",
+                             "flows_ip", "flows_ip6"}
+    assert "map " not in text  # per-grant state lives in the maps table only
     assert len(chains) == len(set(chains))
-    for name in [*chains, *maps, *sets]:
+    for name in [*chains, *maps, *sets, *map_sets]:
         assert name not in NFT_KEYWORDS, name
         assert re.fullmatch(r"[a-z][a-z0-9_]*", name), name
     # every map or set a rule looks up exists
-    assert set(re.findall(r"@(\w+)", maps_text)) == set(maps)
+    assert set(re.findall(r"@(\w+)", maps_text)) == {*maps, *map_sets}
     assert set(re.findall(r"@(\w+)", text)) == set(sets)
     assert maps_text.startswith(f"table inet {dataplane.MAPS_TABLE} {{")
     assert "map redirect_mark_ip { type ipv4_addr . ipv4_addr . inet_proto . inet_service : mark; }" \
@@ -512,7 +517,7 @@ def test_interfaces_internal_addresses() -> None:
 # --- marks -----------------------------------------------------------------------------------
 
 def test_mark_layout_bits_do_not_overlap() -> None:
-    parts = [MARK_MODE, MARK_ONE_WAY, MARK_SNAT, MARK_REWRITTEN, MARK_PORT, MARK_LOCAL]
+    parts = [MARK_MODE, MARK_ONE_WAY, MARK_SNAT, MARK_REWRITTEN, MARK_PORT, MARK_LOCAL, MARK_LIVE]
     assert sum(parts) == MARK_OWNED
     for i, a in enumerate(parts):
         for b in parts[i + 1:]:
@@ -612,10 +617,10 @@ def test_a_bind_from_the_fw_has_a_source_nat_element() -> None:
 
 
 def test_elements_name_the_maps_the_table_declares() -> None:
-    declared = set(re.findall(r"^  map (\S+) ", render_nft_maps(), re.M))
+    declared = set(re.findall(r"^  map (\S+) ", render_nft_maps(Ruleset(CLOSED, IFACES)), re.M))
     used = {name for rule in (RULE4, RULE6, BIND4, BIND6, FROM_FW4, FROM_FW6)
             for name, _, _ in rule.elements()}
-    assert used == declared
+    assert used == declared - {"grant_mark_ip", "grant_mark_ip6"}
 
 
 # --- replacing an earlier run's rules in one transaction --------------------------------------
@@ -854,26 +859,53 @@ def test_reverse_path_filter_on_every_interface(fam: str) -> None:
 
 
 @pytest.mark.parametrize("fam", FAMS)
-def test_new_flow_caps_before_the_queue(fam: str) -> None:
+def test_new_flow_caps_before_the_grants_and_the_queue(fam: str) -> None:
     """Rule 16 in the kernel: a client address's new flows beyond a rate, or beyond the
-    flows the kernel tracks for it, are dropped before they reach the queue."""
+    flows the kernel tracks for it, are dropped in the grants chain (before the forward
+    chain), before a grant the kernel holds is used and before the queue; for either
+    backend (the maps table is native nft with both)."""
     limits = Limits(flows_per_client=77, new_flows_per_second=300)
-    rules = appended(tables(iptables_text(fam, Ruleset(CLOSED, IFACES, limits=limits)))["filter"],
-                     "PINHOLE-FORWARD")
-    prefix = 32 if fam == "ipv4" else 128
-    rate, count, queue = (next(i for i, r in enumerate(rules) if word in r)
-                          for word in ("hashlimit", "connlimit", "--ctstate NEW -j NFQUEUE"))
-    assert rate < count < queue
-    assert "--ctstate NEW" in rules[rate] and "--ctstate NEW" in rules[count]
-    assert f"--hashlimit-above 300/sec --hashlimit-burst 30 --hashlimit-mode srcip " \
-           f"--hashlimit-srcmask {prefix} " in rules[rate]
-    assert f"--connlimit-above 77 --connlimit-mask {prefix} --connlimit-saddr -j DROP" in rules[count]
-    off = iptables_text(fam, Ruleset(CLOSED, IFACES, limits=Limits(new_flows_per_second=0)))
-    assert "hashlimit" not in off and "connlimit" in off
-    nft = nft_text(Ruleset(CLOSED, IFACES, limits=limits))
-    assert "limit rate over 300/second burst 30 packets" in nft and "ct count over 77" in nft
-    assert "--hashlimit-burst 10 " in iptables_text(fam, Ruleset(CLOSED, IFACES, limits=Limits(
+    grants = nft_chain(render_nft_maps(Ruleset(CLOSED, IFACES, limits=limits)), "grants")
+    proto = "ip" if fam == "ipv4" else "ip6"
+    rate, count, grant = (next(i for i, r in enumerate(grants) if word in r)
+                          for word in (f"add @new_flow_rate_{proto} {{ {proto} saddr ",
+                                       f"add @flows_{proto} {{ {proto} saddr ", f"@grant_{proto} "))
+    assert rate < count < grant
+    fresh = (f"meta nfproto {fam} meta mark and {MARK_REWRITTEN:#010x} == 0x00000000 "
+             f"ct mark and {MARK_MODE:#010x} == 0x00000000 ct state new")
+    assert grants[rate] == (f"{fresh} add @new_flow_rate_{proto} {{ {proto} saddr timeout 10s "
+                            "limit rate over 300/second burst 30 packets } counter drop")
+    assert grants[count] == f"{fresh} add @flows_{proto} {{ {proto} saddr ct count over 77 }} counter drop"
+    rs = Ruleset(CLOSED, IFACES, limits=limits)
+    for forward in (appended(tables(iptables_text(fam, rs))["filter"], "PINHOLE-FORWARD"),
+                    nft_chain(nft_text(rs), "filter_forward")):
+        assert forward and not any(word in rule for rule in forward
+                                   for word in ("hashlimit", "connlimit", "limit rate", "ct count"))
+    off = render_nft_maps(Ruleset(CLOSED, IFACES, limits=Limits(new_flows_per_second=0)))
+    assert "limit rate over" not in off and "ct count over" in off
+    assert "burst 10 packets" in render_nft_maps(Ruleset(CLOSED, IFACES, limits=Limits(
         new_flows_per_second=20)))
+
+
+def test_grants_chain() -> None:
+    """A grant the kernel holds admits a new flow's first packet (a bare SYN; no IPv6
+    routing header) while the enforcer lives, not a redirect's: it sets the flow's mark,
+    deletes the key and logs the packet to the queue's NFLOG group; each key lets one
+    packet through; the sets hold as many keys as may be pending."""
+    text = render_nft_maps(Ruleset(CLOSED, IFACES, limits=Limits(pending_total=1000)))
+    chain = nft_chain(text, "grants")
+    assert chain[0] == "type filter hook forward priority filter - 1; policy accept;"
+    owned = MARK_LIVE | MARK_REWRITTEN | MARK_PORT
+    assert chain[-4:] == [
+        f"meta mark and {owned:#010x} == {MARK_LIVE:#010x} ct state new {first}{rt} {k} @grant_{p} "
+        f"ct mark set {k} map @grant_mark_{p} meta mark set ct mark delete @grant_{p} {{ {k} }} log group 3"
+        for p, k, rt in (("ip", "ip saddr . ip daddr . meta l4proto . th dport", ""),
+                         ("ip6", "ip6 saddr . ip6 daddr . meta l4proto . th dport", " exthdr rt missing"))
+        for first in ("tcp flags & (fin | syn | rst | ack) == syn", "meta l4proto udp")]
+    assert ("  set grant_ip6 { type ipv6_addr . ipv6_addr . inet_proto . inet_service; flags timeout; "
+            "size 1000; limit rate 1/week burst 1 packets; }") in text
+    assert ("  map grant_mark_ip { type ipv4_addr . ipv4_addr . inet_proto . inet_service : mark; "
+            "flags timeout; size 1000; }") in text
 
 
 def test_nft_lockdown() -> None:

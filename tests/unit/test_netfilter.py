@@ -26,6 +26,7 @@ from enforcer.dataplane import (
     IptablesBackend,
     NftBackend,
     Ruleset,
+    forward_caps,
     rules_of,
 )
 from enforcer.netfilter import (
@@ -144,26 +145,32 @@ def test_the_working_rules_sit_inside_the_base(settings: DataplaneSettings, nat:
 @pytest.mark.parametrize("settings", [CLOSED, OPEN], ids=["closed", "open"])
 def test_running_forward(settings: DataplaneSettings) -> None:
     """After the base's head: packets the enforcer rewrote pass, user-mode flows are queued,
-    each family's caps drop a client's new flows beyond them, new flows are queued; failing
+    new flows are queued (the caps on them come first, in the grants chain); failing
     open, what is left is queued too (a dead enforcer lets it pass), else dropped."""
     queue = Queue(3, settings.fail_open)
-    caps = [Rule(Match(family=family, ct_state=("new",), over=over), DROP)
-            for family in ("ipv4", "ipv6") for over in (RateOver(300, 30), CountOver(77))]
     assert list(forward(running(settings, limits=LIMITS))) == [
         *BASE_HEAD,
         Rule(Match(mark=MarkIs(MARK_REWRITTEN, MARK_REWRITTEN)), ACCEPT),
         Rule(Match(ct_mark=MarkIs(MARK_USER, MARK_MODE)), queue),
-        *caps,
         Rule(Match(ct_state=("new",)), queue),
         Rule(Match(), queue) if settings.fail_open else Rule(Match(), DROP)]
 
 
+def test_forward_caps() -> None:
+    """Each family's caps drop a client's new flows beyond them: of what is new and not
+    admitted yet (neither a flow's connmark nor a rewritten packet's mark says how it runs)."""
+    fresh = Match(mark=MarkIs(0, MARK_REWRITTEN), ct_mark=MarkIs(0, MARK_MODE), ct_state=("new",))
+    assert forward_caps(LIMITS) == [Rule(replace(fresh, family=family, over=over), DROP)
+                                    for family in ("ipv4", "ipv6")
+                                    for over in (RateOver(300, 30), CountOver(77))]
+
+
 def test_no_rate_cap_without_a_rate() -> None:
-    rules = every_rule(running(limits=Limits(new_flows_per_second=0), bind_ports=BINDS))
+    rules = [*every_rule(running(limits=Limits(new_flows_per_second=0), bind_ports=BINDS)),
+             *forward_caps(Limits(new_flows_per_second=0))]
     assert not any(isinstance(rule.match.over, RateOver) for rule in rules)
     assert sum(isinstance(rule.match.over, CountOver) for rule in rules) == 2 + 3  # forward + binds
-    assert Rule(Match(family="ipv4", ct_state=("new",), over=RateOver(20, 10)), DROP) in \
-        forward(running(limits=Limits(new_flows_per_second=20)))  # a burst of at least 10
+    assert RateOver(20, 10) in [rule.match.over for rule in forward_caps(Limits(new_flows_per_second=20))]
 
 
 @pytest.mark.parametrize("fail_open", [False, True])

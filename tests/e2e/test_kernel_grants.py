@@ -1,0 +1,144 @@
+"""Grants the kernel holds, end to end: a single-use kernel-mode grant's first packet never
+reaches the queue, the enforcer hears of the flow after, the grant is used once, and a
+grant admits nothing once its enforcer is gone (rule 15), however it went."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from enforcer.client import Client
+from testbed.build import Testbed
+from testbed.clauses.helpers import assert_echoed
+from testbed.lab import GUIDS, EnforcerProcess
+from testbed.plugin import require_e2e
+from testbed.topology import standard
+
+HOSTS = {"ipv4": ("192.0.2.11", "198.51.100.21"), "ipv6": ("2001:db8:1::11", "2001:db8:2::21")}
+HEARD_WITHIN = 2.0  # seconds: the kernel sends its notices within 10 ms; a loaded VM is slower
+
+
+@pytest.fixture(scope="module")
+def tb() -> Iterator[Testbed]:
+    require_e2e()
+    with Testbed.up(standard("routed"), tag="test-kgrants") as built:
+        yield built
+
+
+@pytest.fixture
+def enforcer(tb: Testbed, tmp_path: Path) -> Iterator[EnforcerProcess]:
+    proc = EnforcerProcess(tb, tmp_path)
+    proc.start()
+    yield proc
+    if proc.running:
+        proc.stop()
+
+
+def queued(tb: Testbed) -> int:
+    """How many packets the fw's queues have been given so far (each queue's id_sequence)."""
+    lines = tb.run("fw", ["cat", "/proc/net/netfilter/nfnetlink_queue"]).stdout.splitlines()
+    return sum(int(line.split()[7]) for line in lines)
+
+
+def held(tb: Testbed, family: str) -> str:
+    """The keys of the grants the kernel holds for a family."""
+    proto = "ip" if family == "ipv4" else "ip6"
+    return str(tb.run("fw", ["nft", "list", "set", "inet", "pinhole_maps", f"grant_{proto}"]).stdout)
+
+
+def session_of(tb: Testbed, api: Client, family: str) -> int:
+    """c1's SecureNAT session, made by a primary FTP connection."""
+    client, server = HOSTS[family]
+    with tb.agent("s1").tcp_server(server, 21):
+        assert tb.agent("c1").tcp_connect(server, 21, send_bytes=10)["connected"]
+    (session,) = [s for s in api.call("sessions") if s["client"] == client]
+    return int(session["id"])
+
+
+def wait_for(what: str, check: object, timeout: float = HEARD_WITHIN) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():  # type: ignore[operator]
+        assert time.monotonic() < deadline, f"not within {timeout} s: {what}"
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("family", ["ipv4", "ipv6"])
+def test_the_kernel_admits_a_grants_first_packet_and_the_enforcer_hears_of_it(
+        tb: Testbed, enforcer: EnforcerProcess, family: str) -> None:
+    client, server = HOSTS[family]
+    c1, s1 = tb.agent("c1"), tb.agent("s1")
+    with Client(str(enforcer.socket)) as api, s1.tcp_server(server, 31002):
+        session = session_of(tb, api, family)
+        action = api.allow_future_connect(session, (server, 31002), protocol_guid=GUIDS["FTP"])
+        assert enforcer.call("status")["kernel_grants"]["held"] == 1
+        assert f"{client} . {server} . tcp . 31002" in held(tb, family)
+        before = queued(tb)
+        result = c1.tcp_connect(server, 31002, send_bytes=20_000)
+        assert_echoed(result, 20_000, "the flow the kernel admitted")
+        assert queued(tb) == before, "a packet of the flow the kernel admitted reached the queue"
+        assert "31002" not in held(tb, family), "the kernel did not use the grant up"
+
+        def heard() -> bool:
+            return bool(enforcer.call("status")["counters"].get("kernel grants: used") == 1)
+        wait_for("the enforcer hears of the flow", heard)
+        used = api.call("action", action=action.id)
+        assert used["state"] == "consumed" and used["admitted"] == 1, used
+        flows = [f for f in enforcer.call("flows") if f["action"] == action.id]
+        assert len(flows) == 1 and flows[0]["mode"] == "kernel" and "31002" in flows[0]["flow"], flows
+        assert enforcer.call("status")["kernel_grants"]["held"] == 0
+
+        # single use: the next flow reaches the enforcer, which has no grant for it
+        second = c1.tcp_connect(server, 31002, timeout=1.0)
+        assert not second["connected"] and "timed out" in second["error"], second
+        assert queued(tb) > before, "the second SYN never reached the enforcer"
+
+
+def test_grants_end_in_the_kernel_as_they_end_in_the_enforcer(tb: Testbed, enforcer: EnforcerProcess) -> None:
+    """Cancel and a session's end take the grant from the kernel before the call returns;
+    a grant of a key the kernel holds already stays the enforcer's, and is used once too."""
+    client, server = HOSTS["ipv4"]
+    c1, s1 = tb.agent("c1"), tb.agent("s1")
+    with Client(str(enforcer.socket)) as api, s1.tcp_server(server, 31003):
+        session = session_of(tb, api, "ipv4")
+        first = api.allow_future_connect(session, (server, 31003), protocol_guid=GUIDS["FTP"])
+        first.cancel()
+        assert "31003" not in held(tb, "ipv4")
+        assert not c1.tcp_connect(server, 31003, timeout=1.0)["connected"]
+
+        kernel = api.allow_future_connect(session, (server, 31003), protocol_guid=GUIDS["FTP"])
+        user = api.allow_future_connect(session, (server, 31003), protocol_guid=GUIDS["FTP"])
+        assert enforcer.call("status")["kernel_grants"]["held"] == 1
+        assert c1.tcp_connect(server, 31003, send_bytes=100)["connected"]
+        assert c1.tcp_connect(server, 31003, send_bytes=100)["connected"]
+        assert not c1.tcp_connect(server, 31003, timeout=1.0)["connected"], "three flows by two grants"
+        wait_for("the enforcer hears of the kernel's flow",
+                 lambda: api.call("action", action=kernel.id)["state"] == "consumed")
+        assert api.call("action", action=user.id)["state"] == "consumed"
+
+        api.allow_future_connect(session, (server, 31003), protocol_guid=GUIDS["FTP"])
+        assert f"{client} . {server} . tcp . 31003" in held(tb, "ipv4")
+        api.call("end_session", session=session)
+        assert "31003" not in held(tb, "ipv4")
+
+
+def test_a_killed_enforcers_grants_admit_nothing(tb: Testbed, enforcer: EnforcerProcess) -> None:
+    """The kernel keeps a dead enforcer's grants until the next start replaces them, but they
+    need the table only a live enforcer's process holds (SIGKILL takes it away)."""
+    client, server = HOSTS["ipv4"]
+    c1, s1 = tb.agent("c1"), tb.agent("s1")
+    with Client(str(enforcer.socket)) as api:
+        session = session_of(tb, api, "ipv4")
+        api.allow_future_connect(session, (server, 31004), protocol_guid=GUIDS["FTP"])
+    assert "pinhole_live" in str(tb.run("fw", ["nft", "list", "tables"]).stdout)
+    enforcer.kill()
+    assert "pinhole_live" not in str(tb.run("fw", ["nft", "list", "tables"]).stdout)
+    assert f"{client} . {server} . tcp . 31004" in held(tb, "ipv4")
+    with s1.tcp_server(server, 31004):
+        result = c1.tcp_connect(server, 31004, timeout=1.0)
+        assert not result["connected"] and "timed out" in result["error"], result
+    assert f"{client} . {server} . tcp . 31004" in held(tb, "ipv4"), "the dead run's grant was used"
+    enforcer.start()
+    assert "31004" not in held(tb, "ipv4"), "a new run took over a dead run's grant"

@@ -724,7 +724,8 @@ def render_nft_maps(rs: Ruleset) -> str:
     lines += ["  }", "  chain bind_snat {", "    type nat hook postrouting priority srcnat; policy accept;"]
     lines += [f"    ct state new snat {proto} to ct original {proto} daddr . {proto} daddr . "
               f"meta l4proto . th dport map @bind_from_{proto}" for proto in _NFT_FAMILY.values()]
-    lines += ["  }", "  chain grants {", "    type filter hook forward priority filter - 1; policy accept;"]
+    lines += ["  }", "  chain grants {", "    type filter hook forward priority filter - 1; policy accept;",
+              "    ct state != new accept"]  # (the forward chain's to judge; one rule a packet)
     lines += [f"    {_nft_rule(cap, counted=True)}" for cap in caps]  # (what they refused)
     # What the enforcer would admit by the grant: a new flow's first packet (while the
     # enforcer lives), which for TCP is a bare SYN; not a redirect's (a kernel-mode redirect

@@ -70,6 +70,7 @@ PRUNE_INTERVAL = 5.0  # seconds between sweeps of empty per-client byte budgets
 # While the kernel holds grants, the longest the enforcer takes to hear of a flow admitted
 # by one (its events, its record) when nothing else wakes it
 KERNEL_NOTICE_DELAY = 0.01
+KERNEL_TIMER_MS = 5  # the granularity of an nft element's timeout (a jiffy: 4 ms at HZ=250)
 
 
 class StartupError(Exception):
@@ -435,10 +436,12 @@ class Daemon:
                 self.api.deliver(event)
 
     def _grant_rule(self, grant: KernelGrant) -> dataplane.GrantRule:
-        """A grant as the kernel holds it, its timeout what is left of the permission's."""
+        """A grant as the kernel holds it, its timeout what is left of the permission's, less
+        the kernel timer's granularity: the kernel never admits by a grant the enforcer has
+        expired (a SYN in the last moment is the enforcer's to drop)."""
         perm = grant.permission
         timeout = (None if perm.expires is None
-                   else max(1, int((perm.expires - self.clock()) * 1000)))
+                   else max(1, int((perm.expires - self.clock()) * 1000) - KERNEL_TIMER_MS))
         return dataplane.GrantRule(grant.protocol, perm.client, grant.target, grant.port,
                                    grant.mark, timeout)
 

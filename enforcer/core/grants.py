@@ -35,9 +35,10 @@ from enforcer.core.state import permission_key, redirect_key, user_mode
 # The flags RedirectConnections takes (its page lists no others)
 REDIRECT_FLAGS = Flags.ALLOW_MULTIPLE | Flags.TIMEOUT | Flags.NO_KERNEL_MODE | Flags.INCREASE_RECEIVE_BUFFER
 _BIDIRECTIONAL = int(Flags.BIDIRECTIONAL)
-# a grant with any of these stays the enforcer's to match: it admits more than one flow, or
-# its flows run in user mode
-_NOT_IN_KERNEL = int(Flags.ALLOW_MULTIPLE | Flags.NO_KERNEL_MODE)
+# a grant with any of these stays the enforcer's to match: it admits more than one flow,
+# its flows run in user mode, or another session of its client's address may use it (a
+# Firewall client's, whose flows the SOCKS service relays: the enforcer matches those)
+_NOT_IN_KERNEL = int(Flags.ALLOW_MULTIPLE | Flags.NO_KERNEL_MODE | Flags.ADDRESS_BASED)
 
 
 class Grants(Events):

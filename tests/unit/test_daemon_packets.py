@@ -26,7 +26,7 @@ from enforcer.core.engine import Engine
 from enforcer.core.flags import Flags
 from enforcer.core.packet import TCP as TCP_PROTOCOL
 from enforcer.core.packet import UDP as UDP_PROTOCOL
-from enforcer.daemon import SO_RCVBUFFORCE, Arrivals, Daemon
+from enforcer.daemon import KERNEL_TIMER_MS, SO_RCVBUFFORCE, Arrivals, Daemon
 from enforcer.dataplane import Interfaces
 from enforcer.nfqueue import Packet
 from enforcer.protocol import encode
@@ -456,7 +456,7 @@ def test_grants_the_kernel_holds_and_what_the_daemon_hears_of_them() -> None:
     assert perm.expires is not None
     assert (grant.protocol, str(grant.client), str(grant.target), grant.port, grant.mark) == \
         (TCP_PROTOCOL, C1, S1, 30001, marks.mark_for(False, False, None))
-    assert grant.timeout_ms == int((perm.expires - d.clock()) * 1000)
+    assert grant.timeout_ms == int((perm.expires - d.clock()) * 1000) - KERNEL_TIMER_MS
 
     d.notices = FakeNotices(syn(30001, 41000).data)  # type: ignore[assignment]
     actions = d._hearing_first(d.api.action)

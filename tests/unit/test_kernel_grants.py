@@ -50,8 +50,8 @@ def syn(port: int, sport: int = 40000) -> bytes:
     (False, TCP_PROTOCOL, Flags(0), marks.mark_for(False, False, None)),
     (True, UDP_PROTOCOL, Flags(0), marks.mark_for(False, True, 0)),  # one way
     (True, UDP_PROTOCOL, Flags.BIDIRECTIONAL, marks.mark_for(False, False, 0)),
-    (True, TCP_PROTOCOL, Flags.TIMEOUT | Flags.ADDRESS_BASED, marks.mark_for(False, False, 0)),
-], ids=["nat", "routed", "udp-one-way", "udp-bidirectional", "timeout-address-based"])
+    (True, TCP_PROTOCOL, Flags.TIMEOUT, marks.mark_for(False, False, 0)),
+], ids=["nat", "routed", "udp-one-way", "udp-bidirectional", "timeout"])
 def test_a_single_use_kernel_mode_grant_goes_to_the_kernel_with_its_flow_s_mark(
         nat: bool, protocol: int, flags: Flags, mark: int) -> None:
     engine = engine_holding(nat=nat)
@@ -60,8 +60,10 @@ def test_a_single_use_kernel_mode_grant_goes_to_the_kernel_with_its_flow_s_mark(
     assert engine.kernel_grants == {perm.key: effects[0].grant}  # type: ignore[attr-defined]
 
 
-@pytest.mark.parametrize("flags", [Flags.ALLOW_MULTIPLE, Flags.NO_KERNEL_MODE], ids=lambda f: f.name)
-def test_grants_of_more_flows_or_of_user_mode_flows_stay_the_enforcer_s(flags: Flags) -> None:
+@pytest.mark.parametrize("flags", [Flags.ALLOW_MULTIPLE, Flags.NO_KERNEL_MODE, Flags.ADDRESS_BASED],
+                         ids=lambda f: f.name)
+def test_grants_of_more_flows_of_user_mode_flows_or_of_other_sessions_stay_the_enforcer_s(
+        flags: Flags) -> None:
     engine = engine_holding()
     assert granted(engine, 20021, flags)[1] == []
     assert granted(engine, 20022, data_filter="upper")[1] == []

@@ -8,7 +8,6 @@ import socket
 import stat
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,25 +19,11 @@ from testbed.build import Testbed
 from testbed.clauses.helpers import assert_echoed
 from testbed.lab import GUIDS, EnforcerProcess
 from testbed.plugin import require_e2e
-from testbed.topology import standard
 
 SHOUT = "tests.e2e.shout_filter:Shout"  # a data filter: the enforcer turns liberal tracking on
 
 
-@pytest.fixture(scope="module")
-def tb() -> Iterator[Testbed]:
-    require_e2e()
-    with Testbed.up(standard("routed"), tag="test-enforcer") as built:
-        yield built
-
-
-@pytest.fixture
-def enforcer(tb: Testbed, tmp_path: Path) -> Iterator[EnforcerProcess]:
-    proc = EnforcerProcess(tb, tmp_path)
-    proc.start()
-    yield proc
-    if proc.running:
-        proc.stop()
+TESTBED_TAG = "test-enforcer"  # (tests/e2e/conftest.py: tb, enforcer)
 
 
 def rules(tb: Testbed) -> str:

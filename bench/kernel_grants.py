@@ -83,6 +83,8 @@ from enforcer.dataplane import (
     _request,
     batch_marker,
     destroy_message,
+    netlink_attributes,
+    netlink_messages,
     set_elements_message,
 )
 from testbed.build import Testbed
@@ -288,17 +290,17 @@ def ctevents_socket(mark: int | None) -> tuple[socket.socket, Any]:
 
 def ctevent_tuples(data: bytes) -> Iterator[tuple[tuple[str, str, int, int, int], int]]:
     """((source, destination, protocol, ports), mark) of each new-conntrack event."""
-    for kind, start, end in nflog.messages(data):
+    for kind, start, end in netlink_messages(data):
         if kind != (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_NEW:
             continue
         src = dst = ""
         proto = sport = dport = mark = 0
-        for attr, a, b in nflog.attributes(data, start + 4, end):
+        for attr, a, b in netlink_attributes(data, start + 4, end):
             if attr == CTA_MARK:
                 mark = struct.unpack_from("!I", data, a)[0]
             elif attr == CTA_TUPLE_ORIG:
-                for sub, c, d in nflog.attributes(data, a, b):
-                    for leaf, e, f in nflog.attributes(data, c, d):
+                for sub, c, d in netlink_attributes(data, a, b):
+                    for leaf, e, f in netlink_attributes(data, c, d):
                         if sub == CTA_TUPLE_IP and leaf in (CTA_IP_V4_SRC, CTA_IP_V6_SRC):
                             src = str(ipaddress.ip_address(data[e:f]))
                         elif sub == CTA_TUPLE_IP and leaf in (CTA_IP_V4_DST, CTA_IP_V6_DST):

@@ -311,10 +311,34 @@ class Daemon:
         the loop, and at most ``KERNEL_NOTICE_DELAY`` apart while the kernel holds grants."""
         if self.notices is None:
             return
+        lost = self.notices.lost
+        self._heard()
+        if self.notices.lost != lost and self.engine.kernel_grants:
+            self._reconcile_grants()
+        self.settle()
+
+    def _heard(self) -> None:
+        assert self.notices is not None
         now = self.clock()
         for data in self.notices.read():
             self.engine.kernel_admitted(data, now)
-        self.settle()
+
+    def _reconcile_grants(self) -> None:
+        """Some of the kernel's notices were lost (its socket's buffer was full): the grants
+        the kernel no longer holds, of those the enforcer has heard nothing of since, were
+        used (those about to expire apart: the kernel expires them a moment early)."""
+        try:
+            present = self._nat_maps().grant_keys()
+        except dataplane.DataplaneError as exc:
+            log.error("cannot compare the grants the kernel holds with the enforcer's: %s", exc)
+            return
+        self._heard()  # the notices that came before the listing
+        soon = self.clock() + KERNEL_NOTICE_DELAY
+        gone = [grant for grant in self.engine.kernel_grants.values()
+                if (grant.permission.expires is None or grant.permission.expires > soon)
+                and self._grant_rule(grant).key not in present]
+        log.warning("the kernel's notices of %d flow(s) were lost; their grants are used", len(gone))
+        self.engine.kernel_used_unheard(gone)
 
     def _hearing_first(self, handler: Callable[[dict[str, Any], Caller], Any]
                        ) -> Callable[[dict[str, Any], Caller], Any]:

@@ -32,7 +32,7 @@ import socket
 import struct
 import subprocess
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import ClassVar, TypeVar
@@ -104,7 +104,10 @@ CTA_MARK, CTA_MARK_MASK = 8, 21
 NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END = 0x10, 0x11
 NFT_MSG_NEWSETELEM, NFT_MSG_DELSETELEM = 12, 14
 NLM_F_REQUEST, NLM_F_ACK, NLM_F_CREATE = 0x1, 0x4, 0x400
-NLMSG_ERROR = 2
+NLMSG_ERROR, NLMSG_DONE = 2, 3
+NLM_F_DUMP = 0x300
+NLA_TYPE_MASK = 0x3FFF  # an attribute's type, without the nested and byte-order flags
+NFT_MSG_GETSETELEM = 13
 NFTA_SET_ELEM_LIST_TABLE, NFTA_SET_ELEM_LIST_SET, NFTA_SET_ELEM_LIST_ELEMENTS = 1, 2, 3
 NFTA_SET_ELEM_KEY, NFTA_SET_ELEM_DATA, NFTA_SET_ELEM_TIMEOUT, NFTA_DATA_VALUE = 1, 2, 4, 1
 NETLINK_TIMEOUT = 2.0  # the kernel answers a map update at once; this only guards a bug
@@ -897,6 +900,42 @@ class NatMaps:
             raise DataplaneError("the kernel refused to remove a grant: "
                                  + "; ".join(map(os.strerror, errors)))
 
+    def grant_keys(self) -> set[bytes]:
+        """The keys of the grants the kernel holds now, both families (a dump of the sets);
+        DataplaneError if the kernel does not answer."""
+        keys: set[bytes] = set()
+        for family in ("ip", "ip6"):
+            body = (_attribute(NFTA_SET_ELEM_LIST_TABLE, MAPS_TABLE.encode() + b"\0")
+                    + _attribute(NFTA_SET_ELEM_LIST_SET, f"grant_{family}".encode() + b"\0"))
+            try:
+                self.sock.send(_netlink((NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETSETELEM,
+                                        NLM_F_REQUEST | NLM_F_DUMP, next(self._seq), NFPROTO_INET, 0,
+                                        body))
+                while not self._dumped(self.sock.recv(1 << 20), keys):
+                    pass
+            except OSError as exc:
+                raise DataplaneError(f"listing the grants the kernel holds failed: {exc}") from None
+        return keys
+
+    @staticmethod
+    def _dumped(data: bytes, keys: set[bytes]) -> bool:
+        """Add the keys in one datagram of a set's dump; whether the dump is done."""
+        for kind, start, end in netlink_messages(data):
+            if kind == NLMSG_DONE:
+                return True
+            if kind == NLMSG_ERROR:
+                code = -struct.unpack_from("=i", data, start)[0]
+                raise OSError(code, os.strerror(code))
+            for attr, a, b in netlink_attributes(data, start + 4, end):  # after nfgenmsg
+                if attr != NFTA_SET_ELEM_LIST_ELEMENTS:
+                    continue
+                for _, c, d in netlink_attributes(data, a, b):  # each element
+                    for part, e, f in netlink_attributes(data, c, d):
+                        if part == NFTA_SET_ELEM_KEY:
+                            keys.update(data[g:h] for value, g, h in netlink_attributes(data, e, f)
+                                        if value == NFTA_DATA_VALUE)
+        return False
+
     def _batch(self, messages: list[tuple[str, list[tuple[bytes, bytes]], bool]]) -> list[int]:
         """Send one transaction; the errno of each message the kernel refused (a refusal
         aborts the whole transaction)."""
@@ -966,6 +1005,27 @@ def forget_by_mark_message(mark: int, mask: int, seq: int) -> bytes:
     body = _attribute(CTA_MARK, struct.pack("!I", mark)) + _attribute(CTA_MARK_MASK, struct.pack("!I", mask))
     return _netlink((NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_DELETE, NLM_F_REQUEST | NLM_F_ACK,
                     seq, socket.AF_UNSPEC, 0, body)
+
+
+def netlink_attributes(data: bytes, offset: int, end: int) -> Iterator[tuple[int, int, int]]:
+    """(type, start, end) of each netlink attribute in data[offset:end]."""
+    while offset + 4 <= end:
+        length, kind = struct.unpack_from("=HH", data, offset)
+        if length < 4:
+            return
+        yield kind & NLA_TYPE_MASK, offset + 4, min(offset + length, end)
+        offset += (length + 3) & ~3
+
+
+def netlink_messages(data: bytes) -> Iterator[tuple[int, int, int]]:
+    """(type, start of payload, end) of each netlink message in one datagram."""
+    offset = 0
+    while offset + 16 <= len(data):
+        length, kind = struct.unpack_from("=IH", data, offset)
+        if length < 16:
+            return
+        yield kind, offset + 16, min(offset + length, len(data))
+        offset += (length + 3) & ~3
 
 
 def _attribute(kind: int, payload: bytes) -> bytes:

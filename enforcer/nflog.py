@@ -24,6 +24,8 @@ from enforcer.dataplane import (
     _attribute,
     _netlink,
     _request,
+    netlink_attributes,
+    netlink_messages,
 )
 
 NFNL_SUBSYS_ULOG = 4
@@ -32,7 +34,6 @@ NFULA_CFG_CMD, NFULA_CFG_MODE, NFULA_CFG_TIMEOUT, NFULA_CFG_QTHRESH = 1, 2, 4, 5
 NFULNL_CFG_CMD_BIND = 1
 NFULNL_COPY_PACKET = 2
 NFULA_PAYLOAD = 9
-NLA_TYPE_MASK = 0x3FFF
 SO_RCVBUFFORCE = 33
 # Bytes of each packet logged: an IPv6 header with extension headers, and the transport
 # header's ports and flags
@@ -40,32 +41,11 @@ COPY = 160
 RECEIVE_BUFFER = 8 << 20  # a burst of notices waits here (each about 250 bytes)
 
 
-def attributes(data: bytes, offset: int, end: int) -> Iterator[tuple[int, int, int]]:
-    """(type, start, end) of each netlink attribute in data[offset:end]."""
-    while offset + 4 <= end:
-        length, kind = struct.unpack_from("=HH", data, offset)
-        if length < 4:
-            return
-        yield kind & NLA_TYPE_MASK, offset + 4, min(offset + length, end)
-        offset += (length + 3) & ~3
-
-
-def messages(data: bytes) -> Iterator[tuple[int, int, int]]:
-    """(type, start of payload, end) of each netlink message in one datagram."""
-    offset = 0
-    while offset + 16 <= len(data):
-        length, kind = struct.unpack_from("=IH", data, offset)
-        if length < 16:
-            return
-        yield kind, offset + 16, min(offset + length, len(data))
-        offset += (length + 3) & ~3
-
-
 def packets(data: bytes) -> Iterator[bytes]:
     """The logged packets (their first ``COPY`` bytes) in one datagram of notices."""
-    for kind, start, end in messages(data):
+    for kind, start, end in netlink_messages(data):
         if kind == (NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_PACKET:
-            for attr, a, b in attributes(data, start + 4, end):  # after nfgenmsg
+            for attr, a, b in netlink_attributes(data, start + 4, end):  # after nfgenmsg
                 if attr == NFULA_PAYLOAD:
                     yield data[a:b]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from enforcer.core.effects import (
@@ -128,6 +128,14 @@ class Grants(Events):
         grant = KernelGrant(perm, protocol, target, port, mark_for(False, one_way, snat))
         self.kernel_grants[perm.key] = grant
         self.effects.append(AddKernelGrant(grant))
+
+    def kernel_used_unheard(self, grants: Iterable[KernelGrant]) -> None:
+        """Grants the kernel no longer holds, though the enforcer heard of no flow by them
+        (the kernel's notices of some were lost): used, by flows it does not know."""
+        for grant in grants:
+            if self.kernel_grants.get(grant.permission.key) is grant:
+                self.permissions.use(grant.permission)
+                self.counters["kernel grants: used, not heard of"] += 1
 
     def keep_grant(self, grant: KernelGrant) -> None:
         """The kernel could not hold a grant: it stays the enforcer's to match."""

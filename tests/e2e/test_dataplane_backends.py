@@ -36,6 +36,8 @@ INTERFACES = dataplane.Interfaces(
     (ipaddress.ip_network("192.0.2.0/24"), ipaddress.ip_network("2001:db8:1::/64")),
     (ipaddress.ip_address("198.51.100.1"), ipaddress.ip_address("2001:db8:2::1")),
     (("int0", ipaddress.ip_interface("192.0.2.1/24")), ("int0", ipaddress.ip_interface("2001:db8:1::1/64"))))
+# the maps table as the scripts make it (no rule of it depends on the interfaces)
+MAPS_RULESET = "dataplane.Ruleset(dataplane.DataplaneSettings(), dataplane.Interfaces({}, {}, (), ()))"
 NAT_RULES: list[dataplane.NatRule] = [
     dataplane.RedirectRule(6, ipaddress.ip_address("192.0.2.11"), ipaddress.ip_address("192.0.2.1"),
                            61000, ipaddress.ip_address("198.51.100.21"), 30001),
@@ -98,7 +100,7 @@ import subprocess
 from ipaddress import IPv4Address, IPv6Address
 from enforcer import dataplane
 from enforcer.dataplane import BindRule, RedirectRule
-subprocess.run(["nft", "-f", "-"], input=dataplane.render_nft_maps(), text=True, check=True)
+subprocess.run(["nft", "-f", "-"], input=dataplane.render_nft_maps({MAPS_RULESET}), text=True, check=True)
 rules = {NAT_RULES!r}
 maps = dataplane.NatMaps()
 maps.add(rules)
@@ -119,6 +121,37 @@ subprocess.run(["nft", "delete", "table", "inet", "{dataplane.MAPS_TABLE}"], che
     assert "198.51.100.1 . tcp . 20002 : 192.0.2.11 . 40002" in added
     assert "198.51.100.1 . 192.0.2.11 . tcp . 40002 : 192.0.2.1" in added
     assert "elements" not in removed
+
+
+def test_grants_written_over_netlink_are_what_nft_reads_and_what_a_dump_lists(tb: Testbed) -> None:
+    """NatMaps gives the kernel grants (a key with its timeout, a mark), lists the keys the
+    kernel holds (a dump), and takes them away again, a grant already gone too."""
+    script = f"""
+import subprocess
+from ipaddress import IPv4Address, IPv6Address
+from enforcer import dataplane
+from enforcer.dataplane import GrantRule
+subprocess.run(["nft", "-f", "-"], input=dataplane.render_nft_maps({MAPS_RULESET}), text=True, check=True)
+grants = [GrantRule(6, IPv4Address("192.0.2.11"), IPv4Address("198.51.100.21"), 30001, 0x11000000, 30000),
+          GrantRule(17, IPv6Address("2001:db8:1::11"), IPv6Address("2001:db8:2::21"), 69, 0x50000000, None)]
+maps = dataplane.NatMaps()
+maps.hold(grants)
+print(sorted(maps.grant_keys()) == sorted(g.key for g in grants))
+print(subprocess.run(["nft", "list", "table", "inet", "{dataplane.MAPS_TABLE}"], capture_output=True,
+                     text=True, check=True).stdout)
+print("---")
+maps.release(grants[:1])
+print(maps.grant_keys() == {{grants[1].key}})
+maps.release(grants)
+print(maps.grant_keys() == set())
+subprocess.run(["nft", "delete", "table", "inet", "{dataplane.MAPS_TABLE}"], check=True)
+"""
+    held, released = tb.run("fw", [sys.executable, "-c", script]).stdout.split("---")
+    assert held.startswith("True"), held
+    assert "192.0.2.11 . 198.51.100.21 . tcp . 30001 timeout 30s expires" in held
+    assert "192.0.2.11 . 198.51.100.21 . tcp . 30001 timeout 30s expires" in held.split("grant_mark_ip {")[1]
+    assert "2001:db8:1::11 . 2001:db8:2::21 . udp . 69 : 0x50000000" in held
+    assert released.split() == ["True", "True"], released
 
 
 def test_a_closed_bind_s_flows_are_forgotten_by_their_mark(tb: Testbed) -> None:

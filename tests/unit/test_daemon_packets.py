@@ -280,6 +280,7 @@ class FakeMaps:
         self.deleted: list[dataplane.NatRule] = []
         self.held: list[dataplane.GrantRule] = []
         self.released: list[dataplane.GrantRule] = []
+        self.present: set[bytes] = set()  # the keys of the grants the kernel still holds
         self.error = error  # an add (and a grant the kernel is to hold) fails with it
         self.watched: QueuedPacket | None = None  # its verdicts as each delete came
         self.verdicts_at_delete: list[list[str]] = []
@@ -301,6 +302,9 @@ class FakeMaps:
 
     def release(self, grants: list[dataplane.GrantRule]) -> None:
         self.released += grants
+
+    def grant_keys(self) -> set[bytes]:
+        return self.present
 
 
 FW_INT = "192.0.2.1"
@@ -429,12 +433,17 @@ def test_no_child_process_on_the_packet_path() -> None:
 
 
 class FakeNotices:
-    """The kernel's log of the flows it admitted by grants it held."""
+    """The kernel's log of the flows it admitted by grants it held (``losing``: the reads
+    that find some notices were lost)."""
 
-    def __init__(self, *packets: bytes) -> None:
+    def __init__(self, *packets: bytes, losing: int = 0) -> None:
         self.waiting = list(packets)
+        self.lost, self.losing = 0, losing
 
     def read(self) -> list[bytes]:
+        if self.losing:
+            self.losing -= 1
+            self.lost += 1
         out, self.waiting = self.waiting, []
         return out
 
@@ -510,3 +519,25 @@ def test_a_packet_the_queue_cannot_carry_is_dropped_and_the_turn_goes_on() -> No
     d.queue = queue  # type: ignore[assignment]
     d.on_queue()
     assert redirected.verdicts == ["drop"] and other.verdicts == ["accept"]
+
+
+def test_lost_notices_are_made_up_for_by_what_the_kernel_still_holds() -> None:
+    """When the kernel's notices were lost, the grants it no longer holds are used (not one
+    it still holds, nor one about to expire, which the kernel expires a moment early)."""
+    d = daemon()
+    d.maps = maps = FakeMaps()  # type: ignore[assignment]
+    d.engine.grants_in_kernel = True
+    session = securenat_session(d)
+    ftp = str(uuid.UUID(POLICY_DATA["protocol"][0]["guid"]))
+    actions = [d.api.allow_future_connect({"session": session, "address": S1, "port": port,
+                                           "protocol_guid": ftp, **extra}, SocketCaller())["action"]
+               for port, extra in ((30001, {}), (30002, {}), (30003, {"flags": ["TIMEOUT"]}))]
+    maps.present = {maps.held[1].key}  # the first used, unheard of; the third expiring
+    d.clock = lambda: d.engine.permissions.get(actions[2]).expires - 0.001  # type: ignore[operator]
+    d.notices = FakeNotices(losing=1)  # type: ignore[assignment]
+    d.hear_kernel()
+    states = [d.engine.permissions.get(a).state.value for a in actions]
+    assert states == ["consumed", "pending", "pending"]
+    assert d.engine.counters["kernel grants: used, not heard of"] == 1
+    d.hear_kernel()  # nothing lost since: nothing compared
+    assert d.engine.counters["kernel grants: used, not heard of"] == 1

@@ -169,3 +169,16 @@ def test_a_grant_the_kernel_cannot_hold_stays_the_enforcer_s() -> None:
     assert engine.kernel_grants == {} and engine.counters["kernel grants: kept in user space"] == 1
     assert engine.handle(inside(IP(syn(20021))), 1.0).accept
     assert perm.state.value == "consumed"
+
+
+def test_grants_the_kernel_used_unheard_of_are_used() -> None:
+    """The kernel's notices were lost: the shell finds the grants the kernel no longer
+    holds, and the engine takes them as used (not one it no longer holds itself)."""
+    engine = engine_holding()
+    used, (add,) = granted(engine, 20021)
+    kept, _ = granted(engine, 20022)
+    engine.kernel_used_unheard([add.grant])  # type: ignore[attr-defined]
+    engine.kernel_used_unheard([add.grant])  # type: ignore[attr-defined]  # (once)
+    assert used.state.value == "consumed" and used.admitted == 1 and kept.state.value == "pending"
+    assert engine.counters["kernel grants: used, not heard of"] == 1
+    assert engine.take_effects() == [RemoveKernelGrant(add.grant)]  # type: ignore[attr-defined]

@@ -193,15 +193,20 @@ class FlowRecord:
 
 
 def reverse(key: FlowKey) -> FlowKey:
-    return FlowKey(key.protocol, key.dst, key.dport, key.src, key.sport)
+    # tuple.__new__ directly: FlowKey's own __new__ is Python code, and a new flow makes one
+    return _new_key(FlowKey, (key[0], key[3], key[4], key[1], key[2]))
+
+
+_new_key = tuple.__new__
 
 
 class FlowTable:
     """Held user-mode flows and the kernel-mode history (see the module's docstring).
 
-    Each flow is indexed under its key and its reverse, so that a packet of either
-    direction finds it with one lookup; a redirected flow also under the key its
-    client's packets carry before the enforcer redirects them.
+    Each flow is indexed under its key, a redirected flow also under the key its
+    client's packets carry before the enforcer redirects them, and a held flow also
+    under its reverse: every packet of a user-mode flow comes to the enforcer, and finds
+    its flow with one lookup either way. A kernel-mode flow's replies never do.
     """
 
     def __init__(self, limits: Limits | None = None, counters: Counter[str] | None = None,
@@ -226,17 +231,21 @@ class FlowTable:
     def add(self, record: FlowRecord, now: float) -> None:
         """Record a flow just admitted. What was known of the same flow (its key either
         way round) is replaced. A held one needs room (``fits``), checked first."""
-        back = reverse(record.key)
-        for k in (record.key, back) if record.redirect is None else \
-                (record.key, back, record.client_side_key):
-            found = self._index.get(k)
+        index = self._index
+        key = record.key
+        back = reverse(key)
+        # Any record of the same flow is indexed under its own key, so these lookups find it
+        for k in (key, back) if record.redirect is None else (key, back, record.client_side_key):
+            found = index.get(k)
             if found is not None:
                 self.remove(found[0], now)
-        self._index[record.key] = (record, True)
-        self._index[back] = (record, False)
+        index[key] = (record, True)
+        held = record.held
+        if held:
+            index[back] = (record, False)
         if record.redirect is not None:
-            self._index[record.client_side_key] = (record, True)
-        if record.held:
+            index[record.client_side_key] = (record, True)
+        if held:
             self.quota.take(record.key.src)
             self._held_by_session[record.session_id] += 1
             record.held_as = record.lifetime
@@ -264,7 +273,8 @@ class FlowTable:
             self._held[lifetime][record.key] = record
 
     def find(self, key: FlowKey) -> tuple[FlowRecord, bool] | None:
-        """The record of a packet's flow and whether the packet goes the flow's way."""
+        """The record of a packet's flow and whether the packet goes the flow's way (a
+        kernel-mode flow's is found by its own key only)."""
         return self._index.get(key)
 
     def find_held(self, key: FlowKey) -> tuple[FlowRecord, bool] | None:
@@ -311,9 +321,16 @@ class FlowTable:
     def _forget(self, record: FlowRecord) -> None:
         """A record leaves the table: its index entries go, and its editor gives back the
         bytes it holds to their budget."""
-        for k in (record.key, reverse(record.key), record.client_side_key):
-            if self._index.get(k, (None,))[0] is record:
-                del self._index[k]
+        index = self._index
+        keys = [record.key]
+        if record.redirect is not None:
+            keys.append(record.client_side_key)
+        if record.held:
+            keys.append(reverse(record.key))
+        for k in keys:
+            found = index.pop(k, None)
+            if found is not None and found[0] is not record:
+                index[k] = found  # not its entry (its keys may coincide): put back
         if record.editor is not None:
             record.editor.release()
 

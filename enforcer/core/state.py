@@ -12,7 +12,7 @@ import enum
 import functools
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from enforcer.core.binds import DEFAULT_BIND_PORTS, Bind, BindTable
 from enforcer.core.budget import ClientBudgets
@@ -66,7 +66,11 @@ class Decision(NamedTuple):
 
 
 def permission_key(protocol: int, client: IPAddress, target: IPAddress, port: int) -> PermissionKey:
-    return pack_key(protocol, client.version, int(client), int(target), port)
+    # The address objects' own ints and version (a new flow makes a key): int() and
+    # .version run ipaddress's Python code. Its stub lists neither attribute.
+    c: Any = client
+    t: Any = target
+    return pack_key(protocol, c._version, c._ip, t._ip, port)
 
 
 _NO_KERNEL_MODE = int(Flags.NO_KERNEL_MODE)

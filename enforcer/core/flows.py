@@ -44,6 +44,9 @@ class Mode(enum.Enum):
     USER = "user"
 
 
+_USER = Mode.USER  # a module name: an enum member looked up on its class runs Python code
+
+
 class Lifetime(enum.Enum):
     """Which of conntrack's timeouts can apply to a flow, by what the enforcer saw of it."""
 
@@ -153,7 +156,7 @@ class FlowRecord:
     @property
     def held(self) -> bool:
         """Whether the enforcer holds the flow's state until conntrack forgets it."""
-        return self.mode is Mode.USER and not self.relayed
+        return self.mode is _USER and not self.relayed
 
     def saw(self, forward: bool, length: int, now: float, tcp_flags: int = 0) -> None:
         if forward:

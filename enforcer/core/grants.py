@@ -27,6 +27,11 @@ from enforcer.core.state import permission_key, redirect_key, user_mode
 
 # The flags RedirectConnections takes (its page lists no others)
 REDIRECT_FLAGS = Flags.ALLOW_MULTIPLE | Flags.TIMEOUT | Flags.NO_KERNEL_MODE | Flags.INCREASE_RECEIVE_BUFFER
+# The flags a grant tests, as plain ints: tested in C (``Flags.X in flags`` runs the enum's
+# Python code, its member lookup too)
+_ALLOW_MULTIPLE, _TIMEOUT, _BIDIRECTIONAL, _INCREASE_RECEIVE_BUFFER = (
+    int(Flags.ALLOW_MULTIPLE), int(Flags.TIMEOUT), int(Flags.BIDIRECTIONAL),
+    int(Flags.INCREASE_RECEIVE_BUFFER))
 
 
 class Grants(Events):
@@ -43,12 +48,12 @@ class Grants(Events):
         then creates nothing.
         """
         self.permissions.expire(now)
-        if Flags.BIDIRECTIONAL in flags and protocol == TCP:
+        if int(flags) & _BIDIRECTIONAL and protocol == TCP:
             raise InvalidArgument("BIDIRECTIONAL is for UDP only")
         session, protocol_def, external_index = self._check_grant(
             session_id, [(target, port)], protocol, flags, protocol_guid, proxy_external_address,
             data_filter, now, redirect=False)
-        timeout = self.policy.defaults.permission_timeout if Flags.TIMEOUT in flags else None
+        timeout = self.policy.defaults.permission_timeout if int(flags) & _TIMEOUT else None
         perm = self.permissions.add(session.id, session.client,
                                     permission_key(protocol, session.client, target, port),
                                     flags, protocol_def.name, now, timeout, external_index,
@@ -98,7 +103,7 @@ class Grants(Events):
         for perm in perms:
             if perm.redirect is not None and not perm.redirect.user_mode:
                 self.effects.append(AddRedirect(perm))
-            if Flags.INCREASE_RECEIVE_BUFFER in perm.flags:
+            if int(perm.flags) & _INCREASE_RECEIVE_BUFFER:
                 self.effects.append(GrowReceiveBuffer(perm))
 
     def _check_grant(self, session_id: int, targets: list[Endpoint], protocol: int, flags: Flags,
@@ -107,7 +112,7 @@ class Grants(Events):
                      redirect: bool) -> tuple[Session, ProtocolDef, int]:
         """What every grant checks, in this order; returns the session, the protocol and
         the index of the external address the flows leave from."""
-        if Flags.TIMEOUT in flags and Flags.ALLOW_MULTIPLE in flags:
+        if int(flags) & _TIMEOUT and int(flags) & _ALLOW_MULTIPLE:
             raise InvalidArgument("TIMEOUT and ALLOW_MULTIPLE cannot be combined")
         if protocol not in (TCP, UDP):
             raise InvalidArgument(f"protocol must be TCP (6) or UDP (17), not {protocol}")
@@ -154,19 +159,22 @@ class Grants(Events):
         """The permission a new flow of ``client`` uses (consumed if single use), or
         (None, why) when only grants of user-mode flows match and the client may hold
         no more user-mode flows (the refusal is counted; nothing is consumed)."""
+        session = self.sessions.find(client)
+        session_id = None if session is None else session.id
+        if self.flows.fits(client):
+            return self.permissions.match(pkey, session_id, now, where), None
         refused = False
 
-        def usable(perm: Permission) -> bool:
+        def usable(perm: Permission) -> bool:  # when the client may hold no more user-mode flows
             nonlocal refused
             if where is not None and not where(perm):
                 return False
-            if user_mode(perm.flags, perm.data_filter) and not self.flows.fits(client):
+            if user_mode(perm.flags, perm.data_filter):
                 refused = True
                 return False
             return True
 
-        session = self.sessions.find(client)
-        perm = self.permissions.match(pkey, None if session is None else session.id, now, usable)
+        perm = self.permissions.match(pkey, session_id, now, usable)
         if perm is None and refused:
             return None, f"refused: {self.flows.quota.refuse(client)}"
         return perm, None

@@ -47,6 +47,10 @@ class ActionState(enum.Enum):
     CANCELLED = "cancelled"
 
 
+# As module names: an enum member looked up on its class runs the enum's Python code
+_PENDING, _CONSUMED = ActionState.PENDING, ActionState.CONSUMED
+
+
 @dataclass(slots=True, eq=False)
 class Permission:
     """A FirewallAction: one grant of AllowFutureConnect, or one address of RedirectConnections."""
@@ -168,7 +172,7 @@ class PermissionTable:
                 continue
             perm.admitted += 1
             if not bits & _ALLOW_MULTIPLE:
-                self._finish(perm, ActionState.CONSUMED)
+                self._finish(perm, _CONSUMED)
             return perm
         return None
 
@@ -213,7 +217,7 @@ class PermissionTable:
     def pending(self, session_id: int | None = None) -> list[Permission]:
         """Pending permissions (of one session, or all), the oldest first."""
         if session_id is None:
-            return [p for p in self._actions.values() if p.state is ActionState.PENDING]
+            return [p for p in self._actions.values() if p.state is _PENDING]
         session = self._by_session.get(session_id)
         if session is None:
             return []
@@ -224,7 +228,7 @@ class PermissionTable:
 
     def _pending(self, action_id: int) -> Permission | None:
         perm = self._actions.get(action_id)
-        return perm if perm is not None and perm.state is ActionState.PENDING else None
+        return perm if perm is not None and perm.state is _PENDING else None
 
     def _finish(self, perm: Permission, state: ActionState) -> None:
         perm.state = state

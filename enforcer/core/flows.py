@@ -221,8 +221,10 @@ class FlowTable:
         self.history_cap = limits.flow_history
         self.timeouts = timeouts or ConntrackTimeouts()
         self.on_release = on_release
-        self._history: OrderedDict[FlowKey, FlowRecord] = OrderedDict()  # least recent first
-        self._held: dict[Lifetime, OrderedDict[FlowKey, FlowRecord]] = {
+        # Queues of records, least recent first, each keyed by the record itself: its hash
+        # is its identity's (a FlowKey's runs its addresses' hash, Python code)
+        self._history: OrderedDict[FlowRecord, FlowRecord] = OrderedDict()
+        self._held: dict[Lifetime, OrderedDict[FlowRecord, FlowRecord]] = {
             lifetime: OrderedDict() for lifetime in Lifetime}
         self._index: dict[FlowKey, tuple[FlowRecord, bool]] = {}
         self._held_by_session: Counter[int] = Counter()
@@ -252,9 +254,9 @@ class FlowTable:
             self.quota.take(record.key.src)
             self._held_by_session[record.session_id] += 1
             record.held_as = record.lifetime
-            self._held[record.held_as][record.key] = record
+            self._held[record.held_as][record] = record
             return
-        self._history[record.key] = record
+        self._history[record] = record
         while len(self._history) > self.history_cap:
             self._forget(self._history.popitem(last=False)[1])
 
@@ -264,16 +266,16 @@ class FlowTable:
         queue (a held one moves queue when its timeout class changes)."""
         record.saw(forward, length, now, tcp_flags)
         if record.held_as is None:
-            if record.key in self._history:
-                self._history.move_to_end(record.key)
+            if record in self._history:
+                self._history.move_to_end(record)
             return
         lifetime = record.lifetime
         if lifetime is record.held_as:
-            self._held[lifetime].move_to_end(record.key)
+            self._held[lifetime].move_to_end(record)
         else:
-            del self._held[record.held_as][record.key]
+            del self._held[record.held_as][record]
             record.held_as = lifetime
-            self._held[lifetime][record.key] = record
+            self._held[lifetime][record] = record
 
     def find(self, key: FlowKey) -> tuple[FlowRecord, bool] | None:
         """The record of a packet's flow and whether the packet goes the flow's way (a
@@ -310,9 +312,9 @@ class FlowTable:
     def remove(self, record: FlowRecord, now: float) -> None:
         self._forget(record)
         if record.held_as is None:
-            self._history.pop(record.key, None)
+            self._history.pop(record, None)
             return
-        del self._held[record.held_as][record.key]
+        del self._held[record.held_as][record]
         record.held_as = None
         self.quota.release(record.key.src)
         self._held_by_session[record.session_id] -= 1

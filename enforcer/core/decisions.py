@@ -68,6 +68,7 @@ _BIDIRECTIONAL = int(Flags.BIDIRECTIONAL)
 _KERNEL, _USER = Mode.KERNEL, Mode.USER
 _ADMIT_KERNEL, _ADMIT_USER, _DROP = Verdict.ADMIT_KERNEL, Verdict.ADMIT_USER, Verdict.DROP
 _EXTERNAL = Ingress.EXTERNAL
+_new_object = object.__new__
 # How long after a UDP flow's admission its further "new" datagrams are taken as its own
 SAME_FLOW_WINDOW = 1.0
 
@@ -513,7 +514,9 @@ class Decisions(Binding):
         # Redirected flows always leave from an external address: the client spoke to the fw.
         snat = perm.external_index if self.nat or redirect is not None else None
         one_way = key.protocol == UDP and not int(perm.flags) & _BIDIRECTIONAL and redirect is None
-        record = FlowRecord(key, perm.session_id, perm.protocol_name, mode, now, perm.id,
+        # made and initialized apart: a class called with keywords first packs them in a dict
+        record = _new_object(FlowRecord)
+        FlowRecord.__init__(record, key, perm.session_id, perm.protocol_name, mode, now, perm.id,
                             data_filter=perm.data_filter, snat=snat, one_way=one_way,
                             redirect=None if redirect is None else redirect.internal_endpoint,
                             relayed=relayed)

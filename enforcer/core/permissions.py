@@ -233,13 +233,10 @@ class PermissionTable:
     def _finish(self, perm: Permission, state: ActionState) -> None:
         perm.state = state
         self.quota.release(perm.client)
-        present = self._by_key[perm.key]
-        if isinstance(present, list):
+        present = self._by_key.pop(perm.key)
+        if isinstance(present, list):  # identical grants: the others stay
             present.remove(perm)
-            if len(present) == 1:
-                self._by_key[perm.key] = present[0]
-        else:
-            del self._by_key[perm.key]
+            self._by_key[perm.key] = present[0] if len(present) == 1 else present
         session = self._by_session[perm.session_id]
         session.pending -= 1
         if not session.pending:

@@ -146,8 +146,8 @@ class PermissionTable:
             heapq.heappush(self._expiry, (expires, perm.id))
             if len(self._expiry) > 2 * len(self) + STALE_EXPIRIES:
                 # entries of permissions finished early linger until their time: drop them
-                self._expiry = [(p.expires, p.id) for p in self.pending()
-                                if p.expires is not None]
+                self._expiry = [(p.expires, p.id) for session_id in self._by_session
+                                for p in self.pending(session_id) if p.expires is not None]
                 heapq.heapify(self._expiry)
         return perm
 

@@ -239,12 +239,18 @@ class FlowTable:
         index = self._index
         key = record.key
         back = reverse(key)
-        # Any record of the same flow is indexed under its own key, so these lookups find it
-        for k in (key, back) if record.redirect is None else (key, back, record.client_side_key):
-            found = index.get(k)
-            if found is not None:
-                self.remove(found[0], now)
-        index[key] = (record, True)
+        # Any record of the same flow is indexed under its own key, so these lookups find it.
+        # The first also enters the new one (a lookup fewer when, as most often, there is
+        # none); removing one found later leaves that entry (_forget puts back what is not its).
+        entry = (record, True)
+        found = index.setdefault(key, entry)
+        if found is not entry:
+            self.remove(found[0], now)
+            index[key] = entry
+        for k in (back,) if record.redirect is None else (back, record.client_side_key):
+            other = index.get(k)
+            if other is not None and other is not entry:  # entry: a key that is its own reverse
+                self.remove(other[0], now)
         held = record.held
         if held:
             index[back] = (record, False)

@@ -129,12 +129,10 @@ class PermissionTable:
         perm = Permission(next(self._ids), session_id, client, key, flags, protocol_name, now,
                           expires, external_index, filter_id, context, data_filter, redirect)
         self.quota.take(client)
-        present = self._by_key.get(key)
-        if present is None:
-            self._by_key[key] = perm
-        elif isinstance(present, list):
+        present = self._by_key.setdefault(key, perm)
+        if isinstance(present, list):
             present.append(perm)
-        else:
+        elif present is not perm:
             self._by_key[key] = [present, perm]
         self._actions[perm.id] = perm
         session = self._by_session.get(session_id)

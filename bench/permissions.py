@@ -318,9 +318,10 @@ def breakdown(table: PermissionTable) -> dict[str, float]:
         "Permission.created float": size(perm.created),
         "key (one packed int)": size(perm.key),
         "_by_key dict slots": size(table._by_key) / n,
-        "_pending dict slots": size(table._pending) / n,
-        "_by_session dicts (one per session)":
-            (size(table._by_session) + sum(size(d) for d in table._by_session.values())) / n,
+        "_actions dict slots": size(table._actions) / n,
+        "_by_session id lists (one per session)":
+            (size(table._by_session) + sum(size(s) + size(s.ids)
+                                          for s in table._by_session.values())) / n,
     }
 
 

@@ -62,6 +62,12 @@ HOOK_PREROUTING = 0  # a user-mode redirect port's packet, before conntrack
 HOOK_INPUT = 1  # a new flow to a Firewall client's bind (a socket of the fw)
 HOOK_FORWARD = 2  # a new flow through the fw, or a user-mode flow's packet
 HOOK_OUTPUT = 3  # an ICMP error the fw sends about a user-mode flow
+# The enum members of the new-flow path as module names: looked up on its class, a member
+# runs the enum's Python code
+_KERNEL, _USER = Mode.KERNEL, Mode.USER
+_ADMIT_KERNEL, _ADMIT_USER, _DROP = Verdict.ADMIT_KERNEL, Verdict.ADMIT_USER, Verdict.DROP
+_EXTERNAL = Ingress.EXTERNAL
+_new_object = object.__new__
 # How long after a UDP flow's admission its further "new" datagrams are taken as its own
 SAME_FLOW_WINDOW = 1.0
 
@@ -383,36 +389,34 @@ class Decisions(Binding):
 
     def _decide(self, meta: PacketMeta, now: float, length: int) -> Decision:
         key = meta.key
-
-        def drop(reason: str) -> Decision:
-            return Decision(Verdict.DROP, key, reason, now)
-
         if key.protocol == TCP and not meta.starts_tcp_connection:
-            return drop(f"TCP packet with flags 0x{meta.tcp_flags:02x} cannot open a connection")
-        if meta.ingress is Ingress.EXTERNAL:
+            return Decision(_DROP, key, f"TCP packet with flags 0x{meta.tcp_flags:02x} cannot "
+                            "open a connection", now)
+        if meta.ingress is _EXTERNAL:
             bind = self.binds.leading_to(key.protocol, key.dst, key.dport)
             if bind is not None:
                 return self._to_bind(bind, meta, now, length)
-            return drop("arrived on the external side and no permission admits it")
+            return Decision(_DROP, key, "arrived on the external side and no permission admits it",
+                            now)
         if not self.is_internal(key.src):
-            return drop(f"source {key.src} is not on an internal network")
+            return Decision(_DROP, key, f"source {key.src} is not on an internal network", now)
 
         perm, refused = self._match(permission_key(key.protocol, key.src, key.dst, key.dport),
                                     key.src, now)
         if perm is not None:
             return self._admit_permitted(key, perm, now, length, meta.tcp_flags)
         if refused is not None:
-            return drop(refused)
+            return Decision(_DROP, key, refused, now)
         protocol, why = self._judge_primary(key, None)
         if protocol is None:
-            return drop(why)
+            return Decision(_DROP, key, why, now)
         mode = Mode.USER if protocol.name in self.app_filters else Mode.KERNEL
         session = self.sessions.find(key.src)
         # a new session and a user-mode flow need room; nothing is made unless both have it
         if session is None and not self.sessions.fits(key.src):
-            return drop(f"refused: {self.sessions.quota.refuse(key.src)}")
+            return Decision(_DROP, key, f"refused: {self.sessions.quota.refuse(key.src)}", now)
         if mode is Mode.USER and not self.flows.fits(key.src):
-            return drop(f"refused: {self.flows.quota.refuse(key.src)}")
+            return Decision(_DROP, key, f"refused: {self.flows.quota.refuse(key.src)}", now)
         session = session or self.sessions.securenat(key.src, now)
         # the kernel translates a primary only where the family has an external address
         snat = 0 if self.nat and self._has_external(key.dst.version) else None
@@ -525,10 +529,13 @@ class Decisions(Binding):
                          tcp_flags: int = 0, *, relayed: bool = False) -> Decision:
         """Admit the flow ``key`` (as it leaves the fw) under a permission that matched
         (``relayed``: by the SOCKS service, for a Firewall client)."""
-        mode = Mode.USER if user_mode(perm.flags, perm.data_filter) else Mode.KERNEL
+        in_user_mode = user_mode(perm.flags, perm.data_filter)
+        mode = _USER if in_user_mode else _KERNEL
         redirect = perm.redirect
         one_way, snat = self._leaving(perm, key.protocol)
-        record = FlowRecord(key, perm.session_id, perm.protocol_name, mode, now, perm.id,
+        # made and initialized apart: a class called with keywords first packs them in a dict
+        record = _new_object(FlowRecord)
+        FlowRecord.__init__(record, key, perm.session_id, perm.protocol_name, mode, now, perm.id,
                             data_filter=perm.data_filter, snat=snat, one_way=one_way,
                             redirect=None if redirect is None else redirect.internal_endpoint,
                             relayed=relayed)
@@ -543,8 +550,8 @@ class Decisions(Binding):
                                                      perm.session_id, key, external, now,
                                                      record.redirect))
         self._connect_events(record, secondary=True, now=now)
-        verdict = Verdict.ADMIT_USER if mode is Mode.USER else Verdict.ADMIT_KERNEL
+        verdict = _ADMIT_USER if in_user_mode else _ADMIT_KERNEL
         what = "redirected" if redirect is not None else "secondary"
         return Decision(verdict, key, f"{what} {perm.protocol_name} flow admitted by action "
-                        f"{perm.id} in {mode.value} mode", now, perm.session_id,
+                        f"{perm.id} in {mode._value_} mode", now, perm.session_id,
                         perm.protocol_name, perm.id, one_way, snat)

@@ -23,6 +23,8 @@ class Events(State):
         self.connect_registrations.pop(filter_id, None)
 
     def _connect_events(self, record: FlowRecord, *, secondary: bool, now: float) -> None:
+        if not self.connect_registrations:
+            return
         key = record.key
         external = None if record.snat is None else self._external(key.dst.version, record.snat)
         for filter_id, registered in self.connect_registrations.items():

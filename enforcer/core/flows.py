@@ -44,6 +44,9 @@ class Mode(enum.Enum):
     USER = "user"
 
 
+_USER = Mode.USER  # a module name: an enum member looked up on its class runs Python code
+
+
 class Lifetime(enum.Enum):
     """Which of conntrack's timeouts can apply to a flow, by what the enforcer saw of it."""
 
@@ -153,7 +156,7 @@ class FlowRecord:
     @property
     def held(self) -> bool:
         """Whether the enforcer holds the flow's state until conntrack forgets it."""
-        return self.mode is Mode.USER and not self.relayed
+        return self.mode is _USER and not self.relayed
 
     def saw(self, forward: bool, length: int, now: float, tcp_flags: int = 0) -> None:
         if forward:
@@ -193,15 +196,20 @@ class FlowRecord:
 
 
 def reverse(key: FlowKey) -> FlowKey:
-    return FlowKey(key.protocol, key.dst, key.dport, key.src, key.sport)
+    # tuple.__new__ directly: FlowKey's own __new__ is Python code, and a new flow makes one
+    return _new_key(FlowKey, (key[0], key[3], key[4], key[1], key[2]))
+
+
+_new_key = tuple.__new__
 
 
 class FlowTable:
     """Held user-mode flows and the kernel-mode history (see the module's docstring).
 
-    Each flow is indexed under its key and its reverse, so that a packet of either
-    direction finds it with one lookup; a redirected flow also under the key its
-    client's packets carry before the enforcer redirects them.
+    Each flow is indexed under its key, a redirected flow also under the key its
+    client's packets carry before the enforcer redirects them, and a held flow also
+    under its reverse: every packet of a user-mode flow comes to the enforcer, and finds
+    its flow with one lookup either way. A kernel-mode flow's replies never do.
     """
 
     def __init__(self, limits: Limits | None = None, counters: Counter[str] | None = None,
@@ -213,8 +221,10 @@ class FlowTable:
         self.history_cap = limits.flow_history
         self.timeouts = timeouts or ConntrackTimeouts()
         self.on_release = on_release
-        self._history: OrderedDict[FlowKey, FlowRecord] = OrderedDict()  # least recent first
-        self._held: dict[Lifetime, OrderedDict[FlowKey, FlowRecord]] = {
+        # Queues of records, least recent first, each keyed by the record itself: its hash
+        # is its identity's (a FlowKey's runs its addresses' hash, Python code)
+        self._history: OrderedDict[FlowRecord, FlowRecord] = OrderedDict()
+        self._held: dict[Lifetime, OrderedDict[FlowRecord, FlowRecord]] = {
             lifetime: OrderedDict() for lifetime in Lifetime}
         self._index: dict[FlowKey, tuple[FlowRecord, bool]] = {}
         self._held_by_session: Counter[int] = Counter()
@@ -226,23 +236,33 @@ class FlowTable:
     def add(self, record: FlowRecord, now: float) -> None:
         """Record a flow just admitted. What was known of the same flow (its key either
         way round) is replaced. A held one needs room (``fits``), checked first."""
-        back = reverse(record.key)
-        for k in (record.key, back) if record.redirect is None else \
-                (record.key, back, record.client_side_key):
-            found = self._index.get(k)
-            if found is not None:
-                self.remove(found[0], now)
-        self._index[record.key] = (record, True)
-        self._index[back] = (record, False)
+        index = self._index
+        key = record.key
+        back = reverse(key)
+        # Any record of the same flow is indexed under its own key, so these lookups find it.
+        # The first also enters the new one (a lookup fewer when, as most often, there is
+        # none); removing one found later leaves that entry (_forget puts back what is not its).
+        entry = (record, True)
+        found = index.setdefault(key, entry)
+        if found is not entry:
+            self.remove(found[0], now)
+            index[key] = entry
+        for k in (back,) if record.redirect is None else (back, record.client_side_key):
+            other = index.get(k)
+            if other is not None and other is not entry:  # entry: a key that is its own reverse
+                self.remove(other[0], now)
+        held = record.held
+        if held:
+            index[back] = (record, False)
         if record.redirect is not None:
-            self._index[record.client_side_key] = (record, True)
-        if record.held:
+            index[record.client_side_key] = (record, True)
+        if held:
             self.quota.take(record.key.src)
             self._held_by_session[record.session_id] += 1
             record.held_as = record.lifetime
-            self._held[record.held_as][record.key] = record
+            self._held[record.held_as][record] = record
             return
-        self._history[record.key] = record
+        self._history[record] = record
         while len(self._history) > self.history_cap:
             self._forget(self._history.popitem(last=False)[1])
 
@@ -252,19 +272,20 @@ class FlowTable:
         queue (a held one moves queue when its timeout class changes)."""
         record.saw(forward, length, now, tcp_flags)
         if record.held_as is None:
-            if record.key in self._history:
-                self._history.move_to_end(record.key)
+            if record in self._history:
+                self._history.move_to_end(record)
             return
         lifetime = record.lifetime
         if lifetime is record.held_as:
-            self._held[lifetime].move_to_end(record.key)
+            self._held[lifetime].move_to_end(record)
         else:
-            del self._held[record.held_as][record.key]
+            del self._held[record.held_as][record]
             record.held_as = lifetime
-            self._held[lifetime][record.key] = record
+            self._held[lifetime][record] = record
 
     def find(self, key: FlowKey) -> tuple[FlowRecord, bool] | None:
-        """The record of a packet's flow and whether the packet goes the flow's way."""
+        """The record of a packet's flow and whether the packet goes the flow's way (a
+        kernel-mode flow's is found by its own key only)."""
         return self._index.get(key)
 
     def find_held(self, key: FlowKey) -> tuple[FlowRecord, bool] | None:
@@ -297,9 +318,9 @@ class FlowTable:
     def remove(self, record: FlowRecord, now: float) -> None:
         self._forget(record)
         if record.held_as is None:
-            self._history.pop(record.key, None)
+            self._history.pop(record, None)
             return
-        del self._held[record.held_as][record.key]
+        del self._held[record.held_as][record]
         record.held_as = None
         self.quota.release(record.key.src)
         self._held_by_session[record.session_id] -= 1
@@ -311,9 +332,16 @@ class FlowTable:
     def _forget(self, record: FlowRecord) -> None:
         """A record leaves the table: its index entries go, and its editor gives back the
         bytes it holds to their budget."""
-        for k in (record.key, reverse(record.key), record.client_side_key):
-            if self._index.get(k, (None,))[0] is record:
-                del self._index[k]
+        index = self._index
+        keys = [record.key]
+        if record.redirect is not None:
+            keys.append(record.client_side_key)
+        if record.held:
+            keys.append(reverse(record.key))
+        for k in keys:
+            found = index.pop(k, None)
+            if found is not None and found[0] is not record:
+                index[k] = found  # not its entry (its keys may coincide): put back
         if record.editor is not None:
             record.editor.release()
 

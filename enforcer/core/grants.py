@@ -34,7 +34,11 @@ from enforcer.core.state import permission_key, redirect_key, user_mode
 
 # The flags RedirectConnections takes (its page lists no others)
 REDIRECT_FLAGS = Flags.ALLOW_MULTIPLE | Flags.TIMEOUT | Flags.NO_KERNEL_MODE | Flags.INCREASE_RECEIVE_BUFFER
-_BIDIRECTIONAL = int(Flags.BIDIRECTIONAL)
+# The flags a grant tests, as plain ints: tested in C (``Flags.X in flags`` runs the enum's
+# Python code, its member lookup too)
+_ALLOW_MULTIPLE, _TIMEOUT, _BIDIRECTIONAL, _INCREASE_RECEIVE_BUFFER = (
+    int(Flags.ALLOW_MULTIPLE), int(Flags.TIMEOUT), int(Flags.BIDIRECTIONAL),
+    int(Flags.INCREASE_RECEIVE_BUFFER))
 # a grant with any of these stays the enforcer's to match: it admits more than one flow,
 # its flows run in user mode, or another session of its client's address may use it (a
 # Firewall client's, whose flows the SOCKS service relays: the enforcer matches those)
@@ -55,12 +59,12 @@ class Grants(Events):
         then creates nothing.
         """
         self.permissions.expire(now)
-        if Flags.BIDIRECTIONAL in flags and protocol == TCP:
+        if int(flags) & _BIDIRECTIONAL and protocol == TCP:
             raise InvalidArgument("BIDIRECTIONAL is for UDP only")
         session, protocol_def, external_index = self._check_grant(
             session_id, [(target, port)], protocol, flags, protocol_guid, proxy_external_address,
             data_filter, now, redirect=False)
-        timeout = self.policy.defaults.permission_timeout if Flags.TIMEOUT in flags else None
+        timeout = self.policy.defaults.permission_timeout if int(flags) & _TIMEOUT else None
         perm = self.permissions.add(session.id, session.client,
                                     permission_key(protocol, session.client, target, port),
                                     flags, protocol_def.name, now, timeout, external_index,
@@ -111,7 +115,7 @@ class Grants(Events):
         for perm in perms:
             if perm.redirect is not None and not perm.redirect.user_mode:
                 self.effects.append(AddRedirect(perm))
-            if Flags.INCREASE_RECEIVE_BUFFER in perm.flags:
+            if int(perm.flags) & _INCREASE_RECEIVE_BUFFER:
                 self.effects.append(GrowReceiveBuffer(perm))
 
     def _to_kernel(self, perm: Permission, session: Session, protocol: int, target: IPAddress,
@@ -158,7 +162,7 @@ class Grants(Events):
                      redirect: bool) -> tuple[Session, ProtocolDef, int]:
         """What every grant checks, in this order; returns the session, the protocol and
         the index of the external address the flows leave from."""
-        if Flags.TIMEOUT in flags and Flags.ALLOW_MULTIPLE in flags:
+        if int(flags) & _TIMEOUT and int(flags) & _ALLOW_MULTIPLE:
             raise InvalidArgument("TIMEOUT and ALLOW_MULTIPLE cannot be combined")
         if protocol not in (TCP, UDP):
             raise InvalidArgument(f"protocol must be TCP (6) or UDP (17), not {protocol}")
@@ -207,24 +211,27 @@ class Grants(Events):
         the client may hold no more user-mode flows (the refusal is counted), or held by
         the kernel, which did not admit the flow (it has used the grant, or is about to
         expire it). Nothing is consumed then."""
+        session = self.sessions.find(client)
+        session_id = None if session is None else session.id
+        fits = self.flows.fits(client)
+        held_grant = self.kernel_grants.get(pkey) if self.kernel_grants else None
+        if fits and held_grant is None:
+            return self.permissions.match(pkey, session_id, now, where), None
         refused = held = False
 
         def usable(perm: Permission) -> bool:
             nonlocal refused, held
             if where is not None and not where(perm):
                 return False
-            if self.kernel_grants:
-                grant = self.kernel_grants.get(perm.key)
-                if grant is not None and grant.permission is perm:
-                    held = True
-                    return False
-            if user_mode(perm.flags, perm.data_filter) and not self.flows.fits(client):
+            if held_grant is not None and held_grant.permission is perm:
+                held = True
+                return False
+            if not fits and user_mode(perm.flags, perm.data_filter):
                 refused = True
                 return False
             return True
 
-        session = self.sessions.find(client)
-        perm = self.permissions.match(pkey, None if session is None else session.id, now, usable)
+        perm = self.permissions.match(pkey, session_id, now, usable)
         if perm is None and refused:
             return None, f"refused: {self.flows.quota.refuse(client)}"
         if perm is None and held:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import enum
 import heapq
 import itertools
-from collections import Counter, OrderedDict
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,6 +45,10 @@ class ActionState(enum.Enum):
     CONSUMED = "consumed"
     EXPIRED = "expired"
     CANCELLED = "cancelled"
+
+
+# As module names: an enum member looked up on its class runs the enum's Python code
+_PENDING, _CONSUMED = ActionState.PENDING, ActionState.CONSUMED
 
 
 @dataclass(slots=True, eq=False)
@@ -84,14 +88,27 @@ class Permission:
         return out
 
 
+class _SessionActions:
+    """A session's permissions: how many are pending, and their ids in the order granted
+    (appended on a grant; finished ones are swept out once they outnumber the pending)."""
+
+    __slots__ = ("ids", "pending")
+
+    def __init__(self) -> None:
+        self.pending = 0
+        self.ids: list[int] = []
+
+
 @dataclass
 class PermissionTable:
     limits: Limits = field(default_factory=Limits)
     counters: Counter[str] = field(default_factory=Counter)  # where refusals are counted
     _by_key: dict[PermissionKey, Permission | list[Permission]] = field(default_factory=dict)
-    _pending: dict[int, Permission] = field(default_factory=dict)
-    _by_session: dict[int, dict[int, Permission]] = field(default_factory=dict)
-    _finished: OrderedDict[int, Permission] = field(default_factory=OrderedDict)
+    # Every pending permission and the last finished ones, by id: finishing one changes
+    # no index but its key's (a new flow's match costs the fewest lookups)
+    _actions: dict[int, Permission] = field(default_factory=dict)
+    _finished: deque[int] = field(default_factory=deque)  # ids, the oldest first
+    _by_session: dict[int, _SessionActions] = field(default_factory=dict)
     _expiry: list[tuple[float, int]] = field(default_factory=list)
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
     # called once for each permission that stops being pending, however it stops
@@ -112,26 +129,29 @@ class PermissionTable:
         perm = Permission(next(self._ids), session_id, client, key, flags, protocol_name, now,
                           expires, external_index, filter_id, context, data_filter, redirect)
         self.quota.take(client)
-        present = self._by_key.get(key)
-        if present is None:
-            self._by_key[key] = perm
-        elif isinstance(present, list):
+        present = self._by_key.setdefault(key, perm)
+        if isinstance(present, list):
             present.append(perm)
-        else:
+        elif present is not perm:
             self._by_key[key] = [present, perm]
-        self._pending[perm.id] = perm
-        self._by_session.setdefault(session_id, {})[perm.id] = perm
+        self._actions[perm.id] = perm
+        session = self._by_session.get(session_id)
+        if session is None:
+            session = self._by_session[session_id] = _SessionActions()
+        session.pending += 1
+        session.ids.append(perm.id)
         if expires is not None:
             heapq.heappush(self._expiry, (expires, perm.id))
-            if len(self._expiry) > 2 * len(self._pending) + STALE_EXPIRIES:
+            if len(self._expiry) > 2 * len(self) + STALE_EXPIRIES:
                 # entries of permissions finished early linger until their time: drop them
-                self._expiry = [(p.expires, p.id) for p in self._pending.values()
-                                if p.expires is not None]
+                self._expiry = [(p.expires, p.id) for session_id in self._by_session
+                                for p in self.pending(session_id) if p.expires is not None]
                 heapq.heapify(self._expiry)
         return perm
 
     def pending_count(self, session_id: int) -> int:
-        return len(self._by_session.get(session_id, ()))
+        session = self._by_session.get(session_id)
+        return 0 if session is None else session.pending
 
     def match(self, key: PermissionKey, session_id: int | None, now: float,
               where: Callable[[Permission], bool] | None = None) -> Permission | None:
@@ -150,7 +170,7 @@ class PermissionTable:
                 continue
             perm.admitted += 1
             if not bits & _ALLOW_MULTIPLE:
-                self._finish(perm, ActionState.CONSUMED)
+                self._finish(perm, _CONSUMED)
             return perm
         return None
 
@@ -165,19 +185,19 @@ class PermissionTable:
         out = []
         while self._expiry and self._expiry[0][0] <= now:
             _, pid = heapq.heappop(self._expiry)
-            perm = self._pending.get(pid)
+            perm = self._pending(pid)
             if perm is not None:
                 self._finish(perm, ActionState.EXPIRED)
                 out.append(perm)
         return out
 
     def next_expiry(self) -> float | None:
-        while self._expiry and self._expiry[0][1] not in self._pending:
+        while self._expiry and self._pending(self._expiry[0][1]) is None:
             heapq.heappop(self._expiry)
         return self._expiry[0][0] if self._expiry else None
 
     def get(self, action_id: int) -> Permission:
-        perm = self._pending.get(action_id) or self._finished.get(action_id)
+        perm = self._actions.get(action_id)
         if perm is None:
             raise InvalidArgument(f"no action {action_id}")
         return perm
@@ -193,36 +213,43 @@ class PermissionTable:
 
     def end_session(self, session_id: int) -> list[Permission]:
         """Cancel every pending permission of a session."""
-        perms = list(self._by_session.get(session_id, {}).values())
+        perms = self.pending(session_id)
         for perm in perms:
             self._finish(perm, ActionState.CANCELLED)
         return perms
 
     def pending(self, session_id: int | None = None) -> list[Permission]:
+        """Pending permissions (of one session, or all), the oldest first."""
         if session_id is None:
-            return list(self._pending.values())
-        return list(self._by_session.get(session_id, {}).values())
+            return [p for p in self._actions.values() if p.state is _PENDING]
+        session = self._by_session.get(session_id)
+        if session is None:
+            return []
+        return [p for p in map(self._pending, session.ids) if p is not None]
 
     def __len__(self) -> int:
-        return len(self._pending)
+        return self.quota.used  # every pending permission, and only those, holds its quota
+
+    def _pending(self, action_id: int) -> Permission | None:
+        perm = self._actions.get(action_id)
+        return perm if perm is not None and perm.state is _PENDING else None
 
     def _finish(self, perm: Permission, state: ActionState) -> None:
         perm.state = state
-        del self._pending[perm.id]
         self.quota.release(perm.client)
-        present = self._by_key[perm.key]
-        if isinstance(present, list):
+        present = self._by_key.pop(perm.key)
+        if isinstance(present, list):  # identical grants: the others stay
             present.remove(perm)
-            if len(present) == 1:
-                self._by_key[perm.key] = present[0]
-        else:
-            del self._by_key[perm.key]
+            self._by_key[perm.key] = present[0] if len(present) == 1 else present
         session = self._by_session[perm.session_id]
-        del session[perm.id]
-        if not session:
+        session.pending -= 1
+        if not session.pending:
             del self._by_session[perm.session_id]
-        self._finished[perm.id] = perm
-        while len(self._finished) > self.finished_capacity:
-            self._finished.popitem(last=False)
+        elif len(session.ids) > 2 * session.pending + 1:
+            # its finished ones outnumber its pending ones: sweep them out (amortized O(1))
+            session.ids = [p.id for p in self.pending(perm.session_id)]
+        self._finished.append(perm.id)
+        if len(self._finished) > self.finished_capacity:
+            del self._actions[self._finished.popleft()]
         if self.on_finish is not None:
             self.on_finish(perm)

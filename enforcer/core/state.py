@@ -12,7 +12,7 @@ import enum
 import functools
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from enforcer.core.binds import DEFAULT_BIND_PORTS, Bind, BindTable
 from enforcer.core.budget import ClientBudgets
@@ -66,7 +66,11 @@ class Decision(NamedTuple):
 
 
 def permission_key(protocol: int, client: IPAddress, target: IPAddress, port: int) -> PermissionKey:
-    return pack_key(protocol, client.version, int(client), int(target), port)
+    # The address objects' own ints and version (a new flow makes a key): int() and
+    # .version run ipaddress's Python code. Its stub lists neither attribute.
+    c: Any = client
+    t: Any = target
+    return pack_key(protocol, c._version, c._ip, t._ip, port)
 
 
 _NO_KERNEL_MODE = int(Flags.NO_KERNEL_MODE)
@@ -107,6 +111,9 @@ class State:
         self.ingress = InterfaceNetworks(internal_networks)
         self.internal_networks = self.ingress.internal
         self.external_addresses = tuple(external_addresses)
+        # per IP version, in order (a grant and a translated flow ask for theirs)
+        self._externals = {version: tuple(a for a in self.external_addresses if a.version == version)
+                           for version in (4, 6)}
         self.internal_addresses = tuple(internal_addresses)
         # no grant leads to the fw itself (rule 14: not to a port the fw listens on)
         self.own_addresses = frozenset((*self.external_addresses,
@@ -175,7 +182,7 @@ class State:
         return effects
 
     def _record(self, decision: Decision) -> Decision:
-        self.counters[decision.verdict.value] += 1
+        self.counters[decision.verdict._value_] += 1  # not .value: Python code
         self.recent.append(decision)
         return decision
 
@@ -199,19 +206,19 @@ class State:
 
     def external_address(self, version: int, index: int = 0) -> IPAddress | None:
         """The fw's ``index``-th external address of an IP version, if it has one."""
-        ours = [a for a in self.external_addresses if a.version == version]
+        ours = self._externals[version]
         return ours[index] if index < len(ours) else None
 
     def _external(self, version: int, index: int) -> IPAddress:
-        return [a for a in self.external_addresses if a.version == version][index]
+        return self._externals[version][index]
 
     def _has_external(self, version: int) -> bool:
-        return any(a.version == version for a in self.external_addresses)
+        return bool(self._externals[version])
 
     def _external_index(self, version: int, requested: IPAddress | None, translated: bool) -> int:
         """The index of the external address a grant's flows leave from. ``translated``:
         they will be source-translated, so the family needs an external address."""
-        ours = [a for a in self.external_addresses if a.version == version]
+        ours = self._externals[version]
         if translated and not ours:
             raise InvalidArgument(f"the firewall has no external IPv{version} address for the "
                                   "flow to leave from")
@@ -225,7 +232,9 @@ class State:
     def _target_refusal(self, target: IPAddress, client: IPAddress) -> str | None:
         """Why ``target`` can be no target of ``client``'s secondary or relayed flow (rule
         14: never the fw itself), or None."""
-        if target.version != client.version:
+        t: Any = target  # the class's own version: .version runs Python (the stub lacks it)
+        c: Any = client
+        if t._version != c._version:
             return f"target {target} is not of the client's address family"
         return self._host_refusal(target)
 

@@ -22,7 +22,7 @@ random ports 1024-65535, 80 % TCP and 20 % UDP. Then it measures
   permission, with the arguments made fresh per call as a parsed request would
   make them; the RSS growth of the first timed fill as a cross-check (100k and
   up); and, for the largest size, the bytes per permission by part
-  (``sys.getsizeof`` of the Permission, its key, the per-key list and the dicts).
+  (``sys.getsizeof`` of the Permission, its key, the dicts and the sessions' id lists).
 
 The smallest size is the baseline: a ratio near 1 for the largest size means
 the operation is O(1) in the table's size. A 1k table fits in the CPU caches and a

@@ -4,9 +4,12 @@ Lookups are O(1) whatever the table's size: permissions are indexed by the
 exact key a new flow presents (IP protocol, client address, target address,
 target port; any client port), packed into one integer to keep each entry
 small; a key holds one permission, or a list when identical grants share it.
-Expiry is driven by the ``now`` the caller passes in. Pending permissions count
-against ``pending_total`` and ``pending_per_client`` (``Limits``), which the
-caller checks (``quota``) before it adds any.
+Actions are also indexed by id, pending and finished ones alike (the newest
+finished are remembered), and per session by a count and a list of ids; so a
+flow that consumes a permission changes no index but its key's. Expiry is
+driven by the ``now`` the caller passes in. Pending permissions count against
+``pending_total`` and ``pending_per_client`` (``Limits``), which the caller
+checks (``quota``) before it adds any.
 """
 
 from __future__ import annotations

@@ -244,11 +244,13 @@ def rules_of(rs: Ruleset) -> tuple[Chain, ...]:
         output = [Rule(Match(protocols=("icmp",), ct_mark=user, ct_state=("related",), ct_confirmed=True),
                        queue)]
         # The verdict sets the packet mark; copying it to the connmark after the filter
-        # hook is what offloads the rest of the flow to the kernel. Restoring it on the
-        # way in tells the enforcer a queued packet's mode; a packet the enforcer rewrote
-        # carries its flow's whole mark already.
-        restore = [Rule(Match(mark=MarkIs(0, MARK_REWRITTEN), ct_mark=admitted), RestoreMark(MARK_MASK))]
-        save = [Rule(Match(mark=admitted), SaveMark(MARK_MASK))]
+        # hook (once: a flow's mark does not change) is what offloads the rest of the flow
+        # to the kernel. Restoring it on the way in tells the enforcer a queued packet's
+        # mode: a user-mode flow's (a kernel-mode flow's later packets are never queued,
+        # and no rule reads their packet mark: they cost neither step); a packet the
+        # enforcer rewrote carries its flow's whole mark already.
+        restore = [Rule(Match(mark=MarkIs(0, MARK_REWRITTEN), ct_mark=user), RestoreMark(MARK_MASK))]
+        save = [Rule(Match(mark=admitted, ct_mark=MarkIs(0, MARK_MODE)), SaveMark(MARK_MASK))]
         if rs.bind_ports is not None:
             # A flow to a Firewall client's UDP bind keeps its verdict's mark, the bind's
             # port included, once the verdict has admitted it.

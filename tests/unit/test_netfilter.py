@@ -226,14 +226,16 @@ def test_binds_on_each_external_address() -> None:
 
 
 def test_marks_restored_and_saved() -> None:
-    """The verdict's mark is saved to the connection for an admitted flow, our bits only, and
-    restored on the way in, except on a packet the enforcer rewrote (it has its mark)."""
+    """The verdict's mark is saved to the connection of a flow just admitted (once), our bits
+    only, and restored on the way in for a user-mode flow (whose packets are queued),
+    except on a packet the enforcer rewrote (it has its mark)."""
     rs = running()
     assert chain(rules_of(rs), Hook.PREROUTING, Stage.MANGLE) == (
-        Rule(Match(mark=MarkIs(0, MARK_REWRITTEN), ct_mark=MarkIs(0, MARK_MODE, negate=True)),
+        Rule(Match(mark=MarkIs(0, MARK_REWRITTEN), ct_mark=MarkIs(MARK_USER, MARK_MODE)),
              RestoreMark(MARK_MASK)),)
     assert chain(rules_of(rs), Hook.POSTROUTING, Stage.MANGLE) == (
-        Rule(Match(mark=MarkIs(0, MARK_MODE, negate=True)), SaveMark(MARK_MASK)),)
+        Rule(Match(mark=MarkIs(0, MARK_MODE, negate=True), ct_mark=MarkIs(0, MARK_MODE)),
+             SaveMark(MARK_MASK)),)
 
 
 def test_the_fw_s_icmp_errors_about_user_mode_flows_are_queued() -> None:

@@ -337,8 +337,10 @@ class Daemon:
         gone = [grant for grant in self.engine.kernel_grants.values()
                 if (grant.permission.expires is None or grant.permission.expires > soon)
                 and self._grant_rule(grant).key not in present]
-        log.warning("the kernel's notices of %d flow(s) were lost; their grants are used", len(gone))
-        self.engine.kernel_used_unheard(gone)
+        if gone:
+            log.warning("the kernel's notices of %d flow(s) were lost; their grants are used",
+                        len(gone))
+            self.engine.kernel_used_unheard(gone)
 
     def _hearing_first(self, handler: Callable[[dict[str, Any], Caller], Any]
                        ) -> Callable[[dict[str, Any], Caller], Any]:

@@ -64,13 +64,19 @@ def _toml_list(items: list[str]) -> str:
     return "[" + ", ".join(f'"{i}"' for i in items) + "]"
 
 
+def _toml_scalar(value: object) -> str:
+    """A number or a truth value as TOML writes it."""
+    return ("true" if value else "false") if isinstance(value, bool) else str(value)
+
+
 def lab_config(tb: Testbed, *, socket: Path, fail_open: bool = False, queue: int = 0,
                backend: str = "auto", data_filters: dict[str, str] | None = None,
                dataplane: dict[str, object] | None = None, app_filters: tuple[str, ...] = (),
                permission_timeout: int = 2, limits: dict[str, object] | None = None) -> str:
     """The enforcer config for a testbed: its interfaces, NAT per variant, the lab policy.
 
-    ``dataplane``: further [dataplane] settings (receive_buffer, *_redirect_ports);
+    ``dataplane``: further [dataplane] settings (receive_buffer, *_redirect_ports,
+    kernel_grants);
     ``limits``: [limits] settings (caps, README "Bounded state");
     ``app_filters``: the application filters to enable; ``permission_timeout``: short
     by default, so that TIMEOUT (AFC-04) is checked in seconds."""
@@ -87,7 +93,7 @@ def lab_config(tb: Testbed, *, socket: Path, fail_open: bool = False, queue: int
         f"queue = {queue}",
         f"fail_open = {'true' if fail_open else 'false'}",
         f'backend = "{backend}"',
-        *(f"{key} = {value}" for key, value in (dataplane or {}).items()),
+        *(f"{key} = {_toml_scalar(value)}" for key, value in (dataplane or {}).items()),
         "",
         "[control]",
         f'socket = "{socket}"',
@@ -111,7 +117,7 @@ def lab_config(tb: Testbed, *, socket: Path, fail_open: bool = False, queue: int
     out += ["", "[socks]", f"port = {SOCKS_PORT}", "require_auth = true", "", "[socks.users]",
             *(f'{user} = "{password}"' for user, password in SOCKS_USERS.items())]
     if limits:
-        out += ["", "[limits]", *(f"{key} = {value}" for key, value in limits.items())]
+        out += ["", "[limits]", *(f"{key} = {_toml_scalar(value)}" for key, value in limits.items())]
     if app_filters:
         out += ["", "[filters]", f"enable = {_toml_list(list(app_filters))}"]
     if data_filters:

@@ -125,3 +125,28 @@ def test_a_killed_enforcers_grants_admit_nothing(tb: Testbed, enforcer: Enforcer
     assert f"{client} . {server} . tcp . 31004" in held(tb, "ipv4"), "the dead run's grant was used"
     enforcer.start()
     assert "31004" not in held(tb, "ipv4"), "a new run took over a dead run's grant"
+
+
+def test_without_kernel_grants_the_enforcer_matches_them_and_a_restart_turns_them_on(
+        tb: Testbed, enforcer: EnforcerProcess) -> None:
+    """``kernel_grants = false``: no table of the enforcer's lives in the kernel and the
+    grant's first packet reaches the queue; a restart by the control socket with them on
+    holds the next grant in the kernel (the stopped run's table gone, the new one's there)."""
+    client, server = HOSTS["ipv4"]
+    c1, s1 = tb.agent("c1"), tb.agent("s1")
+    enforcer.restart(dataplane={"kernel_grants": False})
+    assert enforcer.call("status")["kernel_grants"] is None
+    assert "pinhole_live" not in str(tb.run("fw", ["nft", "list", "tables"]).stdout)
+    with Client(str(enforcer.socket)) as api, s1.tcp_server(server, 31005):
+        action = api.allow_future_connect(session_of(tb, api, "ipv4"), (server, 31005),
+                                          protocol_guid=GUIDS["FTP"])
+        assert "31005" not in held(tb, "ipv4")
+        before = queued(tb)
+        assert c1.tcp_connect(server, 31005, send_bytes=100)["connected"]
+        assert queued(tb) > before and action.state == "consumed"
+    enforcer.restart()
+    assert enforcer.call("status")["kernel_grants"] == {"held": 0, "notices_lost": 0}
+    with Client(str(enforcer.socket)) as api:
+        api.allow_future_connect(session_of(tb, api, "ipv4"), (server, 31006), protocol_guid=GUIDS["FTP"])
+    assert f"{client} . {server} . tcp . 31006" in held(tb, "ipv4")
+    assert str(tb.run("fw", ["nft", "list", "tables"]).stdout).count("pinhole_live") == 1

@@ -145,6 +145,12 @@ def test_redirect_ports_at_the_bounds(kernel: tuple[int, int], user: tuple[int, 
     assert (dp.kernel_redirect_ports, dp.user_redirect_ports, dp.receive_buffer) == (kernel, user, buffer)
 
 
+def test_kernel_grants_are_on_unless_turned_off() -> None:
+    assert parse(MINIMAL).dataplane.kernel_grants is True
+    assert parse(MINIMAL + "\n[dataplane]\nkernel_grants = false\n", FILE).dataplane.kernel_grants is False
+    assert "dataplane.kernel_grants" in config_error(MINIMAL + '\n[dataplane]\nkernel_grants = "no"\n')
+
+
 @pytest.mark.parametrize("size", [65536, 2**30])
 def test_increased_receive_buffer(size: int) -> None:
     dp = parse(MINIMAL + f"\n[dataplane]\nincreased_receive_buffer = {size}\n", FILE).dataplane

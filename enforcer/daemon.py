@@ -336,7 +336,8 @@ class Daemon:
         soon = self.clock() + KERNEL_NOTICE_DELAY
         gone = [grant for grant in self.engine.kernel_grants.values()
                 if (grant.permission.expires is None or grant.permission.expires > soon)
-                and self._grant_rule(grant).key not in present]
+                and dataplane.flow_key(grant.permission.client, grant.target, grant.protocol,
+                                       grant.port) not in present]
         if gone:
             log.warning("the kernel's notices of %d flow(s) were lost; their grants are used",
                         len(gone))

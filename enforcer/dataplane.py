@@ -757,8 +757,9 @@ def _port(port: int) -> bytes:
     return _register(struct.pack("!H", port))
 
 
-def _flow_key(source: IPAddress, destination: IPAddress, protocol: int, port: int) -> bytes:
-    """The key ``saddr . daddr . meta l4proto . th dport`` of the maps table's sets."""
+def flow_key(source: IPAddress, destination: IPAddress, protocol: int, port: int) -> bytes:
+    """The key ``saddr . daddr . meta l4proto . th dport`` of the maps table's sets (a
+    grant's: its client, target, protocol and port)."""
     return source.packed + destination.packed + _register(bytes([protocol])) + _port(port)
 
 
@@ -777,7 +778,7 @@ class RedirectRule:
     def elements(self) -> list[tuple[str, bytes, bytes]]:
         """(map, key, value) of each map element (pure)."""
         proto = "ip" if self.client.version == 4 else "ip6"
-        key = _flow_key(self.client, self.internal, self.protocol, self.port)
+        key = flow_key(self.client, self.internal, self.protocol, self.port)
         return [(f"redirect_mark_{proto}", key, struct.pack("=I", self.port)),
                 (f"redirect_to_{proto}", key, self.target.packed + _port(self.target_port))]
 
@@ -827,7 +828,7 @@ class GrantRule:
 
     @property
     def key(self) -> bytes:
-        return _flow_key(self.client, self.target, self.protocol, self.port)
+        return flow_key(self.client, self.target, self.protocol, self.port)
 
     @property
     def family(self) -> str:

@@ -357,7 +357,7 @@ class Decisions(Binding):
             grant = self.kernel_grants.get(permission_key(key.protocol, key.src, key.dst, key.dport))
             if grant is None:  # ended (cancelled, expired) as the kernel used it
                 self.counters["kernel grants: used as they ended"] += 1
-                self._record(Decision(Verdict.ADMIT_KERNEL, key, "admitted in the kernel by a "
+                self._record(Decision(_ADMIT_KERNEL, key, "admitted in the kernel by a "
                                       "grant that ended as it was used", now))
                 return
             self.counters["kernel grants: used"] += 1

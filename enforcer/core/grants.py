@@ -137,13 +137,13 @@ class Grants(Events):
         """Grants the kernel no longer holds, though the enforcer heard of no flow by them
         (the kernel's notices of some were lost): used, by flows it does not know."""
         for grant in grants:
-            if self.kernel_grants.get(grant.permission.key) is grant:
+            if self._kernel_grant_of(grant.permission) is grant:
                 self.permissions.use(grant.permission)
                 self.counters["kernel grants: used, not heard of"] += 1
 
     def keep_grant(self, grant: KernelGrant) -> None:
         """The kernel could not hold a grant: it stays the enforcer's to match."""
-        if self.kernel_grants.get(grant.permission.key) is grant:
+        if self._kernel_grant_of(grant.permission) is grant:
             del self.kernel_grants[grant.permission.key]
             self.counters["kernel grants: kept in user space"] += 1
 

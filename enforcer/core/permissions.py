@@ -181,7 +181,7 @@ class PermissionTable:
         """A pending single-use permission was used where the table did not match it (the
         kernel held it): consumed."""
         perm.admitted += 1
-        self._finish(perm, ActionState.CONSUMED)
+        self._finish(perm, _CONSUMED)
 
     def expire(self, now: float) -> list[Permission]:
         """Finish every pending permission whose time is up; return them."""

@@ -158,11 +158,10 @@ class State:
         """A permission stopped being pending: a grant the kernel holds goes from it, a
         redirect's block may go back to its pool, and a kernel-mode redirect's rules are
         due for removal."""
-        if self.kernel_grants:
-            grant = self.kernel_grants.get(perm.key)
-            if grant is not None and grant.permission is perm:
-                del self.kernel_grants[perm.key]
-                self.effects.append(RemoveKernelGrant(grant))
+        grant = self._kernel_grant_of(perm)
+        if grant is not None:
+            del self.kernel_grants[perm.key]
+            self.effects.append(RemoveKernelGrant(grant))
         redirect = perm.redirect
         if redirect is None:
             return
@@ -173,6 +172,11 @@ class State:
             self.pools[redirect.user_mode].release(redirect.block)
         if not redirect.user_mode:
             self.effects.append(RemoveRedirect(perm))
+
+    def _kernel_grant_of(self, perm: Permission) -> KernelGrant | None:
+        """The grant the kernel holds for this permission, if it holds one."""
+        grant = self.kernel_grants.get(perm.key) if self.kernel_grants else None
+        return grant if grant is not None and grant.permission is perm else None
 
     def take_effects(self) -> list[Effect]:
         """What the shell is to do since it last asked, in order: kernel state to add or

@@ -4,6 +4,7 @@ grant admits nothing once its enforcer is gone (rule 15), however it went."""
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -24,6 +25,12 @@ def queued(tb: Testbed) -> int:
     """How many packets the fw's queues have been given so far (each queue's id_sequence)."""
     lines = tb.run("fw", ["cat", "/proc/net/netfilter/nfnetlink_queue"]).stdout.splitlines()
     return sum(int(line.split()[7]) for line in lines)
+
+
+def arrived(tb: Testbed) -> int:
+    """Packets the fw has received on its interface to the clients so far."""
+    link = json.loads(tb.run("fw", ["ip", "-j", "-s", "link", "show", "int0"]).stdout)
+    return int(link[0]["stats64"]["rx"]["packets"])
 
 
 def held(tb: Testbed, family: str) -> str:
@@ -119,9 +126,13 @@ def test_a_killed_enforcers_grants_admit_nothing(tb: Testbed, enforcer: Enforcer
     enforcer.kill()
     assert "pinhole_live" not in str(tb.run("fw", ["nft", "list", "tables"]).stdout)
     assert f"{client} . {server} . tcp . 31004" in held(tb, "ipv4")
-    with s1.tcp_server(server, 31004):
+    with s1.tcp_server(server, 31004) as listener:
+        before = arrived(tb)
         result = c1.tcp_connect(server, 31004, timeout=1.0)
+        # the SYN reached the fw and went no further; nothing answered it (no reset)
+        assert arrived(tb) > before, "the SYN never reached the fw"
         assert not result["connected"] and "timed out" in result["error"], result
+        assert listener.stats()["accepted"] == 0
     assert f"{client} . {server} . tcp . 31004" in held(tb, "ipv4"), "the dead run's grant was used"
     enforcer.start()
     assert "31004" not in held(tb, "ipv4"), "a new run took over a dead run's grant"

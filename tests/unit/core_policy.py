@@ -5,6 +5,7 @@ client networks, HTTP for c1 only, and the denied network."""
 from __future__ import annotations
 
 import ipaddress
+import uuid
 from typing import Any
 
 from enforcer.core.binds import Bind
@@ -44,6 +45,7 @@ POLICY_DATA: dict[str, list[dict[str, Any]]] = {
     ],
 }
 POLICY = policy_from_dict(POLICY_DATA)
+GUID = {p["name"]: uuid.UUID(p["guid"]) for p in POLICY_DATA["protocol"]}  # name -> its GUID
 # The networks behind the fw's one internal interface
 INTERNAL = {"int0": (ipaddress.ip_network("192.0.2.0/24"), ipaddress.ip_network("2001:db8:1::/64"))}
 SYN = 0x02

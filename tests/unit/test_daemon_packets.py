@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import ipaddress
 import sys
-import uuid
 from typing import Any
 
 import pytest
-from core_policy import INTERNAL, POLICY, POLICY_DATA
+from core_policy import GUID, INTERNAL, POLICY
 from scapy.layers.inet import IP, TCP, UDP
 
 from enforcer import dataplane, filters
@@ -35,7 +34,7 @@ C1, S1, EXT = "192.0.2.11", "198.51.100.21", "198.51.100.1"
 INTERNAL_IF = 3  # the ifindex packets from the clients arrive on
 EXTERNAL_IF = 4
 HOOK_FORWARD = 2
-DNS = uuid.UUID(POLICY_DATA["protocol"][3]["guid"])
+DNS = GUID["DNS"]
 INCREASED = 300_000
 
 
@@ -124,7 +123,7 @@ def test_an_event_that_cannot_be_sent_does_not_stop_its_flow_or_the_enforcer(
     deliver(d, primary)
     session = d.engine.sessions.find(ipaddress.ip_address(C1))
     assert primary.verdicts == ["accept"] and session is not None
-    ftp = uuid.UUID(POLICY_DATA["protocol"][0]["guid"])
+    ftp = GUID["FTP"]
     d.engine.allow_future_connect(session.id, ipaddress.ip_address(S1), 20021, TCP_PROTOCOL, Flags(0),
                                   ftp, 1.0, filter_id=fid, context={"not", "json"})
     granted = syn(20021, 41000)
@@ -371,7 +370,7 @@ def test_kernel_nat_that_cannot_be_made_withdraws_its_grant_or_bind() -> None:
     d.api = SessionApi(d.engine, d.clock, d.apply)
     d.maps = FakeMaps(error="nft says no")  # type: ignore[assignment]
     session = securenat_session(d)
-    ftp = str(uuid.UUID(POLICY_DATA["protocol"][0]["guid"]))
+    ftp = str(GUID["FTP"])
     with pytest.raises(dataplane.DataplaneError, match="nft says no"):
         d.api.redirect_connections({"session": session, "addresses": [[S1, 2121], [S1, 2122]],
                                     "protocol_guid": ftp}, SocketCaller())
@@ -457,7 +456,7 @@ def test_grants_the_kernel_holds_and_what_the_daemon_hears_of_them() -> None:
     d.maps = maps = FakeMaps()  # type: ignore[assignment]
     d.engine.grants_in_kernel = True
     session = securenat_session(d)
-    ftp = str(uuid.UUID(POLICY_DATA["protocol"][0]["guid"]))
+    ftp = str(GUID["FTP"])
     made = d.api.allow_future_connect({"session": session, "address": S1, "port": 30001,
                                        "protocol_guid": ftp, "flags": ["TIMEOUT"]}, SocketCaller())
     (grant,) = maps.held
@@ -492,7 +491,7 @@ def test_a_receive_buffer_that_cannot_grow_withdraws_its_grant() -> None:
     d = daemon()
     d.queue = FakeQueue([], RefusingSocket(212992))  # type: ignore[assignment]
     session = securenat_session(d)
-    ftp = str(uuid.UUID(POLICY_DATA["protocol"][0]["guid"]))
+    ftp = str(GUID["FTP"])
     with pytest.raises(dataplane.DataplaneError, match="cannot grow a receive buffer"):
         d.api.allow_future_connect({"session": session, "address": S1, "port": 20021,
                                     "protocol_guid": ftp, "flags": ["INCREASE_RECEIVE_BUFFER"]},
@@ -510,7 +509,7 @@ def test_a_packet_the_queue_cannot_carry_is_dropped_and_the_turn_goes_on() -> No
     session = securenat_session(d)
     (_, base), _ = d.engine.redirect_connections(session, [(ipaddress.ip_address(S1), 8080)],
                                                  TCP_PROTOCOL, Flags.NO_KERNEL_MODE,
-                                                 uuid.UUID(POLICY_DATA["protocol"][0]["guid"]), 5.0)
+                                                 GUID["FTP"], 5.0)
     redirected = QueuedPacket(bytes(IP(src=C1, dst=FW_INT) / TCP(sport=4000, dport=base, flags="S")))
     redirected.hook = HOOK_PREROUTING
     other = syn(21, 40001)
@@ -528,7 +527,7 @@ def test_lost_notices_are_made_up_for_by_what_the_kernel_still_holds() -> None:
     d.maps = maps = FakeMaps()  # type: ignore[assignment]
     d.engine.grants_in_kernel = True
     session = securenat_session(d)
-    ftp = str(uuid.UUID(POLICY_DATA["protocol"][0]["guid"]))
+    ftp = str(GUID["FTP"])
     actions = [d.api.allow_future_connect({"session": session, "address": S1, "port": port,
                                            "protocol_guid": ftp, **extra}, SocketCaller())["action"]
                for port, extra in ((30001, {}), (30002, {}), (30003, {"flags": ["TIMEOUT"]}))]

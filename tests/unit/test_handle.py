@@ -8,10 +8,9 @@ back with it, checksums included."""
 from __future__ import annotations
 
 import ipaddress
-import uuid
 
 import pytest
-from core_policy import INTERNAL, POLICY
+from core_policy import GUID, INTERNAL, POLICY
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.inet6 import IPv6
 from scapy.packet import Packet, Raw
@@ -35,7 +34,7 @@ from enforcer.core.packet import Ingress, segments_checksum
 
 ip = ipaddress.ip_address
 C1, S1, FW_INT, EXT = "192.0.2.11", "198.51.100.21", "192.0.2.1", "198.51.100.1"
-FTP = uuid.UUID("5c3c2a3e-8f1b-4c1e-9a57-1f0d3a6b2101")
+FTP = GUID["FTP"]
 USER_PORTS = (63000, 63009)
 
 

@@ -5,7 +5,9 @@ Run from the repository root, as root::
     .venv/bin/python -m bench [--seconds 3] [--reps 5] [--skip p3 ...]
 
 - P1 kernel-mode admitted TCP flow throughput / plain forwarding (goal >= 0.95)
-- P2 user-mode TCP flow throughput / a null accept-all NFQUEUE consumer (goal >= 1.0)
+- P2 user-mode TCP flow throughput / a null accept-all NFQUEUE consumer (goal >= 1.0),
+  also with 2 worker processes (stretch: >= 0.4x plain forwarding), and 4 flows at once
+  with and without them
 - P3 grant and match time and bytes per permission with 1M pending (<= 5 us, <= 400 B)
 - P4 new secondary flows admitted per second, and first-SYN latency of a data
   connection / the Linux conntrack FTP helper doing the same job (goal <= 2)
@@ -65,6 +67,9 @@ from testbed.topology import standard
 OUT = Path(__file__).resolve().parent / "results.json"
 SINK_PORT = 6000
 ENFORCER_QUEUE = 0  # the lab config's queue
+WORKERS = 2  # the worker processes of the user-mode rows that have them (one per core here)
+PARALLEL = 4  # the connections of the rows that run several at once
+USER_ROWS = ("user-x4", "user-workers", "user-x4-workers")
 PLAIN = next(c for c in bindings.CONFIGS if c.name == "plain")
 NULL_CONSUMER = next(c for c in bindings.CONFIGS if c.name == "nfq-all")
 
@@ -150,14 +155,14 @@ def flows_client(tb: Testbed, *args: str, timeout: float = 60) -> dict[str, Any]
 
 def iperf(tb: Testbed, server: IperfServer, seconds: int,
           packets: Callable[[], int | None] | None = None,
-          via: tuple[str, int] | None = None) -> Iperf:
+          via: tuple[str, int] | None = None, streams: int = 1) -> Iperf:
     """One iperf3 run c1 -> s1; ``packets`` reads a packet counter (before and after);
-    ``via``: the redirect port c1 connects to instead of s1."""
+    ``via``: the redirect port c1 connects to instead of s1; ``streams`` connections."""
     sample = Iperf()
     before = packets() if packets else None
     try:
         addr, port = via or (SERVER_ADDR, IPERF_PORT)
-        sample.bps, sample.seconds, sample.retransmits = run_iperf(tb, seconds, port, addr)
+        sample.bps, sample.seconds, sample.retransmits = run_iperf(tb, seconds, port, addr, streams)
         after = packets() if packets else None
         if before is not None and after is not None:
             sample.packets = after - before
@@ -221,7 +226,8 @@ def enforcer_block(tb: Testbed, server: IperfServer, workdir: Path,
     out: dict[str, Any] = {}
     enforcer = EnforcerProcess(tb, workdir)
     # The client's per-address caps would cap P4's admission rate: measured without them.
-    enforcer.start(limits={"new_flows_per_second": 0, "flows_per_client": 1_000_000})
+    limits: dict[str, object] = {"new_flows_per_second": 0, "flows_per_client": 1_000_000}
+    enforcer.start(limits=limits)
     try:
         session = c1_session(tb, enforcer)
         target = (SERVER_ADDR, IPERF_PORT)
@@ -240,6 +246,7 @@ def enforcer_block(tb: Testbed, server: IperfServer, workdir: Path,
             action = api.allow_future_connect(session, target, protocol_guid=GUIDS["FTP"],
                                               flags=Flags.ALLOW_MULTIPLE | Flags.NO_KERNEL_MODE)
             out["user"] = iperf(tb, server, args.seconds, packets=queued)
+            out["user-x4"] = iperf(tb, server, args.seconds, streams=PARALLEL)
             action.cancel()
 
             # the same through RedirectConnections: kernel NAT, then the enforcer's rewriting
@@ -267,6 +274,13 @@ def enforcer_block(tb: Testbed, server: IperfServer, workdir: Path,
                 "--grant", str(enforcer.socket), "--session", str(session)))
         except Exception as exc:
             out["pasv"] = {"error": _err(exc)}
+        # the user-mode rows again with worker processes reading the flows' packets
+        enforcer.restart(dataplane={"workers": WORKERS}, limits=limits)
+        with enforcer.client() as api:
+            api.allow_future_connect(c1_session(tb, enforcer), target, protocol_guid=GUIDS["FTP"],
+                                     flags=Flags.ALLOW_MULTIPLE | Flags.NO_KERNEL_MODE)
+            out["user-workers"] = iperf(tb, server, args.seconds)
+            out["user-x4-workers"] = iperf(tb, server, args.seconds, streams=PARALLEL)
     except Exception as exc:
         out["error"] = _err(exc)
     finally:
@@ -309,7 +323,8 @@ def run_flood(reps: int, artifacts: Path) -> dict[str, Any]:
 
 def run_network(args: argparse.Namespace) -> dict[str, list[Any]]:
     samples: dict[str, list[Any]] = {k: [] for k in (
-        "plain", "null", "kernel", "user", "redirect-kernel", "redirect-user", "helper", "enforcer")}
+        "plain", "null", "kernel", "user", "redirect-kernel", "redirect-user", "helper", "enforcer",
+        *USER_ROWS)}
     tb = Testbed.up(standard("routed"), tag="bench")
     server = IperfServer(tb)
     flow_server = FlowServer(tb)
@@ -324,7 +339,7 @@ def run_network(args: argparse.Namespace) -> dict[str, list[Any]]:
                 samples["helper"].append(helper_block(tb, args))
                 e = enforcer_block(tb, server, Path(tmp) / f"enforcer-{rep}", args)
                 samples["kernel"].append(e.pop("kernel", Iperf(error=e.get("error"))))
-                for key in ("user", "redirect-kernel", "redirect-user"):
+                for key in ("user", "redirect-kernel", "redirect-user", *USER_ROWS):
                     samples[key].append(e.pop(key, Iperf(error=e.get("error"))))
                 samples["enforcer"].append(e)
                 _progress(rep, args.reps, samples)
@@ -345,7 +360,8 @@ def _progress(rep: int, reps: int, samples: dict[str, list[Any]]) -> None:
     h, e = samples["helper"][-1], samples["enforcer"][-1]
     print(f"[{rep + 1}/{reps}] Gbit/s plain {_gbps(samples['plain'][-1])}, kernel "
           f"{_gbps(samples['kernel'][-1])}, null consumer {_gbps(samples['null'][-1])}, user "
-          f"{_gbps(samples['user'][-1])}; connect µs helper "
+          f"{_gbps(samples['user'][-1])}, user with {WORKERS} workers "
+          f"{_gbps(samples['user-workers'][-1])}; connect µs helper "
           f"{_fmt(h.get('pasv', {}).get('median_connect_us'), '.0f')}, enforcer "
           f"{_fmt(e.get('pasv', {}).get('median_connect_us'), '.0f')}; flows/s kernel rule "
           f"{_fmt(h.get('rate', {}).get('flows_per_s'), '.0f')}, enforcer "
@@ -411,6 +427,22 @@ def build_rows(net: dict[str, list[Any]] | None, p3: dict[str, Any] | None,
         npps = median(s.pps for s in net["null"])
         rows.append(Row("P2 user-mode packets through the queue", "pkt/s", upps, npps,
                         "null NFQUEUE consumer", ratio(upps, npps), "", None))
+        # with worker processes: one flow, its packets read by a worker; then several flows
+        user_w = bps("user-workers")
+        r2w = ratio(user_w, null)
+        rows.append(Row(f"P2 user-mode flow throughput, {WORKERS} workers", "Gbit/s", _g(user_w),
+                        _g(null), "null NFQUEUE consumer", r2w, "ratio >= 1.0", _met(r2w, ">=", 1.0),
+                        "; ".join(x for x in (paired("user-workers", "null"),
+                                              _errors(net["user-workers"])) if x)))
+        stretch = ratio(user_w, plain)
+        rows.append(Row(f"P2 stretch: user-mode flow, {WORKERS} workers", "Gbit/s", _g(user_w),
+                        _g(plain), "plain forwarding", stretch, "ratio >= 0.4", _met(stretch, ">=", 0.4),
+                        paired("user-workers", "plain")))
+        x4, x4w = bps("user-x4"), bps("user-x4-workers")
+        rows.append(Row(f"user-mode flows x{PARALLEL}, {WORKERS} workers", "Gbit/s", _g(x4w), _g(x4),
+                        "the same without workers", ratio(x4w, x4), "", None,
+                        "; ".join(x for x in (paired("user-x4-workers", "user-x4"),
+                                              _errors(net["user-x4"] + net["user-x4-workers"])) if x)))
         for key, base, label in (("redirect-kernel", "kernel", "kernel-mode AllowFutureConnect flow"),
                                  ("redirect-user", "user", "user-mode AllowFutureConnect flow")):
             rows.append(Row(f"RDC {key.split('-')[1]}-mode redirect throughput", "Gbit/s",

@@ -143,11 +143,12 @@ class IperfServer:
 
 
 def run_iperf(tb: Testbed, seconds: int, port: int = IPERF_PORT,
-              addr: str = SERVER_ADDR) -> tuple[float, float, int | None]:
+              addr: str = SERVER_ADDR, streams: int = 1) -> tuple[float, float, int | None]:
     """(bits/s received, seconds, retransmits) of one iperf3 TCP test c1 -> s1 (``addr``:
-    where c1 connects, the server's address unless a redirect leads there)."""
+    where c1 connects, the server's address unless a redirect leads there; ``streams``
+    connections at once, their sum)."""
     r = tb.run(CLIENT, ["iperf3", "-c", addr, "-p", str(port), "-t", str(seconds), "-J",
-                        "--connect-timeout", "3000"],
+                        "--connect-timeout", "3000", "-P", str(streams)],
                check=False, timeout=seconds + 20)
     try:
         data = json.loads(r.stdout)

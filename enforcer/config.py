@@ -12,6 +12,7 @@ from pathlib import Path
 
 from enforcer.core.binds import DEFAULT_BIND_PORTS
 from enforcer.core.limits import MINIMUM, Limits
+from enforcer.core.marks import MAX_WORKERS
 from enforcer.core.packet import TCP, UDP
 from enforcer.core.policy import KeyPath, Policy, PolicyInvalid, Reader, policy_from_dict
 from enforcer.core.redirects import DEFAULT_KERNEL_REDIRECT_PORTS, DEFAULT_USER_REDIRECT_PORTS
@@ -57,6 +58,9 @@ class DataplaneSettings:
     # Single-use kernel-mode grants held by the kernel, which admits their flows' first
     # packets itself (false: the enforcer matches every grant)
     kernel_grants: bool = True
+    # worker processes that read user-mode flows' packets, worker k from queue ``queue + k``
+    # (0: the main process reads them all)
+    workers: int = 0
 
 
 @dataclass(frozen=True)
@@ -117,7 +121,7 @@ def parse(text: str, path: Path | str = "<config>") -> Config:
         dp = root.table("dataplane")
         dp.check_keys({"queue", "fail_open", "backend", "kernel_redirect_ports",
                        "user_redirect_ports", "receive_buffer", "increased_receive_buffer",
-                       "open_ports", "kernel_grants"})
+                       "open_ports", "kernel_grants", "workers"})
         queue = dp.get("queue", int, 0)
         if not 0 <= queue <= 65535:
             raise dp.fail("queue", "must be a queue number 0-65535")
@@ -138,9 +142,15 @@ def parse(text: str, path: Path | str = "<config>") -> Config:
         if not MIN_INCREASED_RECEIVE_BUFFER <= increased <= 2**30:
             raise dp.fail("increased_receive_buffer",
                           f"must be from {MIN_INCREASED_RECEIVE_BUFFER} to 1073741824 bytes")
+        workers = dp.get("workers", int, 0)
+        if not 0 <= workers <= MAX_WORKERS:
+            raise dp.fail("workers", f"must be from 0 to {MAX_WORKERS} worker processes")
+        if queue + workers > 65535:
+            raise dp.fail("workers", f"worker queues {queue + 1}-{queue + workers} go past 65535")
         dataplane = DataplaneSettings(queue, dp.get("fail_open", bool, False), backend,
                                       kernel_ports, user_ports, receive_buffer, increased,
-                                      _open_ports(dp), dp.get("kernel_grants", bool, True))
+                                      _open_ports(dp), dp.get("kernel_grants", bool, True),
+                                      workers)
         control = root.table("control")
         control.check_keys({"socket"})
         socket_path = control.get("socket", str, DEFAULT_SOCKET)

@@ -29,7 +29,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from enforcer import dataplane, filters, nflog
+from enforcer import dataplane, filters, nflog, workers
 from enforcer.api import Params, SessionApi
 from enforcer.config import Config, ConfigError, SocksSettings
 from enforcer.config import load as load_config
@@ -44,7 +44,9 @@ from enforcer.core.effects import (
     Effect,
     ForgetBindFlows,
     GrowReceiveBuffer,
+    HandOver,
     KernelGrant,
+    LetGo,
     MapBind,
     RemoveKernelGrant,
     RemoveRedirect,
@@ -156,6 +158,26 @@ def load_app_filters(config: Config) -> tuple[dict[str, filters.AppFilter], dict
     return plugins, watching
 
 
+def build_engine(config: Config, interfaces: dataplane.Interfaces, conntrack: ConntrackTimeouts,
+                 filter_names: Sequence[str], watching: dict[str, str]) -> Engine:
+    """The decision core for a config and the interfaces it names (``filter_names``: the
+    data and application filters a grant may name; ``watching``: protocol -> the
+    application filter on its primaries)."""
+    return Engine(config.policy, interfaces.networks_behind(), interfaces.external_addresses,
+                  nat=config.network.nat, data_filters=filter_names,
+                  internal_addresses=[a for _, a in interfaces.internal_addresses],
+                  kernel_redirect_ports=config.dataplane.kernel_redirect_ports,
+                  user_redirect_ports=config.dataplane.user_redirect_ports,
+                  bind_ports=(config.socks or SocksSettings()).bind_ports,
+                  app_filters=watching, limits=config.limits, conntrack=conntrack)
+
+
+def queued_packet(packet: Packet, arrived_on: Arrivals) -> QueuedPacket:
+    """A packet read off a queue, as the core takes it."""
+    return QueuedPacket(packet.payload, packet.hook, packet.mark, *arrived_on(packet.indev),
+                        length=packet.length, checksum_ready=packet.checksum_ready, gso=packet.gso)
+
+
 class _Disabled:
     """What replaces a filter that failed: the data passes as it is."""
 
@@ -229,15 +251,8 @@ class Daemon:
         if both:
             raise StartupError(f"{', '.join(both)}: both a data filter and an application "
                                "filter; a grant's data_filter would not know which")
-        self.engine = Engine(config.policy, self.interfaces.networks_behind(),
-                             self.interfaces.external_addresses, nat=config.network.nat,
-                             data_filters=[*self.filter_factories, *self.app_filters],
-                             internal_addresses=[a for _, a in self.interfaces.internal_addresses],
-                             kernel_redirect_ports=config.dataplane.kernel_redirect_ports,
-                             user_redirect_ports=config.dataplane.user_redirect_ports,
-                             bind_ports=(config.socks or SocksSettings()).bind_ports,
-                             app_filters=watching, limits=config.limits,
-                             conntrack=conntrack_timeouts())
+        self.engine = build_engine(config, self.interfaces, conntrack_timeouts(),
+                                   [*self.filter_factories, *self.app_filters], watching)
         self.listening = ListeningSockets(clock)  # the fw's own sockets (rule 14)
         self.api = SessionApi(self.engine, clock, self.apply, listening=self.listening.current)
         self.engine.stream_filter = self.stream_filter
@@ -257,6 +272,7 @@ class Daemon:
         self._stop = False
         self.backend: dataplane.Backend | None = None  # chosen at start
         self.queue: Queue | None = None  # bound while running
+        self.pool: workers.WorkerPool | None = None  # worker processes (dataplane.workers)
 
     # --- the packet path ------------------------------------------------------------
     def on_queue(self) -> None:
@@ -278,9 +294,7 @@ class Daemon:
         the verdict buffered; the effects that are to follow it are returned."""
         assert self.queue is not None
         try:
-            queued = QueuedPacket(packet.payload, packet.hook, packet.mark,
-                                  *self._arrived_on(packet.indev), length=packet.length,
-                                  checksum_ready=packet.checksum_ready, gso=packet.gso)
+            queued = queued_packet(packet, self._arrived_on)
             self.api.hold = True  # an application filter's calls: their effects come with the answer
             try:
                 answer = self.engine.handle(queued, self.clock())
@@ -377,6 +391,11 @@ class Daemon:
             raise dataplane.DataplaneError("the enforcer is not running: no NAT maps to write")
         return self.maps
 
+    def _pool(self) -> workers.WorkerPool:
+        if self.pool is None:
+            raise workers.WorkerError("the enforcer runs no worker processes")
+        return self.pool
+
     def _local_flows(self) -> dataplane.LocalFlows:
         if self.local_flows is None:
             raise dataplane.DataplaneError("the enforcer is not running: no flows to forget")
@@ -449,6 +468,18 @@ class Daemon:
                     # its socket is gone: the kernel hands the datagrams to the enforcer,
                     # which drops them, until the port is bound again
                     log.error("cannot forget the flows of closed bind %d: %s", effect.bind.id, exc)
+        elif kind is HandOver:
+            for effect in group:
+                try:
+                    self._pool().hand_over(effect.record, effect.worker)
+                except workers.WorkerError as exc:
+                    # its mark sends its packets to that worker, which drops them: fail closed
+                    log.error("cannot hand flow %s to its worker: %s", effect.record.key, exc)
+                    self.engine.counters["user-mode flows lost with a worker"] += 1
+        elif kind is LetGo:
+            for effect in group:
+                with contextlib.suppress(workers.WorkerError):  # gone: it forgot them all
+                    self._pool().let_go(effect.key, effect.admitted_at, effect.worker)
         elif kind is GrowReceiveBuffer:
             for effect in group:
                 try:
@@ -529,6 +560,8 @@ class Daemon:
                 "malformed": self.queue.malformed},
             # single-use kernel-mode grants the kernel holds (None: the enforcer matches all);
             # what the kernel admitted by them is counted as "kernel grants: used"
+            # the worker processes that read user-mode flows' packets (None: none run)
+            "workers": None if self.pool is None else self.pool.status(),
             "kernel_grants": None if self.notices is None else {
                 "held": len(self.engine.kernel_grants), "notices_lost": self.notices.lost},
             "limits": {**self.engine.limits_status(), **self.engine.buffered.status(),
@@ -601,6 +634,8 @@ class Daemon:
                 self._hold_grants_in_kernel()
             if self.filter_factories or self.app_filters:
                 self.host.liberal_tcp_tracking()
+            if self.config.dataplane.workers:
+                self._start_workers()
             wake_w.setblocking(False)
             signal.set_wakeup_fd(wake_w.fileno())
             for sig in (signal.SIGTERM, signal.SIGINT):
@@ -638,6 +673,9 @@ class Daemon:
                 self.socks.close()
             if control is not None:
                 control.close()
+            if self.pool is not None:  # their queues' packets are dropped from now on
+                self.pool.close()
+                self.pool = None
             if self.live is not None:  # first: the kernel's grants admit nothing more
                 self.live.close()
                 self.live = None
@@ -681,9 +719,55 @@ class Daemon:
             return
         self.engine.grants_in_kernel = True
 
+    def _start_workers(self) -> None:
+        """Start the worker processes and wait until each has bound its queue (README
+        "Worker processes")."""
+        setup = workers.Setup(0, self.config, self.interfaces, self.engine.flows.timeouts,
+                              logging.getLogger("pinhole").getEffectiveLevel())
+        self.pool = pool = workers.WorkerPool(self.config, setup, self.clock)
+        try:
+            pool.start()
+        except workers.WorkerError as exc:
+            raise StartupError(str(exc)) from None
+        for worker in pool.workers.values():
+            self._watch_worker(worker)
+        self.engine.workers = pool.ready
+
+    def _watch_worker(self, worker: workers.Worker) -> None:
+        assert worker.socket is not None
+        self.loop.watch(worker.socket, selectors.EVENT_READ,
+                        functools.partial(self._from_worker, worker.index))
+
+    def _from_worker(self, index: int) -> None:
+        """What a worker sent: that it is ready (a successor: it takes its predecessor's flows),
+        what it saw of its flows and its counters; or that it is gone (no flow goes to it
+        until its successor is ready)."""
+        pool = self._pool()
+        messages, gone = pool.read(index)
+        for message in messages:
+            if message[0] == "seen":
+                self.engine.worker_saw(message[1])
+                self.engine.counters.update(message[2])
+            elif message[0] == "ready":
+                try:
+                    for record in self.engine.flows.held_by(index):
+                        pool.hand_over(record, index)
+                except workers.WorkerError as exc:  # it went again: its successor takes them
+                    log.error("cannot hand worker %d its flows again: %s", index, exc)
+                self.engine.workers = pool.ready
+        if gone:
+            socket_ = pool.workers[index].socket
+            self.loop.unwatch(socket_)
+            pool.lost(index)
+            self.engine.workers = pool.ready
+
     def _housekeeping(self) -> None:
         self.hear_kernel()
         now = self.clock()
+        if self.pool is not None:
+            for worker in self.pool.due(now):
+                if self.pool.restart(worker) is not None:
+                    self._watch_worker(worker)
         self.engine.expire(now)
         if now >= self._next_prune:  # clients' byte budgets that hold nothing any more
             self.engine.buffered.prune()

@@ -52,8 +52,10 @@ from enforcer.core.marks import (
     MARK_REWRITTEN,
     MARK_SNAT,
     MARK_SNAT_SHIFT,
+    MARK_WORKER,
     MAX_EXTERNAL_ADDRESSES,
     local_mark,
+    worker_mark,
 )
 from enforcer.core.marks import MARK_MODE as MARK_MODE
 from enforcer.core.marks import MARK_ONE_WAY as MARK_ONE_WAY
@@ -220,6 +222,10 @@ def rules_of(rs: Ruleset) -> tuple[Chain, ...]:
                 for name, address in internal]
         forward += [
             Rule(Match(mark=MarkIs(MARK_REWRITTEN, MARK_REWRITTEN)), ACCEPT),
+            # a user-mode flow a worker process holds: to that worker's queue
+            *(Rule(Match(ct_mark=MarkIs(MARK_USER | worker_mark(k), MARK_MODE | MARK_WORKER)),
+                   Queue(settings.queue + k, settings.fail_open))
+              for k in range(1, settings.workers + 1)),
             Rule(Match(ct_mark=user), queue),
             # (rule 16's caps on clients' new flows come first, in the grants chain)
             Rule(Match(ct_state=NEW), queue),

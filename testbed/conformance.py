@@ -455,8 +455,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--family", default=",".join(FAMILIES), help="ipv4,ipv6 (default both)")
     p.add_argument("--firewall", default=",".join(FIREWALLS),
                    help="the firewalls to run the checks against, a group of columns each: "
-                        "enforcer, kernel-helpers, open-router, closed-router, or a driver as "
-                        "module:Class or path/to/driver.py:Class (default: enforcer,kernel-helpers)")
+                        "enforcer, enforcer-workers, kernel-helpers, open-router, closed-router, or "
+                        "a driver as module:Class or path/to/driver.py:Class (default: "
+                        "enforcer,kernel-helpers)")
     p.add_argument("--self-check", action="store_true",
                    help="run the trivial firewalls (open-router, closed-router) and show, per "
                         "clause, which of them the suite catches; fails if a clause catches neither")

@@ -296,8 +296,15 @@ def _enforcer() -> type[Firewall]:
     return EnforcerProcess
 
 
+def _enforcer_with_workers() -> type[Firewall]:
+    from testbed.lab import EnforcerWithWorkers
+
+    return EnforcerWithWorkers
+
+
 BUILT_IN: dict[str, Callable[[], type[Firewall]]] = {
-    "enforcer": _enforcer, "kernel-helpers": lambda: KernelHelpers,
+    "enforcer": _enforcer, "enforcer-workers": _enforcer_with_workers,
+    "kernel-helpers": lambda: KernelHelpers,
     "open-router": lambda: OpenRouter, "closed-router": lambda: ClosedRouter}
 TRIVIAL = ("open-router", "closed-router")
 

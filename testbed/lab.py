@@ -27,7 +27,7 @@ from enforcer.plugins.ftp import FTP_GUID
 from enforcer.plugins.tftp import TFTP_GUID
 from enforcer.protocol import MAX_REQUEST
 from testbed.build import Testbed
-from testbed.catalog import CLAUSES
+from testbed.catalog import CLAUSES, NO_FIREWALL_BEHAVIOUR
 from testbed.drivers import MODES, Firewall
 from testbed.session_api import ControlClient, ControlError, SessionApiError
 from testbed.topology import FAMILIES
@@ -135,6 +135,7 @@ class EnforcerProcess(Firewall):
     title = "pinhole enforcer"
     claims = tuple(sorted({clause.rsplit("-", 1)[0] for clause in CLAUSES}))
     modes = MODES
+    workers = 0  # its worker processes (dataplane.workers), unless a start says otherwise
 
     def __init__(self, tb: Testbed, workdir: Path,
                  data_filters: dict[str, str] | None = None) -> None:
@@ -192,7 +193,9 @@ class EnforcerProcess(Firewall):
         # The application filters' grants and binds wait for real clients and servers.
         self.config_path.write_text(lab_config(self.tb, socket=self.socket, fail_open=fail_open,
                                                backend=backend, data_filters=self.data_filters,
-                                               dataplane=dataplane, app_filters=app_filters,
+                                               dataplane={"workers": self.workers,
+                                                          **(dataplane or {})},
+                                               app_filters=app_filters,
                                                permission_timeout=10 if app_filters else 2,
                                                limits=limits))
 
@@ -312,3 +315,18 @@ class EnforcerProcess(Firewall):
             return "\n".join(self.log_path.read_text().splitlines()[-lines:])
         except OSError:
             return "(no log)"
+
+
+class EnforcerWithWorkers(EnforcerProcess):
+    """The enforcer with two worker processes reading its user-mode flows' packets (README
+    "Worker processes"): the same clauses, run where a flow's packets are split between
+    processes."""
+
+    name = "enforcer-workers"
+    title = "pinhole enforcer, 2 worker processes"
+    workers = 2
+
+    @classmethod
+    def claims_clause(cls, clause: str) -> bool:
+        # what checks no firewall (IPF-01: the IpFilter object itself) runs once, for the enforcer
+        return clause not in NO_FIREWALL_BEHAVIOUR and super().claims_clause(clause)

@@ -403,7 +403,9 @@ class Net:
         """The firewall under test is pinhole's enforcer: a check may then also look at its
         internals (status, decisions, flows, its log), evidence beyond the packets that no
         other firewall offers. What a clause asks of any firewall, a check shows by packets."""
-        return self.enforcer is self.lab.enforcer
+        from testbed.lab import EnforcerProcess
+
+        return isinstance(self.enforcer, EnforcerProcess)
 
     def addr(self, node: str, index: int = 0) -> str:
         return self.topology.address(node, self.family, index)
@@ -523,10 +525,12 @@ def filtering(lab: Lab, family: str, firewall: str) -> Iterator[Net]:
 
 
 def cancel_pending(lab: Lab) -> None:
-    """Cancel what the enforcer was left pending by a check (one that expires meanwhile is
-    as good)."""
-    if lab.firewall is lab.enforcer and lab.enforcer.running:
-        with lab.enforcer.client() as client:
+    """Cancel what the enforcer (in any of its configurations) was left pending by a check
+    (one that expires meanwhile is as good)."""
+    from testbed.lab import EnforcerProcess
+
+    if isinstance(lab.firewall, EnforcerProcess) and lab.firewall.running:
+        with lab.firewall.client() as client:
             for action in client.call("actions"):
                 with contextlib.suppress(Terminating):
                     client.call("cancel", action=action["action"])

@@ -20,7 +20,7 @@ from typing import NamedTuple
 from enforcer.core.binding import Binding
 from enforcer.core.binds import Bind, BindState
 from enforcer.core.datafilter import Direction, TcpStreamEditor
-from enforcer.core.effects import Effect, EstablishedConnection
+from enforcer.core.effects import Effect, EstablishedConnection, HandOver
 from enforcer.core.flags import Flags
 from enforcer.core.flows import FlowRecord, Mode
 from enforcer.core.marks import (
@@ -30,6 +30,7 @@ from enforcer.core.marks import (
     local_mark,
     mark_for,
     redirect_port,
+    worker_mark,
 )
 from enforcer.core.packet import (
     PROTOCOL_NAMES,
@@ -144,11 +145,14 @@ class Decisions(Binding):
         mark = (queued.mark & ~MARK_OWNED) | mark_for(decision.verdict is Verdict.ADMIT_USER,
                                                        decision.one_way, decision.snat)
         packet = None
-        if decision.verdict is Verdict.ADMIT_USER and meta.key.protocol == UDP:
-            # a datagram carries data from the first: the flow's filter sees it
+        if decision.verdict is Verdict.ADMIT_USER:
             record = self.flows.get(meta.key)
-            if record is not None and (record.app_filter or record.data_filter):
-                packet = self._filtered(queued, queued.data, meta.headers, record, forward=True)
+            if record is not None:
+                mark |= worker_mark(record.worker)  # its later packets: to its worker's queue
+                if meta.key.protocol == UDP and (record.app_filter or record.data_filter):
+                    # a datagram carries data from the first: the flow's filter sees it
+                    packet = self._filtered(queued, queued.data, meta.headers, record,
+                                            forward=True)
         return Answer(True, decision.reason, mark, packet)
 
     def _to_redirect_port(self, queued: QueuedPacket, meta: PacketMeta, length: int,
@@ -541,6 +545,9 @@ class Decisions(Binding):
                             relayed=relayed)
         record.saw(True, length, now, tcp_flags)
         self.flows.add(record, now)
+        if in_user_mode and self.workers and perm.data_filter is None and redirect is None \
+                and not relayed:
+            self._hand_over(record)
         session = self.sessions.get(perm.session_id)
         if session is not None:
             self.sessions.touch(session, now)
@@ -555,3 +562,11 @@ class Decisions(Binding):
         return Decision(verdict, key, f"{what} {perm.protocol_name} flow admitted by action "
                         f"{perm.id} in {mode._value_} mode", now, perm.session_id,
                         perm.protocol_name, perm.id, one_way, snat)
+
+    def _hand_over(self, record: FlowRecord) -> None:
+        """A user-mode flow just admitted, without a filter and not redirected, goes to the
+        next worker process (``enforcer.workers`` says why the others stay)."""
+        workers = self.workers
+        record.worker = workers[self.handed_over % len(workers)]
+        self.handed_over += 1
+        self.effects.append(HandOver(record, record.worker))

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from enforcer.core.binds import Bind
+from enforcer.core.flows import FlowRecord
 from enforcer.core.packet import PROTOCOL_NAMES, Endpoint, FlowKey, IPAddress
 from enforcer.core.permissions import Permission
 
@@ -131,12 +132,32 @@ class GrowReceiveBuffer(NamedTuple):
     holder: Permission | Bind
 
 
+class HandOver(NamedTuple):
+    """A user-mode flow just admitted runs in worker process ``worker`` (its mark sends
+    its later packets to that worker's queue): the worker is to hold a copy of its record
+    before the verdict leaves, so that it knows the flow's next packet."""
+
+    record: FlowRecord
+    worker: int
+
+
+class LetGo(NamedTuple):
+    """A flow a worker holds was let go (conntrack has forgotten it, or a new flow took
+    its key): the worker forgets it too (the record of that admission: a new flow with
+    the key may be there already)."""
+
+    key: FlowKey
+    admitted_at: float
+    worker: int
+
+
 Event = EstablishedConnection | ConnectEvent
 # What a later packet may depend on (kernel state to add): applied before the verdict
 # leaves, as a grant's call returns only once it is in place. The rest (removals, events)
 # waits for the verdict: a SecureNAT bind's NAT is removed as its flow's first packet is
 # admitted, and that packet must still be translated on its way out.
-BEFORE_VERDICT = (AddRedirect, AddKernelGrant, MapBind, GrowReceiveBuffer)
+BEFORE_VERDICT = (AddRedirect, AddKernelGrant, MapBind, GrowReceiveBuffer, HandOver)
 
 Effect = (AddRedirect | RemoveRedirect | AddKernelGrant | RemoveKernelGrant | MapBind | UnmapBind
-          | ForgetBindFlows | GrowReceiveBuffer | EstablishedConnection | ConnectEvent)
+          | ForgetBindFlows | GrowReceiveBuffer | HandOver | LetGo | EstablishedConnection
+          | ConnectEvent)

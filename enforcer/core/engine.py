@@ -10,8 +10,11 @@ adds what spans them: Firewall clients' control connections, the timer, a sessio
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from enforcer.core.decisions import Decisions
-from enforcer.core.packet import IPAddress
+from enforcer.core.flows import Figures, FlowRecord
+from enforcer.core.packet import FlowKey, IPAddress
 from enforcer.core.permissions import Permission
 from enforcer.core.results import InvalidArgument
 from enforcer.core.sessions import Session
@@ -76,6 +79,29 @@ class Engine(Decisions):
         if self.on_session_end is not None:
             self.on_session_end(session)
         return cancelled
+
+    # --- worker processes (enforcer.workers): a user-mode flow's packets read apart ---
+    def take_over(self, record: FlowRecord, now: float) -> None:
+        """In a worker: a flow the main process handed over (``HandOver``) is this one's:
+        its later packets come here, and ``handle`` finds it."""
+        record.worker = 0
+        self.flows.add(record, now)
+
+    def let_go(self, key: FlowKey, admitted_at: float, now: float) -> None:
+        """In a worker: the main process let the flow go (``LetGo``)."""
+        record = self.flows.get(key)
+        if record is not None and record.admitted_at == admitted_at:
+            self.flows.remove(record, now)
+
+    def worker_saw(self, figures: Iterable[tuple[FlowKey, float, Figures]]) -> None:
+        """In the main process: what a worker saw of the flows it holds, since it last
+        said (each flow's key, admission time and figures). A flow let go since is not
+        there any more; one admitted anew with its key is another."""
+        for key, admitted_at, seen in figures:
+            record = self.flows.get(key)
+            if record is not None and record.admitted_at == admitted_at and \
+                    record.held_as is not None:
+                self.flows.update(record, seen)
 
     def limits_status(self) -> dict[str, dict[str, object]]:
         """Every cap (``status``), with its use and its refusals where the core enforces

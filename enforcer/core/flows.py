@@ -10,7 +10,8 @@ Two kinds of record, kept apart (SPEC rule 18):
   flow, so it mirrors conntrack's timeouts: it sees every packet of a user-mode
   flow, knows which of conntrack's timeouts can apply (by the handshake, FINs
   and RSTs it saw), and lets the record go once the flow has been silent for
-  the longest of them, plus a margin.
+  the longest of them, plus a margin. (A flow handed to a worker process,
+  ``enforcer.workers``, is seen there: the worker sends its figures back.)
 - A *kernel-mode* flow's record (and a SOCKS relay's, whose state the relay
   itself holds) is history: the flows listing, events, a UDP flow's later
   datagrams. The newest ``flow_history`` are kept; the oldest is forgotten first.
@@ -27,6 +28,7 @@ import itertools
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, fields
+from typing import NamedTuple
 
 from enforcer.core.datafilter import DataFilter, TcpStreamEditor
 from enforcer.core.limits import Limits, Quota
@@ -113,6 +115,19 @@ SYSCTL = {f.name: _sysctl_name(f.name) for f in fields(ConntrackTimeouts)}
 FIN_OUT, FIN_BACK = 1, 2
 
 
+class Figures(NamedTuple):
+    """What was seen of a flow (``FlowRecord``'s fields of the same names)."""
+
+    packets_out: int
+    bytes_out: int
+    packets_back: int
+    bytes_back: int
+    last_seen: float
+    fins: int
+    reset: bool
+    confirmed: bool
+
+
 @dataclass(slots=True, eq=False)
 class FlowRecord:
     key: FlowKey
@@ -145,6 +160,9 @@ class FlowRecord:
     reset: bool = False
     confirmed: bool = False
     held_as: Lifetime | None = None  # set while the table holds it (user mode)
+    # The worker process its packets go to (``enforcer.workers``; 0: this one): a user-mode
+    # flow's packets are then counted and filtered there, and its figures sent back
+    worker: int = 0
 
     @property
     def client_side_key(self) -> FlowKey:
@@ -171,6 +189,11 @@ class FlowRecord:
         self.reset = bool(tcp_flags & TCP_RST)
         self.last_seen = now
 
+    def figures(self) -> Figures:
+        """What a worker saw of the flow, as it sends it back (``FlowTable.update``)."""
+        return Figures(self.packets_out, self.bytes_out, self.packets_back, self.bytes_back,
+                       self.last_seen, self.fins, self.reset, self.confirmed)
+
     @property
     def lifetime(self) -> Lifetime:
         if self.key.protocol == TCP:
@@ -192,7 +215,8 @@ class FlowRecord:
                 "app_filter": self.app_filter,
                 "buffered": 0 if self.editor is None else self.editor.held,
                 "redirect": None if self.redirect is None else [str(self.redirect[0]), self.redirect[1]],
-                "held": None if self.held_as is None else self.held_as.value}
+                "held": None if self.held_as is None else self.held_as.value,
+                "worker": self.worker}
 
 
 def reverse(key: FlowKey) -> FlowKey:
@@ -271,6 +295,20 @@ class FlowTable:
         """A packet of a recorded flow: counted, and the flow is the most recent of its
         queue (a held one moves queue when its timeout class changes)."""
         record.saw(forward, length, now, tcp_flags)
+        self._requeue(record)
+
+    def update(self, record: FlowRecord, figures: Figures) -> None:
+        """What a worker saw of a flow since its hand-over: its record says it, and the flow
+        is where those figures put it in its queue (the least recent first, as ``saw``
+        keeps them, is then only nearly so: ``expire`` stops at a flow seen lately, and
+        takes the rest at a later turn)."""
+        (record.packets_out, record.bytes_out, record.packets_back, record.bytes_back,
+         record.last_seen, record.fins, record.reset, record.confirmed) = figures
+        self._requeue(record)
+
+    def _requeue(self, record: FlowRecord) -> None:
+        """A flow just seen: the most recent of its queue (a held one moves queue when its
+        timeout class changes)."""
         if record.held_as is None:
             if record in self._history:
                 self._history.move_to_end(record)
@@ -349,6 +387,22 @@ class FlowTable:
         """Every record, each queue's most recent first."""
         return itertools.chain(reversed(self._history.values()),
                                *(reversed(queue.values()) for queue in self._held.values()))
+
+    def seen_since(self, since: float) -> list[FlowRecord]:
+        """The held flows seen at ``since`` or later (each queue read from its most recent
+        until one seen before: it looks at no other)."""
+        out = []
+        for queue in self._held.values():
+            for record in reversed(queue.values()):
+                if record.last_seen < since:
+                    break
+                out.append(record)
+        return out
+
+    def held_by(self, worker: int) -> list[FlowRecord]:
+        """The held flows a worker process holds (looks at every held record: for a
+        worker's start, not for a packet)."""
+        return [r for queue in self._held.values() for r in queue.values() if r.worker == worker]
 
     def newest(self, limit: int) -> list[FlowRecord]:
         """The ``limit`` flows seen last, newest first (looks at every record: for the

@@ -10,7 +10,12 @@ MARK_USER = 0x20000000     #   in user mode: every packet is queued to the enfor
 MARK_ONE_WAY = 0x40000000  # replies (target -> client) are not admitted
 MARK_SNAT = 0x0F000000     # 1 + index of the external address a flow leaves from (0: none)
 MARK_SNAT_SHIFT = 24
-MARK_MASK = MARK_MODE | MARK_ONE_WAY | MARK_SNAT  # what the connmark keeps (forwarded flows)
+# The worker process that reads a user-mode flow's packets (1-15: its queue is the main
+# queue's number plus this; 0: the main process, on the main queue)
+MARK_WORKER = 0x000F0000
+MARK_WORKER_SHIFT = 16
+MAX_WORKERS = MARK_WORKER >> MARK_WORKER_SHIFT
+MARK_MASK = MARK_MODE | MARK_ONE_WAY | MARK_SNAT | MARK_WORKER  # what the connmark keeps (forwarded flows)
 # Packet-only bits:
 MARK_REWRITTEN = 0x80000000  # the enforcer redirected this packet before routing: let it pass
 MARK_PORT = 0x0000FFFF       # a kernel-mode redirect rule's port, on a flow's first packet
@@ -32,6 +37,11 @@ def mark_for(user_mode: bool, one_way: bool, snat: int | None) -> int:
     """The mark an admitting verdict sets (pure)."""
     return ((MARK_USER if user_mode else MARK_KERNEL) | (MARK_ONE_WAY if one_way else 0)
             | (0 if snat is None else ((snat + 1) << MARK_SNAT_SHIFT) & MARK_SNAT))
+
+
+def worker_mark(worker: int) -> int:
+    """The bits that send a user-mode flow's packets to worker ``worker``'s queue (pure)."""
+    return (worker << MARK_WORKER_SHIFT) & MARK_WORKER
 
 
 def local_mark(port: int) -> int:

@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 from enforcer.core.binds import DEFAULT_BIND_PORTS, Bind, BindTable
 from enforcer.core.budget import ClientBudgets
 from enforcer.core.datafilter import DataFilter
-from enforcer.core.effects import Effect, KernelGrant, RemoveKernelGrant, RemoveRedirect
+from enforcer.core.effects import Effect, KernelGrant, LetGo, RemoveKernelGrant, RemoveRedirect
 from enforcer.core.flags import Flags
 from enforcer.core.flows import ConntrackTimeouts, FlowRecord, FlowTable
 from enforcer.core.ingress import InterfaceNetworks
@@ -153,6 +153,10 @@ class State:
         # grants it holds, by their permission's key (one a key, as in the kernel's set)
         self.grants_in_kernel = False
         self.kernel_grants: dict[PermissionKey, KernelGrant] = {}
+        # The worker processes ready to take user-mode flows (the shell says which), and how
+        # many flows were handed to them (the next goes to the next worker)
+        self.workers: tuple[int, ...] = ()
+        self.handed_over = 0
 
     def _finished(self, perm: Permission) -> None:
         """A permission stopped being pending: a grant the kernel holds goes from it, a
@@ -203,7 +207,10 @@ class State:
         return session
 
     def _released(self, record: FlowRecord, now: float) -> None:
-        """A user-mode flow let go: its session's idle time starts (again) now."""
+        """A user-mode flow let go: its session's idle time starts (again) now, and the
+        worker that holds it forgets it."""
+        if record.worker:
+            self.effects.append(LetGo(record.key, record.admitted_at, record.worker))
         session = self.sessions.get(record.session_id)
         if session is not None:
             self.sessions.touch(session, now)

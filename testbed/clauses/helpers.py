@@ -466,6 +466,29 @@ def _conntrack_entries(net: Net, protocol: str) -> dict[tuple[Any, Any], tuple[i
     return entries
 
 
+# A worker process (README "Worker processes") sends what it saw of its flows within this
+# of its queue running dry
+WORKER_FIGURES = 0.3
+WORKER_FIGURES_SETTLE = 3.0
+
+
+def _settled_flows(net: Net, action: Action) -> list[dict[str, Any]]:
+    """The enforcer's records of the flows ``action`` admitted. Those a worker process
+    carried (``worker``) are read again until a worker's report has nothing to add."""
+    def listed() -> list[dict[str, Any]]:
+        return [f for f in net.call("flows", limit=10000) if f["action"] == action.id]
+
+    flows = listed()
+    deadline = time.monotonic() + WORKER_FIGURES_SETTLE
+    while any(f.get("worker") for f in flows) and time.monotonic() < deadline:
+        time.sleep(WORKER_FIGURES)
+        again = listed()
+        if again == flows:
+            break
+        flows = again
+    return flows
+
+
 def assert_ran_in_mode(net: Net, action: Action, mode: str | None = None) -> list[dict[str, Any]]:
     """Every flow ``action`` admitted (one at least) ran in ``mode`` (the row's: net.mode),
     shown by what a flow of the other mode cannot show: the enforcer lists it in that mode;
@@ -473,7 +496,8 @@ def assert_ran_in_mode(net: Net, action: Action, mode: str | None = None) -> lis
     (user: every packet to the enforcer's queue; kernel: the rest of the flow stays in the
     kernel); and of the replies the kernel saw (a two-way flow's), the enforcer counted
     some in user mode, none in kernel mode. Call it while the flows' conntrack entries live
-    (a connection's, 10 s to 2 min after it closes). Returns the enforcer's records of the flows.
+    (a connection's, 10 s to 2 min after it closes). Returns the enforcer's records of the
+    flows (a worker process's, once its figures have come).
 
     Only the enforcer shows its flows: with another firewall a user row is n/a
     (Unsupported), and a kernel row, its flows' one way, has nothing to show ([])."""
@@ -483,7 +507,7 @@ def assert_ran_in_mode(net: Net, action: Action, mode: str | None = None) -> lis
         if mode == "user":
             raise Unsupported("showing which mode a flow ran in")
         return []
-    listed = [f for f in net.call("flows", limit=10000) if f["action"] == action.id]
+    listed = _settled_flows(net, action)
     assert listed, f"the enforcer lists no flow that action {action.id} admitted: none ran in {mode} mode"
     entries: dict[str, dict[tuple[Any, Any], tuple[int, bool]]] = {}
     for flow in listed:

@@ -7,14 +7,16 @@ bind's flow gets (APP-FTP-03)."""
 from __future__ import annotations
 
 import ipaddress
+import socket
 import sys
+from collections import Counter
 from typing import Any
 
 import pytest
 from core_policy import GUID, INTERNAL, POLICY
 from scapy.layers.inet import IP, TCP, UDP
 
-from enforcer import dataplane, filters
+from enforcer import dataplane, filters, workers
 from enforcer.api import SessionApi
 from enforcer.config import Config, DataplaneSettings, NetworkSettings
 from enforcer.control import Caller
@@ -27,6 +29,7 @@ from enforcer.core.packet import TCP as TCP_PROTOCOL
 from enforcer.core.packet import UDP as UDP_PROTOCOL
 from enforcer.daemon import KERNEL_TIMER_MS, SO_RCVBUFFORCE, Arrivals, Daemon
 from enforcer.dataplane import Interfaces
+from enforcer.loop import Loop
 from enforcer.nfqueue import Packet
 from enforcer.protocol import encode
 
@@ -227,9 +230,9 @@ def test_a_firewall_client_s_udp_flow_keeps_the_bind_s_mark() -> None:
     approve(d, session, "udp", EXT, udp.port, [])
     approve(d, session, "tcp", EXT, tcp.port, [])
     admitted = datagram(S1, EXT, 45000, udp.port, indev=EXTERNAL_IF)
-    admitted.hook, admitted.mark = HOOK_INPUT, 0x00010000  # a bit not the enforcer's stays
+    admitted.hook, admitted.mark = HOOK_INPUT, 0x00100000  # a bit not the enforcer's stays
     deliver(d, admitted)
-    assert admitted.verdicts == ["accept"] and admitted.mark == marks.local_mark(udp.port) | 0x00010000
+    assert admitted.verdicts == ["accept"] and admitted.mark == marks.local_mark(udp.port) | 0x00100000
     connection = QueuedPacket(bytes(IP(src=S1, dst=EXT) / TCP(sport=45001, dport=tcp.port, flags="S")))
     connection.indev, connection.hook = EXTERNAL_IF, HOOK_INPUT
     deliver(d, connection)
@@ -540,3 +543,81 @@ def test_lost_notices_are_made_up_for_by_what_the_kernel_still_holds() -> None:
     assert d.engine.counters["kernel grants: used, not heard of"] == 1
     d.hear_kernel()  # nothing lost since: nothing compared
     assert d.engine.counters["kernel grants: used, not heard of"] == 1
+
+
+class FakePool:
+    """The worker processes as the daemon uses them (enforcer.workers.WorkerPool): what it
+    is told, with the verdicts buffered at that moment; what the workers sent."""
+
+    def __init__(self, d: Daemon, *, full: bool = False) -> None:
+        self.d, self.full = d, full
+        self.told: list[tuple[str, int, int]] = []  # (what, worker, verdicts buffered then)
+        self.sent: list[tuple[Any, ...]] = []
+        self.gone = False
+        self.lost_workers: list[int] = []
+        self.pair = socket.socketpair()
+        self.workers = {1: workers.Worker(1, 1)}
+        self.workers[1].socket = self.pair[0]
+        self.ready = (1,)
+
+    def hand_over(self, record: Any, index: int) -> None:
+        if self.full:
+            raise workers.WorkerError(f"worker {index} is not reading (its socket is full)")
+        self.told.append(("add", index, len(self.d.queue.buffered)))  # type: ignore[union-attr]
+
+    def let_go(self, key: Any, admitted_at: float, index: int) -> None:
+        self.told.append(("forget", index, 0))
+
+    def read(self, index: int) -> tuple[list[tuple[Any, ...]], bool]:
+        return self.sent, self.gone
+
+    def lost(self, index: int) -> None:
+        self.lost_workers.append(index)
+        self.ready = tuple(w for w in self.ready if w != index)
+
+
+@pytest.mark.parametrize("full", [False, True], ids=["told", "not-reading"])
+def test_a_user_mode_flow_goes_to_its_worker_before_its_verdict(full: bool) -> None:
+    """The flow's record reaches its worker before the verdict that lets its later packets
+    go to that worker's queue; a worker that cannot be told costs the flow (its packets
+    go to a worker that does not know it, which drops them), counted."""
+    d = daemon()
+    d.pool = pool = FakePool(d, full=full)  # type: ignore[assignment]
+    d.engine.workers = (1,)
+    session = securenat_session(d)
+    d.engine.allow_future_connect(session, ipaddress.ip_address(S1), 30001, TCP_PROTOCOL,
+                                  Flags.NO_KERNEL_MODE, GUID["FTP"], 5.0)
+    first = syn(30001, 40001)
+    deliver(d, first)
+    assert first.verdicts == ["accept"]
+    assert first.mark == marks.mark_for(True, False, None) | marks.worker_mark(1)
+    assert pool.told == ([] if full else [("add", 1, 0)])  # no verdict buffered yet
+    assert d.engine.counters["user-mode flows lost with a worker"] == (1 if full else 0)
+
+
+def test_what_workers_send_and_a_worker_gone() -> None:
+    """A report's figures reach the flows and its counters the daemon's; a worker whose
+    socket ended is watched no more and takes no new flow, and its flows wait for its
+    successor."""
+    d = daemon()
+    d.loop = Loop(d.engine.counters, d.clock)
+    d.pool = pool = FakePool(d)  # type: ignore[assignment]
+    d.engine.workers = (1,)
+    session = securenat_session(d)
+    d.engine.allow_future_connect(session, ipaddress.ip_address(S1), 30001, TCP_PROTOCOL,
+                                  Flags.NO_KERNEL_MODE, GUID["FTP"], 5.0)
+    deliver(d, syn(30001, 40001))
+    (record,) = d.engine.flows.held_by(1)
+    d._watch_worker(pool.workers[1])
+    seen = record.figures()._replace(packets_back=3, bytes_back=4500, last_seen=6.0)
+    pool.sent = [("seen", [(record.key, record.admitted_at, seen)], Counter({"user-mode packets": 4}))]
+    d._from_worker(1)
+    assert (record.packets_back, record.bytes_back, record.last_seen) == (3, 4500, 6.0)
+    assert d.engine.counters["user-mode packets"] == 4
+    pool.sent, pool.gone = [], True
+    d._from_worker(1)
+    assert pool.lost_workers == [1] and d.engine.workers == ()
+    assert not d.loop.watched(pool.workers[1].socket)
+    assert d.engine.flows.held_by(1) == [record]  # its worker's successor takes it
+    for s in pool.pair:
+        s.close()

@@ -26,9 +26,11 @@ from enforcer.core.marks import (
     MARK_REWRITTEN,
     MARK_SNAT,
     MARK_USER,
+    MARK_WORKER,
     local_mark,
     mark_for,
     redirect_port,
+    worker_mark,
 )
 from enforcer.dataplane import (
     CHAIN_PREFIX,
@@ -178,6 +180,22 @@ def test_rewritten_packets_accepted_before_any_queue(fam: str, settings: Datapla
 def test_queue_number_is_the_configured_one() -> None:
     text = iptables_text("ipv4", Ruleset(DataplaneSettings(queue=65535), IFACES))
     assert set(re.findall(r"--queue-num (\d+)", text)) == {"65535"}
+
+
+@pytest.mark.parametrize("fam", FAMS)
+def test_each_worker_s_flows_go_to_its_queue_before_the_main_queue(fam: str) -> None:
+    """A user-mode flow's packets go to the queue of the worker its connmark names (worker
+    0, none: the main queue), in both backends."""
+    rs = Ruleset(DataplaneSettings(queue=10, workers=2), IFACES)
+    forward = [r for r in appended(tables(iptables_text(fam, rs))["filter"], "PINHOLE-FORWARD")
+               if "NFQUEUE" in r]
+    queues = [re.search(r"--queue-num (\d+)", r).group(1) for r in forward]  # type: ignore[union-attr]
+    assert queues[:3] == ["11", "12", "10"], forward
+    for k, rule in ((1, forward[0]), (2, forward[1])):
+        assert _mark(rule, "--mark") == (MARK_USER | worker_mark(k), MARK_MODE | MARK_WORKER), rule
+    assert "connmark" in forward[2] and f"{MARK_MODE | MARK_WORKER:#010x}" not in forward[2]
+    nft = [r for r in nft_chain(nft_text(rs), "filter_forward") if "queue" in r]
+    assert [re.search(r"queue num (\d+)", r).group(1) for r in nft][:3] == ["11", "12", "10"]  # type: ignore[union-attr]
 
 
 # --- connmark save -------------------------------------------------------------------------
@@ -517,7 +535,8 @@ def test_interfaces_internal_addresses() -> None:
 # --- marks -----------------------------------------------------------------------------------
 
 def test_mark_layout_bits_do_not_overlap() -> None:
-    parts = [MARK_MODE, MARK_ONE_WAY, MARK_SNAT, MARK_REWRITTEN, MARK_PORT, MARK_LOCAL, MARK_LIVE]
+    parts = [MARK_MODE, MARK_ONE_WAY, MARK_SNAT, MARK_REWRITTEN, MARK_PORT, MARK_LOCAL, MARK_LIVE,
+             MARK_WORKER]
     assert sum(parts) == MARK_OWNED
     for i, a in enumerate(parts):
         for b in parts[i + 1:]:

@@ -75,10 +75,10 @@ def test_a_new_flow_s_first_packet_is_admitted_with_its_mode_in_the_mark() -> No
     engine = make_engine()
     perm = engine.allow_future_connect(1, ip(S1), 20021, TCP_PROTOCOL, Flags(0), FTP, 1.0)
     answer = engine.handle(inside(IP(src=C1, dst=S1) / TCP(sport=2, dport=20021, flags="S"),
-                                  mark=0x00010000), 1.0)
+                                  mark=0x00100000), 1.0)
     assert answer.accept and answer.packet is None and answer.effects == ()
     # kernel mode, leaving from external address 0; a bit that is not the enforcer's stays
-    assert answer.mark == 0x00010000 | marks.mark_for(False, False, 0)
+    assert answer.mark == 0x00100000 | marks.mark_for(False, False, 0)
     assert f"action {perm.id}" in answer.reason
     again = engine.handle(inside(IP(src=C1, dst=S1) / TCP(sport=3, dport=20021, flags="S")), 1.0)
     assert not again.accept and again.mark is None  # single use
@@ -186,8 +186,8 @@ def test_a_flow_to_a_firewall_client_s_udp_bind_keeps_its_port_in_the_mark() -> 
     early = engine.handle(outside(datagram, HOOK_INPUT), 1.0)
     assert not early.accept and "not approved" in early.reason
     engine.retroactive_allow_bind(session, UDP_PROTOCOL, ip(EXT), bind.port, FTP, Flags(0), None, 1.0)
-    admitted = engine.handle(outside(datagram, HOOK_INPUT, mark=0x00010000), 1.1)
-    assert admitted.accept and admitted.mark == 0x00010000 | marks.local_mark(bind.port)
+    admitted = engine.handle(outside(datagram, HOOK_INPUT, mark=0x00100000), 1.1)
+    assert admitted.accept and admitted.mark == 0x00100000 | marks.local_mark(bind.port)
 
 
 def test_a_packet_s_effects_come_with_its_answer_in_order() -> None:

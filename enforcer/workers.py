@@ -53,9 +53,11 @@ REPORT_INTERVAL = 0.25  # seconds between a worker's reports of what it saw, whi
 QUIET_REPORT = 0.01  # seconds after its queue runs dry: figures reach the listing soon
 RESTART_DELAY = 1.0  # seconds before a dead worker's successor starts (doubling, to 60)
 START_TIMEOUT = 10.0  # seconds the enforcer waits at start for its workers to bind their queues
-SOCKET_BUFFER = 4 << 20  # each way: room for thousands of hand-overs and reports
-MESSAGE_SIZE = 1 << 20  # the largest message (a report is cut into messages below it)
-FLOWS_PER_REPORT = 1024  # flows' figures per report message
+# Each way, asked for (the kernel grants up to net.core.wmem_max/rmem_max, doubled: 416 KiB
+# by default, room for hundreds of hand-overs), and the largest message it can carry
+SOCKET_BUFFER = 4 << 20
+MESSAGE_SIZE = 1 << 20
+FLOWS_PER_REPORT = 256  # flows' figures per report message (about 50 KiB)
 
 
 class WorkerError(Exception):

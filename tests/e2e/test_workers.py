@@ -184,3 +184,21 @@ def test_a_worker_that_cannot_bind_its_queue_stops_the_start(tb: Testbed, tmp_pa
     finally:
         holder.kill()
         holder.wait()
+
+
+@pytest.mark.alone  # a conformance run of its own, with its own parallel checks
+def test_the_clause_suite_passes_with_workers(tmp_path: Path) -> None:
+    """The clause suite (routed, IPv4: the cells where user-mode flows are forwarded
+    untranslated; `pinhole conformance --firewall enforcer-workers` runs them all) against
+    the enforcer with two workers: every claimed clause passes, its user-mode rows showing
+    the flows ran in user mode."""
+    require_e2e()
+    report = tmp_path / "workers.json"
+    run = subprocess.run([sys.executable, "-m", "testbed", "conformance", "--firewall", "enforcer-workers",
+                          "--topology", "routed", "--family", "ipv4", "--artifacts", str(tmp_path),
+                          "--json", str(report)], capture_output=True, text=True, timeout=900,
+                         check=False)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+    summary = json.loads(report.read_text())["summary"]["firewalls"]["enforcer-workers"]
+    assert summary["ok"] and summary["clauses"]["failed"] == 0, summary
+    assert summary["clauses"]["passed"] >= 45 and summary["checks"]["passed"] > 200, summary

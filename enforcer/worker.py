@@ -3,9 +3,9 @@
 
 Run by the main process as ``python -m enforcer.worker FD``, FD its end of a socket
 pair. It binds its queue, says ``ready``, and then decides each packet of its flows with
-its own decision core (the same ``handle`` as the main process: counts, the data
-filter, sequence numbers, checksums), reading what the main process sent before each
-batch of packets. It touches no rule and no kernel state; when the main process goes
+its own decision core (the same ``handle`` as the main process: rule 17's ingress check,
+the flow's record, its counts), reading what the main process sent before each batch of
+packets. It touches no rule and no kernel state; when the main process goes
 (the socket ends) or a signal stops it, it unbinds its queue and exits.
 """
 

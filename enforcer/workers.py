@@ -203,7 +203,6 @@ class WorkerPool:
         self.clock = clock
         count = config.dataplane.workers
         self.workers = {k: Worker(k, config.dataplane.queue + k) for k in range(1, count + 1)}
-        self.lost_hand_overs = 0
 
     def start(self) -> None:
         """Start every worker and wait (at most ``START_TIMEOUT``) until each has bound its

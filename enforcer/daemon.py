@@ -748,18 +748,23 @@ class Daemon:
             if message[0] == "seen":
                 self.engine.worker_saw(message[1])
                 self.engine.counters.update(message[2])
-            elif message[0] == "ready":
-                try:
-                    for record in self.engine.flows.held_by(index):
-                        pool.hand_over(record, index)
-                except workers.WorkerError as exc:  # it went again: its successor takes them
-                    log.error("cannot hand worker %d its flows again: %s", index, exc)
+            elif message[0] == "ready":  # a successor: its predecessor's flows are its
+                pool.workers[index].backlog = self.engine.flows.held_by(index)
+                self._hand_back(index)
                 self.engine.workers = pool.ready
         if gone:
             socket_ = pool.workers[index].socket
             self.loop.unwatch(socket_)
             pool.lost(index)
             self.engine.workers = pool.ready
+
+    def _hand_back(self, index: int) -> None:
+        """A successor's predecessor's flows go to it as its socket has room (the rest at
+        the next turns of the loop)."""
+        try:
+            self._pool().flush(index)
+        except workers.WorkerError as exc:  # it went again: its successor takes them
+            log.error("cannot hand worker %d its flows again: %s", index, exc)
 
     def _housekeeping(self) -> None:
         self.hear_kernel()
@@ -768,6 +773,8 @@ class Daemon:
             for worker in self.pool.due(now):
                 if self.pool.restart(worker) is not None:
                     self._watch_worker(worker)
+            for index in self.pool.backlogged:
+                self._hand_back(index)
         self.engine.expire(now)
         if now >= self._next_prune:  # clients' byte budgets that hold nothing any more
             self.engine.buffered.prune()

@@ -85,7 +85,8 @@ class WorkerProcess:
             if message is None:
                 return False
             if message[0] == "add":
-                self.engine.take_over(message[1], now)
+                for record in message[1]:
+                    self.engine.take_over(record, now)
             elif message[0] == "forget":
                 self.engine.let_go(message[1], message[2], now)
         return True

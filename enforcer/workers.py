@@ -57,7 +57,7 @@ START_TIMEOUT = 10.0  # seconds the enforcer waits at start for its workers to b
 # by default, room for hundreds of hand-overs), and the largest message it can carry
 SOCKET_BUFFER = 4 << 20
 MESSAGE_SIZE = 1 << 20
-FLOWS_PER_REPORT = 256  # flows' figures per report message (about 50 KiB)
+FLOWS_PER_MESSAGE = 256  # flows' figures (or records) per message (about 50 KiB)
 
 
 class WorkerError(Exception):
@@ -124,7 +124,7 @@ def report_messages(figures: Iterable[tuple[FlowKey, float, Figures]],
     batch: list[tuple[FlowKey, float, Figures]] = []
     for item in figures:
         batch.append(item)
-        if len(batch) == FLOWS_PER_REPORT:
+        if len(batch) == FLOWS_PER_MESSAGE:
             yield ("seen", batch, Counter())
             batch = []
     yield ("seen", batch, counters)
@@ -142,6 +142,8 @@ class Worker:
         self.starts = 0
         self.delay = RESTART_DELAY
         self.due = 0.0  # when a dead one may start again
+        # flows to hand it that its socket had no room for yet (a successor's, at its start)
+        self.backlog: list[FlowRecord] = []
 
     def start(self, setup: Setup) -> socket.socket:
         ours, theirs = socket_pair()
@@ -170,6 +172,7 @@ class Worker:
         else:
             self.delay = min(60.0, self.delay * 2)
         self.ready = False
+        self.backlog = []  # its successor is handed the flows anew
         self.due = now + self.delay
         self.reap()
 
@@ -229,7 +232,29 @@ class WorkerPool:
 
     def hand_over(self, record: FlowRecord, index: int) -> None:
         """Tell a worker of a flow it now holds (raises WorkerError if it cannot be told)."""
-        self._tell(index, ("add", record))
+        self._tell(index, ("add", [record]))
+
+    def flush(self, index: int) -> None:
+        """Send what a worker's socket has room for of its backlog, of the flows still
+        held (the rest at a later call; raises WorkerError if it cannot be written to)."""
+        worker = self.workers[index]
+        while worker.backlog and worker.socket is not None:
+            batch = [r for r in worker.backlog[:FLOWS_PER_MESSAGE]
+                     if r.held_as is not None and r.worker == index]
+            if batch:
+                try:
+                    send(worker.socket, ("add", batch))
+                except BlockingIOError:
+                    return
+                except OSError as exc:
+                    worker.backlog = []
+                    raise WorkerError(f"cannot write to worker {index}: "
+                                      f"{exc.strerror or exc}") from None
+            del worker.backlog[:FLOWS_PER_MESSAGE]
+
+    @property
+    def backlogged(self) -> list[int]:
+        return [k for k, w in self.workers.items() if w.backlog]
 
     def let_go(self, key: FlowKey, admitted_at: float, index: int) -> None:
         self._tell(index, ("forget", key, admitted_at))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import ipaddress
 import pickle
 import re
+import socket
 from collections import Counter
 from pathlib import Path
 
@@ -174,17 +175,17 @@ def test_messages_cross_a_socket_pair_and_reports_are_cut() -> None:
     try:
         main = engine_with_workers(1)
         record = handed_over(main)
-        workers.send(ours, ("add", record))
+        workers.send(ours, ("add", [record]))
         workers.send(ours, ("forget", record.key, record.admitted_at))
         ours.close()
         got = list(workers.receive(theirs))
         assert [m if m is None else m[0] for m in got] == ["add", "forget", None]
-        assert got[0] is not None and got[0][1].key == record.key
+        assert got[0] is not None and got[0][1][0].key == record.key
     finally:
         theirs.close()
-    figures = [(record.key, float(i), record.figures()) for i in range(workers.FLOWS_PER_REPORT + 5)]
+    figures = [(record.key, float(i), record.figures()) for i in range(workers.FLOWS_PER_MESSAGE + 5)]
     messages = list(workers.report_messages(figures, Counter({"user-mode packets": 7})))
-    assert [len(m[1]) for m in messages] == [workers.FLOWS_PER_REPORT, 5]
+    assert [len(m[1]) for m in messages] == [workers.FLOWS_PER_MESSAGE, 5]
     assert [m[2] for m in messages] == [Counter(), Counter({"user-mode packets": 7})]
     # (IPv4 keys here; an IPv6 one pickles about a fifth longer)
     assert max(len(pickle.dumps(m)) for m in messages) < 64 << 10
@@ -207,3 +208,32 @@ def test_the_config_s_workers(tmp_path: Path, dataplane: str, error: str) -> Non
     path.write_text(config_text(dataplane))
     with pytest.raises(ConfigError, match=re.escape(error)):
         load_config(path)
+
+
+def test_a_successor_is_handed_its_predecessor_s_flows_as_its_socket_has_room() -> None:
+    """Its socket holds a few messages at a time: the rest wait for a later turn, and a flow
+    let go meanwhile is not sent."""
+    main = engine_with_workers(1)
+    for port in range(2000, 2600):  # three messages
+        handed_over(main, port)
+    pool = workers.WorkerPool.__new__(workers.WorkerPool)  # its socket alone, no process
+    worker = workers.Worker(1, 1)
+    pool.workers = {1: worker}
+    ours, theirs = workers.socket_pair()
+    try:
+        ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 30_000)  # room for one (doubled)
+        worker.socket, worker.ready = ours, True
+        worker.backlog = main.flows.held_by(1)
+        gone = worker.backlog[-1]
+        main.flows.remove(gone, 2.0)
+        pool.flush(1)
+        assert pool.backlogged == [1], "the socket took everything: no turn was left for later"
+        got = [r.key for m in workers.receive(theirs) if m is not None for r in m[1]]
+        while pool.backlogged:
+            pool.flush(1)
+            got += [r.key for m in workers.receive(theirs) if m is not None for r in m[1]]
+        assert len(got) == 599 and gone.key not in got
+        assert sorted(k.dport for k in got) == list(range(2000, 2599))
+    finally:
+        ours.close()
+        theirs.close()

@@ -161,7 +161,7 @@ class FlowRecord:
     confirmed: bool = False
     held_as: Lifetime | None = None  # set while the table holds it (user mode)
     # The worker process its packets go to (``enforcer.workers``; 0: this one): a user-mode
-    # flow's packets are then counted and filtered there, and its figures sent back
+    # flow's packets are then counted there, and its figures sent back
     worker: int = 0
 
     @property

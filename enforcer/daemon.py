@@ -513,7 +513,8 @@ class Daemon:
     def _increase_queue_buffer(self) -> int:
         """INCREASE_RECEIVE_BUFFER for the queue, where a flow's datagrams wait for the
         enforcer (all of a user-mode flow's; a kernel-mode flow's until the kernel knows
-        its verdict): its buffer grows, for every flow (there is one queue)."""
+        its verdict): its buffer grows, for every flow (there is one main queue; a worker's
+        has that size from its start)."""
         assert self.queue is not None
         return ensure_receive_buffer(self.queue.socket, self.config.dataplane.increased_receive_buffer)
 

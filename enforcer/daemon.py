@@ -559,10 +559,10 @@ class Daemon:
             "queue_errors": None if self.queue is None else {
                 "overflows": self.queue.overflows, "verdict_errors": self.queue.verdict_errors,
                 "malformed": self.queue.malformed},
-            # single-use kernel-mode grants the kernel holds (None: the enforcer matches all);
-            # what the kernel admitted by them is counted as "kernel grants: used"
             # the worker processes that read user-mode flows' packets (None: none run)
             "workers": None if self.pool is None else self.pool.status(),
+            # single-use kernel-mode grants the kernel holds (None: the enforcer matches all);
+            # what the kernel admitted by them is counted as "kernel grants: used"
             "kernel_grants": None if self.notices is None else {
                 "held": len(self.engine.kernel_grants), "notices_lost": self.notices.lost},
             "limits": {**self.engine.limits_status(), **self.engine.buffered.status(),
@@ -674,15 +674,15 @@ class Daemon:
                 self.socks.close()
             if control is not None:
                 control.close()
-            if self.pool is not None:  # their queues' packets are dropped from now on
-                self.pool.close()
-                self.pool = None
             if self.live is not None:  # first: the kernel's grants admit nothing more
                 self.live.close()
                 self.live = None
             if self.notices is not None:
                 self.notices.close()
                 self.notices = None
+            if self.pool is not None:  # their queues' packets are dropped from now on
+                self.pool.close()
+                self.pool = None
             if self.maps is not None:
                 self.maps.close()
                 self.maps = None
@@ -725,7 +725,7 @@ class Daemon:
         "Worker processes")."""
         setup = workers.Setup(0, self.config, self.interfaces, self.engine.flows.timeouts,
                               logging.getLogger("pinhole").getEffectiveLevel())
-        self.pool = pool = workers.WorkerPool(self.config, setup, self.clock)
+        self.pool = pool = workers.WorkerPool(setup, self.clock)
         try:
             pool.start()
         except workers.WorkerError as exc:
@@ -772,7 +772,7 @@ class Daemon:
         now = self.clock()
         if self.pool is not None:
             for worker in self.pool.due(now):
-                if self.pool.restart(worker) is not None:
+                if self.pool.restart(worker):
                     self._watch_worker(worker)
             for index in self.pool.backlogged:
                 self._hand_back(index)

@@ -39,13 +39,14 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
 from enforcer.config import Config
-from enforcer.core.flows import Figures, FlowRecord
+from enforcer.core.flows import ConntrackTimeouts, Figures, FlowRecord
 from enforcer.core.packet import FlowKey
+from enforcer.dataplane import Interfaces
 
 log = logging.getLogger("pinhole.workers")
 
@@ -70,8 +71,8 @@ class Setup:
 
     index: int  # 1..N: its queue is the main queue's number plus this
     config: Config
-    interfaces: Any  # enforcer.dataplane.Interfaces
-    conntrack: Any  # enforcer.core.flows.ConntrackTimeouts
+    interfaces: Interfaces
+    conntrack: ConntrackTimeouts
     log_level: int
 
 
@@ -145,7 +146,7 @@ class Worker:
         # flows to hand it that its socket had no room for yet (a successor's, at its start)
         self.backlog: list[FlowRecord] = []
 
-    def start(self, setup: Setup) -> socket.socket:
+    def start(self, setup: Setup) -> None:
         ours, theirs = socket_pair()
         try:
             self.process = subprocess.Popen(
@@ -160,7 +161,6 @@ class Worker:
         self.socket = ours
         self.ready = False
         self.starts += 1
-        return ours
 
     def gone(self, now: float) -> None:
         """Its socket ended: it died (or is going)."""
@@ -201,11 +201,12 @@ class Worker:
 class WorkerPool:
     """The main process's side of its workers."""
 
-    def __init__(self, config: Config, setup: Setup, clock: Any = time.monotonic) -> None:
+    def __init__(self, setup: Setup, clock: Callable[[], float] = time.monotonic) -> None:
+        """``setup``: what every worker is told (its ``index`` each worker's own)."""
         self.setup = setup
         self.clock = clock
-        count = config.dataplane.workers
-        self.workers = {k: Worker(k, config.dataplane.queue + k) for k in range(1, count + 1)}
+        dp = setup.config.dataplane
+        self.workers = {k: Worker(k, dp.queue + k) for k in range(1, dp.workers + 1)}
 
     def start(self) -> None:
         """Start every worker and wait (at most ``START_TIMEOUT``) until each has bound its
@@ -303,14 +304,15 @@ class WorkerPool:
                 out.append(worker)
         return out
 
-    def restart(self, worker: Worker) -> socket.socket | None:
-        """Start a dead worker's successor; None if it could not start (tried again later)."""
+    def restart(self, worker: Worker) -> bool:
+        """Start a dead worker's successor; False if it could not start (tried again later)."""
         try:
-            return worker.start(self._setup_of(worker))
+            worker.start(self._setup_of(worker))
         except WorkerError as exc:
             log.error("%s", exc)
             worker.gone(self.clock())
-            return None
+            return False
+        return True
 
     def close(self) -> None:
         for worker in self.workers.values():

@@ -480,7 +480,7 @@ def _settled_flows(net: Net, action: Action) -> list[dict[str, Any]]:
 
     flows = listed()
     deadline = time.monotonic() + WORKER_FIGURES_SETTLE
-    while any(f.get("worker") for f in flows) and time.monotonic() < deadline:
+    while any(f["worker"] for f in flows) and time.monotonic() < deadline:
         time.sleep(WORKER_FIGURES)
         again = listed()
         if again == flows:

@@ -754,10 +754,26 @@ class Daemon:
                 self._hand_back(index)
                 self.engine.workers = pool.ready
         if gone:
-            socket_ = pool.workers[index].socket
-            self.loop.unwatch(socket_)
-            pool.lost(index)
-            self.engine.workers = pool.ready
+            self._lose_worker(index)
+
+    def _lose_worker(self, index: int) -> None:
+        """A worker gone (or killed): watched no more, and no new flow goes to it; its
+        flows wait for its successor."""
+        pool = self._pool()
+        self.loop.unwatch(pool.workers[index].socket)
+        pool.lost(index)
+        self.engine.workers = pool.ready
+
+    def _watch_dog(self, now: float) -> None:
+        """Kill the workers that have said nothing for too long (``enforcer.workers``), once
+        what they sent that the loop has not read yet is read."""
+        pool = self._pool()
+        for index in pool.silent(now):
+            self._from_worker(index)
+            if pool.workers[index].silent(self.clock()):
+                pool.kill(index)
+                self._lose_worker(index)
+                self.engine.counters["worker processes killed: silent"] += 1
 
     def _hand_back(self, index: int) -> None:
         """A successor's predecessor's flows go to it as its socket has room (the rest at
@@ -771,6 +787,7 @@ class Daemon:
         self.hear_kernel()
         now = self.clock()
         if self.pool is not None:
+            self._watch_dog(now)
             for worker in self.pool.due(now):
                 if self.pool.restart(worker):
                     self._watch_worker(worker)

@@ -24,6 +24,7 @@ from enforcer import daemon
 from enforcer.core.engine import Engine
 from enforcer.nfqueue import Queue, QueueError
 from enforcer.workers import (
+    HEARTBEAT,
     QUIET_REPORT,
     REPORT_INTERVAL,
     START_TIMEOUT,
@@ -50,6 +51,7 @@ class WorkerProcess:
         self.arrived_on = daemon.Arrivals(setup.interfaces)
         self.reported: Counter[str] = Counter()
         self.since = clock()
+        self.said = self.since  # when it last sent something
         self.queue: Queue | None = None
 
     def bind(self) -> None:
@@ -111,19 +113,21 @@ class WorkerProcess:
     def report(self, now: float) -> None:
         """What it saw of its flows since the last report, and its counters' growth; the
         flows conntrack has forgotten let go (as the main process lets them go). A report
-        the main process has no room for now is sent whole next time."""
+        the main process has no room for now is sent whole next time. With nothing to
+        tell, an empty one at least every ``HEARTBEAT``: the main process takes a worker
+        that says nothing to hang."""
         self.engine.flows.expire(now)
         figures = [(r.key, r.admitted_at, r.figures())
                    for r in self.engine.flows.seen_since(self.since)]
         counters = self.engine.counters - self.reported
-        if not figures and not counters:
+        if not figures and not counters and now < self.said + HEARTBEAT:
             return
         try:
             for message in report_messages(figures, counters):
                 send(self.sock, message)
         except BlockingIOError:
             return
-        self.since = now
+        self.since = self.said = now
         self.reported = Counter(self.engine.counters)
 
 

@@ -25,6 +25,10 @@ process does not hold: a successor starts in its place (at most once per
 ``RESTART_DELAY``, doubling while successors fail), and the main process hands it
 the dead one's flows. Until then the dead worker's queue has no reader: the kernel
 drops its packets (or passes them, only with ``fail_open``), and no new flow goes there.
+A worker says something at least every ``HEARTBEAT`` (an empty report when it has nothing
+to tell); one that has said nothing for ``SILENCE_LIMIT`` (a starting one: for
+``START_TIMEOUT``) is taken to hang, whatever holds it: the main process kills it and it
+is replaced as a dead one is.
 
 Messages are pickled tuples on a SOCK_SEQPACKET socket pair, one message a datagram:
 between two processes of the same program, run as root, over a socket no one else has.
@@ -54,6 +58,8 @@ REPORT_INTERVAL = 0.25  # seconds between a worker's reports of what it saw, whi
 QUIET_REPORT = 0.01  # seconds after its queue runs dry: figures reach the listing soon
 RESTART_DELAY = 1.0  # seconds before a dead worker's successor starts (doubling, to 60)
 START_TIMEOUT = 10.0  # seconds the enforcer waits at start for its workers to bind their queues
+HEARTBEAT = 1.0  # seconds: a worker with nothing to report says so at least this often
+SILENCE_LIMIT = 5.0  # seconds a ready worker may say nothing before it is taken to hang
 # Each way, asked for (the kernel grants up to net.core.wmem_max/rmem_max, doubled: 416 KiB
 # by default, room for hundreds of hand-overs), and the largest message it can carry
 SOCKET_BUFFER = 4 << 20
@@ -143,10 +149,11 @@ class Worker:
         self.starts = 0
         self.delay = RESTART_DELAY
         self.due = 0.0  # when a dead one may start again
+        self.heard = 0.0  # when the main process last heard from it (or started it)
         # flows to hand it that its socket had no room for yet (a successor's, at its start)
         self.backlog: list[FlowRecord] = []
 
-    def start(self, setup: Setup) -> None:
+    def start(self, setup: Setup, now: float) -> None:
         ours, theirs = socket_pair()
         try:
             self.process = subprocess.Popen(
@@ -161,6 +168,7 @@ class Worker:
         self.socket = ours
         self.ready = False
         self.starts += 1
+        self.heard = now
 
     def gone(self, now: float) -> None:
         """Its socket ended: it died (or is going)."""
@@ -175,6 +183,16 @@ class Worker:
         self.backlog = []  # its successor is handed the flows anew
         self.due = now + self.delay
         self.reap()
+
+    def silent(self, now: float) -> bool:
+        """Whether it runs and has said nothing for longer than it may."""
+        return self.socket is not None and \
+            now - self.heard > (SILENCE_LIMIT if self.ready else START_TIMEOUT)
+
+    def kill(self) -> None:
+        """SIGKILL, at once (it is reaped later, by ``reap``)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
 
     def reap(self) -> None:
         if self.process is not None and self.process.poll() is not None:
@@ -212,7 +230,7 @@ class WorkerPool:
         """Start every worker and wait (at most ``START_TIMEOUT``) until each has bound its
         queue: at start only, before the loop runs."""
         for worker in self.workers.values():
-            worker.start(self._setup_of(worker))
+            worker.start(self._setup_of(worker), self.clock())
         deadline = self.clock() + START_TIMEOUT
         for worker in self.workers.values():
             assert worker.socket is not None
@@ -283,6 +301,7 @@ class WorkerPool:
                 log.error("worker %d (pid %s) exited", index,
                           None if worker.process is None else worker.process.pid)
                 return messages, True
+            worker.heard = self.clock()
             if message[0] == "ready":
                 worker.ready = True
                 log.info("worker %d reads queue %d", index, worker.queue)
@@ -294,6 +313,19 @@ class WorkerPool:
     def lost(self, index: int) -> None:
         """Worker ``index``'s socket ended (``read`` said so, and it is watched no more)."""
         self.workers[index].gone(self.clock())
+
+    def silent(self, now: float) -> list[int]:
+        """The running workers that have said nothing for longer than they may."""
+        return [k for k, w in self.workers.items() if w.silent(now)]
+
+    def kill(self, index: int) -> None:
+        """Kill a worker taken to hang (then say ``lost``: its successor starts as a dead
+        one's does)."""
+        worker = self.workers[index]
+        log.error("worker %d (pid %s) has said nothing for %.1f s: killed", index,
+                  None if worker.process is None else worker.process.pid,
+                  self.clock() - worker.heard)
+        worker.kill()
 
     def due(self, now: float) -> list[Worker]:
         """The dead workers whose successors may start now (each reaped if it has exited)."""
@@ -307,7 +339,7 @@ class WorkerPool:
     def restart(self, worker: Worker) -> bool:
         """Start a dead worker's successor; False if it could not start (tried again later)."""
         try:
-            worker.start(self._setup_of(worker))
+            worker.start(self._setup_of(worker), self.clock())
         except WorkerError as exc:
             log.error("%s", exc)
             worker.gone(self.clock())

@@ -1,7 +1,8 @@
 """Worker processes, end to end: user-mode flows run in the worker their mark names (its
 queue reads every later packet of theirs) and a filtered one stays in the main process,
-which lists what the workers saw; a worker killed is replaced and its flows go on through
-its successor, nothing passing unread meanwhile; a stop or a killed enforcer leaves no
+which lists what the workers saw; a worker killed, or hung and so killed by the main
+process, is replaced and its flows go on through its successor, nothing passing unread
+meanwhile; a stop or a killed enforcer leaves no
 worker behind, and a worker that cannot start stops the enforcer's start."""
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -17,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from enforcer import workers
 from enforcer.client import Client, Flags
 from testbed.build import Testbed
 from testbed.clauses.helpers import assert_echoed
@@ -119,10 +122,13 @@ def test_user_mode_flows_run_in_the_workers(tb: Testbed, enforcer: EnforcerProce
     assert enforcer.call("status")["counters"]["user-mode packets"] > 40
 
 
-def test_a_killed_worker_is_replaced_and_its_flows_go_on(tb: Testbed, enforcer: EnforcerProcess) -> None:
-    """Worker 1 is killed while it holds a connection: until its successor is ready the
+@pytest.mark.parametrize("how", ["killed", "hung"])
+def test_a_dead_or_hung_worker_is_replaced_and_its_flows_go_on(tb: Testbed, enforcer: EnforcerProcess,
+                                                                how: str) -> None:
+    """Worker 1 is killed (SIGKILL), or hangs (SIGSTOP: the main process hears nothing from
+    it and kills it), while it holds a connection: until its successor is ready the
     connection's packets reach no one (nothing passes unread), then they go on through the
-    successor; worker 2's connection never notices."""
+    successor; worker 2's connection, idle meanwhile, never notices."""
     c1, s1 = tb.agent("c1"), tb.agent("s1")
     with Client(str(enforcer.socket)) as api, s1.tcp_server(SERVER, 33002) as echo:
         session = session_of(tb, api)
@@ -132,9 +138,9 @@ def test_a_killed_worker_is_replaced_and_its_flows_go_on(tb: Testbed, enforcer: 
             assert first.connected and second.connected
             assert [flow_of(enforcer, a.id)["worker"] for a in (kept, other)] == [1, 2]
             (dead,) = [w["pid"] for w in enforcer.call("status")["workers"] if w["worker"] == 1]
-            os.kill(int(dead), 9)
-            # sent while worker 1 is dead: it reaches the fw, whose kernel has no reader for
-            # queue 1 and drops it; the client sends it again
+            os.kill(int(dead), signal.SIGKILL if how == "killed" else signal.SIGSTOP)
+            # sent while worker 1 is dead or hung: it reaches the fw, whose kernel has no reader
+            # for queue 1 (or one that reads nothing) and drops it; the client sends it again
             before = arrived(tb)
             assert first.talk(b"while dead", expect=10, timeout=0.3) == b""
             assert arrived(tb) > before, "the packet never reached the fw"
@@ -143,13 +149,18 @@ def test_a_killed_worker_is_replaced_and_its_flows_go_on(tb: Testbed, enforcer: 
             def replaced() -> bool:
                 (w,) = [w for w in enforcer.call("status")["workers"] if w["worker"] == 1]
                 return bool(w["ready"] and w["pid"] != dead and w["starts"] == 2)
-            wait_for("worker 1's successor is ready", replaced, BACK_WITHIN)
+            wait_for("worker 1's successor is ready", replaced,
+                     BACK_WITHIN + (workers.SILENCE_LIMIT if how == "hung" else 0))
+            assert not os.path.exists(f"/proc/{dead}"), "the dead or hung worker is not reaped"
             # the retransmission reaches the successor, which holds the flow again
             assert first.talk(b"", expect=10, timeout=10.0) == b"while dead"
             assert first.talk(b"still here", expect=10) == b"still here"
             assert second.talk(b"unmoved", expect=7) == b"unmoved"
             assert echo.stats()["bytes_in"] == len(b"while deadstill hereunmoved")
-    assert enforcer.call("status")["counters"].get("user-mode flows lost with a worker", 0) == 0
+    status = enforcer.call("status")
+    assert status["counters"].get("user-mode flows lost with a worker", 0) == 0
+    assert status["counters"].get("worker processes killed: silent", 0) == (how == "hung")
+    assert [w["starts"] for w in status["workers"]] == [2, 1], "an idle worker was taken to hang"
 
 
 def test_a_stop_or_a_killed_enforcer_leaves_no_worker(tb: Testbed, enforcer: EnforcerProcess) -> None:

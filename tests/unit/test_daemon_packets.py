@@ -569,11 +569,20 @@ class FakePool:
         self.told.append(("forget", index, 0))
 
     def read(self, index: int) -> tuple[list[tuple[Any, ...]], bool]:
+        if self.sent:
+            self.workers[index].heard = self.d.clock()
         return self.sent, self.gone
 
     def lost(self, index: int) -> None:
         self.lost_workers.append(index)
         self.ready = tuple(w for w in self.ready if w != index)
+        self.workers[index].socket = None
+
+    def silent(self, now: float) -> list[int]:
+        return [k for k, w in self.workers.items() if w.silent(now)]
+
+    def kill(self, index: int) -> None:
+        self.told.append(("kill", index, 0))
 
 
 @pytest.mark.parametrize("full", [False, True], ids=["told", "not-reading"])
@@ -619,5 +628,34 @@ def test_what_workers_send_and_a_worker_gone() -> None:
     assert pool.lost_workers == [1] and d.engine.workers == ()
     assert not d.loop.watched(pool.workers[1].socket)
     assert d.engine.flows.held_by(1) == [record]  # its worker's successor takes it
+    for s in pool.pair:
+        s.close()
+
+
+@pytest.mark.parametrize("unread", [False, True], ids=["silent", "unread-report"])
+def test_a_worker_that_says_nothing_for_too_long_is_killed(unread: bool) -> None:
+    """A ready worker silent past the limit is killed and lost as a dead one is (no new
+    flow goes to it, its flows wait for its successor), counted; one whose report waits
+    unread (the loop was late, not the worker) is not."""
+    d = daemon()
+    d.loop = Loop(d.engine.counters, d.clock)
+    d.pool = pool = FakePool(d)  # type: ignore[assignment]
+    d.engine.workers = (1,)
+    worker = pool.workers[1]
+    worker.ready, worker.heard = True, 5.0 - workers.SILENCE_LIMIT
+    d._watch_worker(worker)
+    d._watch_dog(5.0)
+    assert pool.told == [] and pool.lost_workers == [], "killed at the limit, not past it"
+    worker.heard -= 0.1
+    if unread:
+        pool.sent = [("seen", [], Counter())]
+    d._watch_dog(5.0)
+    killed = [] if unread else [1]
+    assert [w for what, w, _ in pool.told if what == "kill"] == killed
+    assert pool.lost_workers == killed and d.engine.workers == (() if killed else (1,))
+    assert d.loop.watched(pool.pair[0]) is bool(unread)
+    assert d.engine.counters["worker processes killed: silent"] == len(killed)
+    d._watch_dog(5.0)
+    assert d.engine.counters["worker processes killed: silent"] == len(killed), "killed once"
     for s in pool.pair:
         s.close()

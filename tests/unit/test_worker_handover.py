@@ -9,6 +9,7 @@ import ipaddress
 import pickle
 import re
 import socket
+import subprocess
 from collections import Counter
 from pathlib import Path
 
@@ -236,4 +237,41 @@ def test_a_successor_is_handed_its_predecessor_s_flows_as_its_socket_has_room() 
         assert sorted(k.dport for k in got) == list(range(2000, 2599))
     finally:
         ours.close()
+        theirs.close()
+
+
+def test_a_worker_is_silent_past_its_limit_and_killed_then() -> None:
+    """Each message heard restarts the count; a starting worker has the start's time, a
+    ready one the silence limit; ``kill`` ends its process whatever holds it (a stopped
+    one too), and it is reaped later."""
+    now = [100.0]
+    pool = workers.WorkerPool.__new__(workers.WorkerPool)  # a stand-in process
+    pool.clock = lambda: now[0]
+    worker = workers.Worker(1, 1)
+    pool.workers = {1: worker}
+    ours, theirs = workers.socket_pair()
+    worker.process = subprocess.Popen(["sleep", "60"])
+    try:
+        worker.socket, worker.heard = ours, now[0]
+        now[0] += workers.SILENCE_LIMIT + 1
+        assert pool.silent(now[0]) == [], "a starting worker has START_TIMEOUT"
+        workers.send(theirs, ("ready",))
+        assert pool.read(1) == ([("ready",)], False) and worker.ready and worker.heard == now[0]
+        now[0] += workers.SILENCE_LIMIT
+        assert pool.silent(now[0]) == []
+        workers.send(theirs, ("seen", [], Counter()))
+        pool.read(1)
+        now[0] += workers.SILENCE_LIMIT + 0.5
+        assert pool.silent(now[0]) == [1]
+        worker.process.send_signal(19)  # SIGSTOP: it hangs
+        pool.kill(1)
+        assert worker.process.wait(5) == -9
+        pool.lost(1)
+        assert pool.silent(now[0]) == [] and worker.socket is None and not worker.ready
+        pool.due(now[0])
+        assert worker.process is None, "reaped"
+    finally:
+        if worker.process is not None:
+            worker.process.kill()
+            worker.process.wait()
         theirs.close()

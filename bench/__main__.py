@@ -224,7 +224,8 @@ def enforcer_block(tb: Testbed, server: IperfServer, workdir: Path,
                    args: argparse.Namespace) -> dict[str, Any]:
     """The enforcer running: kernel-mode and user-mode iperf3, new-flow rate, PASV data connects."""
     out: dict[str, Any] = {}
-    enforcer = EnforcerProcess(tb, workdir)
+    # At its default log level, as deployed (the lab's --verbose logs every packet it decides).
+    enforcer = EnforcerProcess(tb, workdir, verbose=False)
     # The client's per-address caps would cap P4's admission rate: measured without them.
     limits: dict[str, object] = {"new_flows_per_second": 0, "flows_per_client": 1_000_000}
     enforcer.start(limits=limits)

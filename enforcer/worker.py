@@ -37,6 +37,12 @@ from enforcer.workers import (
 
 log = logging.getLogger("pinhole.worker")
 
+# Bytes of each packet the kernel copies to the worker. Its flows' packets pass as they
+# came (no filter, no redirect: the verdict carries no payload), so it reads their
+# headers alone, and any ICMP error about them whole (at most 1280 bytes, RFC 4443;
+# ICMPv4's at most 576, RFC 1812), not the 64 KiB of a GSO packet twice over.
+COPY_RANGE = 1280
+
 
 class WorkerProcess:
     """A worker's state and loop."""
@@ -59,7 +65,7 @@ class WorkerProcess:
         datagrams wait in is the increased one (every packet of its flows waits there)."""
         dp = self.setup.config.dataplane
         self.queue = Queue(dp.queue + self.setup.index, max_len=daemon.QUEUE_LENGTH, gso=True,
-                           fail_open=dp.fail_open,
+                           fail_open=dp.fail_open, copy_range=COPY_RANGE,
                            receive_buffer=max(dp.receive_buffer or 0, dp.increased_receive_buffer))
 
     def run(self) -> None:

@@ -138,9 +138,12 @@ class EnforcerProcess(Firewall):
     workers = 0  # its worker processes (dataplane.workers), unless a start says otherwise
 
     def __init__(self, tb: Testbed, workdir: Path,
-                 data_filters: dict[str, str] | None = None) -> None:
+                 data_filters: dict[str, str] | None = None, *, verbose: bool = True) -> None:
+        """``verbose``: its log at debug level (``--verbose``, a line for every packet it
+        decides: what a check's artifacts show); off, at the default level, as deployed."""
         super().__init__(tb, workdir)
         self.data_filters = data_filters
+        self.verbose = verbose
         workdir.mkdir(parents=True, exist_ok=True)
         SOCKET_DIR.mkdir(parents=True, exist_ok=True)
         # Not under workdir: a UNIX socket path must stay within 107 bytes.
@@ -162,7 +165,8 @@ class EnforcerProcess(Firewall):
             raise RuntimeError("the enforcer is already running")
         self._configure(fail_open, backend, dataplane, app_filters, limits)
         with self.log_path.open("a") as log:
-            self.proc = self.tb.popen("fw", self.command("--verbose"), stdout=log,
+            options = ("--verbose",) if self.verbose else ()
+            self.proc = self.tb.popen("fw", self.command(*options), stdout=log,
                                       stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         self._wait_for_run(1, timeout)
 

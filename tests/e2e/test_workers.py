@@ -19,8 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from enforcer import workers
+from enforcer import worker, workers
 from enforcer.client import Client, Flags
+from enforcer.nfqueue import MAX_PAYLOAD
 from testbed.build import Testbed
 from testbed.clauses.helpers import assert_echoed
 from testbed.lab import GUIDS, EnforcerProcess
@@ -87,6 +88,10 @@ def test_user_mode_flows_run_in_the_workers(tb: Testbed, enforcer: EnforcerProce
     c1, s1 = tb.agent("c1"), tb.agent("s1")
     status = enforcer.call("status")["workers"]
     assert [(w["worker"], w["queue"], w["ready"]) for w in status] == [(1, 1, True), (2, 2, True)]
+    # the workers' queues copy a packet's first bytes alone (the main queue's, whole packets)
+    lines = tb.run("fw", ["cat", "/proc/net/netfilter/nfnetlink_queue"]).stdout.splitlines()
+    copy_range = {int(line.split()[0]): int(line.split()[4]) for line in lines}
+    assert copy_range == {0: MAX_PAYLOAD, 1: worker.COPY_RANGE, 2: worker.COPY_RANGE}, copy_range
     with Client(str(enforcer.socket)) as api, s1.tcp_server(SERVER, 33001) as echo:
         session = session_of(tb, api)
         plain = [api.allow_future_connect(session, (SERVER, 33001), protocol_guid=GUIDS["FTP"],

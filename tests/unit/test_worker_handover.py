@@ -15,9 +15,10 @@ from pathlib import Path
 
 import pytest
 from core_policy import GUID, INTERNAL, POLICY
-from scapy.layers.inet import IP, TCP, UDP
+from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.packet import Packet, Raw
 
+from enforcer import worker as worker_process
 from enforcer import workers
 from enforcer.config import ConfigError
 from enforcer.config import load as load_config
@@ -33,6 +34,7 @@ from enforcer.core.packet import Ingress
 
 ip = ipaddress.ip_address
 C1, S1, FW_INT, EXT = "192.0.2.11", "198.51.100.21", "192.0.2.1", "198.51.100.1"
+ROUTER = "198.51.100.254"
 FTP = GUID["FTP"]
 USER = marks.mark_for(True, False, None)
 
@@ -137,6 +139,30 @@ def test_a_worker_decides_the_packets_of_the_flow_it_was_handed() -> None:
     assert answer.accept and answer.packet is None and answer.mark is None
     assert (record.packets_out, record.packets_back) == (2, 1)
     assert worker.counters["user-mode packets"] == 3
+
+
+def test_a_worker_decides_on_the_bytes_its_queue_copies() -> None:
+    """A worker's queue copies COPY_RANGE bytes of each packet: a GSO packet's headers are
+    enough (it passes as it came, counted at its whole length, its FIN seen), and so is an
+    ICMP error about the flow (at most 576 bytes in IPv4, 1280 in IPv6)."""
+    main = engine_with_workers(1)
+    record = pickle.loads(pickle.dumps(handed_over(main)))
+    worker = Engine(POLICY, INTERNAL, [ip(EXT)], internal_addresses=[ipaddress.ip_interface(f"{FW_INT}/24")])
+    worker.take_over(record, 1.0)
+    mark = USER | marks.worker_mark(1)
+    big = bytes(IP(src=C1, dst=S1) / TCP(sport=5000, dport=2000, flags="FA", seq=1, ack=1)
+                / Raw(b"x" * 60_000))
+    answer = worker.handle(QueuedPacket(big[:worker_process.COPY_RANGE], mark=mark,
+                                        ingress=Ingress.INTERNAL, interface="int0", length=len(big),
+                                        checksum_ready=False, gso=True), 1.1)
+    assert answer.accept and answer.packet is None, answer.reason
+    assert (record.packets_out, record.bytes_out, record.fins) == (2, 40 + len(big), 1)
+    # as long as a router makes one (RFC 1812: as much of the packet as fits in 576 bytes)
+    quoted = IP(src=C1, dst=S1) / TCP(sport=5000, dport=2000, flags="A") / Raw(b"y" * 508)
+    error = IP(src=ROUTER, dst=C1) / ICMP(type=3, code=4, nexthopmtu=1400) / quoted
+    assert len(error) == 576 <= worker_process.COPY_RANGE
+    answer = worker.handle(outside(error, mark), 1.2)
+    assert answer.accept and answer.reason == f"an ICMP error about {record.key}", answer.reason
 
 
 def test_what_a_worker_saw_comes_back_and_keeps_the_flow() -> None:

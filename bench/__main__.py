@@ -4,7 +4,9 @@ Run from the repository root, as root::
 
     .venv/bin/python -m bench [--seconds 3] [--reps 5] [--skip p3 ...]
 
-- P1 kernel-mode admitted TCP flow throughput / plain forwarding (goal >= 0.95)
+- P1 kernel-mode admitted TCP flow throughput / plain forwarding (goal >= 0.95), and
+  beside it conntrack alone / plain forwarding: the share of the gap that any stateful
+  ruleset pays
 - P2 user-mode TCP flow throughput / a null accept-all NFQUEUE consumer (goal >= 1.0),
   also with 2 worker processes (stretch: >= 0.4x plain forwarding), and 4 flows at once
   with and without them
@@ -15,7 +17,7 @@ Run from the repository root, as root::
 
 P3 runs first, in this process, on the decision core alone (``bench.permissions``).
 Then one routed testbed carries P1, P2 and P4: each repetition measures every
-configuration once, round-robin (plain forwarding, the null consumer, the
+configuration once, round-robin (plain forwarding, conntrack alone, the null consumer, the
 conntrack FTP helper ruleset, then the enforcer for the kernel-mode, user-mode,
 redirect and new-flow rows), and the table shows medians over the repetitions. Prints
 one table and writes ``bench/results.json`` (every sample included).
@@ -71,6 +73,7 @@ WORKERS = 2  # the worker processes of the user-mode rows that have them (one pe
 PARALLEL = 4  # the connections of the rows that run several at once
 USER_ROWS = ("user-x4", "user-workers", "user-x4-workers")
 PLAIN = next(c for c in bindings.CONFIGS if c.name == "plain")
+CONNTRACK = next(c for c in bindings.CONFIGS if c.name == "conntrack")
 NULL_CONSUMER = next(c for c in bindings.CONFIGS if c.name == "nfq-all")
 
 # The Linux path the enforcer's secondary flows are compared with: the FTP helper
@@ -324,8 +327,8 @@ def run_flood(reps: int, artifacts: Path) -> dict[str, Any]:
 
 def run_network(args: argparse.Namespace) -> dict[str, list[Any]]:
     samples: dict[str, list[Any]] = {k: [] for k in (
-        "plain", "null", "kernel", "user", "redirect-kernel", "redirect-user", "helper", "enforcer",
-        *USER_ROWS)}
+        "plain", "conntrack", "null", "kernel", "user", "redirect-kernel", "redirect-user", "helper",
+        "enforcer", *USER_ROWS)}
     tb = Testbed.up(standard("routed"), tag="bench")
     server = IperfServer(tb)
     flow_server = FlowServer(tb)
@@ -335,6 +338,8 @@ def run_network(args: argparse.Namespace) -> dict[str, list[Any]]:
         with tempfile.TemporaryDirectory(prefix="pinhole-bench-") as tmp:
             for rep in range(args.reps):
                 samples["plain"].append(from_bindings(bindings.measure(tb, server, PLAIN, args.seconds)))
+                samples["conntrack"].append(from_bindings(
+                    bindings.measure(tb, server, CONNTRACK, args.seconds)))
                 samples["null"].append(from_bindings(
                     bindings.measure(tb, server, NULL_CONSUMER, args.seconds)))
                 samples["helper"].append(helper_block(tb, args))
@@ -359,7 +364,8 @@ def _gbps(s: Iperf) -> str:
 
 def _progress(rep: int, reps: int, samples: dict[str, list[Any]]) -> None:
     h, e = samples["helper"][-1], samples["enforcer"][-1]
-    print(f"[{rep + 1}/{reps}] Gbit/s plain {_gbps(samples['plain'][-1])}, kernel "
+    print(f"[{rep + 1}/{reps}] Gbit/s plain {_gbps(samples['plain'][-1])}, conntrack alone "
+          f"{_gbps(samples['conntrack'][-1])}, kernel "
           f"{_gbps(samples['kernel'][-1])}, null consumer {_gbps(samples['null'][-1])}, user "
           f"{_gbps(samples['user'][-1])}, user with {WORKERS} workers "
           f"{_gbps(samples['user-workers'][-1])}; connect µs helper "
@@ -419,6 +425,12 @@ def build_rows(net: dict[str, list[Any]] | None, p3: dict[str, Any] | None,
                         "plain forwarding", r1, "ratio >= 0.95", _met(r1, ">=", 0.95),
                         "; ".join(x for x in (paired("kernel", "plain"),
                                               _errors(net["kernel"] + net["plain"])) if x)))
+        # what P1's flow cannot do without: conntrack, whose marks keep the flow in the kernel
+        tracked = bps("conntrack")
+        rows.append(Row("P1's floor: conntrack alone", "Gbit/s", _g(tracked), _g(plain),
+                        "plain forwarding", ratio(tracked, plain), "", None,
+                        "; ".join(x for x in (paired("conntrack", "plain"),
+                                              _errors(net["conntrack"])) if x)))
         r2 = ratio(user, null)
         rows.append(Row("P2 user-mode flow throughput", "Gbit/s", _g(user), _g(null),
                         "null NFQUEUE consumer", r2, "ratio >= 1.0", _met(r2, ">=", 1.0),

@@ -52,22 +52,23 @@ class Config:
     name: str
     label: str
     binding: str | None = None  # None: no queue at all
-    new_flows_only: bool = False
+    new_flows_only: bool = False  # the flows' later packets accepted by conntrack's state
     gso: bool = False
 
     def rules(self) -> list[list[str]]:
         """iptables rule specs for FORWARD, first-to-last in the chain."""
-        if self.binding is None:
-            return []
         rules = []
         if self.new_flows_only:
             rules.append(["-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT"])
-        rules.append(["-j", "NFQUEUE", "--queue-num", str(QUEUE)])
+        if self.binding is not None:
+            rules.append(["-j", "NFQUEUE", "--queue-num", str(QUEUE)])
         return rules
 
 
 CONFIGS = [
     Config("plain", "plain forwarding (no rules)"),
+    # what any stateful ruleset costs: every packet tracked (a new flow's accepted by the policy)
+    Config("conntrack", "conntrack alone (ESTABLISHED,RELATED accept)", new_flows_only=True),
     Config("nfq-all", "NFQUEUE all packets, NetfilterQueue 1.1.0", "netfilterqueue"),
     Config("fnfq-all", "NFQUEUE all packets, fnfqueue 1.1.2", "fnfqueue"),
     Config("nfq-new", "NFQUEUE new flows only, NetfilterQueue 1.1.0", "netfilterqueue",
@@ -144,10 +145,10 @@ def measure(tb: Testbed, server: IperfServer, cfg: Config, seconds: int) -> Samp
                 _out, err = stop_proc(tb, consumer)
                 consumer = None
                 raise RuntimeError(info.get("error") or f"consumer not ready: {line!r} {err.strip()}")
-            # Insert in reverse so the chain reads in the order of cfg.rules().
-            for spec in reversed(cfg.rules()):
-                tb.run(FW, ["iptables", "-I", "FORWARD", *spec])
-                inserted.append(spec)
+        # Insert in reverse so the chain reads in the order of cfg.rules().
+        for spec in reversed(cfg.rules()):
+            tb.run(FW, ["iptables", "-I", "FORWARD", *spec])
+            inserted.append(spec)
         iperf_started = True
         bps, secs, retr = run_iperf(tb, seconds)
         sample.bps, sample.seconds, sample.retransmits = bps, secs, retr

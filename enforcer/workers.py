@@ -241,6 +241,7 @@ class WorkerPool:
             if message[0] == "failed":
                 raise WorkerError(f"worker {worker.index}: {message[1]}")
             worker.ready = True
+            worker.heard = self.clock()
 
     def _setup_of(self, worker: Worker) -> Setup:
         return replace(self.setup, index=worker.index)

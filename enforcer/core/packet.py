@@ -145,30 +145,45 @@ def _remember_hash(self: _IPv4Address | _IPv6Address, address: object) -> None:
     standard: Any = type(self).__bases__[0]  # the ipaddress class it stands for
     standard.__init__(self, address)
     self._hash = standard.__hash__(self)
+    self._text = None
 
 
 def _remembered_hash(self: _IPv4Address | _IPv6Address) -> int:
     return self._hash
 
 
+def _remembered_text(self: _IPv4Address | _IPv6Address) -> str:
+    text = self._text
+    if text is None:
+        standard: Any = type(self).__bases__[0]
+        text = self._text = standard.__str__(self)
+    return text
+
+
 class _IPv4Address(ipaddress.IPv4Address):
     """An IPv4 address whose hash is computed once (the standard one formats the address
     in hex at every hash, and the core's tables hash a flow's addresses many times a
-    packet); equal, and hashing equal, to the standard object of the same address."""
+    packet), and its text once it is asked for (reasons, events, logs); equal, and
+    hashing equal, to the standard object of the same address."""
 
-    __slots__ = ("_hash",)
+    __slots__ = ("_hash", "_text")
     _hash: int
+    _text: str | None
     __init__ = _remember_hash
     __hash__ = _remembered_hash
+    __str__ = _remembered_text
 
 
 class _IPv6Address(ipaddress.IPv6Address):
-    """An IPv6 address whose hash is computed once (see _IPv4Address)."""
+    """An IPv6 address whose hash is computed once, and its text (see _IPv4Address: an
+    IPv6 address's text, its zeros compressed, takes the standard class tens of steps)."""
 
-    __slots__ = ("_hash",)
+    __slots__ = ("_hash", "_text")
     _hash: int
+    _text: str | None
     __init__ = _remember_hash
     __hash__ = _remembered_hash
+    __str__ = _remembered_text
 
 
 def _address(raw: bytes) -> IPAddress:
@@ -182,9 +197,18 @@ def _address(raw: bytes) -> IPAddress:
     return found
 
 
+_named: dict[str, IPAddress] = {}
+
+
 def address(text: str) -> IPAddress:
-    """The address ``text`` names, as the core keeps addresses; ValueError if none."""
-    return _address(ipaddress.ip_address(text).packed)
+    """The address ``text`` names, as the core keeps addresses; ValueError if none. The
+    same few texts recur in requests (a session's client, a filter's server)."""
+    found = _named.get(text)
+    if found is None:
+        if len(_named) >= ADDRESS_CACHE_SIZE:
+            _named.clear()
+        found = _named[text] = _address(ipaddress.ip_address(text).packed)
+    return found
 
 
 def _locate(data: bytes | bytearray, start: int, limit: int, *, quoted: bool) -> Headers:

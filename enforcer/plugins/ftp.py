@@ -44,6 +44,9 @@ from enforcer.filters import FIRST_UNPRIVILEGED_PORT, Direction, IPAddress, Prim
 FTP_GUID = "5c3c2a3e-8f1b-4c1e-9a57-1f0d3a6b2101"
 MAX_LINE = 512
 OPENED_KEPT = 16  # what a control connection opened, kept for logs and tests
+# A control connection's refusals logged: a client sending hundreds of commands at a cap
+# would otherwise have the enforcer write a line for each (its log and its time)
+LOGGED_REFUSALS = 8
 log = logging.getLogger("pinhole.filters.ftp")
 
 _NUMBERS = re.compile(rb"(\d{1,3}),(\d{1,3}),(\d{1,3}),(\d{1,3}),(\d{1,3}),(\d{1,3})")
@@ -145,6 +148,7 @@ class FtpControl:
     primary: Primary
     api: SessionCalls
     opened: list[str] = field(default_factory=list)  # what it opened lately, for logs and tests
+    refusals: int = 0  # commands and replies that opened nothing (the first LOGGED_REFUSALS logged)
 
     def __post_init__(self) -> None:
         # Lines are rewritten only where a SecureNAT client is translated (NAT);
@@ -156,6 +160,14 @@ class FtpControl:
         """Keep what was opened, the last OPENED_KEPT only (a connection may last days)."""
         self.opened.append(what)
         del self.opened[:-OPENED_KEPT]
+
+    def _refused(self, why: str, *args: object) -> None:
+        """A command or reply that opened nothing: logged, the first LOGGED_REFUSALS only."""
+        self.refusals += 1
+        if self.refusals <= LOGGED_REFUSALS:
+            log.info("session %d: " + why + ("" if self.refusals < LOGGED_REFUSALS else
+                                              " (this control connection's further refusals "
+                                              "are not logged)"), self.primary.session, *args)
 
     def on_data(self, direction: Direction, data: bytes) -> bytes:
         handle = self._command if direction is Direction.OUT else self._reply
@@ -186,8 +198,7 @@ class FtpControl:
         p = self.primary
         server = str(p.server[0])
         if port < FIRST_UNPRIVILEGED_PORT:
-            log.info("session %d: active data connection to privileged port %d refused",
-                     p.session, port)
+            self._refused("active data connection to privileged port %d refused", port)
             return None
         try:
             if p.firewall_client:
@@ -196,22 +207,20 @@ class FtpControl:
                              ipaddress.ip_address(b["address"][0]) == address and
                              b["address"][1] == port), None)
                 if bind is None:
-                    log.info("session %d: %s:%d is no bind of this Firewall client's: "
-                             "nothing opened", p.session, address, port)
+                    self._refused("%s:%d is no bind of this Firewall client's: nothing opened",
+                                  address, port)
                     return None
                 where = (str(address), port)
             elif address == p.client[0]:
                 where = self.api.bind_for_client(p.session, port, protocol="tcp",
                                                  from_fw=p.via is not None)
             else:
-                log.info("session %d: active data connection to a third party %s refused",
-                         p.session, address)
+                self._refused("active data connection to a third party %s refused", address)
                 return None
             self.api.retroactive_allow_bind(p.session, where, protocol_guid=FTP_GUID,
                                             ipfilter=[(server, server)])
         except SessionApiError as exc:
-            log.info("session %d: cannot open the data connection to %s:%d: %s",
-                     p.session, address, port, exc)
+            self._refused("cannot open the data connection to %s:%d: %s", address, port, exc)
             return None
         self._note(f"bind {where[0]}:{where[1]} for {server}")
         return ipaddress.ip_address(where[0]), where[1]
@@ -233,12 +242,11 @@ class FtpControl:
             return line
         address, port = found
         if address != self.primary.server[0]:
-            log.info("session %d: PASV names a third party %s: nothing opened",
-                     self.primary.session, address)
+            self._refused("PASV names a third party %s: nothing opened", address)
             return line
         if port < FIRST_UNPRIVILEGED_PORT:
-            log.info("session %d: %s names privileged port %d: nothing opened",
-                     self.primary.session, "EPSV" if extended else "PASV", port)
+            self._refused("%s names privileged port %d: nothing opened",
+                          "EPSV" if extended else "PASV", port)
             return line
         if self.primary.via is not None:
             return self._redirect(line, address, port, extended=extended)
@@ -250,7 +258,7 @@ class FtpControl:
             self.api.allow_future_connect(self.primary.session, (str(address), port),
                                           protocol_guid=FTP_GUID, flags=Flags.TIMEOUT)
         except SessionApiError as exc:
-            log.info("session %d: cannot open %s:%d: %s", self.primary.session, address, port, exc)
+            self._refused("cannot open %s:%d: %s", address, port, exc)
             return
         self._note(f"connect {address}:{port}")
 
@@ -260,8 +268,7 @@ class FtpControl:
                 self.primary.session, [(str(address), port)], protocol_guid=FTP_GUID,
                 flags=Flags.TIMEOUT)
         except SessionApiError as exc:
-            log.info("session %d: cannot redirect to %s:%d: %s", self.primary.session, address,
-                     port, exc)
+            self._refused("cannot redirect to %s:%d: %s", address, port, exc)
             return line
         self._note(f"redirect {internal}:{base} to {address}:{port}")
         if extended:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ipaddress
 import itertools
+import logging
 import struct
 from typing import Any
 
@@ -18,6 +19,7 @@ from enforcer.core.results import PolicyRulesDenied
 from enforcer.filters import Direction, Primary
 from enforcer.plugins.ftp import (
     FTP_GUID,
+    LOGGED_REFUSALS,
     MAX_LINE,
     FtpControl,
     FtpFilter,
@@ -294,6 +296,22 @@ def test_api_refusal_passes_the_line_unchanged() -> None:
     assert ftp.on_data(OUT, b"PORT 192,0,2,11,156,64\r\n") == b"PORT 192,0,2,11,156,64\r\n"
     assert ftp.opened == []
     assert [m for m, _ in api.calls if m != "binds"] == ["redirect_connections", "bind_for_client"]
+
+
+def test_a_flood_of_refused_commands_is_logged_the_first_times_only(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A segment of hundreds of PORT lines at a cap: each is refused and passes as it came,
+    and the enforcer writes LOGGED_REFUSALS lines for the connection, not one a command."""
+    api = FakeApi(fail=PolicyRulesDenied("at the cap"))
+    ftp, _ = control(api=api)
+    lines = b"".join(b"PORT 192,0,2,11,%d,%d\r\n" % divmod(20000 + i, 256) for i in range(250))
+    with caplog.at_level(logging.INFO, logger="pinhole"):
+        assert ftp.on_data(OUT, lines) == lines
+    assert ftp.refusals == 250 and len(api.opened()) == 250
+    logged = [r.getMessage() for r in caplog.records]
+    assert len(logged) == LOGGED_REFUSALS, logged
+    assert all("cannot open the data connection to 192.0.2.11:" in m for m in logged)
+    assert logged[-1].endswith("(this control connection's further refusals are not logged)")
 
 
 # --- split, long and malformed input ---------------------------------------------------------

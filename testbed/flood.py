@@ -131,6 +131,13 @@ class Flood:
         self._stack = contextlib.ExitStack()
 
     def __enter__(self) -> Flood:
+        try:
+            return self._start()
+        except BaseException:  # what it opened goes: the next check's server needs port 21
+            self._stack.close()
+            raise
+
+    def _start(self) -> Flood:
         net, agent = self.net, self.net.agent(self.node)
         address = net.addr(self.server)
         session = net.session(self.node)

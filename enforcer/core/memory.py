@@ -36,7 +36,7 @@ ITEM_BYTES = {
     "user_flow": 3600,  # record, index, stream editor, FTP filter state
     "flow_history": 1250,
     "decision": 600,
-    "address": 250,  # packet's cache of address objects
+    "address": 330,  # packet's cache of address objects (each with its text once made)
     "policy_answer": 480,  # one of the engine's remembered policy answers (POLICY_MEMO of 4 kinds)
     "expiry": 120,  # one stale permission expiry entry
     "socks_connection": 5600,  # its sockets, state, session and bind; buffers apart

@@ -197,18 +197,9 @@ def _address(raw: bytes) -> IPAddress:
     return found
 
 
-_named: dict[str, IPAddress] = {}
-
-
 def address(text: str) -> IPAddress:
-    """The address ``text`` names, as the core keeps addresses; ValueError if none. The
-    same few texts recur in requests (a session's client, a filter's server)."""
-    found = _named.get(text)
-    if found is None:
-        if len(_named) >= ADDRESS_CACHE_SIZE:
-            _named.clear()
-        found = _named[text] = _address(ipaddress.ip_address(text).packed)
-    return found
+    """The address ``text`` names, as the core keeps addresses; ValueError if none."""
+    return _address(ipaddress.ip_address(text).packed)
 
 
 def _locate(data: bytes | bytearray, start: int, limit: int, *, quoted: bool) -> Headers:

@@ -47,6 +47,10 @@ OPENED_KEPT = 16  # what a control connection opened, kept for logs and tests
 # A control connection's refusals logged: a client sending hundreds of commands at a cap
 # would otherwise have the enforcer write a line for each (its log and its time)
 LOGGED_REFUSALS = 8
+# Data connections one segment may open (PORT, EPRT, 227, 229): a client asks for one and
+# waits for its transfer; hundreds in one segment would hold the queue (and the other
+# clients' first packets behind it) while each is acted on. The rest open nothing.
+DATA_CONNECTIONS_PER_SEGMENT = 16
 log = logging.getLogger("pinhole.filters.ftp")
 
 _NUMBERS = re.compile(rb"(\d{1,3}),(\d{1,3}),(\d{1,3}),(\d{1,3}),(\d{1,3}),(\d{1,3})")
@@ -149,6 +153,7 @@ class FtpControl:
     api: SessionCalls
     opened: list[str] = field(default_factory=list)  # what it opened lately, for logs and tests
     refusals: int = 0  # commands and replies that opened nothing (the first LOGGED_REFUSALS logged)
+    asked: int = 0  # data connections asked for in the segment being read
 
     def __post_init__(self) -> None:
         # Lines are rewritten only where a SecureNAT client is translated (NAT);
@@ -171,12 +176,24 @@ class FtpControl:
 
     def on_data(self, direction: Direction, data: bytes) -> bytes:
         handle = self._command if direction is Direction.OUT else self._reply
+        self.asked = 0
         return self._lines[direction].feed(data, handle)
+
+    def _may_open(self) -> bool:
+        """Whether one more data connection may be opened for this segment."""
+        self.asked += 1
+        if self.asked <= DATA_CONNECTIONS_PER_SEGMENT:
+            return True
+        self._refused("more than %d data connections asked for in one segment: nothing opened",
+                      DATA_CONNECTIONS_PER_SEGMENT)
+        return False
 
     # --- commands: PORT and EPRT ----------------------------------------------------------
     def _command(self, line: bytes) -> bytes:
         verb, _, argument = line.strip().partition(b" ")
         verb = verb.upper()
+        if verb in (b"PORT", b"EPRT") and not self._may_open():
+            return line
         if verb == b"PORT":
             found = parse_host_port(argument)
             if found is None:
@@ -231,6 +248,8 @@ class FtpControl:
         server's): open it for the client, unless it is a third party or a privileged
         port; where the client sees only the fw, rewrite the reply to the fw's port."""
         extended = line.startswith(b"229 ")
+        if (extended or line.startswith(b"227 ")) and not self._may_open():
+            return line
         if extended:
             port = parse_epsv_reply(line)
             found = None if port is None else (self.primary.server[0], port)

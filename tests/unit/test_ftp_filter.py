@@ -18,6 +18,7 @@ from enforcer.client import Action, Flags, SessionCalls
 from enforcer.core.results import PolicyRulesDenied
 from enforcer.filters import Direction, Primary
 from enforcer.plugins.ftp import (
+    DATA_CONNECTIONS_PER_SEGMENT,
     FTP_GUID,
     LOGGED_REFUSALS,
     MAX_LINE,
@@ -307,11 +308,35 @@ def test_a_flood_of_refused_commands_is_logged_the_first_times_only(
     lines = b"".join(b"PORT 192,0,2,11,%d,%d\r\n" % divmod(20000 + i, 256) for i in range(250))
     with caplog.at_level(logging.INFO, logger="pinhole"):
         assert ftp.on_data(OUT, lines) == lines
-    assert ftp.refusals == 250 and len(api.opened()) == 250
+    assert ftp.refusals == 250  # the first DATA_CONNECTIONS_PER_SEGMENT by the API
+    assert len(api.opened()) == DATA_CONNECTIONS_PER_SEGMENT
     logged = [r.getMessage() for r in caplog.records]
     assert len(logged) == LOGGED_REFUSALS, logged
     assert all("cannot open the data connection to 192.0.2.11:" in m for m in logged)
     assert logged[-1].endswith("(this control connection's further refusals are not logged)")
+
+
+@pytest.mark.parametrize("direction", ["commands", "replies"])
+def test_a_segment_opens_a_bounded_number_of_data_connections(direction: str) -> None:
+    """Hundreds of PORT commands (or 227 replies) in one segment: the first
+    DATA_CONNECTIONS_PER_SEGMENT are acted on, the rest pass as they came and open nothing;
+    the next segment may open as many again."""
+    ftp, api = control()
+    if direction == "commands":
+        lines = [b"PORT 192,0,2,11,%d,%d\r\n" % divmod(20000 + i, 256) for i in range(100)]
+        side, opening = OUT, "bind_for_client"
+    else:
+        lines = [b"227 Entering Passive Mode (198,51,100,21,%d,%d).\r\n" % divmod(20000 + i, 256)
+                 for i in range(100)]
+        side, opening = BACK, "allow_future_connect"
+
+    def opened() -> int:
+        return sum(method == opening for method, _ in api.opened())
+    assert ftp.on_data(side, b"".join(lines)) == b"".join(lines)
+    assert opened() == DATA_CONNECTIONS_PER_SEGMENT
+    assert ftp.refusals == 100 - DATA_CONNECTIONS_PER_SEGMENT
+    assert ftp.on_data(side, b"".join(lines[:3])) == b"".join(lines[:3])
+    assert opened() == DATA_CONNECTIONS_PER_SEGMENT + 3
 
 
 # --- split, long and malformed input ---------------------------------------------------------

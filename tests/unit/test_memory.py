@@ -314,8 +314,9 @@ MEASURED: dict[str, Callable[[], float]] = {
     "user_flow": lambda: max(per_item(securenat_sessions, ftp_flow),
                              per_item(securenat_sessions, redirected_flow)),
     "flow_history": lambda: per_item(securenat_sessions, kernel_flow),
-    "address": lambda: per_item(nothing, lambda e, _, i: packet._address(
-        client(i + 10**6).packed) and None),
+    # with its text, which it keeps once asked for it
+    "address": lambda: per_item(nothing, lambda e, _, i: str(packet._address(
+        client(i + 10**6).packed)) and None),
     "decision": lambda: decision_size(),
     "policy_answer": policy_answer_size,
     "socks_connection": lambda: max(socks_connections("associated"), socks_connections("relaying")),

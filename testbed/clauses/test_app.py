@@ -384,11 +384,13 @@ def assert_met_the_fw_alone(app: App, captured: list[Packet], fw: str, control_p
     strays = [p for p in captured if {p[layer].src, p[layer].dst} != {c1, fw}]
     assert not strays, (f"{mode}: c1 met others than the fw's {fw}:\n"
                         + "\n".join(p.summary() for p in strays[:10]))
-    opened = {(p[layer].src, p[TCP].sport, p[layer].dst, p[TCP].dport) for p in captured
-              if TCP in p and p[TCP].flags & 0x12 == 0x02}  # bare SYNs, each connection once
-    control = {o for o in opened if (o[0], *o[2:]) == (c1, fw, control_port)}
+    # bare SYNs, each connection once (by its initial sequence number too: a data connection
+    # may come again from and to the same ports as the one before it)
+    opened = {(p[layer].src, p[TCP].sport, p[layer].dst, p[TCP].dport, p[TCP].seq) for p in captured
+              if TCP in p and p[TCP].flags & 0x12 == 0x02}
+    control = {o for o in opened if (o[0], o[2], o[3]) == (c1, fw, control_port)}
     assert len(control) == 1, f"{mode}: one control connection expected, saw {sorted(opened)}"
-    data = [(src, dst) for src, _, dst, _ in opened - control]
+    data = [(src, dst) for src, _, dst, _, _ in opened - control]
     by = (c1, fw) if mode in PASSIVE else (fw, c1)
     assert data == [by] * copies, \
         f"{mode}: {copies} data connections from {by[0]} to {by[1]} expected, saw {data}"

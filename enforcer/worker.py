@@ -156,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     assert worker.queue is not None
     try:
+        daemon.settle_heap()
         send(sock, ("ready",))
         worker.run()
     finally:

@@ -25,6 +25,7 @@ VICTIM_PORT = 30080  # where the measured client connects (a grant of its own ad
 FLOOD_GRANT_PORTS = 40000  # the first target port of the flooder's grant calls
 TFTP_REQUEST = b"\x00\x01flood.bin\x00octet\x00"
 PORT_LINES_PER_CHUNK = 250
+CONTROL_WAIT = 60.0  # seconds the flooder tries its FTP control connection
 
 
 @dataclass
@@ -143,9 +144,16 @@ class Flood:
         session = net.session(self.node)
         # the FTP server the PORT lines go to (the filter reads them on the way)
         self._stack.enter_context(net.agent(self.server).tcp_server(address, 21))
-        control = self._stack.enter_context(agent.tcp_open(address, 21))
+        # An earlier flood's connections may hold the flooder at its user-mode flow cap
+        # until the fw's conntrack forgets them: its control connection is tried until then.
+        deadline = time.monotonic() + CONTROL_WAIT
+        while True:
+            control = self._stack.enter_context(agent.tcp_open(address, 21))
+            if control.connected or time.monotonic() >= deadline:
+                break
         if not control.connected:
-            raise RuntimeError(f"the flooder's FTP control connection failed: {control.error}")
+            raise RuntimeError(f"the flooder's FTP control connection failed for {CONTROL_WAIT:g} s: "
+                               f"{control.error}")
         base = [int(b) for b in net.addr(self.node).split(".")] if net.family == "ipv4" else None
         self._started = time.monotonic()
 

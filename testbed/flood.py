@@ -151,6 +151,7 @@ class Flood:
             control = self._stack.enter_context(agent.tcp_open(address, 21))
             if control.connected or time.monotonic() >= deadline:
                 break
+            time.sleep(0.5)  # (a refusal comes at once)
         if not control.connected:
             raise RuntimeError(f"the flooder's FTP control connection failed for {CONTROL_WAIT:g} s: "
                                f"{control.error}")

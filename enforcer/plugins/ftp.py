@@ -248,15 +248,13 @@ class FtpControl:
         server's): open it for the client, unless it is a third party or a privileged
         port; where the client sees only the fw, rewrite the reply to the fw's port."""
         extended = line.startswith(b"229 ")
-        if (extended or line.startswith(b"227 ")) and not self._may_open():
+        if not (extended or line.startswith(b"227 ")) or not self._may_open():
             return line
         if extended:
             port = parse_epsv_reply(line)
             found = None if port is None else (self.primary.server[0], port)
-        elif line.startswith(b"227 "):
-            found = parse_host_port(line[4:])
         else:
-            return line
+            found = parse_host_port(line[4:])
         if found is None:
             return line
         address, port = found

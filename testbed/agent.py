@@ -35,6 +35,7 @@ import os
 import pickle
 import random
 import re
+import select
 import selectors
 import signal
 import socket
@@ -69,6 +70,13 @@ CLOSE_STEP = 3.0
 # being dropped; Scapy asks for 64 KiB. Set past net.core.rmem_max (root): SO_RCVBUFFORCE.
 CAPTURE_BUFFER = 32 << 20
 SO_RCVBUFFORCE = 33  # Linux; Python's socket module lacks it
+# A capture socket's kernel counters (struct tpacket_stats: packets, drops; reading resets
+# them): a drop is a packet the socket's buffer had no room for.
+SOL_PACKET, PACKET_STATISTICS = 263, 6
+_TPACKET_STATS = struct.Struct("II")
+# How long a stopping capture may read what its socket holds (a busy interface keeps
+# filling it; what arrived after the stop is not the capture's).
+DRAIN_LIMIT = 5.0
 
 
 class AgentError(RuntimeError):
@@ -407,10 +415,11 @@ class Agent:
         self.call("send", {"pkts": _encode_packets(pkts), "iface": iface},
                   timeout=CALL_TIMEOUT + timeouts.POSITIVE)
 
-    def sniff(self, iface: str, *, bpf: str | None = None) -> Sniffer:
-        """Start capturing on ``iface``; returns once the capture is really running."""
-        res = self.call("sniff_start", {"iface": iface, "bpf": bpf})
-        return Sniffer(self, int(res["sid"]), iface, bpf)
+    def sniff(self, iface: str, *, bpf: str | None = None, buffer: int = CAPTURE_BUFFER) -> Sniffer:
+        """Start capturing on ``iface`` (``buffer``: the capture socket's receive buffer,
+        bytes); returns once the capture is really running."""
+        res = self.call("sniff_start", {"iface": iface, "bpf": bpf, "buffer": buffer})
+        return Sniffer(self, int(res["sid"]), iface, bpf, buffer)
 
     # -- real sockets -----------------------------------------------------------
 
@@ -674,14 +683,17 @@ class SocksConnection(TcpConnection):
 class Sniffer:
     """A capture running in an agent. ``packets()`` returns what arrived so far."""
 
-    def __init__(self, agent: Agent, sid: int, iface: str, bpf: str | None) -> None:
+    def __init__(self, agent: Agent, sid: int, iface: str, bpf: str | None,
+                 buffer: int = CAPTURE_BUFFER) -> None:
         self.agent = agent
         self.sid = sid
         self.iface = iface
         self.bpf = bpf
+        self.buffer = buffer
         self._packets: list[Any] = []
         self._stopped = False
         self._lock = threading.Lock()
+        self.lost = 0  # packets the capture's socket had no room for (then packets() raises)
 
     @property
     def label(self) -> str:
@@ -697,16 +709,25 @@ class Sniffer:
                 f"agent {self.agent.name} (netns {self.agent.netns}): sniffer on "
                 f"{self.iface} failed: {res['error']}"
             )
+        self.lost = int(res["lost"])
 
     def packets(self) -> list[Any]:
-        """Every packet captured so far (Scapy packets with ``.time`` set)."""
+        """Every packet captured so far (Scapy packets with ``.time`` set). Raises
+        AgentError once the capture has lost a packet: what it shows is then not all that
+        arrived, and a check by it (that nothing came, above all) would conclude from part
+        of the traffic."""
         with self._lock:
             if not self._stopped:
                 self._fetch()
+            if self.lost:
+                raise AgentError(
+                    f"the capture on {self.label} lost {self.lost} packets (its socket's "
+                    f"{self.buffer} B buffer was full): it cannot show what arrived")
             return list(self._packets)
 
     def stop(self) -> None:
-        """Stop capturing (idempotent); ``packets()`` still returns what was captured."""
+        """Stop capturing (idempotent), after taking what the capture's socket holds;
+        ``packets()`` still returns what was captured (or says it lost some)."""
         with self._lock:
             if self._stopped:
                 return
@@ -784,11 +805,33 @@ class _SniffState:
         self.started = threading.Event()
         self.sniffer: Any = None
         self.socket: Any = None  # the capture socket the sniffer reads (closed with it)
+        self.lost = 0  # packets the socket had no room for (PACKET_STATISTICS, summed)
 
     def add(self, pkt: Any) -> None:
         item = [type(pkt).__name__, _b64(bytes(pkt)), float(pkt.time)]
         with self.lock:
             self.packets.append(item)
+
+    def count_losses(self) -> int:
+        """The packets the socket has had no room for so far (while it is open)."""
+        if self.socket is not None and not self.socket.closed:
+            raw = self.socket.ins.getsockopt(SOL_PACKET, PACKET_STATISTICS, _TPACKET_STATS.size)
+            self.lost += _TPACKET_STATS.unpack(raw)[1]
+        return self.lost
+
+    def drain(self, stopped_at: float) -> None:
+        """Take what the socket still holds that arrived before ``stopped_at`` (the
+        sniffer's thread has stopped: Scapy's loop ends at its stop without reading the
+        socket again, and a thread behind its traffic left the rest unread)."""
+        deadline = time.monotonic() + DRAIN_LIMIT
+        sock = self.socket
+        while time.monotonic() < deadline and select.select([sock.ins], [], [], 0)[0]:
+            pkt = sock.recv()
+            if pkt is None:  # one the socket reads and drops (an outgoing copy on lo, say)
+                continue
+            if float(pkt.time) > stopped_at:
+                break
+            self.add(pkt)
 
 
 class _EchoServer:
@@ -1194,7 +1237,8 @@ class _AgentServer:
             return str(ans[Ether].src)
         return None
 
-    def m_sniff_start(self, iface: str, bpf: str | None = None) -> dict[str, Any]:
+    def m_sniff_start(self, iface: str, bpf: str | None = None,
+                      buffer: int = CAPTURE_BUFFER) -> dict[str, Any]:
         from scapy.config import conf
         from scapy.sendrecv import AsyncSniffer
 
@@ -1207,7 +1251,7 @@ class _AgentServer:
         except Exception as exc:  # no such interface, a filter that does not compile
             raise failed(exc) from None
         # what arrives while the sniffer's thread waits for the CPU is kept, not dropped
-        st.socket.ins.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, CAPTURE_BUFFER)
+        st.socket.ins.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, buffer)
         st.sniffer = AsyncSniffer(opened_socket=st.socket, prn=st.add, store=False,
                                   started_callback=st.started.set)
         st.sniffer.start()
@@ -1243,12 +1287,17 @@ class _AgentServer:
             "packets": pkts,
             "running": bool(st.sniffer.running),
             "error": None if exc is None else repr(exc),
+            "lost": st.count_losses(),
         }
 
     def m_sniff_stop(self, sid: int) -> None:
         st = self._sniffer(sid)
+        stopped_at = time.time()
         if st.sniffer.running:
             st.sniffer.stop(join=True)
+        if not st.socket.closed:
+            st.drain(stopped_at)
+            st.count_losses()
         st.socket.close()
 
     def m_sniff_forget(self, sid: int) -> None:

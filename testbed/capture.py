@@ -14,25 +14,29 @@ from __future__ import annotations
 import collections
 import contextlib
 import os
+import re
 import shutil
 import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-__all__ = ["SLL2_OUTGOING", "CaptureError", "FwCapture", "FwPackets", "PcapTail", "pcap_tail"]
+__all__ = ["SLL2_OUTGOING", "CaptureError", "FwCapture", "FwPackets", "PcapTail", "dropped_count",
+           "pcap_tail", "relied_on_for_absence"]
 
-# The capture's whole packets (an IP packet, GRO's included, is at most 64 KiB) and its
-# kernel buffer (KiB): in immediate mode libpcap gives each packet a ring slot of the
-# snapshot length, so tcpdump's defaults (262144 bytes, 2 MiB) leave 8 slots, which a
-# tcpdump waiting for the CPU on a loaded machine overran (packets missing from a pcap);
-# these leave 128.
-SNAPLEN = 65535
-BUFFER_KIB = 8192
+# The capture's snapshot length and kernel buffer (KiB). In immediate mode libpcap gives
+# each packet a ring slot of the snapshot length: whole 64 KiB packets (GRO's) left 128
+# slots in 8 MiB, and a bulk transfer or a flood through the fw overran them on a loaded
+# machine (tcpdump said "dropped by kernel" in 64 checks of one full run). What a check
+# reads of the fw's capture is headers, a probe, an answer, a control line or an ICMP error
+# (which quotes at most 1280 bytes, RFC 4443): 2048 bytes hold each whole; a transfer's
+# bulk data is compared at its ends, by digest. These leave about 7800 slots.
+SNAPLEN = 2048
+BUFFER_KIB = 16384
 # How long to wait for tcpdump to say it is listening.
 START_TIMEOUT = 10.0
 # How long to wait for tcpdump to exit after SIGINT before killing it.
@@ -144,6 +148,13 @@ class FwCapture:
         self._terminate()
         return self.path
 
+    @property
+    def dropped(self) -> int | None:
+        """The packets the capture lost (tcpdump's "dropped by kernel" and "dropped by
+        interface" counts, as it says them when it stops), or None before it has said them
+        (running, or killed)."""
+        return dropped_count(self._stderr)
+
     def __enter__(self) -> Self:
         return self
 
@@ -158,6 +169,18 @@ class FwCapture:
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"
         return f"<FwCapture netns={self.netns} path={self.path} {state}>"
+
+
+# tcpdump's last words: "N packets dropped by kernel" (and, where the interface counts its
+# own, "N packets dropped by interface")
+_DROPPED = re.compile(r"(\d+) packets? dropped by (?:kernel|interface)")
+
+def dropped_count(lines: Iterable[str]) -> int | None:
+    """The packets tcpdump says it lost, from its stderr lines: its "dropped by kernel" and
+    "dropped by interface" counts, summed; None when it has said none (still running,
+    or killed)."""
+    counts = [int(m.group(1)) for line in lines if (m := _DROPPED.fullmatch(line.strip()))]
+    return sum(counts) if counts else None
 
 
 # LINUX_SLL2's packet type of a packet the capturing host sent (others it received)
@@ -245,9 +268,24 @@ def pcap_tail(path: Path | str) -> PcapTail:
         return tail
 
 
+# The pcaps a check concluded from by what they did not show (a negative check): one
+# that tcpdump then says lost packets cannot support it (``relied_on_for_absence``)
+_ABSENCES: set[Path] = set()
+
+
+def relied_on_for_absence(path: Path | str) -> bool:
+    """Whether a check concluded from what the pcap at ``path`` did not show (since the
+    last asking: it is forgotten then)."""
+    key = Path(path)
+    found = key in _ABSENCES
+    _ABSENCES.discard(key)
+    return found
+
+
 class FwPackets:
     """The packets of a growing FwCapture pcap that ``keep`` accepts: a sniffer for
-    testbed.checks (``packets()``, ``label``)."""
+    testbed.checks (``packets()``, ``label``; ``absence_relied_on()``, which a negative
+    check calls)."""
 
     def __init__(self, path: Path | str, label: str, keep: Callable[[Any], bool]) -> None:
         self.path = Path(path)
@@ -256,6 +294,11 @@ class FwPackets:
 
     def packets(self) -> list[Any]:
         return [p for p in pcap_tail(self.path).read() if self.keep(p)]
+
+    def absence_relied_on(self) -> None:
+        """A check concluded from what this capture did not show: a loss tcpdump reports
+        when it stops makes that check fail (tcpdump tells none while it runs)."""
+        _ABSENCES.add(self.path)
 
     def __repr__(self) -> str:
         return f"<FwPackets {self.label}>"

@@ -386,8 +386,17 @@ def expect_no_packet(sniffer: SnifferLike, template: Template, *,
             ]
             raise CheckFailed("\n".join(lines))
         if last_round:
+            _absence_relied_on(sniffer)
             return
         time.sleep(min(POLL_INTERVAL, max(0.0, deadline - time.monotonic())))
+
+
+def _absence_relied_on(sniffer: SnifferLike) -> None:
+    """A check passed on what ``sniffer`` did not show: tell a capture that can learn only
+    later that it lost packets (``testbed.capture.FwPackets``), so that the loss fails it."""
+    tell = getattr(sniffer, "absence_relied_on", None)
+    if tell is not None:
+        tell()
 
 
 def expect_nothing_else(sniffer: SnifferLike, allowed: Iterable[Template], *,
@@ -404,6 +413,7 @@ def expect_nothing_else(sniffer: SnifferLike, allowed: Iterable[Template], *,
         if not (ignore_noise and is_noise(p)) and not any(matches(t, p) for t in allowed)
     ]
     if not bad:
+        _absence_relied_on(sniffer)
         return
     lines = [
         f"expect_nothing_else: {len(bad)} unexpected packet{'s' if len(bad) != 1 else ''}",

@@ -569,7 +569,7 @@ def _pinhole_fw_pcap(request: pytest.FixtureRequest) -> Iterator[None]:
     if "lab" not in request.fixturenames:
         yield
         return
-    from testbed.capture import FwCapture
+    from testbed.capture import FwCapture, relied_on_for_absence
     from testbed.checks import set_current_pcap
 
     the_lab: Lab = request.getfixturevalue("lab")
@@ -577,7 +577,7 @@ def _pinhole_fw_pcap(request: pytest.FixtureRequest) -> Iterator[None]:
     path = request.config.stash[_ARTIFACTS] / "pcap" / f"{name}.pcap"
     path.parent.mkdir(parents=True, exist_ok=True)
     request.node.user_properties.append(("pcap", str(path)))
-    with FwCapture(the_lab.tb.netns("fw"), path):
+    with FwCapture(the_lab.tb.netns("fw"), path) as capture:
         set_current_pcap(str(path))
         try:
             yield
@@ -586,6 +586,13 @@ def _pinhole_fw_pcap(request: pytest.FixtureRequest) -> Iterator[None]:
             log = getattr(the_lab.firewall, "log_path", None)  # the firewall the check used
             if log is not None:
                 request.node.user_properties.append(("log", str(log)))
+    relied_on = relied_on_for_absence(path)
+    if capture.dropped:
+        request.node.user_properties.append(("pcap dropped", capture.dropped))
+        if relied_on and request.node.stash.get(_OUTCOME, "passed") == "passed":
+            pytest.fail(f"the fw's capture lost {capture.dropped} packets (tcpdump: dropped), "
+                        f"and the check concluded from what it did not show ({path}): the "
+                        "packet it says never came may be one of them", pytrace=False)
 
 
 # --- results ------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """testbed.capture's pcap tail: a pcap read while it grows, each record dissected once, a
 record still being written left for the next read, a new file under the same path read
-anew (no root needed)."""
+anew; and what tcpdump says it lost (no root needed)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from scapy.layers.inet import IP, UDP
 from scapy.layers.l2 import CookedLinuxV2
 from scapy.utils import PcapWriter
 
-from testbed.capture import FwPackets, PcapTail, pcap_tail
+from testbed.capture import FwPackets, PcapTail, dropped_count, pcap_tail, relied_on_for_absence
 
 SLL2 = 276  # LINKTYPE_LINUX_SLL2
 
@@ -82,3 +82,24 @@ def test_sniffers_of_one_pcap_share_its_reader(tmp_path: Path) -> None:
     even = FwPackets(path, "even", lambda p: p.ifindex % 2 == 0)
     assert [p.ifindex for p in odd.packets()] == [1, 3]
     assert [p.ifindex for p in even.packets()] == [0, 2]
+
+
+def test_what_tcpdump_says_it_lost_is_read_from_its_last_words() -> None:
+    listening = ("tcpdump: listening on any, link-type LINUX_SLL2 (Linux cooked v2), "
+                 "snapshot length 65535 bytes")
+    assert dropped_count([listening]) is None  # running, or killed: it has said nothing
+    said = [listening, "12 packets captured", "15 packets received by filter",
+            "3 packets dropped by kernel"]
+    assert dropped_count(said) == 3
+    assert dropped_count([*said[:3], "0 packets dropped by kernel"]) == 0
+    assert dropped_count([*said, "1 packet dropped by interface"]) == 4
+
+
+def test_a_pcap_a_negative_check_relied_on_is_known_until_asked(tmp_path: Path) -> None:
+    path = tmp_path / "fw.pcap"
+    sent = FwPackets(path, "the fw, sent", lambda p: True)
+    assert not relied_on_for_absence(path)
+    sent.absence_relied_on()
+    assert not relied_on_for_absence(tmp_path / "other.pcap")
+    assert relied_on_for_absence(str(path))
+    assert not relied_on_for_absence(path)  # forgotten once asked (the next check's is its own)

@@ -187,6 +187,30 @@ def test_expect_nothing_else() -> None:
     assert "UDP.dport=domain (53)" in msg  # the allowed templates are listed
 
 
+class TellingSniffer(FakeSniffer):
+    """A capture that learns of its losses only later (as the fw's tcpdump does)."""
+
+    def __init__(self, pkts: list[Packet]) -> None:
+        super().__init__(pkts)
+        self.relied_on = 0
+
+    def absence_relied_on(self) -> None:
+        self.relied_on += 1
+
+
+def test_a_negative_check_tells_its_capture_that_it_concluded_from_an_absence() -> None:
+    sn = TellingSniffer([udp4(53)])
+    expect_no_packet(sn, UDP(dport=54), timeout=0)
+    expect_nothing_else(sn, [UDP(dport=53)])
+    assert sn.relied_on == 2
+    expect_packet(sn, UDP(dport=53), timeout=0)  # a packet found is there, lost ones or not
+    with pytest.raises(CheckFailed):  # a check that failed concluded nothing from it
+        expect_no_packet(sn, UDP(dport=53), timeout=0)
+    with pytest.raises(CheckFailed):
+        expect_nothing_else(sn, [])
+    assert sn.relied_on == 2
+
+
 # -- timeouts ------------------------------------------------------------------------------
 
 

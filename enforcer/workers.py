@@ -211,9 +211,12 @@ class Worker:
                 self.process.wait()
             self.process = None
 
-    def status(self) -> dict[str, object]:
+    def status(self, now: float) -> dict[str, object]:
+        """``silent_s``: seconds since the main process last heard from it (None: it is
+        not running; past ``SILENCE_LIMIT`` it is killed)."""
         return {"worker": self.index, "queue": self.queue, "ready": self.ready,
-                "pid": None if self.process is None else self.process.pid, "starts": self.starts}
+                "pid": None if self.process is None else self.process.pid, "starts": self.starts,
+                "silent_s": None if self.socket is None else round(now - self.heard, 1)}
 
 
 class WorkerPool:
@@ -352,4 +355,5 @@ class WorkerPool:
             worker.stop()
 
     def status(self) -> list[dict[str, object]]:
-        return [w.status() for w in self.workers.values()]
+        now = self.clock()
+        return [w.status(now) for w in self.workers.values()]

@@ -166,6 +166,8 @@ def test_a_dead_or_hung_worker_is_replaced_and_its_flows_go_on(tb: Testbed, enfo
     assert status["counters"].get("user-mode flows lost with a worker", 0) == 0
     assert status["counters"].get("worker processes killed: silent", 0) == (how == "hung")
     assert [w["starts"] for w in status["workers"]] == [2, 1], "an idle worker was taken to hang"
+    # each running worker was heard within its heartbeat (the idle one too)
+    assert all(w["silent_s"] <= 2 * workers.HEARTBEAT for w in status["workers"]), status["workers"]
 
 
 def test_a_stop_or_a_killed_enforcer_leaves_no_worker(tb: Testbed, enforcer: EnforcerProcess) -> None:

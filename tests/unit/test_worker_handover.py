@@ -289,11 +289,13 @@ def test_a_worker_is_silent_past_its_limit_and_killed_then() -> None:
         pool.read(1)
         now[0] += workers.SILENCE_LIMIT + 0.5
         assert pool.silent(now[0]) == [1]
+        assert pool.status()[0]["silent_s"] == workers.SILENCE_LIMIT + 0.5  # status says it
         worker.process.send_signal(19)  # SIGSTOP: it hangs
         pool.kill(1)
         assert worker.process.wait(5) == -9
         pool.lost(1)
         assert pool.silent(now[0]) == [] and worker.socket is None and not worker.ready
+        assert pool.status()[0]["silent_s"] is None
         pool.due(now[0])
         assert worker.process is None, "reaped"
     finally:

@@ -589,10 +589,22 @@ def _pinhole_fw_pcap(request: pytest.FixtureRequest) -> Iterator[None]:
     relied_on = relied_on_for_absence(path)
     if capture.dropped:
         request.node.user_properties.append(("pcap dropped", capture.dropped))
-        if relied_on and request.node.stash.get(_OUTCOME, "passed") == "passed":
-            pytest.fail(f"the fw's capture lost {capture.dropped} packets (tcpdump: dropped), "
-                        f"and the check concluded from what it did not show ({path}): the "
-                        "packet it says never came may be one of them", pytrace=False)
+        if request.node.stash.get(_OUTCOME, "passed") != "passed":  # said beside why it failed
+            request.node.stash[_DETAIL] = (f"{request.node.stash.get(_DETAIL, '')}\n"
+                                           f"{capture_loss(capture.dropped, path, failed=True)}")
+        elif relied_on:
+            pytest.fail(capture_loss(capture.dropped, path, failed=False), pytrace=False)
+
+
+def capture_loss(dropped: int, path: Path, *, failed: bool) -> str:
+    """What it means for a check that its fw capture lost ``dropped`` packets: one that
+    failed may have looked for a lost packet; one that passed on what the capture did not
+    show cannot stand. (To one that passed on packets it found there, nothing.)"""
+    lost = f"the fw's capture ({path}) lost {dropped} packets (tcpdump: dropped)"
+    if failed:
+        return f"{lost}: a packet the check looked for in it may be one of them"
+    return (f"{lost}, and the check concluded from what it did not show: the packet it says "
+            "never came may be one of them")
 
 
 # --- results ------------------------------------------------------------------------------

@@ -815,9 +815,13 @@ class _SniffState:
     def count_losses(self) -> int:
         """The packets the socket has had no room for so far (while it is open)."""
         if self.socket is not None and not self.socket.closed:
-            raw = self.socket.ins.getsockopt(SOL_PACKET, PACKET_STATISTICS, _TPACKET_STATS.size)
-            self.lost += _TPACKET_STATS.unpack(raw)[1]
+            self.lost += self.drops()
         return self.lost
+
+    def drops(self) -> int:
+        """The socket's drops since they were last read (reading resets them)."""
+        raw = self.socket.ins.getsockopt(SOL_PACKET, PACKET_STATISTICS, _TPACKET_STATS.size)
+        return int(_TPACKET_STATS.unpack(raw)[1])
 
     def drain(self, stopped_at: float) -> None:
         """Take what the socket still holds that arrived before ``stopped_at`` (the
@@ -1252,6 +1256,10 @@ class _AgentServer:
             raise failed(exc) from None
         # what arrives while the sniffer's thread waits for the CPU is kept, not dropped
         st.socket.ins.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, buffer)
+        # Scapy opens the socket before it attaches the filter, and with a tiny buffer: what
+        # it dropped until then is traffic the capture does not take, before it started
+        # (Scapy discards what it queued); not a loss of the capture's
+        st.drops()
         st.sniffer = AsyncSniffer(opened_socket=st.socket, prn=st.add, store=False,
                                   started_callback=st.started.set)
         st.sniffer.start()

@@ -175,6 +175,7 @@ class FwCapture:
 # own, "N packets dropped by interface")
 _DROPPED = re.compile(r"(\d+) packets? dropped by (?:kernel|interface)")
 
+
 def dropped_count(lines: Iterable[str]) -> int | None:
     """The packets tcpdump says it lost, from its stderr lines: its "dropped by kernel" and
     "dropped by interface" counts, summed; None when it has said none (still running,

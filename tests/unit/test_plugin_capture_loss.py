@@ -65,7 +65,7 @@ def test_a_lost_packet_fails_a_check_that_concluded_from_an_absence(
     import testbed.capture
     monkeypatch.setattr(testbed.capture, "FwCapture", testbed.capture.FwCapture)  # restored after
     pytester.makeconftest(CONFTEST)
-    pytester.makepyfile(test_checks=CHECKS)
+    pytester.makepyfile(test_lossy_capture_checks=CHECKS)
     result = pytester.runpytest_inprocess("-p", "no:cacheprovider", "--junitxml=junit.xml")
     result.assert_outcomes(passed=2, failed=1, errors=1)
     result.stdout.fnmatch_lines(["*ERROR at teardown of test_nothing_came*",

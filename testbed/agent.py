@@ -77,6 +77,8 @@ _TPACKET_STATS = struct.Struct("II")
 # How long a stopping capture may read what its socket holds (a busy interface keeps
 # filling it; what arrived after the stop is not the capture's).
 DRAIN_LIMIT = 5.0
+# What is left then is counted as lost, up to this many packets (read unparsed)
+DISCARD_LIMIT = 1 << 20
 
 
 class AgentError(RuntimeError):
@@ -826,16 +828,32 @@ class _SniffState:
     def drain(self, stopped_at: float) -> None:
         """Take what the socket still holds that arrived before ``stopped_at`` (the
         sniffer's thread has stopped: Scapy's loop ends at its stop without reading the
-        socket again, and a thread behind its traffic left the rest unread)."""
+        socket again, and a thread behind its traffic left the rest unread). What it cannot
+        read within DRAIN_LIMIT counts as lost (with what came after the stop among it, if
+        any: the capture is then incomplete anyway)."""
         deadline = time.monotonic() + DRAIN_LIMIT
         sock = self.socket
-        while time.monotonic() < deadline and select.select([sock.ins], [], [], 0)[0]:
+        while select.select([sock.ins], [], [], 0)[0]:
+            if time.monotonic() >= deadline:  # what is left unread counts as lost
+                self.lost += self._discard(sock.ins)
+                return
             pkt = sock.recv()
             if pkt is None:  # one the socket reads and drops (an outgoing copy on lo, say)
                 continue
             if float(pkt.time) > stopped_at:
-                break
+                return
             self.add(pkt)
+
+    @staticmethod
+    def _discard(sock: socket.socket) -> int:
+        """Read and count what ``sock`` holds, unparsed (at most DISCARD_LIMIT packets: a
+        flood may keep filling it); at least 1."""
+        count = 0
+        with contextlib.suppress(BlockingIOError):
+            while count < DISCARD_LIMIT:
+                sock.recv(1, socket.MSG_DONTWAIT | socket.MSG_TRUNC)
+                count += 1
+        return max(1, count)
 
 
 class _EchoServer:

@@ -586,20 +586,31 @@ def _pinhole_fw_pcap(request: pytest.FixtureRequest) -> Iterator[None]:
             log = getattr(the_lab.firewall, "log_path", None)  # the firewall the check used
             if log is not None:
                 request.node.user_properties.append(("log", str(log)))
-    relied_on = relied_on_for_absence(path)
-    if capture.dropped:
-        request.node.user_properties.append(("pcap dropped", capture.dropped))
-        if request.node.stash.get(_OUTCOME, "passed") != "passed":  # said beside why it failed
-            request.node.stash[_DETAIL] = (f"{request.node.stash.get(_DETAIL, '')}\n"
-                                           f"{capture_loss(capture.dropped, path, failed=True)}")
-        elif relied_on:
-            pytest.fail(capture_loss(capture.dropped, path, failed=False), pytrace=False)
+    relied_on, dropped = relied_on_for_absence(path), capture.dropped
+    if dropped:
+        request.node.user_properties.append(("pcap dropped", dropped))
+    outcome = request.node.stash.get(_OUTCOME, "passed")
+    if outcome not in ("passed", "failed"):  # skipped: it concluded nothing
+        return
+    loss = capture_loss(dropped, path, failed=outcome == "failed", relied_on=relied_on)
+    if loss is not None and outcome == "passed":
+        pytest.fail(loss, pytrace=False)
+    if loss is not None:  # said beside why it failed
+        request.node.stash[_DETAIL] = f"{request.node.stash.get(_DETAIL, '')}\n{loss}"
 
 
-def capture_loss(dropped: int, path: Path, *, failed: bool) -> str:
-    """What it means for a check that its fw capture lost ``dropped`` packets: one that
-    failed may have looked for a lost packet; one that passed on what the capture did not
-    show cannot stand. (To one that passed on packets it found there, nothing.)"""
+def capture_loss(dropped: int | None, path: Path, *, failed: bool, relied_on: bool) -> str | None:
+    """What a check is to be told of its fw capture's losses (``dropped``: tcpdump's
+    count, None if it said none), if anything: one that failed, that it may have looked
+    for a lost packet; one that passed on what the capture did not show (``relied_on``),
+    that it cannot stand, as when tcpdump did not say (killed, or ended early). To one
+    that passed on packets it found there, nothing."""
+    if dropped == 0 or not (failed or relied_on):
+        return None
+    if dropped is None:
+        return None if failed else (
+            f"tcpdump did not say whether the fw's capture ({path}) lost packets (it was "
+            "killed, or ended early), and the check concluded from what it did not show")
     lost = f"the fw's capture ({path}) lost {dropped} packets (tcpdump: dropped)"
     if failed:
         return f"{lost}: a packet the check looked for in it may be one of them"

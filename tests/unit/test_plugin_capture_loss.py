@@ -4,7 +4,11 @@ found stands; one that failed says the loss beside why. The capture is a stand-i
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+
+from testbed.plugin import capture_loss
 
 pytest_plugins = ["pytester"]
 
@@ -72,3 +76,17 @@ def test_a_lost_packet_fails_a_check_that_concluded_from_an_absence(
                                  "*lost 7 packets*concluded from what it did not show*"])
     junit = (pytester.path / "junit.xml").read_text()
     assert junit.count('name="pcap dropped" value="7"') == 3
+
+
+def test_what_a_check_is_told_of_its_captures_losses() -> None:
+    pcap = Path("fw.pcap")
+    for failed in (False, True):
+        for relied_on in (False, True):
+            assert capture_loss(0, pcap, failed=failed, relied_on=relied_on) is None
+    assert capture_loss(3, pcap, failed=False, relied_on=False) is None  # it found its packets
+    assert "may be one of them" in str(capture_loss(3, pcap, failed=True, relied_on=False))
+    assert "never came may be" in str(capture_loss(3, pcap, failed=False, relied_on=True))
+    # tcpdump said nothing (killed): an absence cannot stand on it; a failure stays as it is
+    assert "did not say" in str(capture_loss(None, pcap, failed=False, relied_on=True))
+    assert capture_loss(None, pcap, failed=True, relied_on=True) is None
+    assert capture_loss(None, pcap, failed=False, relied_on=False) is None

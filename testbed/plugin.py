@@ -593,10 +593,11 @@ def _pinhole_fw_pcap(request: pytest.FixtureRequest) -> Iterator[None]:
     if outcome not in ("passed", "failed"):  # skipped: it concluded nothing
         return
     loss = capture_loss(dropped, path, failed=outcome == "failed", relied_on=relied_on)
-    if loss is not None and outcome == "passed":
+    if loss is None:
+        return
+    if outcome == "passed":
         pytest.fail(loss, pytrace=False)
-    if loss is not None:  # said beside why it failed
-        request.node.stash[_DETAIL] = f"{request.node.stash.get(_DETAIL, '')}\n{loss}"
+    request.node.stash[_DETAIL] = f"{request.node.stash.get(_DETAIL, '')}\n{loss}"  # beside why
 
 
 def capture_loss(dropped: int | None, path: Path, *, failed: bool, relied_on: bool) -> str | None:

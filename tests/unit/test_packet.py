@@ -283,6 +283,7 @@ def test_addresses_as_the_core_keeps_them_are_the_standard_ones_to_every_table(t
     assert kept == standard and hash(kept) == hash(standard) and str(kept) == text
     assert {standard: "found"}[kept] == {kept: "found"}[standard] == "found"
     assert kept is packet.address(text)  # one object per address, while the cache holds it
+    assert packet.address(text.upper()) is kept  # another text of it, the same address
     # its text, kept once made, is the standard one in every use, and so is a copy's
     assert (str(kept), f"{kept}", repr(kept).split("'")[1]) == (str(standard),) * 3
     copy = pickle.loads(pickle.dumps(kept))

@@ -119,11 +119,16 @@ class Decisions(Binding):
         return answer._replace(effects=tuple(self.take_effects())) if self.effects else answer
 
     def _handle(self, queued: QueuedPacket, now: float) -> Answer:
+        # What cannot be read, or not rewritten from the bytes at hand (a copy cut short
+        # of a packet a path rewrites), is dropped as unreadable: not a bug of the engine's
         try:
-            meta = parse(queued.data, queued.ingress, queued.interface)
+            return self._path(queued, now)
         except Malformed as exc:
             self.counters["malformed"] += 1
             return _dropped(f"malformed: {exc}")
+
+    def _path(self, queued: QueuedPacket, now: float) -> Answer:
+        meta = parse(queued.data, queued.ingress, queued.interface)
         refused = self.judge_ingress(meta, now)
         if refused is not None:
             return _dropped(refused.reason)

@@ -135,6 +135,18 @@ def test_a_user_mode_redirect_is_rewritten_both_ways(checksum_ready: bool) -> No
     assert not refused.accept and engine.counters["dropped: not by the redirect"] == 1
 
 
+def test_a_redirect_s_packet_cut_short_is_dropped_as_unreadable() -> None:
+    """A copy shorter than its packet cannot be rewritten: dropped and counted as
+    malformed, not as a failure of the engine (``errors``: a bug)."""
+    engine = make_engine()
+    port = user_redirect(engine)
+    syn = bytes(IP(src=C1, dst=FW_INT) / TCP(sport=4000, dport=port, flags="S") / Raw(b"x" * 100))
+    answer = engine.handle(QueuedPacket(syn[:40], HOOK_PREROUTING, 0, Ingress.INTERNAL, "int0",
+                                        length=len(syn)), 1.0)
+    assert not answer.accept and answer.reason.startswith("malformed: ")
+    assert (engine.counters["malformed"], engine.counters["errors"]) == (1, 0)
+
+
 def test_an_icmp_error_about_a_redirected_flow_comes_from_the_redirect() -> None:
     engine = make_engine()
     port = user_redirect(engine)

@@ -499,15 +499,28 @@ def build_rows(net: dict[str, list[Any]] | None, p3: dict[str, Any] | None,
                         "10,000 grant calls" + (f"; {flood['error']}" if "error" in flood else "")))
     if p3 is not None:
         big, small = p3["1M"], p3["1k"]
-        for key, label, unit, goal in (
-                ("grant_engine_us", "P3 grant (Engine.allow_future_connect), 1M pending", "µs", 5.0),
-                ("match_hit_us", "P3 match (Engine.decide, admitted SYN), 1M pending", "µs", 5.0),
-                ("match_miss_us", "P3 no match (Engine.decide, dropped), 1M pending", "µs", 5.0),
-                ("bytes_per_perm", "P3 memory per pending permission, 1M", "B", 400.0)):
+        for key, label, unit, goal, parts in (
+                ("grant_engine_us", "P3 grant (Engine.allow_future_connect), 1M pending", "µs", 5.0,
+                 "fills"),
+                ("match_hit_us", "P3 match (Engine.decide, admitted SYN), 1M pending", "µs", 5.0,
+                 "rounds"),
+                ("match_miss_us", "P3 no match (Engine.decide, dropped), 1M pending", "µs", 5.0,
+                 "rounds"),
+                ("bytes_per_perm", "P3 memory per pending permission, 1M", "B", 400.0, None)):
             m, b = big.get(key), small.get(key)
             rows.append(Row(label, unit, m, b, "same at 1k pending", ratio(m, b),
-                            f"<= {goal:g} {unit}", _met(m, "<=", goal)))
+                            f"<= {goal:g} {unit}", _met(m, "<=", goal),
+                            "" if parts is None else _p3_spread(
+                                big.get(f"{key}_{parts}"), small.get(f"{key}_{parts}"), parts)))
     return rows
+
+
+def _p3_spread(big: list[float] | None, small: list[float] | None, what: str) -> str:
+    """The range of a P3 figure over its rounds (or fills of the table), at 1M and 1k pending."""
+    parts = [f"{name}: {min(values):.2f}-{max(values):.2f} µs over {len(values)} {what}"
+             if len(values) > 1 else f"{name}: one {what.rstrip('s')}"
+             for name, values in (("1M", big), ("1k", small)) if values]
+    return "; ".join(parts)
 
 
 def _spread(ratios: list[float | None]) -> str:

@@ -17,7 +17,8 @@ random ports 1024-65535, 80 % TCP and 20 % UDP. Then it measures
 - **match**: ``Engine.decide`` of a TCP SYN / UDP datagram that a permission
   admits (it is consumed), of one that matches nothing (then dropped as no
   protocol's primary port), and ``PermissionTable.match`` alone on a hit;
-  medians over ``--rounds`` rounds of 250 flows;
+  medians over ``--rounds`` rounds of 250 flows (each round's figure is kept too, in
+  ``*_rounds``, and each fill's grant figure in ``grant_engine_us_fills``: the spread);
 - **memory**: the bytes that filling the engine allocates (tracemalloc), per
   permission, with the arguments made fresh per call as a parsed request would
   make them; the RSS growth of the first timed fill as a cross-check (100k and
@@ -210,6 +211,7 @@ def measure(n: int, rounds: int, rng: random.Random, memory: bool) -> dict[str, 
         assert len(engine.permissions) == n
     assert engine is not None
     out["grant_engine_us"] = statistics.median(grant_us)
+    out["grant_engine_us_fills"] = grant_us  # each fill's average: the spread
     # Page-granular and noisy for small tables.
     out["rss_bytes_per_perm"] = fill_rss / n if fill_rss is not None and n >= 100_000 else None
 
@@ -233,6 +235,7 @@ def measure(n: int, rounds: int, rng: random.Random, memory: bool) -> dict[str, 
         assert len(engine.permissions) == size - ROUND
     out["match_hit_us"] = statistics.median(hits)
     out["match_miss_us"] = statistics.median(misses)
+    out["match_hit_us_rounds"], out["match_miss_us_rounds"] = hits, misses  # the spread
     engine = None
     gc.collect()
 

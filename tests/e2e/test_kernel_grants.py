@@ -4,8 +4,11 @@ grant admits nothing once its enforcer is gone (rule 15), however it went."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import random
 import time
+from collections import Counter
 
 import pytest
 
@@ -161,3 +164,86 @@ def test_without_kernel_grants_the_enforcer_matches_them_and_a_restart_turns_the
         api.allow_future_connect(session_of(tb, api, "ipv4"), (server, 31006), protocol_guid=GUIDS["FTP"])
     assert f"{client} . {server} . tcp . 31006" in held(tb, "ipv4")
     assert str(tb.run("fw", ["nft", "list", "tables"]).stdout).count("pinhole_live") == 1
+
+
+POOL = range(31100, 31106)  # the target ports of the mixed run below
+SEED = 20261202
+
+
+def held_ports(tb: Testbed, family: str) -> list[int]:
+    """The target ports of the pool among the keys the kernel holds for a family, each as
+    often as it is there."""
+    keys = held(tb, family)
+    return sorted(port for port in POOL for _ in range(keys.count(f". tcp . {port}")))
+
+
+def test_the_kernel_holds_only_grants_the_enforcer_has_pending(
+        tb: Testbed, enforcer: EnforcerProcess) -> None:
+    """A seeded mix of grants of every kind (single use, ALLOW_MULTIPLE, NO_KERNEL_MODE,
+    TIMEOUT; a key granted twice), cancels, connections that use them, expiry and a
+    session's end, both families. After every step, no key the kernel holds lacks a pending
+    single-use kernel-mode grant of the enforcer's (a key left behind would admit a flow
+    nothing permits: the firewall open), the enforcer's count of them is the kernel's, and
+    a connection opens exactly where a grant is pending."""
+    rng = random.Random(SEED)
+    c1, s1 = tb.agent("c1"), tb.agent("s1")
+    kinds = {"single": [], "multiple": ["ALLOW_MULTIPLE"], "user": ["NO_KERNEL_MODE"],
+             "timeout": ["TIMEOUT"]}
+    with Client(str(enforcer.socket)) as api, contextlib.ExitStack() as stack:
+        for family in HOSTS:
+            for port in POOL:
+                stack.enter_context(s1.tcp_server(HOSTS[family][1], port))
+        sessions = {family: session_of(tb, api, family) for family in HOSTS}
+        made: dict[int, tuple[str, int, str]] = {}  # action -> family, port, kind
+        did: Counter[str] = Counter()
+
+        def pending() -> dict[int, tuple[str, int, str]]:
+            return {a["action"]: made[a["action"]] for a in api.call("actions")
+                    if a["action"] in made}
+
+        for step in range(70):
+            family = rng.choice(list(HOSTS))
+            roll = rng.random()
+            if roll < 0.45:
+                kind = rng.choice(list(kinds))
+                port = rng.choice(POOL)
+                action = api.call("allow_future_connect", session=sessions[family],
+                                  address=HOSTS[family][1], port=port, protocol="tcp",
+                                  flags=kinds[kind], protocol_guid=str(GUIDS["FTP"]))
+                made[action["action"]] = (family, port, kind)
+                did[f"grant {kind}"] += 1
+            elif roll < 0.6 and pending():
+                api.call("cancel", action=rng.choice(sorted(pending())))
+                did["cancel"] += 1
+            elif roll < 0.9:
+                port = rng.choice(POOL)
+                expect = any(f == family and p == port for f, p, _ in pending().values())
+                if not expect and did["refused"] >= 8:
+                    continue  # a refused connection waits out its timeout: a few are enough
+                result = c1.tcp_connect(HOSTS[family][1], port, send_bytes=10, timeout=1.0)
+                assert result["connected"] is expect, (step, family, port, result, pending())
+                did["opened" if expect else "refused"] += 1
+            elif roll < 0.95:
+                time.sleep(2.1)  # the lab's permission_timeout is 2 s: TIMEOUT grants expire
+                did["expiry"] += 1
+            else:
+                api.call("end_session", session=sessions[family])
+                sessions[family] = session_of(tb, api, family)
+                did["session end"] += 1
+            # the kernel hears of a flow it admitted before the enforcer does: wait for that
+            wait_for("the enforcer and the kernel agree", lambda: _agree(tb, enforcer, pending()))
+        # the mix had each thing in it (the seed fixes it: this guards a change of the mix)
+        assert all(did[what] for what in ("cancel", "opened", "refused", "expiry", "session end",
+                                          *(f"grant {kind}" for kind in kinds))), did
+
+
+def _agree(tb: Testbed, enforcer: EnforcerProcess, pending: dict[int, tuple[str, int, str]]) -> bool:
+    """Whether every key the kernel holds has a pending grant that the kernel may hold, and
+    the enforcer counts what the kernel holds."""
+    kernel = {family: held_ports(tb, family) for family in HOSTS}
+    eligible = {(family, port) for family, port, kind in pending.values()
+                if kind in ("single", "timeout")}
+    leaked = [(family, port) for family in HOSTS for port in kernel[family]
+              if (family, port) not in eligible]
+    assert not leaked, f"the kernel holds grants the enforcer has not pending: {leaked}"
+    return bool(enforcer.call("status")["kernel_grants"]["held"] == sum(map(len, kernel.values())))

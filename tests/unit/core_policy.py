@@ -1,6 +1,7 @@
 """The policy the decision core's unit tests share (test_engine, test_redirects,
 test_binds): FTP, DNS and SSH (which a deny rule takes from everyone) for the lab's
-client networks, HTTP for c1 only, and the denied network."""
+client networks, HTTP for c1 only, and the denied network; and a data filter that
+changes a stream's length (test_handle_any_input, test_engine_bookkeeping)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import uuid
 from typing import Any
 
 from enforcer.core.binds import Bind
+from enforcer.core.datafilter import Direction
 from enforcer.core.effects import (
     ConnectEvent,
     EstablishedConnection,
@@ -18,6 +20,7 @@ from enforcer.core.effects import (
     UnmapBind,
 )
 from enforcer.core.engine import Engine
+from enforcer.core.flows import FlowRecord
 from enforcer.core.packet import TCP, FlowKey, Ingress, PacketMeta
 from enforcer.core.permissions import Permission
 from enforcer.core.policy import policy_from_dict
@@ -74,3 +77,25 @@ def retired(engine: Engine) -> list[Permission]:
 def retired_binds(engine: Engine) -> list[Bind]:
     """The closed binds whose kernel state the engine asked to undo since."""
     return [e.bind for e in engine.take_effects() if isinstance(e, (UnmapBind, ForgetBindFlows))]
+
+
+class Stretch:
+    """A data filter that changes a stream's length both ways (each 'a' the client
+    sends becomes two; each 'b' the server sends goes) and holds back what follows a
+    '|' until the next call."""
+
+    def __init__(self) -> None:
+        self.held = b""
+
+    def on_data(self, direction: Direction, data: bytes) -> bytes:
+        if direction is Direction.BACK:
+            return data.replace(b"b", b"")
+        data, self.held = self.held + data.replace(b"a", b"aa"), b""
+        if b"|" in data:
+            data, self.held = data.split(b"|", 1)
+        return data
+
+
+def stretch_filter(record: FlowRecord) -> Stretch:
+    """An engine's ``stream_filter``: a Stretch for each filtered flow."""
+    return Stretch()

@@ -22,7 +22,7 @@ from __future__ import annotations
 import ipaddress
 from collections import Counter
 
-from core_policy import GUID, INTERNAL, POLICY
+from core_policy import GUID, INTERNAL, POLICY, stretch_filter
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
@@ -32,11 +32,9 @@ from scapy.packet import Packet, Raw
 
 from enforcer.core import marks
 from enforcer.core.binds import BindState
-from enforcer.core.datafilter import Direction
 from enforcer.core.decisions import HOOK_FORWARD, HOOK_INPUT, HOOK_OUTPUT, HOOK_PREROUTING, QueuedPacket
 from enforcer.core.engine import Engine
 from enforcer.core.flags import Flags
-from enforcer.core.flows import FlowRecord
 from enforcer.core.ipfilter import IpFilter
 from enforcer.core.limits import Limits
 from enforcer.core.packet import TCP as TCP_PROTOCOL
@@ -60,27 +58,6 @@ LIMITS = Limits(sessions_total=4, sessions_per_client=2, pending_total=8, pendin
                 session_idle_timeout=50.0)
 
 
-class Stretch:
-    """A data filter that changes a stream's length both ways (each 'a' the client
-    sends becomes two; each 'b' the server sends goes) and holds back what follows a
-    '|' until the next call."""
-
-    def __init__(self) -> None:
-        self.held = b""
-
-    def on_data(self, direction: Direction, data: bytes) -> bytes:
-        if direction is Direction.BACK:
-            return data.replace(b"b", b"")
-        data, self.held = self.held + data.replace(b"a", b"aa"), b""
-        if b"|" in data:
-            data, self.held = data.split(b"|", 1)
-        return data
-
-
-def _stream_filter(record: FlowRecord) -> Stretch:
-    return Stretch()
-
-
 class Bookkeeping(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
@@ -89,7 +66,7 @@ class Bookkeeping(RuleBasedStateMachine):
                              internal_addresses=[ipaddress.ip_interface(f"{FW_INT}/24")],
                              user_redirect_ports=(63000, 63009), kernel_redirect_ports=(62000, 62009),
                              bind_ports=(40000, 40004))
-        self.engine.stream_filter = _stream_filter
+        self.engine.stream_filter = stretch_filter
         self.now = 1.0
         self.actions: list[int] = []
         self.granted: list[tuple[str, int, bool]] = []  # client, port, UDP

@@ -1,4 +1,4 @@
-"""Engine.handle survives any input (SPEC rule 16: every callback survives any input):
+"""Engine.handle survives any input (ROB-04, at the packet path's one entry point):
 whatever bytes, hook, mark, side and lengths a queued packet comes with, the engine
 decides it without a bug (``errors`` stays 0: a bug is caught, failed closed and
 counted there), and whatever it writes back is an IP packet as long as it says.
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import ipaddress
 
-from core_policy import GUID, INTERNAL, POLICY
+from core_policy import GUID, INTERNAL, POLICY, stretch_filter
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scapy.layers.inet import ICMP, IP, TCP, UDP
@@ -21,11 +21,9 @@ from scapy.layers.inet6 import ICMPv6DestUnreach, IPv6, IPv6ExtHdrRouting
 from scapy.packet import Raw
 
 from enforcer.core import marks
-from enforcer.core.datafilter import Direction
 from enforcer.core.decisions import HOOK_FORWARD, HOOK_INPUT, HOOK_OUTPUT, HOOK_PREROUTING, QueuedPacket
 from enforcer.core.engine import Engine
 from enforcer.core.flags import Flags
-from enforcer.core.flows import FlowRecord
 from enforcer.core.packet import TCP as TCP_PROTOCOL
 from enforcer.core.packet import UDP as UDP_PROTOCOL
 from enforcer.core.packet import Ingress, Malformed, parse
@@ -38,14 +36,6 @@ USER_PORTS = (63000, 63009)
 HOOKS = (HOOK_PREROUTING, HOOK_INPUT, HOOK_FORWARD, HOOK_OUTPUT)
 
 
-class Stretch:
-    """A data filter that changes a stream's length both ways: each 'a' the client sends
-    becomes two, each 'b' the server sends goes."""
-
-    def on_data(self, direction: Direction, data: bytes) -> bytes:
-        return data.replace(b"a", b"aa") if direction is Direction.OUT else data.replace(b"b", b"")
-
-
 class World:
     """An engine holding something on every path, and the packets that reach each."""
 
@@ -53,7 +43,7 @@ class World:
         engine = Engine(POLICY, INTERNAL, [ip(EXT), ip(EXT6)], nat=True, data_filters=["stretch"],
                         internal_addresses=[ipaddress.ip_interface(f"{FW_INT}/24")],
                         user_redirect_ports=USER_PORTS)
-        engine.stream_filter = self._stream_filter
+        engine.stream_filter = stretch_filter
         self.engine = engine
         user = marks.mark_for(True, False, 0)
         first = self.handle(QueuedPacket(bytes(IP(src=C1, dst=S1) / TCP(sport=1, dport=21, flags="S")),
@@ -120,9 +110,6 @@ class World:
                                / IPv6(src=C6, dst=S6) / UDP(sport=6, dport=20003) / Raw(data)),
                          HOOK_FORWARD, user, Ingress.EXTERNAL, "ext0"),
         ]
-
-    def _stream_filter(self, record: FlowRecord) -> Stretch:
-        return Stretch()
 
     def handle(self, queued: QueuedPacket, now: float = 0.0) -> object:
         answer = self.engine.handle(queued, now)

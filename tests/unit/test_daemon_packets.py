@@ -10,6 +10,7 @@ import gc
 import ipaddress
 import socket
 import sys
+import weakref
 from collections import Counter
 from typing import Any
 
@@ -664,10 +665,20 @@ def test_a_worker_that_says_nothing_for_too_long_is_killed(unread: bool) -> None
 
 def test_the_heap_the_start_made_is_left_out_of_the_gc_s_passes() -> None:
     """``settle_heap``: what exists before the loop is frozen (a full collection then walks
-    only what the loop makes)."""
+    only what the loop makes); garbage is collected first, not frozen with it."""
+
+    class Cycle:
+        other: object = None
+
+    gc.collect()  # what earlier tests left: the count below is of what lives
     before = len(gc.get_objects())
+    cycle = Cycle()
+    cycle.other = cycle
+    gone = weakref.ref(cycle)
+    del cycle
     settle_heap()
     try:
+        assert gone() is None, "a garbage cycle was frozen, not collected"
         assert gc.get_freeze_count() >= before * 0.9
         assert len(gc.get_objects()) < before * 0.1
     finally:

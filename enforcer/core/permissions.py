@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import enum
 import heapq
+import ipaddress
 import itertools
 from collections import Counter, deque
 from collections.abc import Callable
@@ -24,7 +25,7 @@ from typing import Any
 
 from enforcer.core.flags import Flags, flag_names
 from enforcer.core.limits import Limits, Quota
-from enforcer.core.packet import IPAddress
+from enforcer.core.packet import PROTOCOL_NAMES, IPAddress
 from enforcer.core.redirects import Redirect
 from enforcer.core.results import InvalidArgument, Terminating
 
@@ -41,6 +42,15 @@ def pack_key(protocol: int, version: int, client: int, target: int, port: int) -
     if version == 4:
         return (((client << 32 | target) << 16 | port) << 8 | protocol) << 1
     return ((((client << 128) | target) << 16 | port) << 8 | protocol) << 1 | 1
+
+
+def unpack_key(key: PermissionKey) -> tuple[int, int, int, int, int]:
+    """(protocol, version, client, target, port) of a key ``pack_key`` made."""
+    bits = 32 if not key & 1 else 128
+    key >>= 1
+    protocol, key = key & 0xFF, key >> 8
+    port, key = key & 0xFFFF, key >> 16
+    return protocol, 4 if bits == 32 else 6, key >> bits, key & ((1 << bits) - 1), port
 
 
 class ActionState(enum.Enum):
@@ -77,13 +87,19 @@ class Permission:
     receive_buffer: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
+        protocol, version, _, target, port = unpack_key(self.key)
+        r = self.redirect
+        # where its flows go (a redirect's key holds its port on the fw instead)
+        address = (ipaddress.IPv4Address if version == 4 else ipaddress.IPv6Address)(target)
         out: dict[str, Any] = {"action": self.id, "session": self.session_id,
                                "state": self.state.value, "flags": flag_names(self.flags),
-                               "protocol": self.protocol_name,
+                               "protocol": PROTOCOL_NAMES.get(protocol, str(protocol)),
+                               "protocol_name": self.protocol_name,
+                               "target": [str(address), port] if r is None else
+                               [str(r.target), r.target_port],
                                "created": self.created, "expires": self.expires,
                                "admitted": self.admitted, "filter": self.filter_id,
                                "data_filter": self.data_filter, "receive_buffer": self.receive_buffer}
-        r = self.redirect
         if r is not None:
             out["redirect"] = {"internal": [str(r.internal), r.internal_port],
                                "target": [str(r.target), r.target_port],

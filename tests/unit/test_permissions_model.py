@@ -26,7 +26,7 @@ import uuid
 from dataclasses import dataclass
 
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
@@ -34,7 +34,7 @@ from enforcer.core import packet
 from enforcer.core.engine import Engine
 from enforcer.core.flags import Flags
 from enforcer.core.packet import TCP, UDP, FlowKey, Ingress, IPAddress, PacketMeta
-from enforcer.core.permissions import ActionState, Permission, PermissionTable
+from enforcer.core.permissions import ActionState, Permission, PermissionTable, pack_key, unpack_key
 from enforcer.core.policy import Defaults, Policy, PortRange, ProtocolDef, ProtocolRule, SiteRule
 from enforcer.core.results import InvalidArgument, IsBusy, NetworkRulesDenied, Terminating
 from enforcer.core.state import Decision, Verdict, permission_key
@@ -551,3 +551,15 @@ def test_end_session_after_expiry_reports_expired(engine: Engine) -> None:
     ended = engine.end_session(s, T + 1.0)
     assert ended == [live]
     assert (expired.state, live.state) == (ActionState.EXPIRED, ActionState.CANCELLED)
+
+
+@settings(max_examples=300)
+@given(st.sampled_from([TCP, UDP]), st.sampled_from([4, 6]), st.integers(0, 2**128 - 1),
+                  st.integers(0, 2**128 - 1), st.integers(0, 65535))
+def test_a_key_unpacks_to_what_it_was_packed_from(protocol: int, version: int, client: int,
+                                                  target: int, port: int) -> None:
+    """The action listing reads a permission's protocol and target back from its key."""
+    if version == 4:
+        client, target = client >> 96, target >> 96
+    key = pack_key(protocol, version, client, target, port)
+    assert unpack_key(key) == (protocol, version, client, target, port)

@@ -83,11 +83,14 @@ def test_flags_parse_from_names_or_bits_and_reject_the_unknown() -> None:
             parse_flags(bad)
 
 
-def test_a_grant_returns_the_action(api: SessionApi) -> None:
-    result = afc(api, flags=["TIMEOUT"], protocol="tcp")
+@pytest.mark.parametrize("protocol", ["tcp", "udp"])
+def test_a_grant_returns_the_action(api: SessionApi, protocol: str) -> None:
+    """The action says what it admits: the IP protocol and the target, and on whose behalf."""
+    result = afc(api, flags=["TIMEOUT"], protocol=protocol)
     assert result["state"] == "pending" and result["flags"] == ["TIMEOUT"]
-    assert result["expires"] is not None and result["protocol"] == "FTP"
-    assert api.actions({"session": 1}, FakeCaller())[0]["action"] == result["action"]
+    assert result["expires"] is not None and result["protocol_name"] == "FTP"
+    assert result["protocol"] == protocol and result["target"] == [str(SERVER), 20021]
+    assert api.actions({"session": 1}, FakeCaller()) == [result]
 
 
 @pytest.mark.parametrize(("params", "message"), [
@@ -196,7 +199,8 @@ def test_redirect_connections_reply(api: SessionApi) -> None:
         {"internal": ["192.0.2.1", 61000], "target": [str(SERVER), 2121], "mode": "kernel"},
         {"internal": ["192.0.2.1", 61001], "target": [OTHER, 2122], "mode": "kernel"},
     ]
-    assert all(a["state"] == "pending" and a["protocol"] == "FTP" and a["session"] == 1
+    assert all(a["state"] == "pending" and a["protocol_name"] == "FTP" and a["session"] == 1
+               and a["protocol"] == "tcp" and a["target"] == a["redirect"]["target"]
                and a["flags"] == [] and a["expires"] is None for a in actions)
     assert [a["action"] for a in api.actions({"session": 1}, FakeCaller())] == \
         [a["action"] for a in actions]

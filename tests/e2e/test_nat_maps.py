@@ -1,8 +1,9 @@
 """The kernel's translations end as the enforcer's redirects and binds end: after a seeded
 mix of kernel-mode and user-mode redirects, SecureNAT binds (to the client, and from the
-fw), their use, cancels, expiry and sessions' ends, both families, the NAT maps hold the
-elements of exactly the kernel-mode redirects the enforcer has pending and the translated
-binds it has open, and a connection gets through exactly where one is."""
+fw), their use, cancels, expiry and sessions' ends, TCP and UDP, both families, the NAT
+maps hold the elements of exactly the kernel-mode redirects the enforcer has pending and
+the translated binds it has open, and a connection (an exchange, for UDP) gets through
+exactly where one is, to the server it is meant for."""
 
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ SEED = 20261202
 STEPS = 80
 TARGETS = (5101, 5102, 5103)  # s1's echo servers a redirect leads to
 CLIENT_PORTS = (7101, 7102)  # c1's echo servers a bind leads to
-REFUSED_AT_MOST = 10  # a refused connection waits out its timeout: that many are enough
+PROTOCOLS = ("tcp", "tcp", "tcp", "udp")  # drawn from: a TCP step, three times in four
+REFUSED_AT_MOST = 12  # a refused connection waits out its timeout: that many are enough
 REFUSED_WAIT = 1.0
 # The lab's permission timeout is 2 s: a TIMEOUT redirect and an unused bind expire then.
 # Nothing older than this is connected to (it might expire on the way).
@@ -77,7 +79,7 @@ def expected_maps(net: Net) -> dict[str, set[Element]]:
         client = clients[action["session"]]
         proto = _proto(client)
         (internal, port), (target, target_port) = redirect["internal"], redirect["target"]
-        key = (client, internal, "tcp", port)
+        key = (client, internal, action["protocol"], port)
         out[f"redirect_mark_{proto}"].add(tuple(map(_text, (f"redirect_mark_{proto}", *key, port))))
         out[f"redirect_to_{proto}"].add(tuple(map(_text, (f"redirect_to_{proto}", *key, target,
                                                           target_port))))
@@ -87,11 +89,13 @@ def expected_maps(net: Net) -> dict[str, set[Element]]:
         (address, port), (client, client_port) = bind["address"], bind["leads_to"]
         proto = _proto(client)
         if _text(address) != _text(client):
-            out[f"bind_to_{proto}"].add(tuple(map(_text, (f"bind_to_{proto}", address, "tcp", port,
-                                                          client, client_port))))
+            out[f"bind_to_{proto}"].add(tuple(map(_text, (f"bind_to_{proto}", address,
+                                                          bind["protocol"], port, client,
+                                                          client_port))))
         if bind["source"] is not None:
             out[f"bind_from_{proto}"].add(tuple(map(_text, (f"bind_from_{proto}", address, client,
-                                                            "tcp", client_port, bind["source"]))))
+                                                            bind["protocol"], client_port,
+                                                            bind["source"]))))
     return out
 
 
@@ -122,51 +126,82 @@ def assert_kernel_agrees(net: Net, step: int) -> None:
 def test_the_kernel_translates_only_the_redirects_and_binds_the_enforcer_holds(lab: Lab) -> None:
     lab.use("enforcer")
     rng = random.Random(SEED)
-    nets: dict[str, Net] = {family: Net(lab, family) for family in FAMILIES}
-    sessions = {family: net.session("c1") for family, net in nets.items()}
+    nets: dict[str, Net] = {name: Net(lab, name) for name in FAMILIES}
+    sessions = {name: net.session("c1") for name, net in nets.items()}
     kinds = {"single": Flags(0), "multiple": Flags.ALLOW_MULTIPLE, "timeout": Flags.TIMEOUT,
              "user": Flags.NO_KERNEL_MODE}
     net0 = nets["ipv4"]
     did: Counter[str] = Counter()
     made_at: dict[int, float] = {}  # action id -> when granted (a TIMEOUT one expires)
-    ports: dict[str, set[int]] = {family: set() for family in FAMILIES}  # redirect ports seen
-    binds: dict[str, list[tuple[str, int]]] = {family: [] for family in FAMILIES}  # closed too
+    # per family, the (protocol, port) of every redirect port, and every bind, made
+    ports: dict[str, set[tuple[str, int]]] = {family: set() for family in FAMILIES}
+    binds: dict[str, list[tuple[str, tuple[str, int], int]]] = {family: [] for family in FAMILIES}
     with contextlib.ExitStack() as stack, net0.client() as api:
-        servers = {(family, port): stack.enter_context(net.agent("s1").tcp_server(net.addr("s1"), port))
-                   for family, net in nets.items() for port in TARGETS}
-        for net in nets.values():
-            for port in CLIENT_PORTS:
-                stack.enter_context(net.agent("c1").tcp_server(net.addr("c1"), port))
+        servers = {}  # s1's, by (family, protocol, port): the targets
+        for name, net in nets.items():
+            for node, node_ports in (("s1", TARGETS), ("c1", CLIENT_PORTS)):
+                agent, at = net.agent(node), net.addr(node)
+                for port in node_ports:
+                    servers[name, "tcp", port] = stack.enter_context(agent.tcp_server(at, port))
+                    servers[name, "udp", port] = stack.enter_context(agent.udp_server(at, port))
 
-        def redirects_at(family: str, port: int) -> list[dict[str, Any]]:
+        def accepted(family: str, protocol: str) -> dict[int, int]:
+            return {p: servers[family, protocol, p].stats()["accepted"] for p in TARGETS}
+
+        def redirects_at(family: str, protocol: str, port: int) -> list[dict[str, Any]]:
             """The pending redirects of c1's (this family) on one fw port."""
             return [a for a in nets[family].call("actions", session=sessions[family])
-                    if a["redirect"] is not None and a["redirect"]["internal"][1] == port]
+                    if a["redirect"] is not None and a["protocol"] == protocol
+                    and a["redirect"]["internal"][1] == port]
 
-        def connect(family: str, where: tuple[str, int], expect: bool, what: str) -> None:
-            node = "s1" if what == "bind" else "c1"
+        def connect(family: str, protocol: str, where: tuple[str, int], expect: bool,
+                    what: str, client_port: int = 0) -> None:
+            """c1 to a redirect port: echoed by the target if ``expect``, else nothing comes
+            back. s1 to a bind of c1's ``client_port``: echoed by c1 if ``expect`` (a UDP
+            bind, without BIDIRECTIONAL, takes no answer: the datagram reaches c1), else
+            nothing reaches c1 or comes back."""
+            agent = nets[family].agent("s1" if what == "bind" else "c1")
             timeout = None if expect else REFUSED_WAIT
-            result = nets[family].agent(node).tcp_connect(*where, send_bytes=64, timeout=timeout)
-            if expect:
-                assert_echoed(result, 64, f"step {step}: {family} {what} {where}")
+            name = f"step {step}: {family} {protocol} {what} {where}"
+            if protocol == "tcp":
+                result = agent.tcp_connect(*where, send_bytes=64, timeout=timeout)
+                if expect:
+                    assert_echoed(result, 64, name)
+                else:
+                    assert not result["connected"], f"{name} let through"
+            elif what == "redirect":  # a UDP redirect always lets replies back
+                data = rng.randbytes(64)
+                result = agent.udp_send(*where, data, expect_reply=True, timeout=timeout)
+                assert result["reply"] == (data if expect else None), f"{name}: {result}"
             else:
-                assert not result["connected"], f"step {step}: {family} {what} {where} let through"
-            did[f"{what} {'opened' if expect else 'refused'}"] += 1
+                server = servers[family, "udp", client_port]
+                before = server.stats()["bytes_in"]
+                agent.udp_send(*where, rng.randbytes(64), expect_reply=False)
+                if expect:
+                    wait_until(lambda: server.stats()["bytes_in"] == before + 64, f"{name}: not received")
+                else:
+                    time.sleep(REFUSED_WAIT)
+                    assert server.stats()["bytes_in"] == before, f"{name} let through"
+            outcome = "opened" if expect else "refused"
+            did[f"{what} {outcome}"] += 1
+            did[f"{what} {protocol} {outcome}"] += 1
 
         for step in range(STEPS):
-            family: str = rng.choice(FAMILIES)
+            family = rng.choice(FAMILIES)
             net, session = nets[family], sessions[family]
+            protocol = rng.choice(PROTOCOLS)
             roll = rng.random()
             if roll < 0.25:  # a redirect of one or two targets, of some kind
                 kind = rng.choice(list(kinds))
                 targets = rng.sample(TARGETS, rng.choice((1, 2)))
                 (_, base), actions = api.redirect_connections(
-                    session, [(net.addr("s1"), port) for port in targets],
+                    session, [(net.addr("s1"), port) for port in targets], protocol=protocol,
                     protocol_guid=GUIDS["FTP"], flags=kinds[kind])
                 for action in actions:
                     made_at[action.id] = time.monotonic()
-                ports[family].update(range(base, base + len(targets)))
+                ports[family].update((protocol, port) for port in range(base, base + len(targets)))
                 did[f"redirect {kind}"] += 1
+                did[f"redirect {protocol}"] += 1
             elif roll < 0.35:  # a pending action cancelled
                 pending = [a["action"] for a in net.call("actions", session=session)]
                 if not pending:
@@ -176,45 +211,47 @@ def test_the_kernel_translates_only_the_redirects_and_binds_the_enforcer_holds(l
             elif roll < 0.6:  # c1 to a redirect port (pending, or used before)
                 if not ports[family]:
                     continue
-                port = rng.choice(sorted(ports[family]))
-                pending = redirects_at(family, port)
+                protocol, port = rng.choice(sorted(ports[family]))
+                pending = redirects_at(family, protocol, port)
                 if any(time.monotonic() - made_at[a["action"]] > FRESH
                        for a in pending if "TIMEOUT" in a["flags"]):
                     continue  # it might expire on the way
                 if not pending and did["redirect refused"] >= REFUSED_AT_MOST:
                     continue
-                before = {p: servers[family, p].stats()["accepted"] for p in TARGETS}
-                connect(family, (net.fw_internal(), port), bool(pending), "redirect")
-                if pending:  # it reached the target the redirect leads to, and only it
-                    target = pending[0]["redirect"]["target"][1]
-                    after = {p: servers[family, p].stats()["accepted"] for p in TARGETS}
-                    assert after == {**before, target: before[target] + 1}, (step, before, after)
+                before = accepted(family, protocol)
+                connect(family, protocol, (net.fw_internal(), port), bool(pending), "redirect")
+                after = accepted(family, protocol)
+                # it reached the target the redirect leads to, and only it (or none)
+                target = pending[0]["redirect"]["target"][1] if pending else None
+                assert after == {p: n + (p == target) for p, n in before.items()}, (step, before, after)
             elif roll < 0.8:  # a bind of c1's port (to c1, or from the fw), approved or not
                 client_port = rng.choice(CLIENT_PORTS)
                 from_fw = rng.random() < 0.5
                 try:
-                    address = api.bind_for_client(session, client_port, from_fw=from_fw)
+                    address = api.bind_for_client(session, client_port, protocol=protocol,
+                                                  from_fw=from_fw)
                 except IsBusy as exc:  # bound already the other way
                     assert "bound already" in str(exc), exc
                     did["bind busy"] += 1
                     continue
-                binds[family].append(address)
+                binds[family].append((protocol, address, client_port))
                 approved = rng.random() < 0.7
                 if approved:
-                    api.retroactive_allow_bind(session, address, protocol_guid=GUIDS["FTP"])
+                    api.retroactive_allow_bind(session, address, protocol=protocol,
+                                               protocol_guid=GUIDS["FTP"])
                 did[f"bind {'approved' if approved else 'pending'}"] += 1
-                # its peer connects now (else: it expires, or a later step tries it)
+                did[f"bind {protocol}"] += 1
+                # its peer comes now (else: it expires, or a later step tries it)
                 if rng.random() < 0.6 and (approved or did["bind refused"] < REFUSED_AT_MOST):
-                    connect(family, address, approved, "bind")
+                    connect(family, protocol, address, approved, "bind", client_port)
             elif roll < 0.88:  # s1 to a bind made before (closed by now, or still pending)
                 if not binds[family] or did["bind refused"] >= REFUSED_AT_MOST:
                     continue
-                address = rng.choice(binds[family])
-                state = [b["state"] for b in net.call("binds", session=session)
-                         if b["state"] != "closed" and tuple(b["address"]) == address]
-                if state:
+                protocol, address, client_port = rng.choice(binds[family])
+                if any(b["state"] != "closed" and b["protocol"] == protocol
+                       and tuple(b["address"]) == address for b in net.call("binds", session=session)):
                     continue  # open: it may expire on the way (an open one is tried as it is made)
-                connect(family, address, False, "bind")
+                connect(family, protocol, address, False, "bind", client_port)
             elif roll < 0.95:
                 time.sleep(2.1)  # TIMEOUT redirects and unused binds expire
                 did["expiry"] += 1
@@ -228,7 +265,8 @@ def test_the_kernel_translates_only_the_redirects_and_binds_the_enforcer_holds(l
         assert_kernel_agrees(net0, STEPS)
         assert not set().union(*kernel_maps(net0).values())
     # the mix had each thing in it (the seed fixes it: this guards a change of the mix)
-    wanted = ("cancel", "expiry", "session end", "bind approved", "bind pending", "bind opened",
-              "bind refused", "redirect opened", "redirect refused", *(f"redirect {k}" for k in kinds))
+    wanted = ("cancel", "expiry", "session end", "bind approved", "bind pending",
+              *(f"{what} {protocol} {outcome}" for what in ("redirect", "bind")
+                for protocol in ("tcp", "udp") for outcome in ("opened", "refused")),
+              *(f"redirect {k}" for k in kinds))
     assert all(did[what] for what in wanted), did
-

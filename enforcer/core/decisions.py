@@ -156,8 +156,9 @@ class Decisions(Binding):
                 mark |= worker_mark(record.worker)  # its later packets: to its worker's queue
                 if meta.key.protocol == UDP and (record.app_filter or record.data_filter):
                     # a datagram carries data from the first: the flow's filter sees it
-                    packet = self._filtered(queued, queued.data, meta.headers, record,
-                                            forward=True)
+                    filtered = self._filtered(queued, queued.data, meta.headers, record,
+                                              forward=True)
+                    packet = None if filtered is queued.data else filtered
         return Answer(True, decision.reason, mark, packet)
 
     def _to_redirect_port(self, queued: QueuedPacket, meta: PacketMeta, length: int,

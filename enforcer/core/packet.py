@@ -345,13 +345,10 @@ def checksum_adjust(csum: int, old: bytes | bytearray, new: bytes | bytearray) -
     return (csum + delta) % 0xFFFF
 
 
-def _fold(data: bytes | bytearray) -> int:
-    """The Internet checksum of ``data`` (its checksum field zero): the ones' complement
-    of the sum is its negation modulo 0xFFFF (an odd length is padded with a zero byte)."""
-    total = int.from_bytes(data, "big")
-    if len(data) & 1:
-        total <<= 8
-    return -total % 0xFFFF
+def _fold(header: bytes | bytearray) -> int:
+    """The Internet checksum of an IPv4 header (its checksum field zero; its length a
+    multiple of 4): the ones' complement of the sum is its negation modulo 0xFFFF."""
+    return -int.from_bytes(header, "big") % 0xFFFF
 
 
 def _transport_checksum(buf: bytearray, h: Headers) -> int:

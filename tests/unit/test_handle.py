@@ -188,6 +188,64 @@ def test_a_filtered_flow_s_payload_and_sequence_numbers_are_rewritten() -> None:
     answer = engine.handle(inside(segment, mark=user, checksum_ready=False), 1.1)
     assert answer.accept and len(made) == 1
     assert bytes(reread(answer.packet)[TCP].payload) == b"HELLO"
+    # a segment after bytes that have not come: the filter sees the stream in order
+    ahead = IP(src=C1, dst=S1) / TCP(sport=5, dport=2000, flags="PA", seq=50, ack=1) / Raw(b"later")
+    dropped = engine.handle(inside(ahead, mark=user), 1.2)
+    assert not dropped.accept and dropped.reason == "ahead of a gap in the filtered stream"
+
+
+def test_a_user_mode_redirect_s_stream_goes_through_its_data_filter() -> None:
+    """Each of the client's packets to the redirect port is rewritten to the target and
+    then filtered (the SYN starts the flow's stream editor); a segment ahead of a gap is
+    dropped there too."""
+    engine = make_engine()
+    engine.stream_filter = lambda record: Upper()
+    (_, port), _ = engine.redirect_connections(1, [(ip(S1), 8080)], TCP_PROTOCOL, Flags.NO_KERNEL_MODE,
+                                               FTP, 1.0, data_filter="upper")
+
+    def to_port(flags: str, seq: int, payload: bytes = b"") -> QueuedPacket:
+        pkt = IP(src=C1, dst=FW_INT) / TCP(sport=4000, dport=port, flags=flags, seq=seq, ack=1)
+        return QueuedPacket(bytes(pkt / Raw(payload) if payload else pkt), HOOK_PREROUTING, 0,
+                            Ingress.INTERNAL, "int0", checksum_ready=False)
+
+    syn = engine.handle(to_port("S", 10), 1.0)
+    assert syn.accept and reread(syn.packet)[TCP].dport == 8080
+    data = engine.handle(to_port("PA", 11, b"hello"), 1.1)
+    out = reread(data.packet)
+    assert data.accept and (out.dst, out[TCP].dport, bytes(out[TCP].payload)) == (S1, 8080, b"HELLO")
+    ahead = engine.handle(to_port("PA", 60, b"later"), 1.2)
+    assert not ahead.accept and ahead.reason == "ahead of a gap in the filtered stream"
+
+
+class Shout:
+    """A datagram filter: what the client sends, in capitals and one byte longer."""
+
+    def on_data(self, direction: Direction, data: bytes) -> bytes:
+        return data.upper() + b"!" if direction is Direction.OUT else data
+
+
+@pytest.mark.parametrize("filtered", [True, False], ids=["filter", "no-filter-made"])
+def test_a_udp_primary_s_datagrams_go_through_its_application_filter(filtered: bool) -> None:
+    """A UDP primary watched by an application filter runs in user mode, and its filter
+    sees every datagram from the first (which carries data as any other), each way. With
+    no stream filter made by the shell, none runs: they pass as they are."""
+    engine = Engine(POLICY, INTERNAL, [ip(EXT)], app_filters={"DNS": "dns"})
+    if filtered:
+        engine.stream_filter = lambda record: Shout()
+    first = engine.handle(inside(IP(src=C1, dst=S1) / UDP(sport=5300, dport=53) / Raw(b"query")), 1.0)
+    user = marks.mark_for(True, False, None)
+    assert first.accept and first.mark == user
+    reply = engine.handle(outside(IP(src=S1, dst=C1) / UDP(sport=53, dport=5300) / Raw(b"answer"),
+                                  mark=user), 1.1)
+    assert reply.accept and reply.packet is None  # unchanged
+    if not filtered:
+        assert first.packet is None
+        return
+    assert bytes(reread(first.packet)[UDP].payload) == b"QUERY!"
+    again = engine.handle(inside(IP(src=C1, dst=S1) / UDP(sport=5300, dport=53) / Raw(b"more"),
+                                 mark=user), 1.2)
+    out = reread(again.packet)
+    assert again.accept and (bytes(out[UDP].payload), out[UDP].len, out.len) == (b"MORE!", 13, 33)
 
 
 def test_a_flow_to_a_firewall_client_s_udp_bind_keeps_its_port_in_the_mark() -> None:

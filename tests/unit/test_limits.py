@@ -571,6 +571,24 @@ def test_a_new_flow_with_a_held_flows_key_replaces_it() -> None:
     other = FlowRecord(FlowKey(TCP, ip(S1), 21, ip(C1), 40000), 2, "x", Mode.KERNEL, 2.0)
     table.add(other, 2.0)
     assert released == [old, new] and table.held_count == 0 and table.history_count == 1
+    # and a kernel-mode flow's record too, by the flow from its other end
+    again = FlowRecord(FlowKey(TCP, ip(C1), 40000, ip(S1), 21), 2, "x", Mode.KERNEL, 3.0)
+    table.add(again, 3.0)
+    assert table.history_count == 1 and table.find(other.key) is None
+    assert table.get(again.key) is again
+
+
+def test_the_held_flows_seen_since_a_time_are_those_a_worker_reports() -> None:
+    """``seen_since`` (what a worker sends back): every held flow seen at that time or
+    later, of every timeout class, and no kernel-mode flow's record."""
+    table = FlowTable()
+    for sport, (proto, at) in enumerate(((TCP, 1.0), (UDP, 2.0), (TCP, 3.0), (UDP, 4.0)), 40000):
+        record = FlowRecord(FlowKey(proto, ip(C1), sport, ip(S1), 53), 7, "x", Mode.USER, at)
+        record.saw(True, 10, at)
+        table.add(record, at)
+    table.add(FlowRecord(FlowKey(TCP, ip(C1), 1, ip(S1), 21), 7, "x", Mode.KERNEL, 5.0), 5.0)
+    assert sorted(r.key.sport for r in table.seen_since(2.0)) == [40001, 40002, 40003]
+    assert table.seen_since(4.5) == []
 
 
 def test_a_released_flow_is_unknown_and_its_packets_are_dropped_counted() -> None:

@@ -201,6 +201,21 @@ def test_checksum_coming_out_zero(family: int, proto: int) -> None:
 
 
 @pytest.mark.parametrize("family", [4, 6])
+@pytest.mark.parametrize("proto", [packet.TCP, packet.UDP])
+def test_a_checksum_summed_anew_coming_out_zero(family: int, proto: int) -> None:
+    """The same sum, computed whole (a packet whose checksum the kernel had not completed,
+    a rebuilt one): TCP writes 0, UDP 0xFFFF (its 0 says "no checksum")."""
+    src, dst = (CLIENT[family], 40000), (SERVER[family], 80)
+    port = (l4_checksum(build(proto, src, dst)) + src[1]) % 0xFFFF
+    raw = bytearray(build(proto, (src[0], port), dst))
+    at = (20 if family == 4 else 40) + (16 if proto == packet.TCP else 6)
+    raw[at:at + 2] = b"\x12\x34"  # not its checksum: a partial one, as the kernel hands it over
+    out = packet.complete_checksum(bytes(raw))
+    assert l4_checksum(out) == (0 if proto == packet.TCP else 0xFFFF)
+    assert out == build(proto, (src[0], port), dst)
+
+
+@pytest.mark.parametrize("family", [4, 6])
 def test_udp_checksum_0xffff_in(family: int) -> None:
     """A UDP checksum sent as 0xFFFF (computed 0) is updated like any other."""
     src, dst = (CLIENT[family], 40000), (SERVER[family], 80)

@@ -477,6 +477,26 @@ def test_output_is_kept_until_the_receiver_acknowledges_it() -> None:
     assert len(f.calls) == 2
 
 
+def test_a_long_stream_keeps_the_records_of_unacknowledged_chunks_alone() -> None:
+    """Chunks the receiver has acknowledged are forgotten as the stream goes on, their
+    records too (the list that holds them is compacted: a long flow's state stays as
+    small as what is in flight), and what is kept still replays the filter's output."""
+    f = Counting()
+    editor = TcpStreamEditor(f)
+    receiver = Receiver(1000)
+    side = editor._sides  # (the editor's state, looked at: nothing outside says its size)
+    for i in range(1000):
+        send(editor, receiver, 1000 + i, b"x")
+        if i % 2 == 0:  # every other segment acknowledged (not the last), as delayed acks do
+            assert acknowledge(editor, receiver.ack) == 1001 + i
+        assert len(side[OUT].chunks) <= 2 * 66
+    assert receiver.data() == b"".join(b"<%d:x>" % n for n in range(1, 1001))
+    # the last segment, not acknowledged, sent again: its recorded output, no new call
+    last = len(b"".join(b"<%d:x>" % n for n in range(1, 1000)))
+    assert editor.edit(OUT, 1999, SERVER_SEQ, b"x") == (1000 + last, SERVER_SEQ, b"<1000:x>", False)
+    assert len(f.calls) == 1000 and editor.held == len(b"<1000:x>") + RECORD_COST
+
+
 def test_a_data_segment_s_ack_prunes_the_other_direction() -> None:
     f = Counting()
     editor = TcpStreamEditor(f)

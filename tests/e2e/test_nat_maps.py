@@ -47,30 +47,29 @@ def _text(value: Any) -> str:
 
 
 def _flat(value: Any) -> Element:
-    parts = value["concat"] if isinstance(value, dict) else [value]
-    return tuple(map(_text, parts))
+    """A key or value of nft's JSON: its components."""
+    return _element(*(value["concat"] if isinstance(value, dict) else [value]))
 
 
-def kernel_maps(net: Net) -> dict[str, set[Element]]:
+def kernel_maps(net: Net) -> set[Element]:
     """Every element of the fw's redirect and bind maps, as (map, key..., value...)."""
-    out: dict[str, set[Element]] = {}
+    out: set[Element] = set()
     for kind in ("redirect_mark", "redirect_to", "bind_to", "bind_from"):
         for proto in ("ip", "ip6"):
             name = f"{kind}_{proto}"
             listed = json.loads(net.lab.tb.run("fw", ["nft", "-j", "list", "map", "inet",
                                                       MAPS_TABLE, name]).stdout)
             (body,) = [entry["map"] for entry in listed["nftables"] if "map" in entry]
-            out[name] = {(name, *_flat(key), *_flat(value)) for key, value in body.get("elem", [])}
+            out |= {(name, *_flat(key), *_flat(value)) for key, value in body.get("elem", [])}
     return out
 
 
-def expected_maps(net: Net) -> dict[str, set[Element]]:
+def expected_maps(net: Net) -> set[Element]:
     """The elements the kernel should hold, from what the enforcer lists: each pending
     kernel-mode redirect's (its client's connections to the fw's port marked with the
     port and sent on to the target), each open translated bind's (the fw's address and
     port sent on to the client's port; from the fw, the flow's source made the fw's)."""
-    out: dict[str, set[Element]] = {f"{kind}_{proto}": set() for proto in ("ip", "ip6")
-                                    for kind in ("redirect_mark", "redirect_to", "bind_to", "bind_from")}
+    out: set[Element] = set()
     clients = {s["id"]: s["client"] for s in net.call("sessions")}
     for action in net.call("actions"):
         redirect = action["redirect"]
@@ -80,23 +79,24 @@ def expected_maps(net: Net) -> dict[str, set[Element]]:
         proto = _proto(client)
         (internal, port), (target, target_port) = redirect["internal"], redirect["target"]
         key = (client, internal, action["protocol"], port)
-        out[f"redirect_mark_{proto}"].add(tuple(map(_text, (f"redirect_mark_{proto}", *key, port))))
-        out[f"redirect_to_{proto}"].add(tuple(map(_text, (f"redirect_to_{proto}", *key, target,
-                                                          target_port))))
+        out.add(_element(f"redirect_mark_{proto}", *key, port))
+        out.add(_element(f"redirect_to_{proto}", *key, target, target_port))
     for bind in net.call("binds"):
         if bind["state"] == "closed" or bind["leads_to"] is None:
             continue
         (address, port), (client, client_port) = bind["address"], bind["leads_to"]
         proto = _proto(client)
         if _text(address) != _text(client):
-            out[f"bind_to_{proto}"].add(tuple(map(_text, (f"bind_to_{proto}", address,
-                                                          bind["protocol"], port, client,
-                                                          client_port))))
+            out.add(_element(f"bind_to_{proto}", address, bind["protocol"], port, client,
+                             client_port))
         if bind["source"] is not None:
-            out[f"bind_from_{proto}"].add(tuple(map(_text, (f"bind_from_{proto}", address, client,
-                                                            bind["protocol"], client_port,
-                                                            bind["source"]))))
+            out.add(_element(f"bind_from_{proto}", address, client, bind["protocol"], client_port,
+                             bind["source"]))
     return out
+
+
+def _element(*parts: Any) -> Element:
+    return tuple(map(_text, parts))
 
 
 def _proto(address: str) -> str:
@@ -109,8 +109,7 @@ def assert_kernel_agrees(net: Net, step: int) -> None:
     seen: list[tuple[set[Element], set[Element]]] = []
 
     def agree() -> bool:
-        kernel = set().union(*kernel_maps(net).values())
-        expected = set().union(*expected_maps(net).values())
+        kernel, expected = kernel_maps(net), expected_maps(net)
         seen[:] = [(kernel - expected, expected - kernel)]
         return kernel == expected
 
@@ -263,7 +262,7 @@ def test_the_kernel_translates_only_the_redirects_and_binds_the_enforcer_holds(l
         for name, session in sessions.items():  # the end of every session leaves nothing
             nets[name].call("end_session", session=session)
         assert_kernel_agrees(net0, STEPS)
-        assert not set().union(*kernel_maps(net0).values())
+        assert not kernel_maps(net0)
     # the mix had each thing in it (the seed fixes it: this guards a change of the mix)
     wanted = ("cancel", "expiry", "session end", "bind approved", "bind pending",
               *(f"{what} {protocol} {outcome}" for what in ("redirect", "bind")

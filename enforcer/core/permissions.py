@@ -46,11 +46,11 @@ def pack_key(protocol: int, version: int, client: int, target: int, port: int) -
 
 def unpack_key(key: PermissionKey) -> tuple[int, int, int, int, int]:
     """(protocol, version, client, target, port) of a key ``pack_key`` made."""
-    bits = 32 if not key & 1 else 128
+    version, bits = (6, 128) if key & 1 else (4, 32)
     key >>= 1
     protocol, key = key & 0xFF, key >> 8
     port, key = key & 0xFFFF, key >> 16
-    return protocol, 4 if bits == 32 else 6, key >> bits, key & ((1 << bits) - 1), port
+    return protocol, version, key >> bits, key & ((1 << bits) - 1), port
 
 
 class ActionState(enum.Enum):
@@ -89,14 +89,16 @@ class Permission:
     def to_dict(self) -> dict[str, Any]:
         protocol, version, _, target, port = unpack_key(self.key)
         r = self.redirect
-        # where its flows go (a redirect's key holds its port on the fw instead)
-        address = (ipaddress.IPv4Address if version == 4 else ipaddress.IPv6Address)(target)
+        if r is None:  # where its flows go (a redirect's key holds its port on the fw)
+            where = [str((ipaddress.IPv4Address if version == 4 else ipaddress.IPv6Address)(target)),
+                     port]
+        else:
+            where = [str(r.target), r.target_port]
         out: dict[str, Any] = {"action": self.id, "session": self.session_id,
                                "state": self.state.value, "flags": flag_names(self.flags),
                                "protocol": PROTOCOL_NAMES.get(protocol, str(protocol)),
                                "protocol_name": self.protocol_name,
-                               "target": [str(address), port] if r is None else
-                               [str(r.target), r.target_port],
+                               "target": where,
                                "created": self.created, "expires": self.expires,
                                "admitted": self.admitted, "filter": self.filter_id,
                                "data_filter": self.data_filter, "receive_buffer": self.receive_buffer}

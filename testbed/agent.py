@@ -570,16 +570,19 @@ class Agent:
 
     def socks_storm(self, proxy: tuple[str, int], user: str, password: str, *, idle: int,
                     steps: int, idle_at_once: int, target: tuple[str, int],
-                    udp_target: tuple[str, int], seconds: float, step_gap: float = 0.0) -> dict[str, Any]:
+                    udp_target: tuple[str, int], seconds: float, handshake_timeout: float,
+                    step_gap: float = 0.0) -> dict[str, Any]:
         """``idle`` connections that never finish their handshake (at most ``idle_at_once``
         open; half send nothing, half half a greeting), each held until the service closes
         it, while ``steps`` more go through socks_step, every step in turn, ``step_gap``
-        seconds apart; all within ``seconds``. Returns what happened to them (see
+        seconds apart; all within ``seconds``. One closed sooner than the service's
+        ``handshake_timeout`` was refused. Returns what happened to them (see
         m_socks_storm)."""
         return dict(self.call("socks_storm", {
             "proxy": list(proxy), "user": user, "password": password, "idle": idle, "steps": steps,
             "idle_at_once": idle_at_once, "target": list(target), "udp_target": list(udp_target),
-            "seconds": seconds, "step_gap": step_gap}, timeout=seconds + CALL_MARGIN + 30))
+            "seconds": seconds, "handshake_timeout": handshake_timeout, "step_gap": step_gap},
+            timeout=seconds + CALL_MARGIN + 30))
 
     def ping(self) -> dict[str, Any]:
         return dict(self.call("ping"))
@@ -1678,12 +1681,15 @@ class _AgentServer:
 
     def m_socks_storm(self, proxy: list[Any], user: str, password: str, idle: int, steps: int,
                       idle_at_once: int, target: list[Any], udp_target: list[Any],
-                      seconds: float, step_gap: float = 0.0) -> dict[str, Any]:
+                      seconds: float, handshake_timeout: float,
+                      step_gap: float = 0.0) -> dict[str, Any]:
         """Idle handshakes held open beside resets at every step (Agent.socks_storm). An idle
-        connection closed by the service within a quarter second was refused (a cap); later,
-        it timed out. Returns ``{"idle": {"opened", "refused", "timed_out", "left_open",
-        "longest"}, "steps": {step: [reached, not reached]}, "compared": [equal, different],
-        "errors": [a few], "seconds"}``."""
+        connection closed by the service sooner than its ``handshake_timeout`` (counted from
+        the connection's accept, which comes after its connect) was refused (a cap); later,
+        it timed out. A busy service refuses late, so no shorter time tells. Returns
+        ``{"idle": {"opened", "refused", "timed_out", "left_open", "longest"}, "steps":
+        {step: [reached, not reached]}, "compared": [equal, different], "errors": [a few],
+        "seconds"}``."""
         server = (proxy[0], int(proxy[1]))
         halves = [b"", socks5.greeting(user)[:2]]
         timeout = 3.0
@@ -1709,7 +1715,7 @@ class _AgentServer:
                 except OSError:
                     pass
                 lasted = time.monotonic() - held.pop(sock)
-                idle_out["refused" if lasted < 0.25 else "timed_out"] += 1
+                idle_out["refused" if lasted < handshake_timeout else "timed_out"] += 1
                 idle_out["longest"] = max(idle_out["longest"], round(lasted, 3))
                 selector.unregister(sock)
                 sock.close()
@@ -1719,6 +1725,7 @@ class _AgentServer:
                 while idle_out["opened"] < idle and len(held) < idle_at_once:
                     sock = socket.socket(_family(server[0]), socket.SOCK_STREAM)
                     idle_out["opened"] += 1
+                    begun = time.monotonic()  # before its SYN: no accept comes sooner
                     try:
                         sock.settimeout(timeout)
                         sock.connect(server)
@@ -1730,11 +1737,9 @@ class _AgentServer:
                             out["errors"].append(f"idle connection: {exc}")
                         continue
                     sock.setblocking(False)
-                    held[sock] = time.monotonic()
+                    held[sock] = begun
                     selector.register(sock, selectors.EVENT_READ)
-                    # those closed meanwhile, at once: a burst takes longer to open than
-                    # the quarter second a refused one is told by
-                    reap(0)
+                    reap(0)  # those closed meanwhile: a burst takes a while to open
                 if done_steps < steps and time.monotonic() >= next_step:
                     next_step += step_gap
                     step = SOCKS_STEPS[done_steps % len(SOCKS_STEPS)]

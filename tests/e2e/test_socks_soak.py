@@ -71,7 +71,8 @@ def test_a_socks_soak_ends_alive_within_its_caps(lab: Lab, family: str) -> None:
         for thread in threads:
             thread.start()
         try:
-            storm = {"target": (server, ECHO_PORT), "udp_target": (server, DNS_PORT)}
+            storm = {"target": (server, ECHO_PORT), "udp_target": (server, DNS_PORT),
+                     "handshake_timeout": CAPS["socks_handshake_timeout"]}
             burst = c1.socks_storm(proxy, "alice", SOCKS_USERS["alice"], idle=BURST, steps=0,
                                    idle_at_once=BURST, seconds=30, **storm)
             # the steps spread over the time the idle ones take (40 at once, each held 1 s)

@@ -14,7 +14,7 @@ import pytest
 
 from enforcer.client import Client
 from testbed.build import Testbed
-from testbed.clauses.helpers import assert_echoed
+from testbed.clauses.helpers import assert_echoed, wait_until
 from testbed.lab import GUIDS, EnforcerProcess
 
 HOSTS = {"ipv4": ("192.0.2.11", "198.51.100.21"), "ipv6": ("2001:db8:1::11", "2001:db8:2::21")}
@@ -51,13 +51,6 @@ def session_of(tb: Testbed, api: Client, family: str) -> int:
     return int(session["id"])
 
 
-def wait_for(what: str, check: object, timeout: float = HEARD_WITHIN) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():  # type: ignore[operator]
-        assert time.monotonic() < deadline, f"not within {timeout} s: {what}"
-        time.sleep(0.02)
-
-
 @pytest.mark.parametrize("family", ["ipv4", "ipv6"])
 def test_the_kernel_admits_a_grants_first_packet_and_the_enforcer_hears_of_it(
         tb: Testbed, enforcer: EnforcerProcess, family: str) -> None:
@@ -76,7 +69,7 @@ def test_the_kernel_admits_a_grants_first_packet_and_the_enforcer_hears_of_it(
 
         def heard() -> bool:
             return bool(enforcer.call("status")["counters"].get("kernel grants: used") == 1)
-        wait_for("the enforcer hears of the flow", heard)
+        wait_until(heard, "the enforcer hears of the flow", within=HEARD_WITHIN)
         used = api.call("action", action=action.id)
         assert used["state"] == "consumed" and used["admitted"] == 1, used
         flows = [f for f in enforcer.call("flows") if f["action"] == action.id]
@@ -107,8 +100,8 @@ def test_grants_end_in_the_kernel_as_they_end_in_the_enforcer(tb: Testbed, enfor
         assert c1.tcp_connect(server, 31003, send_bytes=100)["connected"]
         assert c1.tcp_connect(server, 31003, send_bytes=100)["connected"]
         assert not c1.tcp_connect(server, 31003, timeout=1.0)["connected"], "three flows by two grants"
-        wait_for("the enforcer hears of the kernel's flow",
-                 lambda: api.call("action", action=kernel.id)["state"] == "consumed")
+        wait_until(lambda: api.call("action", action=kernel.id)["state"] == "consumed",
+                   "the enforcer hears of the kernel's flow", within=HEARD_WITHIN)
         assert api.call("action", action=user.id)["state"] == "consumed"
 
         api.allow_future_connect(session, (server, 31003), protocol_guid=GUIDS["FTP"])
@@ -231,7 +224,8 @@ def test_the_kernel_holds_only_grants_the_enforcer_has_pending(
                 sessions[family] = session_of(tb, api, family)
                 did["session end"] += 1
             # the kernel hears of a flow it admitted before the enforcer does: wait for that
-            wait_for("the enforcer and the kernel agree", lambda: _agree(tb, enforcer, pending()))
+            wait_until(lambda: _agree(tb, enforcer, pending()), "the enforcer and the kernel agree",
+                       within=HEARD_WITHIN)
         # the mix had each thing in it (the seed fixes it: this guards a change of the mix)
         assert all(did[what] for what in ("cancel", "opened", "refused", "expiry", "session end",
                                           *(f"grant {kind}" for kind in kinds))), did

@@ -36,10 +36,10 @@ from enforcer.core.decisions import HOOK_FORWARD, HOOK_INPUT, HOOK_OUTPUT, HOOK_
 from enforcer.core.engine import Engine
 from enforcer.core.flags import Flags
 from enforcer.core.ipfilter import IpFilter
-from enforcer.core.limits import Limits
+from enforcer.core.limits import Limits, Quota
 from enforcer.core.packet import TCP as TCP_PROTOCOL
 from enforcer.core.packet import UDP as UDP_PROTOCOL
-from enforcer.core.packet import Ingress
+from enforcer.core.packet import Ingress, IPAddress
 from enforcer.core.results import SessionApiError
 
 ip = ipaddress.ip_address
@@ -308,10 +308,10 @@ class Bookkeeping(RuleBasedStateMachine):
             assert pool._used == ports
 
 
-def _agree(quota: object, holds: Counter[object]) -> None:
+def _agree(quota: Quota, holds: Counter[IPAddress]) -> None:
     """A cap's counts are what its table holds: in total, and per client (no client at 0)."""
-    assert quota.used == sum(holds.values()), (quota.kind, quota.used, holds)  # type: ignore[attr-defined]
-    assert quota.by_client == dict(holds), (quota.kind, quota.by_client, holds)  # type: ignore[attr-defined]
+    assert quota.used == sum(holds.values()), (quota.kind, quota.used, holds)
+    assert quota.by_client == dict(holds), (quota.kind, quota.by_client, holds)
 
 
 Bookkeeping.TestCase.settings = settings(

@@ -555,7 +555,7 @@ def test_end_session_after_expiry_reports_expired(engine: Engine) -> None:
 
 @settings(max_examples=300)
 @given(st.sampled_from([TCP, UDP]), st.sampled_from([4, 6]), st.integers(0, 2**128 - 1),
-                  st.integers(0, 2**128 - 1), st.integers(0, 65535))
+       st.integers(0, 2**128 - 1), st.integers(0, 65535))
 def test_a_key_unpacks_to_what_it_was_packed_from(protocol: int, version: int, client: int,
                                                   target: int, port: int) -> None:
     """The action listing reads a permission's protocol and target back from its key."""

@@ -489,6 +489,7 @@ def test_a_long_stream_keeps_the_records_of_unacknowledged_chunks_alone() -> Non
         send(editor, receiver, 1000 + i, b"x")
         if i % 2 == 0:  # every other segment acknowledged (not the last), as delayed acks do
             assert acknowledge(editor, receiver.ack) == 1001 + i
+        # compacted once over 64 records are forgotten and they are most of the list
         assert len(side[OUT].chunks) <= 2 * 66
     assert receiver.data() == b"".join(b"<%d:x>" % n for n in range(1, 1001))
     # the last segment, not acknowledged, sent again: its recorded output, no new call

@@ -207,7 +207,7 @@ class GrantWriter(NatMaps):
         data = batch_marker(NFNL_MSG_BATCH_BEGIN, next(self._seq)) + b"".join(first)
         for name, elements, add in messages:
             seq = next(self._seq)
-            data += set_elements_message(name, elements, add, seq, timeout_ms)
+            data += set_elements_message(name, elements, add, seq, [timeout_ms] * len(elements))
             waiting.add(seq)
         data += batch_marker(NFNL_MSG_BATCH_END, next(self._seq))
         return _request(self.sock, data, waiting, "writing grants")

@@ -278,6 +278,8 @@ class Daemon:
         # enforcer lives, and the log of what the kernel admitted by them
         self.live: dataplane.LiveTable | None = None
         self.notices: nflog.Notices | None = None
+        # a change of the kernel's grants failed: it may hold one the enforcer does not
+        self.stray_grants = False
         self._stop = False
         self.backend: dataplane.Backend | None = None  # chosen at start
         self.queue: Queue | None = None  # bound while running
@@ -359,12 +361,29 @@ class Daemon:
         soon = self.clock() + KERNEL_NOTICE_DELAY
         gone = [grant for grant in self.engine.kernel_grants.values()
                 if (grant.permission.expires is None or grant.permission.expires > soon)
-                and dataplane.flow_key(grant.permission.client, grant.target, grant.protocol,
-                                       grant.port) not in present]
+                and _grant_key(grant) not in present]
         if gone:
             log.warning("the kernel's notices of %d flow(s) were lost; their grants are used",
                         len(gone))
             self.engine.kernel_used_unheard(gone)
+
+    def _take_stray_grants(self) -> None:
+        """After a change of the kernel's grants failed: every grant the kernel holds that
+        the enforcer does not (one it could not remove, one whose giving was not confirmed)
+        is taken from it; tried again at each housekeeping until it is done. (A grant the
+        enforcer gave up is never left to admit a flow: rule 15.)"""
+        try:
+            maps = self._nat_maps()
+            stray = maps.grant_keys() - {_grant_key(g) for g in self.engine.kernel_grants.values()}
+            if stray:
+                maps.release(sorted(stray))
+        except dataplane.DataplaneError as exc:
+            log.error("cannot take stray grants from the kernel (tried again shortly): %s", exc)
+            return
+        if stray:
+            log.warning("took %d grant(s) the enforcer no longer holds from the kernel", len(stray))
+            self.engine.counters["kernel grants: strays taken"] += len(stray)
+        self.stray_grants = False
 
     def _hearing_first(self, handler: Callable[[dict[str, Any], Caller], Any]
                        ) -> Callable[[dict[str, Any], Caller], Any]:
@@ -444,15 +463,19 @@ class Daemon:
                 self._nat_maps().hold([self._grant_rule(e.grant) for e in group])
             except dataplane.DataplaneError as exc:
                 # the user-space path is the fallback: the grant stands, the enforcer matches it
+                unheld = group[-exc.count:] if isinstance(exc, dataplane.GrantsNotHeld) else group
                 log.warning("the kernel cannot hold %d grant(s), the enforcer matches them: %s",
-                            len(group), exc)
-                for effect in group:
+                            len(unheld), exc)
+                for effect in unheld:
                     self.engine.keep_grant(effect.grant)
+                self.stray_grants = True  # in case a grant it did not confirm is the kernel's
         elif kind is RemoveKernelGrant:
             try:
-                self._nat_maps().release([self._grant_rule(e.grant) for e in group])
+                self._nat_maps().release([_grant_key(e.grant) for e in group])
             except dataplane.DataplaneError as exc:
-                log.error("cannot remove ended grants from the kernel: %s", exc)
+                log.error("cannot remove ended grants from the kernel (tried again shortly): %s",
+                          exc)
+                self.stray_grants = True
         elif kind is MapBind:
             for effect in group:
                 try:
@@ -719,7 +742,7 @@ class Daemon:
         try:
             probe = dataplane.GrantRule(TCP, ipaddress.ip_address("192.0.2.1"),
                                         ipaddress.ip_address("192.0.2.2"), 1, 0, None)
-            self.maps.release([probe])
+            self.maps.release([probe.key])
             self.notices = nflog.Notices(self.config.dataplane.queue)
             self.live = dataplane.LiveTable()
         except (dataplane.DataplaneError, OSError) as exc:
@@ -795,6 +818,8 @@ class Daemon:
 
     def _housekeeping(self) -> None:
         self.hear_kernel()
+        if self.stray_grants:
+            self._take_stray_grants()
         now = self.clock()
         if self.pool is not None:
             self._watch_dog(now)
@@ -843,6 +868,11 @@ def _redirect_rule(perm: Permission) -> dataplane.RedirectRule:
     assert r is not None
     return dataplane.RedirectRule(r.protocol, r.client, r.internal, r.internal_port, r.target,
                                   r.target_port)
+
+
+def _grant_key(grant: KernelGrant) -> bytes:
+    """The key the kernel holds a grant under."""
+    return dataplane.flow_key(grant.permission.client, grant.target, grant.protocol, grant.port)
 
 
 def _bind_rule(bind: Bind) -> dataplane.BindRule:

@@ -20,6 +20,7 @@ everything.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import functools
@@ -113,6 +114,15 @@ NFT_MSG_GETSETELEM = 13
 NFTA_SET_ELEM_LIST_TABLE, NFTA_SET_ELEM_LIST_SET, NFTA_SET_ELEM_LIST_ELEMENTS = 1, 2, 3
 NFTA_SET_ELEM_KEY, NFTA_SET_ELEM_DATA, NFTA_SET_ELEM_TIMEOUT, NFTA_DATA_VALUE = 1, 2, 4, 1
 NETLINK_TIMEOUT = 2.0  # the kernel answers a map update at once; this only guards a bug
+# The kernel acknowledges each message of a transaction with a buffer of its own, all of
+# them before the send returns: a few hundred fill a socket's default receive buffer
+# (measured on Linux 6.1: 240 messages confirmed, 300 lost acknowledgements, ENOBUFS,
+# though the kernel had made the change). And a message's elements are one attribute, at
+# most 64 KiB. So NatMaps puts at most ELEMENTS_PER_MESSAGE elements in a message (about
+# 100 bytes each with a mark and a timeout) and writes a call's in transactions of a
+# few messages each.
+ELEMENTS_PER_MESSAGE = 256
+MESSAGES_PER_TRANSACTION = 8
 NFT_MSG_DESTROYSETELEM = 30  # DELSETELEM that does not fail on a missing element (Linux 6.3)
 # A grant's key lets one packet through, counted under the element's lock
 ONE_PACKET = "limit rate 1/week burst 1 packets"
@@ -127,6 +137,14 @@ TABLES = ("raw", "filter", "mangle", "nat")
 
 class DataplaneError(Exception):
     pass
+
+
+class GrantsNotHeld(DataplaneError):
+    """``NatMaps.hold`` could not give the kernel the last ``count`` grants of its call."""
+
+    def __init__(self, message: str, count: int) -> None:
+        super().__init__(message)
+        self.count = count
 
 
 @dataclass(frozen=True)
@@ -819,6 +837,11 @@ class BindRule:
 NatRule = RedirectRule | BindRule
 
 
+def _key_family(key: bytes) -> str:
+    """The family of a grant's key (``flow_key``): an IPv4 one is 16 bytes, an IPv6 one 40."""
+    return "ip" if len(key) == 16 else "ip6"
+
+
 @dataclass(frozen=True)
 class GrantRule:
     """A grant the kernel holds (``render_nft_maps``): new flows from ``client`` to
@@ -860,17 +883,30 @@ class NatMaps:
         self._seq = itertools.count(1)
 
     def add(self, rules: Sequence[NatRule]) -> None:
-        """Add these rules' elements in one transaction; DataplaneError if the kernel
-        refuses (then nothing changed)."""
+        """Add these rules' elements (in one transaction, unless there are more than
+        ``ELEMENTS_PER_MESSAGE`` to a map); DataplaneError if the kernel refuses, and then
+        none of them is left in the maps."""
         by_map: dict[str, list[tuple[bytes, bytes]]] = {}
         for rule in rules:
             for name, key, value in rule.elements():
                 by_map.setdefault(name, []).append((key, value))
-        if by_map:
-            errors = self._batch([(name, elements, True) for name, elements in by_map.items()])
-            if errors:
-                raise DataplaneError("the kernel refused a NAT map update: "
-                                     + "; ".join(map(os.strerror, errors)))
+        messages = [set_elements_message(name, part, True, next(self._seq))
+                    for name, elements in by_map.items() for part in _parts(elements)]
+        try:
+            errors = self._send_all(messages, "writing the NAT maps")
+        except DataplaneError:
+            self._undo(rules)
+            raise
+        if errors:
+            self._undo(rules)
+            raise DataplaneError("the kernel refused a NAT map update: "
+                                 + "; ".join(map(os.strerror, errors)))
+
+    def _undo(self, rules: Sequence[NatRule]) -> None:
+        """What a failed ``add`` may have added (an earlier transaction, or one the kernel
+        made but whose acknowledgements were lost) is taken away again, as far as it can be."""
+        with contextlib.suppress(DataplaneError):
+            self.delete(rules)
 
     def delete(self, rules: Sequence[NatRule]) -> None:
         """Delete these rules' elements, one transaction each, so that one already gone
@@ -882,32 +918,58 @@ class NatMaps:
                                      + "; ".join(map(os.strerror, errors)))
 
     def hold(self, grants: Sequence[GrantRule]) -> None:
-        """Give the kernel these grants, in one transaction: each one's key, and its mark
-        in place of any a used grant of the same key left; DataplaneError if the kernel
-        refuses (a set full, say: then nothing changed)."""
-        messages: list[bytes] = []
-        for grant in grants:
-            messages += [
-                destroy_message(f"grant_mark_{grant.family}", [grant.key], next(self._seq)),
-                set_elements_message(f"grant_{grant.family}", [(grant.key, b"")], True,
-                                     next(self._seq), grant.timeout_ms),
-                set_elements_message(f"grant_mark_{grant.family}",
-                                     [(grant.key, struct.pack("=I", grant.mark))], True,
-                                     next(self._seq), grant.timeout_ms)]
-        errors = self._send(messages, "giving the kernel grants")
-        if errors:
-            raise DataplaneError("the kernel refused to hold a grant: "
-                                 + "; ".join(map(os.strerror, errors)))
+        """Give the kernel these grants: each one's key, and its mark in place of any a
+        used grant of the same key left; ``ELEMENTS_PER_MESSAGE`` grants a transaction,
+        each applied at once or not at all. GrantsNotHeld if the kernel refuses one (a set
+        full, say): it holds none of that transaction's grants and those after it (what it
+        may have made of them is taken away again), and holds those before it."""
+        for start in range(0, len(grants), ELEMENTS_PER_MESSAGE):
+            part = grants[start:start + ELEMENTS_PER_MESSAGE]
+            messages: list[bytes] = []
+            for family in ("ip", "ip6"):
+                chosen = [g for g in part if g.family == family]
+                if not chosen:
+                    continue
+                keys = [g.key for g in chosen]
+                timeouts = [g.timeout_ms for g in chosen]
+                messages += [
+                    destroy_message(f"grant_mark_{family}", keys, next(self._seq)),
+                    set_elements_message(f"grant_{family}", [(k, b"") for k in keys], True,
+                                         next(self._seq), timeouts),
+                    set_elements_message(f"grant_mark_{family}",
+                                         [(g.key, struct.pack("=I", g.mark)) for g in chosen],
+                                         True, next(self._seq), timeouts)]
+            try:
+                errors = self._send(messages, "giving the kernel grants")
+                if errors:
+                    raise DataplaneError("the kernel refused to hold a grant: "
+                                         + "; ".join(map(os.strerror, errors)))
+            except DataplaneError as exc:
+                with contextlib.suppress(DataplaneError):
+                    self.release([g.key for g in part])
+                raise GrantsNotHeld(str(exc), len(grants) - start) from None
 
-    def release(self, grants: Sequence[GrantRule]) -> None:
-        """Take these grants from the kernel (what is left of each: a used one's mark), in
-        one transaction; DataplaneError if the kernel refuses."""
-        messages = [destroy_message(f"{name}_{grant.family}", [grant.key], next(self._seq))
-                    for grant in grants for name in ("grant", "grant_mark")]
-        errors = self._send(messages, "taking grants from the kernel")
-        if errors:
-            raise DataplaneError("the kernel refused to remove a grant: "
-                                 + "; ".join(map(os.strerror, errors)))
+    def release(self, keys: Sequence[bytes]) -> None:
+        """Take the grants of these keys (``GrantRule.key``) from the kernel (what is left
+        of each: a used one's mark), a grant already gone too; DataplaneError, after trying
+        every one, if the kernel may still hold some (a transaction it refused, or did not
+        confirm)."""
+        failure = None
+        for start in range(0, len(keys), ELEMENTS_PER_MESSAGE):
+            part = keys[start:start + ELEMENTS_PER_MESSAGE]
+            messages = [destroy_message(f"{name}_{family}", chosen, next(self._seq))
+                        for family in ("ip", "ip6")
+                        for chosen in ([k for k in part if _key_family(k) == family],) if chosen
+                        for name in ("grant", "grant_mark")]
+            try:
+                errors = self._send(messages, "taking grants from the kernel")
+                if errors:
+                    raise DataplaneError("the kernel refused to remove a grant: "
+                                         + "; ".join(map(os.strerror, errors)))
+            except DataplaneError as exc:
+                failure = failure or exc
+        if failure is not None:
+            raise failure
 
     def grant_keys(self) -> set[bytes]:
         """The keys of the grants the kernel holds now, both families (a dump of the sets);
@@ -916,20 +978,24 @@ class NatMaps:
         for family in ("ip", "ip6"):
             body = (_attribute(NFTA_SET_ELEM_LIST_TABLE, MAPS_TABLE.encode() + b"\0")
                     + _attribute(NFTA_SET_ELEM_LIST_SET, f"grant_{family}".encode() + b"\0"))
+            seq = next(self._seq)
             try:
                 self.sock.send(_netlink((NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETSETELEM,
-                                        NLM_F_REQUEST | NLM_F_DUMP, next(self._seq), NFPROTO_INET, 0,
-                                        body))
-                while not self._dumped(self.sock.recv(1 << 20), keys):
+                                        NLM_F_REQUEST | NLM_F_DUMP, seq, NFPROTO_INET, 0, body))
+                while not self._dumped(self.sock.recv(1 << 20), seq, keys):
                     pass
             except OSError as exc:
                 raise DataplaneError(f"listing the grants the kernel holds failed: {exc}") from None
         return keys
 
     @staticmethod
-    def _dumped(data: bytes, keys: set[bytes]) -> bool:
-        """Add the keys in one datagram of a set's dump; whether the dump is done."""
+    def _dumped(data: bytes, seq: int, keys: set[bytes]) -> bool:
+        """Add the keys in one datagram of a set's dump (the request ``seq``: replies to
+        earlier ones, a transaction's that were not read, are passed over); whether the
+        dump is done."""
         for kind, start, end in netlink_messages(data):
+            if struct.unpack_from("=I", data, start - 8)[0] != seq:
+                continue
             if kind == NLMSG_DONE:
                 return True
             if kind == NLMSG_ERROR:
@@ -950,6 +1016,15 @@ class NatMaps:
         aborts the whole transaction)."""
         return self._send([set_elements_message(name, elements, add, next(self._seq))
                            for name, elements, add in messages], "writing the NAT maps")
+
+    def _send_all(self, messages: list[bytes], what: str) -> list[int]:
+        """Send messages in transactions of ``MESSAGES_PER_TRANSACTION``; stop at the
+        first one refused (its errnos)."""
+        for start in range(0, len(messages), MESSAGES_PER_TRANSACTION):
+            errors = self._send(messages[start:start + MESSAGES_PER_TRANSACTION], what)
+            if errors:
+                return errors
+        return []
 
     def _send(self, messages: list[bytes], what: str) -> list[int]:
         """Send encoded messages as one transaction; the errno of each one refused."""
@@ -1053,26 +1128,33 @@ def batch_marker(kind: int, seq: int) -> bytes:
     return _netlink(kind, NLM_F_REQUEST, seq, 0, NFNL_SUBSYS_NFTABLES, b"")
 
 
-def set_elements_message(name: str, elements: list[tuple[bytes, bytes]], add: bool, seq: int,
-                         timeout_ms: int | None = None) -> bytes:
+def set_elements_message(name: str, elements: Sequence[tuple[bytes, bytes]], add: bool, seq: int,
+                         timeouts_ms: Sequence[int | None] = ()) -> bytes:
     """NFT_MSG_NEWSETELEM (or DELSETELEM, keys alone) of the maps table's map ``name``.
 
-    An empty value adds a set's element (a key alone). ``timeout_ms`` gives each added
-    element its own timeout (the set must have the timeout flag); without it an element
-    takes the set's default timeout, if any."""
-    timeout = (_attribute(NFTA_SET_ELEM_TIMEOUT, struct.pack("!Q", timeout_ms))
-               if add and timeout_ms is not None else b"")
+    An empty value adds a set's element (a key alone). ``timeouts_ms``, one per element,
+    gives each added element its own timeout (the set must have the timeout flag); an
+    element without one takes the set's default timeout, if any."""
     items = b"".join(
         _attribute(i + 1, _attribute(NFTA_SET_ELEM_KEY, _attribute(NFTA_DATA_VALUE, key))
                    + (_attribute(NFTA_SET_ELEM_DATA, _attribute(NFTA_DATA_VALUE, value))
-                      if add and value else b"") + timeout)
-        for i, (key, value) in enumerate(elements))
+                      if add and value else b"")
+                   + (_attribute(NFTA_SET_ELEM_TIMEOUT, struct.pack("!Q", timeout))
+                      if add and timeout is not None else b""))
+        for i, ((key, value), timeout) in enumerate(
+            zip(elements, timeouts_ms or [None] * len(elements), strict=True)))
     body = (_attribute(NFTA_SET_ELEM_LIST_TABLE, MAPS_TABLE.encode() + b"\0")
             + _attribute(NFTA_SET_ELEM_LIST_SET, name.encode() + b"\0")
             + _attribute(NFTA_SET_ELEM_LIST_ELEMENTS, items))
     kind = (NFNL_SUBSYS_NFTABLES << 8) | (NFT_MSG_NEWSETELEM if add else NFT_MSG_DELSETELEM)
     return _netlink(kind, NLM_F_REQUEST | NLM_F_ACK | (NLM_F_CREATE if add else 0), seq,
                     NFPROTO_INET, 0, body)
+
+
+def _parts(elements: list[tuple[bytes, bytes]]) -> Iterator[list[tuple[bytes, bytes]]]:
+    """A map's elements, ``ELEMENTS_PER_MESSAGE`` to a message."""
+    for start in range(0, len(elements), ELEMENTS_PER_MESSAGE):
+        yield elements[start:start + ELEMENTS_PER_MESSAGE]
 
 
 def destroy_message(name: str, keys: list[bytes], seq: int) -> bytes:

@@ -140,9 +140,9 @@ print(sorted(maps.grant_keys()) == sorted(g.key for g in grants))
 print(subprocess.run(["nft", "list", "table", "inet", "{dataplane.MAPS_TABLE}"], capture_output=True,
                      text=True, check=True).stdout)
 print("---")
-maps.release(grants[:1])
+maps.release([grants[0].key])
 print(maps.grant_keys() == {{grants[1].key}})
-maps.release(grants)
+maps.release([g.key for g in grants])
 print(maps.grant_keys() == set())
 subprocess.run(["nft", "delete", "table", "inet", "{dataplane.MAPS_TABLE}"], check=True)
 """
@@ -152,6 +152,50 @@ subprocess.run(["nft", "delete", "table", "inet", "{dataplane.MAPS_TABLE}"], che
     assert "192.0.2.11 . 198.51.100.21 . tcp . 30001 timeout 30s expires" in held.split("grant_mark_ip {")[1]
     assert "2001:db8:1::11 . 2001:db8:2::21 . udp . 69 : 0x50000000" in held
     assert released.split() == ["True", "True"], released
+
+
+def test_thousands_of_grants_and_nat_rules_at_once_are_all_written_and_all_removed(
+        tb: Testbed) -> None:
+    """What a session's end or a burst of grants asks at once: 3000 grants of both
+    families (with and without a timeout) and 600 redirects' NAT elements, more than a
+    netlink message holds and more acknowledgements than a socket's buffer, all made and
+    then all gone, none left to admit a flow."""
+    script = f"""
+import subprocess
+from ipaddress import IPv4Address, IPv6Address
+from enforcer import dataplane
+from enforcer.dataplane import GrantRule, RedirectRule
+subprocess.run(["nft", "-f", "-"], input=dataplane.render_nft_maps({MAPS_RULESET}), text=True, check=True)
+v4, v6 = int(IPv4Address("198.51.100.0")), int(IPv6Address("2001:db8:2::"))
+grants = [GrantRule(6, IPv4Address("192.0.2.11"), IPv4Address(v4 + i % 250), 1024 + i, 0x11000000,
+                    30000 if i % 2 else None) if i % 3 else
+          GrantRule(17, IPv6Address("2001:db8:1::11"), IPv6Address(v6 + i), 1024 + i, 0x50000000, None)
+          for i in range(3000)]
+rules = [RedirectRule(6, IPv4Address("192.0.2.11"), IPv4Address("192.0.2.1"), 20000 + i,
+                      IPv4Address("198.51.100.21"), 30000 + i) for i in range(600)]
+maps = dataplane.NatMaps()
+maps.hold(grants)
+maps.add(rules)
+print(maps.grant_keys() == {{g.key for g in grants}})
+listed = subprocess.run(["nft", "-j", "list", "table", "inet", "{dataplane.MAPS_TABLE}"], capture_output=True,
+                        text=True, check=True).stdout
+import json
+sets = {{o["set" if "set" in o else "map"]["name"]: len(o.get("set", o.get("map"))["elem"])
+        for o in json.loads(listed)["nftables"] if ("set" in o or "map" in o) and
+        "elem" in o.get("set", o.get("map", {{}}))}}
+print(sets)
+maps.release([g.key for g in grants])
+maps.delete(rules)
+print(maps.grant_keys() == set())
+print(subprocess.run(["nft", "list", "table", "inet", "{dataplane.MAPS_TABLE}"], capture_output=True,
+                     text=True, check=True).stdout.count("elements"))
+subprocess.run(["nft", "delete", "table", "inet", "{dataplane.MAPS_TABLE}"], check=True)
+"""
+    held, counts, released, left = tb.run("fw", [sys.executable, "-c", script]).stdout.splitlines()
+    assert held == "True"
+    assert eval(counts) == {"grant_ip": 2000, "grant_mark_ip": 2000, "grant_ip6": 1000,
+                            "grant_mark_ip6": 1000, "redirect_mark_ip": 600, "redirect_to_ip": 600}
+    assert released == "True" and left == "0"
 
 
 def test_a_closed_bind_s_flows_are_forgotten_by_their_mark(tb: Testbed) -> None:

@@ -107,7 +107,9 @@ def daemon() -> Daemon:
     d._arrived_on = Arrivals(Interfaces({"int0": INTERNAL_IF}, {"ext0": EXTERNAL_IF}, (), ()))
     d.config = Config(POLICY, NetworkSettings(("int0",), ("ext0",)),
                       DataplaneSettings(increased_receive_buffer=INCREASED))
-    d.socks = None
+    d.socks = d.pool = None
+    d.stray_grants = False
+    d._next_prune = 0.0
     return d
 
 
@@ -279,13 +281,16 @@ def test_increase_receive_buffer_on_a_firewall_client_s_bind_grows_its_socket_s(
 class FakeMaps:
     """The NAT maps as the daemon writes them: the rules added and deleted, in order."""
 
-    def __init__(self, error: str | None = None) -> None:
+    def __init__(self, error: str | None = None, *, unheld: int | None = None,
+                 unreleased: int = 0) -> None:
         self.added: list[dataplane.NatRule] = []
         self.deleted: list[dataplane.NatRule] = []
         self.held: list[dataplane.GrantRule] = []
-        self.released: list[dataplane.GrantRule] = []
+        self.released: list[bytes] = []
         self.present: set[bytes] = set()  # the keys of the grants the kernel still holds
         self.error = error  # an add (and a grant the kernel is to hold) fails with it
+        self.unheld = unheld  # with error: the last this many grants of a hold are not held
+        self.unreleased = unreleased  # this many releases fail, leaving their grants
         self.watched: QueuedPacket | None = None  # its verdicts as each delete came
         self.verdicts_at_delete: list[list[str]] = []
 
@@ -300,12 +305,20 @@ class FakeMaps:
             self.verdicts_at_delete.append(list(self.watched.verdicts))
 
     def hold(self, grants: list[dataplane.GrantRule]) -> None:
-        if self.error is not None:
+        if self.error is not None and self.unheld is None:
             raise dataplane.DataplaneError(self.error)
-        self.held += grants
+        made = grants[:len(grants) - (self.unheld or 0)]
+        self.held += made
+        self.present |= {g.key for g in made}
+        if self.error is not None and self.unheld:
+            raise dataplane.GrantsNotHeld(self.error, self.unheld)
 
-    def release(self, grants: list[dataplane.GrantRule]) -> None:
-        self.released += grants
+    def release(self, keys: list[bytes]) -> None:
+        if self.unreleased:
+            self.unreleased -= 1
+            raise dataplane.DataplaneError("the kernel refused to remove a grant: No buffer space")
+        self.released += keys
+        self.present -= set(keys)
 
     def grant_keys(self) -> set[bytes]:
         return self.present
@@ -474,7 +487,7 @@ def test_grants_the_kernel_holds_and_what_the_daemon_hears_of_them() -> None:
     d.notices = FakeNotices(syn(30001, 41000).data)  # type: ignore[assignment]
     actions = d._hearing_first(d.api.action)
     assert actions({"action": made["action"]}, SocketCaller())["state"] == "consumed"
-    assert maps.released == [grant]
+    assert maps.released == [grant.key]
 
     d.maps = FakeMaps(error="set full")  # type: ignore[assignment]
     kept = d.api.allow_future_connect({"session": session, "address": S1, "port": 30002,
@@ -545,6 +558,50 @@ def test_lost_notices_are_made_up_for_by_what_the_kernel_still_holds() -> None:
     assert d.engine.counters["kernel grants: used, not heard of"] == 1
     d.hear_kernel()  # nothing lost since: nothing compared
     assert d.engine.counters["kernel grants: used, not heard of"] == 1
+
+
+def test_a_grant_the_kernel_could_not_give_up_is_taken_from_it_at_the_next_housekeeping() -> None:
+    """Cancelled, a grant the kernel holds must leave it: when the removal fails (a
+    transaction refused, its acknowledgements lost), the next housekeeping takes from the
+    kernel every grant the enforcer no longer holds, and tries again until it can."""
+    d = daemon()
+    d.maps = maps = FakeMaps(unreleased=2)  # type: ignore[assignment]
+    d.engine.grants_in_kernel = True
+    d.notices = FakeNotices()  # type: ignore[assignment]
+    session = securenat_session(d)
+    ftp = str(GUID["FTP"])
+    kept, cancelled = (d.api.allow_future_connect({"session": session, "address": S1, "port": port,
+                                                   "protocol_guid": ftp}, SocketCaller())["action"]
+                       for port in (30001, 30002))
+    assert len(maps.present) == 2
+    d.api.cancel({"action": cancelled}, SocketCaller())
+    assert d.stray_grants and len(maps.present) == 2  # the removal failed
+    d._housekeeping()  # fails again: still due
+    assert d.stray_grants and len(maps.present) == 2
+    d._housekeeping()
+    assert not d.stray_grants
+    assert maps.present == {maps.held[0].key} and maps.released == [maps.held[1].key]
+    assert d.engine.counters["kernel grants: strays taken"] == 1
+    assert d.engine.permissions.get(kept).state.value == "pending"
+
+
+def test_grants_the_kernel_held_in_part_are_the_kernel_s_the_rest_the_enforcer_s() -> None:
+    """A hold the kernel refused after its first transactions: the grants it holds stay
+    the kernel's, the others the enforcer matches; none is lost."""
+    d = daemon()
+    d.maps = maps = FakeMaps("set full", unheld=2)  # type: ignore[assignment]
+    d.engine.grants_in_kernel = True
+    session = securenat_session(d)
+    for port in (30001, 30002, 30003):  # effects gathered, as a turn of the loop may
+        d.engine.allow_future_connect(session, ipaddress.ip_address(S1), port, TCP_PROTOCOL,
+                                      Flags(0), GUID["FTP"], 5.0)
+    d.apply(d.engine.take_effects())
+    assert [g.port for g in maps.held] == [30001]
+    assert sorted(g.port for g in d.engine.kernel_grants.values()) == [30001]
+    assert d.stray_grants  # what the kernel made of the others is looked at again
+    for sport, port in ((41000, 30002), (41001, 30003)):
+        deliver(d, first := syn(port, sport))
+        assert first.verdicts == ["accept"]
 
 
 class FakePool:

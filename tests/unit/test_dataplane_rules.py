@@ -988,7 +988,8 @@ def test_set_elements_with_a_timeout_and_keys_alone_are_what_pyroute2_encodes(ad
     keys = [key for rule in (RULE4, BIND4) for _, key, _ in rule.elements()]
     for timeout in (None, 30_000):
         for chosen in ([(k, b"") for k in keys], [(k, struct.pack("=I", 0x10000000)) for k in keys]):
-            assert dataplane.set_elements_message("once_ip", chosen, add, 9, timeout) == \
+            assert dataplane.set_elements_message("once_ip", chosen, add, 9,
+                                                  [timeout] * len(chosen)) == \
                 _pyroute2_set_elements("once_ip", chosen, add, 9, timeout)
 
 

@@ -22,13 +22,16 @@ from enforcer.core.ipfilter import IpFilter
 from enforcer.core.packet import TCP, UDP, Endpoint
 from enforcer.core.policy import PortRange
 from enforcer.core.redirects import MAX_ADDRESSES
-from enforcer.core.results import InvalidArgument
+from enforcer.core.results import InvalidArgument, IsBusy
 from enforcer.core.state import parse_address
 
 MAX_CONTEXT_BYTES = 4096
 # Its events are encoded deep in the packet path's stack: a context must nest much less
 # than the recursion limit that reading a request allows.
 MAX_CONTEXT_DEPTH = 32
+# What a control connection may register (each admitted flow looks at every registration)
+MAX_FILTERS_PER_CONNECTION = 64
+MAX_CONNECT_REGISTRATIONS = 64  # port ranges a filter asks connect events for
 _PROTOCOLS = {"tcp": TCP, "udp": UDP, TCP: TCP, UDP: UDP}
 
 log = logging.getLogger("pinhole.enforcer")
@@ -300,6 +303,8 @@ class SessionApi:
     def register_filter(self, params: dict[str, Any], caller: Caller) -> dict[str, Any]:
         """Register a session filter; its events are pushed on this connection."""
         name = Params(params, {"name"}).string("name", max_len=64)
+        if sum(c is caller for _, c in self._filters.values()) >= MAX_FILTERS_PER_CONNECTION:
+            raise IsBusy(f"a connection registers at most {MAX_FILTERS_PER_CONNECTION} filters")
         filter_id = next(self._filter_ids)
         self._filters[filter_id] = (str(name), caller)
         return {"filter": filter_id, "name": name}
@@ -317,6 +322,9 @@ class SessionApi:
                 not 1 <= ports[0] <= ports[1] <= 65535:
             raise InvalidArgument("'ports' must be [low, high] with 1 <= low <= high <= 65535")
         protocol = p.protocol()
+        if len(self.engine.connect_registrations.get(filter_id, ())) >= MAX_CONNECT_REGISTRATIONS:
+            raise IsBusy(f"filter {filter_id} has {MAX_CONNECT_REGISTRATIONS} port ranges "
+                         "registered, the most it may")
         self.engine.register_connect_events(filter_id, protocol, PortRange(ports[0], ports[1]))
         return {"filter": filter_id, "protocol": protocol, "ports": ports}
 

@@ -45,10 +45,15 @@ def _enforcer(args: argparse.Namespace) -> int:
     if args.verbose:
         logging.getLogger("pinhole").setLevel(logging.DEBUG)
     config = config_mod.load(args.config)
-    if args.socket:
+    if args.socket is not None:
+        wrong = config_mod.socket_path_problem(args.socket)
+        if wrong is not None:
+            raise UsageError(f"--socket: {wrong}")
         from dataclasses import replace
         config = replace(config, control_socket=args.socket)
-    if args.netns:
+    if args.netns is not None:
+        if not args.netns:
+            raise UsageError("--netns: the namespace's name is empty")
         from pyroute2 import netns as pyroute2_netns
         try:
             pyroute2_netns.setns(args.netns, flags=0)  # never create one

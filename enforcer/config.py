@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from enforcer.core.binds import DEFAULT_BIND_PORTS
-from enforcer.core.limits import MINIMUM, Limits
+from enforcer.core.limits import MAXIMUM_COUNT, MAXIMUM_SECONDS, MINIMUM, Limits
 from enforcer.core.marks import MAX_WORKERS
 from enforcer.core.packet import TCP, UDP
 from enforcer.core.policy import KeyPath, Policy, PolicyInvalid, Reader, policy_from_dict
@@ -87,18 +87,34 @@ class Config:
     limits: Limits = field(default_factory=Limits)
 
 
+def socket_path_problem(path: str) -> str | None:
+    """What is wrong with ``path`` as the control socket's path, or None."""
+    if not path:
+        return "must not be empty"
+    if len(path.encode()) > MAX_SOCKET_PATH:
+        return f"a UNIX socket path has at most {MAX_SOCKET_PATH} bytes"
+    return None
+
+
 def load(path: Path | str) -> Config:
     path = Path(path)
     try:
-        text = path.read_text()
+        data = path.read_bytes()
     except OSError as exc:
         raise ConfigError(path, None, f"cannot read: {exc.strerror}") from None
+    try:
+        text = data.decode()
+    except UnicodeDecodeError as exc:
+        raise ConfigError(path, data.count(b"\n", 0, exc.start) + 1,
+                          f"not UTF-8 text (byte 0x{data[exc.start]:02x})") from None
     return parse(text, path)
 
 
 def parse(text: str, path: Path | str = "<config>") -> Config:
     try:
         data = tomllib.loads(text)
+    except RecursionError:
+        raise ConfigError(path, None, "not valid TOML: nested too deeply") from None
     except tomllib.TOMLDecodeError as exc:
         match = re.search(r"\(at line (\d+), column \d+\)", str(exc))
         line = int(match.group(1)) if match else None
@@ -154,13 +170,15 @@ def parse(text: str, path: Path | str = "<config>") -> Config:
         control = root.table("control")
         control.check_keys({"socket"})
         socket_path = control.get("socket", str, DEFAULT_SOCKET)
-        if len(socket_path.encode()) > MAX_SOCKET_PATH:
-            raise control.fail("socket", f"a UNIX socket path has at most {MAX_SOCKET_PATH} bytes")
+        wrong = socket_path_problem(socket_path)
+        if wrong is not None:
+            raise control.fail("socket", wrong)
         filters = root.table("data_filters")
         data_filters = {}
         for name in filters.data:
             target = filters.get(name, str)
-            if ":" not in target:
+            module, _, attribute = target.partition(":")
+            if not module or not attribute:
                 raise filters.fail(name, f"'{target}' is not 'module:attribute'")
             data_filters[name] = target
         socks = _socks(root) if "socks" in data else None
@@ -187,6 +205,9 @@ def _limits(root: Reader) -> Limits:
         value = section.get(key, kind, default)
         if value < low:
             raise section.fail(key, f"must be at least {low}")
+        if value > (MAXIMUM_SECONDS if isinstance(default, float) else MAXIMUM_COUNT):
+            raise section.fail(key, f"must be at most {MAXIMUM_SECONDS:.0f} seconds (a year)"
+                               if isinstance(default, float) else f"must be at most {MAXIMUM_COUNT}")
         values[key] = type(default)(value)
     return Limits(**values)
 

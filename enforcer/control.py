@@ -66,6 +66,9 @@ class ControlServer:
         self._buffers: dict[socket.socket, bytearray] = {}  # requests read, not yet answered
         self._unsent: dict[socket.socket, bytearray] = {}
         self._callers: dict[socket.socket, Caller] = {}
+        # connections with complete requests left for a later turn (one timer each): not
+        # read meanwhile, so that a client that sends without end holds one read's bytes
+        self._waiting: set[socket.socket] = set()
         loop.watch(self.sock, selectors.EVENT_READ, self._accept)
 
     def _accept(self) -> None:
@@ -103,10 +106,13 @@ class ControlServer:
 
     def _arm(self, conn: socket.socket) -> None:
         """Watch a connection for requests, unless answers are queued up (then for room
-        to write them: a client must read before it is read again)."""
+        to write them: a client must read before it is read again) or requests wait for
+        a later turn (then not at all until they are answered)."""
         if self._unsent[conn]:
             self.loop.watch(conn, selectors.EVENT_WRITE, lambda: self._write(conn),
                             lambda: self._drop(conn))
+        elif conn in self._waiting:
+            self.loop.unwatch(conn)
         else:
             self.loop.watch(conn, selectors.EVENT_READ, lambda: self._read(conn),
                             lambda: self._drop(conn))
@@ -140,7 +146,10 @@ class ControlServer:
                 return  # dropped while answering
         else:
             if b"\n" in buf:
-                self.loop.call_later(0, lambda: self._answer(conn))
+                if conn not in self._waiting:
+                    self._waiting.add(conn)
+                    self.loop.call_later(0, lambda: self._next_turn(conn))
+                self._arm(conn)
                 return
         if len(buf) > MAX_REQUEST:
             # No newline within the limit: answer, then close, since the rest of
@@ -149,6 +158,15 @@ class ControlServer:
                 f"request too large: more than {MAX_REQUEST} bytes without a newline")))
             self._flush(conn)
             self._drop(conn)
+
+    def _next_turn(self, conn: socket.socket) -> None:
+        """Answer the requests a connection left for this turn; read it again once none is
+        left."""
+        self._waiting.discard(conn)
+        if conn in self._buffers:
+            self._answer(conn)
+        if conn in self._buffers:
+            self._arm(conn)
 
     def handle_line(self, line: bytes, caller: Caller) -> dict[str, Any]:
         """Answer one request line (public for tests)."""
@@ -221,6 +239,7 @@ class ControlServer:
         if conn in self._buffers:
             del self._buffers[conn]
             del self._unsent[conn]
+            self._waiting.discard(conn)
             self.on_disconnect(self._callers.pop(conn))
             self.loop.unwatch(conn)
             conn.close()
@@ -234,8 +253,11 @@ class ControlServer:
 
 
 def refuse_if_served(path: Path) -> None:
-    """Raise if a live daemon answers on ``path`` (a leftover socket file is fine)."""
+    """Raise if a live daemon answers on ``path`` (a leftover socket file is fine), or if
+    something other than a socket is there (the server would put its socket in its place)."""
     if not path.is_socket():
+        if path.exists() or path.is_symlink():
+            raise SocketInUse(f"{path} exists and is not a socket: not replacing it")
         return
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -244,11 +266,11 @@ def refuse_if_served(path: Path) -> None:
         return
     finally:
         probe.close()
-    raise AlreadyRunning(f"another enforcer is serving {path}")
+    raise SocketInUse(f"another enforcer is serving {path}")
 
 
-class AlreadyRunning(Exception):
-    pass
+class SocketInUse(Exception):
+    """The control socket's path is a live enforcer's, or not a socket."""
 
 
 def _error(rid: Any, exc: SessionApiError) -> dict[str, Any]:

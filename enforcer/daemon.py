@@ -34,7 +34,7 @@ from enforcer import dataplane, filters, nflog, workers
 from enforcer.api import Params, SessionApi
 from enforcer.config import Config, ConfigError, SocksSettings
 from enforcer.config import load as load_config
-from enforcer.control import AlreadyRunning, Caller, ControlServer, refuse_if_served
+from enforcer.control import Caller, ControlServer, SocketInUse, refuse_if_served
 from enforcer.core.binds import Bind
 from enforcer.core.datafilter import DataFilter, DataFilterFactory, Direction
 from enforcer.core.decisions import QueuedPacket
@@ -70,6 +70,7 @@ SO_RCVBUFFORCE = 33  # Linux; as root, past net.core.rmem_max (Python's socket m
 QUEUE_LENGTH = 8192  # packets the kernel holds for the enforcer before it drops (fails closed)
 PACKETS_PER_TURN = 64  # queued packets decided before the loop turns to other work
 PRUNE_INTERVAL = 5.0  # seconds between sweeps of empty per-client byte budgets
+MAX_CONFIG_BYTES = 1 << 20  # a configuration a restart reads (in the loop)
 # While the kernel holds grants, the longest the enforcer takes to hear of a flow admitted
 # by one (its events, its record) when nothing else wakes it
 KERNEL_NOTICE_DELAY = 0.01
@@ -304,6 +305,7 @@ class Daemon:
         """One queued packet: the engine's answer, what must precede its verdict applied,
         the verdict buffered; the effects that are to follow it are returned."""
         assert self.queue is not None
+        answer = None
         try:
             queued = queued_packet(packet, self._arrived_on)
             self.api.hold = True  # an application filter's calls: their effects come with the answer
@@ -323,7 +325,10 @@ class Daemon:
         except Exception:  # a bug in the shell: drop the packet, and keep enforcing
             log.exception("dropping a packet the enforcer failed to pass on")
             self.queue.verdict(packet.packet_id, False)
-            return []
+            if answer is None:
+                return []
+        # what the engine decided stands (a permission used, a flow recorded), the packet
+        # passed or not: the kernel state it ended goes, its events are sent
         return [e for e in answer.effects if not isinstance(e, BEFORE_VERDICT)]
 
     def hear_kernel(self) -> None:
@@ -612,6 +617,12 @@ class Daemon:
         path = Path(given) if given else self.source
         if path is None:
             raise InvalidArgument("'config' is required: this run did not start from a file")
+        if given and not path.is_absolute():  # the enforcer's directory is not the caller's
+            raise InvalidArgument(f"'config' must be an absolute path, not '{given}'")
+        # read in the loop: nothing that could block it (a FIFO) or fill its memory
+        if path.exists() and (not path.is_file() or path.stat().st_size > MAX_CONFIG_BYTES):
+            raise InvalidArgument(f"not restarting: {path} is not a regular file of at most "
+                                  f"{MAX_CONFIG_BYTES} bytes")
         try:
             config = replace(load_config(path), control_socket=self.config.control_socket)
             self.successor = Daemon(config, clock=self.clock, source=path, run=self.run_number + 1)
@@ -629,7 +640,7 @@ class Daemon:
         # Refuse to start beside a live enforcer before touching anything of its.
         try:
             refuse_if_served(Path(self.config.control_socket))
-        except AlreadyRunning as exc:
+        except SocketInUse as exc:
             raise StartupError(str(exc)) from None
         restored = self.host.restore()
         if restored:
@@ -897,7 +908,7 @@ def ruleset(config: Config, interfaces: dataplane.Interfaces, working: bool) -> 
 def _not_running(config: Config, what: str) -> None:
     try:
         refuse_if_served(Path(config.control_socket))
-    except AlreadyRunning as exc:
+    except SocketInUse as exc:
         raise StartupError(f"{exc}: stop it first ({what} would take its rules away)") from None
 
 

@@ -118,6 +118,9 @@ class BindTable:
         limits = limits or Limits()
         self.quota = Quota("binds", limits, counters if counters is not None else Counter())
         self.closed_cap = limits.binds_total  # closed binds remembered
+        # of them a session's, so that one client's do not push out everyone else's (and
+        # what lists a session's binds stays short)
+        self.closed_per_session = limits.binds_per_client
         self._by_address: dict[tuple[int, IPAddress, int], Bind] = {}
         self._by_session: dict[int, dict[int, Bind]] = {}
         # SecureNAT binds by what they lead to: (protocol, client, client port)
@@ -162,8 +165,8 @@ class BindTable:
 
     def close(self, bind: Bind) -> None:
         """Done: nothing more gets through. It stays listed under its session while it is
-        among the last ``closed_cap`` closed, so that a late RetroactiveAllowBind is
-        FWX_E_TERMINATING."""
+        among the last ``closed_cap`` closed, and the last ``closed_per_session`` of its
+        session's, so that a late RetroactiveAllowBind is FWX_E_TERMINATING."""
         if bind.state is BindState.CLOSED:
             return
         bind.state = BindState.CLOSED
@@ -175,6 +178,11 @@ class BindTable:
         self.quota.release(bind.owner)
         bind.recent.clear()  # nothing is answered through a closed bind
         self._closed[bind.id] = bind
+        mine = [b for b in self._by_session.get(bind.session_id, {}).values()
+                if b.state is BindState.CLOSED]
+        if len(mine) > self.closed_per_session:
+            del self._closed[mine[0].id]
+            self._forget(mine[0])
         while len(self._closed) > self.closed_cap:
             self._forget(self._closed.popitem(last=False)[1])
 

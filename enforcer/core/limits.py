@@ -70,6 +70,10 @@ class Limits:
 
 # The lowest value of each key (new_flows_per_second may be 0: no limit)
 MINIMUM = {f.name: (0 if f.name == "new_flows_per_second" else 1) for f in fields(Limits)}
+# The highest of a count (the kernel holds flows_per_client and a rate's burst in 32 bits)
+# and of a time (seconds; a kernel grant's timeout is made of a permission's)
+MAXIMUM_COUNT = 2**32 - 1
+MAXIMUM_SECONDS = 365 * 86400.0
 # How many clients status lists beside a per-client cap's highest use
 TOP_CLIENTS = 3
 

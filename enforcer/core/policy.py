@@ -8,11 +8,13 @@ path into a file line.
 from __future__ import annotations
 
 import ipaddress
+import math
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from enforcer.core.limits import MAXIMUM_COUNT, MAXIMUM_SECONDS
 from enforcer.core.packet import TCP, UDP, IPAddress
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -190,6 +192,8 @@ class Reader:
         # bool is an int in Python; a policy that says `port = true` is a mistake.
         if not isinstance(value, kind) or (isinstance(value, bool) and bool not in _as_tuple(kind)):
             raise self.fail(key, f"expected {_kind_name(kind)}, got {type(value).__name__}")
+        if isinstance(value, float) and not math.isfinite(value):  # TOML's nan and inf
+            raise self.fail(key, f"must be a finite number, not {value}")
         return value
 
     def table(self, key: str) -> Reader:
@@ -306,10 +310,11 @@ def policy_from_dict(data: Mapping[str, Any], extra_sections: Iterable[str] = ()
     d = root.table("defaults")
     d.check_keys({"permission_timeout", "max_pending_per_session"})
     timeout = d.get("permission_timeout", (int, float), Defaults.permission_timeout)
-    if timeout <= 0:
-        raise d.fail("permission_timeout", "must be a positive number of seconds")
+    if not 0 < timeout <= MAXIMUM_SECONDS:
+        raise d.fail("permission_timeout",
+                     f"must be a positive number of seconds, at most {MAXIMUM_SECONDS:.0f} (a year)")
     cap = d.get("max_pending_per_session", int, Defaults.max_pending_per_session)
-    if cap < 1:
-        raise d.fail("max_pending_per_session", "must be at least 1")
+    if not 1 <= cap <= MAXIMUM_COUNT:
+        raise d.fail("max_pending_per_session", f"must be from 1 to {MAXIMUM_COUNT}")
     return Policy(tuple(protocols), tuple(protocol_rules), tuple(site_rules),
                   Defaults(float(timeout), cap))

@@ -100,9 +100,12 @@ def test_a_restart_by_the_control_socket_is_a_new_run_in_the_same_process(
     assert enforcer.call("status")["sessions"] == 1
     bad = tmp_path / "bad.toml"
     bad.write_text("[policy\n")
+    os.mkfifo(fifo := tmp_path / "fifo.toml")  # read in the loop, it would hold it for good
     for params, reason in (({"config": str(bad)}, "bad.toml:1"),
                            ({"config": str(tmp_path / "none.toml")}, "cannot read"),
-                           ({"config": 7}, "'config' must be a string")):
+                           ({"config": 7}, "'config' must be a string"),
+                           ({"config": "bad.toml"}, "'config' must be an absolute path"),
+                           ({"config": str(fifo)}, "fifo.toml is not a regular file")):
         with Client(str(enforcer.socket)) as c:
             reply = c.raw(json.dumps({"id": 1, "method": "restart", "params": params}).encode() + b"\n")
         assert reply["error"]["name"] == "E_INVALIDARG" and reason in reply["error"]["message"], reply

@@ -214,6 +214,13 @@ def test_limits_defaults_and_values() -> None:
     ("new_flows_per_second = -1", "limits.new_flows_per_second: must be at least 0"),
     ("binds_total = 1.5", "limits.binds_total: expected an integer, got float"),
     ("bogus = 1", "limits.bogus: unknown key"),
+    ("flows_per_client = 4294967296", "limits.flows_per_client: must be at most 4294967295"),
+    ("new_flows_per_second = 9223372036854775807",
+     "limits.new_flows_per_second: must be at most 4294967295"),
+    ("session_idle_timeout = nan", "limits.session_idle_timeout: must be a finite number, not nan"),
+    ("socks_bind_timeout = inf", "limits.socks_bind_timeout: must be a finite number, not inf"),
+    ("socks_handshake_timeout = 1e300",
+     "limits.socks_handshake_timeout: must be at most 31536000 seconds (a year)"),
 ])
 def test_limits_errors(line: str, reason: str) -> None:
     text = MINIMAL + f"\n[limits]\n{line}  # <-\n"
@@ -232,6 +239,44 @@ def test_load_reads_a_file(tmp_path: Path) -> None:
     path.write_text(FULL)
     assert load(path) == parse(FULL, path)
     assert isinstance(load(str(path)), Config)
+
+
+@pytest.mark.parametrize(("line", "reason"), [
+    ("permission_timeout = nan", "defaults.permission_timeout: must be a finite number, not nan"),
+    ("permission_timeout = inf", "defaults.permission_timeout: must be a finite number, not inf"),
+    ("permission_timeout = 1e300", "defaults.permission_timeout: must be a positive number of "
+     "seconds, at most 31536000 (a year)"),
+    ("max_pending_per_session = 4294967296",
+     "defaults.max_pending_per_session: must be from 1 to 4294967295"),
+])
+def test_defaults_out_of_range(line: str, reason: str) -> None:
+    text = MINIMAL + f"\n[defaults]\n{line}  # <-\n"
+    message = config_error(text)
+    assert message.startswith(f"{FILE}:{marked_line(text)}: {reason}"), message
+
+
+@pytest.mark.parametrize(("section", "line", "reason"), [
+    ("control", 'socket = ""', "control.socket: must not be empty"),
+    ("data_filters", 'x = ":"', "data_filters.x: ':' is not 'module:attribute'"),
+    ("data_filters", 'x = "json:"', "data_filters.x: 'json:' is not 'module:attribute'"),
+])
+def test_empty_names_are_refused(section: str, line: str, reason: str) -> None:
+    text = MINIMAL + f"\n[{section}]\n{line}  # <-\n"
+    message = config_error(text)
+    assert message.startswith(f"{FILE}:{marked_line(text)}: {reason}"), message
+
+
+def test_a_file_that_is_not_utf8_or_nests_too_deeply_is_one_line(tmp_path: Path) -> None:
+    latin = tmp_path / "latin.toml"
+    latin.write_bytes(MINIMAL.encode() + b"# caf\xe9\n")
+    with pytest.raises(ConfigError) as info:
+        load(latin)
+    assert str(info.value) == f"{latin}:4: not UTF-8 text (byte 0xe9)"
+    deep = tmp_path / "deep.toml"
+    deep.write_text(MINIMAL + "a = " + "[" * 5000 + "]" * 5000 + "\n")
+    with pytest.raises(ConfigError) as info:
+        load(deep)
+    assert str(info.value) == f"{deep}: not valid TOML: nested too deeply"
 
 
 def test_load_missing_file(tmp_path: Path) -> None:

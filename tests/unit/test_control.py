@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from enforcer.control import MAX_UNSENT, REQUESTS_PER_TURN, AlreadyRunning, Caller, ControlServer
+from enforcer.control import MAX_UNSENT, REQUESTS_PER_TURN, Caller, ControlServer, SocketInUse
 from enforcer.core import results
 from enforcer.core.results import (
     ERRORS,
@@ -274,7 +274,7 @@ def test_refuses_a_served_path_but_replaces_a_stale_one(tmp_path: Path) -> None:
     sel = Loop()
     first = ControlServer(str(path), {}, sel)
     try:
-        with pytest.raises(AlreadyRunning):
+        with pytest.raises(SocketInUse):
             ControlServer(str(path), {}, Loop())
     finally:
         first.close()
@@ -285,6 +285,23 @@ def test_refuses_a_served_path_but_replaces_a_stale_one(tmp_path: Path) -> None:
     assert path.is_socket()
     again = ControlServer(str(path), {}, sel)
     again.close()
+
+
+@pytest.mark.parametrize("what", ["file", "symlink", "directory"])
+def test_refuses_a_path_that_holds_something_else(tmp_path: Path, what: str) -> None:
+    """A socket path that names a file (a mistyped config) is never deleted in its place."""
+    path = tmp_path / "enforcer.toml"
+    if what == "directory":
+        path.mkdir()
+    elif what == "symlink":
+        path.symlink_to(tmp_path / "nowhere")
+    else:
+        path.write_text("[network]\n")
+    with pytest.raises(SocketInUse, match="exists and is not a socket: not replacing it"):
+        ControlServer(str(path), {}, Loop())
+    if what == "file":
+        assert path.read_text() == "[network]\n"
+    assert path.is_dir() if what == "directory" else path.is_symlink() or path.is_file()
 
 
 def test_creates_the_socket_directory(tmp_path: Path) -> None:
@@ -382,6 +399,31 @@ def test_many_requests_are_answered_a_turn_at_a_time(server: ControlServer) -> N
         assert len(server.calls) == burst  # type: ignore[attr-defined]
         reader = client.makefile("rb")
         assert [json.loads(reader.readline())["id"] for _ in range(burst)] == list(range(burst))
+    finally:
+        client.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a non-root peer is refused before it can send")
+def test_a_client_that_sends_without_end_gets_a_turn_s_answers_a_turn(server: ControlServer) -> None:
+    """A client that goes on sending while its requests wait for a later turn is not read
+    meanwhile: each turn answers at most REQUESTS_PER_TURN of its requests (not a turn's
+    for every read since), and what the enforcer holds of its requests stays one read's."""
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    client.settimeout(5)
+    burst = b"".join(b'{"id": %d, "method": "echo"}\n' % i for i in range(REQUESTS_PER_TURN * 3))
+    try:
+        client.connect(str(server.path))
+        server.loop.run_once(0.5)  # accept
+        calls = server.calls  # type: ignore[attr-defined]
+        seen = 0
+        for _ in range(12):
+            client.sendall(burst)
+            server.loop.run_once(0.5)
+            assert 0 < len(calls) - seen <= REQUESTS_PER_TURN
+            seen = len(calls)
+            while select.select([client], [], [], 0)[0]:  # it reads its answers
+                client.recv(1 << 20)
+        assert max(map(len, server._buffers.values())) <= 65536 + len(burst)
     finally:
         client.close()
 

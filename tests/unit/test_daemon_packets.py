@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import ipaddress
+import json
 import socket
 import sys
 import weakref
@@ -519,11 +520,15 @@ def test_a_receive_buffer_that_cannot_grow_withdraws_its_grant() -> None:
 
 def test_a_packet_the_queue_cannot_carry_is_dropped_and_the_turn_goes_on() -> None:
     """A rewritten packet the queue refuses (past its payload limit): that packet is
-    dropped, and the turn's other packets still get their verdicts."""
+    dropped, the turn's other packets still get their verdicts, and what the engine
+    decided about it has its effects (here the connect event of the flow it admitted)."""
     d = daemon()
     d.engine = Engine(POLICY, INTERNAL, [ipaddress.ip_address(EXT)], nat=True,
                       internal_addresses=[ipaddress.ip_interface(f"{FW_INT}/24")])
     d.api = SessionApi(d.engine, d.clock, d.apply)
+    caller = SocketCaller()
+    fid = d.api.register_filter({"name": "events"}, caller)["filter"]
+    d.api.register_connect_events({"filter": fid, "protocol": "tcp", "ports": [8080, 8080]}, caller)
     session = securenat_session(d)
     (_, base), _ = d.engine.redirect_connections(session, [(ipaddress.ip_address(S1), 8080)],
                                                  TCP_PROTOCOL, Flags.NO_KERNEL_MODE,
@@ -536,6 +541,8 @@ def test_a_packet_the_queue_cannot_carry_is_dropped_and_the_turn_goes_on() -> No
     d.queue = queue  # type: ignore[assignment]
     d.on_queue()
     assert redirected.verdicts == ["drop"] and other.verdicts == ["accept"]
+    events = [json.loads(m) for m in caller.sent]
+    assert [(e["event"], e["target"]) for e in events] == [("connect", [S1, 8080])], events
 
 
 def test_lost_notices_are_made_up_for_by_what_the_kernel_still_holds() -> None:

@@ -333,6 +333,26 @@ def test_binds_total_cap() -> None:
     assert engine.counters["refused: binds_total"] == 1
 
 
+def test_a_session_s_closed_binds_do_not_push_out_another_s() -> None:
+    """Each session remembers at most binds_per_client closed binds (the oldest go): a
+    client that opens and closes binds without end keeps its list short, and another
+    session's closed binds stay FWX_E_TERMINATING."""
+    engine = make(binds_total=8, binds_per_client=2)
+    other = engine.open_firewall_session(ip(C2), "bob", 0.0)
+    theirs = engine.bind_for_client(other.id, TCP, EXT4, 0.0)
+    engine.bind_done(theirs)
+    fc = engine.open_firewall_session(ip(C1), "alice", 0.0)
+    binds = []
+    for _ in range(20):
+        bind = engine.bind_for_client(fc.id, TCP, EXT4, 0.0)
+        engine.bind_done(bind)
+        binds.append(bind)
+    assert [b.id for b in engine.binds.of(fc.id)] == [b.id for b in binds[-2:]]
+    assert engine.binds.closed_count == 3
+    with pytest.raises(Terminating, match="is closed"):
+        engine.retroactive_allow_bind(other.id, TCP, EXT4, theirs.port, FTP, NO_FLAGS, None, 1.0)
+
+
 def test_closed_binds_are_remembered_for_a_while_then_forgotten() -> None:
     engine = make(binds_total=3)
     fc = engine.open_firewall_session(ip(C1), "alice", 0.0)

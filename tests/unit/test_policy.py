@@ -275,7 +275,7 @@ def test_port_range_edges_accepted() -> None:
     ({"defaults": {"permission_timeout": True}}, ("defaults", "permission_timeout"),
      "got bool"),
     ({"defaults": {"max_pending_per_session": 0}}, ("defaults", "max_pending_per_session"),
-     "at least 1"),
+     "from 1 to"),
     ({"defaults": {"max_pending_per_session": 1.5}}, ("defaults", "max_pending_per_session"),
      "expected an integer"),
     ({"defaults": {"max_pending_per_session": True}}, ("defaults", "max_pending_per_session"),

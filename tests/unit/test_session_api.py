@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from enforcer.api import SessionApi
+from enforcer.api import MAX_CONNECT_REGISTRATIONS, MAX_FILTERS_PER_CONNECTION, SessionApi
 from enforcer.control import Caller
 from enforcer.core.effects import AddRedirect, Effect, GrowReceiveBuffer
 from enforcer.core.engine import Engine
@@ -25,7 +25,7 @@ from enforcer.core.policy import (
     ProtocolRule,
     SiteRule,
 )
-from enforcer.core.results import InvalidArgument, NotFound, Terminating
+from enforcer.core.results import InvalidArgument, IsBusy, NotFound, Terminating
 from enforcer.protocol import encode
 
 FTP = uuid.UUID("5c3c2a3e-8f1b-4c1e-9a57-1f0d3a6b2101")
@@ -182,6 +182,28 @@ class ApplyHook:
         self.calls.append(list(effects))
         if self.error is not None:
             raise self.error
+
+
+def test_what_a_control_connection_registers_is_capped(api: SessionApi) -> None:
+    """Filters a connection registers, and the port ranges a filter asks connect events
+    for (each admitted flow looks at all of them), stop at their caps, refused as
+    FWX_E_IS_BUSY; another connection has room of its own."""
+    caller = FakeCaller()
+    filters = [api.register_filter({"name": f"f{i}"}, caller)["filter"]
+               for i in range(MAX_FILTERS_PER_CONNECTION)]
+    with pytest.raises(IsBusy, match=f"at most {MAX_FILTERS_PER_CONNECTION} filters"):
+        api.register_filter({"name": "one more"}, caller)
+    api.register_filter({"name": "elsewhere"}, FakeCaller())
+    for port in range(MAX_CONNECT_REGISTRATIONS):
+        api.register_connect_events({"filter": filters[0], "protocol": "tcp",
+                                     "ports": [20000 + port, 20000 + port]}, caller)
+    with pytest.raises(IsBusy, match=f"{MAX_CONNECT_REGISTRATIONS} port ranges"):
+        api.register_connect_events({"filter": filters[0], "protocol": "udp",
+                                     "ports": [30000, 30000]}, caller)
+    api.register_connect_events({"filter": filters[1], "protocol": "udp", "ports": [30000, 30000]},
+                                caller)
+    api.disconnected(caller)  # gone with their connection: room again
+    api.register_filter({"name": "again"}, caller)
 
 
 def rdc(api: SessionApi, caller: Any = None, **params: Any) -> dict[str, Any]:

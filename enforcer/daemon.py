@@ -624,7 +624,11 @@ class Daemon:
             raise InvalidArgument(f"not restarting: {path} is not a regular file of at most "
                                   f"{MAX_CONFIG_BYTES} bytes")
         try:
-            config = replace(load_config(path), control_socket=self.config.control_socket)
+            loaded = load_config(path)
+            if loaded.control_socket != self.config.control_socket:
+                log.warning("restart keeps the control socket %s (the new file's %s takes a "
+                            "new process)", self.config.control_socket, loaded.control_socket)
+            config = replace(loaded, control_socket=self.config.control_socket)
             self.successor = Daemon(config, clock=self.clock, source=path, run=self.run_number + 1)
         except (ConfigError, StartupError, dataplane.DataplaneError) as exc:
             raise InvalidArgument(f"not restarting: {exc}") from None

@@ -112,23 +112,22 @@ class Collector:
 
 
 def selected_clauses(expr: str | None) -> list[str]:
-    """The catalog clauses that ``-k EXPR`` selects, by clause ID."""
+    """The catalog clauses that ``-k EXPR`` selects, by clause ID. Each check carries its
+    clause ID as a keyword (testbed.plugin), and a clause is matched as pytest matches the
+    checks (its own KeywordMatcher: a substring, whatever the case), so that the clauses
+    counted are those whose checks ran. A ValueError names what is wrong with ``expr``."""
     if not expr:
         return list(CLAUSES)
+    from _pytest.mark import KeywordMatcher
     from _pytest.mark.expression import Expression
 
-    compiled = Expression.compile(expr)
-    return [c for c in CLAUSES if compiled.evaluate(_Substring(c))]
-
-
-class _Substring:
-    """Matches an identifier of ``-k`` against a clause ID as pytest does against test names."""
-
-    def __init__(self, clause: str) -> None:
-        self.clause = clause
-
-    def __call__(self, name: str, /, **kwargs: object) -> bool:
-        return name in self.clause
+    try:
+        compiled = Expression.compile(expr)
+        return [c for c in CLAUSES if compiled.evaluate(KeywordMatcher({c}))]
+    except SyntaxError as exc:
+        raise ValueError(f"-k {expr!r}: at column {exc.offset}: {exc.msg}") from None
+    except pytest.UsageError as exc:  # (what pytest refuses as it matches: call parameters)
+        raise ValueError(f"-k {expr!r}: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -438,8 +437,10 @@ def conclude(report: Report) -> tuple[int, dict[str, Any]]:
 
 
 def add_parser(sub: Any) -> None:
+    from testbed.cli import plain
+
     p = sub.add_parser("conformance", help="run the clause suite and print the result matrix",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       description=plain(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", metavar="FILE", help="write results and summary as JSON")
     p.add_argument("--junit", metavar="FILE", help="write a JUnit XML report")
     p.add_argument("--html", metavar="FILE",
@@ -511,8 +512,9 @@ class _Ids:
 
 def run(args: argparse.Namespace) -> int:
     from testbed.cli import UsageError, require_root, require_tools
+    from testbed.ledger import LedgerError, state_dir
     from testbed.plugin import E2E_TOOLS
-    from testbed.report import write_reports
+    from testbed.report import check_report_paths, check_writable, write_reports
 
     shard = parse_shard(args.shard)
     require_root("pinhole conformance")
@@ -523,15 +525,25 @@ def run(args: argparse.Namespace) -> int:
         bad = [v for v in value if v not in allowed]
         if bad or not value:
             raise UsageError(f"{what}: {', '.join(bad) or 'nothing'} is not one of {', '.join(allowed)}")
+        twice = [v for v in allowed if value.count(v) > 1]
+        if twice:  # (the run would have every check of it twice)
+            raise UsageError(f"{what}: {', '.join(twice)} is named twice")
     specs = list(TRIVIAL) if args.self_check else [w.strip() for w in args.firewall.split(",") if w.strip()]
     drivers = _drivers(specs)
     groups = [Group.of(d) for d in drivers]
     try:
         selected_clauses(args.expr)
-    except Exception as exc:  # pytest's expression parser raises its own error types
-        raise UsageError(f"-k {args.expr!r}: {exc}") from None
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     if args.workers < 1:
         raise UsageError("--workers: give at least 1")
+    # what the run writes, before it runs: not after the checks, their results lost
+    check_report_paths(args)
+    check_writable("--artifacts", args.artifacts, directory=True)
+    try:
+        state_dir()  # (where each lab's testbed keeps its ledger)
+    except LedgerError as exc:
+        raise UsageError(str(exc)) from None
     selection = Selection(args.expr, tuple(topologies), tuple(families), tuple(specs), args.self_check)
 
     pytest_args = ["-p", "no:cacheprovider", "-c", os.devnull, "--rootdir", str(CLAUSE_DIR),

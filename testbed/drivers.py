@@ -315,7 +315,10 @@ def load(spec: str) -> type[Firewall]:
     if spec in BUILT_IN:
         found: type[Firewall] = BUILT_IN[spec]()
         return found
-    if ":" not in spec:
+    if ":" not in spec or spec.endswith(":"):
+        where = spec.rstrip(":")
+        if where != spec or where.endswith(".py"):
+            raise DriverError(f"{spec}: name the driver's class, as {where}:Class")
         raise DriverError(f"{spec!r} is neither a built-in firewall ({', '.join(BUILT_IN)}) nor "
                           "a driver as module:Class or path/to/driver.py:Class")
     where, attr = spec.rsplit(":", 1)
@@ -337,7 +340,9 @@ def load(spec: str) -> type[Firewall]:
         raise
     except Exception as exc:  # the driver's own import error, whatever it is
         raise DriverError(f"{spec}: importing the driver failed: {type(exc).__name__}: {exc}") from None
-    cls = getattr(module, attr, None)
+    if not hasattr(module, attr):
+        raise DriverError(f"{spec}: {where} has no {attr}")
+    cls = getattr(module, attr)
     if not (isinstance(cls, type) and issubclass(cls, Firewall)):
         raise DriverError(f"{spec}: {attr} is not a subclass of testbed.drivers.Firewall")
     problems = [f"no {what}" for what, value in (("name", cls.name), ("claims", cls.claims))

@@ -6,6 +6,11 @@ written to the ledger *before* it is created, so a crash at any point leaves a
 record that :func:`sweep` can act on. Writes are atomic (temp file + rename)
 and every read-modify-write holds an ``flock`` on the state directory.
 
+A file that cannot be read as a ledger (damaged, or another program's) is a
+:class:`CorruptLedger`, naming the file and what is wrong: what it recorded is not
+known, so only ``pinhole testbed down ID`` (:func:`remove_corrupt`) or a sweep with
+``all_=True`` removes it.
+
 The owner is a (pid, start time) pair: a recycled pid does not look like a live
 owner. A testbed started from the CLI is ``detached`` (no owner) and is only
 removed by ``pinhole testbed down`` or a sweep with ``all_=True``.
@@ -26,15 +31,36 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from testbed.jsontypes import NAME_OR_NULL, typed
+
 DEFAULT_STATE_DIR = "/run/pinhole/testbeds"
 NETNS_DIR = Path("/run/netns")
 NS_PREFIX = "ph-"
 
 
+class LedgerError(Exception):
+    """The state directory or a ledger in it is not usable (the message says which and why)."""
+
+
+class CorruptLedger(LedgerError, ValueError):
+    """A ledger file that cannot be read as one: damaged, or written by something else.
+    What it recorded is not known; ``pinhole testbed down ID`` removes it (remove_corrupt)."""
+
+    def __init__(self, path: Path, why: str) -> None:
+        super().__init__(f"the ledger {path} is corrupt ({why})")
+        self.path = path
+        self.id = path.stem
+
+
 def state_dir() -> Path:
     """The directory holding ledgers (created if missing)."""
     d = Path(os.environ.get("PINHOLE_STATE_DIR") or DEFAULT_STATE_DIR)
-    d.mkdir(parents=True, exist_ok=True)
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise LedgerError(f"the testbeds' state directory {d} (PINHOLE_STATE_DIR, else "
+                          f"{DEFAULT_STATE_DIR}) cannot be one: a file is in its place or on "
+                          "its path") from None
     return d
 
 
@@ -142,6 +168,12 @@ def delete_namespace(name: str) -> bool:
 
 # -- the ledger file -----------------------------------------------------------
 
+# the types of what to_json writes beside the id (from_json takes a missing one as its default)
+FIELDS: dict[str, type | tuple[type, ...]] = {
+    "variant": str, "owner": (dict, type(None)), "detached": bool, "tag": NAME_OR_NULL,
+    "created": (int, float), "namespaces": dict, "pids": list, "topology": (dict, type(None))}
+
+
 @dataclass
 class Ledger:
     """What one testbed created. Mutate through :meth:`update`."""
@@ -178,8 +210,23 @@ class Ledger:
         }
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> Ledger:
+    def from_json(cls, d: Any) -> Ledger:
+        """The ledger ``d`` (to_json's) records; a ValueError naming the first field that
+        is not what to_json writes (teardown and sweep act on these values)."""
+        typed("the file", d, dict)
+        typed("id", d.get("id"), str)
+        for key, kind in FIELDS.items():
+            if key in d:
+                typed(key, d[key], kind)
         owner = d.get("owner") or {}
+        typed("owner.pid", owner.get("pid"), (int, type(None)))
+        typed("owner.start", owner.get("start"), (int, type(None)))
+        for node, ns in d.get("namespaces", {}).items():
+            typed(f"namespaces.{node}", ns, str)
+        for i, p in enumerate(d.get("pids", [])):
+            typed(f"pids[{i}]", p, dict)
+            typed(f"pids[{i}].pid", p.get("pid"), int)
+            typed(f"pids[{i}].start", p.get("start"), (int, type(None)))
         return cls(
             id=d["id"],
             variant=d.get("variant", ""),
@@ -210,9 +257,29 @@ class Ledger:
 
     @classmethod
     def load(cls, tb_id: str) -> Ledger:
-        """Read a ledger; FileNotFoundError if there is none with that id."""
-        path = state_dir() / f"{tb_id}.json"
-        return cls.from_json(json.loads(path.read_text()))
+        """Read a ledger; FileNotFoundError if there is none with that id, CorruptLedger if
+        its file is not one."""
+        return cls.read(state_dir() / f"{tb_id}.json")
+
+    @classmethod
+    def read(cls, path: Path) -> Ledger:
+        """The ledger in ``path``; FileNotFoundError if it is gone, CorruptLedger if it
+        cannot be read as one (the id it records must be its file's: it is what is removed)."""
+        try:
+            led = cls.from_json(json.loads(path.read_text()))
+        except (FileNotFoundError, PermissionError):
+            raise
+        except OSError as exc:
+            raise CorruptLedger(path, f"cannot read it: {exc.strerror}") from None
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CorruptLedger(path, f"not JSON: {exc}") from None
+        except RecursionError:
+            raise CorruptLedger(path, "nested too deeply to read") from None
+        except ValueError as exc:
+            raise CorruptLedger(path, str(exc)) from None
+        if led.id != path.stem:
+            raise CorruptLedger(path, f"it records the id {led.id!r}")
+        return led
 
     @classmethod
     def create(cls, tb_id: str, **kwargs: Any) -> Ledger:
@@ -278,15 +345,36 @@ def locked() -> Iterator[None]:
         os.close(fd)
 
 
-def all_ledgers() -> list[Ledger]:
-    out = []
+def ledgers() -> list[Ledger | CorruptLedger]:
+    """Every ledger of the state directory, in the order of their files; for a file that
+    cannot be read as one, its CorruptLedger (a vanished one is left out)."""
+    out: list[Ledger | CorruptLedger] = []
     for p in sorted(state_dir().glob("*.json")):
         try:
-            out.append(Ledger.from_json(json.loads(p.read_text())))
-        except (OSError, ValueError, KeyError):
-            # A corrupt or vanished file; atomic writes make this rare.
-            continue
+            out.append(Ledger.read(p))
+        except FileNotFoundError:
+            continue  # (torn down meanwhile)
+        except CorruptLedger as exc:
+            out.append(exc)
     return out
+
+
+def all_ledgers() -> list[Ledger]:
+    """The ledgers that can be read (ledgers() has the corrupt ones too)."""
+    return [led for led in ledgers() if isinstance(led, Ledger)]
+
+
+def remove_corrupt(bad: CorruptLedger) -> list[str]:
+    """Remove a corrupt ledger, and the namespaces named for its testbed that no other
+    ledger claims (the processes in them with them: delete_namespace); what else it
+    recorded is not known. Returns what was removed."""
+    prefix = f"{NS_PREFIX}{bad.id}-"
+    namespaces = [n for n in list_namespaces() if n.startswith(prefix)]
+    with locked():
+        bad.path.unlink(missing_ok=True)
+        others = all_ledgers()
+    removed = [f"namespace {ns}" for ns in unclaimed(namespaces, others) if delete_namespace(ns)]
+    return [*removed, f"corrupt ledger {bad.path}"]
 
 
 def teardown(led: Ledger) -> list[str]:
@@ -304,19 +392,26 @@ def teardown(led: Ledger) -> list[str]:
 
 
 def sweep(*, all_: bool = False) -> list[str]:
-    """Remove testbeds whose owner is dead (every testbed with ``all_``):
-    their processes, namespaces and ledger files; then stray ``ph-*``
-    namespaces that no remaining ledger claims. Returns what was removed."""
+    """Remove testbeds whose owner is dead (every testbed with ``all_``, and
+    the ledgers that are corrupt): their processes, namespaces and ledger files;
+    then stray ``ph-*`` namespaces that no remaining ledger claims. Returns what
+    was removed."""
     removed: list[str] = []
     # List namespaces *before* reading ledgers: a builder writes its ledger
     # before creating a namespace, so every namespace seen here that belongs to
     # a live testbed is claimed by a ledger read below.
     namespaces = [n for n in list_namespaces() if n.startswith(NS_PREFIX)]
     with locked():
-        ledgers = all_ledgers()
         keep: list[Ledger] = []
         dead: list[Ledger] = []
-        for led in ledgers:
+        for led in ledgers():
+            if isinstance(led, CorruptLedger):
+                # whose it is cannot be told: only a sweep of everyone's removes it (its
+                # namespaces go as strays, below)
+                if all_:
+                    led.path.unlink(missing_ok=True)
+                    removed.append(f"corrupt ledger {led.path}")
+                continue
             (dead if all_ or not led.is_live() else keep).append(led)
         for led in dead:
             # Delete the file first, so a concurrent sweep does not redo it.

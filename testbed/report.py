@@ -14,13 +14,16 @@ import argparse
 import html
 import json
 import os
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 from xml.etree import ElementTree
 
+from testbed.catalog import CLAUSES
 from testbed.cli import UsageError
 from testbed.conformance import (
     GAP,
+    OUTCOMES,
     SYMBOLS,
     Cell,
     Group,
@@ -29,9 +32,13 @@ from testbed.conformance import (
     combine_junit,
     conclude,
     grid,
+    selected_clauses,
 )
+from testbed.drivers import MODES
+from testbed.jsontypes import NAME_OR_NULL, typed
 from testbed.plugin import Result
 from testbed.shards import WHOLE, Shard
+from testbed.topology import FAMILIES, TOPOLOGIES
 
 # --- JSON ---------------------------------------------------------------------------------
 
@@ -60,7 +67,11 @@ def load(path: Path) -> Report:
         raise UsageError(f"{path}: cannot read it ({exc.strerror})") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise UsageError(f"{path}: not JSON ({exc})") from None
+    except RecursionError:
+        raise UsageError(f"{path}: not a JSON report of 'pinhole conformance' (nested too deeply "
+                         "to read)") from None
     try:
+        _check(data)
         directory = data["directory"]
         results = []
         for row in data["results"]:
@@ -78,6 +89,73 @@ def load(path: Path) -> Report:
         raise UsageError(f"{path}: not a JSON report of 'pinhole conformance' (no {exc})") from None
     except (TypeError, ValueError, AttributeError, ElementTree.ParseError) as exc:
         raise UsageError(f"{path}: not a JSON report of 'pinhole conformance' ({exc})") from None
+
+
+# the fields of a result row (plugin.Result.to_dict), and of a column group
+ROW: dict[str, type | tuple[type, ...]] = {
+    "clause": str, "family": NAME_OR_NULL, "topology": NAME_OR_NULL, "mode": NAME_OR_NULL,
+    "firewall": NAME_OR_NULL, "outcome": str, "duration_s": (int, float), "pcap": NAME_OR_NULL,
+    "log": NAME_OR_NULL, "detail": str, "nodeid": str}
+GROUP: dict[str, type] = {"name": str, "title": str, "reference": bool}
+
+
+def _check(data: Any) -> None:
+    """What a JSON must hold to be read as a report, beyond its keys: the types of its
+    fields, and the values the matrix and the verdict are made of (the selection's
+    topologies, families and -k expression; the groups' claims; each row's clause,
+    outcome, firewall, family, topology and mode), so that a damaged file or another
+    program's JSON is refused rather than half read. A ValueError says where the first
+    problem is (``results[0].clause 'XXX-99' is not a clause``)."""
+    typed("the file", data, dict)
+    selection = typed("selection", data["selection"], dict)
+    _names("selection.topologies", selection["topologies"], TOPOLOGIES)
+    _names("selection.families", selection["families"], FAMILIES)
+    _names("selection.firewalls", selection["firewalls"])
+    typed("selection.self_check", selection["self_check"], bool)
+    try:
+        selected_clauses(typed("selection.expr", selection["expr"], NAME_OR_NULL))
+    except ValueError as exc:
+        raise ValueError(f"selection.expr: {exc}") from None
+    for i, g in enumerate(typed("groups", data["groups"], list)):
+        typed(f"groups[{i}]", g, dict)
+        for key, kind in GROUP.items():
+            typed(f"groups[{i}].{key}", g[key], kind)
+        _names(f"groups[{i}].claims", g["claims"], CLAUSES, empty=True)
+    firewalls = _names("groups' names", [g["name"] for g in data["groups"]])
+    _names("checks", data["checks"], empty=True)
+    for key in ("shard", "directory", "junit"):
+        typed(key, data[key], str)
+    known: dict[str, Collection[str]] = {
+        "clause": CLAUSES, "outcome": OUTCOMES, "firewall": firewalls, "mode": MODES,
+        "family": selection["families"], "topology": selection["topologies"]}
+    for i, row in enumerate(typed("results", data["results"], list)):
+        typed(f"results[{i}]", row, dict)
+        for key, types in ROW.items():
+            value = typed(f"results[{i}].{key}", row[key], types)
+            if key in known and value is not None:
+                _one_of(f"results[{i}].{key}", value, known[key])
+
+
+def _names(where: str, value: Any, allowed: Collection[str] | None = None, *,
+           empty: bool = False) -> list[str]:
+    """``value``, if it is a list of names (of ``allowed``, when given), none twice and (unless
+    ``empty``) at least one; else a ValueError naming the problem."""
+    for i, name in enumerate(typed(where, value, list)):
+        typed(f"{where}[{i}]", name, str)
+        if allowed is not None:
+            _one_of(f"{where}[{i}]", name, allowed)
+    if not value and not empty:
+        raise ValueError(f"{where} is empty")
+    twice = [name for name in dict.fromkeys(value) if value.count(name) > 1]
+    if twice:
+        raise ValueError(f"{where}: {twice[0]!r} is there twice")
+    return list(value)
+
+
+def _one_of(where: str, value: str, allowed: Collection[str]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{where} {value!r} is not " + (
+            "a clause" if allowed is CLAUSES else f"one of {', '.join(allowed)}"))
 
 
 def _relocate(path: str | None, written_in: str, now_in: Path) -> str | None:
@@ -141,6 +219,37 @@ def merge(shards: list[tuple[str, Report]]) -> Report:
 
 
 # --- the files ----------------------------------------------------------------------------
+
+
+def check_writable(option: str, path: str | None, *, directory: bool = False) -> None:
+    """A UsageError naming the problem unless the file (a directory, with ``directory``)
+    ``path`` of ``option`` can be written where it is when the time comes, the
+    directories missing on the way made then: checked before a run, whose results would
+    otherwise be lost at its end. Nothing is made or written here."""
+    if not path:
+        return
+    given = Path(path)
+    if given.exists():
+        if given.is_dir() != directory:
+            raise UsageError(f"{option} {path}: " + ("exists and is not a directory" if directory
+                                                     else "is a directory (name a file in it)"))
+        if not os.access(given, os.W_OK | (os.X_OK if directory else 0)):
+            raise UsageError(f"{option} {path}: cannot write it (permission denied or read-only)")
+        return
+    # the nearest of its directories that exists (a dangling link counts: it is in the way)
+    where = next((d for d in given.parents if d.exists() or d.is_symlink()), None)
+    if where is None:
+        raise UsageError(f"{option} {path}: none of its directories exists")
+    if not where.is_dir():
+        raise UsageError(f"{option} {path}: {where} is not a directory")
+    if not os.access(where, os.W_OK | os.X_OK):
+        raise UsageError(f"{option} {path}: cannot write in {where} (permission denied or read-only)")
+
+
+def check_report_paths(args: argparse.Namespace) -> None:
+    """``--json``, ``--junit`` and ``--html`` as check_writable sees them."""
+    for option in ("json", "junit", "html"):
+        check_writable(f"--{option}", getattr(args, option))
 
 
 def write_reports(report: Report, totals: dict[str, Any], *, json_path: str | None,
@@ -265,6 +374,7 @@ def add_parser(sub: Any) -> None:
 
 
 def merge_command(args: argparse.Namespace) -> int:
+    check_report_paths(args)
     merged = merge([(name, load(Path(name))) for name in args.shards])
     status, totals = conclude(merged)
     write_reports(merged, totals, json_path=args.json, junit_path=args.junit, html_path=args.html)

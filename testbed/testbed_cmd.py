@@ -15,6 +15,7 @@ import subprocess
 import sys
 from typing import Any
 
+from testbed.ledger import CorruptLedger, LedgerError
 from testbed.topology import TOPOLOGIES
 
 
@@ -24,10 +25,12 @@ class _Fail(Exception):
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register the ``testbed`` subcommand on an argparse subparsers object."""
+    from testbed.cli import plain
+
     p: argparse.ArgumentParser = subparsers.add_parser(
         "testbed",
         help="build, inspect and remove namespace testbeds",
-        description=__doc__,
+        description=plain(__doc__),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = p.add_subparsers(dest="testbed_cmd", metavar="{up,down,sweep,exec,list}")
@@ -60,15 +63,23 @@ def _require_root() -> None:
         raise _Fail("pinhole testbed needs root (network namespaces): run it with sudo")
 
 
-def _only_testbed() -> str:
-    from testbed.ledger import all_ledgers
+def _removes_it(bad: CorruptLedger) -> str:
+    """What to say of a corrupt ledger: which file, what is wrong, what to do."""
+    return f"{bad}: 'pinhole testbed down {bad.id}' removes it"
 
-    live = [led for led in all_ledgers() if led.is_live()]
+
+def _only_testbed() -> str:
+    from testbed.ledger import ledgers
+
+    found = ledgers()
+    live = [led for led in found if not isinstance(led, CorruptLedger) and led.is_live()]
+    # (a testbed whose ledger is corrupt may be up, but cannot be reached)
+    also = "".join(f"; {_removes_it(bad)}" for bad in found if isinstance(bad, CorruptLedger))
     if not live:
-        raise _Fail("no testbed is up: start one with 'pinhole testbed up'")
+        raise _Fail(f"no testbed is up: start one with 'pinhole testbed up'{also}")
     if len(live) > 1:
         ids = ", ".join(led.id for led in live)
-        raise _Fail(f"several testbeds are up ({ids}): name one with --id ID")
+        raise _Fail(f"several testbeds are up ({ids}): name one with --id ID{also}")
     return live[0].id
 
 
@@ -81,8 +92,10 @@ def _attach(tb_id: str) -> Any:
         raise _Fail(
             f"no testbed with id {tb_id!r}: see 'pinhole testbed list'"
         ) from None
+    except CorruptLedger as e:
+        raise _Fail(_removes_it(e)) from None
     except TestbedError as e:
-        raise _Fail(f"{e}: remove it with 'pinhole testbed sweep --all'") from None
+        raise _Fail(f"{e}: 'pinhole testbed down {tb_id}' removes it") from None
 
 
 def _up(args: argparse.Namespace) -> int:
@@ -112,6 +125,13 @@ def _down(args: argparse.Namespace) -> int:
         led = ledger.Ledger.load(args.id)
     except FileNotFoundError:
         raise _Fail(f"no testbed with id {args.id!r}: see 'pinhole testbed list'") from None
+    except CorruptLedger as bad:
+        # what it recorded is not known: its file goes, and what is named for the testbed
+        for line in ledger.remove_corrupt(bad):
+            print(f"removed {line}")
+        print(f"removed testbed {args.id} (its ledger was corrupt: processes it started "
+              "outside its namespaces, if any, are not known)")
+        return 0
     # The ledger says everything there is to remove, whoever built the testbed.
     ledger.teardown(led)
     print(f"removed testbed {args.id}")
@@ -126,16 +146,22 @@ def _sweep(args: argparse.Namespace) -> int:
         print(f"removed {line}")
     if not removed:
         print("nothing to remove")
+    for bad in ledger.ledgers():  # (left by a sweep that is not --all: whose it is is not known)
+        if isinstance(bad, CorruptLedger):
+            print(f"pinhole: {_removes_it(bad)}", file=sys.stderr)
     return 0
 
 
 def _list(args: argparse.Namespace) -> int:
-    from testbed.ledger import all_ledgers
+    from testbed.ledger import ledgers
 
-    leds = all_ledgers()
+    leds = ledgers()
     if not leds:
         print("no testbeds")
     for led in leds:
+        if isinstance(led, CorruptLedger):
+            print(f"{led.id}  {'?':7} {_removes_it(led)}")
+            continue
         if led.detached:
             state = "detached"
         elif led.owner_alive():
@@ -189,7 +215,7 @@ def run(args: argparse.Namespace) -> int:
         if cmd != "list":
             _require_root()
         return handlers[cmd](args)
-    except _Fail as e:
+    except (_Fail, LedgerError) as e:
         print(f"pinhole: {e}", file=sys.stderr)
         return 2
     except PermissionError as e:

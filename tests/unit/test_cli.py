@@ -44,6 +44,22 @@ def test_unreadable_config_is_one_line(monkeypatch: pytest.MonkeyPatch, tmp_path
     assert capsys.readouterr().err == f"pinhole: {missing}: cannot read: No such file or directory\n"
 
 
+@pytest.mark.parametrize(("option", "message"), [
+    ("--netns", "--netns: the namespace's name is empty"),
+    ("--socket", "--socket: must not be empty"),
+])
+def test_an_empty_namespace_or_socket_is_refused(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str], option: str,
+                                                  message: str) -> None:
+    """``--netns "$NS"`` with NS unset must not enforce in the namespace the command runs in."""
+    monkeypatch.setattr(enforcer_cli.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(enforcer_cli.shutil, "which", lambda tool: "/bin/x")
+    config = tmp_path / "enforcer.toml"
+    config.write_text('[network]\ninternal_interfaces = ["int0"]\nexternal_interfaces = ["ext0"]\n')
+    assert cli.main(["enforcer", "--config", str(config), option, ""]) == 2
+    assert capsys.readouterr().err == f"pinhole: {message}\n"
+
+
 def test_ctl_rejects_a_parameter_that_is_not_key_value(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["ctl", "flows", "limit"]) == 2
     assert capsys.readouterr().err == "pinhole: parameter 'limit' is not KEY=VALUE\n"
@@ -83,3 +99,94 @@ def test_the_enforcer_has_a_command_of_its_own() -> None:
     done = subprocess.run([str(Path(sys.executable).parent / "pinhole-enforcer"), "--help"],
                           capture_output=True, text=True, timeout=30)
     assert done.returncode == 0 and done.stdout.startswith("usage: pinhole-enforcer"), done.stderr
+
+
+@pytest.fixture
+def as_root(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``pinhole conformance`` as root with every tool there, and no checks run: a mistake
+    must be found before the clause suite is collected."""
+    from testbed import conformance
+
+    monkeypatch.setattr(enforcer_cli.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(enforcer_cli.shutil, "which", lambda tool: "/bin/x")
+
+    def no_run(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the clause suite ran")
+
+    monkeypatch.setattr(conformance.pytest, "main", no_run)
+
+
+def one_line(capsys: pytest.CaptureFixture[str]) -> str:
+    captured = capsys.readouterr()
+    assert captured.err.startswith("pinhole: ") and captured.err.count("\n") == 1, captured
+    return captured.err
+
+
+@pytest.mark.usefixtures("as_root")
+@pytest.mark.parametrize(("option", "where", "problem"), [
+    ("--json", ".", "is a directory (name a file in it)"),
+    ("--junit", "file/run.xml", "{tmp}/file is not a directory"),
+    ("--html", "file/deeper/run.html", "{tmp}/file is not a directory"),
+    ("--json", "dangling/run.json", "{tmp}/dangling is not a directory"),
+    ("--artifacts", "file", "exists and is not a directory"),
+    ("--artifacts", "file/artifacts", "{tmp}/file is not a directory"),
+])
+def test_conformance_refuses_a_path_it_could_not_write_before_it_runs(
+        option: str, where: str, problem: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Not after the checks have run, their results lost (nor every check failing for it)."""
+    (tmp_path / "file").write_text("")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    path = tmp_path / where
+    assert cli.main(["conformance", "-k", "GEN-01", option, str(path)]) == 2
+    assert one_line(capsys) == f"pinhole: {option} {path}: {problem.format(tmp=tmp_path)}\n"
+
+
+@pytest.mark.usefixtures("as_root")
+def test_conformance_refuses_a_state_directory_that_is_a_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """Where the labs' testbeds keep their ledgers: not every check failing for it."""
+    monkeypatch.setenv("PINHOLE_STATE_DIR", str(tmp_path / "file"))
+    (tmp_path / "file").write_text("")
+    assert cli.main(["conformance", "-k", "GEN-01"]) == 2
+    assert one_line(capsys).startswith(f"pinhole: the testbeds' state directory {tmp_path / 'file'} ")
+
+
+@pytest.mark.usefixtures("as_root")
+def test_report_paths_in_directories_yet_to_be_made_are_fine(tmp_path: Path) -> None:
+    """The run makes them as it writes (and nothing is made before it runs)."""
+    new = tmp_path / "new" / "deeper"
+    with pytest.raises(AssertionError, match="the clause suite ran"):
+        cli.main(["conformance", "-k", "GEN-01", "--json", str(new / "run.json"),
+                  "--html", str(new / "run.html"), "--artifacts", str(new / "artifacts")])
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.usefixtures("as_root")
+@pytest.mark.parametrize(("spec", "problem"), [
+    ("testbed.drivers:NoSuchDriver", "testbed.drivers:NoSuchDriver: testbed.drivers has no NoSuchDriver"),
+    ("examples/nft_stateful.py", "examples/nft_stateful.py: name the driver's class, as "
+                                 "examples/nft_stateful.py:Class"),
+    ("testbed.drivers:", "testbed.drivers:: name the driver's class, as testbed.drivers:Class"),
+])
+def test_a_driver_that_cannot_be_found_is_named(spec: str, problem: str,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["conformance", "--firewall", spec]) == 2
+    assert one_line(capsys) == f"pinhole: --firewall: {problem}\n"
+
+
+@pytest.mark.usefixtures("as_root")
+@pytest.mark.parametrize(("option", "value"), [("--topology", "routed,nat,routed"),
+                                               ("--family", "ipv6,ipv6")])
+def test_a_topology_or_family_named_twice_is_refused(option: str, value: str,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["conformance", option, value]) == 2
+    assert one_line(capsys) == f"pinhole: {option}: {value.split(',')[-1]} is named twice\n"
+
+
+@pytest.mark.parametrize("command", [[], ["conformance"], ["testbed"]])
+def test_help_is_plain_text(command: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    """The descriptions are the modules' docstrings: their reST literals show as quotes."""
+    with pytest.raises(SystemExit):
+        cli.main([*command, "--help"])
+    out = capsys.readouterr().out
+    assert "`" not in out and "'pinhole" in out

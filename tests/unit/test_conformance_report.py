@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from xml.etree import ElementTree
 
 import pytest
@@ -159,9 +160,22 @@ def test_the_self_check_fails_a_clause_no_trivial_firewall_fails() -> None:
     ("GEN-01", ["GEN-01"]),
     ("GEN-01 or RDC-10", ["GEN-01", "RDC-10"]),
     ("APP and not APP-FTP", ["APP-TFTP-01"]),
+    # as pytest's -k selects the checks: whatever the case
+    ("gen-01", ["GEN-01"]),
+    ("Gen-01 or rdc-10", ["GEN-01", "RDC-10"]),
+    ("app and not app-ftp", ["APP-TFTP-01"]),
 ])
 def test_k_selects_clauses_by_id(expr: str | None, expected: list[str]) -> None:
     assert selected_clauses(expr) == expected
+
+
+@pytest.mark.parametrize(("expr", "problem"), [
+    ("GEN-01 and", "-k 'GEN-01 and': at column 11: expected not OR left parenthesis OR identifier"),
+    ("GEN(x=1)", "-k 'GEN(x=1)': Keyword expressions do not support call parameters"),
+])
+def test_a_bad_k_says_what_is_wrong(expr: str, problem: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(problem)):
+        selected_clauses(expr)
 
 
 def test_json_rows_have_the_documented_keys() -> None:

@@ -6,6 +6,7 @@ import json
 import random
 from html.parser import HTMLParser
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -176,6 +177,60 @@ def test_merge_names_a_file_that_is_not_a_report(tmp_path: Path, capsys: pytest.
     assert "bad.json: not JSON" in fail_merge([bad], capsys)
     bad.write_text('{"results": []}')
     assert "not a JSON report of 'pinhole conformance'" in fail_merge([bad], capsys)
+
+
+def damage(data: dict[str, Any], where: str, value: Any) -> None:
+    """Set the field at ``where`` (``results.0.clause``) to ``value``."""
+    *path, last = [int(k) if k.isdigit() else k for k in where.split(".")]
+    for key in path:
+        data = data[key]
+    data[last] = value
+
+
+@pytest.mark.parametrize(("where", "value", "problem"), [
+    ("results.0.clause", "XXX-99", "results[0].clause 'XXX-99' is not a clause"),
+    ("selection.families", [], "selection.families is empty"),
+    ("selection.topologies", "routed", "selection.topologies is a string, not an array"),
+    ("selection.families", ["ipv4", "ipv5"], "selection.families[1] 'ipv5' is not one of ipv4, ipv6"),
+    ("selection.expr", "GEN-01 and", "selection.expr: -k 'GEN-01 and': at column 11: expected"),
+    ("results.1.outcome", "meh", "results[1].outcome 'meh' is not one of passed, failed,"),
+    ("results.2.firewall", "ghost", "results[2].firewall 'ghost' is not one of enforcer, kernel-helpers"),
+    ("results.0.topology", "split", "results[0].topology 'split' is not one of routed, nat"),
+    ("results.0.detail", 7, "results[0].detail is a number, not a string"),
+    ("results.0.nodeid", None, "results[0].nodeid is null, not a string"),
+    ("groups.0.claims", ["GEN-01", "NOPE"], "groups[0].claims[1] 'NOPE' is not a clause"),
+    ("groups.1.name", "enforcer", "groups' names: 'enforcer' is there twice"),
+    ("checks", [1], "checks[0] is a number, not a string"),
+    ("selection", ["ipv4"], "selection is an array, not an object"),
+])
+def test_merge_names_what_is_damaged_in_a_report(where: str, value: Any, problem: str, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """Valid JSON that is not what a run writes: refused as it is read, saying where."""
+    (path,) = sharded(full_results(), 1, tmp_path)
+    data = json.loads(path.read_text())
+    damage(data, where, value)
+    path.write_text(json.dumps(data))
+    assert fail_merge([path], capsys).startswith(
+        f"pinhole: {path}: not a JSON report of 'pinhole conformance' ({problem}")
+
+
+def test_merge_refuses_json_nested_too_deeply_to_read(tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    assert fail_merge([deep], capsys) == (f"pinhole: {deep}: not a JSON report of 'pinhole "
+                                          "conformance' (nested too deeply to read)\n")
+
+
+@pytest.mark.parametrize("option", ["--json", "--junit", "--html"])
+def test_merge_refuses_a_path_it_could_not_write_before_it_reads_the_shards(
+        option: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    paths = sharded(full_results(), 2, tmp_path)
+    capsys.readouterr()
+    assert cli.main(["report", "merge", *map(str, paths), option, str(tmp_path)]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == f"pinhole: {option} {tmp_path}: is a directory (name a file in it)\n"
+    assert captured.out == ""  # (no matrix: nothing was merged)
 
 
 class Page(HTMLParser):

@@ -940,10 +940,7 @@ class NatMaps:
                                          [(g.key, struct.pack("=I", g.mark)) for g in chosen],
                                          True, next(self._seq), timeouts)]
             try:
-                errors = self._send(messages, "giving the kernel grants")
-                if errors:
-                    raise DataplaneError("the kernel refused to hold a grant: "
-                                         + "; ".join(map(os.strerror, errors)))
+                self._transact(messages, "giving the kernel grants", "to hold a grant")
             except DataplaneError as exc:
                 with contextlib.suppress(DataplaneError):
                     self.release([g.key for g in part])
@@ -962,10 +959,7 @@ class NatMaps:
                         for chosen in ([k for k in part if _key_family(k) == family],) if chosen
                         for name in ("grant", "grant_mark")]
             try:
-                errors = self._send(messages, "taking grants from the kernel")
-                if errors:
-                    raise DataplaneError("the kernel refused to remove a grant: "
-                                         + "; ".join(map(os.strerror, errors)))
+                self._transact(messages, "taking grants from the kernel", "to remove a grant")
             except DataplaneError as exc:
                 failure = failure or exc
         if failure is not None:
@@ -1016,6 +1010,14 @@ class NatMaps:
         aborts the whole transaction)."""
         return self._send([set_elements_message(name, elements, add, next(self._seq))
                            for name, elements, add in messages], "writing the NAT maps")
+
+    def _transact(self, messages: list[bytes], what: str, refused: str) -> None:
+        """Send one transaction; DataplaneError if the kernel refuses it (``refused``: what
+        it refused to do) or does not answer."""
+        errors = self._send(messages, what)
+        if errors:
+            raise DataplaneError(f"the kernel refused {refused}: "
+                                 + "; ".join(map(os.strerror, errors)))
 
     def _send_all(self, messages: list[bytes], what: str) -> list[int]:
         """Send messages in transactions of ``MESSAGES_PER_TRANSACTION``; stop at the

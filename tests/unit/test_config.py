@@ -209,7 +209,7 @@ def test_limits_defaults_and_values() -> None:
     assert cfg.limits.new_flows_per_second == 0 and cfg.limits.binds_total == Limits().binds_total
 
 
-@pytest.mark.parametrize(("line", "reason"), [
+LIMITS_ERRORS = [
     ("sessions_total = 0", "limits.sessions_total: must be at least 1"),
     ("new_flows_per_second = -1", "limits.new_flows_per_second: must be at least 0"),
     ("binds_total = 1.5", "limits.binds_total: expected an integer, got float"),
@@ -221,11 +221,7 @@ def test_limits_defaults_and_values() -> None:
     ("socks_bind_timeout = inf", "limits.socks_bind_timeout: must be a finite number, not inf"),
     ("socks_handshake_timeout = 1e300",
      "limits.socks_handshake_timeout: must be at most 31536000 seconds (a year)"),
-])
-def test_limits_errors(line: str, reason: str) -> None:
-    text = MINIMAL + f"\n[limits]\n{line}  # <-\n"
-    message = config_error(text)
-    assert message.startswith(f"{FILE}:{marked_line(text)}: {reason}"), message
+]
 
 
 def test_unknown_dataplane_key_lists_the_new_ones() -> None:
@@ -241,26 +237,21 @@ def test_load_reads_a_file(tmp_path: Path) -> None:
     assert isinstance(load(str(path)), Config)
 
 
-@pytest.mark.parametrize(("line", "reason"), [
-    ("permission_timeout = nan", "defaults.permission_timeout: must be a finite number, not nan"),
-    ("permission_timeout = inf", "defaults.permission_timeout: must be a finite number, not inf"),
-    ("permission_timeout = 1e300", "defaults.permission_timeout: must be a positive number of "
-     "seconds, at most 31536000 (a year)"),
-    ("max_pending_per_session = 4294967296",
-     "defaults.max_pending_per_session: must be from 1 to 4294967295"),
-])
-def test_defaults_out_of_range(line: str, reason: str) -> None:
-    text = MINIMAL + f"\n[defaults]\n{line}  # <-\n"
-    message = config_error(text)
-    assert message.startswith(f"{FILE}:{marked_line(text)}: {reason}"), message
-
-
 @pytest.mark.parametrize(("section", "line", "reason"), [
+    *(("limits", line, reason) for line, reason in LIMITS_ERRORS),
+    ("defaults", "permission_timeout = nan",
+     "defaults.permission_timeout: must be a finite number, not nan"),
+    ("defaults", "permission_timeout = inf",
+     "defaults.permission_timeout: must be a finite number, not inf"),
+    ("defaults", "permission_timeout = 1e300", "defaults.permission_timeout: must be a positive "
+     "number of seconds, at most 31536000 (a year)"),
+    ("defaults", "max_pending_per_session = 4294967296",
+     "defaults.max_pending_per_session: must be from 1 to 4294967295"),
     ("control", 'socket = ""', "control.socket: must not be empty"),
     ("data_filters", 'x = ":"', "data_filters.x: ':' is not 'module:attribute'"),
     ("data_filters", 'x = "json:"', "data_filters.x: 'json:' is not 'module:attribute'"),
 ])
-def test_empty_names_are_refused(section: str, line: str, reason: str) -> None:
+def test_out_of_range_unknown_and_empty_values_are_refused(section: str, line: str, reason: str) -> None:
     text = MINIMAL + f"\n[{section}]\n{line}  # <-\n"
     message = config_error(text)
     assert message.startswith(f"{FILE}:{marked_line(text)}: {reason}"), message

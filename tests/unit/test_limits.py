@@ -12,7 +12,7 @@ import pytest
 from core_policy import INTERNAL, POLICY, pkt
 
 from enforcer.core import packet
-from enforcer.core.binds import RECENT_SENDERS, BindState
+from enforcer.core.binds import RECENT_SENDERS, Bind, BindState
 from enforcer.core.engine import Engine
 from enforcer.core.flags import Flags
 from enforcer.core.flows import (
@@ -28,6 +28,7 @@ from enforcer.core.limits import Limits, Quota
 from enforcer.core.packet import ICMP, TCP, UDP, FlowKey
 from enforcer.core.permissions import STALE_EXPIRIES, ActionState
 from enforcer.core.results import InvalidArgument, IsBusy, NotFound, Terminating
+from enforcer.core.sessions import Session
 from enforcer.core.state import Verdict
 
 ip = ipaddress.ip_address
@@ -333,6 +334,17 @@ def test_binds_total_cap() -> None:
     assert engine.counters["refused: binds_total"] == 1
 
 
+def closed_binds(engine: Engine, count: int) -> tuple[Session, list[Bind]]:
+    """A Firewall client's session (C1's) that opened and closed ``count`` binds, in order."""
+    fc = engine.open_firewall_session(ip(C1), "alice", 0.0)
+    binds = []
+    for _ in range(count):
+        bind = engine.bind_for_client(fc.id, TCP, EXT4, 0.0)
+        engine.bind_done(bind)
+        binds.append(bind)
+    return fc, binds
+
+
 def test_a_session_s_closed_binds_do_not_push_out_another_s() -> None:
     """Each session remembers at most binds_per_client closed binds (the oldest go): a
     client that opens and closes binds without end keeps its list short, and another
@@ -341,12 +353,7 @@ def test_a_session_s_closed_binds_do_not_push_out_another_s() -> None:
     other = engine.open_firewall_session(ip(C2), "bob", 0.0)
     theirs = engine.bind_for_client(other.id, TCP, EXT4, 0.0)
     engine.bind_done(theirs)
-    fc = engine.open_firewall_session(ip(C1), "alice", 0.0)
-    binds = []
-    for _ in range(20):
-        bind = engine.bind_for_client(fc.id, TCP, EXT4, 0.0)
-        engine.bind_done(bind)
-        binds.append(bind)
+    fc, binds = closed_binds(engine, 20)
     assert [b.id for b in engine.binds.of(fc.id)] == [b.id for b in binds[-2:]]
     assert engine.binds.closed_count == 3
     with pytest.raises(Terminating, match="is closed"):
@@ -355,12 +362,7 @@ def test_a_session_s_closed_binds_do_not_push_out_another_s() -> None:
 
 def test_closed_binds_are_remembered_for_a_while_then_forgotten() -> None:
     engine = make(binds_total=3)
-    fc = engine.open_firewall_session(ip(C1), "alice", 0.0)
-    binds = []
-    for _ in range(5):
-        bind = engine.bind_for_client(fc.id, TCP, EXT4, 0.0)
-        engine.bind_done(bind)
-        binds.append(bind)
+    fc, binds = closed_binds(engine, 5)
     assert engine.binds.closed_count == 3
     assert [b.id for b in engine.binds.of(fc.id)] == [b.id for b in binds[2:]]
     recent, forgotten = binds[-1], binds[0]

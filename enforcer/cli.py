@@ -77,8 +77,10 @@ def _ctl(args: argparse.Namespace) -> int:
     params = {}
     for item in args.params:
         key, sep, value = item.partition("=")
-        if not sep:
+        if not sep or not key:
             raise UsageError(f"parameter '{item}' is not KEY=VALUE")
+        if key in params:
+            raise UsageError(f"parameter '{key}' is given twice")
         try:
             params[key] = json.loads(value)
         except json.JSONDecodeError:

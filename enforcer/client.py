@@ -126,10 +126,10 @@ class Client(SessionCalls):
                         raise ControlError(f"the enforcer at {self.path} is not accepting "
                                            "connections") from None
                     time.sleep(0.01)
-                except OSError as exc:
+                except OSError as exc:  # (a path too long has no strerror)
                     sock.close()
                     raise ControlError(f"cannot reach the enforcer at {self.path}: "
-                                       f"{exc.strerror}") from None
+                                       f"{exc.strerror or exc}") from None
             self._sock = sock
         return self._sock
 
@@ -193,9 +193,13 @@ class Client(SessionCalls):
             if self._sock is not None:
                 self._sock.settimeout(self.timeout)
         line, self._buf = self._buf.split(b"\n", 1)
-        message = json.loads(line)
+        try:
+            message = json.loads(line)
+        except (ValueError, RecursionError):  # (UnicodeDecodeError is a ValueError)
+            message = None
         if not isinstance(message, dict):
-            raise ControlError(f"unexpected message {message!r}")
+            raise ControlError(f"{self.path} did not answer in the control protocol: "
+                               f"{line[:80]!r}")
         return message
 
     def close(self) -> None:

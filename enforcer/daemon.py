@@ -874,8 +874,10 @@ class Daemon:
         longest = KERNEL_NOTICE_DELAY if self.engine.kernel_grants else 1.0
         return min(longest, max(0.0, min(due) - self.clock())) if due else longest
 
-    def _on_signal(self, signum: int, _frame: object) -> None:
+    def _on_signal(self, signum: int, frame: object) -> None:
         self._stop = True
+        if self.successor is not None:  # a restart is under way: the stop is the next run's
+            self.successor._on_signal(signum, frame)  # (its handler is not in place yet)
 
 
 def _redirect_rule(perm: Permission) -> dataplane.RedirectRule:

@@ -399,6 +399,8 @@ class Queue:
                 if exc.errno == errno.ENOBUFS:
                     self.overflows += 1
                     continue
+                if packets:  # those read first get their verdicts (a packet without one is
+                    break    # held until the queue goes); a lasting error fails the next read
                 raise QueueError(f"reading NFQUEUE {self.number} failed: {exc.strerror or exc}") from None
             if size > RECEIVE_SIZE:  # longer than any message the kernel builds
                 self.malformed += 1

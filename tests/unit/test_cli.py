@@ -60,9 +60,50 @@ def test_an_empty_namespace_or_socket_is_refused(monkeypatch: pytest.MonkeyPatch
     assert capsys.readouterr().err == f"pinhole: {message}\n"
 
 
-def test_ctl_rejects_a_parameter_that_is_not_key_value(capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli.main(["ctl", "flows", "limit"]) == 2
-    assert capsys.readouterr().err == "pinhole: parameter 'limit' is not KEY=VALUE\n"
+@pytest.mark.parametrize(("params", "message"), [
+    (["limit"], "parameter 'limit' is not KEY=VALUE"),
+    (["=1"], "parameter '=1' is not KEY=VALUE"),
+    (["limit=1", "limit=2"], "parameter 'limit' is given twice"),
+])
+def test_ctl_rejects_a_parameter_that_is_not_key_value(capsys: pytest.CaptureFixture[str],
+                                                       params: list[str], message: str) -> None:
+    assert cli.main(["ctl", "flows", *params]) == 2
+    assert capsys.readouterr().err == f"pinhole: {message}\n"
+
+
+@pytest.mark.parametrize("answer", [b"HTTP/1.0 400 Bad Request\r\n", b"[1]\n", b"\xff\n"])
+def test_ctl_at_a_socket_that_is_not_the_enforcer_s_is_one_line(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], answer: bytes) -> None:
+    import socket
+    import threading
+
+    path = tmp_path / "other.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(1)
+
+    def answer_once() -> None:
+        conn, _ = server.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(answer)
+
+    thread = threading.Thread(target=answer_once)
+    thread.start()
+    try:
+        assert cli.main(["ctl", "status", "--socket", str(path)]) == 2
+    finally:
+        thread.join(5)
+        server.close()
+    err = capsys.readouterr().err
+    assert err.startswith(f"pinhole: {path} did not answer in the control protocol: ") and \
+        err.count("\n") == 1, err
+
+
+def test_ctl_at_a_path_too_long_says_why(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["ctl", "status", "--socket", str(tmp_path / ("x" * 120))]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pinhole: cannot reach the enforcer at") and "too long" in err, err
 
 
 def test_ctl_without_an_enforcer_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import gc
 import ipaddress
 import json
+import signal
 import socket
 import sys
 import weakref
@@ -108,8 +109,8 @@ def daemon() -> Daemon:
     d._arrived_on = Arrivals(Interfaces({"int0": INTERNAL_IF}, {"ext0": EXTERNAL_IF}, (), ()))
     d.config = Config(POLICY, NetworkSettings(("int0",), ("ext0",)),
                       DataplaneSettings(increased_receive_buffer=INCREASED))
-    d.socks = d.pool = None
-    d.stray_grants = False
+    d.socks = d.pool = d.successor = None
+    d.stray_grants = d._stop = False
     d._next_prune = 0.0
     return d
 
@@ -609,6 +610,16 @@ def test_grants_the_kernel_held_in_part_are_the_kernel_s_the_rest_the_enforcer_s
     for sport, port in ((41000, 30002), (41001, 30003)):
         deliver(d, first := syn(port, sport))
         assert first.verdicts == ["accept"]
+
+
+def test_a_stop_asked_for_while_a_restart_is_under_way_stops_the_next_run() -> None:
+    """SIGTERM between a run's stop for a restart and the next run's handlers: the next run
+    stops too (the signal reached the old run's handler), rather than going on unasked."""
+    d = daemon()
+    d.successor = then = daemon()
+    d._stop = True  # restarting
+    d._on_signal(signal.SIGTERM, None)
+    assert then._stop
 
 
 class FakePool:

@@ -414,8 +414,12 @@ def test_only_the_first_refusals_are_logged(fake: type[FakeNetlink],
 
 
 def test_a_failing_socket_raises_queue_error(fake: type[FakeNetlink]) -> None:
+    """A read that fails raises, but not over the packets read before it in the same call:
+    they are returned for their verdicts, and the next read raises."""
     queue = Queue(5)
-    sock(queue).incoming.append(OSError(errno.EBADF, "Bad file descriptor"))
+    sock(queue).incoming.extend([packet_message(1, b"a"), OSError(errno.EBADF, "Bad file descriptor"),
+                                 OSError(errno.EBADF, "Bad file descriptor")])
+    assert [p.packet_id for p in queue.receive(64)] == [1]
     with pytest.raises(QueueError, match="reading NFQUEUE 5 failed: Bad file descriptor"):
         queue.receive(64)
 

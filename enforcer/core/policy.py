@@ -275,6 +275,8 @@ def policy_from_dict(data: Mapping[str, Any], extra_sections: Iterable[str] = ()
     for r in root.tables("protocol"):
         r.check_keys({"name", "guid", "ip_protocol", "ports"})
         name = r.get("name", str)
+        if not name.strip():
+            raise r.fail("name", "a protocol needs a name")
         if any(p.name == name for p in protocols):
             raise r.fail("name", f"protocol '{name}' is defined twice")
         guid_text = r.get("guid", str)
@@ -282,10 +284,21 @@ def policy_from_dict(data: Mapping[str, Any], extra_sections: Iterable[str] = ()
             guid = uuid.UUID(guid_text)
         except ValueError:
             raise r.fail("guid", "not a GUID like 'xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx'") from None
+        same = next((p for p in protocols if p.guid == guid), None)
+        if same is not None:  # a grant names its protocol by GUID
+            raise r.fail("guid", f"is protocol '{same.name}''s GUID too")
         ip_proto_name = r.get("ip_protocol", str)
         if ip_proto_name not in _IP_PROTOCOLS:
             raise r.fail("ip_protocol", f"must be 'tcp' or 'udp', not '{ip_proto_name}'")
-        protocols.append(ProtocolDef(name, guid, _IP_PROTOCOLS[ip_proto_name], _port_ranges(r)))
+        defined = ProtocolDef(name, guid, _IP_PROTOCOLS[ip_proto_name], _port_ranges(r))
+        for other in protocols:  # a primary connection is of one protocol, by its port
+            shared = next((port for port in defined.ports for theirs in other.ports
+                           if other.ip_protocol == defined.ip_protocol
+                           and port.low <= theirs.high and theirs.low <= port.high), None)
+            if shared is not None:
+                raise r.fail("ports", f"{shared.low}-{shared.high} overlaps protocol "
+                                      f"'{other.name}''s primary ports")
+        protocols.append(defined)
     known = {p.name for p in protocols}
 
     protocol_rules = []

@@ -250,6 +250,11 @@ def test_port_range_edges_accepted() -> None:
     ({"protocol": [proto(guid="5c3c2a3e-8f1b-4c1e-9a57")]}, ("protocol", 0, "guid"), "not a GUID"),
     ({"protocol": [proto(ip_protocol="icmp")]}, ("protocol", 0, "ip_protocol"), "'tcp' or 'udp'"),
     ({"protocol": [proto(), proto()]}, ("protocol", 1, "name"), "defined twice"),
+    ({"protocol": [proto(name=" ")]}, ("protocol", 0, "name"), "a protocol needs a name"),
+    ({"protocol": [proto(), proto(name="Y", ports=[80])]}, ("protocol", 1, "guid"),
+     "is protocol 'X''s GUID too"),
+    ({"protocol": [proto(ports=["20-21"]), proto(name="Y", guid=GUID_WEB, ports=[80, "21-25"])]},
+     ("protocol", 1, "ports"), "21-25 overlaps protocol 'X''s primary ports"),
     ({"protocol": [proto(name=None)]}, ("protocol", 0, "name"), "expected a string"),
     ({"protocol": [{"guid": GUID_FTP, "ip_protocol": "tcp", "ports": [1]}]}, ("protocol", 0),
      "missing required key 'name'"),
@@ -310,3 +315,10 @@ def test_reader_get_refuses_bool_for_int_but_not_for_bool() -> None:
     assert r.get("absent", int, 7) == 7
     with pytest.raises(PolicyInvalid, match="missing required key 'absent'"):
         r.get("absent", int)
+
+
+def test_a_port_may_be_one_protocol_s_over_tcp_and_another_s_over_udp() -> None:
+    policy = policy_from_dict({"protocol": [proto(name="A", ports=[53]),
+                                            proto(name="B", guid=GUID_WEB, ip_protocol="udp",
+                                                  ports=[53])]})
+    assert [p.name for p in policy.protocols] == ["A", "B"]

@@ -134,9 +134,13 @@ def load_data_filters(targets: dict[str, str]) -> dict[str, DataFilterFactory]:
     for name, target in targets.items():
         module_name, _, attribute = target.partition(":")
         try:
-            factories[name] = getattr(importlib.import_module(module_name), attribute)
+            factory = getattr(importlib.import_module(module_name), attribute)
         except (ImportError, AttributeError) as exc:
             raise StartupError(f"data filter '{name}': cannot load {target}: {exc}") from None
+        if not callable(factory):  # it is called with each flow's key
+            raise StartupError(f"data filter '{name}': {target} is not a factory (it cannot be "
+                               "called)")
+        factories[name] = factory
     return factories
 
 

@@ -31,7 +31,15 @@ from enforcer.core.engine import Engine
 from enforcer.core.flags import Flags
 from enforcer.core.packet import TCP as TCP_PROTOCOL
 from enforcer.core.packet import UDP as UDP_PROTOCOL
-from enforcer.daemon import KERNEL_TIMER_MS, SO_RCVBUFFORCE, Arrivals, Daemon, settle_heap
+from enforcer.daemon import (
+    KERNEL_TIMER_MS,
+    SO_RCVBUFFORCE,
+    Arrivals,
+    Daemon,
+    StartupError,
+    load_data_filters,
+    settle_heap,
+)
 from enforcer.dataplane import Interfaces
 from enforcer.loop import Loop
 from enforcer.nfqueue import Packet
@@ -758,3 +766,11 @@ def test_the_heap_the_start_made_is_left_out_of_the_gc_s_passes() -> None:
         assert len(gc.get_objects()) < before * 0.1
     finally:
         gc.unfreeze()
+
+
+def test_a_data_filter_that_cannot_be_loaded_or_called_stops_the_start() -> None:
+    assert load_data_filters({"x": "json:loads"}) == {"x": json.loads}
+    with pytest.raises(StartupError, match="data filter 'x': cannot load json:nope"):
+        load_data_filters({"x": "json:nope"})
+    with pytest.raises(StartupError, match="data filter 'x': json:__name__ is not a factory"):
+        load_data_filters({"x": "json:__name__"})

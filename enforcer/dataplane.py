@@ -336,16 +336,19 @@ def _input_base(rs: Ruleset) -> list[Rule]:
 
 
 def _socks_rules(rs: Ruleset) -> list[Rule]:
-    """FWC-01 without the base too (fail_open): the SOCKS port and the UDP ASSOCIATE relay
-    ports (the bind's port, on the internal address), TCP and UDP, drop what reaches the
-    internal addresses from outside (the weak-host model would deliver it; the fw's
-    stack would answer a closed one with a reset or a port unreachable)."""
+    """FWC-01 without the base too (fail_open): from outside, the SOCKS port (TCP and UDP)
+    drops what reaches any of the fw's addresses, and the UDP ASSOCIATE relay ports (the
+    bind's ports, on the internal addresses) what reaches the internal addresses (the
+    weak-host model would deliver it; the fw's stack would answer a closed port with a
+    reset or a port unreachable). On the external addresses the bind ports are the
+    approved peers' (``_bind_rules``)."""
     if rs.socks_port is None or rs.bind_ports is None:
         return []
-    ports = ((rs.socks_port, rs.socks_port), rs.bind_ports)
-    return [Rule(Match(iif=tuple(rs.interfaces.external), daddr=a.ip, protocols=TRANSPORT, dports=ports),
-                 DROP)
-            for family in FAMILIES for _, a in rs.interfaces.internal_of(family)]
+    outside = tuple(rs.interfaces.external)
+    return [Rule(Match(iif=outside, protocols=TRANSPORT, dports=((rs.socks_port, rs.socks_port),)),
+                 DROP),
+            *(Rule(Match(iif=outside, daddr=a.ip, protocols=TRANSPORT, dports=(rs.bind_ports,)), DROP)
+              for family in FAMILIES for _, a in rs.interfaces.internal_of(family))]
 
 
 def _bind_rules(rs: Ruleset, queue: Queue) -> list[Rule]:

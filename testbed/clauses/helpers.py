@@ -156,6 +156,25 @@ def answers_to(reached: list[tuple[Packet, float]]) -> Callable[[Packet], bool]:
     return an_answer_to_a_probe
 
 
+def sent_on(arrived: list[tuple[Packet, float]]) -> Callable[[Packet], bool]:
+    """A template of a probe the fw passed on, translated or not: for each probe (as the
+    fw received it, and when), a packet from then on with its protocol and source port
+    and, for TCP, its sequence number (a translation keeps both; a connection's initial
+    one is random), for UDP its payload."""
+    probes = []
+    for pkt, at in arrived:
+        layer = TCP if TCP in pkt else UDP
+        probes.append((layer, int(pkt[layer].sport),
+                       int(pkt[TCP].seq) if layer is TCP else bytes(pkt[UDP].payload), at))
+
+    def the_probe_sent_on(pkt: Packet) -> bool:
+        """a probe passed on: its protocol, source port and sequence number or payload"""
+        return any(layer in pkt and float(pkt.time) >= at and int(pkt[layer].sport) == sport
+                   and (int(pkt[TCP].seq) if layer is TCP else bytes(pkt[UDP].payload)) == which
+                   for layer, sport, which, at in probes)
+    return the_probe_sent_on
+
+
 # Once the firewall has decided a probe, how long an answer to it (a reset, an ICMP
 # error, a reply through the fw) may take to arrive and be captured: two veth hops and a
 # capture's read take milliseconds on an idle machine; this leaves room for a busy one.
@@ -186,7 +205,11 @@ class _Probe:
         self.sent = time.time()
         self.sent_monotonic = time.monotonic()
         self.reached: float | None = None
+        self.arrived: Packet | None = None  # as the fw received it
         self.settled = False
+
+    def arrive(self, pkt: Packet) -> None:
+        self.arrived, self.reached = pkt, float(pkt.time)
 
 
 class Drop:
@@ -265,8 +288,9 @@ class Drop:
             captured = self.arrived.packets()
             for p in waiting:
                 if p.reached is None:
-                    p.reached = next((float(got.time) for got in captured
-                                      if matches(p.headers, got)), None)
+                    got = next((got for got in captured if matches(p.headers, got)), None)
+                    if got is not None:
+                        p.arrive(got)
             if all(p.reached is not None for p in waiting):
                 last = max(p.reached or 0.0 for p in waiting)
                 if ((holds is not None and now >= last + holds)
@@ -281,25 +305,32 @@ class Drop:
     def check(self, back: Any) -> None:
         """Every probe reached the fw (after ``since``) on its interface facing the node,
         and, once nothing could still come of them, nothing has answered any: not at the
-        node (``back``, its capture), and nothing the fw sent."""
+        node (``back``, its capture), and nothing the fw sent; nor did the fw send any
+        on, translated or not (``sent_on``)."""
         assert self.probes, f"no probe was sent from {self.node}: this drop shows nothing"
         self._settle()
         for p in self.probes:
-            if p.reached is None:  # (not seen while settling: the capture once more)
+            if p.arrived is None:  # (not seen while settling: the capture once more)
                 try:
-                    p.reached = float(expect_packet(self.arrived, p.headers, timeout=0).time)
+                    p.arrive(expect_packet(self.arrived, p.headers, timeout=0))
                 except CheckFailed as exc:
                     raise CheckFailed(f"{p.what}: the probe never reached the fw, so that nothing "
                                       f"came of it shows nothing\n{exc}") from None
         answer = answers_to([(p.headers, p.reached) for p in self.probes if p.reached is not None])
         whats = "; ".join(dict.fromkeys(p.what for p in self.probes))
-        for where, sniffer in ((f"at {self.node}, the sender", back),
-                               ("sent by the fw", self.net.fw_sent(self.since))):
+        fw_sent = self.net.fw_sent(self.since)
+        for where, sniffer in ((f"at {self.node}, the sender", back), ("sent by the fw", fw_sent)):
             try:
                 expect_no_packet(sniffer, answer, timeout=0)
             except CheckFailed as exc:
                 raise CheckFailed(f"{whats}: answered ({where}), but a drop must be silent: no "
                                   f"reset, no ICMP, no reply\n{exc}") from None
+        try:
+            expect_no_packet(fw_sent, sent_on([(p.arrived, p.reached) for p in self.probes
+                                               if p.arrived is not None and p.reached is not None]),
+                             timeout=0)
+        except CheckFailed as exc:
+            raise CheckFailed(f"{whats}: the fw sent it on, but it must be dropped\n{exc}") from None
 
 
 @contextmanager

@@ -134,6 +134,20 @@ def test_a_pending_grant_admits_no_flow_that_differs_in_one_dimension(
         assert_ran_in_mode(net, action)
 
 
+@pytest.mark.clause("AFC-02")
+def test_a_single_use_udp_grant_admits_the_first_datagram_s_flow_only(net: Net, mode: str) -> None:
+    """Rule 2's "or the first UDP datagram": c1's first datagram to the target uses the
+    grant up (its flow's echo comes back, byte for byte); a datagram of a new flow to the
+    same target (another source port) then reaches the fw and goes no further, unanswered."""
+    dst, port = net.addr("s1"), next(PORTS)
+    with net.client() as api, echo_server(net, "udp", port):
+        action = grant(net, api, (dst, port), protocol="udp", flags=Flags.BIDIRECTIONAL)
+        admitted(net, "c1", "udp", dst, port)
+        assert action.state == "consumed", action.state
+        assert_ran_in_mode(net, action)
+        assert_dropped_silently(net, [("c1", probe(net, "udp", net.addr("c1"), dst, port))])
+
+
 @pytest.mark.clause("AFC-07")
 def test_a_pending_grant_admits_no_socks_connect_of_another_session_on_its_client_s_address(
         net: Net, mode: str) -> None:
@@ -311,6 +325,31 @@ def _relayed(net: Net, conn: Any, node: str, port: int, data: bytes) -> None:
     sent = net.agent(node).udp_send(net.fw_external(0), port, data, expect_reply=False)
     got = conn.udp(None, 0, b"", expect_reply=True)
     assert (got["reply"], got["from"]) == (data, [net.addr(node), sent["local"][1]]), got
+
+
+@pytest.mark.clause("RAB-01")
+@pytest.mark.parametrize("protocol", ["tcp", "udp"])
+def test_before_approval_a_securenat_bind_discards_what_comes_to_it(net: Net, protocol: str) -> None:
+    """c1's port made reachable with BindForClient, not yet approved: s1's first packet to
+    it reaches the fw and goes no further, unanswered, and c1 gets nothing; the bind
+    counts the discard and admits nothing. Approved for s1, the same place then leads s1's
+    flow to c1 (content compared): the probe went where a flow would."""
+    c1, session, client_port = net.agent("c1"), net.session("c1"), next(PORTS)
+    net.agent("s1")  # started before the bind, which expires unused in the lab's 2 s
+    with c1.tcp_server(net.addr("c1"), client_port) if protocol == "tcp" else \
+            c1.udp_server(net.addr("c1"), client_port, echo=False) as server, net.client() as api:
+        address, port = api.bind_for_client(session, client_port, protocol=protocol)
+        assert_dropped_silently(net, [("s1", probe(net, protocol, net.addr("s1"), address, port))])
+        assert server.stats()["accepted"] == 0, "c1 got what came before the approval"
+        (listed,) = [b for b in net.call("binds", session=session) if b["address"] == [address, port]]
+        assert listed["discarded"] >= 1 and listed["admitted"] == 0, listed
+        assert api.retroactive_allow_bind(session, (address, port), protocol_guid=FTP_GUID,
+                                          protocol=protocol, ipfilter=[(net.addr("s1"),) * 2])
+        data = f"s1 through c1's {protocol} bind, once approved".encode()
+        if protocol == "tcp":
+            _echoed(net, "s1", address, port, data)
+        else:
+            _received(net, server, "s1", address, port, data)
 
 
 @pytest.mark.clause("RAB-02")

@@ -73,7 +73,8 @@ def counter(net: Net, name: str) -> int:
 def test_from_outside_the_socks_service_and_its_relays_get_nothing(dns: Net, fail_open: bool) -> None:
     """s1 sends, as frames to the fw's external MAC, SYNs to the SOCKS port on the fw's
     internal address and to an association's relay port there, and a datagram to that
-    relay port carrying a SOCKS header (the weak-host model would deliver all of them).
+    relay port carrying a SOCKS header (the weak-host model would deliver all of them);
+    and SYNs to the SOCKS port on each of the fw's external addresses.
     With the lockdown base, and with fail_open (no base: the enforcer's own rules and the
     service must hold it): each is dropped silently (it reaches the fw, and nothing answers
     it); the association hears nothing. The same port serves the inside. (The BIND and
@@ -97,6 +98,9 @@ def test_from_outside_the_socks_service_and_its_relays_get_nothing(dns: Net, fai
             drop.send("a datagram from outside to the relay port",
                       outside / datagram(net, server, relay_address, next(PROBE_PORTS), relay_port,
                                          socks5.datagram(server, DNS_PORT, b"from outside")))
+            for external in net.topology.fw_external_addresses(net.family):  # (a service on all)
+                drop.send(f"a SYN from outside to the SOCKS port on {external}",
+                          syn(net, server, external, next(PROBE_PORTS), SOCKS_PORT))
         assert conn.udp(None, 0, b"", expect_reply=True, timeout=0.1)["reply"] is None
         again = conn.udp(server, DNS_PORT, b"still served", expect_reply=True)
         assert again["reply"] == b"still served", again

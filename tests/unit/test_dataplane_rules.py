@@ -769,24 +769,28 @@ def test_a_flow_to_a_firewall_client_s_bind_keeps_its_mark(fam: str) -> None:
 @pytest.mark.parametrize("fam", FAMS)
 def test_the_socks_service_and_its_relay_ports_drop_what_comes_from_outside(
         fam: str, settings: DataplaneSettings) -> None:
-    """FWC-01 while the enforcer runs, fail_open included (no base): the SOCKS port (TCP)
-    and the relay ports (UDP, the bind range) on each internal address drop what arrives
-    on an external interface, before anything could accept it; from inside they are open."""
+    """FWC-01 while the enforcer runs, fail_open included (no base): the SOCKS port drops
+    what arrives on an external interface for any of the fw's addresses, and the relay
+    ports (UDP, the bind range) what arrives there for each internal address, TCP and UDP,
+    before anything could accept or answer it; from inside they are open."""
     rules = appended(tables(iptables_text(fam, Ruleset(settings, IFACES, False, (20000, 20099),
                                                       socks_port=1080)))["filter"], "PINHOLE-INPUT")
-    socks = [r for r in rules if "1080" in r]
-    assert socks == [f"-A PINHOLE-INPUT -i ext0 -d {address} -p {proto} -m multiport "
-                     "--dports 1080,20000:20099 -j DROP"
-                     for _, address in INTERNAL_ADDRESSES[fam] for proto in ("tcp", "udp")]
+    assert [r for r in rules if "1080" in r] == \
+        [f"-A PINHOLE-INPUT -i ext0 -p {proto} --dport 1080 -j DROP"
+         for proto in ("tcp", "udp")]
+    assert [r for r in rules if "-i ext0 -d" in r] == \
+        [f"-A PINHOLE-INPUT -i ext0 -d {address} -p {proto} --dport 20000:20099 -j DROP"
+         for _, address in INTERNAL_ADDRESSES[fam] for proto in ("tcp", "udp")]
     assert not any("-i int" in r and "-j DROP" in r for r in rules)
     without = iptables_text(fam, Ruleset(settings, IFACES, False, None, socks_port=None))
     assert "--dport 1080" not in without
     nft = nft_chain(nft_text(Ruleset(settings, IFACES, False, (20000, 20099), socks_port=1080)),
                     "filter_input")
+    assert 'iifname "ext0" meta l4proto { tcp, udp } th dport 1080 drop' in nft
     for _, address in INTERNAL_ADDRESSES[fam]:
         proto = "ip" if fam == "ipv4" else "ip6"
         assert (f'iifname "ext0" {proto} daddr {address} meta l4proto {{ tcp, udp }} '
-                "th dport { 1080, 20000-20099 } drop") in nft
+                "th dport 20000-20099 drop") in nft
 
 
 @pytest.mark.parametrize("fam", FAMS)

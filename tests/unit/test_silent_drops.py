@@ -169,6 +169,51 @@ def test_an_icmp_error_the_fw_sent_fails() -> None:
         checked(net, [])
 
 
+@pytest.mark.parametrize("sent_on", [
+    IP(src=C1, dst=S1) / TCP(sport=40001, dport=20021, flags="S", seq=7),  # as it came
+    IP(src="198.51.100.1", dst=S1) / TCP(sport=40001, dport=20021, flags="S", seq=7),  # NATed
+    IP(src="198.51.100.1", dst="198.51.100.22") / TCP(sport=40001, dport=8080, flags="S", seq=7),
+])
+def test_a_probe_the_fw_sent_on_fails(sent_on: Packet) -> None:
+    """Silence is not enough: a SYN the fw passes on (translated or redirected, the server
+    not answering) was not dropped; what shows it is its source port and sequence number."""
+    net = FakeNet()
+    probe = IP(src=C1, dst=S1) / TCP(sport=40001, dport=20021, flags="S", seq=7)
+    net.received.pkts = [at(probe, ARRIVED)]
+    net.sent.pkts = [at(sent_on, ARRIVED + 0.001)]
+    with pytest.raises(CheckFailed, match="the probe: the fw sent it on, but it must be dropped"):
+        checked(net, [])
+
+
+@pytest.mark.parametrize("sent", [
+    IP(src="198.51.100.1", dst=S1) / TCP(sport=40001, dport=20021, flags="S", seq=8),  # another SYN
+    IP(src="198.51.100.1", dst=S1) / TCP(sport=40002, dport=20021, flags="S", seq=7),
+    IP(src=C1, dst=S1) / UDP(sport=40001, dport=20021) / b"x",
+])
+def test_what_the_fw_sends_of_other_flows_is_not_the_probe(sent: Packet) -> None:
+    net = FakeNet()
+    net.received.pkts = [at(IP(src=C1, dst=S1) / TCP(sport=40001, dport=20021, flags="S", seq=7),
+                            ARRIVED)]
+    net.sent.pkts = [at(sent, ARRIVED + 0.001)]
+    checked(net, [])
+
+
+def test_a_datagram_the_fw_sent_on_is_known_by_its_payload() -> None:
+    datagram = IP(src=C1, dst=S1) / UDP(sport=40001, dport=20021) / b"probe 1"
+    for payload, passed_on in ((b"probe 1", True), (b"probe 2", False)):
+        net = FakeNet()
+        net.received.pkts = [at(datagram, ARRIVED)]
+        net.sent.pkts = [at(IP(src="198.51.100.1", dst=S1) / UDP(sport=40001, dport=20021) / payload,
+                            ARRIVED + 0.001)]
+        drop = Drop(net, "c1", since=0.0)  # type: ignore[arg-type]
+        drop.sent("the datagram", IP(src=C1, dst=S1) / UDP(sport=40001, dport=20021))
+        if passed_on:
+            with pytest.raises(CheckFailed, match="the fw sent it on"):
+                drop.check(Captured("c1"))
+        else:
+            drop.check(Captured("c1"))
+
+
 def test_a_probe_that_never_reached_the_fw_fails() -> None:
     with pytest.raises(CheckFailed, match="the probe never reached the fw"):
         checked(FakeNet(), [])

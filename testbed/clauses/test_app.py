@@ -450,13 +450,15 @@ def test_firewall_client_active_ftp_through_a_socks_bind(app: App, servers: peer
                              SOCKS_USERS["alice"])
     for mode in _modes(app, client, ("PORT", "EPRT")):
         mark = server.log_mark()
+        began = time.monotonic()  # the enforcer's clock (CLOCK_MONOTONIC, on this host)
         got = peers.ftp_transfer(app.lab.tb, "c1", client, server.address, mode, "get", BIG_FILE,
                                  socks=route)
         assert got.ok and got.sha256 == server.files[BIG_FILE], \
             f"{got.describe()}\nserver log:\n{server.log_since(mark)}"
         assert server.data_commands(since=mark) == [mode], server.log_since(mark)
-        # the data connection came from the server to a bind on the fw's external address
-        inbound = [d for d in app.call("decisions", limit=50)
+        # this transfer's data connection came from the server to a bind on the fw's
+        # external address (not another mode's: only decisions since it began)
+        inbound = [d for d in app.call("decisions", since=began)
                    if d["reason"].startswith("inbound to bind") and d["verdict"] == "admit-kernel"]
         assert inbound, app.call("decisions", limit=10)
         assert inbound[-1]["flow"].split()[1].rsplit(":", 1)[0] == server.address

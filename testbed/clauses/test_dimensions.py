@@ -49,7 +49,7 @@ from testbed.clauses.helpers import (
     talk,
     wait_until,
 )
-from testbed.clauses.test_rab import allow, bind, only
+from testbed.clauses.test_rab import allow, bind, only, through_the_bind
 from testbed.clauses.test_rab_udp import association
 from testbed.clauses.test_rdc import redirect
 from testbed.plugin import Net
@@ -284,7 +284,7 @@ def approved_bind(net: Net, kind: str, protocol: str, ipfilter: IpFilterWire) ->
         with conn:
             assert allow(net, session, port, ipfilter=ipfilter)["result"] == "S_OK"
             yield Bound(net, protocol, net.fw_external(0), port,
-                        lambda node, data: _accepted(net, conn, node, port, data))
+                        lambda node, data: through_the_bind(net, conn, node, port, data))
         return
     conn, _, port = association(net, Flags(0), ipfilter)
     with conn:
@@ -305,19 +305,6 @@ def _received(net: Net, server: Any, node: str, address: str, port: int, data: b
     net.agent(node).udp_send(address, port, data, expect_reply=False)
     wait_until(lambda: server.stats()["accepted"] > before, f"{node}'s datagram did not reach c1")
     assert server.stats()["digest"] == multiset_digest([data]), server.stats()
-
-
-def _accepted(net: Net, conn: Any, node: str, port: int, data: bytes) -> None:
-    """``node`` connects to alice's BIND: she is told of it, and data goes both ways."""
-    with net.agent(node).tcp_open(net.fw_external(0), port) as peer:
-        assert peer.connected, f"{node} did not get through alice's bind: {peer.error}"
-        second = conn.accept()
-        assert second is not None and second["code"] == 0 and second["address"] == net.addr(node), second
-        assert peer.talk(data, expect=0) == b""
-        assert conn.talk(b"", expect=len(data)) == data, f"{node}'s data did not reach alice"
-        answer = data.upper()
-        assert conn.talk(answer, expect=0) == b""
-        assert peer.talk(b"", expect=len(answer)) == answer, f"alice's answer did not reach {node}"
 
 
 def _relayed(net: Net, conn: Any, node: str, port: int, data: bytes) -> None:

@@ -114,14 +114,24 @@ def test_after_approval_an_allowed_peer_reaches_the_client(net: Net) -> None:
             assert peer.talk(b"", expect=len(b"from the client")) == b"from the client"
 
 
-def _attempt(net: Net, node: str, port: int, *, admitted: bool) -> None:
-    """``node``'s connection to the bind is admitted, or else dropped silently."""
-    if not admitted:
-        with dropped_silently(net, node) as drop:
-            drop.tcp(f"{node}'s connection to the bind", net.fw_external(0), port)
-        return
-    result = net.agent(node).tcp_connect(net.fw_external(0), port)
-    assert result["connected"], f"{node}'s connection to the bind: {result['error']}"
+def through_the_bind(net: Net, conn: Any, node: str, port: int, data: bytes) -> None:
+    """``node`` connects to alice's BIND: she is told of it (``node``'s address), and data
+    goes both ways."""
+    with net.agent(node).tcp_open(net.fw_external(0), port) as peer:
+        assert peer.connected, f"{node} did not get through alice's bind: {peer.error}"
+        second = conn.accept()
+        assert second is not None and second["code"] == 0 and second["address"] == net.addr(node), second
+        assert peer.talk(data, expect=0) == b""
+        assert conn.talk(b"", expect=len(data)) == data, f"{node}'s data did not reach alice"
+        answer = data.upper()
+        assert conn.talk(answer, expect=0) == b""
+        assert peer.talk(b"", expect=len(answer)) == answer, f"alice's answer did not reach {node}"
+
+
+def _dropped(net: Net, node: str, port: int) -> None:
+    """``node``'s connection to the bind is dropped silently."""
+    with dropped_silently(net, node) as drop:
+        drop.tcp(f"{node}'s connection to the bind", net.fw_external(0), port)
 
 
 @pytest.mark.clause("RAB-03")
@@ -139,14 +149,16 @@ def test_the_ipfilter_decides_which_peers_get_through(net: Net, kind: str) -> No
             with s2.sniff(net.iface("s2")) as at_s2:
                 s2.send(probe)
                 expect_packet(at_s2, TCP(sport=port, flags="SA"))
-            _attempt(net, "s2", port, admitted=True)
-            assert conn.accept() is not None
+            through_the_bind(net, conn, "s2", port, b"s2 through alice's bind, anyone's")
             return
         with dropped_silently(net, "s2") as drop:
             drop.send("a SYN from s2, which the filter leaves out", probe)
         assert conn.accept(timeout=0.2) is None, "a filtered peer reached the bound socket"
-        _attempt(net, "s1", port, admitted=kind == "included")
-        assert (conn.accept() is not None) is (kind == "included")
+        if kind == "included":
+            through_the_bind(net, conn, "s1", port, b"s1 through alice's bind, included")
+        else:
+            _dropped(net, "s1", port)
+            assert conn.accept(timeout=0.2) is None, "s1 reached the bound socket"
 
 
 @pytest.mark.clause("RAB-04")
@@ -174,8 +186,7 @@ def test_result_codes(net: Net) -> None:
         assert allow(net, session, port)["result"] == "S_OK"
         again = allow(net, session, port)
         assert (again["result"], again["hresult"], again["bind"]["state"]) == ("S_FALSE", 1, "allowed")
-        _attempt(net, "s1", port, admitted=True)
-        assert conn.accept() is not None
+        through_the_bind(net, conn, "s1", port, b"s1 through alice's bind, approved")
         with refused(net, Terminating, "closed"):  # a BIND takes one connection
             allow(net, session, port)
 
@@ -187,8 +198,7 @@ def test_the_any_address_with_the_port_matches_the_bind(net: Net) -> None:
         anywhere = "0.0.0.0" if net.family == "ipv4" else "::"
         assert allow(net, session, port, address=anywhere)["result"] == "S_OK"
         assert state_of(net, session, port)["state"] == "allowed"
-        _attempt(net, "s1", port, admitted=True)
-        assert conn.accept() is not None
+        through_the_bind(net, conn, "s1", port, b"s1 through alice's bind, any address")
 
 
 @pytest.mark.clause("IPF-01")
@@ -271,7 +281,7 @@ def test_dante_socksify_binds_through_the_fw(net: Net) -> None:
         assert address == net.fw_external(0), f"the program is bound to {address}, not the fw's address"
         session = fw_session(net, "c1", "alice")
         assert state_of(net, session, port)["state"] == "pending"
-        _attempt(net, "s1", port, admitted=False)
+        _dropped(net, "s1", port)
         assert allow(net, session, port, ipfilter=only(net, "s1"))["result"] == "S_OK"
         with net.agent("s1").tcp_open(address, port) as peer:
             assert peer.connected, peer.error

@@ -173,7 +173,9 @@ def test_admitted_flow_outlives_the_timeout(net: Net, mode: str) -> None:
     ({"unexpected": 1}, "unexpected parameters: unexpected"),
 ], ids=lambda v: v if isinstance(v, str) else "-".join(f"{k}={v[k]}" for k in v))
 def test_invalid_arguments_create_nothing(net: Net, params: dict[str, object], message: str) -> None:
-    """E_INVALIDARG names the problem and no permission is created."""
+    """E_INVALIDARG names the problem and no permission is created: none is listed, and
+    (for a request whose target is s1's port) a SYN from c1 to that port, which such a
+    grant would admit, reaches the fw and goes no further."""
     request: dict[str, object] = {
         "session": net.session("c1"), "address": net.addr("s1"), "port": 30041, "protocol": "tcp",
         "protocol_guid": GUIDS["FTP"]}
@@ -186,6 +188,9 @@ def test_invalid_arguments_create_nothing(net: Net, params: dict[str, object], m
     with net.client() as api, refused(net, InvalidArgument, message):
         api.call("allow_future_connect", **request)
     assert pending_actions(net) == before
+    if (request["address"], request["port"]) == (net.addr("s1"), 30041):
+        assert_dropped_silently(net, [("c1", syn(net, net.addr("c1"), net.addr("s1"), probe_port(),
+                                                 30041))])
 
 
 @pytest.mark.clause("AFC-06")

@@ -14,13 +14,16 @@ enforcer sees it (reverse-path filtering), and that is as good.
 from __future__ import annotations
 
 import ipaddress
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import pytest
+from scapy.layers.inet import TCP
 from scapy.layers.l2 import Ether
 
+from testbed.checks import expect_no_packet
 from testbed.clauses.helpers import (
     FTP_GUID,
     assert_dropped_silently,
@@ -172,7 +175,7 @@ def test_a_firewall_clients_grant_admits_no_one_on_the_other_network(net: Net) -
     address on its own network: a grant to c1's admits c3's CONNECT not, and then c1's."""
     server, port = net.addr("s1"), 34081
     s1 = net.agent("s1")
-    with s1.tcp_server(server, 21), s1.tcp_server(server, port), net.client() as api, \
+    with s1.tcp_server(server, 21), s1.tcp_server(server, port) as target, net.client() as api, \
             socks_open(net, "c1", "alice", "connect", server, 21) as c1_primary, \
             socks_open(net, "c3", "alice", "connect", server, 21) as c3_primary:
         for primary in (c1_primary, c3_primary):
@@ -180,8 +183,11 @@ def test_a_firewall_clients_grant_admits_no_one_on_the_other_network(net: Net) -
         assert fw_session(net, "c1", "alice") != fw_session(net, "c3", "alice")
         action = api.allow_future_connect(fw_session(net, "c1", "alice"), (server, port),
                                           protocol_guid=FTP_GUID)
+        since = time.time()
         with socks_open(net, "c3", "alice", "connect", server, port) as other:
             assert other.reply is not None and other.reply["code"] == 2, other.reply  # not allowed
+        expect_no_packet(net.fw_sent(since), TCP(dport=port), timeout=0)  # (nothing relayed)
+        assert target.stats()["accepted"] == 0, "c3's CONNECT reached the target"
         assert action.state == "pending"
         with socks_open(net, "c1", "alice", "connect", server, port) as own:
             assert own.reply is not None and own.reply["code"] == 0, own.reply

@@ -379,8 +379,8 @@ class Daemon:
     def _take_stray_grants(self) -> None:
         """After a change of the kernel's grants failed: every grant the kernel holds that
         the enforcer does not (one it could not remove, one whose giving was not confirmed)
-        is taken from it; tried again at each housekeeping until it is done. (A grant the
-        enforcer gave up is never left to admit a flow: rule 15.)"""
+        is taken from it; tried again at each housekeeping until it is done: a grant the
+        enforcer has ended must not go on admitting flows."""
         try:
             maps = self._nat_maps()
             stray = maps.grant_keys() - {_grant_key(g) for g in self.engine.kernel_grants.values()}

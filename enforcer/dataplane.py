@@ -116,11 +116,11 @@ NFTA_SET_ELEM_KEY, NFTA_SET_ELEM_DATA, NFTA_SET_ELEM_TIMEOUT, NFTA_DATA_VALUE = 
 NETLINK_TIMEOUT = 2.0  # the kernel answers a map update at once; this only guards a bug
 # The kernel acknowledges each message of a transaction with a buffer of its own, all of
 # them before the send returns: a few hundred fill a socket's default receive buffer
-# (measured on Linux 6.1: 240 messages confirmed, 300 lost acknowledgements, ENOBUFS,
-# though the kernel had made the change). And a message's elements are one attribute, at
-# most 64 KiB. So NatMaps puts at most ELEMENTS_PER_MESSAGE elements in a message (about
-# 100 bytes each with a mark and a timeout) and writes a call's in transactions of a
-# few messages each.
+# (measured on Linux 6.18: 240 messages were confirmed; of 300 the acknowledgements were
+# lost, ENOBUFS, though the kernel had made the change). And a message's elements are one
+# attribute, at most 64 KiB. So NatMaps puts at most ELEMENTS_PER_MESSAGE elements in a
+# message (about 100 bytes each with a mark and a timeout) and writes a call's in
+# transactions of a few messages each.
 ELEMENTS_PER_MESSAGE = 256
 MESSAGES_PER_TRANSACTION = 8
 NFT_MSG_DESTROYSETELEM = 30  # DELSETELEM that does not fail on a missing element (Linux 6.3)

@@ -29,9 +29,7 @@ MAX_CONTEXT_BYTES = 4096
 # Its events are encoded deep in the packet path's stack: a context must nest much less
 # than the recursion limit that reading a request allows.
 MAX_CONTEXT_DEPTH = 32
-# What a control connection may register (each admitted flow looks at every registration)
-MAX_FILTERS_PER_CONNECTION = 64
-MAX_CONNECT_REGISTRATIONS = 64  # port ranges a filter asks connect events for
+MAX_FILTERS_PER_CONNECTION = 64  # filters a control connection may register
 _PROTOCOLS = {"tcp": TCP, "udp": UDP, TCP: TCP, UDP: UDP}
 
 log = logging.getLogger("pinhole.enforcer")
@@ -322,9 +320,6 @@ class SessionApi:
                 not 1 <= ports[0] <= ports[1] <= 65535:
             raise InvalidArgument("'ports' must be [low, high] with 1 <= low <= high <= 65535")
         protocol = p.protocol()
-        if len(self.engine.connect_registrations.get(filter_id, ())) >= MAX_CONNECT_REGISTRATIONS:
-            raise IsBusy(f"filter {filter_id} has {MAX_CONNECT_REGISTRATIONS} port ranges "
-                         "registered, the most it may")
         self.engine.register_connect_events(filter_id, protocol, PortRange(ports[0], ports[1]))
         return {"filter": filter_id, "protocol": protocol, "ports": ports}
 

@@ -205,9 +205,10 @@ def _limits(root: Reader) -> Limits:
         value = section.get(key, kind, default)
         if value < low:
             raise section.fail(key, f"must be at least {low}")
-        if value > (MAXIMUM_SECONDS if isinstance(default, float) else MAXIMUM_COUNT):
-            raise section.fail(key, f"must be at most {MAXIMUM_SECONDS:.0f} seconds (a year)"
-                               if isinstance(default, float) else f"must be at most {MAXIMUM_COUNT}")
+        high, unit = ((MAXIMUM_SECONDS, " seconds (a year)") if isinstance(default, float)
+                      else (MAXIMUM_COUNT, ""))
+        if value > high:
+            raise section.fail(key, f"must be at most {high:.0f}{unit}")
         values[key] = type(default)(value)
     return Limits(**values)
 

@@ -886,24 +886,20 @@ class NatMaps:
         self._seq = itertools.count(1)
 
     def add(self, rules: Sequence[NatRule]) -> None:
-        """Add these rules' elements (in one transaction, unless there are more than
-        ``ELEMENTS_PER_MESSAGE`` to a map); DataplaneError if the kernel refuses, and then
-        none of them is left in the maps."""
+        """Add these rules' elements (``ELEMENTS_PER_MESSAGE`` to a message; in one
+        transaction unless there are more messages than ``MESSAGES_PER_TRANSACTION``);
+        DataplaneError if the kernel refuses, and then none of them is left in the maps."""
         by_map: dict[str, list[tuple[bytes, bytes]]] = {}
         for rule in rules:
             for name, key, value in rule.elements():
                 by_map.setdefault(name, []).append((key, value))
         messages = [set_elements_message(name, part, True, next(self._seq))
-                    for name, elements in by_map.items() for part in _parts(elements)]
+                    for name, elements in by_map.items() for part in _chunks(elements)]
         try:
-            errors = self._send_all(messages, "writing the NAT maps")
+            self._transact(messages, "writing the NAT maps", "a NAT map update")
         except DataplaneError:
             self._undo(rules)
             raise
-        if errors:
-            self._undo(rules)
-            raise DataplaneError("the kernel refused a NAT map update: "
-                                 + "; ".join(map(os.strerror, errors)))
 
     def _undo(self, rules: Sequence[NatRule]) -> None:
         """What a failed ``add`` may have added (an earlier transaction, or one the kernel
@@ -922,12 +918,13 @@ class NatMaps:
 
     def hold(self, grants: Sequence[GrantRule]) -> None:
         """Give the kernel these grants: each one's key, and its mark in place of any a
-        used grant of the same key left; ``ELEMENTS_PER_MESSAGE`` grants a transaction,
-        each applied at once or not at all. GrantsNotHeld if the kernel refuses one (a set
-        full, say): it holds none of that transaction's grants and those after it (what it
-        may have made of them is taken away again), and holds those before it."""
-        for start in range(0, len(grants), ELEMENTS_PER_MESSAGE):
-            part = grants[start:start + ELEMENTS_PER_MESSAGE]
+        used grant of the same key left; ``ELEMENTS_PER_MESSAGE`` grants a transaction (of
+        at most six messages), each applied at once or not at all. GrantsNotHeld if the
+        kernel refuses one (a set full, say): it holds none of that transaction's grants
+        and those after it (what it may have made of them is taken away again), and holds
+        those before it."""
+        left = len(grants)
+        for part in _chunks(grants):
             messages: list[bytes] = []
             for family in ("ip", "ip6"):
                 chosen = [g for g in part if g.family == family]
@@ -947,7 +944,8 @@ class NatMaps:
             except DataplaneError as exc:
                 with contextlib.suppress(DataplaneError):
                     self.release([g.key for g in part])
-                raise GrantsNotHeld(str(exc), len(grants) - start) from None
+                raise GrantsNotHeld(str(exc), left) from None
+            left -= len(part)
 
     def release(self, keys: Sequence[bytes]) -> None:
         """Take the grants of these keys (``GrantRule.key``) from the kernel (what is left
@@ -955,8 +953,7 @@ class NatMaps:
         every one, if the kernel may still hold some (a transaction it refused, or did not
         confirm)."""
         failure = None
-        for start in range(0, len(keys), ELEMENTS_PER_MESSAGE):
-            part = keys[start:start + ELEMENTS_PER_MESSAGE]
+        for part in _chunks(keys):
             messages = [destroy_message(f"{name}_{family}", chosen, next(self._seq))
                         for family in ("ip", "ip6")
                         for chosen in ([k for k in part if _key_family(k) == family],) if chosen
@@ -1015,21 +1012,14 @@ class NatMaps:
                            for name, elements, add in messages], "writing the NAT maps")
 
     def _transact(self, messages: list[bytes], what: str, refused: str) -> None:
-        """Send one transaction; DataplaneError if the kernel refuses it (``refused``: what
-        it refused to do) or does not answer."""
-        errors = self._send(messages, what)
-        if errors:
-            raise DataplaneError(f"the kernel refused {refused}: "
-                                 + "; ".join(map(os.strerror, errors)))
-
-    def _send_all(self, messages: list[bytes], what: str) -> list[int]:
-        """Send messages in transactions of ``MESSAGES_PER_TRANSACTION``; stop at the
-        first one refused (its errnos)."""
-        for start in range(0, len(messages), MESSAGES_PER_TRANSACTION):
-            errors = self._send(messages[start:start + MESSAGES_PER_TRANSACTION], what)
+        """Send messages in transactions of at most ``MESSAGES_PER_TRANSACTION``, up to the
+        first the kernel refuses: then DataplaneError (``refused``: what it refused to do),
+        as when it does not answer."""
+        for run in _chunks(messages, MESSAGES_PER_TRANSACTION):
+            errors = self._send(list(run), what)
             if errors:
-                return errors
-        return []
+                raise DataplaneError(f"the kernel refused {refused}: "
+                                     + "; ".join(map(os.strerror, errors)))
 
     def _send(self, messages: list[bytes], what: str) -> list[int]:
         """Send encoded messages as one transaction; the errno of each one refused."""
@@ -1156,10 +1146,10 @@ def set_elements_message(name: str, elements: Sequence[tuple[bytes, bytes]], add
                     NFPROTO_INET, 0, body)
 
 
-def _parts(elements: list[tuple[bytes, bytes]]) -> Iterator[list[tuple[bytes, bytes]]]:
-    """A map's elements, ``ELEMENTS_PER_MESSAGE`` to a message."""
-    for start in range(0, len(elements), ELEMENTS_PER_MESSAGE):
-        yield elements[start:start + ELEMENTS_PER_MESSAGE]
+def _chunks(items: Sequence[_T], size: int = ELEMENTS_PER_MESSAGE) -> Iterator[Sequence[_T]]:
+    """``items`` in runs of at most ``size`` (elements to a message, by default)."""
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
 
 
 def destroy_message(name: str, keys: list[bytes], seq: int) -> bytes:

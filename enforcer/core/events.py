@@ -6,8 +6,11 @@ from enforcer.core.effects import ConnectEvent
 from enforcer.core.flows import FlowRecord
 from enforcer.core.packet import TCP, UDP
 from enforcer.core.policy import PortRange
-from enforcer.core.results import InvalidArgument
+from enforcer.core.results import InvalidArgument, IsBusy
 from enforcer.core.state import State
+
+# Port ranges a filter may ask connect events for (each admitted flow looks at them all)
+MAX_CONNECT_REGISTRATIONS = 64
 
 
 class Events(State):
@@ -17,7 +20,11 @@ class Events(State):
         """Notify ``filter_id`` of every connection admitted to these ports."""
         if protocol not in (TCP, UDP):
             raise InvalidArgument(f"protocol must be TCP (6) or UDP (17), not {protocol}")
-        self.connect_registrations.setdefault(filter_id, []).append((protocol, ports))
+        registered = self.connect_registrations.setdefault(filter_id, [])
+        if len(registered) >= MAX_CONNECT_REGISTRATIONS:
+            raise IsBusy(f"filter {filter_id} has {MAX_CONNECT_REGISTRATIONS} port ranges "
+                         "registered, the most it may")
+        registered.append((protocol, ports))
 
     def forget_filter(self, filter_id: int) -> None:
         self.connect_registrations.pop(filter_id, None)

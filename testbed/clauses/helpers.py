@@ -156,16 +156,17 @@ def answers_to(reached: list[tuple[Packet, float]]) -> Callable[[Packet], bool]:
     return an_answer_to_a_probe
 
 
-def sent_on(arrived: list[tuple[Packet, float]]) -> Callable[[Packet], bool]:
+def sent_on(arrived: list[Packet]) -> Callable[[Packet], bool]:
     """A template of a probe the fw passed on, translated or not: for each probe (as the
-    fw received it, and when), a packet from then on with its protocol and source port
-    and, for TCP, its sequence number (a translation keeps both; a connection's initial
-    one is random), for UDP its payload."""
+    fw received it, when its capture says), a packet from then on with its protocol and
+    source port and, for TCP, its sequence number (a translation keeps both; a
+    connection's initial one is random), for UDP its payload."""
     probes = []
-    for pkt, at in arrived:
+    for pkt in arrived:
         layer = TCP if TCP in pkt else UDP
         probes.append((layer, int(pkt[layer].sport),
-                       int(pkt[TCP].seq) if layer is TCP else bytes(pkt[UDP].payload), at))
+                       int(pkt[TCP].seq) if layer is TCP else bytes(pkt[UDP].payload),
+                       float(pkt.time)))
 
     def the_probe_sent_on(pkt: Packet) -> bool:
         """a probe passed on: its protocol, source port and sequence number or payload"""
@@ -204,12 +205,12 @@ class _Probe:
         self.headers = headers
         self.sent = time.time()
         self.sent_monotonic = time.monotonic()
-        self.reached: float | None = None
         self.arrived: Packet | None = None  # as the fw received it
         self.settled = False
 
-    def arrive(self, pkt: Packet) -> None:
-        self.arrived, self.reached = pkt, float(pkt.time)
+    @property
+    def reached(self) -> float | None:
+        return None if self.arrived is None else float(self.arrived.time)
 
 
 class Drop:
@@ -287,10 +288,8 @@ class Drop:
         while (now := time.time()) < limit:
             captured = self.arrived.packets()
             for p in waiting:
-                if p.reached is None:
-                    got = next((got for got in captured if matches(p.headers, got)), None)
-                    if got is not None:
-                        p.arrive(got)
+                if p.arrived is None:
+                    p.arrived = next((got for got in captured if matches(p.headers, got)), None)
             if all(p.reached is not None for p in waiting):
                 last = max(p.reached or 0.0 for p in waiting)
                 if ((holds is not None and now >= last + holds)
@@ -312,7 +311,7 @@ class Drop:
         for p in self.probes:
             if p.arrived is None:  # (not seen while settling: the capture once more)
                 try:
-                    p.arrive(expect_packet(self.arrived, p.headers, timeout=0))
+                    p.arrived = expect_packet(self.arrived, p.headers, timeout=0)
                 except CheckFailed as exc:
                     raise CheckFailed(f"{p.what}: the probe never reached the fw, so that nothing "
                                       f"came of it shows nothing\n{exc}") from None
@@ -326,8 +325,7 @@ class Drop:
                 raise CheckFailed(f"{whats}: answered ({where}), but a drop must be silent: no "
                                   f"reset, no ICMP, no reply\n{exc}") from None
         try:
-            expect_no_packet(fw_sent, sent_on([(p.arrived, p.reached) for p in self.probes
-                                               if p.arrived is not None and p.reached is not None]),
+            expect_no_packet(fw_sent, sent_on([p.arrived for p in self.probes if p.arrived is not None]),
                              timeout=0)
         except CheckFailed as exc:
             raise CheckFailed(f"{whats}: the fw sent it on, but it must be dropped\n{exc}") from None
@@ -341,8 +339,10 @@ def dropped_silently(net: Net, node: str) -> Iterator[Drop]:
     ``node`` (the fw's capture: any firewall's), and nothing to have answered any of
     them: no reset, no reply, no ICMP message of any kind (but one about another flow),
     neither at ``node`` (its capture) nor sent by the fw to a probe's source (a spoofed
-    one's too), watched while anything could still come of them (``Drop``). That nothing
-    went on beyond the fw is the check's to show, where it would arrive."""
+    one's too), watched while anything could still come of them (``Drop``); nor to have
+    been sent on by the fw (``sent_on``: its source port with its sequence number or
+    payload, translated or not). That nothing reached the far end some other way is the
+    check's to show, where it would arrive."""
     since = time.time()
     with net.agent(node).sniff(net.iface(node)) as back:
         drop = Drop(net, node, since)

@@ -331,7 +331,8 @@ def test_before_approval_a_securenat_bind_discards_what_comes_to_it(net: Net, pr
         (listed,) = [b for b in net.call("binds", session=session) if b["address"] == [address, port]]
         assert listed["discarded"] >= 1 and listed["admitted"] == 0, listed
         assert api.retroactive_allow_bind(session, (address, port), protocol_guid=FTP_GUID,
-                                          protocol=protocol, ipfilter=[(net.addr("s1"),) * 2])
+                                          protocol=protocol,
+                                          ipfilter=[(net.addr("s1"), net.addr("s1"))])
         data = f"s1 through c1's {protocol} bind, once approved".encode()
         if protocol == "tcp":
             _echoed(net, "s1", address, port, data)

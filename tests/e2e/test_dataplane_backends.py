@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -180,10 +181,8 @@ print(maps.grant_keys() == {{g.key for g in grants}})
 listed = subprocess.run(["nft", "-j", "list", "table", "inet", "{dataplane.MAPS_TABLE}"], capture_output=True,
                         text=True, check=True).stdout
 import json
-sets = {{o["set" if "set" in o else "map"]["name"]: len(o.get("set", o.get("map"))["elem"])
-        for o in json.loads(listed)["nftables"] if ("set" in o or "map" in o) and
-        "elem" in o.get("set", o.get("map", {{}}))}}
-print(sets)
+named = [o.get("set") or o.get("map") for o in json.loads(listed)["nftables"]]
+print(json.dumps({{s["name"]: len(s["elem"]) for s in named if s and "elem" in s}}))
 maps.release([g.key for g in grants])
 maps.delete(rules)
 print(maps.grant_keys() == set())
@@ -193,7 +192,7 @@ subprocess.run(["nft", "delete", "table", "inet", "{dataplane.MAPS_TABLE}"], che
 """
     held, counts, released, left = tb.run("fw", [sys.executable, "-c", script]).stdout.splitlines()
     assert held == "True"
-    assert eval(counts) == {"grant_ip": 2000, "grant_mark_ip": 2000, "grant_ip6": 1000,
+    assert json.loads(counts) == {"grant_ip": 2000, "grant_mark_ip": 2000, "grant_ip6": 1000,
                             "grant_mark_ip6": 1000, "redirect_mark_ip": 600, "redirect_to_ip": 600}
     assert released == "True" and left == "0"
 

@@ -10,10 +10,11 @@ from typing import Any
 
 import pytest
 
-from enforcer.api import MAX_CONNECT_REGISTRATIONS, MAX_FILTERS_PER_CONNECTION, SessionApi
+from enforcer.api import MAX_FILTERS_PER_CONNECTION, SessionApi
 from enforcer.control import Caller
 from enforcer.core.effects import AddRedirect, Effect, GrowReceiveBuffer
 from enforcer.core.engine import Engine
+from enforcer.core.events import MAX_CONNECT_REGISTRATIONS
 from enforcer.core.flags import Flags, flag_names, parse_flags
 from enforcer.core.packet import FlowKey, Ingress, PacketMeta
 from enforcer.core.policy import (

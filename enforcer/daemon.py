@@ -36,7 +36,7 @@ from enforcer.config import Config, ConfigError, SocksSettings
 from enforcer.config import load as load_config
 from enforcer.control import Caller, ControlServer, SocketInUse, refuse_if_served
 from enforcer.core.binds import Bind
-from enforcer.core.datafilter import DataFilter, DataFilterFactory, Direction
+from enforcer.core.datafilter import DataFilter, DataFilterFactory, Direction, FilterFailed
 from enforcer.core.decisions import QueuedPacket
 from enforcer.core.effects import (
     BEFORE_VERDICT,
@@ -192,27 +192,24 @@ def queued_packet(packet: Packet, arrived_on: Arrivals) -> QueuedPacket:
                         length=packet.length, checksum_ready=packet.checksum_ready, gso=packet.gso)
 
 
-class _Disabled:
-    """What replaces a filter that failed: the data passes as it is."""
-
-    def on_data(self, direction: Direction, data: bytes) -> bytes:
-        return data
-
-
 class _Guarded:
-    """A filter whose exceptions are logged once; after one, the data passes unchanged."""
+    """A flow's filter, whose failure ends the flow: its exception is logged once, and
+    that call and every later one raise FilterFailed (the engine drops the flow's
+    packets; the SOCKS service closes the relay). None: it could not be made."""
 
-    def __init__(self, inner: DataFilter, what: str) -> None:
+    def __init__(self, inner: DataFilter | None, what: str) -> None:
         self.inner = inner
         self.what = what
 
     def on_data(self, direction: Direction, data: bytes) -> bytes:
+        if self.inner is None:
+            raise FilterFailed(self.what)
         try:
             return self.inner.on_data(direction, data)
         except Exception:
-            log.exception("%s failed; its data passes unchanged from now on", self.what)
-            self.inner = _Disabled()
-            return data
+            log.exception("%s failed; its connection ends", self.what)
+            self.inner = None
+            raise FilterFailed(self.what) from None
 
 
 def ensure_receive_buffer(sock: socket.socket, size: int) -> int:
@@ -402,11 +399,13 @@ class Daemon:
         return handle
 
     def stream_filter(self, record: FlowRecord) -> DataFilter:
-        """The data filter, or the application filter's stream filter, of a flow."""
+        """The data filter, or the application filter's stream filter, of a flow: one that
+        could not be made (its factory or ``attach`` raised) fails at its first use."""
         name = record.app_filter or record.data_filter
+        key = record.key
+        made: DataFilter | None = None
         if name in self.app_filters:
             session = self.engine.sessions.get(record.session_id)
-            key = record.key
             primary = filters.Primary(
                 record.session_id, "tcp" if key.protocol == TCP else "udp", (key.src, key.sport),
                 (key.dst, key.dport), translated=record.snat is not None,
@@ -416,11 +415,14 @@ class Daemon:
             try:
                 made = self.app_filters[name].attach(primary, self.calls)
             except Exception:
-                log.exception("%s could not attach; the connection goes on unfiltered", what)
-                return _Disabled()
-            return _Guarded(made, what)
-        factory = self.filter_factories[str(record.data_filter)]
-        return _Guarded(factory(record.key), f"data filter '{record.data_filter}' on {record.key}")
+                log.exception("%s could not attach; its connection ends", what)
+        else:
+            what = f"data filter '{record.data_filter}' on {key}"
+            try:
+                made = self.filter_factories[str(record.data_filter)](key)
+            except Exception:
+                log.exception("%s could not be made; its connection ends", what)
+        return _Guarded(made, what)
 
     # --- effects: what the engine asks of the kernel and of filters -----------------
     def _nat_maps(self) -> dataplane.NatMaps:

@@ -36,12 +36,13 @@ import logging
 import os
 import selectors
 import socket
+import struct
 from collections.abc import Callable
 
 from enforcer.config import SocksSettings
 from enforcer.core import socks
 from enforcer.core.binds import Bind
-from enforcer.core.datafilter import DataFilter, Direction
+from enforcer.core.datafilter import DataFilter, Direction, FilterFailed
 from enforcer.core.engine import Engine
 from enforcer.core.flows import FlowRecord
 from enforcer.core.limits import Quota
@@ -611,8 +612,26 @@ class _Pipe:
     def start(self, to_a: bytes, to_b: bytes) -> None:
         a, b = self.ends
         self.buffers[a] += to_a
-        self.buffers[b] += self.stream.on_data(Direction.OUT, to_b) if self.stream and to_b else to_b
+        if self.stream is not None and to_b:
+            filtered = self._filter(Direction.OUT, to_b)
+            if filtered is None:
+                return
+            to_b = filtered
+        self.buffers[b] += to_b
         self._flush()
+
+    def _filter(self, direction: Direction, data: bytes) -> bytes | None:
+        """What the stream's filter makes of ``data``; None when it failed: the relay is
+        then reset both ways (a FIN would pass a cut stream off as a whole one)."""
+        assert self.stream is not None
+        try:
+            return self.stream.on_data(direction, data)
+        except FilterFailed:
+            for s in self.ends:
+                with contextlib.suppress(OSError):
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.close()
+            return None
 
     def _other(self, s: socket.socket) -> socket.socket:
         return self.ends[1] if s is self.ends[0] else self.ends[0]
@@ -632,8 +651,11 @@ class _Pipe:
                 self.eof[s] = True
             elif data:
                 if self.stream is not None:
-                    data = self.stream.on_data(
-                        Direction.OUT if s is self.ends[0] else Direction.BACK, data)
+                    filtered = self._filter(Direction.OUT if s is self.ends[0] else Direction.BACK,
+                                            data)
+                    if filtered is None:
+                        return
+                    data = filtered
                 self.buffers[other] += data
         self._flush()
 

@@ -87,6 +87,11 @@ class DataFilter(Protocol):
 DataFilterFactory = Callable[[FlowKey], DataFilter]
 
 
+class FilterFailed(Exception):
+    """A flow's filter failed (it raised, or could not be made): the flow ends. Its data
+    never goes on unfiltered (rule 18)."""
+
+
 class Edited(NamedTuple):
     """A segment as it leaves the fw."""
 

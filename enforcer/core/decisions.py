@@ -19,7 +19,7 @@ from typing import NamedTuple
 
 from enforcer.core.binding import Binding
 from enforcer.core.binds import Bind, BindState
-from enforcer.core.datafilter import Direction, TcpStreamEditor
+from enforcer.core.datafilter import Direction, FilterFailed, TcpStreamEditor
 from enforcer.core.effects import Effect, EstablishedConnection, HandOver
 from enforcer.core.flags import Flags
 from enforcer.core.flows import FlowRecord, Mode
@@ -158,6 +158,8 @@ class Decisions(Binding):
                     # a datagram carries data from the first: the flow's filter sees it
                     filtered = self._filtered(queued, queued.data, meta.headers, record,
                                               forward=True)
+                    if isinstance(filtered, Answer):
+                        return filtered
                     packet = None if filtered is queued.data else filtered
         return Answer(True, decision.reason, mark, packet)
 
@@ -174,8 +176,8 @@ class Decisions(Binding):
         if record.data_filter is not None:
             filtered = self._filtered(queued._replace(checksum_ready=True), out, meta.headers,
                                       record, forward=True)
-            if filtered is None:  # ahead of a gap in the stream: the sender sends it again
-                return _dropped("ahead of a gap in the filtered stream")
+            if isinstance(filtered, Answer):
+                return filtered
             out = filtered
         mark = (queued.mark & ~MARK_OWNED) | MARK_REWRITTEN | mark_for(True, False, record.snat)
         return Answer(True, f"redirected to {record.key.dst} port {record.key.dport}", mark, out)
@@ -216,8 +218,8 @@ class Decisions(Binding):
             queued = queued._replace(checksum_ready=True)
         if record.data_filter is not None or record.app_filter is not None:
             filtered = self._filtered(queued, out, meta.headers, record, forward)
-            if filtered is None:  # ahead of a gap in the stream: the sender sends it again
-                return _dropped("ahead of a gap in the filtered stream")
+            if isinstance(filtered, Answer):
+                return filtered
             out = filtered
         return Answer(True, "a user-mode flow's packet", None, None if out is queued.data else out)
 
@@ -227,12 +229,35 @@ class Decisions(Binding):
         return queued.data if queued.checksum_ready else complete_checksum(queued.data, headers)
 
     def _filtered(self, queued: QueuedPacket, data: bytes, headers: Headers | None,
-                  record: FlowRecord, forward: bool) -> bytes | None:
-        """The packet after the flow's filter: for TCP, sequence numbers shifted to match;
-        None for a TCP segment that is to be dropped. ``data`` has ``headers``; its
-        checksum is complete if ``queued.checksum_ready``."""
+                  record: FlowRecord, forward: bool) -> bytes | Answer:
+        """The packet after the flow's filter (for TCP, sequence numbers shifted to match),
+        or its drop: a TCP segment ahead of a gap in the stream (the sender sends it
+        again), and every packet of a flow whose filter has failed, that one's on (the
+        flow ends; it never goes on unfiltered). ``data`` has ``headers``; its checksum
+        is complete if ``queued.checksum_ready``."""
         if self.stream_filter is None:
             return data
+        if record.filter_failed:
+            self.counters["dropped: its flow's filter failed"] += 1
+            return _dropped("of a flow whose filter failed")
+        try:
+            filtered = self._through_filter(queued, data, headers, record, forward)
+        except FilterFailed:
+            record.filter_failed = True
+            if record.editor is not None:  # what it held goes back to its client's budget
+                record.editor.release()
+                record.editor = None
+            self.counters["filters failed: flows ended"] += 1
+            self.counters["dropped: its flow's filter failed"] += 1
+            return _dropped("its flow's filter failed: the flow ends")
+        if filtered is None:
+            return _dropped("ahead of a gap in the filtered stream")
+        return filtered
+
+    def _through_filter(self, queued: QueuedPacket, data: bytes, headers: Headers | None,
+                        record: FlowRecord, forward: bool) -> bytes | None:
+        """``_filtered``'s work: raises FilterFailed; None for a segment ahead of a gap."""
+        assert self.stream_filter is not None
         direction = Direction.OUT if forward else Direction.BACK
         if record.key.protocol == UDP:
             if record.stream is None:

@@ -147,6 +147,7 @@ class FlowRecord:
     app_filter: str | None = None  # the application filter watching a primary connection
     editor: TcpStreamEditor | None = None  # made by the shell on the flow's first packet
     stream: DataFilter | None = None  # a UDP flow's filter, made by the shell
+    filter_failed: bool = False  # its filter failed: every later packet is dropped
     # A redirected flow: the fw's internal address and port the client connected to.
     # ``key`` is then the flow as it leaves the fw (client -> ConnectAddress).
     redirect: Endpoint | None = None

@@ -16,3 +16,15 @@ class Shout:
         if direction is Direction.OUT:
             return data.replace(b"ping", b"PONG!!")
         return data.replace(b"!!", b"?")
+
+
+class Brittle:
+    """Passes every byte, until the client sends "secret": then it raises (a filter's bug)."""
+
+    def __init__(self, key: FlowKey) -> None:
+        self.key = key
+
+    def on_data(self, direction: Direction, data: bytes) -> bytes:
+        if b"secret" in data:
+            raise ValueError("a bug in the filter")
+        return data

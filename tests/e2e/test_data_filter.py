@@ -22,7 +22,8 @@ def filtering(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
     require_e2e()
     with Testbed.up(standard(request.param), tag="test-data-filter") as tb:
         enforcer = EnforcerProcess(tb, tmp_path_factory.mktemp("filter"),
-                                   data_filters={"shout": "tests.e2e.shout_filter:Shout"})
+                                   data_filters={"shout": "tests.e2e.shout_filter:Shout",
+                                                 "brittle": "tests.e2e.shout_filter:Brittle"})
         enforcer.start()
         try:
             yield tb, enforcer
@@ -66,6 +67,36 @@ def test_filtered_flow_carries_changed_bytes_both_ways(filtering: tuple[Testbed,
     assert flow["redirect"] == (None if how != "redirect" else [address, port])
 
 
+def test_a_flow_whose_data_filter_fails_ends_and_passes_nothing_more(
+        filtering: tuple[Testbed, EnforcerProcess]) -> None:
+    """Rule 18: the filter passes "hello", then raises on "secret". Neither "secret" nor
+    anything after it reaches the server or comes back, either way (the enforcer drops
+    every packet of the flow, and counts them), and the enforcer goes on."""
+    tb, enforcer = filtering
+    c1, s1 = tb.agent("c1"), tb.agent("s1")
+    server = "198.51.100.21"
+    with s1.tcp_server(server, 21):
+        assert c1.tcp_connect(server, 21, send_bytes=10)["connected"]  # c1's session
+    before = enforcer.call("status")["counters"]
+    with Client(str(enforcer.socket)) as api, s1.tcp_server(server, 32003) as echo:
+        session = next(s["id"] for s in api.call("sessions") if s["client"] == "192.0.2.11")
+        api.allow_future_connect(session, (server, 32003), protocol_guid=GUIDS["FTP"],
+                                 data_filter="brittle")
+        with c1.tcp_open(server, 32003) as conn:
+            assert conn.connected, conn.error
+            assert conn.talk(b"hello", expect=5) == b"hello"
+            assert conn.talk(b"secret", expect=6, timeout=2) == b""
+            assert conn.talk(b"after", expect=11, timeout=2) == b""
+        assert echo.stats()["bytes_in"] == 5
+    after = enforcer.call("status")["counters"]
+    grew = {k: after.get(k, 0) - before.get(k, 0)
+            for k in ("filters failed: flows ended", "dropped: its flow's filter failed")}
+    assert grew["filters failed: flows ended"] == 1, grew
+    assert grew["dropped: its flow's filter failed"] >= 2, grew  # "secret", sent again, "after"
+    assert "data filter 'brittle'" in enforcer.log_path.read_text()
+    assert enforcer.running
+
+
 def test_unknown_or_udp_data_filter_is_an_invalid_argument(filtering: tuple[Testbed, EnforcerProcess]
                                                            ) -> None:
     tb, enforcer = filtering
@@ -85,7 +116,8 @@ def test_liberal_tcp_tracking_is_restored_on_exit(tmp_path: Path) -> None:
     require_e2e()
     with Testbed.up(standard("routed"), tag="test-data-filter") as tb:
         knob = "/proc/sys/net/netfilter/nf_conntrack_tcp_be_liberal"
-        enforcer = EnforcerProcess(tb, tmp_path, data_filters={"shout": "tests.e2e.shout_filter:Shout"})
+        enforcer = EnforcerProcess(tb, tmp_path, data_filters={"shout": "tests.e2e.shout_filter:Shout",
+                                                 "brittle": "tests.e2e.shout_filter:Brittle"})
         enforcer.start()
         assert tb.run("fw", ["cat", knob]).stdout.strip() == "1"
         enforcer.stop()

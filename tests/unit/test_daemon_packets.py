@@ -26,11 +26,14 @@ from enforcer.config import Config, DataplaneSettings, NetworkSettings
 from enforcer.control import Caller
 from enforcer.core import marks
 from enforcer.core.binds import Bind
+from enforcer.core.datafilter import Direction, FilterFailed
 from enforcer.core.decisions import HOOK_INPUT, HOOK_PREROUTING
 from enforcer.core.engine import Engine
 from enforcer.core.flags import Flags
+from enforcer.core.flows import FlowRecord, Mode
 from enforcer.core.packet import TCP as TCP_PROTOCOL
 from enforcer.core.packet import UDP as UDP_PROTOCOL
+from enforcer.core.packet import FlowKey
 from enforcer.daemon import (
     KERNEL_TIMER_MS,
     SO_RCVBUFFORCE,
@@ -774,3 +777,37 @@ def test_a_data_filter_that_cannot_be_loaded_or_called_stops_the_start() -> None
         load_data_filters({"x": "json:nope"})
     with pytest.raises(StartupError, match="data filter 'x': json:__name__ is not a factory"):
         load_data_filters({"x": "json:__name__"})
+
+
+class _RaisingFilter:
+    def on_data(self, direction: Direction, data: bytes) -> bytes:
+        raise RuntimeError("a filter's bug")
+
+
+class _UnattachableApp:
+    def attach(self, primary: object, api: object) -> None:
+        raise RuntimeError("cannot attach")
+
+
+def _no_filter(key: FlowKey) -> _RaisingFilter:
+    raise RuntimeError("cannot be made")
+
+
+@pytest.mark.parametrize("how", ["raises", "not made", "not attached"])
+def test_a_flow_s_filter_that_fails_fails_at_every_call_logged_once(
+        how: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A filter that raises, or that cannot be made or attached, raises FilterFailed at
+    every use from then on (the engine ends its flow): its data never passes unfiltered."""
+    d = daemon()
+    d.app_filters = {"FTP": _UnattachableApp()} if how == "not attached" else {}  # type: ignore[dict-item]
+    d.filter_factories = {"f": (lambda key: _RaisingFilter()) if how == "raises" else _no_filter}
+    d.calls = None  # type: ignore[assignment]
+    key = FlowKey(TCP_PROTOCOL, ipaddress.ip_address(C1), 5, ipaddress.ip_address(S1), 2000)
+    record = FlowRecord(key, 1, "FTP", Mode.USER, 0.0, data_filter="f",
+                        app_filter="FTP" if how == "not attached" else None)
+    stream = d.stream_filter(record)
+    for _ in range(3):
+        with pytest.raises(FilterFailed):
+            stream.on_data(Direction.OUT, b"data")
+    logged = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(logged) == 1 and logged[0].endswith("its connection ends"), logged

@@ -16,7 +16,7 @@ from scapy.layers.inet6 import IPv6
 from scapy.packet import Packet, Raw
 
 from enforcer.core import marks
-from enforcer.core.datafilter import Direction
+from enforcer.core.datafilter import Direction, FilterFailed
 from enforcer.core.decisions import (
     HOOK_FORWARD,
     HOOK_INPUT,
@@ -30,7 +30,7 @@ from enforcer.core.flags import Flags
 from enforcer.core.flows import FlowRecord
 from enforcer.core.packet import TCP as TCP_PROTOCOL
 from enforcer.core.packet import UDP as UDP_PROTOCOL
-from enforcer.core.packet import Ingress, segments_checksum
+from enforcer.core.packet import FlowKey, Ingress, segments_checksum
 
 ip = ipaddress.ip_address
 C1, S1, FW_INT, EXT = "192.0.2.11", "198.51.100.21", "192.0.2.1", "198.51.100.1"
@@ -292,3 +292,56 @@ def test_a_udp_gso_packet_s_checksum_field_is_what_its_segments_start_from() -> 
     assert (-total % 0xFFFF or 0xFFFF) == IP(bytes(datagram))[UDP].chksum
     tcp = bytes(IP(src=C1, dst=S1) / TCP(sport=1, dport=2))
     assert segments_checksum(tcp) == tcp  # TCP segments are summed anew
+
+
+class FailsOnSecret:
+    """A data filter that raises when the client sends b"secret"."""
+
+    def on_data(self, direction: Direction, data: bytes) -> bytes:
+        if b"secret" in data:
+            raise FilterFailed("a filter's bug")
+        return data
+
+
+def test_a_flow_whose_filter_fails_ends_and_never_passes_unfiltered() -> None:
+    """Rule 18: a filtered flow keeps its filter. When the filter fails, the segment it
+    failed on and every later packet of the flow, either way, are dropped (and counted);
+    the flow's buffered bytes go back to its client's budget."""
+    engine = make_engine(nat=False)
+    engine.stream_filter = lambda record: FailsOnSecret()
+    engine.allow_future_connect(1, ip(S1), 2000, TCP_PROTOCOL, Flags(0), FTP, 1.0, data_filter="upper")
+    user = marks.mark_for(True, False, None)
+
+    def out(seq: int, payload: bytes, flags: str = "PA") -> QueuedPacket:
+        return inside(IP(src=C1, dst=S1) / TCP(sport=6, dport=2000, flags=flags, seq=seq, ack=1)
+                      / Raw(payload), mark=user)
+
+    assert engine.handle(inside(IP(src=C1, dst=S1) / TCP(sport=6, dport=2000, flags="S", seq=0)),
+                         1.0).accept
+    assert engine.handle(out(1, b"fine"), 1.1).accept
+    record = engine.flows.get(FlowKey(TCP_PROTOCOL, ip(C1), 6, ip(S1), 2000))
+    assert record is not None and record.editor is not None and record.editor.held > 0
+    failed = engine.handle(out(5, b"secret"), 1.2)
+    assert not failed.accept and failed.reason == "its flow's filter failed: the flow ends"
+    assert record.filter_failed and record.editor is None
+    assert engine.buffered.of(ip(C1)).used == 0
+    later = [engine.handle(out(5, b"secret"), 1.3),  # the same segment again
+             engine.handle(out(11, b"harmless"), 1.4),
+             engine.handle(outside(IP(src=S1, dst=C1) / TCP(sport=2000, dport=6, flags="A", seq=1,
+                                                            ack=5), mark=user), 1.5),
+             engine.handle(out(11, b"", flags="F"), 1.6)]
+    assert [a.accept for a in later] == [False] * 4
+    assert all(a.reason == "of a flow whose filter failed" for a in later)
+    assert engine.counters["filters failed: flows ended"] == 1
+    assert engine.counters["dropped: its flow's filter failed"] == 5
+
+
+def test_a_udp_flow_whose_filter_fails_on_its_first_datagram_sends_nothing() -> None:
+    engine = Engine(POLICY, INTERNAL, [ip(EXT)], app_filters={"DNS": "dns"})
+    engine.stream_filter = lambda record: FailsOnSecret()
+    first = engine.handle(inside(IP(src=C1, dst=S1) / UDP(sport=5301, dport=53) / Raw(b"secret")), 1.0)
+    assert not first.accept and first.reason == "its flow's filter failed: the flow ends"
+    user = marks.mark_for(True, False, None)
+    reply = engine.handle(outside(IP(src=S1, dst=C1) / UDP(sport=53, dport=5301) / Raw(b"x"),
+                                  mark=user), 1.1)
+    assert not reply.accept and reply.reason == "of a flow whose filter failed"

@@ -6,6 +6,7 @@ loop."""
 from __future__ import annotations
 
 import ipaddress
+import select
 import socket
 import uuid
 from collections.abc import Callable, Iterator
@@ -15,10 +16,13 @@ from socks_rig import OUTSIDE, USERS, Rig, reset
 
 from enforcer.core import socks
 from enforcer.core.binds import Bind, BindState
+from enforcer.core.datafilter import Direction, FilterFailed
 from enforcer.core.flags import Flags
 from enforcer.core.packet import TCP, UDP
 from enforcer.core.permissions import ActionState
 from enforcer.core.socks import BIND, UDP_ASSOCIATE, Reply
+from enforcer.loop import Loop
+from enforcer.socks_service import _Pipe
 
 DNS = uuid.UUID("5c3c2a3e-8f1b-4c1e-9a57-1f0d3a6b2104")
 FTP = uuid.UUID("5c3c2a3e-8f1b-4c1e-9a57-1f0d3a6b2101")
@@ -397,3 +401,54 @@ def test_end_session_at_any_step_raises_nothing(make: Callable[..., Rig], step: 
     rig.pump()
     nothing_held(rig)
     served(rig)
+
+
+class _FailsOnSecret:
+    def on_data(self, direction: Direction, data: bytes) -> bytes:
+        if b"secret" in data:
+            raise FilterFailed("a filter's bug")
+        return data
+
+
+def _tcp_pair(listener: socket.socket) -> tuple[socket.socket, socket.socket]:
+    """(the client's end, the relay's end) of a loopback TCP connection."""
+    client = socket.create_connection(listener.getsockname())
+    relay, _ = listener.accept()
+    relay.setblocking(False)
+    return client, relay
+
+
+def test_a_relay_whose_filter_fails_is_reset_both_ways() -> None:
+    """The relay's filter passes what it may, then fails: both ends get a reset, not a
+    FIN that would pass the cut stream off as a whole one, and nothing more is relayed."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client, a = _tcp_pair(listener)
+        target, b = _tcp_pair(listener)
+        loop = Loop()
+        closed: list[bool] = []
+
+        def on_close() -> None:
+            closed.append(True)
+            a.close()
+            b.close()
+
+        pipe = _Pipe(loop, a, b, on_close, 1 << 16, _FailsOnSecret())
+        pipe.start(b"", b"")
+        client.sendall(b"first")
+        for _ in range(40):
+            loop.run_once(0.05)
+            if select.select([target], [], [], 0)[0]:
+                break
+        assert target.recv(5) == b"first"
+        client.sendall(b"secret")
+        for _ in range(40):
+            if closed:
+                break
+            loop.run_once(0.05)
+        assert closed == [True]
+        for end in (client, target):
+            end.settimeout(2)
+            with pytest.raises(ConnectionResetError):
+                end.recv(100)
+            end.close()
+        loop.close()

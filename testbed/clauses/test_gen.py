@@ -10,6 +10,7 @@ import pytest
 from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Ether
+from scapy.packet import Packet
 
 from testbed.agent import multiset_digest
 from testbed.checks import expect_no_packet, expect_packet
@@ -227,24 +228,39 @@ def test_locked_down_whenever_the_enforcer_is_not_running(net: Net, how: str, mo
 def test_a_restart_leaves_no_gap(net: Net, how: str) -> None:
     """SYNs no permission allows, sent without pause through a stop and a start (a new
     process, or the control socket's ``restart`` in the same one), reach the fw and never
-    the server, and nothing answers them: there is no moment without rules."""
-    c1, s1 = net.agent("c1"), net.agent("s1")
+    the other side, and nothing answers them: there is no moment without rules. Both
+    ways: c1 to s1, s1 to c1, and s1 to a service of the fw on its external address."""
+    c1, s1, fw = net.agent("c1"), net.agent("s1"), net.agent("fw")
     client, server = net.addr("c1"), net.addr("s1")
-    sports = range(41000, 42000)
-    sent = 0
+    sports, inbound_sports = range(41000, 42000), range(42000, 43000)
+    out = _outside(net)
+    sent = sent_in = 0
     stop = threading.Event()
 
+    def inbound(i: int) -> Packet:
+        """Every other one to c1, the rest to the fw's service."""
+        sport = inbound_sports[i % len(inbound_sports)]
+        dst, dport = (client, SECONDARY_TCP) if i % 2 else (net.fw_external(), FW_SERVICE)
+        made: Packet = out / syn(net, server, dst, sport, dport)
+        return made
+
     def probe() -> None:
-        nonlocal sent
+        nonlocal sent, sent_in
         while not stop.is_set():
             c1.send([syn(net, client, server, sports[(sent + i) % len(sports)], SECONDARY_TCP)
                      for i in range(20)])
             sent += 20
+            s1.send([inbound(sent_in + i) for i in range(4)], iface=net.iface("s1"))
+            sent_in += 4
 
     started = time.time()
-    with s1.sniff(net.iface("s1")) as at_server, net.agent("fw").sniff(
-            net.topology.fw_internal_iface, bpf=f"tcp dst port {SECONDARY_TCP}") as at_fw, \
-            c1.sniff(net.iface("c1"), bpf=f"not tcp dst port {SECONDARY_TCP}") as at_client:
+    with fw.tcp_server(net.fw_external(), FW_SERVICE) as service, s1.sniff(net.iface("s1")) as at_server, \
+            fw.sniff(net.topology.fw_internal_iface, bpf=f"tcp dst port {SECONDARY_TCP}") as at_fw, \
+            fw.sniff(net.topology.fw_external_iface,
+                     bpf=f"src host {server} and (tcp dst port {SECONDARY_TCP} or "
+                         f"tcp dst port {FW_SERVICE})") as at_fw_outside, \
+            c1.sniff(net.iface("c1"), bpf=f"not tcp dst port {SECONDARY_TCP} or src host {server}"
+                     ) as at_client:
         prober = threading.Thread(target=probe, daemon=True)
         prober.start()
         try:
@@ -260,11 +276,21 @@ def test_a_restart_leaves_no_gap(net: Net, how: str) -> None:
         finally:
             stop.set()
             prober.join(10)
-        expect_no_packet(at_server, TCP(dport=SECONDARY_TCP))
+        to_server = IP(dst=server) if net.family == "ipv4" else IPv6(dst=server)
+        expect_no_packet(at_server, to_server / TCP(dport=SECONDARY_TCP))
         expect_no_packet(at_client, answers_to([(syn(net, client, server, sport, SECONDARY_TCP), started)
                                                 for sport in sports]), timeout=0)
+        expect_no_packet(at_client, ip(net, server, client) / TCP(dport=SECONDARY_TCP), timeout=0)
+        expect_no_packet(at_server, answers_to([(inbound(i), started)
+                                                for i in range(min(sent_in, len(inbound_sports)))]),
+                         timeout=0)
         arrived = len(at_fw.packets())
+        arrived_in = len(at_fw_outside.packets())
+        accepted = service.stats()["accepted"]
     assert sent >= 100 and arrived >= sent // 2, f"{sent} probes sent, {arrived} seen at the fw"
+    assert sent_in >= 20 and arrived_in >= sent_in // 2, \
+        f"{sent_in} inbound probes sent, {arrived_in} seen at the fw"
+    assert accepted == 0, f"the fw's service accepted {accepted} connections from outside"
     rules = _pinhole_rules(net)
     assert rules.count("-A FORWARD -j PINHOLE-FORWARD") == 2, rules
 

@@ -26,7 +26,7 @@ from scapy.layers.l2 import Ether
 from scapy.packet import Packet, Raw
 
 from testbed import peers, timeouts
-from testbed.agent import ServerHandle, Sniffer, TcpConnection
+from testbed.agent import Sniffer, TcpConnection
 from testbed.checks import expect_no_packet, expect_packet
 from testbed.clauses.helpers import (
     anywhere,
@@ -164,12 +164,23 @@ def active_commands(app: App, address: str, port: int) -> list[bytes]:
     return [active_command(app, address, port, verb) for verb in active_verbs(app)]
 
 
-def named_address(line: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
-    """The address a PORT (h1,h2,h3,h4,p1,p2) or EPRT (|af|address|port|) line names."""
-    verb, _, argument = line.partition(" ")
+def named_endpoint(line: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]:
+    """The address and port a PORT (h1,h2,h3,h4,p1,p2) or EPRT (|af|address|port|) line
+    names."""
+    verb, _, argument = line.strip().partition(" ")
     if verb.upper() == "PORT":
-        return ipaddress.ip_address(".".join(argument.split(",")[:4]))
-    return ipaddress.ip_address(argument.split(argument[:1])[2])
+        numbers = [int(n) for n in argument.split(",")]
+        return ipaddress.ip_address(".".join(map(str, numbers[:4]))), numbers[4] * 256 + numbers[5]
+    fields = argument.split(argument[:1])
+    return ipaddress.ip_address(fields[2]), int(fields[3])
+
+
+def endpoints_named(server: FtpServer, mark: int) -> list[tuple[str, int]]:
+    """Where the PORT and EPRT commands the server got since ``mark`` send it (as the fw
+    left them: in NAT, rewritten to a port of the fw's, or not)."""
+    return [(str(address), port) for address, port in
+            (named_endpoint(line) for line in server.command_lines(since=mark)
+             if line[:4].upper() in ("PORT", "EPRT"))]
 
 
 def opened_nothing(app: App) -> str | None:
@@ -572,7 +583,7 @@ def test_a_port_or_eprt_command_split_across_segments_still_opens_its_data_conne
             expect_packet(app.fw_received(app.topology.fw_internal_iface, since),
                           a_line_begun(verb[:SPLIT[0]].encode()))
             (line,) = [c for c in server.command_lines(since=mark) if c.startswith(verb)]
-            assert named_address(line) == seen_as, f"{kind} got {line!r}"
+            assert named_endpoint(line)[0] == seen_as, f"{kind} got {line!r}"
 
 
 @pytest.mark.clause("APP-FTP-06")
@@ -714,19 +725,24 @@ def assert_stopped_at_fw(app: App, node: str, target: str, ports: tuple[int, ...
                                   for port in ports])
 
 
-def assert_not_led_to_the_client(app: App, listeners: list[ServerHandle]) -> None:
-    """NAT: s1's SYNs to each listener's port on the fw's external address (where a data
-    connection to c1 would have been bound) are dropped silently (they reach the fw, and
-    nothing answers them), and none reaches c1: the port is the fw's (whose own services
-    the lockdown base keeps from outside), not a way in."""
-    ports = tuple(listener.port for listener in listeners)
+def assert_not_led_to_the_client(app: App, ports: tuple[int, ...],
+                                 named: list[tuple[str, int]]) -> None:
+    """NAT, after PORT/EPRT commands naming c1's ``ports``: s1's SYNs to the fw's external
+    address on each of those port numbers (where nf_nat_ftp would bind a data connection
+    to c1), and to wherever the commands the server got name (``named``: a port the fw
+    chose, whatever its number), are dropped silently (they reach the fw, and nothing
+    answers them), and none reaches c1 on any of ``ports``: the fw's port is its own
+    (whose services the lockdown base keeps from outside), not a way in."""
     bpf = "tcp and (" + " or ".join(f"dst port {p}" for p in ports) + ")"
     src, fw = app.addr("s1"), app.fw_external(0)
+    targets = list(dict.fromkeys([(fw, port) for port in ports] + named))
+    to_fw = Ether(src=app.mac("s1"), dst=app.mac("fw", app.topology.fw_iface_facing("s1")))
     sport = 42000 + (time.monotonic_ns() // 1000) % 10000  # a tuple no earlier probe used
     with app.agent("c1").sniff(app.iface("c1"), bpf=bpf) as at_client:
         with dropped_silently(app, "s1") as drop:
-            drop.send("a SYN from s1 to a port of the fw's own",
-                      *(syn(app, src, fw, sport + i, port) for i, port in enumerate(ports)))
+            drop.send("a SYN from s1 to a port of the fw's own, or where a command names",
+                      *(to_fw / syn(app, src, address, sport + i, port)
+                        for i, (address, port) in enumerate(targets)))
         expect_no_packet(at_client, TCP(flags="S"), timeout=SETTLE)
 
 
@@ -760,15 +776,17 @@ def test_a_privileged_port_in_port_or_eprt_opens_nothing(app: App, servers: peer
     server = servers.ftp(app.family, "vsftpd")
     c1 = app.addr("c1")
     with ExitStack() as stack:
-        fw_listeners = [stack.enter_context(app.agent("fw").tcp_server(app.fw_external(0), port))
-                        for port in PRIVILEGED] if app.nat else []
+        if app.nat:  # the fw listens on its ports of those numbers
+            for port in PRIVILEGED:
+                stack.enter_context(app.agent("fw").tcp_server(app.fw_external(0), port))
         d = stack.enter_context(dialogue(app, "c1", server.address))
         d.login()
+        mark = server.log_mark()
         for port in PRIVILEGED:
             for command in active_commands(app, c1, port):
                 assert d.send(command)[:1] in (b"2", b"5"), command  # the server's answer
         if app.nat:
-            assert_not_led_to_the_client(app, fw_listeners)
+            assert_not_led_to_the_client(app, PRIVILEGED, endpoints_named(server, mark))
         else:
             assert_stopped_at_fw(app, "s1", c1, PRIVILEGED)
         assert opened_nothing(app) is None
@@ -790,9 +808,10 @@ def test_a_port_the_fw_listens_on_is_no_data_port(app: App, servers: peers.PeerS
             wait_until_listed(app, port)
         with dialogue(app, "c1", server.address) as d:
             d.login()
+            mark = server.log_mark()
             for command in active_commands(app, app.addr("c1"), port):
                 assert d.send(command)[:1] in (b"2", b"5"), command
-            assert_not_led_to_the_client(app, [fw_listener])
+            assert_not_led_to_the_client(app, (port,), endpoints_named(server, mark))
             assert at_client.stats()["accepted"] == 0
             assert opened_nothing(app) is None
     assert_active_ftp_works(app, server)

@@ -103,7 +103,7 @@ def load(path: Path | str) -> Config:
     except OSError as exc:
         raise ConfigError(path, None, f"cannot read: {exc.strerror}") from None
     try:
-        text = data.decode()
+        text = data.decode("utf-8-sig")  # a byte order mark, as some editors write, is no error
     except UnicodeDecodeError as exc:
         raise ConfigError(path, data.count(b"\n", 0, exc.start) + 1,
                           f"not UTF-8 text (byte 0x{data[exc.start]:02x})") from None
@@ -258,23 +258,27 @@ def _port_range(reader: Reader, key: str, default: tuple[int, int]) -> tuple[int
 
 def locate(text: str, path: KeyPath) -> int | None:
     """The line a key path refers to, found by walking table headers and keys in order
-    (a dotted header such as ``[socks.users]`` names a path of several keys)."""
+    (a dotted header such as ``[socks.users]``, or a dotted key such as ``socks.port =``,
+    names a path of several keys)."""
     lines = text.splitlines()
-    start, found, lost = 0, None, False
+    start, found = 0, None
     names: list[str] = []
+    pending: list[str] = []  # the keys since the last one found: a dotted key may hold them
     for i, part in enumerate(path):
         if isinstance(part, int):
             continue
         names.append(part)
+        pending.append(part)
         following = path[i + 1] if i + 1 < len(path) else None
         index = following if isinstance(following, int) else None  # [[array]] tables only
         hit = _header(lines, ".".join(names), index)
-        if hit is None and not lost:
-            hit = _key(lines, part, start)
         if hit is None:
-            lost = True  # only a dotted header further down the path can be found now
-            continue
-        start, found, lost = hit, hit, False
+            hit = _key(lines, pending, start)
+        if hit is not None:
+            start, found, pending = hit, hit, []
+    if pending:  # the path ends inside a dotted key (``pending.more =``), or was not found
+        hit = _key(lines, pending, start, inside=True)
+        found = found if hit is None else hit
     return None if found is None else found + 1
 
 
@@ -289,8 +293,11 @@ def _header(lines: list[str], name: str, index: int | None) -> int | None:
     return None
 
 
-def _key(lines: list[str], name: str, start: int) -> int | None:
-    pattern = re.compile(rf"^\s*{re.escape(name)}\s*=")
+def _key(lines: list[str], names: list[str], start: int, *, inside: bool = False) -> int | None:
+    """The first line from ``start`` in its table that sets the key ``names`` (dotted
+    when several), or with ``inside`` a key inside it (``names.more =``)."""
+    dotted = r"\s*\.\s*".join(re.escape(name) for name in names)
+    pattern = re.compile(rf"^\s*{dotted}\s*{'[=.]' if inside else '='}")
     for n in range(start, len(lines)):
         if n > start and lines[n].lstrip().startswith("["):
             return None

@@ -454,14 +454,15 @@ def add_parser(sub: Any) -> None:
                    help="routed,nat,split (default all; split runs only the checks of "
                         "ingress per interface, ROB-05)")
     p.add_argument("--family", default=",".join(FAMILIES), help="ipv4,ipv6 (default both)")
-    p.add_argument("--firewall", default=",".join(FIREWALLS),
+    p.add_argument("--firewall",
                    help="the firewalls to run the checks against, a group of columns each: "
                         "enforcer, enforcer-workers, kernel-helpers, open-router, closed-router, or "
                         "a driver as module:Class or path/to/driver.py:Class (default: "
                         "enforcer,kernel-helpers)")
     p.add_argument("--self-check", action="store_true",
                    help="run the trivial firewalls (open-router, closed-router) and show, per "
-                        "clause, which of them the suite catches; fails if a clause catches neither")
+                        "clause, which of them the suite catches; fails if a clause catches neither "
+                        "(it takes no --firewall)")
     p.add_argument("--artifacts", default="artifacts", help="pcaps and logs (default ./artifacts)")
     p.add_argument("--workers", type=int, default=DEFAULT_WORKERS,
                    help=f"checks run in parallel, each worker with labs of its own (default "
@@ -528,7 +529,11 @@ def run(args: argparse.Namespace) -> int:
         twice = [v for v in allowed if value.count(v) > 1]
         if twice:  # (the run would have every check of it twice)
             raise UsageError(f"{what}: {', '.join(twice)} is named twice")
-    specs = list(TRIVIAL) if args.self_check else [w.strip() for w in args.firewall.split(",") if w.strip()]
+    if args.self_check and args.firewall is not None:
+        raise UsageError("--self-check runs the trivial firewalls (open-router, closed-router): "
+                         "it takes no --firewall")
+    named = ",".join(FIREWALLS) if args.firewall is None else args.firewall
+    specs = list(TRIVIAL) if args.self_check else [w.strip() for w in named.split(",") if w.strip()]
     drivers = _drivers(specs)
     groups = [Group.of(d) for d in drivers]
     try:

@@ -216,6 +216,14 @@ def test_a_driver_that_cannot_be_found_is_named(spec: str, problem: str,
 
 
 @pytest.mark.usefixtures("as_root")
+def test_a_self_check_takes_no_firewall(capsys: pytest.CaptureFixture[str]) -> None:
+    """It runs the trivial firewalls: a --firewall beside it would be ignored."""
+    assert cli.main(["conformance", "--self-check", "--firewall", "enforcer"]) == 2
+    assert one_line(capsys) == ("pinhole: --self-check runs the trivial firewalls (open-router, "
+                                "closed-router): it takes no --firewall\n")
+
+
+@pytest.mark.usefixtures("as_root")
 @pytest.mark.parametrize(("option", "value"), [("--topology", "routed,nat,routed"),
                                                ("--family", "ipv6,ipv6")])
 def test_a_topology_or_family_named_twice_is_refused(option: str, value: str,

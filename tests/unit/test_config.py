@@ -640,3 +640,21 @@ def test_app_filter_errors_point_at_the_line(text: str, reason: str) -> None:
     message = config_error(text)
     assert message.startswith(f"{FILE}:{marked_line(text)}: "), message
     assert reason in message, message
+
+
+@pytest.mark.parametrize("text", [
+    pytest.param('network.internal_interfaces = ["int0"]\nnetwork.external_interfaces = ["ext0"]\n'
+                 'network.nat = "yes"  # <-\n', id="dotted-key"),
+    pytest.param(MINIMAL + "\n[limits]\nsocks . bad = 1  # <-\n", id="inside-a-dotted-key"),
+    pytest.param(MINIMAL + '\n[socks]\nport = 1080\nusers.alice = 5  # <-\n', id="dotted-in-a-table"),
+])
+def test_an_error_in_a_dotted_key_points_at_its_line(text: str) -> None:
+    message = config_error(text)
+    assert message.startswith(f"{FILE}:{marked_line(text)}: "), message
+
+
+def test_a_byte_order_mark_is_no_error(tmp_path: Path) -> None:
+    """As some editors write one: the file reads as without it."""
+    marked = tmp_path / "bom.toml"
+    marked.write_bytes(b"\xef\xbb\xbf" + MINIMAL.encode())
+    assert load(marked) == parse(MINIMAL)

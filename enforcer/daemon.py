@@ -718,6 +718,8 @@ class Daemon:
                      self.config.dataplane.queue,
                      "fail-open" if self.config.dataplane.fail_open else "fail-closed",
                      self.config.control_socket)
+            for warning in self.interfaces.warnings(self.config.network.nat):
+                log.warning("%s", warning)
             settle_heap()
             while not self._stop:
                 self.loop.run_once(self._until_next_expiry())

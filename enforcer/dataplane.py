@@ -170,6 +170,24 @@ class Interfaces:
     def names(self) -> tuple[str, ...]:
         return (*self.internal, *self.external)
 
+    def warnings(self, nat: bool) -> list[str]:
+        """What in these interfaces keeps the enforcer from doing what its config seems to
+        ask: an internal interface with no global address has no network behind it, so
+        every packet from it is dropped (rule 17); in NAT, a family with internal
+        addresses but no external one has its primaries leave untranslated, and its
+        grants refused."""
+        out = [f"internal interface {name} has no global address: every packet from it is "
+               "dropped (no network is behind it)"
+               for name, networks in self.networks_behind().items() if not networks]
+        if nat:
+            for version in (4, 6):
+                if any(a.version == version for _, a in self.internal_addresses) and \
+                        not any(a.version == version for a in self.external_addresses):
+                    out.append(f"NAT, but no external interface has a global IPv{version} address: "
+                               f"IPv{version} primaries leave untranslated, from their clients' "
+                               "addresses, and grants for their secondaries are refused")
+        return out
+
     def networks_behind(self) -> dict[str, tuple[IPNetwork, ...]]:
         """Each internal interface's networks: those of the fw's global addresses on it."""
         return {name: tuple(dict.fromkeys(a.network for n, a in self.internal_addresses

@@ -3,6 +3,7 @@ render_nft_maps) are pure text and the NAT map elements pure bytes, checked with
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import re
 import struct
@@ -530,6 +531,23 @@ def test_interfaces_internal_addresses() -> None:
         [("int0", "192.0.2.1/24"), ("int1", "203.0.113.1/24")]
     assert [(n, str(a)) for n, a in IFACES.internal_of("ipv6")] == [("int0", "2001:db8:1::1/64")]
     assert IFACES.names == ("int0", "int1", "ext0")
+
+
+def test_interfaces_that_leave_clients_stranded_are_warned_of() -> None:
+    """An internal interface without a global address (its packets all fail rule 17), and in
+    NAT a family with internal addresses but no external one (its primaries leave
+    untranslated)."""
+    assert IFACES.warnings(nat=True) == []
+    bare = dataclasses.replace(
+        IFACES, internal={**IFACES.internal, "int2": 5},
+        external_addresses=tuple(a for a in IFACES.external_addresses if a.version == 4))
+    assert bare.warnings(nat=False) == [
+        "internal interface int2 has no global address: every packet from it is dropped "
+        "(no network is behind it)"]
+    assert bare.warnings(nat=True)[1:] == [
+        "NAT, but no external interface has a global IPv6 address: IPv6 primaries leave "
+        "untranslated, from their clients' addresses, and grants for their secondaries are "
+        "refused"]
 
 
 # --- marks -----------------------------------------------------------------------------------

@@ -213,7 +213,7 @@ class FlowRecord:
                 "packets_out": self.packets_out, "bytes_out": self.bytes_out,
                 "packets_back": self.packets_back, "bytes_back": self.bytes_back,
                 "last_seen": self.last_seen, "data_filter": self.data_filter,
-                "app_filter": self.app_filter,
+                "app_filter": self.app_filter, "filter_failed": self.filter_failed,
                 "buffered": 0 if self.editor is None else self.editor.held,
                 "redirect": None if self.redirect is None else [str(self.redirect[0]), self.redirect[1]],
                 "held": None if self.held_as is None else self.held_as.value,

@@ -88,6 +88,8 @@ def test_a_flow_whose_data_filter_fails_ends_and_passes_nothing_more(
             assert conn.talk(b"secret", expect=6, timeout=2) == b""
             assert conn.talk(b"after", expect=11, timeout=2) == b""
         assert echo.stats()["bytes_in"] == 5
+    (flow,) = [f for f in enforcer.call("flows") if f["flow"].endswith(":32003")]
+    assert flow["filter_failed"] and flow["buffered"] == 0, flow
     after = enforcer.call("status")["counters"]
     grew = {k: after.get(k, 0) - before.get(k, 0)
             for k in ("filters failed: flows ended", "dropped: its flow's filter failed")}

@@ -532,8 +532,12 @@ def run(args: argparse.Namespace) -> int:
     if args.self_check and args.firewall is not None:
         raise UsageError("--self-check runs the trivial firewalls (open-router, closed-router): "
                          "it takes no --firewall")
-    named = ",".join(FIREWALLS) if args.firewall is None else args.firewall
-    specs = list(TRIVIAL) if args.self_check else [w.strip() for w in named.split(",") if w.strip()]
+    if args.self_check:
+        specs = list(TRIVIAL)
+    elif args.firewall is None:
+        specs = list(FIREWALLS)
+    else:
+        specs = [w.strip() for w in args.firewall.split(",") if w.strip()]
     drivers = _drivers(specs)
     groups = [Group.of(d) for d in drivers]
     try:

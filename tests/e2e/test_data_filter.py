@@ -15,6 +15,8 @@ from testbed.lab import GUIDS, EnforcerProcess
 from testbed.plugin import require_e2e
 from testbed.topology import standard
 
+DATA_FILTERS = {"shout": "tests.e2e.shout_filter:Shout", "brittle": "tests.e2e.shout_filter:Brittle"}
+
 
 @pytest.fixture(scope="module", params=["routed", "nat"])
 def filtering(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
@@ -22,8 +24,7 @@ def filtering(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
     require_e2e()
     with Testbed.up(standard(request.param), tag="test-data-filter") as tb:
         enforcer = EnforcerProcess(tb, tmp_path_factory.mktemp("filter"),
-                                   data_filters={"shout": "tests.e2e.shout_filter:Shout",
-                                                 "brittle": "tests.e2e.shout_filter:Brittle"})
+                                   data_filters=DATA_FILTERS)
         enforcer.start()
         try:
             yield tb, enforcer
@@ -118,8 +119,7 @@ def test_liberal_tcp_tracking_is_restored_on_exit(tmp_path: Path) -> None:
     require_e2e()
     with Testbed.up(standard("routed"), tag="test-data-filter") as tb:
         knob = "/proc/sys/net/netfilter/nf_conntrack_tcp_be_liberal"
-        enforcer = EnforcerProcess(tb, tmp_path, data_filters={"shout": "tests.e2e.shout_filter:Shout",
-                                                 "brittle": "tests.e2e.shout_filter:Brittle"})
+        enforcer = EnforcerProcess(tb, tmp_path, data_filters=DATA_FILTERS)
         enforcer.start()
         assert tb.run("fw", ["cat", knob]).stdout.strip() == "1"
         enforcer.stop()

@@ -15,8 +15,7 @@ import pytest
 from enforcer.client import Client
 from testbed.build import Testbed
 from testbed.clauses.helpers import assert_echoed, wait_until
-from testbed.lab import GUIDS, EnforcerProcess
-from testbed.session_api import ControlError
+from testbed.lab import GUIDS, MAX_PENDING_PER_SESSION, EnforcerProcess
 
 HOSTS = {"ipv4": ("192.0.2.11", "198.51.100.21"), "ipv6": ("2001:db8:1::11", "2001:db8:2::21")}
 HEARD_WITHIN = 2.0  # seconds: the enforcer reads the kernel's notices 10 ms apart; a busy VM is slower
@@ -251,17 +250,11 @@ def test_a_session_ending_with_thousands_of_grants_takes_them_all_from_the_kerne
     acknowledgements than a socket's default buffer. None is left, at the first try: no
     stray is taken later, and nothing about grants is logged."""
     client, server = HOSTS["ipv4"]
+    cap = f"max_pending_per_session = {MAX_PENDING_PER_SESSION}"
     config = enforcer.config_path.read_text()
-    assert "max_pending_per_session = 1024" in config
-    enforcer.config_path.write_text(config.replace("max_pending_per_session = 1024",
-                                                   "max_pending_per_session = 3000"))
-    run = int(enforcer.call("restart", config=str(enforcer.config_path))["run"])
-
-    def restarted() -> bool:
-        with contextlib.suppress(ControlError):  # (its socket is made anew)
-            return bool(enforcer.call("status")["run"] == run)
-        return False
-    wait_until(restarted, "the restart with the larger cap")
+    assert cap in config
+    enforcer.config_path.write_text(config.replace(cap, "max_pending_per_session = 3000"))
+    enforcer._wait_for_run(int(enforcer.call("restart", config=str(enforcer.config_path))["run"]), 15.0)
     with Client(str(enforcer.socket)) as api:
         session = session_of(tb, api, "ipv4")
         for port in range(32000, 35000):

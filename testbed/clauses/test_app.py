@@ -276,14 +276,17 @@ def fake_server(app: App, node: str, names: str, pieces: int = 1,
         tb.forget(proc.pid)
 
 
-def assert_dropped(app: App, node: str, to: tuple[str, int], watch: str, what: str) -> None:
+def assert_dropped(app: App, node: str, to: tuple[str, int], watch: str, what: str,
+                   arrives_on: int | None = None) -> None:
     """``node``'s connection to ``to`` is dropped silently, and a capture on ``watch``
-    (where it would arrive) sees no SYN of it: the firewall dropped it."""
+    (where it would arrive: on port ``arrives_on``, by default ``to``'s) sees no SYN of
+    it: the firewall dropped it."""
     address, port = to
-    with app.agent(watch).sniff(app.iface(watch), bpf=f"tcp dst port {port}") as seen:
+    port_there = port if arrives_on is None else arrives_on
+    with app.agent(watch).sniff(app.iface(watch), bpf=f"tcp dst port {port_there}") as seen:
         with dropped_silently(app, node) as drop:
             drop.tcp(what, address, port)
-        expect_no_packet(seen, TCP(dport=port, flags="S"), timeout=SETTLE)
+        expect_no_packet(seen, TCP(dport=port_there, flags="S"), timeout=SETTLE)
 
 
 # --- APP-FTP-01: passive -------------------------------------------------------------------
@@ -325,16 +328,21 @@ def test_active_ftp_with_real_clients_and_servers(app: App, servers: peers.PeerS
 @pytest.mark.clause("APP-FTP-02")
 def test_the_active_data_connection_is_open_to_the_server_alone(app: App,
                                                                  servers: peers.PeerSet) -> None:
-    """While PORT/EPRT waits for the server, another host's connection to it is dropped;
-    then the server's own connection arrives."""
+    """While PORT/EPRT waits for the server, another host's connection to it is dropped
+    (to the port the command named and, in NAT, to the fw's port of that number); then
+    the server's own connection arrives."""
     server = servers.ftp(app.family, "vsftpd")  # it connects when RETR comes, not at PORT
     c1 = app.agent("c1")
     seen_as = app.source_seen_by_server("c1")
     with c1.tcp_server(app.addr("c1"), 0) as listener, dialogue(app, "c1", server.address) as d:
         port = listener.port
         d.login()
+        mark = server.log_mark()
         assert d.send(active_command(app, app.addr("c1"), port)).startswith(b"200")
-        assert_dropped(app, "s2", (seen_as, port), "c1", "s2 reached c1's active data port")
+        # where the command the server got sends it: in NAT a port of the fw's, whichever
+        for to in dict.fromkeys([(seen_as, port), *endpoints_named(server, mark)]):
+            assert_dropped(app, "s2", to, "c1", f"s2 reached c1's active data port by {to}",
+                           arrives_on=port)
         reply = d.send(f"RETR {SMALL_FILE}\r\n".encode())
         assert reply.startswith(b"150") or reply.startswith(b"125"), reply
         deadline = time.monotonic() + timeouts.POSITIVE
@@ -861,15 +869,19 @@ def test_only_the_servers_reply_is_admitted(app: App, servers: peers.PeerSet) ->
     sport = 47000 + (time.monotonic_ns() // 1000) % 1000
     seen_as = app.source_seen_by_server("c1")
     rrq = b"\x00\x01" + SMALL_FILE.encode() + b"\x00octet\x00"
-    with c1.sniff(app.iface("c1"), bpf=f"udp dst port {sport}") as at_client:
+    with c1.sniff(app.iface("c1"), bpf=f"udp dst port {sport}") as at_client, \
+            app.agent("s1").sniff(app.iface("s1"), bpf="udp dst port 69") as at_server:
         c1.send(datagram(app, app.addr("c1"), server.address, sport, 69, rrq))
         reply = expect_packet(at_client, ip(app, server.address, app.addr("c1")) / UDP(dport=sport))
         tid = reply[UDP].sport
         assert tid != 69, "the server answered from port 69"
+        # the port the request came from as the server saw it: the one its reply went to
+        # (in NAT, a port of the fw's, whichever the fw chose)
+        seen_port = expect_packet(at_server, ip(app, seen_as, server.address) / UDP(dport=69))[UDP].sport
     with c1.sniff(app.iface("c1"), bpf=f"udp dst port {sport}") as at_client:
         with dropped_silently(app, "s1") as from_s1, dropped_silently(app, "s2") as from_s2:
-            from_s1.send("a datagram from another port of the server",
-                         datagram(app, server.address, seen_as, tid + 1, sport, b"\x00\x03\x00\x01x"))
-            from_s2.send("a datagram from another host",
-                         datagram(app, app.addr("s2"), seen_as, tid, sport, b"\x00\x03\x00\x01x"))
+            from_s1.send("a datagram from another port of the server", datagram(
+                app, server.address, seen_as, tid + 1, seen_port, b"\x00\x03\x00\x01x"))
+            from_s2.send("a datagram from another host", datagram(
+                app, app.addr("s2"), seen_as, tid, seen_port, b"\x00\x03\x00\x01x"))
         expect_no_packet(at_client, UDP(dport=sport), timeout=0)

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from scapy.layers.inet import UDP
+from scapy.layers.inet import TCP, UDP
 from scapy.layers.l2 import Ether
 
 from testbed import socks5, timeouts
@@ -277,11 +277,21 @@ def test_a_bind_waits_for_its_peer_a_bounded_time(socks_net: Net) -> None:
         drop.tcp("a late peer", net.fw_external(), port)
 
 
+def queued_bytes(net: Net, node: str, side: str, port: int) -> int:
+    """The bytes waiting in ``node``'s TCP sockets whose ``side`` port (``sport``,
+    ``dport``) is ``port``: unread ones where it is the local port, unsent ones where it
+    is the peer's (``ss``'s Recv-Q and Send-Q)."""
+    out = net.lab.tb.run(node, ["ss", "-Htn", side, "=", f":{port}"]).stdout
+    column = 1 if side == "sport" else 2
+    return sum(int(line.split()[column]) for line in out.splitlines() if line.startswith("ESTAB"))
+
+
 @pytest.mark.clause("FWC-04")
 def test_bytes_sent_before_the_relay_starts_are_bounded(socks_net: Net) -> None:
     """After BIND, before its peer, the client sends 60 kB: the service holds
-    socks_buffer_bytes of them and reads no more (the status shows it); once the peer
-    comes every byte reaches it, in order."""
+    socks_buffer_bytes of them and reads no more (the status shows it, and so do the
+    sockets: the rest waits in their queues); once the peer comes every byte reaches it,
+    in order."""
     net = socks_net
     data = bytes(i * 7 % 251 for i in range(60_000))
     with socks_open(net, "c1", "alice", "bind", anywhere(net), 0) as conn:
@@ -293,6 +303,13 @@ def test_bytes_sent_before_the_relay_starts_are_bounded(socks_net: Net) -> None:
             assert time.monotonic() < deadline, held
             time.sleep(0.05)
         assert held["highest"] == SOCKS_BUFFER and held["cap"] == SOCKS_BUFFER, held
+        # the sockets show it too: every byte past the cap waits unread, in the fw's receive
+        # queue of the connection or still in c1's send queue
+        while (unread := queued_bytes(net, "fw", "sport", SOCKS_PORT)
+               + queued_bytes(net, "c1", "dport", SOCKS_PORT)) != len(data) - SOCKS_BUFFER:
+            assert time.monotonic() < deadline, \
+                f"{len(data) - unread} bytes left the sockets' queues, not the cap's {SOCKS_BUFFER}"
+            time.sleep(0.05)
         net.call("retroactive_allow_bind", session=fw_session(net, "c1", "alice"), protocol="tcp",
                  address=net.fw_external(), port=port, protocol_guid=FTP_GUID)
         with net.agent("s1").tcp_open(net.fw_external(), port) as peer:
@@ -315,11 +332,16 @@ def test_a_failed_authentication_never_sees_a_success(socks_net: Net, login: str
                       "session-cap": ("bob", SOCKS_USERS["bob"])}.get(login, ("alice", ""))
     wire = socks5.login(user, password) if login != "malformed" else b"\x02\x05alice\x00"
     request = socks5.request("connect", net.addr("s1"), 21)
-    with socks_open(net, "c1", "alice", "bind", anywhere(net), 0) as alice, \
+    since = time.time()
+    with net.agent("s1").tcp_server(net.addr("s1"), 21) as server, \
+            socks_open(net, "c1", "alice", "bind", anywhere(net), 0) as alice, \
             net.agent("c1").tcp_open(*proxy(net)) as conn:
         assert alice.reply is not None and alice.reply["code"] == 0
         answer = conn.talk(socks5.greeting(user) + wire + request, expect=5)
         assert answer == b"\x05\x02\x01\x01", f"{login}: {answer!r}"
         assert conn.ended()
+        # the request after the login was not served: nothing of it left the fw for s1:21
+        expect_no_packet(net.fw_sent(since), TCP(dport=21, flags="S"))
+        assert server.stats()["accepted"] == 0, f"{login}: the CONNECT after it was served"
     if login == "session-cap":
         assert net.call("status")["limits"]["sessions_per_client"]["refused"] >= 1

@@ -141,17 +141,18 @@ def _outside(net: Net) -> Any:
 
 
 def assert_locked_down(net: Net) -> None:
-    """No new flow passes either way, and nothing from outside reaches the fw's services,
-    its SOCKS port included: every probe is dropped silently (it reached the fw, and no
-    SYN-ACK, RST or ICMP came of it) and none reached the other side. The inside still
-    reaches the fw's services, so the silence from outside is the fw's doing, not a dead
-    listener."""
+    """No new flow passes either way, TCP or UDP, and nothing from outside reaches the
+    fw's services (TCP and UDP), its SOCKS port included: every probe is dropped silently
+    (it reached the fw, and no SYN-ACK, RST, reply or ICMP came of it) and none reached
+    the other side or a service. The inside still reaches the fw's services, so the
+    silence from outside is the fw's doing, not a dead listener."""
     c1, s1, fw = net.agent("c1"), net.agent("s1"), net.agent("fw")
     client, server = net.addr("c1"), net.addr("s1")
     out = _outside(net)
     probes_in = [(net.fw_external(), FW_SERVICE), (net.fw_internal(), FW_SERVICE),
                  (net.fw_internal(), SOCKS_PORT)]
     with fw.tcp_server(net.fw_external(), FW_SERVICE), fw.tcp_server(net.fw_internal(), FW_SERVICE), \
+            fw.udp_server(net.fw_external(), FW_SERVICE) as udp_service, \
             s1.sniff(net.iface("s1")) as at_s1, c1.sniff(net.iface("c1")) as at_c1:
         with dropped_silently(net, "c1") as from_c1, dropped_silently(net, "s1") as from_s1:
             from_c1.send("an allowed primary, TCP and UDP", syn(net, client, server, 40010, 21),
@@ -160,6 +161,10 @@ def assert_locked_down(net: Net) -> None:
             from_s1.send("a SYN to a service of the fw, from outside",
                          *(out / syn(net, server, address, sport, port)
                            for sport, (address, port) in zip(LOCKED_SPORTS[3:], probes_in, strict=False)))
+            from_s1.send("an inbound datagram, to c1 and to a UDP service of the fw",
+                         out / datagram(net, server, client, LOCKED_SPORTS[6], 53, b"inbound"),
+                         out / datagram(net, server, net.fw_external(), LOCKED_SPORTS[7], FW_SERVICE,
+                                        b"to the fw's service"))
             from_c1.tcp("a primary while the enforcer is not running", server, 21)
         to_server = IP(dst=server) if net.family == "ipv4" else IPv6(dst=server)
         from_server = IP(src=server) if net.family == "ipv4" else IPv6(src=server)
@@ -167,6 +172,8 @@ def assert_locked_down(net: Net) -> None:
         expect_no_packet(at_s1, to_server / UDP(dport=53), timeout=0)
         # (from s1: c1's own connection to port 21 may have 40012 for its source port)
         expect_no_packet(at_c1, from_server / TCP(sport=40012), timeout=0)
+        expect_no_packet(at_c1, from_server / UDP(sport=LOCKED_SPORTS[6]), timeout=0)
+        assert udp_service.stats()["bytes_in"] == 0, "the fw's UDP service got a datagram from outside"
         inner = c1.tcp_connect(net.fw_internal(), FW_SERVICE, send_bytes=100)
         assert_echoed(inner, 100, "the fw's service, from the inside")
 
@@ -238,10 +245,12 @@ def test_a_restart_leaves_no_gap(net: Net, how: str) -> None:
     stop = threading.Event()
 
     def inbound(i: int) -> Packet:
-        """Every other one to c1, the rest to the fw's service."""
+        """In turn: a SYN to the fw's service, a SYN to c1, a datagram to c1, a datagram to
+        the fw's UDP service."""
         sport = inbound_sports[i % len(inbound_sports)]
-        dst, dport = (client, SECONDARY_TCP) if i % 2 else (net.fw_external(), FW_SERVICE)
-        made: Packet = out / syn(net, server, dst, sport, dport)
+        dst, dport = (client, SECONDARY_TCP) if i % 4 in (1, 2) else (net.fw_external(), FW_SERVICE)
+        made: Packet = out / (syn(net, server, dst, sport, dport) if i % 4 < 2 else
+                              datagram(net, server, dst, sport, dport, b"while restarting"))
         return made
 
     def probe() -> None:
@@ -254,11 +263,13 @@ def test_a_restart_leaves_no_gap(net: Net, how: str) -> None:
             sent_in += 4
 
     started = time.time()
-    with fw.tcp_server(net.fw_external(), FW_SERVICE) as service, s1.sniff(net.iface("s1")) as at_server, \
+    with fw.tcp_server(net.fw_external(), FW_SERVICE) as service, \
+            fw.udp_server(net.fw_external(), FW_SERVICE) as udp_service, \
+            s1.sniff(net.iface("s1")) as at_server, \
             fw.sniff(net.topology.fw_internal_iface, bpf=f"tcp dst port {SECONDARY_TCP}") as at_fw, \
             fw.sniff(net.topology.fw_external_iface,
-                     bpf=f"src host {server} and (tcp dst port {SECONDARY_TCP} or "
-                         f"tcp dst port {FW_SERVICE})") as at_fw_outside, \
+                     bpf=f"src host {server} and (dst port {SECONDARY_TCP} or "
+                         f"dst port {FW_SERVICE})") as at_fw_outside, \
             c1.sniff(net.iface("c1"), bpf=f"not tcp dst port {SECONDARY_TCP} or src host {server}"
                      ) as at_client:
         prober = threading.Thread(target=probe, daemon=True)
@@ -281,16 +292,19 @@ def test_a_restart_leaves_no_gap(net: Net, how: str) -> None:
         expect_no_packet(at_client, answers_to([(syn(net, client, server, sport, SECONDARY_TCP), started)
                                                 for sport in sports]), timeout=0)
         expect_no_packet(at_client, ip(net, server, client) / TCP(dport=SECONDARY_TCP), timeout=0)
+        expect_no_packet(at_client, ip(net, server, client) / UDP(dport=SECONDARY_TCP), timeout=0)
         expect_no_packet(at_server, answers_to([(inbound(i), started)
                                                 for i in range(min(sent_in, len(inbound_sports)))]),
                          timeout=0)
         arrived = len(at_fw.packets())
         arrived_in = len(at_fw_outside.packets())
         accepted = service.stats()["accepted"]
+        datagrams = udp_service.stats()["bytes_in"]
     assert sent >= 100 and arrived >= sent // 2, f"{sent} probes sent, {arrived} seen at the fw"
     assert sent_in >= 20 and arrived_in >= sent_in // 2, \
         f"{sent_in} inbound probes sent, {arrived_in} seen at the fw"
     assert accepted == 0, f"the fw's service accepted {accepted} connections from outside"
+    assert datagrams == 0, f"the fw's UDP service got {datagrams} bytes from outside"
     rules = _pinhole_rules(net)
     assert rules.count("-A FORWARD -j PINHOLE-FORWARD") == 2, rules
 

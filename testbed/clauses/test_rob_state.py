@@ -126,7 +126,8 @@ def test_a_firewall_client_beyond_its_address_sessions_cap_gets_a_socks_failure(
     restart(net, sessions_per_client=2)
     dst = net.addr("s1")
     net.session("c1")
-    with net.agent("s1").tcp_server(dst, 21), socks_open(net, "c1", "alice", "connect", dst, 21) as alice:
+    with net.agent("s1").tcp_server(dst, 21) as server, \
+            socks_open(net, "c1", "alice", "connect", dst, 21) as alice:
         assert alice.reply is not None and alice.reply["code"] == 0, (alice.error, alice.reply)
         with net.agent("c1").tcp_open(net.fw_internal("c1"), SOCKS_PORT) as bob:
             login = socks5.greeting("bob") + socks5.login("bob", SOCKS_USERS["bob"])
@@ -134,6 +135,7 @@ def test_a_firewall_client_beyond_its_address_sessions_cap_gets_a_socks_failure(
             assert answer == b"\x05\x02\x01\x01", answer
             assert bob.ended()
         echoed(alice, b"alice's relay" * 100)
+        assert server.stats()["accepted"] == 1, "bob's request was served (s1 accepted a second connection)"
         with socks_open(net, "c2", "bob", "connect", dst, 21) as elsewhere:
             assert elsewhere.reply is not None and elsewhere.reply["code"] == 0, elsewhere.reply
             echoed(elsewhere, b"bob on c2" * 10)
@@ -170,6 +172,10 @@ def test_binds_and_pending_permissions_stop_at_their_caps(net: Net) -> None:
         grant(net, api, (dst, 46001), session_of="c2")
         with pytest.raises(IsBusy, match="pending_total"):
             grant(net, api, (dst, 46002), session_of="c2")
+        # a refused grant left nothing behind that admits its connection
+        with dropped_silently(net, "c1") as from_c1, dropped_silently(net, "c2") as from_c2:
+            from_c1.tcp("c1's connection by the grant refused at pending_per_client", dst, 46003)
+            from_c2.tcp("c2's connection by the grant refused at pending_total", dst, 46002)
         limits = limits_of(net)
         assert (limits["binds_total"]["used"], limits["pending_total"]["used"]) == (3, 3), limits
         assert limits["binds_per_client"]["refused"] == 2, limits["binds_per_client"]  # API, SOCKS
@@ -472,6 +478,8 @@ def test_a_session_s_pending_permissions_stop_at_max_pending_per_session(net: Ne
         try:
             with pytest.raises(IsBusy):
                 grant(net, api, beyond)
+            with dropped_silently(net, "c1") as drop:  # the refused grant admits nothing
+                drop.tcp("a connection by the refused grant", *beyond)
             with net.agent("s1").tcp_server(dst, 21), \
                     socks_open(net, "c1", "alice", "connect", dst, 21) as alice:
                 assert alice.reply is not None and alice.reply["code"] == 0, (alice.error, alice.reply)
@@ -483,6 +491,8 @@ def test_a_session_s_pending_permissions_stop_at_max_pending_per_session(net: Ne
             actions.append(grant(net, api, beyond))
             with pytest.raises(IsBusy):
                 grant(net, api, (dst, base + MAX_PENDING_PER_SESSION + 1))
+            with dropped_silently(net, "c1") as drop:
+                drop.tcp("a connection by the grant refused again", dst, base + MAX_PENDING_PER_SESSION + 1)
             if net.own_enforcer:
                 assert limits_of(net)["max_pending_per_session"]["refused"] == refused_before + 2
         finally:  # the next checks grant for c1's session too

@@ -241,6 +241,10 @@ def rules_of(rs: Ruleset) -> tuple[Chain, ...]:
     # rule 17: a source that is not routed back through the interface it came in on
     raw = [Rule(Match(iif=interfaces.names, reverse_path_fails=True), DROP)]
     forward = [
+        # A connection a conntrack helper expected (another tool's: the enforcer attaches
+        # none) is no flow the enforcer admitted, whatever connmark it inherited from the
+        # connection it is related to.
+        Rule(Match(ct_status="expected"), DROP),
         Rule(Match(ct_mark=MarkIs(MARK_ONE_WAY, MARK_ONE_WAY), ct_reply=True), DROP),
         Rule(Match(ct_mark=MarkIs(MARK_KERNEL, MARK_MODE)), ACCEPT),
     ]
@@ -283,7 +287,7 @@ def rules_of(rs: Ruleset) -> tuple[Chain, ...]:
         # enforcer translates those about user-mode redirects, as kernel NAT would. Only
         # about confirmed flows: the kernel will not queue a packet that shares the
         # unconfirmed conntrack entry of a flow's first packet (it drops it).
-        output = [Rule(Match(protocols=("icmp",), ct_mark=user, ct_state=("related",), ct_confirmed=True),
+        output = [Rule(Match(protocols=("icmp",), ct_mark=user, ct_state=("related",), ct_status="confirmed"),
                        queue)]
         # The verdict sets the packet mark; copying it to the connmark after the filter
         # hook (once: a flow's mark does not change) is what offloads the rest of the flow
@@ -545,7 +549,7 @@ def _iptables_rule(rule: Rule, family: Family) -> list[str]:
         if m.ct_mark is not None:
             words.append(f"-m connmark {_iptables_mark(m.ct_mark)}")
         conntrack = [*([f"--ctstate {','.join(m.ct_state).upper()}"] if m.ct_state is not None else []),
-                     *(["--ctstatus CONFIRMED"] if m.ct_confirmed else []),
+                     *([f"--ctstatus {m.ct_status.upper()}"] if m.ct_status is not None else []),
                      *(["--ctdir REPLY"] if m.ct_reply else [])]
         if conntrack:
             words.append(f"-m conntrack {' '.join(conntrack)}")
@@ -692,8 +696,8 @@ def _nft_rule(rule: Rule, *, counted: bool = False) -> str:
         parts.append(f"ct mark {_nft_mark(m.ct_mark)}")
     if m.ct_state is not None:
         parts.append(f"ct state {','.join(m.ct_state)}")
-    if m.ct_confirmed:
-        parts.append("ct status confirmed")
+    if m.ct_status is not None:
+        parts.append(f"ct status {m.ct_status}")
     if m.ct_reply:
         parts.append("ct direction reply")
     if m.local_socket:
@@ -780,12 +784,16 @@ def render_nft_maps(rs: Ruleset) -> str:
     # What the enforcer would admit by the grant: a new flow's first packet (while the
     # enforcer lives), which for TCP is a bare SYN; not a redirect's (a kernel-mode redirect
     # rule marked it with its port, or the enforcer rewrote it), nor an IPv6 packet with a
-    # routing header (its destination may be a waypoint).
+    # routing header (its destination may be a waypoint); nor a later packet of a flow
+    # admitted already, which conntrack calls new until its first reply (a SYN sent again,
+    # an unanswered UDP flow's datagrams): its connmark says how it runs, and a user-mode
+    # flow must not be switched to kernel mode (nor a second grant be spent on one).
     unmarked = f"meta mark and {_hex(MARK_LIVE | MARK_REWRITTEN | MARK_PORT)} == {_hex(MARK_LIVE)}"
+    unadmitted = f"ct mark {_nft_mark(MarkIs(0, MARK_MODE))}"
     for proto in _NFT_FAMILY.values():
         key = f"{proto} saddr . {proto} daddr . meta l4proto . th dport"
         plain = " exthdr rt missing" if proto == "ip6" else ""
-        lines += [f"    {unmarked} ct state new {first}{plain} {key} @grant_{proto} "
+        lines += [f"    {unmarked} ct state new {unadmitted} {first}{plain} {key} @grant_{proto} "
                   f"ct mark set {key} map @grant_mark_{proto} meta mark set ct mark "
                   f"delete @grant_{proto} {{ {key} }} log group {rs.settings.queue}"
                   for first in ("tcp flags & (fin | syn | rst | ack) == syn", "meta l4proto udp")]

@@ -21,6 +21,7 @@ FAMILIES: tuple[Family, ...] = ("ipv4", "ipv6")
 # "icmp" is the family's own: ICMPv6 in IPv6
 Protocol = Literal["tcp", "udp", "icmp"]
 CtState = Literal["new", "established", "related", "invalid", "untracked"]
+CtStatus = Literal["confirmed", "expected"]
 PortRange = tuple[int, int]  # low, high (inclusive)
 
 
@@ -91,7 +92,9 @@ class Match:
     oif: tuple[str, ...] | None = None  # the interface it goes out of, by name
     ct_mark: MarkIs | None = None  # its connection's mark
     ct_state: tuple[CtState, ...] | None = None
-    ct_confirmed: bool = False  # its connection is confirmed (not a first packet in flight)
+    # its connection's status has this bit: confirmed (not a first packet in flight), or
+    # expected (made from a conntrack helper's expectation)
+    ct_status: CtStatus | None = None
     ct_reply: bool = False  # it goes in its connection's reply direction
     local_socket: bool = False  # a socket of the host's, not bound to a wildcard address, takes it
     over: RateOver | CountOver | None = None

@@ -154,8 +154,10 @@ class Decisions(Binding):
             record = self.flows.get(meta.key)
             if record is not None:
                 mark |= worker_mark(record.worker)  # its later packets: to its worker's queue
-                if meta.key.protocol == UDP and (record.app_filter or record.data_filter):
-                    # a datagram carries data from the first: the flow's filter sees it
+                if record.app_filter or record.data_filter:
+                    # a datagram carries data from the first, and so may a SYN (TCP Fast
+                    # Open): the flow's filter sees the one, and the other leaves without
+                    # its data (the client sends it again once the handshake is done)
                     filtered = self._filtered(queued, queued.data, meta.headers, record,
                                               forward=True)
                     if isinstance(filtered, Answer):
@@ -299,7 +301,7 @@ class Decisions(Binding):
         packet on from (its destination is then already the redirect's target).
         """
         self.permissions.expire(now)
-        decision = self._same_datagram_flow(meta, now, length)
+        decision = self._same_datagram_flow(meta, now, length, redirect_port)
         if decision is None:
             if redirect_port is None:
                 decision = self._decide(meta, now, length)
@@ -404,18 +406,23 @@ class Decisions(Binding):
         except Exception:  # a bug: the flow is admitted already; the enforcer goes on
             self.counters["errors"] += 1
 
-    def _same_datagram_flow(self, meta: PacketMeta, now: float, length: int) -> Decision | None:
+    def _same_datagram_flow(self, meta: PacketMeta, now: float, length: int,
+                            redirect_port: int | None) -> Decision | None:
         """A UDP flow's later datagrams that were queued before the kernel had recorded
         the first one's verdict arrive as new: they get that verdict again, and neither
-        use a permission nor make events a second time."""
+        use a permission nor make events a second time. A datagram is the flow's only if
+        it came the flow's way: from its side, by its kernel-mode redirect port or by
+        none, and forwarded (the SOCKS service's relayed flows are not: a datagram with
+        the same addresses and ports is another flow, which needs its own admission)."""
         if meta.key.protocol != UDP:
             return None
         found = self.flows.find(meta.key)
         if found is None or not found[1] or now - found[0].admitted_at > SAME_FLOW_WINDOW:
             return None
         record = found[0]
-        if record.inbound != (meta.ingress is Ingress.EXTERNAL):
-            return None  # the flow's key, from the other side: not the flow's datagram
+        if record.inbound != (meta.ingress is Ingress.EXTERNAL) or record.relayed or \
+                (None if record.redirect is None else record.redirect[1]) != redirect_port:
+            return None
         self.flows.saw(record, True, length, now)
         verdict = Verdict.ADMIT_USER if record.mode is Mode.USER else Verdict.ADMIT_KERNEL
         return Decision(verdict, meta.key, "a later datagram of a flow just admitted", now,
@@ -521,7 +528,7 @@ class Decisions(Binding):
         if bind is None:
             return self._record(Decision(Verdict.DROP, key,
                                          f"nothing is bound on {key.dst} port {key.dport}", now))
-        decision = self._same_datagram_flow(meta, now, length)
+        decision = self._same_datagram_flow(meta, now, length, None)
         return self._record(self._to_bind(bind, meta, now, length) if decision is None else decision)
 
     def _to_bind(self, bind: Bind, meta: PacketMeta, now: float, length: int) -> Decision:

@@ -332,3 +332,33 @@ def test_lockdown_and_unload_refuse_while_an_enforcer_serves(tb: Testbed, enforc
     assert result.stderr.startswith("pinhole: another enforcer is serving") and \
         "stop it first" in result.stderr and result.stderr.count("\n") == 1, result.stderr
     assert rules(tb) == before and enforcer.call("ping") == {"pong": True}
+
+
+def test_a_connection_another_tool_s_conntrack_helper_expects_is_dropped(
+        tb: Testbed, enforcer: EnforcerProcess) -> None:
+    """Another tool attaches the kernel's FTP helper to a kernel-mode primary (raw table):
+    the data connection the helper then expects would inherit the primary's connmark and
+    pass as a kernel-mode flow the enforcer never admitted. The enforcer's base drops it
+    silently; the primary itself goes on."""
+    helper = ["PREROUTING", "-p", "tcp", "--dport", "21", "-j", "CT", "--helper", "ftp"]
+    tb.run("fw", ["iptables", "-t", "raw", "-A", *helper])
+    try:
+        s1, c1 = tb.agent("s1"), tb.agent("c1")
+        data_port = 40011  # 156 * 256 + 75
+        reply = b"227 Entering Passive Mode (198,51,100,21,156,75)\r\n"
+        with s1.tcp_server("198.51.100.21", 21), s1.tcp_server("198.51.100.21", data_port) as data, \
+                c1.tcp_open("198.51.100.21", 21) as control:
+            assert control.connected, control.error
+            # the echo server sends the lines back: the helper reads them from the server's
+            # side (a banner first: it reads a direction's lines from its first newline on)
+            for line in (b"220 ready\r\n", reply):
+                assert control.talk(line, expect=len(line)) == line
+            expected = tb.run("fw", ["conntrack", "-L", "expect"], check=False).stdout
+            assert f"dport={data_port}" in expected, f"the helper expected nothing: {expected!r}"
+            attempt = c1.tcp_connect("198.51.100.21", data_port, timeout=2.0)
+            assert not attempt["connected"] and "timed out" in str(attempt["error"]), attempt
+            assert data.stats()["accepted"] == 0
+            assert control.talk(b"still here", expect=10) == b"still here"
+    finally:
+        tb.run("fw", ["iptables", "-t", "raw", "-D", *helper], check=False)
+        tb.run("fw", ["conntrack", "-F"], check=False)

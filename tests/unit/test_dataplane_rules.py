@@ -137,11 +137,12 @@ def test_fail_open(fam: str) -> None:
     assert any("--ctstate NEW" in r for r in queue)
     assert rules[-1] == "-A PINHOLE-FORWARD -j NFQUEUE --queue-num 3 --queue-bypass"
     # No unconditional DROP: a dead enforcer must let traffic pass. (Replies of
-    # admitted one-way flows may still be dropped, and a client's new flows beyond its
-    # caps: that is not the enforcer's absence.)
+    # admitted one-way flows may still be dropped, a client's new flows beyond its
+    # caps, and connections another tool's conntrack helper expected: that is not the
+    # enforcer's absence.)
     drops = [r for r in rules if r.endswith("-j DROP")]
     assert all(("--ctdir REPLY" in r and "--mark" in r) or ("--ctstate NEW" in r and "limit" in r)
-               for r in drops), drops
+               or "--ctstatus EXPECTED" in r for r in drops), drops
     assert "-A PINHOLE-FORWARD -j DROP" not in rules
 
 
@@ -173,8 +174,8 @@ def test_rewritten_packets_accepted_before_any_queue(fam: str, settings: Datapla
     queues = [i for i, r in enumerate(rules) if "NFQUEUE" in r]
     assert len(rewritten) == 1 and queues
     assert rewritten[0] < min(queues)
-    # Only the base's head may come before it: the one-way reply drop (a reply is never
-    # rewritten) and kernel-mode flows.
+    # Only the base's head may come before it: expected connections' drop, the one-way
+    # reply drop (a reply is never rewritten) and kernel-mode flows.
     assert rules[:rewritten[0]] == base_head()
 
 
@@ -822,7 +823,11 @@ def test_the_fw_s_icmp_errors_about_user_mode_flows_are_queued(fam: str) -> None
 # --- the base: lockdown (rule 15) ------------------------------------------------------------
 
 def base_head() -> list[str]:
-    return [f"-A PINHOLE-FORWARD -m connmark --mark {MARK_ONE_WAY:#010x}/{MARK_ONE_WAY:#010x} "
+    """The forward base's head: connections a conntrack helper expected are dropped (the
+    enforcer admitted none, whatever connmark they inherited), replies of one-way flows
+    too, and kernel-mode flows pass."""
+    return ["-A PINHOLE-FORWARD -m conntrack --ctstatus EXPECTED -j DROP",
+            f"-A PINHOLE-FORWARD -m connmark --mark {MARK_ONE_WAY:#010x}/{MARK_ONE_WAY:#010x} "
             "-m conntrack --ctdir REPLY -j DROP",
             f"-A PINHOLE-FORWARD -m connmark --mark {MARK_KERNEL:#010x}/{MARK_MODE:#010x} -j ACCEPT"]
 
@@ -930,7 +935,9 @@ def test_new_flow_caps_before_the_grants_and_the_queue(fam: str) -> None:
 
 def test_grants_chain() -> None:
     """A grant the kernel holds admits a new flow's first packet (a bare SYN; no IPv6
-    routing header) while the enforcer lives, not a redirect's: it sets the flow's mark,
+    routing header) while the enforcer lives, not a redirect's, nor a later packet of a
+    flow admitted already (its connmark has a mode: conntrack calls it new until its first
+    reply, and a user-mode flow must stay one): it sets the flow's mark,
     deletes the key and logs the packet to the queue's NFLOG group; each key lets one
     packet through; the sets hold as many keys as may be pending."""
     text = render_nft_maps(Ruleset(CLOSED, IFACES, limits=Limits(pending_total=1000)))
@@ -939,7 +946,8 @@ def test_grants_chain() -> None:
                          "ct state != new accept"]  # what is not new costs one rule
     owned = MARK_LIVE | MARK_REWRITTEN | MARK_PORT
     assert chain[-4:] == [
-        f"meta mark and {owned:#010x} == {MARK_LIVE:#010x} ct state new {first}{rt} {k} @grant_{p} "
+        f"meta mark and {owned:#010x} == {MARK_LIVE:#010x} ct state new "
+        f"ct mark and {MARK_MODE:#010x} == 0x00000000 {first}{rt} {k} @grant_{p} "
         f"ct mark set {k} map @grant_mark_{p} meta mark set ct mark delete @grant_{p} {{ {k} }} log group 3"
         for p, k, rt in (("ip", "ip saddr . ip daddr . meta l4proto . th dport", ""),
                          ("ip6", "ip6 saddr . ip6 daddr . meta l4proto . th dport", " exthdr rt missing"))
@@ -954,6 +962,7 @@ def test_nft_lockdown() -> None:
     text = nft_text(Ruleset(CLOSED, IFACES, True, (20000, 20099), working=False))
     assert "queue" not in text and "snat" not in text and "set " not in text
     assert nft_chain(text, "filter_forward")[1:] == [
+        "ct status expected drop",
         f"ct mark and {MARK_ONE_WAY:#010x} == {MARK_ONE_WAY:#010x} ct direction reply drop",
         f"ct mark and {MARK_MODE:#010x} == {MARK_KERNEL:#010x} accept", "drop"]
     assert nft_chain(text, "filter_input")[1:] == [

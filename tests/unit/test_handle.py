@@ -194,6 +194,32 @@ def test_a_filtered_flow_s_payload_and_sequence_numbers_are_rewritten() -> None:
     assert not dropped.accept and dropped.reason == "ahead of a gap in the filtered stream"
 
 
+def test_data_in_a_filtered_flow_s_syn_never_passes_unfiltered() -> None:
+    """A SYN that carries data (TCP Fast Open) leaves without it; the filter sees the
+    stream from its first byte, which the client sends again after the handshake."""
+    engine = make_engine(nat=False)
+    seen: list[bytes] = []
+
+    class Spy(Upper):
+        def on_data(self, direction: Direction, data: bytes) -> bytes:
+            seen.append(data)
+            return super().on_data(direction, data)
+
+    engine.stream_filter = lambda record: Spy()
+    engine.allow_future_connect(1, ip(S1), 2000, TCP_PROTOCOL, Flags(0), FTP, 1.0, data_filter="upper")
+    user = marks.mark_for(True, False, None)
+    syn = IP(src=C1, dst=S1) / TCP(sport=5, dport=2000, flags="S", seq=0) / Raw(b"secret")
+    first = engine.handle(inside(syn, checksum_ready=False), 1.0)
+    assert first.accept and first.mark == user
+    out = reread(first.packet)
+    assert out[TCP].flags == "S" and out[TCP].seq == 0 and not bytes(out[TCP].payload), out.show(dump=True)
+    assert seen == []
+    again = IP(src=C1, dst=S1) / TCP(sport=5, dport=2000, flags="PA", seq=1, ack=1) / Raw(b"secret")
+    answer = engine.handle(inside(again, mark=user), 1.1)
+    assert answer.accept and bytes(reread(answer.packet)[TCP].payload) == b"SECRET"
+    assert seen == [b"secret"]
+
+
 def test_a_user_mode_redirect_s_stream_goes_through_its_data_filter() -> None:
     """Each of the client's packets to the redirect port is rewritten to the target and
     then filtered (the SYN starts the flow's stream editor); a segment ahead of a gap is

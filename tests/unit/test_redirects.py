@@ -692,6 +692,27 @@ def test_a_udp_flow_s_early_datagrams_share_its_verdict(engine: Engine, flags: F
     assert engine.counters[verdict.value] == admitted + 3
 
 
+def test_a_datagram_that_came_another_way_is_no_later_datagram_of_the_flow(engine: Engine) -> None:
+    """In the window, a datagram with a flow's addresses and ports is the flow's only if it
+    came the flow's way: one sent straight to a kernel-mode redirect's target is not the
+    redirected flow's (its single-use permission is spent: dropped), and a forwarded one
+    is not the SOCKS service's relayed flow's (that permission was alice's, and spent)."""
+    (_, port), _ = rdc(engine, [(S1, 5353)], protocol=UDP, guid=DNS)
+    first = engine.decide(udp(C1, S1, 5353), 10.0, redirect_port=port)
+    assert first.verdict is Verdict.ADMIT_KERNEL
+    again = engine.decide(udp(C1, S1, 5353), 10.2, redirect_port=port)
+    assert again.reason == "a later datagram of a flow just admitted"
+    straight = engine.decide(udp(C1, S1, 5353), 10.3)
+    assert straight.verdict is Verdict.DROP, straight
+
+    alice = engine.open_firewall_session(ip(C2), "alice", 20.0)
+    engine.allow_future_connect(alice.id, ip(S2), 7000, UDP, NO_FLAGS, DNS, 20.0)
+    relayed = engine.client_connect(alice.id, UDP, ip(S2), 7000, 40001, 21.0)
+    assert relayed.verdict is not Verdict.DROP, relayed
+    forwarded = engine.decide(udp(C2, S2, 7000, sport=40001), 21.2)
+    assert forwarded.verdict is Verdict.DROP, forwarded
+
+
 def test_udp_primary_datagrams_in_the_window_are_one_primary(engine: Engine) -> None:
     first = engine.decide(udp(C1, S1, 53), 10.0)
     again = engine.decide(udp(C1, S1, 53), 10.5)

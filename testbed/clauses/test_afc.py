@@ -406,20 +406,29 @@ def test_proxy_external_address(net: Net, mode: str, requested: int | None) -> N
 
 @pytest.mark.clause("AFC-16")
 def test_session_end_cancels_pending_permissions(net: Net, mode: str) -> None:
-    """Ending the session cancels its pending grants; flows it admitted keep working."""
+    """Ending the session cancels its pending grants, a redirect's too (one that served a
+    connection before: after the end, its port leads nowhere); flows it admitted keep
+    working."""
     c1, s1 = net.agent("c1"), net.agent("s1")
     dst = net.addr("s1")
+    user_mode = Flags.NO_KERNEL_MODE if mode == "user" else Flags(0)
     with net.client() as api, s1.tcp_server(dst, 30131), s1.tcp_server(dst, 30132):
         admitting = grant(net, api, (dst, 30131))
         pending = grant(net, api, (dst, 30132), flags=Flags.ALLOW_MULTIPLE)
+        (internal, port), (redirecting,) = api.redirect_connections(
+            net.session("c1"), [(dst, 30132)], protocol_guid=FTP_GUID,
+            flags=Flags.ALLOW_MULTIPLE | user_mode)
+        assert_echoed(c1.tcp_connect(internal, port, send_bytes=1000), 1000,
+                      "a connection by the redirect before the session's end")
         with c1.tcp_open(dst, 30131) as admitted:
             assert admitted.connected, admitted.error
             session = net.session("c1")
             ended = api.call("end_session", session=session)
-            assert ended["cancelled"] == [pending.id]
-            assert pending.state == "cancelled" and admitting.state == "consumed"
+            assert sorted(ended["cancelled"]) == sorted([pending.id, redirecting.id])
+            assert pending.state == redirecting.state == "cancelled" and admitting.state == "consumed"
             with dropped_silently(net, "c1") as drop:
                 drop.tcp("a connection after the session's end", dst, 30132)
+                drop.tcp("a connection by the redirect after the session's end", internal, port)
             assert_echoed(admitted.exchange(10_000), 10_000, "the flow the ended session admitted")
             assert_ran_in_mode(net, admitting)
         with refused(net, InvalidArgument, "no session"):

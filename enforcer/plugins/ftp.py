@@ -26,13 +26,17 @@ agree on, and nothing else:
 Lines are reassembled across segments. Where a line may be rewritten (a
 translated SecureNAT client), an incomplete line is held back
 until its end arrives; a line longer than ``MAX_LINE`` is passed on unparsed.
-Malformed lines pass unchanged and open nothing. Every data connection is single
-use and expires if unused (``TIMEOUT``).
+Only the lines that may open a data connection are read one by one; a regular
+expression finds them, and the others pass as they came, so that a segment of
+thousands of short lines costs about what one long line does. Malformed lines
+pass unchanged and open nothing. Every data connection is single use and expires
+if unused (``TIMEOUT``).
 """
 
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import logging
 import re
 from collections.abc import Callable
@@ -41,18 +45,23 @@ from dataclasses import dataclass, field
 from enforcer.client import Flags, SessionApiError, SessionCalls
 from enforcer.filters import FIRST_UNPRIVILEGED_PORT, Direction, IPAddress, Primary
 
+from .refusals import Refusals  # the plugins' own helper, not the enforcer's
+
 FTP_GUID = "5c3c2a3e-8f1b-4c1e-9a57-1f0d3a6b2101"
 MAX_LINE = 512
 OPENED_KEPT = 16  # what a control connection opened, kept for logs and tests
-# A control connection's refusals logged: a client sending hundreds of commands at a cap
-# would otherwise have the enforcer write a line for each (its log and its time)
-LOGGED_REFUSALS = 8
 # Data connections one segment may open (PORT, EPRT, 227, 229): a client asks for one and
 # waits for its transfer; hundreds in one segment would hold the queue (and the other
-# clients' first packets behind it) while each is acted on. The rest open nothing.
+# clients' first packets behind it) while each is acted on. The rest are not read.
 DATA_CONNECTIONS_PER_SEGMENT = 16
 log = logging.getLogger("pinhole.filters.ftp")
 
+# The whole lines that ask for a data connection. A command's verb is its first word,
+# after any leading white space, in any case, ended by a space or the end of the line
+# (group 1: the verb; 2: what follows the space).
+_COMMAND = re.compile(rb"(?im)^[ \t\r\x0b\x0c]*+(PORT|EPRT)(?: ([^\n]*)|[ \t\r\x0b\x0c]*)\n")
+# A reply's code starts its line (group 1: 7 for PASV's reply, 9 for EPSV's).
+_REPLY = re.compile(rb"(?m)^22([79]) [^\n]*\n")
 _NUMBERS = re.compile(rb"(\d{1,3}),(\d{1,3}),(\d{1,3}),(\d{1,3}),(\d{1,3}),(\d{1,3})")
 _EPSV = re.compile(rb"\((.)\1\1(\d{1,5})\1\)")
 
@@ -111,38 +120,45 @@ def parse_epsv_reply(line: bytes) -> int | None:
 
 @dataclass
 class _Lines:
-    """One direction's bytes, cut into lines for ``handle``.
+    """One direction's bytes, cut into lines; those ``wanted`` matches go to ``handle``.
 
     ``hold``: an incomplete line is held back until its end arrives, and each
-    complete line is sent as ``handle`` makes it. Otherwise the data passes as it
-    came, and ``handle`` only reads the lines.
+    wanted line is sent as ``handle`` makes it, the others as they came.
+    Otherwise the data passes as it came, and ``handle`` only reads the lines.
     """
 
     hold: bool
+    wanted: re.Pattern[bytes]  # a whole line, its end included
     pending: bytes = b""  # the start of an incomplete line
     skipping: bool = False  # inside a line too long to parse
 
-    def feed(self, data: bytes, handle: Callable[[bytes], bytes]) -> bytes:
+    def feed(self, data: bytes, handle: Callable[[re.Match[bytes]], bytes]) -> tuple[bytes, int]:
+        """What is sent for ``data``, and how many wanted lines in it were passed on
+        unread: those after its first DATA_CONNECTIONS_PER_SEGMENT."""
         text = self.pending + data
         self.pending = b""
-        out = []
         start = 0
-        while (end := text.find(b"\n", start)) >= 0:
-            line = text[start:end + 1]
-            start = end + 1
+        if self.skipping:  # the rest of a line too long to parse passes as it is
+            start = text.find(b"\n") + 1
+            self.skipping = start == 0
             if self.skipping:
-                self.skipping = False
-                out.append(line)
-            else:
-                out.append(handle(line))
-        rest = text[start:]
-        if rest:
-            if self.skipping or len(rest) > MAX_LINE:
-                self.skipping = True
-                out.append(rest)
-            else:
-                self.pending = rest
-        return b"".join(out) if self.hold else data
+                return data, 0
+        end = text.rfind(b"\n", start) + 1 or start  # the end of the last complete line
+        out = [text[:start]]
+        found = self.wanted.finditer(text, start, end)
+        for line in itertools.islice(found, DATA_CONNECTIONS_PER_SEGMENT):
+            out += (text[start:line.start()], handle(line))
+            start = line.end()
+        beyond = next(found, None)  # the rest are counted in C (subn), not one by one
+        unread = 0 if beyond is None else 1 + self.wanted.subn(b"", text[beyond.end():end])[1]
+        out.append(text[start:end])
+        rest = text[end:]
+        if len(rest) > MAX_LINE:
+            self.skipping = True
+            out.append(rest)
+        else:
+            self.pending = rest
+        return b"".join(out) if self.hold else data, unread
 
 
 @dataclass
@@ -152,62 +168,47 @@ class FtpControl:
     primary: Primary
     api: SessionCalls
     opened: list[str] = field(default_factory=list)  # what it opened lately, for logs and tests
-    refusals: int = 0  # commands and replies that opened nothing (the first LOGGED_REFUSALS logged)
-    asked: int = 0  # data connections asked for in the segment being read
 
     def __post_init__(self) -> None:
         # Lines are rewritten only where a SecureNAT client is translated (NAT);
         # elsewhere they are only read, and nothing is held back.
         hold = self.primary.translated and not self.primary.firewall_client
-        self._lines = {Direction.OUT: _Lines(hold), Direction.BACK: _Lines(hold)}
+        self._lines = {Direction.OUT: _Lines(hold, _COMMAND), Direction.BACK: _Lines(hold, _REPLY)}
+        self._refused = Refusals(log, self.primary.session, "control connection")
+
+    @property
+    def refusals(self) -> int:
+        """Commands and replies that opened nothing."""
+        return self._refused.count
 
     def _note(self, what: str) -> None:
         """Keep what was opened, the last OPENED_KEPT only (a connection may last days)."""
         self.opened.append(what)
         del self.opened[:-OPENED_KEPT]
 
-    def _refused(self, why: str, *args: object) -> None:
-        """A command or reply that opened nothing: logged, the first LOGGED_REFUSALS only."""
-        self.refusals += 1
-        if self.refusals <= LOGGED_REFUSALS:
-            log.info("session %d: " + why + ("" if self.refusals < LOGGED_REFUSALS else
-                                              " (this control connection's further refusals "
-                                              "are not logged)"), self.primary.session, *args)
-
     def on_data(self, direction: Direction, data: bytes) -> bytes:
         handle = self._command if direction is Direction.OUT else self._reply
-        self.asked = 0
-        return self._lines[direction].feed(data, handle)
-
-    def _may_open(self) -> bool:
-        """Whether one more data connection may be opened for this segment."""
-        self.asked += 1
-        if self.asked <= DATA_CONNECTIONS_PER_SEGMENT:
-            return True
-        self._refused("more than %d data connections asked for in one segment: nothing opened",
-                      DATA_CONNECTIONS_PER_SEGMENT)
-        return False
+        made, unread = self._lines[direction].feed(data, handle)
+        if unread:
+            self._refused("%d more data connections asked for in one segment than %d: nothing "
+                          "opened for them", unread, DATA_CONNECTIONS_PER_SEGMENT, times=unread)
+        return made
 
     # --- commands: PORT and EPRT ----------------------------------------------------------
-    def _command(self, line: bytes) -> bytes:
-        verb, _, argument = line.strip().partition(b" ")
-        verb = verb.upper()
-        if verb in (b"PORT", b"EPRT") and not self._may_open():
-            return line
-        if verb == b"PORT":
+    def _command(self, command: re.Match[bytes]) -> bytes:
+        line, argument = command[0], (command[2] or b"").strip()
+        if command[1].upper() == b"PORT":
             found = parse_host_port(argument)
             if found is None:
                 return line
             opened = self._active(*found)
             return line if opened is None or not isinstance(opened[0], ipaddress.IPv4Address) \
                 else b"PORT " + format_host_port(opened[0], opened[1]) + b"\r\n"
-        if verb == b"EPRT":
-            found_e = parse_eprt(argument.strip())
-            if found_e is None:
-                return line
-            opened = self._active(*found_e)
-            return line if opened is None else b"EPRT " + format_eprt(*opened) + b"\r\n"
-        return line
+        found_e = parse_eprt(argument)
+        if found_e is None:
+            return line
+        opened = self._active(*found_e)
+        return line if opened is None else b"EPRT " + format_eprt(*opened) + b"\r\n"
 
     def _active(self, address: IPAddress, port: int) -> tuple[IPAddress, int] | None:
         """The server is to connect to address:port: open it for the server alone and say
@@ -243,13 +244,11 @@ class FtpControl:
         return ipaddress.ip_address(where[0]), where[1]
 
     # --- replies: 227 (PASV) and 229 (EPSV) -----------------------------------------------
-    def _reply(self, line: bytes) -> bytes:
+    def _reply(self, reply: re.Match[bytes]) -> bytes:
         """The client is to connect to the address and port a reply names (EPSV: the
         server's): open it for the client, unless it is a third party or a privileged
         port; where the client sees only the fw, rewrite the reply to the fw's port."""
-        extended = line.startswith(b"229 ")
-        if not (extended or line.startswith(b"227 ")) or not self._may_open():
-            return line
+        line, extended = reply[0], reply[1] == b"9"
         if extended:
             port = parse_epsv_reply(line)
             found = None if port is None else (self.primary.server[0], port)

@@ -11,7 +11,9 @@ is admitted, and with it the transfer; any other sender, or a second port of
 the server's, is not. The bind is approved with BIDIRECTIONAL: the client answers
 the server's new port (ACKs for a read, DATA for a write), and a UDP bind without
 it only receives. Malformed requests open nothing, and so does a request from a
-privileged port (below 1024: SPEC rule 14).
+privileged port (below 1024: SPEC rule 14). Each datagram of the flow is read,
+and a client may repeat a refused request in every one: a flow's first refusals
+alone are logged (``enforcer.plugins.refusals``).
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from dataclasses import dataclass, field
 
 from enforcer.client import Flags, SessionApiError, SessionCalls
 from enforcer.filters import FIRST_UNPRIVILEGED_PORT, Direction, Primary
+
+from .refusals import Refusals  # the plugins' own helper, not the enforcer's
 
 TFTP_GUID = "5c3c2a3e-8f1b-4c1e-9a57-1f0d3a6b2105"
 RRQ, WRQ = 1, 2
@@ -57,6 +61,14 @@ class TftpRequests:
     api: SessionCalls
     opened: list[str] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        self._refused = Refusals(log, self.primary.session, "flow")
+
+    @property
+    def refusals(self) -> int:
+        """Requests that opened nothing."""
+        return self._refused.count
+
     def _note(self, what: str) -> None:
         """Keep what was opened, the last OPENED_KEPT only (a connection may last days)."""
         self.opened.append(what)
@@ -71,8 +83,7 @@ class TftpRequests:
         p = self.primary
         server = str(p.server[0])
         if p.client[1] < FIRST_UNPRIVILEGED_PORT:
-            log.info("session %d: a request from privileged port %d: its reply is not opened",
-                     p.session, p.client[1])
+            self._refused("a request from privileged port %d: its reply is not opened", p.client[1])
             return
         try:
             where = self.api.bind_for_client(p.session, p.client[1], protocol="udp")
@@ -80,7 +91,7 @@ class TftpRequests:
                                             protocol_guid=TFTP_GUID, flags=Flags.BIDIRECTIONAL,
                                             ipfilter=[(server, server)])
         except SessionApiError as exc:
-            log.info("session %d: cannot open the reply to %s:%d: %s", p.session, *p.client, exc)
+            self._refused("cannot open the reply to %s:%d: %s", *p.client, exc)
             return
         self._note(f"bind {where[0]}:{where[1]} for {server}")
 

@@ -328,7 +328,8 @@ def test_events_of_a_filter_registered_in_process_are_kept() -> None:
 
 def test_the_bundled_plugins_use_the_public_interface_alone() -> None:
     """A plugin is written as a third party would: it imports enforcer.filters and
-    enforcer.client, never the core or the daemon."""
+    enforcer.client, never the core or the daemon; and its sibling plugin modules (a
+    relative import of one: helpers the bundled plugins share)."""
     import ast
     from pathlib import Path
 
@@ -338,7 +339,10 @@ def test_the_bundled_plugins_use_the_public_interface_alone() -> None:
     for path in Path(enforcer.plugins.__file__).parent.glob("*.py"):
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
-            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("enforcer"):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                assert node.level == 1 and node.module is not None and \
+                    (path.parent / f"{node.module}.py").is_file(), f"{path.name} imports .{node.module}"
+            elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("enforcer"):
                 assert node.module in allowed, f"{path.name} imports {node.module}"
             if isinstance(node, ast.Import):
                 for alias in node.names:

@@ -20,7 +20,6 @@ from enforcer.filters import Direction, Primary
 from enforcer.plugins.ftp import (
     DATA_CONNECTIONS_PER_SEGMENT,
     FTP_GUID,
-    LOGGED_REFUSALS,
     MAX_LINE,
     FtpControl,
     FtpFilter,
@@ -28,6 +27,7 @@ from enforcer.plugins.ftp import (
     parse_epsv_reply,
     parse_host_port,
 )
+from enforcer.plugins.refusals import LOGGED_REFUSALS
 from enforcer.plugins.tftp import TFTP_GUID, TftpFilter, parse_request
 
 ip = ipaddress.ip_address
@@ -405,6 +405,114 @@ def test_garbage_raises_nothing_and_opens_only_for_the_two_ends(
         assert address in (str(S1), str(C1), FW_EXT), (method, params)
 
 
+# --- cost: lines read one by one --------------------------------------------------------------
+
+def _lines_read(ftp: FtpControl) -> list[bytes]:
+    """The lines ftp reads one by one (in Python) from now on, as they are read."""
+    read: list[bytes] = []
+    for name in ("_command", "_reply"):
+        handle = getattr(ftp, name)
+
+        def spy(line: Any, handle: Any = handle) -> Any:
+            read.append(line[0])
+            return handle(line)
+        setattr(ftp, name, spy)
+    return read
+
+
+SIXTY_FOUR_KIB = {
+    "newlines": b"\n" * 65536,
+    "commands": b"NOOP\r\n" * 10922 + b"NOP\n",
+    "replies": b"200-FEAT\r\n" + b" 227 \r\n" * 9360 + b"200 x\n",
+}
+
+
+@pytest.mark.parametrize("data", SIXTY_FOUR_KIB.values(), ids=list(SIXTY_FOUR_KIB))
+@pytest.mark.parametrize("direction", [OUT, BACK])
+@pytest.mark.parametrize("topology", TOPOLOGIES)
+def test_64_kib_of_short_lines_are_not_read_one_by_one(topology: str, direction: Direction,
+                                                       data: bytes) -> None:
+    """A segment (or a SOCKS read) of thousands of lines, none of them PORT, EPRT, 227 or
+    229, is not cut into lines in Python: it passes as it came, and nothing is read alone."""
+    assert len(data) == 65536
+    nat, via = TOPOLOGIES[topology]
+    ftp, api = control(nat=nat, via=via)
+    handled = _lines_read(ftp)
+    assert ftp.on_data(direction, data) == data
+    assert ftp.on_data(direction, data) == data
+    assert handled == [] and api.opened() == [] and ftp.refusals == 0
+
+
+@pytest.mark.parametrize("direction", [OUT, BACK])
+def test_a_segment_of_thousands_of_data_connections_reads_a_bounded_number(
+        direction: Direction, caplog: pytest.LogCaptureFixture) -> None:
+    """64 KiB of the shortest PORT commands (227 replies): the first
+    DATA_CONNECTIONS_PER_SEGMENT are read, the rest are counted, refused in one log line,
+    and pass as they came."""
+    line = b"PORT\n" if direction is OUT else b"227 \n"
+    data = line * (65536 // len(line))
+    ftp, _ = control(nat=True)
+    handled = _lines_read(ftp)
+    with caplog.at_level(logging.INFO, logger="pinhole"):
+        assert ftp.on_data(direction, data) == data
+    assert handled == [line] * DATA_CONNECTIONS_PER_SEGMENT
+    unread = len(data) // len(line) - DATA_CONNECTIONS_PER_SEGMENT
+    assert ftp.refusals == unread
+    assert [r.getMessage() for r in caplog.records] == [
+        f"session 7: {unread} more data connections asked for in one segment than "
+        f"{DATA_CONNECTIONS_PER_SEGMENT}: nothing opened for them (this control connection's "
+        "further refusals are not logged)"]
+
+
+@pytest.mark.parametrize("cut", [None, 5, 17])
+@pytest.mark.parametrize("topology", TOPOLOGIES)
+def test_a_port_or_pasv_among_thousands_of_lines_is_acted_on_as_alone(topology: str,
+                                                                      cut: int | None) -> None:
+    """PORT and a 227 reply amid thousands of other lines (and the line cut across two
+    segments at ``cut``) open and are rewritten as each would alone, in its place."""
+    nat, via = TOPOLOGIES[topology]
+    for direction, line, others in (
+            (OUT, b"PORT 192,0,2,11,156,64\r\n", b"NOOP\r\n"),
+            (BACK, b"227 Entering Passive Mode (198,51,100,21,78,52).\r\n", b"211-x\r\n 227 \r\n")):
+        alone, alone_api = control(nat=nat, via=via)
+        rewritten = alone.on_data(direction, line)
+        ftp, api = control(nat=nat, via=via)
+        handled = _lines_read(ftp)
+        before, after = others * 3000, others * 3000
+        if cut is None:
+            made = ftp.on_data(direction, before + line + after)
+        else:
+            made = ftp.on_data(direction, before + line[:cut]) + \
+                ftp.on_data(direction, line[cut:] + after)
+        assert made == before + rewritten + after
+        assert api.opened() == alone_api.opened() and ftp.opened == alone.opened
+        assert handled == [line]
+
+
+_WORDS = [b"PORT", b"port", b"EPRT", b"ePrT", b"PORTS", b"PASV", b"227", b"229", b"227-", b"228",
+          b"1,2,3,4,5,6", b"|1|192.0.2.11|40000|", b" ", b"  ", b"\t", b"\r", b"\x0b", b"\x0c", b"x"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.lists(st.sampled_from(_WORDS), max_size=5), max_size=12),
+       st.sampled_from([OUT, BACK]))
+def test_the_lines_read_are_those_the_verb_or_reply_code_names(words: list[list[bytes]],
+                                                                direction: Direction) -> None:
+    """The lines read alone are exactly these: a command whose first word (after white
+    space, in any case, up to a space) is PORT or EPRT; a reply that starts 227 or 229
+    and a space."""
+    lines = [b"".join(line) + b"\n" for line in words]
+    ftp, _ = control(nat=True)
+    handled = _lines_read(ftp)
+    ftp.on_data(direction, b"".join(lines))
+    if direction is OUT:
+        wanted = [line for line in lines
+                  if line.strip().partition(b" ")[0].upper() in (b"PORT", b"EPRT")]
+    else:
+        wanted = [line for line in lines if line.startswith((b"227 ", b"229 "))]
+    assert handled == wanted
+
+
 # --- TFTP ------------------------------------------------------------------------------------
 
 def rrq(name: bytes = b"f.bin", mode: bytes = b"octet", opcode: int = 1, extra: bytes = b"") -> bytes:
@@ -449,6 +557,27 @@ def test_tftp_a_request_from_a_privileged_port_opens_nothing(client_port: int) -
     from_1024.on_data(OUT, rrq())
     assert api.opened()[0] == ("bind_for_client", {"session": 3, "protocol": "udp",
                                                    "client_port": 1024, "from_fw": False})
+
+
+@pytest.mark.parametrize("client_port,why", [
+    (69, "session 3: a request from privileged port 69: its reply is not opened"),
+    (40200, "session 3: cannot open the reply to 192.0.2.11:40200: at the cap")])
+def test_tftp_a_flow_repeating_a_refused_request_is_logged_the_first_times_only(
+        client_port: int, why: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Every datagram of the flow reaches the filter, whatever the kernel's cap on new
+    flows: 100 refused RRQs write LOGGED_REFUSALS lines, the first with its reason, and
+    all are counted."""
+    api = FakeApi(fail=PolicyRulesDenied("at the cap"))
+    flow = TftpFilter().attach(Primary(3, "udp", (C1, client_port), (S1, 69), translated=False,
+                                       firewall_client=False), api)
+    with caplog.at_level(logging.INFO, logger="pinhole"):
+        for _ in range(100):
+            assert flow.on_data(OUT, rrq()) == rrq()
+    logged = [r.getMessage() for r in caplog.records]
+    assert len(logged) == LOGGED_REFUSALS, logged
+    assert logged[0] == why
+    assert logged[-1] == why + " (this flow's further refusals are not logged)"
+    assert flow.refusals == 100 and flow.opened == []
 
 
 @settings(max_examples=200, deadline=None)

@@ -10,10 +10,10 @@ import itertools
 import logging
 import math
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
-from enforcer.control import Caller
+from enforcer.control import Caller, Listing
 from enforcer.core.effects import ConnectEvent, Effect, EstablishedConnection, Event
 from enforcer.core.engine import Engine
 from enforcer.core.flags import Flags, parse_flags
@@ -24,12 +24,17 @@ from enforcer.core.policy import PortRange
 from enforcer.core.redirects import MAX_ADDRESSES
 from enforcer.core.results import InvalidArgument, IsBusy
 from enforcer.core.state import parse_address
+from enforcer.protocol import MAX_LISTED
 
 MAX_CONTEXT_BYTES = 4096
 # Its events are encoded deep in the packet path's stack: a context must nest much less
 # than the recursion limit that reading a request allows.
 MAX_CONTEXT_DEPTH = 32
 MAX_FILTERS_PER_CONNECTION = 64  # filters a control connection may register
+# The default 'limit' of the listings of whole tables (sessions, actions, binds): 1000
+# sessions make a reply of about 150 KB, 1000 actions one of about 250 KB, well under
+# the control socket's MAX_UNSENT.
+LISTED = 1000
 _PROTOCOLS = {"tcp": TCP, "udp": UDP, TCP: TCP, UDP: UDP}
 
 log = logging.getLogger("pinhole.enforcer")
@@ -98,6 +103,10 @@ class Params:
             raise InvalidArgument(f"'{name}' must be a number of seconds")
         return float(value)
 
+    def limit(self, default: int) -> int:
+        """A listing's optional 'limit' (absent or null: ``default``)."""
+        return self.integer("limit", low=1, high=MAX_LISTED) if self.has("limit") else default
+
     def boolean(self, name: str) -> bool:
         """An optional true or false (absent or null: false)."""
         value = self.params.get(name)
@@ -116,6 +125,13 @@ class Params:
         if not isinstance(value, str) or len(value) > max_len:
             raise InvalidArgument(f"'{name}' must be a string of at most {max_len} characters")
         return value
+
+
+def _listing(items: Iterable[Any], limit: int, total: int) -> Listing:
+    """The first ``limit`` of ``items`` (``total`` of them) as dicts, and how many more
+    there were."""
+    listed = [item.to_dict() for item in itertools.islice(items, limit)]
+    return Listing(listed, more=total - len(listed))
 
 
 def _depth(value: Any) -> int:
@@ -172,22 +188,25 @@ class SessionApi:
         Params(params, set())
         return {"pong": True}
 
-    def sessions(self, params: dict[str, Any], caller: Caller) -> list[dict[str, Any]]:
-        Params(params, set())
-        return [s.to_dict() for s in self.engine.sessions]
+    def sessions(self, params: dict[str, Any], caller: Caller) -> Listing:
+        """The sessions, oldest first: at most ``limit``."""
+        limit = Params(params, {"limit"}).limit(LISTED)
+        return _listing(self.engine.sessions, limit, len(self.engine.sessions))
 
-    def flows(self, params: dict[str, Any], caller: Caller) -> list[dict[str, Any]]:
-        limit = Params(params, {"limit"}).integer("limit", default=100, low=1, high=10000)
-        return [f.to_dict() for f in self.engine.flows.newest(limit)]
+    def flows(self, params: dict[str, Any], caller: Caller) -> Listing:
+        """The ``limit`` flows seen last, newest first."""
+        limit = Params(params, {"limit"}).limit(100)
+        return _listing(self.engine.flows.newest(limit), limit, len(self.engine.flows))
 
-    def decisions(self, params: dict[str, Any], caller: Caller) -> list[dict[str, Any]]:
+    def decisions(self, params: dict[str, Any], caller: Caller) -> Listing:
+        """The last ``limit`` decisions (made at ``since`` or later), oldest first."""
         p = Params(params, {"limit", "since"})
-        limit = p.integer("limit", default=100, low=1, high=10000)
+        limit = p.limit(100)
         since = p.seconds("since")
         recent = list(self.engine.recent)
         if since is not None:
             recent = [d for d in recent if d.at >= since]
-        return [d.to_dict() for d in recent[-limit:]]
+        return _listing(recent[-limit:], limit, len(recent))
 
     # --- permissions --------------------------------------------------------------------
     def _grant_params(self, p: Params) -> dict[str, Any]:
@@ -271,10 +290,12 @@ class SessionApi:
         return {"result": "S_OK" if approved_now else "S_FALSE", "hresult": 0 if approved_now else 1,
                 "bind": bind.to_dict()}
 
-    def binds(self, params: dict[str, Any], caller: Caller) -> list[dict[str, Any]]:
-        p = Params(params, {"session"})
+    def binds(self, params: dict[str, Any], caller: Caller) -> Listing:
+        """The binds of a session (of every session without one): at most ``limit``."""
+        p = Params(params, {"session", "limit"})
         session = p.integer("session", low=1) if p.has("session") else None
-        return [b.to_dict() for b in self.engine.binds.of(session)]
+        binds = self.engine.binds.of(session)
+        return _listing(binds, p.limit(LISTED), len(binds))
 
     def cancel(self, params: dict[str, Any], caller: Caller) -> dict[str, Any]:
         action = Params(params, {"action"}).integer("action", low=1)
@@ -286,10 +307,13 @@ class SessionApi:
         action = Params(params, {"action"}).integer("action", low=1)
         return self.engine.action(action, self.clock()).to_dict()
 
-    def actions(self, params: dict[str, Any], caller: Caller) -> list[dict[str, Any]]:
-        p = Params(params, {"session"})
+    def actions(self, params: dict[str, Any], caller: Caller) -> Listing:
+        """The pending actions of a session (of every session without one), oldest first:
+        at most ``limit``."""
+        p = Params(params, {"session", "limit"})
         session = p.integer("session", low=1) if p.has("session") else None
-        return [a.to_dict() for a in self.engine.pending(session, self.clock())]
+        pending = self.engine.pending(session, self.clock())
+        return _listing(pending, p.limit(LISTED), len(pending))
 
     def end_session(self, params: dict[str, Any], caller: Caller) -> dict[str, Any]:
         session = Params(params, {"session"}).integer("session", low=1)

@@ -72,7 +72,8 @@ def _enforcer(args: argparse.Namespace) -> int:
 
 
 def _ctl(args: argparse.Namespace) -> int:
-    from enforcer.client import Client
+    from enforcer.client import Client, Listing
+    from enforcer.protocol import MAX_LISTED
 
     params = {}
     for item in args.params:
@@ -86,7 +87,11 @@ def _ctl(args: argparse.Namespace) -> int:
         except json.JSONDecodeError:
             params[key] = value
     with Client(args.socket) as client:
-        print(json.dumps(client.call(args.method, **params), indent=2))
+        result = client.call(args.method, **params)
+    print(json.dumps(result, indent=2))
+    if isinstance(result, Listing) and result.more:
+        print(f"({result.more} more not listed: ask with a larger limit=N, at most {MAX_LISTED})",
+              file=sys.stderr)
     return 0
 
 

@@ -2,7 +2,9 @@
 enforcer's own process for application filters (``enforcer.filters``). Both have the
 same methods (``SessionCalls``); only the transport of ``call`` differs.
 
-With them come what a caller passes and catches: ``Flags``, ``SessionApiError`` (the
+With them come what a caller passes, gets and catches: ``Flags``, ``Listing`` (what a
+listing call returns: a list cut to the call's ``limit``, whose ``more`` says how many
+it left out), ``SessionApiError`` (the
 base of the result codes' exceptions, each with its ``name`` and ``hresult``) and
 ``IpFilter``, SPEC.md's IFWXIpFilter (rule 10): a set of inclusive address ranges,
 IPv4 and IPv6, with IncludeRange, ExcludeRange, IncludeFilter, ExcludeFilter,
@@ -18,10 +20,13 @@ import time
 from collections import deque
 from typing import Any
 
+from enforcer.control import Listing
 from enforcer.core.flags import Flags, flag_names
 from enforcer.core.ipfilter import IpFilter
 from enforcer.core.results import ERRORS, SessionApiError
 from enforcer.protocol import encode
+
+EVENTS_KEPT = 1024  # events a caller keeps until it takes them (next_event, events)
 
 
 class ControlError(Exception):
@@ -86,9 +91,11 @@ class SessionCalls:
                            {"ranges": [[low, high] for low, high in ipfilter]})
         return bool(result["result"] == "S_OK")
 
-    def binds(self, session: int | None = None) -> list[dict[str, Any]]:
-        """The binds of a session (of all sessions with None)."""
-        return list(self.call("binds", session=session))
+    def binds(self, session: int | None = None, *, limit: int | None = None) -> Listing:
+        """The binds of a session (of all sessions with None): at most ``limit`` (None: the
+        enforcer's default); ``more`` says how many were left out."""
+        listed: Listing = self.call("binds", session=session, limit=limit)
+        return listed
 
     def register_filter(self, name: str) -> int:
         """Register a session filter; its events arrive on this client (next_event)."""
@@ -108,7 +115,8 @@ class Client(SessionCalls):
         self._ids = itertools.count(1)
         self._sock: socket.socket | None = None
         self._buf = b""
-        self.events: deque[dict[str, Any]] = deque()
+        self.events: deque[dict[str, Any]] = deque(maxlen=EVENTS_KEPT)
+        self.events_dropped = 0  # the oldest events, let go for newer ones
 
     def _connect(self) -> socket.socket:
         if self._sock is None:
@@ -134,18 +142,22 @@ class Client(SessionCalls):
         return self._sock
 
     def call(self, method: str, **params: Any) -> Any:
-        """Call a method; an error reply raises the SessionApiError subclass it names."""
+        """Call a method; an error reply raises the SessionApiError subclass it names. A
+        list comes as a Listing (with the reply's ``more``, as the enforcer's own
+        handlers return it)."""
         rid = next(self._ids)
         reply = self.raw(encode({"id": rid, "method": method, "params": params}))
         if "error" in reply:
             err = reply["error"]
             raise ERRORS.get(err.get("name"), SessionApiError)(err.get("message", ""))
-        return reply.get("result")
+        result = reply.get("result")
+        return Listing(result, reply.get("more", 0)) if isinstance(result, list) else result
 
     def raw(self, data: bytes) -> dict[str, Any]:
         """Send bytes as they are and read the reply line (for tests of bad input).
 
-        Events that arrive meanwhile are kept for next_event().
+        Events that arrive meanwhile are kept for next_event(): the last EVENTS_KEPT of
+        them (``events_dropped`` counts those let go).
         """
         sock = self._connect()
         try:
@@ -159,6 +171,8 @@ class Client(SessionCalls):
                 raise ControlError(f"the enforcer at {self.path} did not answer "
                                    f"within {self.timeout} s")
             if "event" in message and "id" not in message:
+                if len(self.events) == self.events.maxlen:
+                    self.events_dropped += 1
                 self.events.append(message)
                 continue
             return message
@@ -235,4 +249,5 @@ class Action:
         self.client.call("cancel", action=self.id)
 
 
-__all__ = ["Action", "Client", "ControlError", "Flags", "IpFilter", "SessionApiError", "SessionCalls"]
+__all__ = ["EVENTS_KEPT", "Action", "Client", "ControlError", "Flags", "IpFilter", "Listing",
+           "SessionApiError", "SessionCalls"]

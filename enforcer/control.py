@@ -4,8 +4,10 @@ Non-blocking and driven by the daemon's one event loop. A bad request gets an
 error reply naming the problem; the connection (and the daemon) go on serving.
 No client can hold the loop: replies and events are queued and written as the
 socket takes them (a client that lets more than ``MAX_UNSENT`` bytes pile up is
-dropped), and a connection gets at most ``REQUESTS_PER_TURN`` requests answered
-before the loop turns to other work.
+dropped; a reply larger than that on its own is answered with an error instead),
+and a connection gets at most ``REQUESTS_PER_TURN`` requests answered before the
+loop turns to other work. A listing returns at most its ``limit`` of items: the
+reply then says how many it left out (``Listing``).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import os
 import selectors
 import socket
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +41,16 @@ class Caller:
     def push(self, message: dict[str, Any]) -> None:
         """Send an unsolicited message (an event: it has no "id")."""
         self.server.send(self.conn, message)
+
+
+class Listing(list[Any]):
+    """What a listing call returns: a list, cut to the call's limit; ``more`` says how
+    many items were left out (the reply carries it as ``"more"`` beside ``"result"``
+    when it is not 0)."""
+
+    def __init__(self, items: Iterable[Any] = (), more: int = 0) -> None:
+        super().__init__(items)
+        self.more = more
 
 
 log = logging.getLogger("pinhole.enforcer.control")
@@ -141,7 +153,7 @@ class ControlServer:
                 break
             line = bytes(buf[:end])
             del buf[: end + 1]
-            self.send(conn, self.handle_line(line, self._callers[conn]))
+            self._reply(conn, self.handle_line(line, self._callers[conn]))
             if conn not in self._buffers:
                 return  # dropped while answering
         else:
@@ -154,7 +166,7 @@ class ControlServer:
         if len(buf) > MAX_REQUEST:
             # No newline within the limit: answer, then close, since the rest of
             # this line cannot be told apart from the next request.
-            self.send(conn, _error(None, InvalidArgument(
+            self._reply(conn, _error(None, InvalidArgument(
                 f"request too large: more than {MAX_REQUEST} bytes without a newline")))
             self._flush(conn)
             self._drop(conn)
@@ -186,6 +198,11 @@ class ControlServer:
         if not isinstance(request, dict):
             return _error(None, InvalidArgument("request must be a JSON object"))
         rid = request.get("id")
+        # The reply echoes the id: a scalar only (a list or an object may be nested too
+        # deeply to encode).
+        if rid is not None and type(rid) not in (int, str):
+            return _error(None, InvalidArgument(
+                f"'id' must be an integer, a string or null, not {type(rid).__name__}"))
         method = request.get("method")
         params = request.get("params", {})
         if not isinstance(method, str):
@@ -197,20 +214,37 @@ class ControlServer:
             known = ", ".join(sorted(self.handlers))
             return _error(rid, InvalidArgument(f"unknown method '{method}' (known: {known})"))
         try:
-            return {"id": rid, "result": handler(params, caller)}
+            result = handler(params, caller)
         except SessionApiError as exc:
             return _error(rid, exc)
         except Exception as exc:  # a bug in a handler must not take the firewall down
             log.exception("control method %s failed", method)
             return _error(rid, SessionApiError(f"internal error in '{method}': {exc!r}"))
+        if isinstance(result, Listing) and result.more:
+            return {"id": rid, "result": result, "more": result.more}
+        return {"id": rid, "result": result}
+
+    def _reply(self, conn: socket.socket, reply: dict[str, Any]) -> None:
+        """Send a reply; one larger than MAX_UNSENT on its own would drop the client
+        however it reads: it gets an error reply instead."""
+        data = encode(reply)
+        if len(data) > MAX_UNSENT:
+            data = encode(_error(reply["id"], InvalidArgument(
+                f"reply too large: {len(data)} bytes, more than the {MAX_UNSENT} a client may "
+                "leave unread; ask with a smaller 'limit'")))
+        self._queue(conn, data)
 
     def send(self, conn: socket.socket, message: dict[str, Any]) -> None:
-        """Queue a reply or an event and write what the socket takes now; a client that
+        """Send an event (``Caller.push``)."""
+        self._queue(conn, encode(message))
+
+    def _queue(self, conn: socket.socket, data: bytes) -> None:
+        """Queue an encoded message and write what the socket takes now; a client that
         leaves more than MAX_UNSENT bytes unread is dropped."""
         unsent = self._unsent.get(conn)
         if unsent is None:
             return
-        unsent += encode(message)
+        unsent += data
         if len(unsent) > MAX_UNSENT:
             log.warning("dropping a control client that does not read its replies")
             self._drop(conn)

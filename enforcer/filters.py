@@ -55,7 +55,7 @@ from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Any, Protocol
 
-from enforcer.client import SessionCalls
+from enforcer.client import EVENTS_KEPT, SessionCalls
 from enforcer.control import Caller, Handler
 from enforcer.core.datafilter import Direction
 from enforcer.core.fwports import FIRST_UNPRIVILEGED_PORT
@@ -96,7 +96,7 @@ class LocalCaller(Caller):
     """The in-process caller of the session API: events pushed to it are kept."""
 
     def __init__(self) -> None:  # no control connection behind it
-        self.events: deque[dict[str, Any]] = deque(maxlen=1024)
+        self.events: deque[dict[str, Any]] = deque(maxlen=EVENTS_KEPT)
 
     def push(self, message: dict[str, Any]) -> None:
         self.events.append(message)

@@ -11,6 +11,7 @@ import json
 from typing import Any
 
 MAX_REQUEST = 64 * 1024
+MAX_LISTED = 10000  # the most items a listing returns (its 'limit')
 
 
 def encode(message: dict[str, Any]) -> bytes:

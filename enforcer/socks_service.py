@@ -19,9 +19,11 @@ client and in total (at a cap a new one is closed at once), the time to finish t
 handshake, the time a BIND waits for its peer, the bytes held in each direction
 (a client that sends more before its relay starts is not read until it starts),
 and a UDP ASSOCIATE's targets. A session refused at a cap gets a failure, never a
-success first. Whatever a client does, whenever it resets, nothing raises out of
-the event loop; a session's end closes the BIND waits and UDP ASSOCIATEs it held,
-while relays already running go on (their flows were admitted).
+success first. Every refusal is counted, and logged a few a client (``RefusalLog``):
+connections to the service are not under the kernel's caps on new flows. Whatever a
+client does, whenever it resets, nothing raises out of the event loop; a session's
+end closes the BIND waits and UDP ASSOCIATEs it held, while relays already running go
+on (their flows were admitted).
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ import os
 import selectors
 import socket
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
+from typing import Generic, TypeVar
 
 from enforcer.config import SocksSettings
 from enforcer.core import socks
@@ -57,6 +60,8 @@ log = logging.getLogger("pinhole.enforcer.socks")
 
 CONNECT_TIMEOUT = 10.0
 READ_SIZE = 65536  # the most one recv() takes
+REFUSALS_LOGGED_EVERY = 10.0  # s: after a client's first refusal, a line sums up its others
+REFUSING_CLIENTS_APART = 1024  # clients whose refusals are summed up each apart
 _CONNECT_ERRORS = {errno.ECONNREFUSED: Reply.CONNECTION_REFUSED,
                    errno.ENETUNREACH: Reply.NETWORK_UNREACHABLE,
                    errno.EHOSTUNREACH: Reply.HOST_UNREACHABLE,
@@ -71,33 +76,80 @@ def _digest(password: str) -> bytes:
     return hashlib.sha256(password.encode()).digest()
 
 
-class Deadlines:
-    """Connections waiting for one kind of timeout, in the order theirs fall due: one
-    timeout for all, on a monotonic clock, so the order they came in. A pass looks
-    only at what is due."""
+K = TypeVar("K", bound=Hashable)
+
+
+class Deadlines(Generic[K]):
+    """What waits for one kind of timeout (connections, clients), in the order theirs
+    fall due: one timeout for all, on a monotonic clock, so the order they came in. A
+    pass looks only at what is due."""
 
     def __init__(self, timeout: float) -> None:
         self.timeout = timeout
-        self._due: dict[_Client, float] = {}
+        self._due: dict[K, float] = {}
 
-    def add(self, client: _Client, now: float) -> None:
-        self._due[client] = now + self.timeout
+    def add(self, key: K, now: float) -> None:
+        """Start the wait of ``key`` (one not waiting: the order is the adding's)."""
+        self._due[key] = now + self.timeout
 
-    def discard(self, client: _Client) -> None:
-        self._due.pop(client, None)
+    def discard(self, key: K) -> None:
+        self._due.pop(key, None)
 
-    def due(self, now: float) -> list[_Client]:
+    def due(self, now: float) -> list[K]:
+        """What is due at ``now``, no longer waiting."""
         out = []
-        for client, at in self._due.items():
+        for key, at in self._due.items():
             if at > now:
                 break
-            out.append(client)
-        for client in out:
-            del self._due[client]
+            out.append(key)
+        for key in out:
+            del self._due[key]
         return out
 
     def next(self) -> float | None:
         return next(iter(self._due.values()), None)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._due
+
+    def __len__(self) -> int:
+        return len(self._due)
+
+
+class RefusalLog:
+    """Refused connections, logged a few a client: its first refusal at once, then at
+    most one line each REFUSALS_LOGGED_EVERY seconds saying how many more it had and
+    the last (the counters count each). A client without one in that time is
+    forgotten. Beyond REFUSING_CLIENTS_APART clients at once, the others' refusals are
+    logged as one client's."""
+
+    def __init__(self) -> None:
+        # by client (None: the others), until its next line may be logged
+        self._waits: Deadlines[IPAddress | None] = Deadlines(REFUSALS_LOGGED_EVERY)
+        self._unlogged: dict[IPAddress | None, tuple[int, str]] = {}  # how many, the last
+
+    def refused(self, client: IPAddress, what: str, now: float) -> None:
+        """A refusal of ``client``: ``what`` says it."""
+        key = client if client in self._waits or len(self._waits) < REFUSING_CLIENTS_APART else None
+        if key in self._waits:
+            count, _ = self._unlogged.get(key, (0, ""))
+            self._unlogged[key] = (count + 1, what)
+            return
+        log.info("SOCKS: %s", what)
+        self._waits.add(key, now)
+
+    def tick(self, now: float) -> None:
+        """Sum up the refusals not logged of each client whose wait is over."""
+        for key in self._waits.due(now):
+            count, last = self._unlogged.pop(key, (0, ""))
+            if count:
+                log.info("SOCKS: %d more refusals of %s since the last line about it (the last: %s)",
+                         count, "other clients" if key is None else key, last)
+                self._waits.add(key, now)
+
+    def __len__(self) -> int:
+        """Clients it holds state for."""
+        return len(self._waits)
 
 
 class SocksService:
@@ -119,9 +171,11 @@ class SocksService:
         self.listeners: list[socket.socket] = []
         self.clients: set[_Client] = set()
         self.by_session: dict[int, set[_Client]] = {}  # authenticated clients, by session
-        self.handshakes = Deadlines(self.limits.socks_handshake_timeout)  # until the request
-        self.connects = Deadlines(CONNECT_TIMEOUT)  # CONNECT: until the target answers
-        self.binds = Deadlines(self.limits.socks_bind_timeout)  # BIND: until the peer comes
+        # until the request; CONNECT: until the target answers; BIND: until the peer comes
+        self.handshakes: Deadlines[_Client] = Deadlines(self.limits.socks_handshake_timeout)
+        self.connects: Deadlines[_Client] = Deadlines(CONNECT_TIMEOUT)
+        self.binds: Deadlines[_Client] = Deadlines(self.limits.socks_bind_timeout)
+        self.refusals = RefusalLog()
         self._digests = {user: _digest(password) for user, password in settings.users.items()}
         self._nobody = os.urandom(32)  # what an unknown user's password is compared with
         engine.on_session_end = self._session_ended
@@ -150,11 +204,12 @@ class SocksService:
             # The weak-host model delivers what reaches an internal address from outside;
             # the fw's rules drop it first, and this holds without them (fail_open).
             self.engine.counters["socks: refused a client from outside"] += 1
-            log.info("SOCKS: refused %s, which is on no internal network", ip)
+            self.refusals.refused(ip, f"refused {ip}, which is on no internal network", self.clock())
             sock.close()
             return
         if not self.quota.fits(ip):
-            log.info("SOCKS: refused a connection of %s: %s", ip, self.quota.refuse(ip))
+            self.refusals.refused(ip, f"refused a connection of {ip}: {self.quota.refuse(ip)}",
+                                  self.clock())
             sock.close()
             return
         self.quota.take(ip)
@@ -187,7 +242,8 @@ class SocksService:
 
     def tick(self, now: float) -> None:
         """Close what waited too long: a handshake, a connect, a BIND's peer. Each under
-        the loop's guard: one client's failure stops no other."""
+        the loop's guard: one client's failure stops no other. Then log the refusals
+        due a line (at most a second late: the daemon ticks at least once a second)."""
         for client in self.handshakes.due(now):
             self.engine.counters["socks: handshake timed out"] += 1
             self.loop.guard(client.close, None, "SOCKS timer")
@@ -198,9 +254,11 @@ class SocksService:
             self.engine.counters["socks: bind timed out"] += 1
             self.loop.guard(functools.partial(client.fail, Reply.TTL_EXPIRED, "no peer came"),
                             client.close, "SOCKS timer")
+        self.refusals.tick(now)
 
     def next_deadline(self) -> float | None:
-        """When ``tick`` next has something to do."""
+        """When ``tick`` next has a wait to end (the refusals' lines need no wakeup of
+        their own: they wait for a tick that comes anyway)."""
         due = [d for d in (self.handshakes.next(), self.connects.next(), self.binds.next())
                if d is not None]
         return min(due) if due else None
@@ -322,7 +380,8 @@ class _Client:
         try:
             session = self.engine.open_firewall_session(self.ip, user, self.service.clock())
         except SessionApiError as exc:
-            log.info("SOCKS client %s refused: %s", self.ip, exc)
+            self.service.refusals.refused(self.ip, f"client {self.ip} refused: {exc}",
+                                          self.service.clock())
             self._send(self.handshake.refuse())
             self.close()
             return

@@ -531,9 +531,11 @@ def cancel_pending(lab: Lab) -> None:
 
     if isinstance(lab.firewall, EnforcerProcess) and lab.firewall.running:
         with lab.firewall.client() as client:
-            for action in client.call("actions"):
-                with contextlib.suppress(Terminating):
-                    client.call("cancel", action=action["action"])
+            # (a listing holds at most its limit: again until none is left)
+            while actions := [a["action"] for a in client.call("actions")]:
+                for action in actions:
+                    with contextlib.suppress(Terminating):
+                        client.call("cancel", action=action)
 
 
 class App(Net):

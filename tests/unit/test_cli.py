@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -98,6 +99,36 @@ def test_ctl_at_a_socket_that_is_not_the_enforcer_s_is_one_line(
     err = capsys.readouterr().err
     assert err.startswith(f"pinhole: {path} did not answer in the control protocol: ") and \
         err.count("\n") == 1, err
+
+
+def test_ctl_says_when_a_listing_was_cut(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A listing cut to its limit is printed whole, and a line on stderr says how many
+    more there are."""
+    import socket
+    import threading
+
+    path = tmp_path / "enforcer.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(1)
+
+    def answer_once() -> None:
+        conn, _ = server.accept()
+        with conn:
+            request = json.loads(conn.recv(65536))
+            conn.sendall(json.dumps({"id": request["id"], "result": [{"id": 1}], "more": 41}).encode()
+                         + b"\n")
+
+    thread = threading.Thread(target=answer_once)
+    thread.start()
+    try:
+        assert cli.main(["ctl", "sessions", "limit=1", "--socket", str(path)]) == 0
+    finally:
+        thread.join(5)
+        server.close()
+    out, err = capsys.readouterr()
+    assert json.loads(out) == [{"id": 1}]
+    assert err == "(41 more not listed: ask with a larger limit=N, at most 10000)\n", err
 
 
 def test_ctl_at_a_path_too_long_says_why(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,14 +1,17 @@
-"""enforcer.control (handle_line, the socket's life) and enforcer.core.results (HRESULTs)."""
+"""enforcer.control (handle_line, the socket's life), enforcer.client's connection and
+enforcer.core.results (HRESULTs)."""
 
 from __future__ import annotations
 
 import contextlib
 import errno
 import json
+import logging
 import os
 import select
 import socket
 import stat
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from enforcer.client import EVENTS_KEPT, Client
 from enforcer.control import MAX_UNSENT, REQUESTS_PER_TURN, Caller, ControlServer, SocketInUse
 from enforcer.core import results
 from enforcer.core.results import (
@@ -481,3 +485,109 @@ def test_accept_out_of_descriptors_pauses_the_listener(server: ControlServer) ->
     time.sleep(max(0.0, due - time.monotonic()))
     server.loop.run_once(0)
     assert server.loop.watched(real)
+
+
+def _connected(server: ControlServer) -> socket.socket:
+    """A client connection to ``server``, accepted."""
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    client.connect(str(server.path))
+    server.loop.run_once(0.5)  # accept
+    return client
+
+
+def _ask(server: ControlServer, client: socket.socket, line: bytes) -> dict[str, Any]:
+    """Send one request line and read its reply, running the server meanwhile (the
+    connection must stay open)."""
+    client.sendall(line + b"\n")
+    got = b""
+    deadline = time.monotonic() + 10
+    while not got.endswith(b"\n"):
+        assert time.monotonic() < deadline, f"no reply to {line[:60]!r}"
+        server.loop.run_once(0.01)
+        while select.select([client], [], [], 0)[0]:
+            chunk = client.recv(1 << 20)
+            assert chunk, f"the connection closed after {line[:60]!r}"
+            got += chunk
+    reply: dict[str, Any] = json.loads(got)
+    return reply
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a non-root peer is refused before it can send")
+def test_a_reply_too_large_to_hold_is_an_error_and_the_connection_goes_on(
+        server: ControlServer, caplog: pytest.LogCaptureFixture) -> None:
+    """A reply larger than MAX_UNSENT on its own would drop a client however it reads
+    (as one that does not read its replies): it gets an error reply instead."""
+    server.handlers["big"] = lambda p, c: "x" * int(p["size"])
+    framing = len(encode({"id": 1, "result": ""}))
+    client = _connected(server)
+    try:
+        reply = _ask(server, client, b'{"id": 1, "method": "big", "params": {"size": %d}}'
+                     % MAX_UNSENT)
+        assert_invalid(reply, 1, f"reply too large: {MAX_UNSENT + framing} bytes",
+                       "ask with a smaller 'limit'")
+        assert _ask(server, client, b'{"id": 2, "method": "ping"}') == \
+            {"id": 2, "result": {"pong": True}}
+        # one at the cap is sent whole
+        reply = _ask(server, client, b'{"id": 1, "method": "big", "params": {"size": %d}}'
+                     % (MAX_UNSENT - framing))
+        assert len(reply["result"]) == MAX_UNSENT - framing
+    finally:
+        client.close()
+    assert not [r for r in caplog.records if "does not read" in r.getMessage()]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a non-root peer is refused before it can send")
+def test_an_id_that_is_not_a_scalar_is_an_error_reply_and_the_connection_goes_on(
+        server: ControlServer, caplog: pytest.LogCaptureFixture) -> None:
+    """The reply echoes the id: one nested deeply enough to parse but not to encode a
+    frame deeper raised out of the callback (a traceback, the connection closed, no
+    reply). Only an integer, a string or null is taken."""
+    lines = [b'{"id": %s, "method": "ping"}' % (b"[" * depth + b"]" * depth)
+             for depth in range(950, 1001)]
+    lines += [b'{"id": [1], "method": "ping"}', b'{"id": {"a": 1}, "method": "ping"}',
+              b'{"id": true, "method": "ping"}', b'{"id": 1.5, "method": "ping"}']
+    client = _connected(server)
+    try:
+        for i, line in enumerate(lines):
+            reply = _ask(server, client, line)
+            assert reply["id"] is None and reply["error"]["name"] == "E_INVALIDARG", line[-40:]
+            assert _ask(server, client, b'{"id": %d, "method": "ping"}' % i) == \
+                {"id": i, "result": {"pong": True}}
+        named = [_ask(server, client, line)["error"]["message"] for line in lines[-4:]]
+        assert named == [f"'id' must be an integer, a string or null, not {kind}"
+                         for kind in ("list", "dict", "bool", "float")]
+    finally:
+        client.close()
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]  # no callback failed
+
+
+def test_the_client_keeps_the_last_events_it_is_sent_while_it_waits(tmp_path: Path) -> None:
+    """A filter's process that registered for events but only makes calls: what it is
+    sent while it waits for a reply is kept up to EVENTS_KEPT (the oldest let go,
+    counted); the reply still comes."""
+    path = tmp_path / "fake.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.settimeout(30)
+    listener.bind(str(path))
+    listener.listen(1)
+    flood = 200_000
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            request = json.loads(conn.makefile("rb").readline())
+            conn.sendall(b"".join(b'{"event":"connect","n":%d}\n' % n for n in range(flood)))
+            conn.sendall(encode({"id": request["id"], "result": {"pong": True}}))
+
+    server_thread = threading.Thread(target=serve)
+    server_thread.start()
+    try:
+        with Client(str(path), timeout=30) as client:
+            assert client.call("ping") == {"pong": True}
+            assert len(client.events) == EVENTS_KEPT
+            assert client.events_dropped == flood - EVENTS_KEPT
+            assert [e["n"] for e in client.events] == list(range(flood - EVENTS_KEPT, flood))
+            assert client.next_event(0)["n"] == flood - EVENTS_KEPT  # type: ignore[index]
+    finally:
+        server_thread.join()
+        listener.close()

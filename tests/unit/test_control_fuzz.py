@@ -2,12 +2,13 @@
 
 ``ControlServer.handle_line`` with the session API's real handlers gets random
 bytes, broken JSON (every valid request cut short and with bytes changed),
-random JSON, and, for every parameter of every method, values of every wrong
-type and range. Every line gets a reply that can be sent, with the request's id
-where it has one: a result, or an error with one of the documented names, never
-an internal error (E_FAIL, a handler that raised) and never an exception out of
-``handle_line``. A request that fails changes nothing, and afterwards the API
-still grants and the engine still admits what the grant allows.
+random JSON (as a request, its parameters and its id), and, for every parameter
+of every method, values of every wrong type and range. Every line gets a reply
+that can be sent, with the request's id where it is an integer or a string: a
+result, or an error with one of the documented names, never an internal error
+(E_FAIL, a handler that raised) and never an exception out of ``handle_line``. A
+request that fails changes nothing, and afterwards the API still grants and the
+engine still admits what the grant allows.
 """
 
 from __future__ import annotations
@@ -137,12 +138,14 @@ def line_of(method: str, params: dict[str, Any], rid: Any = 7) -> bytes:
 
 def expected_id(line: bytes) -> Any:
     """The id a reply must carry: the request's, where the line is a JSON object in
-    UTF-8 that Python reads (a number of more than 4300 digits it does not)."""
+    UTF-8 that Python reads (a number of more than 4300 digits it does not) and the id
+    an integer or a string."""
     try:
         request = json.loads(line.decode())
     except ValueError:
         return None
-    return request.get("id") if isinstance(request, dict) else None
+    rid = request.get("id") if isinstance(request, dict) else None
+    return rid if type(rid) in (int, str) else None
 
 
 def assert_answered(reply: Any, rid: Any, what: str) -> str:
@@ -222,9 +225,10 @@ def test_random_bytes_broken_json_and_random_requests(server: tuple[ControlServe
             for _ in range(rng.randrange(1, 4)):
                 broken[rng.randrange(len(broken))] = rng.getrandbits(8)
             lines.append(bytes(broken))
-    for _ in range(5000):  # random JSON, as a whole request and as a method's parameters
+    for _ in range(5000):  # random JSON, as a whole request, as a method's parameters and as an id
         method = rng.choice(sorted(world.valid()))
-        request = rng.choice((random_json(rng), {"id": 3, "method": method, "params": random_json(rng)}))
+        request = rng.choice((random_json(rng), {"id": 3, "method": method, "params": random_json(rng)},
+                              {"id": random_json(rng), "method": "ping"}))
         lines.append(json.dumps(request).encode())
     lines.append(b"x" * (MAX_REQUEST + 1))
     outcomes: dict[str, int] = {}

@@ -94,7 +94,8 @@ def test_every_chain_has_a_place_in_every_backend() -> None:
         assert set(backend.CHAINS) == set(places), backend
 
 
-BASE_HEAD = [Rule(Match(ct_mark=MarkIs(MARK_ONE_WAY, MARK_ONE_WAY), ct_reply=True), DROP),
+BASE_HEAD = [Rule(Match(ct_status="expected"), DROP),
+             Rule(Match(ct_mark=MarkIs(MARK_ONE_WAY, MARK_ONE_WAY), ct_reply=True), DROP),
              Rule(Match(ct_mark=MarkIs(MARK_KERNEL, MARK_MODE)), ACCEPT)]
 
 
@@ -246,7 +247,7 @@ def test_marks_restored_and_saved() -> None:
 def test_the_fw_s_icmp_errors_about_user_mode_flows_are_queued() -> None:
     assert chain(rules_of(running()), Hook.OUTPUT, Stage.FILTER) == (
         Rule(Match(protocols=("icmp",), ct_mark=MarkIs(MARK_USER, MARK_MODE), ct_state=("related",),
-                   ct_confirmed=True), Queue(3, False)),)
+                   ct_status="confirmed"), Queue(3, False)),)
 
 
 @pytest.mark.parametrize("nat", [False, True])
@@ -326,11 +327,13 @@ CONDITIONS: list[tuple[Match, list[str], list[str], str]] = [
      ["-m connmark ! --mark 0x00000000/0x00000030 -j ACCEPT"], "ct mark and 0x00000030 != 0x00000000 accept"),
     (Match(ct_state=("invalid", "untracked")), ["-m conntrack --ctstate INVALID,UNTRACKED -j ACCEPT"],
      ["-m conntrack --ctstate INVALID,UNTRACKED -j ACCEPT"], "ct state invalid,untracked accept"),
-    (Match(ct_confirmed=True), ["-m conntrack --ctstatus CONFIRMED -j ACCEPT"],
+    (Match(ct_status="confirmed"), ["-m conntrack --ctstatus CONFIRMED -j ACCEPT"],
      ["-m conntrack --ctstatus CONFIRMED -j ACCEPT"], "ct status confirmed accept"),
+    (Match(ct_status="expected"), ["-m conntrack --ctstatus EXPECTED -j ACCEPT"],
+     ["-m conntrack --ctstatus EXPECTED -j ACCEPT"], "ct status expected accept"),
     (Match(ct_reply=True), ["-m conntrack --ctdir REPLY -j ACCEPT"], ["-m conntrack --ctdir REPLY -j ACCEPT"],
      "ct direction reply accept"),
-    (Match(ct_state=("related",), ct_confirmed=True, ct_reply=True),
+    (Match(ct_state=("related",), ct_status="confirmed", ct_reply=True),
      ["-m conntrack --ctstate RELATED --ctstatus CONFIRMED --ctdir REPLY -j ACCEPT"],
      ["-m conntrack --ctstate RELATED --ctstatus CONFIRMED --ctdir REPLY -j ACCEPT"],
      "ct state related ct status confirmed ct direction reply accept"),

@@ -6,12 +6,13 @@ import ipaddress
 import json
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from enforcer.api import MAX_FILTERS_PER_CONNECTION, SessionApi
-from enforcer.control import Caller
+from enforcer.api import LISTED, MAX_FILTERS_PER_CONNECTION, SessionApi
+from enforcer.control import MAX_UNSENT, Caller, ControlServer
 from enforcer.core.effects import AddRedirect, Effect, GrowReceiveBuffer
 from enforcer.core.engine import Engine
 from enforcer.core.events import MAX_CONNECT_REGISTRATIONS
@@ -27,7 +28,9 @@ from enforcer.core.policy import (
     SiteRule,
 )
 from enforcer.core.results import InvalidArgument, IsBusy, NotFound, Terminating
-from enforcer.protocol import encode
+from enforcer.filters import InProcessCalls
+from enforcer.loop import Loop
+from enforcer.protocol import MAX_LISTED, encode
 
 FTP = uuid.UUID("5c3c2a3e-8f1b-4c1e-9a57-1f0d3a6b2101")
 CLIENT = ipaddress.ip_address("192.0.2.11")
@@ -538,6 +541,59 @@ def test_binds_lists_by_session() -> None:
         api.binds({"bind": 1}, FakeCaller())
     api.engine.end_session(session, 1.0)
     assert api.binds({}, FakeCaller()) == [theirs.to_dict()]
+
+
+def test_listings_return_at_most_their_limit_and_say_how_many_more(tmp_path: Path) -> None:
+    """sessions, actions and binds listed whole tables (65536 sessions: a reply of 8.9 MB,
+    built in the loop, and a client dropped as one that does not read). Each listing
+    returns at most its limit, the oldest first, and its reply says how many it left
+    out."""
+    api = build_api()
+    engine, caller = api.engine, FakeCaller()
+    firewall = []
+    while len(engine.sessions) < LISTED + 5:  # the primary's SecureNAT session, and these
+        n = len(firewall)
+        client = ipaddress.ip_address(f"192.0.2.{20 + n // 16}")  # sessions_per_client: 16
+        firewall.append(engine.open_firewall_session(client, f"user{n}", 0.0).id)
+        afc(api, session=firewall[-1], port=20000 + n)
+    afc(api, session=firewall[0], port=30000)
+    afc(api, session=firewall[0], port=30001)
+    for session in firewall[:3]:
+        engine.bind_for_client(session, 6, EXT, 0.0)
+    engine.decide(PacketMeta(FlowKey(6, CLIENT, 40001, SERVER, 21), Ingress.INTERNAL, 0x02), 1.0)
+
+    sessions = api.sessions({}, caller)
+    assert len(sessions) == LISTED and sessions.more == 5
+    assert [s["id"] for s in sessions] == [s.id for s in engine.sessions][:LISTED]
+    assert (len(api.sessions({"limit": 10}, caller)), api.sessions({"limit": 10}, caller).more) == \
+        (10, LISTED - 5)
+    actions = api.actions({}, caller)
+    assert len(actions) == LISTED and actions.more == len(firewall) + 2 - LISTED
+    assert [a["action"] for a in actions] == sorted(a["action"] for a in actions)
+    mine = api.actions({"session": firewall[0], "limit": 2}, caller)
+    assert [a["target"][1] for a in mine] == [20000, 30000] and mine.more == 1
+    binds = InProcessCalls(api.handlers()).binds(limit=2)  # the client's wrapper
+    assert [b["session"] for b in binds] == firewall[:2] and binds.more == 1
+    assert api.flows({"limit": 1}, caller).more == 1
+    assert api.decisions({"limit": 1}, caller).more == len(engine.recent) - 1
+    assert api.binds({"limit": None}, caller).more == 0  # null: the default
+
+    srv = ControlServer(str(tmp_path / "c.sock"), api.handlers(), Loop())
+    try:
+        for method in ("sessions", "actions"):
+            reply = srv.handle_line(b'{"id": 1, "method": "%s"}' % method.encode(), caller)
+            assert set(reply) == {"id", "result", "more"} and len(reply["result"]) == LISTED
+            assert len(encode(reply)) < MAX_UNSENT // 8, "the default is not well under the cap"
+        reply = srv.handle_line(b'{"id": 2, "method": "sessions", "params": {"limit": %d}}'
+                                % MAX_LISTED, caller)
+        assert set(reply) == {"id", "result"} and len(reply["result"]) == LISTED + 5
+        for bad in (0, MAX_LISTED + 1, "10", 1.5, True):
+            for method in ("sessions", "actions", "binds", "flows", "decisions"):
+                reply = srv.handle_line(json.dumps({"id": 3, "method": method,
+                                                    "params": {"limit": bad}}).encode(), caller)
+                assert reply["error"]["message"].startswith("'limit' must be"), (method, bad, reply)
+    finally:
+        srv.close()
 
 
 def test_decisions_since_a_time_are_those_made_then_or_later(api: SessionApi) -> None:

@@ -6,6 +6,7 @@ loop."""
 from __future__ import annotations
 
 import ipaddress
+import logging
 import select
 import socket
 import uuid
@@ -22,7 +23,7 @@ from enforcer.core.packet import TCP, UDP
 from enforcer.core.permissions import ActionState
 from enforcer.core.socks import BIND, UDP_ASSOCIATE, Reply
 from enforcer.loop import Loop
-from enforcer.socks_service import _Pipe
+from enforcer.socks_service import REFUSALS_LOGGED_EVERY, REFUSING_CLIENTS_APART, RefusalLog, _Pipe
 
 DNS = uuid.UUID("5c3c2a3e-8f1b-4c1e-9a57-1f0d3a6b2104")
 FTP = uuid.UUID("5c3c2a3e-8f1b-4c1e-9a57-1f0d3a6b2101")
@@ -98,6 +99,62 @@ def test_connections_are_capped_per_client_and_in_total(make: Callable[..., Rig]
     held.pop(0).close()
     rig.pump()
     assert rig.login(rig.connect("127.0.0.1")) == b"\x05\x02\x01\x00", "the freed place is not taken"
+
+
+def socks_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "pinhole.enforcer.socks"]
+
+
+def test_refusals_are_each_counted_and_logged_a_few_a_client(make: Callable[..., Rig],
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    """Connections to the service are not under the kernel's caps on new flows: a client
+    at its cap that went on connecting wrote a line each time. Each refusal is counted;
+    the log has the client's first, then a line an interval with how many more."""
+    caplog.set_level(logging.INFO, logger="pinhole.enforcer.socks")
+    rig = make(socks_connections_per_client=1)
+    held = rig.connect("127.0.0.1")
+    counters = rig.engine.counters
+    for batch in range(10):  # 1000 connections, 100 at a time (the listen backlog takes them)
+        made = [socket.create_connection(rig.address, source_address=("127.0.0.1", 0))
+                for _ in range(100)]
+        for _ in range(1000):
+            if counters["refused: socks_connections_per_client"] == 100 * (batch + 1):
+                break
+            rig.loop.run_once(0.01)
+        for s in made:
+            s.close()
+    assert counters["refused: socks_connections_per_client"] == 1000
+    assert rig.login(held) == b"\x05\x02\x01\x00"  # the one held is served
+    (first,) = socks_lines(caplog)
+    assert first.startswith("SOCKS: refused a connection of 127.0.0.1: the socks_connections_per_client")
+    rig.later(REFUSALS_LOGGED_EVERY)
+    assert socks_lines(caplog)[1:] == [
+        f"SOCKS: 999 more refusals of 127.0.0.1 since the last line about it (the last: {first[7:]})"]
+    rig.later(REFUSALS_LOGGED_EVERY)  # none since: nothing to say, and the client is forgotten
+    assert len(socks_lines(caplog)) == 2 and len(rig.service.refusals) == 0
+
+
+def test_the_refusal_log_tells_a_bounded_number_of_clients_apart(caplog: pytest.LogCaptureFixture) -> None:
+    """Refusals of many clients: the log holds state for at most REFUSING_CLIENTS_APART
+    of them (and the others together), and logs that many lines an interval at most."""
+    caplog.set_level(logging.INFO, logger="pinhole.enforcer.socks")
+    refusals = RefusalLog()
+    clients = [ipaddress.ip_address(0x0A000000 + i) for i in range(5 * REFUSING_CLIENTS_APART)]
+    for _ in range(3):
+        for client in clients:
+            refusals.refused(client, f"refused {client}", 0.0)
+            assert len(refusals) <= REFUSING_CLIENTS_APART + 1
+    assert len(socks_lines(caplog)) == REFUSING_CLIENTS_APART + 1
+    refusals.tick(REFUSALS_LOGGED_EVERY)
+    summaries = socks_lines(caplog)[REFUSING_CLIENTS_APART + 1:]
+    assert len(summaries) == REFUSING_CLIENTS_APART + 1
+    assert summaries[0] == f"SOCKS: 2 more refusals of {clients[0]} since the last line about it " \
+        f"(the last: refused {clients[0]})"
+    others = 3 * (len(clients) - REFUSING_CLIENTS_APART) - 1
+    assert summaries[-1] == f"SOCKS: {others} more refusals of other clients since the last line " \
+        f"about it (the last: refused {clients[-1]})"
+    refusals.tick(2 * REFUSALS_LOGGED_EVERY)
+    assert len(refusals) == 0
 
 
 def test_a_client_from_outside_is_refused(make: Callable[..., Rig]) -> None:

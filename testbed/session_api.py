@@ -13,7 +13,8 @@ own definitions must not sit on both sides of a check.
   ``call(method, **params)``; ``Action``: a FirewallAction held by the harness.
 - ``ControlClient``: those calls over the enforcer's control protocol (README "The
   enforcer"): one JSON object per line on a UNIX socket. A request is ``{"id", "method",
-  "params"}``; its reply ``{"id", "result"}`` or ``{"id", "error": {"name", "hresult",
+  "params"}``; its reply ``{"id", "result"}`` (a listing cut to its limit also says
+  ``"more"``, which the harness does not read) or ``{"id", "error": {"name", "hresult",
   "message"}}``; an event for a filter registered on the connection is pushed as an
   object with ``"event"`` and no ``"id"``.
 """

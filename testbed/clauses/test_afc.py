@@ -8,6 +8,7 @@ import time
 import pytest
 from scapy.layers.inet import TCP, UDP
 from scapy.layers.l2 import Ether
+from scapy.packet import Packet
 
 from testbed import timeouts
 from testbed.agent import multiset_digest
@@ -15,6 +16,7 @@ from testbed.checks import expect_no_packet, expect_packet
 from testbed.clauses.helpers import (
     FTP_GUID,
     NEGATIVE,
+    answers_to,
     assert_dropped_silently,
     assert_echoed,
     assert_ran_in_mode,
@@ -599,3 +601,44 @@ def test_user_mode_sees_every_packet_and_kernel_mode_only_the_first(net: Net, mo
         assert flow["bytes_out"] > 1_000_000 and flow["bytes_back"] > 1_000_000, flow
     else:
         assert seen == (1, 0), f"kernel mode: the enforcer should see the SYN only, saw {seen}"
+
+
+@pytest.mark.clause("AFC-02")
+def test_a_single_use_grant_admits_one_of_two_first_packets_sent_together(net: Net, mode: str) -> None:
+    """Two SYNs from two ports of c1, sent together to a single-use TCP grant, and two
+    first datagrams to a single-use UDP grant: one of each reaches s1 (whichever the fw
+    decides first; the SYN is answered, the datagram's grant is one way); both reached
+    the fw, and nothing answers the other (no reset, no reply, no ICMP). Single use holds
+    however close together the first packets come."""
+    c1, s1 = net.agent("c1"), net.agent("s1")
+    src, dst = net.addr("c1"), net.addr("s1")
+    probes = {30015: [syn(net, src, dst, probe_port(), 30015) for _ in range(2)],
+              30016: [datagram(net, src, dst, probe_port(), 30016, b"first") for _ in range(2)]}
+    since = time.time()
+    with net.client() as api, s1.tcp_server(dst, 30015), s1.udp_server(dst, 30016), \
+            s1.sniff(net.iface("s1"), bpf="dst port 30015 or dst port 30016") as at_server, \
+            c1.sniff(net.iface("c1")) as at_client:
+        actions = [grant(net, api, (dst, 30015)), grant(net, api, (dst, 30016), protocol="udp")]
+        c1.send([probe for sent in probes.values() for probe in sent])
+        layers: dict[int, type[Packet]] = {30015: TCP, 30016: UDP}
+        for port, layer in layers.items():
+            expect_packet(at_server, layer(dport=port))
+        time.sleep(NEGATIVE)  # the other, had it passed, would be there by now
+        for port, sent in probes.items():
+            layer = layers[port]
+            sports = {int(p[layer].sport) for p in sent}
+            reached = {int(p[layer].sport) for p in at_server.packets()
+                       if layer in p and int(p[layer].dport) == port}
+            assert len(reached) == 1, f"{len(reached)} of the 2 first packets to {port} reached s1"
+            at_fw = {int(p[layer].sport) for p in net.fw_received(net.topology.fw_internal_iface,
+                                                                   since).packets()
+                     if layer in p and int(p[layer].dport) == port}
+            assert at_fw == sports, f"to {port}: the fw got {sorted(at_fw)} of {sorted(sports)}"
+            answered = {int(p[layer].dport) for p in at_client.packets()
+                        if layer in p and int(p[layer].sport) == port}
+            # TCP: the SYN that passed is answered; UDP: neither (the grant is one way)
+            assert len(answered) == (layer is TCP) and answered <= sports, \
+                f"to {port}: answered {answered}"
+            unanswered = [p for p in sent if int(p[layer].sport) not in answered]
+            expect_no_packet(at_client, answers_to([(p, since) for p in unanswered]), timeout=0)
+        assert [a.state for a in actions] == ["consumed", "consumed"]

@@ -273,7 +273,12 @@ def test_malformed_control_requests_get_error_replies_and_the_enforcer_goes_on(n
                 answer = reader.readline()
                 assert answer, f"no reply to {line[:100]!r}:\n{net.enforcer.log_tail()}"
                 reply = json.loads(answer)
-                assert set(reply) in ({"id", "result"}, {"id", "error"}), (line[:100], reply)
+                # (a listing cut to its limit says how many more beside its result)
+                assert set(reply) in ({"id", "result"}, {"id", "result", "more"}, {"id", "error"}), \
+                    (line[:100], reply)
+                if "more" in reply:
+                    assert isinstance(reply["result"], list) and type(reply["more"]) is int \
+                        and reply["more"] > 0, (line[:100], reply)
                 if "error" in reply:
                     assert reply["error"]["name"] in documented, (line[:100], reply)
         # no newline within the limit; a request cut off by a hang-up; requests whose

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -72,13 +73,11 @@ def test_ctl_rejects_a_parameter_that_is_not_key_value(capsys: pytest.CaptureFix
     assert capsys.readouterr().err == f"pinhole: {message}\n"
 
 
-@pytest.mark.parametrize("answer", [b"HTTP/1.0 400 Bad Request\r\n", b"[1]\n", b"\xff\n"])
-def test_ctl_at_a_socket_that_is_not_the_enforcer_s_is_one_line(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str], answer: bytes) -> None:
+def ctl_answered(path: Path, answer: Callable[[bytes], bytes], *argv: str) -> int:
+    """``pinhole ctl argv`` at a socket whose one connection gets ``answer(request)``."""
     import socket
     import threading
 
-    path = tmp_path / "other.sock"
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(str(path))
     server.listen(1)
@@ -86,16 +85,22 @@ def test_ctl_at_a_socket_that_is_not_the_enforcer_s_is_one_line(
     def answer_once() -> None:
         conn, _ = server.accept()
         with conn:
-            conn.recv(65536)
-            conn.sendall(answer)
+            conn.sendall(answer(conn.recv(65536)))
 
     thread = threading.Thread(target=answer_once)
     thread.start()
     try:
-        assert cli.main(["ctl", "status", "--socket", str(path)]) == 2
+        return cli.main(["ctl", *argv, "--socket", str(path)])
     finally:
         thread.join(5)
         server.close()
+
+
+@pytest.mark.parametrize("answer", [b"HTTP/1.0 400 Bad Request\r\n", b"[1]\n", b"\xff\n"])
+def test_ctl_at_a_socket_that_is_not_the_enforcer_s_is_one_line(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], answer: bytes) -> None:
+    path = tmp_path / "other.sock"
+    assert ctl_answered(path, lambda _request: answer, "status") == 2
     err = capsys.readouterr().err
     assert err.startswith(f"pinhole: {path} did not answer in the control protocol: ") and \
         err.count("\n") == 1, err
@@ -104,28 +109,11 @@ def test_ctl_at_a_socket_that_is_not_the_enforcer_s_is_one_line(
 def test_ctl_says_when_a_listing_was_cut(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A listing cut to its limit is printed whole, and a line on stderr says how many
     more there are."""
-    import socket
-    import threading
+    def cut(request: bytes) -> bytes:
+        reply = {"id": json.loads(request)["id"], "result": [{"id": 1}], "more": 41}
+        return json.dumps(reply).encode() + b"\n"
 
-    path = tmp_path / "enforcer.sock"
-    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    server.bind(str(path))
-    server.listen(1)
-
-    def answer_once() -> None:
-        conn, _ = server.accept()
-        with conn:
-            request = json.loads(conn.recv(65536))
-            conn.sendall(json.dumps({"id": request["id"], "result": [{"id": 1}], "more": 41}).encode()
-                         + b"\n")
-
-    thread = threading.Thread(target=answer_once)
-    thread.start()
-    try:
-        assert cli.main(["ctl", "sessions", "limit=1", "--socket", str(path)]) == 0
-    finally:
-        thread.join(5)
-        server.close()
+    assert ctl_answered(tmp_path / "enforcer.sock", cut, "sessions", "limit=1") == 0
     out, err = capsys.readouterr()
     assert json.loads(out) == [{"id": 1}]
     assert err == "(41 more not listed: ask with a larger limit=N, at most 10000)\n", err

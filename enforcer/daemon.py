@@ -868,7 +868,10 @@ class Daemon:
             return
         assert self.backend is not None  # installed at start
         self.backend.install(self._ruleset(working=False))
-        dataplane.forget_flows(("user",))
+        # as a start forgets a dead run's: user-mode flows (their filters are gone) and
+        # flows to Firewall clients' UDP binds (their sockets are: the fw's input base
+        # would hand the peers' datagrams to whatever binds the port next)
+        dataplane.forget_flows(("user", "local"))
         log.info("stopped; lockdown: admitted kernel-mode flows go on, nothing new passes "
                  "('pinhole enforcer --unload' removes the rules)")
 

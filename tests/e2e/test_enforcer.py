@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from enforcer.client import Client, ControlError, Flags
-from enforcer.dataplane import MARK_KERNEL, MARK_MODE, MARK_USER
+from enforcer.dataplane import MARK_KERNEL, MARK_MODE, MARK_USER, local_mark
 from enforcer.protocol import MAX_REQUEST
 from testbed.build import Testbed
 from testbed.clauses.helpers import assert_echoed
@@ -73,6 +73,30 @@ def test_clean_exit_leaves_the_lockdown_and_unload_removes_it(tb: Testbed,
     assert "removed" in enforcer.unload()
     assert kernel_state(tb) == ""
     assert "pinhole" not in nft_tables(tb)
+
+
+def test_a_clean_stop_forgets_the_flows_whose_state_went_with_the_run(
+        tb: Testbed, enforcer: EnforcerProcess) -> None:
+    """A stop forgets user-mode flows (their filters are gone) and flows to Firewall
+    clients' UDP binds (their sockets are), of both families; kernel-mode flows go on."""
+    entries = [  # (source, destination, destination port, mark): one of each
+        ("198.51.100.21", "198.51.100.1", 20001, local_mark(20001)),
+        ("2001:db8:2::21", "2001:db8:2::1", 20001, local_mark(20001)),
+        ("192.0.2.11", "198.51.100.21", 5001, MARK_USER),
+        ("192.0.2.11", "198.51.100.21", 5002, MARK_KERNEL),
+    ]
+    for src, dst, port, mark in entries:
+        tb.run("fw", ["conntrack", "-I", "-p", "udp", "-s", src, "-d", dst, "--sport", "5555",
+                      "--dport", str(port), "--timeout", "100", "--mark", str(mark)])
+    try:
+        assert enforcer.stop() == 0, enforcer.log_tail()
+        left = "".join(tb.run("fw", ["conntrack", "-L", "-f", family, "-p", "udp"]).stdout
+                       for family in ("ipv4", "ipv6"))
+        assert "dport=20001 " not in left and "dport=5001 " not in left, left
+        assert "dport=5002 " in left, left
+    finally:
+        for family in ("ipv4", "ipv6"):
+            tb.run("fw", ["conntrack", "-D", "-f", family, "-p", "udp"], check=False)
 
 
 def test_restart_after_sigkill_takes_over_with_one_copy(tb: Testbed, enforcer: EnforcerProcess) -> None:

@@ -135,14 +135,21 @@ def passive_port(app: App, d: Dialogue, verb: bytes | None = None) -> int:
     """Ask for a passive data port (``verb``, by default PASV over IPv4 and EPSV over
     IPv6): the port the reply names."""
     verb = verb or (b"PASV" if app.family == "ipv4" else b"EPSV")
-    reply = d.send(verb + b"\r\n")
     if verb == b"PASV":
-        found = re.search(rb"(\d+),(\d+),(\d+),(\d+),(\d+),(\d+)", reply)
-        assert reply.startswith(b"227") and found, reply
-        return int(found.group(5)) * 256 + int(found.group(6))
+        return pasv(d)[1]
+    reply = d.send(verb + b"\r\n")
     found = re.search(rb"\(\|\|\|(\d+)\|\)", reply)
     assert reply.startswith(b"229") and found, reply
     return int(found.group(1))
+
+
+def pasv(d: Dialogue) -> tuple[str, int]:
+    """Ask for a passive data port with PASV: the address and port the reply names."""
+    reply = d.send(b"PASV\r\n")
+    found = re.search(rb"(\d+),(\d+),(\d+),(\d+),(\d+),(\d+)", reply)
+    assert reply.startswith(b"227") and found, reply
+    numbers = [int(n) for n in found.groups()]
+    return ".".join(map(str, numbers[:4])), numbers[4] * 256 + numbers[5]
 
 
 def active_verbs(app: App) -> tuple[peers.FtpMode, ...]:
@@ -353,15 +360,16 @@ def test_the_active_data_connection_is_open_to_the_server_alone(app: App,
 
 # --- APP-FTP-03: the client sees only the fw -------------------------------------------------
 
-def published(app: App, server: FtpServer) -> tuple[str, int]:
-    """Where c1 reaches ``server`` on the fw: the enforcer redirects a port of its own with
-    the FTP filter on the connection (RedirectConnections, data_filter "ftp"); the kernel
+def published(app: App, server: str) -> tuple[str, int]:
+    """Where c1 reaches the FTP server at ``server`` (s1's address: the kernel helpers'
+    fw publishes s1's alone) on the fw: the enforcer redirects a port of its own with the
+    FTP filter on the connection (RedirectConnections, data_filter "ftp"); the kernel
     helpers' fw has a destination NAT rule."""
     if app.kernel_helpers:
         return app.fw_internal(), PUBLISHED_FTP_PORT
     session = next((s["id"] for s in app.call("sessions") if s["client"] == app.addr("c1")), None)
     if session is None:  # a primary connection makes c1's session
-        with dialogue(app, "c1", server.address) as d:
+        with dialogue(app, "c1", server) as d:
             # it ends before the check watches c1: the server closes, c1 resets, nothing follows
             assert d.send(b"QUIT\r\n").startswith(b"221"), "the server did not take QUIT"
             assert d.conn.ended(), "the server did not close the connection after QUIT"
@@ -369,7 +377,7 @@ def published(app: App, server: FtpServer) -> tuple[str, int]:
         session = next(s["id"] for s in app.call("sessions") if s["client"] == app.addr("c1"))
     with app.client() as api:
         (address, port), _ = api.redirect_connections(
-            session, [(server.address, 21)], protocol_guid=GUIDS["FTP"], data_filter="ftp",
+            session, [(server, 21)], protocol_guid=GUIDS["FTP"], data_filter="ftp",
             flags=Flags.ALLOW_MULTIPLE)
     return address, port
 
@@ -427,7 +435,7 @@ def test_through_a_published_server_the_client_sees_only_the_fw(
     packet c1 sends or receives, control and data connections alike, has the fw's internal
     address as its far end; every address c1 is told is the fw's."""
     server = servers.ftp(app.family, "vsftpd")
-    address, port = published(app, server)
+    address, port = published(app, server.address)
     assert address == app.fw_internal("c1"), f"published on {address}, not the fw's address facing c1"
     copies = 2
     for mode in _modes(app, client, peers.FTP_MODES):
@@ -554,6 +562,26 @@ def test_a_third_party_in_a_pasv_reply_opens_nothing(app: App, servers: peers.Pe
         port = passive_port(app, d, verb=b"PASV")
         assert_stopped_at_fw(app, "c1", app.addr("s1"), (port,))
         assert opened_nothing(app) is None
+
+
+@pytest.mark.clause("APP-FTP-05")
+@pytest.mark.topologies("nat")  # a server published on the fw: the filter rewrites its replies
+@pytest.mark.parametrize("family", ["ipv4"])  # PASV is IPv4 only; EPSV names no address
+def test_a_third_party_in_a_published_server_s_pasv_reply_opens_nothing(
+        app: App, servers: peers.PeerSet) -> None:
+    """The same through a server published on the fw (c1 reaches s1's FTP by a port of
+    the fw's): s1's PASV reply naming s2 opens nothing. c1's SYN to where the reply it got
+    names (the fw's port, had the reply been rewritten, or s2's) and to s2's port reaches
+    the fw and goes no further, unanswered."""
+    servers.free("s1")
+    with fake_server(app, "s1", names=app.addr("s2")) as server:
+        address, port = published(app, server)
+        with dialogue(app, "c1", address, port) as d:
+            before = opened_nothing(app)  # (the enforcer's: the redirect that publishes s1)
+            told = pasv(d)
+            for target, data_port in dict.fromkeys([told, (app.addr("s2"), told[1])]):
+                assert_stopped_at_fw(app, "c1", target, (data_port,))
+            assert opened_nothing(app) == before
 
 
 # --- APP-FTP-06: split and malformed ---------------------------------------------------------

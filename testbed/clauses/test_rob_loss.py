@@ -324,7 +324,7 @@ def test_ftp_in_every_mode_through_random_loss_after_the_fw(app: App) -> None:
     other lengths: every file arrives whole, and nothing stalls (no wait of the client's
     is longer than BOUND seconds)."""
     server = app.lab.peers.ftp(app.family, "vsftpd")
-    address, port = published(app, server)
+    address, port = published(app, server.address)
     tb = app.lab.tb
     modes = _modes(app, "ftplib", peers.FTP_MODES)
     with random_loss_after_the_fw(app) as lost:

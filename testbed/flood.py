@@ -24,10 +24,6 @@ from testbed.session_api import Flags, SessionApiError
 VICTIM_PORT = 30080  # where the measured client connects (a grant of its own admits it)
 FLOOD_GRANT_PORTS = 40000  # the first target port of the flooder's grant calls
 TFTP_REQUEST = b"\x00\x01flood.bin\x00octet\x00"
-# Each kind is sent in chunks, and goes on with another while the block runs: a chunk
-# takes well under a second on the 2-core VM
-SYNS_PER_CHUNK = 2_000
-TFTP_REQUESTS_PER_CHUNK = 250
 PORT_LINES_PER_CHUNK = 250
 CONTROL_WAIT = 60.0  # seconds the flooder tries its FTP control connection
 
@@ -123,25 +119,17 @@ class FloodCounts:
 
 
 class Flood:
-    """One client's hostile volume, every kind at once, for as long as the ``with`` block
-    runs and until each kind has sent at least its count: each kind goes on in chunks
-    until both are done, so that every kind floods the whole of what the block measures
-    (``ended``: when each kind stopped, on the monotonic clock)."""
+    """One client's hostile volume, every kind at once, while the ``with`` block runs
+    (and until each kind has sent all of its count)."""
 
     def __init__(self, net: Any, node: str, server: str, *, syns: int = 20_000, tftp: int = 2_000,
                  port_lines: int = 2_000, grants: int = 10_000) -> None:
         self.net, self.node, self.server = net, node, server
         self.want = FloodCounts(syns, tftp, port_lines, grants)
         self.counts = FloodCounts()
-        self.ended: dict[str, float] = {}
         self._threads: list[threading.Thread] = []
         self._started = 0.0
-        self._block_over = threading.Event()
         self._stack = contextlib.ExitStack()
-
-    def _more(self, sent: int, want: int) -> bool:
-        """Whether a kind that has sent ``sent`` goes on."""
-        return sent < want or not self._block_over.is_set()
 
     def __enter__(self) -> Flood:
         try:
@@ -171,21 +159,19 @@ class Flood:
         self._started = time.monotonic()
 
         def syns() -> None:
-            while self._more(self.counts.syns, self.want.syns):
-                self.counts.syns += int(agent.connect_flood(address, 21, SYNS_PER_CHUNK)["sent"])
+            self.counts.syns = int(agent.connect_flood(address, 21, self.want.syns)["sent"])
 
         def tftp() -> None:
-            while self._more(self.counts.tftp_requests, self.want.tftp_requests):
-                self.counts.tftp_requests += int(agent.datagram_flood(
-                    address, 69, TFTP_REQUESTS_PER_CHUNK, TFTP_REQUEST)["sent"])
+            self.counts.tftp_requests = int(agent.datagram_flood(address, 69, self.want.tftp_requests,
+                                                                 TFTP_REQUEST)["sent"])
 
         def port_lines() -> None:
             # in chunks, each read back (the filter may rewrite the lines: NAT) up to the
             # echo of its last line, so that neither end's buffers fill while the other waits
-            while self._more(first := self.counts.port_lines, self.want.port_lines):
+            for first in range(0, self.want.port_lines, PORT_LINES_PER_CHUNK):
                 lines = []
-                for i in range(first, first + PORT_LINES_PER_CHUNK):
-                    port = 20000 + i % 40000
+                for i in range(first, min(first + PORT_LINES_PER_CHUNK, self.want.port_lines)):
+                    port = 20000 + i
                     lines.append(f"PORT {','.join(map(str, base))},{port >> 8},{port & 255}\r\n"
                                  if base else f"EPRT |2|{net.addr(self.node)}|{port}|\r\n")
                 mark = f"NOOP flood chunk {first}"
@@ -194,7 +180,7 @@ class Flood:
 
         def grants() -> None:
             with net.client() as api:
-                while self._more(i := self.counts.grant_calls, self.want.grant_calls):
+                for i in range(self.want.grant_calls):
                     self.counts.grant_calls += 1
                     try:
                         api.allow_future_connect(session, (address, FLOOD_GRANT_PORTS + i % 20000),
@@ -213,12 +199,13 @@ class Flood:
             work()
         except Exception as exc:  # reported by the check, not lost in a thread
             self.counts.errors.append(f"{work.__name__}: {exc}")
-        finally:
-            self.ended[work.__name__] = time.monotonic()
+
+    @property
+    def running(self) -> bool:
+        return any(t.is_alive() for t in self._threads)
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
-        self._block_over.set()
         for thread in self._threads:
             thread.join(120)
         self.counts.seconds = time.monotonic() - self._started

@@ -25,10 +25,10 @@ ALLOWED_EXTRA_DELAY = 0.050  # seconds, at the 99th percentile
 @pytest.mark.alone  # a first-SYN delay measured in milliseconds: no other checks beside it
 @pytest.mark.clause("ROB-01")
 def test_another_clients_connections_open_promptly_under_a_flood(filtering: Net, mode: str) -> None:
-    """c2 floods: at least 20,000 new-flow SYNs, 2,000 TFTP requests, 2,000 PORT lines and
-    10,000 grant calls, each kind on until c1's measured connections are done. c1's 100
-    connections under an ALLOW_MULTIPLE grant (in kernel or user mode) all open, and their
-    first SYNs' p99 delay through the fw stays within 50 ms of a run without the flood."""
+    """c2 floods: 20,000 new-flow SYNs, 2,000 TFTP requests, 2,000 PORT lines and 10,000
+    grant calls. c1's 100 connections under an ALLOW_MULTIPLE grant (in kernel or user
+    mode) all open, and their first SYNs' p99 delay through the fw stays within 50 ms of
+    a run without the flood."""
     net = filtering
     flags = Flags.ALLOW_MULTIPLE | (Flags.NO_KERNEL_MODE if mode == "user" else Flags(0))
     with net.client() as api:
@@ -38,30 +38,27 @@ def test_another_clients_connections_open_promptly_under_a_flood(filtering: Net,
         before, refused_before = net.call("status")["counters"], kernel_refusals(net)
         with Flood(net, "c2", "s1") as flood:
             loud = first_syn_delays(net, "c1", "s1", CONNECTIONS)
-            measured = time.monotonic()
+            overlapped = flood.running
         after, refused = net.call("status")["counters"], kernel_refusals(net) - refused_before
         assert_ran_in_mode(net, grant, mode)
         grant.cancel()
     print(f"\nROB-01 {net.lab.variant}/{net.family}/{mode}: without the flood {quiet.summary()}; "
           f"under it {loud.summary()}; flood: {flood.counts.summary()}")
     assert not flood.counts.errors, flood.counts.errors
-    assert len(flood.ended) == 4 and min(flood.ended.values()) >= measured, \
-        f"a kind of flood was over before the measured connections were: {flood.ended}, {measured}"
+    assert overlapped, "the flood was over before the measured connections were"
     assert quiet.opened == loud.opened == CONNECTIONS, (quiet.summary(), loud.summary())
     assert len(quiet.seconds) == len(loud.seconds) == CONNECTIONS, "not every first SYN was timed"
     assert loud.p99 <= quiet.p99 + ALLOWED_EXTRA_DELAY, \
         f"under the flood, p99 {loud.p99 * 1e3:.1f} ms vs {quiet.p99 * 1e3:.1f} ms without"
-    # the flood was real: every kind was sent in full (at least) and the enforcer saw it
-    counts = flood.counts
-    assert (counts.syns >= 20_000 and counts.tftp_requests >= 2_000 and counts.port_lines >= 2_000
-            and counts.grant_calls >= 10_000), counts.summary()
+    # the flood was real: every kind was sent in full and the enforcer saw it
+    assert (flood.counts.syns, flood.counts.tftp_requests, flood.counts.port_lines,
+            flood.counts.grant_calls) == (20_000, 2_000, 2_000, 10_000), flood.counts.summary()
     # every new flow of the flood was either decided by the enforcer or refused by the
     # kernel for being beyond c2's caps (a few of c2's SYNs may be lost in the kernel, so
     # most, not all, are counted)
     decided = sum(after.get(k, 0) - before.get(k, 0) for k in ("drop", "admit-kernel", "admit-user"))
     print(f"the enforcer decided {decided} new flows; the kernel refused {refused} beyond c2's caps")
-    assert decided > 100 and decided + refused >= 0.9 * (counts.syns + counts.tftp_requests), \
-        (decided, refused)
+    assert decided > 100 and decided + refused >= 0.9 * (20_000 + 2_000), (decided, refused)
     assert flood.counts.grants_refused > 0, "no grant call reached a cap"
 
 

@@ -13,7 +13,7 @@ import uuid
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from enforcer.control import Caller, Listing
+from enforcer.control import Caller
 from enforcer.core.effects import ConnectEvent, Effect, EstablishedConnection, Event
 from enforcer.core.engine import Engine
 from enforcer.core.flags import Flags, parse_flags
@@ -24,7 +24,7 @@ from enforcer.core.policy import PortRange
 from enforcer.core.redirects import MAX_ADDRESSES
 from enforcer.core.results import InvalidArgument, IsBusy
 from enforcer.core.state import parse_address
-from enforcer.protocol import MAX_LISTED
+from enforcer.protocol import MAX_LISTED, Listing
 
 MAX_CONTEXT_BYTES = 4096
 # Its events are encoded deep in the packet path's stack: a context must nest much less

@@ -20,11 +20,10 @@ import time
 from collections import deque
 from typing import Any
 
-from enforcer.control import Listing
 from enforcer.core.flags import Flags, flag_names
 from enforcer.core.ipfilter import IpFilter
 from enforcer.core.results import ERRORS, SessionApiError
-from enforcer.protocol import encode
+from enforcer.protocol import Listing, encode
 
 EVENTS_KEPT = 1024  # events a caller keeps until it takes them (next_event, events)
 

@@ -19,13 +19,13 @@ import os
 import selectors
 import socket
 import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from enforcer.core.results import InvalidArgument, SessionApiError
 from enforcer.loop import OUT_OF_RESOURCES, Loop
-from enforcer.protocol import MAX_REQUEST, encode
+from enforcer.protocol import MAX_REQUEST, Listing, encode
 
 MAX_UNSENT = 4 << 20  # bytes of replies and events a client may leave unread
 REQUESTS_PER_TURN = 64
@@ -41,16 +41,6 @@ class Caller:
     def push(self, message: dict[str, Any]) -> None:
         """Send an unsolicited message (an event: it has no "id")."""
         self.server.send(self.conn, message)
-
-
-class Listing(list[Any]):
-    """What a listing call returns: a list, cut to the call's limit; ``more`` says how
-    many items were left out (the reply carries it as ``"more"`` beside ``"result"``
-    when it is not 0)."""
-
-    def __init__(self, items: Iterable[Any] = (), more: int = 0) -> None:
-        super().__init__(items)
-        self.more = more
 
 
 log = logging.getLogger("pinhole.enforcer.control")

@@ -873,6 +873,42 @@ def test_a_privileged_port_in_a_pasv_or_epsv_reply_opens_nothing(app: App,
             assert data.talk(b"", until=r"\n") == b"pinhole data\n"
 
 
+@pytest.mark.clause("APP-FTP-07")
+@pytest.mark.topologies("nat")  # a server published on the fw: the filter rewrites its replies
+def test_a_privileged_port_in_a_published_server_s_pasv_or_epsv_reply_opens_nothing(
+        app: App, servers: peers.PeerSet) -> None:
+    """The same through a server published on the fw (c1 reaches s1's FTP by a port of
+    the fw's): s1's replies naming its port 22, then 1023 (where it listens), open
+    nothing. c1's connection to where each reply it got names (the fw's port: EPSV's, or
+    a rewritten PASV's; else s1's) does not open, and its SYNs to s1's port reach the fw
+    and go no further, unanswered. The next reply, naming an unprivileged port, opens the
+    data connection where it names, and its line arrives."""
+    app.helpers_deviate(HELPERS_ANY_PORT)
+    servers.free("s1")
+    verbs = (b"PASV", b"EPSV") if app.family == "ipv4" else (b"EPSV", b"EPSV")
+    with fake_server(app, "s1", names=app.addr("s1"), data_ports=(*PRIVILEGED, 0)) as server:
+        address, port = published(app, server)
+        with dialogue(app, "c1", address, port) as d:
+            before = opened_nothing(app)  # (the enforcer's: the redirect that publishes s1)
+            for verb, privileged in zip(verbs, PRIVILEGED, strict=True):
+                told = passive_endpoint(app, d, verb, address)
+                with app.agent("c1").tcp_open(*told, timeout=timeouts.NEGATIVE) as probe:
+                    assert not probe.connected, \
+                        f"{told}, which the {verb!r} reply naming s1's port {privileged} gave, opened"
+                assert_stopped_at_fw(app, "c1", server, (privileged,))
+            assert opened_nothing(app) == before
+            told = passive_endpoint(app, d, verbs[0], address)
+            with app.agent("c1").tcp_open(*told) as data:
+                assert data.connected, f"the unprivileged data port {told} stayed shut: {data.error}"
+                assert data.talk(b"", until=r"\n") == b"pinhole data\n"
+
+
+def passive_endpoint(app: App, d: Dialogue, verb: bytes, control: str) -> tuple[str, int]:
+    """Where a PASV or EPSV reply tells the client to connect: EPSV names a port of the
+    control connection's address (``control``)."""
+    return pasv(d) if verb == b"PASV" else (control, passive_port(app, d, verb=verb))
+
+
 # --- APP-TFTP-01 ----------------------------------------------------------------------------
 
 @pytest.mark.clause("APP-TFTP-01")

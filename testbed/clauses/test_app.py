@@ -517,7 +517,7 @@ def test_a_firewall_client_s_bind_admits_the_server_alone(app: App,
                 port = int(bind.reply["port"])
                 reply = d.send(active_command(app, external, port, verb))
                 assert reply.startswith(b"200"), (verb, reply)
-                assert_stopped_at_fw(app, "s2", external, (port,))
+                assert_stopped_at_fw(app, "s2", external, (port,), active=True)
                 assert bind.accept(timeout=0.2) is None, f"s2 got through the bind ({verb})"
                 reply = d.send(f"RETR {SMALL_FILE}\r\n".encode(), until=TRANSFER_DONE)
                 assert reply.startswith(b"150") and b"\n226 " in reply, (verb, reply)
@@ -547,7 +547,7 @@ def test_a_third_party_in_port_or_eprt_opens_nothing(app: App, servers: peers.Pe
             assert d.send(command)[:1] in (b"2", b"5"), command  # the server's answer
         assert server.command_lines(since=mark) == [c.decode().strip() for c in commands], \
             server.log_since(mark)
-        assert_stopped_at_fw(app, "s2", app.addr("c2"), (victim.port,))
+        assert_stopped_at_fw(app, "s2", app.addr("c2"), (victim.port,), active=True)
         assert victim.stats()["peers"] == []
         assert opened_nothing(app) is None
 
@@ -745,20 +745,25 @@ def test_malformed_replies_open_nothing_and_break_nothing(app: App, servers: pee
 # --- APP-FTP-07: data ports ------------------------------------------------------------------
 
 PRIVILEGED = (22, 1023)
+FTP_DATA = 20  # where an active-mode server's data connections come from (vsftpd's, Debian's)
 HELPERS_ANY_PORT = ("Linux's FTP helper expects the data connection a PORT/EPRT command or a "
                     "PASV/EPSV reply names whatever its port (nf_conntrack_ftp checks none), and "
                     "in NAT nf_nat_ftp gives it the same port of the fw when no other expectation "
                     "holds it, whatever listens there")
 
 
-def assert_stopped_at_fw(app: App, node: str, target: str, ports: tuple[int, ...]) -> None:
+def assert_stopped_at_fw(app: App, node: str, target: str, ports: tuple[int, ...], *,
+                         active: bool = False) -> None:
     """SYNs from ``node`` to ``target`` on each of ``ports``, handed to the fw (whether or
     not ``node`` has a route there), reach it (its capture has them) and go no further:
-    the fw sends none of them on, nor any answer to them (no SYN-ACK, RST or ICMP error)."""
+    the fw sends none of them on, nor any answer to them (no SYN-ACK, RST or ICMP error).
+    ``active``: they come as an active-mode server's data connection would, from port 20
+    (a firewall that admits by that port lets them in), and from a port of no meaning."""
     to_fw = Ether(src=app.mac(node), dst=app.mac("fw", app.topology.fw_iface_facing(node)))
     src = app.addr(node)
-    assert_dropped_silently(app, [(node, to_fw / syn(app, src, target, probe_port(), port))
-                                  for port in ports])
+    assert_dropped_silently(app, [(node, to_fw / syn(app, src, target, sport, port))
+                                  for port in ports
+                                  for sport in ((FTP_DATA, probe_port()) if active else (probe_port(),))])
 
 
 def assert_not_led_to_the_client(app: App, ports: tuple[int, ...],
@@ -766,8 +771,9 @@ def assert_not_led_to_the_client(app: App, ports: tuple[int, ...],
     """NAT, after PORT/EPRT commands naming c1's ``ports``: s1's SYNs to the fw's external
     address on each of those port numbers (where nf_nat_ftp would bind a data connection
     to c1), and to wherever the commands the server got name (``named``: a port the fw
-    chose, whatever its number), are dropped silently (they reach the fw, and nothing
-    answers them), and none reaches c1 on any of ``ports``: the fw's port is its own
+    chose, whatever its number), from port 20 as the server's would come and from another,
+    are dropped silently (they reach the fw, and nothing answers them), and none reaches
+    c1 on any of ``ports``: the fw's port is its own
     (whose services the lockdown base keeps from outside), not a way in."""
     bpf = "tcp and (" + " or ".join(f"dst port {p}" for p in ports) + ")"
     src, fw = app.addr("s1"), app.fw_external(0)
@@ -777,8 +783,9 @@ def assert_not_led_to_the_client(app: App, ports: tuple[int, ...],
     with app.agent("c1").sniff(app.iface("c1"), bpf=bpf) as at_client:
         with dropped_silently(app, "s1") as drop:
             drop.send("a SYN from s1 to a port of the fw's own, or where a command names",
-                      *(to_fw / syn(app, src, address, sport + i, port)
-                        for i, (address, port) in enumerate(targets)))
+                      *(to_fw / syn(app, src, address, from_port, port)
+                        for i, (address, port) in enumerate(targets)
+                        for from_port in (FTP_DATA, sport + i)))
         expect_no_packet(at_client, TCP(flags="S"), timeout=SETTLE)
 
 
@@ -824,7 +831,7 @@ def test_a_privileged_port_in_port_or_eprt_opens_nothing(app: App, servers: peer
         if app.nat:
             assert_not_led_to_the_client(app, PRIVILEGED, endpoints_named(server, mark))
         else:
-            assert_stopped_at_fw(app, "s1", c1, PRIVILEGED)
+            assert_stopped_at_fw(app, "s1", c1, PRIVILEGED, active=True)
         assert opened_nothing(app) is None
     assert_active_ftp_works(app, server)
 

@@ -245,7 +245,7 @@ class Decisions(Binding):
         try:
             filtered = self._through_filter(queued, data, headers, record, forward)
         except FilterFailed:
-            record.filter_failed = True
+            self.flows.filter_failed(record)  # let go once silent for a little while
             if record.editor is not None:  # what it held goes back to its client's budget
                 record.editor.release()
                 record.editor = None

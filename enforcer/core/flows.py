@@ -37,6 +37,8 @@ from enforcer.core.packet import TCP, TCP_FIN, TCP_RST, UDP, Endpoint, FlowKey, 
 # Added to a conntrack timeout before a held record goes: the kernel refreshes its
 # timer as a packet enters, a little before the enforcer sees that packet.
 RELEASE_MARGIN = 2.0
+# How long a flow whose filter failed keeps its record once silent (Lifetime.FILTER_FAILED)
+FAILED_KEPT = 10.0
 
 
 class Mode(enum.Enum):
@@ -59,6 +61,11 @@ class Lifetime(enum.Enum):
     UDP_UNREPLIED = "udp-unreplied"
     UDP_STREAM = "udp-stream"            # replies seen (or replies the kernel drops: one-way)
     OTHER = "other"
+    # Its filter failed: every later packet is dropped, whether the enforcer knows the flow
+    # or not (rule 18), so it holds nothing; it keeps the record while the flow goes on
+    # (its drops name why), and lets it go after FAILED_KEPT seconds of silence, not
+    # conntrack's timeout: a client's failed flows do not hold its user_flows caps for days
+    FILTER_FAILED = "filter-failed"
 
 
 @dataclass(frozen=True)
@@ -197,6 +204,8 @@ class FlowRecord:
 
     @property
     def lifetime(self) -> Lifetime:
+        if self.filter_failed:
+            return Lifetime.FILTER_FAILED
         if self.key.protocol == TCP:
             if self.reset:
                 return Lifetime.TCP_RESET
@@ -298,6 +307,11 @@ class FlowTable:
         record.saw(forward, length, now, tcp_flags)
         self._requeue(record)
 
+    def filter_failed(self, record: FlowRecord) -> None:
+        """A held flow's filter failed: its record goes in the queue of failed flows."""
+        record.filter_failed = True
+        self._requeue(record)
+
     def update(self, record: FlowRecord, figures: Figures) -> None:
         """What a worker saw of a flow since its hand-over: its record says it, and the flow
         is where those figures put it in its queue (the least recent first, as ``saw``
@@ -345,7 +359,8 @@ class FlowTable:
         """Let go of every held flow conntrack has surely forgotten; return them."""
         out = []
         for lifetime, queue in self._held.items():
-            timeout = self.timeouts.of(lifetime) + RELEASE_MARGIN
+            timeout = RELEASE_MARGIN + (FAILED_KEPT if lifetime is Lifetime.FILTER_FAILED
+                                        else self.timeouts.of(lifetime))
             while queue:
                 record = next(iter(queue.values()))
                 if record.last_seen + timeout > now:

@@ -27,7 +27,7 @@ from enforcer.core.decisions import (
 from enforcer.core.effects import AddRedirect, EstablishedConnection, RemoveRedirect
 from enforcer.core.engine import Engine
 from enforcer.core.flags import Flags
-from enforcer.core.flows import FlowRecord
+from enforcer.core.flows import FAILED_KEPT, RELEASE_MARGIN, FlowRecord, Lifetime
 from enforcer.core.packet import TCP as TCP_PROTOCOL
 from enforcer.core.packet import UDP as UDP_PROTOCOL
 from enforcer.core.packet import FlowKey, Ingress, segments_checksum
@@ -350,6 +350,7 @@ def test_a_flow_whose_filter_fails_ends_and_never_passes_unfiltered() -> None:
     failed = engine.handle(out(5, b"secret"), 1.2)
     assert not failed.accept and failed.reason == "its flow's filter failed: the flow ends"
     assert record.filter_failed and record.editor is None
+    assert record.held_as is Lifetime.FILTER_FAILED  # (if no packet of it came again)
     assert engine.buffered.of(ip(C1)).used == 0
     later = [engine.handle(out(5, b"secret"), 1.3),  # the same segment again
              engine.handle(out(11, b"harmless"), 1.4),
@@ -360,6 +361,15 @@ def test_a_flow_whose_filter_fails_ends_and_never_passes_unfiltered() -> None:
     assert all(a.reason == "of a flow whose filter failed" for a in later)
     assert engine.counters["filters failed: flows ended"] == 1
     assert engine.counters["dropped: its flow's filter failed"] == 5
+    # It holds nothing: once silent a little while, its record (and its place in the
+    # client's user-mode flow caps) goes, not after conntrack's days; its packets still drop
+    assert engine.flows.held_count == 1
+    engine.expire(1.6 + FAILED_KEPT + RELEASE_MARGIN - 0.1)
+    assert engine.flows.held_count == 1
+    engine.expire(1.6 + FAILED_KEPT + RELEASE_MARGIN + 0.1)
+    assert engine.flows.held_count == 0 and engine.flows.get(record.key) is None
+    after = engine.handle(out(11, b"harmless"), 20.0)
+    assert not after.accept and after.reason == "of no user-mode flow the enforcer holds"
 
 
 def test_a_udp_flow_whose_filter_fails_on_its_first_datagram_sends_nothing() -> None:

@@ -66,7 +66,6 @@ from enforcer.socks_service import SocksService
 
 log = logging.getLogger("pinhole.enforcer")
 
-SO_RCVBUFFORCE = 33  # Linux; as root, past net.core.rmem_max (Python's socket module lacks it)
 QUEUE_LENGTH = 8192  # packets the kernel holds for the enforcer before it drops (fails closed)
 PACKETS_PER_TURN = 64  # queued packets decided before the loop turns to other work
 PRUNE_INTERVAL = 5.0  # seconds between sweeps of empty per-client byte budgets
@@ -216,7 +215,7 @@ def ensure_receive_buffer(sock: socket.socket, size: int) -> int:
     """Make a socket's receive buffer at least ``size`` (as root, past rmem_max); return it."""
     current = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
     if current < size:
-        sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, size)
+        sock.setsockopt(socket.SOL_SOCKET, dataplane.SO_RCVBUFFORCE, size)
         current = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
     return int(current)
 

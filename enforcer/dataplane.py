@@ -100,6 +100,12 @@ NEIGHBOUR_DISCOVERY = (133, 134, 135, 136)
 CHILD_TIMEOUT = 30  # seconds an iptables/nft/conntrack child may take (start, stop, unload)
 # netlink (linux/netlink.h, linux/netfilter/nfnetlink.h, nf_tables.h)
 NETLINK_NETFILTER = 12
+# Socket options past net.core.[rw]mem_max, as root (Linux; Python's socket module lacks them)
+SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33
+# NatMaps' send buffer (the kernel doubles it): netlink refuses a transaction longer than
+# the buffer less 32 bytes (EMSGSIZE), and MESSAGES_PER_TRANSACTION full messages may be
+# a few hundred KiB, more than net.core.wmem_default may hold
+TRANSACTION_BUFFER = 1 << 20
 NFPROTO_INET = 1
 NFNL_SUBSYS_CTNETLINK, NFNL_SUBSYS_NFTABLES = 1, 10
 IPCTNL_MSG_CT_DELETE = 2
@@ -908,6 +914,7 @@ class NatMaps:
     def __init__(self) -> None:
         self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
         self.sock.bind((0, 0))
+        self.sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, TRANSACTION_BUFFER)
         self.sock.settimeout(NETLINK_TIMEOUT)
         self._seq = itertools.count(1)
 

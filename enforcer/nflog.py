@@ -20,6 +20,7 @@ from enforcer.dataplane import (
     NETLINK_NETFILTER,
     NLM_F_ACK,
     NLM_F_REQUEST,
+    SO_RCVBUFFORCE,
     DataplaneError,
     _attribute,
     _netlink,
@@ -34,7 +35,6 @@ NFULA_CFG_CMD, NFULA_CFG_MODE, NFULA_CFG_TIMEOUT, NFULA_CFG_QTHRESH = 1, 2, 4, 5
 NFULNL_CFG_CMD_BIND = 1
 NFULNL_COPY_PACKET = 2
 NFULA_PAYLOAD = 9
-SO_RCVBUFFORCE = 33
 # Bytes of each packet logged: an IPv6 header with extension headers, and the transport
 # header's ports and flags
 COPY = 160

@@ -21,7 +21,8 @@ asked), and waits for the kernel's acknowledgement, so a refusal raises
 socket, no CAP_NET_ADMIN, a flag the kernel lacks). One message leaves no moment in
 which the queue is bound without a copy mode (packets queued then are dropped).
 ``receive_buffer`` is the socket's receive buffer in bytes (SO_RCVBUFFORCE, so above
-net.core.rmem_max; the kernel doubles it), ``DEFAULT_RECEIVE_BUFFER`` when None.
+net.core.rmem_max; the kernel doubles it), ``DEFAULT_RECEIVE_BUFFER`` when None. Its
+send buffer holds a batch of verdicts whatever net.core.wmem_default is (SEND_BUFFER).
 
 ``receive(limit)`` reads datagrams until none is waiting or ``limit`` packets are
 read. It never raises for what the kernel sends: a receive-buffer overflow (ENOBUFS:
@@ -91,6 +92,7 @@ NETLINK_CAP_ACK = 10  # an error reply quotes the header of the refused message,
 NLM_F_REQUEST, NLM_F_ACK = 0x1, 0x4
 NLMSG_ERROR = 2
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
+SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)
 # linux/netfilter/nfnetlink.h, linux/netfilter/nfnetlink_queue.h
 NFNL_SUBSYS_QUEUE = 3
 NFQNL_MSG_PACKET = NFNL_SUBSYS_QUEUE << 8 | 0
@@ -111,6 +113,10 @@ DEFAULT_RECEIVE_BUFFER = 8 * 1024 * 1024
 # one datagram: headers and attributes (a few hundred bytes) and at most MAX_PAYLOAD
 RECEIVE_SIZE = 0x10000 + 4096
 SEND_SIZE = 128 * 1024  # at most this many bytes of verdicts a datagram (under the send buffer)
+# The send buffer asked for (the kernel doubles it): netlink refuses a datagram longer than
+# the buffer less 32 bytes (EMSGSIZE) and all its verdicts with it, and the default buffer
+# is net.core.wmem_default's, which a host may set below a batch
+SEND_BUFFER = SEND_SIZE
 CONFIG_TIMEOUT = 2.0  # the kernel answers a config message at once; this only guards a bug
 LOGGED_VERDICT_ERRORS = 10
 M_TRIM_THRESHOLD = -1  # malloc.h: mallopt's parameter for how much freed heap is kept
@@ -332,6 +338,7 @@ class Queue:
             self.socket.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)
             self.socket.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE,
                                    DEFAULT_RECEIVE_BUFFER if receive_buffer is None else receive_buffer)
+            self.socket.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, SEND_BUFFER)
         except OSError as exc:
             self.socket.close()
             raise QueueError(f"cannot set up the netlink socket of NFQUEUE {number}: "

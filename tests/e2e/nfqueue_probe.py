@@ -30,7 +30,7 @@ OUT_PORT, IN_PORT = 40001, 40002  # queued at OUTPUT; queued at INPUT
 MARK_IN, MARK_SET = 0x77, 0x1234
 LOCAL = "127.0.0.1"
 UDP_SEGMENT = 103  # linux/udp.h: send one GSO datagram the kernel splits into segments
-SO_RCVBUFFORCE = 33
+SO_RCVBUFFORCE, SO_SNDBUFFORCE = 33, 32
 RULES = [
     ["-t", "mangle", "-A", "OUTPUT", "-p", "udp", "--dport", str(OUT_PORT),
      "-j", "MARK", "--set-mark", hex(MARK_IN)],
@@ -154,6 +154,24 @@ class Probe:
             queue.flush()
             return {"queued": len(packets), "arrived": [d.decode() for d in arrived(self.rx_out, 1)],
                     "checksum_errors": udp_checksum_errors() - errors}
+
+    def full_batches(self) -> dict[str, Any]:
+        """120 datagrams of 1400 bytes, each accepted with its bytes as the verdict's
+        payload: more verdict bytes than one batch (SEND_SIZE), so a full one is sent."""
+        sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sender.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, 4 * 1024 * 1024)  # (they wait queued)
+        with sender, Queue(QUEUE) as queue:
+            for i in range(120):
+                sender.sendto(b"%04d" % i + bytes(1396), (LOCAL, OUT_PORT))
+            packets = collect(queue, 120)
+            for packet in packets:
+                # (its bytes again, with a complete checksum: lo's is left to the device)
+                queue.verdict(packet.packet_id, True,
+                              payload=with_udp_data(packet.payload, packet.payload[28:]))
+            queue.flush()
+            return {"queued": len(packets), "arrived": len(arrived(self.rx_out, 120)),
+                    "verdict_errors": queue.verdict_errors,
+                    "send_buffer": queue.socket.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)}
 
     def input_hook(self) -> dict[str, Any]:
         with Queue(QUEUE) as queue:
@@ -303,6 +321,7 @@ def main() -> int:
     probe = Probe()
     scenarios: dict[str, Callable[[], dict[str, Any]]] = {
         "accept_and_drop": probe.accept_and_drop, "marks": probe.marks, "payloads": probe.payloads,
+        "full_batches": probe.full_batches,
         "input_hook": probe.input_hook, "gso": probe.gso, "gso_payload": probe.gso_payload,
         "truncated": probe.truncated,
         "second_bind": probe.second_bind, "overflow": probe.overflow,

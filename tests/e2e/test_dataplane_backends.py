@@ -189,8 +189,12 @@ print(maps.grant_keys() == set())
 print(subprocess.run(["nft", "list", "table", "inet", "{dataplane.MAPS_TABLE}"], capture_output=True,
                      text=True, check=True).stdout.count("elements"))
 subprocess.run(["nft", "delete", "table", "inet", "{dataplane.MAPS_TABLE}"], check=True)
+import socket
+print(maps.sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF))
 """
-    held, counts, released, left = tb.run("fw", [sys.executable, "-c", script]).stdout.splitlines()
+    held, counts, released, left, sent = tb.run("fw", [sys.executable, "-c", script]).stdout.splitlines()
+    # its transactions fit its send buffer whatever net.core.wmem_default is (EMSGSIZE)
+    assert int(sent) == 2 * dataplane.TRANSACTION_BUFFER
     assert held == "True"
     assert json.loads(counts) == {"grant_ip": 2000, "grant_mark_ip": 2000, "grant_ip6": 1000,
                             "grant_mark_ip6": 1000, "redirect_mark_ip": 600, "redirect_to_ip": 600}

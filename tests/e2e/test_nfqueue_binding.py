@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from enforcer import nfqueue
 from testbed.plugin import require_e2e
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -80,6 +81,16 @@ def test_a_verdicts_payload_is_what_the_receiver_gets(report: dict[str, Any]) ->
     assert part["queued"] == 2
     assert part["arrived"] == ["rewritten, longer than before"]
     assert part["checksum_errors"] == 1
+
+
+def test_a_full_batch_of_verdicts_is_sent_whatever_the_default_send_buffer(
+        report: dict[str, Any]) -> None:
+    """The socket's send buffer is the one the queue forces (the kernel doubles it), not
+    net.core.wmem_default's, which may be smaller than a batch (netlink would refuse it
+    whole: EMSGSIZE); more verdicts than a batch all arrive."""
+    part = scenario(report, "full_batches")
+    assert part["send_buffer"] == 2 * nfqueue.SEND_BUFFER
+    assert (part["queued"], part["arrived"], part["verdict_errors"]) == (120, 120, 0)
 
 
 def test_with_gso_a_gso_send_is_one_packet_and_without_it_the_segments(report: dict[str, Any]) -> None:

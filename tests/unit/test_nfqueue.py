@@ -22,6 +22,7 @@ import errno
 import logging
 import random
 import re
+import socket
 import struct
 from collections import deque
 from pathlib import Path
@@ -309,7 +310,8 @@ def test_the_bind_is_one_acknowledged_config_message(fake: type[FakeNetlink]) ->
     queue = Queue(7, max_len=100, gso=True, fail_open=False)
     netlink = sock(queue)
     assert netlink.sent == [nfqueue.bind_message(7, 1, copy_range=65531, max_len=100, flags=0x4, mask=0x5)]
-    assert netlink.options == {(1, 33): 8 * 1024 * 1024, (270, 10): 1}  # SO_RCVBUFFORCE, NETLINK_CAP_ACK
+    # SO_RCVBUFFORCE, SO_SNDBUFFORCE, NETLINK_CAP_ACK
+    assert netlink.options == {(1, 33): 8 * 1024 * 1024, (1, 32): nfqueue.SEND_BUFFER, (270, 10): 1}
     assert not netlink.blocking
 
 
@@ -438,6 +440,14 @@ def test_flush_sends_a_batch_in_one_datagram(fake: type[FakeNetlink]) -> None:
                                      for i in range(64))]
     queue.flush()
     assert len(netlink.sent) == 1
+
+
+def test_the_send_buffer_holds_a_whole_batch(fake: type[FakeNetlink]) -> None:
+    """Netlink refuses a datagram longer than the send buffer less 32 bytes (EMSGSIZE),
+    every verdict in it lost; the buffer is forced (the kernel doubles what it is given),
+    not left at net.core.wmem_default."""
+    options = sock(Queue(5)).options
+    assert 2 * options[socket.SOL_SOCKET, nfqueue.SO_SNDBUFFORCE] - 32 >= nfqueue.SEND_SIZE
 
 
 def test_flush_splits_what_exceeds_a_datagram(fake: type[FakeNetlink]) -> None:

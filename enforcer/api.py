@@ -209,13 +209,18 @@ class SessionApi:
         return _listing(recent[-limit:], limit, len(recent))
 
     # --- permissions --------------------------------------------------------------------
-    def _grant_params(self, p: Params) -> dict[str, Any]:
+    def _own_filter(self, p: Params, caller: Caller) -> int:
+        """The request's ``filter``: one registered on the caller's connection (its events
+        go to that filter alone, rule 12: never to another connection's)."""
+        filter_id = p.integer("filter", low=1)
+        registered = self._filters.get(filter_id)
+        if registered is None or registered[1] is not caller:
+            raise InvalidArgument(f"no filter {filter_id} is registered on this connection")
+        return filter_id
+
+    def _grant_params(self, p: Params, caller: Caller) -> dict[str, Any]:
         """The parameters AllowFutureConnect and RedirectConnections share, checked."""
-        filter_id = None
-        if p.has("filter"):
-            filter_id = p.integer("filter", low=1)
-            if filter_id not in self._filters:
-                raise InvalidArgument(f"no filter {filter_id} is registered")
+        filter_id = self._own_filter(p, caller) if p.has("filter") else None
         context = p.params.get("context")
         if _depth(context) > MAX_CONTEXT_DEPTH:
             raise InvalidArgument(f"'context' is nested more than {MAX_CONTEXT_DEPTH} deep")
@@ -234,7 +239,7 @@ class SessionApi:
         port = p.integer("port", low=0, high=2**31)
         protocol, flags, guid = p.protocol(), p.flags(), p.guid("protocol_guid")
         perm = self.engine.allow_future_connect(session, target, port, protocol, flags, guid,
-                                                self.clock(), **self._grant_params(p))
+                                                self.clock(), **self._grant_params(p, caller))
         self.settle()
         return perm.to_dict()
 
@@ -250,7 +255,7 @@ class SessionApi:
         targets = [p.endpoint(a, f"'addresses[{i}]'") for i, a in enumerate(addresses)]
         protocol, flags, guid = p.protocol(), p.flags(), p.guid("protocol_guid")
         (internal, base), perms = self.engine.redirect_connections(
-            session, targets, protocol, flags, guid, self.clock(), **self._grant_params(p))
+            session, targets, protocol, flags, guid, self.clock(), **self._grant_params(p, caller))
         self.settle()
         return {"internal_address": [str(internal), base], "actions": [a.to_dict() for a in perms]}
 
@@ -334,10 +339,7 @@ class SessionApi:
     def register_connect_events(self, params: dict[str, Any], caller: Caller) -> dict[str, Any]:
         """Ask for a ``connect`` event for every connection admitted to these ports."""
         p = Params(params, {"filter", "protocol", "ports"})
-        filter_id = p.integer("filter", low=1)
-        registered = self._filters.get(filter_id)
-        if registered is None or registered[1] is not caller:
-            raise InvalidArgument(f"no filter {filter_id} is registered on this connection")
+        filter_id = self._own_filter(p, caller)
         ports = params.get("ports")
         if not isinstance(ports, list) or len(ports) != 2 or \
                 not all(isinstance(v, int) and not isinstance(v, bool) for v in ports) or \

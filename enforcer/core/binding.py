@@ -56,6 +56,7 @@ class Binding(Grants):
         if not 1 <= client_port <= 65535:
             raise InvalidArgument(f"the client port must be 1-65535, not {client_port}")
         session = self._in_use(session_id, now)
+        self.expire_binds(now)
         if session.kind != "securenat":
             raise InvalidArgument(f"session {session.id} is a Firewall client's: it binds "
                                   "through the fw itself (SOCKS BIND)")
@@ -96,6 +97,15 @@ class Binding(Grants):
             self.effects.append(MapBind(bind))
         return bind, True
 
+    def expire_binds(self, now: float) -> None:
+        """Close the SecureNAT binds whose time is up (the timer's, and what a bind call
+        does first: a bind expired but not yet swept is neither given out nor approved)."""
+        while self._expiring_binds:  # in the order they expire: one timeout for all
+            bind = next(iter(self._expiring_binds.values()))
+            if bind.expires is None or bind.expires > now:
+                break
+            self.bind_done(bind)
+
     def withdraw_bind(self, bind: Bind) -> None:
         """A bind whose part in the kernel the shell could not make: gone, with nothing
         of it to undo in the kernel."""
@@ -126,6 +136,7 @@ class Binding(Grants):
         if Flags.BIDIRECTIONAL in flags and protocol == TCP:
             raise InvalidArgument("BIDIRECTIONAL is for UDP only")
         session = self._in_use(session_id, now)
+        self.expire_binds(now)
         protocol_def = self.protocols_by_guid.get(protocol_guid)
         if protocol_def is None:
             raise InvalidArgument(f"no protocol is defined with GUID {protocol_guid}")

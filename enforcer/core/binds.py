@@ -178,8 +178,10 @@ class BindTable:
         self.quota.release(bind.owner)
         bind.recent.clear()  # nothing is answered through a closed bind
         self._closed[bind.id] = bind
-        mine = [b for b in self._by_session.get(bind.session_id, {}).values()
-                if b.state is BindState.CLOSED]
+        binds = self._by_session.get(bind.session_id, {})
+        if bind.id in binds:  # last of its session's: they are listed in the order they closed
+            binds[bind.id] = binds.pop(bind.id)
+        mine = [b for b in binds.values() if b.state is BindState.CLOSED]
         if len(mine) > self.closed_per_session:
             del self._closed[mine[0].id]
             self._forget(mine[0])

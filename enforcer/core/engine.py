@@ -55,11 +55,7 @@ class Engine(Decisions):
         user-mode flows conntrack has forgotten, and end idle SecureNAT sessions (the
         shell calls this on a timer). Each looks only at what it finishes."""
         self.permissions.expire(now)
-        while self._expiring_binds:  # in the order they expire: one timeout for all
-            bind = next(iter(self._expiring_binds.values()))
-            if bind.expires is None or bind.expires > now:
-                break
-            self.bind_done(bind)
+        self.expire_binds(now)
         self.flows.expire(now)
         for session in self.sessions.idle(now, lambda s: self.flows.holds(s.id)):
             self._end(session)

@@ -360,6 +360,24 @@ def test_a_session_s_closed_binds_do_not_push_out_another_s() -> None:
         engine.retroactive_allow_bind(other.id, TCP, EXT4, theirs.port, FTP, NO_FLAGS, None, 1.0)
 
 
+def test_a_session_forgets_the_bind_it_closed_first_not_the_one_it_made_first() -> None:
+    """The session's closed binds are kept by when they closed: one made first and closed
+    last is still FWX_E_TERMINATING; the one closed first is forgotten (NOT_FOUND)."""
+    engine = make(binds_per_client=2)
+    fc = engine.open_firewall_session(ip(C1), "alice", 0.0)
+    made_first = engine.bind_for_client(fc.id, TCP, EXT4, 0.0)
+    closed_first = engine.bind_for_client(fc.id, TCP, EXT4, 0.0)
+    engine.bind_done(closed_first)
+    closed_second = engine.bind_for_client(fc.id, TCP, EXT4, 1.0)
+    engine.bind_done(closed_second)
+    engine.bind_done(made_first)
+    for kept in (closed_second, made_first):
+        with pytest.raises(Terminating, match="is closed"):
+            engine.retroactive_allow_bind(fc.id, TCP, EXT4, kept.port, FTP, NO_FLAGS, None, 2.0)
+    with pytest.raises(NotFound):
+        engine.retroactive_allow_bind(fc.id, TCP, EXT4, closed_first.port, FTP, NO_FLAGS, None, 2.0)
+
+
 def test_closed_binds_are_remembered_for_a_while_then_forgotten() -> None:
     engine = make(binds_total=3)
     fc, binds = closed_binds(engine, 5)

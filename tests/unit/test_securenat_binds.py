@@ -22,7 +22,7 @@ from enforcer.core.fwports import Listening
 from enforcer.core.ipfilter import IpFilter
 from enforcer.core.packet import ICMP, TCP, UDP, FlowKey, Ingress, IPAddress, PacketMeta
 from enforcer.core.policy import policy_from_dict
-from enforcer.core.results import InvalidArgument, IsBusy
+from enforcer.core.results import InvalidArgument, IsBusy, Terminating
 from enforcer.core.state import Verdict
 
 ip = ipaddress.ip_address
@@ -499,6 +499,23 @@ def test_an_unused_bind_expires_after_the_permission_timeout(natted: Engine) -> 
     assert natted.decide(from_server(S1), 50.0).verdict is Verdict.DROP
     natted.expire(10**6)
     assert retired_binds(natted) == []
+
+
+def test_a_bind_expired_before_the_timer_swept_it_is_neither_given_again_nor_approved(
+        natted: Engine) -> None:
+    """Between a bind's expiry and the timer's next turn, asking for the same client port
+    makes a new bind (the expired one is closed), and approving the expired one is
+    FWX_E_TERMINATING, never an S_OK for a bind that drops its peer."""
+    session = securenat(natted)
+    old, _ = natted.bind_for_securenat(session, TCP, PORT, 2.0)
+    late = 2.0 + TIMEOUT + 0.5
+    new, made = natted.bind_for_securenat(session, TCP, PORT, late)
+    assert made and new is not old and old.state is BindState.CLOSED
+    other, _ = natted.bind_for_securenat(session, UDP, PORT, late)
+    with pytest.raises(Terminating):
+        natted.retroactive_allow_bind(session, UDP, other.address, other.port, FTP, Flags(0), None,
+                                      late + TIMEOUT + 0.5)
+    assert other.state is BindState.CLOSED
 
 
 def test_expiry_leaves_used_binds_and_firewall_client_binds_alone(natted: Engine) -> None:

@@ -125,8 +125,13 @@ def test_bad_parameters_are_invalid_arguments_that_name_the_problem(
 def test_events_go_to_the_filter_named_in_the_grant_only(api: SessionApi) -> None:
     mine, other = FakeCaller(), FakeCaller()
     my_filter = api.register_filter({"name": "mine"}, mine)["filter"]
-    api.register_filter({"name": "other"}, other)
-    afc(api, filter=my_filter, context={"k": 1}, flags=["ALLOW_MULTIPLE"])
+    other_filter = api.register_filter({"name": "other"}, other)["filter"]
+    # a grant names a filter of its caller's connection, never another's (rule 12)
+    with pytest.raises(InvalidArgument, match=f"no filter {other_filter} is registered on this connection"):
+        afc(api, mine, filter=other_filter, context={"k": 1})
+    with pytest.raises(InvalidArgument, match=f"no filter {my_filter} is registered on this connection"):
+        rdc(api, other, filter=my_filter)
+    afc(api, mine, filter=my_filter, context={"k": 1}, flags=["ALLOW_MULTIPLE"])
     for sport in (41000, 41001):
         api.engine.decide(PacketMeta(FlowKey(6, CLIENT, sport, SERVER, 20021), Ingress.INTERNAL, 0x02),
                           1.0)
@@ -152,10 +157,10 @@ def test_a_context_nested_too_deeply_to_send_is_refused(api: SessionApi) -> None
     for _ in range(979):
         deep = [deep]
     with pytest.raises(InvalidArgument, match="'context' is nested more than 32 deep"):
-        afc(api, filter=fid, context=deep)
+        afc(api, caller, filter=fid, context=deep)
     assert api.actions({}, FakeCaller()) == []
     fine = json.loads("[" * 31 + '{"n": 1}' + "]" * 31)  # 32 levels
-    afc(api, filter=fid, context=fine)
+    afc(api, caller, filter=fid, context=fine)
     api.engine.decide(PacketMeta(FlowKey(6, CLIENT, 41000, SERVER, 20021), Ingress.INTERNAL, 0x02), 1.0)
     api.settle()
     assert [e["context"] for e in caller.pushed] == [fine]
@@ -166,7 +171,7 @@ def test_a_filter_goes_away_with_its_connection(api: SessionApi) -> None:
     fid = api.register_filter({"name": "brief"}, caller)["filter"]
     api.disconnected(caller)
     with pytest.raises(InvalidArgument, match=f"no filter {fid}"):
-        afc(api, filter=fid)
+        afc(api, caller, filter=fid)
 
 
 # --- RedirectConnections ------------------------------------------------------------------------
@@ -242,7 +247,7 @@ def test_redirect_connections_reply(api: SessionApi) -> None:
 def test_redirect_connections_takes_a_filter_and_a_protocol_by_number(api: SessionApi) -> None:
     caller = FakeCaller()
     fid = api.register_filter({"name": "f"}, caller)["filter"]
-    result = rdc(api, addresses=[[str(SERVER), 2121]], filter=fid, protocol=17)
+    result = rdc(api, caller, addresses=[[str(SERVER), 2121]], filter=fid, protocol=17)
     (perm,) = api.engine.pending(1, 0.0)
     assert perm.filter_id == fid and perm.redirect is not None and perm.redirect.protocol == 17
     assert result["actions"][0]["filter"] == fid

@@ -55,6 +55,7 @@ from enforcer.core.packet import (
 )
 from enforcer.core.permissions import Permission
 from enforcer.core.policy import ProtocolDef
+from enforcer.core.redirects import Redirect
 from enforcer.core.sessions import Session
 from enforcer.core.state import Decision, Verdict, permission_key, user_mode
 
@@ -316,11 +317,11 @@ class Decisions(Binding):
         The enforcer rewrites every such packet itself, before the kernel tracks it.
         """
         found = self.flows.find_held(meta.key)
-        # A SYN on a flow that has had replies is a new connection from the same client
-        # port (kernel mode refuses one too): it needs a permission of its own. Before
-        # any reply, a SYN is the first one sent again.
+        # A SYN on a flow past its handshake is a new connection from the same client port
+        # (kernel mode refuses one too): it needs a permission of its own. Before that, a
+        # SYN is the first one sent again (its SYN-ACK may have been lost on the way back).
         if found is not None and found[1] and found[0].redirect is not None and \
-                not (meta.starts_tcp_connection and found[0].packets_back):
+                not (meta.starts_tcp_connection and found[0].opened):
             record = found[0]
             self.flows.saw(record, True, length, now, meta.tcp_flags)
             self.counters["user-mode packets"] += 1
@@ -336,9 +337,25 @@ class Decisions(Binding):
         elif meta.ingress is not Ingress.INTERNAL or not self.is_internal(key.src):
             reason = f"{key.src} is not an internal client on the internal side"
         else:
-            perm, refused = self._match_redirect(key, key.dport, now,
-                                                 lambda r: r.user_mode and r.internal == key.dst)
-            reason = refused or f"no user-mode redirect of this client's is pending on port {key.dport}"
+            # The flow a redirect would make (the client's port to the target: rewritten
+            # before conntrack, the kernel tracks that) must be no other flow's the enforcer
+            # holds, such as the client's connection from the same port by another redirect
+            # port to the same target: it would take that one's place
+            taken: list[FlowKey] = []
+
+            def usable(r: Redirect) -> bool:
+                if not (r.user_mode and r.internal == key.dst):
+                    return False
+                made = FlowKey(key.protocol, key.src, key.sport, *r.target_endpoint)
+                if self.flows.find_held(made) is not None:
+                    taken.append(made)
+                    return False
+                return True
+
+            perm, refused = self._match_redirect(key, key.dport, now, usable)
+            reason = refused or (f"the flow it would make, {taken[0]}, is another the fw holds"
+                                 if taken else
+                                 f"no user-mode redirect of this client's is pending on port {key.dport}")
         if perm is None or perm.redirect is None:
             self._record(Decision(Verdict.DROP, key, reason, now))
             return None

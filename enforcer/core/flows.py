@@ -32,7 +32,7 @@ from typing import NamedTuple
 
 from enforcer.core.datafilter import DataFilter, TcpStreamEditor
 from enforcer.core.limits import Limits, Quota
-from enforcer.core.packet import TCP, TCP_FIN, TCP_RST, UDP, Endpoint, FlowKey, IPAddress
+from enforcer.core.packet import TCP, TCP_FIN, TCP_RST, TCP_SYN, UDP, Endpoint, FlowKey, IPAddress
 
 # Added to a conntrack timeout before a held record goes: the kernel refreshes its
 # timer as a packet enters, a little before the enforcer sees that packet.
@@ -180,6 +180,13 @@ class FlowRecord:
         return FlowKey(self.key.protocol, self.key.src, self.key.sport, *self.redirect)
 
     @property
+    def opened(self) -> bool:
+        """Past its TCP handshake: a reply came, and the client answered it or a FIN or RST
+        came. A SYN from the client's port is then a new connection, not the first one
+        sent again."""
+        return self.packets_back > 0 and (self.confirmed or self.fins != 0 or self.reset)
+
+    @property
     def held(self) -> bool:
         """Whether the enforcer holds the flow's state until conntrack forgets it."""
         return self.mode is _USER and not self.relayed
@@ -188,7 +195,8 @@ class FlowRecord:
         if forward:
             self.packets_out += 1
             self.bytes_out += length
-            self.confirmed = self.confirmed or self.packets_back > 0
+            # (a SYN sent again, its SYN-ACK lost, answers nothing: conntrack stays in SYN_RECV)
+            self.confirmed = self.confirmed or (self.packets_back > 0 and not tcp_flags & TCP_SYN)
         else:
             self.packets_back += 1
             self.bytes_back += length

@@ -36,14 +36,13 @@ from enforcer.core.packet import UDP as UDP_PROTOCOL
 from enforcer.core.packet import FlowKey
 from enforcer.daemon import (
     KERNEL_TIMER_MS,
-    SO_RCVBUFFORCE,
     Arrivals,
     Daemon,
     StartupError,
     load_data_filters,
     settle_heap,
 )
-from enforcer.dataplane import Interfaces
+from enforcer.dataplane import SO_RCVBUFFORCE, Interfaces
 from enforcer.loop import Loop
 from enforcer.nfqueue import Packet
 from enforcer.protocol import encode

@@ -21,7 +21,7 @@ from enforcer.core.decisions import SAME_FLOW_WINDOW
 from enforcer.core.effects import ConnectEvent, EstablishedConnection
 from enforcer.core.engine import Engine
 from enforcer.core.flags import Flags
-from enforcer.core.flows import FlowRecord, Mode, reverse
+from enforcer.core.flows import FlowRecord, FlowTable, Mode, reverse
 from enforcer.core.limits import Limits
 from enforcer.core.packet import ICMP, TCP, UDP, FlowKey, Ingress, IPAddress, PacketMeta
 from enforcer.core.permissions import ActionState, Permission
@@ -503,19 +503,48 @@ def test_later_packets_of_the_client_port_belong_to_the_same_flow(engine: Engine
     assert engine.redirect_packet(pkt(C1, str(FW4), 63000, sport=40002), 60, 9.0) is None
 
 
-def test_a_syn_after_replies_is_a_new_connection_that_needs_a_permission(engine: Engine) -> None:
-    """A SYN before any reply is the first one sent again; after replies, the client port
-    is being used for a new connection, which the used-up single-use redirect refuses."""
-    rdc(engine, [(S1, 2121)], flags=Flags.NO_KERNEL_MODE)
+@pytest.mark.parametrize("flags", [Flags.NO_KERNEL_MODE, Flags.NO_KERNEL_MODE | Flags.ALLOW_MULTIPLE])
+def test_a_syn_after_the_handshake_is_a_new_connection_that_needs_a_permission(
+        engine: Engine, flags: Flags) -> None:
+    """A SYN before the handshake is done is the first one sent again, before a reply and
+    after one (its SYN-ACK lost on the way to the client), however often: the same flow,
+    no new event. Once the client has answered, the client port is being used for a new
+    connection, which the used-up single-use redirect refuses."""
+    _, (perm,) = rdc(engine, [(S1, 2121)], flags=flags)
     record = engine.redirect_packet(pkt(C1, str(FW4), 63000, sport=40001), 60, 2.0)
     assert record is not None
+    decisions = len(engine.recent)
     assert engine.redirect_packet(pkt(C1, str(FW4), 63000, sport=40001), 60, 3.0) is record
     engine.user_packet(pkt(S1, C1, 40001, sport=2121, flags=packet.TCP_SYN | ACK,
                            ingress=Ingress.EXTERNAL), 60, 3.1)
     assert record.packets_back == 1
-    assert engine.redirect_packet(pkt(C1, str(FW4), 63000, sport=40001, flags=ACK), 40, 3.2) is record
+    for again in (3.5, 4.5):
+        assert engine.redirect_packet(pkt(C1, str(FW4), 63000, sport=40001), 60, again) is record
+    assert len(engine.recent) == decisions and perm.admitted == 1  # (no new flow, no event)
+    assert engine.redirect_packet(pkt(C1, str(FW4), 63000, sport=40001, flags=ACK), 40, 4.6) is record
+    if Flags.ALLOW_MULTIPLE in flags:
+        return
     assert engine.redirect_packet(pkt(C1, str(FW4), 63000, sport=40001), 60, 130.0) is None
     assert engine.recent[-1].verdict is Verdict.DROP
+
+
+def test_a_redirect_never_makes_a_flow_that_another_held_flow_is(engine: Engine) -> None:
+    """Two redirect ports to one target, and the client connects to both from the same
+    port (two connections to it): rewritten, the second would be the first's flow (the
+    kernel tracks one). It is dropped, its redirect kept pending; the first goes on."""
+    (_, first_port), _ = rdc(engine, [(S1, 2121)], flags=Flags.NO_KERNEL_MODE)
+    (_, second_port), (second,) = rdc(engine, [(S1, 2121)], flags=Flags.NO_KERNEL_MODE)
+    first = engine.redirect_packet(pkt(C1, str(FW4), first_port, sport=40001), 60, 2.0)
+    assert first is not None
+    assert engine.redirect_packet(pkt(C1, str(FW4), second_port, sport=40001), 60, 2.5) is None
+    assert engine.recent[-1].reason == (f"the flow it would make, {first.key}, is another "
+                                        "the fw holds")
+    assert second.state is ActionState.PENDING and engine.flows.held_count == 1
+    again = engine.redirect_packet(pkt(C1, str(FW4), first_port, sport=40001, flags=ACK), 40, 3.0)
+    assert again is first and engine.flows.get(first.key) is first
+    # from another port, the second redirect makes its own flow
+    assert engine.redirect_packet(pkt(C1, str(FW4), second_port, sport=40002), 60, 3.5) is not None
+    assert second.state is ActionState.CONSUMED
 
 
 @pytest.mark.parametrize(("meta", "reason"), [
@@ -781,14 +810,16 @@ def test_nat_primary_of_a_family_without_an_external_address() -> None:
 
 
 def test_a_replaced_redirected_flow_leaves_no_stale_client_side_key() -> None:
-    engine = make_engine(limits=Limits(flow_history=3))
-    rdc(engine, [(S1, 53), (S1, 53)], protocol=UDP, guid=DNS, flags=Flags.NO_KERNEL_MODE)
-    first = engine.redirect_packet(udp(C1, str(FW4), 63000, sport=5000), 10, 2.0)
-    # the same flow as it leaves the fw: it replaces the first, client-side key and all
-    second = engine.redirect_packet(udp(C1, str(FW4), 63001, sport=5000), 10, 3.0)
-    assert isinstance(first, FlowRecord) and isinstance(second, FlowRecord)
-    assert first.key == second.key and first.held_as is None
-    for sport in (2, 3, 4, 5):
-        engine.decide(pkt(C1, S1, 21, sport=sport), 4.0)  # kernel-mode history: evicts no held flow
-    assert engine.redirect_packet(udp(C1, str(FW4), 63001, sport=5000), 10, 5.0) is second
-    assert engine.redirect_packet(udp(C1, str(FW4), 63000, sport=5000), 10, 5.0) is None
+    """A record of the same flow (as it leaves the fw) replaces a redirected one, its
+    client-side key and all: the old redirect port leads to it no more."""
+    table = FlowTable(Limits(flow_history=3))
+    key = FlowKey(UDP, ip(C1), 5000, ip(S1), 53)
+    first = FlowRecord(key, 1, "DNS", Mode.USER, 2.0, redirect=(FW4, 63000))
+    second = FlowRecord(key, 1, "DNS", Mode.USER, 3.0, redirect=(FW4, 63001))
+    table.add(first, 2.0)
+    table.add(second, 3.0)
+    assert first.held_as is None and table.held_count == 1
+    for sport in (2, 3, 4, 5):  # kernel-mode history: evicts no held flow
+        table.add(FlowRecord(FlowKey(TCP, ip(C1), sport, ip(S1), 21), 1, "FTP", Mode.KERNEL, 4.0), 4.0)
+    assert table.find_held(FlowKey(UDP, ip(C1), 5000, FW4, 63001)) == (second, True)
+    assert table.find(FlowKey(UDP, ip(C1), 5000, FW4, 63000)) is None

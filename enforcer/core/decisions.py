@@ -591,7 +591,7 @@ class Decisions(Binding):
         in_user_mode = user_mode(perm.flags, perm.data_filter)
         mode = _USER if in_user_mode else _KERNEL
         redirect = perm.redirect
-        one_way, snat = self._leaving(perm, key.protocol)
+        one_way, snat = self._leaving(perm, key.protocol, relayed=relayed)
         # made and initialized apart: a class called with keywords first packs them in a dict
         record = _new_object(FlowRecord)
         FlowRecord.__init__(record, key, perm.session_id, perm.protocol_name, mode, now, perm.id,

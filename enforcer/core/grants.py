@@ -147,14 +147,16 @@ class Grants(Events):
             del self.kernel_grants[grant.permission.key]
             self.counters["kernel grants: kept in user space"] += 1
 
-    def _leaving(self, perm: Permission, protocol: int) -> tuple[bool, int | None]:
+    def _leaving(self, perm: Permission, protocol: int, *,
+                 relayed: bool = False) -> tuple[bool, int | None]:
         """How a permission's flows leave the fw: one way (a UDP grant without
         BIDIRECTIONAL, not a redirect), and the index of the external address they are
         translated to (None: untranslated; a redirected flow always is: its client spoke
-        to the fw)."""
+        to the fw; and a flow the SOCKS service relays (``relayed``) leaves from the fw's
+        address, routed too)."""
         redirect = perm.redirect is not None
         one_way = protocol == UDP and not int(perm.flags) & _BIDIRECTIONAL and not redirect
-        return one_way, perm.external_index if self.nat or redirect else None
+        return one_way, perm.external_index if self.nat or redirect or relayed else None
 
     def _check_grant(self, session_id: int, targets: list[Endpoint], protocol: int, flags: Flags,
                      protocol_guid: uuid.UUID, proxy_external_address: IPAddress | None,
@@ -180,8 +182,10 @@ class Grants(Events):
             refusal = self._target_refusal(target, session.client)
             if refusal is not None:
                 raise InvalidArgument(refusal)
+        # (a Firewall client's flows leave from the fw itself: the SOCKS service relays them)
         external_index = self._external_index(session.client.version, proxy_external_address,
-                                              translated=self.nat or redirect)
+                                              translated=self.nat or redirect or
+                                              session.kind != "securenat")
         protocol_def = self.protocols_by_guid.get(protocol_guid)
         if protocol_def is None:
             raise InvalidArgument(f"no protocol is defined with GUID {protocol_guid}")

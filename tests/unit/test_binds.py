@@ -236,6 +236,29 @@ def test_client_connect_under_the_session_s_permission(engine: Engine) -> None:
     assert again.verdict is Verdict.DROP and events_of(engine) == []
 
 
+def test_a_relayed_flow_leaves_from_the_external_address_its_grant_asked_routed_too(
+        engine: Engine) -> None:
+    """The SOCKS service relays a Firewall client's flow from the fw's own address, routed
+    as in NAT: the one its grant's ProxyExternalAddress names (the decision's ``snat``,
+    which the relay connects from, and the event's), by default the first."""
+    s = engine.open_firewall_session(C1, "alice", 1.0)
+    assert not engine.nat
+    asked = engine.allow_future_connect(s.id, S1, 2021, TCP, Flags(0), FTP, 1.0, filter_id=7,
+                                        proxy_external_address=EXT4B)
+    default = engine.allow_future_connect(s.id, S1, 2022, TCP, Flags(0), FTP, 1.0, filter_id=7)
+    for perm, port, index, address in ((asked, 2021, 1, EXT4B), (default, 2022, 0, EXT4)):
+        d = engine.client_connect(s.id, TCP, S1, port, 40000, 2.0)
+        assert d.action_id == perm.id and d.snat == index
+        assert engine.external_address(4, index) == address
+        (event,) = events_of(engine)
+        assert isinstance(event, EstablishedConnection) and event.external == address
+    # a Firewall client's grant needs an external address of its family, routed too
+    v4_only = Engine(POLICY, INTERNAL, (EXT4,))
+    alice6 = v4_only.open_firewall_session(C6, "alice", 1.0)
+    with pytest.raises(InvalidArgument, match="no external IPv6 address"):
+        v4_only.allow_future_connect(alice6.id, ip("2001:db8:2::21"), 2021, TCP, Flags(0), FTP, 1.0)
+
+
 def test_client_connect_with_an_allow_multiple_permission(engine: Engine) -> None:
     s = engine.open_firewall_session(C1, "alice", 1.0)
     perm = engine.allow_future_connect(s.id, S1, 2021, UDP, Flags.ALLOW_MULTIPLE, DNS, 1.0)

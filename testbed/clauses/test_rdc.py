@@ -73,6 +73,38 @@ def kernel_redirect_rules(net: Net) -> list[str]:
 
 
 @pytest.mark.clause("RDC-01")
+def test_a_redirected_connection_whose_syn_ack_is_lost_after_the_fw_opens(net: Net,
+                                                                           mode: str) -> None:
+    """The target's first SYN-ACK is lost between the fw and c1 (iptables in c1 drops it,
+    and counts it), and s1 does not send it again on its own (tcp_synack_retries 0): c1
+    sends its SYN again, which the single-use redirect's flow must take as its own, and
+    the connection opens and carries data both ways."""
+    c1, s1 = net.agent("c1"), net.agent("s1")
+    dst = net.addr("s1")
+    tool = "iptables" if net.family == "ipv4" else "ip6tables"
+    retries = "net.ipv4.tcp_synack_retries"  # (IPv6's too)
+    with net.client() as api, s1.tcp_server(dst, 31011):
+        (internal, port), (action,) = redirect(net, api, [(dst, 31011)])
+        first_syn_ack = ["INPUT", "-p", "tcp", "--sport", str(port), "--tcp-flags", "SYN,ACK",
+                         "SYN,ACK", "-m", "statistic", "--mode", "nth", "--every", "1000000",
+                         "--packet", "0", "-j", "DROP"]
+        was = net.lab.tb.run("s1", ["sysctl", "-n", retries]).stdout.strip()
+        net.lab.tb.run("s1", ["sysctl", "-qw", f"{retries}=0"])
+        net.lab.tb.run("c1", [tool, "-w", "-I", *first_syn_ack])
+        try:
+            result = c1.tcp_connect(internal, port, send_bytes=20_000)
+            listed = net.lab.tb.run("c1", [tool, "-w", "-L", "INPUT", "-v", "-x", "-n"]).stdout
+        finally:
+            net.lab.tb.run("c1", [tool, "-w", "-D", *first_syn_ack], check=False)
+            net.lab.tb.run("s1", ["sysctl", "-qw", f"{retries}={was}"], check=False)
+        assert [line.split()[0] for line in listed.splitlines() if "statistic" in line] == ["1"], \
+            f"c1 did not lose the first SYN-ACK:\n{listed}"
+        assert_echoed(result, 20_000, "the connection whose first SYN-ACK was lost")
+        assert action.state == "consumed"
+        assert_ran_in_mode(net, action)
+
+
+@pytest.mark.clause("RDC-01")
 def test_internal_address_leads_to_the_first_connect_address(net: Net, mode: str) -> None:
     """InternalAddress is the fw's address facing the client; a connection to it reaches
     ConnectAddresses[0] and carries 200 kB each way; a direct connection to the target

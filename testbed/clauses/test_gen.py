@@ -78,6 +78,27 @@ def test_unsolicited_inbound_connection_is_dropped(net: Net) -> None:
     assert reasons and "external side" in reasons[-1], reasons
 
 
+@pytest.mark.clause("GEN-01")
+def test_what_looks_like_an_answer_from_outside_is_dropped(net: Net) -> None:
+    """What a stateless rule takes for an answer, unasked: datagrams from s1's DNS and TFTP
+    ports to a high port of c1's, and a TCP ACK (no SYN: conntrack could pick it up as a
+    connection under way) from s1's FTP port. Each reaches the fw and goes no further."""
+    c1 = net.agent("c1")
+    src, dst = net.addr("s1"), net.addr("c1")
+    ether = Ether(src=net.mac("s1"), dst=net.mac("fw", net.topology.fw_external_iface))
+    probes = [("a datagram from DNS's port", ether / datagram(net, src, dst, 53, 40007, b"answer")),
+              ("a datagram from TFTP's port", ether / datagram(net, src, dst, 69, 40008, b"\x00\x03")),
+              ("an ACK from FTP's port", ether / ip(net, src, dst) / TCP(sport=21, dport=40009, flags="A",
+                                                                          seq=5000, ack=7000))]
+    with c1.sniff(net.iface("c1")) as at_client:
+        with dropped_silently(net, "s1") as drop:
+            for what, frame in probes:
+                drop.send(what, frame)
+        for port in (40007, 40008, 40009):
+            expect_no_packet(at_client, ip(net, src, dst) / (TCP if port == 40009 else UDP)(dport=port),
+                             timeout=0)
+
+
 @pytest.mark.clause("GEN-02")
 def test_allowed_primary_passes_and_is_offloaded(net: Net) -> None:
     """c1's FTP (TCP) and DNS (UDP) primaries pass both ways; the kernel carries them after admission."""
@@ -133,6 +154,23 @@ def test_primary_not_allowed_by_policy_is_dropped(net: Net, client: str, server:
 
 FW_SERVICE = 2222  # a listener the checks start in the fw namespace: one of "the fw's services"
 LOCKED_SPORTS = range(40010, 40020)
+
+
+@pytest.mark.clause("GEN-02")
+def test_a_udp_primary_to_a_denied_site_is_dropped(net: Net) -> None:
+    """Site rules judge UDP primaries too: c1's DNS query to the denied network (s2's
+    second address) never reaches s2; the same query to s1 is answered."""
+    s2 = net.agent("s2")
+    denied = net.addr("s2", 1)
+    with s2.udp_server(denied, 53) as dns:
+        with dropped_silently(net, "c1") as drop:
+            drop.udp(f"a DNS query c1 -> {denied}:53", denied, 53, b"query")
+        assert dns.stats()["bytes_in"] == 0
+    reasons = [d["reason"] for d in decisions_for(net, 53, net.addr("c1"))]
+    assert reasons and "site rule" in reasons[-1], reasons
+    with net.agent("s1").udp_server(net.addr("s1"), 53):
+        answer = net.agent("c1").udp_send(net.addr("s1"), 53, b"query", expect_reply=True)
+        assert answer["reply"] == b"query", answer
 
 
 def _outside(net: Net) -> Any:

@@ -28,8 +28,9 @@ primaries (relayed by the SOCKS service) are shown to the filter the same way.
 ``redirect_connections``, ``bind_for_client``, ``retroactive_allow_bind``,
 ``binds``, ...), served in the enforcer's process: calls return at once and raise
 the same ``SessionApiError`` subclasses. Events for a session filter registered
-through it (``register_filter``) collect in ``api.events``. A filter's exception is logged; the
-connection's data then passes unchanged and the filter sees no more of it.
+through it (``register_filter``) collect in ``api.events``. A filter's exception is logged
+once, and its connection ends (SPEC rule 18): the data it failed on and every later
+packet of the connection are dropped, never passed unfiltered.
 
 A filter opens no secondary connection to a privileged port (below
 ``FIRST_UNPRIVILEGED_PORT``; SPEC rule 14). In NAT the session API refuses a

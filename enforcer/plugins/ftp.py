@@ -92,7 +92,9 @@ def parse_eprt(argument: bytes) -> tuple[IPAddress, int] | None:
     if not 33 <= d[0] <= 126:
         return None
     parts = argument.split(d)
-    if len(parts) != 5 or parts[0] or parts[4].strip() or not parts[3].isdigit():
+    # (a port of at most 5 digits: int() of thousands of digits raises, and takes time)
+    if len(parts) != 5 or parts[0] or parts[4].strip() or not parts[3].isdigit() or \
+            len(parts[3]) > 5:
         return None
     af, text, port_text = parts[1], parts[2], parts[3]
     try:
@@ -147,7 +149,9 @@ class _Lines:
         out = [text[:start]]
         found = self.wanted.finditer(text, start, end)
         for line in itertools.islice(found, DATA_CONNECTIONS_PER_SEGMENT):
-            out += (text[start:line.start()], handle(line))
+            # a line too long to parse passes unread, however it came (whole or in pieces)
+            made = line[0] if line.end() - line.start() > MAX_LINE + 1 else handle(line)
+            out += (text[start:line.start()], made)
             start = line.end()
         beyond = next(found, None)  # the rest are counted in C (subn), not one by one
         unread = 0 if beyond is None else 1 + self.wanted.subn(b"", text[beyond.end():end])[1]

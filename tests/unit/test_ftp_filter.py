@@ -91,7 +91,8 @@ def test_parsers() -> None:
     assert parse_eprt(b"!2!2001:db8:1::11!40000!") == (C1_6, 40000)
     for bad in (b"|1|2001:db8:1::11|40000|", b"|2|192.0.2.11|1|", b"|1|192.0.2.11|0|",
                 b"|1|192.0.2.11|70000|", b"|3|192.0.2.11|1|", b"|1|192.0.2.11|1", b"|1|x|1|",
-                b" 1 192.0.2.11 1 ", b"|1|192.0.2.11|1|x", b""):
+                b" 1 192.0.2.11 1 ", b"|1|192.0.2.11|1|x", b"", b"|1|192.0.2.11|000040000|",
+                b"|1|192.0.2.11|" + b"9" * 4400 + b"|"):  # (int() refuses over 4300 digits)
         assert parse_eprt(bad) is None, bad
     assert parse_epsv_reply(b"229 Entering Extended Passive Mode (|||6446|)\r\n") == 6446
     for bad in (b"229 (|||0|)", b"229 (||6446|)", b"229 (|||99999|)", b"229 nothing"):
@@ -389,6 +390,13 @@ def test_a_line_longer_than_max_line_passes_unparsed() -> None:
     assert ftp.on_data(OUT, b"PORT 192,0,2,11,156,64\r\n") == b"PORT 192,0,2,11,156,64\r\n"
     assert api.opened() == []
     assert ftp.on_data(OUT, b"PORT 192,0,2,11,156,64\r\n") == b"PORT 198,51,100,1,156,64\r\n"
+    # the same whether the long line comes in pieces or whole: a command padded past
+    # MAX_LINE passes unread, and opens nothing
+    long = b"PORT " + b" " * MAX_LINE + b"192,0,2,11,156,64\r\n"
+    for pieces in ([long], [long[:MAX_LINE // 2], long[MAX_LINE // 2:]]):
+        ftp, api = control(nat=True)
+        assert b"".join(ftp.on_data(OUT, piece) for piece in pieces) == long
+        assert api.opened() == []
 
 
 @settings(max_examples=300, deadline=None)

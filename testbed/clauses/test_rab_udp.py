@@ -113,6 +113,13 @@ def test_a_securenat_udp_bind_answers_only_with_bidirectional(net: Net, bidirect
                 drop.sent("c1's answer to s1 without BIDIRECTIONAL",
                           ip(net, net.addr("c1"), net.addr("s1")) / UDP(sport=client_port, dport=peer_port))
                 dropped.append((net.addr("s1"), peer_port))
+            # once s1 has sent too, the bound port answers s1's port alone: not s2, nor
+            # another port of s1's (a peer is an address and a port)
+            drop.send("c1's datagram from the bound port to a peer that never sent, after s1 did",
+                      datagram(net, net.addr("c1"), net.addr("s2"), client_port, stranger_port, b"later"))
+            drop.send("c1's datagram from the bound port to another port of s1's",
+                      datagram(net, net.addr("c1"), net.addr("s1"), client_port, peer_port + 1, b"there"))
+            dropped.append((net.addr("s1"), peer_port + 1))
         expect_no_packet(net.fw_sent(since), sent_to(*dropped), timeout=0)
         assert stranger.stats()["accepted"] == 0
 

@@ -193,11 +193,19 @@ def test_result_codes(net: Net) -> None:
 
 @pytest.mark.clause("RAB-05")
 def test_the_any_address_with_the_port_matches_the_bind(net: Net) -> None:
+    """The any-address with a port approves the session's bind on that port, and only
+    that one: alice's other bind stays pending, s1's SYN to it dropped silently."""
     conn, session, port = bind(net)
-    with conn:
-        anywhere = "0.0.0.0" if net.family == "ipv4" else "::"
+    anywhere = "0.0.0.0" if net.family == "ipv4" else "::"
+    other = socks_open(net, "c1", "alice", "bind", anywhere, 0)
+    with conn, other:
+        assert other.reply is not None and other.reply["code"] == 0, (other.error, other.reply)
+        other_port = int(other.reply["port"])
         assert allow(net, session, port, address=anywhere)["result"] == "S_OK"
         assert state_of(net, session, port)["state"] == "allowed"
+        assert state_of(net, session, other_port)["state"] == "pending"
+        _dropped(net, "s1", other_port)
+        assert other.accept(timeout=0.2) is None, "alice's other bind accepted a connection"
         through_the_bind(net, conn, "s1", port, b"s1 through alice's bind, any address")
 
 

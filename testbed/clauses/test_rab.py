@@ -98,6 +98,8 @@ def test_before_approval_inbound_attempts_are_discarded_silently(net: Net) -> No
 
 @pytest.mark.clause("RAB-02")
 def test_after_approval_an_allowed_peer_reaches_the_client(net: Net) -> None:
+    """s1, which the IpFilter includes, connects to alice's approved BIND and data goes
+    both ways; the BIND took its one connection, and s1's next is dropped silently."""
     s1 = net.agent("s1")
     conn, session, port = bind(net)
     with conn:
@@ -112,6 +114,8 @@ def test_after_approval_an_allowed_peer_reaches_the_client(net: Net) -> None:
             assert conn.talk(b"", expect=len(b"from the peer")) == b"from the peer"
             assert conn.talk(b"from the client", expect=0) == b""
             assert peer.talk(b"", expect=len(b"from the client")) == b"from the client"
+        # a BIND takes one connection: the allowed peer's next one is dropped silently
+        _dropped(net, "s1", port)
 
 
 def through_the_bind(net: Net, conn: Any, node: str, port: int, data: bytes) -> None:

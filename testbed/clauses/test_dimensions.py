@@ -35,6 +35,7 @@ from testbed.agent import multiset_digest
 from testbed.checks import expect_no_packet
 from testbed.clauses.helpers import (
     FTP_GUID,
+    NEGATIVE,
     assert_dropped_silently,
     assert_ran_in_mode,
     datagram,
@@ -228,14 +229,17 @@ BIND_IDS = [f"{kind}-{protocol}" for kind, protocol in BIND_KINDS]
 
 @dataclass
 class Bound:
-    """An approved bind of c1's: where a peer sends (``address``, ``port``), and how a
-    peer's own flow is shown to reach c1 through it (``delivers``)."""
+    """An approved bind of c1's: where a peer sends (``address``, ``port``), how a
+    peer's own flow is shown to reach c1 through it (``delivers``), and that nothing more
+    reached the client (``nothing_more``: what the fw's capture cannot show, a relay's
+    copy, which has new ports and a SOCKS header)."""
 
     net: Net
     protocol: str
     address: str
     port: int
     delivers: Callable[[str, bytes], None]
+    nothing_more: Callable[[], None] = lambda: None
 
     def probe(self, node: str, protocol: str | None = None, port: int | None = None) -> Packet:
         """A crafted first packet from ``node`` to the bind (or to another port, or of the
@@ -287,9 +291,15 @@ def approved_bind(net: Net, kind: str, protocol: str, ipfilter: IpFilterWire) ->
                         lambda node, data: through_the_bind(net, conn, node, port, data))
         return
     conn, _, port = association(net, Flags(0), ipfilter)
+
+    def nothing_relayed() -> None:
+        """alice's association relayed nothing more to her"""
+        got = conn.udp(None, 0, b"", expect_reply=True, timeout=NEGATIVE)
+        assert got["reply"] is None, f"the relay sent alice a datagram it must drop: {got}"
+
     with conn:
         yield Bound(net, protocol, net.fw_external(0), port,
-                    lambda node, data: _relayed(net, conn, node, port, data))
+                    lambda node, data: _relayed(net, conn, node, port, data), nothing_relayed)
 
 
 def _echoed(net: Net, node: str, address: str, port: int, data: bytes) -> None:
@@ -377,6 +387,7 @@ def test_a_peer_excluded_inside_an_included_range_is_dropped_before_and_after_an
         send("s2", "s2, excluded, before s1", bound.probe("s2"))
         bound.delivers("s1", f"s1 through c1's {kind} {protocol} bind".encode())
         send("s2", "s2, excluded, after s1", bound.probe("s2"))
+        bound.nothing_more()
 
 
 # --- first packets that cannot open a connection ---------------------------------------------------

@@ -248,21 +248,23 @@ class Bound:
                      port or self.port)
 
 
-def securenat_bind(net: Net, protocol: str, client_port: int, ipfilter: IpFilterWire) -> tuple[str, int]:
+def securenat_bind(net: Net, protocol: str, client_port: int,
+                   ipfilter: IpFilterWire | None) -> tuple[str, int]:
     """c1's port made reachable with BindForClient and approved for ``ipfilter``'s peers
-    (on behalf of FTP): where a peer sends (c1's own address and port, or in NAT the fw's)."""
+    (None: any; on behalf of FTP): where a peer sends (c1's own address and port, or in
+    NAT the fw's)."""
     session = net.session("c1")
     with net.client() as api:
         address = api.bind_for_client(session, client_port, protocol=protocol)
-        ranges = [(low, high) for low, high in ipfilter["ranges"]]
+        ranges = None if ipfilter is None else [(low, high) for low, high in ipfilter["ranges"]]
         assert api.retroactive_allow_bind(session, address, protocol_guid=FTP_GUID, protocol=protocol,
                                           ipfilter=ranges), f"the bind {address} was approved already"
     return address
 
 
 @contextmanager
-def approved_bind(net: Net, kind: str, protocol: str, ipfilter: IpFilterWire) -> Iterator[Bound]:
-    """A bind of c1's, approved for the peers ``ipfilter`` holds: a SecureNAT one
+def approved_bind(net: Net, kind: str, protocol: str, ipfilter: IpFilterWire | None) -> Iterator[Bound]:
+    """A bind of c1's, approved for the peers ``ipfilter`` holds (None: any): a SecureNAT one
     (bind_for_client; c1 echoes on the bound port) or a Firewall client's (alice's SOCKS
     BIND or UDP ASSOCIATE)."""
     c1 = net.agent("c1")
@@ -388,6 +390,24 @@ def test_a_peer_excluded_inside_an_included_range_is_dropped_before_and_after_an
         bound.delivers("s1", f"s1 through c1's {kind} {protocol} bind".encode())
         send("s2", "s2, excluded, after s1", bound.probe("s2"))
         bound.nothing_more()
+
+
+@pytest.mark.clause("RAB-03")
+@pytest.mark.parametrize("ipfilter", ["empty", "null"])
+@pytest.mark.parametrize(("kind", "protocol"), BIND_KINDS, ids=BIND_IDS)
+def test_an_empty_ipfilter_blocks_every_peer_and_a_null_one_none(net: Net, kind: str, protocol: str,
+                                                                  ipfilter: str) -> None:
+    """c1's bind approved with an empty IpFilter: s1's first packet reaches the fw and goes
+    no further, unanswered, and nothing reaches c1. Approved with a NULL IpFilter (no
+    restriction): s2's own flow reaches c1 through it (content compared)."""
+    if ipfilter == "empty":
+        with dropped_silently_meanwhile(net, "s1") as send, \
+                approved_bind(net, kind, protocol, wire_ipfilter([])) as bound:
+            send("s1", "s1, to a bind approved with an empty IpFilter", bound.probe("s1"))
+            bound.nothing_more()
+        return
+    with approved_bind(net, kind, protocol, None) as bound:
+        bound.delivers("s2", f"s2 through c1's {kind} {protocol} bind, no IpFilter".encode())
 
 
 # --- first packets that cannot open a connection ---------------------------------------------------

@@ -194,3 +194,21 @@ def test_a_firewall_clients_grant_admits_no_one_on_the_other_network(net: Net) -
             data = b"alice's relayed data, from c1"
             assert own.talk(data, len(data)) == data
         assert action.state == "consumed"
+
+
+@pytest.mark.clause("ROB-05")
+def test_the_second_internal_network_is_judged_as_the_first(net: Net) -> None:
+    """What comes in on int1 is judged as what comes in on int0: c3's own flows that no
+    permission or rule admits (to a port nobody granted; HTTP, which is c1's alone), and
+    c3 posing as an external host (s2) or as an address of the external network nobody
+    has, are dropped silently, and s1 sees none of them; then c3's own FTP gets through."""
+    server = net.addr("s1")
+    nobody = str(ipaddress.ip_network(net.topology.external_network(net.family))[77])
+    probes = [syn(net, net.addr("c3"), server, probe_port(), 34099),
+              syn(net, net.addr("c3"), server, probe_port(), 80),
+              syn(net, net.addr("s2"), server, probe_port(), 21),
+              syn(net, nobody, server, probe_port(), 21),
+              datagram(net, nobody, server, probe_port(), 53, b"from nobody")]
+    assert_dropped_silently(net, [("c3", probe) for probe in probes])
+    with echo_servers(net, 21, 53):
+        talk(net, "c3", server, 21)

@@ -112,9 +112,10 @@ def test_from_outside_the_socks_service_and_its_relays_get_nothing(dns: Net, fai
 @pytest.mark.parametrize("named", [True, False], ids=["endpoint-in-request", "first-datagram"])
 def test_an_association_relays_only_for_the_endpoint_that_asked(dns: Net, named: bool) -> None:
     """The endpoint is the request's DST.ADDR and DST.PORT, or with zeros the first
-    datagram's source. Another socket on the client's address and a neighbour sending in
-    the client's name from another port are dropped silently (they reach the relay, and
-    nothing answers them): s1 gets only the endpoint's datagrams."""
+    datagram's source. Another socket on the client's address (named: before the endpoint
+    sent, too) and a neighbour sending in the client's name from another port are dropped
+    silently (they reach the relay, and nothing answers them): s1 gets only the endpoint's
+    datagrams."""
     net = dns
     s1 = net.agent("s1")
     client, server = net.addr("c1"), net.addr("s1")
@@ -123,9 +124,15 @@ def test_an_association_relays_only_for_the_endpoint_that_asked(dns: Net, named:
                      udp_port=endpoint_port if named else 0)
     with conn, s1.sniff(net.iface("s1")) as at_server:
         relay = (conn.reply["address"], int(conn.reply["port"]))
+        dropped_before = counter(net, "socks: UDP from another source dropped")
+        early = 0
+        if named:  # the endpoint is the request's, not whoever sends first
+            with dropped_silently(net, "c1") as from_c1:
+                from_c1.udp("another socket of the client, before the endpoint sent", *relay,
+                            socks5.datagram(server, DNS_PORT, b"another port"))
+            early = 1
         first = conn.udp(server, DNS_PORT, b"the endpoint", expect_reply=True)
         assert first["reply"] == b"the endpoint" and first["from"] == [server, DNS_PORT], first
-        dropped_before = counter(net, "socks: UDP from another source dropped")
         with dropped_silently(net, "c1") as from_c1, dropped_silently(net, "c2") as from_c2:
             from_c1.udp("another socket of the client", *relay,
                         socks5.datagram(server, DNS_PORT, b"another port"))
@@ -135,7 +142,7 @@ def test_an_association_relays_only_for_the_endpoint_that_asked(dns: Net, named:
         expect_no_packet(at_server, lambda p: UDP in p and (b"another port" in bytes(p[UDP].payload)
                                                              or b"spoofed" in bytes(p[UDP].payload)),
                          timeout=0)
-        assert counter(net, "socks: UDP from another source dropped") == dropped_before + 2
+        assert counter(net, "socks: UDP from another source dropped") == dropped_before + 2 + early
         second = conn.udp(server, DNS_PORT, b"the endpoint again", expect_reply=True)
         assert second["reply"] == b"the endpoint again", second
 

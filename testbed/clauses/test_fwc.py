@@ -73,12 +73,14 @@ def counter(net: Net, name: str) -> int:
 def test_from_outside_the_socks_service_and_its_relays_get_nothing(dns: Net, fail_open: bool) -> None:
     """s1 sends, as frames to the fw's external MAC, SYNs to the SOCKS port on the fw's
     internal address and to an association's relay port there, and a datagram to that
-    relay port carrying a SOCKS header (the weak-host model would deliver all of them);
+    relay port carrying a SOCKS header, before the client's first datagram (the weak-host
+    model would deliver all of them; the relay would not have known whose it was);
     and SYNs to the SOCKS port on each of the fw's external addresses.
     With the lockdown base, and with fail_open (no base: the enforcer's own rules and the
     service must hold it): each is dropped silently (it reaches the fw, and nothing answers
-    it); the association hears nothing. The same port serves the inside. (The BIND and
-    UDP ASSOCIATE ports on the external address are for approved peers: RAB-01, RAB-03.)"""
+    it); the relay hears nothing, and then serves the client. The same port serves the
+    inside. (The BIND and UDP ASSOCIATE ports on the external address are for approved
+    peers: RAB-01, RAB-03.)"""
     net = dns
     if fail_open:
         net.enforcer.restart(fail_open=True, limits=SOCKS_LIMITS)
@@ -88,8 +90,9 @@ def test_from_outside_the_socks_service_and_its_relays_get_nothing(dns: Net, fai
     with associate(net) as conn:
         relay_address, relay_port = conn.reply["address"], int(conn.reply["port"])
         assert relay_address == net.fw_internal()
-        echoed = conn.udp(server, DNS_PORT, b"from the inside", expect_reply=True)
-        assert echoed["reply"] == b"from the inside", echoed
+        # before the client's first datagram, while the association would take its sender's
+        # port as the client's: nothing from outside reaches the relay
+        from_elsewhere = counter(net, "socks: UDP from another source dropped")
         with dropped_silently(net, "s1") as drop:
             drop.send("a SYN from outside to the SOCKS port",
                       outside / syn(net, server, relay_address, next(PROBE_PORTS), SOCKS_PORT))
@@ -101,6 +104,9 @@ def test_from_outside_the_socks_service_and_its_relays_get_nothing(dns: Net, fai
             for external in net.topology.fw_external_addresses(net.family):  # (a service on all)
                 drop.send(f"a SYN from outside to the SOCKS port on {external}",
                           syn(net, server, external, next(PROBE_PORTS), SOCKS_PORT))
+        assert counter(net, "socks: UDP from another source dropped") == from_elsewhere
+        echoed = conn.udp(server, DNS_PORT, b"from the inside", expect_reply=True)
+        assert echoed["reply"] == b"from the inside", echoed
         assert conn.udp(None, 0, b"", expect_reply=True, timeout=0.1)["reply"] is None
         again = conn.udp(server, DNS_PORT, b"still served", expect_reply=True)
         assert again["reply"] == b"still served", again

@@ -68,6 +68,7 @@ log = logging.getLogger("pinhole.enforcer")
 
 QUEUE_LENGTH = 8192  # packets the kernel holds for the enforcer before it drops (fails closed)
 PACKETS_PER_TURN = 64  # queued packets decided before the loop turns to other work
+TURN_SECONDS = 0.005  # ... or packets decided for this long (s), whichever comes first
 PRUNE_INTERVAL = 5.0  # seconds between sweeps of empty per-client byte budgets
 MAX_CONFIG_BYTES = 1 << 20  # a configuration a restart reads (in the loop)
 # While the kernel holds grants, the longest the enforcer takes to hear of a flow admitted
@@ -284,22 +285,32 @@ class Daemon:
         self._stop = False
         self.backend: dataplane.Backend | None = None  # chosen at start
         self.queue: Queue | None = None  # bound while running
+        self._queue_next = False  # a turn of the queue is due without waiting for its socket
         self.pool: workers.WorkerPool | None = None  # worker processes (dataplane.workers)
 
     # --- the packet path ------------------------------------------------------------
     def on_queue(self) -> None:
-        """The packets waiting in the queue, at most PACKETS_PER_TURN a turn (a flood keeps
-        neither the control socket nor the timers waiting): each decided and its verdict
-        buffered, with what a later packet depends on applied first; then the turn's
-        verdicts sent in one go, then the rest of their effects (removals, events)."""
+        """One turn of the queue (``Queue.turn``): packets taken in turn by source (one
+        client's flood does not hold another's packets back), at most PACKETS_PER_TURN,
+        and none after TURN_SECONDS (a flood keeps neither the control socket nor the timers
+        waiting); each decided and its verdict buffered, with what a later packet depends
+        on applied first; then the turn's verdicts sent in one go, then the rest of their
+        effects (removals, events). Packets left held take the next turn of the loop."""
         assert self.queue is not None
         later: list[Effect] = []
-        for packet in self.queue.receive(PACKETS_PER_TURN):
+        for packet in self.queue.turn(PACKETS_PER_TURN, self.clock() + TURN_SECONDS, self.clock):
             later += self.on_packet(packet)
         self.queue.flush()
         if later:
             with contextlib.suppress(dataplane.DataplaneError):  # logged
                 self.apply(later)
+        if self.queue.waiting and not self._queue_next:
+            self._queue_next = True
+            self.loop.call_later(0, self._next_queue_turn)
+
+    def _next_queue_turn(self) -> None:
+        self._queue_next = False
+        self.on_queue()
 
     def on_packet(self, packet: Packet) -> list[Effect]:
         """One queued packet: the engine's answer, what must precede its verdict applied,

@@ -121,7 +121,7 @@ class Loop:
     def guard(self, call: Callable[[], None], close: Callable[[], None] | None, what: str) -> None:
         """Run ``call``; if it raises, log and count it and close what it belonged to. One
         that holds the loop longer than SLOW is logged and counted too."""
-        started = self.clock()
+        started, cpu = self.clock(), time.thread_time()
         try:
             call()
         except Exception:
@@ -137,8 +137,9 @@ class Loop:
         took = self.clock() - started
         if took > SLOW:
             self.counters["slow callbacks"] += 1
-            log.warning("a %s callback (%s) held the loop for %.0f ms", what,
-                        getattr(call, "__qualname__", call), took * 1e3)
+            log.warning("a %s callback (%s) held the loop for %.0f ms (%.0f ms of CPU)", what,
+                        getattr(call, "__qualname__", call), took * 1e3,
+                        (time.thread_time() - cpu) * 1e3)
 
     def close(self) -> None:
         self.selector.close()

@@ -7,6 +7,7 @@ number. It reads the packets the kernel queues and writes verdicts in batches::
     selector.register(queue.socket, selectors.EVENT_READ)
     ...
     for packet in queue.receive(64):     # non-blocking; [] when nothing is waiting
+        # (the sources of the packets waiting take turns: Turns, below)
         queue.verdict(packet.packet_id, True, mark=0x10000000)
     queue.flush()                        # every buffered verdict, in one send()
     ...
@@ -24,10 +25,17 @@ which the queue is bound without a copy mode (packets queued then are dropped).
 net.core.rmem_max; the kernel doubles it), ``DEFAULT_RECEIVE_BUFFER`` when None. Its
 send buffer holds a batch of verdicts whatever net.core.wmem_default is (SEND_BUFFER).
 
-``receive(limit)`` reads datagrams until none is waiting or ``limit`` packets are
-read. It never raises for what the kernel sends: a receive-buffer overflow (ENOBUFS:
-the kernel dropped, or with fail_open accepted, packets it could not deliver) adds
-one to ``overflows``; an error the kernel returns for an earlier verdict adds one to
+Turns. ``read()`` holds what the kernel has queued (until none is waiting, or
+``HELD_BYTES`` of payload are held); ``take()`` gives the held packets out with their
+sources (IP source addresses) taking turns, a packet each, so that one client's flood
+holds another client's packet back by a packet of each busy source, not by the flood's
+whole backlog; each source's packets keep their order. ``turn(limit, until, clock)``
+is a turn of the packet path: ``read()``, then ``take()`` until ``limit`` packets are
+taken or the clock has passed ``until``; ``waiting`` says packets are left held for the
+next turn (which then need not wait for the socket). ``receive(limit)`` is a turn with
+no time limit. Reading never raises for what the kernel sends: a receive-buffer
+overflow (ENOBUFS: the kernel dropped, or with fail_open accepted, packets it could
+not deliver) adds one to ``overflows``; an error the kernel returns for an earlier verdict adds one to
 ``verdict_errors`` (the first few are logged on "pinhole.enforcer"); anything
 unparsable adds one to ``malformed`` and is skipped. Only a failing socket raises
 (``QueueError``).
@@ -75,10 +83,13 @@ from __future__ import annotations
 import ctypes
 import errno
 import logging
+import math
 import os
 import socket
 import struct
-from collections.abc import Sequence
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import NamedTuple
@@ -112,6 +123,9 @@ MAX_PAYLOAD = 0xFFFF - 4  # an attribute's length is 16 bits, its header include
 DEFAULT_RECEIVE_BUFFER = 8 * 1024 * 1024
 # one datagram: headers and attributes (a few hundred bytes) and at most MAX_PAYLOAD
 RECEIVE_SIZE = 0x10000 + 4096
+# Payload bytes read from the kernel and held for the sources' turns (Queue.take), at most:
+# as much as the socket's default buffer (which the kernel doubles) holds
+HELD_BYTES = 16 * 1024 * 1024
 SEND_SIZE = 128 * 1024  # at most this many bytes of verdicts a datagram (under the send buffer)
 # The send buffer asked for (the kernel doubles it): netlink refuses a datagram longer than
 # the buffer less 32 bytes (EMSGSIZE) and all its verdicts with it, and the default buffer
@@ -234,6 +248,13 @@ def verdict_message(queue: int, packet_id: int, accept: bool, mark: int | None =
     return head + data
 
 
+def source(payload: bytes) -> bytes:
+    """A queued packet's source address, as its IP header has it (b"" for a packet that is
+    neither IPv4 nor IPv6): the key of the turns ``Queue.take`` gives its sender."""
+    version = payload[0] >> 4 if payload else 0
+    return payload[12:16] if version == 4 else payload[8:24] if version == 6 else b""
+
+
 def parse(data: bytes | bytearray | memoryview, size: int,
           packets: list[Packet]) -> tuple[Sequence[Refusal], int]:
     """Read the netlink messages in ``data[:size]`` (one datagram): append the queued
@@ -325,7 +346,10 @@ class Queue:
         self.malformed = 0  # messages read that did not parse (skipped)
         self._pending: list[bytes] = []
         self._pending_size = 0
-        self._early: list[Packet] = []  # packets read while waiting for the bind's answer
+        # packets read and not yet taken, by source, and the order the sources take turns in
+        self._held: dict[bytes, deque[Packet]] = {}
+        self._turns: deque[bytes] = deque()
+        self._held_bytes = 0
         self._buffer = bytearray(RECEIVE_SIZE)
         self._view = memoryview(self._buffer)
         self._closed = False
@@ -356,6 +380,7 @@ class Queue:
         """Send the bind (sequence number 1) and wait for its answer, keeping any packet
         that comes first."""
         self.socket.settimeout(CONFIG_TIMEOUT)
+        early: list[Packet] = []
         try:
             self.socket.send(request)
             while True:
@@ -368,7 +393,9 @@ class Queue:
                     continue
                 if size > RECEIVE_SIZE:
                     continue
-                refusals, _ = parse(self._view, size, self._early)
+                refusals, _ = parse(self._view, size, early)
+                self._hold(early)
+                early.clear()
                 for refusal in refusals:
                     if refusal.kind == NFQNL_MSG_CONFIG and refusal.seq == 1:
                         if refusal.code:
@@ -394,10 +421,28 @@ class Queue:
         return f"{what}: {os.strerror(code)}"
 
     def receive(self, limit: int) -> list[Packet]:
-        """Up to ``limit`` queued packets (more if a datagram holds more), without waiting."""
-        packets, self._early = self._early, []
+        """Up to ``limit`` packets, without waiting: ``turn`` with no time limit."""
+        return list(self.turn(limit, math.inf, time.monotonic))
+
+    def turn(self, limit: int, until: float, clock: Callable[[], float]) -> Iterator[Packet]:
+        """One turn of the packet path: what the kernel has queued is read (``read``), then
+        held packets are taken (``take``) until ``limit`` are, or ``clock()`` has passed
+        ``until`` once one is; the rest wait for the next turn (``waiting``)."""
+        self.read()
+        for _ in range(limit):
+            packet = self.take()
+            if packet is None:
+                return
+            yield packet
+            if clock() >= until:
+                return
+
+    def read(self) -> None:
+        """Hold what the kernel has queued, without waiting, until HELD_BYTES of payload are
+        held (the rest stays in the socket's buffer, and behind it in the kernel's queue)."""
         recv_into, buffer, view = self.socket.recv_into, self._buffer, self._view
-        while len(packets) < limit:
+        packets: list[Packet] = []
+        while self._held_bytes < HELD_BYTES:
             try:
                 size = recv_into(buffer, 0, socket.MSG_TRUNC)
             except BlockingIOError:
@@ -406,8 +451,8 @@ class Queue:
                 if exc.errno == errno.ENOBUFS:
                     self.overflows += 1
                     continue
-                if packets:  # those read first get their verdicts (a packet without one is
-                    break    # held until the queue goes); a lasting error fails the next read
+                if self._turns:  # those held get their verdicts (a packet without one is
+                    break        # held until the queue goes); a lasting error fails the next read
                 raise QueueError(f"reading NFQUEUE {self.number} failed: {exc.strerror or exc}") from None
             if size > RECEIVE_SIZE:  # longer than any message the kernel builds
                 self.malformed += 1
@@ -417,7 +462,44 @@ class Queue:
                 self.malformed += malformed
             if refusals:
                 self._refused(refusals)
-        return packets
+            if packets:
+                self._hold(packets)
+                packets.clear()
+
+    def _hold(self, packets: Iterable[Packet]) -> None:
+        for packet in packets:
+            key = source(packet.payload)
+            held = self._held.get(key)
+            if held is None:
+                held = self._held[key] = deque()
+                self._turns.append(key)
+            held.append(packet)
+            self._held_bytes += len(packet.payload)
+
+    def take(self) -> Packet | None:
+        """The next held packet, None if none is: the sources of held packets (``source``)
+        take turns, a packet each, a source new to the turns joining at their end, and each
+        source's packets come in the order the kernel queued them. A client's flood
+        therefore holds another's packet back by one packet of each source ahead of it, not
+        by the flood's whole backlog; and a flow's packets from one side keep their order."""
+        turns = self._turns
+        if not turns:
+            return None
+        key = turns.popleft()
+        held = self._held[key]
+        packet = held.popleft()
+        if held:
+            turns.append(key)
+        else:
+            del self._held[key]
+        self._held_bytes -= len(packet.payload)
+        return packet
+
+    @property
+    def waiting(self) -> bool:
+        """Packets are held, read from the kernel and not yet taken: the next turn need not
+        wait for the socket."""
+        return bool(self._turns)
 
     def _refused(self, refusals: Sequence[Refusal]) -> None:
         for refusal in refusals:

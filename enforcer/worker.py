@@ -75,7 +75,8 @@ class WorkerProcess:
         selector.register(self.queue.socket, selectors.EVENT_READ)
         next_report = self.clock() + REPORT_INTERVAL
         while True:
-            selector.select(max(0.0, next_report - self.clock()))
+            # (packets held from the last turn go on at once)
+            selector.select(0.0 if self.queue.waiting else max(0.0, next_report - self.clock()))
             # what the main process sent first: a flow's hand-over came before its packets
             if not self.from_main():
                 return
@@ -100,11 +101,14 @@ class WorkerProcess:
         return True
 
     def on_queue(self) -> bool:
-        """The packets waiting, each decided and its verdict buffered, then sent in one go;
-        whether there were some and none is left waiting."""
+        """One turn of the queue (as the main process's, ``Daemon.on_queue``): each packet
+        decided and its verdict buffered, then all sent in one go; whether there were some
+        and none is left waiting."""
         assert self.queue is not None
-        packets = self.queue.receive(daemon.PACKETS_PER_TURN)
-        for packet in packets:
+        taken = 0
+        for packet in self.queue.turn(daemon.PACKETS_PER_TURN, self.clock() + daemon.TURN_SECONDS,
+                                      self.clock):
+            taken += 1
             try:
                 answer = self.engine.handle(daemon.queued_packet(packet, self.arrived_on),
                                             self.clock())
@@ -114,7 +118,7 @@ class WorkerProcess:
                 log.exception("dropping a packet the worker failed to pass on")
                 self.queue.verdict(packet.packet_id, False)
         self.queue.flush()
-        return 0 < len(packets) < daemon.PACKETS_PER_TURN
+        return taken > 0 and not self.queue.waiting
 
     def report(self, now: float) -> None:
         """What it saw of its flows since the last report, and its counters' growth; the

@@ -14,6 +14,7 @@ import socket
 import sys
 import weakref
 from collections import Counter
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -70,20 +71,20 @@ class FakeQueue:
 
     def __init__(self, packets: list[QueuedPacket], sock: FakeSocket | None = None) -> None:
         self.socket = sock  # where INCREASE_RECEIVE_BUFFER grows the queue's buffer
-        self.waiting = packets
+        self.queued = packets
         self.buffered: list[tuple[QueuedPacket, bool, int | None]] = []
         self.payload_limit = 65531
+        self.waiting = False  # (a turn takes them all)
 
-    def receive(self, limit: int) -> list[Packet]:
-        out = [Packet(i, p.hook, p.mark, p.indev, p.data, len(p.data), True, False)
-               for i, p in enumerate(self.waiting[:limit])]
-        return out
+    def turn(self, limit: int, until: float, clock: object) -> Iterator[Packet]:
+        for i, p in enumerate(self.queued[:limit]):
+            yield Packet(i, p.hook, p.mark, p.indev, p.data, len(p.data), True, False)
 
     def verdict(self, packet_id: int, accept: bool, *, mark: int | None = None,
                 payload: bytes | None = None) -> None:
         if payload is not None and len(payload) > self.payload_limit:
             raise ValueError(f"a payload of {len(payload)} bytes")  # as Queue.verdict does
-        self.buffered.append((self.waiting[packet_id], accept, mark))
+        self.buffered.append((self.queued[packet_id], accept, mark))
 
     def flush(self) -> None:
         for queued, accept, mark in self.buffered:
@@ -120,7 +121,7 @@ def daemon() -> Daemon:
     d.config = Config(POLICY, NetworkSettings(("int0",), ("ext0",)),
                       DataplaneSettings(increased_receive_buffer=INCREASED))
     d.socks = d.pool = d.successor = None
-    d.stray_grants = d._stop = False
+    d.stray_grants = d._stop = d._queue_next = False
     d._next_prune = 0.0
     return d
 
@@ -152,6 +153,36 @@ def test_an_event_that_cannot_be_sent_does_not_stop_its_flow_or_the_enforcer(
     later = syn(20021, 41001)  # and it goes on deciding: the grant was single use
     deliver(d, later)
     assert later.verdicts == ["drop"]
+
+
+class TurnsQueue(FakeQueue):
+    """A queue whose turns end after ``per_turn`` packets (their time ran out), the rest
+    held: waiting, without the socket's being readable."""
+
+    def __init__(self, packets: list[QueuedPacket], per_turn: int) -> None:
+        super().__init__(packets)
+        self.per_turn, self.taken = per_turn, 0
+
+    def turn(self, limit: int, until: float, clock: object) -> Iterator[Packet]:
+        for _ in range(min(limit, self.per_turn, len(self.queued) - self.taken)):
+            p = self.queued[self.taken]
+            yield Packet(self.taken, p.hook, p.mark, p.indev, p.data, len(p.data), True, False)
+            self.taken += 1
+        self.waiting = self.taken < len(self.queued)
+
+
+def test_packets_a_turn_left_held_are_decided_at_the_loop_s_next_turns() -> None:
+    d = daemon()
+    d.loop = Loop()
+    packets = [syn(21, 40000 + i) for i in range(7)]
+    d.queue = TurnsQueue(packets, per_turn=3)  # type: ignore[assignment]
+    d.on_queue()
+    assert [len(p.verdicts) for p in packets] == [1, 1, 1, 0, 0, 0, 0]
+    d.loop.run_once(0)  # the queue's socket is not watched: its next turn comes anyway
+    assert [len(p.verdicts) for p in packets] == [1] * 6 + [0]
+    d.loop.run_once(0)
+    assert [p.verdicts for p in packets] == [["accept"]] * 7
+    assert d.loop.next_timer() is None  # nothing held: no more turns
 
 
 def test_a_packet_the_engine_fails_on_is_dropped_and_counted() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import selectors
 import socket
 from collections.abc import Iterator
@@ -167,3 +168,22 @@ def test_a_paused_listener_closed_meanwhile_is_not_watched_again() -> None:
     clock.now += PAUSE_LONGEST
     loop.run_once(0)
     assert loop.counters["errors: timer callback"] == 0
+
+
+def test_a_callback_that_holds_the_loop_is_logged_with_the_cpu_it_used(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Held for 80 ms by the clock, with next to no CPU of its own (it waited): the log
+    tells the two apart (time the process did not run: a wait, or the CPU taken from it)."""
+    now = [0.0]
+    loop = Loop(clock=lambda: now[0])
+
+    def slow() -> None:
+        now[0] += 0.080
+
+    with caplog.at_level("WARNING", logger="pinhole.enforcer.loop"):
+        loop.guard(slow, None, "timer")
+        loop.guard(lambda: None, None, "timer")
+    assert loop.counters["slow callbacks"] == 1
+    (record,) = caplog.records
+    assert re.fullmatch(r"a timer callback \(.*slow\) held the loop for 80 ms \(0 ms of CPU\)",
+                        record.getMessage()), record.getMessage()

@@ -386,6 +386,58 @@ def test_receive_stops_at_the_limit_and_goes_on_next_time(fake: type[FakeNetlink
     assert queue.receive(64) == []
 
 
+def ip4(source: str, tag: int) -> bytes:
+    """An IPv4 packet's first bytes from ``source`` (the queue reads no more of them)."""
+    return bytes([0x45, 0, 0, 20, 0, tag, 0, 0, 64, 6, 0, 0]) + socket.inet_aton(source) + bytes(4)
+
+
+def ip6(source: str, tag: int) -> bytes:
+    return bytes([0x60, 0, 0, tag, 0, 0, 6, 64]) + socket.inet_pton(socket.AF_INET6, source) + bytes(16)
+
+
+def test_a_flood_from_one_source_holds_anothers_packets_back_by_one_packet_each(
+        fake: type[FakeNetlink]) -> None:
+    """The sources take turns, a packet each, a new one at the end of the turns; each
+    source's packets keep the kernel's order; IPv6 sources are told apart by address (and
+    what is neither IPv4 nor IPv6 shares one turn)."""
+    queue = Queue(5)
+    incoming = sock(queue).incoming
+    incoming.extend(packet_message(i, ip4("192.0.2.12", i)) for i in range(50))
+    assert [p.packet_id for p in queue.receive(10)] == list(range(10))
+    late = [ip4("192.0.2.11", 1), ip6("2001:db8::11", 2), ip6("2001:db8::12", 3), b"\x00", b"\x45"]
+    incoming.extend(packet_message(100 + i, p) for i, p in enumerate(late))
+    assert [p.packet_id for p in queue.receive(12)] == [10, 100, 101, 102, 103, 11, 104, 12, 13, 14, 15, 16]
+    assert [p.packet_id for p in queue.receive(64)] == list(range(17, 50))
+    assert not queue.waiting and queue._held_bytes == 0
+
+
+def test_a_turn_ends_at_its_limit_or_its_time_and_the_rest_waits(fake: type[FakeNetlink]) -> None:
+    queue = Queue(5)
+    sock(queue).incoming.extend(packet_message(i, ip4("192.0.2.12", 0)) for i in range(1, 11))
+    now = [0.0]
+
+    def clock() -> float:
+        now[0] += 1.0  # each packet takes a second
+        return now[0]
+
+    assert [p.packet_id for p in queue.turn(64, 3.0, clock)] == [1, 2, 3]  # the third passes it
+    assert queue.waiting and not sock(queue).incoming  # all read, the rest held
+    assert [p.packet_id for p in queue.turn(4, float("inf"), clock)] == [4, 5, 6, 7]
+    assert [p.packet_id for p in queue.receive(64)] == [8, 9, 10] and not queue.waiting
+
+
+def test_reading_stops_while_the_held_payload_is_at_its_cap(fake: type[FakeNetlink],
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(nfqueue, "HELD_BYTES", 3 * 1000)
+    queue = Queue(5)
+    sock(queue).incoming.extend(packet_message(i, ip4("192.0.2.12", 0) + bytes(980)) for i in range(1, 6))
+    queue.read()
+    assert len(sock(queue).incoming) == 2  # three read: the kernel keeps the rest
+    assert queue.take() is not None
+    queue.read()
+    assert len(sock(queue).incoming) == 1
+
+
 def test_receive_counts_overflows_refusals_and_garbage_and_returns_the_packets(
         fake: type[FakeNetlink], caplog: pytest.LogCaptureFixture) -> None:
     queue = Queue(5)

@@ -10,6 +10,7 @@ import pickle
 import re
 import socket
 import subprocess
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -303,3 +304,42 @@ def test_a_worker_is_silent_past_its_limit_and_killed_then() -> None:
             worker.process.kill()
             worker.process.wait()
         theirs.close()
+
+
+def test_a_worker_with_packets_held_from_its_last_turn_goes_on_without_waiting(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A turn that left packets held (its time ran out) is followed at once by the next:
+    the worker's loop does not wait for its queue's socket, which may stay quiet."""
+    waits: list[float] = []
+
+    class Selector:
+        def register(self, fileobj: object, events: int) -> None:
+            pass
+
+        def select(self, timeout: float) -> list[object]:
+            waits.append(timeout)
+            return []
+
+    class Held:
+        socket = None
+        turns = 2  # the turns its held packets still need
+
+        @property
+        def waiting(self) -> bool:
+            return self.turns > 0
+
+    monkeypatch.setattr(worker_process.selectors, "DefaultSelector", Selector)
+    w = worker_process.WorkerProcess.__new__(worker_process.WorkerProcess)
+    w.clock, w.sock, w.queue = time.monotonic, None, Held()  # type: ignore[assignment]
+    queue = w.queue
+
+    def on_queue() -> bool:
+        queue.turns -= 1  # type: ignore[attr-defined]
+        return not queue.waiting
+
+    alive = iter([True, True, True, False])  # then the main process has gone
+    monkeypatch.setattr(w, "on_queue", on_queue)
+    monkeypatch.setattr(w, "from_main", lambda: next(alive))
+    monkeypatch.setattr(w, "report", lambda now: None)
+    w.run()
+    assert waits[:2] == [0.0, 0.0] and all(wait > 0 for wait in waits[2:]), waits

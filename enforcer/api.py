@@ -269,7 +269,8 @@ class SessionApi:
     def bind_for_client(self, params: dict[str, Any], caller: Caller) -> dict[str, Any]:
         """A SecureNAT client's port made reachable for one inbound flow (pending until
         retroactive_allow_bind): the bind, whose ``address`` is what the peer must use.
-        ``from_fw``: the flow reaches the client from the fw's address (its ``source``)."""
+        ``from_fw``: the flow reaches the client from the fw's address (its ``source``), and
+        the bind is on an external address of the fw, routed too."""
         p = Params(params, {"session", "protocol", "client_port", "from_fw"})
         session = p.integer("session", low=1)
         client_port = p.integer("client_port", low=0, high=2**31)

@@ -72,7 +72,8 @@ class SessionCalls:
         and port a peer must use ((the fw's external address, a port) in NAT, the client's
         own otherwise). It admits nothing until ``retroactive_allow_bind``. ``from_fw``:
         the flow reaches the client from the fw's address on its network, not from the
-        peer's (for a client that sees only the fw)."""
+        peer's (for a client that sees only the fw), and the peer uses an external
+        address of the fw, routed too."""
         result = self.call("bind_for_client", session=session, protocol=protocol,
                            client_port=client_port, from_fw=from_fw)
         address, port = result["address"]

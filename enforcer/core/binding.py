@@ -44,13 +44,15 @@ class Binding(Grants):
 
         ``from_fw``: the flow is to reach the client from the fw's address on the
         client's network (``Bind.source``; the shell has the kernel translate it), for
-        a client that sees only the fw (its primary came by a redirect). The same
-        client port bound with the other choice is IsBusy.
+        a client that sees only the fw (its primary came by a redirect). Its peer sees
+        only the fw too (a redirected flow leaves from an external address of the fw), so
+        the bind is then on an external address of the fw, as in NAT, in a routed fw
+        too. The same client port bound with the other choice is IsBusy.
 
-        In NAT it never takes a privileged port of the fw or one that ``listening`` (the
-        fw's sockets) covers on that address (rule 14): a privileged client port, or a
-        listened one outside the fw's port pools, is InvalidArgument; a pool port is
-        never a listened one."""
+        On the fw's address it never takes a privileged port of the fw or one that
+        ``listening`` (the fw's sockets) covers on that address (rule 14): a privileged
+        client port, or a listened one outside the fw's port pools, is InvalidArgument;
+        a pool port is never a listened one."""
         if protocol not in (TCP, UDP):
             raise InvalidArgument(f"protocol must be TCP (6) or UDP (17), not {protocol}")
         if not 1 <= client_port <= 65535:
@@ -70,7 +72,7 @@ class Binding(Grants):
         self.binds.check(session.client)
         expires = now + self.policy.defaults.permission_timeout
         address, port, pooled = session.client, client_port, False
-        if self.nat:
+        if self.nat or source is not None:
             external = self.external_address(session.client.version)
             if external is None:
                 raise InvalidArgument(f"the firewall has no external IPv{session.client.version} "

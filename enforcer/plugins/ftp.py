@@ -14,7 +14,8 @@ agree on, and nothing else:
   an external port of the fw; the command is rewritten to name it) and approved
   with RetroactiveAllowBind for the server alone (IpFilter). Where the client
   sees only the fw, the bind asks that the server's connection reach it from the
-  fw (``from_fw``), as every other packet does. A Firewall client
+  fw (``from_fw``), as every other packet does, and the server, which sees only
+  the fw too, is told a port of the fw's (routed too). A Firewall client
   has bound through the fw already (SOCKS BIND) and names that bind: it is
   approved the same way.
 - Anti-bounce: an address other than the control connection's peer (replies)

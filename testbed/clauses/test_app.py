@@ -434,11 +434,31 @@ def test_through_a_published_server_the_client_sees_only_the_fw(
     (sequence numbers stay right as rewritten replies and commands change lengths); every
     packet c1 sends or receives, control and data connections alike, has the fw's internal
     address as its far end; every address c1 is told is the fw's."""
+    through_a_published_server(app, servers, client, peers.FTP_MODES)
+
+
+@pytest.mark.clause("APP-FTP-02")
+@pytest.mark.topologies("routed")
+@pytest.mark.parametrize("client", peers.FTP_CLIENTS)
+def test_active_ftp_through_a_server_published_on_a_routed_fw(
+        app: App, servers: peers.PeerSet, client: peers.FtpClient) -> None:
+    """A routed fw that publishes a server (a redirect, which leaves from the fw's external
+    address) as APP-FTP-03 does in NAT: the server sees the fw alone, so PORT and EPRT must
+    name the fw too, or vsftpd refuses them ("500 Illegal PORT command": port_promiscuous=NO,
+    its default, as here); the files arrive whole and c1 meets the fw alone."""
+    through_a_published_server(app, servers, client, ("PORT", "EPRT"))
+
+
+def through_a_published_server(app: App, servers: peers.PeerSet, client: peers.FtpClient,
+                               modes: tuple[peers.FtpMode, ...]) -> None:
+    """c1 gets a file twice over one control connection to vsftpd published on the fw, in
+    each of ``modes`` it has (its data connections opened by the side the mode says),
+    meeting the fw alone and told no address of the server's."""
     server = servers.ftp(app.family, "vsftpd")
     address, port = published(app, server.address)
     assert address == app.fw_internal("c1"), f"published on {address}, not the fw's address facing c1"
     copies = 2
-    for mode in _modes(app, client, peers.FTP_MODES):
+    for mode in _modes(app, client, modes):
         mark = server.log_mark()
         with capture_at_client(app, address, server.address, port) as at_client:
             got = peers.ftp_transfer(app.lab.tb, "c1", client, address, mode, "get", BIG_FILE,

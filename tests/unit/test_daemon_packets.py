@@ -375,8 +375,9 @@ FW_INT = "192.0.2.1"
 def test_a_securenat_bind_s_kernel_nat_and_its_source(nat: bool, from_fw: bool) -> None:
     """A SecureNAT bind's NAT rule is written as the bind is made and deleted once it has
     taken its flow: in NAT, from the fw's external port to the client's; asked to reach
-    the client from the fw, its source is the fw's address on the client's network (routed
-    too, where nothing else is translated). Routed and from the server: no rule at all."""
+    the client from the fw, its source is the fw's address on the client's network, and
+    routed too it is on the fw's external address (the peer of a client that sees only
+    the fw sees only the fw). Routed and from the server: no rule at all."""
     d = daemon()
     d.engine = Engine(POLICY, INTERNAL, [ipaddress.ip_address(EXT)], nat=nat,
                       internal_addresses=[ipaddress.ip_interface(f"{FW_INT}/24")])
@@ -385,7 +386,7 @@ def test_a_securenat_bind_s_kernel_nat_and_its_source(nat: bool, from_fw: bool) 
     session = securenat_session(d)
     made = d.api.bind_for_client({"session": session, "protocol": "tcp", "client_port": 40021,
                                   "from_fw": from_fw}, SocketCaller())
-    address = EXT if nat else C1
+    address = EXT if nat or from_fw else C1
     assert made["address"] == [address, 40021] and made["source"] == (FW_INT if from_fw else None)
     expected = [dataplane.BindRule(TCP_PROTOCOL, ipaddress.ip_address(address), 40021,
                                    ipaddress.ip_address(C1), 40021,

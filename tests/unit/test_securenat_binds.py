@@ -193,13 +193,16 @@ FW_INT4, FW_INT6 = ipaddress.ip_interface("192.0.2.1/24"), ipaddress.ip_interfac
 @pytest.mark.parametrize("nat", [False, True], ids=["routed", "nat"])
 def test_a_bind_from_the_fw_comes_from_the_fw_s_address_on_the_client_s_network(nat: bool) -> None:
     """APP-FTP-03: for a client that sees only the fw, a bind's flow is to reach it from
-    the fw's address on its network; the kernel translates that (``translated``), routed
-    too, and the bind's NAT is retired when it closes. Without from_fw: the peer's own."""
+    the fw's address on its network, and its peer, which sees only the fw too, reaches
+    it on an external address of the fw; the kernel translates that (``translated``),
+    routed too, and the bind's NAT is retired when it closes. Without from_fw: the
+    peer's own."""
     engine = make_engine(nat=nat, internal_addresses=(FW_INT4, FW_INT6))
     for client, fw in ((C1, FW_INT4.ip), (C6, FW_INT6.ip)):
         session = securenat(engine, client)
         bind, new = engine.bind_for_securenat(session, TCP, PORT, 2.0, from_fw=True)
         assert new and bind.source == fw and bind.translated
+        assert (bind.address, bind.port) == (engine.external_address(client.version), PORT)
         assert bind.to_dict()["source"] == str(fw)
         plain, _ = engine.bind_for_securenat(session, TCP, PORT + 1, 2.0)
         assert plain.source is None and plain.to_dict()["source"] is None

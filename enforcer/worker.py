@@ -142,8 +142,17 @@ class WorkerProcess:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """A worker's life; it ends quietly (1) once the main process has gone, which may be
+    at any moment (another worker failed to start, say): its socket then breaks."""
     args = sys.argv[1:] if argv is None else argv
     sock = socket.socket(fileno=int(args[0]))
+    try:
+        return _serve(sock)
+    except (BrokenPipeError, ConnectionResetError):
+        return 1
+
+
+def _serve(sock: socket.socket) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process says when to stop
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     message = wait_for(sock, START_TIMEOUT)

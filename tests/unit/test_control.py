@@ -374,7 +374,8 @@ def test_a_peer_that_hangs_up_before_its_replies_is_dropped(server: ControlServe
     client.close()
     for _ in range(10):
         server.loop.run_once(0.05)
-    assert not server.loop.counters, server.loop.counters  # no callback failed
+    failed = {k: n for k, n in server.loop.counters.items() if k.startswith("errors")}
+    assert not failed, server.loop.counters  # (a slow one, on a busy machine, is no failure)
     assert server._buffers == {} and server._callers == {}
     assert call(server, '{"id": 2, "method": "ping"}') == {"id": 2, "result": {"pong": True}}
 

@@ -6,11 +6,13 @@ processes, the config. (The kernel's rules for the workers' queues: test_datapla
 from __future__ import annotations
 
 import ipaddress
+import logging
 import pickle
 import re
 import socket
 import subprocess
 import time
+import types
 from collections import Counter
 from pathlib import Path
 
@@ -343,3 +345,30 @@ def test_a_worker_with_packets_held_from_its_last_turn_goes_on_without_waiting(
     monkeypatch.setattr(w, "report", lambda now: None)
     w.run()
     assert waits[:2] == [0.0, 0.0] and all(wait > 0 for wait in waits[2:]), waits
+
+
+def test_a_worker_whose_main_process_has_gone_ends_quietly(monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """Its queue bound, a worker says it is ready to a main process that has gone meanwhile
+    (another worker could not bind, and the start was given up): it ends with 1 and no
+    traceback, its queue closed."""
+    closed: list[bool] = []
+
+    class Bound:
+        def __init__(self, sock: socket.socket, setup: object, clock: object) -> None:
+            self.queue = self
+
+        def bind(self) -> None:
+            pass
+
+        def close(self) -> None:
+            closed.append(True)
+
+    main_side, worker_side = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    workers.send(main_side, ("setup", types.SimpleNamespace(log_level=logging.WARNING, index=2)))
+    main_side.close()
+    monkeypatch.setattr(worker_process, "WorkerProcess", Bound)
+    monkeypatch.setattr(worker_process.daemon, "settle_heap", lambda: None)
+    monkeypatch.setattr(worker_process.signal, "signal", lambda *args: None)
+    assert worker_process.main([str(worker_side.detach())]) == 1  # (its socket has the fd now)
+    assert closed == [True] and "Traceback" not in capsys.readouterr().err

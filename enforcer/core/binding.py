@@ -25,10 +25,11 @@ class Binding(Grants):
         """BindForClient: a port on the fw's external ``address`` for the session's client
         (the shell then binds it). Granted at once; what arrives for it is discarded
         until RetroactiveAllowBind. Raises IsBusy at a binds cap or when no bind port is
-        free."""
+        free (nor held on that address by a SecureNAT bind, which may keep its client's
+        port there)."""
         session = self._in_use(session_id, now)
         self.binds.check(session.client)
-        port = self.bind_ports.allocate(1)
+        port = self.bind_ports.allocate(1, avoid=lambda p: self.binds.at(protocol, address, p) is not None)
         return self.binds.add(session.id, protocol, address, port, now, session.client)
 
     def bind_for_securenat(self, session_id: int, protocol: int, client_port: int,
@@ -37,9 +38,13 @@ class Binding(Grants):
         """Make a SecureNAT client's port reachable from outside, for one flow, once
         RetroactiveAllowBind approves it (an application filter calls this for active
         FTP, say). Routed: the bind is the client's own address and port. NAT: an
-        external address of the fw, and the client's port if it is free and none of the
-        fw's own (the shell maps it to the client), else a port from the bind pool. The
-        same client port asked again gives the same open bind. Unused, it expires after
+        external address of the fw, and the client's port if no other bind holds it there
+        (the shell maps it to the client), else a port from the bind pool. The client's
+        port is kept inside the fw's port ranges too (the redirect pools are ports of its
+        internal addresses; a bind-pool port is given out avoiding binds): a TFTP server
+        answers the port the request came from, which the fw's source NAT keeps, so a
+        TFTP client's bind must be on that port. The same client port asked again gives
+        the same open bind. Unused, it expires after
         the permission timeout. Returns the bind and whether it is new.
 
         ``from_fw``: the flow is to reach the client from the fw's address on the
@@ -51,8 +56,8 @@ class Binding(Grants):
 
         On the fw's address it never takes a privileged port of the fw or one that
         ``listening`` (the fw's sockets) covers on that address (rule 14): a privileged
-        client port, or a listened one outside the fw's port pools, is InvalidArgument;
-        a pool port is never a listened one."""
+        or listened client port is InvalidArgument; a pool port given out is never a
+        listened one."""
         if protocol not in (TCP, UDP):
             raise InvalidArgument(f"protocol must be TCP (6) or UDP (17), not {protocol}")
         if not 1 <= client_port <= 65535:
@@ -81,10 +86,10 @@ class Binding(Grants):
             if privileged(port):
                 raise InvalidArgument(f"port {port} of the firewall's {address} is privileged: "
                                       "no bind takes it")
-            if self.binds.at(protocol, address, port) is not None or port in self.bind_ports or \
-                    any(port in pool for pool in self.pools.values()):
+            if self.binds.at(protocol, address, port) is not None:
                 port = self.bind_ports.allocate(
-                    1, avoid=lambda p: listening.covers(protocol, external, p))
+                    1, avoid=lambda p: listening.covers(protocol, external, p)
+                    or self.binds.at(protocol, external, p) is not None)
                 pooled = True
             elif listening.covers(protocol, address, port):
                 raise InvalidArgument(f"the firewall listens on {PROTOCOL_NAMES[protocol]} "

@@ -952,6 +952,23 @@ def test_tftp_read_and_write_with_real_clients(app: App, servers: peers.PeerSet,
 
 
 @pytest.mark.clause("APP-TFTP-01")
+@pytest.mark.parametrize("sport", [20123, 61523, 63523], ids=["bind-pool", "kernel-redirect-pool",
+                                                              "user-redirect-pool"])
+def test_a_request_from_a_port_in_the_fws_own_ranges_is_answered(app: App, servers: peers.PeerSet,
+                                                                 sport: int) -> None:
+    """A client port in one of the fw's port ranges (Windows and macOS clients take ports
+    up to 65535): the server answers the port the fw's source NAT kept, the client's own,
+    and its reply reaches the client; the bind is on that port (in NAT, of the fw's)."""
+    server = servers.tftp(app.family)
+    c1 = app.agent("c1")
+    rrq = b"\x00\x01" + SMALL_FILE.encode() + b"\x00octet\x00"
+    with c1.sniff(app.iface("c1"), bpf=f"udp dst port {sport}") as at_client:
+        c1.send(datagram(app, app.addr("c1"), server.address, sport, 69, rrq))
+        reply = expect_packet(at_client, ip(app, server.address, app.addr("c1")) / UDP(dport=sport))
+    assert bytes(reply[UDP].payload)[:4] == b"\x00\x03\x00\x01", "not the file's first block"
+
+
+@pytest.mark.clause("APP-TFTP-01")
 def test_only_the_servers_reply_is_admitted(app: App, servers: peers.PeerSet) -> None:
     """After a read request, the server's reply from its new port reaches the client; a
     datagram from the server's other ports, or from another host, does not."""

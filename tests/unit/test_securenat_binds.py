@@ -147,28 +147,39 @@ def test_a_nat_bind_takes_a_pool_port_when_the_client_s_port_is_bound_already(na
     assert (udp.address, udp.port, udp.pooled) == (EXT4, PORT, False)
 
 
-@pytest.mark.parametrize(("client_port", "pooled"), [
-    pytest.param(BIND_PORTS[0], True, id="bind-pool-low"),
-    pytest.param(BIND_PORTS[1], True, id="bind-pool-high"),
-    pytest.param(BIND_PORTS[0] - 1, False, id="below-bind-pool"),
-    pytest.param(BIND_PORTS[1] + 1, False, id="above-bind-pool"),
-    pytest.param(KERNEL_REDIRECT_PORTS[0], True, id="kernel-redirect-low"),
-    pytest.param(KERNEL_REDIRECT_PORTS[1], True, id="kernel-redirect-high"),
-    pytest.param(KERNEL_REDIRECT_PORTS[1] + 1, False, id="above-kernel-redirect"),
-    pytest.param(USER_REDIRECT_PORTS[0], True, id="user-redirect-low"),
-    pytest.param(USER_REDIRECT_PORTS[1], True, id="user-redirect-high"),
-    pytest.param(USER_REDIRECT_PORTS[0] - 1, False, id="below-user-redirect"),
-    pytest.param(1024, False, id="port-1024"),
-    pytest.param(65535, False, id="port-65535"),
+@pytest.mark.parametrize("client_port", [
+    pytest.param(BIND_PORTS[0], id="bind-pool-low"),
+    pytest.param(BIND_PORTS[1], id="bind-pool-high"),
+    pytest.param(BIND_PORTS[0] - 1, id="below-bind-pool"),
+    pytest.param(KERNEL_REDIRECT_PORTS[0], id="kernel-redirect-low"),
+    pytest.param(KERNEL_REDIRECT_PORTS[1], id="kernel-redirect-high"),
+    pytest.param(USER_REDIRECT_PORTS[0], id="user-redirect-low"),
+    pytest.param(USER_REDIRECT_PORTS[1], id="user-redirect-high"),
+    pytest.param(1024, id="port-1024"),
+    pytest.param(65535, id="port-65535"),
 ])
-def test_a_nat_bind_avoids_the_fw_s_own_port_pools(natted: Engine, client_port: int, pooled: bool) -> None:
+def test_a_nat_bind_keeps_the_client_s_port_in_the_fw_s_port_ranges_too(natted: Engine,
+                                                                        client_port: int) -> None:
+    """A TFTP server answers the port the request came from, which the fw's source NAT
+    keeps: the bind must be on it, whatever range of the fw's it is in (Windows and macOS
+    clients take ports up to 65535; the redirect pools are ports of the fw's internal
+    addresses, and the bind pool gives out none a bind holds)."""
     bind, _ = natted.bind_for_securenat(securenat(natted), UDP, client_port, 3.0)
-    assert bind.pooled is pooled and bind.client_port == client_port
-    if pooled:
-        assert BIND_PORTS[0] <= bind.port <= BIND_PORTS[1]
-        assert natted.bind_ports.in_use == 1
-    else:
-        assert bind.port == client_port and natted.bind_ports.in_use == 0
+    assert (bind.address, bind.port, bind.pooled, bind.client_port) == (EXT4, client_port, False, client_port)
+    assert natted.bind_ports.in_use == 0
+
+
+def test_the_bind_pool_gives_out_no_port_a_bind_keeps(natted: Engine) -> None:
+    """With C1's bind on the bind pool's first port, neither a Firewall client's bind nor
+    a SecureNAT bind that goes to the pool gets that port."""
+    kept, _ = natted.bind_for_securenat(securenat(natted), TCP, BIND_PORTS[0], 2.0)
+    assert (kept.port, kept.pooled) == (BIND_PORTS[0], False)
+    socks = natted.bind_for_client(natted.open_firewall_session(C2, "alice", 1.0).id, TCP, EXT4, 2.0)
+    assert socks.port == BIND_PORTS[0] + 1
+    pooled, _ = natted.bind_for_securenat(securenat(natted, C2), TCP, BIND_PORTS[0], 2.0)
+    assert (pooled.port, pooled.pooled) == (BIND_PORTS[0] + 2, True)
+    with pytest.raises(IsBusy, match="no 1 consecutive free ports among the bind ports"):
+        natted.bind_for_client(natted.open_firewall_session(C2, "bob", 1.0).id, TCP, EXT4, 2.0)
 
 
 def test_asking_again_for_the_same_client_port_gives_the_same_bind(engine: Engine) -> None:
@@ -344,17 +355,21 @@ def test_the_fw_s_own_socks_binds_do_not_make_it_refuse_itself(natted: Engine) -
 
 
 def test_a_pool_port_is_never_one_the_fw_listens_on(natted: Engine) -> None:
-    session = securenat(natted)
+    """A client port another bind holds goes to the pool, which gives out no port the fw
+    listens on (a UDP socket leaves the TCP port free); with every pool port listened on,
+    nothing is bound."""
     first, middle, last = BIND_PORTS[0], BIND_PORTS[0] + 1, BIND_PORTS[1]
+    natted.bind_for_securenat(securenat(natted, C2), TCP, PORT, 2.0)  # C2 holds PORT
+    session = securenat(natted)
     fw = listening((TCP, "0.0.0.0", first), (TCP, "::", middle), (UDP, "0.0.0.0", last))
-    bind, _ = natted.bind_for_securenat(session, TCP, first, 2.0, fw)  # a pool port: to the pool
-    assert (bind.port, bind.pooled) == (last, True)  # a UDP socket leaves the TCP port free
+    bind, _ = natted.bind_for_securenat(session, TCP, PORT, 2.0, fw)
+    assert (bind.port, bind.pooled) == (last, True)
     natted.withdraw_bind(bind)
     everything = listening(*((TCP, str(EXT4), p) for p in range(first, last + 1)))
     with pytest.raises(IsBusy, match="no 1 consecutive free ports among the bind ports"):
-        natted.bind_for_securenat(session, TCP, KERNEL_REDIRECT_PORTS[0], 2.0, everything)
+        natted.bind_for_securenat(session, TCP, PORT, 2.0, everything)
     assert natted.bind_ports.in_use == 0
-    assert natted.binds.leading_to(TCP, C1, KERNEL_REDIRECT_PORTS[0]) is None
+    assert natted.binds.leading_to(TCP, C1, PORT) is None
 
 
 # --- inbound flows ------------------------------------------------------------------------------

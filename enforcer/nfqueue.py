@@ -35,10 +35,10 @@ taken or the clock has passed ``until``; ``waiting`` says packets are left held 
 next turn (which then need not wait for the socket). ``receive(limit)`` is a turn with
 no time limit. Reading never raises for what the kernel sends: a receive-buffer
 overflow (ENOBUFS: the kernel dropped, or with fail_open accepted, packets it could
-not deliver) adds one to ``overflows``; an error the kernel returns for an earlier verdict adds one to
-``verdict_errors`` (the first few are logged on "pinhole.enforcer"); anything
-unparsable adds one to ``malformed`` and is skipped. Only a failing socket raises
-(``QueueError``).
+not deliver) adds one to ``overflows``; an error the kernel returns for an earlier
+verdict adds one to ``verdict_errors`` (the first few are logged on
+"pinhole.enforcer"); anything unparsable adds one to ``malformed`` and is skipped.
+Only a failing socket raises (``QueueError``).
 
 ``verdict(packet_id, accept, *, mark=None, payload=None)`` buffers one verdict: the
 packet's new mark if given, its new content if given (``payload``: the whole IP

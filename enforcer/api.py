@@ -18,6 +18,7 @@ from enforcer.core.effects import ConnectEvent, Effect, EstablishedConnection, E
 from enforcer.core.engine import Engine
 from enforcer.core.flags import Flags, parse_flags
 from enforcer.core.fwports import NOTHING_LISTENS, Listening
+from enforcer.core.grants import KernelUdpFlows, no_kernel_udp_flows
 from enforcer.core.ipfilter import IpFilter
 from enforcer.core.packet import TCP, UDP, Endpoint
 from enforcer.core.policy import PortRange
@@ -149,18 +150,23 @@ class SessionApi:
 
     def __init__(self, engine: Engine, clock: Callable[[], float],
                  apply: Callable[[list[Effect]], None] | None = None, *,
-                 listening: Callable[[], Listening] = lambda: NOTHING_LISTENS) -> None:
+                 listening: Callable[[], Listening] = lambda: NOTHING_LISTENS,
+                 kernel_udp_flows: KernelUdpFlows = no_kernel_udp_flows) -> None:
         """``apply`` is the shell's: it does what the engine asked for (kernel state,
         events), after each call and before its answer; if it raises, the call fails (and
         the shell has withdrawn the grant or bind it could not make). By default only
         events are delivered. While ``hold`` is set (the engine is deciding a packet,
         whose answer carries them) nothing is applied. ``listening`` says what the fw's
-        own sockets listen on now (no SecureNAT bind takes such a port of the fw)."""
+        own sockets listen on now (no SecureNAT bind takes such a port of the fw);
+        ``kernel_udp_flows`` the ports of an internal address of the fw by which a
+        client's UDP flows were redirected in the kernel, as conntrack holds them (no
+        UDP redirect of the client takes such a port)."""
         self.engine = engine
         self.clock = clock
         self.apply = apply or self.deliver_events
         self.hold = False
         self.listening = listening
+        self.kernel_udp_flows = kernel_udp_flows
         self._filters: dict[int, tuple[str, Caller]] = {}
         self._filter_ids = itertools.count(1)
 
@@ -255,7 +261,8 @@ class SessionApi:
         targets = [p.endpoint(a, f"'addresses[{i}]'") for i, a in enumerate(addresses)]
         protocol, flags, guid = p.protocol(), p.flags(), p.guid("protocol_guid")
         (internal, base), perms = self.engine.redirect_connections(
-            session, targets, protocol, flags, guid, self.clock(), **self._grant_params(p, caller))
+            session, targets, protocol, flags, guid, self.clock(), **self._grant_params(p, caller),
+            kernel_udp_flows=self.kernel_udp_flows)
         self.settle()
         return {"internal_address": [str(internal), base], "actions": [a.to_dict() for a in perms]}
 

@@ -56,9 +56,9 @@ from enforcer.core.effects import (
 from enforcer.core.engine import Engine
 from enforcer.core.flows import SYSCTL, ConntrackTimeouts, FlowRecord
 from enforcer.core.memory import memory_bound
-from enforcer.core.packet import TCP, Ingress
+from enforcer.core.packet import TCP, Ingress, IPAddress
 from enforcer.core.permissions import Permission
-from enforcer.core.results import InvalidArgument
+from enforcer.core.results import InvalidArgument, IsBusy
 from enforcer.listening import ListeningSockets
 from enforcer.loop import Loop
 from enforcer.nfqueue import Packet, Queue, QueueError, keep_freed_memory
@@ -265,7 +265,8 @@ class Daemon:
         self.engine = build_engine(config, self.interfaces, conntrack_timeouts(),
                                    [*self.filter_factories, *self.app_filters], watching)
         self.listening = ListeningSockets(clock)  # the fw's own sockets (rule 14)
-        self.api = SessionApi(self.engine, clock, self.apply, listening=self.listening.current)
+        self.api = SessionApi(self.engine, clock, self.apply, listening=self.listening.current,
+                              kernel_udp_flows=self.kernel_udp_flows)
         self.engine.stream_filter = self.stream_filter
         # the session API as application filters call it, in this process
         self.calls = filters.InProcessCalls({**self.api.handlers()})
@@ -275,7 +276,7 @@ class Daemon:
         self._next_prune = clock()
         self.host = dataplane.HostSettings(state_file(config))
         self.maps: dataplane.NatMaps | None = None  # per-grant kernel NAT, once running
-        self.local_flows: dataplane.LocalFlows | None = None  # closed binds' flows, once running
+        self.conntrack: dataplane.Conntrack | None = None  # asked of conntrack, once running
         # grants the kernel holds (while running, where it can): the table that says the
         # enforcer lives, and the log of what the kernel admitted by them
         self.live: dataplane.LiveTable | None = None
@@ -445,10 +446,25 @@ class Daemon:
             raise workers.WorkerError("the enforcer runs no worker processes")
         return self.pool
 
-    def _local_flows(self) -> dataplane.LocalFlows:
-        if self.local_flows is None:
+    def _conntrack(self) -> dataplane.Conntrack:
+        if self.conntrack is None:
             raise dataplane.DataplaneError("the enforcer is not running: no flows to forget")
-        return self.local_flows
+        return self.conntrack
+
+    def kernel_udp_flows(self, client: IPAddress, internal: IPAddress) -> set[int]:
+        """The ports of ``internal`` by which ``client``'s UDP flows were redirected in the
+        kernel, as conntrack holds them (none before the enforcer runs: nothing passes
+        then). IsBusy if conntrack
+        does not answer: a UDP redirect is then refused, never given a port that may
+        lead down a live flow elsewhere."""
+        if self.conntrack is None:
+            return set()
+        try:
+            return self.conntrack.redirected_udp_ports(client, internal)
+        except dataplane.DataplaneError as exc:
+            log.error("%s", exc)
+            raise IsBusy(f"cannot tell which redirect ports {client}'s UDP flows hold: "
+                         f"{exc}") from None
 
     def settle(self) -> None:
         """Apply what the engine has asked for since (SOCKS relays, the timer)."""
@@ -516,7 +532,7 @@ class Daemon:
         elif kind is ForgetBindFlows:
             for effect in group:
                 try:
-                    self._local_flows().forget(effect.bind.port)
+                    self._conntrack().forget(effect.bind.port)
                 except dataplane.DataplaneError as exc:
                     # its socket is gone: the kernel hands the datagrams to the enforcer,
                     # which drops them, until the port is bound again
@@ -693,7 +709,7 @@ class Daemon:
                             "of an earlier run (their filters and sockets went with it): %s",
                             "; ".join(forgotten))
             self.maps = dataplane.NatMaps()
-            self.local_flows = dataplane.LocalFlows()
+            self.conntrack = dataplane.Conntrack()
             if self.config.dataplane.kernel_grants:
                 self._hold_grants_in_kernel()
             if self.filter_factories or self.app_filters:
@@ -752,9 +768,9 @@ class Daemon:
             if self.maps is not None:
                 self.maps.close()
                 self.maps = None
-            if self.local_flows is not None:
-                self.local_flows.close()
-                self.local_flows = None
+            if self.conntrack is not None:
+                self.conntrack.close()
+                self.conntrack = None
             try:
                 if installed:
                     self._leave()

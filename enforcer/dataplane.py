@@ -108,8 +108,17 @@ SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33
 TRANSACTION_BUFFER = 1 << 20
 NFPROTO_INET = 1
 NFNL_SUBSYS_CTNETLINK, NFNL_SUBSYS_NFTABLES = 1, 10
-IPCTNL_MSG_CT_DELETE = 2
-CTA_MARK, CTA_MARK_MASK = 8, 21
+IPCTNL_MSG_CT_GET, IPCTNL_MSG_CT_DELETE = 1, 2
+# linux/netfilter/nfnetlink_conntrack.h, nf_conntrack_common.h
+CTA_TUPLE_ORIG, CTA_STATUS, CTA_MARK, CTA_MARK_MASK, CTA_FILTER, CTA_STATUS_MASK = 1, 3, 8, 21, 25, 26
+IPS_DST_NAT = 1 << 5
+CTA_TUPLE_IP, CTA_TUPLE_PROTO = 1, 2
+CTA_IP_V4_SRC, CTA_IP_V4_DST, CTA_IP_V6_SRC, CTA_IP_V6_DST = 1, 2, 3, 4
+CTA_PROTO_NUM, CTA_PROTO_DST_PORT = 1, 3
+CTA_FILTER_ORIG_FLAGS, CTA_FILTER_REPLY_FLAGS = 1, 2
+# The parts of CTA_TUPLE_ORIG a dump's CTA_FILTER compares (net/netfilter/nf_internals.h)
+CTA_FILTER_F_CTA_IP_SRC, CTA_FILTER_F_CTA_IP_DST, CTA_FILTER_F_CTA_PROTO_NUM = 1 << 0, 1 << 1, 1 << 3
+NLA_F_NESTED = 0x8000
 NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END = 0x10, 0x11
 NFT_MSG_NEWSETELEM, NFT_MSG_DELSETELEM = 12, 14
 NLM_F_REQUEST, NLM_F_ACK, NLM_F_CREATE = 0x1, 0x4, 0x400
@@ -1020,14 +1029,8 @@ class NatMaps:
         """Add the keys in one datagram of a set's dump (the request ``seq``: replies to
         earlier ones, a transaction's that were not read, are passed over); whether the
         dump is done."""
-        for kind, start, end in netlink_messages(data):
-            if struct.unpack_from("=I", data, start - 8)[0] != seq:
-                continue
-            if kind == NLMSG_DONE:
-                return True
-            if kind == NLMSG_ERROR:
-                code = -struct.unpack_from("=i", data, start)[0]
-                raise OSError(code, os.strerror(code))
+        messages, done = dump_messages(data, seq)
+        for start, end in messages:
             for attr, a, b in netlink_attributes(data, start + 4, end):  # after nfgenmsg
                 if attr != NFTA_SET_ELEM_LIST_ELEMENTS:
                     continue
@@ -1036,7 +1039,7 @@ class NatMaps:
                         if part == NFTA_SET_ELEM_KEY:
                             keys.update(data[g:h] for value, g, h in netlink_attributes(data, e, f)
                                         if value == NFTA_DATA_VALUE)
-        return False
+        return done
 
     def _batch(self, messages: list[tuple[str, list[tuple[bytes, bytes]], bool]]) -> list[int]:
         """Send one transaction; the errno of each message the kernel refused (a refusal
@@ -1087,10 +1090,17 @@ def _request(sock: socket.socket, data: bytes, waiting: set[int], what: str) -> 
     return errors
 
 
-class LocalFlows:
-    """Forgets the conntrack entries of a closed Firewall-client UDP bind's flows, by their
-    mark (``local_mark``), in one netlink request the kernel answers at once: the kernel
-    would otherwise go on handing their datagrams to whatever socket binds the port next."""
+class Conntrack:
+    """What the enforcer asks of connection tracking, over netlink (one request each, which
+    the kernel answers at once):
+
+    - ``forget``: delete the entries of a closed Firewall-client UDP bind's flows, by their
+      mark (``local_mark``): the kernel would otherwise go on handing their datagrams to
+      whatever socket binds the port next;
+    - ``redirected_udp_ports``: the ports of one of the fw's addresses by which a client's
+      UDP flows were redirected (a dump that the kernel filters: see
+      ``redirected_udp_message``).
+    """
 
     def __init__(self) -> None:
         self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
@@ -1107,8 +1117,91 @@ class LocalFlows:
             raise DataplaneError(f"the kernel refused to forget the flows of bind port {port}: "
                                  + "; ".join(map(os.strerror, errors)))
 
+    def redirected_udp_ports(self, client: IPAddress, address: IPAddress) -> set[int]:
+        """The destination ports of the UDP flows conntrack holds from ``client`` to
+        ``address`` (as first sent) whose destination it translated; DataplaneError if
+        the kernel does not answer."""
+        seq = next(self._seq)
+        ports: set[int] = set()
+        wanted = (client.packed, address.packed)
+        try:
+            self.sock.send(redirected_udp_message(client, address, seq))
+            while not _udp_ports_dumped(self.sock.recv(1 << 16), seq, wanted, ports):
+                pass
+        except OSError as exc:
+            raise DataplaneError(f"asking conntrack for {client}'s UDP flows to {address} "
+                                 f"failed: {exc}") from None
+        return ports
+
     def close(self) -> None:
         self.sock.close()
+
+
+def redirected_udp_message(client: IPAddress, address: IPAddress, seq: int) -> bytes:
+    """IPCTNL_MSG_CT_GET, a dump of the conntrack entries of ``client``'s family whose
+    destination was translated (IPS_DST_NAT: every kernel-mode redirect's flow) and whose
+    original direction is UDP, for IPv4 from ``client`` to ``address``. The kernel
+    compares those (CTA_STATUS, Linux 5.15; CTA_FILTER on CTA_TUPLE_ORIG, Linux 5.9). It
+    compares IPv6 addresses the wrong way round (``ctnetlink_filter_match_tuple`` rejects
+    an equal one; Linux 6.18 still), so the reader compares the addresses itself (an
+    older kernel that ignores the status filter costs only time)."""
+    v4 = client.version == 4
+    ip = (_attribute(CTA_IP_V4_SRC if v4 else CTA_IP_V6_SRC, client.packed)
+          + _attribute(CTA_IP_V4_DST if v4 else CTA_IP_V6_DST, address.packed))
+    tuple_ = (_attribute(CTA_TUPLE_IP | NLA_F_NESTED, ip)
+              + _attribute(CTA_TUPLE_PROTO | NLA_F_NESTED, _attribute(CTA_PROTO_NUM, bytes([UDP]))))
+    flags = CTA_FILTER_F_CTA_PROTO_NUM | (CTA_FILTER_F_CTA_IP_SRC | CTA_FILTER_F_CTA_IP_DST if v4 else 0)
+    filter_ = (_attribute(CTA_FILTER_ORIG_FLAGS, struct.pack("=I", flags))
+               + _attribute(CTA_FILTER_REPLY_FLAGS, struct.pack("=I", 0)))
+    body = (_attribute(CTA_TUPLE_ORIG | NLA_F_NESTED, tuple_)
+            + _attribute(CTA_FILTER | NLA_F_NESTED, filter_)
+            + _attribute(CTA_STATUS, struct.pack("!I", IPS_DST_NAT))
+            + _attribute(CTA_STATUS_MASK, struct.pack("!I", IPS_DST_NAT)))
+    return _netlink((NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_GET, NLM_F_REQUEST | NLM_F_DUMP,
+                    seq, socket.AF_INET if v4 else socket.AF_INET6, 0, body)
+
+
+def _udp_ports_dumped(data: bytes, seq: int, wanted: tuple[bytes, bytes], ports: set[int]) -> bool:
+    """Add the original destination port of each entry in one datagram of the dump
+    ``seq`` (answers to earlier requests are passed over) whose original source and
+    destination addresses are ``wanted``; whether the dump is done."""
+    messages, done = dump_messages(data, seq)
+    for start, end in messages:
+        for attr, a, b in netlink_attributes(data, start + 4, end):  # after nfgenmsg
+            if attr != CTA_TUPLE_ORIG:
+                continue
+            addresses: dict[int, bytes] = {}
+            port = None
+            for part, c, d in netlink_attributes(data, a, b):
+                for field_, e, f in netlink_attributes(data, c, d):
+                    if part == CTA_TUPLE_IP:
+                        addresses[field_] = data[e:f]
+                    elif part == CTA_TUPLE_PROTO and field_ == CTA_PROTO_DST_PORT and f - e >= 2:
+                        port = struct.unpack_from("!H", data, e)[0]
+            source = addresses.get(CTA_IP_V4_SRC, addresses.get(CTA_IP_V6_SRC))
+            destination = addresses.get(CTA_IP_V4_DST, addresses.get(CTA_IP_V6_DST))
+            if port is not None and (source, destination) == wanted:
+                ports.add(port)
+    return done
+
+
+def dump_messages(data: bytes, seq: int) -> tuple[list[tuple[int, int]], bool]:
+    """The payload (start, end) of each message of the dump ``seq`` in one datagram (those
+    of other requests are passed over), and whether the dump is done; OSError for an
+    error the kernel answered."""
+    messages: list[tuple[int, int]] = []
+    for kind, start, end in netlink_messages(data):
+        if struct.unpack_from("=I", data, start - 8)[0] != seq:
+            continue
+        if kind == NLMSG_DONE:
+            return messages, True
+        if kind == NLMSG_ERROR:
+            code = -struct.unpack_from("=i", data, start)[0]
+            if code:
+                raise OSError(code, os.strerror(code))
+            continue
+        messages.append((start, end))
+    return messages, False
 
 
 def forget_by_mark_message(mark: int, mask: int, seq: int) -> bytes:

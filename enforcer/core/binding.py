@@ -29,7 +29,8 @@ class Binding(Grants):
         port there)."""
         session = self._in_use(session_id, now)
         self.binds.check(session.client)
-        port = self.bind_ports.allocate(1, avoid=lambda p: self.binds.at(protocol, address, p) is not None)
+        port = self.bind_ports.allocate(1, lambda p: self.binds.at(protocol, address, p) is not None,
+                                        f"held by binds on {address}")
         return self.binds.add(session.id, protocol, address, port, now, session.client)
 
     def bind_for_securenat(self, session_id: int, protocol: int, client_port: int,
@@ -88,8 +89,9 @@ class Binding(Grants):
                                       "no bind takes it")
             if self.binds.at(protocol, address, port) is not None:
                 port = self.bind_ports.allocate(
-                    1, avoid=lambda p: listening.covers(protocol, external, p)
-                    or self.binds.at(protocol, external, p) is not None)
+                    1, lambda p: listening.covers(protocol, external, p)
+                    or self.binds.at(protocol, external, p) is not None,
+                    f"listened on or held by binds on {external}")
                 pooled = True
             elif listening.covers(protocol, address, port):
                 raise InvalidArgument(f"the firewall listens on {PROTOCOL_NAMES[protocol]} "

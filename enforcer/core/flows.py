@@ -237,6 +237,11 @@ class FlowRecord:
                 "worker": self.worker}
 
 
+def _redirect_of(record: FlowRecord) -> tuple[int, IPAddress, Endpoint]:
+    assert record.redirect is not None
+    return record.key.protocol, record.key.src, record.redirect
+
+
 def reverse(key: FlowKey) -> FlowKey:
     # tuple.__new__ directly: FlowKey's own __new__ is Python code, and a new flow makes one
     return _new_key(FlowKey, (key[0], key[3], key[4], key[1], key[2]))
@@ -270,6 +275,8 @@ class FlowTable:
             lifetime: OrderedDict() for lifetime in Lifetime}
         self._index: dict[FlowKey, tuple[FlowRecord, bool]] = {}
         self._held_by_session: Counter[int] = Counter()
+        # Held redirected flows by (IP protocol, client, the redirect port it sent to)
+        self._held_by_redirect: Counter[tuple[int, IPAddress, Endpoint]] = Counter()
 
     def fits(self, client: IPAddress) -> bool:
         """Whether one more user-mode flow of ``client`` may be held."""
@@ -301,6 +308,8 @@ class FlowTable:
         if held:
             self.quota.take(record.key.src)
             self._held_by_session[record.session_id] += 1
+            if record.redirect is not None:
+                self._held_by_redirect[_redirect_of(record)] += 1
             record.held_as = record.lifetime
             self._held[record.held_as][record] = record
             return
@@ -363,6 +372,11 @@ class FlowTable:
         """Whether a user-mode flow of the session is held."""
         return self._held_by_session[session_id] > 0
 
+    def holds_redirected(self, protocol: int, client: IPAddress, port: Endpoint) -> bool:
+        """Whether a user-mode flow that ``client`` sent to redirect port ``port`` (the fw's
+        internal address and port) is held."""
+        return (protocol, client, port) in self._held_by_redirect
+
     def expire(self, now: float) -> list[FlowRecord]:
         """Let go of every held flow conntrack has surely forgotten; return them."""
         out = []
@@ -388,6 +402,11 @@ class FlowTable:
         self._held_by_session[record.session_id] -= 1
         if not self._held_by_session[record.session_id]:
             del self._held_by_session[record.session_id]
+        if record.redirect is not None:
+            redirect = _redirect_of(record)
+            self._held_by_redirect[redirect] -= 1
+            if not self._held_by_redirect[redirect]:
+                del self._held_by_redirect[redirect]
         if self.on_release is not None:
             self.on_release(record, now)
 

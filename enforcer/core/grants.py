@@ -45,6 +45,16 @@ _ALLOW_MULTIPLE, _TIMEOUT, _BIDIRECTIONAL, _INCREASE_RECEIVE_BUFFER = (
 _NOT_IN_KERNEL = int(Flags.ALLOW_MULTIPLE | Flags.NO_KERNEL_MODE | Flags.ADDRESS_BASED)
 
 
+# The ports of an internal address by which a client's UDP flows were redirected in the
+# kernel, as conntrack holds them
+KernelUdpFlows = Callable[[IPAddress, IPAddress], Iterable[int]]
+
+
+def no_kernel_udp_flows(client: IPAddress, internal: IPAddress) -> Iterable[int]:
+    """Where the shell tells of none (unit tests, no kernel)."""
+    return ()
+
+
 class Grants(Events):
     """Permissions: granted, matched by new flows, cancelled, finished."""
 
@@ -77,9 +87,18 @@ class Grants(Events):
                              flags: Flags, protocol_guid: uuid.UUID, now: float, *,
                              proxy_external_address: IPAddress | None = None,
                              filter_id: int | None = None, context: Any = None,
-                             data_filter: str | None = None) -> tuple[Endpoint, list[Permission]]:
+                             data_filter: str | None = None,
+                             kernel_udp_flows: KernelUdpFlows = no_kernel_udp_flows,
+                             ) -> tuple[Endpoint, list[Permission]]:
         """Redirect connections to N consecutive ports on the fw's internal address that
         faces the session's client, port base+i to targets[i]: (InternalAddress, actions).
+
+        A UDP block has no port through which the client's flow of an earlier redirect
+        still lives: the client's datagrams to that port would go on down that flow, to
+        the earlier target (conntrack knows a UDP flow by its addresses and ports alone;
+        the enforcer holds a user-mode one by them). Other clients may take the port.
+        ``kernel_udp_flows`` is the shell's: the ports of an internal address by which a
+        client's UDP flows were redirected in the kernel, as conntrack holds them.
 
         Raises as allow_future_connect does (IsBusy also when no block of N ports is
         free), and then creates nothing.
@@ -95,7 +114,16 @@ class Grants(Events):
             now, redirect=True)
         internal = self._internal_address_for(session.client)
         in_user_mode = user_mode(flags, data_filter)
-        base = self.pools[in_user_mode].allocate(len(targets))  # the last check: nothing to undo
+        client = session.client
+        avoid: Callable[[int], bool] | None = None
+        if protocol == UDP and in_user_mode:
+            def avoid(port: int) -> bool:
+                return self.flows.holds_redirected(UDP, client, (internal, port))
+        elif protocol == UDP:
+            avoid = set(kernel_udp_flows(client, internal)).__contains__
+        # the last check: nothing to undo
+        base = self.pools[in_user_mode].allocate(
+            len(targets), avoid, f"held by {client}'s UDP flows of earlier redirects")
         self._block_pending[(in_user_mode, base)] = len(targets)
         timeout = self.policy.defaults.permission_timeout if Flags.TIMEOUT in flags else None
         actions = []

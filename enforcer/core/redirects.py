@@ -63,26 +63,39 @@ class PortPool:
         self._used: set[int] = set()
         self._cursor = low
 
-    def allocate(self, count: int, avoid: Callable[[int], bool] | None = None) -> int:
+    def allocate(self, count: int, avoid: Callable[[int], bool] | None = None,
+                 avoided: str = "avoided") -> int:
         """The base of a free block of ``count`` ports, none of them one that ``avoid``
-        names; IsBusy when there is none."""
+        names; IsBusy when there is none (``avoided`` says why the caller avoids ports)."""
         size = self.high - self.low + 1
         if not 1 <= count <= size:
             raise InvalidArgument(f"{count} ports do not fit the {self.name} ports "
                                   f"{self.low}-{self.high}")
         start = self._cursor
+        avoiding: dict[int, bool] = {}  # each port asked of ``avoid`` once
+
+        def taken(port: int) -> bool:
+            if port in self._used:
+                return True
+            if avoid is None:
+                return False
+            if port not in avoiding:
+                avoiding[port] = avoid(port)
+            return avoiding[port]
+
         for step in range(size):
             base = self.low + (start - self.low + step) % size
             if base + count - 1 > self.high:
                 continue
-            if not any(p in self._used or (avoid is not None and avoid(p))
-                       for p in range(base, base + count)):
+            if not any(taken(p) for p in range(base, base + count)):
                 self._blocks[base] = count
                 self._used.update(range(base, base + count))
                 self._cursor = base + count if base + count <= self.high else self.low
                 return base
+        skipped = sum(avoiding.values())
+        more = f", {skipped} {avoided}" if skipped else ""
         raise IsBusy(f"no {count} consecutive free ports among the {self.name} ports "
-                     f"{self.low}-{self.high} ({len(self._used)} in use)")
+                     f"{self.low}-{self.high} ({len(self._used)} in use{more})")
 
     def release(self, base: int) -> None:
         count = self._blocks.pop(base)

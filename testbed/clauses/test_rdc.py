@@ -25,9 +25,11 @@ from testbed.clauses.helpers import (
     dropped_silently,
     ip,
     pending_actions,
+    probe_port,
     refused,
     syn,
     wait_past_expiry,
+    wait_until,
 )
 from testbed.drivers import MODES
 from testbed.lab import ENFORCER_MAPS_TABLE, GUIDS
@@ -272,6 +274,45 @@ def test_udp_redirect_replies_come_from_the_internal_address(net: Net, mode: str
         with dropped_silently(net, "c1") as drop:
             drop.udp("a second flow to the single-use redirect", internal, base, b"again")
         assert server.stats()["accepted"] == 1, "a second flow used a single-use redirect"
+
+
+@pytest.mark.reconfigures  # it starts the firewall in its own configuration first
+@pytest.mark.clause("RDC-05")
+def test_a_udp_redirect_port_goes_to_no_client_whose_flow_through_it_lives(net: Net,
+                                                                          mode: str) -> None:
+    """A client's UDP flow by a redirect outlives its single-use action: the kernel (or the
+    enforcer) knows the flow by its addresses and ports alone, so the same client's
+    datagrams from that port to that redirect port go on down it, to the earlier target.
+    With one port per pool: while c1's flow lives, c1's next UDP redirect is refused
+    (FWX_E_IS_BUSY) and creates nothing, and c1's datagrams still reach the first target
+    alone; another client, whose flows are its own, gets the port, and its datagram
+    reaches its own target."""
+    net.enforcer.restart(dataplane={"kernel_redirect_ports": [61000, 61000],
+                                    "user_redirect_ports": [63000, 63000]})
+    c1, c2, s1 = net.agent("c1"), net.agent("c2"), net.agent("s1")
+    dst, sport = net.addr("s1"), probe_port()
+    with net.client() as api, s1.udp_server(dst, 31071, echo=False) as first, \
+            s1.udp_server(dst, 31072, echo=False) as second:
+        (internal, base), (action,) = redirect(net, api, [(dst, 31071)], protocol="udp")
+        c1.send(datagram(net, net.addr("c1"), internal, sport, base, b"by the first redirect"))
+        wait_until(lambda: first.stats()["accepted"] == 1, "the first target to hear c1")
+        assert action.state == "consumed"
+        before = pending_actions(net)
+        with refused(net, IsBusy, f"1 held by {net.addr('c1')}'s UDP flows of earlier redirects"):
+            redirect(net, api, [(dst, 31072)], protocol="udp")
+        assert pending_actions(net) == before
+        (internal2, base2), (other,) = redirect(net, api, [(dst, 31072)], protocol="udp",
+                                                session_of="c2")
+        assert (internal2, base2) == (internal, base)
+        c2.send(datagram(net, net.addr("c2"), internal, sport, base, b"c2's own"))
+        c1.send(datagram(net, net.addr("c1"), internal, sport, base, b"the first flow again"))
+        wait_until(lambda: second.stats()["accepted"] == 1 and first.stats()["accepted"] == 2,
+                   "each target to hear its own client")
+        assert other.state == "consumed"
+        assert first.stats()["digest"] == multiset_digest([b"by the first redirect",
+                                                           b"the first flow again"])
+        assert second.stats()["digest"] == multiset_digest([b"c2's own"])
+        assert_ran_in_mode(net, action)
 
 
 def _burst(net: Net, mode: str, flags: Flags) -> tuple[dict[str, Any], dict[str, Any], Action]:

@@ -202,7 +202,7 @@ print(maps.sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF))
 
 
 def test_a_closed_bind_s_flows_are_forgotten_by_their_mark(tb: Testbed) -> None:
-    """LocalFlows (raw netlink) deletes the conntrack entries of one bind port's flows, of
+    """Conntrack (raw netlink) deletes the conntrack entries of one bind port's flows, of
     both families, and nothing else: not another bind's, not a forwarded flow's; a port
     with none is no error."""
     entries = [  # (source, destination, destination port, mark)
@@ -215,7 +215,7 @@ def test_a_closed_bind_s_flows_are_forgotten_by_their_mark(tb: Testbed) -> None:
         tb.run("fw", ["conntrack", "-I", "-p", "udp", "-s", src, "-d", dst, "--sport", "5555",
                       "--dport", str(port), "--timeout", "100", "--mark", str(mark)])
     try:
-        script = ("from enforcer import dataplane\nflows = dataplane.LocalFlows()\n"
+        script = ("from enforcer import dataplane\nflows = dataplane.Conntrack()\n"
                   "flows.forget(20001)\nflows.forget(20003)\nflows.close()\n")
         tb.run("fw", [sys.executable, "-c", script])
         left = tb.run("fw", ["conntrack", "-L", "-f", "ipv4", "-p", "udp"]).stdout + \
@@ -225,6 +225,46 @@ def test_a_closed_bind_s_flows_are_forgotten_by_their_mark(tb: Testbed) -> None:
     finally:
         for family in ("ipv4", "ipv6"):
             tb.run("fw", ["conntrack", "-D", "-f", family, "-p", "udp"], check=False)
+
+
+def test_a_client_s_redirected_udp_flows_to_an_address_are_listed_by_port(tb: Testbed) -> None:
+    """Conntrack.redirected_udp_ports lists the original destination ports of one client's
+    UDP flows to one address whose destination conntrack translated (as a kernel-mode
+    redirect's is), of either family: not its TCP flows, not an untranslated flow, not its
+    flows to another address, not another client's (IPv6 too, which the kernel's filter
+    compares the wrong way round), over a dump of several netlink datagrams."""
+    entries = [  # (protocol, source, destination, destination port, translated)
+        ("udp", "192.0.2.21", "192.0.2.1", 61001, True), ("udp", "192.0.2.21", "192.0.2.1", 61002, True),
+        ("tcp", "192.0.2.21", "192.0.2.1", 61003, True), ("udp", "192.0.2.21", "192.0.2.2", 61004, True),
+        ("udp", "192.0.2.22", "192.0.2.1", 61005, True), ("udp", "192.0.2.21", "192.0.2.1", 61009, False),
+        ("udp", "2001:db8:1::21", "2001:db8:1::1", 61006, True),
+        ("udp", "2001:db8:1::22", "2001:db8:1::1", 61007, True),
+        ("udp", "2001:db8:1::21", "2001:db8:1::2", 61008, True),
+        ("udp", "2001:db8:1::21", "2001:db8:1::1", 61010, False),
+        # more than one datagram of the dump's answer holds (about 250 entries)
+        *(("udp", "2001:db8:1::23", "2001:db8:1::1", port, True) for port in range(62000, 62600)),
+    ]
+    script = "\n".join(
+        f"conntrack -I -p {proto} -s {src} -d {dst} --sport 5555 --dport {port} --timeout 100"
+        + (" --state ESTABLISHED" if proto == "tcp" else "")
+        + ((" --dst-nat 198.51.100.21" if "." in src else " --dst-nat 2001:db8:2::21") if nat else "")
+        + " 2>/dev/null"
+        for proto, src, dst, port, nat in entries)
+    tb.run("fw", ["sh", "-c", script])
+    try:
+        script = ("import json\nfrom enforcer import dataplane\nfrom enforcer.core.packet import "
+                  "address\nc = dataplane.Conntrack()\nprint(json.dumps([sorted(c.redirected_udp_ports("
+                  "address(a), address(b))) for a, b in json.loads(input())]))\nc.close()\n")
+        asked = [("192.0.2.21", "192.0.2.1"), ("192.0.2.22", "192.0.2.1"),
+                 ("192.0.2.23", "192.0.2.1"), ("2001:db8:1::21", "2001:db8:1::1"),
+                 ("2001:db8:1::22", "2001:db8:1::1"), ("2001:db8:1::23", "2001:db8:1::1"),
+                 ("2001:db8:1::24", "2001:db8:1::1")]
+        out = tb.run("fw", [sys.executable, "-c", script], input=json.dumps(asked)).stdout
+        assert json.loads(out) == [[61001, 61002], [61005], [], [61006], [61007],
+                                   list(range(62000, 62600)), []]
+    finally:
+        for family in ("ipv4", "ipv6"):
+            tb.run("fw", ["conntrack", "-D", "-f", family], check=False)
 
 
 def test_the_nft_backend_runs_where_the_kernel_allows_and_refuses_clearly_elsewhere(

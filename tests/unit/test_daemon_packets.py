@@ -34,7 +34,8 @@ from enforcer.core.flags import Flags
 from enforcer.core.flows import FlowRecord, Mode
 from enforcer.core.packet import TCP as TCP_PROTOCOL
 from enforcer.core.packet import UDP as UDP_PROTOCOL
-from enforcer.core.packet import FlowKey
+from enforcer.core.packet import FlowKey, IPAddress
+from enforcer.core.results import IsBusy
 from enforcer.daemon import (
     KERNEL_TIMER_MS,
     Arrivals,
@@ -115,8 +116,8 @@ def daemon() -> Daemon:
     d = Daemon.__new__(Daemon)
     d.engine = Engine(POLICY, INTERNAL, [ipaddress.ip_address(EXT)])
     d.clock = lambda: 5.0
-    d.api = SessionApi(d.engine, d.clock, d.apply)
-    d.maps = d.local_flows = d.queue = d.notices = d.live = None
+    d.api = SessionApi(d.engine, d.clock, d.apply, kernel_udp_flows=d.kernel_udp_flows)
+    d.maps = d.conntrack = d.queue = d.notices = d.live = None
     d._arrived_on = Arrivals(Interfaces({"int0": INTERNAL_IF}, {"ext0": EXTERNAL_IF}, (), ()))
     d.config = Config(POLICY, NetworkSettings(("int0",), ("ext0",)),
                       DataplaneSettings(increased_receive_buffer=INCREASED))
@@ -221,12 +222,37 @@ class FakeSocks:
         return self.sockets.get(bind.id)
 
 
-class FakeLocalFlows:
-    def __init__(self) -> None:
+class FakeConntrack:
+    def __init__(self, udp_flows: set[int] | dataplane.DataplaneError = frozenset()) -> None:
         self.forgotten: list[int] = []
+        self.udp_flows = udp_flows
+        self.asked: list[tuple[IPAddress, IPAddress]] = []
 
     def forget(self, port: int) -> None:
         self.forgotten.append(port)
+
+    def redirected_udp_ports(self, client: IPAddress, address: IPAddress) -> set[int]:
+        self.asked.append((client, address))
+        if isinstance(self.udp_flows, dataplane.DataplaneError):
+            raise self.udp_flows
+        return set(self.udp_flows)
+
+
+def test_the_ports_a_client_s_udp_flows_hold_are_conntrack_s_and_a_failure_refuses_the_redirect(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """What a UDP redirect must avoid comes from conntrack; before the enforcer runs nothing
+    passes, so nothing is avoided; when conntrack does not answer, the redirect is refused
+    (FWX_E_IS_BUSY, the cause logged), never given a port that may lead down a live flow."""
+    d = daemon()
+    client, internal = ipaddress.ip_address(C1), ipaddress.ip_address("192.0.2.1")
+    assert d.kernel_udp_flows(client, internal) == set()
+    d.conntrack = FakeConntrack({61000})  # type: ignore[assignment]
+    assert d.kernel_udp_flows(client, internal) == {61000}
+    d.conntrack = FakeConntrack(dataplane.DataplaneError("asking conntrack failed: timed out"))  # type: ignore[assignment]
+    with pytest.raises(IsBusy, match=r"cannot tell which redirect ports 192\.0\.2\.\d+'s UDP "
+                                     r"flows hold: asking conntrack failed: timed out"):
+        d.kernel_udp_flows(client, internal)
+    assert "asking conntrack failed" in caplog.text
 
 
 def datagram(src: str, dst: str, sport: int, dport: int, *, indev: int) -> QueuedPacket:
@@ -409,7 +435,7 @@ def test_a_closed_firewall_client_bind_s_flows_are_forgotten() -> None:
     """A Firewall client's UDP bind that admitted a flow closes: its flows are forgotten in
     the kernel (by the bind's port); a SecureNAT bind's NAT goes the NAT maps' way."""
     d = daemon()
-    d.local_flows = flows = FakeLocalFlows()  # type: ignore[assignment]
+    d.conntrack = flows = FakeConntrack()  # type: ignore[assignment]
     session = d.engine.open_firewall_session(ipaddress.ip_address(C1), "alice", 1.0).id
     bind = d.engine.bind_for_client(session, UDP_PROTOCOL, ipaddress.ip_address(EXT), 1.0)
     approve(d, session, "udp", EXT, bind.port, [])

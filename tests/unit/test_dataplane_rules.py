@@ -1053,3 +1053,65 @@ def test_batch_markers_are_what_pyroute2_encodes() -> None:
         msg["header"]["sequence_number"] = 9
         msg.encode()
         assert dataplane.batch_marker(kind, 9) == bytes(msg.data)
+
+
+# --- what the enforcer asks of conntrack -------------------------------------------------------
+
+def _conntrack_entry(seq: int, src: str, dst: str, dport: int) -> bytes:
+    """One IPCTNL_MSG_CT_NEW message of a dump, as the kernel nests it (CTA_TUPLE_ORIG with
+    the nested flag, then a reply tuple the reader must pass over)."""
+    a, b = ipaddress.ip_address(src), ipaddress.ip_address(dst)
+    v4 = a.version == 4
+    nested = dataplane.NLA_F_NESTED
+
+    def tuple_(x: bytes, y: bytes, port: int) -> bytes:
+        ip = (dataplane._attribute(1 if v4 else 3, x) + dataplane._attribute(2 if v4 else 4, y))
+        proto = (dataplane._attribute(1, bytes([17])) + dataplane._attribute(2, struct.pack("!H", 5555))
+                 + dataplane._attribute(3, struct.pack("!H", port)))
+        return dataplane._attribute(1 | nested, ip) + dataplane._attribute(2 | nested, proto)
+
+    body = (dataplane._attribute(1 | nested, tuple_(a.packed, b.packed, dport))
+            + dataplane._attribute(2 | nested, tuple_(b.packed, a.packed, 5555)))
+    return dataplane._netlink((1 << 8) | 0, 0x2, seq, 2 if v4 else 10, 0, body)
+
+
+def test_a_redirected_udp_flows_dump_asks_the_kernel_to_compare_ipv4_addresses_alone() -> None:
+    """The kernel compares IPv6 addresses the wrong way round (an equal one is rejected):
+    an IPv6 dump asks it for the family's UDP flows whose destination it translated only."""
+    flags = {}
+    for client, address in (("192.0.2.11", "192.0.2.1"), ("2001:db8:1::11", "2001:db8:1::1")):
+        msg = dataplane.redirected_udp_message(ipaddress.ip_address(client),
+                                               ipaddress.ip_address(address), 9)
+        kind, flag_bits, seq = struct.unpack_from("=HHI", msg, 4)
+        assert (kind, flag_bits, seq) == ((1 << 8) | dataplane.IPCTNL_MSG_CT_GET,
+                                          dataplane.NLM_F_REQUEST | dataplane.NLM_F_DUMP, 9)
+        assert msg[16] == (2 if client.startswith("192") else 10)  # nfgenmsg: the family
+        (filter_,) = [(a, b) for kind, a, b in dataplane.netlink_attributes(msg, 20, len(msg))
+                      if kind == dataplane.CTA_FILTER]
+        orig = [struct.unpack_from("=I", msg, a)[0]
+                for kind, a, _ in dataplane.netlink_attributes(msg, *filter_)
+                if kind == dataplane.CTA_FILTER_ORIG_FLAGS]
+        flags[client] = orig
+        status = {kind: struct.unpack_from("!I", msg, a)[0]
+                  for kind, a, _ in dataplane.netlink_attributes(msg, 20, len(msg))
+                  if kind in (dataplane.CTA_STATUS, dataplane.CTA_STATUS_MASK)}
+        assert status == {dataplane.CTA_STATUS: dataplane.IPS_DST_NAT,
+                          dataplane.CTA_STATUS_MASK: dataplane.IPS_DST_NAT}
+    assert flags == {"192.0.2.11": [0b1011], "2001:db8:1::11": [0b1000]}
+
+
+def test_a_redirected_udp_flows_dump_gives_the_ports_of_the_client_s_flows_to_the_address() -> None:
+    wanted = (ipaddress.ip_address("2001:db8:1::11").packed, ipaddress.ip_address("2001:db8:1::1").packed)
+    ports: set[int] = set()
+    data = (_conntrack_entry(7, "2001:db8:1::11", "2001:db8:1::1", 61001)
+            + _conntrack_entry(7, "2001:db8:1::12", "2001:db8:1::1", 61002)  # another client
+            + _conntrack_entry(7, "2001:db8:1::11", "2001:db8:1::2", 61003)  # another address
+            + _conntrack_entry(6, "2001:db8:1::11", "2001:db8:1::1", 61004))  # an older dump's
+    assert dataplane._udp_ports_dumped(data, 7, wanted, ports) is False
+    done = dataplane._netlink(dataplane.NLMSG_DONE, 0x2, 7, 0, 0, b"")
+    assert dataplane._udp_ports_dumped(_conntrack_entry(7, "2001:db8:1::11", "2001:db8:1::1", 61005)
+                                       + done, 7, wanted, ports) is True
+    assert ports == {61001, 61005}
+    refused = struct.pack("=IHHII", 36, dataplane.NLMSG_ERROR, 0, 7, 0) + struct.pack("=i", -1) + b"\0" * 16
+    with pytest.raises(OSError):
+        dataplane._udp_ports_dumped(refused, 7, wanted, ports)

@@ -56,12 +56,14 @@ NO_FLAGS = Flags(0)
 
 
 def make_engine(*, nat: bool = False, defaults: Defaults | None = None,
-                internal_addresses: list[Any] | None = None, limits: Limits | None = None) -> Engine:
+                internal_addresses: list[Any] | None = None, limits: Limits | None = None,
+                kernel_ports: tuple[int, int] = KERNEL_PORTS,
+                user_ports: tuple[int, int] = USER_PORTS) -> Engine:
     policy = POLICY if defaults is None else dataclasses.replace(POLICY, defaults=defaults)
     engine = Engine(policy, INTERNAL, EXTERNAL, nat=nat, data_filters=["upper"],
                     internal_addresses=INTERNAL_ADDRESSES if internal_addresses is None
                     else internal_addresses,
-                    kernel_redirect_ports=KERNEL_PORTS, user_redirect_ports=USER_PORTS,
+                    kernel_redirect_ports=kernel_ports, user_redirect_ports=user_ports,
                     limits=limits)
     # Sessions come from primaries: C1's is session 1, C6's session 2.
     for client, server in ((C1, S1), (C6, S6)):
@@ -179,6 +181,22 @@ def test_pool_blocks_skip_every_port_avoided() -> None:
     with pytest.raises(IsBusy):
         pool.allocate(2, avoid=lambda port: port % 2 == 0)
     assert pool.in_use == 5
+
+
+def test_pool_exhausted_says_how_many_ports_the_caller_avoided_and_why() -> None:
+    pool = PortPool(1000, 1003, "user-mode redirect")
+    assert pool.allocate(1) == 1000
+    asked: list[int] = []
+
+    def avoid(port: int) -> bool:
+        asked.append(port)
+        return port != 1002
+
+    with pytest.raises(IsBusy, match=r"no 2 consecutive free ports among the user-mode redirect "
+                                     r"ports 1000-1003 \(1 in use, 2 held by flows\)"):
+        pool.allocate(2, avoid, "held by flows")
+    assert sorted(asked) == [1001, 1002, 1003]  # each asked once, however many blocks hold it
+    assert pool.in_use == 1
 
 
 def test_pool_single_port_range() -> None:
@@ -823,3 +841,89 @@ def test_a_replaced_redirected_flow_leaves_no_stale_client_side_key() -> None:
         table.add(FlowRecord(FlowKey(TCP, ip(C1), sport, ip(S1), 21), 1, "FTP", Mode.KERNEL, 4.0), 4.0)
     assert table.find_held(FlowKey(UDP, ip(C1), 5000, FW4, 63001)) == (second, True)
     assert table.find(FlowKey(UDP, ip(C1), 5000, FW4, 63000)) is None
+
+
+# --- a UDP redirect port and the flows of earlier redirects through it --------------------------
+
+def test_a_user_mode_udp_redirect_port_goes_to_no_client_whose_held_flow_went_through_it() -> None:
+    """The enforcer holds a user-mode flow by the client's addresses and ports: a new UDP
+    redirect of the same client on the port would never see that client's datagrams from
+    the flow's port (they go on down the held flow). Other clients, and TCP (whose new
+    connection is a SYN), may have the port; once the flow is let go, the client may too."""
+    engine = make_engine(user_ports=(63000, 63000))
+    assert engine.decide(pkt(C2, S1, 21, sport=1), 0.0).session_id == 3
+    (_, base), (first,) = rdc(engine, [(S1, 5001)], protocol=UDP, guid=DNS, flags=Flags.NO_KERNEL_MODE)
+    record = engine.redirect_packet(udp(C1, str(FW4), base), 30, 2.0)
+    assert record is not None and first.state is ActionState.CONSUMED
+    assert engine.flows.holds_redirected(UDP, ip(C1), (FW4, 63000))
+    before = snapshot(engine)
+    with pytest.raises(IsBusy, match=r"\(0 in use, 1 held by 192\.0\.2\.11's UDP flows of "
+                                     r"earlier redirects\)"):
+        rdc(engine, [(S2, 5002)], protocol=UDP, guid=DNS, flags=Flags.NO_KERNEL_MODE, now=3.0)
+    assert snapshot(engine) == before
+    (_, other), (theirs,) = rdc(engine, [(S2, 5002)], session=3, protocol=UDP, guid=DNS,
+                                flags=Flags.NO_KERNEL_MODE, now=3.0)
+    assert other == 63000
+    engine.cancel(theirs.id, 3.0)
+    (_, tcp), (connection,) = rdc(engine, [(S2, 2121)], flags=Flags.NO_KERNEL_MODE, now=3.0)
+    assert tcp == 63000
+    engine.cancel(connection.id, 3.0)
+    engine.expire(10_000.0)  # the held flow is let go: conntrack has forgotten it
+    assert not engine.flows.holds_redirected(UDP, ip(C1), (FW4, 63000))
+    assert rdc(engine, [(S2, 5002)], protocol=UDP, guid=DNS, flags=Flags.NO_KERNEL_MODE,
+               now=10_000.0)[0][1] == 63000
+
+
+def test_a_kernel_mode_udp_redirect_avoids_the_ports_conntrack_says_the_client_s_flows_go_to() -> None:
+    engine = make_engine(kernel_ports=(61000, 61001))
+    asked: list[tuple[IPAddress, IPAddress]] = []
+
+    def kernel_udp_flows(client: IPAddress, internal: IPAddress) -> set[int]:
+        asked.append((client, internal))
+        return {61000, 5353}
+
+    (_, base), _ = rdc(engine, [(S1, 5001)], protocol=UDP, guid=DNS, kernel_udp_flows=kernel_udp_flows)
+    assert base == 61001 and asked == [(ip(C1), FW4)]
+    before = snapshot(engine)
+    with pytest.raises(IsBusy, match=r"\(1 in use, 1 held by 192\.0\.2\.11's UDP flows"):
+        rdc(engine, [(S1, 5002)], protocol=UDP, guid=DNS, kernel_udp_flows=kernel_udp_flows)
+    assert snapshot(engine) == before
+    # TCP asks nothing of conntrack; nor does a user-mode UDP redirect (the enforcer holds those)
+    asked.clear()
+    assert rdc(engine, [(S1, 2121)], kernel_udp_flows=kernel_udp_flows)[0][1] == 61000
+    rdc(engine, [(S1, 5003)], protocol=UDP, guid=DNS, flags=Flags.NO_KERNEL_MODE,
+        kernel_udp_flows=kernel_udp_flows)
+    assert asked == []
+
+
+def test_a_udp_redirect_whose_flows_cannot_be_asked_for_creates_nothing(engine: Engine) -> None:
+    def kernel_udp_flows(client: IPAddress, internal: IPAddress) -> set[int]:
+        raise IsBusy("cannot tell which redirect ports 192.0.2.11's UDP flows hold")
+
+    before = snapshot(engine)
+    with pytest.raises(IsBusy, match="cannot tell"):
+        rdc(engine, [(S1, 5001)], protocol=UDP, guid=DNS, kernel_udp_flows=kernel_udp_flows)
+    assert snapshot(engine) == before
+
+
+def test_the_flow_table_counts_held_redirected_flows_by_client_and_port() -> None:
+    table = FlowTable()
+    port = (FW4, 63000)
+
+    def record(sport: int, mode: Mode) -> FlowRecord:
+        return FlowRecord(FlowKey(UDP, ip(C1), sport, ip(S1), 53), 1, "DNS", mode, 1.0,
+                          redirect=port)
+
+    kernel = record(7000, Mode.KERNEL)
+    table.add(kernel, 1.0)  # history: conntrack holds it, the enforcer does not
+    assert not table.holds_redirected(UDP, ip(C1), port)
+    first, second = record(7001, Mode.USER), record(7002, Mode.USER)
+    table.add(first, 1.0)
+    table.add(second, 1.0)
+    assert table.holds_redirected(UDP, ip(C1), port)
+    assert not table.holds_redirected(UDP, ip(C2), port)
+    assert not table.holds_redirected(TCP, ip(C1), port)
+    table.remove(first, 2.0)
+    assert table.holds_redirected(UDP, ip(C1), port)
+    table.remove(second, 2.0)
+    assert not table.holds_redirected(UDP, ip(C1), port)

@@ -108,6 +108,11 @@ class Params:
         """A listing's optional 'limit' (absent or null: ``default``)."""
         return self.integer("limit", low=1, high=MAX_LISTED) if self.has("limit") else default
 
+    def after(self) -> int:
+        """A listing's optional cursor 'after': list only what has a greater id (absent or
+        null: 0, from the first)."""
+        return self.integer("after", low=0) if self.has("after") else 0
+
     def boolean(self, name: str) -> bool:
         """An optional true or false (absent or null: false)."""
         value = self.params.get(name)
@@ -133,6 +138,13 @@ def _listing(items: Iterable[Any], limit: int, total: int) -> Listing:
     there were."""
     listed = [item.to_dict() for item in itertools.islice(items, limit)]
     return Listing(listed, more=total - len(listed))
+
+
+def _by_id_after(items: Iterable[Any], p: Params) -> list[Any]:
+    """A table's items whose ``id`` is greater than the request's ``after``, in id order:
+    a listing takes up from the last id the one before it returned."""
+    after = p.after()
+    return sorted((item for item in items if item.id > after), key=lambda item: item.id)
 
 
 def _depth(value: Any) -> int:
@@ -195,9 +207,11 @@ class SessionApi:
         return {"pong": True}
 
     def sessions(self, params: dict[str, Any], caller: Caller) -> Listing:
-        """The sessions, oldest first: at most ``limit``."""
-        limit = Params(params, {"limit"}).limit(LISTED)
-        return _listing(self.engine.sessions, limit, len(self.engine.sessions))
+        """The sessions, oldest first (those with an id greater than ``after``): at most
+        ``limit``."""
+        p = Params(params, {"limit", "after"})
+        sessions = _by_id_after(self.engine.sessions, p)
+        return _listing(sessions, p.limit(LISTED), len(sessions))
 
     def flows(self, params: dict[str, Any], caller: Caller) -> Listing:
         """The ``limit`` flows seen last, newest first."""
@@ -304,10 +318,11 @@ class SessionApi:
                 "bind": bind.to_dict()}
 
     def binds(self, params: dict[str, Any], caller: Caller) -> Listing:
-        """The binds of a session (of every session without one): at most ``limit``."""
-        p = Params(params, {"session", "limit"})
+        """The binds of a session (of every session without one), oldest first (those with
+        an id greater than ``after``): at most ``limit``."""
+        p = Params(params, {"session", "limit", "after"})
         session = p.integer("session", low=1) if p.has("session") else None
-        binds = self.engine.binds.of(session)
+        binds = _by_id_after(self.engine.binds.of(session), p)
         return _listing(binds, p.limit(LISTED), len(binds))
 
     def cancel(self, params: dict[str, Any], caller: Caller) -> dict[str, Any]:
@@ -321,11 +336,11 @@ class SessionApi:
         return self.engine.action(action, self.clock()).to_dict()
 
     def actions(self, params: dict[str, Any], caller: Caller) -> Listing:
-        """The pending actions of a session (of every session without one), oldest first:
-        at most ``limit``."""
-        p = Params(params, {"session", "limit"})
+        """The pending actions of a session (of every session without one), oldest first
+        (those with an id greater than ``after``): at most ``limit``."""
+        p = Params(params, {"session", "limit", "after"})
         session = p.integer("session", low=1) if p.has("session") else None
-        pending = self.engine.pending(session, self.clock())
+        pending = _by_id_after(self.engine.pending(session, self.clock()), p)
         return _listing(pending, p.limit(LISTED), len(pending))
 
     def end_session(self, params: dict[str, Any], caller: Caller) -> dict[str, Any]:

@@ -90,7 +90,8 @@ def _ctl(args: argparse.Namespace) -> int:
         result = client.call(args.method, **params)
     print(json.dumps(result, indent=2))
     if isinstance(result, Listing) and result.more:
-        print(f"({result.more} more not listed: ask with a larger limit=N, at most {MAX_LISTED})",
+        print(f"({result.more} more not listed: ask with a larger limit=N, at most {MAX_LISTED}, "
+              "or, for sessions, actions and binds, with after=ID, the last id listed)",
               file=sys.stderr)
     return 0
 

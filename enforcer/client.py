@@ -91,10 +91,12 @@ class SessionCalls:
                            {"ranges": [[low, high] for low, high in ipfilter]})
         return bool(result["result"] == "S_OK")
 
-    def binds(self, session: int | None = None, *, limit: int | None = None) -> Listing:
-        """The binds of a session (of all sessions with None): at most ``limit`` (None: the
+    def binds(self, session: int | None = None, *, limit: int | None = None,
+              after: int | None = None) -> Listing:
+        """The binds of a session (of all sessions with None), oldest first, those with an
+        id greater than ``after`` (None: from the first): at most ``limit`` (None: the
         enforcer's default); ``more`` says how many were left out."""
-        listed: Listing = self.call("binds", session=session, limit=limit)
+        listed: Listing = self.call("binds", session=session, limit=limit, after=after)
         return listed
 
     def register_filter(self, name: str) -> int:

@@ -116,7 +116,8 @@ def test_ctl_says_when_a_listing_was_cut(tmp_path: Path, capsys: pytest.CaptureF
     assert ctl_answered(tmp_path / "enforcer.sock", cut, "sessions", "limit=1") == 0
     out, err = capsys.readouterr()
     assert json.loads(out) == [{"id": 1}]
-    assert err == "(41 more not listed: ask with a larger limit=N, at most 10000)\n", err
+    assert err == ("(41 more not listed: ask with a larger limit=N, at most 10000, or, for "
+                   "sessions, actions and binds, with after=ID, the last id listed)\n"), err
 
 
 def test_ctl_at_a_path_too_long_says_why(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

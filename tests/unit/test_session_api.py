@@ -548,6 +548,43 @@ def test_binds_lists_by_session() -> None:
     assert api.binds({}, FakeCaller()) == [theirs.to_dict()]
 
 
+def test_a_whole_table_is_listed_page_by_page_after_the_last_id(tmp_path: Path) -> None:
+    """sessions, actions and binds take ``after``: each page takes up after the last id of
+    the one before, in id order, and its ``more`` counts what is left; together the pages
+    are the whole table, each item once, past the 10000 a call may list."""
+    api = build_api()
+    engine, caller = api.engine, FakeCaller()
+    firewall = []
+    for n in range(40):
+        client = ipaddress.ip_address(f"192.0.2.{20 + n // 16}")
+        firewall.append(engine.open_firewall_session(client, f"user{n}", 0.0).id)
+        afc(api, session=firewall[-1], port=20000 + n)
+        engine.bind_for_client(firewall[-1], 6, EXT, 0.0)
+    engine.cancel(api.actions({"limit": 3}, caller)[2]["action"], 0.0)  # a gap in the ids
+    for method, id_key, table in (("sessions", "id", [s.id for s in engine.sessions]),
+                                  ("actions", "action", [a.id for a in engine.pending(None, 0.0)]),
+                                  ("binds", "bind", sorted(b.id for b in engine.binds.of(None)))):
+        pages, after = [], None
+        for _ in range(len(table)):  # (a cursor that does not move would page for ever)
+            page = getattr(api, method)({"limit": 7} | ({} if after is None else {"after": after}),
+                                        caller)
+            pages.append(page)
+            if not page.more:
+                break
+            after = page[-1][id_key]
+        assert [item[id_key] for page in pages for item in page] == table, method
+        assert [page.more for page in pages] == [max(0, len(table) - 7 * (i + 1))
+                                                 for i in range(len(pages))], method
+        assert getattr(api, method)({"after": table[-1]}, caller) == []
+    mine = api.actions({"session": firewall[5], "after": 0}, caller)
+    assert [a["target"][1] for a in mine] == [20005]
+    for bad in (-1, "3", 1.5, True):
+        with pytest.raises(InvalidArgument, match="'after' must be"):
+            api.sessions({"after": bad}, caller)
+    last = InProcessCalls(api.handlers()).binds(limit=2, after=table[-2])  # the client's wrapper
+    assert [b["bind"] for b in last] == table[-1:] and last.more == 0
+
+
 def test_listings_return_at_most_their_limit_and_say_how_many_more(tmp_path: Path) -> None:
     """sessions, actions and binds listed whole tables (65536 sessions: a reply of 8.9 MB,
     built in the loop, and a client dropped as one that does not read). Each listing

@@ -52,6 +52,7 @@ def monitor(net: Net, stop: threading.Event, peak: dict[str, int]) -> None:
         peak["total"] = max(peak["total"], limits["socks_connections_total"]["used"])
 
 
+@pytest.mark.alone  # how long an idle connection lasts is checked to a second: nothing beside it
 @pytest.mark.topologies("routed")
 @pytest.mark.parametrize("family", ["ipv4"])
 def test_a_socks_soak_ends_alive_within_its_caps(lab: Lab, family: str) -> None:

@@ -436,8 +436,11 @@ class Agent:
         return ServerHandle(self, int(res["hid"]), "udp", res["addr"], int(res["port"]))
 
     def tcp_connect(self, addr: str, port: int, *, send_bytes: int = 0,
-                    timeout: float | None = None, bind: str | None = None) -> dict[str, Any]:
-        """Connect, send ``send_bytes`` bytes, read the echo back.
+                    timeout: float | None = None, bind: str | None = None,
+                    source_port: int = 0, reset: bool = False) -> dict[str, Any]:
+        """Connect (from ``source_port``, 0: any), send ``send_bytes`` bytes, read the echo
+        back, close (with ``reset``, by a RST: the port is then free for a connection to
+        the same place at once, with no TIME_WAIT).
 
         Returns ``{"connected", "sent", "received", "error", "local"}``, and with
         ``send_bytes`` the SHA-256 of the bytes sent and of those that came back
@@ -447,7 +450,8 @@ class Agent:
         t = timeouts.POSITIVE if timeout is None else timeout
         res = self.call(
             "tcp_connect",
-            {"addr": addr, "port": port, "send_bytes": send_bytes, "timeout": t, "bind": bind},
+            {"addr": addr, "port": port, "send_bytes": send_bytes, "timeout": t, "bind": bind,
+             "source_port": source_port, "reset": reset},
             timeout=2 * t + CALL_MARGIN,
         )
         res["local"] = tuple(res["local"]) if res.get("local") else None
@@ -1391,14 +1395,17 @@ class _AgentServer:
             srv.close()
 
     def m_tcp_connect(self, addr: str, port: int, send_bytes: int = 0,
-                      timeout: float = 3.0, bind: str | None = None) -> dict[str, Any]:
-        sock, res = self._tcp_connect(addr, port, timeout, bind)
+                      timeout: float = 3.0, bind: str | None = None, source_port: int = 0,
+                      reset: bool = False) -> dict[str, Any]:
+        sock, res = self._tcp_connect(addr, port, timeout, bind, source_port)
         try:
             if sock is not None and send_bytes > 0:
                 res.update(_echo(sock, _fmt_addr(addr, port), send_bytes, timeout))
             return res
         finally:
             if sock is not None:
+                if reset:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                 sock.close()
 
     def m_tcp_open(self, addr: str, port: int, timeout: float = 3.0,
@@ -1574,15 +1581,17 @@ class _AgentServer:
             raise ValueError(f"no open connection {cid}")
         return found
 
-    def _tcp_connect(self, addr: str, port: int, timeout: float,
-                     bind: str | None) -> tuple[socket.socket | None, dict[str, Any]]:
+    def _tcp_connect(self, addr: str, port: int, timeout: float, bind: str | None,
+                     source_port: int = 0) -> tuple[socket.socket | None, dict[str, Any]]:
         where = _fmt_addr(addr, port)
         res: dict[str, Any] = {"connected": False, "sent": 0, "received": 0,
                                "error": None, "local": None}
         sock = socket.socket(_family(addr), socket.SOCK_STREAM)
         try:
-            if bind:
-                sock.bind((bind, 0))
+            if source_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if bind or source_port:
+                sock.bind((bind or "", source_port))
             sock.settimeout(timeout)
             sock.connect((addr, port))
         except TimeoutError:

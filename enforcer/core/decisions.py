@@ -340,14 +340,18 @@ class Decisions(Binding):
             # The flow a redirect would make (the client's port to the target: rewritten
             # before conntrack, the kernel tracks that) must be no other flow's the enforcer
             # holds, such as the client's connection from the same port by another redirect
-            # port to the same target: it would take that one's place
+            # port to the same target: it would take that one's place. A TCP connection of
+            # the same addresses and ports closed both ways, or reset, is no such flow: the
+            # SYN starts a new one in its place (as conntrack lets it; the client may reuse
+            # its port once its side is closed)
             taken: list[FlowKey] = []
 
             def usable(r: Redirect) -> bool:
                 if not (r.user_mode and r.internal == key.dst):
                     return False
                 made = FlowKey(key.protocol, key.src, key.sport, *r.target_endpoint)
-                if self.flows.find_held(made) is not None:
+                held = self.flows.find_held(made)
+                if held is not None and not (held[1] and held[0].closed):
                     taken.append(made)
                     return False
                 return True

@@ -187,6 +187,12 @@ class FlowRecord:
         return self.packets_back > 0 and (self.confirmed or self.fins != 0 or self.reset)
 
     @property
+    def closed(self) -> bool:
+        """A TCP connection closed both ways (FINs seen each way) or reset: conntrack lets a
+        SYN on its addresses and ports start a new connection (TIME_WAIT, CLOSE)."""
+        return self.key.protocol == TCP and (self.reset or self.fins == FIN_OUT | FIN_BACK)
+
+    @property
     def held(self) -> bool:
         """Whether the enforcer holds the flow's state until conntrack forgets it."""
         return self.mode is _USER and not self.relayed

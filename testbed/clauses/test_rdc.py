@@ -226,6 +226,27 @@ def test_single_use_and_allow_multiple(net: Net, mode: str) -> None:
 
 
 @pytest.mark.clause("RDC-04")
+def test_a_client_port_whose_connection_by_the_redirect_closed_connects_again(net: Net,
+                                                                            mode: str) -> None:
+    """By an ALLOW_MULTIPLE redirect (a published server), c1 connects, exchanges and resets
+    its connection, then connects again from the same port at once (its stack keeps no
+    TIME_WAIT after a reset; a client that closes second keeps none either): the closed
+    connection is no live flow, so the new one is admitted and its exchange comes back
+    whole, twice over. (The enforcer held the reset connection's flow and dropped such a
+    SYN as another flow's until conntrack would forget it: curl waited 8 s in CI.)"""
+    c1, s1 = net.agent("c1"), net.agent("s1")
+    dst, sport = net.addr("s1"), probe_port()
+    with net.client() as api, s1.tcp_server(dst, 31043) as server:
+        (internal, base), (multiple,) = redirect(net, api, [(dst, 31043)], flags=Flags.ALLOW_MULTIPLE)
+        for i in range(3):
+            result = c1.tcp_connect(internal, base, send_bytes=1000, source_port=sport, reset=True)
+            assert result["local"][1] == sport, result
+            assert_echoed(result, 1000, f"connection {i} from port {sport}")
+        assert multiple.info()["admitted"] == 3 and server.stats()["accepted"] == 3
+        assert_ran_in_mode(net, multiple)
+
+
+@pytest.mark.clause("RDC-04")
 def test_timeout_and_the_invalid_combination(net: Net, mode: str) -> None:
     """Two TIMEOUT redirects made together: the unused one expires (a connection sent past
     its deadline, the API not asked since, is dropped silently; then it is expired); the

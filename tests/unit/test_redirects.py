@@ -565,6 +565,40 @@ def test_a_redirect_never_makes_a_flow_that_another_held_flow_is(engine: Engine)
     assert second.state is ActionState.CONSUMED
 
 
+@pytest.mark.parametrize("closing", ["fins both ways", "reset", "fin out only", "open"])
+def test_a_syn_from_the_port_of_a_closed_connection_by_the_redirect_starts_a_new_one(
+        engine: Engine, closing: str) -> None:
+    """A client connects again from the port of its last connection by the same redirect
+    (a published server, ALLOW_MULTIPLE): once that connection is closed both ways, or
+    reset, the SYN starts a new one in its place, as conntrack lets it; while it is open or
+    half closed the SYN would take a live flow's place, and is dropped (CI met the first:
+    curl's new control connection from a reused port waited 8 s)."""
+    (_, base), (perm,) = rdc(engine, [(S1, 21)], flags=Flags.NO_KERNEL_MODE | Flags.ALLOW_MULTIPLE)
+    old = engine.redirect_packet(pkt(C1, str(FW4), base, sport=40001), 60, 2.0)
+    assert old is not None
+    engine.user_packet(pkt(S1, C1, 40001, sport=21, flags=packet.TCP_SYN | ACK,
+                           ingress=Ingress.EXTERNAL), 60, 2.1)
+    assert engine.redirect_packet(pkt(C1, str(FW4), base, sport=40001, flags=ACK), 40, 2.2) is old
+    fin, rst = packet.TCP_FIN | ACK, packet.TCP_RST
+    if closing in ("fins both ways", "fin out only"):
+        assert engine.redirect_packet(pkt(C1, str(FW4), base, sport=40001, flags=fin), 40, 2.3) is old
+    if closing == "fins both ways":
+        engine.user_packet(pkt(S1, C1, 40001, sport=21, flags=fin, ingress=Ingress.EXTERNAL), 40, 2.4)
+        assert engine.redirect_packet(pkt(C1, str(FW4), base, sport=40001, flags=ACK), 40, 2.5) is old
+    if closing == "reset":
+        engine.user_packet(pkt(S1, C1, 40001, sport=21, flags=rst, ingress=Ingress.EXTERNAL), 40, 2.4)
+    again = engine.redirect_packet(pkt(C1, str(FW4), base, sport=40001), 60, 3.0)
+    if closing in ("fins both ways", "reset"):
+        assert again is not None and again is not old and again.key == old.key
+        assert engine.flows.get(old.key) is again and engine.flows.held_count == 1
+        assert perm.admitted == 2
+    else:
+        assert again is None and engine.flows.get(old.key) is old
+        assert engine.recent[-1].reason == (f"the flow it would make, {old.key}, is another "
+                                            "the fw holds")
+        assert perm.admitted == 1
+
+
 @pytest.mark.parametrize(("meta", "reason"), [
     (pkt(C1, str(FW4), 63000, flags=ACK), "TCP packet with flags 0x10 to a redirect port belongs to no "
                                           "redirected connection"),

@@ -627,7 +627,7 @@ class Daemon:
             # dropped), refused verdicts, messages that did not parse
             "queue_errors": None if self.queue is None else {
                 "overflows": self.queue.overflows, "verdict_errors": self.queue.verdict_errors,
-                "malformed": self.queue.malformed},
+                "verdicts_retried": self.queue.verdicts_retried, "malformed": self.queue.malformed},
             # the worker processes that read user-mode flows' packets (None: none run)
             "workers": None if self.pool is None else self.pool.status(),
             # single-use kernel-mode grants the kernel holds (None: the enforcer matches all);
@@ -867,6 +867,8 @@ class Daemon:
 
     def _housekeeping(self) -> None:
         self.hear_kernel()
+        if self.queue is not None and self.queue.unsent:  # (no packet may come to flush them)
+            self.queue.flush()
         if self.stray_grants:
             self._take_stray_grants()
         now = self.clock()

@@ -44,8 +44,12 @@ Only a failing socket raises (``QueueError``).
 packet's new mark if given, its new content if given (``payload``: the whole IP
 packet, at most 65531 bytes). ``flush()`` sends what is buffered, many verdicts a
 datagram, no acknowledgements asked (the kernel still reports failures, which
-``receive`` counts). ``close()`` flushes, unbinds and closes; it is idempotent, and a
-``Queue`` is also a context manager that closes on exit.
+``receive`` counts). A send the kernel could not take for want of memory is kept and
+sent again at the next ``flush()`` (``unsent``; counted in ``verdicts_retried``), up
+to UNSENT_BYTES; any other failed send loses its verdicts (``verdict_errors``), whose
+packets then wait in the kernel's queue until it goes. ``close()`` flushes, unbinds
+and closes; it is idempotent, and a ``Queue`` is also a context manager that closes on
+exit.
 
 Memory. ``keep_freed_memory()``, called once at the process's start, keeps glibc from
 returning each batch's payloads (with GSO, up to 64 of 64 KiB) to the system only to
@@ -133,6 +137,12 @@ SEND_SIZE = 128 * 1024  # at most this many bytes of verdicts a datagram (under 
 SEND_BUFFER = SEND_SIZE
 CONFIG_TIMEOUT = 2.0  # the kernel answers a config message at once; this only guards a bug
 LOGGED_VERDICT_ERRORS = 10
+# A send of verdicts the kernel could not take for want of memory is tried again at the
+# next flush (their packets wait in the kernel's queue meanwhile), up to this many bytes of
+# verdicts; past them, or on another error, the verdicts are lost (counted) and their
+# packets stay queued until the queue goes
+RETRIED_SEND_ERRORS = frozenset({errno.ENOBUFS, errno.ENOMEM, errno.EAGAIN, errno.EINTR})
+UNSENT_BYTES = 4 * 1024 * 1024
 M_TRIM_THRESHOLD = -1  # malloc.h: mallopt's parameter for how much freed heap is kept
 FREED_MEMORY_KEPT = 64 * 1024 * 1024
 PROC_QUEUES = Path("/proc/net/netfilter/nfnetlink_queue")
@@ -343,9 +353,12 @@ class Queue:
         self.number = number
         self.overflows = 0  # ENOBUFS reads: the kernel could not deliver some packets
         self.verdict_errors = 0  # verdicts the kernel refused (or that could not be sent)
+        self.verdicts_retried = 0  # verdicts whose send failed for want of memory, kept to retry
         self.malformed = 0  # messages read that did not parse (skipped)
         self._pending: list[bytes] = []
         self._pending_size = 0
+        self._unsent: list[bytes] = []  # verdicts a failed send kept for the next flush
+        self._unsent_size = 0
         # packets read and not yet taken, by source, and the order the sources take turns in
         self._held: dict[bytes, deque[Packet]] = {}
         self._turns: deque[bytes] = deque()
@@ -521,12 +534,19 @@ class Queue:
         self._pending.append(data)
         self._pending_size += len(data)
 
+    @property
+    def unsent(self) -> bool:
+        """Whether verdicts a failed send kept wait for the next ``flush``."""
+        return bool(self._unsent)
+
     def flush(self) -> None:
-        """Send the buffered verdicts: one datagram, or several of at most SEND_SIZE bytes."""
-        if not self._pending:
+        """Send the verdicts a failed send kept, then the buffered ones: one datagram, or
+        several of at most SEND_SIZE bytes."""
+        if not self._pending and not self._unsent:
             return
-        pending, self._pending = self._pending, []
-        if self._pending_size <= SEND_SIZE:
+        pending, size = self._unsent + self._pending, self._unsent_size + self._pending_size
+        self._unsent, self._unsent_size, self._pending, self._pending_size = [], 0, [], 0
+        if size <= SEND_SIZE:
             self._send(pending)
         else:
             batch: list[bytes] = []
@@ -538,13 +558,20 @@ class Queue:
                 batch.append(data)
                 size += len(data)
             self._send(batch)
-        self._pending_size = 0
 
     def _send(self, messages: list[bytes]) -> None:
+        data = b"".join(messages)
         try:
-            self.socket.send(b"".join(messages))
-        except OSError as exc:  # the packets stay queued until the queue goes
-            self.verdict_errors += len(messages)
+            self.socket.send(data)
+        except OSError as exc:
+            if exc.errno in RETRIED_SEND_ERRORS and self._unsent_size + len(data) <= UNSENT_BYTES:
+                self._unsent += messages
+                self._unsent_size += len(data)
+                self.verdicts_retried += len(messages)
+                log.warning("NFQUEUE %d: %d verdicts could not be sent (%s): sent again at the "
+                            "next flush", self.number, len(messages), exc.strerror or exc)
+                return
+            self.verdict_errors += len(messages)  # the packets stay queued until the queue goes
             log.warning("NFQUEUE %d: %d verdicts could not be sent: %s", self.number, len(messages),
                         exc.strerror or exc)
 

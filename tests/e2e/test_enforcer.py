@@ -213,7 +213,8 @@ def test_status_sessions_and_flows_report_admissions(tb: Testbed, enforcer: Enfo
     assert status["counters"]["admit-kernel"] >= 1 and status["sessions"] == 1
     assert status["fail_open"] is False
     # the queue delivered what it was given, and took every verdict
-    assert status["queue_errors"] == {"overflows": 0, "verdict_errors": 0, "malformed": 0}
+    assert status["queue_errors"] == {"overflows": 0, "verdict_errors": 0, "verdicts_retried": 0,
+                                      "malformed": 0}
     (session,) = enforcer.call("sessions")
     assert session["client"] == "192.0.2.11" and session["kind"] == "securenat"
     (flow,) = enforcer.call("flows")

@@ -76,6 +76,7 @@ class FakeQueue:
         self.buffered: list[tuple[QueuedPacket, bool, int | None]] = []
         self.payload_limit = 65531
         self.waiting = False  # (a turn takes them all)
+        self.unsent = False  # (every flush goes through)
 
     def turn(self, limit: int, until: float, clock: object) -> Iterator[Packet]:
         for i, p in enumerate(self.queued[:limit]):
@@ -253,6 +254,25 @@ def test_the_ports_a_client_s_udp_flows_hold_are_conntrack_s_and_a_failure_refus
                                      r"flows hold: asking conntrack failed: timed out"):
         d.kernel_udp_flows(client, internal)
     assert "asking conntrack failed" in caplog.text
+
+
+def test_housekeeping_sends_the_verdicts_a_failed_send_kept() -> None:
+    """Verdicts the kernel could not take for want of memory go at the next flush; with no
+    packet coming to make a turn of the queue, the loop's housekeeping (at least once a
+    second) makes it, and only then."""
+    class Kept:
+        unsent = True
+        flushes = 0
+
+        def flush(self) -> None:
+            self.flushes += 1
+            self.unsent = False
+
+    d = daemon()
+    d.queue = kept = Kept()  # type: ignore[assignment]
+    d._housekeeping()
+    d._housekeeping()
+    assert kept.flushes == 1
 
 
 def datagram(src: str, dst: str, sport: int, dport: int, *, indev: int) -> QueuedPacket:

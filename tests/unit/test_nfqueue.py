@@ -519,14 +519,56 @@ def test_flush_splits_what_exceeds_a_datagram(fake: type[FakeNetlink]) -> None:
 
 def test_a_failed_send_is_counted_and_logged(fake: type[FakeNetlink],
                                              caplog: pytest.LogCaptureFixture) -> None:
+    """A send the kernel refuses for another reason than memory loses its verdicts: their
+    packets wait in the kernel's queue until it goes; counted, logged."""
     queue = Queue(5)
     for i in range(3):
         queue.verdict(i, True)
-    sock(queue).fail_send = OSError(errno.ENOBUFS, "No buffer space available")
+    sock(queue).fail_send = OSError(errno.EMSGSIZE, "Message too long")
     with caplog.at_level(logging.WARNING, logger="pinhole.enforcer"):
         queue.flush()
-    assert queue.verdict_errors == 3
-    assert "3 verdicts could not be sent" in caplog.text
+    assert queue.verdict_errors == 3 and not queue.unsent
+    assert "3 verdicts could not be sent: Message too long" in caplog.text
+
+
+@pytest.mark.parametrize("error", [errno.ENOBUFS, errno.ENOMEM, errno.EAGAIN, errno.EINTR])
+def test_verdicts_a_send_could_not_give_for_want_of_memory_go_at_the_next_flush(
+        fake: type[FakeNetlink], caplog: pytest.LogCaptureFixture, error: int) -> None:
+    """Kept, in their order, before the verdicts buffered since, and sent at the next flush
+    that can (no packet is left in the kernel's queue without one); none counted lost."""
+    queue = Queue(5)
+    netlink = sock(queue)
+    netlink.sent.clear()
+    for i in range(3):
+        queue.verdict(i, True)
+    netlink.fail_send = OSError(error, errno.errorcode[error])
+    with caplog.at_level(logging.WARNING, logger="pinhole.enforcer"):
+        queue.flush()
+        queue.verdict(3, False)
+        queue.flush()  # fails again: all four kept
+    assert queue.unsent and netlink.sent == [] and queue.verdicts_retried == 3 + 4
+    assert "3 verdicts could not be sent" in caplog.text and "next flush" in caplog.text
+    netlink.fail_send = None
+    queue.flush()
+    assert b"".join(netlink.sent) == b"".join(verdict_message(5, i, i < 3) for i in range(4))
+    assert not queue.unsent and queue.verdict_errors == 0
+    queue.flush()
+    assert len(b"".join(netlink.sent)) == len(b"".join(verdict_message(5, i, i < 3) for i in range(4)))
+
+
+def test_verdicts_kept_for_a_retry_are_capped(fake: type[FakeNetlink]) -> None:
+    """Past UNSENT_BYTES of kept verdicts a failed send's are lost (counted) instead: what
+    a long want of memory makes the enforcer hold has a cap."""
+    queue = Queue(5)
+    sock(queue).fail_send = OSError(errno.ENOBUFS, "No buffer space available")
+    payload = bytes(60000)
+    count = nfqueue.UNSENT_BYTES // len(verdict_message(5, 0, True, payload=payload)) + 20
+    for i in range(count):
+        queue.verdict(i, True, payload=payload)
+        queue.flush()
+    assert 0 < queue._unsent_size <= nfqueue.UNSENT_BYTES
+    # each verdict is kept or counted lost: none goes unaccounted
+    assert queue.verdict_errors > 0 and queue.verdict_errors + len(queue._unsent) == count
 
 
 def test_close_sends_what_is_buffered_then_unbinds_once(fake: type[FakeNetlink]) -> None:

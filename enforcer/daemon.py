@@ -454,9 +454,8 @@ class Daemon:
     def kernel_udp_flows(self, client: IPAddress, internal: IPAddress) -> set[int]:
         """The ports of ``internal`` by which ``client``'s UDP flows were redirected in the
         kernel, as conntrack holds them (none before the enforcer runs: nothing passes
-        then). IsBusy if conntrack
-        does not answer: a UDP redirect is then refused, never given a port that may
-        lead down a live flow elsewhere."""
+        then). IsBusy if conntrack does not answer: a UDP redirect is then refused, never
+        given a port that may lead down a live flow elsewhere."""
         if self.conntrack is None:
             return set()
         try:

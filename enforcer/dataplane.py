@@ -1015,31 +1015,14 @@ class NatMaps:
             body = (_attribute(NFTA_SET_ELEM_LIST_TABLE, MAPS_TABLE.encode() + b"\0")
                     + _attribute(NFTA_SET_ELEM_LIST_SET, f"grant_{family}".encode() + b"\0"))
             seq = next(self._seq)
+            request = _netlink((NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETSETELEM,
+                               NLM_F_REQUEST | NLM_F_DUMP, seq, NFPROTO_INET, 0, body)
             try:
-                self.sock.send(_netlink((NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETSETELEM,
-                                        NLM_F_REQUEST | NLM_F_DUMP, seq, NFPROTO_INET, 0, body))
-                while not self._dumped(self.sock.recv(1 << 20), seq, keys):
-                    pass
+                for data, start, end in dumped(self.sock, request, seq):
+                    keys.update(_set_keys(data, start, end))
             except OSError as exc:
                 raise DataplaneError(f"listing the grants the kernel holds failed: {exc}") from None
         return keys
-
-    @staticmethod
-    def _dumped(data: bytes, seq: int, keys: set[bytes]) -> bool:
-        """Add the keys in one datagram of a set's dump (the request ``seq``: replies to
-        earlier ones, a transaction's that were not read, are passed over); whether the
-        dump is done."""
-        messages, done = dump_messages(data, seq)
-        for start, end in messages:
-            for attr, a, b in netlink_attributes(data, start + 4, end):  # after nfgenmsg
-                if attr != NFTA_SET_ELEM_LIST_ELEMENTS:
-                    continue
-                for _, c, d in netlink_attributes(data, a, b):  # each element
-                    for part, e, f in netlink_attributes(data, c, d):
-                        if part == NFTA_SET_ELEM_KEY:
-                            keys.update(data[g:h] for value, g, h in netlink_attributes(data, e, f)
-                                        if value == NFTA_DATA_VALUE)
-        return done
 
     def _batch(self, messages: list[tuple[str, list[tuple[bytes, bytes]], bool]]) -> list[int]:
         """Send one transaction; the errno of each message the kernel refused (a refusal
@@ -1122,16 +1105,14 @@ class Conntrack:
         ``address`` (as first sent) whose destination it translated; DataplaneError if
         the kernel does not answer."""
         seq = next(self._seq)
-        ports: set[int] = set()
         wanted = (client.packed, address.packed)
         try:
-            self.sock.send(redirected_udp_message(client, address, seq))
-            while not _udp_ports_dumped(self.sock.recv(1 << 16), seq, wanted, ports):
-                pass
+            entries = [_original_destination(data, start, end) for data, start, end
+                       in dumped(self.sock, redirected_udp_message(client, address, seq), seq)]
         except OSError as exc:
             raise DataplaneError(f"asking conntrack for {client}'s UDP flows to {address} "
                                  f"failed: {exc}") from None
-        return ports
+        return {port for addresses, port in entries if addresses == wanted and port is not None}
 
     def close(self) -> None:
         self.sock.close()
@@ -1161,28 +1142,51 @@ def redirected_udp_message(client: IPAddress, address: IPAddress, seq: int) -> b
                     seq, socket.AF_INET if v4 else socket.AF_INET6, 0, body)
 
 
-def _udp_ports_dumped(data: bytes, seq: int, wanted: tuple[bytes, bytes], ports: set[int]) -> bool:
-    """Add the original destination port of each entry in one datagram of the dump
-    ``seq`` (answers to earlier requests are passed over) whose original source and
-    destination addresses are ``wanted``; whether the dump is done."""
-    messages, done = dump_messages(data, seq)
-    for start, end in messages:
-        for attr, a, b in netlink_attributes(data, start + 4, end):  # after nfgenmsg
-            if attr != CTA_TUPLE_ORIG:
-                continue
-            addresses: dict[int, bytes] = {}
-            port = None
-            for part, c, d in netlink_attributes(data, a, b):
-                for field_, e, f in netlink_attributes(data, c, d):
-                    if part == CTA_TUPLE_IP:
-                        addresses[field_] = data[e:f]
-                    elif part == CTA_TUPLE_PROTO and field_ == CTA_PROTO_DST_PORT and f - e >= 2:
-                        port = struct.unpack_from("!H", data, e)[0]
-            source = addresses.get(CTA_IP_V4_SRC, addresses.get(CTA_IP_V6_SRC))
-            destination = addresses.get(CTA_IP_V4_DST, addresses.get(CTA_IP_V6_DST))
-            if port is not None and (source, destination) == wanted:
-                ports.add(port)
-    return done
+def _original_destination(data: bytes, start: int, end: int) -> tuple[tuple[bytes | None, bytes | None],
+                                                                     int | None]:
+    """((source, destination) addresses, destination port) of a conntrack entry's original
+    direction, from its message's payload (``start``, ``end``)."""
+    addresses: dict[int, bytes] = {}
+    port = None
+    for attr, a, b in netlink_attributes(data, start + 4, end):  # after nfgenmsg
+        if attr != CTA_TUPLE_ORIG:
+            continue
+        for part, c, d in netlink_attributes(data, a, b):
+            for field_, e, f in netlink_attributes(data, c, d):
+                if part == CTA_TUPLE_IP:
+                    addresses[field_] = data[e:f]
+                elif part == CTA_TUPLE_PROTO and field_ == CTA_PROTO_DST_PORT and f - e >= 2:
+                    port = struct.unpack_from("!H", data, e)[0]
+    return ((addresses.get(CTA_IP_V4_SRC, addresses.get(CTA_IP_V6_SRC)),
+             addresses.get(CTA_IP_V4_DST, addresses.get(CTA_IP_V6_DST))), port)
+
+
+def _set_keys(data: bytes, start: int, end: int) -> Iterator[bytes]:
+    """The keys of the elements in a message of a set's dump (its payload: ``start``,
+    ``end``)."""
+    for attr, a, b in netlink_attributes(data, start + 4, end):  # after nfgenmsg
+        if attr != NFTA_SET_ELEM_LIST_ELEMENTS:
+            continue
+        for _, c, d in netlink_attributes(data, a, b):  # each element
+            for part, e, f in netlink_attributes(data, c, d):
+                if part == NFTA_SET_ELEM_KEY:
+                    yield from (data[g:h] for value, g, h in netlink_attributes(data, e, f)
+                                if value == NFTA_DATA_VALUE)
+
+
+def dumped(sock: socket.socket, request: bytes, seq: int) -> Iterator[tuple[bytes, int, int]]:
+    """Send a dump request (its sequence number ``seq``) and yield each message of the
+    answer, (datagram, payload start, end), until the kernel says it is done; answers to
+    earlier requests (a transaction's that were not read) are passed over. OSError for a
+    failing socket or an error the kernel answered."""
+    sock.send(request)
+    while True:
+        data = sock.recv(1 << 20)
+        messages, done = dump_messages(data, seq)
+        for start, end in messages:
+            yield data, start, end
+        if done:
+            return
 
 
 def dump_messages(data: bytes, seq: int) -> tuple[list[tuple[int, int]], bool]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import itertools
 import re
 import struct
 import sys
@@ -1100,18 +1101,44 @@ def test_a_redirected_udp_flows_dump_asks_the_kernel_to_compare_ipv4_addresses_a
     assert flags == {"192.0.2.11": [0b1011], "2001:db8:1::11": [0b1000]}
 
 
+class _DumpSocket:
+    """A netlink socket that answers a request with the datagrams given (then nothing)."""
+
+    def __init__(self, *datagrams: bytes) -> None:
+        self.sent: list[bytes] = []
+        self.datagrams = list(datagrams)
+
+    def send(self, data: bytes) -> int:
+        self.sent.append(data)
+        return len(data)
+
+    def recv(self, size: int) -> bytes:
+        return self.datagrams.pop(0)
+
+    def close(self) -> None:
+        pass
+
+
+def _conntrack_asking(sock: _DumpSocket, seq: int) -> dataplane.Conntrack:
+    conntrack = dataplane.Conntrack.__new__(dataplane.Conntrack)
+    conntrack.sock, conntrack._seq = sock, itertools.count(seq)  # type: ignore[assignment]
+    return conntrack
+
+
 def test_a_redirected_udp_flows_dump_gives_the_ports_of_the_client_s_flows_to_the_address() -> None:
-    wanted = (ipaddress.ip_address("2001:db8:1::11").packed, ipaddress.ip_address("2001:db8:1::1").packed)
-    ports: set[int] = set()
-    data = (_conntrack_entry(7, "2001:db8:1::11", "2001:db8:1::1", 61001)
-            + _conntrack_entry(7, "2001:db8:1::12", "2001:db8:1::1", 61002)  # another client
-            + _conntrack_entry(7, "2001:db8:1::11", "2001:db8:1::2", 61003)  # another address
-            + _conntrack_entry(6, "2001:db8:1::11", "2001:db8:1::1", 61004))  # an older dump's
-    assert dataplane._udp_ports_dumped(data, 7, wanted, ports) is False
+    """Over a dump of two datagrams: the client's flows to the address only (the kernel does
+    not compare IPv6 addresses rightly), not an older request's answers; a refusal the
+    kernel answers is a DataplaneError."""
     done = dataplane._netlink(dataplane.NLMSG_DONE, 0x2, 7, 0, 0, b"")
-    assert dataplane._udp_ports_dumped(_conntrack_entry(7, "2001:db8:1::11", "2001:db8:1::1", 61005)
-                                       + done, 7, wanted, ports) is True
-    assert ports == {61001, 61005}
+    sock = _DumpSocket(
+        _conntrack_entry(7, "2001:db8:1::11", "2001:db8:1::1", 61001)
+        + _conntrack_entry(7, "2001:db8:1::12", "2001:db8:1::1", 61002)  # another client
+        + _conntrack_entry(7, "2001:db8:1::11", "2001:db8:1::2", 61003)  # another address
+        + _conntrack_entry(6, "2001:db8:1::11", "2001:db8:1::1", 61004),  # an older request's
+        _conntrack_entry(7, "2001:db8:1::11", "2001:db8:1::1", 61005) + done)
+    client, address = ipaddress.ip_address("2001:db8:1::11"), ipaddress.ip_address("2001:db8:1::1")
+    assert _conntrack_asking(sock, 7).redirected_udp_ports(client, address) == {61001, 61005}
+    assert sock.sent == [dataplane.redirected_udp_message(client, address, 7)]
     refused = struct.pack("=IHHII", 36, dataplane.NLMSG_ERROR, 0, 7, 0) + struct.pack("=i", -1) + b"\0" * 16
-    with pytest.raises(OSError):
-        dataplane._udp_ports_dumped(refused, 7, wanted, ports)
+    with pytest.raises(dataplane.DataplaneError, match="asking conntrack for 2001:db8:1::11's UDP flows"):
+        _conntrack_asking(_DumpSocket(refused), 7).redirected_udp_ports(client, address)

@@ -560,20 +560,29 @@ class Queue:
             self._send(batch)
 
     def _send(self, messages: list[bytes]) -> None:
+        """Send one datagram of verdicts. Once one datagram of a flush is kept for the next,
+        the rest of the flush is kept after it untried: verdicts go in the order given."""
         data = b"".join(messages)
-        try:
-            self.socket.send(data)
-        except OSError as exc:
-            if exc.errno in RETRIED_SEND_ERRORS and self._unsent_size + len(data) <= UNSENT_BYTES:
-                self._unsent += messages
-                self._unsent_size += len(data)
-                self.verdicts_retried += len(messages)
-                log.warning("NFQUEUE %d: %d verdicts could not be sent (%s): sent again at the "
-                            "next flush", self.number, len(messages), exc.strerror or exc)
+        failure = None
+        if not self._unsent:
+            try:
+                self.socket.send(data)
                 return
-            self.verdict_errors += len(messages)  # the packets stay queued until the queue goes
-            log.warning("NFQUEUE %d: %d verdicts could not be sent: %s", self.number, len(messages),
-                        exc.strerror or exc)
+            except OSError as exc:
+                failure = exc
+        if (failure is None or failure.errno in RETRIED_SEND_ERRORS) and \
+                self._unsent_size + len(data) <= UNSENT_BYTES:
+            self._unsent += messages
+            self._unsent_size += len(data)
+            self.verdicts_retried += len(messages)
+            if failure is not None:
+                log.warning("NFQUEUE %d: %d verdicts could not be sent (%s): sent again at the "
+                            "next flush", self.number, len(messages), failure.strerror or failure)
+            return
+        self.verdict_errors += len(messages)  # the packets stay queued until the queue goes
+        log.warning("NFQUEUE %d: %d verdicts could not be sent: %s", self.number, len(messages),
+                    "too many kept for the next flush" if failure is None
+                    else failure.strerror or failure)
 
     def close(self) -> None:
         """Send what is buffered, unbind (the kernel drops what is still queued) and close."""

@@ -556,6 +556,32 @@ def test_verdicts_a_send_could_not_give_for_want_of_memory_go_at_the_next_flush(
     assert len(b"".join(netlink.sent)) == len(b"".join(verdict_message(5, i, i < 3) for i in range(4)))
 
 
+def test_after_a_kept_datagram_the_rest_of_its_flush_waits_behind_it(fake: type[FakeNetlink]) -> None:
+    """A flush of several datagrams whose first send fails for want of memory sends none of
+    the others past it (the socket would take them): all go at the next flush, in order."""
+    queue = Queue(5)
+    netlink = sock(queue)
+    netlink.sent.clear()
+    send = netlink.send
+    failures = [OSError(errno.ENOBUFS, "No buffer space available")]
+
+    def send_once_failing(data: bytes) -> int:
+        if failures:
+            raise failures.pop()
+        return send(data)
+
+    netlink.send = send_once_failing  # type: ignore[method-assign]
+    payloads = [bytes(40000) for _ in range(8)]  # several datagrams of SEND_SIZE
+    for i, payload in enumerate(payloads):
+        queue.verdict(i, True, payload=payload)
+    queue.flush()
+    assert netlink.sent == [] and queue.unsent and queue.verdicts_retried == 8
+    queue.flush()
+    assert len(netlink.sent) > 1 and not queue.unsent and queue.verdict_errors == 0
+    assert b"".join(netlink.sent) == b"".join(verdict_message(5, i, True, payload=payload)
+                                               for i, payload in enumerate(payloads))
+
+
 def test_verdicts_kept_for_a_retry_are_capped(fake: type[FakeNetlink]) -> None:
     """Past UNSENT_BYTES of kept verdicts a failed send's are lost (counted) instead: what
     a long want of memory makes the enforcer hold has a cap."""

@@ -198,12 +198,11 @@ def flow_name(headers: Packet) -> str:
 
 class _Probe:
     """A probe sent: what it is, its headers as the fw receives them, when it was sent
-    (time.time() and time.monotonic()) and when it reached the fw (once seen there)."""
+    (time.monotonic()) and when it reached the fw (once seen there)."""
 
     def __init__(self, what: str, headers: Packet) -> None:
         self.what = what
         self.headers = headers
-        self.sent = time.time()
         self.sent_monotonic = time.monotonic()
         self.arrived: Packet | None = None  # as the fw received it
         self.settled = False
@@ -283,9 +282,12 @@ class Drop:
             return
         firewall = self.net.enforcer
         holds: float | None = firewall.holds_packets
-        limit = max(p.sent for p in waiting) + NEGATIVE
+        # (the watch is timed on the monotonic clock, which no clock step moves; the
+        # capture's times, and so ``now`` beside them, are the wall clock's)
+        limit = max(p.sent_monotonic for p in waiting) + NEGATIVE
         earliest = min(p.sent_monotonic for p in waiting)
-        while (now := time.time()) < limit:
+        while time.monotonic() < limit:
+            now = time.time()
             captured = self.arrived.packets()
             for p in waiting:
                 if p.arrived is None:
@@ -295,7 +297,7 @@ class Drop:
                 if ((holds is not None and now >= last + holds)
                         or firewall.decided([flow_name(p.headers) for p in waiting], earliest)):
                     grace = max(SETTLE_GRACE["udp" if UDP in p.headers else "tcp"] for p in waiting)
-                    time.sleep(max(0.0, min(grace, limit - time.time())))
+                    time.sleep(max(0.0, min(grace, limit - time.monotonic())))
                     break
             time.sleep(POLL_INTERVAL)
         for p in waiting:
